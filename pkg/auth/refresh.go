@@ -1,0 +1,300 @@
+package auth
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// Errors from refresh-token operations; all mean 401 to a client.
+var (
+	// ErrRefreshNotFound: the token was never issued here (or has been
+	// purged). An edge may forward such a token to the cloud that issued it.
+	ErrRefreshNotFound = errors.New("auth: unknown refresh token")
+	ErrRefreshExpired  = errors.New("auth: refresh token expired")
+	ErrRefreshRevoked  = errors.New("auth: refresh token revoked")
+	// ErrRefreshReused: an already-rotated token was presented again, which
+	// means it was copied; the whole family has been revoked.
+	ErrRefreshReused = errors.New("auth: refresh token reused; session revoked")
+)
+
+// Bucket names. The database is shared with the rest of the process; this
+// package touches only buckets with the auth_ prefix.
+var (
+	bucketRefresh  = []byte("auth_refresh")        // sha256(token) -> refreshRecord
+	bucketFamilies = []byte("auth_refresh_fam")    // family id -> familyRecord
+	bucketUserFams = []byte("auth_refresh_user")   // openid 0x00 family -> nil
+	bucketExpiry   = []byte("auth_refresh_expiry") // be64(expiry unix ns) sha256(token) -> nil
+)
+
+type refreshRecord struct {
+	Family  string    `json:"f"`
+	OpenID  string    `json:"o"`
+	Expires time.Time `json:"e"`
+	Used    bool      `json:"u,omitempty"`
+}
+
+type familyRecord struct {
+	OpenID  string    `json:"o"`
+	Current []byte    `json:"c"` // hash of the newest, unused token
+	Revoked bool      `json:"r,omitempty"`
+	Created time.Time `json:"t"`
+}
+
+// refreshStore keeps refresh tokens as SHA-256 hashes, so a copy of the
+// database grants nothing. Hashing without a salt is sound here because the
+// tokens are 256-bit random values, not guessable secrets.
+type refreshStore struct {
+	db *bolt.DB
+}
+
+func newRefreshStore(db *bolt.DB) (*refreshStore, error) {
+	err := db.Update(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketRefresh, bucketFamilies, bucketUserFams, bucketExpiry} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return fmt.Errorf("create bucket %s: %w", b, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("auth: refresh store: %w", err)
+	}
+	return &refreshStore{db: db}, nil
+}
+
+func hashToken(tok string) []byte {
+	h := sha256.Sum256([]byte(tok))
+	return h[:]
+}
+
+func expiryKey(exp time.Time, hash []byte) []byte {
+	k := make([]byte, 8, 8+len(hash))
+	binary.BigEndian.PutUint64(k, uint64(exp.UnixNano()))
+	return append(k, hash...)
+}
+
+func userFamKey(openid, family string) []byte {
+	return append(append([]byte(openid), 0), family...)
+}
+
+// put stores a new token record (and its family's pointer to it) in tx.
+func putToken(tx *bolt.Tx, hash []byte, rec refreshRecord) error {
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	if err := tx.Bucket(bucketRefresh).Put(hash, b); err != nil {
+		return err
+	}
+	return tx.Bucket(bucketExpiry).Put(expiryKey(rec.Expires, hash), nil)
+}
+
+func getJSON(b *bolt.Bucket, key []byte, v any) (bool, error) {
+	raw := b.Get(key)
+	if raw == nil {
+		return false, nil
+	}
+	if err := json.Unmarshal(raw, v); err != nil {
+		return true, fmt.Errorf("decode %x: %w", key, err)
+	}
+	return true, nil
+}
+
+func putJSON(b *bolt.Bucket, key []byte, v any) error {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return b.Put(key, raw)
+}
+
+// create starts a new family for openid with its first token.
+func (s *refreshStore) create(openid, token, family string, now, expires time.Time) error {
+	hash := hashToken(token)
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		if err := putToken(tx, hash, refreshRecord{Family: family, OpenID: openid, Expires: expires}); err != nil {
+			return err
+		}
+		if err := putJSON(tx.Bucket(bucketFamilies), []byte(family), familyRecord{OpenID: openid, Current: hash, Created: now}); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketUserFams).Put(userFamKey(openid, family), nil)
+	})
+	if err != nil {
+		return fmt.Errorf("auth: store refresh token: %w", err)
+	}
+	return nil
+}
+
+// rotate consumes old and, in the same transaction, stores next as its
+// successor. bbolt serialises read-write transactions, so of two concurrent
+// rotations of one token exactly one succeeds; the other sees it used.
+func (s *refreshStore) rotate(old, next string, now, expires time.Time) (openid string, err error) {
+	oldHash, nextHash := hashToken(old), hashToken(next)
+	var reused bool
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		tokens, fams := tx.Bucket(bucketRefresh), tx.Bucket(bucketFamilies)
+		var rec refreshRecord
+		if ok, err := getJSON(tokens, oldHash, &rec); err != nil {
+			return err
+		} else if !ok {
+			return ErrRefreshNotFound
+		}
+		var fam familyRecord
+		if ok, err := getJSON(fams, []byte(rec.Family), &fam); err != nil {
+			return err
+		} else if !ok {
+			return ErrRefreshNotFound
+		}
+		if fam.Revoked {
+			return ErrRefreshRevoked
+		}
+		if rec.Used {
+			// Commit the revocation, then report the reuse.
+			fam.Revoked = true
+			reused = true
+			return putJSON(fams, []byte(rec.Family), fam)
+		}
+		if !now.Before(rec.Expires) {
+			return ErrRefreshExpired
+		}
+		rec.Used = true
+		if err := putJSON(tokens, oldHash, rec); err != nil {
+			return err
+		}
+		if err := putToken(tx, nextHash, refreshRecord{Family: rec.Family, OpenID: rec.OpenID, Expires: expires}); err != nil {
+			return err
+		}
+		fam.Current = nextHash
+		openid = rec.OpenID
+		return putJSON(fams, []byte(rec.Family), fam)
+	})
+	if reused {
+		return "", ErrRefreshReused
+	}
+	if err != nil {
+		if isRefreshSentinel(err) {
+			return "", err
+		}
+		return "", fmt.Errorf("auth: rotate refresh token: %w", err)
+	}
+	return openid, nil
+}
+
+func isRefreshSentinel(err error) bool {
+	return errors.Is(err, ErrRefreshNotFound) || errors.Is(err, ErrRefreshExpired) ||
+		errors.Is(err, ErrRefreshRevoked) || errors.Is(err, ErrRefreshReused)
+}
+
+// revokeToken revokes the family the token belongs to (logout).
+func (s *refreshStore) revokeToken(token string) error {
+	hash := hashToken(token)
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		var rec refreshRecord
+		if ok, err := getJSON(tx.Bucket(bucketRefresh), hash, &rec); err != nil {
+			return err
+		} else if !ok {
+			return ErrRefreshNotFound
+		}
+		return revokeFamily(tx, rec.Family)
+	})
+	if err != nil && !errors.Is(err, ErrRefreshNotFound) {
+		return fmt.Errorf("auth: revoke refresh token: %w", err)
+	}
+	return err
+}
+
+func revokeFamily(tx *bolt.Tx, family string) error {
+	fams := tx.Bucket(bucketFamilies)
+	var fam familyRecord
+	if ok, err := getJSON(fams, []byte(family), &fam); err != nil || !ok {
+		return err
+	}
+	if fam.Revoked {
+		return nil
+	}
+	fam.Revoked = true
+	return putJSON(fams, []byte(family), fam)
+}
+
+// revokeUser revokes every live family of openid, found through the
+// per-user index rather than a scan of all tokens.
+func (s *refreshStore) revokeUser(openid string) (int, error) {
+	n := 0
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		n = 0
+		prefix := append([]byte(openid), 0)
+		c := tx.Bucket(bucketUserFams).Cursor()
+		for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+			if err := revokeFamily(tx, string(k[len(prefix):])); err != nil {
+				return err
+			}
+			n++
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("auth: revoke user %q: %w", openid, err)
+	}
+	return n, nil
+}
+
+// purge deletes token records that expired before now, walking the expiry
+// index from its oldest end so the cost is proportional to what is removed.
+// A family goes with its newest token: every older token of the family
+// expired no later than that one. At most limit records go per call, to keep
+// each write transaction short.
+func (s *refreshStore) purge(now time.Time, limit int) (int, error) {
+	n := 0
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		n = 0
+		exp, tokens, fams := tx.Bucket(bucketExpiry), tx.Bucket(bucketRefresh), tx.Bucket(bucketFamilies)
+		users := tx.Bucket(bucketUserFams)
+		c := exp.Cursor()
+		cutoff := uint64(now.UnixNano())
+		for k, _ := c.First(); k != nil && n < limit; k, _ = c.First() {
+			if len(k) < 8 || binary.BigEndian.Uint64(k[:8]) > cutoff {
+				break
+			}
+			hash := bytes.Clone(k[8:])
+			if err := exp.Delete(k); err != nil {
+				return err
+			}
+			var rec refreshRecord
+			ok, err := getJSON(tokens, hash, &rec)
+			if err != nil {
+				return err
+			}
+			if !ok {
+				continue
+			}
+			if err := tokens.Delete(hash); err != nil {
+				return err
+			}
+			n++
+			var fam familyRecord
+			if ok, err := getJSON(fams, []byte(rec.Family), &fam); err != nil {
+				return err
+			} else if ok && bytes.Equal(fam.Current, hash) {
+				if err := fams.Delete([]byte(rec.Family)); err != nil {
+					return err
+				}
+				if err := users.Delete(userFamKey(fam.OpenID, rec.Family)); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("auth: purge refresh tokens: %w", err)
+	}
+	return n, nil
+}

@@ -1,0 +1,234 @@
+package auth
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// Defaults for Config.
+const (
+	DefaultAccessTTL  = 15 * time.Minute
+	DefaultRefreshTTL = 30 * 24 * time.Hour
+	DefaultLeeway     = 30 * time.Second
+	// DefaultMaintenanceInterval is how often Run purges expired refresh
+	// tokens and retires old signing keys.
+	DefaultMaintenanceInterval = time.Hour
+)
+
+// refreshTokenBytes is the refresh token's entropy: 256 bits.
+const refreshTokenBytes = 32
+
+// purgeBatch bounds one purge transaction.
+const purgeBatch = 1000
+
+// Pair is a login or refresh result; its JSON form is the login response.
+type Pair struct {
+	AccessToken  string `json:"access_token"`
+	RefreshToken string `json:"refresh_token"`
+	ExpiresIn    int    `json:"expires_in"` // access token lifetime, seconds
+	OpenID       string `json:"openid"`
+}
+
+// Config configures a Service. Zero values take the defaults.
+type Config struct {
+	Issuer     string        // iss of issued tokens, e.g. the edge or cloud id
+	AccessTTL  time.Duration // default DefaultAccessTTL
+	RefreshTTL time.Duration // default DefaultRefreshTTL; sliding, renewed on each refresh
+	// Leeway tolerates clock skew between the signer and this verifier when
+	// checking exp, nbf and iat. Default DefaultLeeway.
+	Leeway              time.Duration
+	MaintenanceInterval time.Duration    // default DefaultMaintenanceInterval
+	Now                 func() time.Time // default time.Now; injectable for tests
+	Logger              *slog.Logger     // default slog.Default()
+}
+
+// Service issues, refreshes and verifies user credentials.
+type Service struct {
+	cfg     Config
+	keys    *Keyring
+	refresh *refreshStore
+	verify  *verifier
+	log     *slog.Logger
+}
+
+// NewService builds a Service on keys, keeping refresh tokens in db (in
+// buckets prefixed auth_, created if missing).
+func NewService(keys *Keyring, db *bolt.DB, cfg Config) (*Service, error) {
+	if keys == nil || db == nil {
+		return nil, errors.New("auth: keyring and database are required")
+	}
+	if cfg.AccessTTL <= 0 {
+		cfg.AccessTTL = DefaultAccessTTL
+	}
+	if cfg.RefreshTTL <= 0 {
+		cfg.RefreshTTL = DefaultRefreshTTL
+	}
+	if cfg.Leeway <= 0 {
+		cfg.Leeway = DefaultLeeway
+	}
+	if cfg.MaintenanceInterval <= 0 {
+		cfg.MaintenanceInterval = DefaultMaintenanceInterval
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	rs, err := newRefreshStore(db)
+	if err != nil {
+		return nil, err
+	}
+	return &Service{
+		cfg:     cfg,
+		keys:    keys,
+		refresh: rs,
+		verify:  newVerifier(keys, cfg.Leeway, cfg.Now),
+		log:     cfg.Logger,
+	}, nil
+}
+
+// Keys is the service's keyring, for rotation, export and trusted-key sync.
+func (s *Service) Keys() *Keyring { return s.keys }
+
+// Issue starts a new session for openid (a fresh refresh-token family).
+func (s *Service) Issue(ctx context.Context, openid string) (Pair, error) {
+	if err := ctx.Err(); err != nil {
+		return Pair{}, err
+	}
+	if openid == "" {
+		return Pair{}, errors.New("auth: issue: empty openid")
+	}
+	now := s.cfg.Now()
+	access, _, err := signAccess(s.keys, s.cfg.Issuer, openid, now, s.cfg.AccessTTL)
+	if err != nil {
+		return Pair{}, err
+	}
+	refresh, err := randomToken(refreshTokenBytes)
+	if err != nil {
+		return Pair{}, err
+	}
+	family, err := randomToken(16)
+	if err != nil {
+		return Pair{}, err
+	}
+	if err := s.refresh.create(openid, refresh, family, now, now.Add(s.cfg.RefreshTTL)); err != nil {
+		return Pair{}, err
+	}
+	return s.pair(access, refresh, openid), nil
+}
+
+// Refresh exchanges a refresh token for a new pair. The presented token is
+// consumed; presenting it again revokes the session (ErrRefreshReused).
+// Errors: ErrRefreshNotFound, ErrRefreshExpired, ErrRefreshRevoked,
+// ErrRefreshReused, or a wrapped storage error.
+func (s *Service) Refresh(ctx context.Context, refreshToken string) (Pair, error) {
+	if err := ctx.Err(); err != nil {
+		return Pair{}, err
+	}
+	if refreshToken == "" {
+		return Pair{}, ErrRefreshNotFound
+	}
+	now := s.cfg.Now()
+	next, err := randomToken(refreshTokenBytes)
+	if err != nil {
+		return Pair{}, err
+	}
+	openid, err := s.refresh.rotate(refreshToken, next, now, now.Add(s.cfg.RefreshTTL))
+	if err != nil {
+		if errors.Is(err, ErrRefreshReused) {
+			s.log.Warn("refresh token reused; session revoked")
+		}
+		return Pair{}, err
+	}
+	access, _, err := signAccess(s.keys, s.cfg.Issuer, openid, now, s.cfg.AccessTTL)
+	if err != nil {
+		return Pair{}, err
+	}
+	return s.pair(access, next, openid), nil
+}
+
+func (s *Service) pair(access, refresh, openid string) Pair {
+	return Pair{AccessToken: access, RefreshToken: refresh, ExpiresIn: int(s.cfg.AccessTTL / time.Second), OpenID: openid}
+}
+
+// Verify checks an access token offline against the keyring (own and
+// trusted keys). Errors: ErrInvalidToken, ErrTokenExpired, ErrUnknownKey.
+func (s *Service) Verify(accessToken string) (Claims, error) {
+	return s.verify.verify(accessToken)
+}
+
+// Revoke ends the session the refresh token belongs to (logout).
+func (s *Service) Revoke(ctx context.Context, refreshToken string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return s.refresh.revokeToken(refreshToken)
+}
+
+// RevokeUser ends every session of openid and reports how many. Access
+// tokens already issued stay valid until they expire (at most AccessTTL).
+func (s *Service) RevokeUser(ctx context.Context, openid string) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	return s.refresh.revokeUser(openid)
+}
+
+// Rotate switches to a new signing key; tokens signed with the old one stay
+// valid until they expire.
+func (s *Service) Rotate() (string, error) { return s.keys.Rotate() }
+
+// Maintain purges expired refresh tokens and retires signing keys that can
+// no longer have live tokens. Run calls it periodically.
+func (s *Service) Maintain(ctx context.Context) error {
+	now := s.cfg.Now()
+	total := 0
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n, err := s.refresh.purge(now, purgeBatch)
+		if err != nil {
+			return err
+		}
+		total += n
+		if n < purgeBatch {
+			break
+		}
+	}
+	retired, err := s.keys.RetireKeys(s.cfg.AccessTTL + s.cfg.Leeway)
+	if err != nil {
+		return err
+	}
+	if total > 0 || len(retired) > 0 {
+		s.log.Info("auth maintenance", "purged_refresh_tokens", total, "retired_keys", retired)
+	}
+	return nil
+}
+
+// Run performs maintenance every MaintenanceInterval until ctx is done.
+func (s *Service) Run(ctx context.Context) error {
+	t := time.NewTicker(s.cfg.MaintenanceInterval)
+	defer t.Stop()
+	for {
+		if err := s.Maintain(ctx); err != nil && ctx.Err() == nil {
+			s.log.Error("auth maintenance failed", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// String keeps accidental logging of a Pair from leaking its tokens.
+func (p Pair) String() string {
+	return fmt.Sprintf("auth.Pair{OpenID:%q ExpiresIn:%d}", p.OpenID, p.ExpiresIn)
+}
