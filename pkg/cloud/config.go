@@ -1,0 +1,298 @@
+// Package cloud assembles a cloud-sync node from its parts — the replicated
+// state machine (fsm), the raft member (raftnode), the HTTP API (httpapi) and
+// authentication (auth) — and owns its configuration: built-in defaults,
+// overridden by a YAML file, overridden by command-line flags.
+package cloud
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/outpost-edge/outpost/pkg/wire"
+)
+
+// Config is a node's configuration. YAML keys are the snake_case names.
+type Config struct {
+	ID            string            `yaml:"id"`
+	Raft          string            `yaml:"raft"`
+	RaftAdvertise string            `yaml:"raft_advertise"`
+	HTTP          string            `yaml:"http"`
+	HTTPAdvertise string            `yaml:"http_advertise"`
+	Data          string            `yaml:"data"`
+	Bootstrap     bool              `yaml:"bootstrap"`
+	Join          []string          `yaml:"join"`
+	EdgeTokens    map[string]string `yaml:"edge_tokens"`
+	APIToken      string            `yaml:"api_token"`
+	Admins        []string          `yaml:"admins"`
+	DevLogin      bool              `yaml:"dev_login"`
+
+	MaxClockDrift  time.Duration `yaml:"max_clock_drift"`
+	HeartbeatFresh time.Duration `yaml:"heartbeat_fresh"`
+
+	HeartbeatTimeout   time.Duration     `yaml:"heartbeat_timeout"`
+	ElectionTimeout    time.Duration     `yaml:"election_timeout"`
+	LeaderLeaseTimeout time.Duration     `yaml:"leader_lease_timeout"`
+	CommitTimeout      time.Duration     `yaml:"commit_timeout"`
+	SnapshotInterval   time.Duration     `yaml:"snapshot_interval"`
+	SnapshotThreshold  uint64            `yaml:"snapshot_threshold"`
+	TrailingLogs       uint64            `yaml:"trailing_logs"`
+	MaxEntryBytes      int               `yaml:"max_entry_bytes"`
+	MaxPendingBytes    int64             `yaml:"max_pending_bytes"`
+	RaftDial           map[string]string `yaml:"raft_dial"`
+
+	LogLevel     string `yaml:"log_level"`
+	RaftLogLevel string `yaml:"raft_log_level"`
+}
+
+// Defaults are the built-in settings.
+func Defaults() Config {
+	return Config{
+		Raft: "127.0.0.1:7000", HTTP: "127.0.0.1:8090", Data: "./data/cloud",
+		MaxClockDrift: 5 * time.Minute, HeartbeatFresh: 90 * time.Second,
+		HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond,
+		LeaderLeaseTimeout: 250 * time.Millisecond, CommitTimeout: 20 * time.Millisecond,
+		SnapshotInterval: 60 * time.Second, SnapshotThreshold: 8192, TrailingLogs: 10240,
+		MaxEntryBytes: 1 << 20, MaxPendingBytes: 32 << 20,
+		LogLevel: "info", RaftLogLevel: "warn",
+	}
+}
+
+// ErrUsage marks a command-line or configuration mistake; main prints it
+// and exits 2.
+var ErrUsage = errors.New("usage")
+
+// Parse builds the configuration from args (without the program name):
+// defaults, then the -config file, then the flags given. It returns
+// flag.ErrHelp after printing help for -h.
+func Parse(args []string, out io.Writer) (Config, error) {
+	fs := flag.NewFlagSet("cloud-sync", flag.ContinueOnError)
+	fs.SetOutput(out)
+	var (
+		cfgFile    = fs.String("config", "", "YAML config `file` (see configs/cloud-sync.yaml); flags override it")
+		id         = fs.String("id", "", "this node's unique `id` in the cluster (required)")
+		raftAddr   = fs.String("raft", "", "`host:port` the raft transport listens on (default 127.0.0.1:7000)")
+		raftAdv    = fs.String("raft-advertise", "", "`host:port` peers dial for raft (default: -raft; required if -raft's host is unspecified)")
+		httpAddr   = fs.String("http", "", "`host:port` the HTTP API listens on (default 127.0.0.1:8090)")
+		httpAdv    = fs.String("http-advertise", "", "`host:port` other nodes use to forward requests here (default: -http)")
+		data       = fs.String("data", "", "data `dir` for the raft log, snapshots and state (default ./data/cloud)")
+		bootstrap  = fs.Bool("bootstrap", false, "bootstrap a new cluster with this node as its only member (first start only; ignored once the data dir has state)")
+		join       = fs.String("join", "", "join the cluster through any member's HTTP `URL`s (comma-separated); retried until it succeeds")
+		apiToken   = fs.String("api-token", "", "service `token` for the consumer API (/api/v1) and cluster changes")
+		admins     = fs.String("admin", "", "`openids` (comma-separated) that hold the admin role (used by the identity layer)")
+		devLogin   = fs.Bool("dev-login", false, "enable dev login (dev:<openid>) — development only (used by the identity layer)")
+		drift      = fs.Duration("max-clock-drift", 0, "reject HLC stamps further ahead of this node's clock than this (default 5m)")
+		fresh      = fs.Duration("heartbeat-fresh", 0, "an edge is healthy if its last heartbeat is younger than this (default 90s)")
+		hbTimeout  = fs.Duration("heartbeat-timeout", 0, "raft heartbeat timeout: a follower starts an election after 1-2x this without contact (default 300ms)")
+		elTimeout  = fs.Duration("election-timeout", 0, "raft election timeout (default 300ms)")
+		lease      = fs.Duration("leader-lease-timeout", 0, "a leader that cannot reach a quorum for this long steps down (default 250ms)")
+		commit     = fs.Duration("commit-timeout", 0, "raft commit timeout: max delay before followers learn a commit when idle (default 20ms)")
+		snapInt    = fs.Duration("snapshot-interval", 0, "how often raft checks whether to snapshot (default 60s)")
+		snapThresh = fs.Uint64("snapshot-threshold", 0, "log entries since the last snapshot that trigger one (default 8192)")
+		trailing   = fs.Uint64("trailing-logs", 0, "log entries kept after a snapshot for slow followers (default 10240)")
+		maxPending = fs.Int64("max-pending-bytes", 0, "admission control: proposals queued beyond this many bytes get 429 (default 32 MiB)")
+		logLevel   = fs.String("log-level", "", "log level: debug, info, warn, error (default info)")
+	)
+	edgeTokens := map[string]string{}
+	fs.Func("edge-token", "`EDGE=TOKEN` credential of one edge (repeatable)", func(v string) error {
+		e, t, ok := strings.Cut(v, "=")
+		if !ok || !wire.ValidName(e) || t == "" {
+			return fmt.Errorf("want EDGE=TOKEN with EDGE matching [A-Za-z0-9._-]{1,64}")
+		}
+		edgeTokens[e] = t
+		return nil
+	})
+	raftDial := map[string]string{}
+	fs.Func("raft-dial", "`NODE=HOST:PORT` dial this address for peer NODE instead of its advertised one (NAT, split horizon; repeatable)", func(v string) error {
+		n, a, ok := strings.Cut(v, "=")
+		if !ok || n == "" || a == "" {
+			return fmt.Errorf("want NODE=HOST:PORT")
+		}
+		raftDial[n] = a
+		return nil
+	})
+	fs.Usage = func() {
+		fmt.Fprintf(out, "Usage: cloud-sync [-config FILE] -id NODE -raft ADDR -http ADDR -data DIR (-bootstrap | -join URL) [flags]\n\n"+
+			"cloud-sync is Outpost's raft-replicated cloud: edges sync to it, consumers read merged data from it.\n"+
+			"Flags override the config file, which overrides built-in defaults.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return Config{}, err
+		}
+		return Config{}, fmt.Errorf("%w: %v", ErrUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return Config{}, fmt.Errorf("%w: unexpected argument %q", ErrUsage, fs.Arg(0))
+	}
+	cfg := Defaults()
+	if *cfgFile != "" {
+		if err := loadFile(*cfgFile, &cfg); err != nil {
+			return Config{}, err
+		}
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	str := func(name string, dst *string, v string) {
+		if set[name] {
+			*dst = v
+		}
+	}
+	dur := func(name string, dst *time.Duration, v time.Duration) {
+		if set[name] {
+			*dst = v
+		}
+	}
+	str("id", &cfg.ID, *id)
+	str("raft", &cfg.Raft, *raftAddr)
+	str("raft-advertise", &cfg.RaftAdvertise, *raftAdv)
+	str("http", &cfg.HTTP, *httpAddr)
+	str("http-advertise", &cfg.HTTPAdvertise, *httpAdv)
+	str("data", &cfg.Data, *data)
+	str("api-token", &cfg.APIToken, *apiToken)
+	str("log-level", &cfg.LogLevel, *logLevel)
+	if set["bootstrap"] {
+		cfg.Bootstrap = *bootstrap
+		if *bootstrap && !set["join"] {
+			cfg.Join = nil
+		}
+	}
+	if set["join"] {
+		cfg.Join = splitList(*join)
+		if !set["bootstrap"] {
+			cfg.Bootstrap = false
+		}
+	}
+	if set["admin"] {
+		cfg.Admins = splitList(*admins)
+	}
+	if set["dev-login"] {
+		cfg.DevLogin = *devLogin
+	}
+	dur("max-clock-drift", &cfg.MaxClockDrift, *drift)
+	dur("heartbeat-fresh", &cfg.HeartbeatFresh, *fresh)
+	dur("heartbeat-timeout", &cfg.HeartbeatTimeout, *hbTimeout)
+	dur("election-timeout", &cfg.ElectionTimeout, *elTimeout)
+	dur("leader-lease-timeout", &cfg.LeaderLeaseTimeout, *lease)
+	dur("commit-timeout", &cfg.CommitTimeout, *commit)
+	dur("snapshot-interval", &cfg.SnapshotInterval, *snapInt)
+	if set["snapshot-threshold"] {
+		cfg.SnapshotThreshold = *snapThresh
+	}
+	if set["trailing-logs"] {
+		cfg.TrailingLogs = *trailing
+	}
+	if set["max-pending-bytes"] {
+		cfg.MaxPendingBytes = *maxPending
+	}
+	if len(edgeTokens) > 0 {
+		if cfg.EdgeTokens == nil {
+			cfg.EdgeTokens = map[string]string{}
+		}
+		for e, t := range edgeTokens {
+			cfg.EdgeTokens[e] = t
+		}
+	}
+	if len(raftDial) > 0 {
+		cfg.RaftDial = raftDial
+	}
+	return cfg, cfg.Validate()
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func loadFile(path string, cfg *Config) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("%w: config file: %v", ErrUsage, err)
+	}
+	defer f.Close()
+	dec := yaml.NewDecoder(f)
+	dec.KnownFields(true)
+	if err := dec.Decode(cfg); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("%w: config file %s: %v", ErrUsage, path, err)
+	}
+	return nil
+}
+
+// Validate checks the configuration and fills derived addresses.
+func (c *Config) Validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s", ErrUsage, fmt.Sprintf(format, a...))
+	}
+	if c.ID == "" {
+		return bad("-id is required")
+	}
+	if !wire.ValidName(c.ID) {
+		return bad("-id %q must match [A-Za-z0-9._-]{1,64}", c.ID)
+	}
+	if c.Data == "" {
+		return bad("-data is required")
+	}
+	if c.Bootstrap && len(c.Join) > 0 {
+		return bad("-bootstrap and -join are mutually exclusive: bootstrap the first node, join the others")
+	}
+	for _, u := range c.Join {
+		if !strings.HasPrefix(u, "http://") && !strings.HasPrefix(u, "https://") {
+			return bad("-join %q must be an http(s) URL of a cluster member", u)
+		}
+	}
+	var err error
+	if c.RaftAdvertise, err = advertise(c.Raft, c.RaftAdvertise); err != nil {
+		return bad("-raft: %v", err)
+	}
+	if c.HTTPAdvertise, err = advertise(c.HTTP, c.HTTPAdvertise); err != nil {
+		return bad("-http: %v", err)
+	}
+	if c.LeaderLeaseTimeout > c.HeartbeatTimeout {
+		return bad("leader_lease_timeout (%s) must not exceed heartbeat_timeout (%s)", c.LeaderLeaseTimeout, c.HeartbeatTimeout)
+	}
+	if c.MaxClockDrift < 0 || c.HeartbeatFresh <= 0 {
+		return bad("max_clock_drift must be >= 0 and heartbeat_fresh > 0")
+	}
+	for e := range c.EdgeTokens {
+		if !wire.ValidName(e) {
+			return bad("edge_tokens: edge id %q must match [A-Za-z0-9._-]{1,64}", e)
+		}
+	}
+	return nil
+}
+
+// advertise derives the address peers use from a listen address: the
+// listen address itself when its host is concrete, else the hostname.
+func advertise(listen, adv string) (string, error) {
+	if adv != "" {
+		if _, _, err := net.SplitHostPort(adv); err != nil {
+			return "", fmt.Errorf("advertise address %q: %v", adv, err)
+		}
+		return adv, nil
+	}
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return "", fmt.Errorf("%q is not host:port", listen)
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		h, err := os.Hostname()
+		if err != nil {
+			return "", fmt.Errorf("listen address %q has no host and the hostname is unknown; set the advertise address", listen)
+		}
+		host = h
+	}
+	return net.JoinHostPort(host, port), nil
+}

@@ -1,0 +1,174 @@
+package cloud
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/outpost-edge/outpost/pkg/cloud/auth"
+	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
+	"github.com/outpost-edge/outpost/pkg/cloud/httpapi"
+	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
+	"github.com/outpost-edge/outpost/pkg/hlc"
+)
+
+// Node is a running cloud-sync node.
+type Node struct {
+	cfg  Config
+	log  *slog.Logger
+	fsm  *fsm.FSM
+	raft *raftnode.Node
+	http *httpapi.Server
+	ln   net.Listener
+}
+
+// Start binds the node's ports and starts raft; it returns an error (and
+// holds nothing open) on a bad data dir or a busy port.
+func Start(cfg Config, log *slog.Logger) (*Node, error) {
+	if err := os.MkdirAll(cfg.Data, 0o700); err != nil {
+		return nil, fmt.Errorf("data dir %s: %w", cfg.Data, err)
+	}
+	ln, err := net.Listen("tcp", cfg.HTTP)
+	if err != nil {
+		return nil, fmt.Errorf("http listen on %s: %w", cfg.HTTP, err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	fm := httpapi.NewFSMMetrics(reg)
+	state, err := fsm.Open(filepath.Join(cfg.Data, "state.db"), log, fm.Hooks())
+	if err != nil {
+		_ = ln.Close()
+		return nil, err
+	}
+	clock := hlc.NewClock(nil, cfg.MaxClockDrift)
+	clock.Restore(state.MaxStamp())
+	rn, err := raftnode.New(raftnode.Config{
+		ID: cfg.ID, RaftBind: cfg.Raft, RaftAdvertise: cfg.RaftAdvertise, HTTPAdvertise: cfg.HTTPAdvertise,
+		DataDir: cfg.Data, Bootstrap: cfg.Bootstrap,
+		HeartbeatTimeout: cfg.HeartbeatTimeout, ElectionTimeout: cfg.ElectionTimeout,
+		LeaderLeaseTimeout: cfg.LeaderLeaseTimeout, CommitTimeout: cfg.CommitTimeout,
+		SnapshotInterval: cfg.SnapshotInterval, SnapshotThreshold: cfg.SnapshotThreshold, TrailingLogs: cfg.TrailingLogs,
+		MaxEntryBytes: cfg.MaxEntryBytes, MaxPendingBytes: cfg.MaxPendingBytes,
+		DialOverrides: cfg.RaftDial, RaftLogLevel: cfg.RaftLogLevel,
+	}, state, clock, log, reg)
+	if err != nil {
+		_ = state.Close()
+		_ = ln.Close()
+		return nil, err
+	}
+	static, err := auth.NewStatic(cfg.EdgeTokens, cfg.APIToken)
+	if err != nil {
+		_ = rn.Shutdown()
+		_ = state.Close()
+		_ = ln.Close()
+		return nil, fmt.Errorf("%w: %v", ErrUsage, err)
+	}
+	if !static.HasAPIToken() {
+		log.Warn("no -api-token: the consumer API refuses every request and cluster changes are unauthenticated")
+	}
+	// User access tokens (JWT) join this chain with the identity issue.
+	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, HeartbeatFresh: cfg.HeartbeatFresh},
+		rn, state, clock, auth.Chain{static}, static.HasAPIToken(), log, reg)
+	if err != nil {
+		_ = rn.Shutdown()
+		_ = state.Close()
+		_ = ln.Close()
+		return nil, err
+	}
+	return &Node{cfg: cfg, log: log, fsm: state, raft: rn, http: srv, ln: ln}, nil
+}
+
+// Run serves until ctx ends or serving fails.
+func (n *Node) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 3)
+	raftDone := make(chan struct{})
+	go func() { defer close(raftDone); n.raft.Run(ctx) }()
+	go func() { errc <- n.http.App().Listener(n.ln) }()
+	joinDone := make(chan struct{})
+	go func() {
+		defer close(joinDone)
+		if len(n.cfg.Join) > 0 {
+			if err := n.joinLoop(ctx); err != nil {
+				errc <- err
+			}
+		}
+	}()
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	cancel()
+	<-joinDone
+	<-raftDone
+	return err
+}
+
+// Shutdown stops HTTP first (no new writes), then raft, then the state.
+func (n *Node) Shutdown(timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	errs := []error{n.http.Shutdown(ctx), n.raft.Shutdown(), n.fsm.Close()}
+	return errors.Join(errs...)
+}
+
+// joinLoop asks the cluster (through any listed member) to add this node,
+// retrying with jittered backoff until a member accepts; a 4xx (conflict,
+// bad token) is fatal because retrying cannot fix it.
+func (n *Node) joinLoop(ctx context.Context) error {
+	body, _ := json.Marshal(httpapi.JoinRequest{ID: n.cfg.ID, RaftAddr: n.cfg.RaftAdvertise, HTTPAddr: n.cfg.HTTPAdvertise})
+	hc := &http.Client{Timeout: 15 * time.Second}
+	defer hc.CloseIdleConnections()
+	backoff := 100 * time.Millisecond
+	for i := 0; ; i++ {
+		u := strings.TrimRight(n.cfg.Join[i%len(n.cfg.Join)], "/") + "/cluster/v1/join"
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
+		if err != nil {
+			return fmt.Errorf("join: %w", err)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		if n.cfg.APIToken != "" {
+			req.Header.Set("Authorization", "Bearer "+n.cfg.APIToken)
+		}
+		resp, err := hc.Do(req)
+		if err == nil {
+			var env struct {
+				Message string `json:"message"`
+			}
+			_ = json.NewDecoder(resp.Body).Decode(&env)
+			resp.Body.Close()
+			switch {
+			case resp.StatusCode == http.StatusOK:
+				n.log.Info("joined cluster", "via", u)
+				return nil
+			case resp.StatusCode >= 400 && resp.StatusCode < 500:
+				return fmt.Errorf("join via %s refused (%d): %s", u, resp.StatusCode, env.Message)
+			}
+			n.log.Warn("join not accepted yet; retrying", "via", u, "status", resp.StatusCode, "message", env.Message)
+		} else if ctx.Err() == nil {
+			n.log.Warn("join: member unreachable; retrying", "via", u, "err", err)
+		}
+		d := backoff/2 + time.Duration(rand.Int64N(int64(backoff)))
+		backoff = min(2*backoff, 5*time.Second)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(d):
+		}
+	}
+}

@@ -1,0 +1,372 @@
+package fsm
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"sort"
+
+	"github.com/outpost-edge/outpost/pkg/wire"
+)
+
+// CmdType says what a command does.
+type CmdType byte
+
+// Command types. Values are persisted in the raft log: never renumber.
+const (
+	CmdPush       CmdType = 1 // an edge's push batch
+	CmdDesired    CmdType = 2 // a consumer's desired-state write
+	CmdHeartbeat  CmdType = 3
+	CmdNodeUpsert CmdType = 4
+	CmdNodeRemove CmdType = 5
+	CmdUserPut    CmdType = 6
+	CmdMeta       CmdType = 7 // a consumer's device meta write
+)
+
+const entryVersion = 1
+
+// Node is a cluster member's addresses, kept in the state machine so that
+// every node can forward to the leader's HTTP address.
+type Node struct {
+	ID       string `json:"id"`
+	RaftAddr string `json:"raft_addr"`
+	HTTPAddr string `json:"http_addr"`
+}
+
+// Command is one state change proposed through raft. AtMs is the leader's
+// wall clock when it proposed the command: Apply never reads the clock, so
+// every replica computes the same state.
+type Command struct {
+	Type      CmdType
+	AtMs      int64
+	Push      *wire.PushBatch
+	Change    *wire.Change // CmdDesired, CmdMeta
+	Heartbeat *wire.Heartbeat
+	Node      *Node  // CmdNodeUpsert
+	NodeID    string // CmdNodeRemove
+	User      *wire.User
+}
+
+// ErrCorrupt means a log entry could not be decoded.
+var ErrCorrupt = errors.New("fsm: corrupt command")
+
+// EncodeCommand serialises c. Push batches use a compact binary layout
+// (they are the bulk of the log); everything else is JSON.
+func EncodeCommand(c *Command) ([]byte, error) {
+	b := make([]byte, 0, 256)
+	b = append(b, byte(c.Type))
+	b = binary.AppendVarint(b, c.AtMs)
+	switch c.Type {
+	case CmdPush:
+		p := c.Push
+		b = appendString(b, p.Edge)
+		b = binary.AppendUvarint(b, p.FirstSeq)
+		b = binary.AppendUvarint(b, uint64(len(p.Changes)))
+		for i := range p.Changes {
+			var err error
+			if b, err = appendChange(b, &p.Changes[i]); err != nil {
+				return nil, err
+			}
+		}
+		return b, nil
+	case CmdDesired, CmdMeta:
+		return appendChange(b, c.Change)
+	case CmdHeartbeat:
+		return appendJSON(b, c.Heartbeat)
+	case CmdNodeUpsert:
+		return appendJSON(b, c.Node)
+	case CmdNodeRemove:
+		return appendString(b, c.NodeID), nil
+	case CmdUserPut:
+		return appendJSON(b, c.User)
+	}
+	return nil, fmt.Errorf("fsm: unknown command type %d", c.Type)
+}
+
+// EncodeEntry frames already-encoded commands as one raft log entry: the
+// unit of group commit.
+func EncodeEntry(cmds [][]byte) []byte {
+	n := 1 + binary.MaxVarintLen64
+	for _, c := range cmds {
+		n += len(c) + binary.MaxVarintLen64
+	}
+	b := make([]byte, 0, n)
+	b = append(b, entryVersion)
+	b = binary.AppendUvarint(b, uint64(len(cmds)))
+	for _, c := range cmds {
+		b = binary.AppendUvarint(b, uint64(len(c)))
+		b = append(b, c...)
+	}
+	return b
+}
+
+func splitEntry(data []byte) ([][]byte, error) {
+	r := reader{b: data}
+	if v := r.byte(); v != entryVersion {
+		return nil, fmt.Errorf("%w: entry version %d", ErrCorrupt, v)
+	}
+	n := r.uvarint()
+	if r.err != nil || n > uint64(len(data)) {
+		return nil, fmt.Errorf("%w: entry header", ErrCorrupt)
+	}
+	out := make([][]byte, 0, n)
+	for i := uint64(0); i < n; i++ {
+		out = append(out, r.bytes())
+	}
+	return out, r.err
+}
+
+// rawReading is a reading as decoded from a command: metrics stay in their
+// encoded form, which is also the stored value, so applying a reading costs
+// no re-encoding.
+type rawReading struct {
+	TS      int64
+	ID      string
+	Metrics []byte
+}
+
+// rawChange is a decoded change; readings stay raw.
+type rawChange struct {
+	Kind     string
+	Device   string
+	Readings []rawReading
+	Other    *wire.Change // non-readings kinds
+}
+
+type decodedCmd struct {
+	Type     CmdType
+	AtMs     int64
+	Edge     string
+	FirstSeq uint64
+	Changes  []rawChange
+	Cmd      Command // non-push payloads
+}
+
+func decodeCommand(data []byte) (*decodedCmd, error) {
+	r := reader{b: data}
+	d := &decodedCmd{Type: CmdType(r.byte()), AtMs: r.varint()}
+	d.Cmd.Type, d.Cmd.AtMs = d.Type, d.AtMs
+	switch d.Type {
+	case CmdPush:
+		d.Edge = r.string()
+		d.FirstSeq = r.uvarint()
+		n := r.uvarint()
+		if n > uint64(len(data)) {
+			return nil, fmt.Errorf("%w: change count", ErrCorrupt)
+		}
+		d.Changes = make([]rawChange, 0, n)
+		for i := uint64(0); i < n && r.err == nil; i++ {
+			d.Changes = append(d.Changes, r.change())
+		}
+	case CmdDesired, CmdMeta:
+		c := r.change()
+		d.Cmd.Change = c.Other
+	case CmdHeartbeat:
+		d.Cmd.Heartbeat = &wire.Heartbeat{}
+		r.json(d.Cmd.Heartbeat)
+	case CmdNodeUpsert:
+		d.Cmd.Node = &Node{}
+		r.json(d.Cmd.Node)
+	case CmdNodeRemove:
+		d.Cmd.NodeID = r.string()
+	case CmdUserPut:
+		d.Cmd.User = &wire.User{}
+		r.json(d.Cmd.User)
+	default:
+		return nil, fmt.Errorf("%w: unknown command type %d", ErrCorrupt, d.Type)
+	}
+	if r.err != nil {
+		return nil, r.err
+	}
+	return d, nil
+}
+
+const (
+	kindReadings byte = 1
+	kindOther    byte = 2
+)
+
+func appendChange(b []byte, c *wire.Change) ([]byte, error) {
+	if c.Kind != wire.KindReadings {
+		b = append(b, kindOther)
+		return appendJSON(b, c)
+	}
+	b = append(b, kindReadings)
+	b = appendString(b, c.Device)
+	b = binary.AppendUvarint(b, uint64(len(c.Readings)))
+	for i := range c.Readings {
+		rd := &c.Readings[i]
+		b = binary.AppendVarint(b, rd.TS)
+		b = appendString(b, rd.ID)
+		b = appendMetrics(b, rd.Metrics)
+	}
+	return b, nil
+}
+
+// appendMetrics writes metrics sorted by name so that every replica stores
+// identical bytes.
+func appendMetrics(b []byte, m map[string]float64) []byte {
+	names := make([]string, 0, len(m))
+	for k := range m {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	body := make([]byte, 0, len(names)*16)
+	body = binary.AppendUvarint(body, uint64(len(names)))
+	for _, k := range names {
+		body = appendString(body, k)
+		body = binary.LittleEndian.AppendUint64(body, math.Float64bits(m[k]))
+	}
+	b = binary.AppendUvarint(b, uint64(len(body)))
+	return append(b, body...)
+}
+
+// DecodeMetrics reads a stored metrics value.
+func DecodeMetrics(v []byte) (map[string]float64, error) {
+	r := reader{b: v}
+	n := r.uvarint()
+	if n > uint64(len(v)) {
+		return nil, fmt.Errorf("%w: metric count", ErrCorrupt)
+	}
+	m := make(map[string]float64, n)
+	for i := uint64(0); i < n && r.err == nil; i++ {
+		k := r.string()
+		m[k] = math.Float64frombits(r.uint64le())
+	}
+	return m, r.err
+}
+
+func appendString(b []byte, s string) []byte {
+	b = binary.AppendUvarint(b, uint64(len(s)))
+	return append(b, s...)
+}
+
+func appendJSON(b []byte, v any) ([]byte, error) {
+	j, err := json.Marshal(v)
+	if err != nil {
+		return nil, fmt.Errorf("fsm: encode command: %w", err)
+	}
+	b = binary.AppendUvarint(b, uint64(len(j)))
+	return append(b, j...), nil
+}
+
+// reader decodes the binary layout, remembering the first error so call
+// sites stay linear.
+type reader struct {
+	b   []byte
+	err error
+}
+
+func (r *reader) fail() {
+	if r.err == nil {
+		r.err = ErrCorrupt
+	}
+	r.b = nil
+}
+
+func (r *reader) byte() byte {
+	if len(r.b) < 1 {
+		r.fail()
+		return 0
+	}
+	v := r.b[0]
+	r.b = r.b[1:]
+	return v
+}
+
+func (r *reader) uvarint() uint64 {
+	v, n := binary.Uvarint(r.b)
+	if n <= 0 {
+		r.fail()
+		return 0
+	}
+	r.b = r.b[n:]
+	return v
+}
+
+func (r *reader) varint() int64 {
+	v, n := binary.Varint(r.b)
+	if n <= 0 {
+		r.fail()
+		return 0
+	}
+	r.b = r.b[n:]
+	return v
+}
+
+func (r *reader) uint64le() uint64 {
+	if len(r.b) < 8 {
+		r.fail()
+		return 0
+	}
+	v := binary.LittleEndian.Uint64(r.b)
+	r.b = r.b[8:]
+	return v
+}
+
+func (r *reader) bytes() []byte {
+	n := r.uvarint()
+	if n > uint64(len(r.b)) {
+		r.fail()
+		return nil
+	}
+	v := r.b[:n:n]
+	r.b = r.b[n:]
+	return v
+}
+
+func (r *reader) string() string { return string(r.bytes()) }
+
+func (r *reader) json(v any) {
+	b := r.bytes()
+	if r.err != nil {
+		return
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		r.err = fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+}
+
+func (r *reader) change() rawChange {
+	switch r.byte() {
+	case kindReadings:
+		c := rawChange{Kind: wire.KindReadings, Device: r.string()}
+		n := r.uvarint()
+		if n > uint64(len(r.b)) {
+			r.fail()
+			return c
+		}
+		c.Readings = make([]rawReading, 0, n)
+		for i := uint64(0); i < n && r.err == nil; i++ {
+			c.Readings = append(c.Readings, rawReading{TS: r.varint(), ID: r.string(), Metrics: r.bytes()})
+		}
+		return c
+	case kindOther:
+		var w wire.Change
+		r.json(&w)
+		return rawChange{Kind: w.Kind, Device: w.Device, Other: &w}
+	}
+	r.fail()
+	return rawChange{}
+}
+
+// appendRawChange re-encodes a decoded change (used for the export log,
+// which holds only what actually changed).
+func appendRawChange(b []byte, c *rawChange) ([]byte, error) {
+	if c.Kind != wire.KindReadings {
+		b = append(b, kindOther)
+		return appendJSON(b, c.Other)
+	}
+	b = append(b, kindReadings)
+	b = appendString(b, c.Device)
+	b = binary.AppendUvarint(b, uint64(len(c.Readings)))
+	for _, rd := range c.Readings {
+		b = binary.AppendVarint(b, rd.TS)
+		b = appendString(b, rd.ID)
+		b = binary.AppendUvarint(b, uint64(len(rd.Metrics)))
+		b = append(b, rd.Metrics...)
+	}
+	return b, nil
+}

@@ -1,0 +1,663 @@
+// Package fsm is the cloud's replicated state machine: merged readings,
+// device shadows, users and roles, the edge directory and the cluster's node
+// addresses, kept in one bbolt file and changed only by raft log entries.
+//
+// Apply is deterministic: it never reads the wall clock or any other local
+// input; every time it records came from the leader inside the command. The
+// bbolt file persists the last applied raft index in the same transaction as
+// the state, so a restarted node skips entries it already applied and needs no
+// snapshot restore on start. Snapshots stream a consistent bbolt copy (a read
+// transaction) and Restore swaps a received copy in atomically by rename.
+package fsm
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"github.com/hashicorp/raft"
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/shadow"
+	"github.com/outpost-edge/outpost/pkg/wire"
+)
+
+// Sentinel errors callers branch on.
+var (
+	// ErrSeqGap: a push started beyond the next sequence the cloud expects.
+	ErrSeqGap = errors.New("sequence gap")
+	// ErrNotFound: no such device, edge or user.
+	ErrNotFound = errors.New("not found")
+	// ErrBadCursor: a cursor that this node did not issue.
+	ErrBadCursor = errors.New("bad cursor")
+)
+
+var (
+	bktMeta     = []byte("meta")
+	bktReadings = []byte("readings")   // device 0 ts(8) edge 0 id → metrics
+	bktReadID   = []byte("reading_id") // edge 0 device 0 id → ts(8)
+	bktDevices  = []byte("devices")    // device → Device JSON
+	bktEdges    = []byte("edges")      // edge → edgeRecord JSON
+	bktSeq      = []byte("edge_seq")   // edge → acked seq (8)
+	bktLog      = []byte("log")        // raft index(8) → merged changes
+	bktDown     = []byte("downlink")   // raft index(8) sub(4) → downRecord JSON
+	bktNodes    = []byte("nodes")      // node id → Node JSON
+	bktUsers    = []byte("users")      // openid → wire.User JSON
+
+	keyApplied = []byte("applied_index")
+	keyStamp   = []byte("max_stamp")
+)
+
+var allBuckets = [][]byte{bktMeta, bktReadings, bktReadID, bktDevices, bktEdges, bktSeq, bktLog, bktDown, bktNodes, bktUsers}
+
+// Device is a device's merged record.
+type Device struct {
+	ID        string     `json:"id"`
+	EdgeID    string     `json:"edge_id"`
+	FirstSeen int64      `json:"first_seen"`
+	LastSeen  int64      `json:"last_seen"`
+	Region    string     `json:"region"`
+	Tags      []string   `json:"tags"`
+	Owners    []string   `json:"owners"`
+	Reported  shadow.Doc `json:"reported"`
+	Desired   shadow.Doc `json:"desired"`
+}
+
+type edgeRecord struct {
+	ID              string         `json:"id"`
+	Region          string         `json:"region,omitempty"`
+	Location        *wire.Location `json:"location,omitempty"`
+	Advertise       string         `json:"advertise,omitempty"`
+	Backlog         uint64         `json:"backlog"`
+	LastHeartbeatMs int64          `json:"last_heartbeat_ms"`
+}
+
+// downRecord is a change queued for edges to pull.
+type downRecord struct {
+	Target string      `json:"target"` // edge id, or "*" for every edge
+	Origin string      `json:"origin"` // edge that caused it, "" for the cloud
+	Change wire.Change `json:"change"`
+}
+
+// Result is the outcome of one command.
+type Result struct {
+	Err        error
+	Expected   uint64 // with ErrSeqGap
+	AckedSeq   uint64
+	Applied    int
+	Duplicates int
+	Index      uint64
+	Device     *Device // for desired and meta writes: the record after the write
+}
+
+// Hooks lets the owner observe the state machine without this package
+// knowing about metrics.
+type Hooks struct {
+	OnRestore  func()
+	OnReadings func(added, dups int)
+}
+
+// FSM implements raft.BatchingFSM over bbolt.
+type FSM struct {
+	path  string
+	log   *slog.Logger
+	hooks Hooks
+
+	mu sync.RWMutex // held for writing only while Restore swaps db
+	db *bolt.DB
+
+	applied  atomic.Uint64
+	maxStamp atomic.Uint64
+
+	waitMu sync.Mutex
+	waitCh chan struct{} // closed and replaced after every apply
+}
+
+var _ raft.BatchingFSM = (*FSM)(nil)
+
+func boltOptions() *bolt.Options {
+	return &bolt.Options{
+		// A large virtual map so the file rarely remaps: a remap waits for
+		// every read transaction, including a snapshot being streamed.
+		InitialMmapSize: 1 << 30,
+		FreelistType:    bolt.FreelistMapType,
+		NoFreelistSync:  true,
+	}
+}
+
+// Open opens (creating if needed) the state file at path.
+func Open(path string, log *slog.Logger, hooks Hooks) (*FSM, error) {
+	f := &FSM{path: path, log: log, hooks: hooks, waitCh: make(chan struct{})}
+	db, err := openDB(path)
+	if err != nil {
+		return nil, err
+	}
+	f.db = db
+	if err := f.loadMeta(); err != nil {
+		_ = db.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+func openDB(path string) (*bolt.DB, error) {
+	db, err := bolt.Open(path, 0o600, boltOptions())
+	if err != nil {
+		return nil, fmt.Errorf("open state %s: %w", path, err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, b := range allBuckets {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("init state %s: %w", path, err)
+	}
+	return db, nil
+}
+
+func (f *FSM) loadMeta() error {
+	return f.db.View(func(tx *bolt.Tx) error {
+		m := tx.Bucket(bktMeta)
+		f.applied.Store(getU64(m.Get(keyApplied)))
+		f.maxStamp.Store(getU64(m.Get(keyStamp)))
+		return nil
+	})
+}
+
+// Close closes the state file.
+func (f *FSM) Close() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.db.Close()
+}
+
+// AppliedIndex is the last raft index reflected in the state.
+func (f *FSM) AppliedIndex() uint64 { return f.applied.Load() }
+
+// MaxStamp is the greatest HLC stamp in any applied shadow: a new leader
+// raises its clock to it so its stamps win over everything already stored.
+func (f *FSM) MaxStamp() hlc.Timestamp { return hlc.Timestamp(f.maxStamp.Load()) }
+
+// WaitApplied blocks until the state reflects index or done is closed.
+func (f *FSM) WaitApplied(done <-chan struct{}, index uint64) bool {
+	for {
+		f.waitMu.Lock()
+		ch := f.waitCh
+		f.waitMu.Unlock()
+		if f.applied.Load() >= index {
+			return true
+		}
+		select {
+		case <-ch:
+		case <-done:
+			return false
+		}
+	}
+}
+
+func (f *FSM) notify() {
+	f.waitMu.Lock()
+	close(f.waitCh)
+	f.waitCh = make(chan struct{})
+	f.waitMu.Unlock()
+}
+
+// Apply applies one log entry.
+func (f *FSM) Apply(l *raft.Log) any { return f.ApplyBatch([]*raft.Log{l})[0] }
+
+// ApplyBatch applies consecutive log entries in one bbolt transaction. Each
+// command entry's response is a []Result, one per command in the entry.
+func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
+	out := make([]any, len(logs))
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	applied := f.applied.Load()
+	last := applied
+	a := applier{devices: map[string]*Device{}, maxStamp: hlc.Timestamp(f.maxStamp.Load())}
+	err := f.db.Update(func(tx *bolt.Tx) error {
+		a.tx = tx
+		a.bk = buckets(tx)
+		for i, l := range logs {
+			if l.Index <= applied {
+				continue // already in the state: a replay after restart
+			}
+			last = l.Index
+			if l.Type != raft.LogCommand {
+				continue
+			}
+			res, err := a.entry(l.Index, l.Data)
+			if err != nil {
+				// A malformed entry must not stop the cluster; every replica
+				// rejects it identically.
+				f.log.Error("skipping undecodable raft entry", "index", l.Index, "err", err)
+				continue
+			}
+			out[i] = res
+		}
+		if last == applied {
+			return nil
+		}
+		if err := a.flushDevices(); err != nil {
+			return err
+		}
+		m := a.bk.meta
+		if err := m.Put(keyApplied, u64(last)); err != nil {
+			return err
+		}
+		return m.Put(keyStamp, u64(uint64(a.maxStamp)))
+	})
+	if err != nil {
+		// The state can no longer follow the log; continuing would diverge
+		// from the other replicas.
+		panic(fmt.Sprintf("fsm: apply at index %d: %v", last, err))
+	}
+	f.applied.Store(last)
+	f.maxStamp.Store(uint64(a.maxStamp))
+	if f.hooks.OnReadings != nil && (a.added > 0 || a.dups > 0) {
+		f.hooks.OnReadings(a.added, a.dups)
+	}
+	f.notify()
+	return out
+}
+
+type bkts struct {
+	meta, readings, readID, devices, edges, seq, log, down, nodes, users *bolt.Bucket
+}
+
+func buckets(tx *bolt.Tx) bkts {
+	return bkts{
+		meta: tx.Bucket(bktMeta), readings: tx.Bucket(bktReadings), readID: tx.Bucket(bktReadID),
+		devices: tx.Bucket(bktDevices), edges: tx.Bucket(bktEdges), seq: tx.Bucket(bktSeq),
+		log: tx.Bucket(bktLog), down: tx.Bucket(bktDown), nodes: tx.Bucket(bktNodes), users: tx.Bucket(bktUsers),
+	}
+}
+
+// applier holds one ApplyBatch transaction's working set. Device records are
+// cached and written once at the end, so a group-committed entry touching the
+// same device many times costs one encode.
+type applier struct {
+	tx       *bolt.Tx
+	bk       bkts
+	devices  map[string]*Device
+	dirty    []string
+	maxStamp hlc.Timestamp
+	added    int
+	dups     int
+
+	// per entry
+	index   uint64
+	logBuf  []byte
+	logN    int
+	downSub uint32
+}
+
+func (a *applier) entry(index uint64, data []byte) ([]Result, error) {
+	cmds, err := splitEntry(data)
+	if err != nil {
+		return nil, err
+	}
+	a.index, a.logBuf, a.logN, a.downSub = index, a.logBuf[:0], 0, 0
+	res := make([]Result, len(cmds))
+	for i, raw := range cmds {
+		d, err := decodeCommand(raw)
+		if err != nil {
+			res[i] = Result{Err: err, Index: index}
+			continue
+		}
+		r, err := a.command(d)
+		if err != nil {
+			return nil, err
+		}
+		r.Index = index
+		res[i] = r
+	}
+	if a.logN > 0 {
+		v := binary.AppendUvarint(make([]byte, 0, len(a.logBuf)+8), uint64(a.logN))
+		v = append(v, a.logBuf...)
+		if err := a.bk.log.Put(u64(index), v); err != nil {
+			return nil, err
+		}
+	}
+	return res, nil
+}
+
+// command applies one command; a returned error aborts the transaction (a
+// storage failure), while refusals travel in Result.Err.
+func (a *applier) command(d *decodedCmd) (Result, error) {
+	switch d.Type {
+	case CmdPush:
+		return a.push(d)
+	case CmdDesired, CmdMeta:
+		c := d.Cmd.Change
+		rc := rawChange{Kind: c.Kind, Device: c.Device, Other: c}
+		if err := a.change("", d.AtMs, &rc); err != nil {
+			return Result{}, err
+		}
+		dev, err := a.device(c.Device, d.AtMs)
+		if err != nil {
+			return Result{}, err
+		}
+		cp := *dev
+		cp.Reported, cp.Desired = dev.Reported.Clone(), dev.Desired.Clone()
+		return Result{Applied: 1, Device: &cp}, nil
+	case CmdHeartbeat:
+		h := d.Cmd.Heartbeat
+		rec := edgeRecord{ID: h.Edge, Region: h.Region, Location: h.Location, Advertise: h.Advertise,
+			Backlog: h.Backlog, LastHeartbeatMs: d.AtMs}
+		return Result{AckedSeq: getU64(a.bk.seq.Get([]byte(h.Edge)))}, putJSON(a.bk.edges, h.Edge, rec)
+	case CmdNodeUpsert:
+		return Result{Applied: 1}, putJSON(a.bk.nodes, d.Cmd.Node.ID, d.Cmd.Node)
+	case CmdNodeRemove:
+		return Result{Applied: 1}, a.bk.nodes.Delete([]byte(d.Cmd.NodeID))
+	case CmdUserPut:
+		u := d.Cmd.User
+		if err := putJSON(a.bk.users, u.OpenID, u); err != nil {
+			return Result{}, err
+		}
+		return Result{Applied: 1}, a.downlink("*", "", wire.Change{Kind: wire.KindUser, User: u})
+	}
+	return Result{Err: fmt.Errorf("%w: command type %d", ErrCorrupt, d.Type)}, nil
+}
+
+func (a *applier) push(d *decodedCmd) (Result, error) {
+	key := []byte(d.Edge)
+	last := getU64(a.bk.seq.Get(key))
+	if d.FirstSeq > last+1 {
+		return Result{Err: fmt.Errorf("%w: expected sequence %d, got %d", ErrSeqGap, last+1, d.FirstSeq),
+			Expected: last + 1, AckedSeq: last}, nil
+	}
+	skip := last + 1 - d.FirstSeq // changes this edge already delivered
+	if skip >= uint64(len(d.Changes)) {
+		return Result{AckedSeq: last}, nil
+	}
+	before := a.dups
+	for i := skip; i < uint64(len(d.Changes)); i++ {
+		if err := a.change(d.Edge, d.AtMs, &d.Changes[i]); err != nil {
+			return Result{}, err
+		}
+	}
+	newLast := d.FirstSeq + uint64(len(d.Changes)) - 1
+	if err := a.bk.seq.Put(key, u64(newLast)); err != nil {
+		return Result{}, err
+	}
+	return Result{AckedSeq: newLast, Applied: len(d.Changes) - int(skip), Duplicates: a.dups - before}, nil
+}
+
+func (a *applier) device(id string, atMs int64) (*Device, error) {
+	if d, ok := a.devices[id]; ok {
+		return d, nil
+	}
+	d := &Device{}
+	if v := a.bk.devices.Get([]byte(id)); v != nil {
+		if err := json.Unmarshal(v, d); err != nil {
+			return nil, fmt.Errorf("decode device %s: %w", id, err)
+		}
+	} else {
+		d.ID, d.FirstSeen = id, atMs
+	}
+	if d.Reported == nil {
+		d.Reported = shadow.Doc{}
+	}
+	if d.Desired == nil {
+		d.Desired = shadow.Doc{}
+	}
+	a.devices[id] = d
+	a.dirty = append(a.dirty, id)
+	return d, nil
+}
+
+func (a *applier) flushDevices() error {
+	for _, id := range a.dirty {
+		if err := putJSON(a.bk.devices, id, a.devices[id]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// change applies one change from origin ("" for the cloud's own API).
+func (a *applier) change(origin string, atMs int64, c *rawChange) error {
+	dev, err := a.device(c.Device, atMs)
+	if err != nil {
+		return err
+	}
+	if dev.EdgeID == "" && origin != "" {
+		// The device's home is the first edge it appears at; desired state
+		// written in the cloud before then (pre-provisioning) goes there now.
+		dev.EdgeID = origin
+		if len(dev.Desired) > 0 {
+			if err := a.downlink(origin, "", wire.Change{Kind: wire.KindDesired, Device: dev.ID, Doc: dev.Desired.Clone()}); err != nil {
+				return err
+			}
+		}
+	}
+	if atMs > dev.LastSeen && origin != "" {
+		dev.LastSeen = atMs
+	}
+	switch c.Kind {
+	case wire.KindReadings:
+		return a.readings(origin, dev, c)
+	case wire.KindReported, wire.KindDesired:
+		doc := dev.Reported
+		if c.Kind == wire.KindDesired {
+			doc = dev.Desired
+		}
+		changed := doc.Merge(c.Other.Doc)
+		if len(changed) == 0 {
+			return nil
+		}
+		delta := make(shadow.Doc, len(changed))
+		for _, k := range changed {
+			delta[k] = doc[k]
+		}
+		if v := delta.Version(); v > a.maxStamp {
+			a.maxStamp = v
+		}
+		out := wire.Change{Kind: c.Kind, Device: dev.ID, Doc: delta}
+		if err := a.logChange(origin, atMs, &rawChange{Kind: c.Kind, Device: dev.ID, Other: &out}); err != nil {
+			return err
+		}
+		if c.Kind == wire.KindDesired && dev.EdgeID != "" && dev.EdgeID != origin {
+			return a.downlink(dev.EdgeID, origin, out)
+		}
+		return nil
+	case wire.KindMeta:
+		m := c.Other.Meta
+		dev.Owners, dev.Region, dev.Tags = m.Owners, m.Region, m.Tags
+		if err := a.logChange(origin, atMs, c); err != nil {
+			return err
+		}
+		if dev.EdgeID != "" && dev.EdgeID != origin {
+			return a.downlink(dev.EdgeID, origin, *c.Other)
+		}
+		return nil
+	}
+	return nil
+}
+
+// readings stores the readings not already present and logs only those.
+// Dedup key: (edge, device, id) when the reading has an id, else
+// (edge, device, ts).
+func (a *applier) readings(origin string, dev *Device, c *rawChange) error {
+	fresh := c.Readings[:0:0]
+	for _, r := range c.Readings {
+		if r.ID != "" {
+			// bbolt keeps key slices until commit: each key gets its own.
+			idKey := make([]byte, 0, len(origin)+len(dev.ID)+len(r.ID)+2)
+			idKey = append(append(append(append(append(idKey, origin...), 0), dev.ID...), 0), r.ID...)
+			if a.bk.readID.Get(idKey) != nil {
+				a.dups++
+				continue
+			}
+			if err := a.bk.readID.Put(idKey, u64(uint64(r.TS))); err != nil {
+				return err
+			}
+		}
+		k := readingKey(make([]byte, 0, len(dev.ID)+len(origin)+len(r.ID)+11), dev.ID, r.TS, origin, r.ID)
+		if r.ID == "" && a.bk.readings.Get(k) != nil {
+			a.dups++
+			continue
+		}
+		if err := a.bk.readings.Put(k, r.Metrics); err != nil {
+			return err
+		}
+		fresh = append(fresh, r)
+		if r.TS > dev.LastSeen {
+			dev.LastSeen = r.TS
+		}
+	}
+	a.added += len(fresh)
+	if len(fresh) == 0 {
+		return nil
+	}
+	return a.logChange(origin, 0, &rawChange{Kind: wire.KindReadings, Device: dev.ID, Readings: fresh})
+}
+
+func readingKey(b []byte, device string, ts int64, edge, id string) []byte {
+	b = append(b, device...)
+	b = append(b, 0)
+	b = binary.BigEndian.AppendUint64(b, uint64(ts)^(1<<63)) // sign flip keeps order for negative ts
+	b = append(b, edge...)
+	b = append(b, 0)
+	return append(b, id...)
+}
+
+func (a *applier) logChange(origin string, atMs int64, c *rawChange) error {
+	a.logBuf = appendString(a.logBuf, origin)
+	a.logBuf = binary.AppendVarint(a.logBuf, atMs)
+	var err error
+	a.logBuf, err = appendRawChange(a.logBuf, c)
+	a.logN++
+	return err
+}
+
+func (a *applier) downlink(target, origin string, c wire.Change) error {
+	k := binary.BigEndian.AppendUint32(u64(a.index), a.downSub)
+	a.downSub++
+	v, err := json.Marshal(downRecord{Target: target, Origin: origin, Change: c})
+	if err != nil {
+		return err
+	}
+	return a.bk.down.Put(k, v)
+}
+
+func putJSON(b *bolt.Bucket, key string, v any) error {
+	j, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return b.Put([]byte(key), j)
+}
+
+func u64(v uint64) []byte { return binary.BigEndian.AppendUint64(make([]byte, 0, 12), v) }
+
+func getU64(b []byte) uint64 {
+	if len(b) != 8 {
+		return 0
+	}
+	return binary.BigEndian.Uint64(b)
+}
+
+// Snapshot captures the state as of the last applied entry. raft calls it on
+// the apply goroutine, so the read transaction opened here is consistent
+// with AppliedIndex; Persist streams it while applies continue.
+func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	tx, err := f.db.Begin(false)
+	if err != nil {
+		return nil, fmt.Errorf("fsm: snapshot: %w", err)
+	}
+	return &snapshot{tx: tx}, nil
+}
+
+type snapshot struct {
+	once sync.Once
+	tx   *bolt.Tx
+}
+
+func (s *snapshot) Persist(sink raft.SnapshotSink) error {
+	defer s.Release()
+	if _, err := s.tx.WriteTo(sink); err != nil {
+		_ = sink.Cancel()
+		return fmt.Errorf("fsm: write snapshot: %w", err)
+	}
+	return sink.Close()
+}
+
+func (s *snapshot) Release() { s.once.Do(func() { _ = s.tx.Rollback() }) }
+
+// Restore replaces the state with a snapshot: the stream goes to a side
+// file, which is synced, verified by opening it, and renamed over the live
+// file, so a crash at any point leaves either the old or the new state.
+func (f *FSM) Restore(rc io.ReadCloser) error {
+	defer rc.Close()
+	tmp := f.path + ".restore"
+	if err := writeFileSync(tmp, rc); err != nil {
+		return err
+	}
+	probe, err := openDB(tmp)
+	if err != nil {
+		return fmt.Errorf("fsm: restore: received snapshot unusable: %w", err)
+	}
+	if err := probe.Close(); err != nil {
+		return fmt.Errorf("fsm: restore: %w", err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.db.Close(); err != nil {
+		return fmt.Errorf("fsm: restore: close old state: %w", err)
+	}
+	if err := os.Rename(tmp, f.path); err != nil {
+		return fmt.Errorf("fsm: restore: swap state: %w", err)
+	}
+	db, err := openDB(f.path)
+	if err != nil {
+		return fmt.Errorf("fsm: restore: reopen: %w", err)
+	}
+	f.db = db
+	if err := f.loadMeta(); err != nil {
+		return err
+	}
+	f.log.Info("state restored from snapshot", "applied_index", f.applied.Load())
+	if f.hooks.OnRestore != nil {
+		f.hooks.OnRestore()
+	}
+	f.notify()
+	return nil
+}
+
+func writeFileSync(path string, r io.Reader) error {
+	out, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return fmt.Errorf("fsm: restore: %w", err)
+	}
+	if _, err := io.Copy(out, r); err != nil {
+		_ = out.Close()
+		return fmt.Errorf("fsm: restore: receive snapshot: %w", err)
+	}
+	if err := out.Sync(); err != nil {
+		_ = out.Close()
+		return fmt.Errorf("fsm: restore: %w", err)
+	}
+	return out.Close()
+}
+
+// view runs fn in a read transaction on the current state file.
+func (f *FSM) view(fn func(tx *bolt.Tx) error) error {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.db.View(fn)
+}

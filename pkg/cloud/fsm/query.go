@@ -1,0 +1,322 @@
+package fsm
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/outpost-edge/outpost/pkg/shadow"
+	"github.com/outpost-edge/outpost/pkg/wire"
+)
+
+// GetDevice returns a device's merged record.
+func (f *FSM) GetDevice(id string) (*Device, error) {
+	var d Device
+	err := f.view(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bktDevices).Get([]byte(id))
+		if v == nil {
+			return fmt.Errorf("device %q: %w", id, ErrNotFound)
+		}
+		return json.Unmarshal(v, &d)
+	})
+	if err != nil {
+		return nil, err
+	}
+	if d.Reported == nil {
+		d.Reported = shadow.Doc{}
+	}
+	if d.Desired == nil {
+		d.Desired = shadow.Doc{}
+	}
+	return &d, nil
+}
+
+// StoredReading is a reading as the consumer API returns it.
+type StoredReading struct {
+	TS      int64              `json:"ts"`
+	Edge    string             `json:"edge"`
+	ID      string             `json:"id,omitempty"`
+	Metrics map[string]float64 `json:"metrics"`
+}
+
+// ReadingsQuery selects a device's readings in time order.
+type ReadingsQuery struct {
+	Device string
+	FromMs int64 // inclusive; 0 = unbounded
+	ToMs   int64 // exclusive; 0 = unbounded
+	Metric string
+	Limit  int
+	Cursor string // opaque, from a previous page
+}
+
+// Readings returns one page of readings and the cursor of the next page
+// ("" when there is none). The cursor is the last key served, so pages stay
+// correct while new readings arrive — never an offset.
+func (f *FSM) Readings(q ReadingsQuery) ([]StoredReading, string, error) {
+	prefix := append([]byte(q.Device), 0)
+	seek := readingKey(nil, q.Device, q.FromMs, "", "")
+	if q.FromMs == 0 {
+		seek = prefix
+	}
+	var after []byte
+	if q.Cursor != "" {
+		k, err := base64.RawURLEncoding.DecodeString(q.Cursor)
+		if err != nil || !bytes.HasPrefix(k, prefix) {
+			return nil, "", fmt.Errorf("%w: readings cursor does not belong to device %q", ErrBadCursor, q.Device)
+		}
+		after = k
+		if bytes.Compare(k, seek) > 0 {
+			seek = k
+		}
+	}
+	var items []StoredReading
+	next := ""
+	err := f.view(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bktReadings).Cursor()
+		for k, v := c.Seek(seek); k != nil && bytes.HasPrefix(k, prefix); k, v = c.Next() {
+			if after != nil && bytes.Equal(k, after) {
+				continue
+			}
+			rest := k[len(prefix):]
+			if len(rest) < 9 {
+				continue
+			}
+			ts := int64(binary.BigEndian.Uint64(rest[:8]) ^ (1 << 63))
+			if q.ToMs != 0 && ts >= q.ToMs {
+				break
+			}
+			if len(items) == q.Limit {
+				next = "more" // replaced by the last served key below
+				break
+			}
+			m, err := DecodeMetrics(v)
+			if err != nil {
+				return err
+			}
+			if q.Metric != "" {
+				val, ok := m[q.Metric]
+				if !ok {
+					continue
+				}
+				m = map[string]float64{q.Metric: val}
+			}
+			edge, id, _ := strings.Cut(string(rest[8:]), "\x00")
+			items = append(items, StoredReading{TS: ts, Edge: edge, ID: id, Metrics: m})
+			after = append(after[:0], k...) // remember the last served key
+		}
+		return nil
+	})
+	if next != "" {
+		next = base64.RawURLEncoding.EncodeToString(after)
+	}
+	return items, next, err
+}
+
+// EdgeSeq is the highest sequence committed for an edge.
+func (f *FSM) EdgeSeq(edge string) uint64 {
+	var s uint64
+	_ = f.view(func(tx *bolt.Tx) error {
+		s = getU64(tx.Bucket(bktSeq).Get([]byte(edge)))
+		return nil
+	})
+	return s
+}
+
+// Edges lists the edge directory, each entry with the sequence the cloud has
+// committed for it. Health is decided by the caller, which owns a clock.
+func (f *FSM) Edges() ([]wire.Edge, error) {
+	var out []wire.Edge
+	err := f.view(func(tx *bolt.Tx) error {
+		seq := tx.Bucket(bktSeq)
+		return tx.Bucket(bktEdges).ForEach(func(k, v []byte) error {
+			var r edgeRecord
+			if err := json.Unmarshal(v, &r); err != nil {
+				return err
+			}
+			out = append(out, wire.Edge{ID: r.ID, Region: r.Region, Location: r.Location, Advertise: r.Advertise,
+				Backlog: r.Backlog, LastHeartbeatMs: r.LastHeartbeatMs, AckedSeq: getU64(seq.Get(k))})
+			return nil
+		})
+	})
+	return out, err
+}
+
+// Nodes lists the cluster members' addresses.
+func (f *FSM) Nodes() (map[string]Node, error) {
+	out := map[string]Node{}
+	err := f.view(func(tx *bolt.Tx) error {
+		return tx.Bucket(bktNodes).ForEach(func(k, v []byte) error {
+			var n Node
+			if err := json.Unmarshal(v, &n); err != nil {
+				return err
+			}
+			out[n.ID] = n
+			return nil
+		})
+	})
+	return out, err
+}
+
+// GetUser returns a user's roles.
+func (f *FSM) GetUser(openid string) (*wire.User, error) {
+	var u wire.User
+	err := f.view(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bktUsers).Get([]byte(openid))
+		if v == nil {
+			return fmt.Errorf("user %q: %w", openid, ErrNotFound)
+		}
+		return json.Unmarshal(v, &u)
+	})
+	return &u, err
+}
+
+// Pull returns the cloud-side changes addressed to edge after cursor.
+func (f *FSM) Pull(edge, cursor string, limit int) (wire.PullPage, error) {
+	page := wire.PullPage{Changes: []wire.Change{}, NextCursor: cursor}
+	var seek []byte
+	if cursor != "" {
+		k, err := base64.RawURLEncoding.DecodeString(cursor)
+		if err != nil || len(k) != 12 {
+			return page, fmt.Errorf("%w: pull cursor %q", ErrBadCursor, cursor)
+		}
+		seek = k
+	}
+	err := f.view(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bktDown).Cursor()
+		var k, v []byte
+		if seek == nil {
+			k, v = c.First()
+		} else if k, v = c.Seek(seek); k != nil && bytes.Equal(k, seek) {
+			k, v = c.Next()
+		}
+		for ; k != nil; k, v = c.Next() {
+			if len(page.Changes) == limit {
+				page.More = true
+				break
+			}
+			page.NextCursor = base64.RawURLEncoding.EncodeToString(k)
+			var r downRecord
+			if err := json.Unmarshal(v, &r); err != nil {
+				return err
+			}
+			if (r.Target == edge || r.Target == "*") && r.Origin != edge {
+				page.Changes = append(page.Changes, r.Change)
+			}
+		}
+		return nil
+	})
+	return page, err
+}
+
+// ExportRecord is one merged change in the export stream.
+type ExportRecord struct {
+	Cursor   string         `json:"cursor"`
+	Index    uint64         `json:"index"`
+	Edge     string         `json:"edge,omitempty"`
+	Kind     string         `json:"kind"`
+	Device   string         `json:"device,omitempty"`
+	Readings []wire.Reading `json:"readings,omitempty"`
+	Doc      shadow.Doc     `json:"doc,omitempty"`
+	Meta     *wire.Meta     `json:"meta,omitempty"`
+	User     *wire.User     `json:"user,omitempty"`
+}
+
+// ParseExportCursor reads "INDEX.N" (resume after change N of entry INDEX);
+// "" and "0" start at the beginning.
+func ParseExportCursor(s string) (uint64, int, error) {
+	if s == "" || s == "0" {
+		return 0, -1, nil
+	}
+	i, n, ok := strings.Cut(s, ".")
+	idx, err1 := strconv.ParseUint(i, 10, 64)
+	sub := -1
+	var err2 error
+	if ok {
+		sub, err2 = strconv.Atoi(n)
+	}
+	if err1 != nil || err2 != nil || sub < -1 {
+		return 0, 0, fmt.Errorf("%w: export cursor %q (want INDEX or INDEX.N)", ErrBadCursor, s)
+	}
+	if !ok {
+		sub = 1<<31 - 1 // a bare index resumes after that whole entry
+	}
+	return idx, sub, nil
+}
+
+// Export calls emit for up to limit merged changes after cursor, in commit
+// order, and returns the cursor to resume from.
+func (f *FSM) Export(cursor string, limit int, emit func(*ExportRecord) error) (string, error) {
+	idx, sub, err := ParseExportCursor(cursor)
+	if err != nil {
+		return cursor, err
+	}
+	next := cursor
+	n := 0
+	err = f.view(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bktLog).Cursor()
+		for k, v := c.Seek(u64(idx)); k != nil && n < limit; k, v = c.Next() {
+			index := getU64(k)
+			r := reader{b: v}
+			count := int(r.uvarint())
+			for j := 0; j < count && r.err == nil; j++ {
+				origin := r.string()
+				_ = r.varint()
+				ch := r.change()
+				if r.err != nil {
+					return fmt.Errorf("export: entry %d: %w", index, r.err)
+				}
+				if index == idx && j <= sub {
+					continue
+				}
+				if n == limit {
+					return nil
+				}
+				rec := ExportRecord{Cursor: fmt.Sprintf("%d.%d", index, j), Index: index, Edge: origin, Kind: ch.Kind, Device: ch.Device}
+				if ch.Kind == wire.KindReadings {
+					rec.Readings = make([]wire.Reading, 0, len(ch.Readings))
+					for _, rr := range ch.Readings {
+						m, err := DecodeMetrics(rr.Metrics)
+						if err != nil {
+							return err
+						}
+						rec.Readings = append(rec.Readings, wire.Reading{TS: rr.TS, ID: rr.ID, Metrics: m})
+					}
+				} else if ch.Other != nil {
+					rec.Doc, rec.Meta, rec.User = ch.Other.Doc, ch.Other.Meta, ch.Other.User
+				}
+				if err := emit(&rec); err != nil {
+					return err
+				}
+				next = rec.Cursor
+				n++
+			}
+		}
+		return nil
+	})
+	return next, err
+}
+
+// DeviceIDs lists device ids after cursor (exclusive), for admin tooling.
+func (f *FSM) DeviceIDs(after string, limit int) ([]string, error) {
+	var out []string
+	err := f.view(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bktDevices).Cursor()
+		k, _ := c.Seek([]byte(after))
+		if k != nil && string(k) == after {
+			k, _ = c.Next()
+		}
+		for ; k != nil && len(out) < limit; k, _ = c.Next() {
+			out = append(out, string(k))
+		}
+		return nil
+	})
+	sort.Strings(out)
+	return out, err
+}

@@ -1,0 +1,536 @@
+package httpapi
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
+	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
+	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/shadow"
+	"github.com/outpost-edge/outpost/pkg/wire"
+)
+
+const hdrNextCursor = "X-Outpost-Next-Cursor"
+
+// --- health and cluster ---------------------------------------------------
+
+func (s *Server) ready(c *fiber.Ctx) error {
+	if _, _, ok := s.node.Leader(); !ok {
+		return &httpError{status: fiber.StatusServiceUnavailable, msg: "no raft leader known yet", retryAfter: 1}
+	}
+	return ok(c, fiber.Map{"status": "ready", "applied_index": s.fsm.AppliedIndex()})
+}
+
+func (s *Server) status(c *fiber.Ctx) error {
+	return s.read(c, func(c *fiber.Ctx) error {
+		st, err := s.node.Status()
+		if err != nil {
+			return err
+		}
+		return ok(c, st)
+	})
+}
+
+// JoinRequest is the body of POST /cluster/v1/join.
+type JoinRequest struct {
+	ID       string `json:"id"`
+	RaftAddr string `json:"raft_addr"`
+	HTTPAddr string `json:"http_addr"`
+}
+
+func (s *Server) join(c *fiber.Ctx) error {
+	var req JoinRequest
+	if err := s.decode(c, &req); err != nil {
+		return err
+	}
+	switch {
+	case !wire.ValidName(req.ID):
+		return apiError(fiber.StatusBadRequest, "id must match [A-Za-z0-9._-]{1,64}")
+	case !validHostPort(req.RaftAddr):
+		return apiError(fiber.StatusBadRequest, fmt.Sprintf("raft_addr %q must be host:port", req.RaftAddr))
+	case !validHostPort(req.HTTPAddr):
+		return apiError(fiber.StatusBadRequest, fmt.Sprintf("http_addr %q must be host:port", req.HTTPAddr))
+	}
+	return s.onLeader(c, func(c *fiber.Ctx) error {
+		ctx, cancel := context.WithTimeout(c.UserContext(), s.cfg.RequestTimeout)
+		defer cancel()
+		err := s.node.Join(ctx, req.ID, req.RaftAddr, req.HTTPAddr)
+		switch {
+		case errors.Is(err, raftnode.ErrConflict):
+			return apiError(fiber.StatusConflict, err.Error())
+		case errors.Is(err, raftnode.ErrNotLeader):
+			return err
+		case err != nil:
+			return proposeErr(err)
+		}
+		return ok(c, req)
+	})
+}
+
+func (s *Server) remove(c *fiber.Ctx) error {
+	id := c.Params("id")
+	if !wire.ValidName(id) {
+		return apiError(fiber.StatusBadRequest, "node id must match [A-Za-z0-9._-]{1,64}")
+	}
+	return s.onLeader(c, func(c *fiber.Ctx) error {
+		ctx, cancel := context.WithTimeout(c.UserContext(), s.cfg.RequestTimeout)
+		defer cancel()
+		err := s.node.Remove(ctx, id)
+		switch {
+		case errors.Is(err, raftnode.ErrNoSuchNode):
+			return apiError(fiber.StatusNotFound, fmt.Sprintf("node %q is not a cluster member", id))
+		case errors.Is(err, raftnode.ErrNotLeader):
+			return err
+		case err != nil:
+			return proposeErr(err)
+		}
+		return ok(c, fiber.Map{"removed": id})
+	})
+}
+
+func (s *Server) snapshot(c *fiber.Ctx) error {
+	if err := s.node.Snapshot(); err != nil {
+		return err
+	}
+	return ok(c, fiber.Map{"applied_index": s.fsm.AppliedIndex()})
+}
+
+// --- sync API -------------------------------------------------------------
+
+func (s *Server) push(c *fiber.Ctx) error {
+	edge := c.Locals("edge").(string)
+	return s.onLeader(c, func(c *fiber.Ctx) error {
+		if s.node.Overloaded() {
+			s.m.throttled.Inc()
+			return proposeErr(raftnode.ErrOverloaded)
+		}
+		var b wire.PushBatch
+		if err := s.decode(c, &b); err != nil {
+			return err
+		}
+		if err := b.Validate(); err != nil {
+			return invalid(err)
+		}
+		if b.Edge != edge {
+			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not push as %q", edge, b.Edge))
+		}
+		// A re-sent batch that is already committed needs no raft entry.
+		if acked := s.fsm.EdgeSeq(edge); b.LastSeq() <= acked {
+			s.m.pushes.WithLabelValues(edge, "duplicate").Inc()
+			return ok(c, wire.PushResult{AckedSeq: acked})
+		}
+		if err := s.checkStamps(edge, &b); err != nil {
+			return err
+		}
+		res, err := s.propose(c, &fsm.Command{Type: fsm.CmdPush, AtMs: s.now().UnixMilli(), Push: &b})
+		if errors.Is(err, raftnode.ErrNotLeader) {
+			return err
+		}
+		if err != nil {
+			return proposeErr(err)
+		}
+		if errors.Is(res.Err, fsm.ErrSeqGap) {
+			s.m.pushes.WithLabelValues(edge, "gap").Inc()
+			return &httpError{status: fiber.StatusConflict,
+				msg:     fmt.Sprintf("sequence gap: the cloud expects sequence %d next from edge %q, batch starts at %d", res.Expected, edge, b.FirstSeq),
+				headers: map[string]string{wire.HeaderExpectedSeq: strconv.FormatUint(res.Expected, 10)}}
+		}
+		if res.Err != nil {
+			return res.Err
+		}
+		s.m.pushes.WithLabelValues(edge, "ok").Inc()
+		return ok(c, wire.PushResult{AckedSeq: res.AckedSeq, Applied: res.Applied, Duplicates: res.Duplicates, Index: res.Index})
+	})
+}
+
+// checkStamps rejects HLC stamps beyond the drift bound and folds the rest
+// into the leader's clock, so cloud-side writes are stamped after them.
+func (s *Server) checkStamps(edge string, b *wire.PushBatch) error {
+	for i := range b.Changes {
+		for name, f := range b.Changes[i].Doc {
+			if _, err := s.clock.Update(f.Stamp); err != nil {
+				if errors.Is(err, hlc.ErrDrift) {
+					s.m.stamps.WithLabelValues(edge).Inc()
+					return apiError(fiber.StatusUnprocessableEntity, fmt.Sprintf(
+						"change %d (seq %d) device %q field %q: %v; fix the edge's clock", i, b.FirstSeq+uint64(i),
+						b.Changes[i].Device, name, err))
+				}
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (s *Server) pull(c *fiber.Ctx) error {
+	edge := c.Locals("edge").(string)
+	limit, err := intQuery(c, "limit", 500, 1, 5000)
+	if err != nil {
+		return err
+	}
+	return s.read(c, func(c *fiber.Ctx) error {
+		page, err := s.fsm.Pull(edge, c.Query("cursor"), limit)
+		if errors.Is(err, fsm.ErrBadCursor) {
+			return apiError(fiber.StatusBadRequest, "cursor is not one this API issued; start from an empty cursor")
+		}
+		if err != nil {
+			return err
+		}
+		return ok(c, page)
+	})
+}
+
+func (s *Server) heartbeat(c *fiber.Ctx) error {
+	edge := c.Locals("edge").(string)
+	return s.onLeader(c, func(c *fiber.Ctx) error {
+		var h wire.Heartbeat
+		if err := s.decode(c, &h); err != nil {
+			return err
+		}
+		if h.Edge == "" {
+			h.Edge = edge
+		}
+		if err := h.Validate(); err != nil {
+			return invalid(err)
+		}
+		if h.Edge != edge {
+			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not heartbeat as %q", edge, h.Edge))
+		}
+		now := s.now()
+		res, err := s.propose(c, &fsm.Command{Type: fsm.CmdHeartbeat, AtMs: now.UnixMilli(), Heartbeat: &h})
+		if errors.Is(err, raftnode.ErrNotLeader) {
+			return err
+		}
+		if err != nil {
+			return proposeErr(err)
+		}
+		s.m.backlog.WithLabelValues(edge).Set(float64(h.Backlog))
+		return ok(c, wire.HeartbeatResult{AckedSeq: res.AckedSeq, ServerTimeMs: now.UnixMilli()})
+	})
+}
+
+// --- consumer API ---------------------------------------------------------
+
+// DeviceView is a device as the consumer API shows it: plain state objects
+// plus their versions (the greatest HLC stamp in each).
+type DeviceView struct {
+	ID              string                     `json:"id"`
+	EdgeID          string                     `json:"edge_id"`
+	FirstSeen       int64                      `json:"first_seen"`
+	LastSeen        int64                      `json:"last_seen"`
+	Region          string                     `json:"region"`
+	Tags            []string                   `json:"tags"`
+	Owners          []string                   `json:"owners"`
+	Reported        map[string]json.RawMessage `json:"reported"`
+	Desired         map[string]json.RawMessage `json:"desired"`
+	ReportedVersion hlc.Timestamp              `json:"reported_version"`
+	DesiredVersion  hlc.Timestamp              `json:"desired_version"`
+}
+
+func view(d *fsm.Device) DeviceView {
+	nz := func(s []string) []string {
+		if s == nil {
+			return []string{}
+		}
+		return s
+	}
+	return DeviceView{ID: d.ID, EdgeID: d.EdgeID, FirstSeen: d.FirstSeen, LastSeen: d.LastSeen, Region: d.Region,
+		Tags: nz(d.Tags), Owners: nz(d.Owners), Reported: d.Reported.State(), Desired: d.Desired.State(),
+		ReportedVersion: d.Reported.Version(), DesiredVersion: d.Desired.Version()}
+}
+
+func deviceParam(c *fiber.Ctx) (string, error) {
+	id := c.Params("id")
+	if !wire.ValidName(id) {
+		return "", apiError(fiber.StatusBadRequest, "device id must match [A-Za-z0-9._-]{1,64}")
+	}
+	return id, nil
+}
+
+func (s *Server) getDevice(c *fiber.Ctx) error {
+	id, err := deviceParam(c)
+	if err != nil {
+		return err
+	}
+	return s.read(c, func(c *fiber.Ctx) error {
+		d, err := s.fsm.GetDevice(id)
+		if errors.Is(err, fsm.ErrNotFound) {
+			return apiError(fiber.StatusNotFound, fmt.Sprintf("device %q not found", id))
+		}
+		if err != nil {
+			return err
+		}
+		return ok(c, view(d))
+	})
+}
+
+func (s *Server) readings(c *fiber.Ctx) error {
+	id, err := deviceParam(c)
+	if err != nil {
+		return err
+	}
+	limit, err := intQuery(c, "limit", 100, 1, 1000)
+	if err != nil {
+		return err
+	}
+	from, err := timeQuery(c, "from")
+	if err != nil {
+		return err
+	}
+	to, err := timeQuery(c, "to")
+	if err != nil {
+		return err
+	}
+	return s.read(c, func(c *fiber.Ctx) error {
+		items, next, err := s.fsm.Readings(fsm.ReadingsQuery{Device: id, FromMs: from, ToMs: to,
+			Metric: c.Query("metric"), Limit: limit, Cursor: c.Query("cursor")})
+		if errors.Is(err, fsm.ErrBadCursor) {
+			return apiError(fiber.StatusBadRequest, "cursor does not belong to this device's readings; start without one")
+		}
+		if err != nil {
+			return err
+		}
+		if items == nil {
+			items = []fsm.StoredReading{}
+		}
+		return ok(c, fiber.Map{"items": items, "next_cursor": next})
+	})
+}
+
+type desiredBody struct {
+	State map[string]json.RawMessage `json:"state"`
+}
+
+func (s *Server) putDesired(c *fiber.Ctx) error {
+	id, err := deviceParam(c)
+	if err != nil {
+		return err
+	}
+	var body desiredBody
+	if err := s.decode(c, &body); err != nil {
+		return err
+	}
+	if err := shadow.ValidateState(body.State, wire.MaxStateFields); err != nil {
+		return apiError(fiber.StatusBadRequest, err.Error())
+	}
+	return s.onLeader(c, func(c *fiber.Ctx) error {
+		// Stamped here, on the leader, so Apply stays deterministic.
+		doc := shadow.Patch(body.State, s.clock.Now())
+		return s.proposeDevice(c, &fsm.Command{Type: fsm.CmdDesired, AtMs: s.now().UnixMilli(),
+			Change: &wire.Change{Kind: wire.KindDesired, Device: id, Doc: doc}})
+	})
+}
+
+func (s *Server) putMeta(c *fiber.Ctx) error {
+	id, err := deviceParam(c)
+	if err != nil {
+		return err
+	}
+	var m wire.Meta
+	if err := s.decode(c, &m); err != nil {
+		return err
+	}
+	if len(m.Region) > 64 || len(m.Owners) > 100 || len(m.Tags) > 100 {
+		return apiError(fiber.StatusBadRequest, "region at most 64 bytes, at most 100 owners and 100 tags")
+	}
+	return s.onLeader(c, func(c *fiber.Ctx) error {
+		return s.proposeDevice(c, &fsm.Command{Type: fsm.CmdMeta, AtMs: s.now().UnixMilli(),
+			Change: &wire.Change{Kind: wire.KindMeta, Device: id, Meta: &m}})
+	})
+}
+
+func (s *Server) proposeDevice(c *fiber.Ctx, cmd *fsm.Command) error {
+	res, err := s.propose(c, cmd)
+	if errors.Is(err, raftnode.ErrNotLeader) {
+		return err
+	}
+	if err != nil {
+		return proposeErr(err)
+	}
+	if res.Err != nil || res.Device == nil {
+		return fmt.Errorf("device write: %v", res.Err)
+	}
+	return ok(c, view(res.Device))
+}
+
+func (s *Server) directory() ([]wire.Edge, error) {
+	edges, err := s.fsm.Edges()
+	if err != nil {
+		return nil, err
+	}
+	cut := s.now().Add(-s.cfg.HeartbeatFresh).UnixMilli()
+	for i := range edges {
+		edges[i].Healthy = edges[i].LastHeartbeatMs >= cut
+	}
+	if edges == nil {
+		edges = []wire.Edge{}
+	}
+	return edges, nil
+}
+
+func (s *Server) edges(c *fiber.Ctx) error {
+	return s.read(c, func(c *fiber.Ctx) error {
+		edges, err := s.directory()
+		if err != nil {
+			return err
+		}
+		return ok(c, fiber.Map{"items": edges})
+	})
+}
+
+func (s *Server) nearest(c *fiber.Ctx) error {
+	lat, err1 := strconv.ParseFloat(c.Query("lat"), 64)
+	lng, err2 := strconv.ParseFloat(c.Query("lng"), 64)
+	if err1 != nil || err2 != nil || lat < -90 || lat > 90 || lng < -180 || lng > 180 {
+		return apiError(fiber.StatusBadRequest, "lat and lng are required: latitude in [-90,90], longitude in [-180,180]")
+	}
+	limit, err := intQuery(c, "limit", 5, 1, 100)
+	if err != nil {
+		return err
+	}
+	return s.read(c, func(c *fiber.Ctx) error {
+		all, err := s.directory()
+		if err != nil {
+			return err
+		}
+		here := wire.Location{Lat: lat, Lng: lng}
+		out := []wire.Edge{}
+		for _, e := range all {
+			if !e.Healthy || e.Location == nil {
+				continue
+			}
+			d := wire.DistanceKm(here, *e.Location)
+			e.DistanceKm = &d
+			out = append(out, e)
+		}
+		sort.SliceStable(out, func(i, j int) bool { return *out[i].DistanceKm < *out[j].DistanceKm })
+		if len(out) > limit {
+			out = out[:limit]
+		}
+		return ok(c, fiber.Map{"items": out})
+	})
+}
+
+var errExportFull = errors.New("export page full")
+
+func (s *Server) export(c *fiber.Ctx) error {
+	limit, err := intQuery(c, "limit", 1000, 1, 10000)
+	if err != nil {
+		return err
+	}
+	since := c.Query("since")
+	if _, _, err := fsm.ParseExportCursor(since); err != nil {
+		return apiError(fiber.StatusBadRequest, fmt.Sprintf("since %q is not an export cursor (INDEX or INDEX.N from a previous export)", since))
+	}
+	return s.read(c, func(c *fiber.Ctx) error {
+		var buf bytes.Buffer
+		enc := json.NewEncoder(&buf)
+		next, err := s.fsm.Export(since, limit, func(r *fsm.ExportRecord) error {
+			if buf.Len() > 16<<20 {
+				return errExportFull // bound the page's memory; the cursor resumes
+			}
+			return enc.Encode(r)
+		})
+		if err != nil && !errors.Is(err, errExportFull) {
+			return err
+		}
+		c.Set(fiber.HeaderContentType, "application/x-ndjson")
+		c.Set(hdrNextCursor, next)
+		return c.Status(fiber.StatusOK).Send(buf.Bytes())
+	})
+}
+
+func (s *Server) getUser(c *fiber.Ctx) error {
+	openid := c.Params("openid")
+	return s.read(c, func(c *fiber.Ctx) error {
+		u, err := s.fsm.GetUser(openid)
+		if errors.Is(err, fsm.ErrNotFound) {
+			return apiError(fiber.StatusNotFound, fmt.Sprintf("user %q not found", openid))
+		}
+		if err != nil {
+			return err
+		}
+		return ok(c, u)
+	})
+}
+
+func (s *Server) putUser(c *fiber.Ctx) error {
+	openid := c.Params("openid")
+	if openid == "" || len(openid) > 128 {
+		return apiError(fiber.StatusBadRequest, "openid must be 1 to 128 bytes")
+	}
+	var u wire.User
+	if err := s.decode(c, &u); err != nil {
+		return err
+	}
+	u.OpenID = openid
+	for _, r := range u.Roles {
+		if r != "admin" && r != "operator" && r != "viewer" {
+			return apiError(fiber.StatusBadRequest, fmt.Sprintf("role %q unknown (admin, operator, viewer)", r))
+		}
+	}
+	if u.Roles == nil {
+		u.Roles = []string{}
+	}
+	return s.onLeader(c, func(c *fiber.Ctx) error {
+		_, err := s.propose(c, &fsm.Command{Type: fsm.CmdUserPut, AtMs: s.now().UnixMilli(), User: &u})
+		if errors.Is(err, raftnode.ErrNotLeader) {
+			return err
+		}
+		if err != nil {
+			return proposeErr(err)
+		}
+		return ok(c, u)
+	})
+}
+
+// --- query helpers --------------------------------------------------------
+
+func intQuery(c *fiber.Ctx, name string, def, min, max int) (int, error) {
+	v := c.Query(name)
+	if v == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < min || n > max {
+		return 0, apiError(fiber.StatusBadRequest, fmt.Sprintf("%s must be an integer from %d to %d", name, min, max))
+	}
+	return n, nil
+}
+
+// timeQuery accepts Unix milliseconds or RFC 3339.
+func timeQuery(c *fiber.Ctx, name string) (int64, error) {
+	v := c.Query(name)
+	if v == "" {
+		return 0, nil
+	}
+	if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+		return n, nil
+	}
+	t, err := time.Parse(time.RFC3339Nano, v)
+	if err != nil {
+		return 0, apiError(fiber.StatusBadRequest, fmt.Sprintf("%s must be Unix milliseconds or RFC 3339", name))
+	}
+	return t.UnixMilli(), nil
+}
+
+func validHostPort(s string) bool {
+	if len(s) == 0 || len(s) > 256 {
+		return false
+	}
+	i := bytes.LastIndexByte([]byte(s), ':')
+	if i <= 0 || i == len(s)-1 {
+		return false
+	}
+	p, err := strconv.Atoi(s[i+1:])
+	return err == nil && p > 0 && p < 65536
+}

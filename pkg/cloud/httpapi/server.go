@@ -1,0 +1,493 @@
+// Package httpapi is cloud-sync's HTTP surface (Fiber): the edge-facing sync
+// API, the consumer API, cluster membership, and health and metrics. Any node
+// takes any request: writes run on the leader, and a follower forwards them
+// there itself (never refusing or redirecting the client); reads are served
+// from the local replica unless the caller asks for consistency=strong.
+//
+// Handlers hold no storage logic: they authenticate, validate, stamp and
+// propose commands through raftnode, and read through the fsm package.
+package httpapi
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/gofiber/fiber/v2/middleware/adaptor"
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/outpost-edge/outpost/pkg/cloud/auth"
+	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
+	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
+	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/wire"
+)
+
+// Headers used between nodes.
+const (
+	hdrForwarded = "X-Outpost-Forwarded" // set on a request a follower forwards
+	hdrRetry     = "X-Outpost-Retry"     // "1": the answering node could not decide; try the leader again
+)
+
+// Config configures the HTTP layer.
+type Config struct {
+	NodeID string
+	// HeartbeatFresh is how recent an edge's heartbeat must be for the
+	// directory to call it healthy (default 90s).
+	HeartbeatFresh time.Duration
+	// ForwardTimeout bounds how long a node keeps trying to reach a leader
+	// for a write (default 5s).
+	ForwardTimeout time.Duration
+	// RequestTimeout bounds one proposal (default 10s).
+	RequestTimeout time.Duration
+}
+
+// Server serves one node's HTTP API.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	node    *raftnode.Node
+	fsm     *fsm.FSM
+	clock   *hlc.Clock
+	authn   auth.Authenticator
+	cluster bool // cluster endpoints require the API token
+	app     *fiber.App
+	client  *http.Client
+	zdec    *zstd.Decoder
+	now     func() time.Time
+	m       *httpMetrics
+}
+
+// New builds the server; Listen serves it.
+func New(cfg Config, node *raftnode.Node, f *fsm.FSM, clock *hlc.Clock, authn auth.Authenticator,
+	clusterNeedsToken bool, log *slog.Logger, reg *prometheus.Registry) (*Server, error) {
+	if cfg.HeartbeatFresh == 0 {
+		cfg.HeartbeatFresh = 90 * time.Second
+	}
+	if cfg.ForwardTimeout == 0 {
+		cfg.ForwardTimeout = 5 * time.Second
+	}
+	if cfg.RequestTimeout == 0 {
+		cfg.RequestTimeout = 10 * time.Second
+	}
+	zdec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(wire.MaxBodyBytes))
+	if err != nil {
+		return nil, fmt.Errorf("zstd decoder: %w", err)
+	}
+	s := &Server{
+		cfg: cfg, log: log, node: node, fsm: f, clock: clock, authn: authn, cluster: clusterNeedsToken,
+		zdec: zdec, now: time.Now,
+		client: &http.Client{Transport: &http.Transport{
+			MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second, DisableCompression: true,
+		}},
+		m: newHTTPMetrics(reg),
+	}
+	s.app = fiber.New(fiber.Config{
+		DisableStartupMessage: true,
+		BodyLimit:             wire.MaxBodyBytes,
+		ReadTimeout:           30 * time.Second,
+		WriteTimeout:          30 * time.Second,
+		IdleTimeout:           120 * time.Second,
+		ErrorHandler:          s.errorHandler,
+	})
+	s.routes(reg)
+	return s, nil
+}
+
+// Listen serves on ln's address until Shutdown.
+func (s *Server) Listen(addr string) error { return s.app.Listen(addr) }
+
+// App exposes the Fiber app (for Listener-based serving in main).
+func (s *Server) App() *fiber.App { return s.app }
+
+// Shutdown stops accepting requests and waits for in-flight ones.
+func (s *Server) Shutdown(ctx context.Context) error {
+	err := s.app.ShutdownWithContext(ctx)
+	s.zdec.Close()
+	s.client.CloseIdleConnections()
+	return err
+}
+
+func (s *Server) routes(reg *prometheus.Registry) {
+	a := s.app
+	a.Get("/healthz", func(c *fiber.Ctx) error { return ok(c, fiber.Map{"status": "alive"}) })
+	a.Get("/readyz", s.ready)
+	a.Get("/metrics", adaptor.HTTPHandler(promhttp.HandlerFor(reg, promhttp.HandlerOpts{})))
+
+	cl := a.Group("/cluster/v1")
+	cl.Get("/status", s.status)
+	cl.Post("/join", s.requireCluster, s.join)
+	cl.Delete("/nodes/:id", s.requireCluster, s.remove)
+	cl.Post("/snapshot", s.requireCluster, s.snapshot)
+
+	sy := a.Group("/sync/v1", s.requireEdge)
+	sy.Post("/push", s.push)
+	sy.Get("/pull", s.pull)
+	sy.Post("/heartbeat", s.heartbeat)
+
+	api := a.Group("/api/v1", s.requireService)
+	api.Get("/devices/:id", s.getDevice)
+	api.Get("/devices/:id/readings", s.readings)
+	api.Put("/devices/:id/desired", s.putDesired)
+	api.Put("/devices/:id/meta", s.putMeta)
+	api.Get("/edges", s.edges)
+	api.Get("/edges/nearest", s.nearest)
+	api.Get("/export", s.export)
+	api.Get("/users/:openid", s.getUser)
+	api.Put("/users/:openid", s.putUser)
+
+	a.Use(func(c *fiber.Ctx) error {
+		return apiError(fiber.StatusNotFound, fmt.Sprintf("no route for %s %s", c.Method(), c.Path()))
+	})
+}
+
+// --- envelope and errors -------------------------------------------------
+
+type envelope struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+	Data    any    `json:"data"`
+}
+
+func ok(c *fiber.Ctx, data any) error {
+	return c.Status(fiber.StatusOK).JSON(envelope{Code: 0, Message: "ok", Data: data})
+}
+
+// httpError is an error with a status and a client-facing message.
+type httpError struct {
+	status     int
+	msg        string
+	retryAfter int
+	headers    map[string]string
+}
+
+func (e *httpError) Error() string { return e.msg }
+
+func apiError(status int, msg string) error { return &httpError{status: status, msg: msg} }
+
+func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
+	var he *httpError
+	var fe *fiber.Error
+	switch {
+	case errors.As(err, &he):
+	case errors.As(err, &fe):
+		he = &httpError{status: fe.Code, msg: fe.Message}
+		if fe.Code == fiber.StatusRequestEntityTooLarge {
+			he.msg = fmt.Sprintf("request body larger than %d bytes", wire.MaxBodyBytes)
+		}
+	default:
+		// Internal detail stays in the log, never in the body.
+		s.log.Error("request failed", "method", c.Method(), "path", c.Path(), "err", err)
+		he = &httpError{status: fiber.StatusInternalServerError, msg: "internal error; see the server log"}
+	}
+	if he.retryAfter > 0 {
+		c.Set(wire.HeaderRetryAfter, strconv.Itoa(he.retryAfter))
+	}
+	for k, v := range he.headers {
+		c.Set(k, v)
+	}
+	return c.Status(he.status).JSON(envelope{Code: he.status, Message: he.msg, Data: nil})
+}
+
+// proposeErr turns a raftnode error into an HTTP answer.
+func proposeErr(err error) error {
+	switch {
+	case errors.Is(err, raftnode.ErrOverloaded):
+		return &httpError{status: fiber.StatusTooManyRequests, msg: "cloud is busy applying earlier writes; retry after the Retry-After delay", retryAfter: 1}
+	case errors.Is(err, raftnode.ErrUnknownOutcome), errors.Is(err, raftnode.ErrNotLeader), errors.Is(err, raftnode.ErrStopped),
+		errors.Is(err, context.DeadlineExceeded):
+		return &httpError{status: fiber.StatusServiceUnavailable,
+			msg:        "leadership changed before the write committed; it may or may not have applied — retry (writes are idempotent)",
+			retryAfter: 1, headers: map[string]string{hdrRetry: "1"}}
+	}
+	return err
+}
+
+// --- authentication -------------------------------------------------------
+
+func (s *Server) principal(c *fiber.Ctx) (auth.Principal, error) {
+	tok := auth.BearerToken(c.Get(fiber.HeaderAuthorization))
+	if tok == "" {
+		return auth.Principal{}, apiError(fiber.StatusUnauthorized, "missing Authorization: Bearer <token> header")
+	}
+	p, err := s.authn.Authenticate(c.UserContext(), tok)
+	if errors.Is(err, auth.ErrUnauthenticated) {
+		return p, apiError(fiber.StatusUnauthorized, "unknown token")
+	}
+	return p, err
+}
+
+func (s *Server) requireEdge(c *fiber.Ctx) error {
+	p, err := s.principal(c)
+	if err != nil {
+		return err
+	}
+	if p.Kind != auth.KindEdge {
+		return apiError(fiber.StatusForbidden, "the sync API takes an edge token (-edge-token)")
+	}
+	c.Locals("edge", p.Edge)
+	return c.Next()
+}
+
+func (s *Server) requireService(c *fiber.Ctx) error {
+	p, err := s.principal(c)
+	if err != nil {
+		return err
+	}
+	if p.Kind != auth.KindService {
+		// User tokens come with the identity issue; until then only the
+		// service token reaches the consumer API.
+		return apiError(fiber.StatusForbidden, "the consumer API takes the API token (-api-token)")
+	}
+	return c.Next()
+}
+
+func (s *Server) requireCluster(c *fiber.Ctx) error {
+	if !s.cluster {
+		return c.Next()
+	}
+	return s.requireService(c)
+}
+
+// --- leader routing -------------------------------------------------------
+
+// onLeader runs local on the leader; on a follower it forwards the request
+// to the leader and relays the answer, retrying across leader changes until
+// ForwardTimeout.
+func (s *Server) onLeader(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
+	deadline := time.Now().Add(s.cfg.ForwardTimeout)
+	forwarded := c.Get(hdrForwarded) != ""
+	for {
+		if s.node.IsLeader() {
+			err := local(c)
+			if !errors.Is(err, raftnode.ErrNotLeader) {
+				return err
+			}
+		} else if forwarded {
+			// One hop only: the forwarder picks the next leader itself.
+			return &httpError{status: fiber.StatusServiceUnavailable, msg: "this node is not the leader",
+				retryAfter: 1, headers: map[string]string{hdrRetry: "1"}}
+		} else if id, addr, known := s.node.Leader(); known && id != s.cfg.NodeID {
+			done, err := s.proxy(c, addr)
+			if done {
+				return err
+			}
+		}
+		if time.Now().After(deadline) {
+			return &httpError{status: fiber.StatusServiceUnavailable,
+				msg: "no raft leader is reachable right now (election in progress or quorum lost); retry shortly", retryAfter: 1}
+		}
+		select {
+		case <-time.After(25 * time.Millisecond):
+		case <-c.Context().Done():
+			return apiError(fiber.StatusServiceUnavailable, "request cancelled")
+		}
+	}
+}
+
+// proxy relays c to the node at addr. done is false when the leader could
+// not be reached or answered that it is no longer leader.
+func (s *Server) proxy(c *fiber.Ctx, addr string) (done bool, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.RequestTimeout+2*time.Second)
+	defer cancel()
+	url := "http://" + addr + string(c.Request().URI().RequestURI())
+	req, err := http.NewRequestWithContext(ctx, c.Method(), url, bytes.NewReader(c.Request().Body()))
+	if err != nil {
+		return true, err
+	}
+	for _, h := range []string{fiber.HeaderAuthorization, fiber.HeaderContentType, fiber.HeaderContentEncoding, fiber.HeaderAccept} {
+		if v := c.Get(h); v != "" {
+			req.Header.Set(h, v)
+		}
+	}
+	req.Header.Set(hdrForwarded, s.cfg.NodeID)
+	resp, err := s.client.Do(req)
+	if err != nil {
+		s.m.forwarded.WithLabelValues("unreachable").Inc()
+		return false, nil
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 256<<20))
+	if err != nil {
+		s.m.forwarded.WithLabelValues("unreachable").Inc()
+		return false, nil
+	}
+	if resp.StatusCode == fiber.StatusServiceUnavailable && resp.Header.Get(hdrRetry) != "" {
+		s.m.forwarded.WithLabelValues("retry").Inc()
+		return false, nil
+	}
+	s.m.forwarded.WithLabelValues("ok").Inc()
+	for _, h := range []string{fiber.HeaderContentType, wire.HeaderRetryAfter, wire.HeaderExpectedSeq, hdrNextCursor} {
+		if v := resp.Header.Get(h); v != "" {
+			c.Set(h, v)
+		}
+	}
+	return true, c.Status(resp.StatusCode).Send(body)
+}
+
+// read serves a read locally, or leader-confirmed with consistency=strong.
+func (s *Server) read(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
+	switch c.Query("consistency") {
+	case "", "local", "weak":
+		return local(c)
+	case "strong":
+		return s.onLeader(c, func(c *fiber.Ctx) error {
+			ctx, cancel := context.WithTimeout(c.UserContext(), s.cfg.RequestTimeout)
+			defer cancel()
+			if err := s.node.Barrier(ctx); err != nil {
+				if errors.Is(err, raftnode.ErrNotLeader) {
+					return err
+				}
+				return proposeErr(err)
+			}
+			return local(c)
+		})
+	}
+	return apiError(fiber.StatusBadRequest, "consistency must be strong or local")
+}
+
+func (s *Server) propose(c *fiber.Ctx, cmd *fsm.Command) (fsm.Result, error) {
+	ctx, cancel := context.WithTimeout(c.UserContext(), s.cfg.RequestTimeout)
+	defer cancel()
+	return s.node.Propose(ctx, cmd)
+}
+
+// --- bodies ---------------------------------------------------------------
+
+// body returns the request body decompressed per Content-Encoding, capped
+// at wire.MaxBodyBytes.
+func (s *Server) body(c *fiber.Ctx) ([]byte, error) {
+	raw := c.Request().Body()
+	switch enc := strings.ToLower(strings.TrimSpace(c.Get(fiber.HeaderContentEncoding))); enc {
+	case "", "identity":
+		return raw, nil
+	case wire.EncodingZstd:
+		out, err := s.zdec.DecodeAll(raw, nil)
+		if err != nil {
+			return nil, apiError(fiber.StatusBadRequest, "body is not valid zstd (or decompresses beyond the size limit)")
+		}
+		return out, nil
+	case wire.EncodingGzip:
+		zr, err := gzip.NewReader(bytes.NewReader(raw))
+		if err != nil {
+			return nil, apiError(fiber.StatusBadRequest, "body is not valid gzip")
+		}
+		out, err := io.ReadAll(io.LimitReader(zr, wire.MaxBodyBytes+1))
+		if err != nil {
+			return nil, apiError(fiber.StatusBadRequest, "body is not valid gzip")
+		}
+		if len(out) > wire.MaxBodyBytes {
+			return nil, apiError(fiber.StatusRequestEntityTooLarge, fmt.Sprintf("decompressed body larger than %d bytes", wire.MaxBodyBytes))
+		}
+		return out, nil
+	default:
+		return nil, apiError(fiber.StatusUnsupportedMediaType, fmt.Sprintf("Content-Encoding %q not supported (use zstd, gzip or none)", enc))
+	}
+}
+
+func (s *Server) decode(c *fiber.Ctx, v any) error {
+	b, err := s.body(c)
+	if err != nil {
+		return err
+	}
+	if len(bytes.TrimSpace(b)) == 0 {
+		return apiError(fiber.StatusBadRequest, "request body is empty; a JSON object is required")
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return apiError(fiber.StatusBadRequest, "malformed JSON body: "+jsonErrText(err))
+	}
+	if dec.More() {
+		return apiError(fiber.StatusBadRequest, "malformed JSON body: trailing data after the object")
+	}
+	return nil
+}
+
+func jsonErrText(err error) string {
+	var se *json.SyntaxError
+	var te *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &se):
+		return fmt.Sprintf("syntax error at byte %d: %s", se.Offset, se.Error())
+	case errors.As(err, &te):
+		return fmt.Sprintf("field %q must be %s, got %s", te.Field, te.Type, te.Value)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return "unexpected end of input"
+	}
+	return err.Error()
+}
+
+func invalid(err error) error {
+	if errors.Is(err, wire.ErrInvalid) {
+		return apiError(fiber.StatusBadRequest, strings.Replace(err.Error(), wire.ErrInvalid.Error()+": ", "", 1))
+	}
+	return err
+}
+
+type httpMetrics struct {
+	forwarded *prometheus.CounterVec
+	throttled prometheus.Counter
+	pushes    *prometheus.CounterVec
+	stamps    *prometheus.CounterVec
+	backlog   *prometheus.GaugeVec
+}
+
+func newHTTPMetrics(reg prometheus.Registerer) *httpMetrics {
+	m := &httpMetrics{
+		forwarded: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_forwarded_total",
+			Help: "Requests this node forwarded to the leader, by outcome."}, []string{"outcome"}),
+		throttled: prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_cloud_push_throttled_total",
+			Help: "Sync pushes answered 429 by admission control."}),
+		pushes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_push_total",
+			Help: "Sync pushes handled on the leader, by edge and result."}, []string{"edge", "result"}),
+		stamps: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_rejected_stamps_total",
+			Help: "HLC stamps rejected for exceeding the maximum clock drift, by edge."}, []string{"edge"}),
+		backlog: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "outpost_cloud_edge_backlog",
+			Help: "Outbox backlog each edge last reported in a heartbeat."}, []string{"edge"}),
+	}
+	reg.MustRegister(m.forwarded, m.throttled, m.pushes, m.stamps, m.backlog)
+	return m
+}
+
+// FSMMetrics are the state machine's metrics; they exist before the FSM
+// does, so main builds them first and passes Hooks() to fsm.Open.
+type FSMMetrics struct {
+	restores prometheus.Counter
+	readings *prometheus.CounterVec
+}
+
+// NewFSMMetrics registers the state machine's metrics.
+func NewFSMMetrics(reg prometheus.Registerer) *FSMMetrics {
+	m := &FSMMetrics{
+		restores: prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_cloud_snapshot_restores_total",
+			Help: "Snapshots installed into this node's state."}),
+		readings: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_readings_applied_total",
+			Help: "Readings applied to this node's state, by result (new or duplicate)."}, []string{"result"}),
+	}
+	reg.MustRegister(m.restores, m.readings)
+	return m
+}
+
+// Hooks adapts the metrics to fsm.Hooks.
+func (m *FSMMetrics) Hooks() fsm.Hooks {
+	return fsm.Hooks{
+		OnRestore: m.restores.Inc,
+		OnReadings: func(added, dups int) {
+			m.readings.WithLabelValues("new").Add(float64(added))
+			m.readings.WithLabelValues("duplicate").Add(float64(dups))
+		},
+	}
+}

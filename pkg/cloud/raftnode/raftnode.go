@@ -1,0 +1,722 @@
+// Package raftnode runs one member of the cloud's raft cluster: it wires
+// hashicorp/raft (TCP transport, raft-boltdb log and stable stores, file
+// snapshots) to the state machine, group-commits concurrent proposals into
+// single log entries, applies admission control, and manages membership.
+//
+// Timeouts are tuned for a LAN (see Config defaults): a follower notices a
+// dead leader within 300–600 ms and an election takes a few round trips, so
+// failover lands well under a second, while a leader that loses its quorum
+// steps down within the lease timeout and can no longer acknowledge writes.
+package raftnode
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
+	"github.com/outpost-edge/outpost/pkg/hlc"
+)
+
+// Sentinel errors callers branch on.
+var (
+	// ErrNotLeader: this node cannot propose; forward to the leader.
+	ErrNotLeader = errors.New("not the raft leader")
+	// ErrUnknownOutcome: leadership was lost while the entry was in flight;
+	// it may or may not commit. Callers retry idempotent writes.
+	ErrUnknownOutcome = errors.New("leadership lost before commit; outcome unknown")
+	// ErrOverloaded: the apply queue is full; try again later.
+	ErrOverloaded = errors.New("apply queue full")
+	// ErrConflict: a join names an id or address already used differently.
+	ErrConflict = errors.New("membership conflict")
+	// ErrNoSuchNode: a remove names a node that is not a member.
+	ErrNoSuchNode = errors.New("no such node")
+	// ErrStopped: the node is shutting down.
+	ErrStopped = errors.New("raft node stopped")
+)
+
+// Config configures a node. Zero durations take the LAN defaults.
+type Config struct {
+	ID            string
+	RaftBind      string
+	RaftAdvertise string
+	HTTPAdvertise string
+	DataDir       string
+	Bootstrap     bool
+
+	HeartbeatTimeout   time.Duration // default 300ms
+	ElectionTimeout    time.Duration // default 300ms
+	LeaderLeaseTimeout time.Duration // default 250ms
+	CommitTimeout      time.Duration // default 20ms
+	SnapshotInterval   time.Duration // default 60s
+	SnapshotThreshold  uint64        // default 8192 entries
+	TrailingLogs       uint64        // default 10240 entries
+
+	// MaxEntryBytes caps a group-committed log entry (default 1 MiB).
+	MaxEntryBytes int
+	// MaxPendingBytes caps proposals queued or in flight before
+	// Overloaded reports true (default 32 MiB).
+	MaxPendingBytes int64
+	// DialOverrides maps a peer's server id to the address this node dials
+	// instead of the one in the raft configuration (split-horizon networks,
+	// NAT, and the partition tests' per-link proxies).
+	DialOverrides map[string]string
+	// RaftLogLevel is hashicorp/raft's log level (default "warn").
+	RaftLogLevel string
+}
+
+func (c *Config) defaults() {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	def(&c.HeartbeatTimeout, 300*time.Millisecond)
+	def(&c.ElectionTimeout, 300*time.Millisecond)
+	def(&c.LeaderLeaseTimeout, 250*time.Millisecond)
+	def(&c.CommitTimeout, 20*time.Millisecond)
+	def(&c.SnapshotInterval, 60*time.Second)
+	if c.SnapshotThreshold == 0 {
+		c.SnapshotThreshold = 8192
+	}
+	if c.TrailingLogs == 0 {
+		c.TrailingLogs = 10240
+	}
+	if c.MaxEntryBytes == 0 {
+		c.MaxEntryBytes = 1 << 20
+	}
+	if c.MaxPendingBytes == 0 {
+		c.MaxPendingBytes = 32 << 20
+	}
+	if c.RaftLogLevel == "" {
+		c.RaftLogLevel = "warn"
+	}
+}
+
+// Node is a running cluster member.
+type Node struct {
+	cfg       Config
+	log       *slog.Logger
+	raft      *raft.Raft
+	fsm       *fsm.FSM
+	clock     *hlc.Clock
+	transport *raft.NetworkTransport
+	logStore  *raftboltdb.BoltStore
+	metrics   *metrics
+
+	proposals chan *proposal
+	inflight  chan inflight
+	pending   atomic.Int64
+
+	observer *raft.Observer
+	obsCh    chan raft.Observation
+	hbMu     sync.Mutex
+	failing  map[raft.ServerID]bool
+
+	stopOnce sync.Once
+	stop     chan struct{}
+	wg       sync.WaitGroup
+}
+
+type proposal struct {
+	cmd   []byte
+	start time.Time
+	done  chan outcome
+}
+
+type outcome struct {
+	res fsm.Result
+	err error
+}
+
+type inflight struct {
+	f     raft.ApplyFuture
+	props []*proposal
+	bytes int64
+}
+
+// New opens the stores, starts raft and, with Bootstrap on a fresh data
+// directory, bootstraps a one-node cluster. Call Run to start proposing.
+func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometheus.Registerer) (*Node, error) {
+	cfg.defaults()
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("raft data dir: %w", err)
+	}
+	hl := hclog.New(&hclog.LoggerOptions{Name: "raft", Level: hclog.LevelFromString(cfg.RaftLogLevel), Output: os.Stderr})
+
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(cfg.ID)
+	rc.HeartbeatTimeout = cfg.HeartbeatTimeout
+	rc.ElectionTimeout = cfg.ElectionTimeout
+	rc.LeaderLeaseTimeout = cfg.LeaderLeaseTimeout
+	rc.CommitTimeout = cfg.CommitTimeout
+	rc.SnapshotInterval = cfg.SnapshotInterval
+	rc.SnapshotThreshold = cfg.SnapshotThreshold
+	rc.TrailingLogs = cfg.TrailingLogs
+	rc.MaxAppendEntries = 32 // entries are group commits of up to MaxEntryBytes
+	// The state lives in bbolt with its applied index, so there is nothing to
+	// restore on start; New restores explicitly only if the state file is
+	// behind the newest snapshot (e.g. lost after a power failure).
+	rc.NoSnapshotRestoreOnStart = true
+	rc.Logger = hl
+	if err := raft.ValidateConfig(rc); err != nil {
+		return nil, fmt.Errorf("raft config: %w", err)
+	}
+
+	logStore, err := raftboltdb.New(raftboltdb.Options{
+		Path:        filepath.Join(cfg.DataDir, "raft.db"),
+		BoltOptions: &bolt.Options{Timeout: 2 * time.Second, FreelistType: bolt.FreelistMapType, NoFreelistSync: true},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open raft log %s: %w (is another process using this data dir?)", cfg.DataDir, err)
+	}
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.DataDir, 2, hl)
+	if err != nil {
+		_ = logStore.Close()
+		return nil, fmt.Errorf("snapshot store: %w", err)
+	}
+	if err := catchUpFromSnapshot(f, snaps, log); err != nil {
+		_ = logStore.Close()
+		return nil, err
+	}
+
+	adv, err := net.ResolveTCPAddr("tcp", cfg.RaftAdvertise)
+	if err != nil {
+		_ = logStore.Close()
+		return nil, fmt.Errorf("raft advertise address %q: %w", cfg.RaftAdvertise, err)
+	}
+	tc := &raft.NetworkTransportConfig{MaxPool: 4, Timeout: 10 * time.Second, Logger: hl}
+	if len(cfg.DialOverrides) > 0 {
+		tc.ServerAddressProvider = dialOverrides(cfg.DialOverrides)
+	}
+	transport, err := raft.NewTCPTransportWithConfig(cfg.RaftBind, adv, tc)
+	if err != nil {
+		_ = logStore.Close()
+		return nil, fmt.Errorf("raft listen on %s: %w", cfg.RaftBind, err)
+	}
+
+	n := &Node{
+		cfg: cfg, log: log, fsm: f, clock: clock, transport: transport, logStore: logStore,
+		proposals: make(chan *proposal, 4096),
+		inflight:  make(chan inflight, 16),
+		failing:   map[raft.ServerID]bool{},
+		stop:      make(chan struct{}),
+		obsCh:     make(chan raft.Observation, 64),
+	}
+	existing, err := raft.HasExistingState(logStore, logStore, snaps)
+	if err != nil {
+		n.closeStores()
+		return nil, fmt.Errorf("inspect raft state: %w", err)
+	}
+	r, err := raft.NewRaft(rc, f, logStore, logStore, snaps, transport)
+	if err != nil {
+		n.closeStores()
+		return nil, fmt.Errorf("start raft: %w", err)
+	}
+	n.raft = r
+	if cfg.Bootstrap && !existing {
+		bf := r.BootstrapCluster(raft.Configuration{Servers: []raft.Server{{
+			Suffrage: raft.Voter, ID: rc.LocalID, Address: transport.LocalAddr(),
+		}}})
+		if err := bf.Error(); err != nil && !errors.Is(err, raft.ErrCantBootstrap) {
+			_ = r.Shutdown().Error()
+			n.closeStores()
+			return nil, fmt.Errorf("bootstrap: %w", err)
+		}
+	}
+	n.observer = raft.NewObserver(n.obsCh, false, func(o *raft.Observation) bool {
+		switch o.Data.(type) {
+		case raft.FailedHeartbeatObservation, raft.ResumedHeartbeatObservation, raft.LeaderObservation:
+			return true
+		}
+		return false
+	})
+	r.RegisterObserver(n.observer)
+	n.metrics = newMetrics(n, reg)
+	return n, nil
+}
+
+type dialOverrides map[string]string
+
+func (d dialOverrides) ServerAddr(id raft.ServerID) (raft.ServerAddress, error) {
+	if a, ok := d[string(id)]; ok {
+		return raft.ServerAddress(a), nil
+	}
+	return "", fmt.Errorf("no dial override for %s", id)
+}
+
+// catchUpFromSnapshot restores the newest snapshot into the state machine if
+// the state file is behind it, because raft replays only the log after the
+// snapshot and would otherwise leave a gap.
+func catchUpFromSnapshot(f *fsm.FSM, snaps *raft.FileSnapshotStore, log *slog.Logger) error {
+	list, err := snaps.List()
+	if err != nil {
+		return fmt.Errorf("list snapshots: %w", err)
+	}
+	if len(list) == 0 || list[0].Index <= f.AppliedIndex() {
+		return nil
+	}
+	log.Warn("state behind newest snapshot; restoring", "applied", f.AppliedIndex(), "snapshot", list[0].Index)
+	_, rc, err := snaps.Open(list[0].ID)
+	if err != nil {
+		return fmt.Errorf("open snapshot %s: %w", list[0].ID, err)
+	}
+	if err := f.Restore(rc); err != nil {
+		return fmt.Errorf("restore snapshot %s: %w", list[0].ID, err)
+	}
+	return nil
+}
+
+func (n *Node) closeStores() {
+	_ = n.transport.Close()
+	_ = n.logStore.Close()
+}
+
+// Run runs the proposer and the leadership watcher until ctx ends.
+func (n *Node) Run(ctx context.Context) {
+	n.wg.Add(3)
+	go func() { defer n.wg.Done(); n.batchLoop() }()
+	go func() { defer n.wg.Done(); n.completeLoop() }()
+	go func() { defer n.wg.Done(); n.watchLoop() }()
+	select {
+	case <-ctx.Done():
+	case <-n.stop:
+	}
+}
+
+// Shutdown stops raft and closes the stores. Safe to call more than once.
+func (n *Node) Shutdown() error {
+	var err error
+	n.stopOnce.Do(func() {
+		close(n.stop)
+		n.raft.DeregisterObserver(n.observer)
+		err = n.raft.Shutdown().Error()
+		n.wg.Wait()
+		if e := n.transport.Close(); e != nil && err == nil {
+			err = e
+		}
+		if e := n.logStore.Close(); e != nil && err == nil {
+			err = e
+		}
+	})
+	return err
+}
+
+// IsLeader reports whether this node is the leader.
+func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
+
+// Leader returns the leader's id and HTTP address as this node knows them.
+func (n *Node) Leader() (id, httpAddr string, ok bool) {
+	_, lid := n.raft.LeaderWithID()
+	if lid == "" {
+		return "", "", false
+	}
+	if string(lid) == n.cfg.ID {
+		return n.cfg.ID, n.cfg.HTTPAdvertise, true
+	}
+	nodes, err := n.fsm.Nodes()
+	if err != nil {
+		return string(lid), "", false
+	}
+	nd, found := nodes[string(lid)]
+	return string(lid), nd.HTTPAddr, found && nd.HTTPAddr != ""
+}
+
+// Overloaded reports whether proposals queued or in flight exceed the
+// admission limit; the sync API answers 429 instead of queueing more.
+func (n *Node) Overloaded() bool { return n.pending.Load() >= n.cfg.MaxPendingBytes }
+
+// PendingBytes is the size of proposals queued or in flight.
+func (n *Node) PendingBytes() int64 { return n.pending.Load() }
+
+// Propose replicates one command and returns its result once applied on
+// this node. Concurrent proposals are committed together.
+func (n *Node) Propose(ctx context.Context, c *fsm.Command) (fsm.Result, error) {
+	if !n.IsLeader() {
+		return fsm.Result{}, ErrNotLeader
+	}
+	b, err := fsm.EncodeCommand(c)
+	if err != nil {
+		return fsm.Result{}, err
+	}
+	p := &proposal{cmd: b, start: time.Now(), done: make(chan outcome, 1)}
+	n.pending.Add(int64(len(b)))
+	select {
+	case n.proposals <- p:
+	case <-ctx.Done():
+		n.pending.Add(-int64(len(b)))
+		return fsm.Result{}, ctx.Err()
+	case <-n.stop:
+		n.pending.Add(-int64(len(b)))
+		return fsm.Result{}, ErrStopped
+	}
+	select {
+	case o := <-p.done:
+		return o.res, o.err
+	case <-ctx.Done():
+		// The entry may still commit; idempotent callers retry safely.
+		return fsm.Result{}, fmt.Errorf("%w: %w", ErrUnknownOutcome, ctx.Err())
+	case <-n.stop:
+		return fsm.Result{}, ErrStopped
+	}
+}
+
+// batchLoop is the group commit: it takes every proposal waiting at the
+// moment raft can accept another entry and packs them into that entry. Under
+// load entries grow; when idle a lone proposal goes out at once.
+func (n *Node) batchLoop() {
+	for {
+		var first *proposal
+		select {
+		case first = <-n.proposals:
+		case <-n.stop:
+			return
+		}
+		props := []*proposal{first}
+		size := len(first.cmd)
+	drain:
+		for size < n.cfg.MaxEntryBytes {
+			select {
+			case p := <-n.proposals:
+				props = append(props, p)
+				size += len(p.cmd)
+			default:
+				break drain
+			}
+		}
+		cmds := make([][]byte, len(props))
+		for i, p := range props {
+			cmds[i] = p.cmd
+		}
+		f := n.raft.Apply(fsm.EncodeEntry(cmds), 0)
+		n.metrics.entryCommands.Observe(float64(len(props)))
+		n.metrics.entryBytes.Observe(float64(size))
+		select {
+		case n.inflight <- inflight{f: f, props: props, bytes: int64(size)}:
+		case <-n.stop:
+			return
+		}
+	}
+}
+
+// completeLoop hands each committed entry's results to its proposers.
+// Futures complete in log order, so waiting on them in order costs nothing.
+func (n *Node) completeLoop() {
+	for {
+		var it inflight
+		select {
+		case it = <-n.inflight:
+		case <-n.stop:
+			return
+		}
+		err := it.f.Error()
+		var results []fsm.Result
+		if err == nil {
+			results, _ = it.f.Response().([]fsm.Result)
+		}
+		now := time.Now()
+		for i, p := range it.props {
+			o := outcome{err: mapApplyErr(err)}
+			if err == nil {
+				if i < len(results) {
+					o.res = results[i]
+				} else {
+					o.err = fmt.Errorf("raft entry %d: no result for command %d", it.f.Index(), i)
+				}
+			}
+			n.metrics.applySeconds.Observe(now.Sub(p.start).Seconds())
+			p.done <- o
+		}
+		n.pending.Add(-it.bytes)
+	}
+}
+
+func mapApplyErr(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipTransferInProgress):
+		return ErrNotLeader
+	case errors.Is(err, raft.ErrLeadershipLost):
+		return ErrUnknownOutcome
+	case errors.Is(err, raft.ErrRaftShutdown):
+		return ErrStopped
+	}
+	return fmt.Errorf("raft apply: %w", err)
+}
+
+// watchLoop reacts to leadership changes and tracks which followers the
+// leader cannot reach, for the status endpoint.
+func (n *Node) watchLoop() {
+	for {
+		select {
+		case <-n.stop:
+			return
+		case o := <-n.obsCh:
+			switch d := o.Data.(type) {
+			case raft.FailedHeartbeatObservation:
+				n.hbMu.Lock()
+				n.failing[d.PeerID] = true
+				n.hbMu.Unlock()
+			case raft.ResumedHeartbeatObservation:
+				n.hbMu.Lock()
+				delete(n.failing, d.PeerID)
+				n.hbMu.Unlock()
+			case raft.LeaderObservation:
+				n.hbMu.Lock()
+				clear(n.failing)
+				n.hbMu.Unlock()
+				if string(d.LeaderID) == n.cfg.ID {
+					n.wg.Add(1)
+					go func() { defer n.wg.Done(); n.onLeader() }()
+				}
+			}
+		}
+	}
+}
+
+// onLeader runs when this node wins an election: it raises the HLC past
+// every stamp in the state (so its stamps win over older writes, whatever
+// its wall clock says) and makes sure its own addresses are in the state.
+func (n *Node) onLeader() {
+	n.clock.Restore(n.fsm.MaxStamp())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	go func() {
+		select {
+		case <-n.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	// The state may lag the log right after election; a barrier applies
+	// everything committed before reading it.
+	if err := n.raft.Barrier(5 * time.Second).Error(); err != nil {
+		return
+	}
+	n.clock.Restore(n.fsm.MaxStamp())
+	nodes, err := n.fsm.Nodes()
+	if err != nil {
+		return
+	}
+	self := fsm.Node{ID: n.cfg.ID, RaftAddr: n.cfg.RaftAdvertise, HTTPAddr: n.cfg.HTTPAdvertise}
+	if nodes[n.cfg.ID] == self {
+		return
+	}
+	if _, err := n.Propose(ctx, &fsm.Command{Type: fsm.CmdNodeUpsert, AtMs: time.Now().UnixMilli(), Node: &self}); err != nil {
+		n.log.Warn("record own addresses", "err", err)
+	}
+}
+
+// Barrier waits until this leader has applied everything committed before
+// the call: a leader-confirmed point for strong reads.
+func (n *Node) Barrier(ctx context.Context) error {
+	if !n.IsLeader() {
+		return ErrNotLeader
+	}
+	timeout := 5 * time.Second
+	if dl, ok := ctx.Deadline(); ok {
+		timeout = time.Until(dl)
+	}
+	return mapApplyErr(n.raft.Barrier(timeout).Error())
+}
+
+// Snapshot asks raft to take a snapshot now.
+func (n *Node) Snapshot() error {
+	if err := n.raft.Snapshot().Error(); err != nil && !errors.Is(err, raft.ErrNothingNewToSnapshot) {
+		return fmt.Errorf("snapshot: %w", err)
+	}
+	return nil
+}
+
+// Join adds a voter (leader only) and records its addresses. Repeating a
+// join with the same id and addresses is a no-op success.
+func (n *Node) Join(ctx context.Context, id, raftAddr, httpAddr string) error {
+	if !n.IsLeader() {
+		return ErrNotLeader
+	}
+	cf := n.raft.GetConfiguration()
+	if err := cf.Error(); err != nil {
+		return mapApplyErr(err)
+	}
+	member := false
+	for _, s := range cf.Configuration().Servers {
+		switch {
+		case s.ID == raft.ServerID(id) && s.Address == raft.ServerAddress(raftAddr):
+			member = true
+		case s.ID == raft.ServerID(id):
+			return fmt.Errorf("%w: node %q is already a member at raft address %s; remove it first", ErrConflict, id, s.Address)
+		case s.Address == raft.ServerAddress(raftAddr):
+			return fmt.Errorf("%w: raft address %s already belongs to node %q", ErrConflict, raftAddr, s.ID)
+		}
+	}
+	if !member {
+		if err := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, 10*time.Second).Error(); err != nil {
+			return mapApplyErr(err)
+		}
+		n.log.Info("node joined", "node", id, "raft", raftAddr, "http", httpAddr)
+	}
+	_, err := n.Propose(ctx, &fsm.Command{Type: fsm.CmdNodeUpsert, AtMs: time.Now().UnixMilli(),
+		Node: &fsm.Node{ID: id, RaftAddr: raftAddr, HTTPAddr: httpAddr}})
+	return err
+}
+
+// Remove removes a member (leader only).
+func (n *Node) Remove(ctx context.Context, id string) error {
+	if !n.IsLeader() {
+		return ErrNotLeader
+	}
+	cf := n.raft.GetConfiguration()
+	if err := cf.Error(); err != nil {
+		return mapApplyErr(err)
+	}
+	found := false
+	for _, s := range cf.Configuration().Servers {
+		found = found || s.ID == raft.ServerID(id)
+	}
+	if !found {
+		return fmt.Errorf("%w: %q", ErrNoSuchNode, id)
+	}
+	// Forget the addresses first, while this node is surely still leader
+	// (removing itself makes it step down).
+	if _, err := n.Propose(ctx, &fsm.Command{Type: fsm.CmdNodeRemove, AtMs: time.Now().UnixMilli(), NodeID: id}); err != nil {
+		return err
+	}
+	if err := n.raft.RemoveServer(raft.ServerID(id), 0, 10*time.Second).Error(); err != nil {
+		return mapApplyErr(err)
+	}
+	n.log.Info("node removed", "node", id)
+	return nil
+}
+
+// NodeStatus is one member in Status.
+type NodeStatus struct {
+	ID       string `json:"id"`
+	RaftAddr string `json:"raft_addr"`
+	HTTPAddr string `json:"http_addr"`
+	Suffrage string `json:"suffrage"`
+	// State is "leader", "follower", "unreachable" (the leader's heartbeats
+	// to it are failing; only known when asking the leader) or this node's
+	// own raft state.
+	State string `json:"state"`
+}
+
+// Status is the cluster as this node sees it.
+type Status struct {
+	ID           string       `json:"id"`
+	Leader       string       `json:"leader"`
+	Term         uint64       `json:"term"`
+	AppliedIndex uint64       `json:"applied_index"`
+	CommitIndex  uint64       `json:"commit_index"`
+	State        string       `json:"state"`
+	Nodes        []NodeStatus `json:"nodes"`
+}
+
+// Status reports leader, term, indexes and members.
+func (n *Node) Status() (Status, error) {
+	_, lid := n.raft.LeaderWithID()
+	st := Status{
+		ID: n.cfg.ID, Leader: string(lid), Term: n.raft.CurrentTerm(),
+		AppliedIndex: n.fsm.AppliedIndex(), CommitIndex: n.raft.CommitIndex(),
+		State: stateName(n.raft.State()), Nodes: []NodeStatus{},
+	}
+	cf := n.raft.GetConfiguration()
+	if err := cf.Error(); err != nil {
+		return st, fmt.Errorf("raft configuration: %w", err)
+	}
+	addrs, err := n.fsm.Nodes()
+	if err != nil {
+		return st, err
+	}
+	leader := n.IsLeader()
+	n.hbMu.Lock()
+	defer n.hbMu.Unlock()
+	for _, s := range cf.Configuration().Servers {
+		ns := NodeStatus{ID: string(s.ID), RaftAddr: string(s.Address), HTTPAddr: addrs[string(s.ID)].HTTPAddr,
+			Suffrage: s.Suffrage.String(), State: "follower"}
+		switch {
+		case s.ID == lid:
+			ns.State = "leader"
+		case string(s.ID) == n.cfg.ID:
+			ns.State = st.State
+		case leader && n.failing[s.ID]:
+			ns.State = "unreachable"
+		}
+		if s.Suffrage == raft.Nonvoter {
+			ns.Suffrage = "nonvoter"
+		} else if s.Suffrage == raft.Voter {
+			ns.Suffrage = "voter"
+		}
+		st.Nodes = append(st.Nodes, ns)
+	}
+	return st, nil
+}
+
+func stateName(s raft.RaftState) string {
+	switch s {
+	case raft.Leader:
+		return "leader"
+	case raft.Follower:
+		return "follower"
+	case raft.Candidate:
+		return "candidate"
+	}
+	return "shutdown"
+}
+
+type metrics struct {
+	applySeconds  prometheus.Histogram
+	entryCommands prometheus.Histogram
+	entryBytes    prometheus.Histogram
+}
+
+func newMetrics(n *Node, reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		applySeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "outpost_cloud_apply_seconds", Help: "Time from proposal to applied result on the leader.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
+		entryCommands: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "outpost_cloud_raft_entry_commands", Help: "Commands group-committed per raft entry.",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 12)}),
+		entryBytes: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "outpost_cloud_raft_entry_bytes", Help: "Size of group-committed raft entries.",
+			Buckets: prometheus.ExponentialBuckets(256, 4, 9)}),
+	}
+	if reg == nil {
+		return m
+	}
+	reg.MustRegister(m.applySeconds, m.entryCommands, m.entryBytes,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_raft_state",
+			Help: "Raft state: 0 follower, 1 candidate, 2 leader, 3 shutdown."},
+			func() float64 { return float64(n.raft.State()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_raft_leader", Help: "1 if this node is the leader."},
+			func() float64 {
+				if n.IsLeader() {
+					return 1
+				}
+				return 0
+			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_raft_term", Help: "Current raft term."},
+			func() float64 { return float64(n.raft.CurrentTerm()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_raft_commit_index", Help: "Raft commit index."},
+			func() float64 { return float64(n.raft.CommitIndex()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_raft_applied_index", Help: "Last raft index applied to the state."},
+			func() float64 { return float64(n.fsm.AppliedIndex()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_cloud_pending_bytes", Help: "Proposals queued or in flight (admission control input)."},
+			func() float64 { return float64(n.pending.Load()) }),
+	)
+	return m
+}

@@ -1,0 +1,333 @@
+// Package wire defines the edge↔cloud sync protocol spoken on /sync/v1/: the
+// JSON shapes of push batches, pull pages and heartbeats, their validation,
+// and the HTTP conventions (paths, headers, content encodings) both sides
+// rely on. It is pure — it imports only hlc, shadow and the standard library —
+// so the edge's syncer and the cloud's handlers share one definition and
+// neither depends on the other's internals.
+//
+// Protocol in brief:
+//
+//   - Every change an edge makes is numbered by its outbox sequence. A push
+//     carries a contiguous run of changes starting at FirstSeq. The cloud
+//     applies each sequence number exactly once: a re-sent batch (or the
+//     already-applied prefix of an overlapping one) is acknowledged without
+//     effect, and a batch that starts beyond the next expected number is
+//     refused with 409 and the expected number in the message and in the
+//     X-Outpost-Expected-Seq header, so the edge can rewind its cursor.
+//   - Bodies may be compressed (Content-Encoding: zstd or gzip); zstd is what
+//     the Go client sends.
+//   - Pull returns cloud-side changes for the edge (desired state written in
+//     the cloud, users and roles) after an opaque cursor, and the cursor to
+//     resume from. Re-pulling from an old cursor is always safe because every
+//     change is a last-writer-wins shadow delta.
+//   - Heartbeat publishes the edge's place in the directory and returns the
+//     cloud's acknowledged sequence for the edge, which is where a restarted
+//     syncer resumes.
+package wire
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+
+	"github.com/outpost-edge/outpost/pkg/shadow"
+)
+
+// HTTP paths of the sync API, relative to a cloud node's base URL.
+const (
+	PathPush      = "/sync/v1/push"
+	PathPull      = "/sync/v1/pull"
+	PathHeartbeat = "/sync/v1/heartbeat"
+)
+
+// Headers with protocol meaning.
+const (
+	// HeaderExpectedSeq carries, on a 409 push response, the sequence number
+	// the cloud expects next from this edge.
+	HeaderExpectedSeq = "X-Outpost-Expected-Seq"
+	// HeaderRetryAfter is the standard Retry-After (seconds) sent with 429
+	// and 503.
+	HeaderRetryAfter = "Retry-After"
+)
+
+// Content encodings accepted on request bodies.
+const (
+	EncodingZstd = "zstd"
+	EncodingGzip = "gzip"
+)
+
+// Limits the cloud enforces; an edge's syncer should cut batches below them.
+const (
+	MaxBatchChanges  = 10000
+	MaxReadingsTotal = 50000
+	MaxBodyBytes     = 64 << 20 // decompressed
+	MaxStateFields   = 256
+	MaxMetrics       = 256
+)
+
+// Change kinds.
+const (
+	KindReadings = "readings"
+	KindReported = "reported"
+	KindDesired  = "desired"
+	KindMeta     = "meta"
+	KindUser     = "user" // cloud → edge only
+)
+
+// Reading is one telemetry sample as it travels on the wire: Unix
+// milliseconds, an optional message id (the dedup key when present) and
+// numeric metrics.
+type Reading struct {
+	TS      int64              `json:"ts"`
+	ID      string             `json:"id,omitempty"`
+	Metrics map[string]float64 `json:"metrics"`
+}
+
+// Meta is a device's placement and ownership, set by an admin.
+type Meta struct {
+	Owners []string `json:"owners,omitempty"`
+	Region string   `json:"region,omitempty"`
+	Tags   []string `json:"tags,omitempty"`
+}
+
+// User is a user's roles and regions, distributed from the cloud to edges.
+type User struct {
+	OpenID  string   `json:"openid"`
+	Roles   []string `json:"roles"`
+	Regions []string `json:"regions,omitempty"`
+}
+
+// Change is one entry of an edge's outbox (or of a pull page). Exactly one
+// payload field matching Kind is set.
+type Change struct {
+	Kind     string     `json:"kind"`
+	Device   string     `json:"device,omitempty"`
+	Readings []Reading  `json:"readings,omitempty"`
+	Doc      shadow.Doc `json:"doc,omitempty"` // reported or desired delta
+	Meta     *Meta      `json:"meta,omitempty"`
+	User     *User      `json:"user,omitempty"`
+}
+
+// PushBatch is the body of POST /sync/v1/push: changes numbered FirstSeq,
+// FirstSeq+1, … in order.
+type PushBatch struct {
+	Edge     string   `json:"edge"`
+	FirstSeq uint64   `json:"first_seq"`
+	Changes  []Change `json:"changes"`
+}
+
+// LastSeq is the sequence number of the batch's last change.
+func (b *PushBatch) LastSeq() uint64 { return b.FirstSeq + uint64(len(b.Changes)) - 1 }
+
+// PushResult is the data of a successful push.
+type PushResult struct {
+	// AckedSeq is the highest sequence of this edge the cloud has committed;
+	// the edge may truncate its outbox up to it.
+	AckedSeq uint64 `json:"acked_seq"`
+	// Applied counts changes of this batch applied now (not already seen).
+	Applied int `json:"applied"`
+	// Duplicates counts readings dropped because the cloud already had them.
+	Duplicates int `json:"duplicates"`
+	// Index is the raft index that committed the batch.
+	Index uint64 `json:"index"`
+}
+
+// PullPage is the data of GET /sync/v1/pull?cursor=&limit=.
+type PullPage struct {
+	Changes    []Change `json:"changes"`
+	NextCursor string   `json:"next_cursor"`
+	More       bool     `json:"more"`
+}
+
+// Location is a WGS-84 position in degrees.
+type Location struct {
+	Lat float64 `json:"lat"`
+	Lng float64 `json:"lng"`
+}
+
+// Heartbeat is the body of POST /sync/v1/heartbeat.
+type Heartbeat struct {
+	Edge      string    `json:"edge"`
+	Region    string    `json:"region,omitempty"`
+	Location  *Location `json:"location,omitempty"`
+	Advertise string    `json:"advertise,omitempty"`
+	Backlog   uint64    `json:"backlog"`
+}
+
+// HeartbeatResult is the data of a heartbeat response.
+type HeartbeatResult struct {
+	// AckedSeq is the cloud's committed sequence for the edge: where a
+	// restarted syncer resumes pushing.
+	AckedSeq uint64 `json:"acked_seq"`
+	// ServerTimeMs lets the edge see its clock offset from the cloud's.
+	ServerTimeMs int64 `json:"server_time_ms"`
+}
+
+// Edge is an entry of the edge directory.
+type Edge struct {
+	ID              string    `json:"id"`
+	Region          string    `json:"region,omitempty"`
+	Location        *Location `json:"location,omitempty"`
+	Advertise       string    `json:"advertise,omitempty"`
+	Backlog         uint64    `json:"backlog"`
+	LastHeartbeatMs int64     `json:"last_heartbeat_ms"`
+	AckedSeq        uint64    `json:"acked_seq"`
+	Healthy         bool      `json:"healthy"`
+	DistanceKm      *float64  `json:"distance_km,omitempty"`
+}
+
+// Envelope is the body of every response.
+type Envelope struct {
+	Code    int             `json:"code"`
+	Message string          `json:"message"`
+	Data    json.RawMessage `json:"data"`
+}
+
+// ErrInvalid marks a request that fails validation; the cloud answers 400.
+var ErrInvalid = errors.New("invalid")
+
+func invalid(format string, a ...any) error {
+	return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, a...))
+}
+
+// ValidName reports whether s is a valid device or edge id:
+// [A-Za-z0-9._-]{1,64}.
+func ValidName(s string) bool {
+	if len(s) == 0 || len(s) > 64 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '.', c == '_', c == '-':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// Validate checks a push batch's shape; it does not check stamps against a
+// clock (the cloud does that with hlc.Clock).
+func (b *PushBatch) Validate() error {
+	if !ValidName(b.Edge) {
+		return invalid("edge %q must match [A-Za-z0-9._-]{1,64}", b.Edge)
+	}
+	if b.FirstSeq == 0 {
+		return invalid("first_seq must be at least 1")
+	}
+	if len(b.Changes) == 0 {
+		return invalid("changes must not be empty")
+	}
+	if len(b.Changes) > MaxBatchChanges {
+		return invalid("batch has %d changes, at most %d allowed", len(b.Changes), MaxBatchChanges)
+	}
+	total := 0
+	for i := range b.Changes {
+		c := &b.Changes[i]
+		total += len(c.Readings)
+		if err := c.Validate(); err != nil {
+			return fmt.Errorf("change %d (seq %d): %w", i, b.FirstSeq+uint64(i), err)
+		}
+	}
+	if total > MaxReadingsTotal {
+		return invalid("batch has %d readings, at most %d allowed", total, MaxReadingsTotal)
+	}
+	return nil
+}
+
+// Validate checks one edge-originated change.
+func (c *Change) Validate() error {
+	if !ValidName(c.Device) {
+		return invalid("device %q must match [A-Za-z0-9._-]{1,64}", c.Device)
+	}
+	switch c.Kind {
+	case KindReadings:
+		if len(c.Readings) == 0 {
+			return invalid("readings change has no readings")
+		}
+		for j := range c.Readings {
+			if err := c.Readings[j].Validate(); err != nil {
+				return fmt.Errorf("reading %d: %w", j, err)
+			}
+		}
+	case KindReported, KindDesired:
+		if len(c.Doc) == 0 {
+			return invalid("%s change has an empty doc", c.Kind)
+		}
+		if len(c.Doc) > MaxStateFields {
+			return invalid("%s doc has %d fields, at most %d allowed", c.Kind, len(c.Doc), MaxStateFields)
+		}
+		for k, f := range c.Doc {
+			if k == "" || len(k) > 128 {
+				return invalid("state field name %q must be 1 to 128 bytes", k)
+			}
+			if f.Stamp.IsZero() {
+				return invalid("state field %q has no stamp", k)
+			}
+			if !f.Deleted && !json.Valid(f.Value) {
+				return invalid("state field %q is not valid JSON", k)
+			}
+		}
+	case KindMeta:
+		if c.Meta == nil {
+			return invalid("meta change has no meta")
+		}
+	default:
+		return invalid("unknown change kind %q (want readings, reported, desired or meta)", c.Kind)
+	}
+	return nil
+}
+
+// Validate checks one reading.
+func (r *Reading) Validate() error {
+	if r.TS <= 0 {
+		return invalid("ts must be positive Unix milliseconds")
+	}
+	if len(r.ID) > 128 {
+		return invalid("id longer than 128 bytes")
+	}
+	if len(r.Metrics) == 0 {
+		return invalid("metrics must not be empty")
+	}
+	if len(r.Metrics) > MaxMetrics {
+		return invalid("%d metrics, at most %d allowed", len(r.Metrics), MaxMetrics)
+	}
+	for k, v := range r.Metrics {
+		if k == "" || len(k) > 128 {
+			return invalid("metric name %q must be 1 to 128 bytes", k)
+		}
+		if math.IsNaN(v) || math.IsInf(v, 0) {
+			return invalid("metric %q is not a finite number", k)
+		}
+	}
+	return nil
+}
+
+// Validate checks a heartbeat.
+func (h *Heartbeat) Validate() error {
+	if !ValidName(h.Edge) {
+		return invalid("edge %q must match [A-Za-z0-9._-]{1,64}", h.Edge)
+	}
+	if l := h.Location; l != nil {
+		if l.Lat < -90 || l.Lat > 90 || l.Lng < -180 || l.Lng > 180 || math.IsNaN(l.Lat) || math.IsNaN(l.Lng) {
+			return invalid("location %v,%v is not a valid latitude,longitude", l.Lat, l.Lng)
+		}
+	}
+	if len(h.Region) > 64 || len(h.Advertise) > 512 {
+		return invalid("region or advertise too long")
+	}
+	return nil
+}
+
+// DistanceKm is the great-circle (haversine) distance between a and b.
+func DistanceKm(a, b Location) float64 {
+	const earthKm = 6371.0088
+	rad := math.Pi / 180
+	dLat := (b.Lat - a.Lat) * rad
+	dLng := (b.Lng - a.Lng) * rad
+	h := math.Sin(dLat/2)*math.Sin(dLat/2) +
+		math.Cos(a.Lat*rad)*math.Cos(b.Lat*rad)*math.Sin(dLng/2)*math.Sin(dLng/2)
+	return 2 * earthKm * math.Asin(math.Min(1, math.Sqrt(h)))
+}
