@@ -1,0 +1,241 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/outpost-edge/outpost/pkg/auth"
+	"github.com/outpost-edge/outpost/pkg/policy"
+	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/wechat"
+)
+
+// Locals keys.
+const (
+	localOpenID = "openid"
+	localUser   = "user"
+)
+
+// ErrLoginUnavailable means no login path is reachable: neither the cloud nor
+// WeChat. Existing sessions keep working.
+var ErrLoginUnavailable = errors.New("login unavailable")
+
+// WeChatLogin logs users in with WeChat code2session and issues local tokens.
+type WeChatLogin struct {
+	Client *wechat.Client
+	Tokens Tokens
+}
+
+// Login exchanges a mini-program code for a token pair.
+func (l WeChatLogin) Login(ctx context.Context, code string) (auth.Pair, error) {
+	sess, err := l.Client.Code2Session(ctx, code)
+	if err != nil {
+		return auth.Pair{}, err
+	}
+	return l.Tokens.Issue(ctx, sess.OpenID)
+}
+
+// decodeBody parses a JSON body strictly, so that a typo in a field name is a
+// clear 400 rather than a silently ignored field.
+func decodeBody(c *fiber.Ctx, v any) error {
+	body := c.Body()
+	if len(bytes.TrimSpace(body)) == 0 {
+		return errors.New("request body is empty; expected a JSON object")
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var se *json.SyntaxError
+		var te *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &se):
+			return fmt.Errorf("request body is not valid JSON (at byte %d)", se.Offset)
+		case errors.As(err, &te):
+			return fmt.Errorf("field %q must be %s, not %s", te.Field, jsonKind(te.Type.Kind().String()), te.Value)
+		case strings.HasPrefix(err.Error(), "json: unknown field"):
+			return fmt.Errorf("unknown field %s", strings.TrimPrefix(err.Error(), "json: unknown field "))
+		}
+		return errors.New("request body is not a valid JSON object")
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return errors.New("request body has trailing data after the JSON object")
+	}
+	return nil
+}
+
+func jsonKind(k string) string {
+	switch k {
+	case "string":
+		return "a string"
+	case "map", "struct":
+		return "an object"
+	case "slice":
+		return "an array"
+	case "bool":
+		return "true or false"
+	}
+	return "a number"
+}
+
+type loginRequest struct {
+	Code string `json:"code"`
+}
+
+func (s *Server) login(c *fiber.Ctx) error {
+	var req loginRequest
+	if err := decodeBody(c, &req); err != nil {
+		return fail(c, fiber.StatusBadRequest, err.Error())
+	}
+	if req.Code == "" || len(req.Code) > 512 {
+		return fail(c, fiber.StatusBadRequest, `"code" is required: the code from wx.login()`)
+	}
+	ctx := c.UserContext()
+	if openid, isDev := strings.CutPrefix(req.Code, "dev:"); isDev {
+		if !s.cfg.DevLogin {
+			return fail(c, fiber.StatusBadRequest, "dev login is disabled on this edge (start it with -dev-login for development)")
+		}
+		if !validOpenID(openid) {
+			return fail(c, fiber.StatusBadRequest, "dev login openid must be 1 to 128 printable characters without '/', '\\', '%' or '..'")
+		}
+		pair, err := s.deps.Tokens.Issue(ctx, openid)
+		if err != nil {
+			return err
+		}
+		return ok(c, pair)
+	}
+	if s.deps.Login == nil {
+		return fail(c, fiber.StatusServiceUnavailable, "login unavailable: this edge has neither WeChat credentials nor a cloud to log in through")
+	}
+	pair, err := s.deps.Login.Login(ctx, req.Code)
+	switch {
+	case err == nil:
+		return ok(c, pair)
+	case errors.Is(err, wechat.ErrInvalidCode):
+		return fail(c, fiber.StatusBadRequest, "invalid or expired login code: call wx.login() again")
+	case errors.Is(err, wechat.ErrRateLimited):
+		retryAfter(c, 5*time.Second)
+		return fail(c, fiber.StatusTooManyRequests, "WeChat is rate limiting logins; retry shortly")
+	case errors.Is(err, wechat.ErrBlocked):
+		return fail(c, fiber.StatusForbidden, "this WeChat user is blocked from logging in")
+	case errors.Is(err, wechat.ErrBusy):
+		retryAfter(c, 2*time.Second)
+		return fail(c, fiber.StatusServiceUnavailable, "WeChat is busy; retry shortly")
+	case errors.Is(err, wechat.ErrUnavailable), errors.Is(err, ErrLoginUnavailable):
+		retryAfter(c, 30*time.Second)
+		return fail(c, fiber.StatusServiceUnavailable, "login unavailable: neither the cloud nor WeChat can be reached; existing sessions keep working")
+	}
+	s.log.Error("login failed", "request_id", c.Locals("requestid"), "err", err)
+	return fail(c, fiber.StatusBadGateway, "login failed upstream; retry later")
+}
+
+type refreshRequest struct {
+	RefreshToken string `json:"refresh_token"`
+}
+
+func (s *Server) refresh(c *fiber.Ctx) error {
+	var req refreshRequest
+	if err := decodeBody(c, &req); err != nil {
+		return fail(c, fiber.StatusBadRequest, err.Error())
+	}
+	if req.RefreshToken == "" || len(req.RefreshToken) > 512 {
+		return fail(c, fiber.StatusBadRequest, `"refresh_token" is required`)
+	}
+	pair, err := s.deps.Tokens.Refresh(c.UserContext(), req.RefreshToken)
+	switch {
+	case err == nil:
+		return ok(c, pair)
+	case errors.Is(err, auth.ErrRefreshReused):
+		return fail(c, fiber.StatusUnauthorized, "refresh token was already used: the session is revoked, log in again")
+	case errors.Is(err, auth.ErrRefreshExpired):
+		return fail(c, fiber.StatusUnauthorized, "refresh token expired: log in again")
+	case errors.Is(err, auth.ErrRefreshRevoked):
+		return fail(c, fiber.StatusUnauthorized, "refresh token revoked: log in again")
+	case errors.Is(err, auth.ErrRefreshNotFound):
+		return fail(c, fiber.StatusUnauthorized, "unknown refresh token: log in again")
+	}
+	return err
+}
+
+// authenticate verifies the bearer token and loads the caller's roles.
+func (s *Server) authenticate(c *fiber.Ctx) error {
+	h := c.Get(fiber.HeaderAuthorization)
+	tok, found := strings.CutPrefix(h, "Bearer ")
+	if !found || tok == "" {
+		c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="outpost"`)
+		return fail(c, fiber.StatusUnauthorized, "missing access token: send Authorization: Bearer <access_token> from /api/v1/auth/login")
+	}
+	claims, err := s.deps.Tokens.Verify(tok)
+	if err != nil {
+		c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="outpost", error="invalid_token"`)
+		switch {
+		case errors.Is(err, auth.ErrTokenExpired):
+			return fail(c, fiber.StatusUnauthorized, "access token expired: refresh it with /api/v1/auth/refresh")
+		case errors.Is(err, auth.ErrUnknownKey):
+			return fail(c, fiber.StatusUnauthorized, "access token signed by a key this edge does not trust: log in again")
+		}
+		return fail(c, fiber.StatusUnauthorized, "invalid access token: log in again")
+	}
+	u := policy.User{OpenID: claims.OpenID, Roles: []string{}, Regions: []string{}}
+	rec, err := s.deps.Store.User(claims.OpenID)
+	switch {
+	case err == nil:
+		u.Roles, u.Regions = rec.Roles, rec.Regions
+	case !errors.Is(err, store.ErrNotFound):
+		return fmt.Errorf("load user %s: %w", claims.OpenID, err)
+	}
+	for _, a := range s.cfg.Admins {
+		if a == claims.OpenID {
+			u.Roles = append(append([]string(nil), u.Roles...), "admin")
+			break
+		}
+	}
+	c.Locals(localOpenID, claims.OpenID)
+	c.Locals(localUser, u)
+	return c.Next()
+}
+
+func userOf(c *fiber.Ctx) policy.User {
+	u, _ := c.Locals(localUser).(policy.User)
+	return u
+}
+
+// errDenied carries a policy denial out of authorize.
+type errDenied struct{ reason string }
+
+func (e errDenied) Error() string { return e.reason }
+
+// authorize asks the policy whether the caller may do action on res.
+func (s *Server) authorize(c *fiber.Ctx, action string, res policy.Resource) error {
+	if s.cfg.BypassPolicy {
+		return nil
+	}
+	d, err := s.deps.Policy.Decide(c.UserContext(), policy.Input{User: userOf(c), Action: action, Resource: res})
+	if err != nil {
+		return fmt.Errorf("policy decision for %s: %w", action, err)
+	}
+	if !d.Allow {
+		reason := d.Reason
+		if reason == "" {
+			reason = "not allowed by policy"
+		}
+		return errDenied{reason: reason}
+	}
+	return nil
+}
+
+// deny renders an authorize error: 403 for a denial, else the error.
+func deny(c *fiber.Ctx, err error) error {
+	var d errDenied
+	if errors.As(err, &d) {
+		return fail(c, fiber.StatusForbidden, "forbidden: "+d.reason)
+	}
+	return err
+}

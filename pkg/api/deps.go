@@ -1,0 +1,113 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/outpost-edge/outpost/pkg/auth"
+	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/policy"
+	"github.com/outpost-edge/outpost/pkg/store"
+)
+
+// Store is what the handlers read and write.
+type Store interface {
+	Device(id string) (*store.Device, error)
+	Devices(after string, fn func(*store.Device) bool) error
+	Readings(device string, q store.ReadingsQuery) (store.ReadingsPage, error)
+	Latest(device string) (store.Reading, error)
+	Stats(device, metric string, from, to, step int64) ([]store.StatsBucket, error)
+	SetDesired(id string, patch map[string]json.RawMessage) (*store.Device, error)
+	SetMeta(id string, meta store.DeviceMeta) (*store.Device, error)
+	PutUser(u store.User) error
+	User(openid string) (*store.User, error)
+	Counts() store.Counts
+	OldestUnsynced() (hlc.Timestamp, error)
+}
+
+// Tokens issues and verifies user credentials.
+type Tokens interface {
+	Issue(ctx context.Context, openid string) (auth.Pair, error)
+	Refresh(ctx context.Context, refreshToken string) (auth.Pair, error)
+	Verify(accessToken string) (auth.Claims, error)
+}
+
+// Login exchanges a mini-program login code for an openid (WeChat
+// code2session, or the cloud forwarding it). Nil when not configured.
+type Login interface {
+	Login(ctx context.Context, code string) (auth.Pair, error)
+}
+
+// Authorizer decides requests by policy.
+type Authorizer interface {
+	Decide(ctx context.Context, in policy.Input) (policy.Decision, error)
+}
+
+// Downlink publishes messages to devices.
+type Downlink interface {
+	Publish(topic string, payload []byte, retain bool, qos byte) error
+}
+
+// SyncStatus describes the cloud link for GET /api/v1/edge. Nil on a
+// standalone edge.
+type SyncStatus interface {
+	Status() CloudStatus
+}
+
+// CloudStatus is the cloud part of GET /api/v1/edge.
+type CloudStatus struct {
+	Configured bool   `json:"configured"`
+	Connected  bool   `json:"connected"`
+	LastSync   *int64 `json:"last_sync"` // Unix ms of the last successful sync, null if never
+}
+
+// EdgeInfo is one edge in a directory.
+type EdgeInfo struct {
+	EdgeID     string    `json:"edge_id"`
+	Region     string    `json:"region"`
+	Location   *Location `json:"location"`
+	URL        string    `json:"url"`
+	DistanceKM *float64  `json:"distance_km,omitempty"`
+	Healthy    bool      `json:"healthy"`
+}
+
+// Directory finds edges near a point: the cloud's directory, or offline the
+// edge's cached copy. Nil on a standalone edge.
+type Directory interface {
+	Nearest(ctx context.Context, lat, lng float64, limit int) ([]EdgeInfo, error)
+}
+
+// Deps are the parts the API is built on.
+type Deps struct {
+	Store      Store
+	Tokens     Tokens
+	Login      Login
+	Policy     Authorizer
+	Downlink   Downlink
+	Sync       SyncStatus
+	Directory  Directory
+	Ready      func() string // "" when ready, else why not
+	Registerer prometheus.Registerer
+	Gatherer   prometheus.Gatherer
+	// DataChanged is called after roles or device ownership change, so
+	// cached policy decisions are dropped.
+	DataChanged func()
+}
+
+func (d *Deps) check() error {
+	switch {
+	case d.Store == nil:
+		return errors.New("api: store is required")
+	case d.Tokens == nil:
+		return errors.New("api: token service is required")
+	case d.Policy == nil:
+		return errors.New("api: policy engine is required")
+	}
+	if d.Gatherer == nil {
+		d.Gatherer = prometheus.NewRegistry()
+	}
+	return nil
+}

@@ -1,0 +1,300 @@
+// Package api is the edge's HTTP API for mini-program clients, on Fiber: the
+// response envelope, authentication of bearer tokens, authorisation of every
+// request by policy, hardening (request ids, panic recovery, rate limits,
+// body limits, timeouts, security headers) and the device, reading and
+// state endpoints. Handlers translate between HTTP and the store; they hold
+// no storage logic.
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/gofiber/fiber/v2/middleware/recover"
+	"github.com/gofiber/fiber/v2/middleware/requestid"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/valyala/fasthttp/fasthttpadaptor"
+)
+
+// Config configures the API.
+type Config struct {
+	EdgeID    string
+	Region    string
+	Location  *Location // nil when unknown
+	Advertise string    // URL at which phones reach this edge
+	// Admins hold the admin role on this edge whatever the synced roles say.
+	Admins []string
+	// DevLogin answers login codes "dev:<openid>" locally. Development only.
+	DevLogin bool
+
+	BodyLimit    int           // bytes; default 64 KiB
+	ReadTimeout  time.Duration // default 10 s
+	WriteTimeout time.Duration // default 10 s
+	IdleTimeout  time.Duration // default 60 s
+	MaxPage      int           // largest page size; default 1000
+
+	// Rate limits in requests per second with a burst of twice that; 0
+	// disables. PerIP guards login and refresh too; PerUser applies after
+	// authentication.
+	RateLimitPerIP   float64
+	RateLimitPerUser float64
+
+	// BypassPolicy skips the policy check after authentication. It exists
+	// only for the API benchmark's baseline; never enable it in production.
+	BypassPolicy bool
+
+	Logger *slog.Logger
+}
+
+func (c *Config) defaults() {
+	if c.BodyLimit <= 0 {
+		c.BodyLimit = 64 << 10
+	}
+	if c.ReadTimeout <= 0 {
+		c.ReadTimeout = 10 * time.Second
+	}
+	if c.WriteTimeout <= 0 {
+		c.WriteTimeout = 10 * time.Second
+	}
+	if c.IdleTimeout <= 0 {
+		c.IdleTimeout = 60 * time.Second
+	}
+	if c.MaxPage <= 0 {
+		c.MaxPage = 1000
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Location is a point in degrees.
+type Location struct {
+	Lat float64 `json:"lat"`
+	Lng float64 `json:"lng"`
+}
+
+// Server is the HTTP API.
+type Server struct {
+	cfg  Config
+	deps Deps
+	app  *fiber.App
+	log  *slog.Logger
+	m    apiMetrics
+
+	ipLimit, userLimit *limiter
+}
+
+// New builds the API. Call Serve to accept connections.
+func New(cfg Config, deps Deps) (*Server, error) {
+	cfg.defaults()
+	if err := deps.check(); err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, deps: deps, log: cfg.Logger}
+	s.m = newAPIMetrics(deps.Registerer)
+	s.ipLimit = newLimiter(cfg.RateLimitPerIP)
+	s.userLimit = newLimiter(cfg.RateLimitPerUser)
+	s.app = fiber.New(fiber.Config{
+		AppName:               "outpost-edge",
+		DisableStartupMessage: true,
+		BodyLimit:             cfg.BodyLimit,
+		ReadTimeout:           cfg.ReadTimeout,
+		WriteTimeout:          cfg.WriteTimeout,
+		IdleTimeout:           cfg.IdleTimeout,
+		ErrorHandler:          s.errorHandler,
+		// Parse JSON strictly ourselves; never echo internals.
+	})
+	s.routes()
+	return s, nil
+}
+
+// App exposes the Fiber app, for tests that call app.Test.
+func (s *Server) App() *fiber.App { return s.app }
+
+// Serve accepts connections on ln until Shutdown.
+func (s *Server) Serve(ln net.Listener) error {
+	if err := s.app.Listener(ln); err != nil {
+		return fmt.Errorf("http serve: %w", err)
+	}
+	return nil
+}
+
+// Shutdown stops accepting connections and waits for in-flight requests
+// until ctx expires.
+func (s *Server) Shutdown(ctx context.Context) error {
+	if err := s.app.ShutdownWithContext(ctx); err != nil {
+		return fmt.Errorf("http shutdown: %w", err)
+	}
+	return nil
+}
+
+// Run sweeps idle rate-limit state until ctx ends.
+func (s *Server) Run(ctx context.Context) {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			s.ipLimit.sweep(5 * time.Minute)
+			s.userLimit.sweep(5 * time.Minute)
+		}
+	}
+}
+
+func (s *Server) routes() {
+	app := s.app
+	app.Use(recover.New())
+	app.Use(requestid.New(requestid.Config{ContextKey: "requestid"}))
+	app.Use(s.securityHeaders)
+	app.Use(s.accessLog)
+
+	app.Get("/healthz", s.healthz)
+	app.Get("/readyz", s.readyz)
+	metrics := fasthttpadaptor.NewFastHTTPHandler(promhttp.HandlerFor(s.deps.Gatherer, promhttp.HandlerOpts{}))
+	app.Get("/metrics", func(c *fiber.Ctx) error { metrics(c.Context()); return nil })
+
+	v1 := app.Group("/api/v1", s.limitIP)
+	v1.Post("/auth/login", s.login)
+	v1.Post("/auth/refresh", s.refresh)
+
+	authed := v1.Group("", s.authenticate, s.limitUser)
+	authed.Get("/devices", s.listDevices)
+	authed.Get("/devices/:id", s.getDevice)
+	authed.Get("/devices/:id/readings", s.readings)
+	authed.Get("/devices/:id/latest", s.latest)
+	authed.Get("/devices/:id/stats", s.stats)
+	authed.Put("/devices/:id/desired", s.putDesired)
+	authed.Put("/devices/:id/meta", s.putMeta)
+	authed.Put("/users/:openid", s.putUser)
+	authed.Get("/edge", s.edge)
+	authed.Get("/edges/nearest", s.nearest)
+
+	app.Use(func(c *fiber.Ctx) error {
+		return fail(c, fiber.StatusNotFound, "no such endpoint: "+c.Method()+" "+c.Path())
+	})
+}
+
+// envelope is every response body.
+type envelope struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+	Data    any    `json:"data"`
+}
+
+func ok(c *fiber.Ctx, data any) error {
+	return c.Status(fiber.StatusOK).JSON(envelope{Code: 0, Message: "ok", Data: data})
+}
+
+func fail(c *fiber.Ctx, status int, msg string) error {
+	return c.Status(status).JSON(envelope{Code: status, Message: msg, Data: nil})
+}
+
+// errorHandler renders errors that escape handlers: Fiber's own (404, 405,
+// 413, timeouts) with their status, anything else as a 500 whose body says
+// nothing about internals; the details go to the log with the request id.
+func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
+	var fe *fiber.Error
+	if errors.As(err, &fe) {
+		msg := fe.Message
+		switch fe.Code {
+		case fiber.StatusRequestEntityTooLarge:
+			msg = fmt.Sprintf("request body too large: at most %d bytes", s.cfg.BodyLimit)
+		case fiber.StatusInternalServerError:
+			msg = "internal error"
+		}
+		return fail(c, fe.Code, msg)
+	}
+	s.log.Error("request failed", "request_id", c.Locals("requestid"), "method", c.Method(), "path", c.Path(), "err", err)
+	return fail(c, fiber.StatusInternalServerError, "internal error; request id "+fmt.Sprint(c.Locals("requestid")))
+}
+
+func (s *Server) securityHeaders(c *fiber.Ctx) error {
+	c.Set("X-Content-Type-Options", "nosniff")
+	c.Set("X-Frame-Options", "DENY")
+	c.Set("Referrer-Policy", "no-referrer")
+	c.Set("Cache-Control", "no-store")
+	c.Set("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+	c.Set("Strict-Transport-Security", "max-age=31536000")
+	return c.Next()
+}
+
+func (s *Server) accessLog(c *fiber.Ctx) error {
+	start := time.Now()
+	err := c.Next()
+	if err != nil {
+		if herr := s.app.ErrorHandler(c, err); herr != nil {
+			c.Status(fiber.StatusInternalServerError)
+		}
+	}
+	status := c.Response().StatusCode()
+	elapsed := time.Since(start)
+	route := c.Route().Path
+	s.m.observe(route, c.Method(), status, elapsed)
+	if s.log.Enabled(c.UserContext(), slog.LevelDebug) || status >= 500 {
+		lvl := slog.LevelDebug
+		if status >= 500 {
+			lvl = slog.LevelError
+		}
+		s.log.Log(c.UserContext(), lvl, "http",
+			"request_id", c.Locals("requestid"), "method", c.Method(), "path", c.Path(),
+			"status", status, "ms", float64(elapsed.Microseconds())/1000, "ip", c.IP(),
+			"user", c.Locals(localOpenID))
+	}
+	return nil
+}
+
+func (s *Server) healthz(c *fiber.Ctx) error {
+	return ok(c, fiber.Map{"status": "ok"})
+}
+
+func (s *Server) readyz(c *fiber.Ctx) error {
+	if s.deps.Ready != nil {
+		if reason := s.deps.Ready(); reason != "" {
+			return fail(c, fiber.StatusServiceUnavailable, "degraded: "+reason)
+		}
+	}
+	return ok(c, fiber.Map{"status": "ready"})
+}
+
+func retryAfter(c *fiber.Ctx, d time.Duration) {
+	secs := int(d.Seconds() + 0.999)
+	if secs < 1 {
+		secs = 1
+	}
+	c.Set(fiber.HeaderRetryAfter, strconv.Itoa(secs))
+}
+
+type apiMetrics struct {
+	requests *prometheus.CounterVec
+	latency  *prometheus.HistogramVec
+}
+
+func newAPIMetrics(reg prometheus.Registerer) apiMetrics {
+	m := apiMetrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_http_requests_total", Help: "HTTP requests by route, method and status.",
+		}, []string{"route", "method", "status"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "outpost_http_request_seconds", Help: "HTTP request latency by route.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}, []string{"route"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.requests, m.latency)
+	}
+	return m
+}
+
+func (m apiMetrics) observe(route, method string, status int, d time.Duration) {
+	m.requests.WithLabelValues(route, method, strconv.Itoa(status)).Inc()
+	m.latency.WithLabelValues(route).Observe(d.Seconds())
+}

@@ -1,0 +1,315 @@
+// Package config reads the edge's configuration: built-in defaults, then a
+// YAML file, then command-line flags, each overriding the one before.
+package config
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Edge is the edge daemon's configuration.
+type Edge struct {
+	ID        string   `yaml:"id"`
+	DataDir   string   `yaml:"data"`
+	HTTP      string   `yaml:"http"`
+	Region    string   `yaml:"region"`
+	Location  string   `yaml:"location"` // "lat,lng"
+	Advertise string   `yaml:"advertise"`
+	Admins    []string `yaml:"admins"`
+	DevLogin  bool     `yaml:"dev_login"`
+	LogLevel  string   `yaml:"log_level"`
+
+	MQTT   MQTT   `yaml:"mqtt"`
+	Cloud  Cloud  `yaml:"cloud"`
+	Ingest Ingest `yaml:"ingest"`
+	Auth   Auth   `yaml:"auth"`
+	API    API    `yaml:"api"`
+	Policy Policy `yaml:"policy"`
+	WeChat WeChat `yaml:"wechat"`
+
+	// Set by flags only, for tests and benchmarks.
+	UnsafeNoSync          bool `yaml:"-"`
+	UnsafeAckBeforeCommit bool `yaml:"-"`
+}
+
+// MQTT configures the embedded broker or the external one.
+type MQTT struct {
+	Listen   string `yaml:"listen"`
+	Broker   string `yaml:"broker"`    // external broker URL; empty = embedded
+	ClientID string `yaml:"client_id"` // external mode; default outpost-{id}
+	Username string `yaml:"username"`
+	Password string `yaml:"password"`
+	// Devices maps device id to a bcrypt hash of its password (embedded
+	// broker). Empty means open access.
+	Devices map[string]string `yaml:"devices"`
+}
+
+// Cloud configures the link to cloud-sync.
+type Cloud struct {
+	URLs  []string `yaml:"urls"`
+	Token string   `yaml:"token"`
+}
+
+// Ingest tunes the write path.
+type Ingest struct {
+	MaxBatch       int           `yaml:"max_batch"`
+	Linger         time.Duration `yaml:"linger"`
+	QuotaMB        int64         `yaml:"quota_mb"`
+	MinFreeMB      int64         `yaml:"min_free_mb"`
+	Retention      time.Duration `yaml:"retention"`
+	MaxDeadLetters int           `yaml:"max_dead_letters"`
+}
+
+// Auth configures tokens.
+type Auth struct {
+	AccessTTL  time.Duration `yaml:"access_ttl"`
+	RefreshTTL time.Duration `yaml:"refresh_ttl"`
+}
+
+// API hardens the HTTP server.
+type API struct {
+	BodyLimitKB      int     `yaml:"body_limit_kb"`
+	RateLimitPerIP   float64 `yaml:"rate_limit_per_ip"`
+	RateLimitPerUser float64 `yaml:"rate_limit_per_user"`
+	BypassPolicy     bool    `yaml:"-"`
+}
+
+// Policy locates the Rego policies.
+type Policy struct {
+	Dir string `yaml:"dir"`
+}
+
+// WeChat holds the mini-program credentials for code2session.
+type WeChat struct {
+	AppID   string `yaml:"appid"`
+	Secret  string `yaml:"secret"`
+	APIBase string `yaml:"api_base"`
+}
+
+// DefaultEdge is the configuration with nothing set.
+func DefaultEdge() Edge {
+	return Edge{
+		ID:       hostnameOr("edge-1"),
+		DataDir:  "./data",
+		HTTP:     ":8080",
+		Region:   "default",
+		LogLevel: "info",
+		MQTT:     MQTT{Listen: ":1883"},
+		Ingest: Ingest{
+			MaxBatch: 1000, QuotaMB: 0, MinFreeMB: 256, Retention: 30 * 24 * time.Hour, MaxDeadLetters: 10000,
+		},
+		Auth:   Auth{AccessTTL: 15 * time.Minute, RefreshTTL: 30 * 24 * time.Hour},
+		API:    API{BodyLimitKB: 64, RateLimitPerIP: 200, RateLimitPerUser: 100},
+		Policy: Policy{Dir: "./policies"},
+		WeChat: WeChat{APIBase: "https://api.weixin.qq.com"},
+	}
+}
+
+func hostnameOr(def string) string {
+	h, err := os.Hostname()
+	if err != nil || h == "" {
+		return def
+	}
+	return h
+}
+
+// ErrHelp is returned when -h was given; usage has been printed.
+var ErrHelp = flag.ErrHelp
+
+// ParseEdge reads defaults, the -config file and the flags in args.
+func ParseEdge(args []string, stderr io.Writer) (Edge, error) {
+	cfg := DefaultEdge()
+	fs := flag.NewFlagSet("edge", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		configPath = fs.String("config", "", "YAML config file (see configs/edge.yaml); flags override it")
+		id         = fs.String("id", cfg.ID, "edge id, unique in the deployment")
+		data       = fs.String("data", cfg.DataDir, "data directory (bbolt files, keys)")
+		httpAddr   = fs.String("http", cfg.HTTP, "HTTP API listen address")
+		mqttListen = fs.String("mqtt-listen", cfg.MQTT.Listen, "embedded MQTT broker listen address")
+		mqttBroker = fs.String("mqtt-broker", "", "external MQTT broker URL (tcp://host:port); disables the embedded broker")
+		cloud      = fs.String("cloud", "", "cloud-sync URL(s), comma separated")
+		cloudToken = fs.String("cloud-token", "", "this edge's credential at cloud-sync")
+		region     = fs.String("region", cfg.Region, "region this edge serves")
+		location   = fs.String("location", "", "edge location as LAT,LNG in degrees")
+		advertise  = fs.String("advertise", "", "URL at which phones reach this edge's API")
+		admins     = fs.String("admin", "", "openid(s) with the admin role on this edge, comma separated")
+		devLogin   = fs.Bool("dev-login", false, `accept login code "dev:<openid>" without WeChat (development only)`)
+		logLevel   = fs.String("log-level", cfg.LogLevel, "log level: debug, info, warn, error")
+		policyDir  = fs.String("policies", cfg.Policy.Dir, "directory of Rego policies")
+		noSync     = fs.Bool("unsafe-no-fsync", false, "TESTING ONLY: disable fsync")
+		ackEarly   = fs.Bool("unsafe-ack-before-commit", false, "TESTING ONLY: acknowledge messages before they are durable (proves crash tests detect loss)")
+		bypass     = fs.Bool("unsafe-bypass-policy", false, "BENCHMARK ONLY: skip policy checks")
+	)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: edge [flags]\n\nOutpost edge gateway: embedded MQTT broker, durable ingest, HTTP API.\nFlags override the config file, which overrides built-in defaults.\n\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return cfg, err
+	}
+	if fs.NArg() > 0 {
+		return cfg, fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	if *configPath != "" {
+		if err := loadYAML(*configPath, &cfg); err != nil {
+			return cfg, err
+		}
+	}
+	var ferr error
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "id":
+			cfg.ID = *id
+		case "data":
+			cfg.DataDir = *data
+		case "http":
+			cfg.HTTP = *httpAddr
+		case "mqtt-listen":
+			cfg.MQTT.Listen = *mqttListen
+		case "mqtt-broker":
+			cfg.MQTT.Broker = *mqttBroker
+		case "cloud":
+			cfg.Cloud.URLs = splitList(*cloud)
+		case "cloud-token":
+			cfg.Cloud.Token = *cloudToken
+		case "region":
+			cfg.Region = *region
+		case "location":
+			cfg.Location = *location
+		case "advertise":
+			cfg.Advertise = *advertise
+		case "admin":
+			cfg.Admins = splitList(*admins)
+		case "dev-login":
+			cfg.DevLogin = *devLogin
+		case "log-level":
+			cfg.LogLevel = *logLevel
+		case "policies":
+			cfg.Policy.Dir = *policyDir
+		case "unsafe-no-fsync":
+			cfg.UnsafeNoSync = *noSync
+		case "unsafe-ack-before-commit":
+			cfg.UnsafeAckBeforeCommit = *ackEarly
+		case "unsafe-bypass-policy":
+			cfg.API.BypassPolicy = *bypass
+		}
+	})
+	if ferr != nil {
+		return cfg, ferr
+	}
+	return cfg, cfg.Validate()
+}
+
+func loadYAML(path string, into any) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("read config: %w", err)
+	}
+	dec := yaml.NewDecoder(strings.NewReader(string(b)))
+	dec.KnownFields(true) // a misspelt key is an error, not a silent default
+	if err := dec.Decode(into); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	return nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// ParseLocation reads "lat,lng"; ok is false when s is empty.
+func ParseLocation(s string) (lat, lng float64, ok bool, err error) {
+	if strings.TrimSpace(s) == "" {
+		return 0, 0, false, nil
+	}
+	a, b, found := strings.Cut(s, ",")
+	if !found {
+		return 0, 0, false, fmt.Errorf("location %q: want LAT,LNG", s)
+	}
+	lat, err1 := strconv.ParseFloat(strings.TrimSpace(a), 64)
+	lng, err2 := strconv.ParseFloat(strings.TrimSpace(b), 64)
+	if err1 != nil || err2 != nil || lat < -90 || lat > 90 || lng < -180 || lng > 180 {
+		return 0, 0, false, fmt.Errorf("location %q: want LAT,LNG in degrees (-90..90, -180..180)", s)
+	}
+	return lat, lng, true, nil
+}
+
+// Validate reports the first thing wrong with c, in words an operator can act on.
+func (c *Edge) Validate() error {
+	var errs []error
+	if !validName(c.ID) {
+		errs = append(errs, fmt.Errorf("id %q must match [A-Za-z0-9._-]{1,64}", c.ID))
+	}
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("data directory must be set"))
+	}
+	if c.HTTP == "" {
+		errs = append(errs, errors.New("http address must be set"))
+	}
+	if c.MQTT.Broker == "" && c.MQTT.Listen == "" {
+		errs = append(errs, errors.New("either mqtt.listen (embedded broker) or mqtt.broker (external) must be set"))
+	}
+	if c.MQTT.Broker != "" && !strings.Contains(c.MQTT.Broker, "://") {
+		errs = append(errs, fmt.Errorf("mqtt broker %q must be a URL like tcp://host:1883", c.MQTT.Broker))
+	}
+	if _, _, _, err := ParseLocation(c.Location); err != nil {
+		errs = append(errs, err)
+	}
+	for dev, hash := range c.MQTT.Devices {
+		if !validName(dev) {
+			errs = append(errs, fmt.Errorf("mqtt.devices: device id %q must match [A-Za-z0-9._-]{1,64}", dev))
+		}
+		if !strings.HasPrefix(hash, "$2") {
+			errs = append(errs, fmt.Errorf("mqtt.devices.%s: password must be a bcrypt hash (generate one with: edge hash-password)", dev))
+		}
+	}
+	if len(c.Cloud.URLs) > 0 && c.Cloud.Token == "" {
+		errs = append(errs, errors.New("cloud URLs are set but cloud token is empty"))
+	}
+	if c.Ingest.MaxBatch < 1 || c.Ingest.MaxBatch > 100000 {
+		errs = append(errs, fmt.Errorf("ingest.max_batch %d must be 1..100000", c.Ingest.MaxBatch))
+	}
+	if c.Ingest.Linger < 0 || c.Ingest.Linger > time.Second {
+		errs = append(errs, fmt.Errorf("ingest.linger %s must be 0..1s", c.Ingest.Linger))
+	}
+	if c.Ingest.Retention < 0 {
+		errs = append(errs, errors.New("ingest.retention must not be negative"))
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("log level %q must be debug, info, warn or error", c.LogLevel))
+	}
+	if c.UnsafeAckBeforeCommit && !c.UnsafeNoSync {
+		c.UnsafeNoSync = true
+	}
+	return errors.Join(errs...)
+}
+
+func validName(s string) bool {
+	if len(s) == 0 || len(s) > 64 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		ch := s[i]
+		if !(ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' || ch == '.' || ch == '_' || ch == '-') {
+			return false
+		}
+	}
+	return true
+}

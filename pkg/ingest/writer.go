@@ -1,0 +1,356 @@
+// Package ingest turns device messages into durable store writes: it decodes
+// and validates MQTT payloads, group-commits them to the store through a
+// single writer, and reports each message done only after its transaction is
+// on disk, so that the broker acknowledgement means "stored". Invalid
+// messages become dead letters; a full disk quota becomes backpressure.
+package ingest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/outpost-edge/outpost/pkg/store"
+)
+
+// ErrStopped is returned by Submit once the writer is shutting down; the
+// message was not stored and must not be acknowledged.
+var ErrStopped = errors.New("ingest: writer stopped")
+
+// Store is what the writer needs from storage.
+type Store interface {
+	Ingest(items []store.Item, dead []store.DeadLetter) ([]store.ItemResult, error)
+	Usage() (int64, error)
+}
+
+// Message is one MQTT message handed to the writer.
+type Message struct {
+	Topic    string
+	Payload  []byte
+	Received time.Time
+	// Done is called exactly once: with nil when the message is durable
+	// (stored, recognised as a duplicate, or dead-lettered), so it may be
+	// acknowledged; with an error when it was not stored and must not be.
+	Done func(err error)
+}
+
+// Config tunes the writer.
+type Config struct {
+	MaxBatch  int           // messages per transaction
+	Linger    time.Duration // extra wait for a batch to fill; 0 commits whatever is queued
+	QueueSize int
+	// QuotaBytes stops acknowledging new messages while the store uses more
+	// than this (0: no quota). MinFreeBytes does the same when the
+	// filesystem has less free space than this.
+	QuotaBytes   int64
+	MinFreeBytes int64
+	QuotaCheck   time.Duration
+	// FreeBytes reports free space on the data filesystem; nil disables the
+	// free-space check.
+	FreeBytes func() (int64, error)
+	// UnsafeAckBeforeCommit reports messages done before they are written.
+	// It exists only so the crash test can prove it detects loss.
+	UnsafeAckBeforeCommit bool
+}
+
+func (c *Config) defaults() {
+	if c.MaxBatch <= 0 {
+		c.MaxBatch = 1000
+	}
+	if c.QueueSize <= 0 {
+		c.QueueSize = 4 * c.MaxBatch
+	}
+	if c.QuotaCheck <= 0 {
+		c.QuotaCheck = time.Second
+	}
+}
+
+type pending struct {
+	item  store.Item
+	dead  *store.DeadLetter
+	done  func(error)
+	start time.Time
+}
+
+// Writer is the single group-commit writer.
+type Writer struct {
+	st      Store
+	dec     *Decoder
+	cfg     Config
+	log     *slog.Logger
+	in      chan *pending
+	mu      sync.RWMutex // Submit holds it shared while sending; stop takes it to fence sends
+	stopped chan struct{}
+
+	backpressure atomic.Bool
+	m            writerMetrics
+}
+
+type writerMetrics struct {
+	messages     *prometheus.CounterVec
+	readings     prometheus.Counter
+	batchSize    prometheus.Histogram
+	commit       prometheus.Histogram
+	ackLatency   prometheus.Histogram
+	backpressure prometheus.Gauge
+	commitErrors prometheus.Counter
+}
+
+// NewWriter returns a writer; start it with Run.
+func NewWriter(st Store, dec *Decoder, cfg Config, reg prometheus.Registerer, log *slog.Logger) *Writer {
+	cfg.defaults()
+	w := &Writer{st: st, dec: dec, cfg: cfg, log: log, in: make(chan *pending, cfg.QueueSize), stopped: make(chan struct{})}
+	w.m = writerMetrics{
+		messages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_ingest_messages_total", Help: "MQTT messages handled, by result (stored, duplicate, dead_letter).",
+		}, []string{"result"}),
+		readings: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_ingest_readings_total", Help: "Readings newly stored.",
+		}),
+		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "outpost_ingest_batch_messages", Help: "Messages per group commit.",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 12),
+		}),
+		commit: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "outpost_ingest_commit_seconds", Help: "Latency of one group commit (write and fsync).",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 14),
+		}),
+		ackLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "outpost_ingest_ack_seconds", Help: "Time from receipt to durable acknowledgement.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+		backpressure: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outpost_ingest_backpressure", Help: "1 while the disk quota stops acknowledgements.",
+		}),
+		commitErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_ingest_commit_errors_total", Help: "Group commits that failed; their messages were not acknowledged.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(w.m.messages, w.m.readings, w.m.batchSize, w.m.commit, w.m.ackLatency, w.m.backpressure, w.m.commitErrors,
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "outpost_ingest_queue_depth", Help: "Messages decoded and waiting for the writer.",
+			}, func() float64 { return float64(len(w.in)) }))
+	}
+	return w
+}
+
+// Backpressure reports whether the quota currently stops acknowledgements.
+func (w *Writer) Backpressure() bool { return w.backpressure.Load() }
+
+// Submit decodes m on the caller's goroutine and queues it for the next
+// commit. It blocks while the queue is full, which is how backpressure
+// reaches the broker. m.Done is called later unless Submit returns an error.
+func (w *Writer) Submit(ctx context.Context, m *Message) error {
+	p := &pending{done: m.Done, start: m.Received}
+	if p.start.IsZero() {
+		p.start = time.Now()
+	}
+	item, err := w.dec.Decode(m.Topic, m.Payload, p.start)
+	if err != nil {
+		p.dead = &store.DeadLetter{At: p.start.UnixMilli(), Topic: m.Topic, Reason: err.Error(), Payload: m.Payload}
+	} else {
+		p.item = item
+	}
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	select {
+	case <-w.stopped:
+		return ErrStopped
+	default:
+	}
+	if w.cfg.UnsafeAckBeforeCommit {
+		done := p.done
+		p.done = func(error) {}
+		defer done(nil)
+	}
+	select {
+	case w.in <- p:
+		return nil
+	case <-w.stopped:
+		return ErrStopped
+	case <-ctx.Done():
+		return fmt.Errorf("submit: %w", ctx.Err())
+	}
+}
+
+// Run commits batches until ctx is cancelled, then stops accepting, commits
+// what was already queued, and returns.
+func (w *Writer) Run(ctx context.Context) error {
+	batch := make([]*pending, 0, w.cfg.MaxBatch)
+	lastQuota := time.Time{}
+	for {
+		select {
+		case <-ctx.Done():
+			return w.drain(batch[:0])
+		case p := <-w.in:
+			batch = append(batch[:0], p)
+		}
+		batch = w.fill(ctx, batch)
+		if time.Since(lastQuota) >= w.cfg.QuotaCheck || w.backpressure.Load() {
+			if !w.waitQuota(ctx) {
+				w.fail(batch, ErrStopped)
+				return w.drain(batch[:0])
+			}
+			lastQuota = time.Now()
+		}
+		w.commit(batch)
+	}
+}
+
+// fill gathers more queued messages into batch, waiting up to Linger.
+func (w *Writer) fill(ctx context.Context, batch []*pending) []*pending {
+	var timer <-chan time.Time
+	if w.cfg.Linger > 0 {
+		t := time.NewTimer(w.cfg.Linger)
+		defer t.Stop()
+		timer = t.C
+	}
+	for len(batch) < w.cfg.MaxBatch {
+		select {
+		case p := <-w.in:
+			batch = append(batch, p)
+			continue
+		default:
+		}
+		if timer == nil {
+			return batch
+		}
+		select {
+		case p := <-w.in:
+			batch = append(batch, p)
+		case <-timer:
+			return batch
+		case <-ctx.Done():
+			return batch
+		}
+	}
+	return batch
+}
+
+// waitQuota blocks while the store is over quota, returning false if ctx is
+// cancelled meanwhile. Nothing is deleted to make room: retention or an
+// operator must free space.
+func (w *Writer) waitQuota(ctx context.Context) bool {
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		reason := w.overQuota()
+		if reason == "" {
+			if w.backpressure.Swap(false) {
+				w.log.Info("disk quota ok again, resuming ingest")
+				w.m.backpressure.Set(0)
+			}
+			return true
+		}
+		if !w.backpressure.Swap(true) {
+			w.log.Warn("backpressure: not acknowledging device messages", "reason", reason)
+			w.m.backpressure.Set(1)
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-tick.C:
+		}
+	}
+}
+
+func (w *Writer) overQuota() string {
+	if w.cfg.QuotaBytes > 0 {
+		used, err := w.st.Usage()
+		if err != nil {
+			return err.Error()
+		}
+		if used >= w.cfg.QuotaBytes {
+			return fmt.Sprintf("store uses %d bytes, quota %d", used, w.cfg.QuotaBytes)
+		}
+	}
+	if w.cfg.MinFreeBytes > 0 && w.cfg.FreeBytes != nil {
+		free, err := w.cfg.FreeBytes()
+		if err != nil {
+			return err.Error()
+		}
+		if free < w.cfg.MinFreeBytes {
+			return fmt.Sprintf("%d bytes free on disk, minimum %d", free, w.cfg.MinFreeBytes)
+		}
+	}
+	return ""
+}
+
+func (w *Writer) commit(batch []*pending) {
+	items := make([]store.Item, 0, len(batch))
+	var dead []store.DeadLetter
+	for _, p := range batch {
+		if p.dead != nil {
+			dead = append(dead, *p.dead)
+		} else {
+			items = append(items, p.item)
+		}
+	}
+	t0 := time.Now()
+	results, err := w.st.Ingest(items, dead)
+	w.m.commit.Observe(time.Since(t0).Seconds())
+	w.m.batchSize.Observe(float64(len(batch)))
+	if err != nil {
+		w.m.commitErrors.Inc()
+		w.log.Error("group commit failed; messages not acknowledged", "messages", len(batch), "err", err)
+		w.fail(batch, err)
+		return
+	}
+	now := time.Now()
+	i := 0
+	for _, p := range batch {
+		switch {
+		case p.dead != nil:
+			w.m.messages.WithLabelValues("dead_letter").Inc()
+		case results[i].Stored == 0 && results[i].Duplicates > 0:
+			w.m.messages.WithLabelValues("duplicate").Inc()
+			i++
+		default:
+			w.m.messages.WithLabelValues("stored").Inc()
+			w.m.readings.Add(float64(results[i].Stored))
+			i++
+		}
+		w.m.ackLatency.Observe(now.Sub(p.start).Seconds())
+		p.done(nil)
+	}
+}
+
+func (w *Writer) fail(batch []*pending, err error) {
+	for _, p := range batch {
+		p.done(err)
+	}
+}
+
+// drain fences further submissions and commits what is queued.
+func (w *Writer) drain(batch []*pending) error {
+	close(w.stopped)
+	w.mu.Lock() // wait for in-flight Submits to either enqueue or give up
+	defer w.mu.Unlock()
+	for {
+		batch = batch[:0]
+		for len(batch) < w.cfg.MaxBatch {
+			select {
+			case p := <-w.in:
+				batch = append(batch, p)
+				continue
+			default:
+			}
+			break
+		}
+		if len(batch) == 0 {
+			return nil
+		}
+		if w.backpressure.Load() {
+			w.fail(batch, ErrStopped)
+			continue
+		}
+		w.commit(batch)
+	}
+}

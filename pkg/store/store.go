@@ -1,0 +1,605 @@
+// Package store is the edge's durable state in one bbolt file: per-device
+// time-ordered readings with rollups for charts, the device registry with
+// reported and desired state, users' roles, a bounded dead-letter log and the
+// outbox of local changes waiting to be synced. Every mutation happens in one
+// transaction together with its outbox entry, so what is stored and what will
+// be synced never disagree. It knows nothing of MQTT, HTTP or the cloud.
+package store
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/shadow"
+)
+
+// Sentinel errors callers branch on.
+var (
+	ErrNotFound  = errors.New("not found")
+	ErrBadCursor = errors.New("malformed cursor")
+)
+
+var (
+	bucketMeta     = []byte("meta")
+	bucketDevices  = []byte("devices")
+	bucketReadings = []byte("readings") // nested: device -> ts|hash -> value
+	bucketIDs      = []byte("ids")      // nested: device -> message id -> reading key
+	bucketMinute   = []byte("rollup_1m")
+	bucketHour     = []byte("rollup_1h")
+	bucketOutbox   = []byte("outbox")
+	bucketDead     = []byte("dead")
+	bucketUsers    = []byte("users")
+
+	keyOutboxHead  = []byte("outbox_head")
+	keyOutboxAcked = []byte("outbox_acked")
+	keyHLC         = []byte("hlc")
+	keyReadings    = []byte("readings_total")
+	keyDevices     = []byte("devices_total")
+	keyDeadNext    = []byte("dead_next")
+	keyDeadCount   = []byte("dead_count")
+)
+
+const (
+	minuteMs = int64(time.Minute / time.Millisecond)
+	hourMs   = int64(time.Hour / time.Millisecond)
+)
+
+// Options configure a store.
+type Options struct {
+	// EdgeID and Region are recorded on devices first seen here.
+	EdgeID string
+	Region string
+	// Clock stamps outbox entries and state fields; its high-water mark is
+	// persisted so a restart with a clock that went backwards stays monotonic.
+	Clock *hlc.Clock
+	// MaxDeadLetters bounds the dead-letter log; the oldest are dropped first.
+	MaxDeadLetters int
+	// NoSync disables fsync. Only for tests that prove the durability tests
+	// can detect loss; never in production.
+	NoSync bool
+}
+
+// Store is the edge's database. Methods are safe for concurrent use; writes
+// are serialised by bbolt.
+type Store struct {
+	db    *bolt.DB
+	path  string
+	opts  Options
+	clock *hlc.Clock
+
+	// Counters mirrored from the meta bucket so that start-up and metrics
+	// never scan the data.
+	readings   atomic.Uint64
+	devices    atomic.Uint64
+	deadCount  atomic.Uint64
+	outboxHead atomic.Uint64
+	outboxAck  atomic.Uint64
+
+	deadMu sync.Mutex // orders dead-letter sequence allocation
+}
+
+// Open opens or creates the store at path.
+func Open(path string, opts Options) (*Store, error) {
+	if opts.Clock == nil {
+		opts.Clock = hlc.NewClock(nil, 0)
+	}
+	if opts.MaxDeadLetters <= 0 {
+		opts.MaxDeadLetters = 10000
+	}
+	db, err := bolt.Open(path, 0o600, &bolt.Options{
+		Timeout:         2 * time.Second, // another process holds the file
+		NoSync:          opts.NoSync,
+		FreelistType:    bolt.FreelistMapType,
+		InitialMmapSize: 64 << 20,
+	})
+	if err != nil {
+		if errors.Is(err, bolt.ErrTimeout) {
+			return nil, fmt.Errorf("open store %s: locked by another process", path)
+		}
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	s := &Store{db: db, path: path, opts: opts, clock: opts.Clock}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketReadings, bucketIDs, bucketMinute, bucketHour, bucketOutbox, bucketDead, bucketUsers} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		m := tx.Bucket(bucketMeta)
+		s.readings.Store(getU64(m.Get(keyReadings)))
+		s.devices.Store(getU64(m.Get(keyDevices)))
+		s.deadCount.Store(getU64(m.Get(keyDeadCount)))
+		s.outboxHead.Store(getU64(m.Get(keyOutboxHead)))
+		s.outboxAck.Store(getU64(m.Get(keyOutboxAcked)))
+		s.clock.Restore(hlc.Timestamp(getU64(m.Get(keyHLC))))
+		return nil
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("init store %s: %w", path, err)
+	}
+	return s, nil
+}
+
+// Close closes the database file.
+func (s *Store) Close() error {
+	if err := s.db.Close(); err != nil {
+		return fmt.Errorf("close store %s: %w", s.path, err)
+	}
+	return nil
+}
+
+// DB exposes the bbolt handle for packages that keep their own buckets in the
+// same file (refresh tokens); they must not touch the buckets named here.
+func (s *Store) DB() *bolt.DB { return s.db }
+
+// Path is the database file.
+func (s *Store) Path() string { return s.path }
+
+// Counts are cheap counters kept in the store.
+type Counts struct {
+	Readings      uint64
+	Devices       uint64
+	DeadLetters   uint64
+	OutboxHead    uint64 // last sequence assigned
+	OutboxAcked   uint64 // last sequence acknowledged by the cloud
+	OutboxBacklog uint64
+}
+
+// Counts returns the store's counters without touching the disk.
+func (s *Store) Counts() Counts {
+	h, a := s.outboxHead.Load(), s.outboxAck.Load()
+	return Counts{
+		Readings: s.readings.Load(), Devices: s.devices.Load(), DeadLetters: s.deadCount.Load(),
+		OutboxHead: h, OutboxAcked: a, OutboxBacklog: h - a,
+	}
+}
+
+// Usage reports bytes in use: the file size less its free pages. bbolt never
+// shrinks its file, so free pages are reusable space that the quota must not
+// count.
+func (s *Store) Usage() (int64, error) {
+	fi, err := os.Stat(s.path)
+	if err != nil {
+		return 0, fmt.Errorf("stat store: %w", err)
+	}
+	st := s.db.Stats()
+	free := int64(st.FreePageN+st.PendingPageN) * int64(s.db.Info().PageSize)
+	used := fi.Size() - free
+	if used < 0 {
+		used = 0
+	}
+	return used, nil
+}
+
+// FileSize is the database file's size on disk.
+func (s *Store) FileSize() int64 {
+	fi, err := os.Stat(s.path)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
+}
+
+// ---- device registry ----
+
+// DeviceMeta is the administrative placement of a device.
+type DeviceMeta struct {
+	Owners []string          `json:"owners"`
+	Region string            `json:"region"`
+	Tags   map[string]string `json:"tags"`
+	Stamp  hlc.Timestamp     `json:"stamp"`
+}
+
+// Device is a registered device.
+type Device struct {
+	ID        string     `json:"id"`
+	EdgeID    string     `json:"edge_id"`
+	FirstSeen int64      `json:"first_seen"`
+	LastSeen  int64      `json:"last_seen"`
+	Meta      DeviceMeta `json:"meta"`
+	Reported  shadow.Doc `json:"reported"`
+	Desired   shadow.Doc `json:"desired"`
+}
+
+func getDevice(tx *bolt.Tx, id string) (*Device, error) {
+	v := tx.Bucket(bucketDevices).Get([]byte(id))
+	if v == nil {
+		return nil, ErrNotFound
+	}
+	var d Device
+	if err := json.Unmarshal(v, &d); err != nil {
+		return nil, fmt.Errorf("decode device %s: %w", id, err)
+	}
+	return &d, nil
+}
+
+func putDevice(tx *bolt.Tx, d *Device) error {
+	b, err := json.Marshal(d)
+	if err != nil {
+		return fmt.Errorf("encode device %s: %w", d.ID, err)
+	}
+	return tx.Bucket(bucketDevices).Put([]byte(d.ID), b)
+}
+
+func (s *Store) newDevice(id string, now int64) *Device {
+	return &Device{
+		ID: id, EdgeID: s.opts.EdgeID, FirstSeen: now, LastSeen: now,
+		Meta:     DeviceMeta{Region: s.opts.Region, Owners: []string{}, Tags: map[string]string{}},
+		Reported: shadow.Doc{}, Desired: shadow.Doc{},
+	}
+}
+
+// Device returns one device.
+func (s *Store) Device(id string) (*Device, error) {
+	var d *Device
+	err := s.db.View(func(tx *bolt.Tx) error {
+		var err error
+		d, err = getDevice(tx, id)
+		return err
+	})
+	return d, err
+}
+
+// Devices calls fn for devices in id order starting after the id after, until
+// fn returns false.
+func (s *Store) Devices(after string, fn func(*Device) bool) error {
+	return s.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketDevices).Cursor()
+		k, v := c.Seek([]byte(after))
+		if k != nil && string(k) == after {
+			k, v = c.Next()
+		}
+		for ; k != nil; k, v = c.Next() {
+			var d Device
+			if err := json.Unmarshal(v, &d); err != nil {
+				return fmt.Errorf("decode device %s: %w", k, err)
+			}
+			if !fn(&d) {
+				return nil
+			}
+		}
+		return nil
+	})
+}
+
+// ---- outbox ----
+
+// ChangeKind says what an outbox entry carries.
+type ChangeKind uint8
+
+// Kinds of change.
+const (
+	ChangeReadings ChangeKind = 1 + iota
+	ChangeReported
+	ChangeDesired
+	ChangeMeta
+	ChangeUser
+)
+
+func (k ChangeKind) String() string {
+	switch k {
+	case ChangeReadings:
+		return "readings"
+	case ChangeReported:
+		return "reported"
+	case ChangeDesired:
+		return "desired"
+	case ChangeMeta:
+		return "meta"
+	case ChangeUser:
+		return "user"
+	}
+	return fmt.Sprintf("kind(%d)", uint8(k))
+}
+
+// Change is one outbox entry: a local change waiting to be synced.
+type Change struct {
+	Seq      uint64
+	Kind     ChangeKind
+	Device   string // device id, or openid for ChangeUser
+	Stamp    hlc.Timestamp
+	Readings []Reading
+	Doc      shadow.Doc  // reported or desired delta
+	Meta     *DeviceMeta // ChangeMeta
+	User     *User       // ChangeUser
+}
+
+func encodeChange(c *Change) ([]byte, error) {
+	b := make([]byte, 0, 64)
+	b = append(b, byte(c.Kind))
+	b = binary.BigEndian.AppendUint64(b, uint64(c.Stamp))
+	b = binary.AppendUvarint(b, uint64(len(c.Device)))
+	b = append(b, c.Device...)
+	switch c.Kind {
+	case ChangeReadings:
+		b = binary.AppendUvarint(b, uint64(len(c.Readings)))
+		for i := range c.Readings {
+			r := &c.Readings[i]
+			b = binary.AppendVarint(b, r.TS)
+			b = binary.AppendUvarint(b, uint64(len(r.ID)))
+			b = append(b, r.ID...)
+			b = appendMetrics(b, r.Metrics)
+		}
+		return b, nil
+	case ChangeReported, ChangeDesired:
+		j, err := json.Marshal(c.Doc)
+		return append(b, j...), err
+	case ChangeMeta:
+		j, err := json.Marshal(c.Meta)
+		return append(b, j...), err
+	case ChangeUser:
+		j, err := json.Marshal(c.User)
+		return append(b, j...), err
+	}
+	return nil, fmt.Errorf("encode change: unknown kind %d", c.Kind)
+}
+
+func decodeChange(seq uint64, b []byte) (Change, error) {
+	c := Change{Seq: seq}
+	if len(b) < 9 {
+		return c, errCorrupt
+	}
+	c.Kind = ChangeKind(b[0])
+	c.Stamp = hlc.Timestamp(binary.BigEndian.Uint64(b[1:9]))
+	b = b[9:]
+	l, w := binary.Uvarint(b)
+	if w <= 0 || uint64(len(b)-w) < l {
+		return c, errCorrupt
+	}
+	c.Device = string(b[w : w+int(l)])
+	b = b[w+int(l):]
+	switch c.Kind {
+	case ChangeReadings:
+		n, w := binary.Uvarint(b)
+		if w <= 0 || n > uint64(len(b)) {
+			return c, errCorrupt
+		}
+		b = b[w:]
+		c.Readings = make([]Reading, 0, n)
+		for i := uint64(0); i < n; i++ {
+			var r Reading
+			ts, w := binary.Varint(b)
+			if w <= 0 {
+				return c, errCorrupt
+			}
+			r.TS = ts
+			b = b[w:]
+			il, w := binary.Uvarint(b)
+			if w <= 0 || uint64(len(b)-w) < il {
+				return c, errCorrupt
+			}
+			r.ID = string(b[w : w+int(il)])
+			b = b[w+int(il):]
+			var err error
+			r.Metrics, b, err = readMetrics(b, nil)
+			if err != nil {
+				return c, err
+			}
+			c.Readings = append(c.Readings, r)
+		}
+		return c, nil
+	case ChangeReported, ChangeDesired:
+		return c, json.Unmarshal(b, &c.Doc)
+	case ChangeMeta:
+		c.Meta = new(DeviceMeta)
+		return c, json.Unmarshal(b, c.Meta)
+	case ChangeUser:
+		c.User = new(User)
+		return c, json.Unmarshal(b, c.User)
+	}
+	return c, fmt.Errorf("%w: unknown change kind %d", errCorrupt, c.Kind)
+}
+
+// appendOutbox assigns the next sequence to c and writes it. Callers hold the
+// write transaction, which serialises sequence allocation.
+func (s *Store) appendOutbox(tx *bolt.Tx, head *uint64, c *Change) error {
+	*head++
+	c.Seq = *head
+	v, err := encodeChange(c)
+	if err != nil {
+		return err
+	}
+	return tx.Bucket(bucketOutbox).Put(u64(c.Seq), v)
+}
+
+// commitMeta persists the counters changed by a write transaction. The
+// in-memory copies are updated by the caller only after the commit succeeded.
+func (s *Store) commitMeta(tx *bolt.Tx, head uint64, newReadings, newDevices uint64) error {
+	m := tx.Bucket(bucketMeta)
+	if err := m.Put(keyOutboxHead, u64(head)); err != nil {
+		return err
+	}
+	if err := m.Put(keyHLC, u64(uint64(s.clock.Last()))); err != nil {
+		return err
+	}
+	// Add to the persisted counters, not to the in-memory mirrors: those
+	// are updated only after a commit, so a concurrent transaction (Prune,
+	// SetDesired) that committed but has not updated them yet would be lost.
+	if newReadings > 0 {
+		if err := m.Put(keyReadings, u64(getU64(m.Get(keyReadings))+newReadings)); err != nil {
+			return err
+		}
+	}
+	if newDevices > 0 {
+		if err := m.Put(keyDevices, u64(getU64(m.Get(keyDevices))+newDevices)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// storeMax raises a to v unless it is already higher: commits of concurrent
+// transactions may publish their outbox heads out of order.
+func storeMax(a *atomic.Uint64, v uint64) {
+	for {
+		old := a.Load()
+		if v <= old || a.CompareAndSwap(old, v) {
+			return
+		}
+	}
+}
+
+// Outbox returns up to max changes after sequence after, stopping early once
+// maxBytes of encoded changes have been collected (at least one is returned).
+func (s *Store) Outbox(after uint64, max, maxBytes int) ([]Change, error) {
+	var out []Change
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketOutbox).Cursor()
+		size := 0
+		for k, v := c.Seek(u64(after + 1)); k != nil && len(out) < max; k, v = c.Next() {
+			if len(out) > 0 && size+len(v) > maxBytes {
+				break
+			}
+			ch, err := decodeChange(binary.BigEndian.Uint64(k), v)
+			if err != nil {
+				return fmt.Errorf("decode outbox entry %d: %w", binary.BigEndian.Uint64(k), err)
+			}
+			size += len(v)
+			out = append(out, ch)
+		}
+		return nil
+	})
+	return out, err
+}
+
+// OldestUnsynced returns the stamp of the oldest change still in the outbox,
+// or zero when it is empty.
+func (s *Store) OldestUnsynced() (hlc.Timestamp, error) {
+	var ts hlc.Timestamp
+	err := s.db.View(func(tx *bolt.Tx) error {
+		k, v := tx.Bucket(bucketOutbox).Cursor().First()
+		if k == nil {
+			return nil
+		}
+		if len(v) < 9 {
+			return errCorrupt
+		}
+		ts = hlc.Timestamp(binary.BigEndian.Uint64(v[1:9]))
+		return nil
+	})
+	return ts, err
+}
+
+// AckOutbox records that the cloud durably holds every change up to seq and
+// deletes them. Acks never move backwards.
+func (s *Store) AckOutbox(seq uint64) error {
+	if seq > s.outboxHead.Load() {
+		return fmt.Errorf("ack outbox: sequence %d beyond head %d", seq, s.outboxHead.Load())
+	}
+	const chunk = 10000 // keep each transaction short so ingest is not starved
+	for {
+		done := true
+		err := s.db.Update(func(tx *bolt.Tx) error {
+			m := tx.Bucket(bucketMeta)
+			acked := getU64(m.Get(keyOutboxAcked))
+			if seq <= acked {
+				return nil
+			}
+			c := tx.Bucket(bucketOutbox).Cursor()
+			n := 0
+			var last uint64 = acked
+			for k, _ := c.First(); k != nil && binary.BigEndian.Uint64(k) <= seq; k, _ = c.First() {
+				if n == chunk {
+					done = false
+					break
+				}
+				last = binary.BigEndian.Uint64(k)
+				if err := c.Delete(); err != nil {
+					return err
+				}
+				n++
+			}
+			if done {
+				last = seq
+			}
+			if err := m.Put(keyOutboxAcked, u64(last)); err != nil {
+				return err
+			}
+			s.outboxAck.Store(last) // safe: a failed commit only delays retention
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("ack outbox to %d: %w", seq, err)
+		}
+		if done {
+			return nil
+		}
+	}
+}
+
+// ---- dead letters ----
+
+// DeadLetter is an MQTT message that could not be ingested, with the reason.
+type DeadLetter struct {
+	Seq     uint64 `json:"seq"`
+	At      int64  `json:"at"` // Unix ms received
+	Topic   string `json:"topic"`
+	Reason  string `json:"reason"`
+	Payload []byte `json:"payload"` // truncated to maxDeadPayload
+}
+
+const maxDeadPayload = 4096
+
+func (s *Store) putDeadLetters(tx *bolt.Tx, dls []DeadLetter) (uint64, error) {
+	if len(dls) == 0 {
+		return s.deadCount.Load(), nil
+	}
+	m := tx.Bucket(bucketMeta)
+	b := tx.Bucket(bucketDead)
+	next := getU64(m.Get(keyDeadNext))
+	count := getU64(m.Get(keyDeadCount))
+	for i := range dls {
+		d := dls[i]
+		next++
+		d.Seq = next
+		if len(d.Payload) > maxDeadPayload {
+			d.Payload = d.Payload[:maxDeadPayload]
+		}
+		v, err := json.Marshal(d)
+		if err != nil {
+			return 0, err
+		}
+		if err := b.Put(u64(next), v); err != nil {
+			return 0, err
+		}
+		count++
+	}
+	c := b.Cursor()
+	for k, _ := c.First(); k != nil && count > uint64(s.opts.MaxDeadLetters); k, _ = c.First() {
+		if err := c.Delete(); err != nil {
+			return 0, err
+		}
+		count--
+	}
+	if err := m.Put(keyDeadNext, u64(next)); err != nil {
+		return 0, err
+	}
+	return count, m.Put(keyDeadCount, u64(count))
+}
+
+// DeadLetters returns up to limit dead letters with sequence after after.
+func (s *Store) DeadLetters(after uint64, limit int) ([]DeadLetter, error) {
+	var out []DeadLetter
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketDead).Cursor()
+		for k, v := c.Seek(u64(after + 1)); k != nil && len(out) < limit; k, v = c.Next() {
+			var d DeadLetter
+			if err := json.Unmarshal(v, &d); err != nil {
+				return fmt.Errorf("decode dead letter: %w", err)
+			}
+			out = append(out, d)
+		}
+		return nil
+	})
+	return out, err
+}
