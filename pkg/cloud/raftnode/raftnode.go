@@ -200,7 +200,7 @@ func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometh
 	}
 	tc := &raft.NetworkTransportConfig{MaxPool: 4, Timeout: 10 * time.Second, Logger: hl}
 	if len(cfg.DialOverrides) > 0 {
-		tc.ServerAddressProvider = dialOverrides(cfg.DialOverrides)
+		tc.ServerAddressProvider = &dialer{overrides: cfg.DialOverrides, self: cfg.ID, selfAddr: cfg.RaftAdvertise, fsm: f}
 	}
 	transport, err := raft.NewTCPTransportWithConfig(cfg.RaftBind, adv, tc)
 	if err != nil {
@@ -249,13 +249,30 @@ func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometh
 	return n, nil
 }
 
-type dialOverrides map[string]string
+// dialer resolves the address to dial for a peer: an override if one is
+// configured, else the raft address recorded in the state (which equals the
+// one in the raft configuration).
+type dialer struct {
+	overrides map[string]string
+	self      string
+	selfAddr  string
+	fsm       *fsm.FSM
+}
 
-func (d dialOverrides) ServerAddr(id raft.ServerID) (raft.ServerAddress, error) {
-	if a, ok := d[string(id)]; ok {
+func (d *dialer) ServerAddr(id raft.ServerID) (raft.ServerAddress, error) {
+	if a, ok := d.overrides[string(id)]; ok {
 		return raft.ServerAddress(a), nil
 	}
-	return "", fmt.Errorf("no dial override for %s", id)
+	if string(id) == d.self {
+		return raft.ServerAddress(d.selfAddr), nil
+	}
+	if nodes, err := d.fsm.Nodes(); err == nil {
+		if n, ok := nodes[string(id)]; ok && n.RaftAddr != "" {
+			return raft.ServerAddress(n.RaftAddr), nil
+		}
+	}
+	// raft falls back to the configuration's address.
+	return "", fmt.Errorf("no dial address recorded for %s", id)
 }
 
 // catchUpFromSnapshot restores the newest snapshot into the state machine if
@@ -567,7 +584,7 @@ func (n *Node) Join(ctx context.Context, id, raftAddr, httpAddr string) error {
 		if err := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, 10*time.Second).Error(); err != nil {
 			return mapApplyErr(err)
 		}
-		n.log.Info("node joined", "node", id, "raft", raftAddr, "http", httpAddr)
+		n.log.Info("member joined", "member", id, "raft", raftAddr, "http", httpAddr)
 	}
 	_, err := n.Propose(ctx, &fsm.Command{Type: fsm.CmdNodeUpsert, AtMs: time.Now().UnixMilli(),
 		Node: &fsm.Node{ID: id, RaftAddr: raftAddr, HTTPAddr: httpAddr}})
@@ -598,7 +615,7 @@ func (n *Node) Remove(ctx context.Context, id string) error {
 	if err := n.raft.RemoveServer(raft.ServerID(id), 0, 10*time.Second).Error(); err != nil {
 		return mapApplyErr(err)
 	}
-	n.log.Info("node removed", "node", id)
+	n.log.Info("member removed", "member", id)
 	return nil
 }
 

@@ -1,0 +1,659 @@
+package e2e
+
+// Helpers for cloud-sync's multi-process tests: build the binary once per
+// test binary, start nodes on free loopback ports, kill and restart them,
+// put TCP proxies between raft peers, and talk to the APIs.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/outpost-edge/outpost/pkg/cloud/client"
+)
+
+const (
+	cloudAPIToken = "e2e-api-token-0123"
+	cloudEdges    = 8 // edges e0..e7 get tokens
+)
+
+func cloudEdgeToken(edge string) string { return "tok-" + edge + "-secret" }
+
+var cloudBin struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// buildCloudSync builds cmd/cloud-sync once per test binary. The binary is
+// left in the temp dir because there is no test-binary-wide cleanup hook
+// without a TestMain, which other packages' tests in this directory own.
+func buildCloudSync(t *testing.T) string {
+	t.Helper()
+	cloudBin.once.Do(func() {
+		dir, err := os.MkdirTemp("", "outpost-cloud-e2e-")
+		if err != nil {
+			cloudBin.err = err
+			return
+		}
+		cloudBin.path = filepath.Join(dir, "cloud-sync")
+		_, file, _, _ := runtime.Caller(0)
+		root := filepath.Join(filepath.Dir(file), "..", "..")
+		cmd := exec.Command("go", "build", "-o", cloudBin.path, "./cmd/cloud-sync")
+		cmd.Dir = root
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			cloudBin.err = fmt.Errorf("go build ./cmd/cloud-sync: %v\n%s", err, out)
+		}
+	})
+	if cloudBin.err != nil {
+		t.Fatal(cloudBin.err)
+	}
+	return cloudBin.path
+}
+
+func cloudFreePort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// cloudNode is one cloud-sync process.
+type cloudNode struct {
+	ID       string
+	Raft     string
+	HTTP     string
+	Data     string
+	args     []string
+	cmd      *exec.Cmd
+	exited   chan struct{}
+	logMu    sync.Mutex
+	log      bytes.Buffer
+	running  bool
+	bootstr  bool
+	joinURLs []string
+}
+
+func (n *cloudNode) URL() string { return "http://" + n.HTTP }
+
+func (n *cloudNode) Write(p []byte) (int, error) {
+	n.logMu.Lock()
+	defer n.logMu.Unlock()
+	return n.log.Write(p)
+}
+
+func (n *cloudNode) Log() string {
+	n.logMu.Lock()
+	defer n.logMu.Unlock()
+	return n.log.String()
+}
+
+type cloudCluster struct {
+	t       *testing.T
+	bin     string
+	Nodes   []*cloudNode
+	extra   []string
+	proxies map[[2]int]*cloudProxy // [from,to] → proxy carrying from's raft traffic to to
+	hc      *http.Client
+}
+
+type cloudClusterOpt func(*cloudCluster)
+
+// cloudWithArgs adds flags to every node.
+func cloudWithArgs(a ...string) cloudClusterOpt {
+	return func(c *cloudCluster) { c.extra = append(c.extra, a...) }
+}
+
+// cloudWithProxies routes every raft link i→j through its own TCP proxy, so a
+// test can cut a node off from its peers in both directions.
+func cloudWithProxies() cloudClusterOpt {
+	return func(c *cloudCluster) { c.proxies = map[[2]int]*cloudProxy{} }
+}
+
+// startCloudCluster starts n nodes: the first bootstraps, the others join
+// through it; it returns once every node sees all n members and a leader.
+func startCloudCluster(t *testing.T, n int, opts ...cloudClusterOpt) *cloudCluster {
+	t.Helper()
+	c := &cloudCluster{t: t, bin: buildCloudSync(t), hc: &http.Client{Timeout: 10 * time.Second}}
+	for _, o := range opts {
+		o(c)
+	}
+	t.Cleanup(c.hc.CloseIdleConnections)
+	base := t.TempDir()
+	for i := 0; i < n; i++ {
+		c.Nodes = append(c.Nodes, &cloudNode{
+			ID: fmt.Sprintf("n%d", i), Raft: cloudFreePort(t), HTTP: cloudFreePort(t), Data: filepath.Join(base, fmt.Sprintf("n%d", i)),
+		})
+	}
+	if c.proxies != nil {
+		for i := range c.Nodes {
+			for j := range c.Nodes {
+				if i != j {
+					c.proxies[[2]int{i, j}] = startCloudProxy(t, c.Nodes[j].Raft)
+				}
+			}
+		}
+	}
+	c.Nodes[0].bootstr = true
+	c.start(0)
+	c.waitLeader(c.Nodes[0], 10*time.Second)
+	for i := 1; i < n; i++ {
+		c.Nodes[i].joinURLs = []string{c.Nodes[0].URL()}
+		c.start(i)
+	}
+	c.waitMembers(n, 20*time.Second)
+	return c
+}
+
+// start starts node i. A fresh node whose free port was taken by someone
+// else between probing and binding gets new ports and another try.
+func (c *cloudCluster) start(i int) {
+	c.t.Helper()
+	n := c.Nodes[i]
+	_, statErr := os.Stat(n.Data)
+	fresh := os.IsNotExist(statErr)
+	for attempt := 0; ; attempt++ {
+		if c.startOnce(i) {
+			return
+		}
+		if !fresh || attempt == 3 || !strings.Contains(n.Log(), "address already in use") {
+			c.t.Fatalf("%s exited during start-up:\n%s", n.ID, cloudTail(n.Log(), 4000))
+		}
+		n.Raft, n.HTTP = cloudFreePort(c.t), cloudFreePort(c.t)
+		for k, p := range c.proxies {
+			if k[1] == i {
+				p.mu.Lock()
+				p.target = n.Raft
+				p.mu.Unlock()
+			}
+		}
+		_ = os.RemoveAll(n.Data)
+	}
+}
+
+func (c *cloudCluster) startOnce(i int) bool {
+	c.t.Helper()
+	n := c.Nodes[i]
+	n.logMu.Lock()
+	n.log.Reset()
+	n.logMu.Unlock()
+	args := []string{"-id", n.ID, "-raft", n.Raft, "-http", n.HTTP, "-data", n.Data, "-api-token", cloudAPIToken}
+	if n.bootstr {
+		args = append(args, "-bootstrap")
+	}
+	if len(n.joinURLs) > 0 {
+		args = append(args, "-join", strings.Join(n.joinURLs, ","))
+	}
+	for e := 0; e < cloudEdges; e++ {
+		edge := fmt.Sprintf("e%d", e)
+		args = append(args, "-edge-token", edge+"="+cloudEdgeToken(edge))
+	}
+	if c.proxies != nil {
+		for j := range c.Nodes {
+			if j != i {
+				args = append(args, "-raft-dial", c.Nodes[j].ID+"="+c.proxies[[2]int{i, j}].Addr())
+			}
+		}
+	}
+	args = append(args, c.extra...)
+	cmd := exec.Command(c.bin, args...)
+	cmd.Stdout, cmd.Stderr = n, n
+	if err := cmd.Start(); err != nil {
+		c.t.Fatalf("start %s: %v", n.ID, err)
+	}
+	n.cmd, n.exited, n.running = cmd, make(chan struct{}), true
+	go func(done chan struct{}) { _ = cmd.Wait(); close(done) }(n.exited)
+	c.t.Cleanup(func() {
+		if n.cmd == cmd && n.running {
+			_ = cmd.Process.Kill()
+			<-n.exited
+			n.running = false
+		}
+		if c.t.Failed() {
+			c.t.Logf("--- log of %s ---\n%s", n.ID, cloudTail(n.Log(), 4000))
+		}
+	})
+	return c.waitHTTP(n, 15*time.Second)
+}
+
+func cloudTail(s string, n int) string {
+	if len(s) > n {
+		return "…" + s[len(s)-n:]
+	}
+	return s
+}
+
+// kill sends SIGKILL and waits for the process to die.
+func (c *cloudCluster) kill(i int) {
+	n := c.Nodes[i]
+	_ = n.cmd.Process.Kill()
+	<-n.exited
+	n.running = false
+}
+
+// stop sends SIGTERM and waits for a clean exit.
+func (c *cloudCluster) stop(i int) {
+	c.t.Helper()
+	n := c.Nodes[i]
+	_ = n.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-n.exited:
+	case <-time.After(15 * time.Second):
+		c.t.Fatalf("%s did not exit within 15s of SIGTERM", n.ID)
+	}
+	n.running = false
+	if code := n.cmd.ProcessState.ExitCode(); code != 0 {
+		c.t.Fatalf("%s exited with %d after SIGTERM", n.ID, code)
+	}
+}
+
+// restart starts a stopped node on the same ports and data dir.
+func (c *cloudCluster) restart(i int) {
+	c.t.Helper()
+	c.Nodes[i].bootstr, c.Nodes[i].joinURLs = false, nil
+	c.start(i)
+}
+
+// waitHTTP waits for n's /healthz; false if the process exited first.
+func (c *cloudCluster) waitHTTP(n *cloudNode, d time.Duration) bool {
+	c.t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		select {
+		case <-n.exited:
+			n.running = false
+			return false
+		default:
+		}
+		resp, err := c.hc.Get(n.URL() + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return true
+			}
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("%s not serving HTTP after %s:\n%s", n.ID, d, cloudTail(n.Log(), 4000))
+		}
+		select {
+		case <-n.exited:
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// cloudWaitFor polls cond until it holds or d passes.
+func cloudWaitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		<-tick.C
+	}
+}
+
+type cloudStatus struct {
+	ID           string `json:"id"`
+	Leader       string `json:"leader"`
+	Term         uint64 `json:"term"`
+	AppliedIndex uint64 `json:"applied_index"`
+	State        string `json:"state"`
+	Nodes        []struct {
+		ID       string `json:"id"`
+		RaftAddr string `json:"raft_addr"`
+		HTTPAddr string `json:"http_addr"`
+		Suffrage string `json:"suffrage"`
+		State    string `json:"state"`
+	} `json:"nodes"`
+}
+
+func (c *cloudCluster) status(n *cloudNode) (cloudStatus, error) {
+	var st cloudStatus
+	code, env, err := c.api(n, http.MethodGet, "/cluster/v1/status", nil)
+	if err != nil {
+		return st, err
+	}
+	if code != 200 {
+		return st, fmt.Errorf("status %d: %s", code, env.Message)
+	}
+	return st, json.Unmarshal(env.Data, &st)
+}
+
+// leader returns the index of the node all running nodes agree leads.
+func (c *cloudCluster) leader() (int, bool) {
+	lead := ""
+	for _, n := range c.Nodes {
+		if !n.running {
+			continue
+		}
+		st, err := c.status(n)
+		if err != nil || st.Leader == "" || (lead != "" && st.Leader != lead) {
+			return -1, false
+		}
+		lead = st.Leader
+	}
+	for i, n := range c.Nodes {
+		if n.ID == lead && n.running {
+			return i, true
+		}
+	}
+	return -1, false
+}
+
+func (c *cloudCluster) waitLeader(n *cloudNode, d time.Duration) {
+	c.t.Helper()
+	cloudWaitFor(c.t, d, n.ID+" knows a leader", func() bool {
+		st, err := c.status(n)
+		return err == nil && st.Leader != ""
+	})
+}
+
+func (c *cloudCluster) mustLeader(d time.Duration) int {
+	c.t.Helper()
+	idx := -1
+	cloudWaitFor(c.t, d, "an agreed leader", func() bool {
+		var ok bool
+		idx, ok = c.leader()
+		return ok
+	})
+	return idx
+}
+
+func (c *cloudCluster) waitMembers(n int, d time.Duration) {
+	c.t.Helper()
+	cloudWaitFor(c.t, d, fmt.Sprintf("%d members with addresses on every node", n), func() bool {
+		for _, node := range c.Nodes {
+			if !node.running {
+				continue
+			}
+			st, err := c.status(node)
+			if err != nil || st.Leader == "" || len(st.Nodes) != n {
+				return false
+			}
+			for _, m := range st.Nodes {
+				if m.HTTPAddr == "" {
+					return false
+				}
+			}
+		}
+		return true
+	})
+}
+
+func (c *cloudCluster) follower() int {
+	l := c.mustLeader(10 * time.Second)
+	for i, n := range c.Nodes {
+		if i != l && n.running {
+			return i
+		}
+	}
+	c.t.Fatal("no running follower")
+	return -1
+}
+
+type cloudEnvelope struct {
+	Code    int             `json:"code"`
+	Message string          `json:"message"`
+	Data    json.RawMessage `json:"data"`
+}
+
+// api calls a node's HTTP API with the API token.
+func (c *cloudCluster) api(n *cloudNode, method, path string, body any) (int, cloudEnvelope, error) {
+	return c.apiTok(n, method, path, body, cloudAPIToken)
+}
+
+func (c *cloudCluster) apiTok(n *cloudNode, method, path string, body any, token string) (int, cloudEnvelope, error) {
+	var rd io.Reader
+	switch b := body.(type) {
+	case nil:
+	case []byte:
+		rd = bytes.NewReader(b)
+	case string:
+		rd = strings.NewReader(b)
+	default:
+		j, _ := json.Marshal(b)
+		rd = bytes.NewReader(j)
+	}
+	req, err := http.NewRequest(method, n.URL()+path, rd)
+	if err != nil {
+		return 0, cloudEnvelope{}, err
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return 0, cloudEnvelope{}, err
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	var env cloudEnvelope
+	if err := json.Unmarshal(raw, &env); err != nil {
+		return resp.StatusCode, env, fmt.Errorf("undecodable body %q: %w", cloudTail(string(raw), 200), err)
+	}
+	return resp.StatusCode, env, nil
+}
+
+// edgeClient is a sync client for edge over the given nodes (all running
+// nodes when none are given).
+func (c *cloudCluster) edgeClient(edge string, nodes ...*cloudNode) *client.Client {
+	c.t.Helper()
+	if len(nodes) == 0 {
+		nodes = c.Nodes
+	}
+	var urls []string
+	for _, n := range nodes {
+		urls = append(urls, n.URL())
+	}
+	cl, err := client.New(urls, cloudEdgeToken(edge))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.t.Cleanup(cl.Close)
+	return cl
+}
+
+// exportAll reads the whole export stream from n (leader-confirmed).
+func (c *cloudCluster) exportAll(n *cloudNode) []cloudExportRecord {
+	c.t.Helper()
+	var out []cloudExportRecord
+	cursor := ""
+	for {
+		req, _ := http.NewRequest(http.MethodGet, n.URL()+"/api/v1/export?consistency=strong&limit=10000&since="+cursor, nil)
+		req.Header.Set("Authorization", "Bearer "+cloudAPIToken)
+		resp, err := c.hc.Do(req)
+		if err != nil {
+			c.t.Fatalf("export: %v", err)
+		}
+		raw, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			c.t.Fatalf("export: %d %s", resp.StatusCode, raw)
+		}
+		n := 0
+		dec := json.NewDecoder(bytes.NewReader(raw))
+		for dec.More() {
+			var r cloudExportRecord
+			if err := dec.Decode(&r); err != nil {
+				c.t.Fatalf("export line: %v", err)
+			}
+			out = append(out, r)
+			n++
+		}
+		next := resp.Header.Get("X-Outpost-Next-Cursor")
+		if n == 0 || next == cursor {
+			return out
+		}
+		cursor = next
+	}
+}
+
+type cloudExportRecord struct {
+	Cursor   string `json:"cursor"`
+	Index    uint64 `json:"index"`
+	Edge     string `json:"edge"`
+	Kind     string `json:"kind"`
+	Device   string `json:"device"`
+	Readings []struct {
+		TS      int64              `json:"ts"`
+		ID      string             `json:"id"`
+		Metrics map[string]float64 `json:"metrics"`
+	} `json:"readings"`
+}
+
+// metric reads one un-labelled sample from a node's /metrics.
+func (c *cloudCluster) metric(n *cloudNode, name string) (float64, bool) {
+	resp, err := c.hc.Get(n.URL() + "/metrics")
+	if err != nil {
+		return 0, false
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(raw), "\n") {
+		if strings.HasPrefix(line, name+" ") {
+			var v float64
+			if _, err := fmt.Sscanf(strings.TrimPrefix(line, name+" "), "%g", &v); err == nil {
+				return v, true
+			}
+		}
+	}
+	return 0, false
+}
+
+// cloudProxy forwards connections to a target and can cut them all.
+type cloudProxy struct {
+	ln     net.Listener
+	target string
+	mu     sync.Mutex
+	cut    bool
+	conns  map[net.Conn]struct{}
+	wg     sync.WaitGroup
+}
+
+func startCloudProxy(t *testing.T, target string) *cloudProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &cloudProxy{ln: ln, target: target, conns: map[net.Conn]struct{}{}}
+	p.wg.Add(1)
+	go p.acceptLoop()
+	t.Cleanup(p.close)
+	return p
+}
+
+func (p *cloudProxy) Addr() string { return p.ln.Addr().String() }
+
+func (p *cloudProxy) acceptLoop() {
+	defer p.wg.Done()
+	for {
+		in, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		p.mu.Lock()
+		if p.cut {
+			p.mu.Unlock()
+			in.Close()
+			continue
+		}
+		p.conns[in] = struct{}{}
+		p.mu.Unlock()
+		p.wg.Add(1)
+		go p.serve(in)
+	}
+}
+
+func (p *cloudProxy) serve(in net.Conn) {
+	defer p.wg.Done()
+	p.mu.Lock()
+	target := p.target
+	p.mu.Unlock()
+	out, err := net.DialTimeout("tcp", target, 2*time.Second)
+	if err != nil {
+		p.drop(in)
+		return
+	}
+	p.mu.Lock()
+	if p.cut {
+		p.mu.Unlock()
+		out.Close()
+		p.drop(in)
+		return
+	}
+	p.conns[out] = struct{}{}
+	p.mu.Unlock()
+	done := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(out, in); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(in, out); done <- struct{}{} }()
+	<-done
+	p.drop(in)
+	p.drop(out)
+	<-done
+}
+
+func (p *cloudProxy) drop(c net.Conn) {
+	p.mu.Lock()
+	delete(p.conns, c)
+	p.mu.Unlock()
+	c.Close()
+}
+
+// setCut cuts (closing live connections and refusing new ones) or heals.
+func (p *cloudProxy) setCut(cut bool) {
+	p.mu.Lock()
+	p.cut = cut
+	var live []net.Conn
+	if cut {
+		for c := range p.conns {
+			live = append(live, c)
+		}
+	}
+	p.mu.Unlock()
+	for _, c := range live {
+		c.Close()
+	}
+}
+
+func (p *cloudProxy) close() {
+	p.setCut(true)
+	p.ln.Close()
+	p.wg.Wait()
+}
+
+// isolate cuts (or heals) every raft link to and from node i.
+func (c *cloudCluster) isolate(i int, cut bool) {
+	for k, p := range c.proxies {
+		if k[0] == i || k[1] == i {
+			p.setCut(cut)
+		}
+	}
+}
+
+func cloudCtx(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
