@@ -59,7 +59,7 @@ func Defaults() Config {
 		MaxClockDrift: 5 * time.Minute, HeartbeatFresh: 90 * time.Second,
 		HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond,
 		LeaderLeaseTimeout: 250 * time.Millisecond, CommitTimeout: 20 * time.Millisecond,
-		SnapshotInterval: 60 * time.Second, SnapshotThreshold: 8192, TrailingLogs: 10240,
+		SnapshotInterval: 30 * time.Second, SnapshotThreshold: 2048, TrailingLogs: 1024,
 		MaxEntryBytes: 1 << 20, MaxPendingBytes: 32 << 20,
 		LogLevel: "info", RaftLogLevel: "warn",
 	}
@@ -94,9 +94,9 @@ func Parse(args []string, out io.Writer) (Config, error) {
 		elTimeout  = fs.Duration("election-timeout", 0, "raft election timeout (default 300ms)")
 		lease      = fs.Duration("leader-lease-timeout", 0, "a leader that cannot reach a quorum for this long steps down (default 250ms)")
 		commit     = fs.Duration("commit-timeout", 0, "raft commit timeout: max delay before followers learn a commit when idle (default 20ms)")
-		snapInt    = fs.Duration("snapshot-interval", 0, "how often raft checks whether to snapshot (default 60s)")
-		snapThresh = fs.Uint64("snapshot-threshold", 0, "log entries since the last snapshot that trigger one (default 8192)")
-		trailing   = fs.Uint64("trailing-logs", 0, "log entries kept after a snapshot for slow followers (default 10240)")
+		snapInt    = fs.Duration("snapshot-interval", 0, "how often raft checks whether to snapshot (default 30s)")
+		snapThresh = fs.Uint64("snapshot-threshold", 0, "log entries since the last snapshot that trigger one (default 2048)")
+		trailing   = fs.Uint64("trailing-logs", 0, "log entries kept after a snapshot for slow followers (default 1024)")
 		maxPending = fs.Int64("max-pending-bytes", 0, "admission control: proposals queued beyond this many bytes get 429 (default 32 MiB)")
 		logLevel   = fs.String("log-level", "", "log level: debug, info, warn, error (default info)")
 	)

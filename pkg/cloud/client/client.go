@@ -36,7 +36,9 @@ func (e *GapError) Error() string { return fmt.Sprintf("cloud expects sequence %
 // ThrottledError: the cloud is busy (429); wait RetryAfter and retry.
 type ThrottledError struct{ RetryAfter time.Duration }
 
-func (e *ThrottledError) Error() string { return fmt.Sprintf("cloud busy; retry after %s", e.RetryAfter) }
+func (e *ThrottledError) Error() string {
+	return fmt.Sprintf("cloud busy; retry after %s", e.RetryAfter)
+}
 
 // APIError is any other refusal, with the cloud's message.
 type APIError struct {

@@ -1,0 +1,402 @@
+// Command cloudbench measures a 3-process cloud-sync cluster on this machine:
+// committed readings per second pushed through /sync/v1/push in batches of 1,
+// 100 and 5000 readings, the leader's peak RSS while absorbing the large
+// batches, and failover time (leader kill -9 → first acknowledged write). It
+// prints one JSON line.
+//
+// Every pusher is its own edge (sequence numbers are per edge, so one edge's
+// pushes are serial by design) and talks to the leader first, falling back
+// to the other nodes like a real edge.
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/outpost-edge/outpost/pkg/cloud/client"
+	"github.com/outpost-edge/outpost/pkg/wire"
+)
+
+const apiToken = "bench-api-token"
+
+func edgeToken(e string) string { return "bench-token-" + e }
+
+type node struct {
+	id, raft, http, data string
+	cmd                  *exec.Cmd
+	done                 chan struct{}
+}
+
+func (n *node) url() string { return "http://" + n.http }
+
+type phase struct {
+	Batch        int     `json:"batch"`
+	Pushers      int     `json:"pushers"`
+	Seconds      float64 `json:"seconds"`
+	Readings     int64   `json:"readings"`
+	ReadingsPerS float64 `json:"readings_per_s"`
+	PushesPerS   float64 `json:"pushes_per_s"`
+	P50Ms        float64 `json:"p50_ms"`
+	P99Ms        float64 `json:"p99_ms"`
+	Throttled    int64   `json:"throttled_429"`
+	LeaderRSSMB  float64 `json:"leader_rss_peak_mb"`
+}
+
+func main() {
+	bin := flag.String("bin", "bin/cloud-sync", "cloud-sync binary to benchmark")
+	dur := flag.Duration("duration", 8*time.Second, "measured time per phase")
+	flag.Parse()
+	if err := run(*bin, *dur); err != nil {
+		log.Fatalf("cloudbench: %v", err)
+	}
+}
+
+func run(bin string, dur time.Duration) error {
+	dir, err := os.MkdirTemp("", "cloudbench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	var nodes []*node
+	defer func() {
+		for _, n := range nodes {
+			if n.cmd != nil && n.cmd.ProcessState == nil {
+				_ = n.cmd.Process.Kill()
+				<-n.done
+			}
+		}
+	}()
+	for i := 0; i < 3; i++ {
+		n := &node{id: fmt.Sprintf("b%d", i), raft: freePort(), http: freePort(), data: filepath.Join(dir, fmt.Sprint(i))}
+		nodes = append(nodes, n)
+		join := ""
+		if i > 0 {
+			join = nodes[0].url()
+		}
+		if err := start(bin, n, join); err != nil {
+			return err
+		}
+		if i == 0 {
+			if err := waitLeaderCount(nodes[:1], 1, 10*time.Second); err != nil {
+				return err
+			}
+		}
+	}
+	if err := waitLeaderCount(nodes, 3, 20*time.Second); err != nil {
+		return err
+	}
+	out := map[string]any{"cpus": runtime.NumCPU(), "nodes": 3}
+	var phases []phase
+	edgeBase := 0
+	for _, p := range []struct{ batch, pushers int }{{1, 64}, {100, 16}, {5000, 8}} {
+		lead, err := leader(nodes)
+		if err != nil {
+			return err
+		}
+		ph, err := runPhase(nodes, lead, p.batch, p.pushers, edgeBase, dur)
+		if err != nil {
+			return err
+		}
+		edgeBase += p.pushers
+		phases = append(phases, ph)
+	}
+	out["phases"] = phases
+	fo, err := failover(nodes, edgeBase)
+	if err != nil {
+		return err
+	}
+	out["failover_ms"] = fo
+	j, _ := json.Marshal(out)
+	fmt.Println(string(j))
+	return nil
+}
+
+func freePort() string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func start(bin string, n *node, join string) error {
+	args := []string{"-id", n.id, "-raft", n.raft, "-http", n.http, "-data", n.data, "-api-token", apiToken, "-log-level", "warn"}
+	if join == "" {
+		args = append(args, "-bootstrap")
+	} else {
+		args = append(args, "-join", join)
+	}
+	for e := 0; e < 256; e++ {
+		edge := fmt.Sprintf("e%d", e)
+		args = append(args, "-edge-token", edge+"="+edgeToken(edge))
+	}
+	n.cmd = exec.Command(bin, args...)
+	n.cmd.Stderr = os.Stderr
+	if err := n.cmd.Start(); err != nil {
+		return fmt.Errorf("start %s: %w", bin, err)
+	}
+	n.done = make(chan struct{})
+	go func() { _ = n.cmd.Wait(); close(n.done) }()
+	return nil
+}
+
+type status struct {
+	Leader string `json:"leader"`
+	Nodes  []struct {
+		ID string `json:"id"`
+	} `json:"nodes"`
+}
+
+func getStatus(n *node) (status, error) {
+	var env struct {
+		Data status `json:"data"`
+	}
+	resp, err := http.Get(n.url() + "/cluster/v1/status")
+	if err != nil {
+		return env.Data, err
+	}
+	defer resp.Body.Close()
+	return env.Data, json.NewDecoder(resp.Body).Decode(&env)
+}
+
+func waitLeaderCount(nodes []*node, members int, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		ok := true
+		for _, n := range nodes {
+			st, err := getStatus(n)
+			if err != nil || st.Leader == "" || len(st.Nodes) != members {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("cluster of %d did not form within %s", members, d)
+}
+
+func leader(nodes []*node) (*node, error) {
+	for _, n := range nodes {
+		if n.cmd.ProcessState != nil {
+			continue
+		}
+		st, err := getStatus(n)
+		if err != nil || st.Leader == "" {
+			continue
+		}
+		for _, m := range nodes {
+			if m.id == st.Leader {
+				return m, nil
+			}
+		}
+	}
+	return nil, errors.New("no leader")
+}
+
+// urlsLeaderFirst lists the live nodes' URLs with the leader first.
+func urlsLeaderFirst(nodes []*node, lead *node) []string {
+	urls := []string{lead.url()}
+	for _, n := range nodes {
+		if n != lead && n.cmd.ProcessState == nil {
+			urls = append(urls, n.url())
+		}
+	}
+	return urls
+}
+
+func rssMB(pid int) float64 {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if strings.HasPrefix(sc.Text(), "VmRSS:") {
+			kb, _ := strconv.Atoi(strings.Fields(sc.Text())[1])
+			return float64(kb) / 1024
+		}
+	}
+	return 0
+}
+
+// runPhase runs pushers concurrent edges, each pushing batches of size
+// readings back to back, and counts what the cluster acknowledged during
+// the measured window (after a one-second warm-up).
+func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.Duration) (phase, error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var (
+		measuring atomic.Bool
+		readings  atomic.Int64
+		pushes    atomic.Int64
+		throttled atomic.Int64
+		latMu     sync.Mutex
+		lats      []time.Duration
+		wg        sync.WaitGroup
+		firstErr  atomic.Value
+	)
+	urls := urlsLeaderFirst(nodes, lead)
+	for p := 0; p < pushers; p++ {
+		edge := fmt.Sprintf("e%d", edgeBase+p)
+		cl, err := client.New(urls, edgeToken(edge))
+		if err != nil {
+			return phase{}, err
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer cl.Close()
+			b := &wire.PushBatch{Edge: edge, Changes: []wire.Change{{Kind: wire.KindReadings, Device: "dev-" + edge}}}
+			rs := make([]wire.Reading, size)
+			for i := range rs {
+				rs[i].Metrics = map[string]float64{"temp": 21.5, "hum": 40}
+			}
+			b.Changes[0].Readings = rs
+			base := time.Now().UnixMilli() * 10
+			for seq := uint64(1); ctx.Err() == nil; {
+				b.FirstSeq = seq
+				for i := range rs {
+					rs[i].TS = base + int64(seq)*int64(size) + int64(i) // unique: no duplicates
+				}
+				t0 := time.Now()
+				_, err := cl.Push(ctx, b)
+				var th *client.ThrottledError
+				switch {
+				case err == nil:
+					seq++
+					if measuring.Load() {
+						readings.Add(int64(size))
+						pushes.Add(1)
+						latMu.Lock()
+						lats = append(lats, time.Since(t0))
+						latMu.Unlock()
+					}
+				case errors.As(err, &th):
+					throttled.Add(1)
+					select {
+					case <-time.After(th.RetryAfter):
+					case <-ctx.Done():
+					}
+				case ctx.Err() != nil:
+				default:
+					firstErr.CompareAndSwap(nil, err)
+					return
+				}
+			}
+		}()
+	}
+	time.Sleep(time.Second) // warm-up
+	peak := 0.0
+	measuring.Store(true)
+	t0 := time.Now()
+	tick := time.NewTicker(100 * time.Millisecond)
+	for time.Since(t0) < dur {
+		<-tick.C
+		peak = max(peak, rssMB(lead.cmd.Process.Pid))
+	}
+	tick.Stop()
+	measuring.Store(false)
+	elapsed := time.Since(t0).Seconds()
+	cancel()
+	wg.Wait()
+	if err, _ := firstErr.Load().(error); err != nil {
+		return phase{}, fmt.Errorf("batch %d: %w", size, err)
+	}
+	sort.Slice(lats, func(i, j int) bool { return lats[i] < lats[j] })
+	pct := func(q float64) float64 {
+		if len(lats) == 0 {
+			return 0
+		}
+		return float64(lats[int(q*float64(len(lats)-1))].Microseconds()) / 1000
+	}
+	return phase{Batch: size, Pushers: pushers, Seconds: round(elapsed), Readings: readings.Load(),
+		ReadingsPerS: round(float64(readings.Load()) / elapsed), PushesPerS: round(float64(pushes.Load()) / elapsed),
+		P50Ms: pct(0.5), P99Ms: pct(0.99), Throttled: throttled.Load(), LeaderRSSMB: round(peak)}, nil
+}
+
+func round(f float64) float64 { return float64(int64(f*10)) / 10 }
+
+// failover keeps a few edges writing, kills the leader with SIGKILL, and
+// measures until the first write acknowledged after the kill.
+func failover(nodes []*node, edgeBase int) (float64, error) {
+	lead, err := leader(nodes)
+	if err != nil {
+		return 0, err
+	}
+	var survivors []string
+	for _, n := range nodes {
+		if n != lead {
+			survivors = append(survivors, n.url())
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var killed atomic.Int64 // unix ns of the kill
+	first := make(chan time.Time, 16)
+	var wg sync.WaitGroup
+	for p := 0; p < 4; p++ {
+		edge := fmt.Sprintf("e%d", edgeBase+p)
+		// Each prober knows every node, the leader first, as an edge would.
+		cl, err := client.New(append([]string{lead.url()}, survivors...), edgeToken(edge))
+		if err != nil {
+			return 0, err
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer cl.Close()
+			for seq := uint64(1); ctx.Err() == nil; {
+				sent := time.Now()
+				b := &wire.PushBatch{Edge: edge, FirstSeq: seq, Changes: []wire.Change{{Kind: wire.KindReadings, Device: "fo-" + edge,
+					Readings: []wire.Reading{{TS: int64(seq), Metrics: map[string]float64{"v": 1}}}}}}
+				if _, err := cl.Push(ctx, b); err == nil {
+					seq++
+					if k := killed.Load(); k != 0 && sent.UnixNano() > k {
+						select {
+						case first <- time.Now():
+						default:
+						}
+					}
+				}
+			}
+		}()
+	}
+	time.Sleep(time.Second)
+	t0 := time.Now()
+	_ = lead.cmd.Process.Signal(syscall.SIGKILL)
+	killed.Store(t0.UnixNano())
+	<-lead.done
+	var ms float64
+	select {
+	case t := <-first:
+		ms = float64(t.Sub(t0).Microseconds()) / 1000
+	case <-ctx.Done():
+		return 0, errors.New("no write acknowledged within 30s of killing the leader")
+	}
+	cancel()
+	wg.Wait()
+	return ms, nil
+}
