@@ -58,6 +58,10 @@ func decodeBody(c *fiber.Ctx, v any) error {
 		switch {
 		case errors.As(err, &se):
 			return fmt.Errorf("request body is not valid JSON (at byte %d)", se.Offset)
+		case errors.Is(err, io.ErrUnexpectedEOF):
+			return errors.New("request body is not valid JSON (it ends in the middle of a value)")
+		case errors.As(err, &te) && te.Field == "":
+			return fmt.Errorf("request body must be a JSON object, not %s", te.Value)
 		case errors.As(err, &te):
 			return fmt.Errorf("field %q must be %s, not %s", te.Field, jsonKind(te.Type.Kind().String()), te.Value)
 		case strings.HasPrefix(err.Error(), "json: unknown field"):

@@ -78,12 +78,14 @@ func parseLatLng(lat, lng string) (float64, float64, error) {
 	if lat == "" || lng == "" {
 		return 0, 0, paramErr("lat/lng", "both lat and lng are required")
 	}
+	// Written as !(in range) so that NaN, which compares false with
+	// everything, is refused too.
 	la, err := strconv.ParseFloat(lat, 64)
-	if err != nil || la < -90 || la > 90 {
+	if err != nil || !(la >= -90 && la <= 90) {
 		return 0, 0, paramErr("lat", "%q must be a number between -90 and 90", truncate(lat))
 	}
 	ln, err := strconv.ParseFloat(lng, 64)
-	if err != nil || ln < -180 || ln > 180 {
+	if err != nil || !(ln >= -180 && ln <= 180) {
 		return 0, 0, paramErr("lng", "%q must be a number between -180 and 180", truncate(lng))
 	}
 	return la, ln, nil
