@@ -5,7 +5,7 @@ PKGS     := ./...
 # missing binary (mosquitto) fail instead of skipping.
 TESTFLAGS ?= -race -count=1 -timeout 20m
 
-.PHONY: all build run test bench bench-ingest lint fuzz clean
+.PHONY: all build run test bench bench-ingest bench-api lint fuzz clean
 
 all: build
 
@@ -28,6 +28,9 @@ bench: bench-ingest
 
 bench-ingest:
 	$(GO) run ./cmd/edgebench
+
+bench-api:
+	$(GO) run ./cmd/apibench
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 60s ./pkg/ingest/
