@@ -37,6 +37,9 @@ import (
 
 const apiToken = "bench-api-token"
 
+// nodeArgs are extra flags for every node, from -node-args.
+var nodeArgs []string
+
 func edgeToken(e string) string { return "bench-token-" + e }
 
 type node struct {
@@ -58,12 +61,20 @@ type phase struct {
 	P99Ms        float64 `json:"p99_ms"`
 	Throttled    int64   `json:"throttled_429"`
 	LeaderRSSMB  float64 `json:"leader_rss_peak_mb"`
+	// Anonymous (heap) part of the peak; the rest is bbolt's memory-mapped
+	// files, which the kernel reclaims under pressure.
+	LeaderAnonMB float64 `json:"leader_rss_anon_peak_mb"`
+	// CPU seconds all three nodes used per 100k committed readings: a
+	// measure that holds up when other work shares the machine.
+	ClusterCPUPer100k float64 `json:"cluster_cpu_s_per_100k_readings"`
 }
 
 func main() {
 	bin := flag.String("bin", "bin/cloud-sync", "cloud-sync binary to benchmark")
 	dur := flag.Duration("duration", 8*time.Second, "measured time per phase")
+	extra := flag.String("node-args", "", "extra flags for every node, space-separated (e.g. \"-pprof\")")
 	flag.Parse()
+	nodeArgs = strings.Fields(*extra)
 	if err := run(*bin, *dur); err != nil {
 		log.Fatalf("cloudbench: %v", err)
 	}
@@ -149,6 +160,8 @@ func start(bin string, n *node, join string) error {
 		edge := fmt.Sprintf("e%d", e)
 		args = append(args, "-edge-token", edge+"="+edgeToken(edge))
 	}
+	args = append(args, nodeArgs...)
+	log.Printf("node %s http %s", n.id, n.url())
 	n.cmd = exec.Command(bin, args...)
 	n.cmd.Stderr = os.Stderr
 	if err := n.cmd.Start(); err != nil {
@@ -226,7 +239,9 @@ func urlsLeaderFirst(nodes []*node, lead *node) []string {
 	return urls
 }
 
-func rssMB(pid int) float64 {
+func rssMB(pid int) float64 { return procStatusMB(pid, "VmRSS:") }
+
+func procStatusMB(pid int, key string) float64 {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0
@@ -234,7 +249,7 @@ func rssMB(pid int) float64 {
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		if strings.HasPrefix(sc.Text(), "VmRSS:") {
+		if strings.HasPrefix(sc.Text(), key) {
 			kb, _ := strconv.Atoi(strings.Fields(sc.Text())[1])
 			return float64(kb) / 1024
 		}
@@ -309,17 +324,20 @@ func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.D
 		}()
 	}
 	time.Sleep(time.Second) // warm-up
-	peak := 0.0
+	peak, anon := 0.0, 0.0
+	cpu0 := clusterCPU(nodes)
 	measuring.Store(true)
 	t0 := time.Now()
 	tick := time.NewTicker(100 * time.Millisecond)
 	for time.Since(t0) < dur {
 		<-tick.C
 		peak = max(peak, rssMB(lead.cmd.Process.Pid))
+		anon = max(anon, procStatusMB(lead.cmd.Process.Pid, "RssAnon:"))
 	}
 	tick.Stop()
 	measuring.Store(false)
 	elapsed := time.Since(t0).Seconds()
+	cpu := clusterCPU(nodes) - cpu0
 	cancel()
 	wg.Wait()
 	if err, _ := firstErr.Load().(error); err != nil {
@@ -334,7 +352,27 @@ func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.D
 	}
 	return phase{Batch: size, Pushers: pushers, Seconds: round(elapsed), Readings: readings.Load(),
 		ReadingsPerS: round(float64(readings.Load()) / elapsed), PushesPerS: round(float64(pushes.Load()) / elapsed),
-		P50Ms: pct(0.5), P99Ms: pct(0.99), Throttled: throttled.Load(), LeaderRSSMB: round(peak)}, nil
+		P50Ms: pct(0.5), P99Ms: pct(0.99), Throttled: throttled.Load(), LeaderRSSMB: round(peak), LeaderAnonMB: round(anon),
+		ClusterCPUPer100k: float64(int64(cpu/float64(max(readings.Load(), 1))*1e5*1000)) / 1000}, nil
+}
+
+// clusterCPU is the user+system CPU seconds the live nodes have used.
+func clusterCPU(nodes []*node) float64 {
+	total := 0.0
+	for _, n := range nodes {
+		if n.cmd.ProcessState != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", n.cmd.Process.Pid))
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+		ut, _ := strconv.ParseFloat(f[11], 64)
+		st, _ := strconv.ParseFloat(f[12], 64)
+		total += (ut + st) / 100 // clock ticks; USER_HZ is 100 on Linux
+	}
+	return total
 }
 
 func round(f float64) float64 { return float64(int64(f*10)) / 10 }

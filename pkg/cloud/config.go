@@ -48,6 +48,7 @@ type Config struct {
 	MaxPendingBytes    int64             `yaml:"max_pending_bytes"`
 	RaftDial           map[string]string `yaml:"raft_dial"`
 
+	Pprof        bool   `yaml:"pprof"`
 	LogLevel     string `yaml:"log_level"`
 	RaftLogLevel string `yaml:"raft_log_level"`
 }
@@ -99,6 +100,7 @@ func Parse(args []string, out io.Writer) (Config, error) {
 		trailing   = fs.Uint64("trailing-logs", 0, "log entries kept after a snapshot for slow followers (default 1024)")
 		maxPending = fs.Int64("max-pending-bytes", 0, "admission control: proposals queued beyond this many bytes get 429 (default 32 MiB)")
 		logLevel   = fs.String("log-level", "", "log level: debug, info, warn, error (default info)")
+		pprofOn    = fs.Bool("pprof", false, "serve /debug/pprof/ on the HTTP port, unauthenticated (profiling on trusted networks only)")
 	)
 	edgeTokens := map[string]string{}
 	fs.Func("edge-token", "`EDGE=TOKEN` credential of one edge (repeatable)", func(v string) error {
@@ -173,6 +175,9 @@ func Parse(args []string, out io.Writer) (Config, error) {
 	}
 	if set["admin"] {
 		cfg.Admins = splitList(*admins)
+	}
+	if set["pprof"] {
+		cfg.Pprof = *pprofOn
 	}
 	if set["dev-login"] {
 		cfg.DevLogin = *devLogin

@@ -80,7 +80,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		log.Warn("no -api-token: the consumer API refuses every request and cluster changes are unauthenticated")
 	}
 	// User access tokens (JWT) join this chain with the identity issue.
-	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, HeartbeatFresh: cfg.HeartbeatFresh},
+	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, HeartbeatFresh: cfg.HeartbeatFresh, Pprof: cfg.Pprof},
 		rn, state, clock, auth.Chain{static}, static.HasAPIToken(), log, reg)
 	if err != nil {
 		_ = rn.Shutdown()

@@ -5,10 +5,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -521,5 +525,69 @@ func TestCloudPartitionedLeaderCannotAck(t *testing.T) {
 	})
 	if n := len(c.exportAll(old)); n < 2 { // strong: forwarded to the new leader
 		t.Fatalf("export through the healed old leader has %d records, want at least 2", n)
+	}
+}
+
+func TestCloudCommandLine(t *testing.T) {
+	bin := buildCloudSync(t)
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	dir := t.TempDir()
+	cases := []struct {
+		name string
+		args []string
+		code int
+		msg  string
+	}{
+		{"help", []string{"-h"}, 0, "-edge-token"},
+		{"missing id", []string{"-data", dir, "-bootstrap"}, 2, "-id is required"},
+		{"bootstrap and join", []string{"-id", "a", "-data", dir, "-bootstrap", "-join", "http://x:1"}, 2, "mutually exclusive"},
+		{"bad edge token", []string{"-id", "a", "-data", dir, "-edge-token", "nope"}, 2, "EDGE=TOKEN"},
+		{"missing config file", []string{"-config", filepath.Join(dir, "none.yaml")}, 2, "config file"},
+		{"busy http port", []string{"-id", "a", "-data", dir, "-bootstrap", "-http", busy.Addr().String(), "-raft", cloudFreePort(t)}, 1, "address already in use"},
+		{"busy raft port", []string{"-id", "a", "-data", filepath.Join(dir, "r"), "-bootstrap", "-raft", busy.Addr().String(), "-http", cloudFreePort(t)}, 1, "raft listen"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := exec.Command(bin, tc.args...).CombinedOutput()
+			code := 0
+			var ee *exec.ExitError
+			if errors.As(err, &ee) {
+				code = ee.ExitCode()
+			}
+			if code != tc.code || !strings.Contains(string(out), tc.msg) {
+				t.Fatalf("exit %d, output:\n%s\nwant exit %d mentioning %q", code, out, tc.code, tc.msg)
+			}
+		})
+	}
+	// The shipped config runs as-is and shuts down cleanly on SIGTERM.
+	cfg := filepath.Join("..", "..", "configs", "cloud-sync.yaml")
+	cmd := exec.Command(bin, "-config", cfg, "-data", filepath.Join(dir, "cfg"), "-raft", cloudFreePort(t), "-http", cloudFreePort(t))
+	log := &cloudNode{ID: "cfg"} // a locked log buffer
+	cmd.Stderr = log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	cloudWaitFor(t, 10*time.Second, "startup line", func() bool {
+		select {
+		case err := <-exited:
+			t.Fatalf("exited early: %v\n%s", err, log.Log())
+		default:
+		}
+		return strings.Contains(log.Log(), "cloud-sync listening")
+	})
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Fatalf("exit after SIGTERM: %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("no exit within 15s of SIGTERM")
 	}
 }

@@ -137,7 +137,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 			return fmt.Errorf("client: encode: %w", err)
 		}
 		body = j
-		if c.compress {
+		if c.compress && len(j) >= minCompress {
 			body = c.enc.EncodeAll(j, make([]byte, 0, len(j)/4))
 		}
 	}
@@ -165,6 +165,10 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 }
 
+// minCompress is the body size below which compressing costs more CPU
+// than the bytes it saves.
+const minCompress = 1024
+
 type retryable struct{ err error }
 
 func (r *retryable) Error() string { return r.err.Error() }
@@ -181,7 +185,7 @@ func (c *Client) once(ctx context.Context, method, u string, body []byte, out an
 	req.Header.Set("Authorization", "Bearer "+c.token)
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
-		if c.compress {
+		if c.compress && len(body) > 0 && body[0] != '{' {
 			req.Header.Set("Content-Encoding", wire.EncodingZstd)
 		}
 	}

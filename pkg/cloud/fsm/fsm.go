@@ -23,6 +23,7 @@ import (
 
 	"github.com/hashicorp/raft"
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/shadow"
@@ -124,6 +125,11 @@ var _ raft.BatchingFSM = (*FSM)(nil)
 
 func boltOptions() *bolt.Options {
 	return &bolt.Options{
+		// No fsync: the raft log (fsynced) is the durable record. A process
+		// crash loses nothing (writes are in the page cache); after a power
+		// loss Open discards a corrupt file and raftnode restores the newest
+		// snapshot and replays the log after it.
+		NoSync: true,
 		// A large virtual map so the file rarely remaps: a remap waits for
 		// every read transaction, including a snapshot being streamed.
 		InitialMmapSize: 1 << 30,
@@ -136,6 +142,16 @@ func boltOptions() *bolt.Options {
 func Open(path string, log *slog.Logger, hooks Hooks) (*FSM, error) {
 	f := &FSM{path: path, log: log, hooks: hooks, waitCh: make(chan struct{})}
 	db, err := openDB(path)
+	if errors.Is(err, berrors.ErrInvalid) || errors.Is(err, berrors.ErrChecksum) || errors.Is(err, berrors.ErrVersionMismatch) {
+		// Rebuildable from the snapshot and log: keep the bad file for
+		// inspection and start empty.
+		aside := fmt.Sprintf("%s.corrupt-%d", path, os.Getpid())
+		log.Error("state file unreadable; rebuilding it from the raft snapshot and log", "err", err, "moved_to", aside)
+		if rerr := os.Rename(path, aside); rerr != nil {
+			return nil, fmt.Errorf("move aside corrupt state: %w", rerr)
+		}
+		db, err = openDB(path)
+	}
 	if err != nil {
 		return nil, err
 	}
