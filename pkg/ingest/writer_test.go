@@ -1,0 +1,467 @@
+package ingest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/outpost-edge/outpost/pkg/store"
+)
+
+func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func openStore(t *testing.T) *store.Store {
+	t.Helper()
+	s, err := store.Open(filepath.Join(t.TempDir(), "edge.db"), store.Options{MaxDeadLetters: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// hookStore wraps a store so that tests can block, fail or observe commits
+// and control the reported usage.
+type hookStore struct {
+	*store.Store
+	before  func() error // called at the start of Ingest
+	after   func()       // called after the real Ingest returned
+	calls   atomic.Int64
+	usage   atomic.Int64 // reported by Usage when >= 0
+	failAll atomic.Bool
+}
+
+func newHookStore(t *testing.T) *hookStore {
+	h := &hookStore{Store: openStore(t)}
+	h.usage.Store(-1)
+	return h
+}
+
+func (h *hookStore) Ingest(items []store.Item, dead []store.DeadLetter) ([]store.ItemResult, error) {
+	h.calls.Add(1)
+	if h.before != nil {
+		if err := h.before(); err != nil {
+			return nil, err
+		}
+	}
+	if h.failAll.Load() {
+		return nil, errors.New("disk on fire")
+	}
+	res, err := h.Store.Ingest(items, dead)
+	if h.after != nil {
+		h.after()
+	}
+	return res, err
+}
+
+func (h *hookStore) Usage() (int64, error) {
+	if u := h.usage.Load(); u >= 0 {
+		return u, nil
+	}
+	return h.Store.Usage()
+}
+
+// startWriter runs w until the test ends and returns a stop function that
+// cancels it and waits for Run to return.
+func startWriter(t *testing.T, w *Writer) (stop func() error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- w.Run(ctx) }()
+	var once sync.Once
+	var runErr error
+	stop = func() error {
+		once.Do(func() {
+			cancel()
+			select {
+			case runErr = <-errc:
+			case <-time.After(10 * time.Second):
+				runErr = errors.New("writer did not stop within 10s")
+			}
+		})
+		return runErr
+	}
+	t.Cleanup(func() { stop() })
+	return stop
+}
+
+// doneRec records Done calls.
+type doneRec struct {
+	mu    sync.Mutex
+	calls map[string][]error
+	ch    chan string
+}
+
+func newDoneRec() *doneRec { return &doneRec{calls: map[string][]error{}, ch: make(chan string, 10000)} }
+
+func (d *doneRec) msg(name, topic, payload string) *Message {
+	return &Message{Topic: topic, Payload: []byte(payload), Received: time.Now(), Done: func(err error) {
+		d.mu.Lock()
+		d.calls[name] = append(d.calls[name], err)
+		d.mu.Unlock()
+		d.ch <- name
+	}}
+}
+
+func (d *doneRec) count() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.calls)
+}
+
+// wait waits for n Done calls.
+func (d *doneRec) wait(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for i := 0; i < n; i++ {
+		select {
+		case <-d.ch:
+		case <-deadline:
+			t.Fatalf("only %d of %d messages done after 10s", i, n)
+		}
+	}
+}
+
+func (d *doneRec) check(t *testing.T, name string, wantErr bool) {
+	t.Helper()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	errs := d.calls[name]
+	if len(errs) != 1 {
+		t.Fatalf("%s: Done called %d times, want once", name, len(errs))
+	}
+	if (errs[0] != nil) != wantErr {
+		t.Fatalf("%s: Done(%v), want error %v", name, errs[0], wantErr)
+	}
+}
+
+func submit(t *testing.T, w *Writer, m *Message) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := w.Submit(ctx, m); err != nil {
+		t.Fatalf("Submit: %v", err)
+	}
+}
+
+func telemetry(i int) string {
+	return fmt.Sprintf(`{"id": "m%d", "metrics": {"t": %d}}`, i, i)
+}
+
+func TestWriterAcksOnlyAfterCommit(t *testing.T) {
+	for _, unsafe := range []bool{false, true} {
+		t.Run(fmt.Sprintf("unsafe=%v", unsafe), func(t *testing.T) {
+			hs := newHookStore(t)
+			rec := newDoneRec()
+			entered, release := make(chan struct{}), make(chan struct{})
+			var once sync.Once
+			hs.before = func() error {
+				once.Do(func() { close(entered); <-release })
+				return nil
+			}
+			w := NewWriter(hs, NewDecoder(DefaultLimits), Config{UnsafeAckBeforeCommit: unsafe}, prometheus.NewRegistry(), discardLogger())
+			startWriter(t, w)
+			const n = 5
+			for i := 0; i < n; i++ {
+				submit(t, w, rec.msg(fmt.Sprint(i), "sensors/dev/telemetry", telemetry(i)))
+			}
+			select {
+			case <-entered:
+			case <-time.After(10 * time.Second):
+				t.Fatal("writer never committed")
+			}
+			if got := rec.count(); got != 0 && !unsafe {
+				t.Fatalf("%d messages done while their commit is blocked", got)
+			} else if unsafe && got == 0 {
+				t.Fatal("the unsafe mode should ack before the commit; the test cannot detect loss")
+			}
+			close(release)
+			rec.wait(t, n)
+			if unsafe {
+				return
+			}
+			for i := 0; i < n; i++ {
+				rec.check(t, fmt.Sprint(i), false)
+			}
+			if c := hs.Counts(); c.Readings != n {
+				t.Fatalf("%d readings stored, want %d", c.Readings, n)
+			}
+		})
+	}
+}
+
+// TestWriterDoneMeansReadable checks from inside Done that the message is in
+// the store, for many concurrent submitters, and that batches group.
+func TestWriterDoneMeansReadable(t *testing.T) {
+	hs := newHookStore(t)
+	w := NewWriter(hs, NewDecoder(DefaultLimits), Config{MaxBatch: 64, Linger: 2 * time.Millisecond}, nil, discardLogger())
+	startWriter(t, w)
+	const clients, per = 8, 50
+	var wg sync.WaitGroup
+	var bad atomic.Int64
+	var done atomic.Int64
+	for c := 0; c < clients; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			dev := fmt.Sprintf("dev%d", c)
+			for i := 0; i < per; i++ {
+				id := fmt.Sprintf("m%d", i)
+				ch := make(chan error, 1)
+				m := &Message{Topic: "sensors/" + dev + "/telemetry", Payload: []byte(telemetry(i)), Done: func(err error) {
+					if err == nil {
+						p, qerr := hs.Readings(dev, store.ReadingsQuery{Limit: per})
+						found := false
+						for _, r := range p.Items {
+							found = found || r.ID == id
+						}
+						if qerr != nil || !found {
+							bad.Add(1)
+						}
+					}
+					ch <- err
+				}}
+				if err := w.Submit(context.Background(), m); err != nil {
+					bad.Add(1)
+					return
+				}
+				if i%10 == 9 { // pipeline a few, then wait
+					if err := <-ch; err != nil {
+						bad.Add(1)
+					}
+				} else {
+					go func() { <-ch; done.Add(1) }()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if bad.Load() != 0 {
+		t.Fatalf("%d messages were done before they were readable, or failed", bad.Load())
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for hs.Counts().Readings != clients*per && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := hs.Counts().Readings; got != clients*per {
+		t.Fatalf("%d readings, want %d", got, clients*per)
+	}
+	if calls := hs.calls.Load(); calls >= clients*per {
+		t.Fatalf("%d commits for %d messages: no group commit", calls, clients*per)
+	}
+}
+
+func TestWriterDeadLetters(t *testing.T) {
+	hs := newHookStore(t)
+	rec := newDoneRec()
+	w := NewWriter(hs, NewDecoder(DefaultLimits), Config{}, nil, discardLogger())
+	startWriter(t, w)
+	msgs := []struct{ name, topic, payload, reason string }{
+		{"good", "sensors/dev/telemetry", telemetry(1), ""},
+		{"nan", "sensors/dev/telemetry", `{"metrics":{"t":NaN}}`, `metric "t" is not a finite number`},
+		{"topic", "sensors/a b/telemetry", telemetry(2), "must match [A-Za-z0-9._-]{1,64}"},
+		{"garbage", "sensors/dev/telemetry", "\x00\xff not json", "payload is not valid JSON"},
+		{"state", "sensors/dev/state", `{"state":{"fw":"1.0"}}`, ""},
+		{"bad state", "sensors/dev/state", `{"state":{"fw":NaN}}`, `state field "fw" is not valid JSON`},
+	}
+	for _, m := range msgs {
+		submit(t, w, rec.msg(m.name, m.topic, m.payload))
+	}
+	rec.wait(t, len(msgs))
+	for _, m := range msgs {
+		rec.check(t, m.name, false) // dead letters are acked too
+	}
+	dls, err := hs.DeadLetters(0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var reasons []string
+	for _, m := range msgs {
+		if m.reason != "" {
+			reasons = append(reasons, m.reason)
+		}
+	}
+	if len(dls) != len(reasons) {
+		t.Fatalf("%d dead letters, want %d: %+v", len(dls), len(reasons), dls)
+	}
+	for i, dl := range dls {
+		if !strings.Contains(dl.Reason, reasons[i]) || dl.Topic != msgs[map[int]int{0: 1, 1: 2, 2: 3, 3: 5}[i]].topic || len(dl.Payload) == 0 || dl.At == 0 {
+			t.Fatalf("dead letter %d = %+v, want reason %q", i, dl, reasons[i])
+		}
+	}
+	if c := hs.Counts(); c.Readings != 1 || c.DeadLetters != uint64(len(reasons)) {
+		t.Fatalf("counts %+v", c)
+	}
+	d, err := hs.Device("dev")
+	if err != nil || string(d.Reported["fw"].Value) != `"1.0"` {
+		t.Fatalf("device = %+v, %v", d, err)
+	}
+}
+
+func TestWriterCommitFailure(t *testing.T) {
+	hs := newHookStore(t)
+	hs.failAll.Store(true)
+	rec := newDoneRec()
+	w := NewWriter(hs, NewDecoder(DefaultLimits), Config{}, nil, discardLogger())
+	startWriter(t, w)
+	submit(t, w, rec.msg("a", "sensors/dev/telemetry", telemetry(1)))
+	submit(t, w, rec.msg("dead", "sensors/dev/telemetry", `nope`))
+	rec.wait(t, 2)
+	rec.check(t, "a", true)
+	rec.check(t, "dead", true) // its dead letter was not stored either
+	if c := hs.Counts(); c.Readings != 0 || c.DeadLetters != 0 {
+		t.Fatalf("counts after a failed commit: %+v", c)
+	}
+	// The writer keeps going once the store recovers; redelivery stores.
+	hs.failAll.Store(false)
+	submit(t, w, rec.msg("b", "sensors/dev/telemetry", telemetry(1)))
+	rec.wait(t, 1)
+	rec.check(t, "b", false)
+	if c := hs.Counts(); c.Readings != 1 {
+		t.Fatalf("counts after recovery: %+v", c)
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestWriterQuotaBackpressure(t *testing.T) {
+	t.Run("real usage over a small quota", func(t *testing.T) {
+		hs := newHookStore(t)
+		rec := newDoneRec()
+		w := NewWriter(hs, NewDecoder(DefaultLimits), Config{QuotaBytes: 4096}, nil, discardLogger())
+		stop := startWriter(t, w)
+		submit(t, w, rec.msg("a", "sensors/dev/telemetry", telemetry(1)))
+		waitFor(t, "backpressure", w.Backpressure)
+		if rec.count() != 0 || hs.calls.Load() != 0 {
+			t.Fatalf("over quota, yet %d done and %d commits", rec.count(), hs.calls.Load())
+		}
+		// Shutting down while over quota fails the held message: it was
+		// not stored and must be redelivered.
+		if err := stop(); err != nil {
+			t.Fatal(err)
+		}
+		rec.wait(t, 1)
+		rec.check(t, "a", true)
+		if c := hs.Counts(); c.Readings != 0 {
+			t.Fatalf("stored while over quota: %+v", c)
+		}
+	})
+	t.Run("resumes when usage drops", func(t *testing.T) {
+		hs := newHookStore(t)
+		hs.usage.Store(1 << 30)
+		rec := newDoneRec()
+		w := NewWriter(hs, NewDecoder(DefaultLimits), Config{QuotaBytes: 1 << 20}, nil, discardLogger())
+		startWriter(t, w)
+		for i := 0; i < 3; i++ {
+			submit(t, w, rec.msg(fmt.Sprint(i), "sensors/dev/telemetry", telemetry(i)))
+		}
+		waitFor(t, "backpressure", w.Backpressure)
+		if rec.count() != 0 {
+			t.Fatalf("%d messages done while over quota", rec.count())
+		}
+		hs.usage.Store(1000)
+		rec.wait(t, 3)
+		for i := 0; i < 3; i++ {
+			rec.check(t, fmt.Sprint(i), false)
+		}
+		if w.Backpressure() {
+			t.Fatal("still reporting backpressure under quota")
+		}
+		// Over quota again: checked on every batch while it lasts, and at
+		// least every QuotaCheck otherwise.
+		hs.usage.Store(1 << 30)
+		submit(t, w, rec.msg("late", "sensors/dev/telemetry", telemetry(9)))
+		hs.usage.Store(1000)
+		rec.wait(t, 1)
+		rec.check(t, "late", false)
+	})
+	t.Run("free space", func(t *testing.T) {
+		hs := newHookStore(t)
+		var free atomic.Int64
+		rec := newDoneRec()
+		w := NewWriter(hs, NewDecoder(DefaultLimits), Config{MinFreeBytes: 1 << 20, FreeBytes: func() (int64, error) { return free.Load(), nil }}, nil, discardLogger())
+		startWriter(t, w)
+		submit(t, w, rec.msg("a", "sensors/dev/telemetry", telemetry(1)))
+		waitFor(t, "backpressure", w.Backpressure)
+		free.Store(1 << 30)
+		rec.wait(t, 1)
+		rec.check(t, "a", false)
+	})
+}
+
+func TestWriterShutdownDrains(t *testing.T) {
+	hs := newHookStore(t)
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	hs.before = func() error {
+		once.Do(func() { close(entered); <-release })
+		return nil
+	}
+	rec := newDoneRec()
+	w := NewWriter(hs, NewDecoder(DefaultLimits), Config{MaxBatch: 4, QueueSize: 100}, nil, discardLogger())
+	stop := startWriter(t, w)
+	submit(t, w, rec.msg("first", "sensors/dev/telemetry", telemetry(0)))
+	<-entered
+	const n = 30 // queued behind the blocked commit, several batches' worth
+	for i := 1; i <= n; i++ {
+		submit(t, w, rec.msg(fmt.Sprint(i), "sensors/dev/telemetry", telemetry(i)))
+	}
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	close(release)
+	if err := <-stopped; err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	// Every queued message was committed and done before Run returned.
+	if got := rec.count(); got != n+1 {
+		t.Fatalf("%d messages done after shutdown, want %d", got, n+1)
+	}
+	rec.check(t, "first", false)
+	for i := 1; i <= n; i++ {
+		rec.check(t, fmt.Sprint(i), false)
+	}
+	if c := hs.Counts(); c.Readings != n+1 {
+		t.Fatalf("%d readings stored, want %d", c.Readings, n+1)
+	}
+	if err := w.Submit(context.Background(), rec.msg("x", "sensors/dev/telemetry", telemetry(1))); !errors.Is(err, ErrStopped) {
+		t.Fatalf("Submit after Run returned: %v, want ErrStopped", err)
+	}
+}
+
+func TestWriterSubmitContextWhenFull(t *testing.T) {
+	hs := newHookStore(t)
+	w := NewWriter(hs, NewDecoder(DefaultLimits), Config{MaxBatch: 1, QueueSize: 1}, nil, discardLogger())
+	// Not running: the queue fills after one message.
+	rec := newDoneRec()
+	submit(t, w, rec.msg("a", "sensors/dev/telemetry", telemetry(1)))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if err := w.Submit(ctx, rec.msg("b", "sensors/dev/telemetry", telemetry(2))); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Submit on a full queue: %v", err)
+	}
+	startWriter(t, w)
+	rec.wait(t, 1)
+	rec.check(t, "a", false)
+	if rec.count() != 1 {
+		t.Fatal("Done called for a message Submit refused")
+	}
+}
