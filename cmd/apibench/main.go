@@ -3,8 +3,9 @@
 // API) over a temporary data directory, preloads devices and readings, and
 // drives the API on a loopback listener with concurrent keep-alive clients
 // as a non-admin operator, so every request is really authorised by policy.
-// It runs the mix once with the policy and once with the API's BypassPolicy
-// baseline, and prints one JSON line:
+// It runs the mix with the policy and with the API's BypassPolicy baseline,
+// alternating the two in slices so that the machine's other load biases
+// neither, and prints one JSON line:
 //
 //	{"rps":…, "rps_no_policy":…, "ratio":…, "p50_ms":…, "p99_ms":…, "policy_eval_us_p50":…}
 //
@@ -48,6 +49,7 @@ type options struct {
 	duration, warmup           time.Duration
 	policyDir                  string
 	cpuProfile                 string
+	rounds                     int
 }
 
 func main() {
@@ -58,7 +60,8 @@ func main() {
 	flag.DurationVar(&o.duration, "duration", 10*time.Second, "measured duration of each run (with and without policy)")
 	flag.DurationVar(&o.warmup, "warmup", time.Second, "unmeasured warm-up before each run")
 	flag.StringVar(&o.policyDir, "policies", "policies", "policy directory (the built-in policies if it does not exist)")
-	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the run with policy to this file")
+	flag.IntVar(&o.rounds, "rounds", 5, "alternate the two modes in this many slices of duration/rounds each")
+	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the measured runs (both modes) to this file")
 	flag.Parse()
 	if err := run(o); err != nil {
 		fmt.Fprintf(os.Stderr, "apibench: %v\n", err)
@@ -98,26 +101,58 @@ func run(o options) error {
 		return err
 	}
 
-	withPolicy, err := measure(e, pair.AccessToken, o, false, quiet, o.cpuProfile)
+	on, err := startServer(e, false, quiet)
 	if err != nil {
 		return err
 	}
-	noPolicy, err := measure(e, pair.AccessToken, o, true, quiet, "")
+	defer on.stop()
+	off, err := startServer(e, true, quiet)
 	if err != nil {
 		return err
+	}
+	defer off.stop()
+	// Sanity: the operator sees every device through the policy.
+	if n, err := countDevices(on.client, on.addr, pair.AccessToken); err != nil || n != min(len(e.ids), 1000) {
+		return fmt.Errorf("operator lists %d of %d devices (err %v): the policy setup is wrong", n, len(e.ids), err)
+	}
+	var stopProfile func()
+	if o.cpuProfile != "" {
+		if stopProfile, err = startProfile(o.cpuProfile); err != nil {
+			return err
+		}
+	}
+	// Alternate short slices of both modes, so that drift in the machine's
+	// other load biases neither.
+	var withPolicy, noPolicy sample
+	slice := o.duration / time.Duration(o.rounds)
+	for r := range o.rounds {
+		warm := time.Duration(0)
+		if r == 0 {
+			warm = o.warmup
+		}
+		withPolicy.add(drive(on, pair.AccessToken, e.ids, o, warm, slice))
+		noPolicy.add(drive(off, pair.AccessToken, e.ids, o, warm, slice))
+	}
+	if stopProfile != nil {
+		stopProfile()
+	}
+	wp, np := withPolicy.result(), noPolicy.result()
+	if withPolicy.firstErr != nil || noPolicy.firstErr != nil {
+		return fmt.Errorf("%d requests with policy and %d without failed; first: %v %v", wp.errors, np.errors, withPolicy.firstErr, noPolicy.firstErr)
+	}
+	if len(withPolicy.lat) == 0 || len(noPolicy.lat) == 0 {
+		return errors.New("no request succeeded")
 	}
 	evalUS, cachedUS, err := policyEval(dir, o, e.ids, quiet)
 	if err != nil {
 		return err
 	}
+	fmt.Fprintf(os.Stderr, "apibench: %d clients, %d CPUs, %v per mode in %d alternating slices\n", o.clients, runtime.GOMAXPROCS(0), o.duration, o.rounds)
 	fmt.Fprintf(os.Stderr, "apibench: with policy %.0f req/s (p50 %.2f ms, p99 %.2f ms, %d errors); without %.0f req/s (p50 %.2f ms, p99 %.2f ms); uncached Decide p50 %.1f µs, cached %.2f µs\n",
-		withPolicy.rps, withPolicy.p50, withPolicy.p99, withPolicy.errors, noPolicy.rps, noPolicy.p50, noPolicy.p99, evalUS, cachedUS)
+		wp.rps, wp.p50, wp.p99, wp.errors, np.rps, np.p50, np.p99, evalUS, cachedUS)
 	fmt.Printf(`{"rps":%v,"rps_no_policy":%v,"ratio":%v,"p50_ms":%v,"p99_ms":%v,"policy_eval_us_p50":%v}`+"\n",
-		round(withPolicy.rps, 0), round(noPolicy.rps, 0), round(withPolicy.rps/noPolicy.rps, 3),
-		round(withPolicy.p50, 3), round(withPolicy.p99, 3), round(evalUS, 1))
-	if withPolicy.errors > 0 || noPolicy.errors > 0 {
-		return fmt.Errorf("%d requests with policy and %d without failed", withPolicy.errors, noPolicy.errors)
-	}
+		round(wp.rps, 0), round(np.rps, 0), round(wp.rps/np.rps, 3),
+		round(wp.p50, 3), round(wp.p99, 3), round(evalUS, 1))
 	return nil
 }
 
@@ -181,8 +216,42 @@ type result struct {
 	errors        int64
 }
 
-// measure serves the API and drives it with o.clients workers.
-func measure(e *env, token string, o options, bypass bool, log *slog.Logger, cpuProfile string) (result, error) {
+// sample accumulates the slices of one mode.
+type sample struct {
+	lat      []time.Duration
+	elapsed  time.Duration
+	errors   int64
+	firstErr error
+}
+
+func (s *sample) add(o sample) {
+	s.lat = append(s.lat, o.lat...)
+	s.elapsed += o.elapsed
+	s.errors += o.errors
+	if s.firstErr == nil {
+		s.firstErr = o.firstErr
+	}
+}
+
+func (s *sample) result() result {
+	if len(s.lat) == 0 {
+		return result{errors: s.errors}
+	}
+	slices.Sort(s.lat)
+	pct := func(p float64) float64 {
+		return float64(s.lat[min(len(s.lat)-1, int(p*float64(len(s.lat))))]) / float64(time.Millisecond)
+	}
+	return result{rps: float64(len(s.lat)) / s.elapsed.Seconds(), p50: pct(0.50), p99: pct(0.99), errors: s.errors}
+}
+
+type server struct {
+	addr   string
+	client *fasthttp.HostClient
+	stop   func()
+}
+
+// startServer serves the API as cmd/edge builds it, rate limits off.
+func startServer(e *env, bypass bool, log *slog.Logger) (*server, error) {
 	reg := prometheus.NewRegistry()
 	srv, err := api.New(api.Config{
 		EdgeID: "bench-edge", Region: region, BypassPolicy: bypass, Logger: log,
@@ -191,50 +260,51 @@ func measure(e *env, token string, o options, bypass bool, log *slog.Logger, cpu
 		DataChanged: e.engine.InvalidateData,
 	})
 	if err != nil {
-		return result{}, err
+		return nil, err
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return result{}, err
+		return nil, err
 	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
-	defer func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(ctx)
-		<-served
-	}()
 	addr := ln.Addr().String()
-	client := &fasthttp.HostClient{Addr: addr, MaxConns: o.clients * 2, MaxIdleConnDuration: time.Minute, ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second}
+	return &server{
+		addr:   addr,
+		client: &fasthttp.HostClient{Addr: addr, MaxConns: 256, MaxIdleConnDuration: time.Minute, ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second},
+		stop: func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = srv.Shutdown(ctx)
+			<-served
+		},
+	}, nil
+}
 
-	// Sanity: the operator sees every device through the policy.
-	if n, err := countDevices(client, addr, token); err != nil || n != len(e.ids) && len(e.ids) <= 100 {
-		return result{}, fmt.Errorf("operator lists %d of %d devices (err %v): the policy setup is wrong", n, len(e.ids), err)
-	}
-
-	var stop atomic.Bool
-	var measuring atomic.Bool
+// drive runs o.clients workers against srv: warm unmeasured, then dur
+// measured. Mix: 60 % latest, 30 % a readings page of 100, 10 % a device
+// list page, over random devices.
+func drive(srv *server, token string, ids []string, o options, warm, dur time.Duration) sample {
+	var stop, measuring atomic.Bool
 	var errs atomic.Int64
-	var firstErr atomic.Value
-	lat := make([][]time.Duration, o.clients)
+	var mu sync.Mutex
+	var out sample
 	var wg sync.WaitGroup
 	for w := range o.clients {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(w), 42))
+			rng := rand.New(rand.NewPCG(uint64(w), uint64(time.Now().UnixNano())))
 			req, resp := fasthttp.AcquireRequest(), fasthttp.AcquireResponse()
 			defer fasthttp.ReleaseRequest(req)
 			defer fasthttp.ReleaseResponse(resp)
 			req.Header.Set("Authorization", "Bearer "+token)
-			req.Header.SetHost(addr)
-			mine := make([]time.Duration, 0, 1<<16)
+			mine := make([]time.Duration, 0, 1<<14)
+			var firstErr error
 			uri := make([]byte, 0, 128)
 			for !stop.Load() {
-				id := e.ids[rng.IntN(len(e.ids))]
-				uri = append(uri[:0], "http://"...)
-				uri = append(uri, addr...)
+				id := ids[rng.IntN(len(ids))]
+				uri = append(append(uri[:0], "http://"...), srv.addr...)
 				switch p := rng.IntN(100); {
 				case p < 60:
 					uri = append(append(append(uri, "/api/v1/devices/"...), id...), "/latest"...)
@@ -244,13 +314,13 @@ func measure(e *env, token string, o options, bypass bool, log *slog.Logger, cpu
 					uri = strconv.AppendInt(uri, from, 10)
 				default:
 					uri = append(uri, "/api/v1/devices?limit=20&cursor="...)
-					if c := rng.IntN(len(e.ids) + 1); c > 0 {
-						uri = append(uri, e.ids[c-1]...)
+					if c := rng.IntN(len(ids) + 1); c > 0 {
+						uri = append(uri, ids[c-1]...)
 					}
 				}
 				req.SetRequestURIBytes(uri)
 				start := time.Now()
-				err := client.Do(req, resp)
+				err := srv.client.Do(req, resp)
 				d := time.Since(start)
 				if !measuring.Load() {
 					continue
@@ -259,56 +329,32 @@ func measure(e *env, token string, o options, bypass bool, log *slog.Logger, cpu
 					err = fmt.Errorf("%s: %d %s", uri, resp.StatusCode(), resp.Body())
 				}
 				if err != nil {
-					if errs.Add(1) == 1 {
-						firstErr.Store(err)
+					errs.Add(1)
+					if firstErr == nil {
+						firstErr = err
 					}
 					continue
 				}
 				mine = append(mine, d)
 			}
-			lat[w] = mine
+			mu.Lock()
+			out.lat = append(out.lat, mine...)
+			if out.firstErr == nil {
+				out.firstErr = firstErr
+			}
+			mu.Unlock()
 		}()
 	}
-	time.Sleep(o.warmup) // warm-up is unmeasured load, not synchronisation
-	var stopProfile func()
-	if cpuProfile != "" {
-		if stopProfile, err = startProfile(cpuProfile); err != nil {
-			stop.Store(true)
-			wg.Wait()
-			return result{}, err
-		}
-	}
+	time.Sleep(warm) // warm-up is unmeasured load, not synchronisation
 	measuring.Store(true)
 	begin := time.Now()
-	time.Sleep(o.duration)
+	time.Sleep(dur)
 	measuring.Store(false)
-	elapsed := time.Since(begin)
+	out.elapsed = time.Since(begin)
 	stop.Store(true)
 	wg.Wait()
-	if stopProfile != nil {
-		stopProfile()
-	}
-	var all []time.Duration
-	for _, l := range lat {
-		all = append(all, l...)
-	}
-	if len(all) == 0 {
-		return result{}, errors.New("no request succeeded")
-	}
-	slices.Sort(all)
-	pct := func(p float64) float64 {
-		return float64(all[min(len(all)-1, int(p*float64(len(all))))]) / float64(time.Millisecond)
-	}
-	r := result{rps: float64(len(all)) / elapsed.Seconds(), p50: pct(0.50), p99: pct(0.99), errors: errs.Load()}
-	if err, _ := firstErr.Load().(error); err != nil {
-		fmt.Fprintf(os.Stderr, "apibench: first error: %v\n", err)
-	}
-	mode := "with policy"
-	if bypass {
-		mode = "without policy"
-	}
-	fmt.Fprintf(os.Stderr, "apibench: %s: %d requests in %v on %d CPUs\n", mode, len(all), elapsed.Round(time.Millisecond), runtime.GOMAXPROCS(0))
-	return r, nil
+	out.errors = errs.Load()
+	return out
 }
 
 func countDevices(c *fasthttp.HostClient, addr, token string) (int, error) {

@@ -176,7 +176,13 @@ func (s *Server) authenticate(c *fiber.Ctx) error {
 		c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="outpost"`)
 		return fail(c, fiber.StatusUnauthorized, "missing access token: send Authorization: Bearer <access_token> from /api/v1/auth/login")
 	}
-	claims, err := s.deps.Tokens.Verify(tok)
+	claims, cached := s.verified.get(tok)
+	var err error
+	if !cached {
+		if claims, err = s.deps.Tokens.Verify(tok); err == nil {
+			s.verified.put(tok, claims)
+		}
+	}
 	if err != nil {
 		c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="outpost", error="invalid_token"`)
 		switch {
@@ -188,12 +194,17 @@ func (s *Server) authenticate(c *fiber.Ctx) error {
 		return fail(c, fiber.StatusUnauthorized, "invalid access token: log in again")
 	}
 	u := policy.User{OpenID: claims.OpenID, Roles: []string{}, Regions: []string{}}
-	rec, err := s.deps.Store.User(claims.OpenID)
-	switch {
-	case err == nil:
-		u.Roles, u.Regions = rec.Roles, rec.Regions
-	case !errors.Is(err, store.ErrNotFound):
-		return fmt.Errorf("load user %s: %w", claims.OpenID, err)
+	if cu, ok := s.users.get(claims.OpenID); ok {
+		u.Roles, u.Regions = cu.roles, cu.regions
+	} else {
+		rec, err := s.deps.Store.User(claims.OpenID)
+		switch {
+		case err == nil:
+			u.Roles, u.Regions = nonNil(rec.Roles), nonNil(rec.Regions)
+		case !errors.Is(err, store.ErrNotFound):
+			return fmt.Errorf("load user %s: %w", claims.OpenID, err)
+		}
+		s.users.put(claims.OpenID, u.Roles, u.Regions)
 	}
 	for _, a := range s.cfg.Admins {
 		if a == claims.OpenID {

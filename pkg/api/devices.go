@@ -440,6 +440,7 @@ func (s *Server) putUser(c *fiber.Ctx) error {
 	if err := s.deps.Store.PutUser(u); err != nil {
 		return err
 	}
+	s.users.forget(u.OpenID)
 	if s.deps.DataChanged != nil {
 		s.deps.DataChanged()
 	}

@@ -102,7 +102,7 @@ func newEnv(t *testing.T, opts ...envOpt) *testEnv {
 	cfg := Config{
 		EdgeID: "edge-1", Region: "north", Location: &Location{Lat: 31.23, Lng: 121.47},
 		Advertise: "https://edge-1.example", Admins: []string{"root"}, DevLogin: true,
-		MaxPage: 50, BodyLimit: 8 << 10,
+		MaxPage: 50, BodyLimit: 8 << 10, Now: clock.now,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}
 	deps := Deps{

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/outpost-edge/outpost/pkg/auth"
 )
 
 // claimsFor are registered claims as the edge issues them.
@@ -233,4 +235,56 @@ func TestHostileBodies(t *testing.T) {
 		}
 		e.expect(req{path: "/healthz"}, 200)
 	})
+}
+
+// TestVerifiedTokenCache: a cached verification never outlives the token,
+// and a token whose key stops being trusted stops working within the
+// cache's ttl.
+func TestVerifiedTokenCache(t *testing.T) {
+	e := newEnv(t)
+	e.seed("dev-a", 1)
+	tok := e.token("root")
+	e.expect(req{path: "/api/v1/devices/dev-a", token: tok}, 200)
+	e.expect(req{path: "/api/v1/devices/dev-a", token: tok}, 200) // from the cache
+	e.clock.set(t, 16*time.Minute)
+	r := e.expect(req{path: "/api/v1/devices/dev-a", token: tok}, 401)
+	if !strings.Contains(r.env.Message, "expired") {
+		t.Fatalf("message %q", r.env.Message)
+	}
+	e.clock.reset()
+
+	// A key trusted from elsewhere (the cloud's), then withdrawn.
+	pub, priv, _ := ed25519.GenerateKey(rand.Reader)
+	kid := "cloud-key-1"
+	set := auth.JWKS{Keys: []auth.JWK{{Kty: "OKP", Crv: "Ed25519", X: base64.RawURLEncoding.EncodeToString(pub), Kid: kid, Alg: "EdDSA", Use: "sig"}}}
+	if err := e.tokens.Keys().SetTrusted(set); err != nil {
+		t.Fatal(err)
+	}
+	cloudTok := sign(t, jwt.SigningMethodEdDSA, priv, kid, claimsFor("root", time.Now()))
+	e.expect(req{path: "/api/v1/devices/dev-a", token: cloudTok}, 200)
+	if err := e.tokens.Keys().SetTrusted(auth.JWKS{}); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.set(t, 31*time.Second)
+	e.expect(req{path: "/api/v1/devices/dev-a", token: cloudTok}, 401)
+	// Uncached, the withdrawal applies at once.
+	other := sign(t, jwt.SigningMethodEdDSA, priv, kid, claimsFor("other", time.Now()))
+	e.expect(req{path: "/api/v1/edge", token: other}, 401)
+}
+
+// TestSyncedRoleChange: roles written to the store other than through the
+// API (as sync does) apply within the user cache's ttl.
+func TestSyncedRoleChange(t *testing.T) {
+	e := newEnv(t)
+	e.seed("dev-a", 1)
+	tok := e.token("synced")
+	e.expect(req{path: "/api/v1/devices/dev-a", token: tok}, 403)
+	e.putUser("synced", []string{"operator"}, []string{"north"})
+	e.clock.set(t, 2*time.Second)
+	e.expect(req{path: "/api/v1/devices/dev-a", token: tok}, 200)
+	e.clock.reset()
+	// Revocation too.
+	e.putUser("synced", nil, nil)
+	e.clock.set(t, 4*time.Second)
+	e.expect(req{path: "/api/v1/devices/dev-a", token: tok}, 403)
 }

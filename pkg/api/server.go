@@ -46,6 +46,21 @@ type Config struct {
 	RateLimitPerIP   float64
 	RateLimitPerUser float64
 
+	// VerifyCacheTTL is how long a verified access token is remembered, so
+	// repeated requests with it skip signature verification; it also bounds
+	// how long a token keeps working here after its signing key stops being
+	// trusted. Default 30 s; negative disables the cache.
+	VerifyCacheTTL time.Duration
+
+	// UserCacheTTL is how long a user's roles and regions are cached between
+	// store reads. Role writes through this API apply at once; writes that
+	// reach the store otherwise (sync) apply within it. Default 1 s;
+	// negative disables the cache.
+	UserCacheTTL time.Duration
+
+	// Now is the clock for cache expiry; default time.Now.
+	Now func() time.Time
+
 	// BypassPolicy skips the policy check after authentication. It exists
 	// only for the API benchmark's baseline; never enable it in production.
 	BypassPolicy bool
@@ -72,6 +87,15 @@ func (c *Config) defaults() {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+	if c.VerifyCacheTTL == 0 {
+		c.VerifyCacheTTL = 30 * time.Second
+	}
+	if c.UserCacheTTL == 0 {
+		c.UserCacheTTL = time.Second
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
 }
 
 // Location is a point in degrees.
@@ -89,6 +113,8 @@ type Server struct {
 	m    apiMetrics
 
 	ipLimit, userLimit *limiter
+	verified           *tokenCache
+	users              *userCache
 }
 
 // New builds the API. Call Serve to accept connections.
@@ -101,6 +127,8 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	s.m = newAPIMetrics(deps.Registerer)
 	s.ipLimit = newLimiter(cfg.RateLimitPerIP)
 	s.userLimit = newLimiter(cfg.RateLimitPerUser)
+	s.verified = newTokenCache(cfg.VerifyCacheTTL, 10000, cfg.Now)
+	s.users = newUserCache(cfg.UserCacheTTL, 10000, cfg.Now)
 	s.app = fiber.New(fiber.Config{
 		AppName:               "outpost-edge",
 		DisableStartupMessage: true,
