@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/hooks/storage"
@@ -45,7 +46,11 @@ type Config struct {
 	// ServiceUsers may connect with these username/bcrypt pairs and have no
 	// ACL restriction (the edge's own clients, monitoring).
 	ServiceUsers map[string]string
-	Logger       *slog.Logger
+	// ForwardSensors routes stored sensor messages on to other subscribers
+	// of sensors/ topics (at QoS 0). Off by default: it costs a routing
+	// pass per message and the edge itself does not need it.
+	ForwardSensors bool
+	Logger         *slog.Logger
 }
 
 // Broker is the embedded MQTT broker.
@@ -56,6 +61,10 @@ type Broker struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	addr   string
+	acks   *acker
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // New builds a broker that hands sensors/ messages to sub. It listens only
@@ -88,7 +97,10 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 		}
 	}
 	if sub != nil {
-		if err := srv.AddHook(&ingestHook{ctx: ctx, sub: sub, log: cfg.Logger}, nil); err != nil {
+		b.acks = newAcker(cfg.Logger)
+		b.wg.Add(1)
+		go func() { defer b.wg.Done(); b.acks.run(ctx) }()
+		if err := srv.AddHook(&ingestHook{ctx: ctx, sub: sub, log: cfg.Logger, srv: srv, acks: b.acks, fwd: cfg.ForwardSensors}, nil); err != nil {
 			cancel()
 			return nil, fmt.Errorf("broker ingest hook: %w", err)
 		}
@@ -124,9 +136,16 @@ func (b *Broker) Publish(topic string, payload []byte, retain bool, qos byte) er
 // Close stops listening, disconnects clients, releases devices blocked
 // waiting for ingest (their messages stay unacknowledged and will be resent),
 // and closes the state file.
+//
+// It is safe to call more than once: mochi's own Close panics the second
+// time.
 func (b *Broker) Close() error {
-	b.cancel()
-	return b.srv.Close()
+	b.closeOnce.Do(func() {
+		b.cancel()
+		b.closeErr = b.srv.Close()
+		b.wg.Wait()
+	})
+	return b.closeErr
 }
 
 // persistHook is mochi's bbolt storage hook minus the per-message writes for
@@ -190,13 +209,19 @@ func (h *persistHook) StoredInflightMessages() ([]storage.Message, error) {
 	return msgs, err
 }
 
-// ingestHook hands sensors/ publishes to the ingest writer and holds the
-// device's PUBACK until the message is durable.
+// ingestHook hands sensors/ publishes to the ingest writer. For QoS 1 it
+// takes the PUBACK away from mochi (which would send it before returning
+// from processPublish) and sends it itself once the message is durable, so a
+// device can keep many publishes in flight and one group commit covers many
+// messages of each device. QoS 2 keeps mochi's flow and blocks until durable.
 type ingestHook struct {
 	mqtt.HookBase
-	ctx context.Context
-	sub Submitter
-	log *slog.Logger
+	ctx  context.Context
+	sub  Submitter
+	log  *slog.Logger
+	srv  *mqtt.Server
+	acks *acker
+	fwd  bool
 }
 
 func (h *ingestHook) ID() string { return "outpost-ingest" }
@@ -207,12 +232,37 @@ func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 	if cl.Net.Inline || !strings.HasPrefix(pk.TopicName, "sensors/") {
 		return pk, nil
 	}
-	done := make(chan error, 1)
-	m := &ingest.Message{
-		Topic:   pk.TopicName,
-		Payload: bytes.Clone(pk.Payload),
-		Done:    func(err error) { done <- err },
+	topic, payload := pk.TopicName, bytes.Clone(pk.Payload)
+	switch pk.FixedHeader.Qos {
+	case 0:
+		m := &ingest.Message{Topic: topic, Payload: payload, Done: func(err error) {
+			if err == nil {
+				h.forward(topic, payload)
+			}
+		}}
+		if err := h.sub.Submit(h.ctx, m); err != nil {
+			h.log.Warn("QoS 0 message not stored", "client", cl.ID, "topic", topic, "err", err)
+		}
+		return pk, packets.ErrRejectPacket
+	case 1:
+		pid := pk.PacketID
+		m := &ingest.Message{Topic: topic, Payload: payload, Done: func(err error) {
+			if err != nil {
+				h.refuse(cl, err)
+				return
+			}
+			h.acks.ack(cl, pid)
+			h.forward(topic, payload)
+		}}
+		if err := h.sub.Submit(h.ctx, m); err != nil {
+			return pk, h.refuse(cl, err)
+		}
+		// Rejecting stops mochi from acknowledging and routing now; the
+		// acker sends the PUBACK after the commit.
+		return pk, packets.ErrRejectPacket
 	}
+	done := make(chan error, 1)
+	m := &ingest.Message{Topic: topic, Payload: payload, Done: func(err error) { done <- err }}
 	if err := h.sub.Submit(h.ctx, m); err != nil {
 		return pk, h.refuse(cl, err)
 	}
@@ -223,9 +273,15 @@ func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 		}
 		return pk, nil
 	case <-h.ctx.Done():
-		// Shutting down: the writer will still finish this message, but the
-		// device must not get a PUBACK we cannot vouch for.
 		return pk, h.refuse(cl, h.ctx.Err())
+	}
+}
+
+// forward routes a stored sensor message to other subscribers (dashboards,
+// bridges) at QoS 0; the durable copy is in the store.
+func (h *ingestHook) forward(topic string, payload []byte) {
+	if h.fwd {
+		_ = h.srv.Publish(topic, payload, false, 0)
 	}
 }
 
@@ -237,6 +293,75 @@ func (h *ingestHook) refuse(cl *mqtt.Client, err error) error {
 	}
 	go cl.Stop(fmt.Errorf("ingest: %w", err))
 	return packets.ErrRejectPacket
+}
+
+// acker writes PUBACKs for durable messages. It coalesces the acks of one
+// group commit into one write per client, in the order the messages arrived
+// (MQTT requires QoS 1 acks in publish order), off the writer's goroutine so
+// a slow client cannot stall commits.
+type acker struct {
+	jobs chan ackJob
+	log  *slog.Logger
+	done chan struct{}
+}
+
+type ackJob struct {
+	cl  *mqtt.Client
+	pid uint16
+}
+
+func newAcker(log *slog.Logger) *acker {
+	return &acker{jobs: make(chan ackJob, 1<<16), log: log, done: make(chan struct{})}
+}
+
+func (a *acker) ack(cl *mqtt.Client, pid uint16) { a.jobs <- ackJob{cl, pid} }
+
+// run writes acks until ctx ends and the queue is empty.
+func (a *acker) run(ctx context.Context) {
+	defer close(a.done)
+	bufs := map[*mqtt.Client][]byte{}
+	var order []*mqtt.Client
+	for {
+		var j ackJob
+		select {
+		case j = <-a.jobs:
+		case <-ctx.Done():
+			return
+		}
+		for {
+			b, seen := bufs[j.cl]
+			if !seen {
+				order = append(order, j.cl)
+			}
+			bufs[j.cl] = append(b, 0x40, 0x02, byte(j.pid>>8), byte(j.pid))
+			select {
+			case j = <-a.jobs:
+				continue
+			default:
+			}
+			break
+		}
+		for _, cl := range order {
+			a.write(cl, bufs[cl])
+			delete(bufs, cl)
+		}
+		order = order[:0]
+	}
+}
+
+func (a *acker) write(cl *mqtt.Client, b []byte) {
+	if cl.Closed() || cl.Net.Conn == nil {
+		return // the device will redeliver; dedupe keeps it stored once
+	}
+	cl.Lock()
+	_ = cl.Net.Conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	_, err := cl.Net.Conn.Write(b)
+	_ = cl.Net.Conn.SetWriteDeadline(time.Time{})
+	cl.Unlock()
+	if err != nil {
+		a.log.Warn("PUBACK write failed; closing client", "client", cl.ID, "err", err)
+		go cl.Stop(fmt.Errorf("write puback: %w", err))
+	}
 }
 
 // authHook authenticates devices and confines them to their own topics.

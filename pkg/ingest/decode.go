@@ -187,11 +187,13 @@ func (d *Decoder) reading(v *fastjson.Value, now time.Time) (store.Reading, erro
 			return r, invalid("key %q appears twice in a reading", k)
 		}
 	}
-	ts, err := d.ts(v.Get("ts"), now)
+	tsv := v.Get("ts")
+	ts, err := d.ts(tsv, now)
 	if err != nil {
 		return r, err
 	}
 	r.TS = ts
+	r.ReceiveTS = tsv == nil || tsv.Type() == fastjson.TypeNull
 	if idv := v.Get("id"); idv != nil && idv.Type() != fastjson.TypeNull {
 		id, err := idv.StringBytes()
 		if err != nil {

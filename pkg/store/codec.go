@@ -13,6 +13,11 @@ type Reading struct {
 	TS      int64    // Unix milliseconds
 	ID      string   // optional message id given by the device, used for dedupe
 	Metrics []Metric // in the order received; names unique
+	// ReceiveTS is set when the device sent no ts and TS is the edge's
+	// receive time. A redelivery then gets a different TS, so dedupe by id
+	// needs an id index; with a device ts the key itself (ts and a hash of
+	// the id) identifies the reading and no index is written.
+	ReceiveTS bool
 }
 
 // Metric is one named value of a reading.

@@ -164,7 +164,7 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 		w.scratch = appendMetrics(w.scratch[:0], r.Metrics)
 		key := readingKey(r, w.scratch)
 		var ib *bolt.Bucket
-		if r.ID != "" {
+		if r.ID != "" && r.ReceiveTS {
 			if ib, err = w.bucket(w.ids, w.ibs, it.Device); err != nil {
 				return res, err
 			}

@@ -196,7 +196,11 @@ func TestDedupe(t *testing.T) {
 		stored  int
 	}{
 		{"same id within one batch", [][]Reading{{reading(t0, "x", "a", 1.0), reading(t0, "x", "a", 1.0)}}, false, 1},
-		{"same id different body", [][]Reading{{reading(t0, "x", "a", 1.0), reading(t0+5, "x", "a", 2.0)}}, false, 1},
+		// Without a device ts, a redelivery is stamped with a new receive
+		// time: the id alone identifies it.
+		{"receive-time id within one batch", [][]Reading{{recv(t0, "x", "a", 1.0), recv(t0+5, "x", "a", 1.0)}}, false, 1},
+		{"receive-time id across batches", [][]Reading{{recv(t0, "x", "a", 1.0)}, {recv(t0+5, "x", "a", 1.0)}}, false, 1},
+		{"receive-time id across reopen", [][]Reading{{recv(t0, "x", "a", 1.0)}, {recv(t0+60000, "x", "a", 1.0)}}, true, 1},
 		{"same id across batches", [][]Reading{{reading(t0, "x", "a", 1.0)}, {reading(t0, "x", "a", 1.0)}}, false, 1},
 		{"same id across reopen", [][]Reading{{reading(t0, "x", "a", 1.0)}, {reading(t0, "x", "a", 1.0)}}, true, 1},
 		{"no id, same ts and metrics, one batch", [][]Reading{{reading(t0, "", "a", 1.0, "b", 2.0), reading(t0, "", "a", 1.0, "b", 2.0)}}, false, 1},
@@ -282,4 +286,11 @@ func TestDevicesRegistry(t *testing.T) {
 	if _, err := s.Device("zz"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("unknown device: %v", err)
 	}
+}
+
+// recv is a reading stamped with the edge's receive time (no device ts).
+func recv(ts int64, id string, kv ...any) Reading {
+	r := reading(ts, id, kv...)
+	r.ReceiveTS = true
+	return r
 }
