@@ -38,7 +38,7 @@ func TestLogin(t *testing.T) {
 		{"dev login over-long openid", `{"code":"dev:` + long + `"}`, 400, "dev login openid"},
 		{"missing code", `{}`, 400, `"code" is required`},
 		{"empty code", `{"code":""}`, 400, `"code" is required`},
-		{"over-long code", `{"code":"` + strings.Repeat("x", 600) + `"}`, 400, "code"},
+		{"over-long code", `{"code":"` + strings.Repeat("x", 600) + `"}`, 400, `"code" is too long`},
 		{"empty body", ``, 400, "empty"},
 		{"malformed JSON", `{"code":`, 400, "not valid JSON"},
 		{"not an object", `["dev:a"]`, 400, ""},
@@ -143,6 +143,7 @@ func TestRefresh(t *testing.T) {
 		{"unknown field", `{"refresh":"x"}`, 400, "unknown field"},
 		{"malformed", `{"refresh_token":`, 400, "not valid JSON"},
 		{"unknown token", `{"refresh_token":"nope"}`, 401, "unknown refresh token"},
+		{"over-long", `{"refresh_token":"` + strings.Repeat("r", 513) + `"}`, 400, "too long"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1021,4 +1022,19 @@ func TestInternalErrorsDoNotLeak(t *testing.T) {
 		})
 	}
 	e.expect(req{path: "/healthz"}, 200) // alive after a panic
+	// Panics are counted like any other 500.
+	resp, err := e.client.Get(e.base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, want := range []string{
+		`outpost_http_requests_total{method="GET",route="/api/v1/devices/:id",status="500"} 2`,
+		`outpost_http_requests_total{method="GET",route="/api/v1/devices/:id/latest",status="500"} 1`,
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Fatalf("metrics lack %q", want)
+		}
+	}
 }

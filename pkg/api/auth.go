@@ -98,8 +98,11 @@ func (s *Server) login(c *fiber.Ctx) error {
 	if err := decodeBody(c, &req); err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
-	if req.Code == "" || len(req.Code) > 512 {
+	if req.Code == "" {
 		return fail(c, fiber.StatusBadRequest, `"code" is required: the code from wx.login()`)
+	}
+	if len(req.Code) > 512 {
+		return fail(c, fiber.StatusBadRequest, `"code" is too long: at most 512 bytes`)
 	}
 	ctx := c.UserContext()
 	if openid, isDev := strings.CutPrefix(req.Code, "dev:"); isDev {
@@ -149,8 +152,11 @@ func (s *Server) refresh(c *fiber.Ctx) error {
 	if err := decodeBody(c, &req); err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
-	if req.RefreshToken == "" || len(req.RefreshToken) > 512 {
+	if req.RefreshToken == "" {
 		return fail(c, fiber.StatusBadRequest, `"refresh_token" is required`)
+	}
+	if len(req.RefreshToken) > 512 {
+		return fail(c, fiber.StatusBadRequest, `"refresh_token" is too long: at most 512 bytes`)
 	}
 	pair, err := s.deps.Tokens.Refresh(c.UserContext(), req.RefreshToken)
 	switch {

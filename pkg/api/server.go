@@ -180,10 +180,12 @@ func (s *Server) Run(ctx context.Context) {
 
 func (s *Server) routes() {
 	app := s.app
-	app.Use(recover.New())
 	app.Use(requestid.New(requestid.Config{ContextKey: "requestid"}))
 	app.Use(s.securityHeaders)
 	app.Use(s.accessLog)
+	// Inside the access log, so a panic is logged and counted as the 500 it
+	// becomes rather than bypassing the request metrics.
+	app.Use(recover.New())
 
 	app.Get("/healthz", s.healthz)
 	app.Get("/readyz", s.readyz)
