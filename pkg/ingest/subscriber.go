@@ -84,6 +84,12 @@ func (s *Subscriber) options() *paho.ClientOptions {
 		SetConnectRetryInterval(time.Second).
 		SetMaxReconnectInterval(30 * time.Second).
 		SetKeepAlive(30 * time.Second).
+		// A persistent session's queued messages arrive right after
+		// CONNACK, possibly before the OnConnect handler has re-added the
+		// subscription's route; paho would leave those unhandled and
+		// unacknowledged until the next reconnect. The default handler
+		// catches them.
+		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { s.handle(s.ctx, m) }).
 		SetOnConnectHandler(func(c paho.Client) {
 			filters := make(map[string]byte, len(s.cfg.Topics))
 			for _, t := range s.cfg.Topics {
