@@ -164,21 +164,22 @@ func (s *Store) Counts() Counts {
 	}
 }
 
-// Usage reports bytes in use: the file size less its free pages. bbolt never
-// shrinks its file, so free pages are reusable space that the quota must not
-// count.
+// Usage reports bytes in use: the pages up to the file's high-water mark
+// less the free ones. bbolt never shrinks its file, so free pages are
+// reusable space that the quota must not count; nor is the tail it
+// preallocates beyond the high-water mark (up to 16 MiB at a time), or an
+// almost empty store would look 16 MiB full and grow in jumps.
 func (s *Store) Usage() (int64, error) {
-	fi, err := os.Stat(s.path)
-	if err != nil {
-		return 0, fmt.Errorf("stat store: %w", err)
+	var size int64
+	if err := s.db.View(func(tx *bolt.Tx) error {
+		size = tx.Size()
+		return nil
+	}); err != nil {
+		return 0, fmt.Errorf("store usage: %w", err)
 	}
 	st := s.db.Stats()
 	free := int64(st.FreePageN+st.PendingPageN) * int64(s.db.Info().PageSize)
-	used := fi.Size() - free
-	if used < 0 {
-		used = 0
-	}
-	return used, nil
+	return max(size-free, 0), nil
 }
 
 // FileSize is the database file's size on disk.
