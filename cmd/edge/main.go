@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -234,6 +236,14 @@ func run(ctx context.Context, cfg config.Edge, log *slog.Logger) error {
 		}
 	}()
 
+	if cfg.Pprof != "" {
+		stopPprof, err := servePprof(cfg.Pprof, log)
+		if err != nil {
+			return err
+		}
+		defer stopPprof()
+	}
+
 	log.Info("outpost edge started", "id", cfg.ID, "http", httpLn.Addr().String(), "mqtt", mqttAddr,
 		"embedded_broker", cfg.MQTT.Broker == "", "data", cfg.DataDir, "dev_login", cfg.DevLogin)
 
@@ -319,4 +329,26 @@ func registerStoreMetrics(reg prometheus.Registerer, st *store.Store) {
 		gauge("outpost_store_dead_letters", "Dead letters kept.", func() float64 { return float64(st.Counts().DeadLetters) }),
 		gauge("outpost_sync_backlog", "Outbox entries not yet acknowledged by the cloud.", func() float64 { return float64(st.Counts().OutboxBacklog) }),
 	)
+}
+
+// servePprof serves the profiler on its own listener, apart from the API.
+func servePprof(addr string, log *slog.Logger) (func(), error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("pprof listen %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("pprof", "err", err)
+		}
+	}()
+	log.Info("pprof listening", "addr", ln.Addr().String())
+	return func() { srv.Close() }, nil
 }

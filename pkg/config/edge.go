@@ -26,6 +26,9 @@ type Edge struct {
 	Admins    []string `yaml:"admins"`
 	DevLogin  bool     `yaml:"dev_login"`
 	LogLevel  string   `yaml:"log_level"`
+	// Pprof serves net/http/pprof on this address when set (keep it on
+	// loopback or an admin network).
+	Pprof string `yaml:"pprof"`
 
 	MQTT   MQTT   `yaml:"mqtt"`
 	Cloud  Cloud  `yaml:"cloud"`
@@ -144,6 +147,7 @@ func ParseEdge(args []string, stderr io.Writer) (Edge, error) {
 		admins     = fs.String("admin", "", "openid(s) with the admin role on this edge, comma separated")
 		devLogin   = fs.Bool("dev-login", false, `accept login code "dev:<openid>" without WeChat (development only)`)
 		logLevel   = fs.String("log-level", cfg.LogLevel, "log level: debug, info, warn, error")
+		pprofAddr  = fs.String("pprof", "", "serve pprof on this address, e.g. 127.0.0.1:6060 (off by default)")
 		policyDir  = fs.String("policies", cfg.Policy.Dir, "directory of Rego policies")
 		noSync     = fs.Bool("unsafe-no-fsync", false, "TESTING ONLY: disable fsync")
 		ackEarly   = fs.Bool("unsafe-ack-before-commit", false, "TESTING ONLY: acknowledge messages before they are durable (proves crash tests detect loss)")
@@ -193,6 +197,8 @@ func ParseEdge(args []string, stderr io.Writer) (Edge, error) {
 			cfg.DevLogin = *devLogin
 		case "log-level":
 			cfg.LogLevel = *logLevel
+		case "pprof":
+			cfg.Pprof = *pprofAddr
 		case "policies":
 			cfg.Policy.Dir = *policyDir
 		case "unsafe-no-fsync":

@@ -1,0 +1,593 @@
+// Command edgebench measures the edge's durable MQTT ingest against a bare
+// broker in the same run: 100 simulated devices publish QoS 1 to each, and
+// it prints one JSON line with throughput, the ratio to the baseline,
+// publish-to-ack latency, loss and duplicates (checked through the API), and
+// the edge's peak RSS. It also measures batched payloads, a 1000-reading
+// page and stats over 1M readings.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/hooks/auth"
+	"github.com/mochi-mqtt/server/v2/listeners"
+)
+
+type options struct {
+	edgeBin  string
+	devices  int
+	window   int
+	duration time.Duration
+	batched  time.Duration
+	bigN     int
+	verbose  bool
+	pprof    string
+}
+
+func main() {
+	if len(os.Args) > 2 && os.Args[1] == "bare-broker" {
+		os.Exit(bareBroker(os.Args[2]))
+	}
+	var o options
+	flag.StringVar(&o.edgeBin, "edge", "", "edge binary (default: build ./cmd/edge)")
+	flag.IntVar(&o.devices, "devices", 100, "simulated devices (one MQTT connection each)")
+	flag.IntVar(&o.window, "window", 16, "QoS 1 publishes in flight per device")
+	flag.DurationVar(&o.duration, "duration", 10*time.Second, "duration of each single-reading run")
+	flag.DurationVar(&o.batched, "batched", 5*time.Second, "duration of the batched (100 readings per message) run; 0 skips")
+	flag.IntVar(&o.bigN, "big", 1_000_000, "readings of one device for the stats benchmark; 0 skips")
+	flag.BoolVar(&o.verbose, "v", false, "log progress to stderr")
+	flag.StringVar(&o.pprof, "edge-pprof", "", "pass -pprof ADDR to the edge, to profile it during the run")
+	flag.Parse()
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	if o.verbose {
+		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	res, err := run(ctx, o, log)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "edgebench: %v\n", err)
+		os.Exit(1)
+	}
+	out, _ := json.Marshal(res)
+	fmt.Println(string(out))
+}
+
+type result struct {
+	MsgsPerS         float64 `json:"msgs_per_s"`
+	BaselineMsgsPerS float64 `json:"baseline_msgs_per_s"`
+	Ratio            float64 `json:"ratio"`
+	P50ms            float64 `json:"p50_ms"`
+	P99ms            float64 `json:"p99_ms"`
+	Lost             int     `json:"lost"`
+	Dupes            int     `json:"dupes"`
+	RSSMB            float64 `json:"rss_mb"`
+	BaselineP99ms    float64 `json:"baseline_p99_ms"`
+	BatchedReadingsS float64 `json:"batched_readings_per_s,omitempty"`
+	BatchedP99ms     float64 `json:"batched_p99_ms,omitempty"`
+	Page1000ms       float64 `json:"page_1000_ms,omitempty"`
+	Stats1Mms        float64 `json:"stats_1m_ms,omitempty"`
+	StatsReadings    int     `json:"stats_readings,omitempty"`
+}
+
+func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
+	var res result
+	tmp, err := os.MkdirTemp("", "edgebench")
+	if err != nil {
+		return res, err
+	}
+	defer os.RemoveAll(tmp)
+	if o.edgeBin == "" {
+		o.edgeBin = filepath.Join(tmp, "edge")
+		log.Info("building edge")
+		cmd := exec.Command("go", "build", "-o", o.edgeBin, "./cmd/edge")
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			return res, fmt.Errorf("build edge: %w", err)
+		}
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return res, err
+	}
+
+	// Baseline: a bare mochi broker in its own process, a subscriber that
+	// only acknowledges, and the same publishers.
+	bareAddr := freeAddr()
+	bare := exec.CommandContext(ctx, self, "bare-broker", bareAddr)
+	bare.Stderr = os.Stderr
+	if err := bare.Start(); err != nil {
+		return res, err
+	}
+	defer func() { bare.Process.Kill(); bare.Wait() }()
+	if err := waitTCP(ctx, bareAddr); err != nil {
+		return res, err
+	}
+	var subGot atomic.Int64
+	sub, err := ackingSubscriber(bareAddr, &subGot)
+	if err != nil {
+		return res, err
+	}
+	log.Info("baseline run")
+	base, err := publishLoad(ctx, bareAddr, "base", o, 1)
+	sub.Disconnect(100)
+	if err != nil {
+		return res, fmt.Errorf("baseline: %w", err)
+	}
+	bare.Process.Kill()
+	res.BaselineMsgsPerS = base.rate
+	res.BaselineP99ms = base.p99
+
+	// The edge under test, as a real process with its own data directory.
+	httpAddr, mqttAddr := freeAddr(), freeAddr()
+	dataDir := filepath.Join(tmp, "data")
+	cfgPath := filepath.Join(tmp, "edge.yaml")
+	// The verification reads every reading back; rate limits would get in the way.
+	if err := os.WriteFile(cfgPath, []byte("api:\n  rate_limit_per_ip: 0\n  rate_limit_per_user: 0\n"), 0o600); err != nil {
+		return res, err
+	}
+	edge := exec.CommandContext(ctx, o.edgeBin, "-config", cfgPath, "-id", "bench", "-data", dataDir, "-http", httpAddr,
+		"-mqtt-listen", mqttAddr, "-dev-login", "-admin", "bench", "-log-level", "warn",
+		"-policies", filepath.Join(mustGetwd(), "policies"))
+	if o.pprof != "" {
+		edge.Args = append(edge.Args, "-pprof", o.pprof)
+	}
+	edge.Stderr = os.Stderr
+	if err := edge.Start(); err != nil {
+		return res, err
+	}
+	defer func() { edge.Process.Signal(syscall.SIGTERM); edge.Wait() }()
+	if err := waitHTTP(ctx, "http://"+httpAddr+"/readyz"); err != nil {
+		return res, err
+	}
+	log.Info("edge run")
+	er, err := publishLoad(ctx, mqttAddr, "dev", o, 1)
+	if err != nil {
+		return res, fmt.Errorf("edge: %w", err)
+	}
+	res.MsgsPerS, res.P50ms, res.P99ms = er.rate, er.p50, er.p99
+	res.Ratio = round(er.rate/base.rate, 3)
+
+	api := &apiClient{base: "http://" + httpAddr}
+	if err := api.login(); err != nil {
+		return res, err
+	}
+	log.Info("checking loss and duplicates")
+	res.Lost, res.Dupes, err = verify(api, er)
+	if err != nil {
+		return res, err
+	}
+
+	if o.batched > 0 {
+		bo := o
+		bo.duration = o.batched
+		bo.window = 4
+		br, err := publishLoad(ctx, mqttAddr, "batch", bo, 100)
+		if err != nil {
+			return res, fmt.Errorf("batched: %w", err)
+		}
+		res.BatchedReadingsS, res.BatchedP99ms = round(br.rate*100, 0), br.p99
+	}
+
+	log.Info("single-reading load", "edge", er.rate, "baseline", base.rate, "p99", er.p99, "lost", res.Lost, "dupes", res.Dupes)
+	if o.bigN > 0 {
+		log.Info("loading one device", "readings", o.bigN)
+		if err := loadOneDevice(ctx, mqttAddr, "big-0", o.bigN); err != nil {
+			return res, err
+		}
+		res.StatsReadings = o.bigN
+		if res.Stats1Mms, err = api.timeStats("big-0", o.bigN); err != nil {
+			return res, err
+		}
+		if res.Page1000ms, err = api.timePage("big-0", 1000); err != nil {
+			return res, err
+		}
+	}
+	res.RSSMB = peakRSSMB(edge.Process.Pid)
+	if o.verbose {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", edge.Process.Pid))
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "Rss") || strings.HasPrefix(l, "VmHWM") {
+				log.Info("edge memory", "line", l)
+			}
+		}
+	}
+	return res, nil
+}
+
+// ---- load ----
+
+type loadResult struct {
+	rate     float64
+	p50, p99 float64
+	acked    map[string][]string // device -> acked message ids
+	messages int
+}
+
+// publishLoad runs o.devices publishers, each with up to o.window QoS 1
+// messages in flight, for o.duration, and reports acknowledged messages per
+// second and publish-to-ack latency.
+func publishLoad(ctx context.Context, addr, prefix string, o options, perMsg int) (loadResult, error) {
+	res := loadResult{acked: map[string][]string{}}
+	type pubState struct {
+		pub   *rawPublisher
+		acked []string
+		lat   []time.Duration
+	}
+	states := make([]*pubState, o.devices)
+	for i := range states {
+		st := &pubState{}
+		pub, err := dialRaw(addr, fmt.Sprintf("%s-pub-%d", prefix, i), o.window, func(id string, d time.Duration) {
+			st.acked = append(st.acked, id)
+			st.lat = append(st.lat, d)
+		})
+		if err != nil {
+			return res, fmt.Errorf("connect publisher %d: %w", i, err)
+		}
+		st.pub = pub
+		states[i] = st
+	}
+	deadline := time.Now().Add(o.duration)
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, len(states))
+	for i, st := range states {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			topic := "sensors/" + fmt.Sprintf("%s-%d", prefix, i) + "/telemetry"
+			ts := time.Now().UnixMilli() - 3_600_000
+			for n := 0; time.Now().Before(deadline) && ctx.Err() == nil; n++ {
+				id := prefix + strconv.Itoa(i) + "-" + strconv.Itoa(n)
+				if err := st.pub.publish(topic, id, message(id, ts, n, perMsg)); err != nil {
+					errs <- err
+					return
+				}
+				ts += int64(perMsg)
+			}
+			if err := st.pub.drain(30 * time.Second); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	close(errs)
+	if err := <-errs; err != nil {
+		return res, err
+	}
+	var lat []time.Duration
+	for i, st := range states {
+		st.pub.close()
+		lat = append(lat, st.lat...)
+		res.acked[fmt.Sprintf("%s-%d", prefix, i)] = st.acked
+	}
+	res.messages = len(lat)
+	res.rate = round(float64(len(lat))/elapsed.Seconds(), 0)
+	sort.Slice(lat, func(a, b int) bool { return lat[a] < lat[b] })
+	if len(lat) > 0 {
+		res.p50 = ms(lat[len(lat)/2])
+		res.p99 = ms(lat[len(lat)*99/100])
+	}
+	return res, nil
+}
+
+// message is one telemetry payload; with perMsg > 1 an array of readings
+// whose ids derive from id.
+func message(id string, ts int64, n, perMsg int) []byte {
+	if perMsg == 1 {
+		return []byte(`{"ts":` + strconv.FormatInt(ts, 10) + `,"id":"` + id + `","metrics":{"temp":` +
+			strconv.Itoa(20+n%10) + `.5,"hum":` + strconv.Itoa(40+n%7) + `}}`)
+	}
+	var b strings.Builder
+	b.WriteByte('[')
+	for k := 0; k < perMsg; k++ {
+		if k > 0 {
+			b.WriteByte(',')
+		}
+		fmt.Fprintf(&b, `{"ts":%d,"id":"%s.%d","metrics":{"temp":%d.5,"hum":%d}}`, ts+int64(k), id, k, 20+k%10, 40+k%7)
+	}
+	b.WriteByte(']')
+	return []byte(b.String())
+}
+
+func ackingSubscriber(addr string, got *atomic.Int64) (paho.Client, error) {
+	c := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID("bench-sub").
+		SetCleanSession(true).SetOrderMatters(false))
+	if t := c.Connect(); !t.WaitTimeout(10*time.Second) || t.Error() != nil {
+		return nil, fmt.Errorf("connect subscriber: %v", t.Error())
+	}
+	t := c.Subscribe("sensors/#", 1, func(_ paho.Client, m paho.Message) { got.Add(1) })
+	if !t.WaitTimeout(10*time.Second) || t.Error() != nil {
+		return nil, fmt.Errorf("subscribe: %v", t.Error())
+	}
+	return c, nil
+}
+
+// loadOneDevice publishes n readings for one device in arrays of 1000.
+func loadOneDevice(ctx context.Context, addr, dev string, n int) error {
+	c := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID("bench-big").SetAutoReconnect(false))
+	if t := c.Connect(); !t.WaitTimeout(10*time.Second) || t.Error() != nil {
+		return fmt.Errorf("connect: %v", t.Error())
+	}
+	defer c.Disconnect(50)
+	// One reading per second ending now: about 11.5 days for 1M.
+	ts := time.Now().UnixMilli() - int64(n)*1000
+	sem := make(chan paho.Token, 8)
+	for sent := 0; sent < n && ctx.Err() == nil; {
+		k := min(1000, n-sent)
+		var b strings.Builder
+		b.WriteByte('[')
+		for j := 0; j < k; j++ {
+			if j > 0 {
+				b.WriteByte(',')
+			}
+			fmt.Fprintf(&b, `{"ts":%d,"metrics":{"temp":%d.25}}`, ts, (sent+j)%40)
+			ts += 1000
+		}
+		b.WriteByte(']')
+		if len(sem) == cap(sem) {
+			t := <-sem
+			if !t.WaitTimeout(30*time.Second) || t.Error() != nil {
+				return fmt.Errorf("publish: %v", t.Error())
+			}
+		}
+		sem <- c.Publish("sensors/"+dev+"/telemetry", 1, false, b.String())
+		sent += k
+	}
+	for len(sem) > 0 {
+		t := <-sem
+		if !t.WaitTimeout(30*time.Second) || t.Error() != nil {
+			return fmt.Errorf("publish: %v", t.Error())
+		}
+	}
+	return ctx.Err()
+}
+
+// ---- verification and queries through the API ----
+
+type apiClient struct {
+	base  string
+	token string
+	hc    http.Client
+}
+
+func (a *apiClient) login() error {
+	resp, err := a.hc.Post(a.base+"/api/v1/auth/login", "application/json", strings.NewReader(`{"code":"dev:bench"}`))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	var env struct {
+		Data struct {
+			AccessToken string `json:"access_token"`
+		} `json:"data"`
+		Message string `json:"message"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&env); err != nil || env.Data.AccessToken == "" {
+		return fmt.Errorf("login: %v %s", err, env.Message)
+	}
+	a.token = env.Data.AccessToken
+	return nil
+}
+
+func (a *apiClient) get(path string, into any) error {
+	req, _ := http.NewRequest(http.MethodGet, a.base+path, nil)
+	req.Header.Set("Authorization", "Bearer "+a.token)
+	resp, err := a.hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s: %s", path, resp.Status, b)
+	}
+	if into != nil {
+		return json.Unmarshal(b, into)
+	}
+	return nil
+}
+
+type readingsPage struct {
+	Data struct {
+		Items []struct {
+			ID string `json:"id"`
+		} `json:"items"`
+		NextCursor string `json:"next_cursor"`
+	} `json:"data"`
+}
+
+// verify reads every device's readings and compares them with the acked ids.
+func verify(a *apiClient, lr loadResult) (lost, dupes int, err error) {
+	for dev, ids := range lr.acked {
+		seen := map[string]int{}
+		cursor := ""
+		for {
+			var p readingsPage
+			if err := a.get("/api/v1/devices/"+dev+"/readings?limit=1000&cursor="+cursor, &p); err != nil {
+				return 0, 0, err
+			}
+			for _, it := range p.Data.Items {
+				seen[it.ID]++
+			}
+			if p.Data.NextCursor == "" {
+				break
+			}
+			cursor = p.Data.NextCursor
+		}
+		for _, id := range ids {
+			if seen[id] == 0 {
+				lost++
+			}
+		}
+		for _, n := range seen {
+			if n > 1 {
+				dupes += n - 1
+			}
+		}
+	}
+	return lost, dupes, nil
+}
+
+func (a *apiClient) timePage(dev string, limit int) (float64, error) {
+	var ds []time.Duration
+	for i := 0; i < 51; i++ {
+		t0 := time.Now()
+		var p readingsPage
+		if err := a.get(fmt.Sprintf("/api/v1/devices/%s/readings?limit=%d", dev, limit), &p); err != nil {
+			return 0, err
+		}
+		ds = append(ds, time.Since(t0))
+		if len(p.Data.Items) != limit {
+			return 0, fmt.Errorf("page has %d readings, want %d", len(p.Data.Items), limit)
+		}
+	}
+	return median(ds), nil
+}
+
+func (a *apiClient) timeStats(dev string, n int) (float64, error) {
+	to := time.Now().UnixMilli()
+	from := to - int64(n)*1000 - 1000
+	var ds []time.Duration
+	for i := 0; i < 21; i++ {
+		var p struct {
+			Data struct {
+				Buckets []struct {
+					Count int `json:"count"`
+				} `json:"buckets"`
+			} `json:"data"`
+		}
+		t0 := time.Now()
+		if err := a.get(fmt.Sprintf("/api/v1/devices/%s/stats?metric=temp&from=%d&to=%d", dev, from, to), &p); err != nil {
+			return 0, err
+		}
+		ds = append(ds, time.Since(t0))
+		total := 0
+		for _, b := range p.Data.Buckets {
+			total += b.Count
+		}
+		if total != n {
+			return 0, fmt.Errorf("stats counted %d readings, want %d", total, n)
+		}
+	}
+	return median(ds), nil
+}
+
+// ---- bare broker ----
+
+func bareBroker(addr string) int {
+	srv := mqtt.New(&mqtt.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	_ = srv.AddHook(new(auth.AllowHook), nil)
+	if err := srv.AddListener(listeners.NewTCP(listeners.Config{ID: "t", Address: addr})); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if err := srv.Serve(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	<-ctx.Done()
+	srv.Close()
+	return 0
+}
+
+// ---- helpers ----
+
+func freeAddr() string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func waitTCP(ctx context.Context, addr string) error {
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		if c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond); err == nil {
+			c.Close()
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("%s not listening", addr)
+}
+
+func waitHTTP(ctx context.Context, url string) error {
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		if resp, err := http.Get(url); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return errors.New(url + " not ready")
+}
+
+func peakRSSMB(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, _ := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 64)
+			return round(kb/1024, 1)
+		}
+	}
+	return 0
+}
+
+func mustGetwd() string {
+	wd, err := os.Getwd()
+	if err != nil {
+		panic(err)
+	}
+	return wd
+}
+
+func median(ds []time.Duration) float64 {
+	sort.Slice(ds, func(a, b int) bool { return ds[a] < ds[b] })
+	return ms(ds[len(ds)/2])
+}
+
+func ms(d time.Duration) float64 { return round(float64(d.Microseconds())/1000, 3) }
+
+func round(v float64, places int) float64 {
+	p := 1.0
+	for i := 0; i < places; i++ {
+		p *= 10
+	}
+	return float64(int64(v*p+0.5)) / p
+}
