@@ -393,7 +393,21 @@ func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) boo
 		h.log.Warn("mqtt authentication failed", "username", user, "remote", cl.Net.Remote)
 		return false
 	}
+	if cid := string(pk.Connect.ClientIdentifier); !h.isService(user) && cid != user && !strings.HasPrefix(cid, user+":") {
+		// Persistent sessions are keyed by client id and mochi does not
+		// re-check the ACL when it resumes one, so a device using another
+		// device's client id could inherit its subscriptions. The client
+		// id must be the device id, or the device id, ':' and a suffix
+		// (':' cannot occur in device ids, so no device can claim another's).
+		h.log.Warn("mqtt client id must equal the device id", "username", user, "client_id", string(pk.Connect.ClientIdentifier))
+		return false
+	}
 	return true
+}
+
+func (h *authHook) isService(user string) bool {
+	_, ok := h.service[user]
+	return ok
 }
 
 func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {

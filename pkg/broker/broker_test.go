@@ -278,12 +278,20 @@ func TestAuthAndACL(t *testing.T) {
 				t.Errorf("connected as %q with password %q", tt.user, tt.pass)
 			}
 		}
-		mustDial(t, addr, "a-ok", "A", "secret-a")
+		mustDial(t, addr, "A", "A", "secret-a")
 		mustDial(t, addr, "svc-ok", "edge", "svc")
+		// A device may not take another device's client id (and with it
+		// that device's persistent session and subscriptions).
+		for _, cid := range []string{"B", "B:1", "AB", "x"} {
+			if c, err := dial(addr, cid, "A", "secret-a"); err == nil {
+				c.Disconnect(0)
+				t.Errorf("device A connected with client id %q", cid)
+			}
+		}
 	})
 
 	t.Run("publish own topic", func(t *testing.T) {
-		a := mustDial(t, addr, "a1", "A", "secret-a")
+		a := mustDial(t, addr, "A:1", "A", "secret-a")
 		waitTok(t, a.Publish("sensors/A/telemetry", 1, false, `{"id":"1","metrics":{"t":1}}`), "own telemetry")
 		if ids := countReadings(t, e.st, "A"); ids["1"] != 1 {
 			t.Fatalf("A's readings = %v", ids)
@@ -291,7 +299,7 @@ func TestAuthAndACL(t *testing.T) {
 	})
 
 	t.Run("publish other device v3.1.1 disconnects", func(t *testing.T) {
-		a := mustDial(t, addr, "a2", "A", "secret-a")
+		a := mustDial(t, addr, "A:2", "A", "secret-a")
 		tok := a.Publish("sensors/B/telemetry", 1, false, `{"id":"spoof","metrics":{"t":1}}`)
 		select {
 		case <-a.lost:
@@ -307,7 +315,7 @@ func TestAuthAndACL(t *testing.T) {
 	})
 
 	t.Run("publish other device v5 negative puback", func(t *testing.T) {
-		conn := dialV5(t, addr, "a5", "A", "secret-a")
+		conn := dialV5(t, addr, "A:5", "A", "secret-a")
 		if code := conn.publish(t, 7, "sensors/B/telemetry", `{"metrics":{"t":1}}`); code != packets.ErrNotAuthorized.Code {
 			t.Fatalf("PUBACK reason for B's topic = %#x, want not authorized", code)
 		}
@@ -323,7 +331,7 @@ func TestAuthAndACL(t *testing.T) {
 	})
 
 	t.Run("subscribe", func(t *testing.T) {
-		a := mustDial(t, addr, "a3", "A", "secret-a")
+		a := mustDial(t, addr, "A:3", "A", "secret-a")
 		got := make(chan string, 10)
 		handler := func(_ paho.Client, m paho.Message) { got <- m.Topic() + " " + string(m.Payload()) }
 		for _, tt := range []struct {
@@ -484,4 +492,3 @@ func (c *v5conn) publish(t *testing.T, id uint16, topic, payload string) byte {
 	}
 	return body[2]
 }
-

@@ -72,10 +72,12 @@ func (c *Config) defaults() {
 }
 
 type pending struct {
-	item  store.Item
-	dead  *store.DeadLetter
-	done  func(error)
-	start time.Time
+	topic   string
+	payload []byte
+	item    store.Item
+	dead    *store.DeadLetter
+	done    func(error)
+	start   time.Time
 }
 
 // Writer is the single group-commit writer.
@@ -142,13 +144,16 @@ func NewWriter(st Store, dec *Decoder, cfg Config, reg prometheus.Registerer, lo
 }
 
 // Backpressure reports whether the quota currently stops acknowledgements.
-func (w *Writer) Backpressure() bool { return w.backpressure.Load() }
+// It also checks the quota now, so an idle writer over quota reports it.
+func (w *Writer) Backpressure() bool {
+	return w.backpressure.Load() || w.overQuota() != ""
+}
 
 // Submit decodes m on the caller's goroutine and queues it for the next
 // commit. It blocks while the queue is full, which is how backpressure
 // reaches the broker. m.Done is called later unless Submit returns an error.
 func (w *Writer) Submit(ctx context.Context, m *Message) error {
-	p := &pending{done: m.Done, start: m.Received}
+	p := &pending{topic: m.Topic, payload: m.Payload, done: m.Done, start: m.Received}
 	if p.start.IsZero() {
 		p.start = time.Now()
 	}
@@ -299,8 +304,16 @@ func (w *Writer) commit(batch []*pending) {
 	w.m.batchSize.Observe(float64(len(batch)))
 	if err != nil {
 		w.m.commitErrors.Inc()
-		w.log.Error("group commit failed; messages not acknowledged", "messages", len(batch), "err", err)
-		w.fail(batch, err)
+		if len(batch) > 1 {
+			// One bad message must not fail its neighbours forever on every
+			// redelivery: retry one by one, and dead-letter what still fails.
+			w.log.Warn("group commit failed; retrying messages one by one", "messages", len(batch), "err", err)
+			for _, p := range batch {
+				w.commit([]*pending{p})
+			}
+			return
+		}
+		w.poison(batch[0], err)
 		return
 	}
 	now := time.Now()
@@ -320,6 +333,23 @@ func (w *Writer) commit(batch []*pending) {
 		w.m.ackLatency.Observe(now.Sub(p.start).Seconds())
 		p.done(nil)
 	}
+}
+
+// poison dead-letters a message the store refused on its own. If even the
+// dead letter cannot be written the store itself is failing, and the message
+// stays unacknowledged for the broker to redeliver.
+func (w *Writer) poison(p *pending, cause error) {
+	if p.dead == nil {
+		dl := store.DeadLetter{At: p.start.UnixMilli(), Topic: p.topic, Reason: "store refused the message: " + cause.Error(), Payload: p.payload}
+		if _, err := w.st.Ingest(nil, []store.DeadLetter{dl}); err == nil {
+			w.m.messages.WithLabelValues("dead_letter").Inc()
+			w.log.Warn("message dead-lettered after the store refused it", "topic", p.topic, "err", cause)
+			p.done(nil)
+			return
+		}
+	}
+	w.log.Error("commit failed; message not acknowledged", "topic", p.topic, "err", cause)
+	p.done(cause)
 }
 
 func (w *Writer) fail(batch []*pending, err error) {
