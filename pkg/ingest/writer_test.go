@@ -39,6 +39,8 @@ type hookStore struct {
 	calls   atomic.Int64
 	usage   atomic.Int64 // reported by Usage when >= 0
 	failAll atomic.Bool
+	// poison makes Ingest fail whenever the batch holds this device.
+	poison string
 }
 
 func newHookStore(t *testing.T) *hookStore {
@@ -56,6 +58,11 @@ func (h *hookStore) Ingest(items []store.Item, dead []store.DeadLetter) ([]store
 	}
 	if h.failAll.Load() {
 		return nil, errors.New("disk on fire")
+	}
+	for _, it := range items {
+		if h.poison != "" && it.Device == h.poison {
+			return nil, errors.New("record too strange to store")
+		}
 	}
 	res, err := h.Store.Ingest(items, dead)
 	if h.after != nil {
@@ -102,7 +109,9 @@ type doneRec struct {
 	ch    chan string
 }
 
-func newDoneRec() *doneRec { return &doneRec{calls: map[string][]error{}, ch: make(chan string, 10000)} }
+func newDoneRec() *doneRec {
+	return &doneRec{calls: map[string][]error{}, ch: make(chan string, 10000)}
+}
 
 func (d *doneRec) msg(name, topic, payload string) *Message {
 	return &Message{Topic: topic, Payload: []byte(payload), Received: time.Now(), Done: func(err error) {
@@ -463,5 +472,31 @@ func TestWriterSubmitContextWhenFull(t *testing.T) {
 	rec.check(t, "a", false)
 	if rec.count() != 1 {
 		t.Fatal("Done called for a message Submit refused")
+	}
+}
+
+// TestWriterPoisonMessageIsolated: a message the store refuses must not fail
+// its batch-mates on every redelivery; it is dead-lettered alone and the
+// others are stored.
+func TestWriterPoisonMessageIsolated(t *testing.T) {
+	hs := newHookStore(t)
+	hs.poison = "bad"
+	hs.before = nil
+	rec := newDoneRec()
+	w := NewWriter(hs, NewDecoder(DefaultLimits), Config{Linger: 50 * time.Millisecond}, nil, discardLogger())
+	startWriter(t, w)
+	submit(t, w, rec.msg("good1", "sensors/dev/telemetry", telemetry(1)))
+	submit(t, w, rec.msg("poison", "sensors/bad/telemetry", telemetry(2)))
+	submit(t, w, rec.msg("good2", "sensors/dev/telemetry", telemetry(3)))
+	rec.wait(t, 3)
+	for _, name := range []string{"good1", "poison", "good2"} {
+		rec.check(t, name, false) // all acknowledged: two stored, one dead-lettered
+	}
+	if c := hs.Counts(); c.Readings != 2 || c.DeadLetters != 1 {
+		t.Fatalf("counts %+v, want 2 readings and 1 dead letter", c)
+	}
+	dls, err := hs.DeadLetters(0, 10)
+	if err != nil || len(dls) != 1 || dls[0].Topic != "sensors/bad/telemetry" || !strings.Contains(dls[0].Reason, "record too strange") {
+		t.Fatalf("dead letters %+v, %v", dls, err)
 	}
 }
