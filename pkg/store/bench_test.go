@@ -1,0 +1,67 @@
+package store
+
+import (
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"testing"
+)
+
+// BenchmarkIngest measures one group commit of the shapes the edge sees:
+// 100 devices with one reading each, and 10 devices with 100 readings each.
+func BenchmarkIngest(b *testing.B) {
+	for _, shape := range []struct{ devices, perDevice int }{{100, 1}, {10, 100}} {
+		b.Run(fmt.Sprintf("devices=%d/readings=%d", shape.devices, shape.perDevice), func(b *testing.B) {
+			st, err := Open(filepath.Join(b.TempDir(), "e.db"), Options{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer st.Close()
+			ts := int64(1732170000000)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				items := make([]Item, shape.devices)
+				for d := range items {
+					rs := make([]Reading, shape.perDevice)
+					for k := range rs {
+						rs[k] = Reading{TS: ts + int64(k), ID: "m" + strconv.Itoa(i) + "." + strconv.Itoa(k),
+							Metrics: []Metric{{"temp", 21.5}, {"hum", 40}}}
+					}
+					items[d] = Item{Device: "dev-" + strconv.Itoa(d), ReceivedAt: ts, Readings: rs}
+				}
+				ts += int64(shape.perDevice)
+				if _, err := st.Ingest(items, nil); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(b.N*shape.devices*shape.perDevice)/b.Elapsed().Seconds(), "readings/s")
+		})
+	}
+}
+
+// BenchmarkReadingsPage reads a 1000-reading page of a device with 100k.
+func BenchmarkReadingsPage(b *testing.B) {
+	st, err := Open(filepath.Join(b.TempDir(), "e.db"), Options{NoSync: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
+	ts := int64(1732170000000)
+	for i := 0; i < 100; i++ {
+		rs := make([]Reading, 1000)
+		for k := range rs {
+			rs[k] = Reading{TS: ts, Metrics: []Metric{{"temp", float64(k % 40)}}}
+			ts += 1000
+		}
+		if _, err := st.Ingest([]Item{{Device: "d", ReceivedAt: ts, Readings: rs}}, nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		p, err := st.Readings("d", ReadingsQuery{From: 1732170000000 + int64(i%90)*1000_000, Limit: 1000})
+		if err != nil || len(p.Items) != 1000 {
+			b.Fatal(err, len(p.Items))
+		}
+	}
+}
