@@ -83,6 +83,8 @@ type result struct {
 	Lost             int     `json:"lost"`
 	Dupes            int     `json:"dupes"`
 	RSSMB            float64 `json:"rss_mb"`
+	RSSAnonMB        float64 `json:"rss_anon_mb"`
+	RSSFileMB        float64 `json:"rss_file_mb"`
 	BaselineP99ms    float64 `json:"baseline_p99_ms"`
 	BatchedReadingsS float64 `json:"batched_readings_per_s,omitempty"`
 	BatchedP99ms     float64 `json:"batched_p99_ms,omitempty"`
@@ -161,6 +163,8 @@ func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
 	if err := waitHTTP(ctx, "http://"+httpAddr+"/readyz"); err != nil {
 		return res, err
 	}
+	mem := newMemSampler(edge.Process.Pid)
+	defer mem.stop()
 	log.Info("edge run")
 	er, err := publishLoad(ctx, mqttAddr, "dev", o, 1)
 	if err != nil {
@@ -205,6 +209,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
 		}
 	}
 	res.RSSMB = peakRSSMB(edge.Process.Pid)
+	res.RSSAnonMB, res.RSSFileMB = mem.stop()
 	if o.verbose {
 		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", edge.Process.Pid))
 		for _, l := range strings.Split(string(b), "\n") {
@@ -590,4 +595,61 @@ func round(v float64, places int) float64 {
 		p *= 10
 	}
 	return float64(int64(v*p+0.5)) / p
+}
+
+// memSampler polls a process's resident memory split into anonymous (heap,
+// stacks) and file-backed (bbolt's mmap of the database, reclaimable page
+// cache) and keeps the peaks, which /proc's VmHWM does not split.
+type memSampler struct {
+	done       chan struct{}
+	wg         sync.WaitGroup
+	once       sync.Once
+	anon, file float64
+}
+
+func newMemSampler(pid int) *memSampler {
+	m := &memSampler{done: make(chan struct{})}
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			a, f := rssSplit(pid)
+			m.anon, m.file = max(m.anon, a), max(m.file, f)
+			select {
+			case <-m.done:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return m
+}
+
+// stop ends sampling and returns the peaks in MiB.
+func (m *memSampler) stop() (anon, file float64) {
+	m.once.Do(func() { close(m.done); m.wg.Wait() })
+	return round(m.anon, 1), round(m.file, 1)
+}
+
+func rssSplit(pid int) (anon, file float64) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		kb, _ := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 64)
+		switch k {
+		case "RssAnon":
+			anon = kb / 1024
+		case "RssFile":
+			file = kb / 1024
+		}
+	}
+	return anon, file
 }

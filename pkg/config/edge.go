@@ -29,6 +29,14 @@ type Edge struct {
 	// Pprof serves net/http/pprof on this address when set (keep it on
 	// loopback or an admin network).
 	Pprof string `yaml:"pprof"`
+	// MemoryLimitMB is a soft limit for the Go heap (runtime/debug.
+	// SetMemoryLimit): above it the collector runs more often. 0 leaves the
+	// runtime default; the GOMEMLIMIT environment variable wins over both.
+	MemoryLimitMB int64 `yaml:"memory_limit_mb"`
+	// ShutdownGrace bounds a graceful stop (SIGTERM/SIGINT): HTTP drain,
+	// MQTT batches, syncer flush and closing the stores. Past it the process
+	// exits non-zero.
+	ShutdownGrace time.Duration `yaml:"shutdown_grace"`
 
 	MQTT   MQTT   `yaml:"mqtt"`
 	Cloud  Cloud  `yaml:"cloud"`
@@ -100,12 +108,13 @@ type WeChat struct {
 // DefaultEdge is the configuration with nothing set.
 func DefaultEdge() Edge {
 	return Edge{
-		ID:       hostnameOr("edge-1"),
-		DataDir:  "./data",
-		HTTP:     ":8080",
-		Region:   "default",
-		LogLevel: "info",
-		MQTT:     MQTT{Listen: ":1883"},
+		ID:            hostnameOr("edge-1"),
+		DataDir:       "./data",
+		HTTP:          ":8080",
+		Region:        "default",
+		LogLevel:      "info",
+		MQTT:          MQTT{Listen: ":1883"},
+		ShutdownGrace: 10 * time.Second,
 		Ingest: Ingest{
 			MaxBatch: 1000, QuotaMB: 0, MinFreeMB: 256, Retention: 30 * 24 * time.Hour, MaxDeadLetters: 10000,
 		},
@@ -147,7 +156,8 @@ func ParseEdge(args []string, stderr io.Writer) (Edge, error) {
 		admins     = fs.String("admin", "", "openid(s) with the admin role on this edge, comma separated")
 		devLogin   = fs.Bool("dev-login", false, `accept login code "dev:<openid>" without WeChat (development only)`)
 		logLevel   = fs.String("log-level", cfg.LogLevel, "log level: debug, info, warn, error")
-		pprofAddr  = fs.String("pprof", "", "serve pprof on this address, e.g. 127.0.0.1:6060 (off by default)")
+		pprofAddr  = fs.String("pprof", "", "admin address for pprof and the runtime log level, e.g. 127.0.0.1:6060 (off by default; unauthenticated)")
+		grace      = fs.Duration("shutdown-grace", cfg.ShutdownGrace, "on SIGTERM/SIGINT, time allowed to drain requests and MQTT batches, flush and close before exiting non-zero")
 		policyDir  = fs.String("policies", cfg.Policy.Dir, "directory of Rego policies")
 		noSync     = fs.Bool("unsafe-no-fsync", false, "TESTING ONLY: disable fsync")
 		ackEarly   = fs.Bool("unsafe-ack-before-commit", false, "TESTING ONLY: acknowledge messages before they are durable (proves crash tests detect loss)")
@@ -199,6 +209,8 @@ func ParseEdge(args []string, stderr io.Writer) (Edge, error) {
 			cfg.LogLevel = *logLevel
 		case "pprof":
 			cfg.Pprof = *pprofAddr
+		case "shutdown-grace":
+			cfg.ShutdownGrace = *grace
 		case "policies":
 			cfg.Policy.Dir = *policyDir
 		case "unsafe-no-fsync":
@@ -292,6 +304,9 @@ func (c *Edge) Validate() error {
 	}
 	if c.Ingest.Linger < 0 || c.Ingest.Linger > time.Second {
 		errs = append(errs, fmt.Errorf("ingest.linger %s must be 0..1s", c.Ingest.Linger))
+	}
+	if c.ShutdownGrace <= 0 {
+		errs = append(errs, fmt.Errorf("shutdown_grace %s must be positive", c.ShutdownGrace))
 	}
 	if c.Ingest.Retention < 0 {
 		errs = append(errs, errors.New("ingest.retention must not be negative"))

@@ -43,6 +43,10 @@ type Message struct {
 // Config tunes the writer.
 type Config struct {
 	MaxBatch  int           // messages per transaction
+	// MaxBatchReadings also closes a batch once it holds this many
+	// readings, so array payloads do not make one transaction (and the
+	// memory it pins) huge.
+	MaxBatchReadings int
 	Linger    time.Duration // extra wait for a batch to fill; 0 commits whatever is queued
 	QueueSize int
 	// QuotaBytes stops acknowledging new messages while the store uses more
@@ -63,8 +67,13 @@ func (c *Config) defaults() {
 	if c.MaxBatch <= 0 {
 		c.MaxBatch = 1000
 	}
+	if c.MaxBatchReadings <= 0 {
+		c.MaxBatchReadings = 20000
+	}
 	if c.QueueSize <= 0 {
-		c.QueueSize = 4 * c.MaxBatch
+		// One batch queued while another commits keeps the writer busy;
+		// more only adds latency and memory.
+		c.QueueSize = c.MaxBatch
 	}
 	if c.QuotaCheck <= 0 {
 		c.QuotaCheck = time.Second
@@ -120,11 +129,11 @@ func NewWriter(st Store, dec *Decoder, cfg Config, reg prometheus.Registerer, lo
 			Buckets: prometheus.ExponentialBuckets(1, 2, 12),
 		}),
 		commit: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "outpost_ingest_commit_seconds", Help: "Latency of one group commit (write and fsync).",
+			Name: "outpost_ingest_commit_duration_seconds", Help: "Latency of one group commit (write and fsync).",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 14),
 		}),
 		ackLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "outpost_ingest_ack_seconds", Help: "Time from receipt to durable acknowledgement.",
+			Name: "outpost_ingest_ack_duration_seconds", Help: "Time from receipt to durable acknowledgement.",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
 		}),
 		backpressure: prometheus.NewGauge(prometheus.GaugeOpts{
@@ -217,10 +226,15 @@ func (w *Writer) fill(ctx context.Context, batch []*pending) []*pending {
 		defer t.Stop()
 		timer = t.C
 	}
-	for len(batch) < w.cfg.MaxBatch {
+	readings := 0
+	for _, p := range batch {
+		readings += len(p.item.Readings)
+	}
+	for len(batch) < w.cfg.MaxBatch && readings < w.cfg.MaxBatchReadings {
 		select {
 		case p := <-w.in:
 			batch = append(batch, p)
+			readings += len(p.item.Readings)
 			continue
 		default:
 		}
@@ -230,6 +244,7 @@ func (w *Writer) fill(ctx context.Context, batch []*pending) []*pending {
 		select {
 		case p := <-w.in:
 			batch = append(batch, p)
+			readings += len(p.item.Readings)
 		case <-timer:
 			return batch
 		case <-ctx.Done():
