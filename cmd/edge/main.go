@@ -31,6 +31,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/ingest"
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/syncer"
 	"github.com/outpost-edge/outpost/pkg/wechat"
 	"github.com/outpost-edge/outpost/policies"
 )
@@ -101,7 +102,16 @@ func run(ctx context.Context, cfg config.Edge, log *slog.Logger) error {
 	}
 	defer httpLn.Close()
 
-	clock := hlc.NewClock(nil, 5*time.Minute)
+	drift := cfg.Cloud.MaxClockDrift
+	if drift <= 0 {
+		drift = 5 * time.Minute
+	}
+	var now func() time.Time
+	if off := cfg.UnsafeClockOffset; off != 0 {
+		log.Warn("TESTING ONLY: HLC wall clock shifted", "offset", off)
+		now = func() time.Time { return time.Now().Add(off) }
+	}
+	clock := hlc.NewClock(now, drift)
 	st, err := store.Open(filepath.Join(cfg.DataDir, "edge.db"), store.Options{
 		EdgeID: cfg.ID, Region: cfg.Region, Clock: clock,
 		MaxDeadLetters: cfg.Ingest.MaxDeadLetters, NoSync: cfg.UnsafeNoSync,
@@ -129,6 +139,12 @@ func run(ctx context.Context, cfg config.Edge, log *slog.Logger) error {
 	}
 	if policyDir != cfg.Policy.Dir {
 		log.Warn("policy directory not found; using the built-in policies", "wanted", cfg.Policy.Dir, "using", policyDir)
+	}
+	joined := len(cfg.Cloud.URLs) > 0
+	if joined {
+		if policyDir, err = cloudPolicyDir(policyDir, cfg.DataDir); err != nil {
+			return err
+		}
 	}
 	engine, err := policy.New(ctx, policy.Config{Dir: policyDir, Registerer: reg, Logger: log, Bypass: false})
 	if err != nil {
@@ -204,13 +220,27 @@ func run(ctx context.Context, cfg config.Edge, log *slog.Logger) error {
 		downlink, mqttAddr = sub, cfg.MQTT.Broker
 	}
 
+	// A joined edge syncs with the cloud and logs users in through it.
+	var sy *syncer.Syncer
+	var apiTokens api.Tokens = tokens
+	var syncStatus api.SyncStatus
+	var directory api.Directory
+	if joined {
+		var id *syncer.Identity
+		if sy, id, err = newSyncer(cfg, st, tokens, login, downlink, policyDir, engine.InvalidateData, reg, log); err != nil {
+			return err
+		}
+		apiTokens, login, syncStatus, directory = id, id, sy, sy
+	}
+
 	srv, err := api.New(api.Config{
 		EdgeID: cfg.ID, Region: cfg.Region, Location: loc, Advertise: cfg.Advertise,
 		Admins: cfg.Admins, DevLogin: cfg.DevLogin, BodyLimit: cfg.API.BodyLimitKB << 10,
 		RateLimitPerIP: cfg.API.RateLimitPerIP, RateLimitPerUser: cfg.API.RateLimitPerUser,
 		BypassPolicy: cfg.API.BypassPolicy, Logger: log.With("component", "api"),
 	}, api.Deps{
-		Store: st, Tokens: tokens, Login: login, Policy: engine, Downlink: downlink,
+		Store: st, Tokens: apiTokens, Login: login, Policy: engine, Downlink: downlink,
+		Sync: syncStatus, Directory: directory,
 		Ready: func() string {
 			if writer.Backpressure() {
 				return "disk quota reached: ingest is applying backpressure"
@@ -230,6 +260,10 @@ func run(ctx context.Context, cfg config.Edge, log *slog.Logger) error {
 	go func() { defer wg.Done(); _ = engine.Run(bgCtx) }()
 	go func() { defer wg.Done(); _ = tokens.Run(bgCtx) }()
 	go func() { defer wg.Done(); retain(bgCtx, st, cfg, log) }()
+	if sy != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); _ = sy.Run(bgCtx) }()
+	}
 	go func() {
 		if err := srv.Serve(httpLn); err != nil {
 			errc <- err

@@ -335,16 +335,23 @@ func (s *Server) putDesired(c *fiber.Ctx) error {
 	return ok(c, viewOf(d))
 }
 
+// DesiredPayload is the retained downlink of a device's desired state:
+// {"version": "<greatest stamp>", "state": {...}}. The syncer publishes the
+// same message when desired state arrives from the cloud.
+func DesiredPayload(d *store.Device) ([]byte, error) {
+	return json.Marshal(struct {
+		Version string                     `json:"version"`
+		State   map[string]json.RawMessage `json:"state"`
+	}{d.Desired.Version().String(), d.Desired.State()})
+}
+
 // publishDesired sends the whole desired state as a retained downlink, so a
 // device that connects later gets the latest.
 func (s *Server) publishDesired(d *store.Device) {
 	if s.deps.Downlink == nil {
 		return
 	}
-	payload, err := json.Marshal(struct {
-		Version string                     `json:"version"`
-		State   map[string]json.RawMessage `json:"state"`
-	}{d.Desired.Version().String(), d.Desired.State()})
+	payload, err := DesiredPayload(d)
 	if err == nil {
 		err = s.deps.Downlink.Publish("devices/"+d.ID+"/desired", payload, true, 1)
 	}

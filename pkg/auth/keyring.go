@@ -155,8 +155,10 @@ func (k *Keyring) commit(f keyFile) error {
 	if err != nil {
 		return fmt.Errorf("keyring: encode: %w", err)
 	}
-	if err := writeFileAtomic(filepath.Join(k.dir, KeyFileName), b, 0o600); err != nil {
-		return fmt.Errorf("keyring: persist: %w", err)
+	if k.dir != "" { // "" is an in-memory keyring (NewMemoryKeyring)
+		if err := writeFileAtomic(filepath.Join(k.dir, KeyFileName), b, 0o600); err != nil {
+			return fmt.Errorf("keyring: persist: %w", err)
+		}
 	}
 	k.cur.Store(ks)
 	return nil

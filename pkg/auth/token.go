@@ -62,6 +62,7 @@ func signAccess(k *Keyring, issuer, openid string, now time.Time, ttl time.Durat
 type verifier struct {
 	keys   *Keyring
 	parser *jwt.Parser
+	typ    string // JWT "typ" header expected: "" (access) or refreshTyp
 }
 
 func newVerifier(k *Keyring, leeway time.Duration, now func() time.Time) *verifier {
@@ -88,6 +89,10 @@ func (v *verifier) verify(token string) (Claims, error) {
 		k, ok := t.Header["kid"].(string)
 		if !ok || k == "" {
 			return nil, errors.New("missing kid header")
+		}
+		if typ, _ := t.Header["typ"].(string); typ != v.typ && !(v.typ == "" && typ == "JWT") {
+			// A refresh token is not an access token, and vice versa.
+			return nil, fmt.Errorf("token type %q where %q was expected", typ, v.typ)
 		}
 		pk, ok := v.keys.publicKey(k)
 		if !ok {

@@ -33,6 +33,13 @@ type Config struct {
 	APIToken      string            `yaml:"api_token"`
 	Admins        []string          `yaml:"admins"`
 	DevLogin      bool              `yaml:"dev_login"`
+	// WeChat code2session credentials for users' logins (edges forward
+	// theirs here); empty AppID disables WeChat login.
+	WeChatAppID   string        `yaml:"wechat_appid"`
+	WeChatSecret  string        `yaml:"wechat_secret"`
+	WeChatAPIBase string        `yaml:"wechat_api_base"`
+	AccessTTL     time.Duration `yaml:"access_ttl"`
+	RefreshTTL    time.Duration `yaml:"refresh_ttl"`
 
 	MaxClockDrift  time.Duration `yaml:"max_clock_drift"`
 	HeartbeatFresh time.Duration `yaml:"heartbeat_fresh"`
@@ -58,6 +65,7 @@ func Defaults() Config {
 	return Config{
 		Raft: "127.0.0.1:7000", HTTP: "127.0.0.1:8090", Data: "./data/cloud",
 		MaxClockDrift: 5 * time.Minute, HeartbeatFresh: 90 * time.Second,
+		AccessTTL: time.Hour, RefreshTTL: 30 * 24 * time.Hour,
 		HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond,
 		LeaderLeaseTimeout: 250 * time.Millisecond, CommitTimeout: 20 * time.Millisecond,
 		SnapshotInterval: 30 * time.Second, SnapshotThreshold: 2048, TrailingLogs: 1024,
@@ -89,6 +97,11 @@ func Parse(args []string, out io.Writer) (Config, error) {
 		apiToken   = fs.String("api-token", "", "service `token` for the consumer API (/api/v1) and cluster changes")
 		admins     = fs.String("admin", "", "`openids` (comma-separated) that hold the admin role (used by the identity layer)")
 		devLogin   = fs.Bool("dev-login", false, "enable dev login (dev:<openid>) — development only (used by the identity layer)")
+		wxAppID    = fs.String("wechat-appid", "", "WeChat mini-program `appid` for code2session logins")
+		wxSecret   = fs.String("wechat-secret", "", "WeChat mini-program `secret`")
+		wxBase     = fs.String("wechat-api-base", "", "WeChat API base `URL` (default https://api.weixin.qq.com)")
+		accessTTL  = fs.Duration("access-ttl", 0, "lifetime of users' access tokens (default 1h: they verify offline at every edge)")
+		refreshTTL = fs.Duration("refresh-ttl", 0, "lifetime of users' signed refresh tokens (default 720h)")
 		drift      = fs.Duration("max-clock-drift", 0, "reject HLC stamps further ahead of this node's clock than this (default 5m)")
 		fresh      = fs.Duration("heartbeat-fresh", 0, "an edge is healthy if its last heartbeat is younger than this (default 90s)")
 		hbTimeout  = fs.Duration("heartbeat-timeout", 0, "raft heartbeat timeout: a follower starts an election after 1-2x this without contact (default 300ms)")
@@ -182,6 +195,11 @@ func Parse(args []string, out io.Writer) (Config, error) {
 	if set["dev-login"] {
 		cfg.DevLogin = *devLogin
 	}
+	str("wechat-appid", &cfg.WeChatAppID, *wxAppID)
+	str("wechat-secret", &cfg.WeChatSecret, *wxSecret)
+	str("wechat-api-base", &cfg.WeChatAPIBase, *wxBase)
+	dur("access-ttl", &cfg.AccessTTL, *accessTTL)
+	dur("refresh-ttl", &cfg.RefreshTTL, *refreshTTL)
 	dur("max-clock-drift", &cfg.MaxClockDrift, *drift)
 	dur("heartbeat-fresh", &cfg.HeartbeatFresh, *fresh)
 	dur("heartbeat-timeout", &cfg.HeartbeatTimeout, *hbTimeout)

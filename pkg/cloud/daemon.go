@@ -23,6 +23,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/cloud/httpapi"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/wechat"
 )
 
 // Node is a running cloud-sync node.
@@ -80,7 +81,17 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		log.Warn("no -api-token: the consumer API refuses every request and cluster changes are unauthenticated")
 	}
 	// User access tokens (JWT) join this chain with the identity issue.
-	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, HeartbeatFresh: cfg.HeartbeatFresh, Pprof: cfg.Pprof},
+	var wc *wechat.Client
+	if cfg.WeChatAppID != "" {
+		if wc, err = wechat.New(wechat.Config{AppID: cfg.WeChatAppID, Secret: cfg.WeChatSecret, APIBase: cfg.WeChatAPIBase}); err != nil {
+			_ = rn.Shutdown()
+			_ = state.Close()
+			_ = ln.Close()
+			return nil, fmt.Errorf("%w: wechat: %v", ErrUsage, err)
+		}
+	}
+	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, HeartbeatFresh: cfg.HeartbeatFresh, Pprof: cfg.Pprof,
+		WeChat: wc, DevLogin: cfg.DevLogin, Admins: cfg.Admins, AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL},
 		rn, state, clock, auth.Chain{static}, static.HasAPIToken(), log, reg)
 	if err != nil {
 		_ = rn.Shutdown()

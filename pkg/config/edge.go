@@ -49,6 +49,9 @@ type Edge struct {
 	// Set by flags only, for tests and benchmarks.
 	UnsafeNoSync          bool `yaml:"-"`
 	UnsafeAckBeforeCommit bool `yaml:"-"`
+	// UnsafeClockOffset shifts this edge's HLC wall clock (TESTING ONLY:
+	// simulates a skewed clock for the clock-safety fault test).
+	UnsafeClockOffset time.Duration `yaml:"-"`
 }
 
 // MQTT configures the embedded broker or the external one.
@@ -67,6 +70,16 @@ type MQTT struct {
 type Cloud struct {
 	URLs  []string `yaml:"urls"`
 	Token string   `yaml:"token"`
+	// MaxClockDrift: remote HLC stamps further ahead than this are rejected
+	// (default 5m).
+	MaxClockDrift time.Duration `yaml:"max_clock_drift"`
+	// MaxOffline is the longest offline window the deployment supports
+	// (tombstones are kept at least this long); an edge offline longer gets
+	// a full resync (default 720h).
+	MaxOffline time.Duration `yaml:"max_offline"`
+	// BatchReadings is the target number of readings per push (default
+	// 20000).
+	BatchReadings int `yaml:"batch_readings"`
 }
 
 // Ingest tunes the write path.
@@ -160,6 +173,7 @@ func ParseEdge(args []string, stderr io.Writer) (Edge, error) {
 		grace      = fs.Duration("shutdown-grace", cfg.ShutdownGrace, "on SIGTERM/SIGINT, time allowed to drain requests and MQTT batches, flush and close before exiting non-zero")
 		policyDir  = fs.String("policies", cfg.Policy.Dir, "directory of Rego policies")
 		noSync     = fs.Bool("unsafe-no-fsync", false, "TESTING ONLY: disable fsync")
+		clockOff   = fs.Duration("unsafe-clock-offset", 0, "TESTING ONLY: shift this edge's HLC wall clock by this much (simulates a skewed clock)")
 		ackEarly   = fs.Bool("unsafe-ack-before-commit", false, "TESTING ONLY: acknowledge messages before they are durable (proves crash tests detect loss)")
 		bypass     = fs.Bool("unsafe-bypass-policy", false, "BENCHMARK ONLY: skip policy checks")
 	)
@@ -215,6 +229,8 @@ func ParseEdge(args []string, stderr io.Writer) (Edge, error) {
 			cfg.Policy.Dir = *policyDir
 		case "unsafe-no-fsync":
 			cfg.UnsafeNoSync = *noSync
+		case "unsafe-clock-offset":
+			cfg.UnsafeClockOffset = *clockOff
 		case "unsafe-ack-before-commit":
 			cfg.UnsafeAckBeforeCommit = *ackEarly
 		case "unsafe-bypass-policy":

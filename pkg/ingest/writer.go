@@ -42,13 +42,13 @@ type Message struct {
 
 // Config tunes the writer.
 type Config struct {
-	MaxBatch  int           // messages per transaction
+	MaxBatch int // messages per transaction
 	// MaxBatchReadings also closes a batch once it holds this many
 	// readings, so array payloads do not make one transaction (and the
 	// memory it pins) huge.
 	MaxBatchReadings int
-	Linger    time.Duration // extra wait for a batch to fill; 0 commits whatever is queued
-	QueueSize int
+	Linger           time.Duration // extra wait for a batch to fill; 0 commits whatever is queued
+	QueueSize        int
 	// QuotaBytes stops acknowledging new messages while the store uses more
 	// than this (0: no quota). MinFreeBytes does the same when the
 	// filesystem has less free space than this.

@@ -38,6 +38,8 @@ var (
 	bucketOutbox   = []byte("outbox")
 	bucketDead     = []byte("dead")
 	bucketUsers    = []byte("users")
+	bucketStateIdx = []byte("outbox_state") // seq of each state (non-readings) outbox entry → nil
+	bucketSync     = []byte("sync")         // syncer cursors and caches
 
 	keyOutboxHead  = []byte("outbox_head")
 	keyOutboxAcked = []byte("outbox_acked")
@@ -109,7 +111,7 @@ func Open(path string, opts Options) (*Store, error) {
 	}
 	s := &Store{db: db, path: path, opts: opts, clock: opts.Clock}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketReadings, bucketIDs, bucketMinute, bucketHour, bucketOutbox, bucketDead, bucketUsers} {
+		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketReadings, bucketIDs, bucketMinute, bucketHour, bucketOutbox, bucketDead, bucketUsers, bucketStateIdx, bucketSync} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -410,6 +412,13 @@ func (s *Store) appendOutbox(tx *bolt.Tx, head *uint64, c *Change) error {
 	if err != nil {
 		return err
 	}
+	if c.Kind != ChangeReadings {
+		// Index state changes so the syncer can send them ahead of the
+		// reading backlog without scanning it.
+		if err := tx.Bucket(bucketStateIdx).Put(u64(c.Seq), nil); err != nil {
+			return err
+		}
+	}
 	return tx.Bucket(bucketOutbox).Put(u64(c.Seq), v)
 }
 
@@ -522,6 +531,12 @@ func (s *Store) AckOutbox(seq uint64) error {
 			}
 			if done {
 				last = seq
+			}
+			ic := tx.Bucket(bucketStateIdx).Cursor()
+			for k, _ := ic.First(); k != nil && binary.BigEndian.Uint64(k) <= last; k, _ = ic.First() {
+				if err := ic.Delete(); err != nil {
+					return err
+				}
 			}
 			if err := m.Put(keyOutboxAcked, u64(last)); err != nil {
 				return err

@@ -23,6 +23,15 @@
 //   - Heartbeat publishes the edge's place in the directory and returns the
 //     cloud's acknowledged sequence for the edge, which is where a restarted
 //     syncer resumes.
+//   - State before history: device state (reported, desired, meta) and users
+//     are also sent ahead of the sequenced stream through POST /sync/v1/state,
+//     unsequenced. That is sound because every state change is a
+//     last-writer-wins delta: applying it early, late or twice gives the same
+//     state, so its later arrival in the sequenced push is a no-op. Only
+//     readings need the sequence for exactly-once.
+//   - A pull page also carries the deployment's current public signing keys,
+//     policies and edge directory (small, whole sets, not deltas), so an edge
+//     can verify tokens, authorise and find neighbours while offline.
 package wire
 
 import (
@@ -31,6 +40,7 @@ import (
 	"fmt"
 	"math"
 
+	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/shadow"
 )
 
@@ -39,6 +49,11 @@ const (
 	PathPush      = "/sync/v1/push"
 	PathPull      = "/sync/v1/pull"
 	PathHeartbeat = "/sync/v1/heartbeat"
+	PathState     = "/sync/v1/state"
+	// PathLogin is the cloud's user login (code2session), which a joined
+	// edge forwards logins to; PathRefresh likewise for refresh tokens.
+	PathLogin   = "/api/v1/auth/login"
+	PathRefresh = "/api/v1/auth/refresh"
 )
 
 // Headers with protocol meaning.
@@ -59,8 +74,8 @@ const (
 
 // Limits the cloud enforces; an edge's syncer should cut batches below them.
 const (
-	MaxBatchChanges  = 10000
-	MaxReadingsTotal = 50000
+	MaxBatchChanges  = 20000
+	MaxReadingsTotal = 100000
 	MaxBodyBytes     = 64 << 20 // decompressed
 	MaxStateFields   = 256
 	MaxMetrics       = 256
@@ -84,19 +99,27 @@ type Reading struct {
 	Metrics map[string]float64 `json:"metrics"`
 }
 
-// Meta is a device's placement and ownership, set by an admin.
+// Meta is a device's placement and ownership, set by an admin. Stamp orders
+// concurrent writes (last writer wins as a whole record); zero sorts first.
 type Meta struct {
-	Owners []string `json:"owners,omitempty"`
-	Region string   `json:"region,omitempty"`
-	Tags   []string `json:"tags,omitempty"`
+	Owners []string      `json:"owners,omitempty"`
+	Region string        `json:"region,omitempty"`
+	Tags   []string      `json:"tags,omitempty"`
+	Stamp  hlc.Timestamp `json:"stamp,omitzero"`
 }
 
-// User is a user's roles and regions, distributed from the cloud to edges.
+// User is a user's roles and regions, written at the cloud or at any edge and
+// distributed to every edge; Stamp orders concurrent writes.
 type User struct {
-	OpenID  string   `json:"openid"`
-	Roles   []string `json:"roles"`
-	Regions []string `json:"regions,omitempty"`
+	OpenID  string        `json:"openid"`
+	Roles   []string      `json:"roles"`
+	Regions []string      `json:"regions,omitempty"`
+	Stamp   hlc.Timestamp `json:"stamp,omitzero"`
 }
+
+// StampWins reports whether a record stamped a replaces one stamped b: the
+// later stamp wins; an equal stamp is the same write seen again.
+func StampWins(a, b hlc.Timestamp) bool { return a > b }
 
 // Change is one entry of an edge's outbox (or of a pull page). Exactly one
 // payload field matching Kind is set.
@@ -131,6 +154,30 @@ type PushResult struct {
 	Duplicates int `json:"duplicates"`
 	// Index is the raft index that committed the batch.
 	Index uint64 `json:"index"`
+	// RejectedStamps counts state fields dropped because their HLC stamp was
+	// further ahead of the cloud's clock than the maximum drift; the rest of
+	// the batch (readings included) is committed, so a fast clock cannot
+	// stall the stream.
+	RejectedStamps int `json:"rejected_stamps,omitempty"`
+}
+
+// StateBatch is the body of POST /sync/v1/state: state changes sent ahead of
+// the sequenced stream. Applying them is idempotent.
+type StateBatch struct {
+	Edge    string   `json:"edge"`
+	Changes []Change `json:"changes"`
+}
+
+// StateResult is the data of a state push.
+type StateResult struct {
+	Applied        int `json:"applied"`
+	RejectedStamps int `json:"rejected_stamps,omitempty"`
+}
+
+// Policy is one Rego module distributed to edges.
+type Policy struct {
+	Name string `json:"name"` // file name, [A-Za-z0-9._-]+.rego
+	Rego string `json:"rego"`
 }
 
 // PullPage is the data of GET /sync/v1/pull?cursor=&limit=.
@@ -138,6 +185,15 @@ type PullPage struct {
 	Changes    []Change `json:"changes"`
 	NextCursor string   `json:"next_cursor"`
 	More       bool     `json:"more"`
+	// Keys is the deployment's public signing keys as a JWKS document
+	// ({"keys": [...]}), null before the cloud has one.
+	Keys json.RawMessage `json:"keys,omitempty"`
+	// Policies is every policy module the cloud distributes; nil means the
+	// cloud distributes none (edges keep their local policies).
+	Policies []Policy `json:"policies,omitempty"`
+	// Edges is the current edge directory.
+	Edges        []Edge `json:"edges,omitempty"`
+	ServerTimeMs int64  `json:"server_time_ms"`
 }
 
 // Location is a WGS-84 position in degrees.
@@ -153,6 +209,9 @@ type Heartbeat struct {
 	Location  *Location `json:"location,omitempty"`
 	Advertise string    `json:"advertise,omitempty"`
 	Backlog   uint64    `json:"backlog"`
+	// OldestUnsyncedMs is the wall time of the oldest change still waiting
+	// in the edge's outbox (0 when empty): the cloud shows the edge's lag.
+	OldestUnsyncedMs int64 `json:"oldest_unsynced_ms,omitempty"`
 }
 
 // HeartbeatResult is the data of a heartbeat response.
@@ -173,8 +232,12 @@ type Edge struct {
 	Backlog         uint64    `json:"backlog"`
 	LastHeartbeatMs int64     `json:"last_heartbeat_ms"`
 	AckedSeq        uint64    `json:"acked_seq"`
-	Healthy         bool      `json:"healthy"`
-	DistanceKm      *float64  `json:"distance_km,omitempty"`
+	// LagMs is how far behind the cloud the edge's data is: the age of its
+	// oldest unsynced change at its last heartbeat (0 when in sync).
+	LagMs          int64    `json:"lag_ms"`
+	OldestUnsynced int64    `json:"oldest_unsynced_ms,omitempty"`
+	Healthy        bool     `json:"healthy"`
+	DistanceKm     *float64 `json:"distance_km,omitempty"`
 }
 
 // Envelope is the body of every response.
@@ -239,6 +302,15 @@ func (b *PushBatch) Validate() error {
 
 // Validate checks one edge-originated change.
 func (c *Change) Validate() error {
+	if c.Kind == KindUser {
+		if c.User == nil || c.User.OpenID == "" || len(c.User.OpenID) > 128 {
+			return invalid("user change needs a user with an openid of 1 to 128 bytes")
+		}
+		if c.User.Stamp.IsZero() {
+			return invalid("user change for %q has no stamp", c.User.OpenID)
+		}
+		return nil
+	}
 	if !ValidName(c.Device) {
 		return invalid("device %q must match [A-Za-z0-9._-]{1,64}", c.Device)
 	}
@@ -275,7 +347,7 @@ func (c *Change) Validate() error {
 			return invalid("meta change has no meta")
 		}
 	default:
-		return invalid("unknown change kind %q (want readings, reported, desired or meta)", c.Kind)
+		return invalid("unknown change kind %q (want readings, reported, desired, meta or user)", c.Kind)
 	}
 	return nil
 }
@@ -300,6 +372,26 @@ func (r *Reading) Validate() error {
 		}
 		if math.IsNaN(v) || math.IsInf(v, 0) {
 			return invalid("metric %q is not a finite number", k)
+		}
+	}
+	return nil
+}
+
+// Validate checks a state batch: only state kinds, no readings.
+func (b *StateBatch) Validate() error {
+	if !ValidName(b.Edge) {
+		return invalid("edge %q must match [A-Za-z0-9._-]{1,64}", b.Edge)
+	}
+	if len(b.Changes) > MaxBatchChanges {
+		return invalid("batch has %d changes, at most %d allowed", len(b.Changes), MaxBatchChanges)
+	}
+	for i := range b.Changes {
+		c := &b.Changes[i]
+		if c.Kind == KindReadings {
+			return invalid("change %d: readings travel only in the sequenced push", i)
+		}
+		if err := c.Validate(); err != nil {
+			return fmt.Errorf("change %d: %w", i, err)
 		}
 	}
 	return nil

@@ -50,6 +50,7 @@ func (e *APIError) Error() string { return fmt.Sprintf("cloud answered %d: %s", 
 
 // Client talks to a cloud-sync cluster. It is safe for concurrent use.
 type Client struct {
+	rounds    int // 0: retry until ctx ends
 	urls      []string
 	token     string
 	hc        *http.Client
@@ -63,6 +64,15 @@ type Option func(*Client)
 
 // WithHTTPClient replaces the default HTTP client.
 func WithHTTPClient(hc *http.Client) Option { return func(c *Client) { c.hc = hc } }
+
+// WithRounds bounds retries: after n full rounds over every URL without an
+// answer, a call fails with ErrUnreachable, so the caller can run its own
+// backoff and report the link as down. 0 (the default) retries until the
+// context ends.
+func WithRounds(n int) Option { return func(c *Client) { c.rounds = n } }
+
+// ErrUnreachable: no cloud node answered within the configured rounds.
+var ErrUnreachable = errors.New("client: no cloud node reachable")
 
 // WithoutCompression sends bodies uncompressed.
 func WithoutCompression() Option { return func(c *Client) { c.compress = false } }
@@ -119,6 +129,19 @@ func (c *Client) Pull(ctx context.Context, cursor string, limit int) (*wire.Pull
 	return &page, c.do(ctx, http.MethodGet, wire.PathPull+"?"+q.Encode(), nil, &page)
 }
 
+// State sends state changes ahead of the sequenced stream (idempotent).
+func (c *Client) State(ctx context.Context, b *wire.StateBatch) (*wire.StateResult, error) {
+	var res wire.StateResult
+	return &res, c.do(ctx, http.MethodPost, wire.PathState, b, &res)
+}
+
+// Call sends any request with this client's failover, retries and
+// credentials (used for login and refresh forwarding, which authenticate
+// with the edge token too).
+func (c *Client) Call(ctx context.Context, method, path string, in, out any) error {
+	return c.do(ctx, method, path, in, out)
+}
+
 // Heartbeat publishes the edge's directory entry and returns the cloud's
 // committed sequence for the edge.
 func (c *Client) Heartbeat(ctx context.Context, h *wire.Heartbeat) (*wire.HeartbeatResult, error) {
@@ -154,6 +177,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		c.preferred.CompareAndSwap(int32(i), int32((i+1)%len(c.urls)))
 		if (attempt+1)%len(c.urls) != 0 {
 			continue // try the next node straight away
+		}
+		if c.rounds > 0 && (attempt+1)/len(c.urls) >= c.rounds {
+			return fmt.Errorf("%w: %v", ErrUnreachable, last)
 		}
 		d := time.Duration(rand.Int64N(int64(backoff))) + time.Millisecond
 		backoff = min(backoff*2, time.Second)

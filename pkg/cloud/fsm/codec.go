@@ -23,7 +23,18 @@ const (
 	CmdNodeRemove CmdType = 5
 	CmdUserPut    CmdType = 6
 	CmdMeta       CmdType = 7 // a consumer's device meta write
+	CmdState      CmdType = 8 // an edge's unsequenced state changes (state before history)
+	CmdPolicyPut  CmdType = 9 // a policy module for edges; empty Rego deletes it
+	CmdSigningKey CmdType = 10
 )
+
+// SigningKey is the deployment's token signing key, generated once by a
+// leader and replicated so that every node signs with the same key and every
+// edge needs to trust only one kid.
+type SigningKey struct {
+	KID  string `json:"kid"`
+	Seed []byte `json:"seed"`
+}
 
 const entryVersion = 1
 
@@ -47,6 +58,9 @@ type Command struct {
 	Node      *Node  // CmdNodeUpsert
 	NodeID    string // CmdNodeRemove
 	User      *wire.User
+	State     *wire.StateBatch // CmdState
+	Policy    *wire.Policy     // CmdPolicyPut
+	Key       *SigningKey      // CmdSigningKey
 }
 
 // ErrCorrupt means a log entry could not be decoded.
@@ -81,6 +95,20 @@ func EncodeCommand(c *Command) ([]byte, error) {
 		return appendString(b, c.NodeID), nil
 	case CmdUserPut:
 		return appendJSON(b, c.User)
+	case CmdState:
+		b = appendString(b, c.State.Edge)
+		b = binary.AppendUvarint(b, uint64(len(c.State.Changes)))
+		for i := range c.State.Changes {
+			var err error
+			if b, err = appendChange(b, &c.State.Changes[i]); err != nil {
+				return nil, err
+			}
+		}
+		return b, nil
+	case CmdPolicyPut:
+		return appendJSON(b, c.Policy)
+	case CmdSigningKey:
+		return appendJSON(b, c.Key)
 	}
 	return nil, fmt.Errorf("fsm: unknown command type %d", c.Type)
 }
@@ -174,6 +202,22 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 	case CmdUserPut:
 		d.Cmd.User = &wire.User{}
 		r.json(d.Cmd.User)
+	case CmdState:
+		d.Edge = r.string()
+		n := r.uvarint()
+		if n > uint64(len(data)) {
+			return nil, fmt.Errorf("%w: change count", ErrCorrupt)
+		}
+		d.Changes = make([]rawChange, 0, n)
+		for i := uint64(0); i < n && r.err == nil; i++ {
+			d.Changes = append(d.Changes, r.change())
+		}
+	case CmdPolicyPut:
+		d.Cmd.Policy = &wire.Policy{}
+		r.json(d.Cmd.Policy)
+	case CmdSigningKey:
+		d.Cmd.Key = &SigningKey{}
+		r.json(d.Cmd.Key)
 	default:
 		return nil, fmt.Errorf("%w: unknown command type %d", ErrCorrupt, d.Type)
 	}

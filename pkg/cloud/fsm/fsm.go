@@ -51,24 +51,28 @@ var (
 	bktDown     = []byte("downlink")   // raft index(8) sub(4) → downRecord JSON
 	bktNodes    = []byte("nodes")      // node id → Node JSON
 	bktUsers    = []byte("users")      // openid → wire.User JSON
+	bktPolicies = []byte("policies")   // name → rego text
 
 	keyApplied = []byte("applied_index")
 	keyStamp   = []byte("max_stamp")
+	keySignKey = []byte("signing_key")
 )
 
-var allBuckets = [][]byte{bktMeta, bktReadings, bktReadID, bktDevices, bktEdges, bktSeq, bktLog, bktDown, bktNodes, bktUsers}
+var allBuckets = [][]byte{bktMeta, bktReadings, bktReadID, bktDevices, bktEdges, bktSeq, bktLog, bktDown, bktNodes, bktUsers, bktPolicies}
 
 // Device is a device's merged record.
 type Device struct {
-	ID        string     `json:"id"`
-	EdgeID    string     `json:"edge_id"`
-	FirstSeen int64      `json:"first_seen"`
-	LastSeen  int64      `json:"last_seen"`
-	Region    string     `json:"region"`
-	Tags      []string   `json:"tags"`
-	Owners    []string   `json:"owners"`
-	Reported  shadow.Doc `json:"reported"`
-	Desired   shadow.Doc `json:"desired"`
+	ID        string   `json:"id"`
+	EdgeID    string   `json:"edge_id"`
+	FirstSeen int64    `json:"first_seen"`
+	LastSeen  int64    `json:"last_seen"`
+	Region    string   `json:"region"`
+	Tags      []string `json:"tags"`
+	Owners    []string `json:"owners"`
+	// MetaStamp orders meta writes (owners, region, tags): last writer wins.
+	MetaStamp hlc.Timestamp `json:"meta_stamp,omitzero"`
+	Reported  shadow.Doc    `json:"reported"`
+	Desired   shadow.Doc    `json:"desired"`
 }
 
 type edgeRecord struct {
@@ -78,6 +82,7 @@ type edgeRecord struct {
 	Advertise       string         `json:"advertise,omitempty"`
 	Backlog         uint64         `json:"backlog"`
 	LastHeartbeatMs int64          `json:"last_heartbeat_ms"`
+	OldestUnsynced  int64          `json:"oldest_unsynced_ms,omitempty"`
 }
 
 // downRecord is a change queued for edges to pull.
@@ -289,7 +294,7 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 }
 
 type bkts struct {
-	meta, readings, readID, devices, edges, seq, log, down, nodes, users *bolt.Bucket
+	meta, readings, readID, devices, edges, seq, log, down, nodes, users, policies *bolt.Bucket
 }
 
 func buckets(tx *bolt.Tx) bkts {
@@ -297,6 +302,7 @@ func buckets(tx *bolt.Tx) bkts {
 		meta: tx.Bucket(bktMeta), readings: tx.Bucket(bktReadings), readID: tx.Bucket(bktReadID),
 		devices: tx.Bucket(bktDevices), edges: tx.Bucket(bktEdges), seq: tx.Bucket(bktSeq),
 		log: tx.Bucket(bktLog), down: tx.Bucket(bktDown), nodes: tx.Bucket(bktNodes), users: tx.Bucket(bktUsers),
+		policies: tx.Bucket(bktPolicies),
 	}
 }
 
@@ -371,18 +377,37 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 	case CmdHeartbeat:
 		h := d.Cmd.Heartbeat
 		rec := edgeRecord{ID: h.Edge, Region: h.Region, Location: h.Location, Advertise: h.Advertise,
-			Backlog: h.Backlog, LastHeartbeatMs: d.AtMs}
+			Backlog: h.Backlog, LastHeartbeatMs: d.AtMs, OldestUnsynced: h.OldestUnsyncedMs}
 		return Result{AckedSeq: getU64(a.bk.seq.Get([]byte(h.Edge)))}, putJSON(a.bk.edges, h.Edge, rec)
 	case CmdNodeUpsert:
 		return Result{Applied: 1}, putJSON(a.bk.nodes, d.Cmd.Node.ID, d.Cmd.Node)
 	case CmdNodeRemove:
 		return Result{Applied: 1}, a.bk.nodes.Delete([]byte(d.Cmd.NodeID))
 	case CmdUserPut:
-		u := d.Cmd.User
-		if err := putJSON(a.bk.users, u.OpenID, u); err != nil {
-			return Result{}, err
+		n, err := a.user("", d.Cmd.User)
+		return Result{Applied: n}, err
+	case CmdState:
+		n := 0
+		for i := range d.Changes {
+			if err := a.change(d.Edge, d.AtMs, &d.Changes[i]); err != nil {
+				return Result{}, err
+			}
+			n++
 		}
-		return Result{Applied: 1}, a.downlink("*", "", wire.Change{Kind: wire.KindUser, User: u})
+		return Result{Applied: n}, nil
+	case CmdPolicyPut:
+		p := d.Cmd.Policy
+		if p.Rego == "" {
+			return Result{Applied: 1}, a.bk.policies.Delete([]byte(p.Name))
+		}
+		return Result{Applied: 1}, a.bk.policies.Put([]byte(p.Name), []byte(p.Rego))
+	case CmdSigningKey:
+		// The first key wins: two leaders racing to create one (after a
+		// failover) must not leave tokens signed by a key nobody keeps.
+		if a.bk.meta.Get(keySignKey) != nil {
+			return Result{}, nil
+		}
+		return Result{Applied: 1}, putJSON(a.bk.meta, string(keySignKey), d.Cmd.Key)
 	}
 	return Result{Err: fmt.Errorf("%w: command type %d", ErrCorrupt, d.Type)}, nil
 }
@@ -409,6 +434,27 @@ func (a *applier) push(d *decodedCmd) (Result, error) {
 		return Result{}, err
 	}
 	return Result{AckedSeq: newLast, Applied: len(d.Changes) - int(skip), Duplicates: a.dups - before}, nil
+}
+
+// user applies a user record if it is newer than the stored one (last writer
+// wins by stamp) and queues it for every edge but its origin.
+func (a *applier) user(origin string, u *wire.User) (int, error) {
+	if v := a.bk.users.Get([]byte(u.OpenID)); v != nil {
+		var cur wire.User
+		if err := json.Unmarshal(v, &cur); err != nil {
+			return 0, fmt.Errorf("decode user %s: %w", u.OpenID, err)
+		}
+		if !wire.StampWins(u.Stamp, cur.Stamp) && !(u.Stamp == 0 && cur.Stamp == 0) {
+			return 0, nil
+		}
+	}
+	if u.Stamp > a.maxStamp {
+		a.maxStamp = u.Stamp
+	}
+	if err := putJSON(a.bk.users, u.OpenID, u); err != nil {
+		return 0, err
+	}
+	return 1, a.downlink("*", origin, wire.Change{Kind: wire.KindUser, User: u})
 }
 
 func (a *applier) device(id string, atMs int64) (*Device, error) {
@@ -445,6 +491,13 @@ func (a *applier) flushDevices() error {
 
 // change applies one change from origin ("" for the cloud's own API).
 func (a *applier) change(origin string, atMs int64, c *rawChange) error {
+	if c.Kind == wire.KindUser {
+		if c.Other == nil || c.Other.User == nil {
+			return nil
+		}
+		_, err := a.user(origin, c.Other.User)
+		return err
+	}
 	dev, err := a.device(c.Device, atMs)
 	if err != nil {
 		return err
@@ -491,7 +544,13 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 		return nil
 	case wire.KindMeta:
 		m := c.Other.Meta
-		dev.Owners, dev.Region, dev.Tags = m.Owners, m.Region, m.Tags
+		if !wire.StampWins(m.Stamp, dev.MetaStamp) && !(m.Stamp == 0 && dev.MetaStamp == 0) {
+			return nil // an older (or the same) meta write: last writer wins
+		}
+		dev.Owners, dev.Region, dev.Tags, dev.MetaStamp = m.Owners, m.Region, m.Tags, m.Stamp
+		if m.Stamp > a.maxStamp {
+			a.maxStamp = m.Stamp
+		}
 		if err := a.logChange(origin, atMs, c); err != nil {
 			return err
 		}

@@ -141,7 +141,8 @@ func (f *FSM) Edges() ([]wire.Edge, error) {
 				return err
 			}
 			out = append(out, wire.Edge{ID: r.ID, Region: r.Region, Location: r.Location, Advertise: r.Advertise,
-				Backlog: r.Backlog, LastHeartbeatMs: r.LastHeartbeatMs, AckedSeq: getU64(seq.Get(k))})
+				Backlog: r.Backlog, LastHeartbeatMs: r.LastHeartbeatMs, AckedSeq: getU64(seq.Get(k)),
+				OldestUnsynced: r.OldestUnsynced})
 			return nil
 		})
 	})
@@ -319,4 +320,33 @@ func (f *FSM) DeviceIDs(after string, limit int) ([]string, error) {
 	})
 	sort.Strings(out)
 	return out, err
+}
+
+// Policies returns the policy modules distributed to edges, by name.
+func (f *FSM) Policies() ([]wire.Policy, error) {
+	var out []wire.Policy
+	err := f.view(func(tx *bolt.Tx) error {
+		return tx.Bucket(bktPolicies).ForEach(func(k, v []byte) error {
+			out = append(out, wire.Policy{Name: string(k), Rego: string(v)})
+			return nil
+		})
+	})
+	return out, err
+}
+
+// SigningKey returns the deployment's signing key, or ErrNotFound before a
+// leader created one.
+func (f *FSM) SigningKey() (*SigningKey, error) {
+	var k SigningKey
+	err := f.view(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bktMeta).Get(keySignKey)
+		if v == nil {
+			return fmt.Errorf("signing key: %w", ErrNotFound)
+		}
+		return json.Unmarshal(v, &k)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &k, nil
 }

@@ -128,7 +128,8 @@ func (s *Server) push(c *fiber.Ctx) error {
 			s.m.pushes.WithLabelValues(edge, "duplicate").Inc()
 			return ok(c, wire.PushResult{AckedSeq: acked})
 		}
-		if err := s.checkStamps(edge, &b); err != nil {
+		rejected, err := s.checkStamps(edge, b.Changes)
+		if err != nil {
 			return err
 		}
 		res, err := s.propose(c, &fsm.Command{Type: fsm.CmdPush, AtMs: s.now().UnixMilli(), Push: &b})
@@ -148,27 +149,97 @@ func (s *Server) push(c *fiber.Ctx) error {
 			return res.Err
 		}
 		s.m.pushes.WithLabelValues(edge, "ok").Inc()
-		return ok(c, wire.PushResult{AckedSeq: res.AckedSeq, Applied: res.Applied, Duplicates: res.Duplicates, Index: res.Index})
+		return ok(c, wire.PushResult{AckedSeq: res.AckedSeq, Applied: res.Applied, Duplicates: res.Duplicates, Index: res.Index,
+			RejectedStamps: rejected})
 	})
 }
 
-// checkStamps rejects HLC stamps beyond the drift bound and folds the rest
-// into the leader's clock, so cloud-side writes are stamped after them.
-func (s *Server) checkStamps(edge string, b *wire.PushBatch) error {
-	for i := range b.Changes {
-		for name, f := range b.Changes[i].Doc {
+// checkStamps drops state fields (and meta and user records) whose HLC stamp
+// is further ahead of this node's clock than the maximum drift, counting
+// each, and folds the accepted stamps into the leader's clock so cloud-side
+// writes are stamped after them. It never refuses the batch: a refusal would
+// stall the edge's whole stream (its readings too) behind one bad clock.
+// Changes left empty stay in place as no-ops so sequence numbers still line
+// up.
+func (s *Server) checkStamps(edge string, changes []wire.Change) (int, error) {
+	rejected := 0
+	for i := range changes {
+		c := &changes[i]
+		for name, f := range c.Doc {
 			if _, err := s.clock.Update(f.Stamp); err != nil {
-				if errors.Is(err, hlc.ErrDrift) {
-					s.m.stamps.WithLabelValues(edge).Inc()
-					return apiError(fiber.StatusUnprocessableEntity, fmt.Sprintf(
-						"change %d (seq %d) device %q field %q: %v; fix the edge's clock", i, b.FirstSeq+uint64(i),
-						b.Changes[i].Device, name, err))
+				if !errors.Is(err, hlc.ErrDrift) {
+					return 0, err
 				}
-				return err
+				delete(c.Doc, name)
+				rejected++
+			}
+		}
+		var stamp *hlc.Timestamp
+		switch {
+		case c.Kind == wire.KindMeta && c.Meta != nil:
+			stamp = &c.Meta.Stamp
+		case c.Kind == wire.KindUser && c.User != nil:
+			stamp = &c.User.Stamp
+		}
+		if stamp != nil && !stamp.IsZero() {
+			if _, err := s.clock.Update(*stamp); err != nil {
+				if !errors.Is(err, hlc.ErrDrift) {
+					return 0, err
+				}
+				// Keep the record but make it lose to everything: an
+				// older stamp than any real write.
+				*stamp = 1
+				rejected++
 			}
 		}
 	}
-	return nil
+	if rejected > 0 {
+		s.m.stamps.WithLabelValues(edge).Add(float64(rejected))
+		s.log.Warn("rejected HLC stamps beyond the maximum clock drift; fix the edge's clock", "edge", edge, "fields", rejected)
+	}
+	return rejected, nil
+}
+
+// state applies an edge's state changes ahead of its sequenced stream.
+func (s *Server) state(c *fiber.Ctx) error {
+	edge := c.Locals("edge").(string)
+	return s.onLeader(c, func(c *fiber.Ctx) error {
+		if s.node.Overloaded() {
+			s.m.throttled.Inc()
+			return proposeErr(raftnode.ErrOverloaded)
+		}
+		var b wire.StateBatch
+		if err := s.decode(c, &b); err != nil {
+			return err
+		}
+		if b.Edge == "" {
+			b.Edge = edge
+		}
+		if err := b.Validate(); err != nil {
+			return invalid(err)
+		}
+		if b.Edge != edge {
+			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not push as %q", edge, b.Edge))
+		}
+		rejected, err := s.checkStamps(edge, b.Changes)
+		if err != nil {
+			return err
+		}
+		if len(b.Changes) == 0 {
+			return ok(c, wire.StateResult{})
+		}
+		res, err := s.propose(c, &fsm.Command{Type: fsm.CmdState, AtMs: s.now().UnixMilli(), State: &b})
+		if errors.Is(err, raftnode.ErrNotLeader) {
+			return err
+		}
+		if err != nil {
+			return proposeErr(err)
+		}
+		if res.Err != nil {
+			return res.Err
+		}
+		return ok(c, wire.StateResult{Applied: res.Applied, RejectedStamps: rejected})
+	})
 }
 
 func (s *Server) pull(c *fiber.Ctx) error {
@@ -185,6 +256,20 @@ func (s *Server) pull(c *fiber.Ctx) error {
 		if err != nil {
 			return err
 		}
+		// The whole current sets ride along: they are small, and an edge
+		// that missed any number of changes gets the latest in one page.
+		if page.Policies, err = s.fsm.Policies(); err != nil {
+			return err
+		}
+		if page.Edges, err = s.directory(); err != nil {
+			return err
+		}
+		if jwks, err := s.jwks(); err == nil {
+			page.Keys = jwks
+		} else if !errors.Is(err, fsm.ErrNotFound) {
+			return err
+		}
+		page.ServerTimeMs = s.now().UnixMilli()
 		return ok(c, page)
 	})
 }
@@ -204,6 +289,11 @@ func (s *Server) heartbeat(c *fiber.Ctx) error {
 		}
 		if h.Edge != edge {
 			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not heartbeat as %q", edge, h.Edge))
+		}
+		// Make sure the deployment has a signing key before edges pull:
+		// then every edge trusts it before the first phone logs in.
+		if err := s.ensureSigningKey(c.UserContext()); err != nil {
+			return err
 		}
 		now := s.now()
 		res, err := s.propose(c, &fsm.Command{Type: fsm.CmdHeartbeat, AtMs: now.UnixMilli(), Heartbeat: &h})
@@ -343,6 +433,7 @@ func (s *Server) putMeta(c *fiber.Ctx) error {
 		return apiError(fiber.StatusBadRequest, "region at most 64 bytes, at most 100 owners and 100 tags")
 	}
 	return s.onLeader(c, func(c *fiber.Ctx) error {
+		m.Stamp = s.clock.Now()
 		return s.proposeDevice(c, &fsm.Command{Type: fsm.CmdMeta, AtMs: s.now().UnixMilli(),
 			Change: &wire.Change{Kind: wire.KindMeta, Device: id, Meta: &m}})
 	})
@@ -369,7 +460,11 @@ func (s *Server) directory() ([]wire.Edge, error) {
 	}
 	cut := s.now().Add(-s.cfg.HeartbeatFresh).UnixMilli()
 	for i := range edges {
-		edges[i].Healthy = edges[i].LastHeartbeatMs >= cut
+		e := &edges[i]
+		e.Healthy = e.LastHeartbeatMs >= cut
+		if e.OldestUnsynced > 0 {
+			e.LagMs = max(e.LastHeartbeatMs-e.OldestUnsynced, 0)
+		}
 	}
 	if edges == nil {
 		edges = []wire.Edge{}
@@ -482,6 +577,7 @@ func (s *Server) putUser(c *fiber.Ctx) error {
 		u.Roles = []string{}
 	}
 	return s.onLeader(c, func(c *fiber.Ctx) error {
+		u.Stamp = s.clock.Now()
 		_, err := s.propose(c, &fsm.Command{Type: fsm.CmdUserPut, AtMs: s.now().UnixMilli(), User: &u})
 		if errors.Is(err, raftnode.ErrNotLeader) {
 			return err
@@ -533,4 +629,52 @@ func validHostPort(s string) bool {
 	}
 	p, err := strconv.Atoi(s[i+1:])
 	return err == nil && p > 0 && p < 65536
+}
+
+// --- policies -------------------------------------------------------------
+
+func validPolicyName(n string) bool {
+	return wire.ValidName(n) && len(n) > len(".rego") && n[len(n)-len(".rego"):] == ".rego" &&
+		!(len(n) > len("_test.rego") && n[len(n)-len("_test.rego"):] == "_test.rego")
+}
+
+func (s *Server) listPolicies(c *fiber.Ctx) error {
+	return s.read(c, func(c *fiber.Ctx) error {
+		ps, err := s.fsm.Policies()
+		if err != nil {
+			return err
+		}
+		if ps == nil {
+			ps = []wire.Policy{}
+		}
+		return ok(c, fiber.Map{"items": ps})
+	})
+}
+
+// putPolicy stores a Rego module that every edge pulls; a body of "" deletes
+// it. Once the cloud distributes any policy, edges use the cloud's set in
+// place of their local policies.
+func (s *Server) putPolicy(c *fiber.Ctx) error {
+	name := c.Params("name")
+	if !validPolicyName(name) {
+		return apiError(fiber.StatusBadRequest, "policy name must match [A-Za-z0-9._-]{1,64}, end in .rego and not in _test.rego")
+	}
+	body, err := s.body(c)
+	if err != nil {
+		return err
+	}
+	if len(body) > 256<<10 {
+		return apiError(fiber.StatusRequestEntityTooLarge, "policy larger than 256 KiB")
+	}
+	p := wire.Policy{Name: name, Rego: string(body)}
+	return s.onLeader(c, func(c *fiber.Ctx) error {
+		_, err := s.propose(c, &fsm.Command{Type: fsm.CmdPolicyPut, AtMs: s.now().UnixMilli(), Policy: &p})
+		if errors.Is(err, raftnode.ErrNotLeader) {
+			return err
+		}
+		if err != nil {
+			return proposeErr(err)
+		}
+		return ok(c, fiber.Map{"name": name, "bytes": len(body)})
+	})
 }

@@ -17,6 +17,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -34,6 +35,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/wechat"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
@@ -57,6 +59,13 @@ type Config struct {
 	// Pprof serves /debug/pprof/ (unauthenticated: enable only on a
 	// trusted network, for profiling).
 	Pprof bool
+	// Identity: WeChat code2session (nil: none configured), dev login,
+	// admin openids, and token lifetimes for users' sessions.
+	WeChat     *wechat.Client
+	DevLogin   bool
+	Admins     []string
+	AccessTTL  time.Duration
+	RefreshTTL time.Duration
 }
 
 // Server serves one node's HTTP API.
@@ -73,6 +82,7 @@ type Server struct {
 	zdec    *zstd.Decoder
 	now     func() time.Time
 	m       *httpMetrics
+	id      identity
 }
 
 // New builds the server; Listen serves it.
@@ -99,6 +109,7 @@ func New(cfg Config, node *raftnode.Node, f *fsm.FSM, clock *hlc.Clock, authn au
 		}},
 		m: newHTTPMetrics(reg),
 	}
+	s.authn = append(auth.Chain{authn}, jwtAuthenticator{s})
 	s.app = fiber.New(fiber.Config{
 		DisableStartupMessage: true,
 		BodyLimit:             wire.MaxBodyBytes,
@@ -144,7 +155,10 @@ func (s *Server) routes(reg *prometheus.Registry) {
 	sy.Post("/push", s.push)
 	sy.Get("/pull", s.pull)
 	sy.Post("/heartbeat", s.heartbeat)
+	sy.Post("/state", s.state)
 
+	a.Post("/api/v1/auth/login", s.login)
+	a.Post("/api/v1/auth/refresh", s.refreshToken)
 	api := a.Group("/api/v1", s.requireService)
 	api.Get("/devices/:id", s.getDevice)
 	api.Get("/devices/:id/readings", s.readings)
@@ -155,6 +169,8 @@ func (s *Server) routes(reg *prometheus.Registry) {
 	api.Get("/export", s.export)
 	api.Get("/users/:openid", s.getUser)
 	api.Put("/users/:openid", s.putUser)
+	api.Get("/policies", s.listPolicies)
+	api.Put("/policies/:name", s.putPolicy)
 
 	a.Use(func(c *fiber.Ctx) error {
 		return apiError(fiber.StatusNotFound, fmt.Sprintf("no route for %s %s", c.Method(), c.Path()))
@@ -253,6 +269,9 @@ func (s *Server) requireService(c *fiber.Ctx) error {
 	p, err := s.principal(c)
 	if err != nil {
 		return err
+	}
+	if p.Kind == auth.KindUser && slices.Contains(p.Roles, "admin") {
+		return c.Next()
 	}
 	if p.Kind != auth.KindService {
 		// User tokens come with the identity issue; until then only the

@@ -1,0 +1,76 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/outpost-edge/outpost/pkg/api"
+	"github.com/outpost-edge/outpost/pkg/auth"
+	"github.com/outpost-edge/outpost/pkg/cloud/client"
+	"github.com/outpost-edge/outpost/pkg/config"
+	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/syncer"
+	"github.com/outpost-edge/outpost/pkg/wire"
+)
+
+// cloudPolicyDir returns the policy directory of an edge joined to a cloud:
+// {data}/policies-active, which the syncer fills with the cloud's modules
+// once the cloud distributes any. Until then (and on first start) it holds a
+// copy of the local policies, so a joined edge authorises exactly like a
+// standalone one while the cloud has nothing to say, and keeps the cloud's
+// last policies across an offline restart.
+func cloudPolicyDir(local, data string) (string, error) {
+	dir := filepath.Join(data, "policies-active")
+	if _, err := os.Stat(filepath.Join(dir, syncer.CloudPolicyMarker)); err == nil {
+		return dir, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("policy dir: %w", err)
+	}
+	entries, err := os.ReadDir(local)
+	if err != nil {
+		return "", fmt.Errorf("policy dir: %w", err)
+	}
+	for _, e := range entries {
+		n := e.Name()
+		if e.IsDir() || !strings.HasSuffix(n, ".rego") || strings.HasSuffix(n, "_test.rego") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(local, n))
+		if err != nil {
+			return "", fmt.Errorf("policy dir: %w", err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, n), b, 0o644); err != nil {
+			return "", fmt.Errorf("policy dir: %w", err)
+		}
+	}
+	return dir, nil
+}
+
+// newSyncer builds the syncer and the identity service of an edge joined to
+// a cloud.
+func newSyncer(cfg config.Edge, st *store.Store, tokens *auth.Service, local api.Login, downlink api.Downlink,
+	policyDir string, dataChanged func(), reg prometheus.Registerer, log *slog.Logger) (*syncer.Syncer, *syncer.Identity, error) {
+	cl, err := client.New(cfg.Cloud.URLs, cfg.Cloud.Token, client.WithRounds(2))
+	if err != nil {
+		return nil, nil, fmt.Errorf("cloud: %w", err)
+	}
+	var loc *wire.Location
+	if lat, lng, ok, _ := config.ParseLocation(cfg.Location); ok {
+		loc = &wire.Location{Lat: lat, Lng: lng}
+	}
+	sy, err := syncer.New(syncer.Config{
+		EdgeID: cfg.ID, Region: cfg.Region, Location: loc, Advertise: cfg.Advertise,
+		BatchReadings: cfg.Cloud.BatchReadings, MaxOffline: cfg.Cloud.MaxOffline, PolicyDir: policyDir,
+		Logger: log.With("component", "sync"), Registerer: reg,
+	}, syncer.Deps{Store: st, Client: cl, Keys: tokens.Keys(), Downlink: downlink, DataChanged: dataChanged})
+	if err != nil {
+		return nil, nil, err
+	}
+	return sy, syncer.NewIdentity(tokens, cl, local, log.With("component", "identity")), nil
+}

@@ -1,0 +1,806 @@
+// Package syncer reconciles an edge with its cloud: it drains the store's
+// outbox to cloud-sync in large compressed batches and pulls cloud-side
+// changes back, so an edge that was offline for any length of time converges
+// with the cloud and loses nothing.
+//
+// Push. The outbox is one contiguous sequence; the cloud applies each
+// sequence number of an edge exactly once and refuses gaps, so readings are
+// committed exactly once whatever is resent. The local outbox is truncated
+// only up to the sequence the cloud acknowledged after its raft commit. On
+// start (and after every link failure) the syncer asks the cloud where it
+// stands (heartbeat), so a crash between sending a batch and recording its
+// ack neither loses nor duplicates anything: the cloud's acknowledged
+// sequence is the truth.
+//
+// State before history. Device state (reported, desired, meta) and users
+// are sent first, unsequenced, through /sync/v1/state: a device's current
+// state reaches the cloud in one round trip even behind a million-reading
+// backlog. They also stay in the sequenced stream, where their second
+// application is a no-op because state changes are last-writer-wins deltas.
+//
+// Pull. Cloud-side changes (desired state, device meta, users' roles) are
+// merged into the store with the same per-field last-writer-wins merge, a
+// changed desired state goes to the device as a retained downlink, and the
+// deployment's public keys, policies and edge directory are cached on disk so
+// a restart without the cloud still has them.
+//
+// Failures back off exponentially with full jitter (capped), and a 429's
+// Retry-After is obeyed.
+package syncer
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/outpost-edge/outpost/pkg/api"
+	"github.com/outpost-edge/outpost/pkg/auth"
+	"github.com/outpost-edge/outpost/pkg/cloud/client"
+	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/wire"
+)
+
+// Keys of the syncer's state in the store's sync bucket.
+const (
+	keyPullCursor = "pull_cursor"
+	keyLastSync   = "last_sync_ms"
+	keyDirectory  = "directory"
+	keyKeys       = "jwks"
+	keyPolicies   = "policies_digest"
+)
+
+// Config configures a Syncer.
+type Config struct {
+	EdgeID    string
+	Region    string
+	Location  *wire.Location
+	Advertise string
+
+	// BatchReadings is the target number of readings per push (default
+	// 20000); BatchBytes bounds the encoded outbox entries read for one
+	// push (default 4 MiB).
+	BatchReadings int
+	BatchBytes    int
+	// Idle is how often an idle syncer looks for new outbox entries
+	// (default 20ms): the floor of live-sync latency.
+	Idle time.Duration
+	// PullInterval (default 1s) and HeartbeatInterval (default 5s).
+	PullInterval      time.Duration
+	HeartbeatInterval time.Duration
+	// BackoffBase and BackoffMax bound the full-jitter backoff (defaults
+	// 100ms and 30s).
+	BackoffBase time.Duration
+	BackoffMax  time.Duration
+	// MaxOffline is the longest offline window the deployment allows; the
+	// cloud keeps tombstones at least this long. An edge whose last pull is
+	// older re-pulls everything from the start (full resync). Default 30
+	// days.
+	MaxOffline time.Duration
+	// PolicyDir receives the cloud's policy modules (the policy engine
+	// watches it). Empty disables policy distribution.
+	PolicyDir string
+
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+func (c *Config) defaults() {
+	if c.BatchReadings <= 0 {
+		c.BatchReadings = 20000
+	}
+	if c.BatchBytes <= 0 {
+		c.BatchBytes = 4 << 20
+	}
+	if c.Idle <= 0 {
+		c.Idle = 20 * time.Millisecond
+	}
+	if c.PullInterval <= 0 {
+		c.PullInterval = time.Second
+	}
+	if c.HeartbeatInterval <= 0 {
+		c.HeartbeatInterval = 5 * time.Second
+	}
+	if c.BackoffBase <= 0 {
+		c.BackoffBase = 100 * time.Millisecond
+	}
+	if c.BackoffMax <= 0 {
+		c.BackoffMax = 30 * time.Second
+	}
+	if c.MaxOffline <= 0 {
+		c.MaxOffline = 30 * 24 * time.Hour
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Deps are the syncer's collaborators.
+type Deps struct {
+	Store  *store.Store
+	Client *client.Client
+	// Keys receives the deployment's public keys (SetTrusted).
+	Keys *auth.Keyring
+	// Downlink publishes desired state to devices (retained); nil skips.
+	Downlink api.Downlink
+	// DataChanged is called after roles or device meta changed (policy
+	// decision caches depend on them).
+	DataChanged func()
+}
+
+// Syncer is the edge's sync engine. It implements api.SyncStatus and
+// api.Directory.
+type Syncer struct {
+	cfg  Config
+	deps Deps
+	log  *slog.Logger
+	m    *metrics
+
+	cursor    atomic.Uint64 // highest sequence the cloud acknowledged
+	stateSent atomic.Uint64 // highest state sequence sent ahead
+	connected atomic.Bool
+	lastSync  atomic.Int64 // Unix ms of the last successful exchange
+	offsetMs  atomic.Int64 // local clock minus the cloud's, at the last heartbeat
+
+	dirMu sync.RWMutex
+	dir   []wire.Edge
+
+	wake chan struct{}
+}
+
+var (
+	_ api.SyncStatus = (*Syncer)(nil)
+	_ api.Directory  = (*Syncer)(nil)
+)
+
+// New builds a syncer; Run starts it. Cached state (directory, last sync) is
+// loaded from the store so that an edge restarted offline serves it at once.
+func New(cfg Config, deps Deps) (*Syncer, error) {
+	cfg.defaults()
+	if deps.Store == nil || deps.Client == nil {
+		return nil, errors.New("syncer: store and client are required")
+	}
+	s := &Syncer{cfg: cfg, deps: deps, log: cfg.Logger, m: newMetrics(cfg.Registerer, deps.Store), wake: make(chan struct{}, 1)}
+	s.cursor.Store(deps.Store.Counts().OutboxAcked)
+	if v, err := deps.Store.SyncValue(keyLastSync); err != nil {
+		return nil, err
+	} else if len(v) > 0 {
+		var ms int64
+		if err := json.Unmarshal(v, &ms); err == nil {
+			s.lastSync.Store(ms)
+		}
+	}
+	if v, err := deps.Store.SyncValue(keyDirectory); err != nil {
+		return nil, err
+	} else if len(v) > 0 {
+		if err := json.Unmarshal(v, &s.dir); err != nil {
+			s.log.Warn("cached edge directory unreadable; waiting for the cloud", "err", err)
+		}
+	}
+	return s, nil
+}
+
+// Run pushes and pulls until ctx ends. It owns two goroutines and returns
+// after both stopped.
+func (s *Syncer) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); s.pushLoop(ctx) }()
+	go func() { defer wg.Done(); s.pullLoop(ctx) }()
+	wg.Wait()
+	return nil
+}
+
+// Kick wakes the push loop early (after a local write).
+func (s *Syncer) Kick() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Status implements api.SyncStatus.
+func (s *Syncer) Status() api.CloudStatus {
+	st := api.CloudStatus{Configured: true, Connected: s.connected.Load()}
+	if ms := s.lastSync.Load(); ms > 0 {
+		st.LastSync = &ms
+	}
+	return st
+}
+
+// ClockOffset is how far the edge's clock was ahead of the cloud's at the
+// last heartbeat (negative: behind).
+func (s *Syncer) ClockOffset() time.Duration {
+	return time.Duration(s.offsetMs.Load()) * time.Millisecond
+}
+
+// backoff is exponential backoff with full jitter: a uniformly random wait
+// in [0, min(cap, base·2^n)), so many edges reconnecting at once spread out.
+type backoff struct {
+	base, cap time.Duration
+	n         int
+}
+
+func (b *backoff) next() time.Duration {
+	d := b.base << min(b.n, 20)
+	if d <= 0 || d > b.cap {
+		d = b.cap
+	}
+	b.n++
+	return time.Duration(rand.Int64N(int64(d))) + time.Millisecond
+}
+
+func (b *backoff) reset() { b.n = 0 }
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// failed records a failed exchange and returns how long to wait.
+func (s *Syncer) failed(op string, err error, bo *backoff) time.Duration {
+	var th *client.ThrottledError
+	if errors.As(err, &th) {
+		s.m.retries.WithLabelValues(op, "throttled").Inc()
+		// The cloud said when: obey it, plus jitter so throttled edges do
+		// not all return in the same instant.
+		return th.RetryAfter + time.Duration(rand.Int64N(int64(th.RetryAfter)/4+1))
+	}
+	s.connected.Store(false)
+	s.m.connected.Set(0)
+	s.m.retries.WithLabelValues(op, "error").Inc()
+	d := bo.next()
+	s.log.Debug("sync exchange failed; backing off", "op", op, "err", err, "wait", d)
+	return d
+}
+
+func (s *Syncer) succeeded() {
+	now := time.Now().UnixMilli()
+	s.lastSync.Store(now)
+	s.connected.Store(true)
+	s.m.connected.Set(1)
+	s.m.lastSync.Set(float64(now) / 1000)
+}
+
+// ---- push ----
+
+func (s *Syncer) pushLoop(ctx context.Context) {
+	bo := backoff{base: s.cfg.BackoffBase, cap: s.cfg.BackoffMax}
+	synced := false // the cursor was confirmed with the cloud since the last failure
+	idle := time.NewTicker(s.cfg.Idle)
+	defer idle.Stop()
+	for ctx.Err() == nil {
+		if !synced {
+			if err := s.resume(ctx); err != nil {
+				if ctx.Err() == nil && !sleep(ctx, s.failed("heartbeat", err, &bo)) {
+					return
+				}
+				continue
+			}
+			synced = true
+		}
+		n, err := s.pushOnce(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			var gap *client.GapError
+			if errors.As(err, &gap) {
+				s.m.retries.WithLabelValues("push", "gap").Inc()
+				synced = false // ask the cloud where it stands
+				continue
+			}
+			if !sleep(ctx, s.failed("push", err, &bo)) {
+				return
+			}
+			synced = false
+			continue
+		}
+		bo.reset()
+		if n > 0 {
+			continue // more may be waiting: drain without pausing
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-idle.C:
+		case <-s.wake:
+		}
+	}
+}
+
+// resume asks the cloud for its acknowledged sequence and reconciles the
+// local cursor with it: if the cloud holds more than the outbox recorded (a
+// crash after the cloud committed but before the local ack), the outbox is
+// truncated to it; nothing is resent that the cloud already has.
+func (s *Syncer) resume(ctx context.Context) error {
+	res, err := s.heartbeat(ctx)
+	if err != nil {
+		return err
+	}
+	local := s.deps.Store.Counts()
+	switch {
+	case res.AckedSeq > local.OutboxHead:
+		return fmt.Errorf("cloud acknowledged sequence %d of edge %s but this edge's outbox ends at %d: is another edge using this id, or was the data directory replaced?",
+			res.AckedSeq, s.cfg.EdgeID, local.OutboxHead)
+	case res.AckedSeq > local.OutboxAcked:
+		if err := s.deps.Store.AckOutbox(res.AckedSeq); err != nil {
+			return err
+		}
+		s.log.Info("cloud already held changes the outbox had not recorded as acknowledged", "from", local.OutboxAcked, "to", res.AckedSeq)
+	case res.AckedSeq < local.OutboxAcked:
+		// The cloud lost what it acknowledged (a cluster rebuilt from
+		// scratch). The outbox no longer holds those changes.
+		s.log.Error("cloud is behind this edge's acknowledged sequence; changes it lost cannot be resent",
+			"cloud_acked", res.AckedSeq, "local_acked", local.OutboxAcked)
+	}
+	s.cursor.Store(max(res.AckedSeq, local.OutboxAcked))
+	return nil
+}
+
+func (s *Syncer) heartbeat(ctx context.Context) (*wire.HeartbeatResult, error) {
+	c := s.deps.Store.Counts()
+	h := &wire.Heartbeat{Edge: s.cfg.EdgeID, Region: s.cfg.Region, Location: s.cfg.Location,
+		Advertise: s.cfg.Advertise, Backlog: c.OutboxBacklog}
+	if ts, err := s.deps.Store.OldestUnsynced(); err == nil && !ts.IsZero() {
+		h.OldestUnsyncedMs = ts.WallMs()
+	}
+	sent := time.Now()
+	res, err := s.deps.Client.Heartbeat(ctx, h)
+	if err != nil {
+		return nil, err
+	}
+	rtt := time.Since(sent)
+	off := sent.Add(rtt/2).UnixMilli() - res.ServerTimeMs
+	s.offsetMs.Store(off)
+	s.m.clockOffset.Set(float64(off) / 1000)
+	s.succeeded()
+	return res, nil
+}
+
+// pushOnce sends pending state ahead, then one batch of the sequenced
+// stream. It returns how many changes it sent.
+func (s *Syncer) pushOnce(ctx context.Context) (int, error) {
+	sent := 0
+	if after := max(s.stateSent.Load(), s.cursor.Load()); after < s.deps.Store.Counts().OutboxHead {
+		state, err := s.deps.Store.PendingState(after, 1000)
+		if err != nil {
+			return 0, err
+		}
+		if len(state) > 0 {
+			b := &wire.StateBatch{Edge: s.cfg.EdgeID, Changes: make([]wire.Change, 0, len(state))}
+			for i := range state {
+				b.Changes = append(b.Changes, toWire(&state[i]))
+			}
+			res, err := s.deps.Client.State(ctx, b)
+			if err != nil {
+				return 0, err
+			}
+			s.stateSent.Store(state[len(state)-1].Seq)
+			s.m.rejected.Add(float64(res.RejectedStamps))
+			sent += len(state)
+		}
+	}
+	cur := s.cursor.Load()
+	if cur >= s.deps.Store.Counts().OutboxHead {
+		if sent > 0 {
+			s.succeeded()
+		}
+		return sent, nil
+	}
+	changes, err := s.deps.Store.Outbox(cur, wire.MaxBatchChanges, s.cfg.BatchBytes)
+	if err != nil {
+		return sent, err
+	}
+	if len(changes) == 0 {
+		return sent, nil
+	}
+	if changes[0].Seq != cur+1 {
+		return sent, fmt.Errorf("outbox starts at %d, expected %d", changes[0].Seq, cur+1)
+	}
+	b := &wire.PushBatch{Edge: s.cfg.EdgeID, FirstSeq: changes[0].Seq, Changes: make([]wire.Change, 0, len(changes))}
+	readings := 0
+	for i := range changes {
+		n := len(changes[i].Readings)
+		if i > 0 && (readings+n > s.cfg.BatchReadings || readings+n > wire.MaxReadingsTotal) {
+			break
+		}
+		readings += n
+		b.Changes = append(b.Changes, toWire(&changes[i]))
+	}
+	start := time.Now()
+	res, err := s.deps.Client.Push(ctx, b)
+	if err != nil {
+		return sent, err
+	}
+	// The cloud committed through res.AckedSeq in raft: only now may the
+	// outbox forget those changes.
+	if res.AckedSeq > s.cursor.Load() {
+		if err := s.deps.Store.AckOutbox(res.AckedSeq); err != nil {
+			return sent, err
+		}
+		s.cursor.Store(res.AckedSeq)
+	}
+	s.succeeded()
+	s.m.pushSeconds.Observe(time.Since(start).Seconds())
+	s.m.batchChanges.Observe(float64(len(b.Changes)))
+	s.m.batchReadings.Observe(float64(readings))
+	s.m.pushedReadings.Add(float64(readings))
+	s.m.rejected.Add(float64(res.RejectedStamps))
+	return sent + len(b.Changes), nil
+}
+
+// toWire converts an outbox entry to its wire form.
+func toWire(c *store.Change) wire.Change {
+	w := wire.Change{Kind: c.Kind.String(), Device: c.Device}
+	switch c.Kind {
+	case store.ChangeReadings:
+		w.Readings = make([]wire.Reading, len(c.Readings))
+		for i := range c.Readings {
+			r := &c.Readings[i]
+			m := make(map[string]float64, len(r.Metrics))
+			for _, mv := range r.Metrics {
+				m[mv.Name] = mv.Value
+			}
+			w.Readings[i] = wire.Reading{TS: r.TS, ID: r.ID, Metrics: m}
+		}
+	case store.ChangeReported, store.ChangeDesired:
+		w.Doc = c.Doc
+	case store.ChangeMeta:
+		w.Meta = &wire.Meta{Owners: c.Meta.Owners, Region: c.Meta.Region, Tags: tagList(c.Meta.Tags), Stamp: c.Meta.Stamp}
+	case store.ChangeUser:
+		w.Device = ""
+		w.User = &wire.User{OpenID: c.User.OpenID, Roles: c.User.Roles, Regions: c.User.Regions, Stamp: c.User.Stamp}
+	}
+	return w
+}
+
+// Tags travel as "key=value" strings (the cloud's model is a list).
+func tagList(m map[string]string) []string {
+	out := make([]string, 0, len(m))
+	for k, v := range m {
+		out = append(out, k+"="+v)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func tagMap(l []string) map[string]string {
+	m := make(map[string]string, len(l))
+	for _, t := range l {
+		k, v, _ := strings.Cut(t, "=")
+		m[k] = v
+	}
+	return m
+}
+
+// fromWire converts a pulled change to the store's form.
+func fromWire(w *wire.Change) (store.Change, bool) {
+	c := store.Change{Device: w.Device}
+	switch w.Kind {
+	case wire.KindDesired:
+		c.Kind, c.Doc = store.ChangeDesired, w.Doc
+	case wire.KindReported:
+		c.Kind, c.Doc = store.ChangeReported, w.Doc
+	case wire.KindMeta:
+		if w.Meta == nil {
+			return c, false
+		}
+		c.Kind = store.ChangeMeta
+		c.Meta = &store.DeviceMeta{Owners: w.Meta.Owners, Region: w.Meta.Region, Tags: tagMap(w.Meta.Tags), Stamp: w.Meta.Stamp}
+	case wire.KindUser:
+		if w.User == nil {
+			return c, false
+		}
+		c.Kind, c.Device = store.ChangeUser, w.User.OpenID
+		c.User = &store.User{OpenID: w.User.OpenID, Roles: w.User.Roles, Regions: w.User.Regions, Stamp: w.User.Stamp}
+	default:
+		return c, false
+	}
+	return c, true
+}
+
+// ---- pull ----
+
+func (s *Syncer) pullLoop(ctx context.Context) {
+	bo := backoff{base: s.cfg.BackoffBase, cap: s.cfg.BackoffMax}
+	lastBeat := time.Time{}
+	for ctx.Err() == nil {
+		var err error
+		if time.Since(lastBeat) >= s.cfg.HeartbeatInterval {
+			if _, err = s.heartbeat(ctx); err == nil {
+				lastBeat = time.Now()
+			}
+		}
+		if err == nil {
+			err = s.pull(ctx)
+		}
+		wait := s.cfg.PullInterval
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			wait = s.failed("pull", err, &bo)
+		} else {
+			bo.reset()
+		}
+		if !sleep(ctx, wait) {
+			return
+		}
+	}
+}
+
+// pull fetches every page of cloud-side changes after the stored cursor,
+// applies them and stores the new cursor (after applying: a crash in
+// between re-applies a page, which the merge makes harmless).
+func (s *Syncer) pull(ctx context.Context) error {
+	raw, err := s.deps.Store.SyncValue(keyPullCursor)
+	if err != nil {
+		return err
+	}
+	cursor := string(raw)
+	if last := s.lastSync.Load(); cursor != "" && last > 0 && time.Since(time.UnixMilli(last)) > s.cfg.MaxOffline {
+		// Offline longer than the cloud keeps tombstones: deltas after the
+		// old cursor could miss deletions, so re-pull everything.
+		s.log.Warn("edge was offline longer than the maximum offline window; full resync", "last_sync", time.UnixMilli(last), "max_offline", s.cfg.MaxOffline)
+		s.m.resyncs.Inc()
+		cursor = ""
+	}
+	for page := 0; page < 1000; page++ {
+		p, err := s.deps.Client.Pull(ctx, cursor, 1000)
+		var apiErr *client.APIError
+		if errors.As(err, &apiErr) && apiErr.Status == 400 && cursor != "" {
+			s.log.Warn("cloud refused the pull cursor; full resync", "err", err)
+			s.m.resyncs.Inc()
+			cursor = ""
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if err := s.apply(p.Changes); err != nil {
+			return err
+		}
+		if err := s.applySets(p); err != nil {
+			return err
+		}
+		now := time.Now().UnixMilli()
+		lastJSON, _ := json.Marshal(now)
+		if err := s.deps.Store.SetSyncValues(map[string][]byte{keyPullCursor: []byte(p.NextCursor), keyLastSync: lastJSON}); err != nil {
+			return err
+		}
+		s.succeeded()
+		cursor = p.NextCursor
+		if !p.More {
+			return nil
+		}
+	}
+	return nil
+}
+
+// apply merges pulled changes and sends changed desired state downstream.
+func (s *Syncer) apply(changes []wire.Change) error {
+	if len(changes) == 0 {
+		return nil
+	}
+	local := make([]store.Change, 0, len(changes))
+	for i := range changes {
+		if c, ok := fromWire(&changes[i]); ok {
+			local = append(local, c)
+		}
+	}
+	applied, err := s.deps.Store.ApplyRemote(local)
+	if err != nil {
+		return err
+	}
+	dataChanged := false
+	published := map[string]bool{}
+	for _, a := range applied {
+		s.m.rejected.Add(float64(a.Rejected))
+		s.m.pulled.WithLabelValues(a.Change.Kind.String()).Inc()
+		if !a.Changed {
+			s.m.conflicts.Inc() // the local state already held a newer write
+			continue
+		}
+		switch a.Change.Kind {
+		case store.ChangeDesired:
+			if a.Device != nil && !published[a.Device.ID] {
+				published[a.Device.ID] = true
+				s.publishDesired(a.Device)
+			}
+		case store.ChangeMeta, store.ChangeUser:
+			dataChanged = true
+		}
+	}
+	if dataChanged && s.deps.DataChanged != nil {
+		s.deps.DataChanged()
+	}
+	return nil
+}
+
+func (s *Syncer) publishDesired(d *store.Device) {
+	if s.deps.Downlink == nil {
+		return
+	}
+	payload, err := api.DesiredPayload(d)
+	if err == nil {
+		err = s.deps.Downlink.Publish("devices/"+d.ID+"/desired", payload, true, 1)
+	}
+	if err != nil {
+		// Stored already; the device gets it with the next publish.
+		s.log.Warn("desired-state downlink failed", "device", d.ID, "err", err)
+	}
+}
+
+// applySets installs the whole sets a pull page carries: keys, policies,
+// directory. Each is cached on disk before it takes effect.
+func (s *Syncer) applySets(p *wire.PullPage) error {
+	kv := map[string][]byte{}
+	if len(p.Keys) > 0 && s.deps.Keys != nil {
+		old, _ := s.deps.Store.SyncValue(keyKeys)
+		if string(old) != string(p.Keys) {
+			var set auth.JWKS
+			if err := json.Unmarshal(p.Keys, &set); err != nil {
+				return fmt.Errorf("deployment keys: %w", err)
+			}
+			// SetTrusted persists the keys in the keyring's own file.
+			if err := s.deps.Keys.SetTrusted(set); err != nil {
+				return err
+			}
+			kv[keyKeys] = p.Keys
+			s.log.Info("installed the deployment's public keys", "keys", len(set.Keys))
+		}
+	}
+	if len(p.Policies) > 0 && s.cfg.PolicyDir != "" {
+		digest := policyDigest(p.Policies)
+		old, _ := s.deps.Store.SyncValue(keyPolicies)
+		if string(old) != digest {
+			if err := writePolicies(s.cfg.PolicyDir, p.Policies); err != nil {
+				return err
+			}
+			kv[keyPolicies] = []byte(digest)
+			s.log.Info("installed the cloud's policies", "modules", len(p.Policies))
+		}
+	}
+	if p.Edges != nil {
+		b, err := json.Marshal(p.Edges)
+		if err != nil {
+			return err
+		}
+		kv[keyDirectory] = b
+		s.dirMu.Lock()
+		s.dir = p.Edges
+		s.dirMu.Unlock()
+	}
+	if len(kv) == 0 {
+		return nil
+	}
+	return s.deps.Store.SetSyncValues(kv)
+}
+
+func policyDigest(ps []wire.Policy) string {
+	sort.Slice(ps, func(i, j int) bool { return ps[i].Name < ps[j].Name })
+	var b strings.Builder
+	for _, p := range ps {
+		fmt.Fprintf(&b, "%s\x00%d\x00%s\x00", p.Name, len(p.Rego), p.Rego)
+	}
+	return b.String()
+}
+
+// CloudPolicyMarker marks a policy directory whose modules came from the
+// cloud; main keeps such a directory rather than re-seeding it with the
+// local policies at start.
+const CloudPolicyMarker = ".from-cloud"
+
+// writePolicies replaces the modules in dir with ps: each file is written to
+// a temporary name and renamed, so the watching engine never reads a torn
+// file, and modules the cloud no longer distributes are removed afterwards.
+func writePolicies(dir string, ps []wire.Policy) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("policy dir: %w", err)
+	}
+	keep := map[string]bool{}
+	for _, p := range ps {
+		name := filepath.Base(p.Name)
+		if !strings.HasSuffix(name, ".rego") || strings.HasPrefix(name, ".") {
+			continue
+		}
+		keep[name] = true
+		if err := writeAtomic(filepath.Join(dir, name), []byte(p.Rego)); err != nil {
+			return err
+		}
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("policy dir: %w", err)
+	}
+	for _, e := range entries {
+		if !e.IsDir() && strings.HasSuffix(e.Name(), ".rego") && !keep[e.Name()] {
+			if err := os.Remove(filepath.Join(dir, e.Name())); err != nil {
+				return fmt.Errorf("remove old policy: %w", err)
+			}
+		}
+	}
+	return writeAtomic(filepath.Join(dir, CloudPolicyMarker), []byte("policies in this directory are managed by cloud sync\n"))
+}
+
+func writeAtomic(path string, data []byte) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if _, err := tmp.Write(data); err != nil {
+		_ = tmp.Close()
+		_ = os.Remove(tmp.Name())
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		_ = tmp.Close()
+		_ = os.Remove(tmp.Name())
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		_ = os.Remove(tmp.Name())
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+// ---- directory ----
+
+// Nearest implements api.Directory from the directory pulled from the cloud
+// (refreshed with every pull while connected, and cached on disk for when
+// it is not).
+func (s *Syncer) Nearest(_ context.Context, lat, lng float64, limit int) ([]api.EdgeInfo, error) {
+	s.dirMu.RLock()
+	dir := s.dir
+	s.dirMu.RUnlock()
+	here := wire.Location{Lat: lat, Lng: lng}
+	out := []api.EdgeInfo{}
+	for _, e := range dir {
+		if !e.Healthy && e.ID != s.cfg.EdgeID {
+			continue
+		}
+		info := api.EdgeInfo{EdgeID: e.ID, Region: e.Region, URL: e.Advertise, Healthy: e.Healthy || e.ID == s.cfg.EdgeID}
+		if e.Location != nil {
+			info.Location = &api.Location{Lat: e.Location.Lat, Lng: e.Location.Lng}
+			d := wire.DistanceKm(here, *e.Location)
+			info.DistanceKM = &d
+		}
+		out = append(out, info)
+	}
+	sort.SliceStable(out, func(i, j int) bool {
+		a, b := out[i].DistanceKM, out[j].DistanceKM
+		if a == nil || b == nil {
+			return a != nil
+		}
+		return *a < *b
+	})
+	if len(out) > limit {
+		out = out[:limit]
+	}
+	return out, nil
+}

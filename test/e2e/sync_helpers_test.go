@@ -1,0 +1,232 @@
+package e2e
+
+// Helpers for the edge↔cloud sync fault tests: a cuttable TCP link between
+// an edge and every cloud node, an edge joined to a cluster, continuous MQTT
+// load with a ledger, and exact per-node accounting of what the cloud holds.
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// syncLink is the network between one edge and the cloud: a TCP proxy in
+// front of each cloud node's HTTP port. Cutting it closes every live
+// connection and refuses new ones, like a pulled cable.
+type syncLink struct {
+	proxies []*cloudProxy
+}
+
+func newSyncLink(t *testing.T, c *cloudCluster) *syncLink {
+	t.Helper()
+	l := &syncLink{}
+	for _, n := range c.Nodes {
+		l.proxies = append(l.proxies, startCloudProxy(t, n.HTTP))
+	}
+	return l
+}
+
+func (l *syncLink) urls() string {
+	var u []string
+	for _, p := range l.proxies {
+		u = append(u, "http://"+p.Addr())
+	}
+	return strings.Join(u, ",")
+}
+
+func (l *syncLink) cut(cut bool) {
+	for _, p := range l.proxies {
+		p.setCut(cut)
+	}
+}
+
+// startSyncEdge starts edge id joined to the cluster through link.
+func startSyncEdge(t *testing.T, id string, link *syncLink, extra ...string) *edgeProc {
+	t.Helper()
+	args := append([]string{"-id", id, "-cloud", link.urls(), "-cloud-token", cloudEdgeToken(id), "-unsafe-no-fsync"}, extra...)
+	return startEdge(t, args...)
+}
+
+// syncEdgeStatus is the cloud part of an edge's GET /api/v1/edge.
+type syncEdgeStatus struct {
+	Cloud struct {
+		Configured bool   `json:"configured"`
+		Connected  bool   `json:"connected"`
+		LastSync   *int64 `json:"last_sync"`
+		Backlog    uint64 `json:"backlog"`
+		OldestAge  *int64 `json:"oldest_unsynced_age_ms"`
+	} `json:"cloud"`
+}
+
+func (e *edgeProc) syncStatus(token string) (syncEdgeStatus, error) {
+	var st syncEdgeStatus
+	err := e.api(http.MethodGet, "/api/v1/edge", token, nil, &st)
+	return st, err
+}
+
+// cloudReadingIDs returns, for node n's local replica, how many times each
+// reading id of edge (all edges if "") was committed, from the export log
+// (which records each reading once, when first applied).
+func cloudReadingIDs(t *testing.T, c *cloudCluster, n *cloudNode, edge string) (map[string]int, error) {
+	t.Helper()
+	out := map[string]int{}
+	cursor := ""
+	for {
+		req, _ := http.NewRequest(http.MethodGet, n.URL()+"/api/v1/export?limit=10000&since="+cursor, nil)
+		req.Header.Set("Authorization", "Bearer "+cloudAPIToken)
+		resp, err := c.hc.Do(req)
+		if err != nil {
+			return nil, err
+		}
+		raw, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return nil, fmt.Errorf("export from %s: %d %s", n.ID, resp.StatusCode, raw)
+		}
+		lines := 0
+		dec := json.NewDecoder(bytes.NewReader(raw))
+		for dec.More() {
+			var r cloudExportRecord
+			if err := dec.Decode(&r); err != nil {
+				return nil, err
+			}
+			lines++
+			if edge != "" && r.Edge != edge {
+				continue
+			}
+			for _, rd := range r.Readings {
+				out[rd.ID]++
+			}
+		}
+		next := resp.Header.Get("X-Outpost-Next-Cursor")
+		if lines == 0 || next == cursor {
+			return out, nil
+		}
+		cursor = next
+	}
+}
+
+// ackedIDs lists the message ids whose publish the edge acknowledged.
+func ackedIDs(devs []*edgeDevice) []string {
+	var ids []string
+	for _, d := range devs {
+		for i := range d.acked {
+			if d.acked[i].Load() {
+				ids = append(ids, d.msgID(i))
+			}
+		}
+	}
+	return ids
+}
+
+// sentIDs lists every id handed to a client (acked or not): the only ids
+// the cloud may hold.
+func sentIDs(devs []*edgeDevice) map[string]bool {
+	out := map[string]bool{}
+	for _, d := range devs {
+		for i := 0; i < int(d.sent.Load()); i++ {
+			out[d.msgID(i)] = true
+		}
+	}
+	return out
+}
+
+// waitCloudExactlyOnce waits until every running node holds every id in want
+// and then checks that no id is held twice or was never sent.
+func waitCloudExactlyOnce(t *testing.T, c *cloudCluster, edge string, want []string, sent map[string]bool, d time.Duration) {
+	t.Helper()
+	for _, n := range c.Nodes {
+		if !n.running {
+			continue
+		}
+		var got map[string]int
+		var missing []string
+		deadline := time.Now().Add(d)
+		for {
+			var err error
+			got, err = cloudReadingIDs(t, c, n, edge)
+			missing = missing[:0]
+			if err == nil {
+				for _, id := range want {
+					if got[id] == 0 {
+						missing = append(missing, id)
+					}
+				}
+				if len(missing) == 0 {
+					break
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: after %s, %d of %d acknowledged readings missing (first: %v; err %v)", n.ID, d, len(missing), len(want), missing[:min(5, len(missing))], err)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		for id, k := range got {
+			if k != 1 {
+				t.Errorf("%s: reading %s committed %d times", n.ID, id, k)
+			}
+			if sent != nil && !sent[id] {
+				t.Errorf("%s: reading %s was never published", n.ID, id)
+			}
+		}
+	}
+}
+
+// syncLoad publishes perDevice messages for each device in the background
+// (window in flight each), reconnecting a device whose connection dropped.
+type syncLoad struct {
+	devs []*edgeDevice
+	acks *edgeAcks
+	wg   sync.WaitGroup
+	stop chan struct{}
+	errs chan error
+}
+
+func startSyncLoad(t *testing.T, e *edgeProc, devs []*edgeDevice, window int) *syncLoad {
+	t.Helper()
+	l := &syncLoad{devs: devs, acks: newEdgeAcks(0), stop: make(chan struct{}), errs: make(chan error, len(devs))}
+	for _, d := range devs {
+		cl := edgeConnect(t, e.MQTT, d.name)
+		idx := make([]int, len(d.acked))
+		for i := range idx {
+			idx[i] = i
+		}
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			if err := edgePublish(cl, d, idx, window, l.acks, l.stop); err != nil {
+				l.errs <- fmt.Errorf("%s: %w", d.name, err)
+			}
+		}()
+	}
+	t.Cleanup(func() {
+		select {
+		case <-l.stop:
+		default:
+			close(l.stop)
+		}
+		l.wg.Wait()
+	})
+	return l
+}
+
+func (l *syncLoad) wait(t *testing.T) {
+	t.Helper()
+	l.wg.Wait()
+	select {
+	case err := <-l.errs:
+		t.Fatal(err)
+	default:
+	}
+}
+
+func (l *syncLoad) waitAcks(t *testing.T, n int64, d time.Duration) {
+	t.Helper()
+	cloudWaitFor(t, d, fmt.Sprintf("%d publishes acknowledged", n), func() bool { return l.acks.n.Load() >= n })
+}
