@@ -1,10 +1,11 @@
 package api
 
 import (
+	"github.com/outpost-edge/outpost/pkg/ident"
+
 	"errors"
 	"fmt"
 	"strconv"
-	"strings"
 	"time"
 )
 
@@ -95,33 +96,10 @@ func parseLatLng(lat, lng string) (float64, float64, error) {
 func validMetric(s string) bool { return validID(s, 64) }
 
 // validID matches [A-Za-z0-9._-]{1,max}.
-func validID(s string, max int) bool {
-	if len(s) == 0 || len(s) > max {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return false
-		}
-	}
-	return s != "." && s != ".."
-}
+func validID(s string, max int) bool { return ident.Valid(s, max) }
 
-// validOpenID accepts WeChat openids and dev-login names: printable ASCII
-// without separators, 1 to 128 bytes.
-func validOpenID(s string) bool {
-	if len(s) == 0 || len(s) > 128 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c <= 0x20 || c >= 0x7f || c == '/' || c == '\\' || c == '%' {
-			return false
-		}
-	}
-	return !strings.Contains(s, "..")
-}
+// validOpenID accepts WeChat openids and dev-login names.
+func validOpenID(s string) bool { return ident.OpenID(s) }
 
 func truncate(s string) string {
 	if len(s) > 64 {

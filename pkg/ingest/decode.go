@@ -10,6 +10,7 @@ import (
 
 	"github.com/valyala/fastjson"
 
+	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/store"
 )
 
@@ -66,20 +67,7 @@ func ParseTopic(topic string) (device, kind string, err error) {
 }
 
 // ValidDeviceID reports whether id matches [A-Za-z0-9._-]{1,64}.
-func ValidDeviceID(id string) bool { return validName(id, 64) }
-
-func validName(s string, maxLen int) bool {
-	if len(s) == 0 || len(s) > maxLen {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return false
-		}
-	}
-	return true
-}
+func ValidDeviceID(id string) bool { return ident.DeviceID(id) }
 
 // Decoder turns MQTT messages into store items. It is safe for concurrent use.
 type Decoder struct {
@@ -230,7 +218,7 @@ func (d *Decoder) reading(v *fastjson.Value, now time.Time) (store.Reading, erro
 			return
 		}
 		name := string(k)
-		if !validName(name, 64) {
+		if !ident.Valid(name, 64) {
 			err = invalid("metric name %q must match [A-Za-z0-9._-]{1,64}", name)
 			return
 		}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/outpost-edge/outpost/pkg/ident"
 	"math"
 	"strings"
 	"testing"
@@ -314,7 +315,7 @@ func FuzzDecode(f *testing.F) {
 			}
 			seen := map[string]bool{}
 			for _, mt := range r.Metrics {
-				if !validName(mt.Name, 64) || seen[mt.Name] {
+				if !ident.Valid(mt.Name, 64) || seen[mt.Name] {
 					t.Fatalf("accepted metric name %q (seen %v)", mt.Name, seen[mt.Name])
 				}
 				seen[mt.Name] = true
