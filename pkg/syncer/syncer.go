@@ -611,7 +611,7 @@ func (s *Syncer) apply(changes []wire.Change) error {
 		return err
 	}
 	dataChanged := false
-	published := map[string]bool{}
+	desired := map[string]*store.Device{} // the last state of each device whose desired state changed
 	for _, a := range applied {
 		s.m.rejected.Add(float64(a.Rejected))
 		s.m.pulled.WithLabelValues(a.Change.Kind.String()).Inc()
@@ -621,13 +621,15 @@ func (s *Syncer) apply(changes []wire.Change) error {
 		}
 		switch a.Change.Kind {
 		case store.ChangeDesired:
-			if a.Device != nil && !published[a.Device.ID] {
-				published[a.Device.ID] = true
-				s.publishDesired(a.Device)
+			if a.Device != nil {
+				desired[a.Device.ID] = a.Device
 			}
 		case store.ChangeMeta, store.ChangeUser:
 			dataChanged = true
 		}
+	}
+	for _, d := range desired {
+		s.publishDesired(d)
 	}
 	if dataChanged && s.deps.DataChanged != nil {
 		s.deps.DataChanged()

@@ -230,3 +230,59 @@ func (l *syncLoad) waitAcks(t *testing.T, n int64, d time.Duration) {
 	t.Helper()
 	cloudWaitFor(t, d, fmt.Sprintf("%d publishes acknowledged", n), func() bool { return l.acks.n.Load() >= n })
 }
+
+// syncDeviceState is the desired state of a device as an edge or a cloud
+// node shows it.
+type syncDeviceState struct {
+	EdgeID         string                     `json:"edge_id"`
+	Desired        map[string]json.RawMessage `json:"desired"`
+	DesiredVersion string                     `json:"desired_version"`
+	Reported       map[string]json.RawMessage `json:"reported"`
+}
+
+func (s syncDeviceState) String() string {
+	b, _ := json.Marshal(s.Desired)
+	return fmt.Sprintf("desired %s @%s", b, s.DesiredVersion)
+}
+
+func (e *edgeProc) deviceState(token, id string) (syncDeviceState, error) {
+	var d syncDeviceState
+	err := e.api(http.MethodGet, "/api/v1/devices/"+id, token, nil, &d)
+	return d, err
+}
+
+func (c *cloudCluster) deviceState(n *cloudNode, id string) (syncDeviceState, error) {
+	var d syncDeviceState
+	code, env, err := c.api(n, http.MethodGet, "/api/v1/devices/"+id, nil)
+	if err != nil {
+		return d, err
+	}
+	if code != 200 {
+		return d, fmt.Errorf("%s: GET device %s: %d %s", n.ID, id, code, env.Message)
+	}
+	return d, json.Unmarshal(env.Data, &d)
+}
+
+// sameDesired compares desired states field by field (JSON-normalised).
+func sameDesired(a, b map[string]json.RawMessage) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		w, ok := b[k]
+		if !ok || !jsonEqual(v, w) {
+			return false
+		}
+	}
+	return true
+}
+
+func jsonEqual(a, b []byte) bool {
+	var x, y any
+	if json.Unmarshal(a, &x) != nil || json.Unmarshal(b, &y) != nil {
+		return false
+	}
+	xa, _ := json.Marshal(x)
+	ya, _ := json.Marshal(y)
+	return bytes.Equal(xa, ya)
+}
