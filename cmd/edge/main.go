@@ -227,7 +227,7 @@ func run(ctx context.Context, cfg config.Edge, log *slog.Logger) error {
 	var directory api.Directory
 	if joined {
 		var id *syncer.Identity
-		if sy, id, err = newSyncer(cfg, st, tokens, login, downlink, policyDir, engine.InvalidateData, reg, log); err != nil {
+		if sy, id, err = newSyncer(cfg, now, st, tokens, login, downlink, policyDir, engine.InvalidateData, reg, log); err != nil {
 			return err
 		}
 		apiTokens, login, syncStatus, directory = id, id, sy, sy

@@ -1,11 +1,13 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -54,7 +56,7 @@ func cloudPolicyDir(local, data string) (string, error) {
 
 // newSyncer builds the syncer and the identity service of an edge joined to
 // a cloud.
-func newSyncer(cfg config.Edge, st *store.Store, tokens *auth.Service, local api.Login, downlink api.Downlink,
+func newSyncer(cfg config.Edge, now func() time.Time, st *store.Store, tokens *auth.Service, local api.Login, downlink api.Downlink,
 	policyDir string, dataChanged func(), reg prometheus.Registerer, log *slog.Logger) (*syncer.Syncer, *syncer.Identity, error) {
 	cl, err := client.New(cfg.Cloud.URLs, cfg.Cloud.Token, client.WithRounds(2))
 	if err != nil {
@@ -66,11 +68,21 @@ func newSyncer(cfg config.Edge, st *store.Store, tokens *auth.Service, local api
 	}
 	sy, err := syncer.New(syncer.Config{
 		EdgeID: cfg.ID, Region: cfg.Region, Location: loc, Advertise: cfg.Advertise,
-		BatchReadings: cfg.Cloud.BatchReadings, MaxOffline: cfg.Cloud.MaxOffline, PolicyDir: policyDir,
+		BatchReadings: cfg.Cloud.BatchReadings, BackoffMax: cfg.Cloud.BackoffMax, MaxOffline: cfg.Cloud.MaxOffline, PolicyDir: policyDir,
+		UnsafeCrashAfterPush: cfg.UnsafeCrashAfterPush, Now: now,
 		Logger: log.With("component", "sync"), Registerer: reg,
 	}, syncer.Deps{Store: st, Client: cl, Keys: tokens.Keys(), Downlink: downlink, DataChanged: dataChanged})
 	if err != nil {
 		return nil, nil, err
 	}
 	return sy, syncer.NewIdentity(tokens, cl, local, log.With("component", "identity")), nil
+}
+
+// syncFlush is the shutdown step that pushes the outbox (nil when the edge
+// is standalone).
+func syncFlush(sy *syncer.Syncer) func(context.Context) error {
+	if sy == nil {
+		return nil
+	}
+	return sy.Flush
 }

@@ -52,6 +52,9 @@ type Edge struct {
 	// UnsafeClockOffset shifts this edge's HLC wall clock (TESTING ONLY:
 	// simulates a skewed clock for the clock-safety fault test).
 	UnsafeClockOffset time.Duration `yaml:"-"`
+	// UnsafeCrashAfterPush makes the syncer SIGKILL the process after that
+	// many acknowledged pushes, before recording the ack (TESTING ONLY).
+	UnsafeCrashAfterPush int `yaml:"-"`
 }
 
 // MQTT configures the embedded broker or the external one.
@@ -80,6 +83,9 @@ type Cloud struct {
 	// BatchReadings is the target number of readings per push (default
 	// 20000).
 	BatchReadings int `yaml:"batch_readings"`
+	// BackoffMax caps the full-jitter backoff between failed exchanges
+	// (default 30s).
+	BackoffMax time.Duration `yaml:"backoff_max"`
 }
 
 // Ingest tunes the write path.
@@ -173,6 +179,9 @@ func ParseEdge(args []string, stderr io.Writer) (Edge, error) {
 		grace      = fs.Duration("shutdown-grace", cfg.ShutdownGrace, "on SIGTERM/SIGINT, time allowed to drain requests and MQTT batches, flush and close before exiting non-zero")
 		policyDir  = fs.String("policies", cfg.Policy.Dir, "directory of Rego policies")
 		noSync     = fs.Bool("unsafe-no-fsync", false, "TESTING ONLY: disable fsync")
+		crashPush  = fs.Int("unsafe-crash-after-push", 0, "TESTING ONLY: kill -9 the edge after N pushes the cloud acknowledged, before recording the ack")
+		backoffMax = fs.Duration("cloud-backoff-max", 0, "cap of the jittered backoff between failed cloud exchanges (default 30s)")
+		batchRd    = fs.Int("cloud-batch-readings", 0, "target readings per sync push (default 20000)")
 		clockOff   = fs.Duration("unsafe-clock-offset", 0, "TESTING ONLY: shift this edge's HLC wall clock by this much (simulates a skewed clock)")
 		ackEarly   = fs.Bool("unsafe-ack-before-commit", false, "TESTING ONLY: acknowledge messages before they are durable (proves crash tests detect loss)")
 		bypass     = fs.Bool("unsafe-bypass-policy", false, "BENCHMARK ONLY: skip policy checks")
@@ -229,6 +238,12 @@ func ParseEdge(args []string, stderr io.Writer) (Edge, error) {
 			cfg.Policy.Dir = *policyDir
 		case "unsafe-no-fsync":
 			cfg.UnsafeNoSync = *noSync
+		case "unsafe-crash-after-push":
+			cfg.UnsafeCrashAfterPush = *crashPush
+		case "cloud-backoff-max":
+			cfg.Cloud.BackoffMax = *backoffMax
+		case "cloud-batch-readings":
+			cfg.Cloud.BatchReadings = *batchRd
 		case "unsafe-clock-offset":
 			cfg.UnsafeClockOffset = *clockOff
 		case "unsafe-ack-before-commit":

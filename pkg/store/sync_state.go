@@ -104,12 +104,19 @@ func (s *Store) ApplyRemote(changes []Change) ([]Applied, error) {
 				continue
 			}
 			d, err := getDevice(tx, c.Device)
+			isNew := false
 			if errors.Is(err, ErrNotFound) {
 				d = s.newDevice(c.Device, time.Now().UnixMilli())
 				d.LastSeen = 0
-				created++
+				isNew = true
 			} else if err != nil {
 				return err
+			}
+			if d.Desired == nil {
+				d.Desired = shadow.Doc{}
+			}
+			if d.Reported == nil {
+				d.Reported = shadow.Doc{}
 			}
 			switch c.Kind {
 			case ChangeDesired, ChangeReported:
@@ -133,19 +140,19 @@ func (s *Store) ApplyRemote(changes []Change) ([]Applied, error) {
 				if c.Meta == nil {
 					continue
 				}
-				if _, err := s.clock.Update(c.Meta.Stamp); err != nil {
+				m := *c.Meta
+				if m.Owners == nil {
+					m.Owners = []string{}
+				}
+				if m.Tags == nil {
+					m.Tags = map[string]string{}
+				}
+				if _, err := s.clock.Update(m.Stamp); err != nil {
 					if !errors.Is(err, hlc.ErrDrift) {
 						return err
 					}
 					a.Rejected++
-				} else if c.Meta.Stamp > d.Meta.Stamp {
-					m := *c.Meta
-					if m.Owners == nil {
-						m.Owners = []string{}
-					}
-					if m.Tags == nil {
-						m.Tags = map[string]string{}
-					}
+				} else if metaWins(&m, &d.Meta) {
 					d.Meta, a.Changed = m, true
 				}
 			default:
@@ -154,6 +161,9 @@ func (s *Store) ApplyRemote(changes []Change) ([]Applied, error) {
 			if a.Changed {
 				if err := putDevice(tx, d); err != nil {
 					return err
+				}
+				if isNew {
+					created++ // pre-provisioned from the cloud
 				}
 			}
 			a.Device = d
@@ -175,6 +185,26 @@ func (s *Store) ApplyRemote(changes []Change) ([]Applied, error) {
 	return out, nil
 }
 
+// v2stamp reads the stamp of a stored user record.
+func v2stamp(v []byte) hlc.Timestamp {
+	var u User
+	_ = json.Unmarshal(v, &u)
+	return u.Stamp
+}
+
+// metaWins is last-writer-wins for whole meta records; equal stamps are
+// broken by content so every order of delivery picks the same winner.
+func metaWins(a, b *DeviceMeta) bool {
+	if a.Stamp != b.Stamp {
+		return a.Stamp > b.Stamp
+	}
+	ca, cb := *a, *b
+	ca.Stamp, cb.Stamp = 0, 0
+	ja, _ := json.Marshal(ca)
+	jb, _ := json.Marshal(cb)
+	return string(ja) > string(jb)
+}
+
 func (s *Store) applyRemoteUser(tx *bolt.Tx, a *Applied, u User) error {
 	if _, err := s.clock.Update(u.Stamp); err != nil {
 		if errors.Is(err, hlc.ErrDrift) {
@@ -183,21 +213,26 @@ func (s *Store) applyRemoteUser(tx *bolt.Tx, a *Applied, u User) error {
 		}
 		return err
 	}
+	if u.Roles == nil {
+		u.Roles = []string{}
+	}
+	if u.Regions == nil {
+		u.Regions = []string{}
+	}
 	b := tx.Bucket(bucketUsers)
 	if v := b.Get([]byte(u.OpenID)); v != nil {
 		var cur User
 		if err := json.Unmarshal(v, &cur); err != nil {
 			return fmt.Errorf("decode user %s: %w", u.OpenID, err)
 		}
-		if u.Stamp <= cur.Stamp {
-			return nil
+		cur.Stamp = 0
+		nu := u
+		nu.Stamp = 0
+		a, _ := json.Marshal(nu)
+		b, _ := json.Marshal(cur)
+		if u.Stamp < v2stamp(v) || (u.Stamp == v2stamp(v) && string(a) <= string(b)) {
+			return nil // older, or the same write again
 		}
-	}
-	if u.Roles == nil {
-		u.Roles = []string{}
-	}
-	if u.Regions == nil {
-		u.Regions = []string{}
 	}
 	v, err := json.Marshal(u)
 	if err != nil {

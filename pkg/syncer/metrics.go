@@ -21,6 +21,7 @@ type metrics struct {
 	conflicts      prometheus.Counter
 	pulled         *prometheus.CounterVec
 	resyncs        prometheus.Counter
+	acked          prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer, st *store.Store) *metrics {
@@ -47,6 +48,8 @@ func newMetrics(reg prometheus.Registerer, st *store.Store) *metrics {
 			Help: "Pulled changes that lost the last-writer-wins merge to a newer local write."}),
 		pulled: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_sync_pulled_changes_total",
 			Help: "Cloud-side changes pulled, by kind."}, []string{"kind"}),
+		acked: prometheus.NewGauge(prometheus.GaugeOpts{Name: "outpost_sync_acked_seq",
+			Help: "Highest outbox sequence the cloud acknowledged (the push cursor; it never moves backwards)."}),
 		resyncs: prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_sync_full_resyncs_total",
 			Help: "Pulls restarted from the beginning (offline longer than the maximum window, or cursor refused)."}),
 	}
@@ -62,6 +65,6 @@ func newMetrics(reg prometheus.Registerer, st *store.Store) *metrics {
 		return max(time.Since(time.UnixMilli(ts.WallMs())).Seconds(), 0)
 	})
 	reg.MustRegister(m.connected, m.lastSync, m.clockOffset, m.pushSeconds, m.batchChanges, m.batchReadings,
-		m.pushedReadings, m.retries, m.rejected, m.conflicts, m.pulled, m.resyncs, lag)
+		m.pushedReadings, m.retries, m.rejected, m.conflicts, m.pulled, m.resyncs, m.acked, lag)
 	return m
 }

@@ -41,6 +41,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -91,6 +92,14 @@ type Config struct {
 	// PolicyDir receives the cloud's policy modules (the policy engine
 	// watches it). Empty disables policy distribution.
 	PolicyDir string
+	// UnsafeCrashAfterPush, when > 0, makes the process kill itself with
+	// SIGKILL after that many pushes were acknowledged by the cloud but
+	// before the acknowledgement is recorded. TESTING ONLY: it proves that
+	// a crash in that window neither loses nor duplicates anything.
+	UnsafeCrashAfterPush int
+	// Now is the edge's clock (the one its HLC reads), used to measure its
+	// offset from the cloud's. Default time.Now.
+	Now func() time.Time
 
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
@@ -124,6 +133,9 @@ func (c *Config) defaults() {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
 }
 
 // Deps are the syncer's collaborators.
@@ -152,6 +164,8 @@ type Syncer struct {
 	connected atomic.Bool
 	lastSync  atomic.Int64 // Unix ms of the last successful exchange
 	offsetMs  atomic.Int64 // local clock minus the cloud's, at the last heartbeat
+	pushes    atomic.Int64 // acknowledged pushes (for UnsafeCrashAfterPush)
+	pushMu    sync.Mutex   // serialises pushOnce between the push loop and Flush
 
 	dirMu sync.RWMutex
 	dir   []wire.Edge
@@ -352,6 +366,7 @@ func (s *Syncer) resume(ctx context.Context) error {
 			"cloud_acked", res.AckedSeq, "local_acked", local.OutboxAcked)
 	}
 	s.cursor.Store(max(res.AckedSeq, local.OutboxAcked))
+	s.m.acked.Set(float64(s.cursor.Load()))
 	return nil
 }
 
@@ -362,12 +377,12 @@ func (s *Syncer) heartbeat(ctx context.Context) (*wire.HeartbeatResult, error) {
 	if ts, err := s.deps.Store.OldestUnsynced(); err == nil && !ts.IsZero() {
 		h.OldestUnsyncedMs = ts.WallMs()
 	}
-	sent := time.Now()
+	sent := s.cfg.Now()
 	res, err := s.deps.Client.Heartbeat(ctx, h)
 	if err != nil {
 		return nil, err
 	}
-	rtt := time.Since(sent)
+	rtt := s.cfg.Now().Sub(sent)
 	off := sent.Add(rtt/2).UnixMilli() - res.ServerTimeMs
 	s.offsetMs.Store(off)
 	s.m.clockOffset.Set(float64(off) / 1000)
@@ -375,9 +390,27 @@ func (s *Syncer) heartbeat(ctx context.Context) (*wire.HeartbeatResult, error) {
 	return res, nil
 }
 
+// Flush pushes until the cloud acknowledged everything the outbox held when
+// it was called, or ctx ends: the last step of a graceful shutdown, after
+// ingest stopped. It is safe to call while Run is still stopping.
+func (s *Syncer) Flush(ctx context.Context) error {
+	target := s.deps.Store.Counts().OutboxHead
+	for s.cursor.Load() < target {
+		if !s.connected.Load() {
+			return errors.New("syncer: flush skipped: the cloud is not reachable; the outbox keeps the backlog")
+		}
+		if _, err := s.pushOnce(ctx); err != nil {
+			return fmt.Errorf("syncer: flush: %w", err)
+		}
+	}
+	return nil
+}
+
 // pushOnce sends pending state ahead, then one batch of the sequenced
 // stream. It returns how many changes it sent.
 func (s *Syncer) pushOnce(ctx context.Context) (int, error) {
+	s.pushMu.Lock()
+	defer s.pushMu.Unlock()
 	sent := 0
 	if after := max(s.stateSent.Load(), s.cursor.Load()); after < s.deps.Store.Counts().OutboxHead {
 		state, err := s.deps.Store.PendingState(after, 1000)
@@ -430,6 +463,11 @@ func (s *Syncer) pushOnce(ctx context.Context) (int, error) {
 	if err != nil {
 		return sent, err
 	}
+	if n := s.cfg.UnsafeCrashAfterPush; n > 0 && s.pushes.Add(1) >= int64(n) {
+		s.log.Warn("TESTING ONLY: killing the process between the cloud's ack and recording it", "acked_seq", res.AckedSeq)
+		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		select {} // SIGKILL cannot be handled; never record the ack
+	}
 	// The cloud committed through res.AckedSeq in raft: only now may the
 	// outbox forget those changes.
 	if res.AckedSeq > s.cursor.Load() {
@@ -437,6 +475,7 @@ func (s *Syncer) pushOnce(ctx context.Context) (int, error) {
 			return sent, err
 		}
 		s.cursor.Store(res.AckedSeq)
+		s.m.acked.Set(float64(res.AckedSeq))
 	}
 	s.succeeded()
 	s.m.pushSeconds.Observe(time.Since(start).Seconds())

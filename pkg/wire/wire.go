@@ -117,9 +117,16 @@ type User struct {
 	Stamp   hlc.Timestamp `json:"stamp,omitzero"`
 }
 
-// StampWins reports whether a record stamped a replaces one stamped b: the
-// later stamp wins; an equal stamp is the same write seen again.
-func StampWins(a, b hlc.Timestamp) bool { return a > b }
+// StampWins reports whether a record stamped a with content ca replaces one
+// stamped b with content cb: the later stamp wins, and equal stamps (two
+// writers in the same millisecond with the same counter) are broken by
+// content, so every replica picks the same winner in any order.
+func StampWins(a hlc.Timestamp, ca []byte, b hlc.Timestamp, cb []byte) bool {
+	if a != b {
+		return a > b
+	}
+	return string(ca) > string(cb)
+}
 
 // Change is one entry of an edge's outbox (or of a pull page). Exactly one
 // payload field matching Kind is set.

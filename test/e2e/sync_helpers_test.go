@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
 )
 
 // syncLink is the network between one edge and the cloud: a TCP proxy in
@@ -285,4 +287,107 @@ func jsonEqual(a, b []byte) bool {
 	xa, _ := json.Marshal(x)
 	ya, _ := json.Marshal(y)
 	return bytes.Equal(xa, ya)
+}
+
+// bulkPublish publishes n readings of device dev as arrays of per readings
+// (ids dev-000000…, ts base+i) and returns their ids. It fails the test on
+// any error: the edge is not killed while it runs.
+func bulkPublish(t *testing.T, e *edgeProc, dev string, from, n, per int) []string {
+	t.Helper()
+	cl := edgeConnect(t, e.MQTT, dev)
+	defer cl.Disconnect(0)
+	base := time.Now().Add(-2 * time.Hour).UnixMilli()
+	var ids []string
+	var toks []paho.Token
+	for i := from; i < from+n; i += per {
+		var b bytes.Buffer
+		b.WriteByte('[')
+		for j := i; j < min(i+per, from+n); j++ {
+			if j > i {
+				b.WriteByte(',')
+			}
+			id := fmt.Sprintf("%s-%06d", dev, j)
+			ids = append(ids, id)
+			fmt.Fprintf(&b, `{"ts":%d,"id":%q,"metrics":{"v":%d}}`, base+int64(j), id, j)
+		}
+		b.WriteByte(']')
+		toks = append(toks, cl.Publish("sensors/"+dev+"/telemetry", 1, false, b.Bytes()))
+		if len(toks) == 32 {
+			for _, tk := range toks {
+				if !tk.WaitTimeout(30*time.Second) || tk.Error() != nil {
+					t.Fatalf("bulk publish %s: %v", dev, tk.Error())
+				}
+			}
+			toks = toks[:0]
+		}
+	}
+	for _, tk := range toks {
+		if !tk.WaitTimeout(30*time.Second) || tk.Error() != nil {
+			t.Fatalf("bulk publish %s: %v", dev, tk.Error())
+		}
+	}
+	return ids
+}
+
+// edgeMetric reads one un-labelled sample from an edge's /metrics.
+func (e *edgeProc) metric(name string) (float64, bool) {
+	resp, err := edgeHTTP.Get("http://" + e.HTTP + "/metrics")
+	if err != nil {
+		return 0, false
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(raw), "\n") {
+		if strings.HasPrefix(line, name+" ") {
+			var v float64
+			if _, err := fmt.Sscanf(strings.TrimPrefix(line, name+" "), "%g", &v); err == nil {
+				return v, true
+			}
+		}
+	}
+	return 0, false
+}
+
+// cloudEdgeAcked is the sequence node n's replica holds for edge.
+func (c *cloudCluster) edgeAcked(n *cloudNode, edge string) (uint64, bool) {
+	code, env, err := c.api(n, http.MethodGet, "/api/v1/edges", nil)
+	if err != nil || code != 200 {
+		return 0, false
+	}
+	var page struct {
+		Items []struct {
+			ID       string `json:"id"`
+			AckedSeq uint64 `json:"acked_seq"`
+			LagMs    int64  `json:"lag_ms"`
+		} `json:"items"`
+	}
+	if json.Unmarshal(env.Data, &page) != nil {
+		return 0, false
+	}
+	for _, it := range page.Items {
+		if it.ID == edge {
+			return it.AckedSeq, true
+		}
+	}
+	return 0, true
+}
+
+// labelled reads one labelled sample (full series name) from a node's
+// /metrics.
+func (c *cloudCluster) labelled(n *cloudNode, series string) (float64, bool) {
+	resp, err := c.hc.Get(n.URL() + "/metrics")
+	if err != nil {
+		return 0, false
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(raw), "\n") {
+		if strings.HasPrefix(line, series+" ") {
+			var v float64
+			if _, err := fmt.Sscanf(strings.TrimPrefix(line, series+" "), "%g", &v); err == nil {
+				return v, true
+			}
+		}
+	}
+	return 0, false
 }

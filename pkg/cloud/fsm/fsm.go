@@ -444,8 +444,9 @@ func (a *applier) user(origin string, u *wire.User) (int, error) {
 		if err := json.Unmarshal(v, &cur); err != nil {
 			return 0, fmt.Errorf("decode user %s: %w", u.OpenID, err)
 		}
-		if !wire.StampWins(u.Stamp, cur.Stamp) && !(u.Stamp == 0 && cur.Stamp == 0) {
-			return 0, nil
+		nu, _ := json.Marshal(u)
+		if !wire.StampWins(u.Stamp, nu, cur.Stamp, v) {
+			return 0, nil // older, or the same write again
 		}
 	}
 	if u.Stamp > a.maxStamp {
@@ -544,7 +545,9 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 		return nil
 	case wire.KindMeta:
 		m := c.Other.Meta
-		if !wire.StampWins(m.Stamp, dev.MetaStamp) && !(m.Stamp == 0 && dev.MetaStamp == 0) {
+		nm, _ := json.Marshal(wire.Meta{Owners: m.Owners, Region: m.Region, Tags: m.Tags})
+		cm, _ := json.Marshal(wire.Meta{Owners: dev.Owners, Region: dev.Region, Tags: dev.Tags})
+		if !wire.StampWins(m.Stamp, nm, dev.MetaStamp, cm) {
 			return nil // an older (or the same) meta write: last writer wins
 		}
 		dev.Owners, dev.Region, dev.Tags, dev.MetaStamp = m.Owners, m.Region, m.Tags, m.Stamp

@@ -1,0 +1,630 @@
+// Command syncbench measures edge→cloud reconciliation on this machine with
+// the real binaries: it builds a backlog of readings on an edge whose cloud
+// link is cut (publishing arrays of readings to the edge's embedded broker),
+// with a 3-node cloud-sync cluster already running behind the cut, then heals
+// the link and reports the seconds until the cloud has committed every
+// reading, the readings per second that makes, the live-sync latency
+// (publish → committed in the cloud) p50 and p99 of single readings
+// published afterwards, and the peak RSS of the edge and of the largest
+// cloud node. It prints one JSON line.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+)
+
+const (
+	apiToken  = "syncbench-api-token"
+	edgeID    = "bench-edge"
+	edgeToken = "syncbench-edge-token"
+)
+
+type result struct {
+	BacklogReadings int     `json:"backlog_readings"`
+	BacklogBuildS   float64 `json:"backlog_build_s"`
+	ConvergeS       float64 `json:"converge_s"`
+	ReadingsPerS    float64 `json:"readings_per_s"`
+	LiveP50Ms       float64 `json:"live_p50_ms"`
+	LiveP99Ms       float64 `json:"live_p99_ms"`
+	LiveSamples     int     `json:"live_samples"`
+	EdgeRSSMB       float64 `json:"edge_rss_mb"`
+	CloudRSSMB      float64 `json:"cloud_rss_mb"`
+}
+
+func main() {
+	var (
+		readings = flag.Int("readings", 1_000_000, "backlog size")
+		devices  = flag.Int("devices", 100, "devices publishing the backlog")
+		per      = flag.Int("per-message", 500, "readings per MQTT message (JSON array)")
+		live     = flag.Int("live", 300, "single readings published after convergence for the live-latency sample")
+		binDir   = flag.String("bin", "", "directory with prebuilt edge and cloud-sync binaries (default: build into a temp dir)")
+		keep     = flag.Bool("keep", false, "keep the data directories")
+	)
+	flag.Parse()
+	log.SetFlags(log.Ltime | log.Lmicroseconds)
+	log.SetOutput(os.Stderr)
+	res, err := run(*readings, *devices, *per, *live, *binDir, *keep)
+	if err != nil {
+		log.Fatalf("syncbench: %v", err)
+	}
+	b, _ := json.Marshal(res)
+	fmt.Println(string(b))
+}
+
+func run(readings, devices, per, live int, binDir string, keep bool) (*result, error) {
+	tmp, err := os.MkdirTemp("", "syncbench-")
+	if err != nil {
+		return nil, err
+	}
+	if !keep {
+		defer os.RemoveAll(tmp)
+	}
+	if binDir == "" {
+		binDir = filepath.Join(tmp, "bin")
+		for _, p := range []string{"edge", "cloud-sync"} {
+			cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, p), "./cmd/"+p)
+			cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+			if err := cmd.Run(); err != nil {
+				return nil, fmt.Errorf("build %s: %w", p, err)
+			}
+		}
+	}
+	var procs []*exec.Cmd
+	defer func() {
+		for _, p := range procs {
+			_ = p.Process.Kill()
+			_, _ = p.Process.Wait()
+		}
+	}()
+
+	// The cloud: three nodes.
+	var nodes []string
+	for i := 0; i < 3; i++ {
+		httpAddr, raftAddr := freePort(), freePort()
+		args := []string{"-id", fmt.Sprintf("n%d", i), "-raft", raftAddr, "-http", httpAddr,
+			"-data", filepath.Join(tmp, fmt.Sprintf("n%d", i)), "-api-token", apiToken, "-log-level", "warn",
+			"-edge-token", edgeID + "=" + edgeToken}
+		if i == 0 {
+			args = append(args, "-bootstrap")
+		} else {
+			args = append(args, "-join", "http://"+nodes[0])
+		}
+		cmd := exec.Command(filepath.Join(binDir, "cloud-sync"), args...)
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			return nil, err
+		}
+		procs = append(procs, cmd)
+		nodes = append(nodes, httpAddr)
+		if err := waitHTTP("http://"+httpAddr+"/readyz", 20*time.Second); err != nil {
+			return nil, fmt.Errorf("cloud node %d: %w", i, err)
+		}
+	}
+	if err := waitMembers(nodes, 3, 20*time.Second); err != nil {
+		return nil, err
+	}
+
+	// The link, cut while the backlog builds.
+	var proxies []*proxy
+	var urls []string
+	for _, n := range nodes {
+		p, err := newProxy(n)
+		if err != nil {
+			return nil, err
+		}
+		defer p.close()
+		p.setCut(true)
+		proxies = append(proxies, p)
+		urls = append(urls, "http://"+p.addr())
+	}
+	edgeHTTP, mqttAddr := freePort(), freePort()
+	edge := exec.Command(filepath.Join(binDir, "edge"), "-id", edgeID, "-data", filepath.Join(tmp, "edge"),
+		"-http", edgeHTTP, "-mqtt-listen", mqttAddr, "-cloud", strings.Join(urls, ","), "-cloud-token", edgeToken,
+		"-cloud-backoff-max", "500ms", "-log-level", "warn")
+	edge.Stderr = os.Stderr
+	if err := edge.Start(); err != nil {
+		return nil, err
+	}
+	procs = append(procs, edge)
+	if err := waitHTTP("http://"+edgeHTTP+"/readyz", 20*time.Second); err != nil {
+		return nil, fmt.Errorf("edge: %w", err)
+	}
+
+	res := &result{BacklogReadings: readings}
+	t0 := time.Now()
+	if err := publishBacklog(mqttAddr, readings, devices, per); err != nil {
+		return nil, err
+	}
+	head, err := waitBacklog(edgeHTTP, readings, 120*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	res.BacklogBuildS = round(time.Since(t0).Seconds())
+	log.Printf("backlog of %d readings (%d outbox entries) built in %.1fs; healing the link", readings, head, res.BacklogBuildS)
+
+	// Heal and time convergence: the leader's committed sequence for the
+	// edge reaching the edge's outbox head means every reading is committed.
+	t1 := time.Now()
+	for _, p := range proxies {
+		p.setCut(false)
+	}
+	for {
+		if acked, ok := ackedSeq(nodes[0]); ok && acked >= head {
+			break
+		}
+		if time.Since(t1) > 300*time.Second {
+			return nil, errors.New("backlog not converged within 300s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	res.ConvergeS = round3(time.Since(t1).Seconds())
+	res.ReadingsPerS = float64(int64(float64(readings) / res.ConvergeS))
+	log.Printf("converged in %.2fs", res.ConvergeS)
+
+	lat, err := liveLatency(mqttAddr, nodes, live)
+	if err != nil {
+		return nil, err
+	}
+	res.LiveSamples = len(lat)
+	res.LiveP50Ms, res.LiveP99Ms = round(pct(lat, 50)), round(pct(lat, 99))
+
+	res.EdgeRSSMB = round(procStatusMB(edge.Process.Pid, "VmHWM:"))
+	for _, p := range procs[:3] {
+		res.CloudRSSMB = max(res.CloudRSSMB, round(procStatusMB(p.Process.Pid, "VmHWM:")))
+	}
+	return res, nil
+}
+
+// publishBacklog publishes readings as JSON arrays from devices clients.
+func publishBacklog(addr string, readings, devices, per int) error {
+	perDev := readings / devices
+	base := time.Now().Add(-24 * time.Hour).UnixMilli()
+	var wg sync.WaitGroup
+	errc := make(chan error, devices)
+	sem := make(chan struct{}, 8)
+	for d := 0; d < devices; d++ {
+		wg.Add(1)
+		go func(d int) {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			dev := fmt.Sprintf("dev-%03d", d)
+			cl, err := connect(addr, dev)
+			if err != nil {
+				errc <- err
+				return
+			}
+			defer cl.Disconnect(0)
+			var toks []paho.Token
+			var b bytes.Buffer
+			for i := 0; i < perDev; i += per {
+				b.Reset()
+				b.WriteByte('[')
+				for j := i; j < min(i+per, perDev); j++ {
+					if j > i {
+						b.WriteByte(',')
+					}
+					fmt.Fprintf(&b, `{"ts":%d,"id":"%s-%d","metrics":{"temp":%d.5,"hum":%d}}`, base+int64(j), dev, j, j%40, j%100)
+				}
+				b.WriteByte(']')
+				toks = append(toks, cl.Publish("sensors/"+dev+"/telemetry", 1, false, append([]byte(nil), b.Bytes()...)))
+				if len(toks) >= 8 {
+					if err := settle(toks[0]); err != nil {
+						errc <- err
+						return
+					}
+					toks = toks[1:]
+				}
+			}
+			for _, t := range toks {
+				if err := settle(t); err != nil {
+					errc <- err
+					return
+				}
+			}
+		}(d)
+	}
+	wg.Wait()
+	select {
+	case err := <-errc:
+		return err
+	default:
+		return nil
+	}
+}
+
+func settle(t paho.Token) error {
+	if !t.WaitTimeout(60 * time.Second) {
+		return errors.New("publish: no PUBACK within 60s")
+	}
+	return t.Error()
+}
+
+func connect(addr, id string) (paho.Client, error) {
+	opts := paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID(id).SetCleanSession(true).
+		SetAutoReconnect(false).SetWriteTimeout(30 * time.Second).SetMaxResumePubInFlight(64)
+	cl := paho.NewClient(opts)
+	t := cl.Connect()
+	if !t.WaitTimeout(10*time.Second) || t.Error() != nil {
+		return nil, fmt.Errorf("mqtt connect %s: %v", id, t.Error())
+	}
+	return cl, nil
+}
+
+// liveLatency publishes n single readings at 50/s after convergence and
+// measures, for each, the time from publish until the cloud leader's export
+// stream shows it committed.
+func liveLatency(addr string, nodes []string, n int) ([]float64, error) {
+	lead, err := leaderHTTP(nodes)
+	if err != nil {
+		return nil, err
+	}
+	cursor, err := exportTail(lead, "", nil)
+	if err != nil {
+		return nil, err
+	}
+	cl, err := connect(addr, "live-dev")
+	if err != nil {
+		return nil, err
+	}
+	defer cl.Disconnect(0)
+	var mu sync.Mutex
+	sentAt := map[string]time.Time{}
+	var lat []float64
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var seen atomic.Int64
+	done := make(chan error, 1)
+	go func() {
+		for ctx.Err() == nil && seen.Load() < int64(n) {
+			c, err := exportTail(lead, cursor, func(id string) {
+				mu.Lock()
+				if t, ok := sentAt[id]; ok {
+					lat = append(lat, float64(time.Since(t).Microseconds())/1000)
+					delete(sentAt, id)
+					seen.Add(1)
+				}
+				mu.Unlock()
+			})
+			if err != nil {
+				done <- err
+				return
+			}
+			cursor = c
+			time.Sleep(2 * time.Millisecond)
+		}
+		done <- nil
+	}()
+	base := time.Now().UnixMilli()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for i := 0; i < n; i++ {
+		<-tick.C
+		id := fmt.Sprintf("live-%d", i)
+		mu.Lock()
+		sentAt[id] = time.Now()
+		mu.Unlock()
+		cl.Publish("sensors/live-dev/telemetry", 1, false, fmt.Appendf(nil, `{"ts":%d,"id":%q,"metrics":{"v":%d}}`, base+int64(i), id, i))
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			return nil, err
+		}
+	case <-time.After(30 * time.Second):
+		cancel()
+		return nil, fmt.Errorf("live readings: only %d of %d committed within 30s", seen.Load(), n)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	return append([]float64(nil), lat...), nil
+}
+
+// exportTail reads the export stream after cursor, calling fn for each
+// reading id, and returns the cursor to resume from.
+func exportTail(node, cursor string, fn func(id string)) (string, error) {
+	for {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+node+"/api/v1/export?limit=10000&since="+cursor, nil)
+		req.Header.Set("Authorization", "Bearer "+apiToken)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return cursor, err
+		}
+		raw, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return cursor, fmt.Errorf("export: %d %s", resp.StatusCode, raw)
+		}
+		lines := 0
+		if fn != nil {
+			dec := json.NewDecoder(bytes.NewReader(raw))
+			for dec.More() {
+				var r struct {
+					Readings []struct {
+						ID string `json:"id"`
+					} `json:"readings"`
+				}
+				if err := dec.Decode(&r); err != nil {
+					return cursor, err
+				}
+				lines++
+				for _, rd := range r.Readings {
+					fn(rd.ID)
+				}
+			}
+		} else {
+			lines = bytes.Count(raw, []byte{'\n'})
+		}
+		next := resp.Header.Get("X-Outpost-Next-Cursor")
+		if lines == 0 || next == cursor || next == "" {
+			return cursor, nil
+		}
+		cursor = next
+	}
+}
+
+type envelope struct {
+	Data json.RawMessage `json:"data"`
+}
+
+func getJSON(url, token string, out any) error {
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return fmt.Errorf("GET %s: %d", url, resp.StatusCode)
+	}
+	var env envelope
+	if err := json.NewDecoder(resp.Body).Decode(&env); err != nil {
+		return err
+	}
+	return json.Unmarshal(env.Data, out)
+}
+
+func ackedSeq(node string) (uint64, bool) {
+	var page struct {
+		Items []struct {
+			ID       string `json:"id"`
+			AckedSeq uint64 `json:"acked_seq"`
+		} `json:"items"`
+	}
+	if err := getJSON("http://"+node+"/api/v1/edges?consistency=strong", apiToken, &page); err != nil {
+		return 0, false
+	}
+	for _, e := range page.Items {
+		if e.ID == edgeID {
+			return e.AckedSeq, true
+		}
+	}
+	return 0, false
+}
+
+// waitBacklog waits until the edge stored every reading and returns its
+// outbox head (the sequence the cloud must reach).
+func waitBacklog(edgeHTTP string, readings int, d time.Duration) (uint64, error) {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		vals := metrics("http://" + edgeHTTP + "/metrics")
+		if vals["outpost_store_readings"] >= float64(readings) {
+			return uint64(vals["outpost_sync_backlog"]), nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return 0, fmt.Errorf("edge did not store %d readings within %s", readings, d)
+}
+
+func metrics(url string) map[string]float64 {
+	out := map[string]float64{}
+	resp, err := http.Get(url)
+	if err != nil {
+		return out
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) == 2 && !strings.HasPrefix(f[0], "#") {
+			if v, err := strconv.ParseFloat(f[1], 64); err == nil {
+				out[f[0]] = v
+			}
+		}
+	}
+	return out
+}
+
+func leaderHTTP(nodes []string) (string, error) {
+	var st struct {
+		Leader string `json:"leader"`
+		Nodes  []struct {
+			ID       string `json:"id"`
+			HTTPAddr string `json:"http_addr"`
+		} `json:"nodes"`
+	}
+	if err := getJSON("http://"+nodes[0]+"/cluster/v1/status", apiToken, &st); err != nil {
+		return "", err
+	}
+	for _, n := range st.Nodes {
+		if n.ID == st.Leader && n.HTTPAddr != "" {
+			return n.HTTPAddr, nil
+		}
+	}
+	return nodes[0], nil
+}
+
+func waitMembers(nodes []string, n int, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		var st struct {
+			Leader string            `json:"leader"`
+			Nodes  []json.RawMessage `json:"nodes"`
+		}
+		if err := getJSON("http://"+nodes[0]+"/cluster/v1/status", apiToken, &st); err == nil && st.Leader != "" && len(st.Nodes) == n {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("cluster of %d did not form within %s", n, d)
+}
+
+func waitHTTP(url string, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		resp, err := http.Get(url)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return nil
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("%s not ready within %s", url, d)
+}
+
+func freePort() string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func procStatusMB(pid int, key string) float64 {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if strings.HasPrefix(sc.Text(), key) {
+			kb, _ := strconv.Atoi(strings.Fields(sc.Text())[1])
+			return float64(kb) / 1024
+		}
+	}
+	return 0
+}
+
+func pct(v []float64, p float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	i := int(float64(len(s)-1) * p / 100)
+	return s[i]
+}
+
+func round(f float64) float64  { return float64(int64(f*10)) / 10 }
+func round3(f float64) float64 { return float64(int64(f*1000)) / 1000 }
+
+// proxy is a TCP forwarder that can be cut (closing live connections and
+// refusing new ones), standing in for the edge's network link.
+type proxy struct {
+	ln     net.Listener
+	target string
+	mu     sync.Mutex
+	cut    bool
+	conns  map[net.Conn]struct{}
+}
+
+func newProxy(target string) (*proxy, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	p := &proxy{ln: ln, target: target, conns: map[net.Conn]struct{}{}}
+	go p.accept()
+	return p, nil
+}
+
+func (p *proxy) addr() string { return p.ln.Addr().String() }
+
+func (p *proxy) accept() {
+	for {
+		in, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		p.mu.Lock()
+		if p.cut {
+			p.mu.Unlock()
+			in.Close()
+			continue
+		}
+		p.conns[in] = struct{}{}
+		p.mu.Unlock()
+		go func() {
+			out, err := net.Dial("tcp", p.target)
+			if err != nil {
+				p.drop(in)
+				return
+			}
+			p.mu.Lock()
+			p.conns[out] = struct{}{}
+			p.mu.Unlock()
+			done := make(chan struct{}, 2)
+			go func() { _, _ = io.Copy(out, in); done <- struct{}{} }()
+			go func() { _, _ = io.Copy(in, out); done <- struct{}{} }()
+			<-done
+			p.drop(in)
+			p.drop(out)
+		}()
+	}
+}
+
+func (p *proxy) drop(c net.Conn) {
+	p.mu.Lock()
+	delete(p.conns, c)
+	p.mu.Unlock()
+	c.Close()
+}
+
+func (p *proxy) setCut(cut bool) {
+	p.mu.Lock()
+	p.cut = cut
+	var live []net.Conn
+	if cut {
+		for c := range p.conns {
+			live = append(live, c)
+		}
+	}
+	p.mu.Unlock()
+	for _, c := range live {
+		c.Close()
+	}
+}
+
+func (p *proxy) close() {
+	p.setCut(true)
+	p.ln.Close()
+}
