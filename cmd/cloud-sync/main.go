@@ -3,7 +3,8 @@
 // readings, device shadows and the edge directory, and export changes.
 //
 // main only wires: flags and config → build the node → run until SIGINT or
-// SIGTERM → ordered shutdown (HTTP, raft, state).
+// SIGTERM → ordered shutdown within the grace period (stop accepting HTTP and
+// drain in-flight requests, close raft and its log, close the state).
 package main
 
 import (
@@ -11,7 +12,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/signal"
 	"strings"
@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/outpost-edge/outpost/pkg/cloud"
+	"github.com/outpost-edge/outpost/pkg/obs"
 )
 
 func main() { os.Exit(run()) }
@@ -32,13 +33,20 @@ func run() int {
 		fmt.Fprintf(os.Stderr, "cloud-sync: %s\n", strings.TrimPrefix(err.Error(), cloud.ErrUsage.Error()+": "))
 		return 2
 	}
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
-		fmt.Fprintf(os.Stderr, "cloud-sync: log level %q: %v\n", cfg.LogLevel, err)
+	log, level, err := obs.NewLogger(os.Stderr, cfg.LogLevel)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "cloud-sync: %v\n", err)
 		return 2
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})).With("node", cfg.ID)
+	log = log.With("node", cfg.ID)
 
+	var admin *obs.Admin
+	if cfg.Pprof != "" {
+		if admin, err = obs.ListenAdmin(cfg.Pprof, level, log); err != nil {
+			fmt.Fprintf(os.Stderr, "cloud-sync: %v\n", err)
+			return 1
+		}
+	}
 	node, err := cloud.Start(cfg, log)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "cloud-sync: %v\n", err)
@@ -50,20 +58,51 @@ func run() int {
 	} else if !cfg.Bootstrap {
 		mode = "restart"
 	}
+	adminAddr := ""
+	if admin != nil {
+		adminAddr = admin.Addr()
+	}
 	log.Info("cloud-sync listening", "http", cfg.HTTP, "raft", cfg.Raft, "http_advertise", cfg.HTTPAdvertise,
-		"raft_advertise", cfg.RaftAdvertise, "data", cfg.Data, "mode", mode)
+		"raft_advertise", cfg.RaftAdvertise, "data", cfg.Data, "mode", mode, "admin", adminAddr)
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	adminCtx, stopAdmin := context.WithCancel(context.Background())
+	adminDone := make(chan struct{})
+	go func() {
+		defer close(adminDone)
+		if admin != nil {
+			if err := admin.Run(adminCtx); err != nil {
+				log.Error("admin listener", "err", err)
+			}
+		}
+	}()
 	runErr := node.Run(ctx)
-	stop()
-	log.Info("shutting down")
-	if err := node.Shutdown(10 * time.Second); err != nil {
-		log.Error("shutdown", "err", err)
+	stop() // a second signal now kills the process the default way
+
+	// The whole stop is bounded by the grace period: a node that cannot
+	// close its stores in time exits non-zero rather than hang its
+	// supervisor (raft's log and the state are crash-safe either way).
+	log.Info("shutting down", "grace", cfg.ShutdownGrace)
+	start := time.Now()
+	watchdog := time.AfterFunc(cfg.ShutdownGrace, func() {
+		log.Error("shutdown did not finish within the grace period; exiting", "grace", cfg.ShutdownGrace)
+		os.Exit(1)
+	})
+	shutErr := node.Shutdown(cfg.ShutdownGrace)
+	stopAdmin()
+	<-adminDone
+	watchdog.Stop()
+	if shutErr != nil {
+		log.Error("shutdown", "err", shutErr)
 	}
 	if runErr != nil {
 		fmt.Fprintf(os.Stderr, "cloud-sync: %v\n", runErr)
 		return 1
 	}
+	if shutErr != nil {
+		return 1
+	}
+	log.Info("cloud-sync stopped cleanly", "took", time.Since(start).Round(time.Millisecond))
 	return 0
 }

@@ -9,8 +9,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
-	"net/http/pprof"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -29,6 +27,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/config"
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/ingest"
+	"github.com/outpost-edge/outpost/pkg/obs"
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/syncer"
@@ -48,20 +47,18 @@ func main() {
 		fmt.Fprintf(os.Stderr, "edge: %v\n", err)
 		os.Exit(2)
 	}
-	log := newLogger(cfg.LogLevel)
+	log, level, err := obs.NewLogger(os.Stderr, cfg.LogLevel)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "edge: %v\n", err)
+		os.Exit(2)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, cfg, log); err != nil {
+	if err := run(ctx, cfg, log, level); err != nil {
 		log.Error("edge stopped", "err", err)
 		fmt.Fprintf(os.Stderr, "edge: %v\n", err)
 		os.Exit(1)
 	}
-}
-
-func newLogger(level string) *slog.Logger {
-	var l slog.Level
-	_ = l.UnmarshalText([]byte(level))
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
 }
 
 // hashPassword reads a device password on stdin and prints its bcrypt hash
@@ -88,12 +85,13 @@ func trimNewline(s string) string {
 	return s
 }
 
-func run(ctx context.Context, cfg config.Edge, log *slog.Logger) error {
+func run(ctx context.Context, cfg config.Edge, log *slog.Logger, level *slog.LevelVar) error {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("create data dir: %w", err)
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	obs.RegisterBuildInfo(reg, "edge")
 
 	// Listen first, so a busy port fails fast before anything is opened.
 	httpLn, err := net.Listen("tcp", cfg.HTTP)
@@ -177,8 +175,9 @@ func run(ctx context.Context, cfg config.Edge, log *slog.Logger) error {
 	errc := make(chan error, 4)
 	writerCtx, stopWriter := context.WithCancel(context.Background())
 	defer stopWriter()
-	wg.Add(1)
-	go func() { defer wg.Done(); _ = writer.Run(writerCtx) }()
+	writerDone := make(chan struct{})
+	go func() { defer close(writerDone); _ = writer.Run(writerCtx) }()
+	defer func() { stopWriter(); <-writerDone }()
 
 	var downlink api.Downlink
 	var brk *broker.Broker
@@ -270,43 +269,107 @@ func run(ctx context.Context, cfg config.Edge, log *slog.Logger) error {
 		}
 	}()
 
+	adminAddr := ""
 	if cfg.Pprof != "" {
-		stopPprof, err := servePprof(cfg.Pprof, log)
+		admin, err := obs.ListenAdmin(cfg.Pprof, level, log)
 		if err != nil {
 			return err
 		}
-		defer stopPprof()
+		adminAddr = admin.Addr()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := admin.Run(bgCtx); err != nil {
+				log.Error("admin listener", "err", err)
+			}
+		}()
 	}
 
 	log.Info("outpost edge started", "id", cfg.ID, "http", httpLn.Addr().String(), "mqtt", mqttAddr,
-		"embedded_broker", cfg.MQTT.Broker == "", "data", cfg.DataDir, "dev_login", cfg.DevLogin)
+		"embedded_broker", cfg.MQTT.Broker == "", "data", cfg.DataDir, "dev_login", cfg.DevLogin, "admin", adminAddr)
 
 	var runErr error
 	select {
 	case <-ctx.Done():
-		log.Info("shutting down")
+		log.Info("shutting down", "grace", cfg.ShutdownGrace)
 	case runErr = <-errc:
 	}
+	return shutdown(cfg.ShutdownGrace, log, runErr, shutdownSteps{
+		http: srv.Shutdown,
+		mqtt: func() error {
+			stopSub()
+			if brk != nil {
+				return brk.Close()
+			}
+			return nil
+		},
+		writer: func() { stopWriter(); <-writerDone },
+		// Push what the outbox holds, bounded by the grace period, after the
+		// writer committed its last batch and before the store closes.
+		syncer: syncFlush(sy),
+		rest:   func() { stopBg(); wg.Wait() },
+		store:  st.Close,
+	})
+}
 
-	// Stop accepting and drain in order: HTTP requests, device connections
-	// (blocked publishes are released unacknowledged), then the writer
-	// commits what it holds, and only then the store closes.
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+// shutdownSteps are the edge's parts in the order they stop.
+type shutdownSteps struct {
+	http   func(context.Context) error // stop accepting; drain in-flight requests
+	mqtt   func() error                // stop accepting; close device connections
+	writer func()                      // commit and ack what the writer holds
+	syncer func(context.Context) error // push the outbox to the cloud (optional)
+	rest   func()                      // background loops; waits for every goroutine
+	store  func() error                // close bbolt
+}
+
+// shutdown stops the edge within grace, in an order that loses nothing:
+//
+//  1. HTTP stops accepting and in-flight API requests finish (their writes
+//     are durable and their downlinks go out through the broker, which is
+//     still up);
+//  2. MQTT stops accepting and device connections close; publishes not yet
+//     committed are released unacknowledged, so devices resend them;
+//  3. the writer commits and acknowledges the batches it holds;
+//  4. the syncer flushes to the cloud, best effort within the grace;
+//  5. background loops stop, then the store (bbolt) closes.
+//
+// Past the grace the process exits 1 instead of hanging its supervisor:
+// bbolt and the broker state are crash-safe, so nothing acknowledged is lost
+// either way.
+func shutdown(grace time.Duration, log *slog.Logger, runErr error, s shutdownSteps) error {
+	start := time.Now()
+	watchdog := time.AfterFunc(grace, func() {
+		log.Error("shutdown did not finish within the grace period; exiting", "grace", grace)
+		os.Exit(1)
+	})
+	defer watchdog.Stop()
+	ctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		log.Warn("http shutdown", "err", err)
+	var errs []error
+	if err := s.http(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("http drain: %w", err))
 	}
-	if brk != nil {
-		if err := brk.Close(); err != nil {
-			log.Warn("mqtt shutdown", "err", err)
+	if err := s.mqtt(); err != nil {
+		errs = append(errs, fmt.Errorf("mqtt close: %w", err))
+	}
+	s.writer()
+	if s.syncer != nil {
+		if err := s.syncer(ctx); err != nil {
+			log.Warn("syncer flush incomplete; the outbox keeps the rest for next start", "err", err)
 		}
 	}
-	stopSub()
-	stopBg()
-	stopWriter()
-	wg.Wait()
-	log.Info("edge stopped cleanly")
-	return runErr
+	s.rest()
+	if err := s.store(); err != nil {
+		errs = append(errs, fmt.Errorf("close store: %w", err))
+	}
+	if runErr != nil {
+		return runErr
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	log.Info("edge stopped cleanly", "took", time.Since(start).Round(time.Millisecond))
+	return nil
 }
 
 // retain prunes readings past the retention period that the cloud already
@@ -363,26 +426,4 @@ func registerStoreMetrics(reg prometheus.Registerer, st *store.Store) {
 		gauge("outpost_store_dead_letters", "Dead letters kept.", func() float64 { return float64(st.Counts().DeadLetters) }),
 		gauge("outpost_sync_backlog", "Outbox entries not yet acknowledged by the cloud.", func() float64 { return float64(st.Counts().OutboxBacklog) }),
 	)
-}
-
-// servePprof serves the profiler on its own listener, apart from the API.
-func servePprof(addr string, log *slog.Logger) (func(), error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("pprof listen %s: %w", addr, err)
-	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error("pprof", "err", err)
-		}
-	}()
-	log.Info("pprof listening", "addr", ln.Addr().String())
-	return func() { srv.Close() }, nil
 }

@@ -897,7 +897,7 @@ func TestHealthReadyMetrics(t *testing.T) {
 	for _, want := range []string{
 		`outpost_http_requests_total{method="GET",route="/readyz",status="503"} 1`,
 		`outpost_http_requests_total{method="GET",route="/healthz",status="200"} 2`,
-		"outpost_http_request_seconds_bucket",
+		"outpost_http_request_duration_seconds_bucket",
 		"outpost_policy_eval_duration_seconds",
 	} {
 		if !strings.Contains(string(body), want) {

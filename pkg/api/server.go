@@ -18,9 +18,10 @@ import (
 	"github.com/gofiber/fiber/v2"
 	"github.com/gofiber/fiber/v2/middleware/recover"
 	"github.com/gofiber/fiber/v2/middleware/requestid"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/valyala/fasthttp/fasthttpadaptor"
+
+	"github.com/outpost-edge/outpost/pkg/obs"
 )
 
 // Config configures the API.
@@ -110,7 +111,7 @@ type Server struct {
 	deps Deps
 	app  *fiber.App
 	log  *slog.Logger
-	m    apiMetrics
+	m    *obs.HTTPMetrics
 
 	ipLimit, userLimit *limiter
 	verified           *tokenCache
@@ -124,7 +125,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, deps: deps, log: cfg.Logger}
-	s.m = newAPIMetrics(deps.Registerer)
+	s.m = obs.NewHTTPMetrics(deps.Registerer)
 	s.ipLimit = newLimiter(cfg.RateLimitPerIP)
 	s.userLimit = newLimiter(cfg.RateLimitPerUser)
 	s.verified = newTokenCache(cfg.VerifyCacheTTL, 10000, cfg.Now)
@@ -259,6 +260,7 @@ func (s *Server) securityHeaders(c *fiber.Ctx) error {
 
 func (s *Server) accessLog(c *fiber.Ctx) error {
 	start := time.Now()
+	defer s.m.Begin()()
 	err := c.Next()
 	if err != nil {
 		if herr := s.app.ErrorHandler(c, err); herr != nil {
@@ -268,7 +270,7 @@ func (s *Server) accessLog(c *fiber.Ctx) error {
 	status := c.Response().StatusCode()
 	elapsed := time.Since(start)
 	route := c.Route().Path
-	s.m.observe(route, c.Method(), status, elapsed)
+	s.m.Observe(route, c.Method(), status, elapsed)
 	if s.log.Enabled(c.UserContext(), slog.LevelDebug) || status >= 500 {
 		lvl := slog.LevelDebug
 		if status >= 500 {
@@ -301,30 +303,4 @@ func retryAfter(c *fiber.Ctx, d time.Duration) {
 		secs = 1
 	}
 	c.Set(fiber.HeaderRetryAfter, strconv.Itoa(secs))
-}
-
-type apiMetrics struct {
-	requests *prometheus.CounterVec
-	latency  *prometheus.HistogramVec
-}
-
-func newAPIMetrics(reg prometheus.Registerer) apiMetrics {
-	m := apiMetrics{
-		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "outpost_http_requests_total", Help: "HTTP requests by route, method and status.",
-		}, []string{"route", "method", "status"}),
-		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "outpost_http_request_seconds", Help: "HTTP request latency by route.",
-			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
-		}, []string{"route"}),
-	}
-	if reg != nil {
-		reg.MustRegister(m.requests, m.latency)
-	}
-	return m
-}
-
-func (m apiMetrics) observe(route, method string, status int, d time.Duration) {
-	m.requests.WithLabelValues(route, method, strconv.Itoa(status)).Inc()
-	m.latency.WithLabelValues(route).Observe(d.Seconds())
 }

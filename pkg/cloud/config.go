@@ -28,6 +28,7 @@ type Config struct {
 	HTTPAdvertise string            `yaml:"http_advertise"`
 	Data          string            `yaml:"data"`
 	Bootstrap     bool              `yaml:"bootstrap"`
+	BootstrapNode string            `yaml:"bootstrap_node"` // see -bootstrap-node
 	Join          []string          `yaml:"join"`
 	EdgeTokens    map[string]string `yaml:"edge_tokens"`
 	APIToken      string            `yaml:"api_token"`
@@ -55,9 +56,14 @@ type Config struct {
 	MaxPendingBytes    int64             `yaml:"max_pending_bytes"`
 	RaftDial           map[string]string `yaml:"raft_dial"`
 
-	Pprof        bool   `yaml:"pprof"`
+	// Pprof is the opt-in admin address (pprof and the runtime log level);
+	// empty disables it.
+	Pprof        string `yaml:"pprof"`
 	LogLevel     string `yaml:"log_level"`
 	RaftLogLevel string `yaml:"raft_log_level"`
+	// ShutdownGrace bounds a graceful stop: HTTP drain, raft and state
+	// close. Past it the process exits non-zero.
+	ShutdownGrace time.Duration `yaml:"shutdown_grace"`
 }
 
 // Defaults are the built-in settings.
@@ -70,7 +76,7 @@ func Defaults() Config {
 		LeaderLeaseTimeout: 250 * time.Millisecond, CommitTimeout: 20 * time.Millisecond,
 		SnapshotInterval: 30 * time.Second, SnapshotThreshold: 2048, TrailingLogs: 1024,
 		MaxEntryBytes: 1 << 20, MaxPendingBytes: 32 << 20,
-		LogLevel: "info", RaftLogLevel: "warn",
+		LogLevel: "info", RaftLogLevel: "warn", ShutdownGrace: 10 * time.Second,
 	}
 }
 
@@ -94,6 +100,8 @@ func Parse(args []string, out io.Writer) (Config, error) {
 		data       = fs.String("data", "", "data `dir` for the raft log, snapshots and state (default ./data/cloud)")
 		bootstrap  = fs.Bool("bootstrap", false, "bootstrap a new cluster with this node as its only member (first start only; ignored once the data dir has state)")
 		join       = fs.String("join", "", "join the cluster through any member's HTTP `URL`s (comma-separated); retried until it succeeds")
+		bootNode   = fs.String("bootstrap-node", "", "`id` of the node that bootstraps a new cluster; other nodes -join (one command line for every replica)")
+		grace      = fs.Duration("shutdown-grace", 0, "on SIGTERM/SIGINT, time allowed to drain HTTP and close raft and the state before exiting non-zero (default 10s)")
 		apiToken   = fs.String("api-token", "", "service `token` for the consumer API (/api/v1) and cluster changes")
 		admins     = fs.String("admin", "", "`openids` (comma-separated) that hold the admin role (used by the identity layer)")
 		devLogin   = fs.Bool("dev-login", false, "enable dev login (dev:<openid>) — development only (used by the identity layer)")
@@ -113,7 +121,7 @@ func Parse(args []string, out io.Writer) (Config, error) {
 		trailing   = fs.Uint64("trailing-logs", 0, "log entries kept after a snapshot for slow followers (default 1024)")
 		maxPending = fs.Int64("max-pending-bytes", 0, "admission control: proposals queued beyond this many bytes get 429 (default 32 MiB)")
 		logLevel   = fs.String("log-level", "", "log level: debug, info, warn, error (default info)")
-		pprofOn    = fs.Bool("pprof", false, "serve /debug/pprof/ on the HTTP port, unauthenticated (profiling on trusted networks only)")
+		pprofAddr  = fs.String("pprof", "", "admin `address` for pprof and the runtime log level, e.g. 127.0.0.1:6061 (off by default; unauthenticated)")
 	)
 	edgeTokens := map[string]string{}
 	fs.Func("edge-token", "`EDGE=TOKEN` credential of one edge (repeatable)", func(v string) error {
@@ -189,9 +197,9 @@ func Parse(args []string, out io.Writer) (Config, error) {
 	if set["admin"] {
 		cfg.Admins = splitList(*admins)
 	}
-	if set["pprof"] {
-		cfg.Pprof = *pprofOn
-	}
+	str("pprof", &cfg.Pprof, *pprofAddr)
+	str("bootstrap-node", &cfg.BootstrapNode, *bootNode)
+	dur("shutdown-grace", &cfg.ShutdownGrace, *grace)
 	if set["dev-login"] {
 		cfg.DevLogin = *devLogin
 	}
@@ -268,6 +276,22 @@ func (c *Config) Validate() error {
 	if c.Data == "" {
 		return bad("-data is required")
 	}
+	if c.BootstrapNode != "" {
+		if c.Bootstrap {
+			return bad("-bootstrap-node and -bootstrap are mutually exclusive")
+		}
+		if !wire.ValidName(c.BootstrapNode) {
+			return bad("-bootstrap-node %q must match [A-Za-z0-9._-]{1,64}", c.BootstrapNode)
+		}
+		if c.BootstrapNode == c.ID {
+			c.Bootstrap, c.Join = true, nil
+		} else if len(c.Join) == 0 {
+			return bad("-bootstrap-node %s: this node (%s) must -join the cluster", c.BootstrapNode, c.ID)
+		}
+	}
+	if c.ShutdownGrace <= 0 {
+		return bad("shutdown_grace %s must be positive", c.ShutdownGrace)
+	}
 	if c.Bootstrap && len(c.Join) > 0 {
 		return bad("-bootstrap and -join are mutually exclusive: bootstrap the first node, join the others")
 	}
@@ -282,6 +306,9 @@ func (c *Config) Validate() error {
 	}
 	if c.HTTPAdvertise, err = advertise(c.HTTP, c.HTTPAdvertise); err != nil {
 		return bad("-http: %v", err)
+	}
+	if c.BootstrapNode != "" && len(c.Join) > 1 {
+		c.Join = withoutSelf(c.Join, c.HTTPAdvertise)
 	}
 	if c.LeaderLeaseTimeout > c.HeartbeatTimeout {
 		return bad("leader_lease_timeout (%s) must not exceed heartbeat_timeout (%s)", c.LeaderLeaseTimeout, c.HeartbeatTimeout)
@@ -318,4 +345,23 @@ func advertise(listen, adv string) (string, error) {
 		host = h
 	}
 	return net.JoinHostPort(host, port), nil
+}
+
+// withoutSelf drops the URLs that point at self (host:port), so identical
+// replicas can list every member, themselves included.
+func withoutSelf(urls []string, self string) []string {
+	var out []string
+	for _, u := range urls {
+		rest := u[strings.Index(u, "://")+3:]
+		if i := strings.IndexByte(rest, '/'); i >= 0 {
+			rest = rest[:i]
+		}
+		if !strings.EqualFold(rest, self) {
+			out = append(out, u)
+		}
+	}
+	if len(out) == 0 {
+		return urls
+	}
+	return out
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/cloud/httpapi"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/obs"
 	"github.com/outpost-edge/outpost/pkg/wechat"
 )
 
@@ -48,6 +49,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	obs.RegisterBuildInfo(reg, "cloud-sync")
 	fm := httpapi.NewFSMMetrics(reg)
 	state, err := fsm.Open(filepath.Join(cfg.Data, "state.db"), log, fm.Hooks())
 	if err != nil {
@@ -90,7 +92,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 			return nil, fmt.Errorf("%w: wechat: %v", ErrUsage, err)
 		}
 	}
-	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, HeartbeatFresh: cfg.HeartbeatFresh, Pprof: cfg.Pprof,
+	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, HeartbeatFresh: cfg.HeartbeatFresh,
 		WeChat: wc, DevLogin: cfg.DevLogin, Admins: cfg.Admins, AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL},
 		rn, state, clock, auth.Chain{static}, static.HasAPIToken(), log, reg)
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 
 type metrics struct {
 	decisions      *prometheus.CounterVec
+	denials        *prometheus.CounterVec
 	evalDuration   prometheus.Histogram
 	reloads        prometheus.Counter
 	reloadFailures prometheus.Counter
@@ -21,6 +22,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "outpost_policy_decisions_total",
 			Help: "Authorisation decisions by result (allow, deny, error), cached or not.",
 		}, []string{"result"}),
+		denials: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_policy_denials_total",
+			Help: "Requests the policy denied, by action and resource kind.",
+		}, []string{"action", "kind"}),
 		evalDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "outpost_policy_eval_duration_seconds",
 			Help:    "Time to evaluate the policy for decisions not served from the cache.",
@@ -46,7 +51,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.decisions, m.evalDuration, m.reloads, m.reloadFailures, m.cacheHits, m.cacheMisses} {
+	for _, c := range []prometheus.Collector{m.decisions, m.denials, m.evalDuration, m.reloads, m.reloadFailures, m.cacheHits, m.cacheMisses} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("policy: register metrics: %w", err)
 		}
@@ -54,10 +59,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	return m, nil
 }
 
-func (m *metrics) observe(d Decision) {
+func (m *metrics) observe(in Input, d Decision) {
 	if d.Allow {
 		m.decisions.WithLabelValues("allow").Inc()
 	} else {
 		m.decisions.WithLabelValues("deny").Inc()
+		m.denials.WithLabelValues(in.Action, in.Resource.Kind).Inc()
 	}
 }

@@ -156,7 +156,7 @@ func (e *Engine) Decide(ctx context.Context, in Input) (Decision, error) {
 		key = cacheKey(in)
 		if d, ok := c.cache.Get(key); ok {
 			e.m.cacheHits.Inc()
-			e.m.observe(d)
+			e.m.observe(in, d)
 			return d, nil
 		}
 		e.m.cacheMisses.Inc()
@@ -179,7 +179,7 @@ func (e *Engine) Decide(ctx context.Context, in Input) (Decision, error) {
 	if c.cache != nil {
 		c.cache.Add(key, d)
 	}
-	e.m.observe(d)
+	e.m.observe(in, d)
 	return d, nil
 }
 

@@ -35,6 +35,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/obs"
 	"github.com/outpost-edge/outpost/pkg/wechat"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -138,6 +139,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 func (s *Server) routes(reg *prometheus.Registry) {
 	a := s.app
+	// First, so every route (and the 404 fallback) is counted and timed
+	// under the same names as on the edge.
+	a.Use(obs.NewHTTPMetrics(reg).Middleware)
 	a.Get("/healthz", func(c *fiber.Ctx) error { return ok(c, fiber.Map{"status": "alive"}) })
 	a.Get("/readyz", s.ready)
 	a.Get("/metrics", adaptor.HTTPHandler(promhttp.HandlerFor(reg, promhttp.HandlerOpts{})))

@@ -228,8 +228,11 @@ func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometh
 	}
 	n.raft = r
 	if cfg.Bootstrap && !existing {
+		// The advertised address as configured (a stable DNS name in a
+		// StatefulSet), not the transport's resolved IP, which changes when
+		// the pod is rescheduled.
 		bf := r.BootstrapCluster(raft.Configuration{Servers: []raft.Server{{
-			Suffrage: raft.Voter, ID: rc.LocalID, Address: transport.LocalAddr(),
+			Suffrage: raft.Voter, ID: rc.LocalID, Address: raft.ServerAddress(cfg.RaftAdvertise),
 		}}})
 		if err := bf.Error(); err != nil && !errors.Is(err, raft.ErrCantBootstrap) {
 			_ = r.Shutdown().Error()
@@ -493,6 +496,7 @@ func (n *Node) watchLoop() {
 				delete(n.failing, d.PeerID)
 				n.hbMu.Unlock()
 			case raft.LeaderObservation:
+				n.metrics.leaderChanges.Inc()
 				n.hbMu.Lock()
 				clear(n.failing)
 				n.hbMu.Unlock()
@@ -698,24 +702,27 @@ type metrics struct {
 	applySeconds  prometheus.Histogram
 	entryCommands prometheus.Histogram
 	entryBytes    prometheus.Histogram
+	leaderChanges prometheus.Counter
 }
 
 func newMetrics(n *Node, reg prometheus.Registerer) *metrics {
 	m := &metrics{
 		applySeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "outpost_cloud_apply_seconds", Help: "Time from proposal to applied result on the leader.",
+			Name: "outpost_raft_apply_duration_seconds", Help: "Time from proposal to applied result on the leader.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
 		entryCommands: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "outpost_cloud_raft_entry_commands", Help: "Commands group-committed per raft entry.",
+			Name: "outpost_raft_entry_commands", Help: "Commands group-committed per raft entry.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 12)}),
 		entryBytes: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "outpost_cloud_raft_entry_bytes", Help: "Size of group-committed raft entries.",
+			Name: "outpost_raft_entry_bytes", Help: "Size of group-committed raft entries.",
 			Buckets: prometheus.ExponentialBuckets(256, 4, 9)}),
+		leaderChanges: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_raft_leader_changes_total", Help: "Leader changes this node observed (including losing the leader)."}),
 	}
 	if reg == nil {
 		return m
 	}
-	reg.MustRegister(m.applySeconds, m.entryCommands, m.entryBytes,
+	reg.MustRegister(m.applySeconds, m.entryCommands, m.entryBytes, m.leaderChanges,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_raft_state",
 			Help: "Raft state: 0 follower, 1 candidate, 2 leader, 3 shutdown."},
 			func() float64 { return float64(n.raft.State()) }),
@@ -732,7 +739,7 @@ func newMetrics(n *Node, reg prometheus.Registerer) *metrics {
 			func() float64 { return float64(n.raft.CommitIndex()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_raft_applied_index", Help: "Last raft index applied to the state."},
 			func() float64 { return float64(n.fsm.AppliedIndex()) }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_cloud_pending_bytes", Help: "Proposals queued or in flight (admission control input)."},
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_raft_pending_bytes", Help: "Proposals queued or in flight (admission control input)."},
 			func() float64 { return float64(n.pending.Load()) }),
 	)
 	return m
