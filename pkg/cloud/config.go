@@ -225,12 +225,10 @@ func Parse(args []string, out io.Writer) (Config, error) {
 		cfg.MaxPendingBytes = *maxPending
 	}
 	if len(edgeTokens) > 0 {
-		if cfg.EdgeTokens == nil {
-			cfg.EdgeTokens = map[string]string{}
-		}
-		for e, t := range edgeTokens {
-			cfg.EdgeTokens[e] = t
-		}
+		// Flags override the file: -edge-token replaces its edge_tokens
+		// rather than adding to them, so a deployment that passes its own
+		// credentials never also accepts the development ones in the file.
+		cfg.EdgeTokens = edgeTokens
 	}
 	if len(raftDial) > 0 {
 		cfg.RaftDial = raftDial

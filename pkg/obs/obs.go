@@ -86,11 +86,18 @@ func (m *HTTPMetrics) Middleware(c *fiber.Ctx) error {
 	return nil
 }
 
+// Version is the release, set at link time:
+// -ldflags "-X github.com/outpost-edge/outpost/pkg/obs.Version=v1.2.3".
+var Version string
+
 // RegisterBuildInfo exports outpost_build_info{daemon,version,go_version} 1.
 func RegisterBuildInfo(reg prometheus.Registerer, daemon string) {
-	version := "(devel)"
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+	version := Version
+	if bi, ok := debug.ReadBuildInfo(); ok && version == "" {
 		version = bi.Main.Version
+	}
+	if version == "" {
+		version = "(devel)"
 	}
 	g := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "outpost_build_info", Help: "Always 1; labels say which daemon and build this is.",
