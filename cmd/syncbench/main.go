@@ -179,6 +179,10 @@ func run(readings, devices, per, live int, binDir string, keep bool) (*result, e
 		time.Sleep(10 * time.Millisecond)
 	}
 	res.ConvergeS = round3(time.Since(t1).Seconds())
+	m := metrics("http://" + edgeHTTP + "/metrics")
+	if n := m["outpost_sync_push_duration_seconds_count"]; n > 0 {
+		log.Printf("%v pushes, mean %.1f ms each, %.0f readings per push", n, 1000*m["outpost_sync_push_duration_seconds_sum"]/n, m["outpost_sync_batch_readings_sum"]/n)
+	}
 	res.ReadingsPerS = float64(int64(float64(readings) / res.ConvergeS))
 	log.Printf("converged in %.2fs", res.ConvergeS)
 

@@ -74,6 +74,9 @@ type Config struct {
 	// push (default 4 MiB).
 	BatchReadings int
 	BatchBytes    int
+	// InFlight is how many pushes may be outstanding at once (default 2):
+	// the next batch is read and encoded while the previous one commits.
+	InFlight int
 	// Idle is how often an idle syncer looks for new outbox entries
 	// (default 20ms): the floor of live-sync latency.
 	Idle time.Duration
@@ -108,6 +111,9 @@ type Config struct {
 func (c *Config) defaults() {
 	if c.BatchReadings <= 0 {
 		c.BatchReadings = 20000
+	}
+	if c.InFlight <= 0 {
+		c.InFlight = 2
 	}
 	if c.BatchBytes <= 0 {
 		c.BatchBytes = 4 << 20
@@ -165,7 +171,9 @@ type Syncer struct {
 	lastSync  atomic.Int64 // Unix ms of the last successful exchange
 	offsetMs  atomic.Int64 // local clock minus the cloud's, at the last heartbeat
 	pushes    atomic.Int64 // acknowledged pushes (for UnsafeCrashAfterPush)
-	pushMu    sync.Mutex   // serialises pushOnce between the push loop and Flush
+	pushMu    sync.Mutex   // serialises pushWindow between the push loop and Flush
+	ackMu     sync.Mutex   // serialises outbox truncation
+	ackCh     chan struct{}
 
 	dirMu sync.RWMutex
 	dir   []wire.Edge
@@ -185,7 +193,8 @@ func New(cfg Config, deps Deps) (*Syncer, error) {
 	if deps.Store == nil || deps.Client == nil {
 		return nil, errors.New("syncer: store and client are required")
 	}
-	s := &Syncer{cfg: cfg, deps: deps, log: cfg.Logger, m: newMetrics(cfg.Registerer, deps.Store), wake: make(chan struct{}, 1)}
+	s := &Syncer{cfg: cfg, deps: deps, log: cfg.Logger, m: newMetrics(cfg.Registerer, deps.Store),
+		wake: make(chan struct{}, 1), ackCh: make(chan struct{}, 1)}
 	s.cursor.Store(deps.Store.Counts().OutboxAcked)
 	if v, err := deps.Store.SyncValue(keyLastSync); err != nil {
 		return nil, err
@@ -205,11 +214,12 @@ func New(cfg Config, deps Deps) (*Syncer, error) {
 	return s, nil
 }
 
-// Run pushes and pulls until ctx ends. It owns two goroutines and returns
+// Run pushes and pulls until ctx ends. It owns three goroutines and returns
 // after both stopped.
 func (s *Syncer) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
+	go func() { defer wg.Done(); s.ackLoop(ctx) }()
 	go func() { defer wg.Done(); s.pushLoop(ctx) }()
 	go func() { defer wg.Done(); s.pullLoop(ctx) }()
 	wg.Wait()
@@ -310,7 +320,7 @@ func (s *Syncer) pushLoop(ctx context.Context) {
 			}
 			synced = true
 		}
-		n, err := s.pushOnce(ctx)
+		n, err := s.pushWindow(ctx, s.cfg.InFlight)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -391,62 +401,55 @@ func (s *Syncer) heartbeat(ctx context.Context) (*wire.HeartbeatResult, error) {
 }
 
 // Flush pushes until the cloud acknowledged everything the outbox held when
-// it was called, or ctx ends: the last step of a graceful shutdown, after
-// ingest stopped. It is safe to call while Run is still stopping.
+// it was called, or ctx ends, and records the acknowledgement: the last step
+// of a graceful shutdown, after ingest stopped. It is safe to call while Run
+// is still stopping.
 func (s *Syncer) Flush(ctx context.Context) error {
 	target := s.deps.Store.Counts().OutboxHead
 	for s.cursor.Load() < target {
 		if !s.connected.Load() {
 			return errors.New("syncer: flush skipped: the cloud is not reachable; the outbox keeps the backlog")
 		}
-		if _, err := s.pushOnce(ctx); err != nil {
+		if _, err := s.pushWindow(ctx, 1); err != nil {
 			return fmt.Errorf("syncer: flush: %w", err)
 		}
 	}
-	return nil
+	return s.ackRecorded()
 }
 
-// pushOnce sends pending state ahead, then one batch of the sequenced
-// stream. It returns how many changes it sent.
-func (s *Syncer) pushOnce(ctx context.Context) (int, error) {
-	s.pushMu.Lock()
-	defer s.pushMu.Unlock()
-	sent := 0
-	if after := max(s.stateSent.Load(), s.cursor.Load()); after < s.deps.Store.Counts().OutboxHead {
-		state, err := s.deps.Store.PendingState(after, 1000)
-		if err != nil {
-			return 0, err
-		}
-		if len(state) > 0 {
-			b := &wire.StateBatch{Edge: s.cfg.EdgeID, Changes: make([]wire.Change, 0, len(state))}
-			for i := range state {
-				b.Changes = append(b.Changes, toWire(&state[i]))
-			}
-			res, err := s.deps.Client.State(ctx, b)
-			if err != nil {
-				return 0, err
-			}
-			s.stateSent.Store(state[len(state)-1].Seq)
-			s.m.rejected.Add(float64(res.RejectedStamps))
-			sent += len(state)
-		}
+// sendState sends the state changes not yet sent ahead of the sequenced
+// stream.
+func (s *Syncer) sendState(ctx context.Context) (int, error) {
+	after := max(s.stateSent.Load(), s.cursor.Load())
+	if after >= s.deps.Store.Counts().OutboxHead {
+		return 0, nil
 	}
-	cur := s.cursor.Load()
-	if cur >= s.deps.Store.Counts().OutboxHead {
-		if sent > 0 {
-			s.succeeded()
-		}
-		return sent, nil
+	state, err := s.deps.Store.PendingState(after, 1000)
+	if err != nil || len(state) == 0 {
+		return 0, err
 	}
-	changes, err := s.deps.Store.Outbox(cur, wire.MaxBatchChanges, s.cfg.BatchBytes)
+	b := &wire.StateBatch{Edge: s.cfg.EdgeID, Changes: make([]wire.Change, 0, len(state))}
+	for i := range state {
+		b.Changes = append(b.Changes, toWire(&state[i]))
+	}
+	res, err := s.deps.Client.State(ctx, b)
 	if err != nil {
-		return sent, err
+		return 0, err
 	}
-	if len(changes) == 0 {
-		return sent, nil
+	s.stateSent.Store(state[len(state)-1].Seq)
+	s.m.rejected.Add(float64(res.RejectedStamps))
+	return len(state), nil
+}
+
+// buildBatch reads the next batch of the sequenced stream after after; nil
+// when the outbox holds nothing more.
+func (s *Syncer) buildBatch(after uint64) (*wire.PushBatch, int, error) {
+	changes, err := s.deps.Store.Outbox(after, wire.MaxBatchChanges, s.cfg.BatchBytes)
+	if err != nil || len(changes) == 0 {
+		return nil, 0, err
 	}
-	if changes[0].Seq != cur+1 {
-		return sent, fmt.Errorf("outbox starts at %d, expected %d", changes[0].Seq, cur+1)
+	if changes[0].Seq != after+1 {
+		return nil, 0, fmt.Errorf("outbox starts at %d, expected %d", changes[0].Seq, after+1)
 	}
 	b := &wire.PushBatch{Edge: s.cfg.EdgeID, FirstSeq: changes[0].Seq, Changes: make([]wire.Change, 0, len(changes))}
 	readings := 0
@@ -458,32 +461,128 @@ func (s *Syncer) pushOnce(ctx context.Context) (int, error) {
 		readings += n
 		b.Changes = append(b.Changes, toWire(&changes[i]))
 	}
-	start := time.Now()
-	res, err := s.deps.Client.Push(ctx, b)
+	return b, readings, nil
+}
+
+type flight struct {
+	b        *wire.PushBatch
+	readings int
+	start    time.Time
+	done     chan flightResult
+}
+
+type flightResult struct {
+	res *wire.PushResult
+	err error
+}
+
+// pushWindow sends pending state ahead, then drains the sequenced stream
+// with up to window pushes in flight (the cloud queues an edge's pushes in
+// sequence order), handling acknowledgements in order. It returns how many
+// changes the cloud acknowledged, and the first error.
+func (s *Syncer) pushWindow(ctx context.Context, window int) (int, error) {
+	s.pushMu.Lock()
+	defer s.pushMu.Unlock()
+	sent, err := s.sendState(ctx)
 	if err != nil {
-		return sent, err
+		return 0, err
 	}
+	next := s.cursor.Load()
+	var q []*flight
+	var firstErr error
+	for {
+		for len(q) < window && firstErr == nil && next < s.deps.Store.Counts().OutboxHead {
+			b, readings, err := s.buildBatch(next)
+			if err != nil {
+				firstErr = err
+				break
+			}
+			if b == nil {
+				break
+			}
+			f := &flight{b: b, readings: readings, start: time.Now(), done: make(chan flightResult, 1)}
+			go func() {
+				res, err := s.deps.Client.Push(ctx, f.b)
+				f.done <- flightResult{res, err}
+			}()
+			q = append(q, f)
+			next = b.LastSeq()
+			if ctx.Err() != nil {
+				break
+			}
+		}
+		if len(q) == 0 {
+			break
+		}
+		f := q[0]
+		q = q[1:]
+		r := <-f.done
+		if r.err != nil {
+			if firstErr == nil {
+				firstErr = r.err
+			}
+			continue // collect the rest of the window
+		}
+		s.record(f, r.res)
+		sent += len(f.b.Changes)
+	}
+	if sent > 0 {
+		s.succeeded()
+	}
+	return sent, firstErr
+}
+
+// record takes in an acknowledged push: the cloud committed through
+// res.AckedSeq in raft, so only now may the outbox forget those changes.
+// The truncation itself runs in the background (ackLoop); a crash before it
+// is harmless because resume learns the cloud's sequence first.
+func (s *Syncer) record(f *flight, res *wire.PushResult) {
 	if n := s.cfg.UnsafeCrashAfterPush; n > 0 && s.pushes.Add(1) >= int64(n) {
 		s.log.Warn("TESTING ONLY: killing the process between the cloud's ack and recording it", "acked_seq", res.AckedSeq)
 		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 		select {} // SIGKILL cannot be handled; never record the ack
 	}
-	// The cloud committed through res.AckedSeq in raft: only now may the
-	// outbox forget those changes.
 	if res.AckedSeq > s.cursor.Load() {
-		if err := s.deps.Store.AckOutbox(res.AckedSeq); err != nil {
-			return sent, err
-		}
 		s.cursor.Store(res.AckedSeq)
 		s.m.acked.Set(float64(res.AckedSeq))
+		select {
+		case s.ackCh <- struct{}{}:
+		default:
+		}
 	}
-	s.succeeded()
-	s.m.pushSeconds.Observe(time.Since(start).Seconds())
-	s.m.batchChanges.Observe(float64(len(b.Changes)))
-	s.m.batchReadings.Observe(float64(readings))
-	s.m.pushedReadings.Add(float64(readings))
+	s.m.pushSeconds.Observe(time.Since(f.start).Seconds())
+	s.m.batchChanges.Observe(float64(len(f.b.Changes)))
+	s.m.batchReadings.Observe(float64(f.readings))
+	s.m.pushedReadings.Add(float64(f.readings))
 	s.m.rejected.Add(float64(res.RejectedStamps))
-	return sent + len(b.Changes), nil
+}
+
+// ackLoop truncates the outbox up to the acknowledged cursor, off the push
+// path, and once more when ctx ends.
+func (s *Syncer) ackLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			if err := s.ackRecorded(); err != nil {
+				s.log.Warn("truncate outbox at shutdown", "err", err)
+			}
+			return
+		case <-s.ackCh:
+		}
+		if err := s.ackRecorded(); err != nil {
+			s.log.Error("truncate outbox", "err", err)
+		}
+	}
+}
+
+func (s *Syncer) ackRecorded() error {
+	s.ackMu.Lock()
+	defer s.ackMu.Unlock()
+	cur := s.cursor.Load()
+	if cur <= s.deps.Store.Counts().OutboxAcked {
+		return nil
+	}
+	return s.deps.Store.AckOutbox(cur)
 }
 
 // toWire converts an outbox entry to its wire form.

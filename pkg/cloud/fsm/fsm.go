@@ -11,6 +11,7 @@
 package fsm
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -18,6 +19,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"sort"
 	"sync"
 	"sync/atomic"
 
@@ -568,28 +570,69 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 // readings stores the readings not already present and logs only those.
 // Dedup key: (edge, device, id) when the reading has an id, else
 // (edge, device, ts).
+//
+// Keys are put in sorted order: bbolt splits nodes only at commit, so a
+// large batch inserted in arbitrary key order memmoves ever-growing nodes
+// (quadratic); sorted, each insert lands after the previous one. The order
+// is a pure function of the command, so every replica does the same.
 func (a *applier) readings(origin string, dev *Device, c *rawChange) error {
-	fresh := c.Readings[:0:0]
-	for _, r := range c.Readings {
+	n := len(c.Readings)
+	type cand struct {
+		i   int
+		key []byte
+	}
+	dup := make([]bool, n)
+	ids := make([]cand, 0, n)
+	for i, r := range c.Readings {
 		if r.ID != "" {
 			// bbolt keeps key slices until commit: each key gets its own.
 			idKey := make([]byte, 0, len(origin)+len(dev.ID)+len(r.ID)+2)
 			idKey = append(append(append(append(append(idKey, origin...), 0), dev.ID...), 0), r.ID...)
-			if a.bk.readID.Get(idKey) != nil {
-				a.dups++
-				continue
-			}
-			if err := a.bk.readID.Put(idKey, u64(uint64(r.TS))); err != nil {
-				return err
-			}
+			ids = append(ids, cand{i, idKey})
 		}
-		k := readingKey(make([]byte, 0, len(dev.ID)+len(origin)+len(r.ID)+11), dev.ID, r.TS, origin, r.ID)
-		if r.ID == "" && a.bk.readings.Get(k) != nil {
-			a.dups++
+	}
+	sort.Slice(ids, func(x, y int) bool {
+		if c := bytes.Compare(ids[x].key, ids[y].key); c != 0 {
+			return c < 0
+		}
+		return ids[x].i < ids[y].i
+	})
+	for _, id := range ids {
+		if a.bk.readID.Get(id.key) != nil {
+			dup[id.i] = true
 			continue
 		}
-		if err := a.bk.readings.Put(k, r.Metrics); err != nil {
+		if err := a.bk.readID.Put(id.key, u64(uint64(c.Readings[id.i].TS))); err != nil {
 			return err
+		}
+	}
+	keys := make([]cand, 0, n)
+	for i, r := range c.Readings {
+		if !dup[i] {
+			keys = append(keys, cand{i, readingKey(make([]byte, 0, len(dev.ID)+len(origin)+len(r.ID)+11), dev.ID, r.TS, origin, r.ID)})
+		}
+	}
+	sort.Slice(keys, func(x, y int) bool {
+		if c := bytes.Compare(keys[x].key, keys[y].key); c != 0 {
+			return c < 0
+		}
+		return keys[x].i < keys[y].i
+	})
+	for _, k := range keys {
+		r := &c.Readings[k.i]
+		if r.ID == "" && a.bk.readings.Get(k.key) != nil {
+			dup[k.i] = true
+			continue
+		}
+		if err := a.bk.readings.Put(k.key, r.Metrics); err != nil {
+			return err
+		}
+	}
+	fresh := c.Readings[:0:0]
+	for i, r := range c.Readings {
+		if dup[i] {
+			a.dups++
+			continue
 		}
 		fresh = append(fresh, r)
 		if r.TS > dev.LastSeen {

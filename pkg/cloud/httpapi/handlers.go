@@ -132,7 +132,14 @@ func (s *Server) push(c *fiber.Ctx) error {
 		if err != nil {
 			return err
 		}
-		res, err := s.propose(c, &fsm.Command{Type: fsm.CmdPush, AtMs: s.now().UnixMilli(), Push: &b})
+		// An edge may pipeline pushes: let this one queue only after its
+		// predecessor has (bounded wait), so they apply in sequence order
+		// instead of the later one bouncing off a gap.
+		s.gate.wait(c.UserContext(), edge, b.FirstSeq, s.fsm.EdgeSeq(edge))
+		ctx, cancel := context.WithTimeout(c.UserContext(), s.cfg.RequestTimeout)
+		defer cancel()
+		res, err := s.node.ProposeOrdered(ctx, &fsm.Command{Type: fsm.CmdPush, AtMs: s.now().UnixMilli(), Push: &b},
+			func() { s.gate.queued(edge, b.LastSeq()) })
 		if errors.Is(err, raftnode.ErrNotLeader) {
 			return err
 		}

@@ -84,6 +84,7 @@ type Server struct {
 	now     func() time.Time
 	m       *httpMetrics
 	id      identity
+	gate    seqGate
 }
 
 // New builds the server; Listen serves it.
@@ -111,6 +112,7 @@ func New(cfg Config, node *raftnode.Node, f *fsm.FSM, clock *hlc.Clock, authn au
 		m: newHTTPMetrics(reg),
 	}
 	s.authn = append(auth.Chain{authn}, jwtAuthenticator{s})
+	s.gate.init()
 	s.app = fiber.New(fiber.Config{
 		DisableStartupMessage: true,
 		BodyLimit:             wire.MaxBodyBytes,

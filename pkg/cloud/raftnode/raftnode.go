@@ -365,6 +365,14 @@ func (n *Node) PendingBytes() int64 { return n.pending.Load() }
 // Propose replicates one command and returns its result once applied on
 // this node. Concurrent proposals are committed together.
 func (n *Node) Propose(ctx context.Context, c *fsm.Command) (fsm.Result, error) {
+	return n.ProposeOrdered(ctx, c, nil)
+}
+
+// ProposeOrdered is Propose with a callback run as soon as the command has
+// its place in the proposal queue: every proposal queued after that point
+// is applied after it. Callers use it to let a successor go ahead without
+// waiting for the whole commit (an edge's pipelined pushes).
+func (n *Node) ProposeOrdered(ctx context.Context, c *fsm.Command, queued func()) (fsm.Result, error) {
 	if !n.IsLeader() {
 		return fsm.Result{}, ErrNotLeader
 	}
@@ -376,6 +384,9 @@ func (n *Node) Propose(ctx context.Context, c *fsm.Command) (fsm.Result, error) 
 	n.pending.Add(int64(len(b)))
 	select {
 	case n.proposals <- p:
+		if queued != nil {
+			queued()
+		}
 	case <-ctx.Done():
 		n.pending.Add(-int64(len(b)))
 		return fsm.Result{}, ctx.Err()

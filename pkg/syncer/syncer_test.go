@@ -1,0 +1,105 @@
+package syncer
+
+import (
+	"encoding/json"
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/shadow"
+	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/wire"
+)
+
+// Full jitter: every wait lies in (0, min(cap, base·2^n)], and the bound
+// grows until the cap.
+func TestBackoffFullJitter(t *testing.T) {
+	tests := []struct {
+		name      string
+		base, cap time.Duration
+		attempts  int
+	}{
+		{"default", 100 * time.Millisecond, 30 * time.Second, 12},
+		{"tight cap", 100 * time.Millisecond, 500 * time.Millisecond, 8},
+		{"huge attempt count does not overflow", time.Second, time.Minute, 80},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := backoff{base: tt.base, cap: tt.cap}
+			for n := 0; n < tt.attempts; n++ {
+				bound := min(tt.cap, tt.base<<min(n, 20))
+				if bound <= 0 {
+					bound = tt.cap
+				}
+				for i := 0; i < 20; i++ {
+					bb := b
+					d := bb.next()
+					if d <= 0 || d > bound+time.Millisecond {
+						t.Fatalf("attempt %d: wait %s outside (0, %s]", n, d, bound)
+					}
+				}
+				b.next()
+			}
+			b.reset()
+			if d := b.next(); d > tt.base+time.Millisecond {
+				t.Fatalf("after reset: %s > base %s", d, tt.base)
+			}
+		})
+	}
+}
+
+// Outbox entries survive the trip to the wire and back (what the cloud sends
+// back to other edges): meta tags, users and docs.
+func TestWireRoundTrip(t *testing.T) {
+	stamp := hlc.New(1700000000000, 3)
+	tests := []store.Change{
+		{Kind: store.ChangeDesired, Device: "d1", Doc: shadow.Doc{"m": {Value: json.RawMessage(`"eco"`), Stamp: stamp}}},
+		{Kind: store.ChangeMeta, Device: "d1", Meta: &store.DeviceMeta{Owners: []string{"u1"}, Region: "r1",
+			Tags: map[string]string{"floor": "3", "kind": "a=b"}, Stamp: stamp}},
+		{Kind: store.ChangeUser, Device: "u1", User: &store.User{OpenID: "u1", Roles: []string{"admin"}, Regions: []string{"r1"}, Stamp: stamp}},
+	}
+	for _, c := range tests {
+		t.Run(c.Kind.String(), func(t *testing.T) {
+			w := toWire(&c)
+			if err := w.Validate(); err != nil {
+				t.Fatalf("wire form invalid: %v", err)
+			}
+			raw, _ := json.Marshal(w)
+			var back wire.Change
+			if err := json.Unmarshal(raw, &back); err != nil {
+				t.Fatal(err)
+			}
+			got, ok := fromWire(&back)
+			if !ok {
+				t.Fatal("fromWire refused its own output")
+			}
+			if !reflect.DeepEqual(got.Doc, c.Doc) || !reflect.DeepEqual(got.Meta, c.Meta) || !reflect.DeepEqual(got.User, c.User) || got.Device != c.Device {
+				t.Fatalf("round trip: got %+v, want %+v", got, c)
+			}
+		})
+	}
+}
+
+// The pulled directory answers nearest-edge queries: healthy edges (and this
+// one) by distance, unhealthy ones left out.
+func TestNearestFromDirectory(t *testing.T) {
+	s := &Syncer{cfg: Config{EdgeID: "self"}}
+	s.dir = []wire.Edge{
+		{ID: "far", Location: &wire.Location{Lat: 40, Lng: 116}, Healthy: true},
+		{ID: "near", Location: &wire.Location{Lat: 31.2, Lng: 121.5}, Healthy: true},
+		{ID: "down", Location: &wire.Location{Lat: 31.2, Lng: 121.4}, Healthy: false},
+		{ID: "self", Location: &wire.Location{Lat: 30, Lng: 120}, Healthy: false},
+	}
+	got, err := s.Nearest(t.Context(), 31.23, 121.47, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, e := range got {
+		ids = append(ids, e.EdgeID)
+	}
+	if want := []string{"near", "self", "far"}; !reflect.DeepEqual(ids, want) {
+		t.Fatalf("nearest = %v, want %v", ids, want)
+	}
+}
