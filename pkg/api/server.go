@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -261,6 +262,7 @@ func (s *Server) securityHeaders(c *fiber.Ctx) error {
 func (s *Server) accessLog(c *fiber.Ctx) error {
 	start := time.Now()
 	defer s.m.Begin()()
+	method := strings.Clone(c.Method()) // Fiber's string may not outlive the handler
 	err := c.Next()
 	if err != nil {
 		if herr := s.app.ErrorHandler(c, err); herr != nil {
@@ -270,7 +272,7 @@ func (s *Server) accessLog(c *fiber.Ctx) error {
 	status := c.Response().StatusCode()
 	elapsed := time.Since(start)
 	route := c.Route().Path
-	s.m.Observe(route, c.Method(), status, elapsed)
+	s.m.Observe(route, method, status, elapsed)
 	if s.log.Enabled(c.UserContext(), slog.LevelDebug) || status >= 500 {
 		lvl := slog.LevelDebug
 		if status >= 500 {

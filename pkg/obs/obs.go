@@ -22,6 +22,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -77,12 +78,15 @@ func (m *HTTPMetrics) Begin() func() {
 func (m *HTTPMetrics) Middleware(c *fiber.Ctx) error {
 	start := time.Now()
 	defer m.Begin()()
+	// Copied before the handler runs: Fiber's strings point into buffers
+	// that handlers (forwarding, body rewrites) may reuse.
+	method := strings.Clone(c.Method())
 	if err := c.Next(); err != nil {
 		if herr := c.App().ErrorHandler(c, err); herr != nil {
 			c.Status(fiber.StatusInternalServerError)
 		}
 	}
-	m.Observe(c.Route().Path, c.Method(), c.Response().StatusCode(), time.Since(start))
+	m.Observe(c.Route().Path, method, c.Response().StatusCode(), time.Since(start))
 	return nil
 }
 

@@ -1,0 +1,87 @@
+package e2e
+
+// Helpers for the lifecycle tests: a slow HTTP request that is in flight
+// (its body half sent) while the server is told to stop, and waiting for a
+// process to exit with its code.
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+// slowRequest is an HTTP/1.1 request whose body is sent in two halves, so
+// it can be caught in flight: the server has the headers and part of the
+// body when the test sends SIGTERM.
+type slowRequest struct {
+	conn net.Conn
+	rest string
+}
+
+// startSlowRequest connects, sends the headers and the first half of body.
+func startSlowRequest(t *testing.T, addr, method, path, token, body string) *slowRequest {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatalf("slow request: dial %s: %v", addr, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	half := len(body) / 2
+	head := fmt.Sprintf("%s %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n", method, path, addr, len(body))
+	if token != "" {
+		head += "Authorization: Bearer " + token + "\r\n"
+	}
+	if _, err := io.WriteString(c, head+"\r\n"+body[:half]); err != nil {
+		t.Fatalf("slow request: send first half: %v", err)
+	}
+	return &slowRequest{conn: c, rest: body[half:]}
+}
+
+// finish sends the rest of the body and reads the response. A request the
+// server dropped instead of draining shows as an error (reset, EOF).
+func (r *slowRequest) finish() (*http.Response, string, error) {
+	_ = r.conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(r.conn, r.rest); err != nil {
+		return nil, "", fmt.Errorf("send second half: %w", err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(r.conn), nil)
+	if err != nil {
+		return nil, "", fmt.Errorf("read response: %w", err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return resp, "", fmt.Errorf("read body: %w", err)
+	}
+	return resp, string(b), nil
+}
+
+// waitExit waits up to d for a process (whose Wait runs elsewhere and closes
+// exited) and returns its exit code and how long it took.
+func waitExit(t *testing.T, cmd *exec.Cmd, exited <-chan struct{}, d time.Duration, start time.Time) (int, time.Duration) {
+	t.Helper()
+	select {
+	case <-exited:
+	case <-time.After(d):
+		t.Fatalf("process still running %s after SIGTERM", d)
+	}
+	return cmd.ProcessState.ExitCode(), time.Since(start)
+}
+
+// waitLog polls a log until it contains want.
+func waitLog(t *testing.T, d time.Duration, what string, log func() string, want string) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !strings.Contains(log(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s (%q in the log)", d, what, want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
