@@ -85,3 +85,20 @@ test-deploy:
 demo:
 	$(GO) run ./cmd/demo
 # --- end operations ---
+
+# --- sync ---
+.PHONY: bench-sync test-sync
+# One JSON line: a 1,000,000-reading backlog built on an offline edge, then
+# the seconds until a 3-node cloud committed all of it, readings/s, live-sync
+# latency (publish → committed in the cloud) p50/p99, peak RSS of edge and
+# cloud. Pass SYNCBENCH_ARGS=-readings=100000 for a quick run.
+bench-sync:
+	$(GO) build -o $(BIN)/edge ./cmd/edge
+	$(GO) build -o $(BIN)/cloud-sync ./cmd/cloud-sync
+	$(GO) run ./cmd/syncbench -bin $(BIN) $(SYNCBENCH_ARGS)
+
+# Edge↔cloud reconciliation: syncer, store sync state, and the fault tests.
+test-sync:
+	$(GO) test $(TESTFLAGS) ./pkg/syncer/ ./pkg/shadow/ ./pkg/store/ ./pkg/cloud/... ./pkg/wire/
+	$(GO) test $(TESTFLAGS) -run 'TestSync' ./test/e2e/
+# --- end sync ---
