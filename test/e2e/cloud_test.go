@@ -167,7 +167,8 @@ func TestCloudBadRequests(t *testing.T) {
 				t.Fatalf("409 without %s: 1", wire.HeaderExpectedSeq)
 			}
 		})
-	}	// A stamp beyond the drift bound is not a bad request: the field is
+	}
+	// A stamp beyond the drift bound is not a bad request: the field is
 	// dropped and counted and the rest of the batch commits, because a
 	// refusal would stall the edge's whole stream behind one bad clock.
 	code, env, err := c.apiTok(f, "POST", "/sync/v1/push", drift, cloudEdgeToken("e1"))
