@@ -24,7 +24,7 @@ func scrape(t *testing.T, url string) string {
 	return string(b)
 }
 
-var metricFamily = regexp.MustCompile(`(?m)^# TYPE (\S+) `)
+var metricFamily = regexp.MustCompile(`(?m)^# TYPE (\S+) (\S+)`)
 
 // checkMetrics asserts every pattern matches a sample line and every family
 // of ours follows the one naming scheme.
@@ -42,8 +42,8 @@ func checkMetrics(t *testing.T, daemon, page string, want []string) {
 		case strings.HasPrefix(name, "go_"), strings.HasPrefix(name, "process_"), strings.HasPrefix(name, "promhttp_"):
 		case !scheme.MatchString(name):
 			t.Errorf("%s /metrics: %s does not follow outpost_<subsystem>_<name>", daemon, name)
-		case strings.HasSuffix(name, "_seconds") && !strings.HasSuffix(name, "_duration_seconds") && !strings.HasSuffix(name, "_age_seconds") && !strings.HasSuffix(name, "_timestamp_seconds"):
-			t.Errorf("%s /metrics: %s: latencies are named *_duration_seconds", daemon, name)
+		case m[2] == "histogram" && strings.HasSuffix(name, "_seconds") && !strings.HasSuffix(name, "_duration_seconds"):
+			t.Errorf("%s /metrics: %s: latency histograms are named *_duration_seconds", daemon, name)
 		}
 	}
 }
