@@ -14,6 +14,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -115,8 +116,12 @@ type Server struct {
 	m    *obs.HTTPMetrics
 
 	ipLimit, userLimit *limiter
-	verified           *tokenCache
-	users              *userCache
+
+	lnMu     sync.Mutex // guards ln and shut against Serve racing Shutdown
+	ln       net.Listener
+	shut     bool
+	verified *tokenCache
+	users    *userCache
 }
 
 // New builds the API. Call Serve to accept connections.
@@ -150,7 +155,21 @@ func (s *Server) App() *fiber.App { return s.app }
 
 // Serve accepts connections on ln until Shutdown.
 func (s *Server) Serve(ln net.Listener) error {
+	s.lnMu.Lock()
+	if s.shut {
+		s.lnMu.Unlock()
+		ln.Close()
+		return nil
+	}
+	s.ln = ln
+	s.lnMu.Unlock()
 	if err := s.app.Listener(ln); err != nil {
+		s.lnMu.Lock()
+		shut := s.shut
+		s.lnMu.Unlock()
+		if shut {
+			return nil // the listener was closed by Shutdown
+		}
 		return fmt.Errorf("http serve: %w", err)
 	}
 	return nil
@@ -159,7 +178,18 @@ func (s *Server) Serve(ln net.Listener) error {
 // Shutdown stops accepting connections and waits for in-flight requests
 // until ctx expires.
 func (s *Server) Shutdown(ctx context.Context) error {
-	if err := s.app.ShutdownWithContext(ctx); err != nil {
+	s.lnMu.Lock()
+	s.shut = true
+	ln := s.ln
+	s.lnMu.Unlock()
+	err := s.app.ShutdownWithContext(ctx)
+	if ln != nil {
+		// fasthttp's shutdown is a no-op if Serve has not registered the
+		// listener yet, leaving Serve to accept forever; closing it here
+		// covers that window.
+		ln.Close()
+	}
+	if err != nil {
 		return fmt.Errorf("http shutdown: %w", err)
 	}
 	return nil

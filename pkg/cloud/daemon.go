@@ -136,7 +136,11 @@ func (n *Node) Run(ctx context.Context) error {
 func (n *Node) Shutdown(timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	errs := []error{n.http.Shutdown(ctx), n.raft.Shutdown(), n.fsm.Close()}
+	httpErr := n.http.Shutdown(ctx)
+	// fasthttp's shutdown does nothing if the listener was not registered
+	// yet (a signal right after start); closing it ends Serve either way.
+	_ = n.ln.Close()
+	errs := []error{httpErr, n.raft.Shutdown(), n.fsm.Close()}
 	return errors.Join(errs...)
 }
 
