@@ -132,6 +132,20 @@ func newEnv(t *testing.T, opts ...envOpt) *testEnv {
 	e.base = "http://" + ln.Addr().String()
 	tr := &http.Transport{MaxIdleConnsPerHost: 4}
 	e.client = &http.Client{Transport: tr, Timeout: 30 * time.Second}
+	// Wait until the server accepts: fasthttp's Shutdown does not stop a
+	// Serve that has not registered its listener yet, and a test that ends
+	// at once (cleanup racing the Serve goroutine) would hang forever.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		resp, err := e.client.Get(e.base + "/__serving") // a 404; no test counts those
+		if err == nil {
+			resp.Body.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("api server not serving: %v", err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	t.Cleanup(func() {
 		tr.CloseIdleConnections()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
