@@ -75,7 +75,9 @@ func newSyncer(cfg config.Edge, now func() time.Time, st *store.Store, tokens *a
 	if err != nil {
 		return nil, nil, err
 	}
-	return sy, syncer.NewIdentity(tokens, cl, local, log.With("component", "identity")), nil
+	id := syncer.NewIdentity(tokens, cl, local, log.With("component", "identity"))
+	id.Revocations = sy.Revocations()
+	return sy, id, nil
 }
 
 // syncFlush is the shutdown step that pushes the outbox (nil when the edge

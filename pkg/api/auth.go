@@ -188,6 +188,8 @@ func (s *Server) authenticate(c *fiber.Ctx) error {
 		if claims, err = s.deps.Tokens.Verify(tok); err == nil {
 			s.verified.put(tok, claims)
 		}
+	} else if rc, ok := s.deps.Tokens.(RevocationChecker); ok && rc.Revoked(claims) {
+		err = fmt.Errorf("%w: the session was revoked", auth.ErrInvalidToken)
 	}
 	if err != nil {
 		c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="outpost", error="invalid_token"`)

@@ -35,6 +35,15 @@ type Tokens interface {
 	Verify(accessToken string) (auth.Claims, error)
 }
 
+// RevocationChecker is implemented by Tokens whose sessions can be revoked
+// after a token was verified (a joined edge learns the cloud's revocations
+// through sync): the server asks it on every request, including those whose
+// token it serves from the verified-token cache, so a revocation applies at
+// once rather than after the cache's TTL. It must be cheap.
+type RevocationChecker interface {
+	Revoked(c auth.Claims) bool
+}
+
 // Login exchanges a mini-program login code for an openid (WeChat
 // code2session, or the cloud forwarding it). Nil when not configured.
 type Login interface {

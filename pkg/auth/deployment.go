@@ -34,7 +34,7 @@ func NewMemoryKeyring(seed []byte, now func() time.Time) (*Keyring, error) {
 	return k, nil
 }
 
-// IssuerConfig configures a stateless Issuer.
+// IssuerConfig configures an Issuer.
 type IssuerConfig struct {
 	Issuer     string
 	AccessTTL  time.Duration // default DefaultAccessTTL
@@ -43,17 +43,27 @@ type IssuerConfig struct {
 	Now        func() time.Time
 }
 
-// Issuer issues access tokens and *signed* refresh tokens. Unlike Service it
-// keeps no session state, so every node of a replicated cloud (and, offline,
-// every edge that trusts the key) can check a refresh token it did not
-// issue. Each refresh returns a new refresh token (rotation); the old one
-// stays valid until it expires, because without shared state reuse cannot
-// be detected — the price of working on any node.
+// Issuer issues access tokens and *signed* refresh tokens for a replicated
+// cloud. Each refresh token carries its session (family, "fam") and its own
+// id (jti); the Issuer keeps no state itself: the caller records each
+// session's current token id in replicated state and commits every rotation
+// as a compare-and-set on it, which is what detects reuse and makes sessions
+// revocable. The signature still lets an edge check a refresh token offline
+// when the cloud is unreachable.
 type Issuer struct {
 	cfg     IssuerConfig
 	keys    *Keyring
 	access  *verifier
 	refresh *verifier
+}
+
+// Session is what the replicated state keeps of a refresh-token family: its
+// newest token's id and expiry.
+type Session struct {
+	Family  string
+	OpenID  string
+	TokenID string // jti of the newest refresh token
+	Expires time.Time
 }
 
 // NewIssuer builds an Issuer on keys.
@@ -75,34 +85,52 @@ func NewIssuer(keys *Keyring, cfg IssuerConfig) *Issuer {
 		refresh: NewRefreshVerifier(keys, cfg.Leeway, cfg.Now).v}
 }
 
-// Issue starts a session for openid.
-func (i *Issuer) Issue(ctx context.Context, openid string) (Pair, error) {
-	if err := ctx.Err(); err != nil {
-		return Pair{}, err
-	}
-	if openid == "" {
-		return Pair{}, errors.New("auth: issue: empty openid")
-	}
-	now := i.cfg.Now()
-	access, _, err := signAccess(i.keys, i.cfg.Issuer, openid, now, i.cfg.AccessTTL)
+// Issue starts a session for openid: a new family and its first pair. The
+// caller records the Session before handing the pair out.
+func (i *Issuer) Issue(ctx context.Context, openid string) (Pair, Session, error) {
+	fam, err := randomToken(16)
 	if err != nil {
-		return Pair{}, err
+		return Pair{}, Session{}, err
 	}
-	refresh, err := signRefresh(i.keys, i.cfg.Issuer, openid, now, i.cfg.RefreshTTL)
-	if err != nil {
-		return Pair{}, err
-	}
-	return Pair{AccessToken: access, RefreshToken: refresh, ExpiresIn: int(i.cfg.AccessTTL / time.Second), OpenID: openid}, nil
+	return i.issue(ctx, openid, fam)
 }
 
-// Refresh checks a signed refresh token and issues a new pair. Errors:
-// ErrRefreshExpired, ErrRefreshNotFound (not a valid refresh token).
-func (i *Issuer) Refresh(ctx context.Context, token string) (Pair, error) {
-	c, err := i.refresh.verify(token)
-	if err != nil {
-		return Pair{}, refreshErr(err)
+func (i *Issuer) issue(ctx context.Context, openid, family string) (Pair, Session, error) {
+	if err := ctx.Err(); err != nil {
+		return Pair{}, Session{}, err
 	}
-	return i.Issue(ctx, c.OpenID)
+	if openid == "" {
+		return Pair{}, Session{}, errors.New("auth: issue: empty openid")
+	}
+	now := i.cfg.Now()
+	access, _, err := signAccessFamily(i.keys, i.cfg.Issuer, openid, family, now, i.cfg.AccessTTL)
+	if err != nil {
+		return Pair{}, Session{}, err
+	}
+	refresh, rc, err := signRefresh(i.keys, i.cfg.Issuer, openid, family, now, i.cfg.RefreshTTL)
+	if err != nil {
+		return Pair{}, Session{}, err
+	}
+	return Pair{AccessToken: access, RefreshToken: refresh, ExpiresIn: int(i.cfg.AccessTTL / time.Second), OpenID: openid},
+		Session{Family: family, OpenID: openid, TokenID: rc.ID, Expires: rc.ExpiresAt}, nil
+}
+
+// Refresh checks a signed refresh token and signs its successor in the same
+// session. It does not decide whether the token may still be used: the
+// caller commits the rotation (the family's current token id from
+// presented.ID to next.TokenID) and hands the pair out only if that
+// succeeded. Errors: ErrRefreshExpired, ErrRefreshNotFound (not a valid
+// refresh token, or one without a session from before sessions were kept).
+func (i *Issuer) Refresh(ctx context.Context, token string) (pair Pair, presented Claims, next Session, err error) {
+	presented, err = i.refresh.verify(token)
+	if err != nil {
+		return Pair{}, Claims{}, Session{}, refreshErr(err)
+	}
+	if presented.Family == "" || presented.ID == "" {
+		return Pair{}, Claims{}, Session{}, fmt.Errorf("%w: token has no session id (issued before sessions were tracked)", ErrRefreshNotFound)
+	}
+	pair, next, err = i.issue(ctx, presented.OpenID, presented.Family)
+	return pair, presented, next, err
 }
 
 // Verify checks an access token.
@@ -155,30 +183,33 @@ func refreshErr(err error) error {
 	return fmt.Errorf("%w: %v", ErrRefreshNotFound, err)
 }
 
-func signRefresh(k *Keyring, issuer, openid string, now time.Time, ttl time.Duration) (string, error) {
+func signRefresh(k *Keyring, issuer, openid, family string, now time.Time, ttl time.Duration) (string, Claims, error) {
 	kid, priv := k.signer()
 	jti, err := randomToken(16)
 	if err != nil {
-		return "", err
+		return "", Claims{}, err
 	}
 	now = now.Truncate(time.Second)
-	tok := jwt.NewWithClaims(jwt.SigningMethodEdDSA, jwt.RegisteredClaims{
+	c := Claims{OpenID: openid, Issuer: issuer, ID: jti, Family: family, KeyID: kid, IssuedAt: now, ExpiresAt: now.Add(ttl)}
+	tok := jwt.NewWithClaims(jwt.SigningMethodEdDSA, tokenClaims{RegisteredClaims: jwt.RegisteredClaims{
 		Subject: openid, Issuer: issuer, ID: jti,
-		IssuedAt: jwt.NewNumericDate(now), NotBefore: jwt.NewNumericDate(now), ExpiresAt: jwt.NewNumericDate(now.Add(ttl)),
-	})
+		IssuedAt: jwt.NewNumericDate(now), NotBefore: jwt.NewNumericDate(now), ExpiresAt: jwt.NewNumericDate(c.ExpiresAt),
+	}, Family: family})
 	tok.Header["kid"] = kid
 	tok.Header["typ"] = refreshTyp
 	s, err := tok.SignedString(priv)
 	if err != nil {
-		return "", fmt.Errorf("auth: sign refresh token: %w", err)
+		return "", Claims{}, fmt.Errorf("auth: sign refresh token: %w", err)
 	}
-	return s, nil
+	return s, c, nil
 }
 
-// AccessOnly signs a fresh access token for openid with this service's own
-// key, without starting a session: what an edge hands out when it accepted a
-// cloud-signed refresh token offline and cannot reach the cloud to rotate it.
-func (s *Service) AccessOnly(openid string) (string, int, error) {
-	tok, _, err := signAccess(s.keys, s.cfg.Issuer, openid, s.cfg.Now(), s.cfg.AccessTTL)
+// AccessOnly signs a fresh access token for openid in session family with
+// this service's own key, without starting a session: what an edge hands out
+// when it accepted a cloud-signed refresh token offline and cannot reach the
+// cloud to rotate it. It names the family so that a revocation the edge
+// learns later refuses it too.
+func (s *Service) AccessOnly(openid, family string) (string, int, error) {
+	tok, _, err := signAccessFamily(s.keys, s.cfg.Issuer, openid, family, s.cfg.Now(), s.cfg.AccessTTL)
 	return tok, int(s.cfg.AccessTTL / time.Second), err
 }

@@ -24,13 +24,26 @@ type Claims struct {
 	OpenID    string    // sub
 	Issuer    string    // iss
 	ID        string    // jti
+	Family    string    // fam: the session of a cloud-issued token ("" on a standalone edge's), checked against revocations
 	KeyID     string    // kid header
 	IssuedAt  time.Time // iat
 	ExpiresAt time.Time // exp
 }
 
+// tokenClaims is the JWT claim set of both token types.
+type tokenClaims struct {
+	jwt.RegisteredClaims
+	Family string `json:"fam,omitempty"`
+}
+
 // signAccess signs an access token for openid with the keyring's signing key.
 func signAccess(k *Keyring, issuer, openid string, now time.Time, ttl time.Duration) (string, Claims, error) {
+	return signAccessFamily(k, issuer, openid, "", now, ttl)
+}
+
+// signAccessFamily signs an access token that names its session, so that
+// revoking the session can refuse it too.
+func signAccessFamily(k *Keyring, issuer, openid, family string, now time.Time, ttl time.Duration) (string, Claims, error) {
 	kid, priv := k.signer()
 	jti, err := randomToken(16)
 	if err != nil {
@@ -38,15 +51,15 @@ func signAccess(k *Keyring, issuer, openid string, now time.Time, ttl time.Durat
 	}
 	// JWT times have second resolution; truncate so Claims matches the token.
 	now = now.Truncate(time.Second)
-	c := Claims{OpenID: openid, Issuer: issuer, ID: jti, KeyID: kid, IssuedAt: now, ExpiresAt: now.Add(ttl)}
-	tok := jwt.NewWithClaims(jwt.SigningMethodEdDSA, jwt.RegisteredClaims{
+	c := Claims{OpenID: openid, Issuer: issuer, ID: jti, Family: family, KeyID: kid, IssuedAt: now, ExpiresAt: now.Add(ttl)}
+	tok := jwt.NewWithClaims(jwt.SigningMethodEdDSA, tokenClaims{RegisteredClaims: jwt.RegisteredClaims{
 		Subject:   openid,
 		Issuer:    issuer,
 		ID:        jti,
 		IssuedAt:  jwt.NewNumericDate(c.IssuedAt),
 		NotBefore: jwt.NewNumericDate(c.IssuedAt),
 		ExpiresAt: jwt.NewNumericDate(c.ExpiresAt),
-	})
+	}, Family: family})
 	tok.Header["kid"] = kid
 	s, err := tok.SignedString(priv)
 	if err != nil {
@@ -80,9 +93,10 @@ func newVerifier(k *Keyring, leeway time.Duration, now func() time.Time) *verifi
 }
 
 func (v *verifier) verify(token string) (Claims, error) {
-	var rc jwt.RegisteredClaims
+	var tc tokenClaims
+	rc := &tc.RegisteredClaims
 	var kid string
-	_, err := v.parser.ParseWithClaims(token, &rc, func(t *jwt.Token) (any, error) {
+	_, err := v.parser.ParseWithClaims(token, &tc, func(t *jwt.Token) (any, error) {
 		if _, ok := t.Method.(*jwt.SigningMethodEd25519); !ok {
 			return nil, fmt.Errorf("unexpected signing method %v", t.Header["alg"])
 		}
@@ -113,7 +127,7 @@ func (v *verifier) verify(token string) (Claims, error) {
 	if rc.Subject == "" {
 		return Claims{}, fmt.Errorf("%w: no subject", ErrInvalidToken)
 	}
-	c := Claims{OpenID: rc.Subject, Issuer: rc.Issuer, ID: rc.ID, KeyID: kid}
+	c := Claims{OpenID: rc.Subject, Issuer: rc.Issuer, ID: rc.ID, Family: tc.Family, KeyID: kid}
 	if rc.IssuedAt != nil {
 		c.IssuedAt = rc.IssuedAt.Time
 	}

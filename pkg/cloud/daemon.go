@@ -112,6 +112,8 @@ func (n *Node) Run(ctx context.Context) error {
 	raftDone := make(chan struct{})
 	go func() { defer close(raftDone); n.raft.Run(ctx) }()
 	go func() { errc <- n.http.App().Listener(n.ln) }()
+	maintDone := make(chan struct{})
+	go func() { defer close(maintDone); n.http.RunMaintenance(ctx, 0) }()
 	joinDone := make(chan struct{})
 	go func() {
 		defer close(joinDone)
@@ -128,6 +130,7 @@ func (n *Node) Run(ctx context.Context) error {
 	}
 	cancel()
 	<-joinDone
+	<-maintDone
 	<-raftDone
 	return err
 }

@@ -28,19 +28,29 @@ import (
 // this edge; other edges do not trust edge keys) and hands the same refresh
 // token back, to be rotated by the cloud once it is reachable again.
 // Dev login stays local: signed with this edge's own key.
+//
+// Revocation: the cloud rotates refresh tokens with reuse detection and lets
+// an admin end a user's sessions; the revocations reach this edge through
+// pull (Revoked). Offline refresh and access-token verification refuse
+// sessions revoked as of the last pull; see Revocations for the window that
+// remains while the edge cannot pull.
 type Identity struct {
 	Local   *auth.Service
 	Client  *client.Client
 	WeChat  api.Login // optional local fallback when the cloud is unreachable
 	Timeout time.Duration
 	Log     *slog.Logger
+	// Revocations is the syncer's copy of the cloud's session revocations;
+	// nil refuses nothing.
+	Revocations *Revocations
 
 	offline *auth.RefreshVerifier
 }
 
 var (
-	_ api.Login  = (*Identity)(nil)
-	_ api.Tokens = (*Identity)(nil)
+	_ api.Login             = (*Identity)(nil)
+	_ api.Tokens            = (*Identity)(nil)
+	_ api.RevocationChecker = (*Identity)(nil)
 )
 
 // NewIdentity builds the identity service of a joined edge.
@@ -57,8 +67,22 @@ func (i *Identity) Issue(ctx context.Context, openid string) (auth.Pair, error) 
 	return i.Local.Issue(ctx, openid)
 }
 
-// Verify checks an access token against this edge's own and trusted keys.
-func (i *Identity) Verify(token string) (auth.Claims, error) { return i.Local.Verify(token) }
+// Verify checks an access token against this edge's own and trusted keys,
+// and refuses one whose session the cloud revoked (as of the last pull).
+func (i *Identity) Verify(token string) (auth.Claims, error) {
+	c, err := i.Local.Verify(token)
+	if err != nil {
+		return c, err
+	}
+	if i.Revocations.Revoked(c) {
+		return auth.Claims{}, fmt.Errorf("%w: the session was revoked", auth.ErrInvalidToken)
+	}
+	return c, nil
+}
+
+// Revoked implements api.RevocationChecker: whether the cloud revoked the
+// session of an already verified token, as of the last pull.
+func (i *Identity) Revoked(c auth.Claims) bool { return i.Revocations.Revoked(c) }
 
 // Login forwards a login code to the cloud.
 func (i *Identity) Login(ctx context.Context, code string) (auth.Pair, error) {
@@ -104,7 +128,7 @@ func (i *Identity) Refresh(ctx context.Context, token string) (auth.Pair, error)
 	}
 	var apiErr *client.APIError
 	if errors.As(err, &apiErr) && apiErr.Status == http.StatusUnauthorized {
-		return auth.Pair{}, fmt.Errorf("%w: %s", auth.ErrRefreshNotFound, apiErr.Message)
+		return auth.Pair{}, refreshRefused(apiErr.Message)
 	}
 	if errors.As(err, &apiErr) && apiErr.Status < 500 {
 		return auth.Pair{}, err
@@ -113,10 +137,28 @@ func (i *Identity) Refresh(ctx context.Context, token string) (auth.Pair, error)
 	if verr != nil {
 		return auth.Pair{}, verr
 	}
-	access, ttl, serr := i.Local.AccessOnly(claims.OpenID)
+	if i.Revocations.Revoked(claims) {
+		i.Log.Info("refused an offline refresh of a session the cloud revoked", "openid", claims.OpenID)
+		return auth.Pair{}, fmt.Errorf("%w: revoked by the cloud", auth.ErrRefreshRevoked)
+	}
+	access, ttl, serr := i.Local.AccessOnly(claims.OpenID, claims.Family)
 	if serr != nil {
 		return auth.Pair{}, serr
 	}
 	i.Log.Info("refreshed a cloud session offline with this edge's key", "openid", claims.OpenID)
 	return auth.Pair{AccessToken: access, RefreshToken: token, ExpiresIn: ttl, OpenID: claims.OpenID}, nil
+}
+
+// refreshRefused maps the cloud's 401 answer to a refresh back to the
+// error the edge API words the same way.
+func refreshRefused(msg string) error {
+	switch msg {
+	case wire.MsgRefreshReused:
+		return auth.ErrRefreshReused
+	case wire.MsgRefreshRevoked:
+		return auth.ErrRefreshRevoked
+	case wire.MsgRefreshExpired:
+		return auth.ErrRefreshExpired
+	}
+	return fmt.Errorf("%w: %s", auth.ErrRefreshNotFound, msg)
 }

@@ -178,6 +178,8 @@ type Syncer struct {
 	dirMu sync.RWMutex
 	dir   []wire.Edge
 
+	revs *Revocations
+
 	wake chan struct{}
 }
 
@@ -196,6 +198,11 @@ func New(cfg Config, deps Deps) (*Syncer, error) {
 	s := &Syncer{cfg: cfg, deps: deps, log: cfg.Logger, m: newMetrics(cfg.Registerer, deps.Store),
 		wake: make(chan struct{}, 1), ackCh: make(chan struct{}, 1)}
 	s.cursor.Store(deps.Store.Counts().OutboxAcked)
+	revs, err := loadRevocations(deps.Store, cfg.Now)
+	if err != nil {
+		return nil, err
+	}
+	s.revs = revs
 	if v, err := deps.Store.SyncValue(keyLastSync); err != nil {
 		return nil, err
 	} else if len(v) > 0 {
@@ -213,6 +220,10 @@ func New(cfg Config, deps Deps) (*Syncer, error) {
 	}
 	return s, nil
 }
+
+// Revocations is the set of sessions the cloud revoked, as of the last
+// pull, for the identity service to refuse.
+func (s *Syncer) Revocations() *Revocations { return s.revs }
 
 // Run pushes and pulls until ctx ends. It owns three goroutines and returns
 // after both stopped.
@@ -694,10 +705,21 @@ func (s *Syncer) pull(ctx context.Context) error {
 		return err
 	}
 	cursor := string(raw)
-	if last := s.lastSync.Load(); cursor != "" && last > 0 && time.Since(time.UnixMilli(last)) > s.cfg.MaxOffline {
+	// The last successful pull as recorded with the cursor, not the
+	// in-memory last exchange: the heartbeat that precedes this pull has
+	// just refreshed that one, which would hide how long the edge was away.
+	lastRaw, err := s.deps.Store.SyncValue(keyLastSync)
+	if err != nil {
+		return err
+	}
+	var last int64
+	if len(lastRaw) > 0 {
+		_ = json.Unmarshal(lastRaw, &last)
+	}
+	if cursor != "" && last > 0 && s.cfg.Now().Sub(time.UnixMilli(last)) > s.cfg.MaxOffline {
 		// Offline longer than the cloud keeps tombstones: deltas after the
 		// old cursor could miss deletions, so re-pull everything.
-		s.log.Warn("edge was offline longer than the maximum offline window; full resync", "last_sync", time.UnixMilli(last), "max_offline", s.cfg.MaxOffline)
+		s.log.Warn("edge was offline longer than the maximum offline window; full resync", "last_pull", time.UnixMilli(last), "max_offline", s.cfg.MaxOffline)
 		s.m.resyncs.Inc()
 		cursor = ""
 	}
@@ -739,10 +761,23 @@ func (s *Syncer) apply(changes []wire.Change) error {
 		return nil
 	}
 	local := make([]store.Change, 0, len(changes))
+	var revoked []*wire.Sessions
 	for i := range changes {
+		if changes[i].Kind == wire.KindSessions {
+			if changes[i].Sessions != nil {
+				revoked = append(revoked, changes[i].Sessions)
+			}
+			continue
+		}
 		if c, ok := fromWire(&changes[i]); ok {
 			local = append(local, c)
 		}
+	}
+	if err := s.revs.add(revoked); err != nil {
+		return err
+	}
+	if len(revoked) > 0 {
+		s.log.Info("learned session revocations from the cloud", "revocations", len(revoked))
 	}
 	applied, err := s.deps.Store.ApplyRemote(local)
 	if err != nil {

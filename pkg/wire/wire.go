@@ -56,6 +56,16 @@ const (
 	PathRefresh = "/api/v1/auth/refresh"
 )
 
+// Messages of the refresh endpoint's 401 answers. They are part of the
+// client contract, and a joined edge maps the cloud's answer back to its
+// own errors by them.
+const (
+	MsgRefreshReused  = "refresh token was already used: the session is revoked, log in again"
+	MsgRefreshRevoked = "refresh token revoked: log in again"
+	MsgRefreshExpired = "refresh token expired: log in again"
+	MsgRefreshUnknown = "unknown refresh token: log in again"
+)
+
 // Headers with protocol meaning.
 const (
 	// HeaderExpectedSeq carries, on a 409 push response, the sequence number
@@ -88,6 +98,10 @@ const (
 	KindDesired  = "desired"
 	KindMeta     = "meta"
 	KindUser     = "user" // cloud → edge only
+	// KindSessions carries a session revocation (cloud → edge only), so
+	// that an edge refusing refresh tokens offline knows which sessions the
+	// cloud ended.
+	KindSessions = "sessions"
 )
 
 // Reading is one telemetry sample as it travels on the wire: Unix
@@ -137,6 +151,19 @@ type Change struct {
 	Doc      shadow.Doc `json:"doc,omitempty"` // reported or desired delta
 	Meta     *Meta      `json:"meta,omitempty"`
 	User     *User      `json:"user,omitempty"`
+	Sessions *Sessions  `json:"sessions,omitempty"`
+}
+
+// Sessions is a revocation of users' sessions, distributed to every edge:
+// the refresh-token families named in Families are ended, and so is every
+// session of OpenID (when set) whose tokens were issued before BeforeMs.
+// Nothing it names can outlive UntilMs (the newest affected token's expiry),
+// after which an edge may forget it.
+type Sessions struct {
+	OpenID   string   `json:"openid,omitempty"`
+	Families []string `json:"families,omitempty"`
+	BeforeMs int64    `json:"before_ms,omitempty"`
+	UntilMs  int64    `json:"until_ms"`
 }
 
 // PushBatch is the body of POST /sync/v1/push: changes numbered FirstSeq,

@@ -26,6 +26,11 @@ const (
 	CmdState      CmdType = 8 // an edge's unsequenced state changes (state before history)
 	CmdPolicyPut  CmdType = 9 // a policy module for edges; empty Rego deletes it
 	CmdSigningKey CmdType = 10
+	// Users' sessions (refresh-token families); see sessions.go.
+	CmdSessionCreate     CmdType = 11
+	CmdSessionRotate     CmdType = 12
+	CmdSessionRevokeUser CmdType = 13
+	CmdSessionPurge      CmdType = 14
 )
 
 // SigningKey is the deployment's token signing key, generated once by a
@@ -61,6 +66,7 @@ type Command struct {
 	State     *wire.StateBatch // CmdState
 	Policy    *wire.Policy     // CmdPolicyPut
 	Key       *SigningKey      // CmdSigningKey
+	Session   *SessionCmd      // CmdSession*
 }
 
 // ErrCorrupt means a log entry could not be decoded.
@@ -109,6 +115,8 @@ func EncodeCommand(c *Command) ([]byte, error) {
 		return appendJSON(b, c.Policy)
 	case CmdSigningKey:
 		return appendJSON(b, c.Key)
+	case CmdSessionCreate, CmdSessionRotate, CmdSessionRevokeUser, CmdSessionPurge:
+		return appendJSON(b, c.Session)
 	}
 	return nil, fmt.Errorf("fsm: unknown command type %d", c.Type)
 }
@@ -218,6 +226,9 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 	case CmdSigningKey:
 		d.Cmd.Key = &SigningKey{}
 		r.json(d.Cmd.Key)
+	case CmdSessionCreate, CmdSessionRotate, CmdSessionRevokeUser, CmdSessionPurge:
+		d.Cmd.Session = &SessionCmd{}
+		r.json(d.Cmd.Session)
 	default:
 		return nil, fmt.Errorf("%w: unknown command type %d", ErrCorrupt, d.Type)
 	}

@@ -44,23 +44,28 @@ var (
 
 var (
 	bktMeta     = []byte("meta")
-	bktReadings = []byte("readings")   // device 0 ts(8) edge 0 id → metrics
-	bktReadID   = []byte("reading_id") // edge 0 device 0 id → ts(8)
-	bktDevices  = []byte("devices")    // device → Device JSON
-	bktEdges    = []byte("edges")      // edge → edgeRecord JSON
-	bktSeq      = []byte("edge_seq")   // edge → acked seq (8)
-	bktLog      = []byte("log")        // raft index(8) → merged changes
-	bktDown     = []byte("downlink")   // raft index(8) sub(4) → downRecord JSON
-	bktNodes    = []byte("nodes")      // node id → Node JSON
-	bktUsers    = []byte("users")      // openid → wire.User JSON
-	bktPolicies = []byte("policies")   // name → rego text
+	bktReadings = []byte("readings")        // device 0 ts(8) edge 0 id → metrics
+	bktReadID   = []byte("reading_id")      // edge 0 device 0 id → ts(8)
+	bktDevices  = []byte("devices")         // device → Device JSON
+	bktEdges    = []byte("edges")           // edge → edgeRecord JSON
+	bktSeq      = []byte("edge_seq")        // edge → acked seq (8)
+	bktLog      = []byte("log")             // raft index(8) → merged changes
+	bktDown     = []byte("downlink")        // raft index(8) sub(4) → downRecord JSON
+	bktNodes    = []byte("nodes")           // node id → Node JSON
+	bktUsers    = []byte("users")           // openid → wire.User JSON
+	bktPolicies = []byte("policies")        // name → rego text
+	bktSessions = []byte("sessions")        // family → sessionRecord JSON
+	bktSessUser = []byte("session_user")    // openid 0 family → nil
+	bktSessExp  = []byte("session_expiry")  // be64(ms) kind(1) id → nil: what purge removes, oldest first
+	bktRevoked  = []byte("session_revoked") // openid → watermark JSON
 
 	keyApplied = []byte("applied_index")
 	keyStamp   = []byte("max_stamp")
 	keySignKey = []byte("signing_key")
 )
 
-var allBuckets = [][]byte{bktMeta, bktReadings, bktReadID, bktDevices, bktEdges, bktSeq, bktLog, bktDown, bktNodes, bktUsers, bktPolicies}
+var allBuckets = [][]byte{bktMeta, bktReadings, bktReadID, bktDevices, bktEdges, bktSeq, bktLog, bktDown, bktNodes, bktUsers, bktPolicies,
+	bktSessions, bktSessUser, bktSessExp, bktRevoked}
 
 // Device is a device's merged record.
 type Device struct {
@@ -110,6 +115,10 @@ type Result struct {
 type Hooks struct {
 	OnRestore  func()
 	OnReadings func(added, dups int)
+	// OnConflicts reports fields (and meta and user records) a merge
+	// discarded because the stored one was newer: concurrent writes that
+	// last-writer-wins resolved. Counted on every node's apply.
+	OnConflicts func(n int)
 }
 
 // FSM implements raft.BatchingFSM over bbolt.
@@ -291,12 +300,16 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	if f.hooks.OnReadings != nil && (a.added > 0 || a.dups > 0) {
 		f.hooks.OnReadings(a.added, a.dups)
 	}
+	if f.hooks.OnConflicts != nil && a.conflicts > 0 {
+		f.hooks.OnConflicts(a.conflicts)
+	}
 	f.notify()
 	return out
 }
 
 type bkts struct {
 	meta, readings, readID, devices, edges, seq, log, down, nodes, users, policies *bolt.Bucket
+	sessions, sessUser, sessExp, revoked                                           *bolt.Bucket
 }
 
 func buckets(tx *bolt.Tx) bkts {
@@ -305,6 +318,8 @@ func buckets(tx *bolt.Tx) bkts {
 		devices: tx.Bucket(bktDevices), edges: tx.Bucket(bktEdges), seq: tx.Bucket(bktSeq),
 		log: tx.Bucket(bktLog), down: tx.Bucket(bktDown), nodes: tx.Bucket(bktNodes), users: tx.Bucket(bktUsers),
 		policies: tx.Bucket(bktPolicies),
+		sessions: tx.Bucket(bktSessions), sessUser: tx.Bucket(bktSessUser), sessExp: tx.Bucket(bktSessExp),
+		revoked: tx.Bucket(bktRevoked),
 	}
 }
 
@@ -312,13 +327,14 @@ func buckets(tx *bolt.Tx) bkts {
 // cached and written once at the end, so a group-committed entry touching the
 // same device many times costs one encode.
 type applier struct {
-	tx       *bolt.Tx
-	bk       bkts
-	devices  map[string]*Device
-	dirty    []string
-	maxStamp hlc.Timestamp
-	added    int
-	dups     int
+	tx        *bolt.Tx
+	bk        bkts
+	devices   map[string]*Device
+	dirty     []string
+	maxStamp  hlc.Timestamp
+	added     int
+	dups      int
+	conflicts int
 
 	// per entry
 	index   uint64
@@ -410,6 +426,14 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 			return Result{}, nil
 		}
 		return Result{Applied: 1}, putJSON(a.bk.meta, string(keySignKey), d.Cmd.Key)
+	case CmdSessionCreate:
+		return a.sessionCreate(d.Cmd.Session)
+	case CmdSessionRotate:
+		return a.sessionRotate(d.Cmd.Session)
+	case CmdSessionRevokeUser:
+		return a.sessionRevokeUser(d.Cmd.Session)
+	case CmdSessionPurge:
+		return a.sessionPurge(d.Cmd.Session)
 	}
 	return Result{Err: fmt.Errorf("%w: command type %d", ErrCorrupt, d.Type)}, nil
 }
@@ -448,7 +472,10 @@ func (a *applier) user(origin string, u *wire.User) (int, error) {
 		}
 		nu, _ := json.Marshal(u)
 		if !wire.StampWins(u.Stamp, nu, cur.Stamp, v) {
-			return 0, nil // older, or the same write again
+			if !bytes.Equal(nu, v) {
+				a.conflicts++ // an older write lost, not the same one again
+			}
+			return 0, nil
 		}
 	}
 	if u.Stamp > a.maxStamp {
@@ -527,6 +554,7 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 			doc = dev.Desired
 		}
 		changed := doc.Merge(c.Other.Doc)
+		a.countLost(doc, c.Other.Doc, len(changed))
 		if len(changed) == 0 {
 			return nil
 		}
@@ -550,6 +578,9 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 		nm, _ := json.Marshal(wire.Meta{Owners: m.Owners, Region: m.Region, Tags: m.Tags})
 		cm, _ := json.Marshal(wire.Meta{Owners: dev.Owners, Region: dev.Region, Tags: dev.Tags})
 		if !wire.StampWins(m.Stamp, nm, dev.MetaStamp, cm) {
+			if m.Stamp != dev.MetaStamp || !bytes.Equal(nm, cm) {
+				a.conflicts++
+			}
 			return nil // an older (or the same) meta write: last writer wins
 		}
 		dev.Owners, dev.Region, dev.Tags, dev.MetaStamp = m.Owners, m.Region, m.Tags, m.Stamp
@@ -565,6 +596,23 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 		return nil
 	}
 	return nil
+}
+
+// countLost counts, after in was merged into doc, the fields of in that lost
+// to a different stored write. A field that won is now stored as is, and the
+// same write applied again (state sent ahead and then in the sequenced
+// stream, a resent batch) is equal to the stored field: neither is a
+// conflict.
+func (a *applier) countLost(doc, in shadow.Doc, changed int) {
+	if changed == len(in) {
+		return
+	}
+	for k, f := range in {
+		cur := doc[k]
+		if cur.Stamp != f.Stamp || cur.Deleted != f.Deleted || !bytes.Equal(cur.Value, f.Value) {
+			a.conflicts++
+		}
+	}
 }
 
 // readings stores the readings not already present and logs only those.

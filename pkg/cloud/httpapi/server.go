@@ -175,6 +175,7 @@ func (s *Server) routes(reg *prometheus.Registry) {
 	api.Get("/export", s.export)
 	api.Get("/users/:openid", s.getUser)
 	api.Put("/users/:openid", s.putUser)
+	api.Delete("/users/:openid/sessions", s.revokeSessions)
 	api.Get("/policies", s.listPolicies)
 	api.Put("/policies/:name", s.putPolicy)
 
@@ -507,8 +508,9 @@ func newHTTPMetrics(reg prometheus.Registerer) *httpMetrics {
 // FSMMetrics are the state machine's metrics; they exist before the FSM
 // does, so main builds them first and passes Hooks() to fsm.Open.
 type FSMMetrics struct {
-	restores prometheus.Counter
-	readings *prometheus.CounterVec
+	restores  prometheus.Counter
+	readings  *prometheus.CounterVec
+	conflicts prometheus.Counter
 }
 
 // NewFSMMetrics registers the state machine's metrics.
@@ -518,8 +520,10 @@ func NewFSMMetrics(reg prometheus.Registerer) *FSMMetrics {
 			Help: "Snapshots installed into this node's state."}),
 		readings: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_readings_applied_total",
 			Help: "Readings applied to this node's state, by result (new or duplicate)."}, []string{"result"}),
+		conflicts: prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_cloud_conflicts_resolved_total",
+			Help: "State fields, device meta and user records this node's merge discarded because a newer write was already stored (last writer wins)."}),
 	}
-	reg.MustRegister(m.restores, m.readings)
+	reg.MustRegister(m.restores, m.readings, m.conflicts)
 	return m
 }
 
@@ -531,5 +535,6 @@ func (m *FSMMetrics) Hooks() fsm.Hooks {
 			m.readings.WithLabelValues("new").Add(float64(added))
 			m.readings.WithLabelValues("duplicate").Add(float64(dups))
 		},
+		OnConflicts: func(n int) { m.conflicts.Add(float64(n)) },
 	}
 }
