@@ -1,0 +1,129 @@
+package e2e
+
+import (
+	"encoding/json"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+)
+
+// resyncDevice is the part of a device both an edge and a cloud node show.
+type resyncDevice struct {
+	EdgeID  string                     `json:"edge_id"`
+	Region  string                     `json:"region"`
+	Owners  []string                   `json:"owners"`
+	Desired map[string]json.RawMessage `json:"desired"`
+}
+
+// An edge away longer than the maximum offline window re-pulls everything
+// from the cloud (full resync) and ends with the cloud's state: desired
+// state, device meta and users written in the cloud meanwhile, and a field
+// the cloud deleted meanwhile stays deleted (its tombstone wins over the
+// edge's older value, at the edge and at the cloud). Before that, a
+// conflicting write made at the edge during a partition loses to the
+// cloud's newer one, which the cloud counts as a resolved conflict.
+func TestSyncFullResyncAfterMaxOffline(t *testing.T) {
+	const maxOffline = 3 * time.Second
+	cfgFile := filepath.Join(t.TempDir(), "edge.yaml")
+	if err := os.WriteFile(cfgFile, []byte("cloud:\n  max_offline: 3s\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := startCloudCluster(t, 1)
+	n := c.Nodes[0]
+	link := newSyncLink(t, c)
+	e := startSyncEdge(t, "e2", link, "-config", cfgFile)
+	admin := e.login()
+
+	cloudPut := func(path string, body any) {
+		t.Helper()
+		if code, env, err := c.api(n, http.MethodPut, path, body); err != nil || code != 200 {
+			t.Fatalf("PUT %s at the cloud: %d %s %v", path, code, env.Message, err)
+		}
+	}
+	edgeDevice := func() (resyncDevice, error) {
+		var d resyncDevice
+		err := e.api(http.MethodGet, "/api/v1/devices/d1", admin, nil, &d)
+		return d, err
+	}
+	cloudDevice := func() (resyncDevice, error) {
+		var d resyncDevice
+		code, env, err := c.api(n, http.MethodGet, "/api/v1/devices/d1", nil)
+		if err == nil && code == 200 {
+			err = json.Unmarshal(env.Data, &d)
+		}
+		return d, err
+	}
+
+	// d1 appears at e2, which becomes its home edge.
+	bulkPublish(t, e, "d1", 0, 1, 1)
+	cloudWaitFor(t, 20*time.Second, "d1 homed at e2 in the cloud", func() bool {
+		d, err := cloudDevice()
+		return err == nil && d.EdgeID == "e2"
+	})
+	cloudPut("/api/v1/devices/d1/desired", map[string]any{"state": map[string]any{"a": 1, "b": 2}})
+	cloudPut("/api/v1/devices/d1/meta", map[string]any{"owners": []string{"o-x"}, "region": "north"})
+	cloudPut("/api/v1/users/o-ops", map[string]any{"roles": []string{"viewer"}})
+	cloudWaitFor(t, 20*time.Second, "the cloud's writes at the edge", func() bool {
+		d, err := edgeDevice()
+		return err == nil && len(d.Desired) == 2 && d.Region == "north"
+	})
+
+	// A conflict: the edge writes "mode" during a partition, the cloud
+	// writes it later; the edge's older write loses at the cloud.
+	link.cut(true)
+	if err := e.api(http.MethodPut, "/api/v1/devices/d1/desired", admin, map[string]any{"state": map[string]any{"mode": "edge"}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	cloudPut("/api/v1/devices/d1/desired", map[string]any{"state": map[string]any{"mode": "cloud"}})
+	link.cut(false)
+	cloudWaitFor(t, 20*time.Second, "the conflict resolved and counted at the cloud", func() bool {
+		d, err := edgeDevice()
+		v, ok := c.labelled(n, "outpost_cloud_conflicts_resolved_total")
+		return err == nil && jsonEqual(d.Desired["mode"], []byte(`"cloud"`)) && ok && v >= 1
+	})
+
+	// The edge goes away; the cloud deletes a field, adds one, changes the
+	// meta and a user's roles.
+	e.kill9()
+	stopped := time.Now()
+	cloudPut("/api/v1/devices/d1/desired", map[string]any{"state": map[string]any{"a": nil, "c": 3}})
+	cloudPut("/api/v1/devices/d1/meta", map[string]any{"owners": []string{"o-y"}, "region": "south"})
+	cloudPut("/api/v1/users/o-ops", map[string]any{"roles": []string{"admin"}})
+	// The condition is wall time itself: the edge's last pull must be older
+	// than its maximum offline window when it comes back.
+	time.Sleep(time.Until(stopped.Add(maxOffline + 300*time.Millisecond)))
+
+	e.start()
+	want, err := cloudDevice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, resurrected := want.Desired["a"]; resurrected || len(want.Desired) != 3 {
+		t.Fatalf("cloud desired %s, want b, c and mode", want.Desired)
+	}
+	admin = e.login()
+	cloudWaitFor(t, 20*time.Second, "the edge holds the cloud's state after the resync", func() bool {
+		d, err := edgeDevice()
+		return err == nil && sameDesired(d.Desired, want.Desired) && d.Region == "south" && slices.Equal(d.Owners, []string{"o-y"})
+	})
+	if v, ok := e.metric("outpost_sync_full_resyncs_total"); !ok || v < 1 {
+		t.Errorf("outpost_sync_full_resyncs_total = %v (%v), want >= 1", v, ok)
+	}
+	// The user's new role arrived: o-ops may now write users at the edge.
+	var ops syncPair
+	if err := e.api(http.MethodPost, "/api/v1/auth/login", "", map[string]string{"code": "dev:o-ops"}, &ops); err != nil {
+		t.Fatal(err)
+	}
+	cloudWaitFor(t, 10*time.Second, "o-ops holds the admin role at the edge", func() bool {
+		code, _, err := e.rawCall(http.MethodPut, "/api/v1/users/o-z", ops.AccessToken, map[string]any{"roles": []string{"viewer"}})
+		return err == nil && code == 200
+	})
+	// The edge's state went back to the cloud without resurrecting "a".
+	cloudWaitFor(t, 10*time.Second, "edge and cloud agree", func() bool {
+		d, err := cloudDevice()
+		return err == nil && sameDesired(d.Desired, want.Desired)
+	})
+}
