@@ -52,6 +52,16 @@ func TestLifecycleEdgeSIGTERM(t *testing.T) {
 		slow = append(slow, startSlowRequest(t, e.HTTP, http.MethodPut, "/api/v1/devices/"+d.name+"/desired", token, body))
 	}
 
+	// Closing the listener resets connections still in the kernel's accept
+	// backlog. One complete request on a new connection afterwards proves
+	// the server accepted the slow ones (accept is FIFO) before the signal.
+	probe := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 5 * time.Second}
+	if resp, err := probe.Get("http://" + e.HTTP + "/healthz"); err != nil {
+		t.Fatalf("probe before SIGTERM: %v", err)
+	} else {
+		resp.Body.Close()
+	}
+
 	start := time.Now()
 	if err := e.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
