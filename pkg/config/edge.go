@@ -155,107 +155,68 @@ func hostnameOr(def string) string {
 // ErrHelp is returned when -h was given; usage has been printed.
 var ErrHelp = flag.ErrHelp
 
-// ParseEdge reads defaults, the -config file and the flags in args.
+// ParseEdge reads defaults, the -config file and the flags in args. Flags are
+// parsed twice: once to learn -config, then, after the file is loaded, again
+// writing straight into the configuration, so only flags actually given
+// override the file.
 func ParseEdge(args []string, stderr io.Writer) (Edge, error) {
 	cfg := DefaultEdge()
-	fs := flag.NewFlagSet("edge", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var (
-		configPath = fs.String("config", "", "YAML config file (see configs/edge.yaml); flags override it")
-		id         = fs.String("id", cfg.ID, "edge id, unique in the deployment")
-		data       = fs.String("data", cfg.DataDir, "data directory (bbolt files, keys)")
-		httpAddr   = fs.String("http", cfg.HTTP, "HTTP API listen address")
-		mqttListen = fs.String("mqtt-listen", cfg.MQTT.Listen, "embedded MQTT broker listen address")
-		mqttBroker = fs.String("mqtt-broker", "", "external MQTT broker URL (tcp://host:port); disables the embedded broker")
-		cloud      = fs.String("cloud", "", "cloud-sync URL(s), comma separated")
-		cloudToken = fs.String("cloud-token", "", "this edge's credential at cloud-sync")
-		region     = fs.String("region", cfg.Region, "region this edge serves")
-		location   = fs.String("location", "", "edge location as LAT,LNG in degrees")
-		advertise  = fs.String("advertise", "", "URL at which phones reach this edge's API")
-		admins     = fs.String("admin", "", "openid(s) with the admin role on this edge, comma separated")
-		devLogin   = fs.Bool("dev-login", false, `accept login code "dev:<openid>" without WeChat (development only)`)
-		logLevel   = fs.String("log-level", cfg.LogLevel, "log level: debug, info, warn, error")
-		pprofAddr  = fs.String("pprof", "", "admin address for pprof and the runtime log level, e.g. 127.0.0.1:6060 (off by default; unauthenticated)")
-		grace      = fs.Duration("shutdown-grace", cfg.ShutdownGrace, "on SIGTERM/SIGINT, time allowed to drain requests and MQTT batches, flush and close before exiting non-zero")
-		policyDir  = fs.String("policies", cfg.Policy.Dir, "directory of Rego policies")
-		noSync     = fs.Bool("unsafe-no-fsync", false, "TESTING ONLY: disable fsync")
-		crashPush  = fs.Int("unsafe-crash-after-push", 0, "TESTING ONLY: kill -9 the edge after N pushes the cloud acknowledged, before recording the ack")
-		backoffMax = fs.Duration("cloud-backoff-max", 0, "cap of the jittered backoff between failed cloud exchanges (default 30s)")
-		batchRd    = fs.Int("cloud-batch-readings", 0, "target readings per sync push (default 20000)")
-		clockOff   = fs.Duration("unsafe-clock-offset", 0, "TESTING ONLY: shift this edge's HLC wall clock by this much (simulates a skewed clock)")
-		ackEarly   = fs.Bool("unsafe-ack-before-commit", false, "TESTING ONLY: acknowledge messages before they are durable (proves crash tests detect loss)")
-		bypass     = fs.Bool("unsafe-bypass-policy", false, "BENCHMARK ONLY: skip policy checks")
-	)
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: edge [flags]\n\nOutpost edge gateway: embedded MQTT broker, durable ingest, HTTP API.\nFlags override the config file, which overrides built-in defaults.\n\n")
-		fs.PrintDefaults()
+	var path string
+	scratch := cfg
+	if err := edgeFlags(&scratch, &path, io.Discard).Parse(args); err != nil {
+		// Parse again with output, so -h prints usage and errors show as usual.
+		again := DefaultEdge()
+		return cfg, edgeFlags(&again, new(string), stderr).Parse(args)
 	}
+	if path != "" {
+		if err := loadYAML(path, &cfg); err != nil {
+			return cfg, err
+		}
+	}
+	fs := edgeFlags(&cfg, &path, stderr)
 	if err := fs.Parse(args); err != nil {
 		return cfg, err
 	}
 	if fs.NArg() > 0 {
 		return cfg, fmt.Errorf("unexpected arguments: %v", fs.Args())
 	}
-	if *configPath != "" {
-		if err := loadYAML(*configPath, &cfg); err != nil {
-			return cfg, err
-		}
-	}
-	var ferr error
-	fs.Visit(func(f *flag.Flag) {
-		switch f.Name {
-		case "id":
-			cfg.ID = *id
-		case "data":
-			cfg.DataDir = *data
-		case "http":
-			cfg.HTTP = *httpAddr
-		case "mqtt-listen":
-			cfg.MQTT.Listen = *mqttListen
-		case "mqtt-broker":
-			cfg.MQTT.Broker = *mqttBroker
-		case "cloud":
-			cfg.Cloud.URLs = splitList(*cloud)
-		case "cloud-token":
-			cfg.Cloud.Token = *cloudToken
-		case "region":
-			cfg.Region = *region
-		case "location":
-			cfg.Location = *location
-		case "advertise":
-			cfg.Advertise = *advertise
-		case "admin":
-			cfg.Admins = splitList(*admins)
-		case "dev-login":
-			cfg.DevLogin = *devLogin
-		case "log-level":
-			cfg.LogLevel = *logLevel
-		case "pprof":
-			cfg.Pprof = *pprofAddr
-		case "shutdown-grace":
-			cfg.ShutdownGrace = *grace
-		case "policies":
-			cfg.Policy.Dir = *policyDir
-		case "unsafe-no-fsync":
-			cfg.UnsafeNoSync = *noSync
-		case "unsafe-crash-after-push":
-			cfg.UnsafeCrashAfterPush = *crashPush
-		case "cloud-backoff-max":
-			cfg.Cloud.BackoffMax = *backoffMax
-		case "cloud-batch-readings":
-			cfg.Cloud.BatchReadings = *batchRd
-		case "unsafe-clock-offset":
-			cfg.UnsafeClockOffset = *clockOff
-		case "unsafe-ack-before-commit":
-			cfg.UnsafeAckBeforeCommit = *ackEarly
-		case "unsafe-bypass-policy":
-			cfg.API.BypassPolicy = *bypass
-		}
-	})
-	if ferr != nil {
-		return cfg, ferr
-	}
 	return cfg, cfg.Validate()
+}
+
+// edgeFlags defines the edge's flags bound to cfg, with cfg's values as
+// defaults.
+func edgeFlags(cfg *Edge, path *string, out io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("edge", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.StringVar(path, "config", *path, "YAML config file (see configs/edge.yaml); flags override it")
+	fs.StringVar(&cfg.ID, "id", cfg.ID, "edge id, unique in the deployment")
+	fs.StringVar(&cfg.DataDir, "data", cfg.DataDir, "data directory (bbolt files, keys)")
+	fs.StringVar(&cfg.HTTP, "http", cfg.HTTP, "HTTP API listen address")
+	fs.StringVar(&cfg.MQTT.Listen, "mqtt-listen", cfg.MQTT.Listen, "embedded MQTT broker listen address")
+	fs.StringVar(&cfg.MQTT.Broker, "mqtt-broker", cfg.MQTT.Broker, "external MQTT broker URL (tcp://host:port); disables the embedded broker")
+	fs.Func("cloud", "cloud-sync URL(s), comma separated", func(v string) error { cfg.Cloud.URLs = splitList(v); return nil })
+	fs.StringVar(&cfg.Cloud.Token, "cloud-token", cfg.Cloud.Token, "this edge's credential at cloud-sync")
+	fs.StringVar(&cfg.Region, "region", cfg.Region, "region this edge serves")
+	fs.StringVar(&cfg.Location, "location", cfg.Location, "edge location as LAT,LNG in degrees")
+	fs.StringVar(&cfg.Advertise, "advertise", cfg.Advertise, "URL at which phones reach this edge's API")
+	fs.Func("admin", "openid(s) with the admin role on this edge, comma separated", func(v string) error { cfg.Admins = splitList(v); return nil })
+	fs.BoolVar(&cfg.DevLogin, "dev-login", cfg.DevLogin, `accept login code "dev:<openid>" without WeChat (development only)`)
+	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "log level: debug, info, warn, error")
+	fs.StringVar(&cfg.Pprof, "pprof", cfg.Pprof, "admin address for pprof and the runtime log level, e.g. 127.0.0.1:6060 (off by default; unauthenticated)")
+	fs.DurationVar(&cfg.ShutdownGrace, "shutdown-grace", cfg.ShutdownGrace, "on SIGTERM/SIGINT, time allowed to drain requests and MQTT batches, flush and close before exiting non-zero")
+	fs.StringVar(&cfg.Policy.Dir, "policies", cfg.Policy.Dir, "directory of Rego policies")
+	fs.DurationVar(&cfg.Cloud.BackoffMax, "cloud-backoff-max", cfg.Cloud.BackoffMax, "cap of the jittered backoff between failed cloud exchanges (0: 30s)")
+	fs.IntVar(&cfg.Cloud.BatchReadings, "cloud-batch-readings", cfg.Cloud.BatchReadings, "target readings per sync push (0: 20000)")
+	fs.BoolVar(&cfg.UnsafeNoSync, "unsafe-no-fsync", false, "TESTING ONLY: disable fsync")
+	fs.IntVar(&cfg.UnsafeCrashAfterPush, "unsafe-crash-after-push", 0, "TESTING ONLY: kill -9 the edge after N pushes the cloud acknowledged, before recording the ack")
+	fs.DurationVar(&cfg.UnsafeClockOffset, "unsafe-clock-offset", 0, "TESTING ONLY: shift this edge's HLC wall clock by this much (simulates a skewed clock)")
+	fs.BoolVar(&cfg.UnsafeAckBeforeCommit, "unsafe-ack-before-commit", false, "TESTING ONLY: acknowledge messages before they are durable (proves crash tests detect loss)")
+	fs.BoolVar(&cfg.API.BypassPolicy, "unsafe-bypass-policy", false, "BENCHMARK ONLY: skip policy checks")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: edge [flags]\n\nOutpost edge gateway: embedded MQTT broker, durable ingest, HTTP API.\nFlags override the config file, which overrides built-in defaults.\n\n")
+		fs.PrintDefaults()
+	}
+	return fs
 }
 
 func loadYAML(path string, into any) error {

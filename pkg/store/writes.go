@@ -18,12 +18,8 @@ import (
 func (s *Store) SetDesired(id string, patch map[string]json.RawMessage) (*Device, error) {
 	var out *Device
 	err := s.update(func(tx *bolt.Tx, head *uint64, created *uint64) error {
-		d, err := getDevice(tx, id)
-		if err == ErrNotFound {
-			d = s.newDevice(id, time.Now().UnixMilli())
-			d.LastSeen = 0
-			*created++
-		} else if err != nil {
+		d, err := s.deviceOrNew(tx, id, created)
+		if err != nil {
 			return err
 		}
 		delta := shadow.Patch(patch, s.clock.Now())
@@ -45,12 +41,8 @@ func (s *Store) SetDesired(id string, patch map[string]json.RawMessage) (*Device
 func (s *Store) SetMeta(id string, meta DeviceMeta) (*Device, error) {
 	var out *Device
 	err := s.update(func(tx *bolt.Tx, head *uint64, created *uint64) error {
-		d, err := getDevice(tx, id)
-		if err == ErrNotFound {
-			d = s.newDevice(id, time.Now().UnixMilli())
-			d.LastSeen = 0
-			*created++
-		} else if err != nil {
+		d, err := s.deviceOrNew(tx, id, created)
+		if err != nil {
 			return err
 		}
 		if meta.Owners == nil {
@@ -72,6 +64,19 @@ func (s *Store) SetMeta(id string, meta DeviceMeta) (*Device, error) {
 		return nil, fmt.Errorf("set meta of %s: %w", id, err)
 	}
 	return out, nil
+}
+
+// deviceOrNew loads a device for an administrative write, registering it if
+// unknown (pre-provisioning: it has never been seen, so LastSeen stays 0).
+func (s *Store) deviceOrNew(tx *bolt.Tx, id string, created *uint64) (*Device, error) {
+	d, err := getDevice(tx, id)
+	if err == ErrNotFound {
+		d = s.newDevice(id, time.Now().UnixMilli())
+		d.LastSeen = 0
+		*created++
+		return d, nil
+	}
+	return d, err
 }
 
 // update runs fn in a write transaction with the outbox head loaded, and

@@ -1,0 +1,108 @@
+package config
+
+import (
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "edge.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestParseEdgePrecedence(t *testing.T) {
+	file := writeConfig(t, "id: from-file\nregion: north\nhttp: \":9000\"\ncloud:\n  urls: [\"http://c1\"]\n  token: t\ningest:\n  linger: 2ms\n")
+	tests := []struct {
+		name  string
+		args  []string
+		check func(t *testing.T, c Edge)
+	}{
+		{"defaults", []string{"-id", "e1"}, func(t *testing.T, c Edge) {
+			if c.HTTP != ":8080" || c.MQTT.Listen != ":1883" || c.DataDir != "./data" || c.Region != "default" {
+				t.Errorf("defaults not applied: %+v", c)
+			}
+		}},
+		{"file overrides defaults", []string{"-config", file}, func(t *testing.T, c Edge) {
+			if c.ID != "from-file" || c.Region != "north" || c.HTTP != ":9000" || c.Ingest.Linger != 2*time.Millisecond {
+				t.Errorf("file not applied: %+v", c)
+			}
+			if c.MQTT.Listen != ":1883" {
+				t.Errorf("a key absent from the file lost its default: %q", c.MQTT.Listen)
+			}
+		}},
+		{"flags override the file, before or after -config", []string{"-region", "south", "-config", file, "-http", ":7000", "-cloud", "http://a, http://b"}, func(t *testing.T, c Edge) {
+			if c.Region != "south" || c.HTTP != ":7000" || c.ID != "from-file" {
+				t.Errorf("flags did not override: %+v", c)
+			}
+			if strings.Join(c.Cloud.URLs, "|") != "http://a|http://b" {
+				t.Errorf("cloud URLs %q", c.Cloud.URLs)
+			}
+		}},
+		{"-config=path form", []string{"-config=" + file}, func(t *testing.T, c Edge) {
+			if c.ID != "from-file" {
+				t.Errorf("-config=path not loaded: %q", c.ID)
+			}
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := ParseEdge(tt.args, io.Discard)
+			if err != nil {
+				t.Fatalf("ParseEdge(%q): %v", tt.args, err)
+			}
+			tt.check(t, c)
+		})
+	}
+}
+
+func TestParseEdgeErrors(t *testing.T) {
+	unknown := writeConfig(t, "id: e1\nregoin: typo\n")
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"unknown key in file", []string{"-config", unknown}, "regoin"},
+		{"missing file", []string{"-config", "/nonexistent/edge.yaml"}, "read config"},
+		{"bad id", []string{"-id", "a/b"}, "id"},
+		{"bad location", []string{"-id", "e1", "-location", "north"}, "location"},
+		{"cloud without token", []string{"-id", "e1", "-cloud", "http://c"}, "cloud token"},
+		{"external broker not a URL", []string{"-id", "e1", "-mqtt-broker", "localhost:1883"}, "tcp://"},
+		{"unknown flag", []string{"-nope"}, "not defined"},
+		{"stray argument", []string{"-id", "e1", "extra"}, "unexpected arguments"},
+		{"bad log level", []string{"-id", "e1", "-log-level", "loud"}, "log level"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := ParseEdge(tt.args, io.Discard)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("ParseEdge(%q) = %v, want an error mentioning %q", tt.args, err, tt.want)
+			}
+		})
+	}
+	var out strings.Builder
+	if _, err := ParseEdge([]string{"-h"}, &out); !errors.Is(err, ErrHelp) {
+		t.Fatalf("-h: %v, want ErrHelp", err)
+	}
+	for _, flag := range []string{"-config", "-id", "-data", "-http", "-mqtt-listen", "-mqtt-broker", "-cloud", "-cloud-token", "-region", "-location", "-advertise", "-admin", "-dev-login"} {
+		if !strings.Contains(out.String(), flag+" ") && !strings.Contains(out.String(), flag+"\n") {
+			t.Errorf("-h does not document %s", flag)
+		}
+	}
+}
+
+// TestShippedConfigLoads keeps configs/edge.yaml in step with the struct.
+func TestShippedConfigLoads(t *testing.T) {
+	if _, err := ParseEdge([]string{"-config", "../../configs/edge.yaml"}, io.Discard); err != nil {
+		t.Fatalf("configs/edge.yaml: %v", err)
+	}
+}
