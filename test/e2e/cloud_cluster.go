@@ -32,37 +32,57 @@ const (
 
 func cloudEdgeToken(edge string) string { return "tok-" + edge + "-secret" }
 
-var cloudBin struct {
+// binaries holds the daemons built for this test binary, by package path.
+var binaries struct {
+	mu    sync.Mutex
+	built map[string]*builtBinary
+}
+
+type builtBinary struct {
 	once sync.Once
 	path string
 	err  error
 }
 
-// buildCloudSync builds cmd/cloud-sync once per test binary. The binary is
-// left in the temp dir because there is no test-binary-wide cleanup hook
-// without a TestMain, which other packages' tests in this directory own.
-func buildCloudSync(t *testing.T) string {
+// goBinary builds a main package of this module (e.g. "./cmd/edge") once per
+// test binary. The binary is left in a temp dir because there is no
+// test-binary-wide cleanup hook without a TestMain.
+func goBinary(t *testing.T, pkg string) string {
 	t.Helper()
-	cloudBin.once.Do(func() {
-		dir, err := os.MkdirTemp("", "outpost-cloud-e2e-")
+	binaries.mu.Lock()
+	if binaries.built == nil {
+		binaries.built = map[string]*builtBinary{}
+	}
+	b := binaries.built[pkg]
+	if b == nil {
+		b = new(builtBinary)
+		binaries.built[pkg] = b
+	}
+	binaries.mu.Unlock()
+	b.once.Do(func() {
+		dir, err := os.MkdirTemp("", "outpost-e2e-")
 		if err != nil {
-			cloudBin.err = err
+			b.err = err
 			return
 		}
-		cloudBin.path = filepath.Join(dir, "cloud-sync")
+		b.path = filepath.Join(dir, filepath.Base(pkg))
 		_, file, _, _ := runtime.Caller(0)
-		root := filepath.Join(filepath.Dir(file), "..", "..")
-		cmd := exec.Command("go", "build", "-o", cloudBin.path, "./cmd/cloud-sync")
-		cmd.Dir = root
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			cloudBin.err = fmt.Errorf("go build ./cmd/cloud-sync: %v\n%s", err, out)
+		cmd := exec.Command("go", "build", "-o", b.path, pkg)
+		cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.err = fmt.Errorf("go build %s: %v\n%s", pkg, err, out)
 		}
 	})
-	if cloudBin.err != nil {
-		t.Fatal(cloudBin.err)
+	if b.err != nil {
+		t.Fatal(b.err)
 	}
-	return cloudBin.path
+	return b.path
+}
+
+// buildCloudSync builds cmd/cloud-sync once per test binary.
+func buildCloudSync(t *testing.T) string {
+	t.Helper()
+	return goBinary(t, "./cmd/cloud-sync")
 }
 
 func cloudFreePort(t *testing.T) string {
@@ -522,8 +542,9 @@ type cloudExportRecord struct {
 	} `json:"readings"`
 }
 
-// metric reads one un-labelled sample from a node's /metrics.
-func (c *cloudCluster) metric(n *cloudNode, name string) (float64, bool) {
+// labelled reads one labelled sample (full series name) from a node's
+// /metrics.
+func (c *cloudCluster) labelled(n *cloudNode, series string) (float64, bool) {
 	resp, err := c.hc.Get(n.URL() + "/metrics")
 	if err != nil {
 		return 0, false
@@ -531,14 +552,19 @@ func (c *cloudCluster) metric(n *cloudNode, name string) (float64, bool) {
 	defer resp.Body.Close()
 	raw, _ := io.ReadAll(resp.Body)
 	for _, line := range strings.Split(string(raw), "\n") {
-		if strings.HasPrefix(line, name+" ") {
+		if strings.HasPrefix(line, series+" ") {
 			var v float64
-			if _, err := fmt.Sscanf(strings.TrimPrefix(line, name+" "), "%g", &v); err == nil {
+			if _, err := fmt.Sscanf(strings.TrimPrefix(line, series+" "), "%g", &v); err == nil {
 				return v, true
 			}
 		}
 	}
 	return 0, false
+}
+
+// metric reads one un-labelled sample from a node's /metrics.
+func (c *cloudCluster) metric(n *cloudNode, name string) (float64, bool) {
+	return c.labelled(n, name)
 }
 
 // cloudProxy forwards connections to a target and can cut them all.

@@ -15,10 +15,8 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -29,36 +27,10 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 )
 
-var edgeBin struct {
-	once sync.Once
-	path string
-	err  error
-}
-
-// edgeBinary builds cmd/edge once per test binary. Like the cloud-sync helper
-// it leaves the binary in a temp dir: without a package-wide TestMain (which
-// this package does not own) there is no hook that runs after the last test.
+// edgeBinary builds cmd/edge once per test binary.
 func edgeBinary(t *testing.T) string {
 	t.Helper()
-	edgeBin.once.Do(func() {
-		dir, err := os.MkdirTemp("", "outpost-edge-e2e-")
-		if err != nil {
-			edgeBin.err = err
-			return
-		}
-		edgeBin.path = filepath.Join(dir, "edge")
-		_, file, _, _ := runtime.Caller(0)
-		root := filepath.Join(filepath.Dir(file), "..", "..")
-		cmd := exec.Command("go", "build", "-o", edgeBin.path, "./cmd/edge")
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			edgeBin.err = fmt.Errorf("go build ./cmd/edge: %v\n%s", err, out)
-		}
-	})
-	if edgeBin.err != nil {
-		t.Fatal(edgeBin.err)
-	}
-	return edgeBin.path
+	return goBinary(t, "./cmd/edge")
 }
 
 // edgeFreeAddr returns a loopback address that was free a moment ago. The

@@ -371,23 +371,3 @@ func (c *cloudCluster) edgeAcked(n *cloudNode, edge string) (uint64, bool) {
 	}
 	return 0, true
 }
-
-// labelled reads one labelled sample (full series name) from a node's
-// /metrics.
-func (c *cloudCluster) labelled(n *cloudNode, series string) (float64, bool) {
-	resp, err := c.hc.Get(n.URL() + "/metrics")
-	if err != nil {
-		return 0, false
-	}
-	defer resp.Body.Close()
-	raw, _ := io.ReadAll(resp.Body)
-	for _, line := range strings.Split(string(raw), "\n") {
-		if strings.HasPrefix(line, series+" ") {
-			var v float64
-			if _, err := fmt.Sscanf(strings.TrimPrefix(line, series+" "), "%g", &v); err == nil {
-				return v, true
-			}
-		}
-	}
-	return 0, false
-}
