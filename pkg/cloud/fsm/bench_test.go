@@ -36,3 +36,31 @@ func BenchmarkApplyPush(b *testing.B) {
 		round++
 	}
 }
+
+// BenchmarkApplySinglePushes applies entries of 32 one-reading pushes from
+// 32 edges, the shape group commit makes of many small concurrent pushes.
+func BenchmarkApplySinglePushes(b *testing.B) {
+	f := open(&testing.T{})
+	defer f.Close()
+	seqs := make([]uint64, 32)
+	index := uint64(1)
+	b.ReportAllocs()
+	for b.Loop() {
+		cmds := make([]*Command, 0, 32)
+		for e := range seqs {
+			seqs[e]++
+			edge := fmt.Sprintf("e%d", e)
+			p := &wire.PushBatch{Edge: edge, FirstSeq: seqs[e], Changes: []wire.Change{{
+				Kind: wire.KindReadings, Device: fmt.Sprintf("%s-dev", edge),
+				Readings: []wire.Reading{{TS: int64(1000 + seqs[e]), ID: fmt.Sprintf("m%d", seqs[e]), Metrics: map[string]float64{"temp": 21.5}}},
+			}}}
+			cmds = append(cmds, &Command{Type: CmdPush, AtMs: 1, Push: p})
+		}
+		res := apply(&testing.T{}, f, index, cmds...)
+		if len(res) != 32 || res[0].Err != nil {
+			b.Fatalf("apply: %+v", res[0])
+		}
+		index++
+	}
+	b.ReportMetric(float64(b.N*32)/b.Elapsed().Seconds(), "pushes/s")
+}
