@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -32,6 +33,12 @@ func run() int {
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "cloud-sync: %s\n", strings.TrimPrefix(err.Error(), cloud.ErrUsage.Error()+": "))
 		return 2
+	}
+	if cfg.GCPercent > 0 && os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(cfg.GCPercent)
+	}
+	if cfg.MemoryLimitMB > 0 && os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(cfg.MemoryLimitMB << 20)
 	}
 	log, level, err := obs.NewLogger(os.Stderr, cfg.LogLevel)
 	if err != nil {
