@@ -15,6 +15,7 @@ type resyncDevice struct {
 	EdgeID  string                     `json:"edge_id"`
 	Region  string                     `json:"region"`
 	Owners  []string                   `json:"owners"`
+	Tags    map[string]string          `json:"tags"`
 	Desired map[string]json.RawMessage `json:"desired"`
 }
 
@@ -90,7 +91,7 @@ func TestSyncFullResyncAfterMaxOffline(t *testing.T) {
 	e.kill9()
 	stopped := time.Now()
 	cloudPut("/api/v1/devices/d1/desired", map[string]any{"state": map[string]any{"a": nil, "c": 3}})
-	cloudPut("/api/v1/devices/d1/meta", map[string]any{"owners": []string{"o-y"}, "region": "south"})
+	cloudPut("/api/v1/devices/d1/meta", map[string]any{"owners": []string{"o-y"}, "region": "south", "tags": map[string]string{"floor": "3"}})
 	cloudPut("/api/v1/users/o-ops", map[string]any{"roles": []string{"admin"}})
 	// The condition is wall time itself: the edge's last pull must be older
 	// than its maximum offline window when it comes back.
@@ -104,10 +105,13 @@ func TestSyncFullResyncAfterMaxOffline(t *testing.T) {
 	if _, resurrected := want.Desired["a"]; resurrected || len(want.Desired) != 3 {
 		t.Fatalf("cloud desired %s, want b, c and mode", want.Desired)
 	}
+	if want.Tags["floor"] != "3" {
+		t.Fatalf("cloud tags %v, want the object written", want.Tags)
+	}
 	admin = e.login()
 	cloudWaitFor(t, 20*time.Second, "the edge holds the cloud's state after the resync", func() bool {
 		d, err := edgeDevice()
-		return err == nil && sameDesired(d.Desired, want.Desired) && d.Region == "south" && slices.Equal(d.Owners, []string{"o-y"})
+		return err == nil && sameDesired(d.Desired, want.Desired) && d.Region == "south" && slices.Equal(d.Owners, []string{"o-y"}) && d.Tags["floor"] == "3"
 	})
 	if v, ok := e.metric("outpost_sync_full_resyncs_total"); !ok || v < 1 {
 		t.Errorf("outpost_sync_full_resyncs_total = %v (%v), want >= 1", v, ok)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -325,7 +326,7 @@ type DeviceView struct {
 	FirstSeen       int64                      `json:"first_seen"`
 	LastSeen        int64                      `json:"last_seen"`
 	Region          string                     `json:"region"`
-	Tags            []string                   `json:"tags"`
+	Tags            map[string]string          `json:"tags"`
 	Owners          []string                   `json:"owners"`
 	Reported        map[string]json.RawMessage `json:"reported"`
 	Desired         map[string]json.RawMessage `json:"desired"`
@@ -341,7 +342,7 @@ func view(d *fsm.Device) DeviceView {
 		return s
 	}
 	return DeviceView{ID: d.ID, EdgeID: d.EdgeID, FirstSeen: d.FirstSeen, LastSeen: d.LastSeen, Region: d.Region,
-		Tags: nz(d.Tags), Owners: nz(d.Owners), Reported: d.Reported.State(), Desired: d.Desired.State(),
+		Tags: tagMap(d.Tags), Owners: nz(d.Owners), Reported: d.Reported.State(), Desired: d.Desired.State(),
 		ReportedVersion: d.Reported.Version(), DesiredVersion: d.Desired.Version()}
 }
 
@@ -427,18 +428,33 @@ func (s *Server) putDesired(c *fiber.Ctx) error {
 	})
 }
 
+// metaBody is the consumer API's meta write, shaped like the edge's: tags
+// are an object. The replicated model keeps them as "key=value" strings,
+// the form edges sync them in.
+type metaBody struct {
+	Owners []string          `json:"owners"`
+	Region string            `json:"region"`
+	Tags   map[string]string `json:"tags"`
+}
+
 func (s *Server) putMeta(c *fiber.Ctx) error {
 	id, err := deviceParam(c)
 	if err != nil {
 		return err
 	}
-	var m wire.Meta
-	if err := s.decode(c, &m); err != nil {
+	var body metaBody
+	if err := s.decode(c, &body); err != nil {
 		return err
 	}
-	if len(m.Region) > 64 || len(m.Owners) > 100 || len(m.Tags) > 100 {
+	if len(body.Region) > 64 || len(body.Owners) > 100 || len(body.Tags) > 100 {
 		return apiError(fiber.StatusBadRequest, "region at most 64 bytes, at most 100 owners and 100 tags")
 	}
+	for k := range body.Tags {
+		if !wire.ValidName(k) {
+			return apiError(fiber.StatusBadRequest, "tag keys must match [A-Za-z0-9._-]{1,64}")
+		}
+	}
+	m := wire.Meta{Owners: body.Owners, Region: body.Region, Tags: tagList(body.Tags)}
 	return s.onLeader(c, func(c *fiber.Ctx) error {
 		m.Stamp = s.clock.Now()
 		return s.proposeDevice(c, &fsm.Command{Type: fsm.CmdMeta, AtMs: s.now().UnixMilli(),
@@ -684,4 +700,24 @@ func (s *Server) putPolicy(c *fiber.Ctx) error {
 		}
 		return ok(c, fiber.Map{"name": name, "bytes": len(body)})
 	})
+}
+
+// tagMap turns the replicated "key=value" tag list into the API's object.
+func tagMap(tags []string) map[string]string {
+	out := make(map[string]string, len(tags))
+	for _, t := range tags {
+		k, v, _ := strings.Cut(t, "=")
+		out[k] = v
+	}
+	return out
+}
+
+// tagList is tagMap's inverse, sorted so equal tag sets encode identically.
+func tagList(tags map[string]string) []string {
+	out := make([]string, 0, len(tags))
+	for k, v := range tags {
+		out = append(out, k+"="+v)
+	}
+	sort.Strings(out)
+	return out
 }
