@@ -10,6 +10,8 @@
 package main
 
 import (
+	"github.com/outpost-edge/outpost/internal/tcpproxy"
+
 	"bufio"
 	"bytes"
 	"context"
@@ -126,17 +128,17 @@ func run(readings, devices, per, live int, binDir string, keep bool) (*result, e
 	}
 
 	// The link, cut while the backlog builds.
-	var proxies []*proxy
+	var proxies []*tcpproxy.Proxy
 	var urls []string
 	for _, n := range nodes {
-		p, err := newProxy(n)
+		p, err := tcpproxy.Listen(n)
 		if err != nil {
 			return nil, err
 		}
-		defer p.close()
-		p.setCut(true)
+		defer p.Close()
+		p.Cut(true)
 		proxies = append(proxies, p)
-		urls = append(urls, "http://"+p.addr())
+		urls = append(urls, "http://"+p.Addr())
 	}
 	edgeHTTP, mqttAddr := freePort(), freePort()
 	edge := exec.Command(filepath.Join(binDir, "edge"), "-id", edgeID, "-data", filepath.Join(tmp, "edge"),
@@ -167,7 +169,7 @@ func run(readings, devices, per, live int, binDir string, keep bool) (*result, e
 	// edge reaching the edge's outbox head means every reading is committed.
 	t1 := time.Now()
 	for _, p := range proxies {
-		p.setCut(false)
+		p.Cut(false)
 	}
 	for {
 		if acked, ok := ackedSeq(nodes[0]); ok && acked >= head {
@@ -552,83 +554,3 @@ func round(f float64) float64  { return float64(int64(f*10)) / 10 }
 func round3(f float64) float64 { return float64(int64(f*1000)) / 1000 }
 
 // proxy is a TCP forwarder that can be cut (closing live connections and
-// refusing new ones), standing in for the edge's network link.
-type proxy struct {
-	ln     net.Listener
-	target string
-	mu     sync.Mutex
-	cut    bool
-	conns  map[net.Conn]struct{}
-}
-
-func newProxy(target string) (*proxy, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	p := &proxy{ln: ln, target: target, conns: map[net.Conn]struct{}{}}
-	go p.accept()
-	return p, nil
-}
-
-func (p *proxy) addr() string { return p.ln.Addr().String() }
-
-func (p *proxy) accept() {
-	for {
-		in, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		p.mu.Lock()
-		if p.cut {
-			p.mu.Unlock()
-			in.Close()
-			continue
-		}
-		p.conns[in] = struct{}{}
-		p.mu.Unlock()
-		go func() {
-			out, err := net.Dial("tcp", p.target)
-			if err != nil {
-				p.drop(in)
-				return
-			}
-			p.mu.Lock()
-			p.conns[out] = struct{}{}
-			p.mu.Unlock()
-			done := make(chan struct{}, 2)
-			go func() { _, _ = io.Copy(out, in); done <- struct{}{} }()
-			go func() { _, _ = io.Copy(in, out); done <- struct{}{} }()
-			<-done
-			p.drop(in)
-			p.drop(out)
-		}()
-	}
-}
-
-func (p *proxy) drop(c net.Conn) {
-	p.mu.Lock()
-	delete(p.conns, c)
-	p.mu.Unlock()
-	c.Close()
-}
-
-func (p *proxy) setCut(cut bool) {
-	p.mu.Lock()
-	p.cut = cut
-	var live []net.Conn
-	if cut {
-		for c := range p.conns {
-			live = append(live, c)
-		}
-	}
-	p.mu.Unlock()
-	for _, c := range live {
-		c.Close()
-	}
-}
-
-func (p *proxy) close() {
-	p.setCut(true)
-	p.ln.Close()
-}

@@ -392,7 +392,9 @@ func (w *Writer) drain(batch []*pending) error {
 		if len(batch) == 0 {
 			return nil
 		}
-		if w.backpressure.Load() {
+		if w.Backpressure() {
+			// Over quota at shutdown: nothing is written to make room, so
+			// these stay unacknowledged and are redelivered after restart.
 			w.fail(batch, ErrStopped)
 			continue
 		}

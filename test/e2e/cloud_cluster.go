@@ -22,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/outpost-edge/outpost/internal/tcpproxy"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
 )
 
@@ -199,9 +200,7 @@ func (c *cloudCluster) start(i int) {
 		n.Raft, n.HTTP = cloudFreePort(c.t), cloudFreePort(c.t)
 		for k, p := range c.proxies {
 			if k[1] == i {
-				p.mu.Lock()
-				p.target = n.Raft
-				p.mu.Unlock()
+				p.SetTarget(n.Raft)
 			}
 		}
 		_ = os.RemoveAll(n.Data)
@@ -568,112 +567,23 @@ func (c *cloudCluster) metric(n *cloudNode, name string) (float64, bool) {
 }
 
 // cloudProxy forwards connections to a target and can cut them all.
-type cloudProxy struct {
-	ln     net.Listener
-	target string
-	mu     sync.Mutex
-	cut    bool
-	conns  map[net.Conn]struct{}
-	wg     sync.WaitGroup
-}
+type cloudProxy = tcpproxy.Proxy
 
 func startCloudProxy(t *testing.T, target string) *cloudProxy {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	p, err := tcpproxy.Listen(target)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &cloudProxy{ln: ln, target: target, conns: map[net.Conn]struct{}{}}
-	p.wg.Add(1)
-	go p.acceptLoop()
-	t.Cleanup(p.close)
+	t.Cleanup(p.Close)
 	return p
-}
-
-func (p *cloudProxy) Addr() string { return p.ln.Addr().String() }
-
-func (p *cloudProxy) acceptLoop() {
-	defer p.wg.Done()
-	for {
-		in, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		p.mu.Lock()
-		if p.cut {
-			p.mu.Unlock()
-			in.Close()
-			continue
-		}
-		p.conns[in] = struct{}{}
-		p.mu.Unlock()
-		p.wg.Add(1)
-		go p.serve(in)
-	}
-}
-
-func (p *cloudProxy) serve(in net.Conn) {
-	defer p.wg.Done()
-	p.mu.Lock()
-	target := p.target
-	p.mu.Unlock()
-	out, err := net.DialTimeout("tcp", target, 2*time.Second)
-	if err != nil {
-		p.drop(in)
-		return
-	}
-	p.mu.Lock()
-	if p.cut {
-		p.mu.Unlock()
-		out.Close()
-		p.drop(in)
-		return
-	}
-	p.conns[out] = struct{}{}
-	p.mu.Unlock()
-	done := make(chan struct{}, 2)
-	go func() { _, _ = io.Copy(out, in); done <- struct{}{} }()
-	go func() { _, _ = io.Copy(in, out); done <- struct{}{} }()
-	<-done
-	p.drop(in)
-	p.drop(out)
-	<-done
-}
-
-func (p *cloudProxy) drop(c net.Conn) {
-	p.mu.Lock()
-	delete(p.conns, c)
-	p.mu.Unlock()
-	c.Close()
-}
-
-// setCut cuts (closing live connections and refusing new ones) or heals.
-func (p *cloudProxy) setCut(cut bool) {
-	p.mu.Lock()
-	p.cut = cut
-	var live []net.Conn
-	if cut {
-		for c := range p.conns {
-			live = append(live, c)
-		}
-	}
-	p.mu.Unlock()
-	for _, c := range live {
-		c.Close()
-	}
-}
-
-func (p *cloudProxy) close() {
-	p.setCut(true)
-	p.ln.Close()
-	p.wg.Wait()
 }
 
 // isolate cuts (or heals) every raft link to and from node i.
 func (c *cloudCluster) isolate(i int, cut bool) {
 	for k, p := range c.proxies {
 		if k[0] == i || k[1] == i {
-			p.setCut(cut)
+			p.Cut(cut)
 		}
 	}
 }

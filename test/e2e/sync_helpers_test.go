@@ -44,7 +44,7 @@ func (l *syncLink) urls() string {
 
 func (l *syncLink) cut(cut bool) {
 	for _, p := range l.proxies {
-		p.setCut(cut)
+		p.Cut(cut)
 	}
 }
 
