@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -161,7 +162,7 @@ type persistHook struct {
 }
 
 func inflightID(client string, packetID uint16) string {
-	return fmt.Sprintf("%s:%d", client, packetID)
+	return client + ":" + strconv.Itoa(int(packetID))
 }
 
 func (h *persistHook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, resends int) {
@@ -199,12 +200,21 @@ func (h *persistHook) StoredInflightMessages() ([]storage.Message, error) {
 	if h.stored == nil {
 		h.stored = map[string]struct{}{}
 	}
-	for _, m := range msgs {
+	for i := range msgs {
 		// mochi's bolt hook keys in-flight messages "if_{client}:{packet id}"
-		// but does not fill PacketID itself.
-		if i := strings.LastIndexByte(m.ID, ':'); i >= 0 {
-			h.stored[m.Client+m.ID[i:]] = struct{}{}
+		// but does not store PacketID; restored with id 0, every queued
+		// message would collide and be resent under an invalid id.
+		m := &msgs[i]
+		j := strings.LastIndexByte(m.ID, ':')
+		if j < 0 {
+			continue
 		}
+		pid, perr := strconv.ParseUint(m.ID[j+1:], 10, 16)
+		if perr != nil {
+			continue
+		}
+		m.PacketID = uint16(pid)
+		h.stored[inflightID(m.Client, m.PacketID)] = struct{}{}
 	}
 	return msgs, err
 }
@@ -302,7 +312,6 @@ func (h *ingestHook) refuse(cl *mqtt.Client, err error) error {
 type acker struct {
 	jobs chan ackJob
 	log  *slog.Logger
-	done chan struct{}
 }
 
 type ackJob struct {
@@ -311,14 +320,13 @@ type ackJob struct {
 }
 
 func newAcker(log *slog.Logger) *acker {
-	return &acker{jobs: make(chan ackJob, 1<<16), log: log, done: make(chan struct{})}
+	return &acker{jobs: make(chan ackJob, 1<<16), log: log}
 }
 
 func (a *acker) ack(cl *mqtt.Client, pid uint16) { a.jobs <- ackJob{cl, pid} }
 
 // run writes acks until ctx ends and the queue is empty.
 func (a *acker) run(ctx context.Context) {
-	defer close(a.done)
 	bufs := map[*mqtt.Client][]byte{}
 	var order []*mqtt.Client
 	for {
@@ -415,7 +423,7 @@ func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 		return true
 	}
 	user := string(cl.Properties.Username)
-	if _, ok := h.service[user]; ok {
+	if h.isService(user) {
 		return true
 	}
 	if write {
