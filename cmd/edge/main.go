@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -70,20 +71,13 @@ func hashPassword() int {
 		fmt.Fprintln(os.Stderr, "edge hash-password: type the password on stdin")
 		return 2
 	}
-	h, err := bcrypt.GenerateFromPassword([]byte(trimNewline(line)), bcrypt.DefaultCost)
+	h, err := bcrypt.GenerateFromPassword([]byte(strings.TrimRight(line, "\r\n")), bcrypt.DefaultCost)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "edge hash-password: %v\n", err)
 		return 1
 	}
 	fmt.Fprintln(os.Stdout, string(h))
 	return 0
-}
-
-func trimNewline(s string) string {
-	for len(s) > 0 && (s[len(s)-1] == '\n' || s[len(s)-1] == '\r') {
-		s = s[:len(s)-1]
-	}
-	return s
 }
 
 func run(ctx context.Context, cfg config.Edge, log *slog.Logger, level *slog.LevelVar) error {

@@ -17,8 +17,8 @@ func TestSessionSurvivesRestart(t *testing.T) {
 
 	got := make(chan paho.Message, 4)
 	persistent := func(addr string) paho.Client {
-		opts := paho.NewClientOptions().AddBroker("tcp://"+addr).SetClientID("d7").
-			SetCleanSession(false).SetAutoReconnect(false).SetConnectTimeout(5*time.Second).
+		opts := paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID("d7").
+			SetCleanSession(false).SetAutoReconnect(false).SetConnectTimeout(5 * time.Second).
 			SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { got <- m })
 		c := paho.NewClient(opts)
 		waitTok(t, c.Connect(), "connect d7")

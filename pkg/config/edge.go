@@ -3,6 +3,7 @@
 package config
 
 import (
+	"bytes"
 	"errors"
 	"flag"
 	"fmt"
@@ -13,6 +14,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/outpost-edge/outpost/pkg/ident"
 )
 
 // Edge is the edge daemon's configuration.
@@ -224,7 +227,7 @@ func loadYAML(path string, into any) error {
 	if err != nil {
 		return fmt.Errorf("read config: %w", err)
 	}
-	dec := yaml.NewDecoder(strings.NewReader(string(b)))
+	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true) // a misspelt key is an error, not a silent default
 	if err := dec.Decode(into); err != nil && !errors.Is(err, io.EOF) {
 		return fmt.Errorf("config %s: %w", path, err)
@@ -262,7 +265,7 @@ func ParseLocation(s string) (lat, lng float64, ok bool, err error) {
 // Validate reports the first thing wrong with c, in words an operator can act on.
 func (c *Edge) Validate() error {
 	var errs []error
-	if !validName(c.ID) {
+	if !ident.DeviceID(c.ID) {
 		errs = append(errs, fmt.Errorf("id %q must match [A-Za-z0-9._-]{1,64}", c.ID))
 	}
 	if c.DataDir == "" {
@@ -281,7 +284,7 @@ func (c *Edge) Validate() error {
 		errs = append(errs, err)
 	}
 	for dev, hash := range c.MQTT.Devices {
-		if !validName(dev) {
+		if !ident.DeviceID(dev) {
 			errs = append(errs, fmt.Errorf("mqtt.devices: device id %q must match [A-Za-z0-9._-]{1,64}", dev))
 		}
 		if !strings.HasPrefix(hash, "$2") {
@@ -312,17 +315,4 @@ func (c *Edge) Validate() error {
 		c.UnsafeNoSync = true
 	}
 	return errors.Join(errs...)
-}
-
-func validName(s string) bool {
-	if len(s) == 0 || len(s) > 64 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		ch := s[i]
-		if !(ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' || ch == '.' || ch == '_' || ch == '-') {
-			return false
-		}
-	}
-	return true
 }

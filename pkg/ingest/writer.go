@@ -104,7 +104,10 @@ type Writer struct {
 }
 
 type writerMetrics struct {
-	messages     *prometheus.CounterVec
+	messages *prometheus.CounterVec
+	// The messages children, resolved once rather than per message.
+	stored, duplicate, deadLetter prometheus.Counter
+
 	readings     prometheus.Counter
 	batchSize    prometheus.Histogram
 	commit       prometheus.Histogram
@@ -143,6 +146,9 @@ func NewWriter(st Store, dec *Decoder, cfg Config, reg prometheus.Registerer, lo
 			Name: "outpost_ingest_commit_errors_total", Help: "Group commits that failed; their messages were not acknowledged.",
 		}),
 	}
+	w.m.stored = w.m.messages.WithLabelValues("stored")
+	w.m.duplicate = w.m.messages.WithLabelValues("duplicate")
+	w.m.deadLetter = w.m.messages.WithLabelValues("dead_letter")
 	if reg != nil {
 		reg.MustRegister(w.m.messages, w.m.readings, w.m.batchSize, w.m.commit, w.m.ackLatency, w.m.backpressure, w.m.commitErrors,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -336,12 +342,12 @@ func (w *Writer) commit(batch []*pending) {
 	for _, p := range batch {
 		switch {
 		case p.dead != nil:
-			w.m.messages.WithLabelValues("dead_letter").Inc()
+			w.m.deadLetter.Inc()
 		case results[i].Stored == 0 && results[i].Duplicates > 0:
-			w.m.messages.WithLabelValues("duplicate").Inc()
+			w.m.duplicate.Inc()
 			i++
 		default:
-			w.m.messages.WithLabelValues("stored").Inc()
+			w.m.stored.Inc()
 			w.m.readings.Add(float64(results[i].Stored))
 			i++
 		}
@@ -357,7 +363,7 @@ func (w *Writer) poison(p *pending, cause error) {
 	if p.dead == nil {
 		dl := store.DeadLetter{At: p.start.UnixMilli(), Topic: p.topic, Reason: "store refused the message: " + cause.Error(), Payload: p.payload}
 		if _, err := w.st.Ingest(nil, []store.DeadLetter{dl}); err == nil {
-			w.m.messages.WithLabelValues("dead_letter").Inc()
+			w.m.deadLetter.Inc()
 			w.log.Warn("message dead-lettered after the store refused it", "topic", p.topic, "err", cause)
 			p.done(nil)
 			return

@@ -108,8 +108,8 @@ func decodeReadingValue(key, v []byte) (Reading, uint64, error) {
 	return r, seq, nil
 }
 
-// metricValue finds one metric in an encoded reading value without decoding
-// the others; used by filtered scans.
+// readingSeq reads the outbox sequence at the start of an encoded reading
+// value without decoding the rest; retention uses it to skip unsynced readings.
 func readingSeq(v []byte) uint64 {
 	seq, _ := binary.Uvarint(v)
 	return seq

@@ -94,6 +94,7 @@ type batchWriter struct {
 	newDevices uint64
 	scratch    []byte
 	val        []byte
+	fresh      []Reading // the item's new readings; encoded into the outbox entry, then reused
 }
 
 func (w *batchWriter) bucket(parent *bolt.Bucket, cache map[string]*bolt.Bucket, dev string) (*bolt.Bucket, error) {
@@ -158,7 +159,7 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 		return res, err
 	}
 	seq := *head + 1 // the outbox entry these readings will travel in
-	fresh := make([]Reading, 0, len(it.Readings))
+	fresh := w.fresh[:0]
 	for i := range it.Readings {
 		r := &it.Readings[i]
 		w.scratch = appendMetrics(w.scratch[:0], r.Metrics)
@@ -178,12 +179,14 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 			continue
 		}
 		w.val = encodeReadingValue(w.val[:0], seq, r.ID, w.scratch)
-		// bbolt keeps references to keys and values until commit.
-		if err := rb.Put(append([]byte(nil), key[:]...), append([]byte(nil), w.val...)); err != nil {
+		// bbolt keeps references to keys and values until commit; one
+		// copy of the key serves both puts, as neither is modified.
+		k := append([]byte(nil), key[:]...)
+		if err := rb.Put(k, append([]byte(nil), w.val...)); err != nil {
 			return res, err
 		}
 		if ib != nil {
-			if err := ib.Put([]byte(r.ID), append([]byte(nil), key[:]...)); err != nil {
+			if err := ib.Put([]byte(r.ID), k); err != nil {
 				return res, err
 			}
 		}
@@ -200,6 +203,7 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 		fresh = append(fresh, *r)
 		res.Stored++
 	}
+	w.fresh = fresh // appendOutbox encodes it, so the next item may reuse it
 	if len(fresh) > 0 {
 		c := Change{Kind: ChangeReadings, Device: it.Device, Stamp: w.s.clock.Now(), Readings: fresh}
 		if err := w.s.appendOutbox(w.tx, head, &c); err != nil {

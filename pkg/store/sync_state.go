@@ -185,13 +185,6 @@ func (s *Store) ApplyRemote(changes []Change) ([]Applied, error) {
 	return out, nil
 }
 
-// v2stamp reads the stamp of a stored user record.
-func v2stamp(v []byte) hlc.Timestamp {
-	var u User
-	_ = json.Unmarshal(v, &u)
-	return u.Stamp
-}
-
 // metaWins is last-writer-wins for whole meta records; equal stamps are
 // broken by content so every order of delivery picks the same winner.
 func metaWins(a, b *DeviceMeta) bool {
@@ -225,13 +218,18 @@ func (s *Store) applyRemoteUser(tx *bolt.Tx, a *Applied, u User) error {
 		if err := json.Unmarshal(v, &cur); err != nil {
 			return fmt.Errorf("decode user %s: %w", u.OpenID, err)
 		}
-		cur.Stamp = 0
-		nu := u
-		nu.Stamp = 0
-		a, _ := json.Marshal(nu)
-		b, _ := json.Marshal(cur)
-		if u.Stamp < v2stamp(v) || (u.Stamp == v2stamp(v) && string(a) <= string(b)) {
-			return nil // older, or the same write again
+		if u.Stamp < cur.Stamp {
+			return nil // older
+		}
+		if u.Stamp == cur.Stamp {
+			// Equal stamps: break the tie by content, as metaWins does.
+			nu := u
+			nu.Stamp, cur.Stamp = 0, 0
+			ja, _ := json.Marshal(nu)
+			jc, _ := json.Marshal(cur)
+			if string(ja) <= string(jc) {
+				return nil // the same write again, or the loser of the tie
+			}
 		}
 	}
 	v, err := json.Marshal(u)

@@ -109,7 +109,7 @@ type User struct {
 
 // PutUser stores a user's roles and regions and queues the change for sync.
 func (s *Store) PutUser(u User) error {
-	err := s.update(func(tx *bolt.Tx, head *uint64, created *uint64) error {
+	err := s.update(func(tx *bolt.Tx, head *uint64, _ *uint64) error {
 		u.Stamp = s.clock.Now()
 		v, err := json.Marshal(u)
 		if err != nil {
