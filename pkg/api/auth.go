@@ -7,12 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/outpost-edge/outpost/pkg/auth"
+	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/wechat"
@@ -109,7 +111,7 @@ func (s *Server) login(c *fiber.Ctx) error {
 		if !s.cfg.DevLogin {
 			return fail(c, fiber.StatusBadRequest, "dev login is disabled on this edge (start it with -dev-login for development)")
 		}
-		if !validOpenID(openid) {
+		if !ident.OpenID(openid) {
 			return fail(c, fiber.StatusBadRequest, "dev login openid must be 1 to 128 printable characters without '/', '\\', '%' or '..'")
 		}
 		pair, err := s.deps.Tokens.Issue(ctx, openid)
@@ -201,28 +203,36 @@ func (s *Server) authenticate(c *fiber.Ctx) error {
 		}
 		return fail(c, fiber.StatusUnauthorized, "invalid access token: log in again")
 	}
-	u := policy.User{OpenID: claims.OpenID, Roles: []string{}, Regions: []string{}}
+	u := policy.User{OpenID: claims.OpenID}
 	if cu, ok := s.users.get(claims.OpenID); ok {
 		u.Roles, u.Regions = cu.roles, cu.regions
 	} else {
-		rec, err := s.deps.Store.User(claims.OpenID)
-		switch {
-		case err == nil:
-			u.Roles, u.Regions = nonNil(rec.Roles), nonNil(rec.Regions)
-		case !errors.Is(err, store.ErrNotFound):
-			return fmt.Errorf("load user %s: %w", claims.OpenID, err)
+		if u.Roles, u.Regions, err = s.loadUser(claims.OpenID); err != nil {
+			return err
 		}
 		s.users.put(claims.OpenID, u.Roles, u.Regions)
-	}
-	for _, a := range s.cfg.Admins {
-		if a == claims.OpenID {
-			u.Roles = append(append([]string(nil), u.Roles...), "admin")
-			break
-		}
 	}
 	c.Locals(localOpenID, claims.OpenID)
 	c.Locals(localUser, u)
 	return c.Next()
+}
+
+// loadUser reads openid's roles and regions from the store (none for an
+// unknown user), adding the admin role if the configuration names openid an
+// admin. The slices are never nil and may be cached and shared.
+func (s *Server) loadUser(openid string) (roles, regions []string, err error) {
+	roles, regions = []string{}, []string{}
+	rec, err := s.deps.Store.User(openid)
+	switch {
+	case err == nil:
+		roles, regions = nonNil(rec.Roles), nonNil(rec.Regions)
+	case !errors.Is(err, store.ErrNotFound):
+		return nil, nil, fmt.Errorf("load user %s: %w", openid, err)
+	}
+	if slices.Contains(s.cfg.Admins, openid) {
+		roles = append(slices.Clip(roles), "admin")
+	}
+	return roles, regions, nil
 }
 
 func userOf(c *fiber.Ctx) policy.User {

@@ -12,6 +12,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 	"github.com/gofiber/fiber/v2/utils"
 
+	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/shadow"
 	"github.com/outpost-edge/outpost/pkg/store"
@@ -68,7 +69,7 @@ func resourceOf(d *store.Device) policy.Resource {
 // device loads the path's device and checks action on it.
 func (s *Server) device(c *fiber.Ctx, action string) (*store.Device, error) {
 	id := c.Params("id")
-	if !validID(id, 64) {
+	if !ident.DeviceID(id) {
 		return nil, fail(c, fiber.StatusBadRequest, badDeviceID)
 	}
 	d, err := s.deps.Store.Device(id)
@@ -95,7 +96,7 @@ func (s *Server) listDevices(c *fiber.Ctx) error {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
 	after := c.Query("cursor")
-	if after != "" && !validID(after, 64) {
+	if after != "" && !ident.DeviceID(after) {
 		return fail(c, fiber.StatusBadRequest, "cursor: malformed; pass next_cursor from the previous page")
 	}
 	// Policy filters the list item by item; bound the scan so a caller who
@@ -305,7 +306,7 @@ type desiredRequest struct {
 
 func (s *Server) putDesired(c *fiber.Ctx) error {
 	id := c.Params("id")
-	if !validID(id, 64) {
+	if !ident.DeviceID(id) {
 		return fail(c, fiber.StatusBadRequest, badDeviceID)
 	}
 	var req desiredRequest
@@ -370,7 +371,7 @@ type metaRequest struct {
 
 func (s *Server) putMeta(c *fiber.Ctx) error {
 	id := c.Params("id")
-	if !validID(id, 64) {
+	if !ident.DeviceID(id) {
 		return fail(c, fiber.StatusBadRequest, badDeviceID)
 	}
 	var req metaRequest
@@ -381,18 +382,18 @@ func (s *Server) putMeta(c *fiber.Ctx) error {
 		return fail(c, fiber.StatusBadRequest, "owners: at most 256")
 	}
 	for _, o := range req.Owners {
-		if !validOpenID(o) {
+		if !ident.OpenID(o) {
 			return fail(c, fiber.StatusBadRequest, fmt.Sprintf("owners: %q is not a valid openid", truncate(o)))
 		}
 	}
-	if req.Region != "" && !validID(req.Region, 64) {
+	if req.Region != "" && !ident.Valid(req.Region, 64) {
 		return fail(c, fiber.StatusBadRequest, "region must match [A-Za-z0-9._-]{1,64}")
 	}
 	if len(req.Tags) > 64 {
 		return fail(c, fiber.StatusBadRequest, "tags: at most 64")
 	}
 	for k, v := range req.Tags {
-		if !validID(k, 64) || len(v) > 256 {
+		if !ident.Valid(k, 64) || len(v) > 256 {
 			return fail(c, fiber.StatusBadRequest, fmt.Sprintf("tags: key %q must match [A-Za-z0-9._-]{1,64} and values be at most 256 bytes", truncate(k)))
 		}
 	}
@@ -420,7 +421,7 @@ var knownRoles = map[string]bool{"admin": true, "operator": true, "viewer": true
 
 func (s *Server) putUser(c *fiber.Ctx) error {
 	openid := c.Params("openid")
-	if !validOpenID(openid) {
+	if !ident.OpenID(openid) {
 		return fail(c, fiber.StatusBadRequest, "openid must be 1 to 128 printable characters without '/', '\\', '%' or '..'")
 	}
 	var req userRequest
@@ -436,7 +437,7 @@ func (s *Server) putUser(c *fiber.Ctx) error {
 		return fail(c, fiber.StatusBadRequest, "regions: at most 256")
 	}
 	for _, r := range req.Regions {
-		if !validID(r, 64) {
+		if !ident.Valid(r, 64) {
 			return fail(c, fiber.StatusBadRequest, fmt.Sprintf("regions: %q must match [A-Za-z0-9._-]{1,64}", truncate(r)))
 		}
 	}

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"strings"
 	"testing"
+
+	"github.com/outpost-edge/outpost/pkg/ident"
 )
 
 // FuzzParams drives every query-parameter parser with the same input and
@@ -57,7 +59,7 @@ func FuzzParams(f *testing.F) {
 		} else if d := GreatCircleKM(lat, lng, 0, 0); !(d >= 0 && d <= 20016) {
 			t.Fatalf("GreatCircleKM(%v, %v) = %v", lat, lng, d)
 		}
-		if validID(a, 64) {
+		if ident.Valid(a, 64) {
 			if len(a) < 1 || len(a) > 64 || a == "." || a == ".." || strings.ContainsAny(a, "/\\%\x00 ") {
 				t.Fatalf("validID(%q)", a)
 			}
@@ -67,7 +69,7 @@ func FuzzParams(f *testing.F) {
 				}
 			}
 		}
-		if validOpenID(a) {
+		if ident.OpenID(a) {
 			if len(a) < 1 || len(a) > 128 || strings.Contains(a, "..") || strings.ContainsAny(a, "/\\%") {
 				t.Fatalf("validOpenID(%q)", a)
 			}

@@ -1,12 +1,12 @@
 package api
 
 import (
-	"github.com/outpost-edge/outpost/pkg/ident"
-
 	"errors"
 	"fmt"
 	"strconv"
 	"time"
+
+	"github.com/outpost-edge/outpost/pkg/ident"
 )
 
 // errParam marks a malformed query parameter; handlers answer 400 with it.
@@ -93,13 +93,7 @@ func parseLatLng(lat, lng string) (float64, float64, error) {
 }
 
 // validMetric matches metric names as the ingest decoder accepts them.
-func validMetric(s string) bool { return validID(s, 64) }
-
-// validID matches [A-Za-z0-9._-]{1,max}.
-func validID(s string, max int) bool { return ident.Valid(s, max) }
-
-// validOpenID accepts WeChat openids and dev-login names.
-func validOpenID(s string) bool { return ident.OpenID(s) }
+func validMetric(s string) bool { return ident.Valid(s, 64) }
 
 func truncate(s string) string {
 	if len(s) > 64 {

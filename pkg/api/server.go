@@ -13,7 +13,6 @@ import (
 	"log/slog"
 	"net"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -289,20 +288,10 @@ func (s *Server) securityHeaders(c *fiber.Ctx) error {
 	return c.Next()
 }
 
+// accessLog measures every request (obs.HTTPMetrics) and logs it at debug
+// level, or at error level when it failed.
 func (s *Server) accessLog(c *fiber.Ctx) error {
-	start := time.Now()
-	defer s.m.Begin()()
-	method := strings.Clone(c.Method()) // Fiber's string may not outlive the handler
-	err := c.Next()
-	if err != nil {
-		if herr := s.app.ErrorHandler(c, err); herr != nil {
-			c.Status(fiber.StatusInternalServerError)
-		}
-	}
-	status := c.Response().StatusCode()
-	elapsed := time.Since(start)
-	route := c.Route().Path
-	s.m.Observe(route, method, status, elapsed)
+	status, elapsed := s.m.Serve(c)
 	if s.log.Enabled(c.UserContext(), slog.LevelDebug) || status >= 500 {
 		lvl := slog.LevelDebug
 		if status >= 500 {

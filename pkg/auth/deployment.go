@@ -6,8 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"time"
-
-	"github.com/golang-jwt/jwt/v5"
 )
 
 // refreshTyp is the JWT "typ" header of signed refresh tokens, so that one
@@ -68,18 +66,7 @@ type Session struct {
 
 // NewIssuer builds an Issuer on keys.
 func NewIssuer(keys *Keyring, cfg IssuerConfig) *Issuer {
-	if cfg.AccessTTL <= 0 {
-		cfg.AccessTTL = DefaultAccessTTL
-	}
-	if cfg.RefreshTTL <= 0 {
-		cfg.RefreshTTL = DefaultRefreshTTL
-	}
-	if cfg.Leeway <= 0 {
-		cfg.Leeway = DefaultLeeway
-	}
-	if cfg.Now == nil {
-		cfg.Now = time.Now
-	}
+	tokenDefaults(&cfg.AccessTTL, &cfg.RefreshTTL, &cfg.Leeway, &cfg.Now)
 	return &Issuer{cfg: cfg, keys: keys,
 		access:  newVerifier(keys, cfg.Leeway, cfg.Now),
 		refresh: NewRefreshVerifier(keys, cfg.Leeway, cfg.Now).v}
@@ -107,7 +94,7 @@ func (i *Issuer) issue(ctx context.Context, openid, family string) (Pair, Sessio
 	if err != nil {
 		return Pair{}, Session{}, err
 	}
-	refresh, rc, err := signRefresh(i.keys, i.cfg.Issuer, openid, family, now, i.cfg.RefreshTTL)
+	refresh, rc, err := signToken(i.keys, refreshTyp, i.cfg.Issuer, openid, family, now, i.cfg.RefreshTTL)
 	if err != nil {
 		return Pair{}, Session{}, err
 	}
@@ -181,27 +168,6 @@ func refreshErr(err error) error {
 		return fmt.Errorf("%w: %v", ErrRefreshExpired, err)
 	}
 	return fmt.Errorf("%w: %v", ErrRefreshNotFound, err)
-}
-
-func signRefresh(k *Keyring, issuer, openid, family string, now time.Time, ttl time.Duration) (string, Claims, error) {
-	kid, priv := k.signer()
-	jti, err := randomToken(16)
-	if err != nil {
-		return "", Claims{}, err
-	}
-	now = now.Truncate(time.Second)
-	c := Claims{OpenID: openid, Issuer: issuer, ID: jti, Family: family, KeyID: kid, IssuedAt: now, ExpiresAt: now.Add(ttl)}
-	tok := jwt.NewWithClaims(jwt.SigningMethodEdDSA, tokenClaims{RegisteredClaims: jwt.RegisteredClaims{
-		Subject: openid, Issuer: issuer, ID: jti,
-		IssuedAt: jwt.NewNumericDate(now), NotBefore: jwt.NewNumericDate(now), ExpiresAt: jwt.NewNumericDate(c.ExpiresAt),
-	}, Family: family})
-	tok.Header["kid"] = kid
-	tok.Header["typ"] = refreshTyp
-	s, err := tok.SignedString(priv)
-	if err != nil {
-		return "", Claims{}, fmt.Errorf("auth: sign refresh token: %w", err)
-	}
-	return s, c, nil
 }
 
 // AccessOnly signs a fresh access token for openid in session family with

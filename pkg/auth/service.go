@@ -47,6 +47,22 @@ type Config struct {
 	Logger              *slog.Logger     // default slog.Default()
 }
 
+// tokenDefaults fills in the token settings Config and IssuerConfig share.
+func tokenDefaults(accessTTL, refreshTTL, leeway *time.Duration, now *func() time.Time) {
+	if *accessTTL <= 0 {
+		*accessTTL = DefaultAccessTTL
+	}
+	if *refreshTTL <= 0 {
+		*refreshTTL = DefaultRefreshTTL
+	}
+	if *leeway <= 0 {
+		*leeway = DefaultLeeway
+	}
+	if *now == nil {
+		*now = time.Now
+	}
+}
+
 // Service issues, refreshes and verifies user credentials.
 type Service struct {
 	cfg     Config
@@ -62,20 +78,9 @@ func NewService(keys *Keyring, db *bolt.DB, cfg Config) (*Service, error) {
 	if keys == nil || db == nil {
 		return nil, errors.New("auth: keyring and database are required")
 	}
-	if cfg.AccessTTL <= 0 {
-		cfg.AccessTTL = DefaultAccessTTL
-	}
-	if cfg.RefreshTTL <= 0 {
-		cfg.RefreshTTL = DefaultRefreshTTL
-	}
-	if cfg.Leeway <= 0 {
-		cfg.Leeway = DefaultLeeway
-	}
+	tokenDefaults(&cfg.AccessTTL, &cfg.RefreshTTL, &cfg.Leeway, &cfg.Now)
 	if cfg.MaintenanceInterval <= 0 {
 		cfg.MaintenanceInterval = DefaultMaintenanceInterval
-	}
-	if cfg.Now == nil {
-		cfg.Now = time.Now
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()

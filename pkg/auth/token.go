@@ -44,6 +44,13 @@ func signAccess(k *Keyring, issuer, openid string, now time.Time, ttl time.Durat
 // signAccessFamily signs an access token that names its session, so that
 // revoking the session can refuse it too.
 func signAccessFamily(k *Keyring, issuer, openid, family string, now time.Time, ttl time.Duration) (string, Claims, error) {
+	return signToken(k, "", issuer, openid, family, now, ttl)
+}
+
+// signToken signs a token for openid with the keyring's signing key: an
+// access token when typ is "" (the JWT default typ), else one with that typ
+// header (refreshTyp).
+func signToken(k *Keyring, typ, issuer, openid, family string, now time.Time, ttl time.Duration) (string, Claims, error) {
 	kid, priv := k.signer()
 	jti, err := randomToken(16)
 	if err != nil {
@@ -61,9 +68,14 @@ func signAccessFamily(k *Keyring, issuer, openid, family string, now time.Time, 
 		ExpiresAt: jwt.NewNumericDate(c.ExpiresAt),
 	}, Family: family})
 	tok.Header["kid"] = kid
+	what := "access"
+	if typ != "" {
+		tok.Header["typ"] = typ
+		what = "refresh"
+	}
 	s, err := tok.SignedString(priv)
 	if err != nil {
-		return "", Claims{}, fmt.Errorf("auth: sign access token: %w", err)
+		return "", Claims{}, fmt.Errorf("auth: sign %s token: %w", what, err)
 	}
 	return s, c, nil
 }

@@ -76,6 +76,14 @@ func (m *HTTPMetrics) Begin() func() {
 // error from a handler is rendered by the app's error handler here, so the
 // status recorded is the one the client gets.
 func (m *HTTPMetrics) Middleware(c *fiber.Ctx) error {
+	m.Serve(c)
+	return nil
+}
+
+// Serve runs the rest of c's handler chain measured, as Middleware does, and
+// returns the status the client gets and how long the request took: for a
+// middleware that also logs requests.
+func (m *HTTPMetrics) Serve(c *fiber.Ctx) (status int, elapsed time.Duration) {
 	start := time.Now()
 	defer m.Begin()()
 	// Copied before the handler runs: Fiber's strings point into buffers
@@ -86,8 +94,9 @@ func (m *HTTPMetrics) Middleware(c *fiber.Ctx) error {
 			c.Status(fiber.StatusInternalServerError)
 		}
 	}
-	m.Observe(c.Route().Path, method, c.Response().StatusCode(), time.Since(start))
-	return nil
+	status, elapsed = c.Response().StatusCode(), time.Since(start)
+	m.Observe(c.Route().Path, method, status, elapsed)
+	return status, elapsed
 }
 
 // Version is the release, set at link time:

@@ -92,8 +92,7 @@ type Config struct {
 // the pointer invalidates cached decisions atomically with the policy.
 type compiled struct {
 	pq      rego.PreparedEvalQuery
-	version string // hash of the module sources
-	files   []string
+	version string                                  // hash of the module sources
 	cache   *lru.Cache[[sha256.Size]byte, Decision] // nil when caching is off
 }
 
@@ -251,7 +250,7 @@ func (e *Engine) Reload(ctx context.Context) (changed bool, err error) {
 	if err != nil {
 		return false, e.reloadFailed(version, fmt.Errorf("policy: compile %s: %w", e.cfg.Dir, err))
 	}
-	c.version, c.files = version, files
+	c.version = version
 	c.cache = newCache(e.cfg.CacheSize)
 	prev := e.cur.Swap(c)
 	e.failed = ""
@@ -402,8 +401,7 @@ func (in Input) astValue() ast.Value {
 func cacheKey(in Input) [sha256.Size]byte {
 	h := sha256.New()
 	str := func(s string) {
-		var n [binary.MaxVarintLen64]byte
-		h.Write(n[:binary.PutUvarint(n[:], uint64(len(s)))])
+		writeLen(h, len(s))
 		h.Write([]byte(s))
 	}
 	list := func(ss []string) {
