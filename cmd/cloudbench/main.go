@@ -10,14 +10,12 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"log"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -31,6 +29,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/outpost-edge/outpost/internal/benchproc"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -96,7 +95,7 @@ func run(bin string, dur time.Duration) error {
 		}
 	}()
 	for i := 0; i < 3; i++ {
-		n := &node{id: fmt.Sprintf("b%d", i), raft: freePort(), http: freePort(), data: filepath.Join(dir, fmt.Sprint(i))}
+		n := &node{id: fmt.Sprintf("b%d", i), raft: benchproc.FreeAddr(), http: benchproc.FreeAddr(), data: filepath.Join(dir, fmt.Sprint(i))}
 		nodes = append(nodes, n)
 		join := ""
 		if i > 0 {
@@ -138,15 +137,6 @@ func run(bin string, dur time.Duration) error {
 	j, _ := json.Marshal(out)
 	fmt.Println(string(j))
 	return nil
-}
-
-func freePort() string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		panic(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
 }
 
 func start(bin string, n *node, join string) error {
@@ -239,24 +229,6 @@ func urlsLeaderFirst(nodes []*node, lead *node) []string {
 	return urls
 }
 
-func rssMB(pid int) float64 { return procStatusMB(pid, "VmRSS:") }
-
-func procStatusMB(pid int, key string) float64 {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if strings.HasPrefix(sc.Text(), key) {
-			kb, _ := strconv.Atoi(strings.Fields(sc.Text())[1])
-			return float64(kb) / 1024
-		}
-	}
-	return 0
-}
-
 // runPhase runs pushers concurrent edges, each pushing batches of size
 // readings back to back, and counts what the cluster acknowledged during
 // the measured window (after a one-second warm-up).
@@ -331,8 +303,8 @@ func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.D
 	tick := time.NewTicker(100 * time.Millisecond)
 	for time.Since(t0) < dur {
 		<-tick.C
-		peak = max(peak, rssMB(lead.cmd.Process.Pid))
-		anon = max(anon, procStatusMB(lead.cmd.Process.Pid, "RssAnon:"))
+		st := benchproc.StatusMB(lead.cmd.Process.Pid)
+		peak, anon = max(peak, st["VmRSS"]), max(anon, st["RssAnon"])
 	}
 	tick.Stop()
 	measuring.Store(false)

@@ -123,7 +123,8 @@ func run(ctx context.Context, cfg config.Edge, log *slog.Logger, level *slog.Lev
 		return fmt.Errorf("open keyring: %w", err)
 	}
 	tokens, err := auth.NewService(keys, st.DB(), auth.Config{
-		Issuer: cfg.ID, AccessTTL: cfg.Auth.AccessTTL, RefreshTTL: cfg.Auth.RefreshTTL, Logger: log,
+		Issuer: cfg.ID, AccessTTL: cfg.Auth.AccessTTL, RefreshTTL: cfg.Auth.RefreshTTL,
+		KeyRotation: cfg.Auth.KeyRotation, Logger: log,
 	})
 	if err != nil {
 		return fmt.Errorf("auth: %w", err)

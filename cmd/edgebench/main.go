@@ -9,7 +9,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -32,6 +31,8 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/hooks/auth"
 	"github.com/mochi-mqtt/server/v2/listeners"
+
+	"github.com/outpost-edge/outpost/internal/benchproc"
 )
 
 type options struct {
@@ -116,7 +117,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
 
 	// Baseline: a bare mochi broker in its own process, a subscriber that
 	// only acknowledges, and the same publishers.
-	bareAddr := freeAddr()
+	bareAddr := benchproc.FreeAddr()
 	bare := exec.CommandContext(ctx, self, "bare-broker", bareAddr)
 	bare.Stderr = os.Stderr
 	if err := bare.Start(); err != nil {
@@ -142,7 +143,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
 	res.BaselineP99ms = base.p99
 
 	// The edge under test, as a real process with its own data directory.
-	httpAddr, mqttAddr := freeAddr(), freeAddr()
+	httpAddr, mqttAddr := benchproc.FreeAddr(), benchproc.FreeAddr()
 	dataDir := filepath.Join(tmp, "data")
 	cfgPath := filepath.Join(tmp, "edge.yaml")
 	// The verification reads every reading back; rate limits would get in the way.
@@ -160,7 +161,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
 		return res, err
 	}
 	defer func() { edge.Process.Signal(syscall.SIGTERM); edge.Wait() }()
-	if err := waitHTTP(ctx, "http://"+httpAddr+"/readyz"); err != nil {
+	if err := benchproc.WaitHTTP(ctx, "http://"+httpAddr+"/readyz", 20*time.Second); err != nil {
 		return res, err
 	}
 	mem := newMemSampler(edge.Process.Pid)
@@ -208,7 +209,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
 			return res, err
 		}
 	}
-	res.RSSMB = peakRSSMB(edge.Process.Pid)
+	res.RSSMB = round(benchproc.StatusMB(edge.Process.Pid)["VmHWM"], 1)
 	res.RSSAnonMB, res.RSSFileMB = mem.stop()
 	if o.verbose {
 		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", edge.Process.Pid))
@@ -525,15 +526,6 @@ func bareBroker(addr string) int {
 
 // ---- helpers ----
 
-func freeAddr() string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		panic(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 func waitTCP(ctx context.Context, addr string) error {
 	deadline := time.Now().Add(15 * time.Second)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
@@ -544,34 +536,6 @@ func waitTCP(ctx context.Context, addr string) error {
 		time.Sleep(20 * time.Millisecond)
 	}
 	return fmt.Errorf("%s not listening", addr)
-}
-
-func waitHTTP(ctx context.Context, url string) error {
-	deadline := time.Now().Add(20 * time.Second)
-	for time.Now().Before(deadline) && ctx.Err() == nil {
-		if resp, err := http.Get(url); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return errors.New(url + " not ready")
-}
-
-func peakRSSMB(pid int) float64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
-			kb, _ := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 64)
-			return round(kb/1024, 1)
-		}
-	}
-	return 0
 }
 
 func mustGetwd() string {
@@ -615,8 +579,8 @@ func newMemSampler(pid int) *memSampler {
 		t := time.NewTicker(50 * time.Millisecond)
 		defer t.Stop()
 		for {
-			a, f := rssSplit(pid)
-			m.anon, m.file = max(m.anon, a), max(m.file, f)
+			st := benchproc.StatusMB(pid)
+			m.anon, m.file = max(m.anon, st["RssAnon"]), max(m.file, st["RssFile"])
 			select {
 			case <-m.done:
 				return
@@ -631,25 +595,4 @@ func newMemSampler(pid int) *memSampler {
 func (m *memSampler) stop() (anon, file float64) {
 	m.once.Do(func() { close(m.done); m.wg.Wait() })
 	return round(m.anon, 1), round(m.file, 1)
-}
-
-func rssSplit(pid int) (anon, file float64) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		kb, _ := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 64)
-		switch k {
-		case "RssAnon":
-			anon = kb / 1024
-		case "RssFile":
-			file = kb / 1024
-		}
-	}
-	return anon, file
 }

@@ -10,8 +10,6 @@
 package main
 
 import (
-	"github.com/outpost-edge/outpost/internal/tcpproxy"
-
 	"bufio"
 	"bytes"
 	"context"
@@ -21,7 +19,6 @@ import (
 	"fmt"
 	"io"
 	"log"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -34,6 +31,9 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/outpost-edge/outpost/internal/benchproc"
+	"github.com/outpost-edge/outpost/internal/tcpproxy"
 )
 
 const (
@@ -103,7 +103,7 @@ func run(readings, devices, per, live int, binDir string, keep bool) (*result, e
 	// The cloud: three nodes.
 	var nodes []string
 	for i := 0; i < 3; i++ {
-		httpAddr, raftAddr := freePort(), freePort()
+		httpAddr, raftAddr := benchproc.FreeAddr(), benchproc.FreeAddr()
 		args := []string{"-id", fmt.Sprintf("n%d", i), "-raft", raftAddr, "-http", httpAddr,
 			"-data", filepath.Join(tmp, fmt.Sprintf("n%d", i)), "-api-token", apiToken, "-log-level", "warn",
 			"-edge-token", edgeID + "=" + edgeToken}
@@ -119,7 +119,7 @@ func run(readings, devices, per, live int, binDir string, keep bool) (*result, e
 		}
 		procs = append(procs, cmd)
 		nodes = append(nodes, httpAddr)
-		if err := waitHTTP("http://"+httpAddr+"/readyz", 20*time.Second); err != nil {
+		if err := benchproc.WaitHTTP(context.Background(), "http://"+httpAddr+"/readyz", 20*time.Second); err != nil {
 			return nil, fmt.Errorf("cloud node %d: %w", i, err)
 		}
 	}
@@ -140,7 +140,7 @@ func run(readings, devices, per, live int, binDir string, keep bool) (*result, e
 		proxies = append(proxies, p)
 		urls = append(urls, "http://"+p.Addr())
 	}
-	edgeHTTP, mqttAddr := freePort(), freePort()
+	edgeHTTP, mqttAddr := benchproc.FreeAddr(), benchproc.FreeAddr()
 	edge := exec.Command(filepath.Join(binDir, "edge"), "-id", edgeID, "-data", filepath.Join(tmp, "edge"),
 		"-http", edgeHTTP, "-mqtt-listen", mqttAddr, "-cloud", strings.Join(urls, ","), "-cloud-token", edgeToken,
 		"-cloud-backoff-max", "500ms", "-log-level", "warn")
@@ -149,7 +149,7 @@ func run(readings, devices, per, live int, binDir string, keep bool) (*result, e
 		return nil, err
 	}
 	procs = append(procs, edge)
-	if err := waitHTTP("http://"+edgeHTTP+"/readyz", 20*time.Second); err != nil {
+	if err := benchproc.WaitHTTP(context.Background(), "http://"+edgeHTTP+"/readyz", 20*time.Second); err != nil {
 		return nil, fmt.Errorf("edge: %w", err)
 	}
 
@@ -195,9 +195,9 @@ func run(readings, devices, per, live int, binDir string, keep bool) (*result, e
 	res.LiveSamples = len(lat)
 	res.LiveP50Ms, res.LiveP99Ms = round(pct(lat, 50)), round(pct(lat, 99))
 
-	res.EdgeRSSMB = round(procStatusMB(edge.Process.Pid, "VmHWM:"))
+	res.EdgeRSSMB = round(benchproc.StatusMB(edge.Process.Pid)["VmHWM"])
 	for _, p := range procs[:3] {
-		res.CloudRSSMB = max(res.CloudRSSMB, round(procStatusMB(p.Process.Pid, "VmHWM:")))
+		res.CloudRSSMB = max(res.CloudRSSMB, round(benchproc.StatusMB(p.Process.Pid)["VmHWM"]))
 	}
 	return res, nil
 }
@@ -500,46 +500,6 @@ func waitMembers(nodes []string, n int, d time.Duration) error {
 	return fmt.Errorf("cluster of %d did not form within %s", n, d)
 }
 
-func waitHTTP(url string, d time.Duration) error {
-	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) {
-		resp, err := http.Get(url)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return nil
-			}
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("%s not ready within %s", url, d)
-}
-
-func freePort() string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		panic(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-func procStatusMB(pid int, key string) float64 {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if strings.HasPrefix(sc.Text(), key) {
-			kb, _ := strconv.Atoi(strings.Fields(sc.Text())[1])
-			return float64(kb) / 1024
-		}
-	}
-	return 0
-}
-
 func pct(v []float64, p float64) float64 {
 	if len(v) == 0 {
 		return 0
@@ -552,5 +512,3 @@ func pct(v []float64, p float64) float64 {
 
 func round(f float64) float64  { return float64(int64(f*10)) / 10 }
 func round3(f float64) float64 { return float64(int64(f*1000)) / 1000 }
-
-// proxy is a TCP forwarder that can be cut (closing live connections and

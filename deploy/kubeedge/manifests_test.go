@@ -162,6 +162,14 @@ func stripComments(doc string) string {
 	return b.String()
 }
 
+// decodeInto strictly decodes doc as a T and appends it to list.
+func decodeInto[T any](t *testing.T, name string, doc []byte, list *[]*T) {
+	t.Helper()
+	o := new(T)
+	strictYAML(t, name, doc, o)
+	*list = append(*list, o)
+}
+
 func (m *manifests) decode(t *testing.T, name string, doc []byte) {
 	t.Helper()
 	var tm metav1.TypeMeta
@@ -170,29 +178,17 @@ func (m *manifests) decode(t *testing.T, name string, doc []byte) {
 	}
 	switch tm.APIVersion + "/" + tm.Kind {
 	case "apps/v1/Deployment":
-		o := &appsv1.Deployment{}
-		strictYAML(t, name, doc, o)
-		m.deployments = append(m.deployments, o)
+		decodeInto(t, name, doc, &m.deployments)
 	case "apps/v1/StatefulSet":
-		o := &appsv1.StatefulSet{}
-		strictYAML(t, name, doc, o)
-		m.statefulSets = append(m.statefulSets, o)
+		decodeInto(t, name, doc, &m.statefulSets)
 	case "v1/Service":
-		o := &corev1.Service{}
-		strictYAML(t, name, doc, o)
-		m.services = append(m.services, o)
+		decodeInto(t, name, doc, &m.services)
 	case "v1/Secret":
-		o := &corev1.Secret{}
-		strictYAML(t, name, doc, o)
-		m.secrets = append(m.secrets, o)
+		decodeInto(t, name, doc, &m.secrets)
 	case "v1/Namespace":
-		o := &corev1.Namespace{}
-		strictYAML(t, name, doc, o)
-		m.namespaces = append(m.namespaces, o)
+		decodeInto(t, name, doc, &m.namespaces)
 	case "policy/v1/PodDisruptionBudget":
-		o := &policyv1.PodDisruptionBudget{}
-		strictYAML(t, name, doc, o)
-		m.pdbs = append(m.pdbs, o)
+		decodeInto(t, name, doc, &m.pdbs)
 	default:
 		t.Fatalf("%s: unexpected %s %s (teach the test about it)", name, tm.APIVersion, tm.Kind)
 	}

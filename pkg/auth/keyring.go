@@ -222,6 +222,10 @@ func (k *Keyring) publicKey(kid string) (ed25519.PublicKey, bool) {
 func (k *Keyring) Rotate() (kid string, err error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	return k.rotateLocked()
+}
+
+func (k *Keyring) rotateLocked() (string, error) {
 	now := k.now().UTC()
 	f := cloneFile(k.cur.Load().file)
 	for i := range f.Keys {
@@ -239,6 +243,20 @@ func (k *Keyring) Rotate() (kid string, err error) {
 		return "", err
 	}
 	return sk.KID, nil
+}
+
+// RotateOlderThan rotates the signing key if it was created more than
+// maxAge ago, returning the new key's kid, or "" when no rotation was due.
+func (k *Keyring) RotateOlderThan(maxAge time.Duration) (string, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	cur := k.cur.Load().file
+	for _, sk := range cur.Keys {
+		if sk.KID == cur.SigningKID && k.now().Sub(sk.Created) < maxAge {
+			return "", nil
+		}
+	}
+	return k.rotateLocked()
 }
 
 // RetireKeys deletes local keys that stopped signing more than maxTokenAge

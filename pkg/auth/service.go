@@ -18,6 +18,9 @@ const (
 	// DefaultMaintenanceInterval is how often Run purges expired refresh
 	// tokens and retires old signing keys.
 	DefaultMaintenanceInterval = time.Hour
+	// DefaultKeyRotation is how long a signing key signs before Maintain
+	// rotates it.
+	DefaultKeyRotation = 30 * 24 * time.Hour
 )
 
 // refreshTokenBytes is the refresh token's entropy: 256 bits.
@@ -42,9 +45,13 @@ type Config struct {
 	// Leeway tolerates clock skew between the signer and this verifier when
 	// checking exp, nbf and iat. Default DefaultLeeway.
 	Leeway              time.Duration
-	MaintenanceInterval time.Duration    // default DefaultMaintenanceInterval
-	Now                 func() time.Time // default time.Now; injectable for tests
-	Logger              *slog.Logger     // default slog.Default()
+	MaintenanceInterval time.Duration // default DefaultMaintenanceInterval
+	// KeyRotation is the age at which Maintain replaces the signing key.
+	// The old key keeps verifying until its tokens expire, so rotation logs
+	// nobody out. Default DefaultKeyRotation; negative disables.
+	KeyRotation time.Duration
+	Now         func() time.Time // default time.Now; injectable for tests
+	Logger      *slog.Logger     // default slog.Default()
 }
 
 // tokenDefaults fills in the token settings Config and IssuerConfig share.
@@ -81,6 +88,9 @@ func NewService(keys *Keyring, db *bolt.DB, cfg Config) (*Service, error) {
 	tokenDefaults(&cfg.AccessTTL, &cfg.RefreshTTL, &cfg.Leeway, &cfg.Now)
 	if cfg.MaintenanceInterval <= 0 {
 		cfg.MaintenanceInterval = DefaultMaintenanceInterval
+	}
+	if cfg.KeyRotation == 0 {
+		cfg.KeyRotation = DefaultKeyRotation
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -207,12 +217,19 @@ func (s *Service) Maintain(ctx context.Context) error {
 			break
 		}
 	}
+	var rotated string
+	if s.cfg.KeyRotation > 0 {
+		var err error
+		if rotated, err = s.keys.RotateOlderThan(s.cfg.KeyRotation); err != nil {
+			return err
+		}
+	}
 	retired, err := s.keys.RetireKeys(s.cfg.AccessTTL + s.cfg.Leeway)
 	if err != nil {
 		return err
 	}
-	if total > 0 || len(retired) > 0 {
-		s.log.Info("auth maintenance", "purged_refresh_tokens", total, "retired_keys", retired)
+	if total > 0 || len(retired) > 0 || rotated != "" {
+		s.log.Info("auth maintenance", "purged_refresh_tokens", total, "retired_keys", retired, "new_signing_key", rotated)
 	}
 	return nil
 }

@@ -105,6 +105,9 @@ type Ingest struct {
 type Auth struct {
 	AccessTTL  time.Duration `yaml:"access_ttl"`
 	RefreshTTL time.Duration `yaml:"refresh_ttl"`
+	// KeyRotation is how long a signing key signs before it is replaced
+	// (old keys verify until their tokens expire); negative disables.
+	KeyRotation time.Duration `yaml:"key_rotation"`
 }
 
 // API hardens the HTTP server.
@@ -140,7 +143,7 @@ func DefaultEdge() Edge {
 		Ingest: Ingest{
 			MaxBatch: 1000, QuotaMB: 0, MinFreeMB: 256, Retention: 30 * 24 * time.Hour, MaxDeadLetters: 10000,
 		},
-		Auth:   Auth{AccessTTL: 15 * time.Minute, RefreshTTL: 30 * 24 * time.Hour},
+		Auth:   Auth{AccessTTL: 15 * time.Minute, RefreshTTL: 30 * 24 * time.Hour, KeyRotation: 30 * 24 * time.Hour},
 		API:    API{BodyLimitKB: 64, RateLimitPerIP: 200, RateLimitPerUser: 100},
 		Policy: Policy{Dir: "./policies"},
 		WeChat: WeChat{APIBase: "https://api.weixin.qq.com"},

@@ -38,13 +38,7 @@ func edgeBinary(t *testing.T) string {
 // race for it; edgeProc.start retries with new ports when that happens.
 func edgeFreeAddr(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("find a free port: %v", err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	return cloudFreePort(t)
 }
 
 // edgeLog collects the output of every incarnation of one edge.
