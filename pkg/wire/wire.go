@@ -41,6 +41,7 @@ import (
 	"math"
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/shadow"
 )
 
@@ -289,21 +290,9 @@ func invalid(format string, a ...any) error {
 }
 
 // ValidName reports whether s is a valid device or edge id:
-// [A-Za-z0-9._-]{1,64}.
-func ValidName(s string) bool {
-	if len(s) == 0 || len(s) > 64 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '.', c == '_', c == '-':
-		default:
-			return false
-		}
-	}
-	return true
-}
+// [A-Za-z0-9._-]{1,64}, not "." or ".." (the rule of ident.DeviceID, shared
+// with the edge's MQTT decoder and HTTP API).
+func ValidName(s string) bool { return ident.DeviceID(s) }
 
 // Validate checks a push batch's shape; it does not check stamps against a
 // clock (the cloud does that with hlc.Clock).

@@ -83,14 +83,7 @@ func EncodeCommand(c *Command) ([]byte, error) {
 		p := c.Push
 		b = appendString(b, p.Edge)
 		b = binary.AppendUvarint(b, p.FirstSeq)
-		b = binary.AppendUvarint(b, uint64(len(p.Changes)))
-		for i := range p.Changes {
-			var err error
-			if b, err = appendChange(b, &p.Changes[i]); err != nil {
-				return nil, err
-			}
-		}
-		return b, nil
+		return appendChanges(b, p.Changes)
 	case CmdDesired, CmdMeta:
 		return appendChange(b, c.Change)
 	case CmdHeartbeat:
@@ -103,14 +96,7 @@ func EncodeCommand(c *Command) ([]byte, error) {
 		return appendJSON(b, c.User)
 	case CmdState:
 		b = appendString(b, c.State.Edge)
-		b = binary.AppendUvarint(b, uint64(len(c.State.Changes)))
-		for i := range c.State.Changes {
-			var err error
-			if b, err = appendChange(b, &c.State.Changes[i]); err != nil {
-				return nil, err
-			}
-		}
-		return b, nil
+		return appendChanges(b, c.State.Changes)
 	case CmdPolicyPut:
 		return appendJSON(b, c.Policy)
 	case CmdSigningKey:
@@ -183,18 +169,14 @@ type decodedCmd struct {
 func decodeCommand(data []byte) (*decodedCmd, error) {
 	r := reader{b: data}
 	d := &decodedCmd{Type: CmdType(r.byte()), AtMs: r.varint()}
+	var err error
 	d.Cmd.Type, d.Cmd.AtMs = d.Type, d.AtMs
 	switch d.Type {
 	case CmdPush:
 		d.Edge = r.string()
 		d.FirstSeq = r.uvarint()
-		n := r.uvarint()
-		if n > uint64(len(data)) {
-			return nil, fmt.Errorf("%w: change count", ErrCorrupt)
-		}
-		d.Changes = make([]rawChange, 0, n)
-		for i := uint64(0); i < n && r.err == nil; i++ {
-			d.Changes = append(d.Changes, r.change())
+		if d.Changes, err = r.changes(len(data)); err != nil {
+			return nil, err
 		}
 	case CmdDesired, CmdMeta:
 		c := r.change()
@@ -212,13 +194,8 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 		r.json(d.Cmd.User)
 	case CmdState:
 		d.Edge = r.string()
-		n := r.uvarint()
-		if n > uint64(len(data)) {
-			return nil, fmt.Errorf("%w: change count", ErrCorrupt)
-		}
-		d.Changes = make([]rawChange, 0, n)
-		for i := uint64(0); i < n && r.err == nil; i++ {
-			d.Changes = append(d.Changes, r.change())
+		if d.Changes, err = r.changes(len(data)); err != nil {
+			return nil, err
 		}
 	case CmdPolicyPut:
 		d.Cmd.Policy = &wire.Policy{}
@@ -236,6 +213,19 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 		return nil, r.err
 	}
 	return d, nil
+}
+
+// appendChanges writes a change count and the changes (push and state
+// batches).
+func appendChanges(b []byte, cs []wire.Change) ([]byte, error) {
+	b = binary.AppendUvarint(b, uint64(len(cs)))
+	for i := range cs {
+		var err error
+		if b, err = appendChange(b, &cs[i]); err != nil {
+			return nil, err
+		}
+	}
+	return b, nil
 }
 
 const (
@@ -382,6 +372,20 @@ func (r *reader) json(v any) {
 	if err := json.Unmarshal(b, v); err != nil {
 		r.err = fmt.Errorf("%w: %v", ErrCorrupt, err)
 	}
+}
+
+// changes reads what appendChanges wrote; size bounds the count (the whole
+// command's length).
+func (r *reader) changes(size int) ([]rawChange, error) {
+	n := r.uvarint()
+	if n > uint64(size) {
+		return nil, fmt.Errorf("%w: change count", ErrCorrupt)
+	}
+	out := make([]rawChange, 0, n)
+	for i := uint64(0); i < n && r.err == nil; i++ {
+		out = append(out, r.change())
+	}
+	return out, nil
 }
 
 func (r *reader) change() rawChange {

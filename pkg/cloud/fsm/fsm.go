@@ -465,12 +465,15 @@ func (a *applier) push(d *decodedCmd) (Result, error) {
 // user applies a user record if it is newer than the stored one (last writer
 // wins by stamp) and queues it for every edge but its origin.
 func (a *applier) user(origin string, u *wire.User) (int, error) {
+	nu, err := json.Marshal(u) // compared with the stored record, then stored
+	if err != nil {
+		return 0, err
+	}
 	if v := a.bk.users.Get([]byte(u.OpenID)); v != nil {
 		var cur wire.User
 		if err := json.Unmarshal(v, &cur); err != nil {
 			return 0, fmt.Errorf("decode user %s: %w", u.OpenID, err)
 		}
-		nu, _ := json.Marshal(u)
 		if !wire.StampWins(u.Stamp, nu, cur.Stamp, v) {
 			if !bytes.Equal(nu, v) {
 				a.conflicts++ // an older write lost, not the same one again
@@ -481,7 +484,7 @@ func (a *applier) user(origin string, u *wire.User) (int, error) {
 	if u.Stamp > a.maxStamp {
 		a.maxStamp = u.Stamp
 	}
-	if err := putJSON(a.bk.users, u.OpenID, u); err != nil {
+	if err := a.bk.users.Put([]byte(u.OpenID), nu); err != nil {
 		return 0, err
 	}
 	return 1, a.downlink("*", origin, wire.Change{Kind: wire.KindUser, User: u})

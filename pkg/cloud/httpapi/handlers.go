@@ -16,6 +16,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/shadow"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -68,8 +69,6 @@ func (s *Server) join(c *fiber.Ctx) error {
 		switch {
 		case errors.Is(err, raftnode.ErrConflict):
 			return apiError(fiber.StatusConflict, err.Error())
-		case errors.Is(err, raftnode.ErrNotLeader):
-			return err
 		case err != nil:
 			return proposeErr(err)
 		}
@@ -89,8 +88,6 @@ func (s *Server) remove(c *fiber.Ctx) error {
 		switch {
 		case errors.Is(err, raftnode.ErrNoSuchNode):
 			return apiError(fiber.StatusNotFound, fmt.Sprintf("node %q is not a cluster member", id))
-		case errors.Is(err, raftnode.ErrNotLeader):
-			return err
 		case err != nil:
 			return proposeErr(err)
 		}
@@ -125,7 +122,8 @@ func (s *Server) push(c *fiber.Ctx) error {
 			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not push as %q", edge, b.Edge))
 		}
 		// A re-sent batch that is already committed needs no raft entry.
-		if acked := s.fsm.EdgeSeq(edge); b.LastSeq() <= acked {
+		acked := s.fsm.EdgeSeq(edge)
+		if b.LastSeq() <= acked {
 			s.m.pushes.WithLabelValues(edge, "duplicate").Inc()
 			return ok(c, wire.PushResult{AckedSeq: acked})
 		}
@@ -136,14 +134,11 @@ func (s *Server) push(c *fiber.Ctx) error {
 		// An edge may pipeline pushes: let this one queue only after its
 		// predecessor has (bounded wait), so they apply in sequence order
 		// instead of the later one bouncing off a gap.
-		s.gate.wait(c.UserContext(), edge, b.FirstSeq, s.fsm.EdgeSeq(edge))
+		s.gate.wait(c.UserContext(), edge, b.FirstSeq, acked)
 		ctx, cancel := context.WithTimeout(c.UserContext(), s.cfg.RequestTimeout)
 		defer cancel()
 		res, err := s.node.ProposeOrdered(ctx, &fsm.Command{Type: fsm.CmdPush, AtMs: s.now().UnixMilli(), Push: &b},
 			func() { s.gate.queued(edge, b.LastSeq()) })
-		if errors.Is(err, raftnode.ErrNotLeader) {
-			return err
-		}
 		if err != nil {
 			return proposeErr(err)
 		}
@@ -237,11 +232,8 @@ func (s *Server) state(c *fiber.Ctx) error {
 			return ok(c, wire.StateResult{})
 		}
 		res, err := s.propose(c, &fsm.Command{Type: fsm.CmdState, AtMs: s.now().UnixMilli(), State: &b})
-		if errors.Is(err, raftnode.ErrNotLeader) {
-			return err
-		}
 		if err != nil {
-			return proposeErr(err)
+			return err
 		}
 		if res.Err != nil {
 			return res.Err
@@ -305,11 +297,8 @@ func (s *Server) heartbeat(c *fiber.Ctx) error {
 		}
 		now := s.now()
 		res, err := s.propose(c, &fsm.Command{Type: fsm.CmdHeartbeat, AtMs: now.UnixMilli(), Heartbeat: &h})
-		if errors.Is(err, raftnode.ErrNotLeader) {
-			return err
-		}
 		if err != nil {
-			return proposeErr(err)
+			return err
 		}
 		s.m.backlog.WithLabelValues(edge).Set(float64(h.Backlog))
 		return ok(c, wire.HeartbeatResult{AckedSeq: res.AckedSeq, ServerTimeMs: now.UnixMilli()})
@@ -464,11 +453,8 @@ func (s *Server) putMeta(c *fiber.Ctx) error {
 
 func (s *Server) proposeDevice(c *fiber.Ctx, cmd *fsm.Command) error {
 	res, err := s.propose(c, cmd)
-	if errors.Is(err, raftnode.ErrNotLeader) {
-		return err
-	}
 	if err != nil {
-		return proposeErr(err)
+		return err
 	}
 	if res.Err != nil || res.Device == nil {
 		return fmt.Errorf("device write: %v", res.Err)
@@ -583,8 +569,8 @@ func (s *Server) getUser(c *fiber.Ctx) error {
 
 func (s *Server) putUser(c *fiber.Ctx) error {
 	openid := c.Params("openid")
-	if openid == "" || len(openid) > 128 {
-		return apiError(fiber.StatusBadRequest, "openid must be 1 to 128 bytes")
+	if !ident.OpenID(openid) {
+		return apiError(fiber.StatusBadRequest, badOpenID)
 	}
 	var u wire.User
 	if err := s.decode(c, &u); err != nil {
@@ -602,11 +588,8 @@ func (s *Server) putUser(c *fiber.Ctx) error {
 	return s.onLeader(c, func(c *fiber.Ctx) error {
 		u.Stamp = s.clock.Now()
 		_, err := s.propose(c, &fsm.Command{Type: fsm.CmdUserPut, AtMs: s.now().UnixMilli(), User: &u})
-		if errors.Is(err, raftnode.ErrNotLeader) {
-			return err
-		}
 		if err != nil {
-			return proposeErr(err)
+			return err
 		}
 		return ok(c, u)
 	})
@@ -692,11 +675,8 @@ func (s *Server) putPolicy(c *fiber.Ctx) error {
 	p := wire.Policy{Name: name, Rego: string(body)}
 	return s.onLeader(c, func(c *fiber.Ctx) error {
 		_, err := s.propose(c, &fsm.Command{Type: fsm.CmdPolicyPut, AtMs: s.now().UnixMilli(), Policy: &p})
-		if errors.Is(err, raftnode.ErrNotLeader) {
-			return err
-		}
 		if err != nil {
-			return proposeErr(err)
+			return err
 		}
 		return ok(c, fiber.Map{"name": name, "bytes": len(body)})
 	})

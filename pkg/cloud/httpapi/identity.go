@@ -16,7 +16,7 @@ import (
 	uauth "github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/cloud/auth"
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
-	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
+	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/wechat"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -42,25 +42,37 @@ type identity struct {
 	mu     sync.Mutex
 	kid    string
 	issuer *uauth.Issuer
+	jwks   json.RawMessage // the issuer's public keys, encoded once per key
 }
 
 func (s *Server) issuer() (*uauth.Issuer, error) {
+	is, _, err := s.deploymentKeys()
+	return is, err
+}
+
+// deploymentKeys returns the issuer for the replicated key and its public
+// key set, rebuilding both only when the key changes.
+func (s *Server) deploymentKeys() (*uauth.Issuer, json.RawMessage, error) {
 	k, err := s.fsm.SigningKey()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	s.id.mu.Lock()
 	defer s.id.mu.Unlock()
 	if s.id.issuer != nil && s.id.kid == k.KID {
-		return s.id.issuer, nil
+		return s.id.issuer, s.id.jwks, nil
 	}
 	ring, err := uauth.NewMemoryKeyring(k.Seed, s.now)
 	if err != nil {
-		return nil, fmt.Errorf("deployment key: %w", err)
+		return nil, nil, fmt.Errorf("deployment key: %w", err)
+	}
+	jwks, err := json.Marshal(ring.PublicKeys())
+	if err != nil {
+		return nil, nil, err
 	}
 	s.id.issuer = uauth.NewIssuer(ring, uauth.IssuerConfig{Issuer: "cloud", AccessTTL: s.cfg.AccessTTL, RefreshTTL: s.cfg.RefreshTTL, Now: s.now})
-	s.id.kid = k.KID
-	return s.id.issuer, nil
+	s.id.kid, s.id.jwks = k.KID, jwks
+	return s.id.issuer, s.id.jwks, nil
 }
 
 // ensureSigningKey creates the deployment key if there is none. Run on the
@@ -81,9 +93,6 @@ func (s *Server) ensureSigningKey(ctx context.Context) error {
 	defer cancel()
 	_, err := s.node.Propose(ctx, &fsm.Command{Type: fsm.CmdSigningKey, AtMs: s.now().UnixMilli(), Key: &fsm.SigningKey{KID: kid, Seed: seed}})
 	if err != nil {
-		if errors.Is(err, raftnode.ErrNotLeader) {
-			return err
-		}
 		return proposeErr(err)
 	}
 	s.log.Info("deployment signing key created", "kid", kid)
@@ -92,12 +101,13 @@ func (s *Server) ensureSigningKey(ctx context.Context) error {
 
 // jwks is the deployment's public key set, as edges install it.
 func (s *Server) jwks() (json.RawMessage, error) {
-	is, err := s.issuer()
-	if err != nil {
-		return nil, err
-	}
-	return json.Marshal(is.Keys().PublicKeys())
+	_, jwks, err := s.deploymentKeys()
+	return jwks, err
 }
+
+// badOpenID answers an openid that fails ident.OpenID, the rule the edge
+// applies too.
+const badOpenID = "openid must be 1 to 128 printable ASCII characters without '/', '\\', '%' or '..'"
 
 type loginBody struct {
 	Code string `json:"code"`
@@ -133,11 +143,8 @@ func (s *Server) login(c *fiber.Ctx) error {
 		// The session exists once committed: a refresh on any node finds it.
 		_, err = s.propose(c, &fsm.Command{Type: fsm.CmdSessionCreate, AtMs: s.now().UnixMilli(), Session: &fsm.SessionCmd{
 			Family: sess.Family, OpenID: openid, To: sess.TokenID, ExpMs: sess.Expires.UnixMilli()}})
-		if errors.Is(err, raftnode.ErrNotLeader) {
-			return err
-		}
 		if err != nil {
-			return proposeErr(err)
+			return err
 		}
 		return ok(c, pair)
 	})
@@ -148,8 +155,8 @@ func (s *Server) code2session(ctx context.Context, code string) (string, error) 
 		if !s.cfg.DevLogin {
 			return "", apiError(fiber.StatusBadRequest, "dev login is disabled on the cloud (start cloud-sync with -dev-login for development)")
 		}
-		if openid == "" || len(openid) > 128 || strings.ContainsAny(openid, "/\\%") {
-			return "", apiError(fiber.StatusBadRequest, "dev login openid must be 1 to 128 characters without '/', '\\' or '%'")
+		if !ident.OpenID(openid) {
+			return "", apiError(fiber.StatusBadRequest, "dev login "+badOpenID)
 		}
 		return openid, nil
 	}
@@ -206,11 +213,8 @@ func (s *Server) refreshToken(c *fiber.Ctx) error {
 		}
 		res, err := s.propose(c, &fsm.Command{Type: fsm.CmdSessionRotate, AtMs: s.now().UnixMilli(), Session: &fsm.SessionCmd{
 			Family: presented.Family, OpenID: presented.OpenID, From: presented.ID, To: next.TokenID, ExpMs: next.Expires.UnixMilli()}})
-		if errors.Is(err, raftnode.ErrNotLeader) {
-			return err
-		}
 		if err != nil {
-			return proposeErr(err)
+			return err
 		}
 		switch {
 		case errors.Is(res.Err, fsm.ErrSessionReused):
@@ -233,8 +237,8 @@ func (s *Server) refreshToken(c *fiber.Ctx) error {
 // next pull, by edges.
 func (s *Server) revokeSessions(c *fiber.Ctx) error {
 	openid := c.Params("openid")
-	if openid == "" || len(openid) > 128 {
-		return apiError(fiber.StatusBadRequest, "openid must be 1 to 128 bytes")
+	if !ident.OpenID(openid) {
+		return apiError(fiber.StatusBadRequest, badOpenID)
 	}
 	return s.onLeader(c, func(c *fiber.Ctx) error {
 		now := s.now()
@@ -245,11 +249,8 @@ func (s *Server) revokeSessions(c *fiber.Ctx) error {
 		life := max(s.cfg.RefreshTTL, s.cfg.AccessTTL, uauth.DefaultRefreshTTL) + uauth.DefaultLeeway
 		res, err := s.propose(c, &fsm.Command{Type: fsm.CmdSessionRevokeUser, AtMs: now.UnixMilli(), Session: &fsm.SessionCmd{
 			OpenID: openid, BeforeMs: before, UntilMs: now.Add(life).UnixMilli()}})
-		if errors.Is(err, raftnode.ErrNotLeader) {
-			return err
-		}
 		if err != nil {
-			return proposeErr(err)
+			return err
 		}
 		if res.Err != nil {
 			return res.Err

@@ -25,7 +25,6 @@ import (
 	gojson "github.com/goccy/go-json"
 	"github.com/gofiber/fiber/v2"
 	"github.com/gofiber/fiber/v2/middleware/adaptor"
-	"github.com/gofiber/fiber/v2/middleware/pprof"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	"github.com/prometheus/client_golang/prometheus"
@@ -57,9 +56,6 @@ type Config struct {
 	ForwardTimeout time.Duration
 	// RequestTimeout bounds one proposal (default 10s).
 	RequestTimeout time.Duration
-	// Pprof serves /debug/pprof/ (unauthenticated: enable only on a
-	// trusted network, for profiling).
-	Pprof bool
 	// Identity: WeChat code2session (nil: none configured), dev login,
 	// admin openids, and token lifetimes for users' sessions.
 	WeChat     *wechat.Client
@@ -147,9 +143,6 @@ func (s *Server) routes(reg *prometheus.Registry) {
 	a.Get("/healthz", func(c *fiber.Ctx) error { return ok(c, fiber.Map{"status": "alive"}) })
 	a.Get("/readyz", s.ready)
 	a.Get("/metrics", adaptor.HTTPHandler(promhttp.HandlerFor(reg, promhttp.HandlerOpts{})))
-	if s.cfg.Pprof {
-		a.Use(pprof.New())
-	}
 
 	cl := a.Group("/cluster/v1")
 	cl.Get("/status", s.status)
@@ -235,9 +228,13 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 // proposeErr turns a raftnode error into an HTTP answer.
 func proposeErr(err error) error {
 	switch {
+	case errors.Is(err, raftnode.ErrNotLeader):
+		// Unchanged, so that onLeader retries on (or forwards to) the new
+		// leader.
+		return err
 	case errors.Is(err, raftnode.ErrOverloaded):
 		return &httpError{status: fiber.StatusTooManyRequests, msg: "cloud is busy applying earlier writes; retry after the Retry-After delay", retryAfter: 1}
-	case errors.Is(err, raftnode.ErrUnknownOutcome), errors.Is(err, raftnode.ErrNotLeader), errors.Is(err, raftnode.ErrStopped),
+	case errors.Is(err, raftnode.ErrUnknownOutcome), errors.Is(err, raftnode.ErrStopped),
 		errors.Is(err, context.DeadlineExceeded):
 		return &httpError{status: fiber.StatusServiceUnavailable,
 			msg:        "leadership changed before the write committed; it may or may not have applied — retry (writes are idempotent)",
@@ -381,9 +378,6 @@ func (s *Server) read(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
 			ctx, cancel := context.WithTimeout(c.UserContext(), s.cfg.RequestTimeout)
 			defer cancel()
 			if err := s.node.Barrier(ctx); err != nil {
-				if errors.Is(err, raftnode.ErrNotLeader) {
-					return err
-				}
 				return proposeErr(err)
 			}
 			return local(c)
@@ -392,10 +386,13 @@ func (s *Server) read(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
 	return apiError(fiber.StatusBadRequest, "consistency must be strong or local")
 }
 
+// propose proposes cmd within the request timeout; its error is already
+// mapped by proposeErr (ErrNotLeader passes through for onLeader).
 func (s *Server) propose(c *fiber.Ctx, cmd *fsm.Command) (fsm.Result, error) {
 	ctx, cancel := context.WithTimeout(c.UserContext(), s.cfg.RequestTimeout)
 	defer cancel()
-	return s.node.Propose(ctx, cmd)
+	res, err := s.node.Propose(ctx, cmd)
+	return res, proposeErr(err)
 }
 
 // --- bodies ---------------------------------------------------------------
