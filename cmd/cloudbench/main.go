@@ -15,6 +15,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"net/http"
 	"os"
@@ -39,10 +40,14 @@ const apiToken = "bench-api-token"
 // nodeArgs are extra flags for every node, from -node-args.
 var nodeArgs []string
 
+// loadgen is the pushers' HTTP client, from -loadgen.
+var loadgen string
+
 func edgeToken(e string) string { return "bench-token-" + e }
 
 type node struct {
 	id, raft, http, data string
+	admin                string // pprof address, with -profile
 	cmd                  *exec.Cmd
 	done                 chan struct{}
 }
@@ -66,20 +71,42 @@ type phase struct {
 	// CPU seconds all three nodes used per 100k committed readings: a
 	// measure that holds up when other work shares the machine.
 	ClusterCPUPer100k float64 `json:"cluster_cpu_s_per_100k_readings"`
+	// The load generator's own CPU per 100k readings: it shares the two
+	// cores with the cluster.
+	LoadgenCPUPer100k float64 `json:"loadgen_cpu_s_per_100k_readings"`
+	// Raft entries the leader proposed per second and the mean number of
+	// pushes group-committed into one.
+	EntriesPerS  float64 `json:"raft_entries_per_s"`
+	CmdsPerEntry float64 `json:"commands_per_entry"`
 }
 
 func main() {
 	bin := flag.String("bin", "bin/cloud-sync", "cloud-sync binary to benchmark")
 	dur := flag.Duration("duration", 8*time.Second, "measured time per phase")
-	extra := flag.String("node-args", "", "extra flags for every node, space-separated (e.g. \"-pprof\")")
+	extra := flag.String("node-args", "", "extra flags for every node, space-separated (e.g. \"-gc-percent 100\")")
+	only := flag.String("phases", "1,100,5000", "batch sizes to run, comma-separated (a subset of 1,100,5000)")
+	profile := flag.String("profile", "", "directory: write the leader's and a follower's CPU profiles of each phase there")
+	failoverOn := flag.Bool("failover", true, "measure failover after the phases")
+	flag.StringVar(&loadgen, "loadgen", "raw", "pushers' HTTP client: raw (lean HTTP/1.1, the default) or client (pkg/cloud/client, as an edge pushes)")
 	flag.Parse()
+	if loadgen != "raw" && loadgen != "client" {
+		log.Fatalf("cloudbench: -loadgen must be raw or client")
+	}
 	nodeArgs = strings.Fields(*extra)
-	if err := run(*bin, *dur); err != nil {
+	if err := run(*bin, *dur, *only, *profile, *failoverOn); err != nil {
 		log.Fatalf("cloudbench: %v", err)
 	}
 }
 
-func run(bin string, dur time.Duration) error {
+func run(bin string, dur time.Duration, only, profDir string, doFailover bool) error {
+	want := map[int]bool{}
+	for _, f := range strings.Split(only, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil {
+			return fmt.Errorf("-phases: %q is not a batch size", f)
+		}
+		want[n] = true
+	}
 	dir, err := os.MkdirTemp("", "cloudbench-")
 	if err != nil {
 		return err
@@ -96,6 +123,9 @@ func run(bin string, dur time.Duration) error {
 	}()
 	for i := 0; i < 3; i++ {
 		n := &node{id: fmt.Sprintf("b%d", i), raft: benchproc.FreeAddr(), http: benchproc.FreeAddr(), data: filepath.Join(dir, fmt.Sprint(i))}
+		if profDir != "" {
+			n.admin = benchproc.FreeAddr()
+		}
 		nodes = append(nodes, n)
 		join := ""
 		if i > 0 {
@@ -113,15 +143,20 @@ func run(bin string, dur time.Duration) error {
 	if err := waitLeaderCount(nodes, 3, 20*time.Second); err != nil {
 		return err
 	}
-	out := map[string]any{"cpus": runtime.NumCPU(), "nodes": 3}
+	out := map[string]any{"cpus": runtime.NumCPU(), "nodes": 3, "loadgen": loadgen}
 	var phases []phase
 	edgeBase := 0
 	for _, p := range []struct{ batch, pushers int }{{1, 64}, {100, 16}, {5000, 8}} {
+		if !want[p.batch] {
+			continue
+		}
 		lead, err := leader(nodes)
 		if err != nil {
 			return err
 		}
+		stopProf := profileNodes(nodes, lead, profDir, p.batch, dur)
 		ph, err := runPhase(nodes, lead, p.batch, p.pushers, edgeBase, dur)
+		stopProf()
 		if err != nil {
 			return err
 		}
@@ -129,11 +164,13 @@ func run(bin string, dur time.Duration) error {
 		phases = append(phases, ph)
 	}
 	out["phases"] = phases
-	fo, err := failover(nodes, edgeBase)
-	if err != nil {
-		return err
+	if doFailover {
+		fo, err := failover(nodes, edgeBase)
+		if err != nil {
+			return err
+		}
+		out["failover_ms"] = fo
 	}
-	out["failover_ms"] = fo
 	j, _ := json.Marshal(out)
 	fmt.Println(string(j))
 	return nil
@@ -149,6 +186,9 @@ func start(bin string, n *node, join string) error {
 	for e := 0; e < 256; e++ {
 		edge := fmt.Sprintf("e%d", e)
 		args = append(args, "-edge-token", edge+"="+edgeToken(edge))
+	}
+	if n.admin != "" {
+		args = append(args, "-pprof", n.admin)
 	}
 	args = append(args, nodeArgs...)
 	log.Printf("node %s http %s", n.id, n.url())
@@ -229,6 +269,32 @@ func urlsLeaderFirst(nodes []*node, lead *node) []string {
 	return urls
 }
 
+// pusher is what a phase's pushers push through.
+type pusher interface {
+	Push(ctx context.Context, b *wire.PushBatch) error
+	Close()
+}
+
+func newPusher(urls []string, leaderAddr, token string) (pusher, error) {
+	if loadgen == "raw" {
+		rp, err := newRawPusher(leaderAddr, token)
+		return rawCtx{rp}, err
+	}
+	cl, err := client.New(urls, token)
+	return clientPusher{cl}, err
+}
+
+type rawCtx struct{ *rawPusher }
+
+func (r rawCtx) Push(_ context.Context, b *wire.PushBatch) error { return r.rawPusher.Push(b) }
+
+type clientPusher struct{ *client.Client }
+
+func (c clientPusher) Push(ctx context.Context, b *wire.PushBatch) error {
+	_, err := c.Client.Push(ctx, b)
+	return err
+}
+
 // runPhase runs pushers concurrent edges, each pushing batches of size
 // readings back to back, and counts what the cluster acknowledged during
 // the measured window (after a one-second warm-up).
@@ -248,7 +314,7 @@ func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.D
 	urls := urlsLeaderFirst(nodes, lead)
 	for p := 0; p < pushers; p++ {
 		edge := fmt.Sprintf("e%d", edgeBase+p)
-		cl, err := client.New(urls, edgeToken(edge))
+		cl, err := newPusher(urls, lead.http, edgeToken(edge))
 		if err != nil {
 			return phase{}, err
 		}
@@ -269,7 +335,7 @@ func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.D
 					rs[i].TS = base + int64(seq)*int64(size) + int64(i) // unique: no duplicates
 				}
 				t0 := time.Now()
-				_, err := cl.Push(ctx, b)
+				err := cl.Push(ctx, b)
 				var th *client.ThrottledError
 				switch {
 				case err == nil:
@@ -288,6 +354,8 @@ func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.D
 					case <-ctx.Done():
 					}
 				case ctx.Err() != nil:
+				case errors.Is(err, errRetry):
+					time.Sleep(10 * time.Millisecond)
 				default:
 					firstErr.CompareAndSwap(nil, err)
 					return
@@ -297,7 +365,9 @@ func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.D
 	}
 	time.Sleep(time.Second) // warm-up
 	peak, anon := 0.0, 0.0
-	cpu0 := clusterCPU(nodes)
+	cpu0, self0 := clusterCPU(nodes), selfCPU()
+	cnt0, _ := benchproc.Metric(lead.url()+"/metrics", "outpost_raft_entry_commands_count")
+	sum0, _ := benchproc.Metric(lead.url()+"/metrics", "outpost_raft_entry_commands_sum")
 	measuring.Store(true)
 	t0 := time.Now()
 	tick := time.NewTicker(100 * time.Millisecond)
@@ -309,7 +379,9 @@ func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.D
 	tick.Stop()
 	measuring.Store(false)
 	elapsed := time.Since(t0).Seconds()
-	cpu := clusterCPU(nodes) - cpu0
+	cpu, self := clusterCPU(nodes)-cpu0, selfCPU()-self0
+	cnt1, _ := benchproc.Metric(lead.url()+"/metrics", "outpost_raft_entry_commands_count")
+	sum1, _ := benchproc.Metric(lead.url()+"/metrics", "outpost_raft_entry_commands_sum")
 	cancel()
 	wg.Wait()
 	if err, _ := firstErr.Load().(error); err != nil {
@@ -325,7 +397,61 @@ func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.D
 	return phase{Batch: size, Pushers: pushers, Seconds: round(elapsed), Readings: readings.Load(),
 		ReadingsPerS: round(float64(readings.Load()) / elapsed), PushesPerS: round(float64(pushes.Load()) / elapsed),
 		P50Ms: pct(0.5), P99Ms: pct(0.99), Throttled: throttled.Load(), LeaderRSSMB: round(peak), LeaderAnonMB: round(anon),
-		ClusterCPUPer100k: float64(int64(cpu/float64(max(readings.Load(), 1))*1e5*1000)) / 1000}, nil
+		ClusterCPUPer100k: per100k(cpu, readings.Load()), LoadgenCPUPer100k: per100k(self, readings.Load()),
+		EntriesPerS: round((cnt1 - cnt0) / elapsed), CmdsPerEntry: round((sum1 - sum0) / max(cnt1-cnt0, 1))}, nil
+}
+
+func per100k(cpu float64, readings int64) float64 {
+	return float64(int64(cpu/float64(max(readings, 1))*1e5*1000)) / 1000
+}
+
+// selfCPU is the user+system CPU seconds this process has used.
+func selfCPU() float64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
+}
+
+// profileNodes fetches CPU profiles of the leader and one follower covering
+// the measured window of a phase (which starts after a one-second warm-up)
+// into dir as <role>-<batch>.pprof. The returned func waits for them.
+func profileNodes(nodes []*node, lead *node, dir string, batch int, dur time.Duration) func() {
+	if dir == "" {
+		return func() {}
+	}
+	var wg sync.WaitGroup
+	follower := false
+	for _, n := range nodes {
+		role := "leader"
+		if n != lead {
+			if follower {
+				continue
+			}
+			role, follower = "follower", true
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			time.Sleep(time.Second)
+			url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", n.admin, int(dur.Seconds()))
+			resp, err := http.Get(url)
+			if err != nil {
+				log.Printf("profile %s: %v", n.id, err)
+				return
+			}
+			defer resp.Body.Close()
+			f, err := os.Create(filepath.Join(dir, fmt.Sprintf("%s-%d.pprof", role, batch)))
+			if err != nil {
+				log.Printf("profile %s: %v", n.id, err)
+				return
+			}
+			defer f.Close()
+			_, _ = io.Copy(f, resp.Body)
+		}()
+	}
+	return wg.Wait
 }
 
 // clusterCPU is the user+system CPU seconds the live nodes have used.

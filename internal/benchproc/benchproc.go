@@ -6,6 +6,7 @@ package benchproc
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -67,4 +68,25 @@ func parseStatus(s string) map[string]float64 {
 		}
 	}
 	return out
+}
+
+// Metric reads one sample (the full series name, labels included) from the
+// Prometheus text exposition at url.
+func Metric(url, series string) (float64, bool) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, false
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, false
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			return f, err == nil
+		}
+	}
+	return 0, false
 }

@@ -58,6 +58,9 @@ var (
 	bktSessUser = []byte("session_user")    // openid 0 family → nil
 	bktSessExp  = []byte("session_expiry")  // be64(ms) kind(1) id → nil: what purge removes, oldest first
 	bktRevoked  = []byte("session_revoked") // openid → watermark JSON
+	// Readings of small changes wait here, in log order, until enough have
+	// gathered to move into readings and reading_id together (see stage.go).
+	bktRecent = []byte("readings_recent") // raft index(8) n(4) → staged reading
 
 	keyApplied = []byte("applied_index")
 	keyStamp   = []byte("max_stamp")
@@ -65,7 +68,7 @@ var (
 )
 
 var allBuckets = [][]byte{bktMeta, bktReadings, bktReadID, bktDevices, bktEdges, bktSeq, bktLog, bktDown, bktNodes, bktUsers, bktPolicies,
-	bktSessions, bktSessUser, bktSessExp, bktRevoked}
+	bktSessions, bktSessUser, bktSessExp, bktRevoked, bktRecent}
 
 // Device is a device's merged record.
 type Device struct {
@@ -135,6 +138,10 @@ type FSM struct {
 
 	waitMu sync.Mutex
 	waitCh chan struct{} // closed and replaced after every apply
+
+	// Only the apply path (raft's FSM goroutine, or Open and Restore before
+	// and instead of it) touches stage.
+	stage stageIndex
 }
 
 var _ raft.BatchingFSM = (*FSM)(nil)
@@ -156,7 +163,8 @@ func boltOptions() *bolt.Options {
 
 // Open opens (creating if needed) the state file at path.
 func Open(path string, log *slog.Logger, hooks Hooks) (*FSM, error) {
-	f := &FSM{path: path, log: log, hooks: hooks, waitCh: make(chan struct{})}
+	f := &FSM{path: path, log: log, hooks: hooks, waitCh: make(chan struct{}),
+		stage: stageIndex{max: defaultStageMax, flushAt: defaultStageFlushAt}}
 	db, err := openDB(path)
 	if errors.Is(err, berrors.ErrInvalid) || errors.Is(err, berrors.ErrChecksum) || errors.Is(err, berrors.ErrVersionMismatch) {
 		// Rebuildable from the snapshot and log: keep the bad file for
@@ -204,7 +212,7 @@ func (f *FSM) loadMeta() error {
 		m := tx.Bucket(bktMeta)
 		f.applied.Store(getU64(m.Get(keyApplied)))
 		f.maxStamp.Store(getU64(m.Get(keyStamp)))
-		return nil
+		return f.stage.load(tx.Bucket(bktRecent))
 	})
 }
 
@@ -257,7 +265,7 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	defer f.mu.RUnlock()
 	applied := f.applied.Load()
 	last := applied
-	a := applier{devices: map[string]*Device{}, maxStamp: hlc.Timestamp(f.maxStamp.Load())}
+	a := applier{devices: map[string]*Device{}, maxStamp: hlc.Timestamp(f.maxStamp.Load()), stage: &f.stage}
 	err := f.db.Update(func(tx *bolt.Tx) error {
 		a.tx = tx
 		a.bk = buckets(tx)
@@ -284,6 +292,11 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 		if err := a.flushDevices(); err != nil {
 			return err
 		}
+		if f.stage.n >= f.stage.flushAt {
+			if err := a.flushStage(); err != nil {
+				return err
+			}
+		}
 		m := a.bk.meta
 		if err := m.Put(keyApplied, u64(last)); err != nil {
 			return err
@@ -309,7 +322,7 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 
 type bkts struct {
 	meta, readings, readID, devices, edges, seq, log, down, nodes, users, policies *bolt.Bucket
-	sessions, sessUser, sessExp, revoked                                           *bolt.Bucket
+	sessions, sessUser, sessExp, revoked, recent                                   *bolt.Bucket
 }
 
 func buckets(tx *bolt.Tx) bkts {
@@ -319,7 +332,7 @@ func buckets(tx *bolt.Tx) bkts {
 		log: tx.Bucket(bktLog), down: tx.Bucket(bktDown), nodes: tx.Bucket(bktNodes), users: tx.Bucket(bktUsers),
 		policies: tx.Bucket(bktPolicies),
 		sessions: tx.Bucket(bktSessions), sessUser: tx.Bucket(bktSessUser), sessExp: tx.Bucket(bktSessExp),
-		revoked: tx.Bucket(bktRevoked),
+		revoked: tx.Bucket(bktRevoked), recent: tx.Bucket(bktRecent),
 	}
 }
 
@@ -335,12 +348,14 @@ type applier struct {
 	added     int
 	dups      int
 	conflicts int
+	stage     *stageIndex
 
 	// per entry
-	index   uint64
-	logBuf  []byte
-	logN    int
-	downSub uint32
+	index    uint64
+	logBuf   []byte
+	logN     int
+	downSub  uint32
+	stageSub uint32
 }
 
 func (a *applier) entry(index uint64, data []byte) ([]Result, error) {
@@ -348,7 +363,7 @@ func (a *applier) entry(index uint64, data []byte) ([]Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	a.index, a.logBuf, a.logN, a.downSub = index, a.logBuf[:0], 0, 0
+	a.index, a.logBuf, a.logN, a.downSub, a.stageSub = index, a.logBuf[:0], 0, 0, 0
 	res := make([]Result, len(cmds))
 	for i, raw := range cmds {
 		d, err := decodeCommand(raw)
@@ -622,24 +637,66 @@ func (a *applier) countLost(doc, in shadow.Doc, changed int) {
 // Dedup key: (edge, device, id) when the reading has an id, else
 // (edge, device, ts).
 //
-// Keys are put in sorted order: bbolt splits nodes only at commit, so a
-// large batch inserted in arbitrary key order memmoves ever-growing nodes
-// (quadratic); sorted, each insert lands after the previous one. The order
-// is a pure function of the command, so every replica does the same.
+// A small change (the typical live push: one reading) is staged in log order
+// instead of inserted under its device: inserting touches a leaf page per
+// device, and bbolt decodes, re-encodes and writes every page a transaction
+// touches, which made one-reading pushes from many devices cost a page
+// each. Staged readings move in bulk later (flushStage); reads and dedup
+// see both places.
+//
+// Larger changes go straight in, keys in sorted order: bbolt splits nodes
+// only at commit, so a large batch inserted in arbitrary key order memmoves
+// ever-growing nodes (quadratic); sorted, each insert lands after the
+// previous one. The order is a pure function of the command, so every
+// replica does the same.
 func (a *applier) readings(origin string, dev *Device, c *rawChange) error {
 	n := len(c.Readings)
+	dup := make([]bool, n)
+	var err error
+	if n <= a.stage.max {
+		err = a.stageReadings(origin, dev, c, dup)
+	} else {
+		err = a.putReadings(origin, dev, c, dup)
+	}
+	if err != nil {
+		return err
+	}
+	fresh := c.Readings[:0:0]
+	for i, r := range c.Readings {
+		if dup[i] {
+			a.dups++
+			continue
+		}
+		fresh = append(fresh, r)
+		if r.TS > dev.LastSeen {
+			dev.LastSeen = r.TS
+		}
+	}
+	a.added += len(fresh)
+	if len(fresh) == 0 {
+		return nil
+	}
+	return a.logChange(origin, 0, &rawChange{Kind: wire.KindReadings, Device: dev.ID, Readings: fresh})
+}
+
+func idKey(origin, device, id string) []byte {
+	k := make([]byte, 0, len(origin)+len(device)+len(id)+2)
+	return append(append(append(append(append(k, origin...), 0), device...), 0), id...)
+}
+
+// putReadings inserts a change's readings under their device, marking
+// duplicates in dup.
+func (a *applier) putReadings(origin string, dev *Device, c *rawChange, dup []bool) error {
 	type cand struct {
 		i   int
 		key []byte
 	}
-	dup := make([]bool, n)
+	n := len(c.Readings)
 	ids := make([]cand, 0, n)
 	for i, r := range c.Readings {
 		if r.ID != "" {
 			// bbolt keeps key slices until commit: each key gets its own.
-			idKey := make([]byte, 0, len(origin)+len(dev.ID)+len(r.ID)+2)
-			idKey = append(append(append(append(append(idKey, origin...), 0), dev.ID...), 0), r.ID...)
-			ids = append(ids, cand{i, idKey})
+			ids = append(ids, cand{i, idKey(origin, dev.ID, r.ID)})
 		}
 	}
 	sort.Slice(ids, func(x, y int) bool {
@@ -649,7 +706,7 @@ func (a *applier) readings(origin string, dev *Device, c *rawChange) error {
 		return ids[x].i < ids[y].i
 	})
 	for _, id := range ids {
-		if a.bk.readID.Get(id.key) != nil {
+		if a.bk.readID.Get(id.key) != nil || a.stage.hasID(id.key) {
 			dup[id.i] = true
 			continue
 		}
@@ -671,7 +728,7 @@ func (a *applier) readings(origin string, dev *Device, c *rawChange) error {
 	})
 	for _, k := range keys {
 		r := &c.Readings[k.i]
-		if r.ID == "" && a.bk.readings.Get(k.key) != nil {
+		if r.ID == "" && (a.bk.readings.Get(k.key) != nil || a.stage.hasKey(k.key)) {
 			dup[k.i] = true
 			continue
 		}
@@ -679,22 +736,7 @@ func (a *applier) readings(origin string, dev *Device, c *rawChange) error {
 			return err
 		}
 	}
-	fresh := c.Readings[:0:0]
-	for i, r := range c.Readings {
-		if dup[i] {
-			a.dups++
-			continue
-		}
-		fresh = append(fresh, r)
-		if r.TS > dev.LastSeen {
-			dev.LastSeen = r.TS
-		}
-	}
-	a.added += len(fresh)
-	if len(fresh) == 0 {
-		return nil
-	}
-	return a.logChange(origin, 0, &rawChange{Kind: wire.KindReadings, Device: dev.ID, Readings: fresh})
+	return nil
 }
 
 func readingKey(b []byte, device string, ts int64, edge, id string) []byte {

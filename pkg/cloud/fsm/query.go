@@ -79,8 +79,12 @@ func (f *FSM) Readings(q ReadingsQuery) ([]StoredReading, string, error) {
 	var items []StoredReading
 	next := ""
 	err := f.view(func(tx *bolt.Tx) error {
-		c := tx.Bucket(bktReadings).Cursor()
-		for k, v := c.Seek(seek); k != nil && bytes.HasPrefix(k, prefix); k, v = c.Next() {
+		staged, err := stagedFor(tx, prefix, seek)
+		if err != nil {
+			return err
+		}
+		it := mergedReadings{c: tx.Bucket(bktReadings).Cursor(), staged: staged}
+		for k, v := it.seek(seek); k != nil && bytes.HasPrefix(k, prefix); k, v = it.next() {
 			if after != nil && bytes.Equal(k, after) {
 				continue
 			}
@@ -117,6 +121,35 @@ func (f *FSM) Readings(q ReadingsQuery) ([]StoredReading, string, error) {
 		next = base64.RawURLEncoding.EncodeToString(after)
 	}
 	return items, next, err
+}
+
+// mergedReadings walks the readings bucket and a device's staged readings
+// together in key order. Keys never repeat across the two (dedup sees both).
+type mergedReadings struct {
+	c      *bolt.Cursor
+	ck, cv []byte
+	staged []stagedReading
+}
+
+func (m *mergedReadings) seek(k []byte) ([]byte, []byte) {
+	m.ck, m.cv = m.c.Seek(k)
+	return m.pick()
+}
+
+func (m *mergedReadings) next() ([]byte, []byte) { return m.pick() }
+
+// pick returns the smaller head and advances past it.
+func (m *mergedReadings) pick() ([]byte, []byte) {
+	if len(m.staged) > 0 && (m.ck == nil || bytes.Compare(m.staged[0].key, m.ck) < 0) {
+		s := m.staged[0]
+		m.staged = m.staged[1:]
+		return s.key, s.metrics
+	}
+	k, v := m.ck, m.cv
+	if k != nil {
+		m.ck, m.cv = m.c.Next()
+	}
+	return k, v
 }
 
 // EdgeSeq is the highest sequence committed for an edge.
