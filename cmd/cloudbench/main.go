@@ -43,6 +43,9 @@ var nodeArgs []string
 // loadgen is the pushers' HTTP client, from -loadgen.
 var loadgen string
 
+// pushers1 is the number of single-reading pushers, from -pushers.
+var pushers1 = 64
+
 func edgeToken(e string) string { return "bench-token-" + e }
 
 type node struct {
@@ -87,6 +90,7 @@ func main() {
 	only := flag.String("phases", "1,100,5000", "batch sizes to run, comma-separated (a subset of 1,100,5000)")
 	profile := flag.String("profile", "", "directory: write the leader's and a follower's CPU profiles of each phase there")
 	failoverOn := flag.Bool("failover", true, "measure failover after the phases")
+	flag.IntVar(&pushers1, "pushers", 64, "concurrent pushers of the single-reading phase")
 	flag.StringVar(&loadgen, "loadgen", "raw", "pushers' HTTP client: raw (lean HTTP/1.1, the default) or client (pkg/cloud/client, as an edge pushes)")
 	flag.Parse()
 	if loadgen != "raw" && loadgen != "client" {
@@ -146,7 +150,7 @@ func run(bin string, dur time.Duration, only, profDir string, doFailover bool) e
 	out := map[string]any{"cpus": runtime.NumCPU(), "nodes": 3, "loadgen": loadgen}
 	var phases []phase
 	edgeBase := 0
-	for _, p := range []struct{ batch, pushers int }{{1, 64}, {100, 16}, {5000, 8}} {
+	for _, p := range []struct{ batch, pushers int }{{1, pushers1}, {100, 16}, {5000, 8}} {
 		if !want[p.batch] {
 			continue
 		}

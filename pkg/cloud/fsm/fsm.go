@@ -47,6 +47,7 @@ var (
 	bktReadings = []byte("readings")        // device 0 ts(8) edge 0 id → metrics
 	bktReadID   = []byte("reading_id")      // edge 0 device 0 id → ts(8)
 	bktDevices  = []byte("devices")         // device → Device JSON
+	bktSeen     = []byte("device_seen")     // device → last seen ms(8), newer than the record's
 	bktEdges    = []byte("edges")           // edge → edgeRecord JSON
 	bktSeq      = []byte("edge_seq")        // edge → acked seq (8)
 	bktLog      = []byte("log")             // raft index(8) → merged changes
@@ -68,7 +69,7 @@ var (
 )
 
 var allBuckets = [][]byte{bktMeta, bktReadings, bktReadID, bktDevices, bktEdges, bktSeq, bktLog, bktDown, bktNodes, bktUsers, bktPolicies,
-	bktSessions, bktSessUser, bktSessExp, bktRevoked, bktRecent}
+	bktSessions, bktSessUser, bktSessExp, bktRevoked, bktRecent, bktSeen}
 
 // Device is a device's merged record.
 type Device struct {
@@ -140,9 +141,17 @@ type FSM struct {
 	waitCh chan struct{} // closed and replaced after every apply
 
 	// Only the apply path (raft's FSM goroutine, or Open and Restore before
-	// and instead of it) touches stage.
+	// and instead of it) touches stage and devices.
 	stage stageIndex
+	// devices caches decoded device records across transactions, so a
+	// device pushing every second is not decoded every second. Apply is
+	// the only writer of device records, so the cache is never stale; a
+	// restore empties it.
+	devices map[string]*Device
 }
+
+// maxCachedDevices bounds the device cache; past it the cache starts over.
+const maxCachedDevices = 16384
 
 var _ raft.BatchingFSM = (*FSM)(nil)
 
@@ -212,6 +221,7 @@ func (f *FSM) loadMeta() error {
 		m := tx.Bucket(bktMeta)
 		f.applied.Store(getU64(m.Get(keyApplied)))
 		f.maxStamp.Store(getU64(m.Get(keyStamp)))
+		f.devices = map[string]*Device{}
 		return f.stage.load(tx.Bucket(bktRecent))
 	})
 }
@@ -265,7 +275,10 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	defer f.mu.RUnlock()
 	applied := f.applied.Load()
 	last := applied
-	a := applier{devices: map[string]*Device{}, maxStamp: hlc.Timestamp(f.maxStamp.Load()), stage: &f.stage}
+	if len(f.devices) > maxCachedDevices {
+		f.devices = map[string]*Device{}
+	}
+	a := applier{devices: f.devices, dirty: map[string]bool{}, maxStamp: hlc.Timestamp(f.maxStamp.Load()), stage: &f.stage}
 	err := f.db.Update(func(tx *bolt.Tx) error {
 		a.tx = tx
 		a.bk = buckets(tx)
@@ -322,7 +335,7 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 
 type bkts struct {
 	meta, readings, readID, devices, edges, seq, log, down, nodes, users, policies *bolt.Bucket
-	sessions, sessUser, sessExp, revoked, recent                                   *bolt.Bucket
+	sessions, sessUser, sessExp, revoked, recent, seen                             *bolt.Bucket
 }
 
 func buckets(tx *bolt.Tx) bkts {
@@ -332,18 +345,20 @@ func buckets(tx *bolt.Tx) bkts {
 		log: tx.Bucket(bktLog), down: tx.Bucket(bktDown), nodes: tx.Bucket(bktNodes), users: tx.Bucket(bktUsers),
 		policies: tx.Bucket(bktPolicies),
 		sessions: tx.Bucket(bktSessions), sessUser: tx.Bucket(bktSessUser), sessExp: tx.Bucket(bktSessExp),
-		revoked: tx.Bucket(bktRevoked), recent: tx.Bucket(bktRecent),
+		revoked: tx.Bucket(bktRevoked), recent: tx.Bucket(bktRecent), seen: tx.Bucket(bktSeen),
 	}
 }
 
-// applier holds one ApplyBatch transaction's working set. Device records are
-// cached and written once at the end, so a group-committed entry touching the
-// same device many times costs one encode.
+// applier holds one ApplyBatch transaction's working set. Device records
+// come from the FSM's cache and are written once at the end, and only if more
+// than their last-seen time changed (dirty: true); a new last-seen time alone
+// goes to the small device_seen bucket (dirty: false), which saves encoding
+// the record and rewriting its pages on every push.
 type applier struct {
 	tx        *bolt.Tx
 	bk        bkts
 	devices   map[string]*Device
-	dirty     []string
+	dirty     map[string]bool // device → record changed (else only last seen)
 	maxStamp  hlc.Timestamp
 	added     int
 	dups      int
@@ -514,8 +529,12 @@ func (a *applier) device(id string, atMs int64) (*Device, error) {
 		if err := json.Unmarshal(v, d); err != nil {
 			return nil, fmt.Errorf("decode device %s: %w", id, err)
 		}
+		if seen := int64(getU64(a.bk.seen.Get([]byte(id)))); seen > d.LastSeen {
+			d.LastSeen = seen
+		}
 	} else {
 		d.ID, d.FirstSeen = id, atMs
+		a.dirty[id] = true
 	}
 	if d.Reported == nil {
 		d.Reported = shadow.Doc{}
@@ -524,13 +543,34 @@ func (a *applier) device(id string, atMs int64) (*Device, error) {
 		d.Desired = shadow.Doc{}
 	}
 	a.devices[id] = d
-	a.dirty = append(a.dirty, id)
 	return d, nil
 }
 
+// changed marks dev's record for rewriting.
+func (a *applier) changed(dev *Device) { a.dirty[dev.ID] = true }
+
+// seen records a newer last-seen time for dev.
+func (a *applier) seen(dev *Device, ms int64) {
+	if ms > dev.LastSeen {
+		dev.LastSeen = ms
+		a.dirty[dev.ID] = a.dirty[dev.ID] // present: at least the time is written
+	}
+}
+
 func (a *applier) flushDevices() error {
-	for _, id := range a.dirty {
-		if err := putJSON(a.bk.devices, id, a.devices[id]); err != nil {
+	ids := make([]string, 0, len(a.dirty))
+	for id := range a.dirty {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids) // bbolt inserts fastest in key order
+	for _, id := range ids {
+		dev := a.devices[id]
+		if a.dirty[id] {
+			if err := putJSON(a.bk.devices, id, dev); err != nil {
+				return err
+			}
+		}
+		if err := a.bk.seen.Put([]byte(id), u64(uint64(dev.LastSeen))); err != nil {
 			return err
 		}
 	}
@@ -554,14 +594,15 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 		// The device's home is the first edge it appears at; desired state
 		// written in the cloud before then (pre-provisioning) goes there now.
 		dev.EdgeID = origin
+		a.changed(dev)
 		if len(dev.Desired) > 0 {
 			if err := a.downlink(origin, "", wire.Change{Kind: wire.KindDesired, Device: dev.ID, Doc: dev.Desired.Clone()}); err != nil {
 				return err
 			}
 		}
 	}
-	if atMs > dev.LastSeen && origin != "" {
-		dev.LastSeen = atMs
+	if origin != "" {
+		a.seen(dev, atMs)
 	}
 	switch c.Kind {
 	case wire.KindReadings:
@@ -576,6 +617,7 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 		if len(changed) == 0 {
 			return nil
 		}
+		a.changed(dev)
 		delta := make(shadow.Doc, len(changed))
 		for _, k := range changed {
 			delta[k] = doc[k]
@@ -602,6 +644,7 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 			return nil // an older (or the same) meta write: last writer wins
 		}
 		dev.Owners, dev.Region, dev.Tags, dev.MetaStamp = m.Owners, m.Region, m.Tags, m.Stamp
+		a.changed(dev)
 		if m.Stamp > a.maxStamp {
 			a.maxStamp = m.Stamp
 		}
@@ -668,9 +711,7 @@ func (a *applier) readings(origin string, dev *Device, c *rawChange) error {
 			continue
 		}
 		fresh = append(fresh, r)
-		if r.TS > dev.LastSeen {
-			dev.LastSeen = r.TS
-		}
+		a.seen(dev, r.TS)
 	}
 	a.added += len(fresh)
 	if len(fresh) == 0 {

@@ -24,7 +24,13 @@ func (f *FSM) GetDevice(id string) (*Device, error) {
 		if v == nil {
 			return fmt.Errorf("device %q: %w", id, ErrNotFound)
 		}
-		return json.Unmarshal(v, &d)
+		if err := json.Unmarshal(v, &d); err != nil {
+			return err
+		}
+		if seen := int64(getU64(tx.Bucket(bktSeen).Get([]byte(id)))); seen > d.LastSeen {
+			d.LastSeen = seen
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, err

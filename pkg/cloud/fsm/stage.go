@@ -124,7 +124,7 @@ func (a *applier) stageReadings(origin string, dev *Device, c *rawChange, dup []
 // flushStage moves every staged reading under its device, in key order, and
 // empties the stage.
 func (a *applier) flushStage() error {
-	var rs, ids []stagedReading
+	rs, ids := make([]stagedReading, 0, a.stage.n), make([]stagedReading, 0, len(a.stage.ids))
 	err := a.bk.recent.ForEach(func(_, v []byte) error {
 		sr, err := decodeStaged(v)
 		if err != nil {

@@ -12,6 +12,8 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/shadow"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
@@ -161,5 +163,54 @@ func TestStageFlushMovesEverything(t *testing.T) {
 	// Dedup still holds once flushed.
 	if res := apply(t, f, 3, push("e1", 3, rd(9, "a"), rd(1, "a")))[0]; res.Duplicates != 2 {
 		t.Fatalf("id dedup after flush: %+v", res)
+	}
+}
+
+// TestLastSeenWithoutRewritingTheRecord: a reading push moves last_seen
+// forward through device_seen alone, and GetDevice reports it.
+func TestLastSeenWithoutRewritingTheRecord(t *testing.T) {
+	f := open(t)
+	apply(t, f, 1, push("e1", 1, rd(5000, "")))
+	record := func() []byte {
+		var v []byte
+		_ = f.view(func(tx *bolt.Tx) error { v = bytes.Clone(tx.Bucket(bktDevices).Get([]byte("d1"))); return nil })
+		return v
+	}
+	before := record()
+	apply(t, f, 2, push("e1", 2, rd(9000, "")))
+	if !bytes.Equal(record(), before) {
+		t.Fatalf("a reading push rewrote the device record:\n%s\n%s", before, record())
+	}
+	d, err := f.GetDevice("d1")
+	if err != nil || d.LastSeen != 9000 || d.FirstSeen != 1000 || d.EdgeID != "e1" {
+		t.Fatalf("device %+v %v", d, err)
+	}
+}
+
+// TestRestoreDropsCachedDevices: after a restore, applies start from the
+// restored device records, not from records cached before it.
+func TestRestoreDropsCachedDevices(t *testing.T) {
+	f := open(t)
+	desired := func(v string) *Command {
+		return &Command{Type: CmdDesired, AtMs: 1, Change: &wire.Change{Kind: wire.KindDesired, Device: "d1",
+			Doc: shadow.Doc{"mode": {Value: []byte(v), Stamp: hlc.New(int64(len(v)), 0)}}}}
+	}
+	apply(t, f, 1, desired(`"a"`))
+	snap, err := f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := &memSink{}
+	if err := snap.Persist(sink); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, f, 2, desired(`"later"`)) // cached, then undone by the restore
+	if err := f.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, f, 2, push("e1", 1, rd(7, ""))) // rewrites the record (home edge)
+	d, err := f.GetDevice("d1")
+	if err != nil || string(d.Desired["mode"].Value) != `"a"` || d.EdgeID != "e1" {
+		t.Fatalf("device after restore %+v %v", d, err)
 	}
 }
