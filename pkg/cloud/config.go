@@ -54,6 +54,7 @@ type Config struct {
 	TrailingLogs       uint64            `yaml:"trailing_logs"`
 	MaxEntryBytes      int               `yaml:"max_entry_bytes"`
 	MaxInflightEntries int               `yaml:"max_inflight_entries"`
+	GroupCommitWait    time.Duration     `yaml:"group_commit_wait"`
 	MaxPendingBytes    int64             `yaml:"max_pending_bytes"`
 	RaftDial           map[string]string `yaml:"raft_dial"`
 
@@ -84,7 +85,7 @@ func Defaults() Config {
 		HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond,
 		LeaderLeaseTimeout: 250 * time.Millisecond, CommitTimeout: 20 * time.Millisecond,
 		SnapshotInterval: 30 * time.Second, SnapshotThreshold: 2048, TrailingLogs: 1024,
-		MaxEntryBytes: 1 << 20, MaxInflightEntries: 1, MaxPendingBytes: 32 << 20,
+		MaxEntryBytes: 1 << 20, MaxInflightEntries: 1, GroupCommitWait: 4 * time.Millisecond, MaxPendingBytes: 32 << 20,
 		LogLevel: "info", RaftLogLevel: "warn", ShutdownGrace: 10 * time.Second,
 		GCPercent: 400, MemoryLimitMB: 128,
 	}

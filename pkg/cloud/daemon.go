@@ -64,7 +64,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		HeartbeatTimeout: cfg.HeartbeatTimeout, ElectionTimeout: cfg.ElectionTimeout,
 		LeaderLeaseTimeout: cfg.LeaderLeaseTimeout, CommitTimeout: cfg.CommitTimeout,
 		SnapshotInterval: cfg.SnapshotInterval, SnapshotThreshold: cfg.SnapshotThreshold, TrailingLogs: cfg.TrailingLogs,
-		MaxEntryBytes: cfg.MaxEntryBytes, MaxInflightEntries: cfg.MaxInflightEntries, MaxPendingBytes: cfg.MaxPendingBytes,
+		MaxEntryBytes: cfg.MaxEntryBytes, MaxInflightEntries: cfg.MaxInflightEntries, GroupCommitWait: cfg.GroupCommitWait, MaxPendingBytes: cfg.MaxPendingBytes,
 		DialOverrides: cfg.RaftDial, RaftLogLevel: cfg.RaftLogLevel,
 	}, state, clock, log, reg)
 	if err != nil {
