@@ -769,7 +769,7 @@ func (a *applier) putReadings(origin string, dev *Device, c *rawChange, dup []bo
 	})
 	for _, k := range keys {
 		r := &c.Readings[k.i]
-		if r.ID == "" && (a.bk.readings.Get(k.key) != nil || a.stage.hasKey(k.key)) {
+		if r.ID == "" && (a.stage.hasKey(k.key) || a.bk.readings.Get(k.key) != nil) {
 			dup[k.i] = true
 			continue
 		}

@@ -22,7 +22,8 @@ import (
 // sequences) to a state that stages small changes and flushes every few
 // readings, and to one that stages nothing. Every result and every page of
 // every device's readings must be the same, across a reopen and a snapshot
-// restore of the staging state while readings are staged.
+// restore of the staging state while readings are staged; and both must
+// agree with a plain model of the dedup rule.
 func TestStagedMatchesDirect(t *testing.T) {
 	dir := t.TempDir()
 	discard := slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -41,6 +42,10 @@ func TestStagedMatchesDirect(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	edges := []string{"e0", "e1", "e2"}
 	seqs := map[string]uint64{}
+	// The model: a reading is new unless its (edge, device, id) — or, without
+	// an id, its (edge, device, ts) — was stored before; a batch at or below
+	// the edge's acknowledged sequence changes nothing.
+	modelSeen, modelCount, modelAcked := map[string]bool{}, map[string]int{}, map[string]uint64{}
 	var sawStaged, sawFlush, reopened, restored bool
 	for index := uint64(1); index <= 400; index++ {
 		var cmds []*Command
@@ -72,6 +77,29 @@ func TestStagedMatchesDirect(t *testing.T) {
 		got, want := apply(t, staged, index, cmds...), apply(t, direct, index, cmds...)
 		if !reflect.DeepEqual(got, want) {
 			t.Fatalf("entry %d: staged results %+v, direct %+v", index, got, want)
+		}
+		for i, c := range cmds {
+			p := c.Push
+			if p.FirstSeq <= modelAcked[p.Edge] {
+				continue // resent: nothing applied
+			}
+			modelAcked[p.Edge] = p.FirstSeq
+			dups := 0
+			for _, r := range p.Changes[0].Readings {
+				k := fmt.Sprintf("%s|%s|ts=%d", p.Edge, p.Changes[0].Device, r.TS)
+				if r.ID != "" {
+					k = fmt.Sprintf("%s|%s|id=%s", p.Edge, p.Changes[0].Device, r.ID)
+				}
+				if modelSeen[k] {
+					dups++
+					continue
+				}
+				modelSeen[k] = true
+				modelCount[p.Changes[0].Device]++
+			}
+			if got[i].Duplicates != dups || got[i].Applied != 1 {
+				t.Fatalf("entry %d command %d: %+v, the model says %d duplicates", index, i, got[i], dups)
+			}
 		}
 		before := staged.stage.n
 		sawStaged = sawStaged || before > 0
@@ -112,6 +140,9 @@ func TestStagedMatchesDirect(t *testing.T) {
 	}
 	for d := range 4 {
 		dev := fmt.Sprintf("d%d", d)
+		if n := len(allPages(t, direct, ReadingsQuery{Device: dev, Limit: 1000})); n != modelCount[dev] {
+			t.Fatalf("%s: %d readings stored, the model says %d", dev, n, modelCount[dev])
+		}
 		for _, q := range []ReadingsQuery{
 			{Device: dev, Limit: 7},
 			{Device: dev, Limit: 5, FromMs: 50, ToMs: 250},

@@ -245,7 +245,14 @@ func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometh
 		n.closeStores()
 		return nil, fmt.Errorf("inspect raft state: %w", err)
 	}
-	r, err := raft.NewRaft(rc, f, logStore, logStore, snaps, transport)
+	// The leader reads back every entry it replicates; recent ones come
+	// from memory instead of a bbolt read transaction each.
+	logs, err := raft.NewLogCache(512, logStore)
+	if err != nil {
+		n.closeStores()
+		return nil, fmt.Errorf("raft log cache: %w", err)
+	}
+	r, err := raft.NewRaft(rc, f, logs, logStore, snaps, transport)
 	if err != nil {
 		n.closeStores()
 		return nil, fmt.Errorf("start raft: %w", err)
