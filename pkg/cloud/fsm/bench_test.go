@@ -64,3 +64,32 @@ func BenchmarkApplySinglePushes(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.N*32)/b.Elapsed().Seconds(), "pushes/s")
 }
+
+// BenchmarkReadingsPageWithFullStage reads a 100-reading page of one device
+// while the stage holds almost a flush's worth of other devices' readings:
+// the worst case of the staged-readings scan that Readings adds.
+func BenchmarkReadingsPageWithFullStage(b *testing.B) {
+	f := open(&testing.T{})
+	defer f.Close()
+	seqs := make([]uint64, 64)
+	index := uint64(1)
+	for f.stage.n < f.stage.flushAt-64 {
+		cmds := make([]*Command, 0, 64)
+		for e := range seqs {
+			seqs[e]++
+			edge := fmt.Sprintf("e%d", e)
+			cmds = append(cmds, &Command{Type: CmdPush, AtMs: 1, Push: &wire.PushBatch{Edge: edge, FirstSeq: seqs[e],
+				Changes: []wire.Change{{Kind: wire.KindReadings, Device: edge + "-dev",
+					Readings: []wire.Reading{{TS: int64(seqs[e]), Metrics: map[string]float64{"temp": 21.5}}}}}}})
+		}
+		apply(&testing.T{}, f, index, cmds...)
+		index++
+	}
+	b.ReportMetric(float64(f.stage.n), "staged")
+	for b.Loop() {
+		items, _, err := f.Readings(ReadingsQuery{Device: "e7-dev", Limit: 100})
+		if err != nil || len(items) != 63 {
+			b.Fatalf("page: %d readings, %v", len(items), err)
+		}
+	}
+}
