@@ -325,6 +325,12 @@ func (c *Config) Validate() error {
 	if c.MaxClockDrift < 0 || c.HeartbeatFresh <= 0 {
 		return bad("max_clock_drift must be >= 0 and heartbeat_fresh > 0")
 	}
+	if c.MaxInflightEntries < 1 {
+		return bad("max_inflight_entries %d must be at least 1", c.MaxInflightEntries)
+	}
+	if c.GroupCommitWait > 100*time.Millisecond {
+		return bad("group_commit_wait %s must be at most 100ms (a negative value turns the wait off)", c.GroupCommitWait)
+	}
 	for e := range c.EdgeTokens {
 		if !wire.ValidName(e) {
 			return bad("edge_tokens: edge id %q must match [A-Za-z0-9._-]{1,64}", e)

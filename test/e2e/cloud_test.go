@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -543,12 +544,21 @@ func TestCloudCommandLine(t *testing.T) {
 	}
 	defer busy.Close()
 	dir := t.TempDir()
+	yaml := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
 	cases := []struct {
 		name string
 		args []string
 		code int
 		msg  string
 	}{
+		{"no entry in flight", []string{"-config", yaml("k0.yaml", "max_inflight_entries: 0\n"), "-id", "a", "-data", dir, "-bootstrap"}, 2, "max_inflight_entries 0 must be at least 1"},
+		{"group commit wait too long", []string{"-config", yaml("w.yaml", "group_commit_wait: 1s\n"), "-id", "a", "-data", dir, "-bootstrap"}, 2, "group_commit_wait 1s must be at most 100ms"},
 		{"help", []string{"-h"}, 0, "-edge-token"},
 		{"missing id", []string{"-data", dir, "-bootstrap"}, 2, "-id is required"},
 		{"bootstrap and join", []string{"-id", "a", "-data", dir, "-bootstrap", "-join", "http://x:1"}, 2, "mutually exclusive"},

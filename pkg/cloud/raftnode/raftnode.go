@@ -245,14 +245,10 @@ func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometh
 		n.closeStores()
 		return nil, fmt.Errorf("inspect raft state: %w", err)
 	}
-	// The leader reads back every entry it replicates; recent ones come
-	// from memory instead of a bbolt read transaction each.
-	logs, err := raft.NewLogCache(512, logStore)
-	if err != nil {
-		n.closeStores()
-		return nil, fmt.Errorf("raft log cache: %w", err)
-	}
-	r, err := raft.NewRaft(rc, f, logs, logStore, snaps, transport)
+	// No raft.LogCache: entries are group commits of up to MaxEntryBytes,
+	// and caching 512 of them held hundreds of MB on the leader under
+	// large pushes, which the soft memory limit turned into constant GC.
+	r, err := raft.NewRaft(rc, f, logStore, logStore, snaps, transport)
 	if err != nil {
 		n.closeStores()
 		return nil, fmt.Errorf("start raft: %w", err)
