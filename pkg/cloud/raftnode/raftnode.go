@@ -77,9 +77,10 @@ type Config struct {
 	// GroupCommitWait is how long, at most, an entry waits for more
 	// proposals once it may go (default 4ms; negative disables). It waits
 	// only when the previous entry held at least lingerSiblings proposals,
-	// and only while proposals keep arriving, each within a quarter of
-	// GroupCommitWait of the last. Under load, the writers answered by one
-	// entry come back a few milliseconds later; without the wait they
+	// only until every edge that pushed in the previous entry has pushed
+	// again, and only while proposals keep arriving, each within a quarter
+	// of GroupCommitWait of the last. Under load, the writers answered by
+	// one entry come back a few milliseconds later; without the wait they
 	// would miss the next entry and the writers split into groups that
 	// take turns, each entry half as full.
 	GroupCommitWait time.Duration
@@ -158,6 +159,10 @@ type proposal struct {
 	cmd   []byte
 	start time.Time
 	done  chan outcome
+	// writer identifies whoever proposes in sequence (an edge's pushes),
+	// "" for anything else; the group commit waits for the writers of the
+	// previous entry by it.
+	writer string
 }
 
 type outcome struct {
@@ -408,6 +413,9 @@ func (n *Node) ProposeOrdered(ctx context.Context, c *fsm.Command, queued func()
 		return fsm.Result{}, err
 	}
 	p := &proposal{cmd: b, start: time.Now(), done: make(chan outcome, 1)}
+	if c.Type == fsm.CmdPush && c.Push != nil {
+		p.writer = c.Push.Edge
+	}
 	n.pending.Add(int64(len(b)))
 	select {
 	case n.proposals <- p:
@@ -444,7 +452,8 @@ const lingerSiblings = 8
 func (n *Node) batchLoop() {
 	linger := time.NewTimer(time.Hour)
 	linger.Stop()
-	prev := 0 // proposals in the previous entry
+	prev := 0                    // proposals in the previous entry
+	writers := map[string]bool{} // its writers; true once back
 	for {
 		var first *proposal
 		select {
@@ -472,9 +481,15 @@ func (n *Node) batchLoop() {
 			}
 		}
 		if n.cfg.GroupCommitWait > 0 && prev >= lingerSiblings {
-			props, size = n.gather(props, size, linger)
+			props, size = n.gather(props, size, writers, linger)
 		}
 		prev = len(props)
+		clear(writers)
+		for _, p := range props {
+			if p.writer != "" {
+				writers[p.writer] = false
+			}
+		}
 		cmds := make([][]byte, len(props))
 		for i, p := range props {
 			cmds[i] = p.cmd
@@ -491,18 +506,30 @@ func (n *Node) batchLoop() {
 }
 
 // gather adds proposals to props for as long as they keep arriving within a
-// quarter of GroupCommitWait of each other, up to GroupCommitWait in all or
-// until the entry is full.
-func (n *Node) gather(props []*proposal, size int, t *time.Timer) ([]*proposal, int) {
+// quarter of GroupCommitWait of each other, up to GroupCommitWait in all,
+// until the entry is full, or until every writer of the previous entry
+// (writers) is back.
+func (n *Node) gather(props []*proposal, size int, writers map[string]bool, t *time.Timer) ([]*proposal, int) {
+	missing := len(writers)
+	back := func(p *proposal) {
+		if seen, ok := writers[p.writer]; ok && !seen {
+			writers[p.writer] = true
+			missing--
+		}
+	}
+	for _, p := range props {
+		back(p)
+	}
 	gap := n.cfg.GroupCommitWait / 4
 	deadline := time.Now().Add(n.cfg.GroupCommitWait)
 	t.Reset(gap)
 	defer t.Stop()
-	for size < n.cfg.MaxEntryBytes {
+	for size < n.cfg.MaxEntryBytes && (missing > 0 || len(writers) == 0) {
 		select {
 		case p := <-n.proposals:
 			props = append(props, p)
 			size += len(p.cmd)
+			back(p)
 			left := time.Until(deadline)
 			if left <= 0 {
 				return props, size

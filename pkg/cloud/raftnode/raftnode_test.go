@@ -140,3 +140,32 @@ func TestLoneProposalIsNotHeld(t *testing.T) {
 		}
 	}
 }
+
+// TestGroupCommitStopsWaitingWhenWritersAreBack: the wait for stragglers
+// ends as soon as every edge of the previous entry has pushed again, not
+// after the gap. With a 2s gap, five rounds of ten edges would take 8s or
+// more if each entry waited it out.
+func TestGroupCommitStopsWaitingWhenWritersAreBack(t *testing.T) {
+	n, _, _ := startNode(t, Config{GroupCommitWait: 8 * time.Second})
+	const writers, rounds = 10, 5
+	start := time.Now()
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for seq := uint64(1); seq <= rounds; seq++ {
+				if _, err := n.Propose(context.Background(), pushCmd(fmt.Sprintf("w%d", w), seq)); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	// At most one wait runs to its gap: the last round's, for edges that
+	// have stopped.
+	if d := time.Since(start); d > 6*time.Second {
+		t.Fatalf("%d rounds of %d edges took %s: entries waited out the gap", rounds, writers, d)
+	}
+}
