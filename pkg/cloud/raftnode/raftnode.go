@@ -204,10 +204,7 @@ func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometh
 		return nil, fmt.Errorf("raft config: %w", err)
 	}
 
-	logStore, err := raftboltdb.New(raftboltdb.Options{
-		Path:        filepath.Join(cfg.DataDir, "raft.db"),
-		BoltOptions: &bolt.Options{Timeout: 2 * time.Second, FreelistType: bolt.FreelistMapType, NoFreelistSync: true},
-	})
+	logStore, err := openLogStore(filepath.Join(cfg.DataDir, "raft.db"))
 	if err != nil {
 		return nil, fmt.Errorf("open raft log %s: %w (is another process using this data dir?)", cfg.DataDir, err)
 	}
@@ -282,6 +279,15 @@ func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometh
 	r.RegisterObserver(n.observer)
 	n.metrics = newMetrics(n, reg)
 	return n, nil
+}
+
+// openLogStore opens the raft log and stable store: bbolt, fsynced on every
+// append (two fdatasyncs per commit: pages, then meta).
+func openLogStore(path string) (*raftboltdb.BoltStore, error) {
+	return raftboltdb.New(raftboltdb.Options{
+		Path:        path,
+		BoltOptions: &bolt.Options{Timeout: 2 * time.Second, FreelistType: bolt.FreelistMapType, NoFreelistSync: true},
+	})
 }
 
 // dialer resolves the address to dial for a peer: an override if one is

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
@@ -167,5 +168,24 @@ func TestGroupCommitStopsWaitingWhenWritersAreBack(t *testing.T) {
 	// have stopped.
 	if d := time.Since(start); d > 6*time.Second {
 		t.Fatalf("%d rounds of %d edges took %s: entries waited out the gap", rounds, writers, d)
+	}
+}
+
+// BenchmarkLogAppend appends one 4 KiB entry (a group commit of ~60
+// one-reading pushes) per op to the raft log as the node opens it: the fsync
+// cost every entry pays on every node, and the floor under a single push's
+// latency. It calibrates bench-cloud runs on a shared machine, whose disk
+// latency drifts.
+func BenchmarkLogAppend(b *testing.B) {
+	s, err := openLogStore(filepath.Join(b.TempDir(), "raft.db"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	data := make([]byte, 4096)
+	for i := uint64(1); b.Loop(); i++ {
+		if err := s.StoreLogs([]*raft.Log{{Index: i, Term: 1, Type: raft.LogCommand, Data: data}}); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
