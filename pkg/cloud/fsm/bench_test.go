@@ -37,16 +37,16 @@ func BenchmarkApplyPush(b *testing.B) {
 	}
 }
 
-// BenchmarkApplySinglePushes applies entries of 32 one-reading pushes from
-// 32 edges, the shape group commit makes of many small concurrent pushes.
+// BenchmarkApplySinglePushes applies entries of 64 one-reading pushes from
+// 64 edges, the shape group commit makes of many small concurrent pushes.
 func BenchmarkApplySinglePushes(b *testing.B) {
 	f := open(&testing.T{})
 	defer f.Close()
-	seqs := make([]uint64, 32)
+	seqs := make([]uint64, 64)
 	index := uint64(1)
 	b.ReportAllocs()
 	for b.Loop() {
-		cmds := make([]*Command, 0, 32)
+		cmds := make([]*Command, 0, len(seqs))
 		for e := range seqs {
 			seqs[e]++
 			edge := fmt.Sprintf("e%d", e)
@@ -57,12 +57,12 @@ func BenchmarkApplySinglePushes(b *testing.B) {
 			cmds = append(cmds, &Command{Type: CmdPush, AtMs: 1, Push: p})
 		}
 		res := apply(&testing.T{}, f, index, cmds...)
-		if len(res) != 32 || res[0].Err != nil {
+		if len(res) != len(seqs) || res[0].Err != nil {
 			b.Fatalf("apply: %+v", res[0])
 		}
 		index++
 	}
-	b.ReportMetric(float64(b.N*32)/b.Elapsed().Seconds(), "pushes/s")
+	b.ReportMetric(float64(b.N*len(seqs))/b.Elapsed().Seconds(), "pushes/s")
 }
 
 // BenchmarkReadingsPageWithFullStage reads a 100-reading page of one device
