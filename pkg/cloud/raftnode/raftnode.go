@@ -71,8 +71,8 @@ type Config struct {
 	// (default 1). While that many are in flight, new proposals wait and
 	// go out together in the next entry: the fewer in flight, the larger
 	// the entries, and every entry costs a log fsync on each node and a
-	// state transaction on each node. Once a quarter of MaxEntryBytes is
-	// waiting, the entry goes anyway: big writes make big entries without
+	// state transaction on each node. Once a sixteenth of MaxEntryBytes
+	// (64 KiB by default) is waiting, the entry goes anyway: big writes make big entries without
 	// help, and pipelining them keeps the log and the state machine busy
 	// at once. On this project's 2-core benchmark 1 beat 2 and 16 (see
 	// README, Operations).
@@ -487,7 +487,7 @@ func (n *Node) batchLoop() {
 		}
 		// Wait for a free slot before draining: while every slot is taken,
 		// proposals pile up and go out together in the next entry. Big
-		// writes need no help to make big entries, so once a quarter of an
+		// writes need no help to make big entries, so once a sixteenth of an
 		// entry is waiting it goes without a slot and the log pipelines.
 		slot, ok := n.awaitSlot()
 		if !ok {
@@ -533,7 +533,7 @@ func (n *Node) batchLoop() {
 
 // bigEntry is the queued size past which an entry goes without waiting for
 // a slot.
-func (n *Node) bigEntry() int64 { return int64(n.cfg.MaxEntryBytes / 4) }
+func (n *Node) bigEntry() int64 { return int64(n.cfg.MaxEntryBytes / 16) }
 
 // awaitSlot waits for a free in-flight slot (slot true), or for bigEntry of
 // proposals to be queued (slot false). ok is false when the node stops.
