@@ -20,6 +20,7 @@ import (
 	"log/slog"
 	"os"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -787,6 +788,19 @@ func readingKey(b []byte, device string, ts int64, edge, id string) []byte {
 	b = append(b, edge...)
 	b = append(b, 0)
 	return append(b, id...)
+}
+
+// splitReadingKey undoes readingKey. Ids never hold a zero byte (pkg/ident),
+// and the timestamp has a fixed width, so the split is unambiguous; ok is
+// false for a key readingKey did not make.
+func splitReadingKey(k []byte) (device string, ts int64, edge, id string, ok bool) {
+	i := bytes.IndexByte(k, 0)
+	if i < 0 || len(k) < i+9 {
+		return "", 0, "", "", false
+	}
+	ts = int64(binary.BigEndian.Uint64(k[i+1:i+9]) ^ (1 << 63))
+	edge, id, ok = strings.Cut(string(k[i+9:]), "\x00")
+	return string(k[:i]), ts, edge, id, ok
 }
 
 func (a *applier) logChange(origin string, atMs int64, c *rawChange) error {

@@ -3,7 +3,6 @@ package fsm
 import (
 	"bytes"
 	"encoding/base64"
-	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"sort"
@@ -94,11 +93,10 @@ func (f *FSM) Readings(q ReadingsQuery) ([]StoredReading, string, error) {
 			if after != nil && bytes.Equal(k, after) {
 				continue
 			}
-			rest := k[len(prefix):]
-			if len(rest) < 9 {
+			_, ts, edge, id, ok := splitReadingKey(k)
+			if !ok {
 				continue
 			}
-			ts := int64(binary.BigEndian.Uint64(rest[:8]) ^ (1 << 63))
 			if q.ToMs != 0 && ts >= q.ToMs {
 				break
 			}
@@ -117,7 +115,6 @@ func (f *FSM) Readings(q ReadingsQuery) ([]StoredReading, string, error) {
 				}
 				m = map[string]float64{q.Metric: val}
 			}
-			edge, id, _ := strings.Cut(string(rest[8:]), "\x00")
 			items = append(items, StoredReading{TS: ts, Edge: edge, ID: id, Metrics: m})
 			after = append(after[:0], k...) // remember the last served key
 		}

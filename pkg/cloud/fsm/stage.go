@@ -72,25 +72,28 @@ func (s *stageIndex) load(b *bolt.Bucket) error {
 }
 
 // stagedReading is one record of readings_recent: the reading's key in the
-// readings bucket, its id key (empty without an id) and its stored metrics.
+// readings bucket and its stored metrics, plus its id key (empty without an
+// id), which is derived from the key rather than stored.
 type stagedReading struct {
 	key, id, metrics []byte
 }
 
-func encodeStaged(key, id, metrics []byte) []byte {
-	b := make([]byte, 0, len(key)+len(id)+len(metrics)+4)
+func encodeStaged(key, metrics []byte) []byte {
+	b := make([]byte, 0, len(key)+len(metrics)+2)
 	b = binary.AppendUvarint(b, uint64(len(key)))
 	b = append(b, key...)
-	b = binary.AppendUvarint(b, uint64(len(id)))
-	b = append(b, id...)
 	return append(b, metrics...)
 }
 
 func decodeStaged(v []byte) (stagedReading, error) {
 	r := reader{b: v}
-	sr := stagedReading{key: r.bytes(), id: r.bytes()}
-	if r.err != nil {
-		return sr, r.err
+	sr := stagedReading{key: r.bytes()}
+	device, _, edge, id, ok := splitReadingKey(sr.key)
+	if r.err != nil || !ok {
+		return sr, ErrCorrupt
+	}
+	if id != "" {
+		sr.id = idKey(edge, device, id)
 	}
 	sr.metrics = r.b
 	return sr, nil
@@ -113,7 +116,7 @@ func (a *applier) stageReadings(origin string, dev *Device, c *rawChange, dup []
 		}
 		k := binary.BigEndian.AppendUint32(u64(a.index), a.stageSub)
 		a.stageSub++
-		if err := a.bk.recent.Put(k, encodeStaged(key, id, r.Metrics)); err != nil {
+		if err := a.bk.recent.Put(k, encodeStaged(key, r.Metrics)); err != nil {
 			return err
 		}
 		a.stage.add(key, id)
@@ -147,7 +150,8 @@ func (a *applier) flushStage() error {
 		}
 	}
 	for _, sr := range ids {
-		if err := a.bk.readID.Put(sr.id, u64(uint64(readingKeyTS(sr.key)))); err != nil {
+		_, ts, _, _, _ := splitReadingKey(sr.key)
+		if err := a.bk.readID.Put(sr.id, u64(uint64(ts))); err != nil {
 			return err
 		}
 	}
@@ -161,40 +165,21 @@ func (a *applier) flushStage() error {
 	return nil
 }
 
-// readingKeyTS is the timestamp in a reading key (device 0 ts(8) …).
-func readingKeyTS(key []byte) int64 {
-	i := bytes.IndexByte(key, 0)
-	if i < 0 || len(key) < i+9 {
-		return 0
-	}
-	return int64(binary.BigEndian.Uint64(key[i+1:i+9]) ^ (1 << 63))
-}
-
 // stagedFor returns the staged readings of the device whose key has prefix,
 // from seek on, in key order.
 func stagedFor(tx *bolt.Tx, prefix, seek []byte) ([]stagedReading, error) {
 	var out []stagedReading
 	err := tx.Bucket(bktRecent).ForEach(func(_, v []byte) error {
-		if !bytes.HasPrefix(v[binaryUvarintLen(v):], prefix) {
-			return nil // another device's: skip without decoding
+		r := reader{b: v}
+		key := r.bytes()
+		if r.err != nil {
+			return ErrCorrupt
 		}
-		sr, err := decodeStaged(v)
-		if err != nil {
-			return err
-		}
-		if bytes.Compare(sr.key, seek) >= 0 {
-			out = append(out, sr)
+		if bytes.HasPrefix(key, prefix) && bytes.Compare(key, seek) >= 0 {
+			out = append(out, stagedReading{key: key, metrics: r.b})
 		}
 		return nil
 	})
 	sort.Slice(out, func(i, j int) bool { return bytes.Compare(out[i].key, out[j].key) < 0 })
 	return out, err
-}
-
-func binaryUvarintLen(b []byte) int {
-	_, n := binary.Uvarint(b)
-	if n <= 0 {
-		return 0
-	}
-	return n
 }

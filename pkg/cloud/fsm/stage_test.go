@@ -116,17 +116,7 @@ func TestStagedMatchesDirect(t *testing.T) {
 			}
 		case index >= 300 && !restored && before > 0:
 			restored = true
-			snap, err := staged.Snapshot()
-			if err != nil {
-				t.Fatal(err)
-			}
-			sink := &memSink{}
-			if err := snap.Persist(sink); err != nil {
-				t.Fatal(err)
-			}
-			if err := staged.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))); err != nil {
-				t.Fatal(err)
-			}
+			restoreBytes(t, staged, snapshotBytes(t, staged))
 			if staged.stage.n != before {
 				t.Fatalf("restore: %d staged readings indexed, want %d", staged.stage.n, before)
 			}
@@ -152,6 +142,27 @@ func TestStagedMatchesDirect(t *testing.T) {
 				t.Fatalf("%+v: staged %d readings, direct %d\nstaged %v\ndirect %v", q, len(got), len(want), got, want)
 			}
 		}
+	}
+}
+
+// snapshotBytes streams f's state as raft would send it to a follower.
+func snapshotBytes(t *testing.T, f *FSM) []byte {
+	t.Helper()
+	snap, err := f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := &memSink{}
+	if err := snap.Persist(sink); err != nil {
+		t.Fatal(err)
+	}
+	return sink.Bytes()
+}
+
+func restoreBytes(t *testing.T, f *FSM, snap []byte) {
+	t.Helper()
+	if err := f.Restore(io.NopCloser(bytes.NewReader(snap))); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -227,18 +238,9 @@ func TestRestoreDropsCachedDevices(t *testing.T) {
 			Doc: shadow.Doc{"mode": {Value: []byte(v), Stamp: hlc.New(int64(len(v)), 0)}}}}
 	}
 	apply(t, f, 1, desired(`"a"`))
-	snap, err := f.Snapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sink := &memSink{}
-	if err := snap.Persist(sink); err != nil {
-		t.Fatal(err)
-	}
+	snap := snapshotBytes(t, f)
 	apply(t, f, 2, desired(`"later"`)) // cached, then undone by the restore
-	if err := f.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))); err != nil {
-		t.Fatal(err)
-	}
+	restoreBytes(t, f, snap)
 	apply(t, f, 2, push("e1", 1, rd(7, ""))) // rewrites the record (home edge)
 	d, err := f.GetDevice("d1")
 	if err != nil || string(d.Desired["mode"].Value) != `"a"` || d.EdgeID != "e1" {
