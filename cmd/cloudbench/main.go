@@ -281,16 +281,11 @@ type pusher interface {
 
 func newPusher(urls []string, leaderAddr, token string) (pusher, error) {
 	if loadgen == "raw" {
-		rp, err := newRawPusher(leaderAddr, token)
-		return rawCtx{rp}, err
+		return newRawPusher(leaderAddr, token)
 	}
 	cl, err := client.New(urls, token)
 	return clientPusher{cl}, err
 }
-
-type rawCtx struct{ *rawPusher }
-
-func (r rawCtx) Push(_ context.Context, b *wire.PushBatch) error { return r.rawPusher.Push(b) }
 
 type clientPusher struct{ *client.Client }
 
@@ -370,8 +365,7 @@ func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.D
 	time.Sleep(time.Second) // warm-up
 	peak, anon := 0.0, 0.0
 	cpu0, self0 := clusterCPU(nodes), selfCPU()
-	cnt0, _ := benchproc.Metric(lead.url()+"/metrics", "outpost_raft_entry_commands_count")
-	sum0, _ := benchproc.Metric(lead.url()+"/metrics", "outpost_raft_entry_commands_sum")
+	cnt0, sum0 := entryCommands(lead)
 	measuring.Store(true)
 	t0 := time.Now()
 	tick := time.NewTicker(100 * time.Millisecond)
@@ -384,8 +378,7 @@ func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.D
 	measuring.Store(false)
 	elapsed := time.Since(t0).Seconds()
 	cpu, self := clusterCPU(nodes)-cpu0, selfCPU()-self0
-	cnt1, _ := benchproc.Metric(lead.url()+"/metrics", "outpost_raft_entry_commands_count")
-	sum1, _ := benchproc.Metric(lead.url()+"/metrics", "outpost_raft_entry_commands_sum")
+	cnt1, sum1 := entryCommands(lead)
 	cancel()
 	wg.Wait()
 	if err, _ := firstErr.Load().(error); err != nil {
@@ -403,6 +396,18 @@ func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.D
 		P50Ms: pct(0.5), P99Ms: pct(0.99), Throttled: throttled.Load(), LeaderRSSMB: round(peak), LeaderAnonMB: round(anon),
 		ClusterCPUPer100k: per100k(cpu, readings.Load()), LoadgenCPUPer100k: per100k(self, readings.Load()),
 		EntriesPerS: round((cnt1 - cnt0) / elapsed), CmdsPerEntry: round((sum1 - sum0) / max(cnt1-cnt0, 1))}, nil
+}
+
+// entryCommands reads the leader's count of group-committed entries and the
+// sum of the commands in them.
+func entryCommands(lead *node) (entries, commands float64) {
+	m, err := benchproc.Scrape(http.DefaultClient, lead.url()+"/metrics")
+	if err != nil {
+		return 0, 0
+	}
+	entries, _ = m.Value("outpost_raft_entry_commands_count")
+	commands, _ = m.Value("outpost_raft_entry_commands_sum")
+	return entries, commands
 }
 
 func per100k(cpu float64, readings int64) float64 {

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -52,9 +53,9 @@ func (p *rawPusher) Close() {
 // errRetry: the node could not take the push now (503); try again.
 var errRetry = errors.New("node answered 503")
 
-// Push sends b and reads the answer. A 429 comes back as
-// *client.ThrottledError, like the edge client's.
-func (p *rawPusher) Push(b *wire.PushBatch) error {
+// Push sends b and reads the answer (bounded by a 30 s deadline, not ctx). A
+// 429 comes back as *client.ThrottledError, like the edge client's.
+func (p *rawPusher) Push(_ context.Context, b *wire.PushBatch) error {
 	p.body.Reset()
 	if err := json.NewEncoder(&p.body).Encode(b); err != nil {
 		return err

@@ -70,19 +70,30 @@ func parseStatus(s string) map[string]float64 {
 	return out
 }
 
-// Metric reads one sample (the full series name, labels included) from the
-// Prometheus text exposition at url.
-func Metric(url, series string) (float64, bool) {
-	resp, err := http.Get(url)
+// Metrics is a scraped Prometheus text exposition (a /metrics page).
+type Metrics string
+
+// Scrape fetches the /metrics page at url with hc.
+func Scrape(hc *http.Client, url string) (Metrics, error) {
+	resp, err := hc.Get(url)
 	if err != nil {
-		return 0, false
+		return "", err
 	}
 	defer resp.Body.Close()
 	raw, err := io.ReadAll(resp.Body)
 	if err != nil {
-		return 0, false
+		return "", fmt.Errorf("read %s: %w", url, err)
 	}
-	for _, line := range strings.Split(string(raw), "\n") {
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("%s: %s", url, resp.Status)
+	}
+	return Metrics(raw), nil
+}
+
+// Value returns the sample of series: its full name, labels included
+// (`outpost_cloud_push_total{edge="e1",result="ok"}`).
+func (m Metrics) Value(series string) (float64, bool) {
+	for _, line := range strings.Split(string(m), "\n") {
 		if v, ok := strings.CutPrefix(line, series+" "); ok {
 			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
 			return f, err == nil

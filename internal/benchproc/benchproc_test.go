@@ -44,3 +44,38 @@ func TestWaitHTTP(t *testing.T) {
 		t.Fatal("a closed port answered")
 	}
 }
+
+func TestScrape(t *testing.T) {
+	page := "# HELP outpost_x_total X.\n# TYPE outpost_x_total counter\n" +
+		"outpost_x_total 3\noutpost_x_total_extra 9\noutpost_y{edge=\"e1\",result=\"ok\"} 1.5e+06\n"
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/metrics" {
+			http.NotFound(w, r)
+			return
+		}
+		_, _ = w.Write([]byte(page))
+	}))
+	defer srv.Close()
+	m, err := Scrape(srv.Client(), srv.URL+"/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		series string
+		want   float64
+		ok     bool
+	}{
+		{"outpost_x_total", 3, true},
+		{`outpost_y{edge="e1",result="ok"}`, 1.5e6, true},
+		{"outpost_x", 0, false},
+		{"outpost_missing", 0, false},
+	}
+	for _, tc := range tests {
+		if got, ok := m.Value(tc.series); got != tc.want || ok != tc.ok {
+			t.Errorf("%s = %v, %v; want %v, %v", tc.series, got, ok, tc.want, tc.ok)
+		}
+	}
+	if _, err := Scrape(srv.Client(), srv.URL+"/nope"); err == nil {
+		t.Error("a 404 page scraped without error")
+	}
+}

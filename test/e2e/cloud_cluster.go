@@ -22,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/outpost-edge/outpost/internal/benchproc"
 	"github.com/outpost-edge/outpost/internal/tcpproxy"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
 )
@@ -544,21 +545,11 @@ type cloudExportRecord struct {
 // labelled reads one labelled sample (full series name) from a node's
 // /metrics.
 func (c *cloudCluster) labelled(n *cloudNode, series string) (float64, bool) {
-	resp, err := c.hc.Get(n.URL() + "/metrics")
+	m, err := benchproc.Scrape(c.hc, n.URL()+"/metrics")
 	if err != nil {
 		return 0, false
 	}
-	defer resp.Body.Close()
-	raw, _ := io.ReadAll(resp.Body)
-	for _, line := range strings.Split(string(raw), "\n") {
-		if strings.HasPrefix(line, series+" ") {
-			var v float64
-			if _, err := fmt.Sscanf(strings.TrimPrefix(line, series+" "), "%g", &v); err == nil {
-				return v, true
-			}
-		}
-	}
-	return 0, false
+	return m.Value(series)
 }
 
 // metric reads one un-labelled sample from a node's /metrics.

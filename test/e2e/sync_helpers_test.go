@@ -16,6 +16,8 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/outpost-edge/outpost/internal/benchproc"
 )
 
 // syncLink is the network between one edge and the cloud: a TCP proxy in
@@ -331,21 +333,11 @@ func bulkPublish(t *testing.T, e *edgeProc, dev string, from, n, per int) []stri
 
 // edgeMetric reads one un-labelled sample from an edge's /metrics.
 func (e *edgeProc) metric(name string) (float64, bool) {
-	resp, err := edgeHTTP.Get("http://" + e.HTTP + "/metrics")
+	m, err := benchproc.Scrape(edgeHTTP, "http://"+e.HTTP+"/metrics")
 	if err != nil {
 		return 0, false
 	}
-	defer resp.Body.Close()
-	raw, _ := io.ReadAll(resp.Body)
-	for _, line := range strings.Split(string(raw), "\n") {
-		if strings.HasPrefix(line, name+" ") {
-			var v float64
-			if _, err := fmt.Sscanf(strings.TrimPrefix(line, name+" "), "%g", &v); err == nil {
-				return v, true
-			}
-		}
-	}
-	return 0, false
+	return m.Value(name)
 }
 
 // cloudEdgeAcked is the sequence node n's replica holds for edge.

@@ -72,10 +72,10 @@ type Config struct {
 	// go out together in the next entry: the fewer in flight, the larger
 	// the entries, and every entry costs a log fsync on each node and a
 	// state transaction on each node. Once a sixteenth of MaxEntryBytes
-	// (64 KiB by default) is waiting, the entry goes anyway: big writes make big entries without
-	// help, and pipelining them keeps the log and the state machine busy
-	// at once. On this project's 2-core benchmark 1 beat 2 and 16 (see
-	// README, Operations).
+	// (64 KiB by default) is waiting, the entry goes anyway: big writes
+	// make big entries without help, and pipelining them keeps the log and
+	// the state machine busy at once. On this project's 2-core benchmark 1
+	// beat 2 and 16 (see README, Operations).
 	MaxInflightEntries int
 	// GroupCommitWait is how long, at most, an entry waits for more
 	// proposals once it may go (default 4ms; negative disables). It waits
@@ -244,7 +244,7 @@ func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometh
 	n := &Node{
 		cfg: cfg, log: log, fsm: f, clock: clock, transport: transport, logStore: logStore,
 		proposals: make(chan *proposal, 4096),
-		inflight:  make(chan inflight, 64),
+		inflight:  make(chan inflight, 64), // bounds big entries, which go without a slot
 		slots:     make(chan struct{}, cfg.MaxInflightEntries),
 		full:      make(chan struct{}, 1),
 		failing:   map[raft.ServerID]bool{},
@@ -510,14 +510,12 @@ func (n *Node) batchLoop() {
 		}
 		prev = len(props)
 		clear(writers)
-		for _, p := range props {
-			if p.writer != "" {
-				writers[p.writer] = false
-			}
-		}
 		cmds := make([][]byte, len(props))
 		for i, p := range props {
 			cmds[i] = p.cmd
+			if p.writer != "" {
+				writers[p.writer] = false
+			}
 		}
 		n.queued.Add(-int64(size))
 		f := n.raft.Apply(fsm.EncodeEntry(cmds), 0)
