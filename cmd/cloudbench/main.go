@@ -86,7 +86,7 @@ type phase struct {
 func main() {
 	bin := flag.String("bin", "bin/cloud-sync", "cloud-sync binary to benchmark")
 	dur := flag.Duration("duration", 8*time.Second, "measured time per phase")
-	extra := flag.String("node-args", "", "extra flags for every node, space-separated (e.g. \"-gc-percent 100\")")
+	extra := flag.String("node-args", "", "extra flags for every node, space-separated (e.g. \"-config tuned.yaml\")")
 	only := flag.String("phases", "1,100,5000", "batch sizes to run, comma-separated (a subset of 1,100,5000)")
 	profile := flag.String("profile", "", "directory: write the leader's and a follower's CPU profiles of each phase there")
 	failoverOn := flag.Bool("failover", true, "measure failover after the phases")
