@@ -615,7 +615,7 @@ func TestCloudCommandLine(t *testing.T) {
 // pusher that retries still gets every batch in, each once.
 func TestCloudAdmissionControl(t *testing.T) {
 	c := startCloudCluster(t, 1, cloudWithArgs("-max-pending-bytes", "1"))
-	lead := c.Nodes[c.mustLeader(10 * time.Second)]
+	lead := c.Nodes[c.mustLeader(10*time.Second)]
 	ctx := cloudCtx(t, 60*time.Second)
 	const batches = 10
 	var throttled, badRetryAfter atomic.Int64
