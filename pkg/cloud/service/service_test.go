@@ -192,9 +192,9 @@ func TestPushRefusesBadBatches(t *testing.T) {
 	}
 }
 
-// TestPushPipelined sends an edge's second batch before its first: the gate
-// holds it until the first is queued, so both land instead of the second
-// bouncing off a gap.
+// TestPushPipelined sends an edge's batches two at a time, the second racing
+// the first: both land in order, whichever reaches the gate first (the gate
+// itself is TestSeqGate).
 func TestPushPipelined(t *testing.T) {
 	n := startService(t, Config{})
 	ctx := context.Background()
