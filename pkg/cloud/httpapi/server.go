@@ -193,9 +193,10 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 		if fe.Code == fiber.StatusRequestEntityTooLarge {
 			he.msg = fmt.Sprintf("request body larger than %d bytes", wire.MaxBodyBytes)
 		}
-	case serviceStatus(err) != nil:
-		he = serviceStatus(err)
 	default:
+		if he = serviceStatus(err); he != nil {
+			break
+		}
 		// Internal detail stays in the log, never in the body.
 		s.log.Error("request failed", "method", c.Method(), "path", c.Path(), "err", err)
 		he = &httpError{status: fiber.StatusInternalServerError, msg: "internal error; see the server log"}

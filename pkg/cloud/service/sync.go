@@ -21,7 +21,7 @@ import (
 func (s *Service) Admit() error {
 	if s.raft.Overloaded() {
 		s.m.throttled.Inc()
-		return &kindError{kind: ErrOverloaded, err: ErrOverloaded}
+		return ErrOverloaded
 	}
 	return nil
 }
