@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	uauth "github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/cloud/auth"
@@ -160,5 +161,27 @@ func TestLoginErrors(t *testing.T) {
 	}
 	if _, err := dev.svc.Login(ctx, "wx-code"); !errors.Is(err, ErrLoginUnavailable) {
 		t.Fatalf("WeChat login without credentials: err = %v, want ErrLoginUnavailable", err)
+	}
+}
+
+// TestPurgeSessions: maintenance removes sessions once they expired (plus
+// the verification leeway), in bounded proposals, and leaves live ones.
+func TestPurgeSessions(t *testing.T) {
+	n := startService(t, Config{DevLogin: true, RefreshTTL: time.Minute})
+	ctx := context.Background()
+	for _, u := range []string{"a", "b"} {
+		if _, err := n.svc.Login(ctx, "dev:"+u); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := n.svc.purgeSessions(ctx); got != 0 {
+		t.Fatalf("purged %d live sessions", got)
+	}
+	n.offset.Store((time.Minute + 2*uauth.DefaultLeeway + time.Second).Milliseconds())
+	if got := n.svc.purgeSessions(ctx); got < 2 {
+		t.Fatalf("purged %d records, want both expired sessions", got)
+	}
+	if families, _ := n.fsm.SessionCounts(); families != 0 {
+		t.Fatalf("%d sessions left after the purge", families)
 	}
 }
