@@ -22,6 +22,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/httpapi"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
+	"github.com/outpost-edge/outpost/pkg/cloud/service"
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/obs"
 	"github.com/outpost-edge/outpost/pkg/wechat"
@@ -33,6 +34,7 @@ type Node struct {
 	log  *slog.Logger
 	fsm  *fsm.FSM
 	raft *raftnode.Node
+	svc  *service.Service
 	http *httpapi.Server
 	ln   net.Listener
 }
@@ -50,7 +52,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	obs.RegisterBuildInfo(reg, "cloud-sync")
-	fm := httpapi.NewFSMMetrics(reg)
+	fm := newFSMMetrics(reg)
 	state, err := fsm.Open(filepath.Join(cfg.Data, "state.db"), log, fm.Hooks())
 	if err != nil {
 		_ = ln.Close()
@@ -82,26 +84,31 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 	if !static.HasAPIToken() {
 		log.Warn("no -api-token: the consumer API refuses every request and cluster changes are unauthenticated")
 	}
-	// User access tokens (JWT) join this chain with the identity issue.
-	var wc *wechat.Client
+	scfg := service.Config{HeartbeatFresh: cfg.HeartbeatFresh, DevLogin: cfg.DevLogin, Admins: cfg.Admins,
+		AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL}
 	if cfg.WeChatAppID != "" {
-		if wc, err = wechat.New(wechat.Config{AppID: cfg.WeChatAppID, Secret: cfg.WeChatSecret, APIBase: cfg.WeChatAPIBase}); err != nil {
+		// Set only when configured: a nil *wechat.Client in the interface
+		// would read as configured.
+		wc, err := wechat.New(wechat.Config{AppID: cfg.WeChatAppID, Secret: cfg.WeChatSecret, APIBase: cfg.WeChatAPIBase})
+		if err != nil {
 			_ = rn.Shutdown()
 			_ = state.Close()
 			_ = ln.Close()
 			return nil, fmt.Errorf("%w: wechat: %v", ErrUsage, err)
 		}
+		scfg.WeChat = wc
 	}
-	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, HeartbeatFresh: cfg.HeartbeatFresh,
-		WeChat: wc, DevLogin: cfg.DevLogin, Admins: cfg.Admins, AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL},
-		rn, state, clock, auth.Chain{static}, static.HasAPIToken(), log, reg)
+	svc := service.New(scfg, rn, state, clock, log, reg)
+	// Static tokens first (edges and the API token), then users' access
+	// tokens signed with the deployment key.
+	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID}, svc, auth.Chain{static, svc}, static.HasAPIToken(), log, reg)
 	if err != nil {
 		_ = rn.Shutdown()
 		_ = state.Close()
 		_ = ln.Close()
 		return nil, err
 	}
-	return &Node{cfg: cfg, log: log, fsm: state, raft: rn, http: srv, ln: ln}, nil
+	return &Node{cfg: cfg, log: log, fsm: state, raft: rn, svc: svc, http: srv, ln: ln}, nil
 }
 
 // Run serves until ctx ends or serving fails.
@@ -113,7 +120,7 @@ func (n *Node) Run(ctx context.Context) error {
 	go func() { defer close(raftDone); n.raft.Run(ctx) }()
 	go func() { errc <- n.http.App().Listener(n.ln) }()
 	maintDone := make(chan struct{})
-	go func() { defer close(maintDone); n.http.RunMaintenance(ctx, 0) }()
+	go func() { defer close(maintDone); n.svc.RunMaintenance(ctx, 0) }()
 	joinDone := make(chan struct{})
 	go func() {
 		defer close(joinDone)

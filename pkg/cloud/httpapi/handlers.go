@@ -2,7 +2,6 @@ package httpapi
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -14,7 +13,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
-	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
+	"github.com/outpost-edge/outpost/pkg/cloud/service"
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/shadow"
@@ -26,15 +25,15 @@ const hdrNextCursor = "X-Outpost-Next-Cursor"
 // --- health and cluster ---------------------------------------------------
 
 func (s *Server) ready(c *fiber.Ctx) error {
-	if _, _, ok := s.node.Leader(); !ok {
+	if _, _, ok := s.svc.Leader(); !ok {
 		return &httpError{status: fiber.StatusServiceUnavailable, msg: "no raft leader known yet", retryAfter: 1}
 	}
-	return ok(c, fiber.Map{"status": "ready", "applied_index": s.fsm.AppliedIndex()})
+	return ok(c, fiber.Map{"status": "ready", "applied_index": s.svc.AppliedIndex()})
 }
 
 func (s *Server) status(c *fiber.Ctx) error {
 	return s.read(c, func(c *fiber.Ctx) error {
-		st, err := s.node.Status()
+		st, err := s.svc.Status(c.UserContext())
 		if err != nil {
 			return err
 		}
@@ -63,14 +62,12 @@ func (s *Server) join(c *fiber.Ctx) error {
 		return apiError(fiber.StatusBadRequest, fmt.Sprintf("http_addr %q must be host:port", req.HTTPAddr))
 	}
 	return s.onLeader(c, func(c *fiber.Ctx) error {
-		ctx, cancel := context.WithTimeout(c.UserContext(), s.cfg.RequestTimeout)
-		defer cancel()
-		err := s.node.Join(ctx, req.ID, req.RaftAddr, req.HTTPAddr)
+		err := s.svc.Join(c.UserContext(), req.ID, req.RaftAddr, req.HTTPAddr)
 		switch {
-		case errors.Is(err, raftnode.ErrConflict):
+		case errors.Is(err, service.ErrConflict):
 			return apiError(fiber.StatusConflict, err.Error())
 		case err != nil:
-			return proposeErr(err)
+			return err
 		}
 		return ok(c, req)
 	})
@@ -82,24 +79,23 @@ func (s *Server) remove(c *fiber.Ctx) error {
 		return apiError(fiber.StatusBadRequest, "node id must match [A-Za-z0-9._-]{1,64}")
 	}
 	return s.onLeader(c, func(c *fiber.Ctx) error {
-		ctx, cancel := context.WithTimeout(c.UserContext(), s.cfg.RequestTimeout)
-		defer cancel()
-		err := s.node.Remove(ctx, id)
+		err := s.svc.Remove(c.UserContext(), id)
 		switch {
-		case errors.Is(err, raftnode.ErrNoSuchNode):
+		case errors.Is(err, service.ErrNoSuchNode):
 			return apiError(fiber.StatusNotFound, fmt.Sprintf("node %q is not a cluster member", id))
 		case err != nil:
-			return proposeErr(err)
+			return err
 		}
 		return ok(c, fiber.Map{"removed": id})
 	})
 }
 
 func (s *Server) snapshot(c *fiber.Ctx) error {
-	if err := s.node.Snapshot(); err != nil {
+	applied, err := s.svc.Snapshot(c.UserContext())
+	if err != nil {
 		return err
 	}
-	return ok(c, fiber.Map{"applied_index": s.fsm.AppliedIndex()})
+	return ok(c, fiber.Map{"applied_index": applied})
 }
 
 // --- sync API -------------------------------------------------------------
@@ -107,138 +103,48 @@ func (s *Server) snapshot(c *fiber.Ctx) error {
 func (s *Server) push(c *fiber.Ctx) error {
 	edge := c.Locals("edge").(string)
 	return s.onLeader(c, func(c *fiber.Ctx) error {
-		if s.node.Overloaded() {
-			s.m.throttled.Inc()
-			return proposeErr(raftnode.ErrOverloaded)
+		if err := s.svc.Admit(); err != nil {
+			return err
 		}
 		var b wire.PushBatch
 		if err := s.decode(c, &b); err != nil {
 			return err
 		}
-		if err := b.Validate(); err != nil {
-			return invalid(err)
-		}
-		if b.Edge != edge {
+		out, err := s.svc.Push(c.UserContext(), edge, &b)
+		var gap *service.SeqGapError
+		switch {
+		case errors.As(err, &gap):
+			return &httpError{status: fiber.StatusConflict,
+				msg:     fmt.Sprintf("sequence gap: the cloud expects sequence %d next from edge %q, batch starts at %d", gap.Expected, edge, b.FirstSeq),
+				headers: map[string]string{wire.HeaderExpectedSeq: strconv.FormatUint(gap.Expected, 10)}}
+		case errors.Is(err, service.ErrWrongEdge):
 			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not push as %q", edge, b.Edge))
-		}
-		// A re-sent batch that is already committed needs no raft entry.
-		acked := s.fsm.EdgeSeq(edge)
-		if b.LastSeq() <= acked {
-			s.m.pushes.WithLabelValues(edge, "duplicate").Inc()
-			return ok(c, wire.PushResult{AckedSeq: acked})
-		}
-		rejected, err := s.checkStamps(edge, b.Changes)
-		if err != nil {
+		case err != nil:
 			return err
 		}
-		// An edge may pipeline pushes: let this one queue only after its
-		// predecessor has (bounded wait), so they apply in sequence order
-		// instead of the later one bouncing off a gap.
-		s.gate.wait(c.UserContext(), edge, b.FirstSeq, acked)
-		ctx, cancel := context.WithTimeout(c.UserContext(), s.cfg.RequestTimeout)
-		defer cancel()
-		res, err := s.node.ProposeOrdered(ctx, &fsm.Command{Type: fsm.CmdPush, AtMs: s.now().UnixMilli(), Push: &b},
-			func() { s.gate.queued(edge, b.LastSeq()) })
-		if err != nil {
-			return proposeErr(err)
-		}
-		if errors.Is(res.Err, fsm.ErrSeqGap) {
-			s.m.pushes.WithLabelValues(edge, "gap").Inc()
-			return &httpError{status: fiber.StatusConflict,
-				msg:     fmt.Sprintf("sequence gap: the cloud expects sequence %d next from edge %q, batch starts at %d", res.Expected, edge, b.FirstSeq),
-				headers: map[string]string{wire.HeaderExpectedSeq: strconv.FormatUint(res.Expected, 10)}}
-		}
-		if res.Err != nil {
-			return res.Err
-		}
-		s.m.pushes.WithLabelValues(edge, "ok").Inc()
-		return ok(c, wire.PushResult{AckedSeq: res.AckedSeq, Applied: res.Applied, Duplicates: res.Duplicates, Index: res.Index,
-			RejectedStamps: rejected})
+		return ok(c, out.PushResult)
 	})
-}
-
-// checkStamps drops state fields (and meta and user records) whose HLC stamp
-// is further ahead of this node's clock than the maximum drift, counting
-// each, and folds the accepted stamps into the leader's clock so cloud-side
-// writes are stamped after them. It never refuses the batch: a refusal would
-// stall the edge's whole stream (its readings too) behind one bad clock.
-// Changes left empty stay in place as no-ops so sequence numbers still line
-// up.
-func (s *Server) checkStamps(edge string, changes []wire.Change) (int, error) {
-	rejected := 0
-	for i := range changes {
-		c := &changes[i]
-		for name, f := range c.Doc {
-			if _, err := s.clock.Update(f.Stamp); err != nil {
-				if !errors.Is(err, hlc.ErrDrift) {
-					return 0, err
-				}
-				delete(c.Doc, name)
-				rejected++
-			}
-		}
-		var stamp *hlc.Timestamp
-		switch {
-		case c.Kind == wire.KindMeta && c.Meta != nil:
-			stamp = &c.Meta.Stamp
-		case c.Kind == wire.KindUser && c.User != nil:
-			stamp = &c.User.Stamp
-		}
-		if stamp != nil && !stamp.IsZero() {
-			if _, err := s.clock.Update(*stamp); err != nil {
-				if !errors.Is(err, hlc.ErrDrift) {
-					return 0, err
-				}
-				// Keep the record but make it lose to everything: an
-				// older stamp than any real write.
-				*stamp = 1
-				rejected++
-			}
-		}
-	}
-	if rejected > 0 {
-		s.m.stamps.WithLabelValues(edge).Add(float64(rejected))
-		s.log.Warn("rejected HLC stamps beyond the maximum clock drift; fix the edge's clock", "edge", edge, "fields", rejected)
-	}
-	return rejected, nil
 }
 
 // state applies an edge's state changes ahead of its sequenced stream.
 func (s *Server) state(c *fiber.Ctx) error {
 	edge := c.Locals("edge").(string)
 	return s.onLeader(c, func(c *fiber.Ctx) error {
-		if s.node.Overloaded() {
-			s.m.throttled.Inc()
-			return proposeErr(raftnode.ErrOverloaded)
+		if err := s.svc.Admit(); err != nil {
+			return err
 		}
 		var b wire.StateBatch
 		if err := s.decode(c, &b); err != nil {
 			return err
 		}
-		if b.Edge == "" {
-			b.Edge = edge
-		}
-		if err := b.Validate(); err != nil {
-			return invalid(err)
-		}
-		if b.Edge != edge {
+		out, err := s.svc.State(c.UserContext(), edge, &b)
+		switch {
+		case errors.Is(err, service.ErrWrongEdge):
 			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not push as %q", edge, b.Edge))
-		}
-		rejected, err := s.checkStamps(edge, b.Changes)
-		if err != nil {
+		case err != nil:
 			return err
 		}
-		if len(b.Changes) == 0 {
-			return ok(c, wire.StateResult{})
-		}
-		res, err := s.propose(c, &fsm.Command{Type: fsm.CmdState, AtMs: s.now().UnixMilli(), State: &b})
-		if err != nil {
-			return err
-		}
-		if res.Err != nil {
-			return res.Err
-		}
-		return ok(c, wire.StateResult{Applied: res.Applied, RejectedStamps: rejected})
+		return ok(c, out.StateResult)
 	})
 }
 
@@ -249,27 +155,13 @@ func (s *Server) pull(c *fiber.Ctx) error {
 		return err
 	}
 	return s.read(c, func(c *fiber.Ctx) error {
-		page, err := s.fsm.Pull(edge, c.Query("cursor"), limit)
-		if errors.Is(err, fsm.ErrBadCursor) {
+		page, err := s.svc.Pull(c.UserContext(), edge, c.Query("cursor"), limit)
+		if errors.Is(err, service.ErrBadCursor) {
 			return apiError(fiber.StatusBadRequest, "cursor is not one this API issued; start from an empty cursor")
 		}
 		if err != nil {
 			return err
 		}
-		// The whole current sets ride along: they are small, and an edge
-		// that missed any number of changes gets the latest in one page.
-		if page.Policies, err = s.fsm.Policies(); err != nil {
-			return err
-		}
-		if page.Edges, err = s.directory(); err != nil {
-			return err
-		}
-		if jwks, err := s.jwks(); err == nil {
-			page.Keys = jwks
-		} else if !errors.Is(err, fsm.ErrNotFound) {
-			return err
-		}
-		page.ServerTimeMs = s.now().UnixMilli()
 		return ok(c, page)
 	})
 }
@@ -281,27 +173,14 @@ func (s *Server) heartbeat(c *fiber.Ctx) error {
 		if err := s.decode(c, &h); err != nil {
 			return err
 		}
-		if h.Edge == "" {
-			h.Edge = edge
-		}
-		if err := h.Validate(); err != nil {
-			return invalid(err)
-		}
-		if h.Edge != edge {
+		res, err := s.svc.Heartbeat(c.UserContext(), edge, &h)
+		switch {
+		case errors.Is(err, service.ErrWrongEdge):
 			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not heartbeat as %q", edge, h.Edge))
-		}
-		// Make sure the deployment has a signing key before edges pull:
-		// then every edge trusts it before the first phone logs in.
-		if err := s.ensureSigningKey(c.UserContext()); err != nil {
+		case err != nil:
 			return err
 		}
-		now := s.now()
-		res, err := s.propose(c, &fsm.Command{Type: fsm.CmdHeartbeat, AtMs: now.UnixMilli(), Heartbeat: &h})
-		if err != nil {
-			return err
-		}
-		s.m.backlog.WithLabelValues(edge).Set(float64(h.Backlog))
-		return ok(c, wire.HeartbeatResult{AckedSeq: res.AckedSeq, ServerTimeMs: now.UnixMilli()})
+		return ok(c, res)
 	})
 }
 
@@ -349,8 +228,8 @@ func (s *Server) getDevice(c *fiber.Ctx) error {
 		return err
 	}
 	return s.read(c, func(c *fiber.Ctx) error {
-		d, err := s.fsm.GetDevice(id)
-		if errors.Is(err, fsm.ErrNotFound) {
+		d, err := s.svc.Device(c.UserContext(), id)
+		if errors.Is(err, service.ErrNotFound) {
 			return apiError(fiber.StatusNotFound, fmt.Sprintf("device %q not found", id))
 		}
 		if err != nil {
@@ -378,16 +257,13 @@ func (s *Server) readings(c *fiber.Ctx) error {
 		return err
 	}
 	return s.read(c, func(c *fiber.Ctx) error {
-		items, next, err := s.fsm.Readings(fsm.ReadingsQuery{Device: id, FromMs: from, ToMs: to,
+		items, next, err := s.svc.Readings(c.UserContext(), fsm.ReadingsQuery{Device: id, FromMs: from, ToMs: to,
 			Metric: c.Query("metric"), Limit: limit, Cursor: c.Query("cursor")})
-		if errors.Is(err, fsm.ErrBadCursor) {
+		if errors.Is(err, service.ErrBadCursor) {
 			return apiError(fiber.StatusBadRequest, "cursor does not belong to this device's readings; start without one")
 		}
 		if err != nil {
 			return err
-		}
-		if items == nil {
-			items = []fsm.StoredReading{}
 		}
 		return ok(c, fiber.Map{"items": items, "next_cursor": next})
 	})
@@ -410,10 +286,7 @@ func (s *Server) putDesired(c *fiber.Ctx) error {
 		return apiError(fiber.StatusBadRequest, err.Error())
 	}
 	return s.onLeader(c, func(c *fiber.Ctx) error {
-		// Stamped here, on the leader, so Apply stays deterministic.
-		doc := shadow.Patch(body.State, s.clock.Now())
-		return s.proposeDevice(c, &fsm.Command{Type: fsm.CmdDesired, AtMs: s.now().UnixMilli(),
-			Change: &wire.Change{Kind: wire.KindDesired, Device: id, Doc: doc}})
+		return device(c)(s.svc.PutDesired(c.UserContext(), id, body.State))
 	})
 }
 
@@ -445,45 +318,23 @@ func (s *Server) putMeta(c *fiber.Ctx) error {
 	}
 	m := wire.Meta{Owners: body.Owners, Region: body.Region, Tags: tagList(body.Tags)}
 	return s.onLeader(c, func(c *fiber.Ctx) error {
-		m.Stamp = s.clock.Now()
-		return s.proposeDevice(c, &fsm.Command{Type: fsm.CmdMeta, AtMs: s.now().UnixMilli(),
-			Change: &wire.Change{Kind: wire.KindMeta, Device: id, Meta: &m}})
+		return device(c)(s.svc.PutMeta(c.UserContext(), id, m))
 	})
 }
 
-func (s *Server) proposeDevice(c *fiber.Ctx, cmd *fsm.Command) error {
-	res, err := s.propose(c, cmd)
-	if err != nil {
-		return err
-	}
-	if res.Err != nil || res.Device == nil {
-		return fmt.Errorf("device write: %v", res.Err)
-	}
-	return ok(c, view(res.Device))
-}
-
-func (s *Server) directory() ([]wire.Edge, error) {
-	edges, err := s.fsm.Edges()
-	if err != nil {
-		return nil, err
-	}
-	cut := s.now().Add(-s.cfg.HeartbeatFresh).UnixMilli()
-	for i := range edges {
-		e := &edges[i]
-		e.Healthy = e.LastHeartbeatMs >= cut
-		if e.OldestUnsynced > 0 {
-			e.LagMs = max(e.LastHeartbeatMs-e.OldestUnsynced, 0)
+// device answers a device write with the record after it.
+func device(c *fiber.Ctx) func(*fsm.Device, error) error {
+	return func(d *fsm.Device, err error) error {
+		if err != nil {
+			return err
 		}
+		return ok(c, view(d))
 	}
-	if edges == nil {
-		edges = []wire.Edge{}
-	}
-	return edges, nil
 }
 
 func (s *Server) edges(c *fiber.Ctx) error {
 	return s.read(c, func(c *fiber.Ctx) error {
-		edges, err := s.directory()
+		edges, err := s.svc.Edges(c.UserContext())
 		if err != nil {
 			return err
 		}
@@ -502,7 +353,7 @@ func (s *Server) nearest(c *fiber.Ctx) error {
 		return err
 	}
 	return s.read(c, func(c *fiber.Ctx) error {
-		all, err := s.directory()
+		all, err := s.svc.Edges(c.UserContext())
 		if err != nil {
 			return err
 		}
@@ -532,18 +383,18 @@ func (s *Server) export(c *fiber.Ctx) error {
 		return err
 	}
 	since := c.Query("since")
-	if _, _, err := fsm.ParseExportCursor(since); err != nil {
-		return apiError(fiber.StatusBadRequest, fmt.Sprintf("since %q is not an export cursor (INDEX or INDEX.N from a previous export)", since))
-	}
 	return s.read(c, func(c *fiber.Ctx) error {
 		var buf bytes.Buffer
 		enc := json.NewEncoder(&buf)
-		next, err := s.fsm.Export(since, limit, func(r *fsm.ExportRecord) error {
+		next, err := s.svc.Export(c.UserContext(), since, limit, func(r *fsm.ExportRecord) error {
 			if buf.Len() > 16<<20 {
 				return errExportFull // bound the page's memory; the cursor resumes
 			}
 			return enc.Encode(r)
 		})
+		if errors.Is(err, service.ErrBadCursor) {
+			return apiError(fiber.StatusBadRequest, fmt.Sprintf("since %q is not an export cursor (INDEX or INDEX.N from a previous export)", since))
+		}
 		if err != nil && !errors.Is(err, errExportFull) {
 			return err
 		}
@@ -556,8 +407,8 @@ func (s *Server) export(c *fiber.Ctx) error {
 func (s *Server) getUser(c *fiber.Ctx) error {
 	openid := c.Params("openid")
 	return s.read(c, func(c *fiber.Ctx) error {
-		u, err := s.fsm.GetUser(openid)
-		if errors.Is(err, fsm.ErrNotFound) {
+		u, err := s.svc.User(c.UserContext(), openid)
+		if errors.Is(err, service.ErrNotFound) {
 			return apiError(fiber.StatusNotFound, fmt.Sprintf("user %q not found", openid))
 		}
 		if err != nil {
@@ -586,12 +437,11 @@ func (s *Server) putUser(c *fiber.Ctx) error {
 		u.Roles = []string{}
 	}
 	return s.onLeader(c, func(c *fiber.Ctx) error {
-		u.Stamp = s.clock.Now()
-		_, err := s.propose(c, &fsm.Command{Type: fsm.CmdUserPut, AtMs: s.now().UnixMilli(), User: &u})
+		stored, err := s.svc.PutUser(c.UserContext(), u)
 		if err != nil {
 			return err
 		}
-		return ok(c, u)
+		return ok(c, stored)
 	})
 }
 
@@ -646,12 +496,9 @@ func validPolicyName(n string) bool {
 
 func (s *Server) listPolicies(c *fiber.Ctx) error {
 	return s.read(c, func(c *fiber.Ctx) error {
-		ps, err := s.fsm.Policies()
+		ps, err := s.svc.Policies(c.UserContext())
 		if err != nil {
 			return err
-		}
-		if ps == nil {
-			ps = []wire.Policy{}
 		}
 		return ok(c, fiber.Map{"items": ps})
 	})
@@ -674,8 +521,7 @@ func (s *Server) putPolicy(c *fiber.Ctx) error {
 	}
 	p := wire.Policy{Name: name, Rego: string(body)}
 	return s.onLeader(c, func(c *fiber.Ctx) error {
-		_, err := s.propose(c, &fsm.Command{Type: fsm.CmdPolicyPut, AtMs: s.now().UnixMilli(), Policy: &p})
-		if err != nil {
+		if err := s.svc.PutPolicy(c.UserContext(), p); err != nil {
 			return err
 		}
 		return ok(c, fiber.Map{"name": name, "bytes": len(body)})

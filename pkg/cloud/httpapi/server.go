@@ -4,8 +4,10 @@
 // there itself (never refusing or redirecting the client); reads are served
 // from the local replica unless the caller asks for consistency=strong.
 //
-// Handlers hold no storage logic: they authenticate, validate, stamp and
-// propose commands through raftnode, and read through the fsm package.
+// Handlers are transport only: they authenticate, decode and check the
+// request's shape, call the application layer (package service, behind the
+// Service interface), and encode its answer. Statuses come from the
+// service's sentinel errors (errors.Is), never from their text.
 package httpapi
 
 import (
@@ -31,11 +33,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/outpost-edge/outpost/pkg/cloud/auth"
-	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
-	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
-	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/cloud/service"
 	"github.com/outpost-edge/outpost/pkg/obs"
-	"github.com/outpost-edge/outpost/pkg/wechat"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
@@ -48,47 +47,32 @@ const (
 // Config configures the HTTP layer.
 type Config struct {
 	NodeID string
-	// HeartbeatFresh is how recent an edge's heartbeat must be for the
-	// directory to call it healthy (default 90s).
-	HeartbeatFresh time.Duration
 	// ForwardTimeout bounds how long a node keeps trying to reach a leader
 	// for a write (default 5s).
 	ForwardTimeout time.Duration
-	// RequestTimeout bounds one proposal (default 10s).
+	// RequestTimeout bounds one forwarded request's wait for the leader's
+	// answer, less a 2s margin (default 10s: the service's proposal bound).
 	RequestTimeout time.Duration
-	// Identity: WeChat code2session (nil: none configured), dev login,
-	// admin openids, and token lifetimes for users' sessions.
-	WeChat     *wechat.Client
-	DevLogin   bool
-	Admins     []string
-	AccessTTL  time.Duration
-	RefreshTTL time.Duration
 }
 
 // Server serves one node's HTTP API.
 type Server struct {
 	cfg     Config
 	log     *slog.Logger
-	node    *raftnode.Node
-	fsm     *fsm.FSM
-	clock   *hlc.Clock
+	svc     Service
 	authn   auth.Authenticator
 	cluster bool // cluster endpoints require the API token
 	app     *fiber.App
 	client  *http.Client
 	zdec    *zstd.Decoder
-	now     func() time.Time
 	m       *httpMetrics
-	id      identity
-	gate    seqGate
 }
 
-// New builds the server; Listen serves it.
-func New(cfg Config, node *raftnode.Node, f *fsm.FSM, clock *hlc.Clock, authn auth.Authenticator,
-	clusterNeedsToken bool, log *slog.Logger, reg *prometheus.Registry) (*Server, error) {
-	if cfg.HeartbeatFresh == 0 {
-		cfg.HeartbeatFresh = 90 * time.Second
-	}
+// New builds the server over the application layer; authn decides who is
+// calling (the composition root chains the static tokens and the service's
+// user tokens). Listen serves it.
+func New(cfg Config, svc Service, authn auth.Authenticator, clusterNeedsToken bool,
+	log *slog.Logger, reg *prometheus.Registry) (*Server, error) {
 	if cfg.ForwardTimeout == 0 {
 		cfg.ForwardTimeout = 5 * time.Second
 	}
@@ -100,15 +84,13 @@ func New(cfg Config, node *raftnode.Node, f *fsm.FSM, clock *hlc.Clock, authn au
 		return nil, fmt.Errorf("zstd decoder: %w", err)
 	}
 	s := &Server{
-		cfg: cfg, log: log, node: node, fsm: f, clock: clock, authn: authn, cluster: clusterNeedsToken,
-		zdec: zdec, now: time.Now,
+		cfg: cfg, log: log, svc: svc, authn: authn, cluster: clusterNeedsToken,
+		zdec: zdec,
 		client: &http.Client{Transport: &http.Transport{
 			MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second, DisableCompression: true,
 		}},
 		m: newHTTPMetrics(reg),
 	}
-	s.authn = append(auth.Chain{authn}, jwtAuthenticator{s})
-	s.gate.init()
 	s.app = fiber.New(fiber.Config{
 		DisableStartupMessage: true,
 		BodyLimit:             wire.MaxBodyBytes,
@@ -212,6 +194,9 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 			he.msg = fmt.Sprintf("request body larger than %d bytes", wire.MaxBodyBytes)
 		}
 	default:
+		if he = serviceStatus(err); he != nil {
+			break
+		}
 		// Internal detail stays in the log, never in the body.
 		s.log.Error("request failed", "method", c.Method(), "path", c.Path(), "err", err)
 		he = &httpError{status: fiber.StatusInternalServerError, msg: "internal error; see the server log"}
@@ -223,24 +208,6 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 		c.Set(k, v)
 	}
 	return c.Status(he.status).JSON(envelope{Code: he.status, Message: he.msg, Data: nil})
-}
-
-// proposeErr turns a raftnode error into an HTTP answer.
-func proposeErr(err error) error {
-	switch {
-	case errors.Is(err, raftnode.ErrNotLeader):
-		// Unchanged, so that onLeader retries on (or forwards to) the new
-		// leader.
-		return err
-	case errors.Is(err, raftnode.ErrOverloaded):
-		return &httpError{status: fiber.StatusTooManyRequests, msg: "cloud is busy applying earlier writes; retry after the Retry-After delay", retryAfter: 1}
-	case errors.Is(err, raftnode.ErrUnknownOutcome), errors.Is(err, raftnode.ErrStopped),
-		errors.Is(err, context.DeadlineExceeded):
-		return &httpError{status: fiber.StatusServiceUnavailable,
-			msg:        "leadership changed before the write committed; it may or may not have applied — retry (writes are idempotent)",
-			retryAfter: 1, headers: map[string]string{hdrRetry: "1"}}
-	}
-	return err
 }
 
 // --- authentication -------------------------------------------------------
@@ -301,16 +268,16 @@ func (s *Server) onLeader(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
 	deadline := time.Now().Add(s.cfg.ForwardTimeout)
 	forwarded := c.Get(hdrForwarded) != ""
 	for {
-		if s.node.IsLeader() {
+		if s.svc.IsLeader() {
 			err := local(c)
-			if !errors.Is(err, raftnode.ErrNotLeader) {
+			if !errors.Is(err, service.ErrNotLeader) {
 				return err
 			}
 		} else if forwarded {
 			// One hop only: the forwarder picks the next leader itself.
 			return &httpError{status: fiber.StatusServiceUnavailable, msg: "this node is not the leader",
 				retryAfter: 1, headers: map[string]string{hdrRetry: "1"}}
-		} else if id, addr, known := s.node.Leader(); known && id != s.cfg.NodeID {
+		} else if id, addr, known := s.svc.Leader(); known && id != s.cfg.NodeID {
 			done, err := s.proxy(c, addr)
 			if done {
 				return err
@@ -375,24 +342,13 @@ func (s *Server) read(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
 		return local(c)
 	case "strong":
 		return s.onLeader(c, func(c *fiber.Ctx) error {
-			ctx, cancel := context.WithTimeout(c.UserContext(), s.cfg.RequestTimeout)
-			defer cancel()
-			if err := s.node.Barrier(ctx); err != nil {
-				return proposeErr(err)
+			if err := s.svc.Barrier(c.UserContext()); err != nil {
+				return err
 			}
 			return local(c)
 		})
 	}
 	return apiError(fiber.StatusBadRequest, "consistency must be strong or local")
-}
-
-// propose proposes cmd within the request timeout; its error is already
-// mapped by proposeErr (ErrNotLeader passes through for onLeader).
-func (s *Server) propose(c *fiber.Ctx, cmd *fsm.Command) (fsm.Result, error) {
-	ctx, cancel := context.WithTimeout(c.UserContext(), s.cfg.RequestTimeout)
-	defer cancel()
-	res, err := s.node.Propose(ctx, cmd)
-	return res, proposeErr(err)
 }
 
 // --- bodies ---------------------------------------------------------------
@@ -479,59 +435,13 @@ func invalid(err error) error {
 
 type httpMetrics struct {
 	forwarded *prometheus.CounterVec
-	throttled prometheus.Counter
-	pushes    *prometheus.CounterVec
-	stamps    *prometheus.CounterVec
-	backlog   *prometheus.GaugeVec
 }
 
 func newHTTPMetrics(reg prometheus.Registerer) *httpMetrics {
 	m := &httpMetrics{
 		forwarded: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_forwarded_total",
 			Help: "Requests this node forwarded to the leader, by outcome."}, []string{"outcome"}),
-		throttled: prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_cloud_push_throttled_total",
-			Help: "Sync pushes answered 429 by admission control."}),
-		pushes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_push_total",
-			Help: "Sync pushes handled on the leader, by edge and result."}, []string{"edge", "result"}),
-		stamps: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_rejected_stamps_total",
-			Help: "HLC stamps rejected for exceeding the maximum clock drift, by edge."}, []string{"edge"}),
-		backlog: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "outpost_cloud_edge_backlog",
-			Help: "Outbox backlog each edge last reported in a heartbeat."}, []string{"edge"}),
 	}
-	reg.MustRegister(m.forwarded, m.throttled, m.pushes, m.stamps, m.backlog)
+	reg.MustRegister(m.forwarded)
 	return m
-}
-
-// FSMMetrics are the state machine's metrics; they exist before the FSM
-// does, so main builds them first and passes Hooks() to fsm.Open.
-type FSMMetrics struct {
-	restores  prometheus.Counter
-	readings  *prometheus.CounterVec
-	conflicts prometheus.Counter
-}
-
-// NewFSMMetrics registers the state machine's metrics.
-func NewFSMMetrics(reg prometheus.Registerer) *FSMMetrics {
-	m := &FSMMetrics{
-		restores: prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_cloud_snapshot_restores_total",
-			Help: "Snapshots installed into this node's state."}),
-		readings: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_readings_applied_total",
-			Help: "Readings applied to this node's state, by result (new or duplicate)."}, []string{"result"}),
-		conflicts: prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_cloud_conflicts_resolved_total",
-			Help: "State fields, device meta and user records this node's merge discarded because a newer write was already stored (last writer wins)."}),
-	}
-	reg.MustRegister(m.restores, m.readings, m.conflicts)
-	return m
-}
-
-// Hooks adapts the metrics to fsm.Hooks.
-func (m *FSMMetrics) Hooks() fsm.Hooks {
-	return fsm.Hooks{
-		OnRestore: m.restores.Inc,
-		OnReadings: func(added, dups int) {
-			m.readings.WithLabelValues("new").Add(float64(added))
-			m.readings.WithLabelValues("duplicate").Add(float64(dups))
-		},
-		OnConflicts: func(n int) { m.conflicts.Add(float64(n)) },
-	}
 }

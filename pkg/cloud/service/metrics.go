@@ -1,0 +1,25 @@
+package service
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	throttled prometheus.Counter
+	pushes    *prometheus.CounterVec
+	stamps    *prometheus.CounterVec
+	backlog   *prometheus.GaugeVec
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		throttled: prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_cloud_push_throttled_total",
+			Help: "Sync pushes answered 429 by admission control."}),
+		pushes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_push_total",
+			Help: "Sync pushes handled on the leader, by edge and result."}, []string{"edge", "result"}),
+		stamps: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_rejected_stamps_total",
+			Help: "HLC stamps rejected for exceeding the maximum clock drift, by edge."}, []string{"edge"}),
+		backlog: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "outpost_cloud_edge_backlog",
+			Help: "Outbox backlog each edge last reported in a heartbeat."}, []string{"edge"}),
+	}
+	reg.MustRegister(m.throttled, m.pushes, m.stamps, m.backlog)
+	return m
+}
