@@ -235,7 +235,7 @@ func New(cfg Config, deps Deps) (*Syncer, error) {
 }
 
 // Revocations is the set of sessions the cloud revoked, as of the last
-// pull, for the identity service to refuse.
+// pull, for the identity service (auth/federation) to refuse.
 func (s *Syncer) Revocations() *Revocations { return s.revs }
 
 // Run pushes and pulls until ctx ends. It owns three goroutines and returns
