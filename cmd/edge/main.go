@@ -25,6 +25,7 @@ import (
 
 	"github.com/outpost-edge/outpost/pkg/api"
 	"github.com/outpost-edge/outpost/pkg/auth"
+	"github.com/outpost-edge/outpost/pkg/auth/federation"
 	"github.com/outpost-edge/outpost/pkg/broker"
 	"github.com/outpost-edge/outpost/pkg/config"
 	"github.com/outpost-edge/outpost/pkg/hlc"
@@ -224,8 +225,8 @@ func run(ctx context.Context, cfg config.Edge, log *slog.Logger, level *slog.Lev
 	var syncStatus api.SyncStatus
 	var directory api.Directory
 	if joined {
-		var id *syncer.Identity
-		if sy, id, err = newSyncer(cfg, now, st, tokens, login, downlink, policyDir, engine.InvalidateData, reg, log); err != nil {
+		var id *federation.Identity
+		if sy, id, err = newSyncer(cfg, now, st, tokens, login, downlink, engine, engine.InvalidateData, reg, log); err != nil {
 			return err
 		}
 		apiTokens, login, syncStatus, directory = id, id, sy, sy

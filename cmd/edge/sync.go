@@ -7,14 +7,18 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/outpost-edge/outpost/pkg/api"
 	"github.com/outpost-edge/outpost/pkg/auth"
+	"github.com/outpost-edge/outpost/pkg/auth/federation"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
 	"github.com/outpost-edge/outpost/pkg/config"
+	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/syncer"
 	"github.com/outpost-edge/outpost/pkg/wire"
@@ -28,7 +32,7 @@ import (
 // last policies across an offline restart.
 func cloudPolicyDir(local, data string) (string, error) {
 	dir := filepath.Join(data, "policies-active")
-	if _, err := os.Stat(filepath.Join(dir, syncer.CloudPolicyMarker)); err == nil {
+	if _, err := os.Stat(filepath.Join(dir, policy.InstalledMarker)); err == nil {
 		return dir, nil
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -57,7 +61,7 @@ func cloudPolicyDir(local, data string) (string, error) {
 // newSyncer builds the syncer and the identity service of an edge joined to
 // a cloud.
 func newSyncer(cfg config.Edge, now func() time.Time, st *store.Store, tokens *auth.Service, local api.Login, downlink api.Downlink,
-	policyDir string, dataChanged func(), reg prometheus.Registerer, log *slog.Logger) (*syncer.Syncer, *syncer.Identity, error) {
+	policies syncer.Policies, dataChanged func(), reg prometheus.Registerer, log *slog.Logger) (*syncer.Syncer, *federation.Identity, error) {
 	cl, err := client.New(cfg.Cloud.URLs, cfg.Cloud.Token, client.WithRounds(2))
 	if err != nil {
 		return nil, nil, fmt.Errorf("cloud: %w", err)
@@ -68,16 +72,38 @@ func newSyncer(cfg config.Edge, now func() time.Time, st *store.Store, tokens *a
 	}
 	sy, err := syncer.New(syncer.Config{
 		EdgeID: cfg.ID, Region: cfg.Region, Location: loc, Advertise: cfg.Advertise,
-		BatchReadings: cfg.Cloud.BatchReadings, BackoffMax: cfg.Cloud.BackoffMax, MaxOffline: cfg.Cloud.MaxOffline, PolicyDir: policyDir,
-		UnsafeCrashAfterPush: cfg.UnsafeCrashAfterPush, Now: now,
+		BatchReadings: cfg.Cloud.BatchReadings, BackoffMax: cfg.Cloud.BackoffMax, MaxOffline: cfg.Cloud.MaxOffline,
+		AfterAck: crashAfterAcks(cfg.UnsafeCrashAfterPush, log), Now: now,
 		Logger: log.With("component", "sync"), Registerer: reg,
-	}, syncer.Deps{Store: st, Client: cl, Keys: tokens.Keys(), Downlink: downlink, DataChanged: dataChanged})
+	}, syncer.Deps{Store: st, Client: cl, Keys: tokens.Keys(), Downlink: downlink, Policies: policies, DataChanged: dataChanged})
 	if err != nil {
 		return nil, nil, err
 	}
-	id := syncer.NewIdentity(tokens, cl, local, log.With("component", "identity"))
-	id.Revocations = sy.Revocations()
+	id, err := federation.New(federation.Config{Local: tokens, Cloud: cl, Fallback: local, Revocations: sy.Revocations(),
+		Logger: log.With("component", "identity")})
+	if err != nil {
+		return nil, nil, err
+	}
 	return sy, id, nil
+}
+
+// crashAfterAcks is the -unsafe-crash-after-push hook (nil when n is 0):
+// after the cloud acknowledged n pushes, it kills the process with SIGKILL
+// before the syncer records the nth acknowledgement. TESTING ONLY: it proves
+// that a crash in that window neither loses nor duplicates anything.
+func crashAfterAcks(n int, log *slog.Logger) func(ackedSeq uint64) {
+	if n <= 0 {
+		return nil
+	}
+	var acks atomic.Int64
+	return func(ackedSeq uint64) {
+		if acks.Add(1) < int64(n) {
+			return
+		}
+		log.Warn("TESTING ONLY: killing the process between the cloud's ack and recording it", "acked_seq", ackedSeq)
+		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		select {} // SIGKILL cannot be handled; never let the ack be recorded
+	}
 }
 
 // syncFlush is the shutdown step that pushes the outbox (nil when the edge

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/url"
+	"reflect"
 	"sort"
 	"strconv"
 	"strings"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 const (
@@ -786,7 +788,7 @@ func TestEdge(t *testing.T) {
 	e := newEnv(t)
 	e.seed("dev-a", 4)
 	last := int64(1732170000000)
-	e.sync.st.Store(&CloudStatus{Configured: true, Connected: true, LastSync: &last})
+	e.sync.st.Store(&linkStatus{connected: true, lastSync: time.UnixMilli(last)})
 	r := e.expect(req{path: "/api/v1/edge", token: e.token("anyone")}, 200)
 	var v struct {
 		EdgeID   string    `json:"edge_id"`
@@ -802,14 +804,14 @@ func TestEdge(t *testing.T) {
 	}
 	r.data(t, &v)
 	if v.EdgeID != "edge-1" || v.Region != "north" || v.Location == nil || v.Location.Lat != 31.23 ||
-		!v.Cloud.Connected || v.Cloud.LastSync == nil || *v.Cloud.LastSync != last || v.Cloud.Backlog == nil || *v.Cloud.Backlog == 0 ||
+		!v.Cloud.Configured || !v.Cloud.Connected || v.Cloud.LastSync == nil || *v.Cloud.LastSync != last || v.Cloud.Backlog == nil || *v.Cloud.Backlog == 0 ||
 		v.Devices != 1 || v.Readings != 4 {
 		t.Fatalf("edge %s", r.env.Data)
 	}
-	e.sync.st.Store(&CloudStatus{Configured: true})
+	e.sync.st.Store(&linkStatus{})
 	r = e.expect(req{path: "/api/v1/edge", token: e.token("anyone")}, 200)
 	r.data(t, &v)
-	if v.Cloud.Connected || v.Cloud.LastSync != nil {
+	if !v.Cloud.Configured || v.Cloud.Connected || v.Cloud.LastSync != nil {
 		t.Fatalf("offline edge %s", r.env.Data)
 	}
 }
@@ -857,17 +859,22 @@ func TestNearest(t *testing.T) {
 
 func TestNearestDirectory(t *testing.T) {
 	d1, d2 := 1.5, 80.0
-	dir := &fakeDirectory{edges: []EdgeInfo{
-		{EdgeID: "e-near", URL: "https://a", DistanceKM: &d1, Healthy: true},
-		{EdgeID: "e-far", URL: "https://b", DistanceKM: &d2, Healthy: true},
+	dir := &fakeDirectory{edges: []wire.Edge{
+		{ID: "e-near", Region: "r1", Location: &wire.Location{Lat: 31, Lng: 121.01}, Advertise: "https://a", DistanceKm: &d1, Healthy: true, Backlog: 7},
+		{ID: "e-far", Advertise: "https://b", DistanceKm: &d2, Healthy: true},
 	}}
 	e := newEnv(t, withDeps(func(d *Deps) { d.Directory = dir }))
 	tok := e.token("anyone")
 	r := e.expect(req{path: "/api/v1/edges/nearest?lat=31&lng=121&limit=1", token: tok}, 200)
 	var v struct{ Items []EdgeInfo }
 	r.data(t, &v)
-	if len(v.Items) != 1 || v.Items[0].EdgeID != "e-near" {
+	want := EdgeInfo{EdgeID: "e-near", Region: "r1", Location: &Location{Lat: 31, Lng: 121.01}, URL: "https://a", DistanceKM: &d1, Healthy: true}
+	if len(v.Items) != 1 || !reflect.DeepEqual(v.Items[0], want) {
 		t.Fatalf("nearest %s", r.env.Data)
+	}
+	// The edge's item shape: the directory's other fields stay out.
+	if strings.Contains(string(r.env.Data), "backlog") {
+		t.Fatalf("nearest leaks directory fields: %s", r.env.Data)
 	}
 }
 

@@ -26,10 +26,6 @@ const (
 	localUser   = "user"
 )
 
-// ErrLoginUnavailable means no login path is reachable: neither the cloud nor
-// WeChat. Existing sessions keep working.
-var ErrLoginUnavailable = errors.New("login unavailable")
-
 // WeChatLogin logs users in with WeChat code2session and issues local tokens.
 type WeChatLogin struct {
 	Client *wechat.Client
@@ -137,7 +133,7 @@ func (s *Server) login(c *fiber.Ctx) error {
 	case errors.Is(err, wechat.ErrBusy):
 		retryAfter(c, 2*time.Second)
 		return fail(c, fiber.StatusServiceUnavailable, "WeChat is busy; retry shortly")
-	case errors.Is(err, wechat.ErrUnavailable), errors.Is(err, ErrLoginUnavailable):
+	case errors.Is(err, wechat.ErrUnavailable), errors.Is(err, auth.ErrLoginUnavailable):
 		retryAfter(c, 30*time.Second)
 		return fail(c, fiber.StatusServiceUnavailable, "login unavailable: neither the cloud nor WeChat can be reached; existing sessions keep working")
 	}

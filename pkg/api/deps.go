@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -11,6 +12,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // Store is what the handlers read and write.
@@ -63,17 +65,12 @@ type Downlink interface {
 // SyncStatus describes the cloud link for GET /api/v1/edge. Nil on a
 // standalone edge.
 type SyncStatus interface {
-	Status() CloudStatus
+	// Status reports whether the last exchange with the cloud succeeded,
+	// and when the last successful one was (zero if never).
+	Status() (connected bool, lastSync time.Time)
 }
 
-// CloudStatus is the cloud part of GET /api/v1/edge.
-type CloudStatus struct {
-	Configured bool   `json:"configured"`
-	Connected  bool   `json:"connected"`
-	LastSync   *int64 `json:"last_sync"` // Unix ms of the last successful sync, null if never
-}
-
-// EdgeInfo is one edge in a directory.
+// EdgeInfo is one edge in a nearest-edge answer.
 type EdgeInfo struct {
 	EdgeID     string    `json:"edge_id"`
 	Region     string    `json:"region"`
@@ -83,10 +80,19 @@ type EdgeInfo struct {
 	Healthy    bool      `json:"healthy"`
 }
 
-// Directory finds edges near a point: the cloud's directory, or offline the
-// edge's cached copy. Nil on a standalone edge.
+// Directory finds edges near a point, nearest first: the cloud's directory,
+// or offline the edge's cached copy. Nil on a standalone edge.
 type Directory interface {
-	Nearest(ctx context.Context, lat, lng float64, limit int) ([]EdgeInfo, error)
+	Nearest(ctx context.Context, lat, lng float64, limit int) ([]wire.Edge, error)
+}
+
+// edgeInfo is the answer's form of a directory entry.
+func edgeInfo(e wire.Edge) EdgeInfo {
+	info := EdgeInfo{EdgeID: e.ID, Region: e.Region, URL: e.Advertise, DistanceKM: e.DistanceKm, Healthy: e.Healthy}
+	if e.Location != nil {
+		info.Location = &Location{Lat: e.Location.Lat, Lng: e.Location.Lng}
+	}
+	return info
 }
 
 // Deps are the parts the API is built on.

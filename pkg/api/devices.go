@@ -16,6 +16,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/shadow"
 	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // Policy actions.
@@ -336,25 +337,15 @@ func (s *Server) putDesired(c *fiber.Ctx) error {
 	return ok(c, viewOf(d))
 }
 
-// DesiredPayload is the retained downlink of a device's desired state:
-// {"version": "<greatest stamp>", "state": {...}}. The syncer publishes the
-// same message when desired state arrives from the cloud.
-func DesiredPayload(d *store.Device) ([]byte, error) {
-	return json.Marshal(struct {
-		Version string                     `json:"version"`
-		State   map[string]json.RawMessage `json:"state"`
-	}{d.Desired.Version().String(), d.Desired.State()})
-}
-
 // publishDesired sends the whole desired state as a retained downlink, so a
 // device that connects later gets the latest.
 func (s *Server) publishDesired(d *store.Device) {
 	if s.deps.Downlink == nil {
 		return
 	}
-	payload, err := DesiredPayload(d)
+	payload, err := wire.DesiredPayload(d.Desired)
 	if err == nil {
-		err = s.deps.Downlink.Publish("devices/"+d.ID+"/desired", payload, true, 1)
+		err = s.deps.Downlink.Publish(wire.DesiredTopic(d.ID), payload, true, wire.DesiredQoS)
 	}
 	if err != nil {
 		// The write is durable and queued for the cloud; the device gets it
@@ -469,8 +460,13 @@ func (s *Server) edge(c *fiber.Ctx) error {
 	counts := s.deps.Store.Counts()
 	cloud := fiber.Map{"configured": false, "connected": false, "last_sync": nil}
 	if s.deps.Sync != nil {
-		st := s.deps.Sync.Status()
-		cloud = fiber.Map{"configured": st.Configured, "connected": st.Connected, "last_sync": st.LastSync}
+		connected, last := s.deps.Sync.Status()
+		var lastMs *int64 // Unix ms of the last successful sync, null if never
+		if !last.IsZero() {
+			ms := last.UnixMilli()
+			lastMs = &ms
+		}
+		cloud = fiber.Map{"configured": true, "connected": connected, "last_sync": lastMs}
 	}
 	cloud["backlog"] = counts.OutboxBacklog
 	var oldestAge *int64
@@ -503,7 +499,11 @@ func (s *Server) nearest(c *fiber.Ctx) error {
 		if err != nil {
 			return err
 		}
-		return ok(c, fiber.Map{"items": edges})
+		items := make([]EdgeInfo, len(edges))
+		for i := range edges {
+			items[i] = edgeInfo(edges[i])
+		}
+		return ok(c, fiber.Map{"items": items})
 	}
 	self := EdgeInfo{EdgeID: s.cfg.EdgeID, Region: s.cfg.Region, Location: s.cfg.Location, URL: s.cfg.Advertise, Healthy: true}
 	if s.cfg.Location != nil {

@@ -25,6 +25,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/wechat"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // t0 is the base time of seeded readings (Unix ms).
@@ -378,23 +379,28 @@ func (f *fakeDownlink) all() []published {
 }
 
 // fakeSync is a fixed cloud status.
-type fakeSync struct{ st atomic.Pointer[CloudStatus] }
+type fakeSync struct{ st atomic.Pointer[linkStatus] }
 
-func (f *fakeSync) Status() CloudStatus {
+type linkStatus struct {
+	connected bool
+	lastSync  time.Time
+}
+
+func (f *fakeSync) Status() (bool, time.Time) {
 	if p := f.st.Load(); p != nil {
-		return *p
+		return p.connected, p.lastSync
 	}
-	return CloudStatus{}
+	return false, time.Time{}
 }
 
 // fakeDirectory answers Nearest with edges, an error or a panic.
 type fakeDirectory struct {
-	edges []EdgeInfo
+	edges []wire.Edge
 	err   error
 	panic bool
 }
 
-func (f *fakeDirectory) Nearest(_ context.Context, lat, lng float64, limit int) ([]EdgeInfo, error) {
+func (f *fakeDirectory) Nearest(_ context.Context, lat, lng float64, limit int) ([]wire.Edge, error) {
 	if f.panic {
 		panic("directory exploded: " + internalMarker)
 	}

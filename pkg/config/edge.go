@@ -55,8 +55,9 @@ type Edge struct {
 	// UnsafeClockOffset shifts this edge's HLC wall clock (TESTING ONLY:
 	// simulates a skewed clock for the clock-safety fault test).
 	UnsafeClockOffset time.Duration `yaml:"-"`
-	// UnsafeCrashAfterPush makes the syncer SIGKILL the process after that
-	// many acknowledged pushes, before recording the ack (TESTING ONLY).
+	// UnsafeCrashAfterPush makes the edge SIGKILL itself after that many
+	// pushes the cloud acknowledged, before the syncer records the ack
+	// (TESTING ONLY; installed as the syncer's AfterAck hook).
 	UnsafeCrashAfterPush int `yaml:"-"`
 }
 

@@ -1,7 +1,9 @@
 // Package policy decides authorisation requests with Open Policy Agent. An
 // Engine compiles the Rego modules in a directory into one prepared query for
 // data.outpost.authz, reloads them when the files change (keeping the last
-// good version if a change does not compile), and caches decisions.
+// good version if a change does not compile), and caches decisions. Install
+// replaces the directory's modules with a distributed set (an edge receives
+// the cloud's through sync) and reloads at once.
 package policy
 
 import (
@@ -218,7 +220,11 @@ func (e *Engine) Run(ctx context.Context) error {
 func (e *Engine) Reload(ctx context.Context) (changed bool, err error) {
 	e.reloadMu.Lock()
 	defer e.reloadMu.Unlock()
+	return e.reloadLocked(ctx)
+}
 
+// reloadLocked is Reload with reloadMu held.
+func (e *Engine) reloadLocked(ctx context.Context) (changed bool, err error) {
 	files, fp, err := scan(e.cfg.Dir)
 	if err != nil {
 		err = fmt.Errorf("policy: scan %s: %w", e.cfg.Dir, err)

@@ -21,8 +21,17 @@
 // Pull. Cloud-side changes (desired state, device meta, users' roles) are
 // merged into the store with the same per-field last-writer-wins merge, a
 // changed desired state goes to the device as a retained downlink, and the
-// deployment's public keys, policies and edge directory are cached on disk so
-// a restart without the cloud still has them.
+// deployment's public keys, policies, edge directory and session revocations
+// are kept so a restart without the cloud still has them.
+//
+// The syncer owns the push and pull loops, their cursors and the edge
+// directory it caches for nearest-edge queries. It delegates the rest to the
+// packages whose concern it is, through the small interfaces in Deps: the
+// downlink encoding is wire's (DesiredPayload), installing distributed
+// policy modules is policy's (Engine.Install), and trusting the deployment's
+// keys is auth's (Keyring.SetTrusted). Login federation, which forwards
+// logins to the cloud, lives in auth/federation and reads the Revocations
+// kept here.
 //
 // Failures back off exponentially with full jitter (capped), and a 429's
 // Retry-After is obeyed.
@@ -35,20 +44,17 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"os"
-	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/outpost-edge/outpost/pkg/api"
 	"github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
+	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -92,14 +98,12 @@ type Config struct {
 	// older re-pulls everything from the start (full resync). Default 30
 	// days.
 	MaxOffline time.Duration
-	// PolicyDir receives the cloud's policy modules (the policy engine
-	// watches it). Empty disables policy distribution.
-	PolicyDir string
-	// UnsafeCrashAfterPush, when > 0, makes the process kill itself with
-	// SIGKILL after that many pushes were acknowledged by the cloud but
-	// before the acknowledgement is recorded. TESTING ONLY: it proves that
-	// a crash in that window neither loses nor duplicates anything.
-	UnsafeCrashAfterPush int
+	// AfterAck, when set, is called with the acknowledged sequence for each
+	// push the cloud acknowledged, before the syncer records the
+	// acknowledgement. Nil in production. Crash tests set it to kill the
+	// process in that window, proving a crash there neither loses nor
+	// duplicates anything.
+	AfterAck func(ackedSeq uint64)
 	// Now is the edge's clock (the one its HLC reads), used to measure its
 	// offset from the cloud's. Default time.Now.
 	Now func() time.Time
@@ -144,6 +148,18 @@ func (c *Config) defaults() {
 	}
 }
 
+// Downlink publishes messages to devices (the embedded broker, or the
+// subscriber of an external one).
+type Downlink interface {
+	Publish(topic string, payload []byte, retain bool, qos byte) error
+}
+
+// Policies installs the policy modules the cloud distributes
+// (*policy.Engine).
+type Policies interface {
+	Install(ctx context.Context, modules []policy.Module) error
+}
+
 // Deps are the syncer's collaborators.
 type Deps struct {
 	Store  *store.Store
@@ -151,14 +167,17 @@ type Deps struct {
 	// Keys receives the deployment's public keys (SetTrusted).
 	Keys *auth.Keyring
 	// Downlink publishes desired state to devices (retained); nil skips.
-	Downlink api.Downlink
+	Downlink Downlink
+	// Policies receives the cloud's policy modules; nil disables policy
+	// distribution (the edge keeps its local policies).
+	Policies Policies
 	// DataChanged is called after roles or device meta changed (policy
 	// decision caches depend on them).
 	DataChanged func()
 }
 
-// Syncer is the edge's sync engine. It implements api.SyncStatus and
-// api.Directory.
+// Syncer is the edge's sync engine. Besides Run and Flush it serves the
+// API's view of the link (Status) and the cached directory (Nearest).
 type Syncer struct {
 	cfg  Config
 	deps Deps
@@ -170,7 +189,6 @@ type Syncer struct {
 	connected atomic.Bool
 	lastSync  atomic.Int64 // Unix ms of the last successful exchange
 	offsetMs  atomic.Int64 // local clock minus the cloud's, at the last heartbeat
-	pushes    atomic.Int64 // acknowledged pushes (for UnsafeCrashAfterPush)
 	pushMu    sync.Mutex   // serialises pushWindow between the push loop and Flush
 	ackMu     sync.Mutex   // serialises outbox truncation
 	ackCh     chan struct{}
@@ -182,11 +200,6 @@ type Syncer struct {
 
 	wake chan struct{}
 }
-
-var (
-	_ api.SyncStatus = (*Syncer)(nil)
-	_ api.Directory  = (*Syncer)(nil)
-)
 
 // New builds a syncer; Run starts it. Cached state (directory, last sync) is
 // loaded from the store so that an edge restarted offline serves it at once.
@@ -222,7 +235,7 @@ func New(cfg Config, deps Deps) (*Syncer, error) {
 }
 
 // Revocations is the set of sessions the cloud revoked, as of the last
-// pull, for the identity service to refuse.
+// pull, for the identity service (auth/federation) to refuse.
 func (s *Syncer) Revocations() *Revocations { return s.revs }
 
 // Run pushes and pulls until ctx ends. It owns three goroutines and returns
@@ -245,13 +258,13 @@ func (s *Syncer) Kick() {
 	}
 }
 
-// Status implements api.SyncStatus.
-func (s *Syncer) Status() api.CloudStatus {
-	st := api.CloudStatus{Configured: true, Connected: s.connected.Load()}
+// Status reports whether the last exchange with the cloud succeeded, and
+// when the last successful one was (zero if never).
+func (s *Syncer) Status() (connected bool, lastSync time.Time) {
 	if ms := s.lastSync.Load(); ms > 0 {
-		st.LastSync = &ms
+		lastSync = time.UnixMilli(ms)
 	}
-	return st
+	return s.connected.Load(), lastSync
 }
 
 // ClockOffset is how far the edge's clock was ahead of the cloud's at the
@@ -548,10 +561,8 @@ func (s *Syncer) pushWindow(ctx context.Context, window int) (int, error) {
 // The truncation itself runs in the background (ackLoop); a crash before it
 // is harmless because resume learns the cloud's sequence first.
 func (s *Syncer) record(f *flight, res *wire.PushResult) {
-	if n := s.cfg.UnsafeCrashAfterPush; n > 0 && s.pushes.Add(1) >= int64(n) {
-		s.log.Warn("TESTING ONLY: killing the process between the cloud's ack and recording it", "acked_seq", res.AckedSeq)
-		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
-		select {} // SIGKILL cannot be handled; never record the ack
+	if s.cfg.AfterAck != nil {
+		s.cfg.AfterAck(res.AckedSeq)
 	}
 	if res.AckedSeq > s.cursor.Load() {
 		s.cursor.Store(res.AckedSeq)
@@ -738,7 +749,7 @@ func (s *Syncer) pull(ctx context.Context) error {
 		if err := s.apply(p.Changes); err != nil {
 			return err
 		}
-		if err := s.applySets(p); err != nil {
+		if err := s.applySets(ctx, p); err != nil {
 			return err
 		}
 		now := time.Now().UnixMilli()
@@ -814,9 +825,9 @@ func (s *Syncer) publishDesired(d *store.Device) {
 	if s.deps.Downlink == nil {
 		return
 	}
-	payload, err := api.DesiredPayload(d)
+	payload, err := wire.DesiredPayload(d.Desired)
 	if err == nil {
-		err = s.deps.Downlink.Publish("devices/"+d.ID+"/desired", payload, true, 1)
+		err = s.deps.Downlink.Publish(wire.DesiredTopic(d.ID), payload, true, wire.DesiredQoS)
 	}
 	if err != nil {
 		// Stored already; the device gets it with the next publish.
@@ -826,7 +837,7 @@ func (s *Syncer) publishDesired(d *store.Device) {
 
 // applySets installs the whole sets a pull page carries: keys, policies,
 // directory. Each is cached on disk before it takes effect.
-func (s *Syncer) applySets(p *wire.PullPage) error {
+func (s *Syncer) applySets(ctx context.Context, p *wire.PullPage) error {
 	kv := map[string][]byte{}
 	if len(p.Keys) > 0 && s.deps.Keys != nil {
 		old, _ := s.deps.Store.SyncValue(keyKeys)
@@ -843,15 +854,25 @@ func (s *Syncer) applySets(p *wire.PullPage) error {
 			s.log.Info("installed the deployment's public keys", "keys", len(set.Keys))
 		}
 	}
-	if len(p.Policies) > 0 && s.cfg.PolicyDir != "" {
+	if len(p.Policies) > 0 && s.deps.Policies != nil {
 		digest := policyDigest(p.Policies)
 		old, _ := s.deps.Store.SyncValue(keyPolicies)
 		if string(old) != digest {
-			if err := writePolicies(s.cfg.PolicyDir, p.Policies); err != nil {
+			modules := make([]policy.Module, len(p.Policies))
+			for i, m := range p.Policies {
+				modules[i] = policy.Module{Name: m.Name, Source: m.Rego}
+			}
+			switch err := s.deps.Policies.Install(ctx, modules); {
+			case errors.Is(err, policy.ErrRejected):
+				// Installing the same set again cannot help: record it
+				// and wait for the cloud's next one.
+				s.log.Error("the cloud's policies do not compile; the last good policy stays in force", "modules", len(modules), "err", err)
+			case err != nil:
 				return err
+			default:
+				s.log.Info("installed the cloud's policies", "modules", len(modules))
 			}
 			kv[keyPolicies] = []byte(digest)
-			s.log.Info("installed the cloud's policies", "modules", len(p.Policies))
 		}
 	}
 	if p.Edges != nil {
@@ -879,96 +900,32 @@ func policyDigest(ps []wire.Policy) string {
 	return b.String()
 }
 
-// CloudPolicyMarker marks a policy directory whose modules came from the
-// cloud; main keeps such a directory rather than re-seeding it with the
-// local policies at start.
-const CloudPolicyMarker = ".from-cloud"
-
-// writePolicies replaces the modules in dir with ps: each file is written to
-// a temporary name and renamed, so the watching engine never reads a torn
-// file, and modules the cloud no longer distributes are removed afterwards.
-func writePolicies(dir string, ps []wire.Policy) error {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("policy dir: %w", err)
-	}
-	keep := map[string]bool{}
-	for _, p := range ps {
-		name := filepath.Base(p.Name)
-		if !strings.HasSuffix(name, ".rego") || strings.HasPrefix(name, ".") {
-			continue
-		}
-		keep[name] = true
-		if err := writeAtomic(filepath.Join(dir, name), []byte(p.Rego)); err != nil {
-			return err
-		}
-	}
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return fmt.Errorf("policy dir: %w", err)
-	}
-	for _, e := range entries {
-		if !e.IsDir() && strings.HasSuffix(e.Name(), ".rego") && !keep[e.Name()] {
-			if err := os.Remove(filepath.Join(dir, e.Name())); err != nil {
-				return fmt.Errorf("remove old policy: %w", err)
-			}
-		}
-	}
-	return writeAtomic(filepath.Join(dir, CloudPolicyMarker), []byte("policies in this directory are managed by cloud sync\n"))
-}
-
-func writeAtomic(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := tmp.Write(data); err != nil {
-		_ = tmp.Close()
-		_ = os.Remove(tmp.Name())
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := tmp.Sync(); err != nil {
-		_ = tmp.Close()
-		_ = os.Remove(tmp.Name())
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		_ = os.Remove(tmp.Name())
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
-}
-
 // ---- directory ----
 
-// Nearest implements api.Directory from the directory pulled from the cloud
-// (refreshed with every pull while connected, and cached on disk for when
-// it is not).
-func (s *Syncer) Nearest(_ context.Context, lat, lng float64, limit int) ([]api.EdgeInfo, error) {
+// Nearest answers nearest-edge queries from the directory pulled from the
+// cloud (refreshed with every pull while connected, and cached on disk for
+// when it is not): healthy edges and this one, nearest first, each with its
+// distance when it has a location.
+func (s *Syncer) Nearest(_ context.Context, lat, lng float64, limit int) ([]wire.Edge, error) {
 	s.dirMu.RLock()
 	dir := s.dir
 	s.dirMu.RUnlock()
 	here := wire.Location{Lat: lat, Lng: lng}
-	out := []api.EdgeInfo{}
+	out := []wire.Edge{}
 	for _, e := range dir {
 		if !e.Healthy && e.ID != s.cfg.EdgeID {
 			continue
 		}
-		info := api.EdgeInfo{EdgeID: e.ID, Region: e.Region, URL: e.Advertise, Healthy: e.Healthy || e.ID == s.cfg.EdgeID}
+		e.Healthy = e.Healthy || e.ID == s.cfg.EdgeID // e is a copy: the cache keeps the cloud's view
+		e.DistanceKm = nil
 		if e.Location != nil {
-			info.Location = &api.Location{Lat: e.Location.Lat, Lng: e.Location.Lng}
 			d := wire.DistanceKm(here, *e.Location)
-			info.DistanceKM = &d
+			e.DistanceKm = &d
 		}
-		out = append(out, info)
+		out = append(out, e)
 	}
 	sort.SliceStable(out, func(i, j int) bool {
-		a, b := out[i].DistanceKM, out[j].DistanceKM
+		a, b := out[i].DistanceKm, out[j].DistanceKm
 		if a == nil || b == nil {
 			return a != nil
 		}

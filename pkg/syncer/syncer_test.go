@@ -97,9 +97,15 @@ func TestNearestFromDirectory(t *testing.T) {
 	}
 	var ids []string
 	for _, e := range got {
-		ids = append(ids, e.EdgeID)
+		ids = append(ids, e.ID)
+		if !e.Healthy || e.DistanceKm == nil {
+			t.Fatalf("item %+v: want healthy with a distance", e)
+		}
 	}
 	if want := []string{"near", "self", "far"}; !reflect.DeepEqual(ids, want) {
 		t.Fatalf("nearest = %v, want %v", ids, want)
+	}
+	if s.dir[3].Healthy || s.dir[3].DistanceKm != nil {
+		t.Fatal("Nearest changed the cached directory")
 	}
 }

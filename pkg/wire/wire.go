@@ -32,6 +32,10 @@
 //   - A pull page also carries the deployment's current public signing keys,
 //     policies and edge directory (small, whole sets, not deltas), so an edge
 //     can verify tokens, authorise and find neighbours while offline.
+//
+// It also holds the one encoding of the desired-state downlink an edge
+// publishes to its devices over MQTT (downlink.go), which the API and the
+// syncer both send.
 package wire
 
 import (
