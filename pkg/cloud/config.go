@@ -16,6 +16,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
@@ -76,17 +77,20 @@ type Config struct {
 	MemoryLimitMB int64 `yaml:"memory_limit_mb"`
 }
 
-// Defaults are the built-in settings.
+// Defaults are the built-in settings. The raft settings are
+// raftnode.DefaultConfig's: that is their one source.
 func Defaults() Config {
+	r := raftnode.DefaultConfig()
 	return Config{
 		Raft: "127.0.0.1:7000", HTTP: "127.0.0.1:8090", Data: "./data/cloud",
 		MaxClockDrift: 5 * time.Minute, HeartbeatFresh: 90 * time.Second,
 		AccessTTL: time.Hour, RefreshTTL: 30 * 24 * time.Hour,
-		HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond,
-		LeaderLeaseTimeout: 250 * time.Millisecond, CommitTimeout: 20 * time.Millisecond,
-		SnapshotInterval: 30 * time.Second, SnapshotThreshold: 2048, TrailingLogs: 1024,
-		MaxEntryBytes: 1 << 20, MaxInflightEntries: 1, GroupCommitWait: 4 * time.Millisecond, MaxPendingBytes: 32 << 20,
-		LogLevel: "info", RaftLogLevel: "warn", ShutdownGrace: 10 * time.Second,
+		HeartbeatTimeout: r.HeartbeatTimeout, ElectionTimeout: r.ElectionTimeout,
+		LeaderLeaseTimeout: r.LeaderLeaseTimeout, CommitTimeout: r.CommitTimeout,
+		SnapshotInterval: r.SnapshotInterval, SnapshotThreshold: r.SnapshotThreshold, TrailingLogs: r.TrailingLogs,
+		MaxEntryBytes: r.MaxEntryBytes, MaxInflightEntries: r.MaxInflightEntries,
+		GroupCommitWait: r.GroupCommitWait, MaxPendingBytes: r.MaxPendingBytes,
+		LogLevel: "info", RaftLogLevel: r.RaftLogLevel, ShutdownGrace: 10 * time.Second,
 		GCPercent: 400, MemoryLimitMB: 128,
 	}
 }
