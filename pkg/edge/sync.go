@@ -1,7 +1,6 @@
-package main
+package edge
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -14,7 +13,6 @@ import (
 	"github.com/outpost-edge/outpost/pkg/api"
 	"github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
-	"github.com/outpost-edge/outpost/pkg/config"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/syncer"
 	"github.com/outpost-edge/outpost/pkg/wire"
@@ -56,14 +54,14 @@ func cloudPolicyDir(local, data string) (string, error) {
 
 // newSyncer builds the syncer and the identity service of an edge joined to
 // a cloud.
-func newSyncer(cfg config.Edge, now func() time.Time, st *store.Store, tokens *auth.Service, local api.Login, downlink api.Downlink,
+func newSyncer(cfg Config, now func() time.Time, st *store.Store, tokens *auth.Service, local api.Login, downlink api.Downlink,
 	policyDir string, dataChanged func(), reg prometheus.Registerer, log *slog.Logger) (*syncer.Syncer, *syncer.Identity, error) {
 	cl, err := client.New(cfg.Cloud.URLs, cfg.Cloud.Token, client.WithRounds(2))
 	if err != nil {
 		return nil, nil, fmt.Errorf("cloud: %w", err)
 	}
 	var loc *wire.Location
-	if lat, lng, ok, _ := config.ParseLocation(cfg.Location); ok {
+	if lat, lng, ok, _ := ParseLocation(cfg.Location); ok {
 		loc = &wire.Location{Lat: lat, Lng: lng}
 	}
 	sy, err := syncer.New(syncer.Config{
@@ -78,13 +76,4 @@ func newSyncer(cfg config.Edge, now func() time.Time, st *store.Store, tokens *a
 	id := syncer.NewIdentity(tokens, cl, local, log.With("component", "identity"))
 	id.Revocations = sy.Revocations()
 	return sy, id, nil
-}
-
-// syncFlush is the shutdown step that pushes the outbox (nil when the edge
-// is standalone).
-func syncFlush(sy *syncer.Syncer) func(context.Context) error {
-	if sy == nil {
-		return nil
-	}
-	return sy.Flush
 }
