@@ -71,14 +71,15 @@ type Edge struct {
 // returns; Run serves the API. On error it returns with nothing held open.
 // level is the logger's level, changed at run time through the admin
 // address (cfg.Pprof).
-func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar) (e *Edge, err error) {
-	e = &Edge{cfg: cfg, log: log, errc: make(chan error, 4)}
+func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar) (*Edge, error) {
+	e := &Edge{cfg: cfg, log: log, errc: make(chan error, 4)}
+	started := false
 	defer func() {
-		if err != nil {
+		if !started {
 			e.abort()
-			e = nil
 		}
 	}()
+	var err error
 	if cfg.MemoryLimitMB > 0 && os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(cfg.MemoryLimitMB << 20)
 	}
@@ -236,7 +237,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		}
 	}
 	e.bgCtx, e.stopBg = context.WithCancel(context.Background())
-	e.undo = nil // started: from here on Shutdown owns every part
+	started, e.undo = true, nil // from here on Shutdown owns every part
 	return e, nil
 }
 
