@@ -9,11 +9,13 @@ import (
 	"strings"
 	"time"
 
+	"github.com/outpost-edge/outpost/pkg/api"
 	"github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/config"
 	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/ingest"
 	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/syncer"
 )
 
 // Config is the edge daemon's configuration: built-in defaults, then a YAML
@@ -136,10 +138,11 @@ type WeChat struct {
 
 // DefaultConfig is the configuration with nothing set. What a component
 // owns comes from that component's defaults (ingest.DefaultConfig,
-// store.DefaultOptions, auth's Default*), so each default has one source;
-// the rest are the daemon's own choices.
+// store.DefaultOptions, syncer.DefaultConfig, api.DefaultConfig, auth's
+// Default*), so each default has one source; the rest are the daemon's own
+// choices (the API's rate limits, off in pkg/api, are on at the edge).
 func DefaultConfig() Config {
-	in, st := ingest.DefaultConfig(), store.DefaultOptions()
+	in, st, sy := ingest.DefaultConfig(), store.DefaultOptions(), syncer.DefaultConfig()
 	return Config{
 		ID:            hostnameOr("edge-1"),
 		DataDir:       "./data",
@@ -152,13 +155,16 @@ func DefaultConfig() Config {
 		// device's memory, which the runtime cannot know (deployments pass
 		// GOMEMLIMIT from the container's limit instead).
 		MemoryLimitMB: 0,
-		Cloud:         Cloud{MaxClockDrift: DefaultMaxClockDrift},
+		Cloud: Cloud{
+			MaxClockDrift: DefaultMaxClockDrift, MaxOffline: sy.MaxOffline,
+			BatchReadings: sy.BatchReadings, BackoffMax: sy.BackoffMax,
+		},
 		Ingest: Ingest{
 			MaxBatch: in.MaxBatch, Linger: in.Linger, QuotaMB: in.QuotaBytes >> 20, MinFreeMB: 256,
 			Retention: 30 * 24 * time.Hour, MaxDeadLetters: st.MaxDeadLetters,
 		},
 		Auth:   Auth{AccessTTL: auth.DefaultAccessTTL, RefreshTTL: auth.DefaultRefreshTTL, KeyRotation: auth.DefaultKeyRotation},
-		API:    API{BodyLimitKB: 64, RateLimitPerIP: 200, RateLimitPerUser: 100},
+		API:    API{BodyLimitKB: api.DefaultConfig().BodyLimit >> 10, RateLimitPerIP: 200, RateLimitPerUser: 100},
 		Policy: Policy{Dir: "./policies"},
 		WeChat: WeChat{APIBase: "https://api.weixin.qq.com"},
 	}
@@ -230,8 +236,8 @@ func edgeFlags(cfg *Config, path *string, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&cfg.Pprof, "pprof", cfg.Pprof, "admin address for pprof and the runtime log level, e.g. 127.0.0.1:6060 (off by default; unauthenticated)")
 	fs.DurationVar(&cfg.ShutdownGrace, "shutdown-grace", cfg.ShutdownGrace, "on SIGTERM/SIGINT, time allowed to drain requests and MQTT batches, flush and close before exiting non-zero")
 	fs.StringVar(&cfg.Policy.Dir, "policies", cfg.Policy.Dir, "directory of Rego policies")
-	fs.DurationVar(&cfg.Cloud.BackoffMax, "cloud-backoff-max", cfg.Cloud.BackoffMax, "cap of the jittered backoff between failed cloud exchanges (0: the syncer's default, 30s)")
-	fs.IntVar(&cfg.Cloud.BatchReadings, "cloud-batch-readings", cfg.Cloud.BatchReadings, "target readings per sync push (0: the syncer's default, 20000)")
+	fs.DurationVar(&cfg.Cloud.BackoffMax, "cloud-backoff-max", cfg.Cloud.BackoffMax, "cap of the jittered backoff between failed cloud exchanges")
+	fs.IntVar(&cfg.Cloud.BatchReadings, "cloud-batch-readings", cfg.Cloud.BatchReadings, "target readings per sync push")
 	fs.BoolVar(&cfg.UnsafeNoSync, "unsafe-no-fsync", false, "TESTING ONLY: disable fsync")
 	fs.IntVar(&cfg.UnsafeCrashAfterPush, "unsafe-crash-after-push", 0, "TESTING ONLY: kill -9 the edge after N pushes the cloud acknowledged, before recording the ack")
 	fs.DurationVar(&cfg.UnsafeClockOffset, "unsafe-clock-offset", 0, "TESTING ONLY: shift this edge's HLC wall clock by this much (simulates a skewed clock)")

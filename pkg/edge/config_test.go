@@ -5,9 +5,12 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/outpost-edge/outpost/pkg/config"
 )
 
 func writeConfig(t *testing.T, body string) string {
@@ -104,5 +107,49 @@ func TestParseErrors(t *testing.T) {
 func TestShippedConfigLoads(t *testing.T) {
 	if _, err := Parse([]string{"-config", "../../configs/edge.yaml"}, io.Discard); err != nil {
 		t.Fatalf("configs/edge.yaml: %v", err)
+	}
+}
+
+// TestShippedConfigIsTheDefaults: configs/edge.yaml shows the built-in
+// defaults ("what is left out takes the built-in default shown here"), so
+// apart from the development settings it deliberately sets, loading it
+// changes nothing. A default changed in a component but not in the file (or
+// the other way round) fails here.
+func TestShippedConfigIsTheDefaults(t *testing.T) {
+	got := DefaultConfig()
+	if err := config.LoadYAML("../../configs/edge.yaml", &got); err != nil {
+		t.Fatal(err)
+	}
+	want := DefaultConfig()
+	want.ID, want.Location, want.Advertise = "edge-dev", "31.2304,121.4737", "http://127.0.0.1:8080"
+	want.Admins, want.DevLogin = []string{"admin"}, true
+	want.MQTT.Devices, want.Cloud.URLs = map[string]string{}, []string{}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("configs/edge.yaml differs from the defaults:\n file %+v\n code %+v", got, want)
+	}
+	if got.MemoryLimitMB != 0 {
+		t.Fatalf("memory_limit_mb = %d, want 0 (no soft limit unless the operator sets one)", got.MemoryLimitMB)
+	}
+}
+
+// TestValidateCollectsEveryProblem: every problem is reported, each under
+// its key, in one config.Errors.
+func TestValidateCollectsEveryProblem(t *testing.T) {
+	c := DefaultConfig()
+	c.ID, c.HTTP, c.Ingest.QuotaMB, c.Ingest.MaxBatch, c.LogLevel = "a/b", ":x", -1, 0, "loud"
+	err := c.Validate()
+	var errs config.Errors
+	if !errors.As(err, &errs) || !errors.Is(err, config.ErrInvalid) {
+		t.Fatalf("Validate = %v, want config.Errors", err)
+	}
+	var keys []string
+	for _, p := range errs {
+		keys = append(keys, p.Key)
+	}
+	if want := []string{"id", "http", "ingest.max_batch", "ingest.quota_mb", "log_level"}; !reflect.DeepEqual(keys, want) {
+		t.Fatalf("keys %q, want %q (%v)", keys, want, err)
+	}
+	if !strings.HasPrefix(err.Error(), "config: 5 errors: id: ") {
+		t.Fatalf("message %q", err)
 	}
 }
