@@ -65,6 +65,7 @@ func run() int {
 
 	// The whole stop is bounded by the grace period: an edge that cannot
 	// stop in time exits non-zero rather than hang its supervisor.
+	start := time.Now()
 	watchdog := time.AfterFunc(cfg.ShutdownGrace, func() {
 		log.Error("shutdown did not finish within the grace period; exiting", "grace", cfg.ShutdownGrace)
 		os.Exit(1)
@@ -76,6 +77,7 @@ func run() int {
 		fmt.Fprintf(os.Stderr, "edge: %v\n", err)
 		return 1
 	}
+	log.Info("edge stopped cleanly", "took", time.Since(start).Round(time.Millisecond))
 	return 0
 }
 

@@ -327,7 +327,6 @@ func (e *Edge) Run(ctx context.Context) error {
 // rather than hang its supervisor): bbolt and the broker state are
 // crash-safe, so nothing acknowledged is lost either way.
 func (e *Edge) Shutdown(timeout time.Duration) error {
-	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	var errs []error
@@ -357,11 +356,7 @@ func (e *Edge) Shutdown(timeout time.Duration) error {
 	if err := e.st.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close store: %w", err))
 	}
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
-	e.log.Info("edge stopped cleanly", "took", time.Since(start).Round(time.Millisecond))
-	return nil
+	return errors.Join(errs...)
 }
 
 func freeBytes(dir string) (int64, error) {
