@@ -58,8 +58,7 @@ type Edge struct {
 	stopWriter context.CancelFunc
 	writerDone chan struct{}
 	stopSub    context.CancelFunc
-	bgCtx      context.Context // background loops (Run); ends in Shutdown
-	stopBg     context.CancelFunc
+	stopBg     context.CancelFunc // background loops: they end with Run's ctx, or in Shutdown
 	wg         sync.WaitGroup
 	errc       chan error // a part that failed while serving
 
@@ -236,7 +235,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 			return nil, err
 		}
 	}
-	e.bgCtx, e.stopBg = context.WithCancel(context.Background())
+	e.stopBg = func() {}
 	started, e.undo = true, nil // from here on Shutdown owns every part
 	return e, nil
 }
@@ -263,7 +262,10 @@ func (e *Edge) MQTTAddr() string { return e.mqttAddr }
 // admin listener) until ctx ends or a part fails; then call Shutdown.
 func (e *Edge) Run(ctx context.Context) error {
 	cfg, log := e.cfg, e.log
-	bg := e.bgCtx
+	// The background loops stop as soon as ctx ends (a signal), as the
+	// syncer must before Shutdown flushes; HTTP and MQTT drain in Shutdown.
+	bg, stopBg := context.WithCancel(ctx)
+	e.stopBg = stopBg
 	e.wg.Add(4)
 	go func() { defer e.wg.Done(); e.srv.Run(bg) }()
 	go func() { defer e.wg.Done(); _ = e.engine.Run(bg) }()
