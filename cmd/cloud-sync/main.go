@@ -5,6 +5,7 @@
 // main only wires: flags and config → build the node → run until SIGINT or
 // SIGTERM → ordered shutdown within the grace period (stop accepting HTTP and
 // drain in-flight requests, close raft and its log, close the state).
+// -check-config validates and prints the configuration instead.
 package main
 
 import (
@@ -20,6 +21,7 @@ import (
 	"time"
 
 	"github.com/outpost-edge/outpost/pkg/cloud"
+	"github.com/outpost-edge/outpost/pkg/config"
 	"github.com/outpost-edge/outpost/pkg/obs"
 )
 
@@ -33,6 +35,13 @@ func run() int {
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "cloud-sync: %s\n", strings.TrimPrefix(err.Error(), cloud.ErrUsage.Error()+": "))
 		return 2
+	}
+	if cfg.CheckConfig {
+		if err := config.Print(os.Stdout, cfg.Masked()); err != nil {
+			fmt.Fprintf(os.Stderr, "cloud-sync: %v\n", err)
+			return 1
+		}
+		return 0
 	}
 	if cfg.GCPercent > 0 && os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(cfg.GCPercent)

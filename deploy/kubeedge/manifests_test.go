@@ -32,7 +32,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/outpost-edge/outpost/pkg/cloud"
-	"github.com/outpost-edge/outpost/pkg/config"
+	"github.com/outpost-edge/outpost/pkg/edge"
 )
 
 const root = "../.."
@@ -530,7 +530,7 @@ func TestManifests(t *testing.T) {
 			if !requireFlags(t, who, flags, "config", "id", "data", "policies", "http", "mqtt-listen", "shutdown-grace", "cloud", "cloud-token") {
 				continue
 			}
-			cfg, err := config.ParseEdge(repoConfig(args), io.Discard)
+			cfg, err := edge.Parse(repoConfig(args), io.Discard)
 			if err != nil {
 				t.Errorf("%s: the edge refuses its command line: %v", who, err)
 				continue

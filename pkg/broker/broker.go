@@ -178,6 +178,21 @@ func (h *persistHook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int6
 	h.Hook.OnQosPublish(cl, pk, sent, resends)
 }
 
+// Provides is the bolt hook's set without the $SYS record (OnSysInfoTick,
+// StoredSysInfo). mochi restores $SYS counters only with
+// Compatibilities.RestoreSysInfoOnRestart, which the edge leaves off, so the
+// record was written for nothing: a bbolt transaction, with its fsyncs, at
+// every $SYS tick (each second). Reading it was worse than useless: on a
+// state file without one (first start, or one the tick never reached)
+// mochi's getKv logs ErrKeyNotFound at ERROR ("failed to get data"
+// key=SYS) before StoredSysInfo forgives it.
+func (h *persistHook) Provides(b byte) bool {
+	if b == mqtt.OnSysInfoTick || b == mqtt.StoredSysInfo {
+		return false
+	}
+	return h.Hook.Provides(b)
+}
+
 func (h *persistHook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
 	id := inflightID(cl.ID, pk.PacketID)
 	h.mu.Lock()

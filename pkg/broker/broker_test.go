@@ -492,3 +492,48 @@ func (c *v5conn) publish(t *testing.T, id uint16, topic, payload string) byte {
 	}
 	return body[2]
 }
+
+// syncBuffer is a log sink the broker's goroutines write while the test
+// reads it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (w *syncBuffer) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+func (w *syncBuffer) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.String()
+}
+
+// TestStartLogsNoError: starting the broker on a fresh state file, serving
+// a client and starting again on the same file log nothing at ERROR (mochi
+// used to log "failed to get data" key=SYS at every start on a state file
+// without a $SYS record).
+func TestStartLogsNoError(t *testing.T) {
+	var out syncBuffer
+	log := slog.New(slog.NewTextHandler(&out, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	statePath := filepath.Join(t.TempDir(), "broker.db")
+	for i := range 2 {
+		b := startBroker(t, Config{StatePath: statePath, Logger: log}, nil)
+		c := mustDial(t, b.Addr(), fmt.Sprintf("d%d", i), "", "")
+		c.Disconnect(50)
+		if err := b.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !strings.Contains(out.String(), "level=") {
+		t.Fatal("the broker logged nothing: the test would not see an error")
+	}
+	for _, line := range strings.Split(out.String(), "\n") {
+		if strings.Contains(line, "level=ERROR") {
+			t.Errorf("broker start logged an error: %s", line)
+		}
+	}
+}

@@ -14,8 +14,8 @@ import (
 	"strings"
 	"time"
 
-	"gopkg.in/yaml.v3"
-
+	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
+	"github.com/outpost-edge/outpost/pkg/config"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
@@ -74,19 +74,26 @@ type Config struct {
 	// bounded. The GOGC and GOMEMLIMIT environment variables win.
 	GCPercent     int   `yaml:"gc_percent"`
 	MemoryLimitMB int64 `yaml:"memory_limit_mb"`
+
+	// CheckConfig (-check-config) asks main to validate and print the
+	// effective configuration instead of running.
+	CheckConfig bool `yaml:"-"`
 }
 
-// Defaults are the built-in settings.
+// Defaults are the built-in settings. The raft settings are
+// raftnode.DefaultConfig's: that is their one source.
 func Defaults() Config {
+	r := raftnode.DefaultConfig()
 	return Config{
 		Raft: "127.0.0.1:7000", HTTP: "127.0.0.1:8090", Data: "./data/cloud",
 		MaxClockDrift: 5 * time.Minute, HeartbeatFresh: 90 * time.Second,
 		AccessTTL: time.Hour, RefreshTTL: 30 * 24 * time.Hour,
-		HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond,
-		LeaderLeaseTimeout: 250 * time.Millisecond, CommitTimeout: 20 * time.Millisecond,
-		SnapshotInterval: 30 * time.Second, SnapshotThreshold: 2048, TrailingLogs: 1024,
-		MaxEntryBytes: 1 << 20, MaxInflightEntries: 1, GroupCommitWait: 4 * time.Millisecond, MaxPendingBytes: 32 << 20,
-		LogLevel: "info", RaftLogLevel: "warn", ShutdownGrace: 10 * time.Second,
+		HeartbeatTimeout: r.HeartbeatTimeout, ElectionTimeout: r.ElectionTimeout,
+		LeaderLeaseTimeout: r.LeaderLeaseTimeout, CommitTimeout: r.CommitTimeout,
+		SnapshotInterval: r.SnapshotInterval, SnapshotThreshold: r.SnapshotThreshold, TrailingLogs: r.TrailingLogs,
+		MaxEntryBytes: r.MaxEntryBytes, MaxInflightEntries: r.MaxInflightEntries,
+		GroupCommitWait: r.GroupCommitWait, MaxPendingBytes: r.MaxPendingBytes,
+		LogLevel: "info", RaftLogLevel: r.RaftLogLevel, ShutdownGrace: 10 * time.Second,
 		GCPercent: 400, MemoryLimitMB: 128,
 	}
 }
@@ -133,6 +140,7 @@ func Parse(args []string, out io.Writer) (Config, error) {
 		maxPending = fs.Int64("max-pending-bytes", 0, "admission control: proposals queued beyond this many bytes get 429 (default 32 MiB)")
 		logLevel   = fs.String("log-level", "", "log level: debug, info, warn, error (default info)")
 		pprofAddr  = fs.String("pprof", "", "admin `address` for pprof and the runtime log level, e.g. 127.0.0.1:6061 (off by default; unauthenticated)")
+		check      = fs.Bool("check-config", false, "validate the configuration (file and flags), print it with secrets masked, and exit: 0 if valid, 2 if not")
 	)
 	edgeTokens := map[string]string{}
 	fs.Func("edge-token", "`EDGE=TOKEN` credential of one edge (repeatable)", func(v string) error {
@@ -244,100 +252,134 @@ func Parse(args []string, out io.Writer) (Config, error) {
 	if len(raftDial) > 0 {
 		cfg.RaftDial = raftDial
 	}
+	cfg.CheckConfig = *check
 	return cfg, cfg.Validate()
 }
 
-func splitList(s string) []string {
-	var out []string
-	for _, p := range strings.Split(s, ",") {
-		if p = strings.TrimSpace(p); p != "" {
-			out = append(out, p)
-		}
-	}
-	return out
-}
+func splitList(s string) []string { return config.SplitList(s) }
 
+// loadFile reads the YAML file over cfg; an unknown key is an error.
 func loadFile(path string, cfg *Config) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return fmt.Errorf("%w: config file: %v", ErrUsage, err)
-	}
-	defer f.Close()
-	dec := yaml.NewDecoder(f)
-	dec.KnownFields(true)
-	if err := dec.Decode(cfg); err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("%w: config file %s: %v", ErrUsage, path, err)
+	if err := config.LoadYAML(path, cfg); err != nil {
+		return fmt.Errorf("%w: config file: %w", ErrUsage, err)
 	}
 	return nil
 }
 
-// Validate checks the configuration and fills derived addresses.
+// Masked is c with its secrets (edge tokens, the API token, the WeChat
+// secret) replaced by config.Mask, for printing.
+func (c Config) Masked() Config {
+	c.EdgeTokens = config.MaskValues(c.EdgeTokens)
+	c.APIToken = config.MaskString(c.APIToken)
+	c.WeChatSecret = config.MaskString(c.WeChatSecret)
+	return c
+}
+
+// Validate checks the configuration and fills derived addresses. It
+// reports every problem, each named by its key, as config.Errors (which
+// matches ErrUsage too).
 func (c *Config) Validate() error {
-	bad := func(format string, a ...any) error {
-		return fmt.Errorf("%w: %s", ErrUsage, fmt.Sprintf(format, a...))
-	}
-	if c.ID == "" {
-		return bad("-id is required")
-	}
-	if !wire.ValidName(c.ID) {
-		return bad("-id %q must match [A-Za-z0-9._-]{1,64}", c.ID)
+	var errs config.Errors
+	switch {
+	case c.ID == "":
+		errs.Add("id", "is required (-id)")
+	case !wire.ValidName(c.ID):
+		errs.Add("id", "%q must match [A-Za-z0-9._-]{1,64}", c.ID)
 	}
 	if c.Data == "" {
-		return bad("-data is required")
+		errs.Add("data", "is required (-data)")
 	}
 	if c.BootstrapNode != "" {
-		if c.Bootstrap {
-			return bad("-bootstrap-node and -bootstrap are mutually exclusive")
-		}
-		if !wire.ValidName(c.BootstrapNode) {
-			return bad("-bootstrap-node %q must match [A-Za-z0-9._-]{1,64}", c.BootstrapNode)
-		}
-		if c.BootstrapNode == c.ID {
+		switch {
+		case c.Bootstrap:
+			errs.Add("bootstrap_node", "-bootstrap-node and -bootstrap are mutually exclusive")
+		case !wire.ValidName(c.BootstrapNode):
+			errs.Add("bootstrap_node", "%q must match [A-Za-z0-9._-]{1,64}", c.BootstrapNode)
+		case c.BootstrapNode == c.ID:
 			c.Bootstrap, c.Join = true, nil
-		} else if len(c.Join) == 0 {
-			return bad("-bootstrap-node %s: this node (%s) must -join the cluster", c.BootstrapNode, c.ID)
+		case len(c.Join) == 0:
+			errs.Add("join", "-bootstrap-node %s: this node (%s) must -join the cluster", c.BootstrapNode, c.ID)
 		}
 	}
 	if c.ShutdownGrace <= 0 {
-		return bad("shutdown_grace %s must be positive", c.ShutdownGrace)
+		errs.Add("shutdown_grace", "%s must be positive", c.ShutdownGrace)
 	}
 	if c.Bootstrap && len(c.Join) > 0 {
-		return bad("-bootstrap and -join are mutually exclusive: bootstrap the first node, join the others")
+		errs.Add("join", "-bootstrap and -join are mutually exclusive: bootstrap the first node, join the others")
 	}
 	for _, u := range c.Join {
 		if !strings.HasPrefix(u, "http://") && !strings.HasPrefix(u, "https://") {
-			return bad("-join %q must be an http(s) URL of a cluster member", u)
+			errs.Add("join", "%q must be an http(s) URL of a cluster member", u)
 		}
 	}
-	var err error
-	if c.RaftAdvertise, err = advertise(c.Raft, c.RaftAdvertise); err != nil {
-		return bad("-raft: %v", err)
+	for _, a := range []struct {
+		key            string
+		listen, advert *string
+	}{{"raft", &c.Raft, &c.RaftAdvertise}, {"http", &c.HTTP, &c.HTTPAdvertise}} {
+		if err := config.CheckHostPort(*a.listen); err != nil {
+			errs.Add(a.key, "%v", err)
+			continue
+		}
+		adv, err := advertise(*a.listen, *a.advert)
+		if err != nil {
+			errs.Add(a.key+"_advertise", "%v", err)
+			continue
+		}
+		*a.advert = adv
 	}
-	if c.HTTPAdvertise, err = advertise(c.HTTP, c.HTTPAdvertise); err != nil {
-		return bad("-http: %v", err)
+	if c.Pprof != "" {
+		if err := config.CheckHostPort(c.Pprof); err != nil {
+			errs.Add("pprof", "%v", err)
+		}
 	}
 	if c.BootstrapNode != "" && len(c.Join) > 1 {
 		c.Join = withoutSelf(c.Join, c.HTTPAdvertise)
 	}
 	if c.LeaderLeaseTimeout > c.HeartbeatTimeout {
-		return bad("leader_lease_timeout (%s) must not exceed heartbeat_timeout (%s)", c.LeaderLeaseTimeout, c.HeartbeatTimeout)
+		errs.Add("leader_lease_timeout", "%s must not exceed heartbeat_timeout (%s)", c.LeaderLeaseTimeout, c.HeartbeatTimeout)
 	}
-	if c.MaxClockDrift < 0 || c.HeartbeatFresh <= 0 {
-		return bad("max_clock_drift must be >= 0 and heartbeat_fresh > 0")
+	if c.MaxClockDrift < 0 {
+		errs.Add("max_clock_drift", "%s must be ≥ 0", c.MaxClockDrift)
+	}
+	if c.HeartbeatFresh <= 0 {
+		errs.Add("heartbeat_fresh", "%s must be positive", c.HeartbeatFresh)
 	}
 	if c.MaxInflightEntries < 1 {
-		return bad("max_inflight_entries %d must be at least 1", c.MaxInflightEntries)
+		errs.Add("max_inflight_entries", "%d must be at least 1", c.MaxInflightEntries)
 	}
 	if c.GroupCommitWait > 100*time.Millisecond {
-		return bad("group_commit_wait %s must be at most 100ms (a negative value turns the wait off)", c.GroupCommitWait)
+		errs.Add("group_commit_wait", "%s must be at most 100ms (a negative value turns the wait off)", c.GroupCommitWait)
+	}
+	if c.MaxEntryBytes < 0 {
+		errs.Add("max_entry_bytes", "%d must be ≥ 0", c.MaxEntryBytes)
+	}
+	if c.MaxPendingBytes < 0 {
+		errs.Add("max_pending_bytes", "%d must be ≥ 0", c.MaxPendingBytes)
+	}
+	if c.MemoryLimitMB < 0 {
+		errs.Add("memory_limit_mb", "%d must be ≥ 0 (0: no soft limit)", c.MemoryLimitMB)
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		errs.Add("log_level", "%q must be debug, info, warn or error", c.LogLevel)
 	}
 	for e := range c.EdgeTokens {
 		if !wire.ValidName(e) {
-			return bad("edge_tokens: edge id %q must match [A-Za-z0-9._-]{1,64}", e)
+			errs.Add("edge_tokens", "edge id %q must match [A-Za-z0-9._-]{1,64}", e)
 		}
 	}
-	return nil
+	if len(errs) == 0 {
+		return nil
+	}
+	return usageErrors{errs}
 }
+
+// usageErrors is config.Errors that also matches ErrUsage, the cloud's
+// marker for a mistake main reports with exit 2.
+type usageErrors struct{ config.Errors }
+
+func (e usageErrors) Is(target error) bool { return target == ErrUsage || e.Errors.Is(target) }
 
 // advertise derives the address peers use from a listen address: the
 // listen address itself when its host is concrete, else the hostname.

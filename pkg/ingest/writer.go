@@ -63,12 +63,20 @@ type Config struct {
 	UnsafeAckBeforeCommit bool
 }
 
+// DefaultConfig is the one source of the writer's defaults; the edge's
+// configuration builds on it. QueueSize is left 0: it follows MaxBatch.
+func DefaultConfig() Config {
+	return Config{MaxBatch: 1000, MaxBatchReadings: 20000, QuotaCheck: time.Second}
+}
+
+// defaults fills what c leaves zero from DefaultConfig.
 func (c *Config) defaults() {
+	d := DefaultConfig()
 	if c.MaxBatch <= 0 {
-		c.MaxBatch = 1000
+		c.MaxBatch = d.MaxBatch
 	}
 	if c.MaxBatchReadings <= 0 {
-		c.MaxBatchReadings = 20000
+		c.MaxBatchReadings = d.MaxBatchReadings
 	}
 	if c.QueueSize <= 0 {
 		// One batch queued while another commits keeps the writer busy;
@@ -76,7 +84,7 @@ func (c *Config) defaults() {
 		c.QueueSize = c.MaxBatch
 	}
 	if c.QuotaCheck <= 0 {
-		c.QuotaCheck = time.Second
+		c.QuotaCheck = d.QuotaCheck
 	}
 }
 

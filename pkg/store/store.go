@@ -89,13 +89,20 @@ type Store struct {
 	deadMu sync.Mutex // orders dead-letter sequence allocation
 }
 
-// Open opens or creates the store at path.
+// DefaultOptions is the one source of the store's defaults; the edge's
+// configuration builds on it.
+func DefaultOptions() Options {
+	return Options{MaxDeadLetters: 10000}
+}
+
+// Open opens or creates the store at path. Zero options take
+// DefaultOptions'.
 func Open(path string, opts Options) (*Store, error) {
 	if opts.Clock == nil {
 		opts.Clock = hlc.NewClock(nil, 0)
 	}
 	if opts.MaxDeadLetters <= 0 {
-		opts.MaxDeadLetters = 10000
+		opts.MaxDeadLetters = DefaultOptions().MaxDeadLetters
 	}
 	db, err := bolt.Open(path, 0o600, &bolt.Options{
 		Timeout:         2 * time.Second, // another process holds the file

@@ -558,10 +558,10 @@ func TestCloudCommandLine(t *testing.T) {
 		code int
 		msg  string
 	}{
-		{"no entry in flight", []string{"-config", yaml("k0.yaml", "max_inflight_entries: 0\n"), "-id", "a", "-data", dir, "-bootstrap"}, 2, "max_inflight_entries 0 must be at least 1"},
-		{"group commit wait too long", []string{"-config", yaml("w.yaml", "group_commit_wait: 1s\n"), "-id", "a", "-data", dir, "-bootstrap"}, 2, "group_commit_wait 1s must be at most 100ms"},
+		{"no entry in flight", []string{"-config", yaml("k0.yaml", "max_inflight_entries: 0\n"), "-id", "a", "-data", dir, "-bootstrap"}, 2, "max_inflight_entries: 0 must be at least 1"},
+		{"group commit wait too long", []string{"-config", yaml("w.yaml", "group_commit_wait: 1s\n"), "-id", "a", "-data", dir, "-bootstrap"}, 2, "group_commit_wait: 1s must be at most 100ms"},
 		{"help", []string{"-h"}, 0, "-edge-token"},
-		{"missing id", []string{"-data", dir, "-bootstrap"}, 2, "-id is required"},
+		{"missing id", []string{"-data", dir, "-bootstrap"}, 2, "id: is required"},
 		{"bootstrap and join", []string{"-id", "a", "-data", dir, "-bootstrap", "-join", "http://x:1"}, 2, "mutually exclusive"},
 		{"bad edge token", []string{"-id", "a", "-data", dir, "-edge-token", "nope"}, 2, "EDGE=TOKEN"},
 		{"missing config file", []string{"-config", filepath.Join(dir, "none.yaml")}, 2, "config file"},

@@ -21,7 +21,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	"github.com/prometheus/client_golang/prometheus"
@@ -48,7 +47,7 @@ var (
 	ErrStopped = errors.New("raft node stopped")
 )
 
-// Config configures a node. Zero durations take the LAN defaults.
+// Config configures a node. Zero values take DefaultConfig's.
 type Config struct {
 	ID            string
 	RaftBind      string
@@ -61,9 +60,9 @@ type Config struct {
 	ElectionTimeout    time.Duration // default 300ms
 	LeaderLeaseTimeout time.Duration // default 250ms
 	CommitTimeout      time.Duration // default 20ms
-	SnapshotInterval   time.Duration // default 60s
-	SnapshotThreshold  uint64        // default 8192 entries
-	TrailingLogs       uint64        // default 10240 entries
+	SnapshotInterval   time.Duration // default 30s
+	SnapshotThreshold  uint64        // default 2048 entries
+	TrailingLogs       uint64        // default 1024 entries
 
 	// MaxEntryBytes caps a group-committed log entry (default 1 MiB).
 	MaxEntryBytes int
@@ -98,37 +97,60 @@ type Config struct {
 	RaftLogLevel string
 }
 
+// DefaultConfig is the one source of a node's defaults (the cloud daemon's
+// configuration builds on it). Timeouts are tuned for a LAN. Snapshots are
+// checked every 30s and taken after 2048 entries, keeping 1024 for slow
+// followers: entries are group commits of up to MaxEntryBytes, so 2048 of
+// them can already be gigabytes of log, and a follower further behind is
+// better served by the snapshot.
+func DefaultConfig() Config {
+	return Config{
+		HeartbeatTimeout:   300 * time.Millisecond,
+		ElectionTimeout:    300 * time.Millisecond,
+		LeaderLeaseTimeout: 250 * time.Millisecond,
+		CommitTimeout:      20 * time.Millisecond,
+		SnapshotInterval:   30 * time.Second,
+		SnapshotThreshold:  2048,
+		TrailingLogs:       1024,
+		MaxEntryBytes:      1 << 20,
+		MaxInflightEntries: 1,
+		GroupCommitWait:    4 * time.Millisecond,
+		MaxPendingBytes:    32 << 20,
+		RaftLogLevel:       "warn",
+	}
+}
+
+// defaults fills what c leaves zero from DefaultConfig.
 func (c *Config) defaults() {
-	def := func(d *time.Duration, v time.Duration) {
-		if *d == 0 {
-			*d = v
+	d := DefaultConfig()
+	set := func(dst *time.Duration, v time.Duration) {
+		if *dst == 0 {
+			*dst = v
 		}
 	}
-	def(&c.HeartbeatTimeout, 300*time.Millisecond)
-	def(&c.ElectionTimeout, 300*time.Millisecond)
-	def(&c.LeaderLeaseTimeout, 250*time.Millisecond)
-	def(&c.CommitTimeout, 20*time.Millisecond)
-	def(&c.SnapshotInterval, 60*time.Second)
+	set(&c.HeartbeatTimeout, d.HeartbeatTimeout)
+	set(&c.ElectionTimeout, d.ElectionTimeout)
+	set(&c.LeaderLeaseTimeout, d.LeaderLeaseTimeout)
+	set(&c.CommitTimeout, d.CommitTimeout)
+	set(&c.SnapshotInterval, d.SnapshotInterval)
+	set(&c.GroupCommitWait, d.GroupCommitWait)
 	if c.SnapshotThreshold == 0 {
-		c.SnapshotThreshold = 8192
+		c.SnapshotThreshold = d.SnapshotThreshold
 	}
 	if c.TrailingLogs == 0 {
-		c.TrailingLogs = 10240
+		c.TrailingLogs = d.TrailingLogs
 	}
 	if c.MaxEntryBytes == 0 {
-		c.MaxEntryBytes = 1 << 20
+		c.MaxEntryBytes = d.MaxEntryBytes
 	}
 	if c.MaxPendingBytes == 0 {
-		c.MaxPendingBytes = 32 << 20
+		c.MaxPendingBytes = d.MaxPendingBytes
 	}
 	if c.MaxInflightEntries <= 0 {
-		c.MaxInflightEntries = 1
-	}
-	if c.GroupCommitWait == 0 {
-		c.GroupCommitWait = 4 * time.Millisecond
+		c.MaxInflightEntries = d.MaxInflightEntries
 	}
 	if c.RaftLogLevel == "" {
-		c.RaftLogLevel = "warn"
+		c.RaftLogLevel = d.RaftLogLevel
 	}
 }
 
@@ -191,7 +213,8 @@ func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometh
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("raft data dir: %w", err)
 	}
-	hl := hclog.New(&hclog.LoggerOptions{Name: "raft", Level: hclog.LevelFromString(cfg.RaftLogLevel), Output: os.Stderr})
+	// raft logs through the daemon's slog logger: one stream, one format.
+	hl := newHCLog(log, "raft", cfg.RaftLogLevel)
 
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(cfg.ID)

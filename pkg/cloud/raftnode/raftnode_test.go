@@ -23,8 +23,15 @@ import (
 // stores in a temp dir) and waits until it leads.
 func startNode(t *testing.T, cfg Config) (*Node, *fsm.FSM, *prometheus.Registry) {
 	t.Helper()
+	cfg.RaftLogLevel = "error"
+	return startNodeLogging(t, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+}
+
+// startNodeLogging is startNode with the node's logger (and cfg's raft log
+// level) given.
+func startNodeLogging(t *testing.T, cfg Config, discard *slog.Logger) (*Node, *fsm.FSM, *prometheus.Registry) {
+	t.Helper()
 	dir := t.TempDir()
-	discard := slog.New(slog.NewTextHandler(io.Discard, nil))
 	f, err := fsm.Open(filepath.Join(dir, "state.db"), discard, fsm.Hooks{})
 	if err != nil {
 		t.Fatal(err)
@@ -36,7 +43,7 @@ func startNode(t *testing.T, cfg Config) (*Node, *fsm.FSM, *prometheus.Registry)
 	addr := l.Addr().String()
 	_ = l.Close()
 	cfg.ID, cfg.RaftBind, cfg.RaftAdvertise, cfg.HTTPAdvertise = "n1", addr, addr, "127.0.0.1:1"
-	cfg.DataDir, cfg.Bootstrap, cfg.RaftLogLevel = dir, true, "error"
+	cfg.DataDir, cfg.Bootstrap = dir, true
 	reg := prometheus.NewRegistry()
 	n, err := New(cfg, f, hlc.NewClock(nil, time.Minute), discard, reg)
 	if err != nil {

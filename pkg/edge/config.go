@@ -1,10 +1,6 @@
-// Package config reads the edge's configuration: built-in defaults, then a
-// YAML file, then command-line flags, each overriding the one before.
-package config
+package edge
 
 import (
-	"bytes"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -13,13 +9,19 @@ import (
 	"strings"
 	"time"
 
-	"gopkg.in/yaml.v3"
-
+	"github.com/outpost-edge/outpost/pkg/api"
+	"github.com/outpost-edge/outpost/pkg/auth"
+	"github.com/outpost-edge/outpost/pkg/config"
 	"github.com/outpost-edge/outpost/pkg/ident"
+	"github.com/outpost-edge/outpost/pkg/ingest"
+	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/syncer"
 )
 
-// Edge is the edge daemon's configuration.
-type Edge struct {
+// Config is the edge daemon's configuration: built-in defaults, then a YAML
+// file, then command-line flags, each overriding the one before. YAML keys
+// are the snake_case names; configs/edge.yaml documents every key.
+type Config struct {
 	ID        string   `yaml:"id"`
 	DataDir   string   `yaml:"data"`
 	HTTP      string   `yaml:"http"`
@@ -59,6 +61,10 @@ type Edge struct {
 	// pushes the cloud acknowledged, before the syncer records the ack
 	// (TESTING ONLY; installed as the syncer's AfterAck hook).
 	UnsafeCrashAfterPush int `yaml:"-"`
+
+	// CheckConfig (-check-config) asks main to validate and print the
+	// effective configuration instead of running.
+	CheckConfig bool `yaml:"-"`
 }
 
 // MQTT configures the embedded broker or the external one.
@@ -131,9 +137,14 @@ type WeChat struct {
 	APIBase string `yaml:"api_base"`
 }
 
-// DefaultEdge is the configuration with nothing set.
-func DefaultEdge() Edge {
-	return Edge{
+// DefaultConfig is the configuration with nothing set. What a component
+// owns comes from that component's defaults (ingest.DefaultConfig,
+// store.DefaultOptions, syncer.DefaultConfig, api.DefaultConfig, auth's
+// Default*), so each default has one source; the rest are the daemon's own
+// choices (the API's rate limits, off in pkg/api, are on at the edge).
+func DefaultConfig() Config {
+	in, st, sy := ingest.DefaultConfig(), store.DefaultOptions(), syncer.DefaultConfig()
+	return Config{
 		ID:            hostnameOr("edge-1"),
 		DataDir:       "./data",
 		HTTP:          ":8080",
@@ -141,15 +152,28 @@ func DefaultEdge() Edge {
 		LogLevel:      "info",
 		MQTT:          MQTT{Listen: ":1883"},
 		ShutdownGrace: 10 * time.Second,
-		Ingest: Ingest{
-			MaxBatch: 1000, QuotaMB: 0, MinFreeMB: 256, Retention: 30 * 24 * time.Hour, MaxDeadLetters: 10000,
+		// No soft heap limit unless asked: the right one depends on the
+		// device's memory, which the runtime cannot know (deployments pass
+		// GOMEMLIMIT from the container's limit instead).
+		MemoryLimitMB: 0,
+		Cloud: Cloud{
+			MaxClockDrift: DefaultMaxClockDrift, MaxOffline: sy.MaxOffline,
+			BatchReadings: sy.BatchReadings, BackoffMax: sy.BackoffMax,
 		},
-		Auth:   Auth{AccessTTL: 15 * time.Minute, RefreshTTL: 30 * 24 * time.Hour, KeyRotation: 30 * 24 * time.Hour},
-		API:    API{BodyLimitKB: 64, RateLimitPerIP: 200, RateLimitPerUser: 100},
+		Ingest: Ingest{
+			MaxBatch: in.MaxBatch, Linger: in.Linger, QuotaMB: in.QuotaBytes >> 20, MinFreeMB: 256,
+			Retention: 30 * 24 * time.Hour, MaxDeadLetters: st.MaxDeadLetters,
+		},
+		Auth:   Auth{AccessTTL: auth.DefaultAccessTTL, RefreshTTL: auth.DefaultRefreshTTL, KeyRotation: auth.DefaultKeyRotation},
+		API:    API{BodyLimitKB: api.DefaultConfig().BodyLimit >> 10, RateLimitPerIP: 200, RateLimitPerUser: 100},
 		Policy: Policy{Dir: "./policies"},
 		WeChat: WeChat{APIBase: "https://api.weixin.qq.com"},
 	}
 }
+
+// DefaultMaxClockDrift bounds how far ahead of this edge's clock a remote
+// HLC stamp may be before it is rejected.
+const DefaultMaxClockDrift = 5 * time.Minute
 
 func hostnameOr(def string) string {
 	h, err := os.Hostname()
@@ -162,21 +186,22 @@ func hostnameOr(def string) string {
 // ErrHelp is returned when -h was given; usage has been printed.
 var ErrHelp = flag.ErrHelp
 
-// ParseEdge reads defaults, the -config file and the flags in args. Flags are
+// Parse reads defaults, the -config file and the flags in args. Flags are
 // parsed twice: once to learn -config, then, after the file is loaded, again
 // writing straight into the configuration, so only flags actually given
-// override the file.
-func ParseEdge(args []string, stderr io.Writer) (Edge, error) {
-	cfg := DefaultEdge()
+// override the file. Validation problems come back together, as
+// config.Errors.
+func Parse(args []string, stderr io.Writer) (Config, error) {
+	cfg := DefaultConfig()
 	var path string
 	scratch := cfg
 	if err := edgeFlags(&scratch, &path, io.Discard).Parse(args); err != nil {
 		// Parse again with output, so -h prints usage and errors show as usual.
-		again := DefaultEdge()
+		again := DefaultConfig()
 		return cfg, edgeFlags(&again, new(string), stderr).Parse(args)
 	}
 	if path != "" {
-		if err := loadYAML(path, &cfg); err != nil {
+		if err := config.LoadYAML(path, &cfg); err != nil {
 			return cfg, err
 		}
 	}
@@ -192,7 +217,7 @@ func ParseEdge(args []string, stderr io.Writer) (Edge, error) {
 
 // edgeFlags defines the edge's flags bound to cfg, with cfg's values as
 // defaults.
-func edgeFlags(cfg *Edge, path *string, out io.Writer) *flag.FlagSet {
+func edgeFlags(cfg *Config, path *string, out io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet("edge", flag.ContinueOnError)
 	fs.SetOutput(out)
 	fs.StringVar(path, "config", *path, "YAML config file (see configs/edge.yaml); flags override it")
@@ -201,52 +226,30 @@ func edgeFlags(cfg *Edge, path *string, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&cfg.HTTP, "http", cfg.HTTP, "HTTP API listen address")
 	fs.StringVar(&cfg.MQTT.Listen, "mqtt-listen", cfg.MQTT.Listen, "embedded MQTT broker listen address")
 	fs.StringVar(&cfg.MQTT.Broker, "mqtt-broker", cfg.MQTT.Broker, "external MQTT broker URL (tcp://host:port); disables the embedded broker")
-	fs.Func("cloud", "cloud-sync URL(s), comma separated", func(v string) error { cfg.Cloud.URLs = splitList(v); return nil })
+	fs.Func("cloud", "cloud-sync URL(s), comma separated", func(v string) error { cfg.Cloud.URLs = config.SplitList(v); return nil })
 	fs.StringVar(&cfg.Cloud.Token, "cloud-token", cfg.Cloud.Token, "this edge's credential at cloud-sync")
 	fs.StringVar(&cfg.Region, "region", cfg.Region, "region this edge serves")
 	fs.StringVar(&cfg.Location, "location", cfg.Location, "edge location as LAT,LNG in degrees")
 	fs.StringVar(&cfg.Advertise, "advertise", cfg.Advertise, "URL at which phones reach this edge's API")
-	fs.Func("admin", "openid(s) with the admin role on this edge, comma separated", func(v string) error { cfg.Admins = splitList(v); return nil })
+	fs.Func("admin", "openid(s) with the admin role on this edge, comma separated", func(v string) error { cfg.Admins = config.SplitList(v); return nil })
 	fs.BoolVar(&cfg.DevLogin, "dev-login", cfg.DevLogin, `accept login code "dev:<openid>" without WeChat (development only)`)
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "log level: debug, info, warn, error")
 	fs.StringVar(&cfg.Pprof, "pprof", cfg.Pprof, "admin address for pprof and the runtime log level, e.g. 127.0.0.1:6060 (off by default; unauthenticated)")
 	fs.DurationVar(&cfg.ShutdownGrace, "shutdown-grace", cfg.ShutdownGrace, "on SIGTERM/SIGINT, time allowed to drain requests and MQTT batches, flush and close before exiting non-zero")
 	fs.StringVar(&cfg.Policy.Dir, "policies", cfg.Policy.Dir, "directory of Rego policies")
-	fs.DurationVar(&cfg.Cloud.BackoffMax, "cloud-backoff-max", cfg.Cloud.BackoffMax, "cap of the jittered backoff between failed cloud exchanges (0: 30s)")
-	fs.IntVar(&cfg.Cloud.BatchReadings, "cloud-batch-readings", cfg.Cloud.BatchReadings, "target readings per sync push (0: 20000)")
+	fs.DurationVar(&cfg.Cloud.BackoffMax, "cloud-backoff-max", cfg.Cloud.BackoffMax, "cap of the jittered backoff between failed cloud exchanges")
+	fs.IntVar(&cfg.Cloud.BatchReadings, "cloud-batch-readings", cfg.Cloud.BatchReadings, "target readings per sync push")
 	fs.BoolVar(&cfg.UnsafeNoSync, "unsafe-no-fsync", false, "TESTING ONLY: disable fsync")
 	fs.IntVar(&cfg.UnsafeCrashAfterPush, "unsafe-crash-after-push", 0, "TESTING ONLY: kill -9 the edge after N pushes the cloud acknowledged, before recording the ack")
 	fs.DurationVar(&cfg.UnsafeClockOffset, "unsafe-clock-offset", 0, "TESTING ONLY: shift this edge's HLC wall clock by this much (simulates a skewed clock)")
 	fs.BoolVar(&cfg.UnsafeAckBeforeCommit, "unsafe-ack-before-commit", false, "TESTING ONLY: acknowledge messages before they are durable (proves crash tests detect loss)")
 	fs.BoolVar(&cfg.API.BypassPolicy, "unsafe-bypass-policy", false, "BENCHMARK ONLY: skip policy checks")
+	fs.BoolVar(&cfg.CheckConfig, "check-config", false, "validate the configuration (file and flags), print it with secrets masked, and exit: 0 if valid, 2 if not")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: edge [flags]\n\nOutpost edge gateway: embedded MQTT broker, durable ingest, HTTP API.\nFlags override the config file, which overrides built-in defaults.\n\n")
 		fs.PrintDefaults()
 	}
 	return fs
-}
-
-func loadYAML(path string, into any) error {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return fmt.Errorf("read config: %w", err)
-	}
-	dec := yaml.NewDecoder(bytes.NewReader(b))
-	dec.KnownFields(true) // a misspelt key is an error, not a silent default
-	if err := dec.Decode(into); err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("config %s: %w", path, err)
-	}
-	return nil
-}
-
-func splitList(s string) []string {
-	var out []string
-	for _, p := range strings.Split(s, ",") {
-		if p = strings.TrimSpace(p); p != "" {
-			out = append(out, p)
-		}
-	}
-	return out
 }
 
 // ParseLocation reads "lat,lng"; ok is false when s is empty.
@@ -266,57 +269,116 @@ func ParseLocation(s string) (lat, lng float64, ok bool, err error) {
 	return lat, lng, true, nil
 }
 
-// Validate reports the first thing wrong with c, in words an operator can act on.
-func (c *Edge) Validate() error {
-	var errs []error
+// Validate reports everything wrong with c, each problem named by its key,
+// as config.Errors.
+func (c *Config) Validate() error {
+	var errs config.Errors
 	if !ident.DeviceID(c.ID) {
-		errs = append(errs, fmt.Errorf("id %q must match [A-Za-z0-9._-]{1,64}", c.ID))
+		errs.Add("id", "%q must match [A-Za-z0-9._-]{1,64}", c.ID)
 	}
 	if c.DataDir == "" {
-		errs = append(errs, errors.New("data directory must be set"))
+		errs.Add("data", "the data directory must be set")
 	}
-	if c.HTTP == "" {
-		errs = append(errs, errors.New("http address must be set"))
+	if err := config.CheckHostPort(c.HTTP); err != nil {
+		errs.Add("http", "%v", err)
 	}
-	if c.MQTT.Broker == "" && c.MQTT.Listen == "" {
-		errs = append(errs, errors.New("either mqtt.listen (embedded broker) or mqtt.broker (external) must be set"))
+	if c.Pprof != "" {
+		if err := config.CheckHostPort(c.Pprof); err != nil {
+			errs.Add("pprof", "%v", err)
+		}
 	}
-	if c.MQTT.Broker != "" && !strings.Contains(c.MQTT.Broker, "://") {
-		errs = append(errs, fmt.Errorf("mqtt broker %q must be a URL like tcp://host:1883", c.MQTT.Broker))
+	if c.MemoryLimitMB < 0 {
+		errs.Add("memory_limit_mb", "%d must be ≥ 0 (0: no soft limit)", c.MemoryLimitMB)
+	}
+	switch {
+	case c.MQTT.Broker == "" && c.MQTT.Listen == "":
+		errs.Add("mqtt.listen", "either mqtt.listen (embedded broker) or mqtt.broker (external) must be set")
+	case c.MQTT.Broker != "" && !strings.Contains(c.MQTT.Broker, "://"):
+		errs.Add("mqtt.broker", "%q must be a URL like tcp://host:1883", c.MQTT.Broker)
+	case c.MQTT.Broker == "":
+		if err := config.CheckHostPort(c.MQTT.Listen); err != nil {
+			errs.Add("mqtt.listen", "%v", err)
+		}
 	}
 	if _, _, _, err := ParseLocation(c.Location); err != nil {
-		errs = append(errs, err)
+		errs.Add("location", "%v", err)
 	}
 	for dev, hash := range c.MQTT.Devices {
 		if !ident.DeviceID(dev) {
-			errs = append(errs, fmt.Errorf("mqtt.devices: device id %q must match [A-Za-z0-9._-]{1,64}", dev))
+			errs.Add("mqtt.devices", "device id %q must match [A-Za-z0-9._-]{1,64}", dev)
 		}
 		if !strings.HasPrefix(hash, "$2") {
-			errs = append(errs, fmt.Errorf("mqtt.devices.%s: password must be a bcrypt hash (generate one with: edge hash-password)", dev))
+			errs.Add("mqtt.devices."+dev, "the password must be a bcrypt hash (generate one with: edge hash-password)")
 		}
 	}
 	if len(c.Cloud.URLs) > 0 && c.Cloud.Token == "" {
-		errs = append(errs, errors.New("cloud URLs are set but cloud token is empty"))
+		errs.Add("cloud.token", "empty while cloud.urls are set: the cloud token is this edge's credential at cloud-sync")
+	}
+	for _, u := range c.Cloud.URLs {
+		if !strings.HasPrefix(u, "http://") && !strings.HasPrefix(u, "https://") {
+			errs.Add("cloud.urls", "%q must be an http(s) URL of a cloud-sync node", u)
+		}
+	}
+	if c.Cloud.MaxClockDrift < 0 {
+		errs.Add("cloud.max_clock_drift", "%s must be ≥ 0", c.Cloud.MaxClockDrift)
+	}
+	if c.Cloud.MaxOffline < 0 {
+		errs.Add("cloud.max_offline", "%s must be ≥ 0 (0: the syncer's default)", c.Cloud.MaxOffline)
+	}
+	if c.Cloud.BatchReadings < 0 {
+		errs.Add("cloud.batch_readings", "%d must be ≥ 0 (0: the syncer's default)", c.Cloud.BatchReadings)
+	}
+	if c.Cloud.BackoffMax < 0 {
+		errs.Add("cloud.backoff_max", "%s must be ≥ 0 (0: the syncer's default)", c.Cloud.BackoffMax)
 	}
 	if c.Ingest.MaxBatch < 1 || c.Ingest.MaxBatch > 100000 {
-		errs = append(errs, fmt.Errorf("ingest.max_batch %d must be 1..100000", c.Ingest.MaxBatch))
+		errs.Add("ingest.max_batch", "%d must be 1..100000", c.Ingest.MaxBatch)
 	}
 	if c.Ingest.Linger < 0 || c.Ingest.Linger > time.Second {
-		errs = append(errs, fmt.Errorf("ingest.linger %s must be 0..1s", c.Ingest.Linger))
+		errs.Add("ingest.linger", "%s must be 0..1s", c.Ingest.Linger)
 	}
-	if c.ShutdownGrace <= 0 {
-		errs = append(errs, fmt.Errorf("shutdown_grace %s must be positive", c.ShutdownGrace))
+	if c.Ingest.QuotaMB < 0 {
+		errs.Add("ingest.quota_mb", "%d must be ≥ 0 (0: no quota)", c.Ingest.QuotaMB)
+	}
+	if c.Ingest.MinFreeMB < 0 {
+		errs.Add("ingest.min_free_mb", "%d must be ≥ 0", c.Ingest.MinFreeMB)
 	}
 	if c.Ingest.Retention < 0 {
-		errs = append(errs, errors.New("ingest.retention must not be negative"))
+		errs.Add("ingest.retention", "%s must be ≥ 0", c.Ingest.Retention)
+	}
+	if c.Ingest.MaxDeadLetters < 0 {
+		errs.Add("ingest.max_dead_letters", "%d must be ≥ 0", c.Ingest.MaxDeadLetters)
+	}
+	if c.Auth.AccessTTL < 0 || c.Auth.RefreshTTL < 0 {
+		errs.Add("auth", "access_ttl (%s) and refresh_ttl (%s) must be ≥ 0", c.Auth.AccessTTL, c.Auth.RefreshTTL)
+	}
+	if c.API.BodyLimitKB < 0 {
+		errs.Add("api.body_limit_kb", "%d must be ≥ 0", c.API.BodyLimitKB)
+	}
+	if c.API.RateLimitPerIP < 0 || c.API.RateLimitPerUser < 0 {
+		errs.Add("api", "rate_limit_per_ip (%g) and rate_limit_per_user (%g) must be ≥ 0 (0 disables)", c.API.RateLimitPerIP, c.API.RateLimitPerUser)
+	}
+	if c.ShutdownGrace <= 0 {
+		errs.Add("shutdown_grace", "%s must be positive", c.ShutdownGrace)
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
 	default:
-		errs = append(errs, fmt.Errorf("log level %q must be debug, info, warn or error", c.LogLevel))
+		errs.Add("log_level", "log level %q must be debug, info, warn or error", c.LogLevel)
 	}
 	if c.UnsafeAckBeforeCommit && !c.UnsafeNoSync {
 		c.UnsafeNoSync = true
 	}
-	return errors.Join(errs...)
+	return errs.Err()
+}
+
+// Masked is c with its secrets (the cloud token, the external broker's
+// password, the devices' password hashes, the WeChat secret) replaced by
+// config.Mask, for printing.
+func (c Config) Masked() Config {
+	c.Cloud.Token = config.MaskString(c.Cloud.Token)
+	c.MQTT.Password = config.MaskString(c.MQTT.Password)
+	c.MQTT.Devices = config.MaskValues(c.MQTT.Devices)
+	c.WeChat.Secret = config.MaskString(c.WeChat.Secret)
+	return c
 }

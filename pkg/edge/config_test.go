@@ -1,13 +1,16 @@
-package config
+package edge
 
 import (
 	"errors"
 	"io"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/outpost-edge/outpost/pkg/config"
 )
 
 func writeConfig(t *testing.T, body string) string {
@@ -19,19 +22,19 @@ func writeConfig(t *testing.T, body string) string {
 	return p
 }
 
-func TestParseEdgePrecedence(t *testing.T) {
+func TestParsePrecedence(t *testing.T) {
 	file := writeConfig(t, "id: from-file\nregion: north\nhttp: \":9000\"\ncloud:\n  urls: [\"http://c1\"]\n  token: t\ningest:\n  linger: 2ms\n")
 	tests := []struct {
 		name  string
 		args  []string
-		check func(t *testing.T, c Edge)
+		check func(t *testing.T, c Config)
 	}{
-		{"defaults", []string{"-id", "e1"}, func(t *testing.T, c Edge) {
+		{"defaults", []string{"-id", "e1"}, func(t *testing.T, c Config) {
 			if c.HTTP != ":8080" || c.MQTT.Listen != ":1883" || c.DataDir != "./data" || c.Region != "default" {
 				t.Errorf("defaults not applied: %+v", c)
 			}
 		}},
-		{"file overrides defaults", []string{"-config", file}, func(t *testing.T, c Edge) {
+		{"file overrides defaults", []string{"-config", file}, func(t *testing.T, c Config) {
 			if c.ID != "from-file" || c.Region != "north" || c.HTTP != ":9000" || c.Ingest.Linger != 2*time.Millisecond {
 				t.Errorf("file not applied: %+v", c)
 			}
@@ -39,7 +42,7 @@ func TestParseEdgePrecedence(t *testing.T) {
 				t.Errorf("a key absent from the file lost its default: %q", c.MQTT.Listen)
 			}
 		}},
-		{"flags override the file, before or after -config", []string{"-region", "south", "-config", file, "-http", ":7000", "-cloud", "http://a, http://b"}, func(t *testing.T, c Edge) {
+		{"flags override the file, before or after -config", []string{"-region", "south", "-config", file, "-http", ":7000", "-cloud", "http://a, http://b"}, func(t *testing.T, c Config) {
 			if c.Region != "south" || c.HTTP != ":7000" || c.ID != "from-file" {
 				t.Errorf("flags did not override: %+v", c)
 			}
@@ -47,7 +50,7 @@ func TestParseEdgePrecedence(t *testing.T) {
 				t.Errorf("cloud URLs %q", c.Cloud.URLs)
 			}
 		}},
-		{"-config=path form", []string{"-config=" + file}, func(t *testing.T, c Edge) {
+		{"-config=path form", []string{"-config=" + file}, func(t *testing.T, c Config) {
 			if c.ID != "from-file" {
 				t.Errorf("-config=path not loaded: %q", c.ID)
 			}
@@ -55,16 +58,16 @@ func TestParseEdgePrecedence(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			c, err := ParseEdge(tt.args, io.Discard)
+			c, err := Parse(tt.args, io.Discard)
 			if err != nil {
-				t.Fatalf("ParseEdge(%q): %v", tt.args, err)
+				t.Fatalf("Parse(%q): %v", tt.args, err)
 			}
 			tt.check(t, c)
 		})
 	}
 }
 
-func TestParseEdgeErrors(t *testing.T) {
+func TestParseErrors(t *testing.T) {
 	unknown := writeConfig(t, "id: e1\nregoin: typo\n")
 	tests := []struct {
 		name string
@@ -83,14 +86,14 @@ func TestParseEdgeErrors(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := ParseEdge(tt.args, io.Discard)
+			_, err := Parse(tt.args, io.Discard)
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
-				t.Fatalf("ParseEdge(%q) = %v, want an error mentioning %q", tt.args, err, tt.want)
+				t.Fatalf("Parse(%q) = %v, want an error mentioning %q", tt.args, err, tt.want)
 			}
 		})
 	}
 	var out strings.Builder
-	if _, err := ParseEdge([]string{"-h"}, &out); !errors.Is(err, ErrHelp) {
+	if _, err := Parse([]string{"-h"}, &out); !errors.Is(err, ErrHelp) {
 		t.Fatalf("-h: %v, want ErrHelp", err)
 	}
 	for _, flag := range []string{"-config", "-id", "-data", "-http", "-mqtt-listen", "-mqtt-broker", "-cloud", "-cloud-token", "-region", "-location", "-advertise", "-admin", "-dev-login"} {
@@ -102,7 +105,51 @@ func TestParseEdgeErrors(t *testing.T) {
 
 // TestShippedConfigLoads keeps configs/edge.yaml in step with the struct.
 func TestShippedConfigLoads(t *testing.T) {
-	if _, err := ParseEdge([]string{"-config", "../../configs/edge.yaml"}, io.Discard); err != nil {
+	if _, err := Parse([]string{"-config", "../../configs/edge.yaml"}, io.Discard); err != nil {
 		t.Fatalf("configs/edge.yaml: %v", err)
+	}
+}
+
+// TestShippedConfigIsTheDefaults: configs/edge.yaml shows the built-in
+// defaults ("what is left out takes the built-in default shown here"), so
+// apart from the development settings it deliberately sets, loading it
+// changes nothing. A default changed in a component but not in the file (or
+// the other way round) fails here.
+func TestShippedConfigIsTheDefaults(t *testing.T) {
+	got := DefaultConfig()
+	if err := config.LoadYAML("../../configs/edge.yaml", &got); err != nil {
+		t.Fatal(err)
+	}
+	want := DefaultConfig()
+	want.ID, want.Location, want.Advertise = "edge-dev", "31.2304,121.4737", "http://127.0.0.1:8080"
+	want.Admins, want.DevLogin = []string{"admin"}, true
+	want.MQTT.Devices, want.Cloud.URLs = map[string]string{}, []string{}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("configs/edge.yaml differs from the defaults:\n file %+v\n code %+v", got, want)
+	}
+	if got.MemoryLimitMB != 0 {
+		t.Fatalf("memory_limit_mb = %d, want 0 (no soft limit unless the operator sets one)", got.MemoryLimitMB)
+	}
+}
+
+// TestValidateCollectsEveryProblem: every problem is reported, each under
+// its key, in one config.Errors.
+func TestValidateCollectsEveryProblem(t *testing.T) {
+	c := DefaultConfig()
+	c.ID, c.HTTP, c.Ingest.QuotaMB, c.Ingest.MaxBatch, c.LogLevel = "a/b", ":x", -1, 0, "loud"
+	err := c.Validate()
+	var errs config.Errors
+	if !errors.As(err, &errs) || !errors.Is(err, config.ErrInvalid) {
+		t.Fatalf("Validate = %v, want config.Errors", err)
+	}
+	var keys []string
+	for _, p := range errs {
+		keys = append(keys, p.Key)
+	}
+	if want := []string{"id", "http", "ingest.max_batch", "ingest.quota_mb", "log_level"}; !reflect.DeepEqual(keys, want) {
+		t.Fatalf("keys %q, want %q (%v)", keys, want, err)
+	}
+	if !strings.HasPrefix(err.Error(), "config: 5 errors: id: ") {
+		t.Fatalf("message %q", err)
 	}
 }

@@ -1,7 +1,6 @@
-package main
+package edge
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -17,7 +16,6 @@ import (
 	"github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/auth/federation"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
-	"github.com/outpost-edge/outpost/pkg/config"
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/syncer"
@@ -60,14 +58,14 @@ func cloudPolicyDir(local, data string) (string, error) {
 
 // newSyncer builds the syncer and the identity service of an edge joined to
 // a cloud.
-func newSyncer(cfg config.Edge, now func() time.Time, st *store.Store, tokens *auth.Service, local api.Login, downlink api.Downlink,
+func newSyncer(cfg Config, now func() time.Time, st *store.Store, tokens *auth.Service, local api.Login, downlink api.Downlink,
 	policies syncer.Policies, dataChanged func(), reg prometheus.Registerer, log *slog.Logger) (*syncer.Syncer, *federation.Identity, error) {
 	cl, err := client.New(cfg.Cloud.URLs, cfg.Cloud.Token, client.WithRounds(2))
 	if err != nil {
 		return nil, nil, fmt.Errorf("cloud: %w", err)
 	}
 	var loc *wire.Location
-	if lat, lng, ok, _ := config.ParseLocation(cfg.Location); ok {
+	if lat, lng, ok, _ := ParseLocation(cfg.Location); ok {
 		loc = &wire.Location{Lat: lat, Lng: lng}
 	}
 	sy, err := syncer.New(syncer.Config{
@@ -104,13 +102,4 @@ func crashAfterAcks(n int, log *slog.Logger) func(ackedSeq uint64) {
 		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 		select {} // SIGKILL cannot be handled; never let the ack be recorded
 	}
-}
-
-// syncFlush is the shutdown step that pushes the outbox (nil when the edge
-// is standalone).
-func syncFlush(sy *syncer.Syncer) func(context.Context) error {
-	if sy == nil {
-		return nil
-	}
-	return sy.Flush
 }
