@@ -613,31 +613,12 @@ func toWire(c *store.Change) wire.Change {
 	case store.ChangeReported, store.ChangeDesired:
 		w.Doc = c.Doc
 	case store.ChangeMeta:
-		w.Meta = &wire.Meta{Owners: c.Meta.Owners, Region: c.Meta.Region, Tags: tagList(c.Meta.Tags), Stamp: c.Meta.Stamp}
+		w.Meta = &wire.Meta{Owners: c.Meta.Owners, Region: c.Meta.Region, Tags: c.Meta.Tags, Stamp: c.Meta.Stamp}
 	case store.ChangeUser:
 		w.Device = ""
 		w.User = &wire.User{OpenID: c.User.OpenID, Roles: c.User.Roles, Regions: c.User.Regions, Stamp: c.User.Stamp}
 	}
 	return w
-}
-
-// Tags travel as "key=value" strings (the cloud's model is a list).
-func tagList(m map[string]string) []string {
-	out := make([]string, 0, len(m))
-	for k, v := range m {
-		out = append(out, k+"="+v)
-	}
-	sort.Strings(out)
-	return out
-}
-
-func tagMap(l []string) map[string]string {
-	m := make(map[string]string, len(l))
-	for _, t := range l {
-		k, v, _ := strings.Cut(t, "=")
-		m[k] = v
-	}
-	return m
 }
 
 // fromWire converts a pulled change to the store's form.
@@ -653,7 +634,7 @@ func fromWire(w *wire.Change) (store.Change, bool) {
 			return c, false
 		}
 		c.Kind = store.ChangeMeta
-		c.Meta = &store.DeviceMeta{Owners: w.Meta.Owners, Region: w.Meta.Region, Tags: tagMap(w.Meta.Tags), Stamp: w.Meta.Stamp}
+		c.Meta = &store.DeviceMeta{Owners: w.Meta.Owners, Region: w.Meta.Region, Tags: w.Meta.Tags, Stamp: w.Meta.Stamp}
 	case wire.KindUser:
 		if w.User == nil {
 			return c, false

@@ -1,7 +1,7 @@
 // Package wire defines the edge↔cloud sync protocol spoken on /sync/v1/: the
 // JSON shapes of push batches, pull pages and heartbeats, their validation,
 // and the HTTP conventions (paths, headers, content encodings) both sides
-// rely on. It is pure — it imports only hlc, shadow and the standard library —
+// rely on. It is pure — it imports only hlc, ident, lww, shadow and the standard library —
 // so the edge's syncer and the cloud's handlers share one definition and
 // neither depends on the other's internals.
 //
@@ -39,9 +39,11 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strings"
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/ident"
+	"github.com/outpost-edge/outpost/pkg/lww"
 	"github.com/outpost-edge/outpost/pkg/shadow"
 )
 
@@ -115,16 +117,55 @@ type Reading struct {
 }
 
 // Meta is a device's placement and ownership, set by an admin. Stamp orders
-// concurrent writes (last writer wins as a whole record); zero sorts first.
+// concurrent writes (last writer wins as a whole record, see pkg/lww); zero
+// sorts first. The edge's store keeps the same fields (store.DeviceMeta
+// converts to Meta), so both sides compare one encoding.
 type Meta struct {
 	Owners []string      `json:"owners,omitempty"`
 	Region string        `json:"region,omitempty"`
-	Tags   []string      `json:"tags,omitempty"`
+	Tags   Tags          `json:"tags,omitempty"`
 	Stamp  hlc.Timestamp `json:"stamp,omitzero"`
 }
 
+// LWWStamp implements lww.Record.
+func (m Meta) LWWStamp() hlc.Timestamp { return m.Stamp }
+
+// AppendCanonical implements lww.Record: region, owners in their order,
+// tags by key.
+func (m Meta) AppendCanonical(b []byte) []byte {
+	b = lww.AppendString(b, m.Region)
+	b = lww.AppendStrings(b, m.Owners)
+	return lww.AppendStringMap(b, m.Tags)
+}
+
+// Tags is a device's tags: key to value. It travels as a JSON object; the
+// list of "key=value" strings older edges sent (and older cloud state holds)
+// is still accepted when decoding.
+type Tags map[string]string
+
+// UnmarshalJSON accepts an object or a "key=value" list.
+func (t *Tags) UnmarshalJSON(b []byte) error {
+	var m map[string]string
+	if err := json.Unmarshal(b, &m); err == nil {
+		*t = m
+		return nil
+	}
+	var l []string
+	if err := json.Unmarshal(b, &l); err != nil {
+		return fmt.Errorf("tags: want an object of strings or a list of \"key=value\" strings: %w", err)
+	}
+	m = make(map[string]string, len(l))
+	for _, kv := range l {
+		k, v, _ := strings.Cut(kv, "=")
+		m[k] = v
+	}
+	*t = m
+	return nil
+}
+
 // User is a user's roles and regions, written at the cloud or at any edge and
-// distributed to every edge; Stamp orders concurrent writes.
+// distributed to every edge; Stamp orders concurrent writes. The edge's
+// store.User has the same fields and converts to User for comparison.
 type User struct {
 	OpenID  string        `json:"openid"`
 	Roles   []string      `json:"roles"`
@@ -132,15 +173,14 @@ type User struct {
 	Stamp   hlc.Timestamp `json:"stamp,omitzero"`
 }
 
-// StampWins reports whether a record stamped a with content ca replaces one
-// stamped b with content cb: the later stamp wins, and equal stamps (two
-// writers in the same millisecond with the same counter) are broken by
-// content, so every replica picks the same winner in any order.
-func StampWins(a hlc.Timestamp, ca []byte, b hlc.Timestamp, cb []byte) bool {
-	if a != b {
-		return a > b
-	}
-	return string(ca) > string(cb)
+// LWWStamp implements lww.Record.
+func (u User) LWWStamp() hlc.Timestamp { return u.Stamp }
+
+// AppendCanonical implements lww.Record.
+func (u User) AppendCanonical(b []byte) []byte {
+	b = lww.AppendString(b, u.OpenID)
+	b = lww.AppendStrings(b, u.Roles)
+	return lww.AppendStrings(b, u.Regions)
 }
 
 // Change is one entry of an edge's outbox (or of a pull page). Exactly one

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"path/filepath"
-	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -78,7 +77,7 @@ func randDoc(r *rand.Rand, stamp hlc.Timestamp) shadow.Doc {
 
 func randMeta(r *rand.Rand, stamp hlc.Timestamp) *wire.Meta {
 	return &wire.Meta{Owners: owners[r.IntN(len(owners))], Region: regions[r.IntN(len(regions))],
-		Tags: wireTags(tagSets[r.IntN(len(tagSets))]), Stamp: stamp}
+		Tags: tagSets[r.IntN(len(tagSets))], Stamp: stamp}
 }
 
 func randUser(r *rand.Rand, stamp hlc.Timestamp) *wire.User {
@@ -152,7 +151,7 @@ func runEdge(t *testing.T, ws []write) (*store.Store, []store.Change) {
 		case wire.KindReported:
 			_, err = s.Ingest([]store.Item{{Device: c.Device, ReceivedAt: wall, State: docPatch(c.Doc)}}, nil)
 		case wire.KindMeta:
-			_, err = s.SetMeta(c.Device, store.DeviceMeta{Owners: c.Meta.Owners, Region: c.Meta.Region, Tags: storeTags(c.Meta.Tags)})
+			_, err = s.SetMeta(c.Device, store.DeviceMeta{Owners: c.Meta.Owners, Region: c.Meta.Region, Tags: c.Meta.Tags})
 		case wire.KindUser:
 			err = s.PutUser(store.User{OpenID: c.User.OpenID, Roles: c.User.Roles, Regions: c.User.Regions})
 		}
@@ -338,7 +337,7 @@ func cloudDump(t *testing.T, f *fsm.FSM) string {
 			continue
 		}
 		d.Devices[id] = deviceDump{Reported: docDump(t, dev.Reported), Desired: docDump(t, dev.Desired),
-			Owners: nz(dev.Owners), Region: dev.Region, Tags: nzm(storeTags(dev.Tags)), Stamp: dev.MetaStamp.String()}
+			Owners: nz(dev.Owners), Region: dev.Region, Tags: nzm(dev.Tags), Stamp: dev.MetaStamp.String()}
 	}
 	for _, id := range users {
 		u, err := f.GetUser(id)
@@ -403,31 +402,13 @@ func diff(edge, cloud string) string {
 
 // ---- conversions as the syncer makes them ----
 
-func wireTags(m map[string]string) []string {
-	out := make([]string, 0, len(m))
-	for k, v := range m {
-		out = append(out, k+"="+v)
-	}
-	sort.Strings(out)
-	return out
-}
-
-func storeTags(l []string) map[string]string {
-	m := make(map[string]string, len(l))
-	for _, t := range l {
-		k, v, _ := strings.Cut(t, "=")
-		m[k] = v
-	}
-	return m
-}
-
 func wireChange(c *store.Change) wire.Change {
 	w := wire.Change{Kind: c.Kind.String(), Device: c.Device}
 	switch c.Kind {
 	case store.ChangeReported, store.ChangeDesired:
 		w.Doc = c.Doc
 	case store.ChangeMeta:
-		w.Meta = &wire.Meta{Owners: c.Meta.Owners, Region: c.Meta.Region, Tags: wireTags(c.Meta.Tags), Stamp: c.Meta.Stamp}
+		w.Meta = &wire.Meta{Owners: c.Meta.Owners, Region: c.Meta.Region, Tags: c.Meta.Tags, Stamp: c.Meta.Stamp}
 	case store.ChangeUser:
 		w.Device = ""
 		w.User = &wire.User{OpenID: c.User.OpenID, Roles: c.User.Roles, Regions: c.User.Regions, Stamp: c.User.Stamp}
@@ -444,7 +425,7 @@ func edgeChange(w *wire.Change) (store.Change, bool) {
 		c.Kind, c.Doc = store.ChangeReported, w.Doc
 	case wire.KindMeta:
 		c.Kind = store.ChangeMeta
-		c.Meta = &store.DeviceMeta{Owners: w.Meta.Owners, Region: w.Meta.Region, Tags: storeTags(w.Meta.Tags), Stamp: w.Meta.Stamp}
+		c.Meta = &store.DeviceMeta{Owners: w.Meta.Owners, Region: w.Meta.Region, Tags: w.Meta.Tags, Stamp: w.Meta.Stamp}
 	case wire.KindUser:
 		c.Kind, c.Device = store.ChangeUser, w.User.OpenID
 		c.User = &store.User{OpenID: w.User.OpenID, Roles: w.User.Roles, Regions: w.User.Regions, Stamp: w.User.Stamp}

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"sort"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -443,7 +442,7 @@ func (s *Server) putMeta(c *fiber.Ctx) error {
 			return apiError(fiber.StatusBadRequest, "tag keys must match [A-Za-z0-9._-]{1,64}")
 		}
 	}
-	m := wire.Meta{Owners: body.Owners, Region: body.Region, Tags: tagList(body.Tags)}
+	m := wire.Meta{Owners: body.Owners, Region: body.Region, Tags: body.Tags}
 	return s.onLeader(c, func(c *fiber.Ctx) error {
 		m.Stamp = s.clock.Now()
 		return s.proposeDevice(c, &fsm.Command{Type: fsm.CmdMeta, AtMs: s.now().UnixMilli(),
@@ -682,22 +681,10 @@ func (s *Server) putPolicy(c *fiber.Ctx) error {
 	})
 }
 
-// tagMap turns the replicated "key=value" tag list into the API's object.
-func tagMap(tags []string) map[string]string {
-	out := make(map[string]string, len(tags))
-	for _, t := range tags {
-		k, v, _ := strings.Cut(t, "=")
-		out[k] = v
+// tagMap answers an object for a device without tags.
+func tagMap(tags wire.Tags) map[string]string {
+	if tags == nil {
+		return map[string]string{}
 	}
-	return out
-}
-
-// tagList is tagMap's inverse, sorted so equal tag sets encode identically.
-func tagList(tags map[string]string) []string {
-	out := make([]string, 0, len(tags))
-	for k, v := range tags {
-		out = append(out, k+"="+v)
-	}
-	sort.Strings(out)
-	return out
+	return tags
 }
