@@ -13,6 +13,7 @@ import (
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 const (
@@ -847,26 +848,25 @@ func TestNearest(t *testing.T) {
 		})
 	}
 	r := e.expect(req{path: "/api/v1/edges/nearest?lat=31.23&lng=121.47", token: tok}, 200)
-	var v struct{ Items []EdgeInfo }
+	var v struct{ Items []wire.NearestEdge }
 	r.data(t, &v)
-	if len(v.Items) != 1 || v.Items[0].EdgeID != "edge-1" || v.Items[0].URL != "https://edge-1.example" ||
-		v.Items[0].DistanceKM == nil || *v.Items[0].DistanceKM > 0.001 || !v.Items[0].Healthy {
+	if len(v.Items) != 1 || v.Items[0].ID != "edge-1" || v.Items[0].URL != "https://edge-1.example" ||
+		v.Items[0].DistanceKm == nil || *v.Items[0].DistanceKm > 0.001 || !v.Items[0].Healthy {
 		t.Fatalf("nearest %s", r.env.Data)
 	}
 }
 
 func TestNearestDirectory(t *testing.T) {
-	d1, d2 := 1.5, 80.0
-	dir := &fakeDirectory{edges: []EdgeInfo{
-		{EdgeID: "e-near", URL: "https://a", DistanceKM: &d1, Healthy: true},
-		{EdgeID: "e-far", URL: "https://b", DistanceKM: &d2, Healthy: true},
+	dir := &fakeDirectory{edges: []wire.Edge{
+		{ID: "e-far", Advertise: "https://b", Location: &wire.Location{Lat: 40, Lng: 116}, Healthy: true},
+		{ID: "e-near", Advertise: "https://a", Location: &wire.Location{Lat: 31.01, Lng: 121}, Healthy: true},
 	}}
 	e := newEnv(t, withDeps(func(d *Deps) { d.Directory = dir }))
 	tok := e.token("anyone")
 	r := e.expect(req{path: "/api/v1/edges/nearest?lat=31&lng=121&limit=1", token: tok}, 200)
-	var v struct{ Items []EdgeInfo }
+	var v struct{ Items []wire.NearestEdge }
 	r.data(t, &v)
-	if len(v.Items) != 1 || v.Items[0].EdgeID != "e-near" {
+	if len(v.Items) != 1 || v.Items[0].ID != "e-near" || v.Items[0].URL != "https://a" {
 		t.Fatalf("nearest %s", r.env.Data)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // Store is what the handlers read and write.
@@ -73,20 +74,11 @@ type CloudStatus struct {
 	LastSync   *int64 `json:"last_sync"` // Unix ms of the last successful sync, null if never
 }
 
-// EdgeInfo is one edge in a directory.
-type EdgeInfo struct {
-	EdgeID     string    `json:"edge_id"`
-	Region     string    `json:"region"`
-	Location   *Location `json:"location"`
-	URL        string    `json:"url"`
-	DistanceKM *float64  `json:"distance_km,omitempty"`
-	Healthy    bool      `json:"healthy"`
-}
-
-// Directory finds edges near a point: the cloud's directory, or offline the
-// edge's cached copy. Nil on a standalone edge.
+// Directory is the edge directory the nearest-edge query ranks
+// (wire.Nearest): the copy the syncer last pulled from the cloud, served
+// offline too. Nil on a standalone edge.
 type Directory interface {
-	Nearest(ctx context.Context, lat, lng float64, limit int) ([]EdgeInfo, error)
+	Edges(ctx context.Context) ([]wire.Edge, error)
 }
 
 // Deps are the parts the API is built on.

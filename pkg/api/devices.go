@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"sort"
 	"strconv"
 	"time"
 
@@ -14,8 +13,8 @@ import (
 
 	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/policy"
-	"github.com/outpost-edge/outpost/pkg/shadow"
 	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // Policy actions.
@@ -91,7 +90,7 @@ type devicePage struct {
 }
 
 func (s *Server) listDevices(c *fiber.Ctx) error {
-	limit, err := parseLimit(c.Query("limit"), 100, s.cfg.MaxPage)
+	limit, err := wire.ParseLimit(c.Query("limit"), 100, s.cfg.MaxPage)
 	if err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
@@ -144,23 +143,25 @@ func (s *Server) getDevice(c *fiber.Ctx) error {
 func (s *Server) readings(c *fiber.Ctx) error {
 	var q store.ReadingsQuery
 	var err error
-	if q.From, err = parseTime("from", c.Query("from")); err != nil {
+	if q.From, err = wire.ParseTime("from", c.Query("from")); err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
-	if q.To, err = parseTime("to", c.Query("to")); err != nil {
+	if q.To, err = wire.ParseTime("to", c.Query("to")); err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
 	if q.To != 0 && q.To < q.From {
 		return fail(c, fiber.StatusBadRequest, "to must not be before from")
 	}
-	if q.Limit, err = parseLimit(c.Query("limit"), 100, s.cfg.MaxPage); err != nil {
+	if q.Limit, err = wire.ParseLimit(c.Query("limit"), 100, s.cfg.MaxPage); err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
 	q.Metric = c.Query("metric")
 	if q.Metric != "" && !validMetric(q.Metric) {
 		return fail(c, fiber.StatusBadRequest, "metric must match [A-Za-z0-9._-]{1,64}")
 	}
-	q.Cursor = c.Query("cursor")
+	if q.Cursor, err = wire.ParseCursor(c.Query("cursor")); err != nil {
+		return fail(c, fiber.StatusBadRequest, err.Error())
+	}
 	d, err := s.device(c, actRead)
 	if d == nil {
 		return err
@@ -254,11 +255,11 @@ func (s *Server) stats(c *fiber.Ctx) error {
 	if !validMetric(metric) {
 		return fail(c, fiber.StatusBadRequest, "metric is required and must match [A-Za-z0-9._-]{1,64}")
 	}
-	from, err := parseTime("from", c.Query("from"))
+	from, err := wire.ParseTime("from", c.Query("from"))
 	if err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
-	to, err := parseTime("to", c.Query("to"))
+	to, err := wire.ParseTime("to", c.Query("to"))
 	if err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
@@ -313,8 +314,8 @@ func (s *Server) putDesired(c *fiber.Ctx) error {
 	if err := decodeBody(c, &req); err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
-	if err := shadow.ValidateState(req.State, 256); err != nil {
-		return fail(c, fiber.StatusBadRequest, err.Error())
+	if err := wire.ValidateState(req.State); err != nil {
+		return failRule(c, err)
 	}
 	res := policy.Resource{Kind: "device", ID: id, Owners: []string{}, Region: s.cfg.Region, Tags: map[string]string{}}
 	cur, err := s.deps.Store.Device(id)
@@ -378,31 +379,16 @@ func (s *Server) putMeta(c *fiber.Ctx) error {
 	if err := decodeBody(c, &req); err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
-	if len(req.Owners) > 256 {
-		return fail(c, fiber.StatusBadRequest, "owners: at most 256")
-	}
-	for _, o := range req.Owners {
-		if !ident.OpenID(o) {
-			return fail(c, fiber.StatusBadRequest, fmt.Sprintf("owners: %q is not a valid openid", truncate(o)))
-		}
-	}
-	if req.Region != "" && !ident.Valid(req.Region, 64) {
-		return fail(c, fiber.StatusBadRequest, "region must match [A-Za-z0-9._-]{1,64}")
-	}
-	if len(req.Tags) > 64 {
-		return fail(c, fiber.StatusBadRequest, "tags: at most 64")
-	}
-	for k, v := range req.Tags {
-		if !ident.Valid(k, 64) || len(v) > 256 {
-			return fail(c, fiber.StatusBadRequest, fmt.Sprintf("tags: key %q must match [A-Za-z0-9._-]{1,64} and values be at most 256 bytes", truncate(k)))
-		}
+	meta := wire.Meta{Owners: req.Owners, Region: req.Region, Tags: req.Tags}
+	if err := meta.Validate(); err != nil {
+		return failRule(c, err)
 	}
 	res := policy.Resource{Kind: "device", ID: id, Owners: req.Owners, Region: req.Region, Tags: req.Tags}
 	if err := s.authorize(c, actWriteMeta, res); err != nil {
 		return deny(c, err)
 	}
-	sort.Strings(req.Owners)
-	d, err := s.deps.Store.SetMeta(utils.CopyString(id), store.DeviceMeta{Owners: req.Owners, Region: req.Region, Tags: req.Tags})
+	meta.Normalize()
+	d, err := s.deps.Store.SetMeta(utils.CopyString(id), store.DeviceMeta{Owners: meta.Owners, Region: meta.Region, Tags: meta.Tags})
 	if err != nil {
 		return err
 	}
@@ -487,11 +473,11 @@ func (s *Server) edge(c *fiber.Ctx) error {
 }
 
 func (s *Server) nearest(c *fiber.Ctx) error {
-	lat, lng, err := parseLatLng(c.Query("lat"), c.Query("lng"))
+	here, err := wire.ParseLocation(c.Query("lat"), c.Query("lng"))
 	if err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
-	limit, err := parseLimit(c.Query("limit"), 5, 100)
+	limit, err := wire.ParseLimit(c.Query("limit"), 5, 100)
 	if err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
@@ -499,26 +485,13 @@ func (s *Server) nearest(c *fiber.Ctx) error {
 		return deny(c, err)
 	}
 	if s.deps.Directory != nil {
-		edges, err := s.deps.Directory.Nearest(c.UserContext(), lat, lng, limit)
+		dir, err := s.deps.Directory.Edges(c.UserContext())
 		if err != nil {
 			return err
 		}
-		return ok(c, fiber.Map{"items": edges})
+		return ok(c, fiber.Map{"items": wire.Nearest(dir, here, s.cfg.EdgeID, limit)})
 	}
-	self := EdgeInfo{EdgeID: s.cfg.EdgeID, Region: s.cfg.Region, Location: s.cfg.Location, URL: s.cfg.Advertise, Healthy: true}
-	if s.cfg.Location != nil {
-		d := GreatCircleKM(lat, lng, s.cfg.Location.Lat, s.cfg.Location.Lng)
-		self.DistanceKM = &d
-	}
-	return ok(c, fiber.Map{"items": []EdgeInfo{self}})
-}
-
-// GreatCircleKM is the haversine distance between two points in degrees.
-func GreatCircleKM(lat1, lng1, lat2, lng2 float64) float64 {
-	const earthKM = 6371.0088
-	rad := math.Pi / 180
-	dLat := (lat2 - lat1) * rad
-	dLng := (lng2 - lng1) * rad
-	a := math.Sin(dLat/2)*math.Sin(dLat/2) + math.Cos(lat1*rad)*math.Cos(lat2*rad)*math.Sin(dLng/2)*math.Sin(dLng/2)
-	return 2 * earthKM * math.Asin(math.Min(1, math.Sqrt(a)))
+	// Standalone: this edge is the whole directory.
+	self := wire.Edge{ID: s.cfg.EdgeID, Region: s.cfg.Region, Location: s.cfg.Location, Advertise: s.cfg.Advertise, Healthy: true}
+	return ok(c, fiber.Map{"items": wire.Nearest([]wire.Edge{self}, here, s.cfg.EdgeID, limit)})
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/wechat"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // t0 is the base time of seeded readings (Unix ms).
@@ -387,21 +388,21 @@ func (f *fakeSync) Status() CloudStatus {
 	return CloudStatus{}
 }
 
-// fakeDirectory answers Nearest with edges, an error or a panic.
+// fakeDirectory answers Edges with edges, an error or a panic.
 type fakeDirectory struct {
-	edges []EdgeInfo
+	edges []wire.Edge
 	err   error
 	panic bool
 }
 
-func (f *fakeDirectory) Nearest(_ context.Context, lat, lng float64, limit int) ([]EdgeInfo, error) {
+func (f *fakeDirectory) Edges(context.Context) ([]wire.Edge, error) {
 	if f.panic {
 		panic("directory exploded: " + internalMarker)
 	}
 	if f.err != nil {
 		return nil, f.err
 	}
-	return f.edges[:min(limit, len(f.edges))], nil
+	return f.edges, nil
 }
 
 // failingStore is the real store with chosen methods failing or panicking

@@ -7,7 +7,6 @@ package shadow
 import (
 	"bytes"
 	"encoding/json"
-	"fmt"
 	"sort"
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
@@ -134,24 +133,4 @@ func (d Doc) Clone() Doc {
 		out[k] = f
 	}
 	return out
-}
-
-// ValidateState checks a client-supplied state object: field names must be
-// non-empty and short, and the object not too large.
-func ValidateState(state map[string]json.RawMessage, maxFields int) error {
-	if len(state) == 0 {
-		return fmt.Errorf("state must have at least one field")
-	}
-	if len(state) > maxFields {
-		return fmt.Errorf("state has %d fields, at most %d allowed", len(state), maxFields)
-	}
-	for k, v := range state {
-		if k == "" || len(k) > 128 {
-			return fmt.Errorf("state field name %q must be 1 to 128 bytes", k)
-		}
-		if !json.Valid(v) {
-			return fmt.Errorf("state field %q is not valid JSON", k)
-		}
-	}
-	return nil
 }

@@ -927,36 +927,11 @@ func writeAtomic(path string, data []byte) error {
 
 // ---- directory ----
 
-// Nearest implements api.Directory from the directory pulled from the cloud
-// (refreshed with every pull while connected, and cached on disk for when
-// it is not).
-func (s *Syncer) Nearest(_ context.Context, lat, lng float64, limit int) ([]api.EdgeInfo, error) {
+// Edges implements api.Directory with the directory last pulled from the
+// cloud, which the API ranks with wire.Nearest, so phones find edges while
+// this one is offline. Healthy is as the cloud saw it at that pull.
+func (s *Syncer) Edges(context.Context) ([]wire.Edge, error) {
 	s.dirMu.RLock()
-	dir := s.dir
-	s.dirMu.RUnlock()
-	here := wire.Location{Lat: lat, Lng: lng}
-	out := []api.EdgeInfo{}
-	for _, e := range dir {
-		if !e.Healthy && e.ID != s.cfg.EdgeID {
-			continue
-		}
-		info := api.EdgeInfo{EdgeID: e.ID, Region: e.Region, URL: e.Advertise, Healthy: e.Healthy || e.ID == s.cfg.EdgeID}
-		if e.Location != nil {
-			info.Location = &api.Location{Lat: e.Location.Lat, Lng: e.Location.Lng}
-			d := wire.DistanceKm(here, *e.Location)
-			info.DistanceKM = &d
-		}
-		out = append(out, info)
-	}
-	sort.SliceStable(out, func(i, j int) bool {
-		a, b := out[i].DistanceKM, out[j].DistanceKM
-		if a == nil || b == nil {
-			return a != nil
-		}
-		return *a < *b
-	})
-	if len(out) > limit {
-		out = out[:limit]
-	}
-	return out, nil
+	defer s.dirMu.RUnlock()
+	return append([]wire.Edge(nil), s.dir...), nil
 }

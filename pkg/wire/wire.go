@@ -90,7 +90,6 @@ const (
 	MaxBatchChanges  = 20000
 	MaxReadingsTotal = 100000
 	MaxBodyBytes     = 64 << 20 // decompressed
-	MaxStateFields   = 256
 	MaxMetrics       = 256
 )
 
@@ -298,35 +297,39 @@ type HeartbeatResult struct {
 	ServerTimeMs int64 `json:"server_time_ms"`
 }
 
-// Edge is an entry of the edge directory.
-type Edge struct {
-	ID              string    `json:"id"`
-	Region          string    `json:"region,omitempty"`
-	Location        *Location `json:"location,omitempty"`
-	Advertise       string    `json:"advertise,omitempty"`
-	Backlog         uint64    `json:"backlog"`
-	LastHeartbeatMs int64     `json:"last_heartbeat_ms"`
-	AckedSeq        uint64    `json:"acked_seq"`
-	// LagMs is how far behind the cloud the edge's data is: the age of its
-	// oldest unsynced change at its last heartbeat (0 when in sync).
-	LagMs          int64    `json:"lag_ms"`
-	OldestUnsynced int64    `json:"oldest_unsynced_ms,omitempty"`
-	Healthy        bool     `json:"healthy"`
-	DistanceKm     *float64 `json:"distance_km,omitempty"`
+// Envelope is the body of every response of both daemons:
+// {"code":0,"message":"ok","data":…} on success, {"code":<HTTP status>,
+// "message":<why>,"data":null} on failure. Servers write Envelope[any]
+// (pkg/httpenv); clients decode Envelope[json.RawMessage].
+type Envelope[T any] struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+	Data    T      `json:"data"`
 }
 
-// Envelope is the body of every response.
-type Envelope struct {
-	Code    int             `json:"code"`
-	Message string          `json:"message"`
-	Data    json.RawMessage `json:"data"`
-}
+// MsgOK is the message of every successful response.
+const MsgOK = "ok"
 
-// ErrInvalid marks a request that fails validation; the cloud answers 400.
+// ErrInvalid marks a request that fails validation; HTTP answers 400.
 var ErrInvalid = errors.New("invalid")
 
+// ruleError is a refusal whose message is meant for the client as is; it
+// matches its sentinel (ErrInvalid, ErrTooLarge) with errors.Is without
+// prefixing the sentinel's text to the message.
+type ruleError struct {
+	kind error
+	msg  string
+}
+
+func (e *ruleError) Error() string { return e.msg }
+func (e *ruleError) Unwrap() error { return e.kind }
+
 func invalid(format string, a ...any) error {
-	return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, a...))
+	return &ruleError{kind: ErrInvalid, msg: fmt.Sprintf(format, a...)}
+}
+
+func tooLarge(format string, a ...any) error {
+	return &ruleError{kind: ErrTooLarge, msg: fmt.Sprintf(format, a...)}
 }
 
 // ValidName reports whether s is a valid device or edge id:
@@ -395,8 +398,8 @@ func (c *Change) Validate() error {
 			return invalid("%s doc has %d fields, at most %d allowed", c.Kind, len(c.Doc), MaxStateFields)
 		}
 		for k, f := range c.Doc {
-			if k == "" || len(k) > 128 {
-				return invalid("state field name %q must be 1 to 128 bytes", k)
+			if err := validFieldName(k); err != nil {
+				return err
 			}
 			if f.Stamp.IsZero() {
 				return invalid("state field %q has no stamp", k)
@@ -465,24 +468,11 @@ func (h *Heartbeat) Validate() error {
 	if !ValidName(h.Edge) {
 		return invalid("edge %q must match [A-Za-z0-9._-]{1,64}", h.Edge)
 	}
-	if l := h.Location; l != nil {
-		if l.Lat < -90 || l.Lat > 90 || l.Lng < -180 || l.Lng > 180 || math.IsNaN(l.Lat) || math.IsNaN(l.Lng) {
-			return invalid("location %v,%v is not a valid latitude,longitude", l.Lat, l.Lng)
-		}
+	if l := h.Location; l != nil && !l.Valid() {
+		return invalid("location %v,%v is not a valid latitude,longitude", l.Lat, l.Lng)
 	}
 	if len(h.Region) > 64 || len(h.Advertise) > 512 {
 		return invalid("region or advertise too long")
 	}
 	return nil
-}
-
-// DistanceKm is the great-circle (haversine) distance between a and b.
-func DistanceKm(a, b Location) float64 {
-	const earthKm = 6371.0088
-	rad := math.Pi / 180
-	dLat := (b.Lat - a.Lat) * rad
-	dLng := (b.Lng - a.Lng) * rad
-	h := math.Sin(dLat/2)*math.Sin(dLat/2) +
-		math.Cos(a.Lat*rad)*math.Cos(b.Lat*rad)*math.Sin(dLng/2)*math.Sin(dLng/2)
-	return 2 * earthKm * math.Asin(math.Min(1, math.Sqrt(h)))
 }

@@ -34,6 +34,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/httpenv"
 	"github.com/outpost-edge/outpost/pkg/obs"
 	"github.com/outpost-edge/outpost/pkg/wechat"
 	"github.com/outpost-edge/outpost/pkg/wire"
@@ -179,15 +180,7 @@ func (s *Server) routes(reg *prometheus.Registry) {
 
 // --- envelope and errors -------------------------------------------------
 
-type envelope struct {
-	Code    int    `json:"code"`
-	Message string `json:"message"`
-	Data    any    `json:"data"`
-}
-
-func ok(c *fiber.Ctx, data any) error {
-	return c.Status(fiber.StatusOK).JSON(envelope{Code: 0, Message: "ok", Data: data})
-}
+func ok(c *fiber.Ctx, data any) error { return httpenv.OK(c, data) }
 
 // httpError is an error with a status and a client-facing message.
 type httpError struct {
@@ -209,7 +202,7 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 	case errors.As(err, &fe):
 		he = &httpError{status: fe.Code, msg: fe.Message}
 		if fe.Code == fiber.StatusRequestEntityTooLarge {
-			he.msg = fmt.Sprintf("request body larger than %d bytes", wire.MaxBodyBytes)
+			he.msg = wire.BodyTooLarge(wire.MaxBodyBytes).Error()
 		}
 	default:
 		// Internal detail stays in the log, never in the body.
@@ -222,7 +215,7 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 	for k, v := range he.headers {
 		c.Set(k, v)
 	}
-	return c.Status(he.status).JSON(envelope{Code: he.status, Message: he.msg, Data: nil})
+	return httpenv.Fail(c, he.status, he.msg)
 }
 
 // proposeErr turns a raftnode error into an HTTP answer.
