@@ -465,7 +465,7 @@ func jsonErrText(err error) string {
 
 func invalid(err error) error {
 	if errors.Is(err, wire.ErrInvalid) {
-		return apiError(fiber.StatusBadRequest, strings.Replace(err.Error(), wire.ErrInvalid.Error()+": ", "", 1))
+		return apiError(fiber.StatusBadRequest, err.Error())
 	}
 	return err
 }
