@@ -662,15 +662,15 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 // countLost counts, after in was merged into doc, the fields of in that lost
 // to a different stored write. A field that won is now stored as is, and the
 // same write applied again (state sent ahead and then in the sequenced
-// stream, a resent batch) is equal to the stored field: neither is a
-// conflict.
+// stream, a resent batch) is equal to the stored field (lww.Compare says
+// the same write): neither is a conflict.
 func (a *applier) countLost(doc, in shadow.Doc, changed int) {
 	if changed == len(in) {
 		return
 	}
 	for k, f := range in {
 		cur := doc[k]
-		if cur.Stamp != f.Stamp || cur.Deleted != f.Deleted || !bytes.Equal(cur.Value, f.Value) {
+		if lww.Compare(f, cur) != 0 {
 			a.conflicts++
 		}
 	}
