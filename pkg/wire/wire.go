@@ -32,6 +32,12 @@
 //   - A pull page also carries the deployment's current public signing keys,
 //     policies and edge directory (small, whole sets, not deltas), so an edge
 //     can verify tokens, authorise and find neighbours while offline.
+//
+// Besides the protocol, wire holds the rules the edge's and the cloud's
+// consumer APIs must apply identically: the limits on device meta and state
+// (limits.go), the parsing of query parameters (query.go), the nearest-edge
+// ranking and its item (directory.go) and the response envelope. Both HTTP
+// servers call them; pkg/httpenv maps their sentinel errors to statuses.
 package wire
 
 import (
