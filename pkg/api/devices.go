@@ -11,6 +11,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 	"github.com/gofiber/fiber/v2/utils"
 
+	"github.com/outpost-edge/outpost/pkg/httpenv"
 	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
@@ -175,8 +176,8 @@ func (s *Server) readings(c *fiber.Ctx) error {
 	}
 	// Hand-rolled encoding: this is the hot read path, and reflection-based
 	// encoding of 1000 readings costs more than the store scan.
-	buf := make([]byte, 0, 64+len(page.Items)*48)
-	buf = append(buf, `{"code":0,"message":"ok","data":{"items":[`...)
+	buf := httpenv.AppendOK(make([]byte, 0, 64+len(page.Items)*48))
+	buf = append(buf, `{"items":[`...)
 	for i, r := range page.Items {
 		if i > 0 {
 			buf = append(buf, ',')
@@ -185,9 +186,7 @@ func (s *Server) readings(c *fiber.Ctx) error {
 	}
 	buf = append(buf, `],"next_cursor":`...)
 	buf = strconv.AppendQuote(buf, page.Next)
-	buf = append(buf, "}}"...)
-	c.Set(fiber.HeaderContentType, fiber.MIMEApplicationJSON)
-	return c.Send(buf)
+	return httpenv.SendOK(c, append(buf, '}'))
 }
 
 func appendReading(buf []byte, r store.Reading) []byte {
@@ -241,11 +240,7 @@ func (s *Server) latest(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	buf := append(make([]byte, 0, 128), `{"code":0,"message":"ok","data":`...)
-	buf = appendReading(buf, r)
-	buf = append(buf, '}')
-	c.Set(fiber.HeaderContentType, fiber.MIMEApplicationJSON)
-	return c.Send(buf)
+	return httpenv.SendOK(c, appendReading(httpenv.AppendOK(make([]byte, 0, 128)), r))
 }
 
 const maxStatsBuckets = 10000

@@ -35,3 +35,17 @@ func Status(err error) int {
 	}
 	return 0
 }
+
+// okPrefix opens a success envelope up to its data.
+const okPrefix = `{"code":0,"message":"` + wire.MsgOK + `","data":`
+
+// AppendOK starts a success envelope in b, for hot paths that encode their
+// data by hand: append the data's JSON, then SendOK.
+func AppendOK(b []byte) []byte { return append(b, okPrefix...) }
+
+// SendOK closes an envelope begun with AppendOK and sends it with 200.
+func SendOK(c *fiber.Ctx, b []byte) error {
+	c.Status(fiber.StatusOK)
+	c.Set(fiber.HeaderContentType, fiber.MIMEApplicationJSON)
+	return c.Send(append(b, '}'))
+}
