@@ -251,6 +251,21 @@ func TestEdgeAndCloudAPIsAgree(t *testing.T) {
 		})
 	}
 
+	// An older edge syncs tags as a "key=value" list; the cloud (whose sync
+	// decoder is not encoding/json) still takes it, and answers an object.
+	t.Run("old tag list from an edge", func(t *testing.T) {
+		sync := &daemon{name: "cloud sync", base: cloudAPI.base, token: "edge-secret", client: cloudAPI.client}
+		body := `{"edge":"e1","changes":[{"kind":"meta","device":"d9","meta":{"owners":["o1"],"tags":["floor=3","wing="],"stamp":"1700000000000.0"}}]}`
+		if a := sync.do(t, "POST", wire.PathState, body); a.status != 200 {
+			t.Fatalf("state push: %d %s", a.status, a.env.Message)
+		}
+		a := cloudAPI.do(t, "GET", "/api/v1/devices/d9?consistency=strong", "")
+		var d struct{ Tags map[string]string }
+		if err := json.Unmarshal(a.env.Data, &d); err != nil || a.status != 200 || len(d.Tags) != 2 || d.Tags["floor"] != "3" || d.Tags["wing"] != "" {
+			t.Fatalf("device: %d %s", a.status, a.env.Data)
+		}
+	})
+
 	t.Run("nearest item", func(t *testing.T) {
 		path := "/api/v1/edges/nearest?lat=31.2&lng=121.5"
 		e, c := edge.do(t, "GET", path, ""), cloudAPI.do(t, "GET", path, "")
