@@ -135,6 +135,7 @@ func runEdge(t *testing.T, ws []write) (*store.Store, []store.Change) {
 	for _, w := range ws {
 		c := w.change
 		if !w.local {
+			c = viaJSON(t, c) // as a pull page delivers it
 			sc, ok := edgeChange(&c)
 			if !ok {
 				t.Fatalf("unconvertible change %+v", c)
@@ -401,6 +402,20 @@ func diff(edge, cloud string) string {
 }
 
 // ---- conversions as the syncer makes them ----
+
+// viaJSON sends a change through its wire encoding.
+func viaJSON(t *testing.T, c wire.Change) wire.Change {
+	t.Helper()
+	b, err := json.Marshal(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out wire.Change
+	if err := json.Unmarshal(b, &out); err != nil {
+		t.Fatalf("decode %s: %v", b, err)
+	}
+	return out
+}
 
 func wireChange(c *store.Change) wire.Change {
 	w := wire.Change{Kind: c.Kind.String(), Device: c.Device}
