@@ -456,13 +456,13 @@ func check(ctx context.Context, cloud []string, edges []*edge) error {
 	if err := poll(ctx, "both edges in the nearest-edge list", func() error {
 		var near struct {
 			Items []struct {
-				EdgeID string `json:"edge_id"`
+				ID string `json:"id"`
 			} `json:"items"`
 		}
 		if err := getJSON(ctx, "http://"+e.http+"/api/v1/edges/nearest?lat=30.66&lng=104.06", tok, &near); err != nil {
 			return err
 		}
-		if len(near.Items) < 2 || near.Items[0].EdgeID != "edge-west" {
+		if len(near.Items) < 2 || near.Items[0].ID != "edge-west" {
 			return fmt.Errorf("nearest to Chengdu: %+v, want edge-west first, then edge-east", near.Items)
 		}
 		return nil

@@ -70,29 +70,11 @@ type SyncStatus interface {
 	Status() (connected bool, lastSync time.Time)
 }
 
-// EdgeInfo is one edge in a nearest-edge answer.
-type EdgeInfo struct {
-	EdgeID     string    `json:"edge_id"`
-	Region     string    `json:"region"`
-	Location   *Location `json:"location"`
-	URL        string    `json:"url"`
-	DistanceKM *float64  `json:"distance_km,omitempty"`
-	Healthy    bool      `json:"healthy"`
-}
-
-// Directory finds edges near a point, nearest first: the cloud's directory,
-// or offline the edge's cached copy. Nil on a standalone edge.
+// Directory is the edge directory the nearest-edge query ranks
+// (wire.Nearest): the copy the syncer last pulled from the cloud, served
+// offline too. Nil on a standalone edge.
 type Directory interface {
-	Nearest(ctx context.Context, lat, lng float64, limit int) ([]wire.Edge, error)
-}
-
-// edgeInfo is the answer's form of a directory entry.
-func edgeInfo(e wire.Edge) EdgeInfo {
-	info := EdgeInfo{EdgeID: e.ID, Region: e.Region, URL: e.Advertise, DistanceKM: e.DistanceKm, Healthy: e.Healthy}
-	if e.Location != nil {
-		info.Location = &Location{Lat: e.Location.Lat, Lng: e.Location.Lng}
-	}
-	return info
+	Edges(ctx context.Context) ([]wire.Edge, error)
 }
 
 // Deps are the parts the API is built on.

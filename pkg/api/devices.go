@@ -5,16 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"sort"
 	"strconv"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
 	"github.com/gofiber/fiber/v2/utils"
 
+	"github.com/outpost-edge/outpost/pkg/httpenv"
 	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/policy"
-	"github.com/outpost-edge/outpost/pkg/shadow"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -92,7 +91,7 @@ type devicePage struct {
 }
 
 func (s *Server) listDevices(c *fiber.Ctx) error {
-	limit, err := parseLimit(c.Query("limit"), 100, s.cfg.MaxPage)
+	limit, err := wire.ParseLimit(c.Query("limit"), 100, s.cfg.MaxPage)
 	if err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
@@ -145,23 +144,25 @@ func (s *Server) getDevice(c *fiber.Ctx) error {
 func (s *Server) readings(c *fiber.Ctx) error {
 	var q store.ReadingsQuery
 	var err error
-	if q.From, err = parseTime("from", c.Query("from")); err != nil {
+	if q.From, err = wire.ParseTime("from", c.Query("from")); err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
-	if q.To, err = parseTime("to", c.Query("to")); err != nil {
+	if q.To, err = wire.ParseTime("to", c.Query("to")); err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
 	if q.To != 0 && q.To < q.From {
 		return fail(c, fiber.StatusBadRequest, "to must not be before from")
 	}
-	if q.Limit, err = parseLimit(c.Query("limit"), 100, s.cfg.MaxPage); err != nil {
+	if q.Limit, err = wire.ParseLimit(c.Query("limit"), 100, s.cfg.MaxPage); err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
 	q.Metric = c.Query("metric")
 	if q.Metric != "" && !validMetric(q.Metric) {
 		return fail(c, fiber.StatusBadRequest, "metric must match [A-Za-z0-9._-]{1,64}")
 	}
-	q.Cursor = c.Query("cursor")
+	if q.Cursor, err = wire.ParseCursor(c.Query("cursor")); err != nil {
+		return fail(c, fiber.StatusBadRequest, err.Error())
+	}
 	d, err := s.device(c, actRead)
 	if d == nil {
 		return err
@@ -175,8 +176,8 @@ func (s *Server) readings(c *fiber.Ctx) error {
 	}
 	// Hand-rolled encoding: this is the hot read path, and reflection-based
 	// encoding of 1000 readings costs more than the store scan.
-	buf := make([]byte, 0, 64+len(page.Items)*48)
-	buf = append(buf, `{"code":0,"message":"ok","data":{"items":[`...)
+	buf := httpenv.AppendOK(make([]byte, 0, 64+len(page.Items)*48))
+	buf = append(buf, `{"items":[`...)
 	for i, r := range page.Items {
 		if i > 0 {
 			buf = append(buf, ',')
@@ -185,9 +186,7 @@ func (s *Server) readings(c *fiber.Ctx) error {
 	}
 	buf = append(buf, `],"next_cursor":`...)
 	buf = strconv.AppendQuote(buf, page.Next)
-	buf = append(buf, "}}"...)
-	c.Set(fiber.HeaderContentType, fiber.MIMEApplicationJSON)
-	return c.Send(buf)
+	return httpenv.SendOK(c, append(buf, '}'))
 }
 
 func appendReading(buf []byte, r store.Reading) []byte {
@@ -241,11 +240,7 @@ func (s *Server) latest(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	buf := append(make([]byte, 0, 128), `{"code":0,"message":"ok","data":`...)
-	buf = appendReading(buf, r)
-	buf = append(buf, '}')
-	c.Set(fiber.HeaderContentType, fiber.MIMEApplicationJSON)
-	return c.Send(buf)
+	return httpenv.SendOK(c, appendReading(httpenv.AppendOK(make([]byte, 0, 128)), r))
 }
 
 const maxStatsBuckets = 10000
@@ -255,11 +250,11 @@ func (s *Server) stats(c *fiber.Ctx) error {
 	if !validMetric(metric) {
 		return fail(c, fiber.StatusBadRequest, "metric is required and must match [A-Za-z0-9._-]{1,64}")
 	}
-	from, err := parseTime("from", c.Query("from"))
+	from, err := wire.ParseTime("from", c.Query("from"))
 	if err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
-	to, err := parseTime("to", c.Query("to"))
+	to, err := wire.ParseTime("to", c.Query("to"))
 	if err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
@@ -314,8 +309,8 @@ func (s *Server) putDesired(c *fiber.Ctx) error {
 	if err := decodeBody(c, &req); err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
-	if err := shadow.ValidateState(req.State, 256); err != nil {
-		return fail(c, fiber.StatusBadRequest, err.Error())
+	if err := wire.ValidateState(req.State); err != nil {
+		return failRule(c, err)
 	}
 	res := policy.Resource{Kind: "device", ID: id, Owners: []string{}, Region: s.cfg.Region, Tags: map[string]string{}}
 	cur, err := s.deps.Store.Device(id)
@@ -369,31 +364,16 @@ func (s *Server) putMeta(c *fiber.Ctx) error {
 	if err := decodeBody(c, &req); err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
-	if len(req.Owners) > 256 {
-		return fail(c, fiber.StatusBadRequest, "owners: at most 256")
-	}
-	for _, o := range req.Owners {
-		if !ident.OpenID(o) {
-			return fail(c, fiber.StatusBadRequest, fmt.Sprintf("owners: %q is not a valid openid", truncate(o)))
-		}
-	}
-	if req.Region != "" && !ident.Valid(req.Region, 64) {
-		return fail(c, fiber.StatusBadRequest, "region must match [A-Za-z0-9._-]{1,64}")
-	}
-	if len(req.Tags) > 64 {
-		return fail(c, fiber.StatusBadRequest, "tags: at most 64")
-	}
-	for k, v := range req.Tags {
-		if !ident.Valid(k, 64) || len(v) > 256 {
-			return fail(c, fiber.StatusBadRequest, fmt.Sprintf("tags: key %q must match [A-Za-z0-9._-]{1,64} and values be at most 256 bytes", truncate(k)))
-		}
+	meta := wire.Meta{Owners: req.Owners, Region: req.Region, Tags: req.Tags}
+	if err := meta.Validate(); err != nil {
+		return failRule(c, err)
 	}
 	res := policy.Resource{Kind: "device", ID: id, Owners: req.Owners, Region: req.Region, Tags: req.Tags}
 	if err := s.authorize(c, actWriteMeta, res); err != nil {
 		return deny(c, err)
 	}
-	sort.Strings(req.Owners)
-	d, err := s.deps.Store.SetMeta(utils.CopyString(id), store.DeviceMeta{Owners: req.Owners, Region: req.Region, Tags: req.Tags})
+	meta.Normalize()
+	d, err := s.deps.Store.SetMeta(utils.CopyString(id), store.DeviceMeta{Owners: meta.Owners, Region: meta.Region, Tags: meta.Tags})
 	if err != nil {
 		return err
 	}
@@ -483,11 +463,11 @@ func (s *Server) edge(c *fiber.Ctx) error {
 }
 
 func (s *Server) nearest(c *fiber.Ctx) error {
-	lat, lng, err := parseLatLng(c.Query("lat"), c.Query("lng"))
+	here, err := wire.ParseLocation(c.Query("lat"), c.Query("lng"))
 	if err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
-	limit, err := parseLimit(c.Query("limit"), 5, 100)
+	limit, err := wire.ParseLimit(c.Query("limit"), 5, 100)
 	if err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
@@ -495,30 +475,13 @@ func (s *Server) nearest(c *fiber.Ctx) error {
 		return deny(c, err)
 	}
 	if s.deps.Directory != nil {
-		edges, err := s.deps.Directory.Nearest(c.UserContext(), lat, lng, limit)
+		dir, err := s.deps.Directory.Edges(c.UserContext())
 		if err != nil {
 			return err
 		}
-		items := make([]EdgeInfo, len(edges))
-		for i := range edges {
-			items[i] = edgeInfo(edges[i])
-		}
-		return ok(c, fiber.Map{"items": items})
+		return ok(c, fiber.Map{"items": wire.Nearest(dir, here, s.cfg.EdgeID, limit)})
 	}
-	self := EdgeInfo{EdgeID: s.cfg.EdgeID, Region: s.cfg.Region, Location: s.cfg.Location, URL: s.cfg.Advertise, Healthy: true}
-	if s.cfg.Location != nil {
-		d := GreatCircleKM(lat, lng, s.cfg.Location.Lat, s.cfg.Location.Lng)
-		self.DistanceKM = &d
-	}
-	return ok(c, fiber.Map{"items": []EdgeInfo{self}})
-}
-
-// GreatCircleKM is the haversine distance between two points in degrees.
-func GreatCircleKM(lat1, lng1, lat2, lng2 float64) float64 {
-	const earthKM = 6371.0088
-	rad := math.Pi / 180
-	dLat := (lat2 - lat1) * rad
-	dLng := (lng2 - lng1) * rad
-	a := math.Sin(dLat/2)*math.Sin(dLat/2) + math.Cos(lat1*rad)*math.Cos(lat2*rad)*math.Sin(dLng/2)*math.Sin(dLng/2)
-	return 2 * earthKM * math.Asin(math.Min(1, math.Sqrt(a)))
+	// Standalone: this edge is the whole directory.
+	self := wire.Edge{ID: s.cfg.EdgeID, Region: s.cfg.Region, Location: s.cfg.Location, Advertise: s.cfg.Advertise, Healthy: true}
+	return ok(c, fiber.Map{"items": wire.Nearest([]wire.Edge{self}, here, s.cfg.EdgeID, limit)})
 }

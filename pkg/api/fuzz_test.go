@@ -6,11 +6,12 @@ import (
 	"testing"
 
 	"github.com/outpost-edge/outpost/pkg/ident"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // FuzzParams drives every query-parameter parser with the same input and
 // checks their contracts: no panic; an accepted value is in range; a refusal
-// wraps errParam (so handlers answer 400) and quotes at most a bounded
+// wraps wire.ErrBadParam (so handlers answer 400) and quotes at most a bounded
 // excerpt of the input.
 func FuzzParams(f *testing.F) {
 	for _, s := range []string{
@@ -29,20 +30,20 @@ func FuzzParams(f *testing.F) {
 	f.Fuzz(func(t *testing.T, a, b string) {
 		checkErr := func(what string, err error) {
 			t.Helper()
-			if !errors.Is(err, errParam) {
-				t.Fatalf("%s: error %v does not wrap errParam", what, err)
+			if !errors.Is(err, wire.ErrBadParam) {
+				t.Fatalf("%s: error %v does not wrap wire.ErrBadParam", what, err)
 			}
 			// Messages quote the input truncated; they stay bounded.
 			if len(err.Error()) > 512 {
 				t.Fatalf("%s: %d-byte message", what, len(err.Error()))
 			}
 		}
-		if ms, err := parseTime("from", a); err != nil {
+		if ms, err := wire.ParseTime("from", a); err != nil {
 			checkErr("parseTime", err)
 		} else if ms < 0 || ms > 1<<53 || (a == "" && ms != 0) {
 			t.Fatalf("parseTime(%q) = %d", a, ms)
 		}
-		if n, err := parseLimit(a, 100, 1000); err != nil {
+		if n, err := wire.ParseLimit(a, 100, 1000); err != nil {
 			checkErr("parseLimit", err)
 		} else if n < 1 || n > 1000 || (a == "" && n != 100) {
 			t.Fatalf("parseLimit(%q) = %d", a, n)
@@ -52,12 +53,17 @@ func FuzzParams(f *testing.F) {
 		} else if a != "" && step < 1 || a == "" && step != 0 {
 			t.Fatalf("parseStep(%q) = %d", a, step)
 		}
-		if lat, lng, err := parseLatLng(a, b); err != nil {
-			checkErr("parseLatLng", err)
-		} else if !(lat >= -90 && lat <= 90 && lng >= -180 && lng <= 180) {
-			t.Fatalf("parseLatLng(%q, %q) = %v, %v", a, b, lat, lng)
-		} else if d := GreatCircleKM(lat, lng, 0, 0); !(d >= 0 && d <= 20016) {
-			t.Fatalf("GreatCircleKM(%v, %v) = %v", lat, lng, d)
+		if cur, err := wire.ParseCursor(a); err != nil {
+			checkErr("ParseCursor", err)
+		} else if cur != a || len(cur) > wire.MaxCursor {
+			t.Fatalf("ParseCursor(%q) = %q", a, cur)
+		}
+		if l, err := wire.ParseLocation(a, b); err != nil {
+			checkErr("ParseLocation", err)
+		} else if !(l.Lat >= -90 && l.Lat <= 90 && l.Lng >= -180 && l.Lng <= 180) {
+			t.Fatalf("ParseLocation(%q, %q) = %v", a, b, l)
+		} else if d := wire.DistanceKm(l, wire.Location{}); !(d >= 0 && d <= 20016) {
+			t.Fatalf("DistanceKm(%v) = %v", l, d)
 		}
 		if ident.Valid(a, 64) {
 			if len(a) < 1 || len(a) > 64 || a == "." || a == ".." || strings.ContainsAny(a, "/\\%\x00 ") {

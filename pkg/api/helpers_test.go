@@ -393,21 +393,21 @@ func (f *fakeSync) Status() (bool, time.Time) {
 	return false, time.Time{}
 }
 
-// fakeDirectory answers Nearest with edges, an error or a panic.
+// fakeDirectory answers Edges with edges, an error or a panic.
 type fakeDirectory struct {
 	edges []wire.Edge
 	err   error
 	panic bool
 }
 
-func (f *fakeDirectory) Nearest(_ context.Context, lat, lng float64, limit int) ([]wire.Edge, error) {
+func (f *fakeDirectory) Edges(context.Context) ([]wire.Edge, error) {
 	if f.panic {
 		panic("directory exploded: " + internalMarker)
 	}
 	if f.err != nil {
 		return nil, f.err
 	}
-	return f.edges[:min(limit, len(f.edges))], nil
+	return f.edges, nil
 }
 
 // failingStore is the real store with chosen methods failing or panicking

@@ -22,7 +22,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/valyala/fasthttp/fasthttpadaptor"
 
+	"github.com/outpost-edge/outpost/pkg/httpenv"
 	"github.com/outpost-edge/outpost/pkg/obs"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // Config configures the API.
@@ -72,7 +74,7 @@ type Config struct {
 
 func (c *Config) defaults() {
 	if c.BodyLimit <= 0 {
-		c.BodyLimit = 64 << 10
+		c.BodyLimit = wire.MaxRequestBytes
 	}
 	if c.ReadTimeout <= 0 {
 		c.ReadTimeout = 10 * time.Second
@@ -100,11 +102,9 @@ func (c *Config) defaults() {
 	}
 }
 
-// Location is a point in degrees.
-type Location struct {
-	Lat float64 `json:"lat"`
-	Lng float64 `json:"lng"`
-}
+// Location is a point in degrees (the wire type: the edge's own location is
+// a directory entry's too).
+type Location = wire.Location
 
 // Server is the HTTP API.
 type Server struct {
@@ -244,19 +244,19 @@ func (s *Server) routes() {
 	})
 }
 
-// envelope is every response body.
-type envelope struct {
-	Code    int    `json:"code"`
-	Message string `json:"message"`
-	Data    any    `json:"data"`
-}
+// Every response body is the envelope pkg/httpenv writes, as the cloud's.
+func ok(c *fiber.Ctx, data any) error { return httpenv.OK(c, data) }
 
-func ok(c *fiber.Ctx, data any) error {
-	return c.Status(fiber.StatusOK).JSON(envelope{Code: 0, Message: "ok", Data: data})
-}
+func fail(c *fiber.Ctx, status int, msg string) error { return httpenv.Fail(c, status, msg) }
 
-func fail(c *fiber.Ctx, status int, msg string) error {
-	return c.Status(status).JSON(envelope{Code: status, Message: msg, Data: nil})
+// failRule answers a refusal by the shared rules (pkg/wire) with the status
+// the cloud gives it too.
+func failRule(c *fiber.Ctx, err error) error {
+	st := httpenv.Status(err)
+	if st == 0 {
+		return err
+	}
+	return fail(c, st, err.Error())
 }
 
 // errorHandler renders errors that escape handlers: Fiber's own (404, 405,
@@ -268,7 +268,7 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 		msg := fe.Message
 		switch fe.Code {
 		case fiber.StatusRequestEntityTooLarge:
-			msg = fmt.Sprintf("request body too large: at most %d bytes", s.cfg.BodyLimit)
+			msg = wire.BodyTooLarge(s.cfg.BodyLimit).Error()
 		case fiber.StatusInternalServerError:
 			msg = "internal error"
 		}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // ErrInvalid marks a message that can never be ingested; it goes to the
@@ -37,7 +38,7 @@ var DefaultLimits = Limits{
 	MaxPayload:  256 << 10,
 	MaxReadings: 10000,
 	MaxMetrics:  256,
-	MaxFields:   256,
+	MaxFields:   wire.MaxStateFields,
 	MaxFuture:   24 * time.Hour,
 }
 
@@ -321,5 +322,13 @@ func (d *Decoder) state(v *fastjson.Value, now time.Time) (map[string]json.RawMe
 		}
 		out[string(k)] = raw
 	})
-	return out, err
+	if err != nil {
+		return nil, err
+	}
+	// The limits the edge's API and the cloud apply too (value size above
+	// all): a state a device may set is one an admin could set.
+	if verr := wire.ValidateState(out); verr != nil {
+		return nil, invalid("%s", verr)
+	}
+	return out, nil
 }

@@ -195,6 +195,8 @@ func TestDecodeErrors(t *testing.T) {
 		{"state NaN value", "state", `{"state": {"a": NaN}}`, nil, `state field "a" is not valid JSON`},
 		{"state nested Inf", "state", `{"state": {"a": {"b": [Inf]}}}`, nil, `state field "a" is not valid JSON`},
 		{"state non-json number", "state", `{"state": {"a": 01}}`, nil, `state field "a" is not valid JSON`},
+		// The value limit the edge's API and the cloud apply too.
+		{"state value too large", "state", `{"state": {"a": "` + strings.Repeat("v", 16<<10) + `"}}`, nil, `state field "a" is 16386 bytes, at most 16384 allowed`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -7,10 +7,10 @@ package shadow
 import (
 	"bytes"
 	"encoding/json"
-	"fmt"
 	"sort"
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/lww"
 )
 
 // Field is one state field. A deleted field keeps its stamp as a tombstone so
@@ -21,18 +21,21 @@ type Field struct {
 	Deleted bool            `json:"d,omitempty"`
 }
 
-// wins reports whether f should replace g. Equal stamps (two nodes writing in
-// the same millisecond with the same counter) are broken by content so that
-// every replica picks the same winner.
-func (f Field) wins(g Field) bool {
-	if f.Stamp != g.Stamp {
-		return f.Stamp > g.Stamp
+// LWWStamp implements lww.Record.
+func (f Field) LWWStamp() hlc.Timestamp { return f.Stamp }
+
+// AppendCanonical implements lww.Record: a tombstone sorts above every
+// value, so a delete beats a write with the same stamp; values compare in
+// their canonical JSON form.
+func (f Field) AppendCanonical(b []byte) []byte {
+	if f.Deleted {
+		return append(b, 1)
 	}
-	if f.Deleted != g.Deleted {
-		return f.Deleted // a delete beats a write with the same stamp
-	}
-	return bytes.Compare(f.Value, g.Value) > 0
+	return lww.AppendJSON(append(b, 0), f.Value)
 }
+
+// wins reports whether f should replace g (lww: later stamp, then content).
+func (f Field) wins(g Field) bool { return lww.Wins(f, g) }
 
 // Doc is a device state document: field name to stamped value.
 type Doc map[string]Field
@@ -130,24 +133,4 @@ func (d Doc) Clone() Doc {
 		out[k] = f
 	}
 	return out
-}
-
-// ValidateState checks a client-supplied state object: field names must be
-// non-empty and short, and the object not too large.
-func ValidateState(state map[string]json.RawMessage, maxFields int) error {
-	if len(state) == 0 {
-		return fmt.Errorf("state must have at least one field")
-	}
-	if len(state) > maxFields {
-		return fmt.Errorf("state has %d fields, at most %d allowed", len(state), maxFields)
-	}
-	for k, v := range state {
-		if k == "" || len(k) > 128 {
-			return fmt.Errorf("state field name %q must be 1 to 128 bytes", k)
-		}
-		if !json.Valid(v) {
-			return fmt.Errorf("state field %q is not valid JSON", k)
-		}
-	}
-	return nil
 }

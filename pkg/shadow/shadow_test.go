@@ -106,18 +106,3 @@ func TestSinceAndPurge(t *testing.T) {
 		t.Fatalf("purged %d, left %v", n, d)
 	}
 }
-
-func TestValidateState(t *testing.T) {
-	if err := ValidateState(nil, 10); err == nil {
-		t.Error("empty state accepted")
-	}
-	if err := ValidateState(map[string]json.RawMessage{"": json.RawMessage(`1`)}, 10); err == nil {
-		t.Error("empty field name accepted")
-	}
-	if err := ValidateState(map[string]json.RawMessage{"a": json.RawMessage(`1`), "b": json.RawMessage(`2`)}, 1); err == nil {
-		t.Error("too many fields accepted")
-	}
-	if err := ValidateState(map[string]json.RawMessage{"a": json.RawMessage(`{"x":1}`)}, 10); err != nil {
-		t.Errorf("valid state rejected: %v", err)
-	}
-}

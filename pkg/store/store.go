@@ -20,6 +20,7 @@ import (
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/shadow"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // Sentinel errors callers branch on.
@@ -202,12 +203,14 @@ func (s *Store) FileSize() int64 {
 
 // ---- device registry ----
 
-// DeviceMeta is the administrative placement of a device.
+// DeviceMeta is the administrative placement of a device. It has wire.Meta's
+// fields in wire.Meta's order, so it converts to it: last-writer-wins
+// compares the one canonical encoding the cloud compares.
 type DeviceMeta struct {
-	Owners []string          `json:"owners"`
-	Region string            `json:"region"`
-	Tags   map[string]string `json:"tags"`
-	Stamp  hlc.Timestamp     `json:"stamp"`
+	Owners []string      `json:"owners"`
+	Region string        `json:"region"`
+	Tags   wire.Tags     `json:"tags"`
+	Stamp  hlc.Timestamp `json:"stamp"`
 }
 
 // Device is a registered device.

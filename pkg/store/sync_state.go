@@ -10,7 +10,9 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/lww"
 	"github.com/outpost-edge/outpost/pkg/shadow"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // PendingState returns up to max state changes (reported, desired, meta,
@@ -185,18 +187,9 @@ func (s *Store) ApplyRemote(changes []Change) ([]Applied, error) {
 	return out, nil
 }
 
-// metaWins is last-writer-wins for whole meta records; equal stamps are
-// broken by content so every order of delivery picks the same winner.
-func metaWins(a, b *DeviceMeta) bool {
-	if a.Stamp != b.Stamp {
-		return a.Stamp > b.Stamp
-	}
-	ca, cb := *a, *b
-	ca.Stamp, cb.Stamp = 0, 0
-	ja, _ := json.Marshal(ca)
-	jb, _ := json.Marshal(cb)
-	return string(ja) > string(jb)
-}
+// metaWins is last-writer-wins for whole meta records, in the order the
+// cloud uses too (pkg/lww over wire.Meta's canonical encoding).
+func metaWins(a, b *DeviceMeta) bool { return lww.Wins(wire.Meta(*a), wire.Meta(*b)) }
 
 func (s *Store) applyRemoteUser(tx *bolt.Tx, a *Applied, u User) error {
 	if _, err := s.clock.Update(u.Stamp); err != nil {
@@ -218,18 +211,8 @@ func (s *Store) applyRemoteUser(tx *bolt.Tx, a *Applied, u User) error {
 		if err := json.Unmarshal(v, &cur); err != nil {
 			return fmt.Errorf("decode user %s: %w", u.OpenID, err)
 		}
-		if u.Stamp < cur.Stamp {
-			return nil // older
-		}
-		if u.Stamp == cur.Stamp {
-			// Equal stamps: break the tie by content, as metaWins does.
-			nu := u
-			nu.Stamp, cur.Stamp = 0, 0
-			ja, _ := json.Marshal(nu)
-			jc, _ := json.Marshal(cur)
-			if string(ja) <= string(jc) {
-				return nil // the same write again, or the loser of the tie
-			}
+		if !lww.Wins(wire.User(u), wire.User(cur)) {
+			return nil // older, the same write again, or the loser of a tie
 		}
 	}
 	v, err := json.Marshal(u)

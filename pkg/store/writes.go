@@ -99,7 +99,8 @@ func (s *Store) update(fn func(tx *bolt.Tx, head *uint64, created *uint64) error
 	return nil
 }
 
-// User is a user's authorisation data.
+// User is a user's authorisation data. It has wire.User's fields in order,
+// so it converts to it for last-writer-wins.
 type User struct {
 	OpenID  string        `json:"openid"`
 	Roles   []string      `json:"roles"`

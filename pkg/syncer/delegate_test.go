@@ -52,7 +52,7 @@ func ackingCloud(t *testing.T) *client.Client {
 			return
 		}
 		raw, _ := json.Marshal(data)
-		_ = json.NewEncoder(w).Encode(wire.Envelope{Code: 200, Message: "ok", Data: raw})
+		_ = json.NewEncoder(w).Encode(wire.Envelope[json.RawMessage]{Code: 200, Message: "ok", Data: raw})
 	}))
 	t.Cleanup(srv.Close)
 	cl, err := client.New([]string{srv.URL}, "tok", client.WithRounds(1), client.WithoutCompression())

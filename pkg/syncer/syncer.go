@@ -624,31 +624,12 @@ func toWire(c *store.Change) wire.Change {
 	case store.ChangeReported, store.ChangeDesired:
 		w.Doc = c.Doc
 	case store.ChangeMeta:
-		w.Meta = &wire.Meta{Owners: c.Meta.Owners, Region: c.Meta.Region, Tags: tagList(c.Meta.Tags), Stamp: c.Meta.Stamp}
+		w.Meta = &wire.Meta{Owners: c.Meta.Owners, Region: c.Meta.Region, Tags: c.Meta.Tags, Stamp: c.Meta.Stamp}
 	case store.ChangeUser:
 		w.Device = ""
 		w.User = &wire.User{OpenID: c.User.OpenID, Roles: c.User.Roles, Regions: c.User.Regions, Stamp: c.User.Stamp}
 	}
 	return w
-}
-
-// Tags travel as "key=value" strings (the cloud's model is a list).
-func tagList(m map[string]string) []string {
-	out := make([]string, 0, len(m))
-	for k, v := range m {
-		out = append(out, k+"="+v)
-	}
-	sort.Strings(out)
-	return out
-}
-
-func tagMap(l []string) map[string]string {
-	m := make(map[string]string, len(l))
-	for _, t := range l {
-		k, v, _ := strings.Cut(t, "=")
-		m[k] = v
-	}
-	return m
 }
 
 // fromWire converts a pulled change to the store's form.
@@ -664,7 +645,7 @@ func fromWire(w *wire.Change) (store.Change, bool) {
 			return c, false
 		}
 		c.Kind = store.ChangeMeta
-		c.Meta = &store.DeviceMeta{Owners: w.Meta.Owners, Region: w.Meta.Region, Tags: tagMap(w.Meta.Tags), Stamp: w.Meta.Stamp}
+		c.Meta = &store.DeviceMeta{Owners: w.Meta.Owners, Region: w.Meta.Region, Tags: w.Meta.Tags, Stamp: w.Meta.Stamp}
 	case wire.KindUser:
 		if w.User == nil {
 			return c, false
@@ -902,37 +883,11 @@ func policyDigest(ps []wire.Policy) string {
 
 // ---- directory ----
 
-// Nearest answers nearest-edge queries from the directory pulled from the
-// cloud (refreshed with every pull while connected, and cached on disk for
-// when it is not): healthy edges and this one, nearest first, each with its
-// distance when it has a location.
-func (s *Syncer) Nearest(_ context.Context, lat, lng float64, limit int) ([]wire.Edge, error) {
+// Edges implements api.Directory with the directory last pulled from the
+// cloud, which the API ranks with wire.Nearest, so phones find edges while
+// this one is offline. Healthy is as the cloud saw it at that pull.
+func (s *Syncer) Edges(context.Context) ([]wire.Edge, error) {
 	s.dirMu.RLock()
-	dir := s.dir
-	s.dirMu.RUnlock()
-	here := wire.Location{Lat: lat, Lng: lng}
-	out := []wire.Edge{}
-	for _, e := range dir {
-		if !e.Healthy && e.ID != s.cfg.EdgeID {
-			continue
-		}
-		e.Healthy = e.Healthy || e.ID == s.cfg.EdgeID // e is a copy: the cache keeps the cloud's view
-		e.DistanceKm = nil
-		if e.Location != nil {
-			d := wire.DistanceKm(here, *e.Location)
-			e.DistanceKm = &d
-		}
-		out = append(out, e)
-	}
-	sort.SliceStable(out, func(i, j int) bool {
-		a, b := out[i].DistanceKm, out[j].DistanceKm
-		if a == nil || b == nil {
-			return a != nil
-		}
-		return *a < *b
-	})
-	if len(out) > limit {
-		out = out[:limit]
-	}
-	return out, nil
+	defer s.dirMu.RUnlock()
+	return append([]wire.Edge(nil), s.dir...), nil
 }

@@ -81,31 +81,17 @@ func TestWireRoundTrip(t *testing.T) {
 	}
 }
 
-// The pulled directory answers nearest-edge queries: healthy edges (and this
-// one) by distance, unhealthy ones left out.
-func TestNearestFromDirectory(t *testing.T) {
+// The API ranks the directory the syncer last pulled; the syncer hands out
+// a copy, so a pull replacing it does not race the ranking.
+func TestEdgesFromDirectory(t *testing.T) {
 	s := &Syncer{cfg: Config{EdgeID: "self"}}
-	s.dir = []wire.Edge{
-		{ID: "far", Location: &wire.Location{Lat: 40, Lng: 116}, Healthy: true},
-		{ID: "near", Location: &wire.Location{Lat: 31.2, Lng: 121.5}, Healthy: true},
-		{ID: "down", Location: &wire.Location{Lat: 31.2, Lng: 121.4}, Healthy: false},
-		{ID: "self", Location: &wire.Location{Lat: 30, Lng: 120}, Healthy: false},
+	s.dir = []wire.Edge{{ID: "a", Healthy: true}, {ID: "b"}}
+	got, err := s.Edges(t.Context())
+	if err != nil || !reflect.DeepEqual(got, s.dir) {
+		t.Fatalf("Edges = %v, %v", got, err)
 	}
-	got, err := s.Nearest(t.Context(), 31.23, 121.47, 5)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var ids []string
-	for _, e := range got {
-		ids = append(ids, e.ID)
-		if !e.Healthy || e.DistanceKm == nil {
-			t.Fatalf("item %+v: want healthy with a distance", e)
-		}
-	}
-	if want := []string{"near", "self", "far"}; !reflect.DeepEqual(ids, want) {
-		t.Fatalf("nearest = %v, want %v", ids, want)
-	}
-	if s.dir[3].Healthy || s.dir[3].DistanceKm != nil {
-		t.Fatal("Nearest changed the cached directory")
+	got[0].ID = "changed"
+	if s.dir[0].ID != "a" {
+		t.Fatal("Edges returned the syncer's own slice")
 	}
 }

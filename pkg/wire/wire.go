@@ -1,7 +1,7 @@
 // Package wire defines the edge↔cloud sync protocol spoken on /sync/v1/: the
 // JSON shapes of push batches, pull pages and heartbeats, their validation,
 // and the HTTP conventions (paths, headers, content encodings) both sides
-// rely on. It is pure — it imports only hlc, shadow and the standard library —
+// rely on. It is pure — it imports only hlc, ident, lww, shadow and the standard library —
 // so the edge's syncer and the cloud's handlers share one definition and
 // neither depends on the other's internals.
 //
@@ -36,6 +36,12 @@
 // It also holds the one encoding of the desired-state downlink an edge
 // publishes to its devices over MQTT (downlink.go), which the API and the
 // syncer both send.
+//
+// Besides the protocol, wire holds the rules the edge's and the cloud's
+// consumer APIs must apply identically: the limits on device meta and state
+// (limits.go), the parsing of query parameters (query.go), the nearest-edge
+// ranking and its item (directory.go) and the response envelope. Both HTTP
+// servers call them; pkg/httpenv maps their sentinel errors to statuses.
 package wire
 
 import (
@@ -43,9 +49,11 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strings"
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/ident"
+	"github.com/outpost-edge/outpost/pkg/lww"
 	"github.com/outpost-edge/outpost/pkg/shadow"
 )
 
@@ -92,7 +100,6 @@ const (
 	MaxBatchChanges  = 20000
 	MaxReadingsTotal = 100000
 	MaxBodyBytes     = 64 << 20 // decompressed
-	MaxStateFields   = 256
 	MaxMetrics       = 256
 )
 
@@ -119,16 +126,55 @@ type Reading struct {
 }
 
 // Meta is a device's placement and ownership, set by an admin. Stamp orders
-// concurrent writes (last writer wins as a whole record); zero sorts first.
+// concurrent writes (last writer wins as a whole record, see pkg/lww); zero
+// sorts first. The edge's store keeps the same fields (store.DeviceMeta
+// converts to Meta), so both sides compare one encoding.
 type Meta struct {
 	Owners []string      `json:"owners,omitempty"`
 	Region string        `json:"region,omitempty"`
-	Tags   []string      `json:"tags,omitempty"`
+	Tags   Tags          `json:"tags,omitempty"`
 	Stamp  hlc.Timestamp `json:"stamp,omitzero"`
 }
 
+// LWWStamp implements lww.Record.
+func (m Meta) LWWStamp() hlc.Timestamp { return m.Stamp }
+
+// AppendCanonical implements lww.Record: region, owners in their order,
+// tags by key.
+func (m Meta) AppendCanonical(b []byte) []byte {
+	b = lww.AppendString(b, m.Region)
+	b = lww.AppendStrings(b, m.Owners)
+	return lww.AppendStringMap(b, m.Tags)
+}
+
+// Tags is a device's tags: key to value. It travels as a JSON object; the
+// list of "key=value" strings older edges sent (and older cloud state holds)
+// is still accepted when decoding.
+type Tags map[string]string
+
+// UnmarshalJSON accepts an object or a "key=value" list.
+func (t *Tags) UnmarshalJSON(b []byte) error {
+	var m map[string]string
+	if err := json.Unmarshal(b, &m); err == nil {
+		*t = m
+		return nil
+	}
+	var l []string
+	if err := json.Unmarshal(b, &l); err != nil {
+		return fmt.Errorf("tags: want an object of strings or a list of \"key=value\" strings: %w", err)
+	}
+	m = make(map[string]string, len(l))
+	for _, kv := range l {
+		k, v, _ := strings.Cut(kv, "=")
+		m[k] = v
+	}
+	*t = m
+	return nil
+}
+
 // User is a user's roles and regions, written at the cloud or at any edge and
-// distributed to every edge; Stamp orders concurrent writes.
+// distributed to every edge; Stamp orders concurrent writes. The edge's
+// store.User has the same fields and converts to User for comparison.
 type User struct {
 	OpenID  string        `json:"openid"`
 	Roles   []string      `json:"roles"`
@@ -136,15 +182,14 @@ type User struct {
 	Stamp   hlc.Timestamp `json:"stamp,omitzero"`
 }
 
-// StampWins reports whether a record stamped a with content ca replaces one
-// stamped b with content cb: the later stamp wins, and equal stamps (two
-// writers in the same millisecond with the same counter) are broken by
-// content, so every replica picks the same winner in any order.
-func StampWins(a hlc.Timestamp, ca []byte, b hlc.Timestamp, cb []byte) bool {
-	if a != b {
-		return a > b
-	}
-	return string(ca) > string(cb)
+// LWWStamp implements lww.Record.
+func (u User) LWWStamp() hlc.Timestamp { return u.Stamp }
+
+// AppendCanonical implements lww.Record.
+func (u User) AppendCanonical(b []byte) []byte {
+	b = lww.AppendString(b, u.OpenID)
+	b = lww.AppendStrings(b, u.Roles)
+	return lww.AppendStrings(b, u.Regions)
 }
 
 // Change is one entry of an edge's outbox (or of a pull page). Exactly one
@@ -262,35 +307,39 @@ type HeartbeatResult struct {
 	ServerTimeMs int64 `json:"server_time_ms"`
 }
 
-// Edge is an entry of the edge directory.
-type Edge struct {
-	ID              string    `json:"id"`
-	Region          string    `json:"region,omitempty"`
-	Location        *Location `json:"location,omitempty"`
-	Advertise       string    `json:"advertise,omitempty"`
-	Backlog         uint64    `json:"backlog"`
-	LastHeartbeatMs int64     `json:"last_heartbeat_ms"`
-	AckedSeq        uint64    `json:"acked_seq"`
-	// LagMs is how far behind the cloud the edge's data is: the age of its
-	// oldest unsynced change at its last heartbeat (0 when in sync).
-	LagMs          int64    `json:"lag_ms"`
-	OldestUnsynced int64    `json:"oldest_unsynced_ms,omitempty"`
-	Healthy        bool     `json:"healthy"`
-	DistanceKm     *float64 `json:"distance_km,omitempty"`
+// Envelope is the body of every response of both daemons:
+// {"code":0,"message":"ok","data":…} on success, {"code":<HTTP status>,
+// "message":<why>,"data":null} on failure. Servers write Envelope[any]
+// (pkg/httpenv); clients decode Envelope[json.RawMessage].
+type Envelope[T any] struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+	Data    T      `json:"data"`
 }
 
-// Envelope is the body of every response.
-type Envelope struct {
-	Code    int             `json:"code"`
-	Message string          `json:"message"`
-	Data    json.RawMessage `json:"data"`
-}
+// MsgOK is the message of every successful response.
+const MsgOK = "ok"
 
-// ErrInvalid marks a request that fails validation; the cloud answers 400.
+// ErrInvalid marks a request that fails validation; HTTP answers 400.
 var ErrInvalid = errors.New("invalid")
 
+// ruleError is a refusal whose message is meant for the client as is; it
+// matches its sentinel (ErrInvalid, ErrTooLarge) with errors.Is without
+// prefixing the sentinel's text to the message.
+type ruleError struct {
+	kind error
+	msg  string
+}
+
+func (e *ruleError) Error() string { return e.msg }
+func (e *ruleError) Unwrap() error { return e.kind }
+
 func invalid(format string, a ...any) error {
-	return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, a...))
+	return &ruleError{kind: ErrInvalid, msg: fmt.Sprintf(format, a...)}
+}
+
+func tooLarge(format string, a ...any) error {
+	return &ruleError{kind: ErrTooLarge, msg: fmt.Sprintf(format, a...)}
 }
 
 // ValidName reports whether s is a valid device or edge id:
@@ -359,8 +408,8 @@ func (c *Change) Validate() error {
 			return invalid("%s doc has %d fields, at most %d allowed", c.Kind, len(c.Doc), MaxStateFields)
 		}
 		for k, f := range c.Doc {
-			if k == "" || len(k) > 128 {
-				return invalid("state field name %q must be 1 to 128 bytes", k)
+			if err := validFieldName(k); err != nil {
+				return err
 			}
 			if f.Stamp.IsZero() {
 				return invalid("state field %q has no stamp", k)
@@ -429,24 +478,11 @@ func (h *Heartbeat) Validate() error {
 	if !ValidName(h.Edge) {
 		return invalid("edge %q must match [A-Za-z0-9._-]{1,64}", h.Edge)
 	}
-	if l := h.Location; l != nil {
-		if l.Lat < -90 || l.Lat > 90 || l.Lng < -180 || l.Lng > 180 || math.IsNaN(l.Lat) || math.IsNaN(l.Lng) {
-			return invalid("location %v,%v is not a valid latitude,longitude", l.Lat, l.Lng)
-		}
+	if l := h.Location; l != nil && !l.Valid() {
+		return invalid("location %v,%v is not a valid latitude,longitude", l.Lat, l.Lng)
 	}
 	if len(h.Region) > 64 || len(h.Advertise) > 512 {
 		return invalid("region or advertise too long")
 	}
 	return nil
-}
-
-// DistanceKm is the great-circle (haversine) distance between a and b.
-func DistanceKm(a, b Location) float64 {
-	const earthKm = 6371.0088
-	rad := math.Pi / 180
-	dLat := (b.Lat - a.Lat) * rad
-	dLng := (b.Lng - a.Lng) * rad
-	h := math.Sin(dLat/2)*math.Sin(dLat/2) +
-		math.Cos(a.Lat*rad)*math.Cos(b.Lat*rad)*math.Sin(dLng/2)*math.Sin(dLng/2)
-	return 2 * earthKm * math.Asin(math.Min(1, math.Sqrt(h)))
 }

@@ -1,8 +1,10 @@
 package wire
 
 import (
+	"encoding/json"
 	"errors"
 	"math"
+	"reflect"
 	"testing"
 
 	"github.com/outpost-edge/outpost/pkg/shadow"
@@ -40,5 +42,33 @@ func TestDistanceKm(t *testing.T) {
 	d := DistanceKm(Location{Lat: 31.23, Lng: 121.47}, Location{Lat: 39.90, Lng: 116.40})
 	if d < 1040 || d > 1100 {
 		t.Fatalf("distance %f km", d)
+	}
+}
+
+func TestTagsDecodeEitherForm(t *testing.T) {
+	tests := []struct {
+		in   string
+		want map[string]string
+	}{
+		{`{"tags":{"a":"z","b":""}}`, map[string]string{"a": "z", "b": ""}},
+		{`{"tags":["a=z","b"]}`, map[string]string{"a": "z", "b": ""}}, // the list older edges send
+		{`{}`, nil},
+	}
+	for _, tc := range tests {
+		var m Meta
+		if err := json.Unmarshal([]byte(tc.in), &m); err != nil {
+			t.Fatalf("%s: %v", tc.in, err)
+		}
+		if !reflect.DeepEqual(map[string]string(m.Tags), tc.want) {
+			t.Fatalf("%s: tags %v, want %v", tc.in, m.Tags, tc.want)
+		}
+	}
+	var m Meta
+	if err := json.Unmarshal([]byte(`{"tags":7}`), &m); err == nil {
+		t.Fatal("a number decoded as tags")
+	}
+	out, _ := json.Marshal(Meta{Tags: Tags{"a": "z"}})
+	if string(out) != `{"tags":{"a":"z"}}` {
+		t.Fatalf("encoded %s, want the object form", out)
 	}
 }

@@ -73,7 +73,7 @@ func newFakeCloud(t *testing.T) *fakeCloud {
 		}
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(rp.status)
-		_ = json.NewEncoder(w).Encode(wire.Envelope{Code: rp.status, Message: rp.message, Data: data})
+		_ = json.NewEncoder(w).Encode(wire.Envelope[json.RawMessage]{Code: rp.status, Message: rp.message, Data: data})
 	}))
 	t.Cleanup(fc.srv.Close)
 	return fc
@@ -357,7 +357,7 @@ func TestAPILoginOffline(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	var env wire.Envelope
+	var env wire.Envelope[json.RawMessage]
 	if err := json.NewDecoder(resp.Body).Decode(&env); err != nil {
 		t.Fatal(err)
 	}

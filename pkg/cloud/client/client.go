@@ -227,7 +227,7 @@ func (c *Client) once(ctx context.Context, method, u string, body []byte, out an
 	if err != nil {
 		return &retryable{err: err}
 	}
-	var env wire.Envelope
+	var env wire.Envelope[json.RawMessage]
 	if err := json.Unmarshal(raw, &env); err != nil {
 		if resp.StatusCode >= 500 {
 			return &retryable{err: fmt.Errorf("status %d", resp.StatusCode)}

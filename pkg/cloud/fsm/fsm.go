@@ -29,6 +29,7 @@ import (
 	berrors "go.etcd.io/bbolt/errors"
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/lww"
 	"github.com/outpost-edge/outpost/pkg/shadow"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -74,13 +75,13 @@ var allBuckets = [][]byte{bktMeta, bktReadings, bktReadID, bktDevices, bktEdges,
 
 // Device is a device's merged record.
 type Device struct {
-	ID        string   `json:"id"`
-	EdgeID    string   `json:"edge_id"`
-	FirstSeen int64    `json:"first_seen"`
-	LastSeen  int64    `json:"last_seen"`
-	Region    string   `json:"region"`
-	Tags      []string `json:"tags"`
-	Owners    []string `json:"owners"`
+	ID        string    `json:"id"`
+	EdgeID    string    `json:"edge_id"`
+	FirstSeen int64     `json:"first_seen"`
+	LastSeen  int64     `json:"last_seen"`
+	Region    string    `json:"region"`
+	Tags      wire.Tags `json:"tags"` // state written before tags were an object holds a list; Tags decodes both
+	Owners    []string  `json:"owners"`
 	// MetaStamp orders meta writes (owners, region, tags): last writer wins.
 	MetaStamp hlc.Timestamp `json:"meta_stamp,omitzero"`
 	Reported  shadow.Doc    `json:"reported"`
@@ -496,7 +497,7 @@ func (a *applier) push(d *decodedCmd) (Result, error) {
 // user applies a user record if it is newer than the stored one (last writer
 // wins by stamp) and queues it for every edge but its origin.
 func (a *applier) user(origin string, u *wire.User) (int, error) {
-	nu, err := json.Marshal(u) // compared with the stored record, then stored
+	nu, err := json.Marshal(u)
 	if err != nil {
 		return 0, err
 	}
@@ -505,8 +506,8 @@ func (a *applier) user(origin string, u *wire.User) (int, error) {
 		if err := json.Unmarshal(v, &cur); err != nil {
 			return 0, fmt.Errorf("decode user %s: %w", u.OpenID, err)
 		}
-		if !wire.StampWins(u.Stamp, nu, cur.Stamp, v) {
-			if !bytes.Equal(nu, v) {
+		if c := lww.Compare(*u, cur); c <= 0 {
+			if c < 0 {
 				a.conflicts++ // an older write lost, not the same one again
 			}
 			return 0, nil
@@ -636,10 +637,8 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 		return nil
 	case wire.KindMeta:
 		m := c.Other.Meta
-		nm, _ := json.Marshal(wire.Meta{Owners: m.Owners, Region: m.Region, Tags: m.Tags})
-		cm, _ := json.Marshal(wire.Meta{Owners: dev.Owners, Region: dev.Region, Tags: dev.Tags})
-		if !wire.StampWins(m.Stamp, nm, dev.MetaStamp, cm) {
-			if m.Stamp != dev.MetaStamp || !bytes.Equal(nm, cm) {
+		if cmp := lww.Compare(*m, wire.Meta{Owners: dev.Owners, Region: dev.Region, Tags: dev.Tags, Stamp: dev.MetaStamp}); cmp <= 0 {
+			if cmp < 0 {
 				a.conflicts++
 			}
 			return nil // an older (or the same) meta write: last writer wins
@@ -663,15 +662,15 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 // countLost counts, after in was merged into doc, the fields of in that lost
 // to a different stored write. A field that won is now stored as is, and the
 // same write applied again (state sent ahead and then in the sequenced
-// stream, a resent batch) is equal to the stored field: neither is a
-// conflict.
+// stream, a resent batch) is equal to the stored field (lww.Compare says
+// the same write): neither is a conflict.
 func (a *applier) countLost(doc, in shadow.Doc, changed int) {
 	if changed == len(in) {
 		return
 	}
 	for k, f := range in {
 		cur := doc[k]
-		if cur.Stamp != f.Stamp || cur.Deleted != f.Deleted || !bytes.Equal(cur.Value, f.Value) {
+		if lww.Compare(f, cur) != 0 {
 			a.conflicts++
 		}
 	}

@@ -5,18 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sort"
 	"strconv"
-	"strings"
-	"time"
 
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/service"
 	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/httpenv"
 	"github.com/outpost-edge/outpost/pkg/ident"
-	"github.com/outpost-edge/outpost/pkg/shadow"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
@@ -150,7 +147,7 @@ func (s *Server) state(c *fiber.Ctx) error {
 
 func (s *Server) pull(c *fiber.Ctx) error {
 	edge := c.Locals("edge").(string)
-	limit, err := intQuery(c, "limit", 500, 1, 5000)
+	limit, err := limitQuery(c, 500, 5000)
 	if err != nil {
 		return err
 	}
@@ -244,7 +241,7 @@ func (s *Server) readings(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	limit, err := intQuery(c, "limit", 100, 1, 1000)
+	limit, err := limitQuery(c, 100, 1000)
 	if err != nil {
 		return err
 	}
@@ -256,9 +253,13 @@ func (s *Server) readings(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
+	cursor, err := wire.ParseCursor(c.Query("cursor"))
+	if err != nil {
+		return ruleErr(err)
+	}
 	return s.read(c, func(c *fiber.Ctx) error {
 		items, next, err := s.svc.Readings(c.UserContext(), fsm.ReadingsQuery{Device: id, FromMs: from, ToMs: to,
-			Metric: c.Query("metric"), Limit: limit, Cursor: c.Query("cursor")})
+			Metric: c.Query("metric"), Limit: limit, Cursor: cursor})
 		if errors.Is(err, service.ErrBadCursor) {
 			return apiError(fiber.StatusBadRequest, "cursor does not belong to this device's readings; start without one")
 		}
@@ -278,21 +279,22 @@ func (s *Server) putDesired(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
+	if err := consumerBody(c); err != nil {
+		return err
+	}
 	var body desiredBody
 	if err := s.decode(c, &body); err != nil {
 		return err
 	}
-	if err := shadow.ValidateState(body.State, wire.MaxStateFields); err != nil {
-		return apiError(fiber.StatusBadRequest, err.Error())
+	if err := wire.ValidateState(body.State); err != nil {
+		return ruleErr(err)
 	}
 	return s.onLeader(c, func(c *fiber.Ctx) error {
 		return device(c)(s.svc.PutDesired(c.UserContext(), id, body.State))
 	})
 }
 
-// metaBody is the consumer API's meta write, shaped like the edge's: tags
-// are an object. The replicated model keeps them as "key=value" strings,
-// the form edges sync them in.
+// metaBody is the consumer API's meta write, shaped like the edge's.
 type metaBody struct {
 	Owners []string          `json:"owners"`
 	Region string            `json:"region"`
@@ -304,19 +306,18 @@ func (s *Server) putMeta(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
+	if err := consumerBody(c); err != nil {
+		return err
+	}
 	var body metaBody
 	if err := s.decode(c, &body); err != nil {
 		return err
 	}
-	if len(body.Region) > 64 || len(body.Owners) > 100 || len(body.Tags) > 100 {
-		return apiError(fiber.StatusBadRequest, "region at most 64 bytes, at most 100 owners and 100 tags")
+	m := wire.Meta{Owners: body.Owners, Region: body.Region, Tags: body.Tags}
+	if err := m.Validate(); err != nil {
+		return ruleErr(err)
 	}
-	for k := range body.Tags {
-		if !wire.ValidName(k) {
-			return apiError(fiber.StatusBadRequest, "tag keys must match [A-Za-z0-9._-]{1,64}")
-		}
-	}
-	m := wire.Meta{Owners: body.Owners, Region: body.Region, Tags: tagList(body.Tags)}
+	m.Normalize()
 	return s.onLeader(c, func(c *fiber.Ctx) error {
 		return device(c)(s.svc.PutMeta(c.UserContext(), id, m))
 	})
@@ -343,12 +344,11 @@ func (s *Server) edges(c *fiber.Ctx) error {
 }
 
 func (s *Server) nearest(c *fiber.Ctx) error {
-	lat, err1 := strconv.ParseFloat(c.Query("lat"), 64)
-	lng, err2 := strconv.ParseFloat(c.Query("lng"), 64)
-	if err1 != nil || err2 != nil || lat < -90 || lat > 90 || lng < -180 || lng > 180 {
-		return apiError(fiber.StatusBadRequest, "lat and lng are required: latitude in [-90,90], longitude in [-180,180]")
+	here, err := wire.ParseLocation(c.Query("lat"), c.Query("lng"))
+	if err != nil {
+		return ruleErr(err)
 	}
-	limit, err := intQuery(c, "limit", 5, 1, 100)
+	limit, err := limitQuery(c, 5, 100)
 	if err != nil {
 		return err
 	}
@@ -357,28 +357,14 @@ func (s *Server) nearest(c *fiber.Ctx) error {
 		if err != nil {
 			return err
 		}
-		here := wire.Location{Lat: lat, Lng: lng}
-		out := []wire.Edge{}
-		for _, e := range all {
-			if !e.Healthy || e.Location == nil {
-				continue
-			}
-			d := wire.DistanceKm(here, *e.Location)
-			e.DistanceKm = &d
-			out = append(out, e)
-		}
-		sort.SliceStable(out, func(i, j int) bool { return *out[i].DistanceKm < *out[j].DistanceKm })
-		if len(out) > limit {
-			out = out[:limit]
-		}
-		return ok(c, fiber.Map{"items": out})
+		return ok(c, fiber.Map{"items": wire.Nearest(all, here, "", limit)})
 	})
 }
 
 var errExportFull = errors.New("export page full")
 
 func (s *Server) export(c *fiber.Ctx) error {
-	limit, err := intQuery(c, "limit", 1000, 1, 10000)
+	limit, err := limitQuery(c, 1000, 10000)
 	if err != nil {
 		return err
 	}
@@ -447,32 +433,40 @@ func (s *Server) putUser(c *fiber.Ctx) error {
 
 // --- query helpers --------------------------------------------------------
 
-func intQuery(c *fiber.Ctx, name string, def, min, max int) (int, error) {
-	v := c.Query(name)
-	if v == "" {
-		return def, nil
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n < min || n > max {
-		return 0, apiError(fiber.StatusBadRequest, fmt.Sprintf("%s must be an integer from %d to %d", name, min, max))
+// limitQuery reads ?limit= (wire.ParseLimit).
+func limitQuery(c *fiber.Ctx, def, max int) (int, error) {
+	n, err := wire.ParseLimit(c.Query("limit"), def, max)
+	if err != nil {
+		return 0, ruleErr(err)
 	}
 	return n, nil
 }
 
-// timeQuery accepts Unix milliseconds or RFC 3339.
+// timeQuery accepts Unix milliseconds or RFC 3339 (wire.ParseTime).
 func timeQuery(c *fiber.Ctx, name string) (int64, error) {
-	v := c.Query(name)
-	if v == "" {
-		return 0, nil
-	}
-	if n, err := strconv.ParseInt(v, 10, 64); err == nil {
-		return n, nil
-	}
-	t, err := time.Parse(time.RFC3339Nano, v)
+	ms, err := wire.ParseTime(name, c.Query(name))
 	if err != nil {
-		return 0, apiError(fiber.StatusBadRequest, fmt.Sprintf("%s must be Unix milliseconds or RFC 3339", name))
+		return 0, ruleErr(err)
 	}
-	return t.UnixMilli(), nil
+	return ms, nil
+}
+
+// ruleErr answers a refusal by the shared rules (pkg/wire) with the status
+// pkg/httpenv gives it, as the edge does.
+func ruleErr(err error) error {
+	if st := httpenv.Status(err); st != 0 {
+		return apiError(st, err.Error())
+	}
+	return err
+}
+
+// consumerBody refuses a consumer write over wire.MaxRequestBytes as the
+// edge does (this server's own body limit is sized for sync pushes).
+func consumerBody(c *fiber.Ctx) error {
+	if n := len(c.Body()); n > wire.MaxRequestBytes {
+		return ruleErr(wire.BodyTooLarge(wire.MaxRequestBytes))
+	}
+	return nil
 }
 
 func validHostPort(s string) bool {
@@ -528,22 +522,10 @@ func (s *Server) putPolicy(c *fiber.Ctx) error {
 	})
 }
 
-// tagMap turns the replicated "key=value" tag list into the API's object.
-func tagMap(tags []string) map[string]string {
-	out := make(map[string]string, len(tags))
-	for _, t := range tags {
-		k, v, _ := strings.Cut(t, "=")
-		out[k] = v
+// tagMap answers an object for a device without tags.
+func tagMap(tags wire.Tags) map[string]string {
+	if tags == nil {
+		return map[string]string{}
 	}
-	return out
-}
-
-// tagList is tagMap's inverse, sorted so equal tag sets encode identically.
-func tagList(tags map[string]string) []string {
-	out := make([]string, 0, len(tags))
-	for k, v := range tags {
-		out = append(out, k+"="+v)
-	}
-	sort.Strings(out)
-	return out
+	return tags
 }

@@ -34,6 +34,7 @@ import (
 
 	"github.com/outpost-edge/outpost/pkg/cloud/auth"
 	"github.com/outpost-edge/outpost/pkg/cloud/service"
+	"github.com/outpost-edge/outpost/pkg/httpenv"
 	"github.com/outpost-edge/outpost/pkg/obs"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -161,15 +162,7 @@ func (s *Server) routes(reg *prometheus.Registry) {
 
 // --- envelope and errors -------------------------------------------------
 
-type envelope struct {
-	Code    int    `json:"code"`
-	Message string `json:"message"`
-	Data    any    `json:"data"`
-}
-
-func ok(c *fiber.Ctx, data any) error {
-	return c.Status(fiber.StatusOK).JSON(envelope{Code: 0, Message: "ok", Data: data})
-}
+func ok(c *fiber.Ctx, data any) error { return httpenv.OK(c, data) }
 
 // httpError is an error with a status and a client-facing message.
 type httpError struct {
@@ -191,7 +184,7 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 	case errors.As(err, &fe):
 		he = &httpError{status: fe.Code, msg: fe.Message}
 		if fe.Code == fiber.StatusRequestEntityTooLarge {
-			he.msg = fmt.Sprintf("request body larger than %d bytes", wire.MaxBodyBytes)
+			he.msg = wire.BodyTooLarge(wire.MaxBodyBytes).Error()
 		}
 	default:
 		if he = serviceStatus(err); he != nil {
@@ -207,7 +200,7 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 	for k, v := range he.headers {
 		c.Set(k, v)
 	}
-	return c.Status(he.status).JSON(envelope{Code: he.status, Message: he.msg, Data: nil})
+	return httpenv.Fail(c, he.status, he.msg)
 }
 
 // --- authentication -------------------------------------------------------
@@ -428,7 +421,7 @@ func jsonErrText(err error) string {
 
 func invalid(err error) error {
 	if errors.Is(err, wire.ErrInvalid) {
-		return apiError(fiber.StatusBadRequest, strings.Replace(err.Error(), wire.ErrInvalid.Error()+": ", "", 1))
+		return apiError(fiber.StatusBadRequest, err.Error())
 	}
 	return err
 }

@@ -67,14 +67,7 @@ func (s *Service) Edges(context.Context) ([]wire.Edge, error) {
 	if err != nil {
 		return nil, err
 	}
-	cut := s.cfg.Now().Add(-s.cfg.HeartbeatFresh).UnixMilli()
-	for i := range edges {
-		e := &edges[i]
-		e.Healthy = e.LastHeartbeatMs >= cut
-		if e.OldestUnsynced > 0 {
-			e.LagMs = max(e.LastHeartbeatMs-e.OldestUnsynced, 0)
-		}
-	}
+	wire.MarkHealth(edges, s.cfg.Now().UnixMilli(), s.cfg.HeartbeatFresh)
 	if edges == nil {
 		edges = []wire.Edge{}
 	}

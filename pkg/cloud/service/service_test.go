@@ -408,7 +408,7 @@ func TestConsumerReadsAndWrites(t *testing.T) {
 	if string(d.Desired.State()["fan"]) != `"on"` || d.Desired.Version().IsZero() {
 		t.Fatalf("desired after write: %+v", d.Desired)
 	}
-	if d, err = n.svc.PutMeta(ctx, "dev", wire.Meta{Region: "r1", Tags: []string{"a=1"}}); err != nil || d.Region != "r1" || d.MetaStamp.IsZero() {
+	if d, err = n.svc.PutMeta(ctx, "dev", wire.Meta{Region: "r1", Tags: wire.Tags{"a": "1"}}); err != nil || d.Region != "r1" || d.MetaStamp.IsZero() {
 		t.Fatalf("meta after write: %+v, err %v", d, err)
 	}
 	u, err := n.svc.PutUser(ctx, wire.User{OpenID: "alice", Roles: []string{"viewer"}})

@@ -1,0 +1,105 @@
+package wire
+
+import (
+	"encoding/json"
+	"errors"
+	"sort"
+
+	"github.com/outpost-edge/outpost/pkg/ident"
+)
+
+// Limits on device meta and state. The edge's API and MQTT ingest and the
+// cloud's API enforce the same numbers with the same messages, so a write
+// one side accepts the other accepts too. The sync path checks field counts
+// and names but not value sizes: a change an edge already stored must not
+// stall its sequenced stream at the cloud.
+const (
+	MaxOwners      = 256 // owners of one device, each an openid (ident.OpenID)
+	MaxTags        = 64  // tags of one device
+	MaxTagKey      = 64  // bytes; keys match [A-Za-z0-9._-]
+	MaxTagValue    = 256 // bytes
+	MaxRegion      = 64  // bytes; regions match [A-Za-z0-9._-]
+	MaxStateFields = 256 // fields in one state write or sync delta
+	MaxFieldName   = 128 // bytes
+	MaxValueBytes  = 16 << 10
+	// MaxRequestBytes bounds the body of a consumer API write: the edge's
+	// default body limit, and what the cloud applies to its consumer
+	// routes (its own body limit is MaxBodyBytes, for sync pushes).
+	MaxRequestBytes = 64 << 10
+)
+
+// ErrTooLarge marks a request or value over a size limit; HTTP answers 413.
+var ErrTooLarge = errors.New("too large")
+
+// BodyTooLarge is the error for a request body over limit bytes, worded the
+// same at the edge and at the cloud.
+func BodyTooLarge(limit int) error {
+	return tooLarge("request body too large: at most %d bytes", limit)
+}
+
+// Validate checks a meta write against the limits.
+func (m *Meta) Validate() error {
+	if len(m.Owners) > MaxOwners {
+		return invalid("owners: at most %d", MaxOwners)
+	}
+	for _, o := range m.Owners {
+		if !ident.OpenID(o) {
+			return invalid("owners: %q is not a valid openid", clip(o))
+		}
+	}
+	if m.Region != "" && !ident.Valid(m.Region, MaxRegion) {
+		return invalid("region must match [A-Za-z0-9._-]{1,%d}", MaxRegion)
+	}
+	if len(m.Tags) > MaxTags {
+		return invalid("tags: at most %d", MaxTags)
+	}
+	for k, v := range m.Tags {
+		if !ident.Valid(k, MaxTagKey) || len(v) > MaxTagValue {
+			return invalid("tags: key %q must match [A-Za-z0-9._-]{1,%d} and values be at most %d bytes", clip(k), MaxTagKey, MaxTagValue)
+		}
+	}
+	return nil
+}
+
+// Normalize puts a meta write in the form both sides store: owners sorted.
+func (m *Meta) Normalize() { sort.Strings(m.Owners) }
+
+// ValidateState checks a client's or a device's state object (field name to
+// JSON value; null deletes): at least one and at most MaxStateFields fields,
+// names of 1 to MaxFieldName bytes, values valid JSON of at most
+// MaxValueBytes (ErrTooLarge).
+func ValidateState(state map[string]json.RawMessage) error {
+	if len(state) == 0 {
+		return invalid("state must have at least one field")
+	}
+	if len(state) > MaxStateFields {
+		return invalid("state has %d fields, at most %d allowed", len(state), MaxStateFields)
+	}
+	for k, v := range state {
+		if err := validFieldName(k); err != nil {
+			return err
+		}
+		if len(v) > MaxValueBytes {
+			return tooLarge("state field %q is %d bytes, at most %d allowed", clip(k), len(v), MaxValueBytes)
+		}
+		if !json.Valid(v) {
+			return invalid("state field %q is not valid JSON", clip(k))
+		}
+	}
+	return nil
+}
+
+func validFieldName(k string) error {
+	if k == "" || len(k) > MaxFieldName {
+		return invalid("state field name %q must be 1 to %d bytes", clip(k), MaxFieldName)
+	}
+	return nil
+}
+
+// clip shortens a client-supplied string quoted in a message.
+func clip(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "…"
+	}
+	return s
+}
