@@ -144,7 +144,7 @@ func TestServiceErrors(t *testing.T) {
 			map[string]string{wire.HeaderExpectedSeq: "7"}},
 		{"another edge's batch", push, fmt.Errorf("%w: x", service.ErrWrongEdge), 403,
 			`this token belongs to edge "e1"; it may not push as "e1"`, nil},
-		{"invalid batch", push, fmt.Errorf("change 0 (seq 3): %w", (&wire.Change{Kind: "x"}).Validate()), 400,
+		{"invalid batch", push, fmt.Errorf("change 0 (seq 3): %w", (&wire.Change{Kind: "x", Device: "d"}).Validate()), 400,
 			`change 0 (seq 3): unknown change kind "x" (want readings, reported, desired, meta or user)`, nil},
 		{"overloaded", push, service.ErrOverloaded, 429, "", map[string]string{wire.HeaderRetryAfter: "1"}},
 		{"unknown outcome", push, service.ErrUnknownOutcome, 503, "",
