@@ -554,7 +554,9 @@ func (a *applier) changed(dev *Device) { a.dirty[dev.ID] = true }
 func (a *applier) seen(dev *Device, ms int64) {
 	if ms > dev.LastSeen {
 		dev.LastSeen = ms
-		a.dirty[dev.ID] = a.dirty[dev.ID] // present: at least the time is written
+		if _, ok := a.dirty[dev.ID]; !ok {
+			a.dirty[dev.ID] = false // present: at least the time is written
+		}
 	}
 }
 
