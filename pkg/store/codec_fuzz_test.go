@@ -22,7 +22,7 @@ var writeSeeds = flag.Bool("write-seeds", false, "rewrite the seed corpora in te
 func seedReadingValues() map[string][]byte {
 	rs := map[string]Reading{
 		"plain":    {TS: 1732170000123, ID: "m-1", Metrics: []Metric{{"temp", 21.5}, {"hum", 40}}},
-		"no-id":    {TS: 1732170000124, Metrics: []Metric{{"v", -0.0}}},
+		"no-id":    {TS: 1732170000124, Metrics: []Metric{{"v", math.Copysign(0, -1)}}},
 		"special":  {TS: -1, ID: "x", Metrics: []Metric{{"nan", math.NaN()}, {"inf", math.Inf(1)}}},
 		"no-value": {TS: 0},
 	}
