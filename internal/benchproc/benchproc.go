@@ -1,6 +1,7 @@
-// Package benchproc holds what the bench and demo commands share for running
-// the real binaries as child processes on loopback: free addresses, waiting
-// for a process's HTTP endpoint, and reading its memory from /proc.
+// Package benchproc holds what the bench and demo commands (and the e2e
+// tests) share for running the real binaries as child processes on
+// loopback: free addresses, waiting for a process's HTTP endpoint, reading
+// its memory from /proc and its /metrics page.
 package benchproc
 
 import (
