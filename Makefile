@@ -4,8 +4,13 @@ PKGS     := ./...
 # Tests run with the race detector; CI sets CI=true so tests that need a
 # missing binary (mosquitto) fail instead of skipping.
 TESTFLAGS ?= -race -count=1 -timeout 20m
+# staticcheck 2026.2.2; run through `go run` so nothing is installed. Bump it
+# with the Go version (each release supports the two newest Go releases).
+STATICCHECK_VERSION := v0.8.2
+# Per fuzz target: `make fuzz` for a developer, `make fuzz-smoke` in CI.
+FUZZTIME ?= 60s
 
-.PHONY: all build run test bench bench-ingest bench-api lint fuzz clean
+.PHONY: all build run test bench bench-ingest bench-api lint fuzz fuzz-smoke clean
 
 all: build
 
@@ -19,9 +24,11 @@ test:
 	$(GO) vet $(PKGS)
 	$(GO) test $(TESTFLAGS) $(PKGS)
 
+# gofmt, go vet and staticcheck (configured by staticcheck.conf files).
 lint:
+	@files=$$(gofmt -l .); if [ -n "$$files" ]; then echo "gofmt needed (gofmt -w these):"; echo "$$files"; exit 1; fi
 	$(GO) vet $(PKGS)
-	@test -z "$$(gofmt -l .)" || (echo "gofmt needed:"; gofmt -l .; exit 1)
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) $(PKGS)
 
 bench: bench-ingest
 	$(GO) test -run '^$$' -bench . -benchmem ./pkg/store/ ./pkg/api/
@@ -32,8 +39,21 @@ bench-ingest:
 bench-api:
 	$(GO) run ./cmd/apibench
 
+# Every fuzz target (found with `go test -list`, so new ones join by
+# themselves), one after another for FUZZTIME each. A failing input is
+# written to the package's testdata/fuzz/<Target>/ (commit it with the fix);
+# a passing run leaves the tree as it was (new coverage goes to GOCACHE).
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 60s ./pkg/ingest/
+	@list=$$($(GO) test -list '^Fuzz' $(PKGS)) || { echo "$$list"; exit 1; }; \
+	targets=$$(echo "$$list" | awk '/^Fuzz/ { n[++c] = $$1 } /^ok / { for (i = 1; i <= c; i++) print $$2, n[i]; c = 0 }'); \
+	if [ -z "$$targets" ]; then echo "no fuzz targets found"; exit 1; fi; \
+	echo "$$targets" | while read -r pkg name; do \
+		echo "fuzz: $$name in $$pkg for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) "$$pkg" || exit 1; \
+	done
+
+fuzz-smoke:
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=5s
 
 clean:
 	rm -rf $(BIN)

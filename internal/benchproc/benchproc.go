@@ -1,18 +1,24 @@
-// Package benchproc holds what the bench and demo commands share for running
-// the real binaries as child processes on loopback: free addresses, waiting
-// for a process's HTTP endpoint, and reading its memory from /proc.
+// Package benchproc holds what the bench and demo commands (and the e2e
+// tests) share for running the real binaries as child processes on
+// loopback: free addresses, waiting for a process's HTTP endpoint, reading
+// its memory from /proc and its /metrics page.
 package benchproc
 
 import (
 	"context"
 	"fmt"
-	"io"
+	"math"
 	"net"
 	"net/http"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 )
 
 // FreeAddr returns a loopback address ("127.0.0.1:port") that was free a
@@ -70,34 +76,100 @@ func parseStatus(s string) map[string]float64 {
 	return out
 }
 
-// Metrics is a scraped Prometheus text exposition (a /metrics page).
-type Metrics string
+// Metrics is a scraped Prometheus text exposition (a /metrics page), one
+// value per series.
+type Metrics struct {
+	samples map[string]float64
+}
 
-// Scrape fetches the /metrics page at url with hc.
+// Scrape fetches and parses the /metrics page at url with hc.
 func Scrape(hc *http.Client, url string) (Metrics, error) {
 	resp, err := hc.Get(url)
 	if err != nil {
-		return "", err
+		return Metrics{}, err
 	}
 	defer resp.Body.Close()
-	raw, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return "", fmt.Errorf("read %s: %w", url, err)
-	}
 	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("%s: %s", url, resp.Status)
+		return Metrics{}, fmt.Errorf("%s: %s", url, resp.Status)
 	}
-	return Metrics(raw), nil
-}
-
-// Value returns the sample of series: its full name, labels included
-// (`outpost_cloud_push_total{edge="e1",result="ok"}`).
-func (m Metrics) Value(series string) (float64, bool) {
-	for _, line := range strings.Split(string(m), "\n") {
-		if v, ok := strings.CutPrefix(line, series+" "); ok {
-			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			return f, err == nil
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := p.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		return Metrics{}, fmt.Errorf("parse %s: %w", url, err)
+	}
+	m := Metrics{samples: map[string]float64{}}
+	for name, mf := range families {
+		for _, s := range mf.GetMetric() {
+			m.add(name, s)
 		}
 	}
-	return 0, false
+	return m, nil
+}
+
+// add records the series of one sample as the text format spells them:
+// summaries and histograms as their _sum, _count and quantile or bucket
+// series.
+func (m Metrics) add(name string, s *dto.Metric) {
+	labels := s.GetLabel()
+	switch {
+	case s.Counter != nil:
+		m.samples[series(name, labels, "")] = s.GetCounter().GetValue()
+	case s.Gauge != nil:
+		m.samples[series(name, labels, "")] = s.GetGauge().GetValue()
+	case s.Untyped != nil:
+		m.samples[series(name, labels, "")] = s.GetUntyped().GetValue()
+	case s.Summary != nil:
+		sm := s.GetSummary()
+		m.samples[series(name+"_sum", labels, "")] = sm.GetSampleSum()
+		m.samples[series(name+"_count", labels, "")] = float64(sm.GetSampleCount())
+		for _, q := range sm.GetQuantile() {
+			m.samples[series(name, labels, `quantile="`+formatFloat(q.GetQuantile())+`"`)] = q.GetValue()
+		}
+	case s.Histogram != nil:
+		h := s.GetHistogram()
+		m.samples[series(name+"_sum", labels, "")] = h.GetSampleSum()
+		m.samples[series(name+"_count", labels, "")] = float64(h.GetSampleCount())
+		for _, b := range h.GetBucket() {
+			m.samples[series(name+"_bucket", labels, `le="`+formatFloat(b.GetUpperBound())+`"`)] = float64(b.GetCumulativeCount())
+		}
+	}
+}
+
+// series spells a series as client_golang writes it: labels sorted by name,
+// then extra (a summary's quantile or a bucket's le label), if any.
+func series(name string, labels []*dto.LabelPair, extra string) string {
+	pairs := make([]string, 0, len(labels)+1)
+	for _, l := range labels {
+		pairs = append(pairs, l.GetName()+`="`+labelEscaper.Replace(l.GetValue())+`"`)
+	}
+	sort.Strings(pairs)
+	if extra != "" {
+		pairs = append(pairs, extra)
+	}
+	if len(pairs) == 0 {
+		return name
+	}
+	return name + "{" + strings.Join(pairs, ",") + "}"
+}
+
+// labelEscaper escapes a label value as the text format does.
+var labelEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
+
+func formatFloat(f float64) string {
+	switch {
+	case math.IsInf(f, 1):
+		return "+Inf"
+	case math.IsInf(f, -1):
+		return "-Inf"
+	}
+	return strconv.FormatFloat(f, 'g', -1, 64)
+}
+
+// Value returns the sample of series: its full name, labels included and
+// sorted by name (`outpost_cloud_push_total{edge="e1",result="ok"}`); a
+// histogram's or summary's as `name_count`, `name_sum`, or
+// `name_bucket{le="0.5"}`.
+func (m Metrics) Value(series string) (float64, bool) {
+	v, ok := m.samples[series]
+	return v, ok
 }

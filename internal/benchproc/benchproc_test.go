@@ -47,7 +47,10 @@ func TestWaitHTTP(t *testing.T) {
 
 func TestScrape(t *testing.T) {
 	page := "# HELP outpost_x_total X.\n# TYPE outpost_x_total counter\n" +
-		"outpost_x_total 3\noutpost_x_total_extra 9\noutpost_y{edge=\"e1\",result=\"ok\"} 1.5e+06\n"
+		"outpost_x_total 3\noutpost_x_total_extra 9\noutpost_y{edge=\"e1\",result=\"ok\"} 1.5e+06\n" +
+		"# TYPE outpost_h histogram\noutpost_h_bucket{op=\"a\\\"b\",le=\"0.5\"} 2\noutpost_h_bucket{op=\"a\\\"b\",le=\"+Inf\"} 5\n" +
+		"outpost_h_sum{op=\"a\\\"b\"} 7.5\noutpost_h_count{op=\"a\\\"b\"} 5\n" +
+		"# TYPE outpost_s summary\noutpost_s{quantile=\"0.99\"} 0.25\noutpost_s_sum 4\noutpost_s_count 40\n"
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/metrics" {
 			http.NotFound(w, r)
@@ -69,6 +72,13 @@ func TestScrape(t *testing.T) {
 		{`outpost_y{edge="e1",result="ok"}`, 1.5e6, true},
 		{"outpost_x", 0, false},
 		{"outpost_missing", 0, false},
+		{`outpost_h_count{op="a\"b"}`, 5, true},
+		{`outpost_h_sum{op="a\"b"}`, 7.5, true},
+		{`outpost_h_bucket{op="a\"b",le="0.5"}`, 2, true},
+		{`outpost_h_bucket{op="a\"b",le="+Inf"}`, 5, true},
+		{`outpost_s{quantile="0.99"}`, 0.25, true},
+		{"outpost_s_count", 40, true},
+		{"outpost_h", 0, false},
 	}
 	for _, tc := range tests {
 		if got, ok := m.Value(tc.series); got != tc.want || ok != tc.ok {

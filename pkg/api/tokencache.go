@@ -2,11 +2,19 @@ package api
 
 import (
 	"strings"
-	"sync"
 	"time"
+
+	"github.com/hashicorp/golang-lru/v2/expirable"
 
 	"github.com/outpost-edge/outpost/pkg/auth"
 )
+
+// Both caches are expirable LRUs bounded by size and ttl. The LRU expires
+// entries by the wall clock; each entry also carries its deadline by the
+// server's clock (Config.Now), which get checks, so an injected clock and a
+// token's own expiry are honoured too. (The library's sweeper goroutine,
+// one per cache, runs for the life of the process: golang-lru v2 has no
+// way to stop it.)
 
 // tokenCache remembers access tokens this server verified, so that a client
 // sending the same token many times pays for one Ed25519 verification (about
@@ -18,11 +26,8 @@ import (
 // working here.
 type tokenCache struct {
 	ttl time.Duration
-	max int
 	now func() time.Time
-
-	mu sync.RWMutex
-	m  map[string]cachedToken
+	m   *expirable.LRU[string, cachedToken]
 }
 
 type cachedToken struct {
@@ -37,16 +42,14 @@ func newTokenCache(ttl time.Duration, max int, now func() time.Time) *tokenCache
 	if ttl <= 0 || max <= 0 {
 		return nil
 	}
-	return &tokenCache{ttl: ttl, max: max, now: now, m: make(map[string]cachedToken, min(max, 1024))}
+	return &tokenCache{ttl: ttl, now: now, m: expirable.NewLRU[string, cachedToken](max, nil, ttl)}
 }
 
 func (c *tokenCache) get(tok string) (auth.Claims, bool) {
 	if c == nil {
 		return auth.Claims{}, false
 	}
-	c.mu.RLock()
-	e, ok := c.m[tok]
-	c.mu.RUnlock()
+	e, ok := c.m.Get(tok)
 	if !ok || !c.now().Before(e.until) {
 		return auth.Claims{}, false
 	}
@@ -63,23 +66,7 @@ func (c *tokenCache) put(tok string, claims auth.Claims) {
 	if claims.ExpiresAt.Before(until) {
 		until = claims.ExpiresAt
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if len(c.m) >= c.max {
-		// Evict expired entries, and if that is not enough an arbitrary
-		// eighth: map order is random, so this is random eviction.
-		now := c.now()
-		drop := max(c.max/8, 1)
-		for k, e := range c.m {
-			if !now.Before(e.until) {
-				delete(c.m, k)
-			} else if drop > 0 {
-				delete(c.m, k)
-				drop--
-			}
-		}
-	}
-	c.m[strings.Clone(tok)] = cachedToken{claims: claims, until: until}
+	c.m.Add(strings.Clone(tok), cachedToken{claims: claims, until: until})
 }
 
 // userCache remembers users' roles and regions for a short ttl, so that a
@@ -88,11 +75,8 @@ func (c *tokenCache) put(tok string, claims auth.Claims) {
 // (sync from the cloud) take effect here within ttl.
 type userCache struct {
 	ttl time.Duration
-	max int
 	now func() time.Time
-
-	mu sync.RWMutex
-	m  map[string]cachedUser
+	m   *expirable.LRU[string, cachedUser]
 }
 
 type cachedUser struct {
@@ -104,16 +88,14 @@ func newUserCache(ttl time.Duration, max int, now func() time.Time) *userCache {
 	if ttl <= 0 || max <= 0 {
 		return nil
 	}
-	return &userCache{ttl: ttl, max: max, now: now, m: make(map[string]cachedUser, min(max, 1024))}
+	return &userCache{ttl: ttl, now: now, m: expirable.NewLRU[string, cachedUser](max, nil, ttl)}
 }
 
 func (c *userCache) get(openid string) (cachedUser, bool) {
 	if c == nil {
 		return cachedUser{}, false
 	}
-	c.mu.RLock()
-	e, ok := c.m[openid]
-	c.mu.RUnlock()
+	e, ok := c.m.Get(openid)
 	if !ok || !c.now().Before(e.until) {
 		return cachedUser{}, false
 	}
@@ -124,28 +106,12 @@ func (c *userCache) put(openid string, roles, regions []string) {
 	if c == nil {
 		return
 	}
-	now := c.now()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if len(c.m) >= c.max {
-		drop := max(c.max/8, 1)
-		for k, e := range c.m {
-			if !now.Before(e.until) {
-				delete(c.m, k)
-			} else if drop > 0 {
-				delete(c.m, k)
-				drop--
-			}
-		}
-	}
-	c.m[strings.Clone(openid)] = cachedUser{roles: roles, regions: regions, until: now.Add(c.ttl)}
+	c.m.Add(strings.Clone(openid), cachedUser{roles: roles, regions: regions, until: c.now().Add(c.ttl)})
 }
 
 func (c *userCache) forget(openid string) {
 	if c == nil {
 		return
 	}
-	c.mu.Lock()
-	delete(c.m, openid)
-	c.mu.Unlock()
+	c.m.Remove(openid)
 }

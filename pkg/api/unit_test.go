@@ -48,8 +48,8 @@ func TestCachesEvict(t *testing.T) {
 		k := "k" + strconv.Itoa(i)
 		tc.put(k, auth.Claims{OpenID: k, ExpiresAt: now.Add(time.Hour)})
 		uc.put(k, []string{"viewer"}, nil)
-		if len(tc.m) > 16 || len(uc.m) > 16 {
-			t.Fatalf("caches grew to %d and %d entries, max 16", len(tc.m), len(uc.m))
+		if tc.m.Len() > 16 || uc.m.Len() > 16 {
+			t.Fatalf("caches grew to %d and %d entries, max 16", tc.m.Len(), uc.m.Len())
 		}
 		if c, ok := tc.get(k); !ok || c.OpenID != k {
 			t.Fatalf("token %s not cached", k)

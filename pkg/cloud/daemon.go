@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -18,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/outpost-edge/outpost/pkg/backoff"
 	"github.com/outpost-edge/outpost/pkg/cloud/auth"
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/httpapi"
@@ -161,7 +161,7 @@ func (n *Node) joinLoop(ctx context.Context) error {
 	body, _ := json.Marshal(httpapi.JoinRequest{ID: n.cfg.ID, RaftAddr: n.cfg.RaftAdvertise, HTTPAddr: n.cfg.HTTPAdvertise})
 	hc := &http.Client{Timeout: 15 * time.Second}
 	defer hc.CloseIdleConnections()
-	backoff := 100 * time.Millisecond
+	bo := backoff.Backoff{Base: 100 * time.Millisecond, Max: 5 * time.Second}
 	for i := 0; ; i++ {
 		u := strings.TrimRight(n.cfg.Join[i%len(n.cfg.Join)], "/") + "/cluster/v1/join"
 		req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
@@ -190,12 +190,10 @@ func (n *Node) joinLoop(ctx context.Context) error {
 		} else if ctx.Err() == nil {
 			n.log.Warn("join: member unreachable; retrying", "via", u, "err", err)
 		}
-		d := backoff/2 + time.Duration(rand.Int64N(int64(backoff)))
-		backoff = min(2*backoff, 5*time.Second)
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(d):
+		case <-time.After(bo.Next()):
 		}
 	}
 }

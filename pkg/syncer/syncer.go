@@ -53,6 +53,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/outpost-edge/outpost/pkg/auth"
+	"github.com/outpost-edge/outpost/pkg/backoff"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
@@ -273,24 +274,6 @@ func (s *Syncer) ClockOffset() time.Duration {
 	return time.Duration(s.offsetMs.Load()) * time.Millisecond
 }
 
-// backoff is exponential backoff with full jitter: a uniformly random wait
-// in [0, min(cap, base·2^n)), so many edges reconnecting at once spread out.
-type backoff struct {
-	base, cap time.Duration
-	n         int
-}
-
-func (b *backoff) next() time.Duration {
-	d := b.base << min(b.n, 20)
-	if d <= 0 || d > b.cap {
-		d = b.cap
-	}
-	b.n++
-	return time.Duration(rand.Int64N(int64(d))) + time.Millisecond
-}
-
-func (b *backoff) reset() { b.n = 0 }
-
 func sleep(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
@@ -303,7 +286,7 @@ func sleep(ctx context.Context, d time.Duration) bool {
 }
 
 // failed records a failed exchange and returns how long to wait.
-func (s *Syncer) failed(op string, err error, bo *backoff) time.Duration {
+func (s *Syncer) failed(op string, err error, bo *backoff.Backoff) time.Duration {
 	var th *client.ThrottledError
 	if errors.As(err, &th) {
 		s.m.retries.WithLabelValues(op, "throttled").Inc()
@@ -314,7 +297,7 @@ func (s *Syncer) failed(op string, err error, bo *backoff) time.Duration {
 	s.connected.Store(false)
 	s.m.connected.Set(0)
 	s.m.retries.WithLabelValues(op, "error").Inc()
-	d := bo.next()
+	d := bo.Next()
 	s.log.Debug("sync exchange failed; backing off", "op", op, "err", err, "wait", d)
 	return d
 }
@@ -330,7 +313,7 @@ func (s *Syncer) succeeded() {
 // ---- push ----
 
 func (s *Syncer) pushLoop(ctx context.Context) {
-	bo := backoff{base: s.cfg.BackoffBase, cap: s.cfg.BackoffMax}
+	bo := backoff.Backoff{Base: s.cfg.BackoffBase, Max: s.cfg.BackoffMax}
 	synced := false // the cursor was confirmed with the cloud since the last failure
 	idle := time.NewTicker(s.cfg.Idle)
 	defer idle.Stop()
@@ -361,7 +344,7 @@ func (s *Syncer) pushLoop(ctx context.Context) {
 			synced = false
 			continue
 		}
-		bo.reset()
+		bo.Reset()
 		if n > 0 {
 			continue // more may be waiting: drain without pausing
 		}
@@ -661,7 +644,7 @@ func fromWire(w *wire.Change) (store.Change, bool) {
 // ---- pull ----
 
 func (s *Syncer) pullLoop(ctx context.Context) {
-	bo := backoff{base: s.cfg.BackoffBase, cap: s.cfg.BackoffMax}
+	bo := backoff.Backoff{Base: s.cfg.BackoffBase, Max: s.cfg.BackoffMax}
 	lastBeat := time.Time{}
 	for ctx.Err() == nil {
 		var err error
@@ -680,7 +663,7 @@ func (s *Syncer) pullLoop(ctx context.Context) {
 			}
 			wait = s.failed("pull", err, &bo)
 		} else {
-			bo.reset()
+			bo.Reset()
 		}
 		if !sleep(ctx, wait) {
 			return

@@ -4,50 +4,12 @@ import (
 	"encoding/json"
 	"reflect"
 	"testing"
-	"time"
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/shadow"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
-
-// Full jitter: every wait lies in (0, min(cap, base·2^n)], and the bound
-// grows until the cap.
-func TestBackoffFullJitter(t *testing.T) {
-	tests := []struct {
-		name      string
-		base, cap time.Duration
-		attempts  int
-	}{
-		{"default", 100 * time.Millisecond, 30 * time.Second, 12},
-		{"tight cap", 100 * time.Millisecond, 500 * time.Millisecond, 8},
-		{"huge attempt count does not overflow", time.Second, time.Minute, 80},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			b := backoff{base: tt.base, cap: tt.cap}
-			for n := 0; n < tt.attempts; n++ {
-				bound := min(tt.cap, tt.base<<min(n, 20))
-				if bound <= 0 {
-					bound = tt.cap
-				}
-				for i := 0; i < 20; i++ {
-					bb := b
-					d := bb.next()
-					if d <= 0 || d > bound+time.Millisecond {
-						t.Fatalf("attempt %d: wait %s outside (0, %s]", n, d, bound)
-					}
-				}
-				b.next()
-			}
-			b.reset()
-			if d := b.next(); d > tt.base+time.Millisecond {
-				t.Fatalf("after reset: %s > base %s", d, tt.base)
-			}
-		})
-	}
-}
 
 // Outbox entries survive the trip to the wire and back (what the cloud sends
 // back to other edges): meta tags, users and docs.

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/outpost-edge/outpost/pkg/backoff"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/wire"
@@ -48,7 +49,7 @@ func TestThrottleObeysRetryAfter(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.connected.Store(true)
-	bo := &backoff{base: 100 * time.Millisecond, cap: 200 * time.Millisecond}
+	bo := &backoff.Backoff{Base: 100 * time.Millisecond, Max: 200 * time.Millisecond}
 	for i := 0; i < 20; i++ {
 		if d := s.failed("push", pushErr, bo); d < 3*time.Second || d > 3*time.Second+750*time.Millisecond {
 			t.Fatalf("throttled wait %s, want Retry-After 3s plus at most 25%% jitter", d)

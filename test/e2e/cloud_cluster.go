@@ -103,7 +103,6 @@ type cloudNode struct {
 	Raft     string
 	HTTP     string
 	Data     string
-	args     []string
 	cmd      *exec.Cmd
 	exited   chan struct{}
 	logMu    sync.Mutex

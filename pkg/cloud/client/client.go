@@ -14,7 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -24,6 +23,7 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 
+	"github.com/outpost-edge/outpost/pkg/backoff"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
@@ -164,7 +164,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 			body = c.enc.EncodeAll(j, make([]byte, 0, len(j)/4))
 		}
 	}
-	backoff := 20 * time.Millisecond
+	bo := backoff.Backoff{Base: 20 * time.Millisecond, Max: time.Second}
 	var last error
 	for attempt := 0; ; attempt++ {
 		i := int(c.preferred.Load()) % len(c.urls)
@@ -181,12 +181,10 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		if c.rounds > 0 && (attempt+1)/len(c.urls) >= c.rounds {
 			return fmt.Errorf("%w: %v", ErrUnreachable, last)
 		}
-		d := time.Duration(rand.Int64N(int64(backoff))) + time.Millisecond
-		backoff = min(backoff*2, time.Second)
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("client: %w (last error: %v)", ctx.Err(), last)
-		case <-time.After(d):
+		case <-time.After(bo.Next()):
 		}
 	}
 }

@@ -180,6 +180,11 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 		}
 	case CmdDesired, CmdMeta:
 		c := r.change()
+		if r.err == nil && c.Other == nil {
+			// A readings change: the encoder never writes one here, and
+			// the applier needs a payload.
+			return nil, fmt.Errorf("%w: readings in a %d command", ErrCorrupt, d.Type)
+		}
 		d.Cmd.Change = c.Other
 	case CmdHeartbeat:
 		d.Cmd.Heartbeat = &wire.Heartbeat{}
@@ -281,6 +286,21 @@ func DecodeMetrics(v []byte) (map[string]float64, error) {
 		m[k] = math.Float64frombits(r.uint64le())
 	}
 	return m, r.err
+}
+
+// validMetrics reports whether v is exactly one metrics value as
+// appendMetrics writes it, without decoding it.
+func validMetrics(v []byte) bool {
+	r := reader{b: v}
+	n := r.uvarint()
+	if n > uint64(len(v)) {
+		return false
+	}
+	for i := uint64(0); i < n && r.err == nil; i++ {
+		r.bytes()
+		r.uint64le()
+	}
+	return r.err == nil && len(r.b) == 0
 }
 
 func appendString(b []byte, s string) []byte {
@@ -399,12 +419,21 @@ func (r *reader) change() rawChange {
 		}
 		c.Readings = make([]rawReading, 0, n)
 		for i := uint64(0); i < n && r.err == nil; i++ {
-			c.Readings = append(c.Readings, rawReading{TS: r.varint(), ID: r.string(), Metrics: r.bytes()})
+			rd := rawReading{TS: r.varint(), ID: r.string(), Metrics: r.bytes()}
+			if r.err == nil && !validMetrics(rd.Metrics) {
+				// Stored as is, so check now: a query must be able to
+				// decode what Apply stored.
+				r.fail()
+			}
+			c.Readings = append(c.Readings, rd)
 		}
 		return c
 	case kindOther:
 		var w wire.Change
 		r.json(&w)
+		if r.err == nil && w.Kind == wire.KindReadings {
+			r.fail() // the encoder writes readings in binary only
+		}
 		return rawChange{Kind: w.Kind, Device: w.Device, Other: &w}
 	}
 	r.fail()

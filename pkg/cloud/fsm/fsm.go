@@ -413,6 +413,9 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 		return a.push(d)
 	case CmdDesired, CmdMeta:
 		c := d.Cmd.Change
+		if !validDeviceKey(c.Device) {
+			return Result{Err: fmt.Errorf("%w: device id %.64q", ErrCorrupt, c.Device)}, nil
+		}
 		rc := rawChange{Kind: c.Kind, Device: c.Device, Other: c}
 		if err := a.change("", d.AtMs, &rc); err != nil {
 			return Result{}, err
@@ -555,7 +558,9 @@ func (a *applier) changed(dev *Device) { a.dirty[dev.ID] = true }
 func (a *applier) seen(dev *Device, ms int64) {
 	if ms > dev.LastSeen {
 		dev.LastSeen = ms
-		a.dirty[dev.ID] = a.dirty[dev.ID] // present: at least the time is written
+		if _, ok := a.dirty[dev.ID]; !ok {
+			a.dirty[dev.ID] = false // present: at least the time is written
+		}
 	}
 }
 
@@ -587,6 +592,13 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 		}
 		_, err := a.user(origin, c.Other.User)
 		return err
+	}
+	if !validDeviceKey(c.Device) || c.Kind == wire.KindMeta && (c.Other == nil || c.Other.Meta == nil) {
+		// A change without a usable device id or a meta change without
+		// meta (an edge can push either) is a no-op, as a user change
+		// without a user: storing or dereferencing it would stop every
+		// replica at this index.
+		return nil
 	}
 	dev, err := a.device(c.Device, atMs)
 	if err != nil {
@@ -719,6 +731,14 @@ func (a *applier) readings(origin string, dev *Device, c *rawChange) error {
 	}
 	return a.logChange(origin, 0, &rawChange{Kind: wire.KindReadings, Device: dev.ID, Readings: fresh})
 }
+
+// maxDeviceKey bounds a device id so that every key built from it fits
+// bbolt's key size limit (32 KiB) with room for the other parts.
+const maxDeviceKey = 1024
+
+// validDeviceKey reports whether id can key a device's records; a record
+// bbolt refuses aborts the whole apply transaction.
+func validDeviceKey(id string) bool { return id != "" && len(id) <= maxDeviceKey }
 
 func idKey(origin, device, id string) []byte {
 	k := make([]byte, 0, len(origin)+len(device)+len(id)+2)
