@@ -53,7 +53,6 @@ type testEnv struct {
 	sync     *fakeSync
 	ready    atomic.Pointer[string]
 	clock    *testClock
-	wechat   *fakeWeChat
 	client   *http.Client
 	dataDir  string
 }

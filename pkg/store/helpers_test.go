@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"path/filepath"
-	"sort"
 	"testing"
 )
 
@@ -72,10 +71,6 @@ func allReadings(t *testing.T, s *Store, dev string, q ReadingsQuery) []Reading 
 }
 
 func key(r Reading) string { return fmt.Sprintf("%d/%s/%v", r.TS, r.ID, r.Metrics) }
-
-func sortReadings(rs []Reading) {
-	sort.SliceStable(rs, func(i, j int) bool { return rs[i].TS < rs[j].TS })
-}
 
 // randomReadings makes n readings with unique ids spread over span ms after
 // base, each with metric "a" and, for about half, metric "b".

@@ -12,11 +12,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/shadow"
@@ -86,8 +86,6 @@ type Store struct {
 	deadCount  atomic.Uint64
 	outboxHead atomic.Uint64
 	outboxAck  atomic.Uint64
-
-	deadMu sync.Mutex // orders dead-letter sequence allocation
 }
 
 // DefaultOptions is the one source of the store's defaults; the edge's
@@ -112,7 +110,7 @@ func Open(path string, opts Options) (*Store, error) {
 		InitialMmapSize: 64 << 20,
 	})
 	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
+		if errors.Is(err, berrors.ErrTimeout) {
 			return nil, fmt.Errorf("open store %s: locked by another process", path)
 		}
 		return nil, fmt.Errorf("open store %s: %w", path, err)

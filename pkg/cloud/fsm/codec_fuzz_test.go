@@ -35,7 +35,7 @@ func seedEntries(t testing.TB) map[string][]byte {
 		{TS: -1, Metrics: map[string]float64{"nan": math.NaN(), "inf": math.Inf(-1)}},
 		{TS: 1732170000124, Metrics: map[string]float64{}},
 	}}
-	meta := wire.Change{Kind: wire.KindMeta, Device: "d1", Meta: &wire.Meta{Owners: []string{"o1"}, Region: "eu", Tags: []string{"a=z"}, Stamp: 7}}
+	meta := wire.Change{Kind: wire.KindMeta, Device: "d1", Meta: &wire.Meta{Owners: []string{"o1"}, Region: "eu", Tags: wire.Tags{"a": "z"}, Stamp: 7}}
 	user := wire.Change{Kind: wire.KindUser, Device: "u1", User: &wire.User{OpenID: "u1", Roles: []string{"admin"}, Stamp: 9}}
 	cmds := map[string]*Command{
 		"push":          {Type: CmdPush, AtMs: 1000, Push: &wire.PushBatch{Edge: "e1", FirstSeq: 1, Changes: []wire.Change{readings, {Kind: wire.KindReported, Device: "d1", Doc: doc}, meta, user}}},
