@@ -1,6 +1,7 @@
 package differential
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -54,7 +55,12 @@ func (d *daemon) do(t *testing.T, method, path, body string) answer {
 	if body != "" {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := d.client.Do(req)
+	var resp *http.Response
+	if len(body) > wire.MaxRequestBytes {
+		resp, err = sendRefused(req)
+	} else {
+		resp, err = d.client.Do(req)
+	}
 	if err != nil {
 		t.Fatalf("%s %s %s: %v", d.name, method, path, err)
 	}
@@ -65,6 +71,28 @@ func (d *daemon) do(t *testing.T, method, path, body string) answer {
 		t.Fatalf("%s %s %s: %d, not an envelope: %.200s", d.name, method, path, resp.StatusCode, raw)
 	}
 	return a
+}
+
+// sendRefused sends a request whose body a server refuses before reading it:
+// the body is written in the background, its write errors ignored, while the
+// answer is read, so a server that answers 413 and closes cannot turn the
+// answer into a client-side "connection reset".
+func sendRefused(req *http.Request) (*http.Response, error) {
+	conn, err := net.Dial("tcp", req.URL.Host)
+	if err != nil {
+		return nil, err
+	}
+	go func() { _ = req.Write(conn) }()
+	resp, err := http.ReadResponse(bufio.NewReader(conn), req)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	resp.Body = struct {
+		io.Reader
+		io.Closer
+	}{resp.Body, conn}
+	return resp, nil
 }
 
 // location of the edge under test, in its config and in its heartbeat.
