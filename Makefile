@@ -74,6 +74,16 @@ test-cloud:
 # into a 3-process cluster, leader RSS, and failover time.
 bench-cloud: build-cloud
 	$(GO) run ./cmd/cloudbench -bin $(BIN)/cloud-sync
+
+# One JSON line: a simulated fleet (1,000 edges in one process, each with its
+# own credential, on the syncer's cadence) against a 3-process cluster. Idle
+# (cluster CPU per edge, bytes per pull, raft entries/s), a reconnect storm
+# (every edge back at once with 1,000 readings: drain time, per-edge lag
+# p50/p99/max, 429s) and a steady trickle (reading → ack lag), leader RSS.
+# Pass FLEETBENCH_ARGS="-edges 100 -idle 10s -backlog 200" for a quick run.
+.PHONY: bench-fleet
+bench-fleet: build-cloud
+	$(GO) run ./cmd/fleetbench -bin $(BIN)/cloud-sync $(FLEETBENCH_ARGS)
 # --- end cloud-sync ---
 
 # --- operations: container images, KubeEdge manifests, demo ---

@@ -1,7 +1,7 @@
 // Package benchproc holds what the bench and demo commands (and the e2e
 // tests) share for running the real binaries as child processes on
 // loopback: free addresses, waiting for a process's HTTP endpoint, reading
-// its memory from /proc and its /metrics page.
+// its memory and CPU time from /proc and its /metrics page.
 package benchproc
 
 import (
@@ -74,6 +74,45 @@ func parseStatus(s string) map[string]float64 {
 		}
 	}
 	return out
+}
+
+// CPUSeconds is the user+system CPU time the process pid has used so far,
+// from /proc/<pid>/stat.
+func CPUSeconds(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	return parseStatCPU(string(b))
+}
+
+// clockTicks is USER_HZ, the unit of /proc/<pid>/stat's times: 100 on every
+// Linux architecture Go supports (the kernel ABI fixes it, whatever HZ is).
+const clockTicks = 100
+
+// parseStatCPU reads utime and stime (fields 14 and 15) of a
+// /proc/<pid>/stat line. The command name (field 2) is in parentheses and
+// may itself hold spaces and parentheses, so fields are counted from the
+// last ')'.
+func parseStatCPU(s string) (float64, error) {
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("stat: no command name in %q", s)
+	}
+	f := strings.Fields(s[i+1:])
+	// f[0] is field 3 (state), so utime (14) and stime (15) are f[11], f[12].
+	if len(f) < 13 {
+		return 0, fmt.Errorf("stat: %d fields after the command name, want at least 13", len(f))
+	}
+	ut, err := strconv.ParseUint(f[11], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("stat: utime: %w", err)
+	}
+	st, err := strconv.ParseUint(f[12], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("stat: stime: %w", err)
+	}
+	return float64(ut+st) / clockTicks, nil
 }
 
 // Metrics is a scraped Prometheus text exposition (a /metrics page), one

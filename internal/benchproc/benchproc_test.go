@@ -34,6 +34,50 @@ func TestStatusMBSelf(t *testing.T) {
 	}
 }
 
+func TestParseStatCPU(t *testing.T) {
+	tests := []struct {
+		name, line string
+		want       float64
+		ok         bool
+	}{
+		{"plain", "4242 (cloud-sync) S 1 4242 4242 0 -1 4194560 1200 0 0 0 250 75 0 0 20 0 9 0 123 456 789 18446744073709551615", 3.25, true},
+		{"name with spaces and parentheses", "7 (a) (b c) R 1 7 7 0 -1 0 0 0 0 0 1 2 0 0 20 0 1 0 1 1 1", 0.03, true},
+		{"truncated", "7 (x) R 1 7", 0, false},
+		{"no name", "garbage", 0, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := parseStatCPU(tc.line)
+			if (err == nil) != tc.ok || got != tc.want {
+				t.Fatalf("parseStatCPU = %v, %v; want %v, ok=%v", got, err, tc.want, tc.ok)
+			}
+		})
+	}
+}
+
+// TestCPUSecondsSelf: this process's CPU time is read and grows when it
+// burns CPU; a missing process is an error.
+func TestCPUSecondsSelf(t *testing.T) {
+	if _, err := os.Stat("/proc/self/stat"); err != nil {
+		t.Skip("no /proc")
+	}
+	before, err := CPUSeconds(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	x := 0
+	for time.Now().Before(deadline) {
+		for i := 0; i < 1e6; i++ {
+			x += i
+		}
+		if after, err := CPUSeconds(os.Getpid()); err == nil && after > before {
+			return
+		}
+	}
+	t.Fatalf("CPU time did not grow from %v after 5s of spinning (%d)", before, x)
+}
+
 func TestWaitHTTP(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
 	defer srv.Close()

@@ -1,0 +1,249 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/outpost-edge/outpost/internal/benchproc"
+)
+
+const apiToken = "fleetbench-api-token"
+
+// edgeToken is edge's sync credential: one per edge, as in a deployment.
+func edgeToken(edge string) string { return "fleetbench-token-" + edge }
+
+// node is one cloud-sync process.
+type node struct {
+	id, raft, http, data string
+	cmd                  *exec.Cmd
+	done                 chan struct{} // closed when the process has exited
+}
+
+func (n *node) url() string { return "http://" + n.http }
+
+func (n *node) alive() bool {
+	select {
+	case <-n.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// cluster is the cloud-sync processes under test, on loopback.
+type cluster struct {
+	bin   string
+	args  []string // extra flags for every node
+	log   io.Writer
+	nodes []*node
+	hc    *http.Client
+}
+
+// writeTokens writes the edges' credentials as a config file with only the
+// edge_tokens map: 1,000 -edge-token flags would fit in argv (about 60 KB
+// of the kernel's 2 MB), but a file scales to any fleet and keeps the
+// tokens out of ps.
+func writeTokens(path string, edges []string) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	w := bufio.NewWriter(f)
+	fmt.Fprintln(w, "# written by fleetbench: one credential per simulated edge")
+	fmt.Fprintln(w, "edge_tokens:")
+	for _, e := range edges {
+		// Double-quoted YAML scalars are JSON strings.
+		fmt.Fprintf(w, "  %s: %s\n", strconv.Quote(e), strconv.Quote(edgeToken(e)))
+	}
+	if err := w.Flush(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// start runs n nodes: the first bootstraps, the others join it, and start
+// returns once every node reports a leader and all n members.
+func (c *cluster) start(ctx context.Context, dir string, n int, edges []string) error {
+	tokens := filepath.Join(dir, "edge-tokens.yaml")
+	if err := writeTokens(tokens, edges); err != nil {
+		return fmt.Errorf("edge tokens: %w", err)
+	}
+	for i := 0; i < n; i++ {
+		nd := &node{id: fmt.Sprintf("f%d", i), raft: benchproc.FreeAddr(), http: benchproc.FreeAddr(),
+			data: filepath.Join(dir, fmt.Sprintf("node%d", i))}
+		c.nodes = append(c.nodes, nd)
+		args := []string{"-config", tokens, "-id", nd.id, "-raft", nd.raft, "-http", nd.http, "-data", nd.data,
+			"-api-token", apiToken, "-log-level", "warn"}
+		if i == 0 {
+			args = append(args, "-bootstrap")
+		} else {
+			args = append(args, "-join", c.nodes[0].url())
+		}
+		nd.cmd = exec.Command(c.bin, append(args, c.args...)...)
+		nd.cmd.Stdout, nd.cmd.Stderr = c.log, c.log
+		// The nodes die with this process even if it is killed outright.
+		nd.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		if err := nd.cmd.Start(); err != nil {
+			return fmt.Errorf("start %s: %w", c.bin, err)
+		}
+		nd.done = make(chan struct{})
+		go func() { _ = nd.cmd.Wait(); close(nd.done) }()
+		if i == 0 {
+			if err := c.waitMembers(ctx, 1, 20*time.Second); err != nil {
+				return err
+			}
+		}
+	}
+	return c.waitMembers(ctx, n, 30*time.Second)
+}
+
+// stop kills every node and waits (bounded) for each to exit.
+func (c *cluster) stop() {
+	for _, n := range c.nodes {
+		if n.cmd == nil || n.cmd.Process == nil {
+			continue
+		}
+		_ = n.cmd.Process.Kill()
+		select {
+		case <-n.done:
+		case <-time.After(5 * time.Second):
+		}
+	}
+}
+
+type status struct {
+	Leader string `json:"leader"`
+	Nodes  []struct {
+		ID string `json:"id"`
+	} `json:"nodes"`
+}
+
+func (c *cluster) get(ctx context.Context, url string) (*http.Response, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+apiToken)
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	resp.Body = cancelBody{resp.Body, cancel}
+	return resp, nil
+}
+
+type cancelBody struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (b cancelBody) Close() error { err := b.ReadCloser.Close(); b.cancel(); return err }
+
+func (c *cluster) status(ctx context.Context, n *node) (status, error) {
+	var env struct {
+		Data status `json:"data"`
+	}
+	resp, err := c.get(ctx, n.url()+"/cluster/v1/status")
+	if err != nil {
+		return env.Data, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return env.Data, fmt.Errorf("%s: status %s", n.id, resp.Status)
+	}
+	return env.Data, json.NewDecoder(resp.Body).Decode(&env)
+}
+
+// waitMembers polls until every started node sees a leader and members
+// members, for at most d.
+func (c *cluster) waitMembers(ctx context.Context, members int, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		ready := true
+		for _, n := range c.nodes {
+			if !n.alive() {
+				return fmt.Errorf("node %s exited while the cluster formed", n.id)
+			}
+			st, err := c.status(ctx, n)
+			if err != nil || st.Leader == "" || len(st.Nodes) != members {
+				ready = false
+				break
+			}
+		}
+		if ready {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("cluster of %d did not form within %s", members, d)
+}
+
+// leader is the node the live nodes name as leader.
+func (c *cluster) leader(ctx context.Context) (*node, error) {
+	for _, n := range c.nodes {
+		if !n.alive() {
+			continue
+		}
+		st, err := c.status(ctx, n)
+		if err != nil || st.Leader == "" {
+			continue
+		}
+		for _, m := range c.nodes {
+			if m.id == st.Leader && m.alive() {
+				return m, nil
+			}
+		}
+	}
+	return nil, errors.New("no leader")
+}
+
+// cpu is the CPU seconds the live nodes have used.
+func (c *cluster) cpu() float64 {
+	total := 0.0
+	for _, n := range c.nodes {
+		if s, err := benchproc.CPUSeconds(n.cmd.Process.Pid); err == nil {
+			total += s
+		}
+	}
+	return total
+}
+
+func (c *cluster) aliveCount() int {
+	k := 0
+	for _, n := range c.nodes {
+		if n.alive() {
+			k++
+		}
+	}
+	return k
+}
+
+// raftIndex reads a node's applied raft index and the number of commands
+// group-committed into entries so far.
+func (c *cluster) raftIndex(n *node) (applied, commands float64, err error) {
+	m, err := benchproc.Scrape(c.hc, n.url()+"/metrics") // c.hc's timeout bounds it
+	if err != nil {
+		return 0, 0, err
+	}
+	applied, ok := m.Value("outpost_raft_applied_index")
+	if !ok {
+		return 0, 0, fmt.Errorf("%s: no outpost_raft_applied_index in /metrics", n.id)
+	}
+	commands, _ = m.Value("outpost_raft_entry_commands_sum")
+	return applied, commands, nil
+}
