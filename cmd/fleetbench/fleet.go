@@ -264,7 +264,7 @@ func (f *fleet) idlePhase(ctx context.Context) (*idleReport, error) {
 		return nil, ctx.Err()
 	}
 	s1 := f.snap(lead, false)
-	r := &idleReport{load: f.load(s0, s1), ConnectS: round(connected.Seconds())}
+	r := &idleReport{load: f.load(s0, s1), ConnectS: round3(connected.Seconds())}
 	d, n := s1.m.sub(s0.m), float64(len(f.edges))
 	secs := s1.at.Sub(s0.at).Seconds()
 	r.CPUPerEdgePct = sig(r.ClusterCPUPct / n)
