@@ -223,6 +223,17 @@ func (c *cluster) cpu() float64 {
 	return total
 }
 
+// pids are the live nodes' process ids.
+func (c *cluster) pids() []int {
+	var ps []int
+	for _, n := range c.nodes {
+		if n.alive() {
+			ps = append(ps, n.cmd.Process.Pid)
+		}
+	}
+	return ps
+}
+
 func (c *cluster) aliveCount() int {
 	k := 0
 	for _, n := range c.nodes {
@@ -233,17 +244,47 @@ func (c *cluster) aliveCount() int {
 	return k
 }
 
-// raftIndex reads a node's applied raft index and the number of commands
-// group-committed into entries so far.
-func (c *cluster) raftIndex(n *node) (applied, commands float64, err error) {
+// raftSample is what a node's /metrics says of raft.
+type raftSample struct {
+	applied  float64 // last raft index applied to the state
+	commands float64 // commands group-committed into entries so far
+	term     float64 // one more per election
+}
+
+func (c *cluster) raftStats(n *node) (raftSample, error) {
 	m, err := benchproc.Scrape(c.hc, n.url()+"/metrics") // c.hc's timeout bounds it
 	if err != nil {
-		return 0, 0, err
+		return raftSample{}, err
 	}
-	applied, ok := m.Value("outpost_raft_applied_index")
-	if !ok {
-		return 0, 0, fmt.Errorf("%s: no outpost_raft_applied_index in /metrics", n.id)
+	var r raftSample
+	var ok bool
+	if r.applied, ok = m.Value("outpost_raft_applied_index"); !ok {
+		return raftSample{}, fmt.Errorf("%s: no outpost_raft_applied_index in /metrics", n.id)
 	}
-	commands, _ = m.Value("outpost_raft_entry_commands_sum")
-	return applied, commands, nil
+	r.commands, _ = m.Value("outpost_raft_entry_commands_sum")
+	r.term, _ = m.Value("outpost_raft_term")
+	return r, nil
+}
+
+// measured is the node a phase measures: the leader, waiting up to 10s
+// for one (a loaded cluster may be between leaders), else any live node:
+// every node applies the same entries, so its applied index measures the
+// cluster's raft rate all the same.
+func (c *cluster) measured(ctx context.Context) (n *node, leader bool, err error) {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if l, err := c.leader(ctx); err == nil {
+			return l, true, nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for _, n := range c.nodes {
+		if n.alive() {
+			return n, false, nil
+		}
+	}
+	return nil, false, errors.New("every cloud-sync node has exited")
 }

@@ -66,10 +66,18 @@ type load struct {
 	TransportErrors  int64   `json:"transport_errors"`
 	// Exchanges an edge's loop saw fail after the client's retries (429s
 	// not counted), and the first of them.
-	Failures         int64   `json:"failures"`
-	FirstFailure     string  `json:"first_failure,omitempty"`
+	Failures     int64  `json:"failures"`
+	FirstFailure string `json:"first_failure,omitempty"`
+	// The node measured (the leader at the window's start, unless there was
+	// none for 10s: then leader_rss is that node's) and the elections
+	// (raft term changes) it saw in the window.
+	Node             string  `json:"node"`
+	NodeWasLeader    bool    `json:"node_was_leader"`
+	Elections        float64 `json:"elections"`
 	LeaderRSSPeakMB  float64 `json:"leader_rss_peak_mb"`
 	LeaderAnonPeakMB float64 `json:"leader_rss_anon_peak_mb"`
+	// The largest peak RSS of any node: leadership may move in a window.
+	MaxNodeRSSPeakMB float64 `json:"max_node_rss_peak_mb"`
 }
 
 type idleReport struct {
@@ -255,15 +263,14 @@ func (f *fleet) idlePhase(ctx context.Context) (*idleReport, error) {
 	if !sleep(ctx, f.cfg.PullInterval+500*time.Millisecond) {
 		return nil, ctx.Err()
 	}
-	lead, err := f.c.leader(ctx)
+	s0, err := f.begin(ctx)
 	if err != nil {
 		return nil, err
 	}
-	s0 := f.snap(lead, true)
 	if !sleep(ctx, f.o.idle) {
 		return nil, ctx.Err()
 	}
-	s1 := f.snap(lead, false)
+	s1 := f.end(s0)
 	r := &idleReport{load: f.load(s0, s1), ConnectS: round3(connected.Seconds())}
 	d, n := s1.m.sub(s0.m), float64(len(f.edges))
 	secs := s1.at.Sub(s0.at).Seconds()
@@ -286,12 +293,11 @@ func (f *fleet) stormPhase(ctx context.Context) (*stormReport, error) {
 		e.add(f.o.backlog, now) // … makes a backlog …
 		e.drainTo()
 	}
-	lead, err := f.c.leader(ctx)
+	f.o.logf("storm: %d edges × %d readings arrive at once", len(f.edges), f.o.backlog)
+	s0, err := f.begin(ctx)
 	if err != nil {
 		return nil, err
 	}
-	f.o.logf("storm: %d edges × %d readings arrive at once", len(f.edges), f.o.backlog)
-	s0 := f.snap(lead, true)
 	t0 := time.Now()
 	f.start(ctx) // … and comes back at once
 	drainedCount := func() int {
@@ -304,7 +310,7 @@ func (f *fleet) stormPhase(ctx context.Context) (*stormReport, error) {
 		return k
 	}
 	complete := waitUntil(ctx, f.o.stormMax, func() bool { return drainedCount() == len(f.edges) })
-	s1 := f.snap(lead, false)
+	s1 := f.end(s0)
 	if ctx.Err() != nil {
 		return nil, fmt.Errorf("storm: %d of %d edges drained: %w", drainedCount(), len(f.edges), ctx.Err())
 	}
@@ -333,12 +339,11 @@ func (f *fleet) stormPhase(ctx context.Context) (*stormReport, error) {
 }
 
 func (f *fleet) steadyPhase(ctx context.Context) (*steadyReport, error) {
-	lead, err := f.c.leader(ctx)
+	f.o.logf("steady: %v readings/s per edge for %s", f.o.rate, f.o.steady)
+	s0, err := f.begin(ctx)
 	if err != nil {
 		return nil, err
 	}
-	f.o.logf("steady: %v readings/s per edge for %s", f.o.rate, f.o.steady)
-	s0 := f.snap(lead, true)
 	since := time.Now()
 	for _, e := range f.edges {
 		e.setLagSince(since)
@@ -370,7 +375,7 @@ func (f *fleet) steadyPhase(ctx context.Context) (*steadyReport, error) {
 		}()
 	}
 	wg.Wait()
-	s1 := f.snap(lead, false)
+	s1 := f.end(s0)
 	if ctx.Err() != nil {
 		return nil, fmt.Errorf("steady: %w", ctx.Err())
 	}
@@ -398,37 +403,42 @@ func (f *fleet) steadyPhase(ctx context.Context) (*steadyReport, error) {
 	return r, nil
 }
 
-// snap is one side of a measured window. scrapeFirst orders the leader's
-// /metrics scrape (a large page with per-edge series) before the CPU
-// reading at a window's start and after it at its end, so the scrapes'
-// cost stays out of the window.
+// snap is one side of a measured window.
 type snap struct {
-	at                time.Time
-	cpu, self         float64
-	m                 meterSnap
-	applied, commands float64
-	raft              bool
+	node      *node
+	leader    bool
+	at        time.Time
+	cpu, self float64
+	m         meterSnap
+	raft      raftSample
+	raftOK    bool
 }
 
-func (f *fleet) snap(lead *node, scrapeFirst bool) snap {
-	var s snap
-	scrape := func() {
-		a, c, err := f.c.raftIndex(lead)
-		s.applied, s.commands, s.raft = a, c, err == nil
+// begin starts a measured window on the leader (see cluster.measured). The
+// node's /metrics page (large: it has per-edge series) is scraped before
+// the CPU is read here and after it in end, so the scrapes' cost stays out
+// of the window.
+func (f *fleet) begin(ctx context.Context) (snap, error) {
+	n, leader, err := f.c.measured(ctx)
+	if err != nil {
+		return snap{}, err
 	}
-	if scrapeFirst {
-		scrape()
-	}
+	s := snap{node: n, leader: leader}
+	s.raft, err = f.c.raftStats(n)
+	s.raftOK = err == nil
+	f.m.first() // a window's first failure is its own
+	f.rss.watch(n.cmd.Process.Pid, f.c.pids())
 	s.at, s.cpu, s.self, s.m = time.Now(), f.c.cpu(), selfCPU(), f.m.snap()
-	if !scrapeFirst {
-		scrape()
-	}
-	if scrapeFirst {
-		f.m.first() // a window's first failure is its own
-		f.rss.watch(lead.cmd.Process.Pid)
-	} else {
-		f.rss.sample()
-	}
+	return s, nil
+}
+
+func (f *fleet) end(s0 snap) snap {
+	s := snap{node: s0.node, leader: s0.leader}
+	s.at, s.cpu, s.self, s.m = time.Now(), f.c.cpu(), selfCPU(), f.m.snap()
+	f.rss.sample()
+	var err error
+	s.raft, err = f.c.raftStats(s.node)
+	s.raftOK = err == nil
 	return s
 }
 
@@ -437,23 +447,27 @@ func (f *fleet) load(a, b snap) load {
 	d := b.m.sub(a.m)
 	l := load{Seconds: round(secs), ClusterCPUPct: sig((b.cpu - a.cpu) / secs * 100), LoadgenCPUPct: sig((b.self - a.self) / secs * 100),
 		Pulls: d.ok[opPull], Heartbeats: d.ok[opHeartbeat], Pushes: d.ok[opPush],
-		Throttled: d.throttled, Server5xx: d.server5xx, TransportErrors: d.transport, Failures: d.failures}
-	if a.raft && b.raft {
-		l.RaftEntriesPerS = sig((b.applied - a.applied) / secs)
-		l.RaftCommandsPerS = sig((b.commands - a.commands) / secs)
+		Throttled: d.throttled, Server5xx: d.server5xx, TransportErrors: d.transport, Failures: d.failures,
+		Node: a.node.id, NodeWasLeader: a.leader}
+	if a.raftOK && b.raftOK {
+		l.RaftEntriesPerS = sig((b.raft.applied - a.raft.applied) / secs)
+		l.RaftCommandsPerS = sig((b.raft.commands - a.raft.commands) / secs)
+		l.Elections = b.raft.term - a.raft.term
 	}
 	if d.failures > 0 {
 		l.FirstFailure = f.m.first()
 	}
-	l.LeaderRSSPeakMB, l.LeaderAnonPeakMB = f.rss.phasePeak()
+	l.LeaderRSSPeakMB, l.LeaderAnonPeakMB, l.MaxNodeRSSPeakMB = f.rss.phasePeak()
 	return l
 }
 
-// sampler tracks the leader's resident memory.
+// sampler tracks the measured node's resident memory, and the largest of
+// any node's.
 type sampler struct {
 	mu               sync.Mutex
 	pid              int
-	peak, anon       float64 // since watch
+	pids             []int
+	peak, anon, any  float64 // since watch
 	allPeak, allAnon float64
 }
 
@@ -470,32 +484,37 @@ func (s *sampler) run(ctx context.Context, every time.Duration) {
 	}
 }
 
-// watch starts a phase: pid is the leader's, the phase peak starts over.
-func (s *sampler) watch(pid int) {
+// watch starts a phase: pid is the measured node's, pids every node's; the
+// phase's peaks start over.
+func (s *sampler) watch(pid int, pids []int) {
 	s.mu.Lock()
-	s.pid, s.peak, s.anon = pid, 0, 0
+	s.pid, s.pids, s.peak, s.anon, s.any = pid, pids, 0, 0, 0
 	s.mu.Unlock()
 	s.sample()
 }
 
 func (s *sampler) sample() {
 	s.mu.Lock()
-	pid := s.pid
+	pid, pids := s.pid, s.pids
 	s.mu.Unlock()
 	if pid == 0 {
 		return
 	}
 	st := benchproc.StatusMB(pid)
+	most := 0.0
+	for _, p := range pids {
+		most = max(most, benchproc.StatusMB(p)["VmRSS"])
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.peak, s.anon = max(s.peak, st["VmRSS"]), max(s.anon, st["RssAnon"])
+	s.peak, s.anon, s.any = max(s.peak, st["VmRSS"]), max(s.anon, st["RssAnon"]), max(s.any, most)
 	s.allPeak, s.allAnon = max(s.allPeak, s.peak), max(s.allAnon, s.anon)
 }
 
-func (s *sampler) phasePeak() (rss, anon float64) {
+func (s *sampler) phasePeak() (rss, anon, anyNode float64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return round(s.peak), round(s.anon)
+	return round(s.peak), round(s.anon), round(s.any)
 }
 
 // selfCPU is the user+system CPU seconds this process has used.

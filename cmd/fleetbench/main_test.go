@@ -103,6 +103,14 @@ func TestFleet(t *testing.T) {
 		t.Errorf("leader RSS peak %v MB", rep.LeaderRSSPeakMB)
 	}
 
+	for name, l := range map[string]load{"idle": rep.Idle.load, "storm": rep.Storm.load, "steady": rep.Steady.load} {
+		// One node: it is the leader, and nothing moves leadership.
+		if l.Node != "f0" || !l.NodeWasLeader || l.Elections != 0 || l.LeaderRSSPeakMB <= 0 || l.MaxNodeRSSPeakMB < l.LeaderRSSPeakMB {
+			t.Errorf("%s: node %q (leader %v), %v elections, leader RSS %v MB, largest %v MB",
+				name, l.Node, l.NodeWasLeader, l.Elections, l.LeaderRSSPeakMB, l.MaxNodeRSSPeakMB)
+		}
+	}
+
 	id := rep.Idle
 	// The syncer pulls every second: in a 2s window each edge pulls 2 or 3
 	// times (a hot loop or a dead one fails this).
