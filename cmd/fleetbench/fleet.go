@@ -54,16 +54,18 @@ type load struct {
 	Seconds float64 `json:"seconds"`
 	// CPU seconds per second × 100: 100 is one core busy. The load
 	// generator shares the machine's cores with the cluster.
-	ClusterCPUPct    float64 `json:"cluster_cpu_pct_of_core"`
-	LoadgenCPUPct    float64 `json:"loadgen_cpu_pct_of_core"`
-	RaftEntriesPerS  float64 `json:"raft_entries_per_s"`
-	RaftCommandsPerS float64 `json:"raft_commands_per_s"`
-	Pulls            int64   `json:"pulls"`
-	Heartbeats       int64   `json:"heartbeats"`
-	Pushes           int64   `json:"pushes"`
-	Throttled        int64   `json:"throttled_429"`
-	Server5xx        int64   `json:"server_5xx"`
-	TransportErrors  int64   `json:"transport_errors"`
+	ClusterCPUPct float64 `json:"cluster_cpu_pct_of_core"`
+	LoadgenCPUPct float64 `json:"loadgen_cpu_pct_of_core"`
+	// Raft figures are null when the node's /metrics could not be read at
+	// both ends of the window (an overloaded node may not answer in time).
+	RaftEntriesPerS  *float64 `json:"raft_entries_per_s"`
+	RaftCommandsPerS *float64 `json:"raft_commands_per_s"`
+	Pulls            int64    `json:"pulls"`
+	Heartbeats       int64    `json:"heartbeats"`
+	Pushes           int64    `json:"pushes"`
+	Throttled        int64    `json:"throttled_429"`
+	Server5xx        int64    `json:"server_5xx"`
+	TransportErrors  int64    `json:"transport_errors"`
 	// Exchanges an edge's loop saw fail after the client's retries (429s
 	// not counted), and the first of them.
 	Failures     int64  `json:"failures"`
@@ -71,11 +73,11 @@ type load struct {
 	// The node measured (the leader at the window's start, unless there was
 	// none for 10s: then leader_rss is that node's) and the elections
 	// (raft term changes) it saw in the window.
-	Node             string  `json:"node"`
-	NodeWasLeader    bool    `json:"node_was_leader"`
-	Elections        float64 `json:"elections"`
-	LeaderRSSPeakMB  float64 `json:"leader_rss_peak_mb"`
-	LeaderAnonPeakMB float64 `json:"leader_rss_anon_peak_mb"`
+	Node             string   `json:"node"`
+	NodeWasLeader    bool     `json:"node_was_leader"`
+	Elections        *float64 `json:"elections"`
+	LeaderRSSPeakMB  float64  `json:"leader_rss_peak_mb"`
+	LeaderAnonPeakMB float64  `json:"leader_rss_anon_peak_mb"`
 	// The largest peak RSS of any node: leadership may move in a window.
 	MaxNodeRSSPeakMB float64 `json:"max_node_rss_peak_mb"`
 }
@@ -153,7 +155,7 @@ func run(ctx context.Context, o options) (*report, error) {
 		ids[i] = fmt.Sprintf("fleet-%0*d", width, i)
 	}
 	f := &fleet{o: o, cfg: cfg, m: &meter{}, rss: &sampler{},
-		c: &cluster{bin: o.bin, args: o.nodeArgs, log: o.nodeLog, hc: &http.Client{Timeout: 10 * time.Second}}}
+		c: &cluster{bin: o.bin, args: o.nodeArgs, log: o.nodeLog, hc: &http.Client{Timeout: 20 * time.Second}}}
 	defer f.c.stop() // runs before the data directory is removed
 	finish := func(err error) (*report, error) {
 		f.halt()
@@ -450,9 +452,9 @@ func (f *fleet) load(a, b snap) load {
 		Throttled: d.throttled, Server5xx: d.server5xx, TransportErrors: d.transport, Failures: d.failures,
 		Node: a.node.id, NodeWasLeader: a.leader}
 	if a.raftOK && b.raftOK {
-		l.RaftEntriesPerS = sig((b.raft.applied - a.raft.applied) / secs)
-		l.RaftCommandsPerS = sig((b.raft.commands - a.raft.commands) / secs)
-		l.Elections = b.raft.term - a.raft.term
+		l.RaftEntriesPerS = ptr(sig((b.raft.applied - a.raft.applied) / secs))
+		l.RaftCommandsPerS = ptr(sig((b.raft.commands - a.raft.commands) / secs))
+		l.Elections = ptr(b.raft.term - a.raft.term)
 	}
 	if d.failures > 0 {
 		l.FirstFailure = f.m.first()
@@ -537,6 +539,8 @@ func percentiles(ds []time.Duration) (p50, p99, maxMs float64) {
 }
 
 func ms(d time.Duration) float64 { return round(float64(d.Microseconds()) / 1000) }
+
+func ptr(f float64) *float64 { return &f }
 
 func ratio(a, b int64) float64 {
 	if b == 0 {

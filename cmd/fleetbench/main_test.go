@@ -105,9 +105,12 @@ func TestFleet(t *testing.T) {
 
 	for name, l := range map[string]load{"idle": rep.Idle.load, "storm": rep.Storm.load, "steady": rep.Steady.load} {
 		// One node: it is the leader, and nothing moves leadership.
-		if l.Node != "f0" || !l.NodeWasLeader || l.Elections != 0 || l.LeaderRSSPeakMB <= 0 || l.MaxNodeRSSPeakMB < l.LeaderRSSPeakMB {
+		if l.Elections == nil || l.RaftEntriesPerS == nil || l.RaftCommandsPerS == nil {
+			t.Fatalf("%s: raft figures missing: %+v", name, l)
+		}
+		if l.Node != "f0" || !l.NodeWasLeader || *l.Elections != 0 || l.LeaderRSSPeakMB <= 0 || l.MaxNodeRSSPeakMB < l.LeaderRSSPeakMB {
 			t.Errorf("%s: node %q (leader %v), %v elections, leader RSS %v MB, largest %v MB",
-				name, l.Node, l.NodeWasLeader, l.Elections, l.LeaderRSSPeakMB, l.MaxNodeRSSPeakMB)
+				name, l.Node, l.NodeWasLeader, *l.Elections, l.LeaderRSSPeakMB, l.MaxNodeRSSPeakMB)
 		}
 	}
 
@@ -121,7 +124,7 @@ func TestFleet(t *testing.T) {
 	if id.BytesPerPull < 5*80 || id.BytesPerPull > 64<<10 {
 		t.Errorf("idle: %v bytes per pull", id.BytesPerPull)
 	}
-	if id.ClusterCPUPct < 0 || id.CPUPerEdgePct < 0 || id.RaftEntriesPerS < 0 || id.Failures != 0 {
+	if id.ClusterCPUPct < 0 || id.CPUPerEdgePct < 0 || *id.RaftEntriesPerS < 0 || id.Failures != 0 {
 		t.Errorf("idle: %+v", *id)
 	}
 
@@ -129,8 +132,8 @@ func TestFleet(t *testing.T) {
 	if !st.Complete || st.DrainedEdges != o.edges || st.Readings != o.edges*o.backlog {
 		t.Fatalf("storm: %+v", *st)
 	}
-	if st.DrainS <= 0 || st.DrainS > o.stormMax.Seconds() || st.RaftEntriesPerS <= 0 || st.Pushes < int64(o.edges) {
-		t.Errorf("storm: drained in %vs, %v raft entries/s, %d pushes", st.DrainS, st.RaftEntriesPerS, st.Pushes)
+	if st.DrainS <= 0 || st.DrainS > o.stormMax.Seconds() || *st.RaftEntriesPerS <= 0 || st.Pushes < int64(o.edges) {
+		t.Errorf("storm: drained in %vs, %v raft entries/s, %d pushes", st.DrainS, *st.RaftEntriesPerS, st.Pushes)
 	}
 	if !(0 < st.LagP50Ms && st.LagP50Ms <= st.LagP99Ms && st.LagP99Ms <= st.LagMaxMs && st.LagMaxMs <= st.DrainS*1000+1) {
 		t.Errorf("storm lags p50 %v p99 %v max %v, drain %vs", st.LagP50Ms, st.LagP99Ms, st.LagMaxMs, st.DrainS)
