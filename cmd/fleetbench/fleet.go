@@ -245,7 +245,7 @@ func (f *fleet) idlePhase(ctx context.Context) (*idleReport, error) {
 	f.start(ctx)
 	// Connecting is bounded by the fleet's size: a heartbeat and a pull
 	// each, through a cloud that may serve a few hundred a second.
-	connect := 30*time.Second + time.Duration(len(f.edges))*50*time.Millisecond
+	connect := 30*time.Second + time.Duration(len(f.edges))*80*time.Millisecond
 	ready := func() int {
 		k := 0
 		for _, e := range f.edges {
