@@ -4,14 +4,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/outpost-edge/outpost/pkg/ident"
 	"math"
 	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
 
+	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/store"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 var testNow = time.Date(2024, 11, 21, 6, 20, 0, 123e6, time.UTC)
@@ -331,7 +332,7 @@ func FuzzDecode(f *testing.F) {
 				t.Fatalf("accepted %d state fields", len(it.State))
 			}
 			for k, v := range it.State {
-				if k == "" || !json.Valid(v) {
+				if k == "" || !json.Valid(v) || wire.CheckValue(v) != nil {
 					t.Fatalf("accepted state field %q = %s", k, v)
 				}
 			}

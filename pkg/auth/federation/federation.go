@@ -21,7 +21,8 @@
 // an admin end a user's sessions; the revocations reach the edge through
 // sync (the syncer's Revocations, consumed here as a Revoker). Offline
 // refresh and access-token verification refuse sessions revoked as of the
-// last pull.
+// last pull. A refresh the cloud refuses as reused or revoked ends the
+// session's access tokens here at once, without waiting for that pull.
 package federation
 
 import (

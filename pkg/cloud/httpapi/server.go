@@ -80,9 +80,9 @@ func New(cfg Config, svc Service, authn auth.Authenticator, clusterNeedsToken bo
 	if cfg.RequestTimeout == 0 {
 		cfg.RequestTimeout = 10 * time.Second
 	}
-	zdec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(wire.MaxBodyBytes))
+	zdec, err := newZstdDecoder()
 	if err != nil {
-		return nil, fmt.Errorf("zstd decoder: %w", err)
+		return nil, err
 	}
 	s := &Server{
 		cfg: cfg, log: log, svc: svc, authn: authn, cluster: clusterNeedsToken,
@@ -350,6 +350,16 @@ func (s *Server) read(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
 // at wire.MaxBodyBytes.
 func (s *Server) body(c *fiber.Ctx) ([]byte, error) {
 	return s.decompress(c.Get(fiber.HeaderContentEncoding), c.Request().Body())
+}
+
+// newZstdDecoder is the request bodies' zstd decoder: bounded to
+// wire.MaxBodyBytes of output.
+func newZstdDecoder() (*zstd.Decoder, error) {
+	zdec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(wire.MaxBodyBytes))
+	if err != nil {
+		return nil, fmt.Errorf("zstd decoder: %w", err)
+	}
+	return zdec, nil
 }
 
 // decompress decodes raw per the Content-Encoding enc, capped at
