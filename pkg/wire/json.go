@@ -74,15 +74,15 @@ func (s *jsonScanner) syntax(what string) error {
 	return &ruleError{kind: ErrJSONSyntax, msg: fmt.Sprintf("JSON syntax error at byte %d: %s", s.i, what)}
 }
 
+// The hot loops below work on locals: through the pointer, every byte
+// would reload s.b and s.i.
+
 func (s *jsonScanner) space() {
-	for s.i < len(s.b) {
-		switch s.b[s.i] {
-		case ' ', '\t', '\n', '\r':
-			s.i++
-		default:
-			return
-		}
+	b, i := s.b, s.i
+	for i < len(b) && (b[i] == ' ' || b[i] == '\n' || b[i] == '\t' || b[i] == '\r') {
+		i++
 	}
+	s.i = i
 }
 
 func (s *jsonScanner) value() error {
@@ -204,12 +204,14 @@ func (s *jsonScanner) str() error {
 	s.i++
 	for {
 		// The common case: a run of printable ASCII.
-		for s.i < len(s.b) {
-			if c := s.b[s.i]; c < 0x20 || c == '"' || c == '\\' || c >= utf8.RuneSelf {
+		b, i := s.b, s.i
+		for i < len(b) {
+			if c := b[i]; c < 0x20 || c == '"' || c == '\\' || c >= utf8.RuneSelf {
 				break
 			}
-			s.i++
+			i++
 		}
+		s.i = i
 		if s.i >= len(s.b) {
 			return s.syntax("unterminated string")
 		}
@@ -296,11 +298,12 @@ func (s *jsonScanner) number() error {
 		s.i++
 	}
 	digits := func() int {
-		n := 0
-		for s.i < len(s.b) && s.b[s.i] >= '0' && s.b[s.i] <= '9' {
-			s.i++
-			n++
+		b, i := s.b, s.i
+		for i < len(b) && b[i]-'0' <= 9 {
+			i++
 		}
+		n := i - s.i
+		s.i = i
 		return n
 	}
 	if s.i >= len(s.b) || s.b[s.i] < '0' || s.b[s.i] > '9' {
