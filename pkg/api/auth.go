@@ -18,6 +18,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/wechat"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // Locals keys.
@@ -48,6 +49,14 @@ func decodeBody(c *fiber.Ctx, v any) error {
 	if len(bytes.TrimSpace(body)) == 0 {
 		return errors.New("request body is empty; expected a JSON object")
 	}
+	// The shared JSON rules (depth, UTF-8, finite numbers) before decoding:
+	// encoding/json would replace invalid UTF-8 silently and keep 1e400 in
+	// a raw value, which would then be served back. Grammar errors are left
+	// to the decoder, which words them for the client.
+	checked := wire.CheckJSON(body, wire.MaxJSONDepth)
+	if checked != nil && !errors.Is(checked, wire.ErrJSONSyntax) {
+		return fmt.Errorf("request body refused: %v", checked)
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
@@ -69,6 +78,9 @@ func decodeBody(c *fiber.Ctx, v any) error {
 	}
 	if _, err := dec.Token(); err != io.EOF {
 		return errors.New("request body has trailing data after the JSON object")
+	}
+	if checked != nil { // the decoder took what the grammar refuses
+		return fmt.Errorf("request body is not valid JSON: %v", checked)
 	}
 	return nil
 }

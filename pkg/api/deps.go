@@ -38,8 +38,9 @@ type Tokens interface {
 }
 
 // RevocationChecker is implemented by Tokens whose sessions can be revoked
-// after a token was verified (a joined edge learns the cloud's revocations
-// through sync): the server asks it on every request, including those whose
+// after a token was verified (auth.Service: a reused refresh token, logout;
+// a joined edge also learns the cloud's revocations through sync): the
+// server asks it on every request, including those whose
 // token it serves from the verified-token cache, so a revocation applies at
 // once rather than after the cache's TTL. It must be cheap.
 type RevocationChecker interface {

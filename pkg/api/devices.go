@@ -66,7 +66,17 @@ func resourceOf(d *store.Device) policy.Resource {
 	return policy.Resource{Kind: "device", ID: d.ID, Owners: d.Meta.Owners, Region: d.Meta.Region, Tags: d.Meta.Tags}
 }
 
-// device loads the path's device and checks action on it.
+// unknownDevice is the resource a missing device is authorised as: no
+// owners, region or tags, so only a caller allowed to act on any device may
+// learn that it does not exist.
+func unknownDevice(id string) policy.Resource {
+	return policy.Resource{Kind: "device", ID: id, Owners: []string{}, Tags: map[string]string{}}
+}
+
+// device loads the path's device and checks action on it. A missing device
+// is authorised as unknownDevice before the 404, so a caller who may not
+// read it gets the same 403 (with the policy's reason) whether the id
+// exists or not: the answer is no oracle of which ids exist.
 func (s *Server) device(c *fiber.Ctx, action string) (*store.Device, error) {
 	id := c.Params("id")
 	if !ident.DeviceID(id) {
@@ -74,6 +84,9 @@ func (s *Server) device(c *fiber.Ctx, action string) (*store.Device, error) {
 	}
 	d, err := s.deps.Store.Device(id)
 	if errors.Is(err, store.ErrNotFound) {
+		if err := s.authorize(c, action, unknownDevice(id)); err != nil {
+			return nil, deny(c, err)
+		}
 		return nil, fail(c, fiber.StatusNotFound, "device "+id+" not found")
 	}
 	if err != nil {

@@ -31,6 +31,9 @@ var (
 	bucketFamilies = []byte("auth_refresh_fam")    // family id -> familyRecord
 	bucketUserFams = []byte("auth_refresh_user")   // openid 0x00 family -> nil
 	bucketExpiry   = []byte("auth_refresh_expiry") // be64(expiry unix ns) sha256(token) -> nil
+	// bucketRevoked lists revoked families whose access tokens may still be
+	// live: family -> be64(unix ns until which they must be refused).
+	bucketRevoked = []byte("auth_refresh_revoked")
 )
 
 type refreshRecord struct {
@@ -56,7 +59,7 @@ type refreshStore struct {
 
 func newRefreshStore(db *bolt.DB) (*refreshStore, error) {
 	err := db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketRefresh, bucketFamilies, bucketUserFams, bucketExpiry} {
+		for _, b := range [][]byte{bucketRefresh, bucketFamilies, bucketUserFams, bucketExpiry, bucketRevoked} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return fmt.Errorf("create bucket %s: %w", b, err)
 			}
@@ -135,8 +138,10 @@ func (s *refreshStore) create(openid, token, family string, now, expires time.Ti
 
 // rotate consumes old and, in the same transaction, stores next as its
 // successor. bbolt serialises read-write transactions, so of two concurrent
-// rotations of one token exactly one succeeds; the other sees it used.
-func (s *refreshStore) rotate(old, next string, now, expires time.Time) (openid string, err error) {
+// rotations of one token exactly one succeeds; the other sees it used. It
+// returns the session (family) either way; on reuse the family is revoked,
+// its access tokens to be refused until refuseUntil.
+func (s *refreshStore) rotate(old, next string, now, expires, refuseUntil time.Time) (openid, family string, err error) {
 	oldHash, nextHash := hashToken(old), hashToken(next)
 	var reused bool
 	err = s.db.Update(func(tx *bolt.Tx) error {
@@ -153,14 +158,14 @@ func (s *refreshStore) rotate(old, next string, now, expires time.Time) (openid 
 		} else if !ok {
 			return ErrRefreshNotFound
 		}
+		family = rec.Family
 		if fam.Revoked {
 			return ErrRefreshRevoked
 		}
 		if rec.Used {
 			// Commit the revocation, then report the reuse.
-			fam.Revoked = true
 			reused = true
-			return putJSON(fams, []byte(rec.Family), fam)
+			return revokeFamily(tx, rec.Family, refuseUntil)
 		}
 		if !now.Before(rec.Expires) {
 			return ErrRefreshExpired
@@ -176,16 +181,16 @@ func (s *refreshStore) rotate(old, next string, now, expires time.Time) (openid 
 		openid = rec.OpenID
 		return putJSON(fams, []byte(rec.Family), fam)
 	})
-	if reused {
-		return "", ErrRefreshReused
+	if reused && err == nil {
+		return "", family, ErrRefreshReused
 	}
 	if err != nil {
 		if isRefreshSentinel(err) {
-			return "", err
+			return "", family, err
 		}
-		return "", fmt.Errorf("auth: rotate refresh token: %w", err)
+		return "", "", fmt.Errorf("auth: rotate refresh token: %w", err)
 	}
-	return openid, nil
+	return openid, family, nil
 }
 
 func isRefreshSentinel(err error) bool {
@@ -193,9 +198,11 @@ func isRefreshSentinel(err error) bool {
 		errors.Is(err, ErrRefreshRevoked) || errors.Is(err, ErrRefreshReused)
 }
 
-// revokeToken revokes the family the token belongs to (logout).
-func (s *refreshStore) revokeToken(token string) error {
+// revokeToken revokes the family the token belongs to (logout) and returns
+// it.
+func (s *refreshStore) revokeToken(token string, refuseUntil time.Time) (string, error) {
 	hash := hashToken(token)
+	var family string
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		var rec refreshRecord
 		if ok, err := getJSON(tx.Bucket(bucketRefresh), hash, &rec); err != nil {
@@ -203,15 +210,23 @@ func (s *refreshStore) revokeToken(token string) error {
 		} else if !ok {
 			return ErrRefreshNotFound
 		}
-		return revokeFamily(tx, rec.Family)
+		family = rec.Family
+		return revokeFamily(tx, rec.Family, refuseUntil)
 	})
 	if err != nil && !errors.Is(err, ErrRefreshNotFound) {
-		return fmt.Errorf("auth: revoke refresh token: %w", err)
+		return "", fmt.Errorf("auth: revoke refresh token: %w", err)
 	}
-	return err
+	return family, err
 }
 
-func revokeFamily(tx *bolt.Tx, family string) error {
+// revokeFamily revokes a family and lists it among those whose access
+// tokens are refused until refuseUntil. Revoking an unknown family only
+// lists it: a session another service started (a cloud session an edge
+// saw revoked) is refused all the same.
+func revokeFamily(tx *bolt.Tx, family string, refuseUntil time.Time) error {
+	if err := putRevoked(tx, family, refuseUntil); err != nil {
+		return err
+	}
 	fams := tx.Bucket(bucketFamilies)
 	var fam familyRecord
 	if ok, err := getJSON(fams, []byte(family), &fam); err != nil || !ok {
@@ -224,26 +239,81 @@ func revokeFamily(tx *bolt.Tx, family string) error {
 	return putJSON(fams, []byte(family), fam)
 }
 
+func putRevoked(tx *bolt.Tx, family string, until time.Time) error {
+	b := tx.Bucket(bucketRevoked)
+	if old := b.Get([]byte(family)); len(old) == 8 && int64(binary.BigEndian.Uint64(old)) >= until.UnixNano() {
+		return nil
+	}
+	return b.Put([]byte(family), binary.BigEndian.AppendUint64(nil, uint64(until.UnixNano())))
+}
+
+// revokeSession lists family as revoked until refuseUntil (and revokes it
+// if it is one of this store's).
+func (s *refreshStore) revokeSession(family string, refuseUntil time.Time) error {
+	err := s.db.Update(func(tx *bolt.Tx) error { return revokeFamily(tx, family, refuseUntil) })
+	if err != nil {
+		return fmt.Errorf("auth: revoke session: %w", err)
+	}
+	return nil
+}
+
 // revokeUser revokes every live family of openid, found through the
-// per-user index rather than a scan of all tokens.
-func (s *refreshStore) revokeUser(openid string) (int, error) {
-	n := 0
+// per-user index rather than a scan of all tokens, and returns them.
+func (s *refreshStore) revokeUser(openid string, refuseUntil time.Time) ([]string, error) {
+	var families []string
 	err := s.db.Update(func(tx *bolt.Tx) error {
-		n = 0
+		families = families[:0]
 		prefix := append([]byte(openid), 0)
 		c := tx.Bucket(bucketUserFams).Cursor()
 		for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
-			if err := revokeFamily(tx, string(k[len(prefix):])); err != nil {
+			family := string(k[len(prefix):])
+			if err := revokeFamily(tx, family, refuseUntil); err != nil {
 				return err
 			}
-			n++
+			families = append(families, family)
 		}
 		return nil
 	})
 	if err != nil {
-		return 0, fmt.Errorf("auth: revoke user %q: %w", openid, err)
+		return nil, fmt.Errorf("auth: revoke user %q: %w", openid, err)
 	}
-	return n, nil
+	return families, nil
+}
+
+// revokedFamilies returns the listed revoked families still to be refused
+// at now, deleting those past their time.
+func (s *refreshStore) revokedFamilies(now time.Time) (map[string]time.Time, error) {
+	out := map[string]time.Time{}
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		clear(out)
+		b := tx.Bucket(bucketRevoked)
+		var done [][]byte
+		err := b.ForEach(func(k, v []byte) error {
+			until := time.Time{}
+			if len(v) == 8 {
+				until = time.Unix(0, int64(binary.BigEndian.Uint64(v)))
+			}
+			if !now.Before(until) {
+				done = append(done, bytes.Clone(k))
+				return nil
+			}
+			out[string(k)] = until
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, k := range done {
+			if err := b.Delete(k); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("auth: revoked sessions: %w", err)
+	}
+	return out, nil
 }
 
 // purge deletes token records that expired before now, walking the expiry

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -71,12 +72,22 @@ func tokenDefaults(accessTTL, refreshTTL, leeway *time.Duration, now *func() tim
 }
 
 // Service issues, refreshes and verifies user credentials.
+//
+// Sessions: every access token names its session (the refresh-token
+// family, claim "fam"), and Verify refuses the tokens of a revoked session
+// at once — a reused refresh token, a logout, RevokeUser, RevokeSession —
+// rather than letting them live out their AccessTTL. The revoked families
+// are kept in memory (and in the database, so a restart keeps refusing
+// them) for as long as a token of theirs could still verify.
 type Service struct {
 	cfg     Config
 	keys    *Keyring
 	refresh *refreshStore
 	verify  *verifier
 	log     *slog.Logger
+
+	revMu   sync.RWMutex
+	revoked map[string]time.Time // family -> until when its tokens are refused
 }
 
 // NewService builds a Service on keys, keeping refresh tokens in db (in
@@ -99,13 +110,63 @@ func NewService(keys *Keyring, db *bolt.DB, cfg Config) (*Service, error) {
 	if err != nil {
 		return nil, err
 	}
+	revoked, err := rs.revokedFamilies(cfg.Now())
+	if err != nil {
+		return nil, err
+	}
 	return &Service{
 		cfg:     cfg,
 		keys:    keys,
 		refresh: rs,
 		verify:  newVerifier(keys, cfg.Leeway, cfg.Now),
 		log:     cfg.Logger,
+		revoked: revoked,
 	}, nil
+}
+
+// refuseUntil is how long the access tokens of a session revoked now may
+// still verify: the newest was issued no later than now.
+func (s *Service) refuseUntil(now time.Time) time.Time {
+	return now.Add(s.cfg.AccessTTL + s.cfg.Leeway)
+}
+
+// markRevoked records families as revoked in memory until until.
+func (s *Service) markRevoked(until time.Time, families ...string) {
+	s.revMu.Lock()
+	defer s.revMu.Unlock()
+	for _, f := range families {
+		if f != "" && s.revoked[f].Before(until) {
+			s.revoked[f] = until
+		}
+	}
+}
+
+// Revoked reports whether the session a verified token names was revoked
+// here. It is cheap (a map lookup under a read lock): the edge's API asks
+// it on every request, including those served from its verified-token
+// cache.
+func (s *Service) Revoked(c Claims) bool {
+	if c.Family == "" {
+		return false
+	}
+	s.revMu.RLock()
+	until, ok := s.revoked[c.Family]
+	s.revMu.RUnlock()
+	return ok && s.cfg.Now().Before(until)
+}
+
+// RevokeSession ends session family — one of this service's or one issued
+// elsewhere (a cloud session an edge learned was revoked) — refusing its
+// access tokens until until.
+func (s *Service) RevokeSession(family string, until time.Time) error {
+	if family == "" {
+		return nil
+	}
+	if err := s.refresh.revokeSession(family, until); err != nil {
+		return err
+	}
+	s.markRevoked(until, family)
+	return nil
 }
 
 // Keys is the service's keyring, for rotation, export and trusted-key sync.
@@ -120,15 +181,15 @@ func (s *Service) Issue(ctx context.Context, openid string) (Pair, error) {
 		return Pair{}, errors.New("auth: issue: empty openid")
 	}
 	now := s.cfg.Now()
-	access, _, err := signAccess(s.keys, s.cfg.Issuer, openid, now, s.cfg.AccessTTL)
+	family, err := randomToken(16)
+	if err != nil {
+		return Pair{}, err
+	}
+	access, _, err := signAccessFamily(s.keys, s.cfg.Issuer, openid, family, now, s.cfg.AccessTTL)
 	if err != nil {
 		return Pair{}, err
 	}
 	refresh, err := randomToken(refreshTokenBytes)
-	if err != nil {
-		return Pair{}, err
-	}
-	family, err := randomToken(16)
 	if err != nil {
 		return Pair{}, err
 	}
@@ -154,14 +215,16 @@ func (s *Service) Refresh(ctx context.Context, refreshToken string) (Pair, error
 	if err != nil {
 		return Pair{}, err
 	}
-	openid, err := s.refresh.rotate(refreshToken, next, now, now.Add(s.cfg.RefreshTTL))
+	openid, family, err := s.refresh.rotate(refreshToken, next, now, now.Add(s.cfg.RefreshTTL), s.refuseUntil(now))
 	if err != nil {
 		if errors.Is(err, ErrRefreshReused) {
+			// Its access tokens are refused from this request on.
+			s.markRevoked(s.refuseUntil(now), family)
 			s.log.Warn("refresh token reused; session revoked")
 		}
 		return Pair{}, err
 	}
-	access, _, err := signAccess(s.keys, s.cfg.Issuer, openid, now, s.cfg.AccessTTL)
+	access, _, err := signAccessFamily(s.keys, s.cfg.Issuer, openid, family, now, s.cfg.AccessTTL)
 	if err != nil {
 		return Pair{}, err
 	}
@@ -173,26 +236,44 @@ func (s *Service) pair(access, refresh, openid string) Pair {
 }
 
 // Verify checks an access token offline against the keyring (own and
-// trusted keys). Errors: ErrInvalidToken, ErrTokenExpired, ErrUnknownKey.
+// trusted keys) and refuses one whose session was revoked here. Errors:
+// ErrInvalidToken, ErrTokenExpired, ErrUnknownKey.
 func (s *Service) Verify(accessToken string) (Claims, error) {
-	return s.verify.verify(accessToken)
+	c, err := s.verify.verify(accessToken)
+	if err != nil {
+		return c, err
+	}
+	if s.Revoked(c) {
+		return Claims{}, fmt.Errorf("%w: the session was revoked", ErrInvalidToken)
+	}
+	return c, nil
 }
 
-// Revoke ends the session the refresh token belongs to (logout).
+// Revoke ends the session the refresh token belongs to (logout), its
+// access tokens included.
 func (s *Service) Revoke(ctx context.Context, refreshToken string) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return s.refresh.revokeToken(refreshToken)
+	until := s.refuseUntil(s.cfg.Now())
+	family, err := s.refresh.revokeToken(refreshToken, until)
+	s.markRevoked(until, family)
+	return err
 }
 
-// RevokeUser ends every session of openid and reports how many. Access
-// tokens already issued stay valid until they expire (at most AccessTTL).
+// RevokeUser ends every session of openid, access tokens included, and
+// reports how many.
 func (s *Service) RevokeUser(ctx context.Context, openid string) (int, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
-	return s.refresh.revokeUser(openid)
+	until := s.refuseUntil(s.cfg.Now())
+	families, err := s.refresh.revokeUser(openid, until)
+	if err != nil {
+		return 0, err
+	}
+	s.markRevoked(until, families...)
+	return len(families), nil
 }
 
 // Rotate switches to a new signing key; tokens signed with the old one stay
@@ -217,6 +298,22 @@ func (s *Service) Maintain(ctx context.Context) error {
 			break
 		}
 	}
+	revoked, err := s.refresh.revokedFamilies(now)
+	if err != nil {
+		return err
+	}
+	s.revMu.Lock()
+	for f, until := range s.revoked {
+		if !now.Before(until) {
+			delete(s.revoked, f)
+		}
+	}
+	for f, until := range revoked {
+		if s.revoked[f].Before(until) {
+			s.revoked[f] = until
+		}
+	}
+	s.revMu.Unlock()
 	var rotated string
 	if s.cfg.KeyRotation > 0 {
 		var err error

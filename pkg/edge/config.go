@@ -16,6 +16,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/ingest"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/syncer"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // Config is the edge daemon's configuration: built-in defaults, then a YAML
@@ -302,6 +303,9 @@ func (c *Config) Validate() error {
 	}
 	if _, _, _, err := ParseLocation(c.Location); err != nil {
 		errs.Add("location", "%v", err)
+	}
+	if err := wire.CheckAdvertise(c.Advertise); err != nil {
+		errs.Add("advertise", "%v", err)
 	}
 	for dev, hash := range c.MQTT.Devices {
 		if !ident.DeviceID(dev) {

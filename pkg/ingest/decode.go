@@ -126,6 +126,15 @@ func (d *Decoder) Decode(topic string, payload []byte, now time.Time) (store.Ite
 	if len(payload) > d.limits.MaxPayload {
 		return store.Item{}, invalid("payload of %d bytes exceeds the %d byte limit", len(payload), d.limits.MaxPayload)
 	}
+	// The shared JSON rules first (depth, UTF-8, finite numbers, and the
+	// grammar, which fastjson is lax about: it takes NaN, 01 and .5): what
+	// passes here is stored and served back as is.
+	if err := wire.CheckJSON(payload, wire.MaxJSONDepth); err != nil {
+		if errors.Is(err, wire.ErrJSONSyntax) {
+			return store.Item{}, invalid("payload is not valid JSON: %v", err)
+		}
+		return store.Item{}, invalid("payload refused: %v", err)
+	}
 	p := d.pool.Get()
 	defer d.pool.Put(p)
 	v, err := p.ParseBytes(payload)
@@ -312,15 +321,10 @@ func (d *Decoder) state(v *fastjson.Value, now time.Time) (map[string]json.RawMe
 			err = invalid("state field %q appears twice", k)
 			return
 		}
-		// fastjson accepts NaN, Inf, 01 and .5, which are not JSON: stored
-		// as raw JSON they would make every later encoding of the device
-		// fail, poisoning the batch they arrive in.
-		raw := fv.MarshalTo(nil)
-		if !json.Valid(raw) {
-			err = invalid("state field %q is not valid JSON: %s", k, raw)
-			return
-		}
-		out[string(k)] = raw
+		// The payload passed wire.CheckJSON, so the value is JSON by the
+		// shared rules; wire.ValidateState below checks each value again,
+		// as every other writer of state does.
+		out[string(k)] = fv.MarshalTo(nil)
 	})
 	if err != nil {
 		return nil, err

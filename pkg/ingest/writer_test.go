@@ -277,11 +277,11 @@ func TestWriterDeadLetters(t *testing.T) {
 	startWriter(t, w)
 	msgs := []struct{ name, topic, payload, reason string }{
 		{"good", "sensors/dev/telemetry", telemetry(1), ""},
-		{"nan", "sensors/dev/telemetry", `{"metrics":{"t":NaN}}`, `metric "t" is not a finite number`},
+		{"nan", "sensors/dev/telemetry", `{"metrics":{"t":NaN}}`, "payload is not valid JSON"},
 		{"topic", "sensors/a b/telemetry", telemetry(2), "must match [A-Za-z0-9._-]{1,64}"},
 		{"garbage", "sensors/dev/telemetry", "\x00\xff not json", "payload is not valid JSON"},
 		{"state", "sensors/dev/state", `{"state":{"fw":"1.0"}}`, ""},
-		{"bad state", "sensors/dev/state", `{"state":{"fw":NaN}}`, `state field "fw" is not valid JSON`},
+		{"bad state", "sensors/dev/state", `{"state":{"fw":NaN}}`, "payload is not valid JSON"},
 	}
 	for _, m := range msgs {
 		submit(t, w, rec.msg(m.name, m.topic, m.payload))

@@ -346,9 +346,7 @@ func readSources(files []string) (map[string]string, string, error) {
 }
 
 func compile(ctx context.Context, sources map[string]string) (*compiled, error) {
-	compiler, err := ast.CompileModulesWithOpt(sources, ast.CompileOpts{
-		ParserOptions: ast.ParserOptions{RegoVersion: ast.RegoV1},
-	})
+	compiler, err := compileModules(sources)
 	if err != nil {
 		return nil, err
 	}
@@ -359,14 +357,56 @@ func compile(ctx context.Context, sources map[string]string) (*compiled, error) 
 			return nil, fmt.Errorf("no rule %s.%s defined", packagePath, rule)
 		}
 	}
-	pq, err := rego.New(
-		rego.Query(query),
-		rego.Compiler(compiler),
-	).PrepareForEval(ctx)
+	pq, err := prepare(ctx, compiler)
 	if err != nil {
 		return nil, err
 	}
 	return &compiled{pq: pq}, nil
+}
+
+func compileModules(sources map[string]string) (*ast.Compiler, error) {
+	return ast.CompileModulesWithOpt(sources, ast.CompileOpts{
+		ParserOptions: ast.ParserOptions{RegoVersion: ast.RegoV1},
+	})
+}
+
+func prepare(ctx context.Context, compiler *ast.Compiler) (rego.PreparedEvalQuery, error) {
+	return rego.New(rego.Query(query), rego.Compiler(compiler)).PrepareForEval(ctx)
+}
+
+// ErrCompile marks a module set Check refuses; the error's text is the
+// compiler's message, naming file and line.
+var ErrCompile = errors.New("policy: modules do not compile")
+
+// Check compiles modules the way an engine given exactly that set would
+// (parse, compile, prepare the decision query), without evaluating
+// anything or touching a directory: what the cloud runs before it accepts
+// a module for distribution, so a module no edge could load is refused at
+// the source instead of blocking every later policy update at every edge.
+// It does not require the decision rules: a set is often assembled one
+// module at a time, and the engine refuses (and reports) a set without
+// them while the last good policy stays in force. Names are file names, as
+// in Install; test modules (*_test.rego) are skipped like scan skips them.
+func Check(ctx context.Context, modules []Module) error {
+	sources := make(map[string]string, len(modules))
+	for _, m := range modules {
+		name := filepath.Base(m.Name)
+		if !strings.HasSuffix(name, ".rego") || strings.HasSuffix(name, "_test.rego") || strings.HasPrefix(name, ".") {
+			continue
+		}
+		sources[name] = m.Source
+	}
+	if len(sources) == 0 {
+		return nil
+	}
+	compiler, err := compileModules(sources)
+	if err == nil {
+		_, err = prepare(ctx, compiler)
+	}
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrCompile, err)
+	}
+	return nil
 }
 
 // astValue converts in without a JSON round trip; nil slices and maps

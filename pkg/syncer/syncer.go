@@ -605,7 +605,10 @@ func toWire(c *store.Change) wire.Change {
 			w.Readings[i] = wire.Reading{TS: r.TS, ID: r.ID, Metrics: m}
 		}
 	case store.ChangeReported, store.ChangeDesired:
-		w.Doc = c.Doc
+		// A value stored before the JSON rules existed travels as null:
+		// the cloud refuses a batch holding it, which would stall the
+		// stream for good.
+		w.Doc, _ = wire.ScrubDoc(c.Doc)
 	case store.ChangeMeta:
 		w.Meta = &wire.Meta{Owners: c.Meta.Owners, Region: c.Meta.Region, Tags: c.Meta.Tags, Stamp: c.Meta.Stamp}
 	case store.ChangeUser:
@@ -743,6 +746,16 @@ func (s *Syncer) apply(changes []wire.Change) error {
 				revoked = append(revoked, changes[i].Sessions)
 			}
 			continue
+		}
+		if k := changes[i].Kind; k == wire.KindDesired || k == wire.KindReported {
+			// The JSON rules on what the cloud sends, value by value, so a
+			// value the cloud stored before them neither reaches a phone
+			// nor stalls the pull (a refused page would be pulled again
+			// and again).
+			var n int
+			if changes[i].Doc, n = wire.ScrubDoc(changes[i].Doc); n > 0 {
+				s.log.Warn("pulled state values break the JSON rules; stored as null", "device", changes[i].Device, "kind", k, "values", n)
+			}
 		}
 		if c, ok := fromWire(&changes[i]); ok {
 			local = append(local, c)

@@ -2,9 +2,41 @@ package wire
 
 import (
 	"math"
+	"net/url"
 	"sort"
 	"time"
 )
+
+// MaxAdvertise bounds an edge's advertise URL.
+const MaxAdvertise = 512
+
+// CheckAdvertise checks an edge's advertise URL, the base URL phones are
+// sent to by the nearest-edge query: "" (the edge advertises none) or an
+// absolute http or https URL with a host and without userinfo, of at most
+// MaxAdvertise bytes. Anything else (javascript:, data:, a relative path,
+// user:password@) would be handed to phones as a link. The edge's config
+// and the cloud's heartbeat handling both apply it; Nearest also drops an
+// invalid URL it finds in an older directory.
+func CheckAdvertise(s string) error {
+	if s == "" {
+		return nil
+	}
+	if len(s) > MaxAdvertise {
+		return invalid("advertise URL longer than %d bytes", MaxAdvertise)
+	}
+	u, err := url.Parse(s)
+	switch {
+	case err != nil:
+		return invalid("advertise URL %q does not parse", clip(s))
+	case u.Scheme != "http" && u.Scheme != "https":
+		return invalid("advertise URL %q must be http:// or https://", clip(s))
+	case u.Host == "" || u.Hostname() == "":
+		return invalid("advertise URL %q has no host", clip(s))
+	case u.User != nil:
+		return invalid("advertise URL %q must not carry userinfo", clip(s))
+	}
+	return nil
+}
 
 // Edge is an entry of the edge directory: what the cloud records from each
 // edge's heartbeats, serves on GET /api/v1/edges and in every pull page, and
@@ -67,6 +99,9 @@ func Nearest(dir []Edge, here Location, self string, limit int) []NearestEdge {
 			continue
 		}
 		n := NearestEdge{ID: e.ID, URL: e.Advertise, Region: e.Region, Healthy: true, LagMs: e.LagMs, Backlog: e.Backlog}
+		if CheckAdvertise(n.URL) != nil {
+			n.URL = "" // recorded before the rule existed
+		}
 		if e.Location != nil {
 			l := *e.Location
 			d := DistanceKm(here, l)

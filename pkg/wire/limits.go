@@ -6,6 +6,7 @@ import (
 	"sort"
 
 	"github.com/outpost-edge/outpost/pkg/ident"
+	"github.com/outpost-edge/outpost/pkg/shadow"
 )
 
 // Limits on device meta and state. The edge's API and MQTT ingest and the
@@ -66,8 +67,8 @@ func (m *Meta) Normalize() { sort.Strings(m.Owners) }
 
 // ValidateState checks a client's or a device's state object (field name to
 // JSON value; null deletes): at least one and at most MaxStateFields fields,
-// names of 1 to MaxFieldName bytes, values valid JSON of at most
-// MaxValueBytes (ErrTooLarge).
+// names of 1 to MaxFieldName bytes, values of at most MaxValueBytes
+// (ErrTooLarge) that follow the JSON rules (CheckValue).
 func ValidateState(state map[string]json.RawMessage) error {
 	if len(state) == 0 {
 		return invalid("state must have at least one field")
@@ -82,11 +83,23 @@ func ValidateState(state map[string]json.RawMessage) error {
 		if len(v) > MaxValueBytes {
 			return tooLarge("state field %q is %d bytes, at most %d allowed", clip(k), len(v), MaxValueBytes)
 		}
-		if !json.Valid(v) {
-			return invalid("state field %q is not valid JSON", clip(k))
+		if err := valueErr(k, v); err != nil {
+			return err
 		}
 	}
 	return nil
+}
+
+// valueErr is the refusal of state field k's value v, or nil.
+func valueErr(k string, v []byte) error {
+	err := CheckValue(v)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, ErrJSONSyntax):
+		return invalid("state field %q is not valid JSON: %v", clip(k), err)
+	}
+	return invalid("state field %q: %v", clip(k), err)
 }
 
 func validFieldName(k string) error {
@@ -102,4 +115,29 @@ func clip(s string) string {
 		return s[:64] + "…"
 	}
 	return s
+}
+
+// ScrubDoc returns d with every value that breaks the JSON rules
+// (CheckValue) replaced by null, and how many were; d itself, not a copy,
+// when none is. The edge's syncer applies it to the state it pushes and
+// pulls, so a value stored before these rules existed neither stalls a sync
+// stream (the cloud refuses a batch holding it) nor reaches a phone.
+func ScrubDoc(d shadow.Doc) (shadow.Doc, int) {
+	n := 0
+	for _, f := range d {
+		if !f.Deleted && CheckValue(f.Value) != nil {
+			n++
+		}
+	}
+	if n == 0 {
+		return d, 0
+	}
+	out := make(shadow.Doc, len(d))
+	for k, f := range d {
+		if !f.Deleted && CheckValue(f.Value) != nil {
+			f.Value = json.RawMessage("null")
+		}
+		out[k] = f
+	}
+	return out, n
 }

@@ -414,8 +414,10 @@ func (c *Change) Validate() error {
 			if f.Stamp.IsZero() {
 				return invalid("state field %q has no stamp", k)
 			}
-			if !f.Deleted && !json.Valid(f.Value) {
-				return invalid("state field %q is not valid JSON", k)
+			if !f.Deleted {
+				if err := valueErr(k, f.Value); err != nil {
+					return err
+				}
 			}
 		}
 	case KindMeta:
@@ -481,8 +483,8 @@ func (h *Heartbeat) Validate() error {
 	if l := h.Location; l != nil && !l.Valid() {
 		return invalid("location %v,%v is not a valid latitude,longitude", l.Lat, l.Lng)
 	}
-	if len(h.Region) > 64 || len(h.Advertise) > 512 {
-		return invalid("region or advertise too long")
+	if len(h.Region) > 64 {
+		return invalid("region too long")
 	}
-	return nil
+	return CheckAdvertise(h.Advertise)
 }

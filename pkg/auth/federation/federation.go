@@ -21,7 +21,8 @@
 // an admin end a user's sessions; the revocations reach the edge through
 // sync (the syncer's Revocations, consumed here as a Revoker). Offline
 // refresh and access-token verification refuse sessions revoked as of the
-// last pull.
+// last pull. A refresh the cloud refuses as reused or revoked ends the
+// session's access tokens here at once, without waiting for that pull.
 package federation
 
 import (
@@ -118,11 +119,12 @@ func (i *Identity) Verify(token string) (auth.Claims, error) {
 	return c, nil
 }
 
-// Revoked reports whether the cloud revoked the session of an already
-// verified token, as of the last pull. It is cheap: the API asks it on
-// every request.
+// Revoked reports whether the session of an already verified token was
+// revoked: by the cloud as of the last pull, or here (a local session, or a
+// cloud session whose refresh the cloud just refused as reused or revoked).
+// It is cheap: the API asks it on every request.
 func (i *Identity) Revoked(c auth.Claims) bool {
-	return i.cfg.Revocations != nil && i.cfg.Revocations.Revoked(c)
+	return i.cfg.Local.Revoked(c) || (i.cfg.Revocations != nil && i.cfg.Revocations.Revoked(c))
 }
 
 // Login forwards a login code to the cloud. The cloud's refusals map to
@@ -173,7 +175,11 @@ func (i *Identity) Refresh(ctx context.Context, token string) (auth.Pair, error)
 	}
 	var apiErr *client.APIError
 	if errors.As(err, &apiErr) && apiErr.Status == http.StatusUnauthorized {
-		return auth.Pair{}, refreshRefused(apiErr.Message)
+		refused := refreshRefused(apiErr.Message)
+		if errors.Is(refused, auth.ErrRefreshReused) || errors.Is(refused, auth.ErrRefreshRevoked) {
+			i.revokeHere(token)
+		}
+		return auth.Pair{}, refused
 	}
 	if errors.As(err, &apiErr) && apiErr.Status < 500 {
 		return auth.Pair{}, err
@@ -192,6 +198,26 @@ func (i *Identity) Refresh(ctx context.Context, token string) (auth.Pair, error)
 	}
 	i.log.Info("refreshed a cloud session offline with this edge's key", "openid", claims.OpenID)
 	return auth.Pair{AccessToken: access, RefreshToken: token, ExpiresIn: ttl, OpenID: claims.OpenID}, nil
+}
+
+// revokeHere refuses, from now on, the access tokens of the session a
+// refresh token the cloud called reused or revoked belongs to, rather than
+// until the revocation arrives with the next pull (a joined edge's access
+// tokens live the cloud's access TTL). The token's signature is checked
+// first, so a forged one cannot end someone else's session.
+func (i *Identity) revokeHere(token string) {
+	claims, err := i.offline.Verify(token)
+	if err != nil && errors.Is(err, auth.ErrRefreshExpired) {
+		return // nothing of the session can still be valid
+	}
+	if err != nil || claims.Family == "" {
+		return
+	}
+	if err := i.cfg.Local.RevokeSession(claims.Family, claims.ExpiresAt.Add(auth.DefaultLeeway)); err != nil {
+		i.log.Warn("could not record a session the cloud revoked", "openid", claims.OpenID, "err", err)
+		return
+	}
+	i.log.Info("session revoked by the cloud; its access tokens are refused here", "openid", claims.OpenID)
 }
 
 // refreshRefused maps the cloud's 401 answer to a refresh back to the

@@ -241,9 +241,15 @@ func TestRefresh(t *testing.T) {
 	}
 	for _, r := range refusals {
 		t.Run("cloud refuses: "+r.message, func(t *testing.T) {
+			// A session of its own: a reused or revoked one is ended at
+			// this edge too.
+			refused, _, err := e.cloudKey.Issue(ctx, "o1")
+			if err != nil {
+				t.Fatal(err)
+			}
 			fc := newFakeCloud(t)
 			fc.refresh.Store(&reply{status: http.StatusUnauthorized, message: r.message})
-			_, err := e.identity(t, fc.srv.URL, nil, nil).Refresh(ctx, cloudSession.RefreshToken)
+			_, err = e.identity(t, fc.srv.URL, nil, nil).Refresh(ctx, refused.RefreshToken)
 			if !errors.Is(err, r.want) {
 				t.Fatalf("Refresh: %v, want %v", err, r.want)
 			}

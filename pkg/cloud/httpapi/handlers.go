@@ -104,7 +104,7 @@ func (s *Server) push(c *fiber.Ctx) error {
 			return err
 		}
 		var b wire.PushBatch
-		if err := s.decode(c, &b); err != nil {
+		if err := s.decodeBatch(c, &b); err != nil {
 			return err
 		}
 		out, err := s.svc.Push(c.UserContext(), edge, &b)
@@ -131,7 +131,7 @@ func (s *Server) state(c *fiber.Ctx) error {
 			return err
 		}
 		var b wire.StateBatch
-		if err := s.decode(c, &b); err != nil {
+		if err := s.decodeBatch(c, &b); err != nil {
 			return err
 		}
 		out, err := s.svc.State(c.UserContext(), edge, &b)

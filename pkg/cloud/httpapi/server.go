@@ -80,9 +80,9 @@ func New(cfg Config, svc Service, authn auth.Authenticator, clusterNeedsToken bo
 	if cfg.RequestTimeout == 0 {
 		cfg.RequestTimeout = 10 * time.Second
 	}
-	zdec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(wire.MaxBodyBytes))
+	zdec, err := newZstdDecoder()
 	if err != nil {
-		return nil, fmt.Errorf("zstd decoder: %w", err)
+		return nil, err
 	}
 	s := &Server{
 		cfg: cfg, log: log, svc: svc, authn: authn, cluster: clusterNeedsToken,
@@ -349,8 +349,23 @@ func (s *Server) read(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
 // body returns the request body decompressed per Content-Encoding, capped
 // at wire.MaxBodyBytes.
 func (s *Server) body(c *fiber.Ctx) ([]byte, error) {
-	raw := c.Request().Body()
-	switch enc := strings.ToLower(strings.TrimSpace(c.Get(fiber.HeaderContentEncoding))); enc {
+	return s.decompress(c.Get(fiber.HeaderContentEncoding), c.Request().Body())
+}
+
+// newZstdDecoder is the request bodies' zstd decoder: bounded to
+// wire.MaxBodyBytes of output.
+func newZstdDecoder() (*zstd.Decoder, error) {
+	zdec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(wire.MaxBodyBytes))
+	if err != nil {
+		return nil, fmt.Errorf("zstd decoder: %w", err)
+	}
+	return zdec, nil
+}
+
+// decompress decodes raw per the Content-Encoding enc, capped at
+// wire.MaxBodyBytes.
+func (s *Server) decompress(enc string, raw []byte) ([]byte, error) {
+	switch enc := strings.ToLower(strings.TrimSpace(enc)); enc {
 	case "", "identity":
 		return raw, nil
 	case wire.EncodingZstd:
@@ -377,13 +392,42 @@ func (s *Server) body(c *fiber.Ctx) ([]byte, error) {
 	}
 }
 
+// decode decodes a consumer or cluster request body into v.
 func (s *Server) decode(c *fiber.Ctx, v any) error {
 	b, err := s.body(c)
 	if err != nil {
 		return err
 	}
+	return decodeJSON(b, v, wire.MaxJSONDepth)
+}
+
+// decodeBatch decodes a sync batch (push or state) into v: decompression,
+// the JSON rules at the sync depth and strict decoding. The service
+// validates the batch's shape (wire's Validate).
+func (s *Server) decodeBatch(c *fiber.Ctx, v any) error {
+	return s.decodeBatchBody(c.Get(fiber.HeaderContentEncoding), c.Request().Body(), v)
+}
+
+func (s *Server) decodeBatchBody(enc string, raw []byte, v any) error {
+	b, err := s.decompress(enc, raw)
+	if err != nil {
+		return err
+	}
+	return decodeJSON(b, v, wire.MaxSyncJSONDepth)
+}
+
+// decodeJSON checks b against the shared JSON rules (wire.CheckJSON at
+// depth) and decodes it strictly into v.
+func decodeJSON(b []byte, v any, depth int) error {
 	if len(bytes.TrimSpace(b)) == 0 {
 		return apiError(fiber.StatusBadRequest, "request body is empty; a JSON object is required")
+	}
+	// The rules before decoding: a decoder keeps 1e400 and invalid UTF-8
+	// inside raw values (state), which would then be stored and served to
+	// phones. Grammar errors are left to the decoders, which word them.
+	checked := wire.CheckJSON(b, depth)
+	if checked != nil && !errors.Is(checked, wire.ErrJSONSyntax) {
+		return apiError(fiber.StatusBadRequest, "request body refused: "+checked.Error())
 	}
 	// goccy/go-json: a drop-in decoder several times faster than
 	// encoding/json on large push batches.
@@ -401,6 +445,9 @@ func (s *Server) decode(c *fiber.Ctx, v any) error {
 	}
 	if dec.More() {
 		return apiError(fiber.StatusBadRequest, "malformed JSON body: trailing data after the object")
+	}
+	if checked != nil { // a decoder took what the grammar refuses
+		return apiError(fiber.StatusBadRequest, "malformed JSON body: "+checked.Error())
 	}
 	return nil
 }

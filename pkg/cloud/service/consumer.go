@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
+	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/shadow"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -115,7 +116,32 @@ func (s *Service) Policies(context.Context) ([]wire.Policy, error) {
 
 // PutPolicy stores a Rego module; an empty one deletes it. Once the cloud
 // distributes any policy, edges use the cloud's set in place of their own.
+//
+// The set as it would be after the write is compiled first (policy.Check,
+// the edges' own compiler): a module that does not compile is refused with
+// the compiler's message (matching wire.ErrInvalid) and nothing is
+// proposed, since every edge would refuse the whole set and with it every
+// later update. Writes are serialised on this node so two modules checked
+// alone are not both accepted when they conflict together.
 func (s *Service) PutPolicy(ctx context.Context, p wire.Policy) error {
-	_, err := s.propose(ctx, &fsm.Command{Type: fsm.CmdPolicyPut, Policy: &p})
+	s.policyMu.Lock()
+	defer s.policyMu.Unlock()
+	cur, err := s.state.Policies()
+	if err != nil {
+		return err
+	}
+	set := make([]policy.Module, 0, len(cur)+1)
+	for _, m := range cur {
+		if m.Name != p.Name {
+			set = append(set, policy.Module{Name: m.Name, Source: m.Rego})
+		}
+	}
+	if p.Rego != "" {
+		set = append(set, policy.Module{Name: p.Name, Source: p.Rego})
+	}
+	if err := policy.Check(ctx, set); err != nil {
+		return &kindError{kind: wire.ErrInvalid, err: fmt.Errorf("policy %s refused, nothing was distributed: %w", p.Name, err)}
+	}
+	_, err = s.propose(ctx, &fsm.Command{Type: fsm.CmdPolicyPut, Policy: &p})
 	return err
 }

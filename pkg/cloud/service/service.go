@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -122,6 +123,8 @@ type Service struct {
 	gate   *seqGate
 	keys   keyCache
 	m      *metrics
+	// policyMu serialises PutPolicy's check and proposal.
+	policyMu sync.Mutex
 }
 
 // New builds the service over a raft node and its state machine. clock is
