@@ -341,6 +341,16 @@ func (s *Syncer) pushLoop(ctx context.Context) {
 				synced = false // ask the cloud where it stands
 				continue
 			}
+			var apiErr *client.APIError
+			if errors.As(err, &apiErr) && apiErr.Status == 422 {
+				// The cloud applied these sequence numbers with other
+				// content: someone else pushed with this edge's token, or
+				// two edges share its id. Retrying cannot fix it, and the
+				// outbox keeps the changes; an operator must look.
+				s.m.retries.WithLabelValues("push", "conflict").Inc()
+				s.log.Error("the cloud refuses this edge's changes: their sequence numbers were already used with other content; is this edge's token or id used elsewhere?",
+					"err", err)
+			}
 			if !sleep(ctx, s.failed("push", err, &bo)) {
 				return
 			}

@@ -132,10 +132,10 @@ func (r *restriction) count() int { return len(r.refusals) }
 // stamp policy, which folded the batch's stamps into the clock.
 func (s *Service) restrict(ctx context.Context, edge string, changes []wire.Change) restriction {
 	var r restriction
-	var edgeRegion *string
+	var regions edgeRegions
 	for i := range changes {
 		c := &changes[i]
-		reason := s.admit(ctx, edge, c, &edgeRegion)
+		reason := s.admit(ctx, edge, c, &regions)
 		c.Proof = ""
 		if reason == "" {
 			continue
@@ -159,7 +159,7 @@ func (s *Service) restrict(ctx context.Context, edge string, changes []wire.Chan
 }
 
 // admit returns why the cloud refuses c from edge, or "" to accept it.
-func (s *Service) admit(ctx context.Context, edge string, c *wire.Change, edgeRegion **string) string {
+func (s *Service) admit(ctx context.Context, edge string, c *wire.Change, regions *edgeRegions) string {
 	var lo, hi hlc.Timestamp
 	switch c.Kind {
 	case wire.KindUser:
@@ -232,26 +232,24 @@ func (s *Service) admit(ctx context.Context, edge string, c *wire.Change, edgeRe
 		user.Regions = append(user.Regions, u.Regions...)
 	}
 	res := policy.Resource{Kind: "device", ID: c.Device, Owners: []string{}, Tags: map[string]string{}}
+	placedBy := edge // unknown to the cloud: the edge's API placed it in its own region
 	if d, err := s.state.GetDevice(c.Device); err == nil {
 		res.Owners = append(res.Owners, d.Owners...)
 		res.Region = d.Region
 		for k, v := range d.Tags {
 			res.Tags[k] = v
 		}
-	} else {
-		// Unknown to the cloud: the edge's API placed it in its own region.
-		if *edgeRegion == nil {
-			region := ""
-			if es, err := s.state.Edges(); err == nil {
-				for _, e := range es {
-					if e.ID == edge {
-						region = e.Region
-					}
-				}
-			}
-			*edgeRegion = &region
+		if d.EdgeID != "" {
+			placedBy = d.EdgeID
 		}
-		res.Region = **edgeRegion
+		if !d.MetaStamp.IsZero() {
+			placedBy = "" // an admin placed it
+		}
+	}
+	if placedBy != "" && res.Region == "" {
+		// No meta written yet: the device is where its home edge's
+		// store put it, in that edge's region, as the edge's API sees it.
+		res.Region = regions.of(s, placedBy)
 	}
 	action := actWriteDesired
 	resources := []policy.Resource{res}
@@ -271,6 +269,24 @@ func (s *Service) admit(ctx context.Context, edge string, c *wire.Change, edgeRe
 		}
 	}
 	return ""
+}
+
+// edgeRegions is the directory's edge regions, read once per batch and only
+// if needed.
+type edgeRegions struct {
+	m map[string]string
+}
+
+func (r *edgeRegions) of(s *Service, edge string) string {
+	if r.m == nil {
+		r.m = map[string]string{}
+		if es, err := s.state.Edges(); err == nil {
+			for _, e := range es {
+				r.m[e.ID] = e.Region
+			}
+		}
+	}
+	return r.m[edge]
 }
 
 // SeqConflictError is a push that re-sends applied sequence numbers with
