@@ -13,7 +13,14 @@
 //     already-applied prefix of an overlapping one) is acknowledged without
 //     effect, and a batch that starts beyond the next expected number is
 //     refused with 409 and the expected number in the message and in the
-//     X-Outpost-Expected-Seq header, so the edge can rewind its cursor.
+//     X-Outpost-Expected-Seq header, so the edge can rewind its cursor. A
+//     re-send starts after a sequence the cloud acknowledged, and is a
+//     duplicate only if its content is what was applied (Change.Digest);
+//     otherwise it is refused with 422 (sequence squatting).
+//   - Edge restriction: desired, meta and user changes carry their Actor and
+//     Proof (the user's access token); the cloud refuses what it cannot
+//     verify and re-authorise, counts it in the result (Refused), and sends
+//     the edge its own value back through pull.
 //   - Bodies may be compressed (Content-Encoding: zstd or gzip); zstd is what
 //     the Go client sends.
 //   - Pull returns cloud-side changes for the edge (desired state written in

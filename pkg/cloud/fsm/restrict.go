@@ -68,27 +68,53 @@ func putChain(b *bolt.Bucket, edge string, seq uint64, d wire.Digest) error {
 }
 
 // verifyChain checks that digests (of changes first, first+1, …) repeat
-// what edge's stream applied up to last.
+// what edge's stream applied through last: the chain from the push end
+// before first, over the re-sent changes, must reach the recorded value at
+// the last push end they cover.
 func verifyChain(b *bolt.Bucket, edge string, first, last uint64, digests []wire.Digest) error {
+	hi := min(last, first+uint64(len(digests))-1)
 	h, ok := chainAt(b, edge, first-1)
-	want, ok2 := chainAt(b, edge, last)
+	end, want, ok2 := chainBefore(b, edge, first, hi)
 	if (!ok || !ok2) && !hasChain(b, edge) {
 		// The edge's pushes all predate sequence records (an upgraded
 		// cluster): there is nothing to compare with.
 		return nil
 	}
 	if !ok || !ok2 {
-		return fmt.Errorf("%w: sequences %d to %d of edge %q were applied before the cloud's record of them; they cannot be re-sent",
-			ErrSeqConflict, first, last, edge)
+		return fmt.Errorf("%w: sequences %d to %d of edge %q do not start and end where the cloud's record of its pushes does; they cannot be checked (re-send from the last acknowledged sequence)",
+			ErrSeqConflict, first, hi, edge)
 	}
-	for i := uint64(0); i <= last-first && i < uint64(len(digests)); i++ {
+	for i := uint64(0); i <= end-first; i++ {
 		h = wire.ChainDigest(h, digests[i])
 	}
 	if h != want {
 		return fmt.Errorf("%w: sequences %d to %d of edge %q were already applied with other content (another holder of this edge's token, or two edges with one id)",
-			ErrSeqConflict, first, last, edge)
+			ErrSeqConflict, first, end, edge)
 	}
 	return nil
+}
+
+// chainBefore is the newest recorded push end in [first, hi] and its chain
+// digest.
+func chainBefore(b *bolt.Bucket, edge string, first, hi uint64) (uint64, wire.Digest, bool) {
+	var d wire.Digest
+	c := b.Cursor()
+	k, v := c.Seek(chainKey(edge, hi+1))
+	if k == nil {
+		k, v = c.Last()
+	} else {
+		k, v = c.Prev()
+	}
+	prefix := append([]byte(edge), 0)
+	if k == nil || !bytes.HasPrefix(k, prefix) || len(k) != len(prefix)+8 || len(v) != wire.DigestSize {
+		return 0, d, false
+	}
+	seq := binary.BigEndian.Uint64(k[len(prefix):])
+	if seq < first || seq > hi {
+		return 0, d, false
+	}
+	copy(d[:], v)
+	return seq, d, true
 }
 
 func hasChain(b *bolt.Bucket, edge string) bool {
@@ -103,10 +129,6 @@ func hasChain(b *bolt.Bucket, edge string) bool {
 func (f *FSM) CheckResend(edge string, first uint64, digests []wire.Digest) error {
 	return f.view(func(tx *bolt.Tx) error {
 		last := getU64(tx.Bucket(bktSeq).Get([]byte(edge)))
-		end := first + uint64(len(digests)) - 1
-		if end < last {
-			last = end
-		}
 		return verifyChain(tx.Bucket(bktDigest), edge, first, last, digests)
 	})
 }
