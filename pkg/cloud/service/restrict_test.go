@@ -97,18 +97,9 @@ func TestSecurityEdgeCannotGrantRoles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if so.Refused != 1 || so.RefusedReasons[RefuseUserChange] != 1 {
-		t.Fatalf("state result %+v, want the user change refused", so.StateResult)
-	}
 	po, err := n.svc.Push(ctx, "eB", &wire.PushBatch{Edge: "eB", FirstSeq: 1, Changes: []wire.Change{grant()}})
 	if err != nil {
 		t.Fatal(err)
-	}
-	if po.Refused != 1 || po.AckedSeq != 1 {
-		t.Fatalf("push result %+v, want the user change refused and its sequence consumed", po.PushResult)
-	}
-	if got := counter(t, n.reg, "outpost_cloud_changes_refused_total", "edge", "eB", "reason", RefuseUserChange); got != 2 {
-		t.Fatalf("outpost_cloud_changes_refused_total{eB,user_change} = %v, want 2", got)
 	}
 	if u, err := n.fsm.GetUser("mallory"); err == nil && len(u.Roles) > 0 {
 		t.Fatalf("the cloud holds mallory with roles %v", u.Roles)
@@ -119,6 +110,15 @@ func TestSecurityEdgeCannotGrantRoles(t *testing.T) {
 				t.Fatalf("edge %s is sent mallory with roles %v", edge, c.User.Roles)
 			}
 		}
+	}
+	if so.Refused != 1 || so.RefusedReasons[RefuseUserChange] != 1 {
+		t.Fatalf("state result %+v, want the user change refused", so.StateResult)
+	}
+	if po.Refused != 1 || po.AckedSeq != 1 {
+		t.Fatalf("push result %+v, want the user change refused and its sequence consumed", po.PushResult)
+	}
+	if got := counter(t, n.reg, "outpost_cloud_changes_refused_total", "edge", "eB", "reason", RefuseUserChange); got != 2 {
+		t.Fatalf("outpost_cloud_changes_refused_total{eB,user_change} = %v, want 2", got)
 	}
 	// The edge that sent it is told the cloud's record (no roles), newer
 	// than its own, so its copy returns to the cloud's value.
@@ -163,17 +163,13 @@ func TestSecurityEdgeCannotWriteAnotherEdgesDevice(t *testing.T) {
 		{"desired with a garbled token", wire.Change{Kind: wire.KindDesired, Device: "d1", Doc: desired("valve", `"open"`, n.clock.Now()),
 			Proof: op[:len(op)-4] + "AAAA"}, RefuseInvalid},
 	}
-	for _, tc := range refused {
+	results := make([]wire.StateResult, len(refused))
+	for i, tc := range refused {
 		so, err := n.svc.State(ctx, "eB", &wire.StateBatch{Changes: []wire.Change{tc.change}})
 		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
-		if so.Refused != 1 || so.RefusedReasons[tc.reason] != 1 {
-			t.Fatalf("%s: result %+v, want refused for %s", tc.name, so.StateResult, tc.reason)
-		}
-		if got := counter(t, n.reg, "outpost_cloud_changes_refused_total", "edge", "eB", "reason", tc.reason); got < 1 {
-			t.Fatalf("%s: not counted under %s", tc.name, tc.reason)
-		}
+		results[i] = so.StateResult
 	}
 	d, err := n.svc.Device(ctx, "d1")
 	if err != nil {
@@ -191,6 +187,14 @@ func TestSecurityEdgeCannotWriteAnotherEdgesDevice(t *testing.T) {
 		}
 		if c.Meta != nil && c.Meta.Region != "north" {
 			t.Fatalf("the home edge is sent the refused meta %+v", c.Meta)
+		}
+	}
+	for i, tc := range refused {
+		if so := results[i]; so.Refused != 1 || so.RefusedReasons[tc.reason] != 1 {
+			t.Fatalf("%s: result %+v, want refused for %s", tc.name, so, tc.reason)
+		}
+		if got := counter(t, n.reg, "outpost_cloud_changes_refused_total", "edge", "eB", "reason", tc.reason); got < 1 {
+			t.Fatalf("%s: not counted under %s", tc.name, tc.reason)
 		}
 	}
 	// eB's copy returns to the cloud's: a tombstone for the field the
