@@ -48,3 +48,25 @@ func Dir(want, fallback string) (string, error) {
 	}
 	return fallback, nil
 }
+
+// Builtin returns the built-in policy modules, file name to Rego source
+// (tests excluded): what an edge returns to when the cloud distributes no
+// policies, and what cloud-sync evaluates while it holds none.
+func Builtin() (map[string]string, error) {
+	entries, err := fs.ReadDir(files, ".")
+	if err != nil {
+		return nil, fmt.Errorf("read built-in policies: %w", err)
+	}
+	out := map[string]string{}
+	for _, e := range entries {
+		if strings.HasSuffix(e.Name(), "_test.rego") {
+			continue
+		}
+		b, err := files.ReadFile(e.Name())
+		if err != nil {
+			return nil, fmt.Errorf("read built-in policy %s: %w", e.Name(), err)
+		}
+		out[e.Name()] = string(b)
+	}
+	return out, nil
+}

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/gofiber/fiber/v2/utils"
 
 	"github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/ident"
@@ -25,6 +26,7 @@ import (
 const (
 	localOpenID = "openid"
 	localUser   = "user"
+	localToken  = "access_token"
 )
 
 // WeChatLogin logs users in with WeChat code2session and issues local tokens.
@@ -222,7 +224,16 @@ func (s *Server) authenticate(c *fiber.Ctx) error {
 	}
 	c.Locals(localOpenID, claims.OpenID)
 	c.Locals(localUser, u)
+	c.Locals(localToken, tok)
 	return c.Next()
+}
+
+// actorOf is the caller as the store records a change's author: the openid
+// and the access token presented, which the cloud verifies as the change's
+// proof (edge restriction). Copied: the header's bytes belong to fasthttp.
+func actorOf(c *fiber.Ctx) store.Actor {
+	tok, _ := c.Locals(localToken).(string)
+	return store.Actor{OpenID: utils.CopyString(userOf(c).OpenID), Proof: utils.CopyString(tok)}
 }
 
 // loadUser reads openid's roles and regions from the store (none for an

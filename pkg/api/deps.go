@@ -22,9 +22,12 @@ type Store interface {
 	Readings(device string, q store.ReadingsQuery) (store.ReadingsPage, error)
 	Latest(device string) (store.Reading, error)
 	Stats(device, metric string, from, to, step int64) ([]store.StatsBucket, error)
-	SetDesired(id string, patch map[string]json.RawMessage) (*store.Device, error)
-	SetMeta(id string, meta store.DeviceMeta) (*store.Device, error)
-	PutUser(u store.User) error
+	// The writes record who made them (store.Actor: the caller and the
+	// access token presented), which the cloud verifies before accepting
+	// the change (edge restriction).
+	SetDesiredBy(id string, patch map[string]json.RawMessage, by store.Actor) (*store.Device, error)
+	SetMetaBy(id string, meta store.DeviceMeta, by store.Actor) (*store.Device, error)
+	PutUserBy(u store.User, by store.Actor) error
 	User(openid string) (*store.User, error)
 	Counts() store.Counts
 	OldestUnsynced() (hlc.Timestamp, error)

@@ -337,7 +337,7 @@ func (s *Server) putDesired(c *fiber.Ctx) error {
 		return deny(c, err)
 	}
 	id = utils.CopyString(id)
-	d, err := s.deps.Store.SetDesired(id, req.State)
+	d, err := s.deps.Store.SetDesiredBy(id, req.State, actorOf(c))
 	if err != nil {
 		return err
 	}
@@ -386,7 +386,7 @@ func (s *Server) putMeta(c *fiber.Ctx) error {
 		return deny(c, err)
 	}
 	meta.Normalize()
-	d, err := s.deps.Store.SetMeta(utils.CopyString(id), store.DeviceMeta{Owners: meta.Owners, Region: meta.Region, Tags: meta.Tags})
+	d, err := s.deps.Store.SetMetaBy(utils.CopyString(id), store.DeviceMeta{Owners: meta.Owners, Region: meta.Region, Tags: meta.Tags}, actorOf(c))
 	if err != nil {
 		return err
 	}
@@ -429,7 +429,7 @@ func (s *Server) putUser(c *fiber.Ctx) error {
 		return deny(c, err)
 	}
 	u := store.User{OpenID: utils.CopyString(openid), Roles: nonNil(req.Roles), Regions: nonNil(req.Regions)}
-	if err := s.deps.Store.PutUser(u); err != nil {
+	if err := s.deps.Store.PutUserBy(u, actorOf(c)); err != nil {
 		return err
 	}
 	s.users.forget(u.OpenID)

@@ -179,3 +179,11 @@ func (s *Service) AccessOnly(openid, family string) (string, int, error) {
 	tok, _, err := signAccessFamily(s.keys, s.cfg.Issuer, openid, family, s.cfg.Now(), s.cfg.AccessTTL)
 	return tok, int(s.cfg.AccessTTL / time.Second), err
 }
+
+// VerifyAt checks an access token as of at rather than now: the proof an
+// edge forwards for a change a user made there, possibly long before the
+// change reached the cloud. The signature must be by this issuer's keys;
+// at must fall within the token's validity (with the leeway).
+func (i *Issuer) VerifyAt(token string, at time.Time) (Claims, error) {
+	return newVerifier(i.keys, i.cfg.Leeway, func() time.Time { return at }).verify(token)
+}

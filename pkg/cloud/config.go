@@ -44,6 +44,10 @@ type Config struct {
 
 	MaxClockDrift  time.Duration `yaml:"max_clock_drift"`
 	HeartbeatFresh time.Duration `yaml:"heartbeat_fresh"`
+	// MaxOffline is the longest an edge may hold a user's change before
+	// syncing it and still have it accepted on the user's original proof
+	// (edge restriction); match the edges' cloud.max_offline.
+	MaxOffline time.Duration `yaml:"max_offline"`
 
 	HeartbeatTimeout   time.Duration     `yaml:"heartbeat_timeout"`
 	ElectionTimeout    time.Duration     `yaml:"election_timeout"`
@@ -86,7 +90,7 @@ func Defaults() Config {
 	r := raftnode.DefaultConfig()
 	return Config{
 		Raft: "127.0.0.1:7000", HTTP: "127.0.0.1:8090", Data: "./data/cloud",
-		MaxClockDrift: 5 * time.Minute, HeartbeatFresh: 90 * time.Second,
+		MaxClockDrift: 5 * time.Minute, HeartbeatFresh: 90 * time.Second, MaxOffline: 30 * 24 * time.Hour,
 		AccessTTL: time.Hour, RefreshTTL: 30 * 24 * time.Hour,
 		HeartbeatTimeout: r.HeartbeatTimeout, ElectionTimeout: r.ElectionTimeout,
 		LeaderLeaseTimeout: r.LeaderLeaseTimeout, CommitTimeout: r.CommitTimeout,
@@ -129,6 +133,7 @@ func Parse(args []string, out io.Writer) (Config, error) {
 		accessTTL  = fs.Duration("access-ttl", 0, "lifetime of users' access tokens (default 1h: they verify offline at every edge)")
 		refreshTTL = fs.Duration("refresh-ttl", 0, "lifetime of users' signed refresh tokens (default 720h)")
 		drift      = fs.Duration("max-clock-drift", 0, "reject HLC stamps further ahead of this node's clock than this (default 5m)")
+		maxOffline = fs.Duration("max-offline", 0, "accept an edge's user changes on their original proof for at most this long after they were made (default 720h)")
 		fresh      = fs.Duration("heartbeat-fresh", 0, "an edge is healthy if its last heartbeat is younger than this (default 90s)")
 		hbTimeout  = fs.Duration("heartbeat-timeout", 0, "raft heartbeat timeout: a follower starts an election after 1-2x this without contact (default 300ms)")
 		elTimeout  = fs.Duration("election-timeout", 0, "raft election timeout (default 300ms)")
@@ -228,6 +233,7 @@ func Parse(args []string, out io.Writer) (Config, error) {
 	dur("access-ttl", &cfg.AccessTTL, *accessTTL)
 	dur("refresh-ttl", &cfg.RefreshTTL, *refreshTTL)
 	dur("max-clock-drift", &cfg.MaxClockDrift, *drift)
+	dur("max-offline", &cfg.MaxOffline, *maxOffline)
 	dur("heartbeat-fresh", &cfg.HeartbeatFresh, *fresh)
 	dur("heartbeat-timeout", &cfg.HeartbeatTimeout, *hbTimeout)
 	dur("election-timeout", &cfg.ElectionTimeout, *elTimeout)
@@ -343,6 +349,9 @@ func (c *Config) Validate() error {
 	}
 	if c.HeartbeatFresh <= 0 {
 		errs.Add("heartbeat_fresh", "%s must be positive", c.HeartbeatFresh)
+	}
+	if c.MaxOffline <= 0 {
+		errs.Add("max_offline", "%s must be positive", c.MaxOffline)
 	}
 	if c.MaxInflightEntries < 1 {
 		errs.Add("max_inflight_entries", "%d must be at least 1", c.MaxInflightEntries)

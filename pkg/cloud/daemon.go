@@ -85,7 +85,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		log.Warn("no -api-token: the consumer API refuses every request and cluster changes are unauthenticated")
 	}
 	scfg := service.Config{HeartbeatFresh: cfg.HeartbeatFresh, DevLogin: cfg.DevLogin, Admins: cfg.Admins,
-		AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL}
+		AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL, MaxOffline: cfg.MaxOffline}
 	if cfg.WeChatAppID != "" {
 		// Set only when configured: a nil *wechat.Client in the interface
 		// would read as configured.

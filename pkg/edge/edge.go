@@ -134,7 +134,11 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		log.Warn("policy directory not found; using the built-in policies", "wanted", cfg.Policy.Dir, "using", policyDir)
 	}
 	joined := len(cfg.Cloud.URLs) > 0
+	var builtin []policy.Module // what the edge returns to when the cloud distributes no policies
 	if joined {
+		if builtin, err = localModules(policyDir); err != nil {
+			return nil, err
+		}
 		if policyDir, err = cloudPolicyDir(policyDir, cfg.DataDir); err != nil {
 			return nil, err
 		}
@@ -205,7 +209,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	var directory api.Directory
 	if joined {
 		var id *federation.Identity
-		if e.sy, id, err = newSyncer(cfg, now, e.st, e.tokens, login, downlink, e.engine, e.engine.InvalidateData, reg, log); err != nil {
+		if e.sy, id, err = newSyncer(cfg, now, e.st, e.tokens, login, downlink, e.engine, builtin, e.engine.InvalidateData, reg, log); err != nil {
 			return nil, err
 		}
 		apiTokens, login, syncStatus, directory = id, id, e.sy, e.sy

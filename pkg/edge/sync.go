@@ -56,10 +56,33 @@ func cloudPolicyDir(local, data string) (string, error) {
 	return dir, nil
 }
 
+// localModules reads the edge's own policy modules (the configured
+// directory, or the built-in policies written out): what a joined edge
+// enforces while the cloud distributes no policies.
+func localModules(dir string) ([]policy.Module, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("policy dir: %w", err)
+	}
+	var out []policy.Module
+	for _, e := range entries {
+		n := e.Name()
+		if e.IsDir() || !strings.HasSuffix(n, ".rego") || strings.HasSuffix(n, "_test.rego") || strings.HasPrefix(n, ".") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, n))
+		if err != nil {
+			return nil, fmt.Errorf("policy dir: %w", err)
+		}
+		out = append(out, policy.Module{Name: n, Source: string(b)})
+	}
+	return out, nil
+}
+
 // newSyncer builds the syncer and the identity service of an edge joined to
 // a cloud.
 func newSyncer(cfg Config, now func() time.Time, st *store.Store, tokens *auth.Service, local api.Login, downlink api.Downlink,
-	policies syncer.Policies, dataChanged func(), reg prometheus.Registerer, log *slog.Logger) (*syncer.Syncer, *federation.Identity, error) {
+	policies syncer.Policies, builtin []policy.Module, dataChanged func(), reg prometheus.Registerer, log *slog.Logger) (*syncer.Syncer, *federation.Identity, error) {
 	cl, err := client.New(cfg.Cloud.URLs, cfg.Cloud.Token, client.WithRounds(2))
 	if err != nil {
 		return nil, nil, fmt.Errorf("cloud: %w", err)
@@ -73,7 +96,8 @@ func newSyncer(cfg Config, now func() time.Time, st *store.Store, tokens *auth.S
 		BatchReadings: cfg.Cloud.BatchReadings, BackoffMax: cfg.Cloud.BackoffMax, MaxOffline: cfg.Cloud.MaxOffline,
 		AfterAck: crashAfterAcks(cfg.UnsafeCrashAfterPush, log), Now: now,
 		Logger: log.With("component", "sync"), Registerer: reg,
-	}, syncer.Deps{Store: st, Client: cl, Keys: tokens.Keys(), Downlink: downlink, Policies: policies, DataChanged: dataChanged})
+	}, syncer.Deps{Store: st, Client: cl, Keys: tokens.Keys(), Downlink: downlink, Policies: policies,
+		BuiltinPolicies: builtin, DataChanged: dataChanged})
 	if err != nil {
 		return nil, nil, err
 	}

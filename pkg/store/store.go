@@ -323,14 +323,39 @@ type Change struct {
 	Doc      shadow.Doc  // reported or desired delta
 	Meta     *DeviceMeta // ChangeMeta
 	User     *User       // ChangeUser
+	// By is who made a desired, meta or user change through the API, with
+	// the access token they presented: the proof the cloud verifies.
+	By Actor
 }
 
+// Actor is the user behind a change and their proof: the access token
+// they presented. It is kept in the outbox only until the cloud
+// acknowledged the change.
+type Actor struct {
+	OpenID string
+	Proof  string
+}
+
+// kindActor flags, on an outbox entry's kind byte, that the actor and its
+// proof follow the device (entries written before actors have no flag).
+const kindActor = 0x80
+
 func encodeChange(c *Change) ([]byte, error) {
-	b := make([]byte, 0, 64)
-	b = append(b, byte(c.Kind))
+	b := make([]byte, 0, 64+len(c.By.Proof))
+	if c.By != (Actor{}) {
+		b = append(b, byte(c.Kind)|kindActor)
+	} else {
+		b = append(b, byte(c.Kind))
+	}
 	b = binary.BigEndian.AppendUint64(b, uint64(c.Stamp))
 	b = binary.AppendUvarint(b, uint64(len(c.Device)))
 	b = append(b, c.Device...)
+	if c.By != (Actor{}) {
+		b = binary.AppendUvarint(b, uint64(len(c.By.OpenID)))
+		b = append(b, c.By.OpenID...)
+		b = binary.AppendUvarint(b, uint64(len(c.By.Proof)))
+		b = append(b, c.By.Proof...)
+	}
 	switch c.Kind {
 	case ChangeReadings:
 		b = binary.AppendUvarint(b, uint64(len(c.Readings)))
@@ -360,15 +385,31 @@ func decodeChange(seq uint64, b []byte) (Change, error) {
 	if len(b) < 9 {
 		return c, errCorrupt
 	}
-	c.Kind = ChangeKind(b[0])
+	c.Kind = ChangeKind(b[0] &^ kindActor)
+	hasActor := b[0]&kindActor != 0
 	c.Stamp = hlc.Timestamp(binary.BigEndian.Uint64(b[1:9]))
 	b = b[9:]
-	l, w := binary.Uvarint(b)
-	if w <= 0 || uint64(len(b)-w) < l {
+	str := func() (string, bool) {
+		l, w := binary.Uvarint(b)
+		if w <= 0 || uint64(len(b)-w) < l {
+			return "", false
+		}
+		v := string(b[w : w+int(l)])
+		b = b[w+int(l):]
+		return v, true
+	}
+	var ok bool
+	if c.Device, ok = str(); !ok {
 		return c, errCorrupt
 	}
-	c.Device = string(b[w : w+int(l)])
-	b = b[w+int(l):]
+	if hasActor {
+		if c.By.OpenID, ok = str(); !ok {
+			return c, errCorrupt
+		}
+		if c.By.Proof, ok = str(); !ok {
+			return c, errCorrupt
+		}
+	}
 	switch c.Kind {
 	case ChangeReadings:
 		n, w := binary.Uvarint(b)

@@ -14,8 +14,15 @@ import (
 // SetDesired merges a desired-state patch (null values delete fields) into a
 // device's desired state, creating the device if it is unknown
 // (pre-provisioning), and queues the change for sync. It returns the device
-// after the write.
+// after the write. It is SetDesiredBy without an actor: a change the cloud
+// refuses (and corrects) under edge restriction.
 func (s *Store) SetDesired(id string, patch map[string]json.RawMessage) (*Device, error) {
+	return s.SetDesiredBy(id, patch, Actor{})
+}
+
+// SetDesiredBy is SetDesired made by the user by, whose proof is queued
+// with the change.
+func (s *Store) SetDesiredBy(id string, patch map[string]json.RawMessage, by Actor) (*Device, error) {
 	var out *Device
 	err := s.update(func(tx *bolt.Tx, head *uint64, created *uint64) error {
 		d, err := s.deviceOrNew(tx, id, created)
@@ -24,7 +31,7 @@ func (s *Store) SetDesired(id string, patch map[string]json.RawMessage) (*Device
 		}
 		delta := shadow.Patch(patch, s.clock.Now())
 		d.Desired.Merge(delta)
-		c := Change{Kind: ChangeDesired, Device: id, Stamp: delta.Version(), Doc: delta}
+		c := Change{Kind: ChangeDesired, Device: id, Stamp: delta.Version(), Doc: delta, By: by}
 		if err := s.appendOutbox(tx, head, &c); err != nil {
 			return err
 		}
@@ -37,8 +44,14 @@ func (s *Store) SetDesired(id string, patch map[string]json.RawMessage) (*Device
 	return out, nil
 }
 
-// SetMeta replaces a device's owners, region and tags.
+// SetMeta replaces a device's owners, region and tags (SetMetaBy without an
+// actor).
 func (s *Store) SetMeta(id string, meta DeviceMeta) (*Device, error) {
+	return s.SetMetaBy(id, meta, Actor{})
+}
+
+// SetMetaBy is SetMeta made by the user by.
+func (s *Store) SetMetaBy(id string, meta DeviceMeta, by Actor) (*Device, error) {
 	var out *Device
 	err := s.update(func(tx *bolt.Tx, head *uint64, created *uint64) error {
 		d, err := s.deviceOrNew(tx, id, created)
@@ -53,7 +66,7 @@ func (s *Store) SetMeta(id string, meta DeviceMeta) (*Device, error) {
 		}
 		meta.Stamp = s.clock.Now()
 		d.Meta = meta
-		c := Change{Kind: ChangeMeta, Device: id, Stamp: meta.Stamp, Meta: &meta}
+		c := Change{Kind: ChangeMeta, Device: id, Stamp: meta.Stamp, Meta: &meta, By: by}
 		if err := s.appendOutbox(tx, head, &c); err != nil {
 			return err
 		}
@@ -108,8 +121,14 @@ type User struct {
 	Stamp   hlc.Timestamp `json:"stamp"`
 }
 
-// PutUser stores a user's roles and regions and queues the change for sync.
-func (s *Store) PutUser(u User) error {
+// PutUser stores a user's roles and regions and queues the change for sync
+// (PutUserBy without an actor). The cloud refuses user changes from edges
+// whoever made them, and its correction returns the user to the cloud's
+// record: roles are granted at the cloud.
+func (s *Store) PutUser(u User) error { return s.PutUserBy(u, Actor{}) }
+
+// PutUserBy is PutUser made by the user by.
+func (s *Store) PutUserBy(u User, by Actor) error {
 	err := s.update(func(tx *bolt.Tx, head *uint64, _ *uint64) error {
 		u.Stamp = s.clock.Now()
 		v, err := json.Marshal(u)
@@ -119,7 +138,7 @@ func (s *Store) PutUser(u User) error {
 		if err := tx.Bucket(bucketUsers).Put([]byte(u.OpenID), v); err != nil {
 			return err
 		}
-		c := Change{Kind: ChangeUser, Device: u.OpenID, Stamp: u.Stamp, User: &u}
+		c := Change{Kind: ChangeUser, Device: u.OpenID, Stamp: u.Stamp, User: &u, By: by}
 		return s.appendOutbox(tx, head, &c)
 	})
 	if err != nil {

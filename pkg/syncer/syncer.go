@@ -172,6 +172,9 @@ type Deps struct {
 	// Policies receives the cloud's policy modules; nil disables policy
 	// distribution (the edge keeps its local policies).
 	Policies Policies
+	// BuiltinPolicies is what Policies gets when the cloud's set becomes
+	// empty: the edge's own (built-in or local) policy modules.
+	BuiltinPolicies []policy.Module
 	// DataChanged is called after roles or device meta changed (policy
 	// decision caches depend on them).
 	DataChanged func()
@@ -338,6 +341,16 @@ func (s *Syncer) pushLoop(ctx context.Context) {
 				synced = false // ask the cloud where it stands
 				continue
 			}
+			var apiErr *client.APIError
+			if errors.As(err, &apiErr) && apiErr.Status == 422 {
+				// The cloud applied these sequence numbers with other
+				// content: someone else pushed with this edge's token, or
+				// two edges share its id. Retrying cannot fix it, and the
+				// outbox keeps the changes; an operator must look.
+				s.m.retries.WithLabelValues("push", "conflict").Inc()
+				s.log.Error("the cloud refuses this edge's changes: their sequence numbers were already used with other content; is this edge's token or id used elsewhere?",
+					"err", err)
+			}
 			if !sleep(ctx, s.failed("push", err, &bo)) {
 				return
 			}
@@ -358,9 +371,13 @@ func (s *Syncer) pushLoop(ctx context.Context) {
 }
 
 // resume asks the cloud for its acknowledged sequence and reconciles the
-// local cursor with it: if the cloud holds more than the outbox recorded (a
-// crash after the cloud committed but before the local ack), the outbox is
-// truncated to it; nothing is resent that the cloud already has.
+// local cursor with it. If the cloud holds more than the outbox recorded (a
+// crash after the cloud committed but before the local ack), the syncer
+// does not take the cloud's word for it: it re-sends from its own record,
+// and the cloud acknowledges the re-sent changes as duplicates only if they
+// are what it applied. Otherwise someone else pushed those sequence numbers
+// with this edge's token (sequence squatting), and the cloud's error stops
+// the edge from truncating changes the cloud never received.
 func (s *Syncer) resume(ctx context.Context) error {
 	res, err := s.heartbeat(ctx)
 	if err != nil {
@@ -372,17 +389,15 @@ func (s *Syncer) resume(ctx context.Context) error {
 		return fmt.Errorf("cloud acknowledged sequence %d of edge %s but this edge's outbox ends at %d: is another edge using this id, or was the data directory replaced?",
 			res.AckedSeq, s.cfg.EdgeID, local.OutboxHead)
 	case res.AckedSeq > local.OutboxAcked:
-		if err := s.deps.Store.AckOutbox(res.AckedSeq); err != nil {
-			return err
-		}
-		s.log.Info("cloud already held changes the outbox had not recorded as acknowledged", "from", local.OutboxAcked, "to", res.AckedSeq)
+		s.log.Info("cloud already held changes the outbox had not recorded as acknowledged; re-sending them for the cloud to confirm",
+			"from", local.OutboxAcked, "to", res.AckedSeq)
 	case res.AckedSeq < local.OutboxAcked:
 		// The cloud lost what it acknowledged (a cluster rebuilt from
 		// scratch). The outbox no longer holds those changes.
 		s.log.Error("cloud is behind this edge's acknowledged sequence; changes it lost cannot be resent",
 			"cloud_acked", res.AckedSeq, "local_acked", local.OutboxAcked)
 	}
-	s.cursor.Store(max(res.AckedSeq, local.OutboxAcked))
+	s.cursor.Store(local.OutboxAcked)
 	s.m.acked.Set(float64(s.cursor.Load()))
 	return nil
 }
@@ -590,9 +605,10 @@ func (s *Syncer) ackRecorded() error {
 	return s.deps.Store.AckOutbox(cur)
 }
 
-// toWire converts an outbox entry to its wire form.
+// toWire converts an outbox entry to its wire form, with the proof of the
+// user who made it.
 func toWire(c *store.Change) wire.Change {
-	w := wire.Change{Kind: c.Kind.String(), Device: c.Device}
+	w := wire.Change{Kind: c.Kind.String(), Device: c.Device, Actor: c.By.OpenID, Proof: c.By.Proof}
 	switch c.Kind {
 	case store.ChangeReadings:
 		w.Readings = make([]wire.Reading, len(c.Readings))
@@ -831,15 +847,22 @@ func (s *Syncer) applySets(ctx context.Context, p *wire.PullPage) error {
 			s.log.Info("installed the deployment's public keys", "keys", len(set.Keys))
 		}
 	}
-	if len(p.Policies) > 0 && s.deps.Policies != nil {
+	if s.deps.Policies != nil {
+		// The cloud's set replaces the edge's whole policy; an empty set
+		// (the cloud distributes none, or deleted the last) means the
+		// built-in policies, never the last set the cloud sent.
 		digest := policyDigest(p.Policies)
 		old, _ := s.deps.Store.SyncValue(keyPolicies)
 		if string(old) != digest {
-			modules := make([]policy.Module, len(p.Policies))
-			for i, m := range p.Policies {
-				modules[i] = policy.Module{Name: m.Name, Source: m.Rego}
+			var modules []policy.Module
+			for _, m := range p.Policies {
+				modules = append(modules, policy.Module{Name: m.Name, Source: m.Rego})
 			}
-			switch err := s.deps.Policies.Install(ctx, modules); {
+			what := "the cloud's policies"
+			if len(modules) == 0 {
+				modules, what = s.deps.BuiltinPolicies, "the built-in policies (the cloud distributes none)"
+			}
+			switch err := s.installPolicies(ctx, modules); {
 			case errors.Is(err, policy.ErrRejected):
 				// Installing the same set again cannot help: record it
 				// and wait for the cloud's next one.
@@ -847,7 +870,7 @@ func (s *Syncer) applySets(ctx context.Context, p *wire.PullPage) error {
 			case err != nil:
 				return err
 			default:
-				s.log.Info("installed the cloud's policies", "modules", len(modules))
+				s.log.Info("installed "+what, "modules", len(modules))
 			}
 			kv[keyPolicies] = []byte(digest)
 		}
@@ -868,6 +891,19 @@ func (s *Syncer) applySets(ctx context.Context, p *wire.PullPage) error {
 	return s.deps.Store.SetSyncValues(kv)
 }
 
+// installPolicies installs modules; with none (no built-in set was given)
+// it leaves the policy in force.
+func (s *Syncer) installPolicies(ctx context.Context, modules []policy.Module) error {
+	if len(modules) == 0 {
+		s.log.Warn("the cloud distributes no policies and no built-in set is configured; the policy in force stays")
+		return nil
+	}
+	return s.deps.Policies.Install(ctx, modules)
+}
+
+// policyDigest identifies a distributed set; the empty set's is empty, as
+// is the digest of an edge that never installed one, so an edge whose cloud
+// never distributed policies installs nothing.
 func policyDigest(ps []wire.Policy) string {
 	sort.Slice(ps, func(i, j int) bool { return ps[i].Name < ps[j].Name })
 	var b strings.Builder

@@ -13,7 +13,14 @@
 //     already-applied prefix of an overlapping one) is acknowledged without
 //     effect, and a batch that starts beyond the next expected number is
 //     refused with 409 and the expected number in the message and in the
-//     X-Outpost-Expected-Seq header, so the edge can rewind its cursor.
+//     X-Outpost-Expected-Seq header, so the edge can rewind its cursor. A
+//     re-send starts after a sequence the cloud acknowledged, and is a
+//     duplicate only if its content is what was applied (Change.Digest);
+//     otherwise it is refused with 422 (sequence squatting).
+//   - Edge restriction: desired, meta and user changes carry their Actor and
+//     Proof (the user's access token); the cloud refuses what it cannot
+//     verify and re-authorise, counts it in the result (Refused), and sends
+//     the edge its own value back through pull.
 //   - Bodies may be compressed (Content-Encoding: zstd or gzip); zstd is what
 //     the Go client sends.
 //   - Pull returns cloud-side changes for the edge (desired state written in
@@ -202,7 +209,18 @@ type Change struct {
 	Meta     *Meta      `json:"meta,omitempty"`
 	User     *User      `json:"user,omitempty"`
 	Sessions *Sessions  `json:"sessions,omitempty"`
+	// Actor is the openid of the user who made a desired, meta or user
+	// change at the edge, and Proof the access token that user presented
+	// there. The cloud accepts those kinds from an edge only with a proof
+	// it can verify and re-authorise (docs/security.md, "Edge
+	// restriction"); both are empty on readings and reported state, which
+	// are the edge's own observations, and on pulled changes.
+	Actor string `json:"actor,omitempty"`
+	Proof string `json:"proof,omitempty"`
 }
+
+// MaxProofBytes bounds a change's proof (an access token).
+const MaxProofBytes = 4096
 
 // Sessions is a revocation of users' sessions, distributed to every edge:
 // the refresh-token families named in Families are ended, and so is every
@@ -243,6 +261,12 @@ type PushResult struct {
 	// the batch (readings included) is committed, so a fast clock cannot
 	// stall the stream.
 	RejectedStamps int `json:"rejected_stamps,omitempty"`
+	// Refused counts changes the cloud refused under edge restriction
+	// (their sequence numbers are still consumed), by reason in
+	// RefusedReasons; the edge's copy returns to the cloud's value through
+	// its next pull.
+	Refused        int            `json:"refused,omitempty"`
+	RefusedReasons map[string]int `json:"refused_reasons,omitempty"`
 }
 
 // StateBatch is the body of POST /sync/v1/state: state changes sent ahead of
@@ -254,8 +278,10 @@ type StateBatch struct {
 
 // StateResult is the data of a state push.
 type StateResult struct {
-	Applied        int `json:"applied"`
-	RejectedStamps int `json:"rejected_stamps,omitempty"`
+	Applied        int            `json:"applied"`
+	RejectedStamps int            `json:"rejected_stamps,omitempty"`
+	Refused        int            `json:"refused,omitempty"`
+	RefusedReasons map[string]int `json:"refused_reasons,omitempty"`
 }
 
 // Policy is one Rego module distributed to edges.
@@ -378,6 +404,9 @@ func (b *PushBatch) Validate() error {
 
 // Validate checks one edge-originated change.
 func (c *Change) Validate() error {
+	if len(c.Proof) > MaxProofBytes || len(c.Actor) > 128 {
+		return invalid("change proof longer than %d bytes or actor longer than 128", MaxProofBytes)
+	}
 	if c.Kind == KindUser {
 		if c.User == nil || c.User.OpenID == "" || len(c.User.OpenID) > 128 {
 			return invalid("user change needs a user with an openid of 1 to 128 bytes")

@@ -164,6 +164,7 @@ func startCloud(t *testing.T) *daemon {
 	const apiToken, edgeToken = "api-secret", "edge-secret"
 	cfg, err := cloud.Parse([]string{"-id", "n1", "-bootstrap", "-data", t.TempDir(),
 		"-raft", freeAddr(t), "-http", freeAddr(t), "-api-token", apiToken, "-edge-token", "e1=" + edgeToken,
+		"-dev-login", "-admin", "root",
 		"-heartbeat-timeout", "50ms", "-election-timeout", "50ms", "-leader-lease-timeout", "50ms"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -281,9 +282,20 @@ func TestEdgeAndCloudAPIsAgree(t *testing.T) {
 
 	// An older edge syncs tags as a "key=value" list; the cloud (whose sync
 	// decoder is not encoding/json) still takes it, and answers an object.
+	// The change carries an admin's cloud-issued token, the proof the cloud
+	// accepts an edge's meta change on (edge restriction).
 	t.Run("old tag list from an edge", func(t *testing.T) {
+		var pair struct {
+			AccessToken string `json:"access_token"`
+		}
+		login := cloudAPI.do(t, "POST", "/api/v1/auth/login", `{"code":"dev:root"}`)
+		if err := json.Unmarshal(login.env.Data, &pair); err != nil || login.status != 200 || pair.AccessToken == "" {
+			t.Fatalf("cloud login: %d %s", login.status, login.env.Message)
+		}
 		sync := &daemon{name: "cloud sync", base: cloudAPI.base, token: "edge-secret", client: cloudAPI.client}
-		body := `{"edge":"e1","changes":[{"kind":"meta","device":"d9","meta":{"owners":["o1"],"tags":["floor=3","wing="],"stamp":"1700000000000.0"}}]}`
+		stamp := hlc.New(time.Now().UnixMilli(), 0).String()
+		body := `{"edge":"e1","changes":[{"kind":"meta","device":"d9","meta":{"owners":["o1"],"tags":["floor=3","wing="],"stamp":"` + stamp +
+			`"},"actor":"root","proof":"` + pair.AccessToken + `"}]}`
 		if a := sync.do(t, "POST", wire.PathState, body); a.status != 200 {
 			t.Fatalf("state push: %d %s", a.status, a.env.Message)
 		}

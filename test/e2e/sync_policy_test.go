@@ -12,8 +12,10 @@ import (
 )
 
 // Policies written in the cloud reach every edge's policy directory (and
-// the engine reloads them); roles written at one edge reach the cloud and
-// the other edges; both survive an edge restart with the cloud unreachable.
+// the engine reloads them); roles granted at the cloud reach every edge,
+// while a role granted at an edge is refused by the cloud and undone at
+// that edge; policies and roles survive an edge restart with the cloud
+// unreachable.
 func TestSyncPoliciesAndRolesDistribution(t *testing.T) {
 	c := startCloudCluster(t, 1)
 	linkA, linkB := newSyncLink(t, c), newSyncLink(t, c)
@@ -41,15 +43,10 @@ func TestSyncPoliciesAndRolesDistribution(t *testing.T) {
 		return strings.Contains(b.log.String(), "policy reloaded")
 	})
 
-	// An admin at edge A gives a user a role; edge B learns it via the cloud.
-	admin := a.login()
-	if err := a.api(http.MethodPut, "/api/v1/users/o-roamer", admin, map[string]any{"roles": []string{"admin"}}, nil); err != nil {
-		t.Fatal(err)
+	// A role granted at the cloud reaches both edges.
+	if code, env, err := c.api(c.Nodes[0], http.MethodPut, "/api/v1/users/o-roamer", map[string]any{"roles": []string{"admin"}}); err != nil || code != 200 {
+		t.Fatalf("grant at the cloud: %d %s %v", code, env.Message, err)
 	}
-	cloudWaitFor(t, 20*time.Second, "the cloud holds the edge-written role", func() bool {
-		code, env, err := c.api(c.Nodes[0], http.MethodGet, "/api/v1/users/o-roamer", nil)
-		return err == nil && code == 200 && strings.Contains(string(env.Data), `"admin"`)
-	})
 	// o-roamer (dev login at B, B's own key) may write users at B only once
 	// B has the role from the cloud.
 	var roamer syncPair
@@ -58,10 +55,35 @@ func TestSyncPoliciesAndRolesDistribution(t *testing.T) {
 	} else if err := json.Unmarshal(env.Data, &roamer); err != nil {
 		t.Fatal(err)
 	}
-	cloudWaitFor(t, 20*time.Second, "edge B applies the role written at edge A", func() bool {
+	cloudWaitFor(t, 20*time.Second, "edge B applies the role granted at the cloud", func() bool {
 		code, _, err := b.rawCall(http.MethodPut, "/api/v1/users/o-other", roamer.AccessToken, map[string]any{"roles": []string{"viewer"}})
 		return err == nil && code == 200
 	})
+
+	// A role granted at an edge (by that edge's admin) is refused by the
+	// cloud (finding 2: roles are granted at the cloud only), never reaches
+	// the other edge, and edge A's copy returns to the cloud's record.
+	admin := a.login()
+	if err := a.api(http.MethodPut, "/api/v1/users/o-mallory", admin, map[string]any{"roles": []string{"admin"}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	cloudWaitFor(t, 20*time.Second, "the cloud refuses and counts the edge-granted role", func() bool {
+		v, ok := c.labelled(c.Nodes[0], `outpost_cloud_changes_refused_total{edge="e2",reason="user_change"}`)
+		return ok && v >= 1
+	})
+	if code, env, err := c.api(c.Nodes[0], http.MethodGet, "/api/v1/users/o-mallory", nil); err == nil && code == 200 && strings.Contains(string(env.Data), `"admin"`) {
+		t.Fatalf("the cloud holds the edge-granted role: %s", env.Data)
+	}
+	for _, e := range []*edgeProc{a, b} {
+		var mallory syncPair
+		if err := e.api(http.MethodPost, "/api/v1/auth/login", "", map[string]string{"code": "dev:o-mallory"}, &mallory); err != nil {
+			t.Fatal(err)
+		}
+		cloudWaitFor(t, 20*time.Second, "o-mallory holds no admin role at "+e.dataDir, func() bool {
+			code, _, err := e.rawCall(http.MethodPut, "/api/v1/users/o-x", mallory.AccessToken, map[string]any{"roles": []string{"viewer"}})
+			return err == nil && code == 403
+		})
+	}
 
 	// Restart edge B with the cloud unreachable: the cached policies stay.
 	linkB.cut(true)

@@ -32,7 +32,7 @@ func TestSyncFullResyncAfterMaxOffline(t *testing.T) {
 	if err := os.WriteFile(cfgFile, []byte("cloud:\n  max_offline: 3s\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c := startCloudCluster(t, 1)
+	c := startCloudCluster(t, 1, cloudWithUsers())
 	n := c.Nodes[0]
 	link := newSyncLink(t, c)
 	e := startSyncEdge(t, "e2", link, "-config", cfgFile)
@@ -74,8 +74,10 @@ func TestSyncFullResyncAfterMaxOffline(t *testing.T) {
 
 	// A conflict: the edge writes "mode" during a partition, the cloud
 	// writes it later; the edge's older write loses at the cloud.
+	// Made with a cloud-issued token, the proof the cloud accepts it on.
+	proof := edgeTrusts(t, c, e, "admin", "d1")
 	link.cut(true)
-	if err := e.api(http.MethodPut, "/api/v1/devices/d1/desired", admin, map[string]any{"state": map[string]any{"mode": "edge"}}, nil); err != nil {
+	if err := e.api(http.MethodPut, "/api/v1/devices/d1/desired", proof, map[string]any{"state": map[string]any{"mode": "edge"}}, nil); err != nil {
 		t.Fatal(err)
 	}
 	cloudPut("/api/v1/devices/d1/desired", map[string]any{"state": map[string]any{"mode": "cloud"}})

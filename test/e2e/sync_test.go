@@ -45,10 +45,9 @@ func TestSyncLinkCutDuringIngest(t *testing.T) {
 // per-field last-writer-wins result (a deletion included), and the device's
 // retained downlink carries it.
 func TestSyncConflictingDesiredDuringPartition(t *testing.T) {
-	c := startCloudCluster(t, 3)
+	c := startCloudCluster(t, 3, cloudWithUsers())
 	link := newSyncLink(t, c)
 	e := startSyncEdge(t, "e1", link)
-	tok := e.login()
 	dev := "conflict-1"
 	mq := edgeConnect(t, e.MQTT, dev)
 	if tk := mq.Publish("sensors/"+dev+"/state", 1, false, []byte(`{"state":{"fw":"1.0"}}`)); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
@@ -58,6 +57,9 @@ func TestSyncConflictingDesiredDuringPartition(t *testing.T) {
 		d, err := c.deviceState(c.Nodes[0], dev)
 		return err == nil && d.EdgeID == "e1"
 	})
+	// The edge's writes carry a cloud-issued token: the proof the cloud
+	// needs to accept them (edge restriction).
+	tok := edgeTrusts(t, c, e, "admin", dev)
 
 	link.cut(true)
 	write := func(where string, state string) {

@@ -8,6 +8,7 @@ import (
 	"math"
 	"sort"
 
+	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
@@ -67,6 +68,23 @@ type Command struct {
 	Policy    *wire.Policy     // CmdPolicyPut
 	Key       *SigningKey      // CmdSigningKey
 	Session   *SessionCmd      // CmdSession*
+	// Refusals marks changes of a push or state batch that the leader
+	// refused under edge restriction (see restrict.go); they are applied as
+	// corrections, not as the edge sent them.
+	Refusals []Refusal
+	// Digests is the content digest of each change of a push, as the edge
+	// sent it (before the stamp policy edited it): the sequence record that
+	// tells an idempotent re-send from sequence squatting.
+	Digests []wire.Digest
+}
+
+// Refusal is one refused change of a batch: its position, why, and the
+// stamp the correction that returns the edge's copy to the cloud's value
+// carries (newer than the refused change, from the leader's clock).
+type Refusal struct {
+	Index   int           `json:"-"`
+	Reason  string        `json:"reason"`
+	Correct hlc.Timestamp `json:"correct"`
 }
 
 // ErrCorrupt means a log entry could not be decoded.
@@ -83,7 +101,17 @@ func EncodeCommand(c *Command) ([]byte, error) {
 		p := c.Push
 		b = appendString(b, p.Edge)
 		b = binary.AppendUvarint(b, p.FirstSeq)
-		return appendChanges(b, p.Changes)
+		b, err := appendChanges(b, p.Changes, c.Refusals)
+		if err != nil || len(c.Digests) == 0 {
+			return b, err
+		}
+		// Digests follow the changes; an entry written before they existed
+		// ends after the changes.
+		b = binary.AppendUvarint(b, uint64(len(c.Digests)))
+		for _, d := range c.Digests {
+			b = append(b, d[:]...)
+		}
+		return b, nil
 	case CmdDesired, CmdMeta:
 		return appendChange(b, c.Change)
 	case CmdHeartbeat:
@@ -96,7 +124,7 @@ func EncodeCommand(c *Command) ([]byte, error) {
 		return appendJSON(b, c.User)
 	case CmdState:
 		b = appendString(b, c.State.Edge)
-		return appendChanges(b, c.State.Changes)
+		return appendChanges(b, c.State.Changes, c.Refusals)
 	case CmdPolicyPut:
 		return appendJSON(b, c.Policy)
 	case CmdSigningKey:
@@ -154,7 +182,8 @@ type rawChange struct {
 	Kind     string
 	Device   string
 	Readings []rawReading
-	Other    *wire.Change // non-readings kinds
+	Other    *wire.Change   // non-readings kinds
+	Refused  *refusedChange // a change refused under edge restriction
 }
 
 type decodedCmd struct {
@@ -163,7 +192,8 @@ type decodedCmd struct {
 	Edge     string
 	FirstSeq uint64
 	Changes  []rawChange
-	Cmd      Command // non-push payloads
+	Digests  []wire.Digest // CmdPush, when the entry carries them
+	Cmd      Command       // non-push payloads
 }
 
 func decodeCommand(data []byte) (*decodedCmd, error) {
@@ -177,6 +207,17 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 		d.FirstSeq = r.uvarint()
 		if d.Changes, err = r.changes(len(data)); err != nil {
 			return nil, err
+		}
+		if r.err == nil && len(r.b) > 0 {
+			n := r.uvarint()
+			if n != uint64(len(d.Changes)) || n*wire.DigestSize != uint64(len(r.b)) {
+				return nil, fmt.Errorf("%w: push digests", ErrCorrupt)
+			}
+			d.Digests = make([]wire.Digest, n)
+			for i := range d.Digests {
+				copy(d.Digests[i][:], r.b[i*wire.DigestSize:])
+			}
+			r.b = nil
 		}
 	case CmdDesired, CmdMeta:
 		c := r.change()
@@ -221,12 +262,19 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 }
 
 // appendChanges writes a change count and the changes (push and state
-// batches).
-func appendChanges(b []byte, cs []wire.Change) ([]byte, error) {
+// batches); a refused change is written as its refusal.
+func appendChanges(b []byte, cs []wire.Change, refused []Refusal) ([]byte, error) {
 	b = binary.AppendUvarint(b, uint64(len(cs)))
+	r := 0
 	for i := range cs {
 		var err error
-		if b, err = appendChange(b, &cs[i]); err != nil {
+		if r < len(refused) && refused[r].Index == i {
+			b, err = appendRefused(b, &cs[i], refused[r])
+			r++
+		} else {
+			b, err = appendChange(b, &cs[i])
+		}
+		if err != nil {
 			return nil, err
 		}
 	}
@@ -236,7 +284,33 @@ func appendChanges(b []byte, cs []wire.Change) ([]byte, error) {
 const (
 	kindReadings byte = 1
 	kindOther    byte = 2
+	kindRefused  byte = 3
 )
+
+// refusedChange is what a refused change keeps in the log: enough to build
+// its correction (the device or user, and the desired fields it named), and
+// the reason; never the refused values.
+type refusedChange struct {
+	Kind    string        `json:"kind"`
+	Device  string        `json:"device,omitempty"`
+	OpenID  string        `json:"openid,omitempty"`
+	Fields  []string      `json:"fields,omitempty"`
+	Reason  string        `json:"reason"`
+	Correct hlc.Timestamp `json:"correct"`
+}
+
+func appendRefused(b []byte, c *wire.Change, r Refusal) ([]byte, error) {
+	rc := refusedChange{Kind: c.Kind, Device: c.Device, Reason: r.Reason, Correct: r.Correct}
+	if c.User != nil {
+		rc.OpenID = c.User.OpenID
+	}
+	for k := range c.Doc {
+		rc.Fields = append(rc.Fields, k)
+	}
+	sort.Strings(rc.Fields)
+	b = append(b, kindRefused)
+	return appendJSON(b, rc)
+}
 
 func appendChange(b []byte, c *wire.Change) ([]byte, error) {
 	if c.Kind != wire.KindReadings {
@@ -435,6 +509,10 @@ func (r *reader) change() rawChange {
 			r.fail() // the encoder writes readings in binary only
 		}
 		return rawChange{Kind: w.Kind, Device: w.Device, Other: &w}
+	case kindRefused:
+		var rc refusedChange
+		r.json(&rc)
+		return rawChange{Kind: rc.Kind, Device: rc.Device, Refused: &rc}
 	}
 	r.fail()
 	return rawChange{}

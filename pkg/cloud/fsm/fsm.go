@@ -42,6 +42,10 @@ var (
 	ErrNotFound = errors.New("not found")
 	// ErrBadCursor: a cursor that this node did not issue.
 	ErrBadCursor = errors.New("bad cursor")
+	// ErrSeqConflict: a push re-sends sequence numbers the cloud already
+	// applied, with other content than it applied (sequence squatting, or
+	// two edges sharing one id), or ones it can no longer check.
+	ErrSeqConflict = errors.New("sequence already applied with different content")
 )
 
 var (
@@ -64,6 +68,9 @@ var (
 	// Readings of small changes wait here, in log order, until enough have
 	// gathered to move into readings and reading_id together (see stage.go).
 	bktRecent = []byte("readings_recent") // raft index(8) n(4) → staged reading
+	// The digest chain of each edge's sequenced stream at the end of its
+	// last digestWindow pushes (see push).
+	bktDigest = []byte("edge_digest") // edge 0 seq(8) → chain digest(16)
 
 	keyApplied = []byte("applied_index")
 	keyStamp   = []byte("max_stamp")
@@ -71,7 +78,7 @@ var (
 )
 
 var allBuckets = [][]byte{bktMeta, bktReadings, bktReadID, bktDevices, bktEdges, bktSeq, bktLog, bktDown, bktNodes, bktUsers, bktPolicies,
-	bktSessions, bktSessUser, bktSessExp, bktRevoked, bktRecent, bktSeen}
+	bktSessions, bktSessUser, bktSessExp, bktRevoked, bktRecent, bktSeen, bktDigest}
 
 // Device is a device's merged record.
 type Device struct {
@@ -337,7 +344,7 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 
 type bkts struct {
 	meta, readings, readID, devices, edges, seq, log, down, nodes, users, policies *bolt.Bucket
-	sessions, sessUser, sessExp, revoked, recent, seen                             *bolt.Bucket
+	sessions, sessUser, sessExp, revoked, recent, seen, digest                     *bolt.Bucket
 }
 
 func buckets(tx *bolt.Tx) bkts {
@@ -348,6 +355,7 @@ func buckets(tx *bolt.Tx) bkts {
 		policies: tx.Bucket(bktPolicies),
 		sessions: tx.Bucket(bktSessions), sessUser: tx.Bucket(bktSessUser), sessExp: tx.Bucket(bktSessExp),
 		revoked: tx.Bucket(bktRevoked), recent: tx.Bucket(bktRecent), seen: tx.Bucket(bktSeen),
+		digest: tx.Bucket(bktDigest),
 	}
 }
 
@@ -481,6 +489,12 @@ func (a *applier) push(d *decodedCmd) (Result, error) {
 			Expected: last + 1, AckedSeq: last}, nil
 	}
 	skip := last + 1 - d.FirstSeq // changes this edge already delivered
+	if skip > 0 && d.Digests != nil {
+		// A re-send is a duplicate only if it is what was applied.
+		if err := verifyChain(a.bk.digest, d.Edge, d.FirstSeq, last, d.Digests); err != nil {
+			return Result{Err: err, AckedSeq: last}, nil
+		}
+	}
 	if skip >= uint64(len(d.Changes)) {
 		return Result{AckedSeq: last}, nil
 	}
@@ -493,6 +507,15 @@ func (a *applier) push(d *decodedCmd) (Result, error) {
 	newLast := d.FirstSeq + uint64(len(d.Changes)) - 1
 	if err := a.bk.seq.Put(key, u64(newLast)); err != nil {
 		return Result{}, err
+	}
+	if d.Digests != nil {
+		head, _ := chainAt(a.bk.digest, d.Edge, last)
+		for i := skip; i < uint64(len(d.Changes)); i++ {
+			head = wire.ChainDigest(head, d.Digests[i])
+		}
+		if err := putChain(a.bk.digest, d.Edge, newLast, head); err != nil {
+			return Result{}, err
+		}
 	}
 	return Result{AckedSeq: newLast, Applied: len(d.Changes) - int(skip), Duplicates: a.dups - before}, nil
 }
@@ -586,6 +609,9 @@ func (a *applier) flushDevices() error {
 
 // change applies one change from origin ("" for the cloud's own API).
 func (a *applier) change(origin string, atMs int64, c *rawChange) error {
+	if c.Refused != nil {
+		return a.correct(origin, atMs, c.Refused)
+	}
 	if c.Kind == wire.KindUser {
 		if c.Other == nil || c.Other.User == nil {
 			return nil
@@ -638,6 +664,17 @@ func (a *applier) change(origin string, atMs int64, c *rawChange) error {
 		}
 		if v := delta.Version(); v > a.maxStamp {
 			a.maxStamp = v
+		}
+		if c.Kind == wire.KindReported && origin != "" && dev.EdgeID != origin {
+			// Newer reported state from another edge: the device moved
+			// there (its home is where it currently publishes), and the
+			// cloud's desired state follows it.
+			dev.EdgeID = origin
+			if len(dev.Desired) > 0 {
+				if err := a.downlink(origin, "", wire.Change{Kind: wire.KindDesired, Device: dev.ID, Doc: dev.Desired.Clone()}); err != nil {
+					return err
+				}
+			}
 		}
 		out := wire.Change{Kind: c.Kind, Device: dev.ID, Doc: delta}
 		if err := a.logChange(origin, atMs, &rawChange{Kind: c.Kind, Device: dev.ID, Other: &out}); err != nil {

@@ -114,6 +114,10 @@ func (s *Server) push(c *fiber.Ctx) error {
 			return &httpError{status: fiber.StatusConflict,
 				msg:     fmt.Sprintf("sequence gap: the cloud expects sequence %d next from edge %q, batch starts at %d", gap.Expected, edge, b.FirstSeq),
 				headers: map[string]string{wire.HeaderExpectedSeq: strconv.FormatUint(gap.Expected, 10)}}
+		case errors.Is(err, service.ErrSeqConflict):
+			// Not a gap (no expected-sequence header): rewinding cannot
+			// help, so the edge must not treat it as one.
+			return apiError(fiber.StatusUnprocessableEntity, err.Error())
 		case errors.Is(err, service.ErrWrongEdge):
 			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not push as %q", edge, b.Edge))
 		case err != nil:

@@ -7,6 +7,8 @@ type metrics struct {
 	pushes    *prometheus.CounterVec
 	stamps    *prometheus.CounterVec
 	backlog   *prometheus.GaugeVec
+	refused   *prometheus.CounterVec
+	conflicts *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -19,7 +21,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "HLC stamps rejected for exceeding the maximum clock drift, by edge."}, []string{"edge"}),
 		backlog: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "outpost_cloud_edge_backlog",
 			Help: "Outbox backlog each edge last reported in a heartbeat."}, []string{"edge"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_changes_refused_total",
+			Help: "Changes from edges refused under edge restriction, by edge and reason."}, []string{"edge", "reason"}),
+		conflicts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_seq_conflicts_total",
+			Help: "Pushes refused for re-sending applied sequence numbers with other content, by edge."}, []string{"edge"}),
 	}
-	reg.MustRegister(m.throttled, m.pushes, m.stamps, m.backlog)
+	reg.MustRegister(m.throttled, m.pushes, m.stamps, m.backlog, m.refused, m.conflicts)
 	return m
 }

@@ -65,6 +65,9 @@ type Queries interface {
 	Edges() ([]wire.Edge, error)
 	Policies() ([]wire.Policy, error)
 	Pull(edge, cursor string, limit int) (wire.PullPage, error)
+	// CheckResend verifies that a push at or below the edge's acknowledged
+	// sequence repeats what was applied (fsm.ErrSeqConflict if not).
+	CheckResend(edge string, first uint64, digests []wire.Digest) error
 	Export(cursor string, limit int, emit func(*fsm.ExportRecord) error) (string, error)
 }
 
@@ -110,6 +113,14 @@ type Config struct {
 	RefreshTTL time.Duration
 	// Now is the wall clock (default time.Now).
 	Now func() time.Time
+	// MaxOffline bounds how old a change an edge syncs may be and still be
+	// accepted on its original proof (default 30 days, the edges' default
+	// max_offline).
+	MaxOffline time.Duration
+	// Proofs and Authorizer override the deployment key and the
+	// distributed policies in edge restriction (tests); nil: those.
+	Proofs     ProofVerifier
+	Authorizer Authorizer
 }
 
 // Service is one node's application layer. It is safe for concurrent use.
@@ -122,6 +133,7 @@ type Service struct {
 	stamps StampPolicy
 	gate   *seqGate
 	keys   keyCache
+	pol    policyCache
 	m      *metrics
 	// policyMu serialises PutPolicy's check and proposal.
 	policyMu sync.Mutex
@@ -138,6 +150,9 @@ func New(cfg Config, r Raft, st State, clock *hlc.Clock, log *slog.Logger, reg p
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.MaxOffline == 0 {
+		cfg.MaxOffline = 30 * 24 * time.Hour
 	}
 	return &Service{cfg: cfg, log: log, raft: r, state: st, clock: clock,
 		stamps: StampPolicy{Clock: clock}, gate: newSeqGate(), m: newMetrics(reg)}
@@ -163,6 +178,10 @@ var (
 	// ErrSeqGap: a push starts beyond the next sequence the cloud expects;
 	// the error is a *SeqGapError.
 	ErrSeqGap = errors.New("sequence gap")
+	// ErrSeqConflict: a push re-sends sequence numbers already applied
+	// with other content (sequence squatting); the error is a
+	// *SeqConflictError.
+	ErrSeqConflict = errors.New("sequence already applied with different content")
 	// ErrConflict: a join names an id or address already used differently.
 	ErrConflict = errors.New("membership conflict")
 	// ErrNoSuchNode: a remove names a node that is not a member.

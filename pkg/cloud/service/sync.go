@@ -34,8 +34,9 @@ type PushOutcome struct {
 }
 
 // Push applies edge's batch b, which it takes ownership of (the stamp policy
-// edits it). Errors: wire.ErrInvalid, ErrWrongEdge, *SeqGapError
-// (ErrSeqGap), ErrNotLeader, ErrOverloaded, ErrUnknownOutcome.
+// and edge restriction edit it). Errors: wire.ErrInvalid, ErrWrongEdge,
+// *SeqGapError (ErrSeqGap), *SeqConflictError (ErrSeqConflict),
+// ErrNotLeader, ErrOverloaded, ErrUnknownOutcome.
 func (s *Service) Push(ctx context.Context, edge string, b *wire.PushBatch) (PushOutcome, error) {
 	if err := b.Validate(); err != nil {
 		return PushOutcome{}, err
@@ -43,9 +44,15 @@ func (s *Service) Push(ctx context.Context, edge string, b *wire.PushBatch) (Pus
 	if b.Edge != edge {
 		return PushOutcome{}, fmt.Errorf("%w: edge %q pushed as %q", ErrWrongEdge, edge, b.Edge)
 	}
-	// A re-sent batch that is already committed needs no raft entry.
+	// Digests of what the edge sent, before anything edits the batch.
+	sums := digests(b.Changes)
+	// A re-sent batch that is already committed needs no raft entry, if it
+	// is what was committed.
 	acked := s.state.EdgeSeq(edge)
 	if b.LastSeq() <= acked {
+		if err := s.state.CheckResend(edge, b.FirstSeq, sums); err != nil {
+			return PushOutcome{}, s.seqConflict(edge, err)
+		}
 		s.m.pushes.WithLabelValues(edge, "duplicate").Inc()
 		return PushOutcome{PushResult: wire.PushResult{AckedSeq: acked}}, nil
 	}
@@ -53,13 +60,15 @@ func (s *Service) Push(ctx context.Context, edge string, b *wire.PushBatch) (Pus
 	if err != nil {
 		return PushOutcome{}, err
 	}
+	r := s.restrict(ctx, edge, b.Changes)
 	// An edge may pipeline pushes: let this one queue only after its
 	// predecessor has (bounded wait), so they apply in sequence order
 	// instead of the later one bouncing off a gap.
 	s.gate.wait(ctx, edge, b.FirstSeq, acked)
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	defer cancel()
-	res, err := s.raft.ProposeOrdered(ctx, &fsm.Command{Type: fsm.CmdPush, AtMs: s.cfg.Now().UnixMilli(), Push: b},
+	res, err := s.raft.ProposeOrdered(ctx, &fsm.Command{Type: fsm.CmdPush, AtMs: s.cfg.Now().UnixMilli(), Push: b,
+		Refusals: r.refusals, Digests: sums},
 		func() { s.gate.queued(edge, b.LastSeq()) })
 	if err != nil {
 		return PushOutcome{}, kind(err)
@@ -68,12 +77,24 @@ func (s *Service) Push(ctx context.Context, edge string, b *wire.PushBatch) (Pus
 		s.m.pushes.WithLabelValues(edge, "gap").Inc()
 		return PushOutcome{}, &SeqGapError{Edge: edge, First: b.FirstSeq, Expected: res.Expected}
 	}
+	if errors.Is(res.Err, fsm.ErrSeqConflict) {
+		return PushOutcome{}, s.seqConflict(edge, res.Err)
+	}
 	if res.Err != nil {
 		return PushOutcome{}, res.Err
 	}
 	s.m.pushes.WithLabelValues(edge, "ok").Inc()
+	n, reasons := refusedResult(r)
 	return PushOutcome{PushResult: wire.PushResult{AckedSeq: res.AckedSeq, Applied: res.Applied, Duplicates: res.Duplicates,
-		Index: res.Index, RejectedStamps: rep.Dropped()}, Stamps: rep}, nil
+		Index: res.Index, RejectedStamps: rep.Dropped(), Refused: n, RefusedReasons: reasons}, Stamps: rep}, nil
+}
+
+// seqConflict counts and logs a squatted sequence and wraps err.
+func (s *Service) seqConflict(edge string, err error) error {
+	s.m.pushes.WithLabelValues(edge, "conflict").Inc()
+	s.m.conflicts.WithLabelValues(edge).Inc()
+	s.log.Error("an edge re-sent applied sequence numbers with other content; not acknowledged", "edge", edge, "err", err)
+	return &SeqConflictError{Edge: edge, Err: err}
 }
 
 // screen runs the stamp policy over an edge's changes, counting and logging
@@ -117,14 +138,17 @@ func (s *Service) State(ctx context.Context, edge string, b *wire.StateBatch) (S
 	if len(b.Changes) == 0 {
 		return StateOutcome{}, nil
 	}
-	res, err := s.propose(ctx, &fsm.Command{Type: fsm.CmdState, State: b})
+	r := s.restrict(ctx, edge, b.Changes)
+	res, err := s.propose(ctx, &fsm.Command{Type: fsm.CmdState, State: b, Refusals: r.refusals})
 	if err != nil {
 		return StateOutcome{}, err
 	}
 	if res.Err != nil {
 		return StateOutcome{}, res.Err
 	}
-	return StateOutcome{StateResult: wire.StateResult{Applied: res.Applied, RejectedStamps: rep.Dropped()}, Stamps: rep}, nil
+	n, reasons := refusedResult(r)
+	return StateOutcome{StateResult: wire.StateResult{Applied: res.Applied - n, RejectedStamps: rep.Dropped(),
+		Refused: n, RefusedReasons: reasons}, Stamps: rep}, nil
 }
 
 // Pull is one page of changes for edge after cursor, with the current
