@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"log/slog"
 	"net"
 	"strings"
 	"time"
@@ -160,9 +161,7 @@ type authHook struct {
 	service map[string]string
 	gate    *loginGate
 	met     *metrics
-	log     interface {
-		Warn(msg string, args ...any)
-	}
+	log     *slog.Logger
 }
 
 func (h *authHook) ID() string { return "outpost-auth" }
