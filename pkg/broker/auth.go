@@ -1,10 +1,10 @@
 package broker
 
 import (
-	"context"
 	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/golang-lru/v2/expirable"
@@ -12,7 +12,6 @@ import (
 	"github.com/mochi-mqtt/server/v2/hooks/storage"
 	"github.com/mochi-mqtt/server/v2/packets"
 	"golang.org/x/crypto/bcrypt"
-	"golang.org/x/time/rate"
 )
 
 // Topic namespaces only the edge itself publishes to, in every mode: the
@@ -26,15 +25,17 @@ func edgeOnly(topic string) bool {
 	return strings.HasPrefix(topic, devicesPrefix) || strings.HasPrefix(topic, alertsPrefix)
 }
 
-// LoginLimits bound the cost of failed logins (finding 9). Failures are
-// counted per remote IP and per username in token buckets: an exhausted
-// bucket refuses the next attempt without a bcrypt comparison. Every
-// bcrypt comparison, failed or not, holds one of Concurrency slots, so
-// guesses cannot take every core from the rest of the edge.
+// LoginLimits bound the cost of failed logins (finding 9). Each remote IP
+// and each username has a token bucket of failed logins: a password check
+// takes a token from both (an empty bucket refuses the attempt without a
+// check), and a successful check gives them back, so only failures use
+// them up and a fleet reconnecting from one address is not throttled. Every
+// bcrypt comparison holds one of Concurrency slots, so guesses cannot take
+// every core from the rest of the edge.
 type LoginLimits struct {
-	PerAddr     rate.Limit    // failed logins per second per remote IP, after the burst
+	PerAddr     float64       // failed logins per second per remote IP, after the burst
 	AddrBurst   int           // failed logins a remote IP may make at once
-	PerUser     rate.Limit    // failed logins per second per username, after the burst
+	PerUser     float64       // failed logins per second per username, after the burst
 	UserBurst   int           // failed logins a username may have at once
 	Concurrency int           // concurrent bcrypt comparisons
 	Wait        time.Duration // longest wait for a bcrypt slot before refusing
@@ -51,11 +52,41 @@ func DefaultLoginLimits() LoginLimits {
 	}
 }
 
+// bucket is a token bucket of failed logins.
+type bucket struct {
+	mu     sync.Mutex
+	tokens float64
+	last   time.Time
+	rate   float64
+	burst  float64
+}
+
+// take removes a token if there is one.
+func (b *bucket) take(now time.Time) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.tokens = min(b.burst, b.tokens+now.Sub(b.last).Seconds()*b.rate)
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// give returns a token taken for an attempt that did not fail.
+func (b *bucket) give() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.tokens = min(b.burst, b.tokens+1)
+}
+
 // loginGate throttles failed logins and bounds bcrypt work.
 type loginGate struct {
 	lim    LoginLimits
-	byAddr *expirable.LRU[string, *rate.Limiter]
-	byUser *expirable.LRU[string, *rate.Limiter]
+	byAddr *expirable.LRU[string, *bucket]
+	byUser *expirable.LRU[string, *bucket]
+	mu     sync.Mutex // makes get-or-create atomic
 	sem    chan struct{}
 }
 
@@ -84,54 +115,58 @@ func newLoginGate(lim LoginLimits) *loginGate {
 	}
 	// An entry idle for longer than its bucket takes to refill carries no
 	// information: forgetting it is the same as a full bucket.
-	ttl := func(r rate.Limit, burst int) time.Duration {
-		return time.Duration(float64(burst)/float64(r)*float64(time.Second)) + time.Minute
+	ttl := func(r float64, burst int) time.Duration {
+		return time.Duration(float64(burst)/r*float64(time.Second)) + time.Minute
 	}
 	return &loginGate{
 		lim:    lim,
-		byAddr: expirable.NewLRU[string, *rate.Limiter](lim.Tracked, nil, ttl(lim.PerAddr, lim.AddrBurst)),
-		byUser: expirable.NewLRU[string, *rate.Limiter](lim.Tracked, nil, ttl(lim.PerUser, lim.UserBurst)),
+		byAddr: expirable.NewLRU[string, *bucket](lim.Tracked, nil, ttl(lim.PerAddr, lim.AddrBurst)),
+		byUser: expirable.NewLRU[string, *bucket](lim.Tracked, nil, ttl(lim.PerUser, lim.UserBurst)),
 		sem:    make(chan struct{}, lim.Concurrency),
 	}
 }
 
-func limiter(c *expirable.LRU[string, *rate.Limiter], key string, r rate.Limit, burst int, create bool) *rate.Limiter {
-	if l, ok := c.Get(key); ok {
-		return l
+func (g *loginGate) bucket(c *expirable.LRU[string, *bucket], key string, r float64, burst int, now time.Time) *bucket {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if b, ok := c.Get(key); ok {
+		return b
 	}
-	if !create {
-		return nil
-	}
-	l := rate.NewLimiter(r, burst)
-	c.Add(key, l)
-	return l
+	b := &bucket{tokens: float64(burst), last: now, rate: r, burst: float64(burst)}
+	c.Add(key, b)
+	return b
 }
 
-// throttled reports whether addr or user has no failed login left.
-func (g *loginGate) throttled(addr, user string) bool {
-	if l := limiter(g.byAddr, addr, g.lim.PerAddr, g.lim.AddrBurst, false); l != nil && l.Tokens() < 1 {
-		return true
+// take reserves a failed login for addr and user: false if either has none
+// left. On true the caller gives them back with release(true) if the login
+// succeeded.
+func (g *loginGate) take(addr, user string) (ok bool, release func(success bool)) {
+	now := time.Now()
+	a := g.bucket(g.byAddr, addr, g.lim.PerAddr, g.lim.AddrBurst, now)
+	if !a.take(now) {
+		return false, nil
 	}
-	if l := limiter(g.byUser, user, g.lim.PerUser, g.lim.UserBurst, false); l != nil && l.Tokens() < 1 {
-		return true
+	u := g.bucket(g.byUser, user, g.lim.PerUser, g.lim.UserBurst, now)
+	if !u.take(now) {
+		a.give()
+		return false, nil
 	}
-	return false
-}
-
-// failed charges a failed login to addr and user.
-func (g *loginGate) failed(addr, user string) {
-	limiter(g.byAddr, addr, g.lim.PerAddr, g.lim.AddrBurst, true).Allow()
-	limiter(g.byUser, user, g.lim.PerUser, g.lim.UserBurst, true).Allow()
+	return true, func(success bool) {
+		if success {
+			a.give()
+			u.give()
+		}
+	}
 }
 
 // acquire takes a bcrypt slot, waiting at most lim.Wait.
 func (g *loginGate) acquire() bool {
-	ctx, cancel := context.WithTimeout(context.Background(), g.lim.Wait)
-	defer cancel()
+	t := time.NewTimer(g.lim.Wait)
+	defer t.Stop()
 	select {
 	case g.sem <- struct{}{}:
 		return true
-	case <-ctx.Done():
+	case <-t.C:
 		return false
 	}
 }
@@ -215,8 +250,8 @@ func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) boo
 
 // authenticate checks user's password; it returns "" or why it failed.
 func (h *authHook) authenticate(cl *mqtt.Client, user string, password []byte) string {
-	addr := remoteIP(cl.Net.Remote)
-	if h.gate.throttled(addr, user) {
+	ok, done := h.gate.take(remoteIP(cl.Net.Remote), user)
+	if !ok {
 		return loginThrottled
 	}
 	hash, ok := h.service[user]
@@ -224,22 +259,19 @@ func (h *authHook) authenticate(cl *mqtt.Client, user string, password []byte) s
 		hash, ok = h.creds[user]
 	}
 	if !ok {
-		h.gate.failed(addr, user)
+		done(false)
 		h.log.Warn("mqtt authentication failed", "username", user, "remote", cl.Net.Remote)
 		return loginBadPassword
 	}
 	if !h.gate.acquire() {
+		done(true) // not the client's failure
 		h.log.Warn("mqtt authentication refused: too many logins in progress", "username", user, "remote", cl.Net.Remote)
 		return loginBusy
 	}
-	defer h.gate.release()
-	// Checked again with the slot held: the attempts queued behind a
-	// burst of failures find the bucket empty and cost nothing.
-	if h.gate.throttled(addr, user) {
-		return loginThrottled
-	}
-	if bcrypt.CompareHashAndPassword([]byte(hash), password) != nil {
-		h.gate.failed(addr, user)
+	err := bcrypt.CompareHashAndPassword([]byte(hash), password)
+	h.gate.release()
+	done(err == nil)
+	if err != nil {
 		h.log.Warn("mqtt authentication failed", "username", user, "remote", cl.Net.Remote)
 		return loginBadPassword
 	}
