@@ -3,6 +3,7 @@ package broker
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -159,12 +160,13 @@ func (r *restorer) sweep() error {
 	for dev := range seen { // retained, but not the edge's
 		devs = append(devs, dev)
 	}
+	var errs []error
 	for _, dev := range devs {
 		if err := r.check(dev); err != nil {
-			return err
+			errs = append(errs, fmt.Errorf("device %s: %w", dev, err))
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // restoreHook reports retained changes below devices/ made by anyone but
