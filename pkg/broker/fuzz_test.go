@@ -49,8 +49,8 @@ func FuzzBrokerConnect(f *testing.F) {
 				ConnectTimeout: 2 * time.Second,
 				// Throttling would soon refuse the seeds' valid logins and
 				// keep the fuzzer out of the publish path.
-				Login: LoginLimits{PerAddr: 1e9, AddrBurst: 1 << 30, PerUser: 1e9, UserBurst: 1 << 30},
-				Logger:         discardLogger(),
+				Login:  LoginLimits{PerAddr: 1e9, AddrBurst: 1 << 30, PerUser: 1e9, UserBurst: 1 << 30},
+				Logger: discardLogger(),
 			}, doneSubmitter{})
 			if fuzzBroker.err == nil {
 				fuzzBroker.err = fuzzBroker.b.Start()
