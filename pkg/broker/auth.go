@@ -31,7 +31,10 @@ func edgeOnly(topic string) bool {
 // check), and a successful check gives them back, so only failures use
 // them up and a fleet reconnecting from one address is not throttled. Every
 // bcrypt comparison holds one of Concurrency slots, so guesses cannot take
-// every core from the rest of the edge.
+// every core from the rest of the edge, and one address has at most one
+// comparison running or waiting for a slot at a time (its other attempts
+// wait behind it), so a burst from one address delays logins from others
+// by one comparison at most.
 type LoginLimits struct {
 	PerAddr     float64       // failed logins per second per remote IP, after the burst
 	AddrBurst   int           // failed logins a remote IP may make at once
@@ -42,12 +45,13 @@ type LoginLimits struct {
 	Tracked     int           // addresses and usernames remembered (LRU)
 }
 
-// DefaultLoginLimits: ten failures at once, then one each two seconds, per
-// address and per username; two bcrypt comparisons at a time (one per core
-// of the smallest supported edge).
+// DefaultLoginLimits: twenty failures at once (Paho clients retry a refused
+// login once as MQTT 3.1, so ten mistyped passwords), then one each two
+// seconds, per address and per username; two bcrypt comparisons at a time
+// (one per core of the smallest supported edge).
 func DefaultLoginLimits() LoginLimits {
 	return LoginLimits{
-		PerAddr: 0.5, AddrBurst: 10, PerUser: 0.5, UserBurst: 10,
+		PerAddr: 0.5, AddrBurst: 20, PerUser: 0.5, UserBurst: 20,
 		Concurrency: 2, Wait: 5 * time.Second, Tracked: 10000,
 	}
 }
@@ -86,8 +90,15 @@ type loginGate struct {
 	lim    LoginLimits
 	byAddr *expirable.LRU[string, *bucket]
 	byUser *expirable.LRU[string, *bucket]
-	mu     sync.Mutex // makes get-or-create atomic
+	mu     sync.Mutex // makes get-or-create atomic; guards lanes
 	sem    chan struct{}
+	lanes  map[string]*lane // per remote IP with a login in progress
+}
+
+// lane serialises one address's password checks.
+type lane struct {
+	ch   chan struct{}
+	refs int
 }
 
 func newLoginGate(lim LoginLimits) *loginGate {
@@ -123,6 +134,7 @@ func newLoginGate(lim LoginLimits) *loginGate {
 		byAddr: expirable.NewLRU[string, *bucket](lim.Tracked, nil, ttl(lim.PerAddr, lim.AddrBurst)),
 		byUser: expirable.NewLRU[string, *bucket](lim.Tracked, nil, ttl(lim.PerUser, lim.UserBurst)),
 		sem:    make(chan struct{}, lim.Concurrency),
+		lanes:  map[string]*lane{},
 	}
 }
 
@@ -159,19 +171,45 @@ func (g *loginGate) take(addr, user string) (ok bool, release func(success bool)
 	}
 }
 
-// acquire takes a bcrypt slot, waiting at most lim.Wait.
-func (g *loginGate) acquire() bool {
+// acquire takes addr's lane, then a bcrypt slot, waiting at most lim.Wait
+// in all; release gives both back.
+func (g *loginGate) acquire(addr string) (release func(), ok bool) {
+	g.mu.Lock()
+	l := g.lanes[addr]
+	if l == nil {
+		l = &lane{ch: make(chan struct{}, 1)}
+		g.lanes[addr] = l
+	}
+	l.refs++
+	g.mu.Unlock()
+	leave := func() {
+		g.mu.Lock()
+		if l.refs--; l.refs == 0 {
+			delete(g.lanes, addr)
+		}
+		g.mu.Unlock()
+	}
 	t := time.NewTimer(g.lim.Wait)
 	defer t.Stop()
 	select {
-	case g.sem <- struct{}{}:
-		return true
+	case l.ch <- struct{}{}:
 	case <-t.C:
-		return false
+		leave()
+		return nil, false
 	}
+	select {
+	case g.sem <- struct{}{}:
+	case <-t.C:
+		<-l.ch
+		leave()
+		return nil, false
+	}
+	return func() {
+		<-g.sem
+		<-l.ch
+		leave()
+	}, true
 }
-
-func (g *loginGate) release() { <-g.sem }
 
 // Login outcomes, the reason label of outpost_mqtt_login_failures_total.
 const (
@@ -250,7 +288,8 @@ func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) boo
 
 // authenticate checks user's password; it returns "" or why it failed.
 func (h *authHook) authenticate(cl *mqtt.Client, user string, password []byte) string {
-	ok, done := h.gate.take(remoteIP(cl.Net.Remote), user)
+	addr := remoteIP(cl.Net.Remote)
+	ok, done := h.gate.take(addr, user)
 	if !ok {
 		return loginThrottled
 	}
@@ -263,13 +302,14 @@ func (h *authHook) authenticate(cl *mqtt.Client, user string, password []byte) s
 		h.log.Warn("mqtt authentication failed", "username", user, "remote", cl.Net.Remote)
 		return loginBadPassword
 	}
-	if !h.gate.acquire() {
+	release, ok := h.gate.acquire(addr)
+	if !ok {
 		done(true) // not the client's failure
 		h.log.Warn("mqtt authentication refused: too many logins in progress", "username", user, "remote", cl.Net.Remote)
 		return loginBusy
 	}
 	err := bcrypt.CompareHashAndPassword([]byte(hash), password)
-	h.gate.release()
+	release()
 	done(err == nil)
 	if err != nil {
 		h.log.Warn("mqtt authentication failed", "username", user, "remote", cl.Net.Remote)

@@ -457,8 +457,11 @@ func TestHelperBrokerEMFILE(t *testing.T) {
 // logins pinned both cores for 13 s and a real device took 8.9 s to
 // connect.
 func TestSecurityLoginThrottle(t *testing.T) {
+	// Cost 8, a quarter of the default's work: the race detector slows
+	// bcrypt tenfold, and the old broker, which ran all 200 comparisons at
+	// once, still kept B waiting for seconds.
 	strong := func(pw string) string {
-		h, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.DefaultCost)
+		h, err := bcrypt.GenerateFromPassword([]byte(pw), 8)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -510,8 +513,8 @@ func TestSecurityLoginThrottle(t *testing.T) {
 	if took > time.Second {
 		t.Errorf("B took %s to connect during the attack, want < 1s", took)
 	}
-	if lim := DefaultLoginLimits(); bcrypts > float64(lim.AddrBurst+lim.Concurrency+2) {
-		t.Errorf("%v guesses cost a bcrypt comparison, want at most the burst (%d) and the slots", bcrypts, lim.AddrBurst)
+	if lim := DefaultLoginLimits(); bcrypts > float64(lim.AddrBurst) {
+		t.Errorf("%v guesses cost a bcrypt comparison, want at most the burst (%d)", bcrypts, lim.AddrBurst)
 	}
 }
 
@@ -553,8 +556,17 @@ func TestSecurityOpenBroker(t *testing.T) {
 			if code, err := local.connect(t, connectOpts{id: "local"}); err != nil || code != 0 {
 				t.Fatalf("loopback client: %#x %v", code, err)
 			}
-			remote := dialRaw(t, net.JoinHostPort(ip.String(), port), ip.String())
-			code, err := remote.connect(t, connectOpts{id: "remote"})
+			// A refused connection is reset at once, which may fail the
+			// dial already.
+			var code byte
+			d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: ip}}
+			nc, err := d.Dial("tcp", net.JoinHostPort(ip.String(), port))
+			if err == nil {
+				defer nc.Close()
+				_ = nc.SetDeadline(time.Now().Add(10 * time.Second))
+				remote := &rawConn{Conn: nc, r: bufio.NewReader(nc)}
+				code, err = remote.connect(t, connectOpts{id: "remote"})
+			}
 			if ok := err == nil && code == 0; ok != anon {
 				t.Fatalf("client from %s: connected %v (code %#x, %v), want %v", ip, ok, code, err, anon)
 			}
@@ -563,12 +575,15 @@ func TestSecurityOpenBroker(t *testing.T) {
 
 	t.Run("only the edge publishes below devices/ and alerts/", func(t *testing.T) {
 		b := startBroker(t, Config{AllowAnonymous: true}, nil)
-		got := make(chan paho.Message, 8)
-		watch := mustDial(t, b.Addr(), "watch", "", "")
-		waitTok(t, watch.Subscribe("#", 1, func(_ paho.Client, m paho.Message) { got <- m }), "subscribe #")
 		if err := b.Publish("devices/d1/desired", []byte(`{"version":"1","state":{}}`), true, 1); err != nil {
 			t.Fatal(err)
 		}
+		// Subscribed after the publish: mochi may deliver a retained
+		// message twice (live and replayed) to a subscription it is still
+		// setting up.
+		got := make(chan paho.Message, 8)
+		watch := mustDial(t, b.Addr(), "watch", "", "")
+		waitTok(t, watch.Subscribe("#", 1, func(_ paho.Client, m paho.Message) { got <- m }), "subscribe #")
 		select {
 		case m := <-got:
 			if m.Topic() != "devices/d1/desired" {
