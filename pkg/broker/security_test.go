@@ -458,7 +458,7 @@ func TestHelperBrokerEMFILE(t *testing.T) {
 // connect.
 func TestSecurityLoginThrottle(t *testing.T) {
 	// Cost 8, a quarter of the default's work: the race detector slows
-	// bcrypt tenfold, and the old broker, which ran all 200 comparisons at
+	// bcrypt tenfold, and the old broker, which ran all 500 comparisons at
 	// once, still kept B waiting for seconds.
 	strong := func(pw string) string {
 		h, err := bcrypt.GenerateFromPassword([]byte(pw), 8)
@@ -468,9 +468,20 @@ func TestSecurityLoginThrottle(t *testing.T) {
 		return string(h)
 	}
 	b := startBroker(t, Config{Credentials: map[string]string{"A": strong("secret-a"), "B": strong("secret-b")}}, nil)
+	connectB := func() time.Duration {
+		t.Helper()
+		t0 := time.Now()
+		c := dialRaw(t, b.Addr(), "127.0.0.1")
+		defer c.Close()
+		if code, err := c.connect(t, connectOpts{id: "B", user: "B", pass: "secret-b"}); err != nil || code != 0 {
+			t.Fatalf("B: code %#x, %v", code, err)
+		}
+		return time.Since(t0)
+	}
+	quiet := connectB() // what a login costs here without an attack
 
-	// The attacker guesses A's password from 127.0.0.2, 200 times at once.
-	const guesses = 200
+	// The attacker guesses A's password from 127.0.0.2, 500 times at once.
+	const guesses = 500
 	var wg sync.WaitGroup
 	var accepted atomic.Int32
 	start := make(chan struct{})
@@ -496,22 +507,23 @@ func TestSecurityLoginThrottle(t *testing.T) {
 	time.Sleep(50 * time.Millisecond) // the burst is under way
 
 	// Meanwhile device B connects from 127.0.0.1.
-	t0 := time.Now()
-	c := dialRaw(t, b.Addr(), "127.0.0.1")
-	code, err := c.connect(t, connectOpts{id: "B", user: "B", pass: "secret-b"})
-	took := time.Since(t0)
+	took := connectB()
 	wg.Wait()
-	if err != nil || code != 0 {
-		t.Fatalf("B during the attack: code %#x, %v", code, err)
-	}
 	if accepted.Load() != 0 {
 		t.Fatalf("%d wrong passwords accepted", accepted.Load())
 	}
 	bcrypts := value(t, b.met.loginFails.WithLabelValues(loginBadPassword))
 	throttled := value(t, b.met.loginFails.WithLabelValues(loginThrottled))
-	t.Logf("B connected in %s; %v guesses compared, %v throttled", took, bcrypts, throttled)
-	if took > time.Second {
-		t.Errorf("B took %s to connect during the attack, want < 1s", took)
+	t.Logf("B connected in %s during the attack (%s without); %v guesses compared, %v throttled", took, quiet, bcrypts, throttled)
+	// B may wait for one comparison of the attacker's and share the cores
+	// with it: about a second on an edge, twice that under the race
+	// detector.
+	bound := time.Second
+	if raceEnabled {
+		bound = 2 * time.Second
+	}
+	if took > quiet+bound {
+		t.Errorf("B took %s to connect during the attack (%s without), want less than %s more", took, quiet, bound)
 	}
 	if lim := DefaultLoginLimits(); bcrypts > float64(lim.AddrBurst) {
 		t.Errorf("%v guesses cost a bcrypt comparison, want at most the burst (%d)", bcrypts, lim.AddrBurst)
