@@ -329,8 +329,11 @@ func TestSecurityConnectionCap(t *testing.T) {
 		}
 	}
 	// ...the fourth is not.
-	over := dialRaw(t, b.Addr(), "")
-	closedWithin(t, over, 3*time.Second, "connection over the cap")
+	// Reset at once, which may already fail the dial.
+	if over, err := net.DialTimeout("tcp", b.Addr(), 5*time.Second); err == nil {
+		defer over.Close()
+		closedWithin(t, over, 3*time.Second, "connection over the cap")
+	}
 	if got := value(t, b.met.refused.WithLabelValues("connection_cap")); got < 1 {
 		t.Fatalf("refused{connection_cap} = %v", got)
 	}
@@ -730,9 +733,7 @@ func TestSecurityRestoreDownlink(t *testing.T) {
 	waitFor(t, 5*time.Second, "d1 restored at run time", func() bool {
 		return string(b.rest.retained("devices/d1/desired")) == string(good["d1"])
 	})
-	if got := value(t, b.met.restored); got < 4 {
-		t.Fatalf("restored = %v, want ≥ 4", got)
-	}
+	waitFor(t, 5*time.Second, "4 restores counted", func() bool { return value(t, b.met.restored) >= 4 })
 }
 
 // TestSecurityPubackV5: an MQTT 5 QoS 1 publish outside sensors/ carrying
