@@ -3,9 +3,19 @@
 // ingest writer inside the broker and acknowledged to the device only once it
 // is durable in the store; sessions, subscriptions, retained messages and
 // outbound in-flight messages persist in a bbolt file so that a restart loses
-// nothing the broker acknowledged. With device credentials configured, each
-// device may publish only below sensors/{its id}/ and subscribe only below
-// devices/{its id}/.
+// nothing the broker acknowledged.
+//
+// Access (README "MQTT contract", docs/security.md): with device
+// credentials configured, each device may publish only below
+// sensors/{its id}/ and subscribe only below devices/{its id}/ and to
+// alerts/{its id}; a Will is held to the publish ACL and never retained.
+// Without credentials the broker is open, to anyone only with
+// AllowAnonymous, else to loopback clients only. Only the edge itself
+// publishes below devices/ and alerts/, and it restores a retained
+// downlink anyone else changed. Before a client has authenticated the
+// broker reads at most MaxConnectBytes, waits at most ConnectTimeout, and
+// throttles failed logins; connections are capped and accept errors never
+// stop it.
 package broker
 
 import (
@@ -14,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,12 +33,12 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/hooks/storage"
 	"github.com/mochi-mqtt/server/v2/hooks/storage/bolt"
-	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus"
 	bbolt "go.etcd.io/bbolt"
-	"golang.org/x/crypto/bcrypt"
 
 	"github.com/outpost-edge/outpost/pkg/ingest"
+	"github.com/outpost-edge/outpost/pkg/netlimit"
 )
 
 // Submitter takes device messages for durable ingest.
@@ -35,23 +46,59 @@ type Submitter interface {
 	Submit(ctx context.Context, m *ingest.Message) error
 }
 
-// Config configures the embedded broker.
+// Config configures the embedded broker. DefaultConfig holds the defaults;
+// New fills zero limits from it.
 type Config struct {
 	Listen string // TCP address, e.g. ":1883"
 	// StatePath is the bbolt file for sessions, subscriptions, retained and
 	// in-flight messages.
 	StatePath string
 	// Credentials maps device id to a bcrypt hash of its password. Empty
-	// means an open broker (development only).
+	// means an open broker: see AllowAnonymous.
 	Credentials map[string]string
-	// ServiceUsers may connect with these username/bcrypt pairs and have no
-	// ACL restriction (the edge's own clients, monitoring).
+	// ServiceUsers may connect with these username/bcrypt pairs and are
+	// confined only by the rule that nobody but the edge publishes below
+	// devices/ and alerts/ (monitoring, bridges).
 	ServiceUsers map[string]string
+	// AllowAnonymous opens a broker without credentials to every address;
+	// without it, such a broker accepts loopback clients only. It has no
+	// effect when credentials are configured.
+	AllowAnonymous bool
+	// ConnectTimeout bounds the time from accept to a complete CONNECT.
+	ConnectTimeout time.Duration
+	// MaxConnections caps open connections, authenticated or not.
+	MaxConnections int
+	// MaxConnectBytes caps the first packet (CONNECT), read before the
+	// client has authenticated; MaxPacketBytes caps every packet after.
+	MaxConnectBytes int
+	MaxPacketBytes  int
+	// Login bounds the cost of failed logins.
+	Login LoginLimits
+	// Downlinks, when set, is the edge's desired state: the broker
+	// restores retained downlinks that differ from it (at start, and when
+	// anyone but the edge changes one).
+	Downlinks Downlinks
 	// ForwardSensors routes stored sensor messages on to other subscribers
 	// of sensors/ topics (at QoS 0). Off by default: it costs a routing
 	// pass per message and the edge itself does not need it.
 	ForwardSensors bool
-	Logger         *slog.Logger
+	// Registerer receives the broker's metrics; nil keeps them unregistered.
+	Registerer prometheus.Registerer
+	Logger     *slog.Logger
+}
+
+// DefaultConfig is the broker's limits with nothing configured. The packet
+// cap after authentication is the ingest payload limit plus room for the
+// topic and MQTT 5 properties.
+func DefaultConfig() Config {
+	return Config{
+		Listen:          ":1883",
+		ConnectTimeout:  5 * time.Second,
+		MaxConnections:  4096,
+		MaxConnectBytes: 8 << 10,
+		MaxPacketBytes:  ingest.DefaultLimits.MaxPayload + 16<<10,
+		Login:           DefaultLoginLimits(),
+	}
 }
 
 // Broker is the embedded MQTT broker.
@@ -59,10 +106,14 @@ type Broker struct {
 	cfg    Config
 	srv    *mqtt.Server
 	log    *slog.Logger
+	met    *metrics
+	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	addr   string
 	acks   *acker
+	rest   *restorer // nil without Config.Downlinks
+	auth   *authHook
 
 	closeOnce sync.Once
 	closeErr  error
@@ -74,27 +125,58 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	def := DefaultConfig()
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = def.ConnectTimeout
+	}
+	if cfg.MaxConnections <= 0 {
+		cfg.MaxConnections = def.MaxConnections
+	}
+	if cfg.MaxConnectBytes <= 0 {
+		cfg.MaxConnectBytes = def.MaxConnectBytes
+	}
+	if cfg.MaxPacketBytes <= 0 {
+		cfg.MaxPacketBytes = def.MaxPacketBytes
+	}
 	srv := mqtt.New(&mqtt.Options{
 		InlineClient: true, // for downlinks published by the edge itself
 		Logger:       cfg.Logger.With("component", "mqtt"),
 	})
 	// Retained desired state and queued downlinks must not silently expire.
 	srv.Options.Capabilities.MaximumMessageExpiryInterval = 0
+	// mochi allocates a packet's announced size before reading it; the cap
+	// is announced to MQTT 5 clients in CONNACK (finding 5).
+	srv.Options.Capabilities.MaximumPacketSize = uint32(cfg.MaxPacketBytes)
+	// Acks carry no properties of the packet they acknowledge: mochi would
+	// copy a publisher's user properties into its PUBACK, with the reason
+	// code 0x01 (granted QoS 1), invalid in a PUBACK; paho and mqtt.js v5
+	// clients break on it.
+	srv.Options.Capabilities.Compatibilities.NoInheritedPropertiesOnAck = true
 	ctx, cancel := context.WithCancel(context.Background())
-	b := &Broker{cfg: cfg, srv: srv, log: cfg.Logger, cancel: cancel}
-
-	if err := srv.AddHook(&authHook{creds: cfg.Credentials, service: cfg.ServiceUsers, log: cfg.Logger}, nil); err != nil {
+	met := newMetrics(cfg.Registerer)
+	b := &Broker{cfg: cfg, srv: srv, log: cfg.Logger, met: met, ctx: ctx, cancel: cancel}
+	fail := func(err error) (*Broker, error) {
 		cancel()
-		return nil, fmt.Errorf("broker auth hook: %w", err)
+		return nil, err
+	}
+
+	b.auth = &authHook{creds: cfg.Credentials, service: cfg.ServiceUsers, gate: newLoginGate(cfg.Login), met: met, log: cfg.Logger}
+	if err := srv.AddHook(b.auth, nil); err != nil {
+		return fail(fmt.Errorf("broker auth hook: %w", err))
 	}
 	if cfg.StatePath != "" {
-		err := srv.AddHook(new(persistHook), &bolt.Options{
+		err := srv.AddHook(&persistHook{sanitize: b.auth.sanitizeWill}, &bolt.Options{
 			Path:    cfg.StatePath,
 			Options: &bbolt.Options{Timeout: 2e9},
 		})
 		if err != nil {
-			cancel()
-			return nil, fmt.Errorf("open broker state %s: %w", cfg.StatePath, err)
+			return fail(fmt.Errorf("open broker state %s: %w", cfg.StatePath, err))
+		}
+	}
+	if cfg.Downlinks != nil {
+		b.rest = newRestorer(srv, cfg.Downlinks, cfg.Logger, met)
+		if err := srv.AddHook(&restoreHook{r: b.rest}, nil); err != nil {
+			return fail(fmt.Errorf("broker restore hook: %w", err))
 		}
 	}
 	if sub != nil {
@@ -102,22 +184,72 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 		b.wg.Add(1)
 		go func() { defer b.wg.Done(); b.acks.run(ctx) }()
 		if err := srv.AddHook(&ingestHook{ctx: ctx, sub: sub, log: cfg.Logger, srv: srv, acks: b.acks, fwd: cfg.ForwardSensors}, nil); err != nil {
-			cancel()
-			return nil, fmt.Errorf("broker ingest hook: %w", err)
+			return fail(fmt.Errorf("broker ingest hook: %w", err))
 		}
 	}
 	return b, nil
 }
 
 // Start listens on the configured address and serves in the background.
+// Retained downlinks are checked against Config.Downlinks before the first
+// connection is accepted.
 func (b *Broker) Start() error {
-	tcp := listeners.NewTCP(listeners.Config{ID: "tcp", Address: b.cfg.Listen})
+	ln, err := net.Listen("tcp", b.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("mqtt listen %s: %w", b.cfg.Listen, err)
+	}
+	open := b.auth.open()
+	var allow func(net.Addr) bool
+	switch {
+	case !open:
+		if b.cfg.AllowAnonymous {
+			b.log.Warn("mqtt.allow_anonymous has no effect: device credentials are configured, every client authenticates")
+		}
+	case b.cfg.AllowAnonymous:
+		b.log.Warn("embedded MQTT broker is open (mqtt.allow_anonymous): any client may connect, publish below sensors/ and read every downlink; configure mqtt.devices for production")
+	default:
+		allow = netlimit.IsLoopback
+		b.log.Warn("embedded MQTT broker accepts loopback clients only: no device credentials (mqtt.devices) are configured and mqtt.allow_anonymous is off", "listen", ln.Addr().String())
+	}
+	var lastLog time.Time
+	var logMu sync.Mutex
+	gate := make(chan struct{})
+	defer close(gate) // after the sweep; also on failure, so Serve cannot block forever
+	tcp := &tcpListener{
+		id: "tcp", gate: gate, connectTimeout: b.cfg.ConnectTimeout, maxConnect: b.cfg.MaxConnectBytes, log: b.log,
+		ln: netlimit.Wrap(ln, netlimit.Config{
+			MaxConns: b.cfg.MaxConnections,
+			Allow:    allow,
+			OnAcceptError: func(err error) {
+				b.met.acceptErrors.Inc()
+				logMu.Lock()
+				defer logMu.Unlock()
+				if time.Since(lastLog) > 10*time.Second { // once per burst, not per retry
+					lastLog = time.Now()
+					b.log.Error("mqtt accept failed; backing off (new connections wait or are refused)", "err", err)
+				}
+			},
+			OnRefuse: func(remote net.Addr, reason string) {
+				b.met.refused.WithLabelValues(reason).Inc()
+			},
+		}),
+	}
 	if err := b.srv.AddListener(tcp); err != nil {
+		_ = ln.Close()
 		return fmt.Errorf("mqtt listen %s: %w", b.cfg.Listen, err)
 	}
 	b.addr = tcp.Address()
 	if err := b.srv.Serve(); err != nil {
 		return fmt.Errorf("mqtt serve: %w", err)
+	}
+	if b.rest != nil {
+		// The state file is loaded: repair what it holds before a device
+		// can receive it.
+		if err := b.rest.sweep(); err != nil {
+			b.log.Warn("checking retained downlinks at start failed", "err", err)
+		}
+		b.wg.Add(1)
+		go func() { defer b.wg.Done(); b.rest.run(b.ctx) }()
 	}
 	return nil
 }
@@ -157,8 +289,11 @@ func (b *Broker) Close() error {
 // arrive as PUBACK packets.
 type persistHook struct {
 	bolt.Hook
-	mu     sync.Mutex
-	stored map[string]struct{} // client id + packet id of persisted outbound messages
+	// sanitize fixes a stored client's Will to today's rules: a state
+	// file written by an older edge may hold retained Wills on any topic.
+	sanitize func(*storage.Client)
+	mu       sync.Mutex
+	stored   map[string]struct{} // client id + packet id of persisted outbound messages
 }
 
 func inflightID(client string, packetID uint16) string {
@@ -206,6 +341,16 @@ func (h *persistHook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
 
 func (h *persistHook) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
 	h.OnQosComplete(cl, pk)
+}
+
+func (h *persistHook) StoredClients() ([]storage.Client, error) {
+	cls, err := h.Hook.StoredClients()
+	if h.sanitize != nil {
+		for i := range cls {
+			h.sanitize(&cls[i])
+		}
+	}
+	return cls, err
 }
 
 func (h *persistHook) StoredInflightMessages() ([]storage.Message, error) {
@@ -385,64 +530,4 @@ func (a *acker) write(cl *mqtt.Client, b []byte) {
 		a.log.Warn("PUBACK write failed; closing client", "client", cl.ID, "err", err)
 		go cl.Stop(fmt.Errorf("write puback: %w", err))
 	}
-}
-
-// authHook authenticates devices and confines them to their own topics.
-type authHook struct {
-	mqtt.HookBase
-	creds   map[string]string
-	service map[string]string
-	log     *slog.Logger
-}
-
-func (h *authHook) ID() string { return "outpost-auth" }
-
-func (h *authHook) Provides(b byte) bool {
-	return b == mqtt.OnConnectAuthenticate || b == mqtt.OnACLCheck
-}
-
-func (h *authHook) open() bool { return len(h.creds) == 0 && len(h.service) == 0 }
-
-func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
-	if h.open() {
-		return true
-	}
-	user := string(pk.Connect.Username)
-	hash, ok := h.service[user]
-	if !ok {
-		hash, ok = h.creds[user]
-	}
-	if !ok || bcrypt.CompareHashAndPassword([]byte(hash), pk.Connect.Password) != nil {
-		h.log.Warn("mqtt authentication failed", "username", user, "remote", cl.Net.Remote)
-		return false
-	}
-	if cid := string(pk.Connect.ClientIdentifier); !h.isService(user) && cid != user && !strings.HasPrefix(cid, user+":") {
-		// Persistent sessions are keyed by client id and mochi does not
-		// re-check the ACL when it resumes one, so a device using another
-		// device's client id could inherit its subscriptions. The client
-		// id must be the device id, or the device id, ':' and a suffix
-		// (':' cannot occur in device ids, so no device can claim another's).
-		h.log.Warn("mqtt client id must equal the device id", "username", user, "client_id", string(pk.Connect.ClientIdentifier))
-		return false
-	}
-	return true
-}
-
-func (h *authHook) isService(user string) bool {
-	_, ok := h.service[user]
-	return ok
-}
-
-func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
-	if h.open() {
-		return true
-	}
-	user := string(cl.Properties.Username)
-	if h.isService(user) {
-		return true
-	}
-	if write {
-		return strings.HasPrefix(topic, "sensors/"+user+"/")
-	}
-	return strings.HasPrefix(topic, "devices/"+user+"/")
 }

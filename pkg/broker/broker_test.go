@@ -245,9 +245,10 @@ func TestPubackWaitsForDone(t *testing.T) {
 		t.Fatal("message that was not stored was acknowledged")
 	}
 
-	// Messages outside sensors/ are not ingested.
+	// Messages outside sensors/ are not ingested. (Not devices/: only the
+	// edge publishes there.)
 	c2 := mustDial(t, b.Addr(), "other", "", "")
-	waitTok(t, c2.Publish("devices/dev/desired", 1, false, `{}`), "publish outside sensors/")
+	waitTok(t, c2.Publish("lab/dev/status", 1, false, `{}`), "publish outside sensors/")
 	if len(sub.msgs) != 0 {
 		t.Fatal("a message outside sensors/ was submitted for ingest")
 	}
@@ -340,6 +341,8 @@ func TestAuthAndACL(t *testing.T) {
 		}{
 			{"devices/A/desired", true},
 			{"devices/A/#", true},
+			{"alerts/A", true},
+			{"alerts/B", false},
 			{"devices/B/desired", false},
 			{"devices/+/desired", false},
 			{"#", false},

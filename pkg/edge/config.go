@@ -11,6 +11,7 @@ import (
 
 	"github.com/outpost-edge/outpost/pkg/api"
 	"github.com/outpost-edge/outpost/pkg/auth"
+	"github.com/outpost-edge/outpost/pkg/broker"
 	"github.com/outpost-edge/outpost/pkg/config"
 	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/ingest"
@@ -76,8 +77,16 @@ type MQTT struct {
 	Username string `yaml:"username"`
 	Password string `yaml:"password"`
 	// Devices maps device id to a bcrypt hash of its password (embedded
-	// broker). Empty means open access.
+	// broker). Empty means an open broker: see AllowAnonymous.
 	Devices map[string]string `yaml:"devices"`
+	// AllowAnonymous opens an embedded broker without device credentials
+	// to every address (development); without it such a broker accepts
+	// loopback clients only.
+	AllowAnonymous bool `yaml:"allow_anonymous"`
+	// ConnectTimeout: a connection must complete CONNECT within it.
+	ConnectTimeout time.Duration `yaml:"connect_timeout"`
+	// MaxConnections caps the embedded broker's open connections.
+	MaxConnections int `yaml:"max_connections"`
 }
 
 // Cloud configures the link to cloud-sync.
@@ -144,14 +153,14 @@ type WeChat struct {
 // Default*), so each default has one source; the rest are the daemon's own
 // choices (the API's rate limits, off in pkg/api, are on at the edge).
 func DefaultConfig() Config {
-	in, st, sy := ingest.DefaultConfig(), store.DefaultOptions(), syncer.DefaultConfig()
+	in, st, sy, br := ingest.DefaultConfig(), store.DefaultOptions(), syncer.DefaultConfig(), broker.DefaultConfig()
 	return Config{
 		ID:            hostnameOr("edge-1"),
 		DataDir:       "./data",
 		HTTP:          ":8080",
 		Region:        "default",
 		LogLevel:      "info",
-		MQTT:          MQTT{Listen: ":1883"},
+		MQTT:          MQTT{Listen: br.Listen, ConnectTimeout: br.ConnectTimeout, MaxConnections: br.MaxConnections},
 		ShutdownGrace: 10 * time.Second,
 		// No soft heap limit unless asked: the right one depends on the
 		// device's memory, which the runtime cannot know (deployments pass
@@ -227,6 +236,9 @@ func edgeFlags(cfg *Config, path *string, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&cfg.HTTP, "http", cfg.HTTP, "HTTP API listen address")
 	fs.StringVar(&cfg.MQTT.Listen, "mqtt-listen", cfg.MQTT.Listen, "embedded MQTT broker listen address")
 	fs.StringVar(&cfg.MQTT.Broker, "mqtt-broker", cfg.MQTT.Broker, "external MQTT broker URL (tcp://host:port); disables the embedded broker")
+	fs.BoolVar(&cfg.MQTT.AllowAnonymous, "mqtt-allow-anonymous", cfg.MQTT.AllowAnonymous, "open the embedded broker without device credentials to every address (development; without it, loopback only)")
+	fs.DurationVar(&cfg.MQTT.ConnectTimeout, "mqtt-connect-timeout", cfg.MQTT.ConnectTimeout, "embedded broker: time a connection has to send CONNECT")
+	fs.IntVar(&cfg.MQTT.MaxConnections, "mqtt-max-connections", cfg.MQTT.MaxConnections, "embedded broker: cap on open connections")
 	fs.Func("cloud", "cloud-sync URL(s), comma separated", func(v string) error { cfg.Cloud.URLs = config.SplitList(v); return nil })
 	fs.StringVar(&cfg.Cloud.Token, "cloud-token", cfg.Cloud.Token, "this edge's credential at cloud-sync")
 	fs.StringVar(&cfg.Region, "region", cfg.Region, "region this edge serves")
@@ -300,6 +312,12 @@ func (c *Config) Validate() error {
 		if err := config.CheckHostPort(c.MQTT.Listen); err != nil {
 			errs.Add("mqtt.listen", "%v", err)
 		}
+	}
+	if c.MQTT.ConnectTimeout <= 0 || c.MQTT.ConnectTimeout > 5*time.Minute {
+		errs.Add("mqtt.connect_timeout", "%s must be in (0, 5m]", c.MQTT.ConnectTimeout)
+	}
+	if c.MQTT.MaxConnections < 1 {
+		errs.Add("mqtt.max_connections", "%d must be ≥ 1", c.MQTT.MaxConnections)
 	}
 	if _, _, _, err := ParseLocation(c.Location); err != nil {
 		errs.Add("location", "%v", err)

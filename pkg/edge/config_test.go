@@ -122,7 +122,7 @@ func TestShippedConfigIsTheDefaults(t *testing.T) {
 	}
 	want := DefaultConfig()
 	want.ID, want.Location, want.Advertise = "edge-dev", "31.2304,121.4737", "http://127.0.0.1:8080"
-	want.Admins, want.DevLogin = []string{"admin"}, true
+	want.Admins, want.DevLogin, want.MQTT.AllowAnonymous = []string{"admin"}, true, true
 	want.MQTT.Devices, want.Cloud.URLs = map[string]string{}, []string{}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("configs/edge.yaml differs from the defaults:\n file %+v\n code %+v", got, want)

@@ -177,18 +177,19 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	var downlink api.Downlink
 	e.stopSub = func() {}
 	if cfg.MQTT.Broker == "" {
-		if e.brk, err = broker.New(broker.Config{
-			Listen: cfg.MQTT.Listen, StatePath: filepath.Join(cfg.DataDir, "broker.db"),
-			Credentials: cfg.MQTT.Devices, Logger: log,
-		}, e.writer); err != nil {
+		bc := broker.DefaultConfig()
+		bc.Listen, bc.StatePath = cfg.MQTT.Listen, filepath.Join(cfg.DataDir, "broker.db")
+		bc.Credentials, bc.AllowAnonymous = cfg.MQTT.Devices, cfg.MQTT.AllowAnonymous
+		bc.ConnectTimeout, bc.MaxConnections = cfg.MQTT.ConnectTimeout, cfg.MQTT.MaxConnections
+		bc.Downlinks, bc.Registerer, bc.Logger = downlinks{e.st}, reg, log
+		if e.brk, err = broker.New(bc, e.writer); err != nil {
 			return nil, err
 		}
 		e.onAbort(func() { _ = e.brk.Close() })
+		// Start logs how open the broker is (credentials, anonymous, or
+		// loopback only).
 		if err := e.brk.Start(); err != nil {
 			return nil, err
-		}
-		if len(cfg.MQTT.Devices) == 0 {
-			log.Warn("embedded MQTT broker is open: any client may connect and publish (set mqtt.devices for production)")
 		}
 		downlink, e.mqttAddr = e.brk, e.brk.Addr()
 	} else {
@@ -198,7 +199,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		}
 		e.sub = ingest.NewSubscriber(ingest.SubscriberConfig{
 			BrokerURL: cfg.MQTT.Broker, ClientID: clientID, Username: cfg.MQTT.Username, Password: cfg.MQTT.Password,
-			Logger: log.With("component", "mqtt"),
+			Downlinks: downlinks{e.st}, Logger: log.With("component", "mqtt"),
 		}, e.writer)
 		downlink, e.mqttAddr = e.sub, cfg.MQTT.Broker
 	}

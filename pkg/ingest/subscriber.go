@@ -1,13 +1,17 @@
 package ingest
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // SubscriberConfig configures ingest from an external broker.
@@ -19,8 +23,31 @@ type SubscriberConfig struct {
 	Username string
 	Password string
 	Topics   []string // default sensors/+/telemetry and sensors/+/state
-	Logger   *slog.Logger
+	// Downlinks, when set, is the edge's desired state: the subscriber
+	// also subscribes to devices/+/desired and republishes the edge's
+	// payload over a retained downlink that differs from it (forged or
+	// erased through the external broker, whose ACL the edge does not
+	// control), and republishes every downlink after each (re)connect,
+	// which covers a broker restarted without its retained messages.
+	Downlinks Downlinks
+	Logger    *slog.Logger
 }
+
+// Downlinks is the edge's record of its retained desired-state downlinks
+// (see SubscriberConfig.Downlinks).
+type Downlinks interface {
+	// Desired returns the payload the edge publishes retained on
+	// devices/{device}/desired, or nil when it publishes none (then the
+	// subscriber leaves the topic alone: it may be another edge's).
+	Desired(device string) ([]byte, error)
+	// EachDesired calls fn for every device with a downlink until fn
+	// returns false.
+	EachDesired(fn func(device string, payload []byte) bool) error
+}
+
+// downlinkFilter is where the edge's retained desired-state downlinks live
+// (wire.DesiredTopic).
+const downlinkFilter = "devices/+/desired"
 
 // Subscriber ingests from an MQTT broker with a persistent QoS 1 session and
 // manual acknowledgements: a message is PUBACKed only after the writer made
@@ -89,15 +116,21 @@ func (s *Subscriber) options() *paho.ClientOptions {
 		// subscription's route; paho would leave those unhandled and
 		// unacknowledged until the next reconnect. The default handler
 		// catches them.
-		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { s.handle(s.ctx, m) }).
+		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { s.dispatch(m) }).
 		SetOnConnectHandler(func(c paho.Client) {
-			filters := make(map[string]byte, len(s.cfg.Topics))
+			filters := make(map[string]byte, len(s.cfg.Topics)+1)
 			for _, t := range s.cfg.Topics {
 				filters[t] = 1
 			}
-			tok := c.SubscribeMultiple(filters, func(_ paho.Client, m paho.Message) { s.handle(s.ctx, m) })
+			if s.cfg.Downlinks != nil {
+				filters[downlinkFilter] = 1
+			}
+			tok := c.SubscribeMultiple(filters, func(_ paho.Client, m paho.Message) { s.dispatch(m) })
 			if tok.WaitTimeout(10*time.Second) && tok.Error() == nil {
 				s.log.Info("subscribed to external broker", "broker", s.cfg.BrokerURL, "topics", s.cfg.Topics)
+				if s.cfg.Downlinks != nil {
+					go s.republishAll()
+				}
 				return
 			}
 			s.log.Error("subscribe failed; reconnecting", "broker", s.cfg.BrokerURL, "err", tok.Error())
@@ -106,6 +139,69 @@ func (s *Subscriber) options() *paho.ClientOptions {
 		SetConnectionLostHandler(func(_ paho.Client, err error) {
 			s.log.Warn("lost external broker; reconnecting with backoff", "broker", s.cfg.BrokerURL, "err", err)
 		})
+}
+
+// dispatch routes a message: downlinks are checked, the rest ingested.
+func (s *Subscriber) dispatch(m paho.Message) {
+	if strings.HasPrefix(m.Topic(), "devices/") {
+		s.checkDownlink(m)
+		return
+	}
+	s.handle(s.ctx, m)
+}
+
+// checkDownlink republishes the edge's desired state over a downlink that
+// differs from it. The edge's own publishes come back equal and cost a
+// comparison.
+func (s *Subscriber) checkDownlink(m paho.Message) {
+	defer m.Ack()
+	rest, _ := strings.CutPrefix(m.Topic(), "devices/")
+	dev, ok := strings.CutSuffix(rest, "/desired")
+	if !ok || s.cfg.Downlinks == nil {
+		return
+	}
+	want, err := s.cfg.Downlinks.Desired(dev)
+	if err != nil {
+		s.log.Warn("checking a retained downlink failed", "device", dev, "err", err)
+		return
+	}
+	if want == nil || bytes.Equal(m.Payload(), want) {
+		return
+	}
+	s.log.Warn("downlink on the external broker differs from the edge's desired state; republishing it", "device", dev)
+	if err := s.Publish(m.Topic(), want, true, wire.DesiredQoS); err != nil && s.ctx.Err() == nil {
+		s.log.Warn("republishing downlink failed", "device", dev, "err", err)
+	}
+}
+
+// republishAll publishes every downlink the edge has, retained, after a
+// (re)connect: a broker that restarted without its retained messages gets
+// them back.
+func (s *Subscriber) republishAll() {
+	// Collected first: a bbolt read transaction must not stay open across
+	// network round trips (it would hold off the writer's remap).
+	type downlink struct {
+		dev     string
+		payload []byte
+	}
+	var all []downlink
+	err := s.cfg.Downlinks.EachDesired(func(dev string, payload []byte) bool {
+		all = append(all, downlink{dev, payload})
+		return true
+	})
+	if err != nil {
+		s.log.Warn("listing downlinks to republish failed", "err", err)
+	}
+	for _, d := range all {
+		if s.ctx.Err() != nil {
+			return
+		}
+		if err := s.Publish(wire.DesiredTopic(d.dev), d.payload, true, wire.DesiredQoS); err != nil {
+			s.log.Warn("republishing downlinks after connect stopped", "device", d.dev, "err", err)
+			return
+		}
+	}
+	s.log.Debug("republished retained downlinks", "count", len(all))
 }
 
 func (s *Subscriber) handle(ctx context.Context, m paho.Message) {

@@ -1,0 +1,41 @@
+package broker
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the broker's defences, counted: an operator sees an attack
+// (or a misconfigured fleet) in them before devices complain.
+type metrics struct {
+	acceptErrors prometheus.Counter
+	refused      *prometheus.CounterVec
+	loginFails   *prometheus.CounterVec
+	restored     prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		acceptErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_mqtt_accept_errors_total",
+			Help: "Errors accepting MQTT connections (e.g. EMFILE); the listener backs off and goes on.",
+		}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_mqtt_connections_refused_total",
+			Help: "MQTT connections closed before CONNECT, by reason (connection_cap, remote: not loopback in loopback-only mode).",
+		}, []string{"reason"}),
+		loginFails: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_mqtt_login_failures_total",
+			Help: "Refused MQTT logins, by reason (bad_credentials, throttled, busy, client_id, will).",
+		}, []string{"reason"}),
+		restored: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_mqtt_downlinks_restored_total",
+			Help: "Retained desired-state downlinks the edge republished because the broker held something else.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.acceptErrors, m.refused, m.loginFails, m.restored)
+	}
+	return m
+}
+
+func (m *metrics) loginFailed(reason string) { m.loginFails.WithLabelValues(reason).Inc() }
