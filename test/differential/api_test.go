@@ -133,7 +133,8 @@ func freeAddr(t *testing.T) string {
 
 func startCloud(t *testing.T) *daemon {
 	t.Helper()
-	const apiToken, edgeToken = "api-secret", "edge-secret"
+	// Tokens of 32+ characters: cloud-sync refuses shorter ones.
+	const apiToken, edgeToken = "api-secret-0123456789abcdef0123456789", "edge-secret-0123456789abcdef012345678"
 	cfg, err := cloud.Parse([]string{"-id", "n1", "-bootstrap", "-data", t.TempDir(),
 		"-raft", freeAddr(t), "-http", freeAddr(t), "-api-token", apiToken, "-edge-token", "e1=" + edgeToken,
 		"-heartbeat-timeout", "50ms", "-election-timeout", "50ms", "-leader-lease-timeout", "50ms"}, io.Discard)
@@ -254,7 +255,7 @@ func TestEdgeAndCloudAPIsAgree(t *testing.T) {
 	// An older edge syncs tags as a "key=value" list; the cloud (whose sync
 	// decoder is not encoding/json) still takes it, and answers an object.
 	t.Run("old tag list from an edge", func(t *testing.T) {
-		sync := &daemon{name: "cloud sync", base: cloudAPI.base, token: "edge-secret", client: cloudAPI.client}
+		sync := &daemon{name: "cloud sync", base: cloudAPI.base, token: "edge-secret-0123456789abcdef012345678", client: cloudAPI.client}
 		body := `{"edge":"e1","changes":[{"kind":"meta","device":"d9","meta":{"owners":["o1"],"tags":["floor=3","wing="],"stamp":"1700000000000.0"}}]}`
 		if a := sync.do(t, "POST", wire.PathState, body); a.status != 200 {
 			t.Fatalf("state push: %d %s", a.status, a.env.Message)
