@@ -139,6 +139,7 @@ func ParseTokenMap(text string) (map[string]string, error) {
 			continue
 		}
 		name, tok, ok := strings.Cut(line, "=")
+		name = strings.TrimSpace(name)
 		if !ok || !ident.DeviceID(name) || strings.TrimSpace(tok) == "" {
 			pairs = false
 			break
