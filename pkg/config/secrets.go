@@ -228,7 +228,7 @@ func CheckToken(key, tok string, development bool, errs *Errors, notes *[]Notice
 	CheckSecret(key, tok, development, errs, notes)
 	if len(tok) < MinTokenLen && !IsPlaceholder(tok) {
 		if development {
-			*notes = append(*notes, Notice{Key: key, Msg: fmt.Sprintf("a %d-character token (outside development tokens need %d or more)", len(tok), MinTokenLen)})
+			*notes = append(*notes, Notice{Key: key, Msg: fmt.Sprintf("the token has %d characters (outside development it needs %d or more)", len(tok), MinTokenLen)})
 			return
 		}
 		errs.Add(key, "the token has %d characters, fewer than the %d required (generate one with: openssl rand -hex 32)", len(tok), MinTokenLen)
