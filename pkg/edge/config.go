@@ -346,7 +346,7 @@ func (c *Config) validate(errs config.Errors) error {
 			errs.Add("mqtt.devices."+dev, "the password must be a bcrypt hash (generate one with: edge hash-password)")
 		}
 	}
-	if len(c.Cloud.URLs) > 0 && c.Cloud.Token == "" {
+	if len(c.Cloud.URLs) > 0 && c.Cloud.Token == "" && c.Cloud.TokenFile == "" { // a failed token_file is reported already
 		errs.Add("cloud.token", "empty while cloud.urls are set: the cloud token is this edge's credential at cloud-sync")
 	}
 	for _, u := range c.Cloud.URLs {
