@@ -48,14 +48,29 @@ func (l *lockedBuffer) String() string {
 
 func exitCode(t *testing.T, cmd *exec.Cmd) (int, string) {
 	t.Helper()
-	out, err := cmd.CombinedOutput()
+	out := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	var err error
+	select {
+	case err = <-exited:
+	case <-time.After(15 * time.Second):
+		// It started instead of refusing its configuration.
+		_ = cmd.Process.Kill()
+		<-exited
+		t.Fatalf("still running after 15s (it accepted its configuration):\n%s", out)
+	}
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
-		return ee.ExitCode(), string(out)
+		return ee.ExitCode(), out.String()
 	} else if err != nil {
 		t.Fatal(err)
 	}
-	return 0, string(out)
+	return 0, out.String()
 }
 
 // startUntil starts cmd, waits for line in its log, and returns the log and
