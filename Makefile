@@ -17,8 +17,10 @@ all: build
 build:
 	$(GO) build -o $(BIN)/edge ./cmd/edge
 
+# The development configuration (configs/dev/): dev login, an admin, an open
+# broker, announced at start. configs/edge.yaml is the production example.
 run: build
-	$(BIN)/edge -config configs/edge.yaml
+	$(BIN)/edge -config configs/dev/edge.yaml
 
 test:
 	$(GO) vet $(PKGS)
@@ -64,7 +66,7 @@ build-cloud:
 	$(GO) build -o $(BIN)/cloud-sync ./cmd/cloud-sync
 
 run-cloud: build-cloud
-	$(BIN)/cloud-sync -config configs/cloud-sync.yaml
+	$(BIN)/cloud-sync -config configs/dev/cloud-sync.yaml
 
 test-cloud:
 	$(GO) vet ./pkg/cloud/... ./pkg/wire/ ./cmd/cloud-sync ./cmd/cloudbench

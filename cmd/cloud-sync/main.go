@@ -37,6 +37,9 @@ func run() int {
 		return 2
 	}
 	if cfg.CheckConfig {
+		for _, n := range cfg.Notices() {
+			fmt.Fprintf(os.Stderr, "%s: warning: %s\n", "cloud-sync", n)
+		}
 		if err := config.Print(os.Stdout, cfg.Masked()); err != nil {
 			fmt.Fprintf(os.Stderr, "cloud-sync: %v\n", err)
 			return 1
@@ -55,6 +58,11 @@ func run() int {
 		return 2
 	}
 	log = log.With("node", cfg.ID)
+	// Every development convenience and weak credential in force, one WARN
+	// line each, before anything listens.
+	for _, n := range cfg.Notices() {
+		log.Warn(n.Msg, "key", n.Key)
+	}
 
 	var admin *obs.Admin
 	if cfg.Pprof != "" {

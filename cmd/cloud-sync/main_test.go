@@ -38,7 +38,7 @@ func binary(t *testing.T) string {
 	return built.path
 }
 
-// TestCheckConfig: -check-config exits 0 on the shipped configuration and
+// TestCheckConfig: -check-config exits 0 on the development configuration and
 // prints it with every secret masked (the shipped file's development tokens
 // included); an unknown key exits 2 naming the key; several mistakes exit 2
 // with all of them reported, each by its key.
@@ -52,7 +52,7 @@ func TestCheckConfig(t *testing.T) {
 		}
 		return p
 	}
-	shipped := "../../configs/cloud-sync.yaml"
+	shipped := "../../configs/dev/cloud-sync.yaml" // runs as it is
 	secrets := []string{"dev-edge-1-token-change-me", "dev-api-token-change-me", "wechat-s3cr3t", "edge-token-s3cr3t"}
 	tests := []struct {
 		name     string

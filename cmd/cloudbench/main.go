@@ -35,7 +35,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
-const apiToken = "bench-api-token"
+const apiToken = "bench-api-token-0123456789abcdef0123456789"
 
 // nodeArgs are extra flags for every node, from -node-args.
 var nodeArgs []string
@@ -46,7 +46,7 @@ var loadgen string
 // pushers1 is the number of single-reading pushers, from -pushers.
 var pushers1 = 64
 
-func edgeToken(e string) string { return "bench-token-" + e }
+func edgeToken(e string) string { return "bench-token-0123456789abcdef0123456789-" + e }
 
 type node struct {
 	id, raft, http, data string

@@ -1,6 +1,8 @@
 // Command demo runs a whole Outpost deployment on loopback: a 3-node
 // cloud-sync cluster, two edges in different regions (east: Shanghai,
 // west: Chengdu) joined to it, and a device simulator publishing to both.
+// Every process runs the development configuration (configs/dev/, with its
+// conveniences announced in its log); flags set the topology.
 // It prints the URLs and curl commands to try, and on Ctrl-C stops
 // everything in order (simulator, edges, cloud) with SIGTERM.
 //
@@ -141,7 +143,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (err error) {
 	for i := 1; i <= 3; i++ {
 		id := fmt.Sprintf("n%d", i)
 		httpAddr := ports(id + "-http")
-		args := []string{"-id", id, "-http", httpAddr, "-raft", ports(id + "-raft"), "-data", filepath.Join(dir, "cloud-"+id),
+		args := []string{"-config", filepath.Join(root, "configs", "dev", "cloud-sync.yaml"), "-id", id, "-http", httpAddr, "-raft", ports(id + "-raft"), "-data", filepath.Join(dir, "cloud-"+id),
 			"-api-token", apiToken, "-dev-login", "-admin", admin, "-log-level", "info"}
 		for _, e := range edges {
 			args = append(args, "-edge-token", e.id+"="+edgeToken(e.id))
@@ -164,7 +166,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (err error) {
 	}
 
 	for _, e := range edges {
-		p, err := start("edge", e.id, "-id", e.id, "-region", e.region, "-location", e.location,
+		p, err := start("edge", e.id, "-config", filepath.Join(root, "configs", "dev", "edge.yaml"), "-id", e.id, "-region", e.region, "-location", e.location,
 			"-http", e.http, "-mqtt-listen", e.mqtt, "-advertise", "http://"+e.http,
 			"-data", filepath.Join(dir, e.id), "-policies", filepath.Join(root, "policies"),
 			"-cloud", strings.Join(cloudURLs, ","), "-cloud-token", edgeToken(e.id),

@@ -41,6 +41,9 @@ func run() int {
 		return 2
 	}
 	if cfg.CheckConfig {
+		for _, n := range cfg.Notices() {
+			fmt.Fprintf(os.Stderr, "%s: warning: %s\n", "edge", n)
+		}
 		if err := config.Print(os.Stdout, cfg.Masked()); err != nil {
 			fmt.Fprintf(os.Stderr, "edge: %v\n", err)
 			return 1
@@ -51,6 +54,11 @@ func run() int {
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "edge: %v\n", err)
 		return 2
+	}
+	// Every development convenience and weak credential in force, one WARN
+	// line each, before anything listens.
+	for _, n := range cfg.Notices() {
+		log.Warn(n.Msg, "key", n.Key)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -51,10 +51,10 @@ func TestCheckConfig(t *testing.T) {
 		}
 		return p
 	}
-	secrets := []string{"cloud-token-s3cr3t", "mqtt-pass-s3cr3t", "wechat-s3cr3t", "$2a$10$devicehashs3cr3t"}
+	secrets := []string{"cloud-token-s3cr3t-0123456789abcdef", "mqtt-pass-s3cr3t", "wechat-s3cr3t", "$2a$10$devicehashs3cr3t"}
 	withSecrets := file("secrets.yaml", `
 id: e1
-cloud: {urls: ["http://127.0.0.1:8090"], token: cloud-token-s3cr3t}
+cloud: {urls: ["http://127.0.0.1:8090"], token: cloud-token-s3cr3t-0123456789abcdef}
 mqtt: {username: edge, password: mqtt-pass-s3cr3t, devices: {d1: "$2a$10$devicehashs3cr3t"}}
 wechat: {appid: wx1, secret: wechat-s3cr3t}
 `)
@@ -67,10 +67,12 @@ wechat: {appid: wx1, secret: wechat-s3cr3t}
 		wantErrs int      // problems reported ("config: N errors"), 0: not checked
 	}{
 		{"shipped config", []string{"-config", "../../configs/edge.yaml"}, 0,
-			[]string{"id: edge-dev", "max_batch: 1000", `token: ""`}, nil, 0},
+			[]string{"id: edge-1", "max_batch: 1000", `token: ""`, "dev_login: false"}, nil, 0},
+		{"development config", []string{"-config", "../../configs/dev/edge.yaml"}, 0,
+			[]string{"id: edge-dev", "development: true", "dev_login: true"}, nil, 0},
 		{"secrets masked", []string{"-config", withSecrets}, 0,
 			[]string{"token: '***'", "password: '***'", "d1: '***'", "secret: '***'", "username: edge"}, secrets, 0},
-		{"flags override the file", []string{"-config", "../../configs/edge.yaml", "-http", "127.0.0.1:9999", "-cloud", "http://c", "-cloud-token", "cloud-token-s3cr3t"}, 0,
+		{"flags override the file", []string{"-config", "../../configs/edge.yaml", "-http", "127.0.0.1:9999", "-cloud", "http://c", "-cloud-token", "cloud-token-s3cr3t-0123456789abcdef"}, 0,
 			[]string{"http: 127.0.0.1:9999", "token: '***'"}, secrets, 0},
 		{"unknown key", []string{"-config", file("typo.yaml", "id: e1\ningest:\n  max_bacth: 10\n")}, 2,
 			[]string{"max_bacth"}, nil, 0},

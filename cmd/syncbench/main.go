@@ -37,9 +37,9 @@ import (
 )
 
 const (
-	apiToken  = "syncbench-api-token"
+	apiToken  = "syncbench-api-token-0123456789abcdef0123456789"
 	edgeID    = "bench-edge"
-	edgeToken = "syncbench-edge-token"
+	edgeToken = "syncbench-edge-token-0123456789abcdef0123456789"
 )
 
 type result struct {

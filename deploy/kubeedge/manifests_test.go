@@ -203,6 +203,23 @@ func (m *manifests) service(name string) *corev1.Service {
 	return nil
 }
 
+// secretKeys lists the keys of the Secret name.
+func (m *manifests) secretKeys(name string) []string {
+	var keys []string
+	for _, s := range m.secrets {
+		if s.Name == name {
+			for k := range s.StringData {
+				keys = append(keys, k)
+			}
+			for k := range s.Data {
+				keys = append(keys, k)
+			}
+		}
+	}
+	slices.Sort(keys)
+	return keys
+}
+
 func (m *manifests) secretKey(name, key string) bool {
 	for _, s := range m.secrets {
 		if s.Name == name {
@@ -476,6 +493,58 @@ func requireFlags(t *testing.T, who string, flags map[string][]string, names ...
 	return ok
 }
 
+// fakeSecret stands in for the value of a Secret key: long enough for the
+// daemons' checks, and naming its key so a test can tell which it got.
+func fakeSecret(key string) string { return "secret-" + key + "-0123456789abcdef0123456789abcdef" }
+
+// secretFiles writes what the container's Secret volumes would hold
+// (fakeSecret of each key, in the volume's mode) into temporary
+// directories, and returns args with those mount paths rewritten to them,
+// and the Secret key behind each in-container file path.
+func secretFiles(t *testing.T, who string, spec corev1.PodSpec, c corev1.Container, m *manifests, args []string) ([]string, map[string]string) {
+	t.Helper()
+	keyOf := map[string]string{}
+	out := slices.Clone(args)
+	for _, vm := range c.VolumeMounts {
+		v := volume(spec, vm.Name)
+		if v == nil || v.Secret == nil {
+			continue
+		}
+		dir := t.TempDir()
+		items := v.Secret.Items
+		if len(items) == 0 {
+			for _, k := range m.secretKeys(v.Secret.SecretName) {
+				items = append(items, corev1.KeyToPath{Key: k, Path: k})
+			}
+		}
+		mode := os.FileMode(0o644) // the kubelet's default
+		if v.Secret.DefaultMode != nil {
+			mode = os.FileMode(*v.Secret.DefaultMode)
+		}
+		for _, it := range items {
+			if !m.secretKey(v.Secret.SecretName, it.Key) {
+				t.Errorf("%s: volume %s: secret %s has no key %s", who, vm.Name, v.Secret.SecretName, it.Key)
+				continue
+			}
+			p := filepath.Join(dir, filepath.FromSlash(it.Path))
+			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(p, []byte(fakeSecret(it.Key)+"\n"), mode); err != nil {
+				t.Fatal(err)
+			}
+			keyOf[strings.TrimSuffix(vm.MountPath, "/")+"/"+it.Path] = it.Key
+		}
+		for i, a := range out {
+			name, val, ok := strings.Cut(a, "=")
+			if rest, under := strings.CutPrefix(val, strings.TrimSuffix(vm.MountPath, "/")); ok && under && (rest == "" || rest[0] == '/') {
+				out[i] = name + "=" + dir + rest
+			}
+		}
+	}
+	return out, keyOf
+}
+
 // repoConfig swaps an in-container -config path for the repository file the
 // ConfigMap is generated from, to parse the command line in-process.
 func repoConfig(args []string) []string {
@@ -527,10 +596,11 @@ func TestManifests(t *testing.T) {
 			}
 			args := expand(t, who, c.Args, c, d.Name+"-abc12", m)
 			flags := flagArgs(t, who, args, flagsOf["edge"])
-			if !requireFlags(t, who, flags, "config", "id", "data", "policies", "http", "mqtt-listen", "shutdown-grace", "cloud", "cloud-token") {
+			if !requireFlags(t, who, flags, "config", "id", "data", "policies", "http", "mqtt-listen", "shutdown-grace", "cloud", "cloud-token-file") {
 				continue
 			}
-			cfg, err := edge.Parse(repoConfig(args), io.Discard)
+			withFiles, keyOf := secretFiles(t, who, spec, c, m, args)
+			cfg, err := edge.Parse(repoConfig(withFiles), io.Discard)
 			if err != nil {
 				t.Errorf("%s: the edge refuses its command line: %v", who, err)
 				continue
@@ -577,13 +647,12 @@ func TestManifests(t *testing.T) {
 					t.Errorf("%s: -cloud %s does not match a Service and its port", who, raw)
 				}
 			}
-			for _, e := range c.Env {
-				if strings.Contains(strings.Join(c.Args, " "), "-cloud-token=$("+e.Name+")") && e.ValueFrom != nil && e.ValueFrom.SecretKeyRef != nil {
-					edgeTokens[cfg.ID] = e.ValueFrom.SecretKeyRef.Key
-				}
-			}
-			if _, ok := edgeTokens[cfg.ID]; !ok {
-				t.Errorf("%s: -cloud-token must come from a Secret", who)
+			if key, ok := keyOf[flags["cloud-token-file"][0]]; !ok {
+				t.Errorf("%s: -cloud-token-file must be a file of a mounted Secret", who)
+			} else if cfg.Cloud.Token != fakeSecret(key) {
+				t.Errorf("%s: the edge read cloud token %q, want the Secret key %s's", who, cfg.Cloud.Token, key)
+			} else {
+				edgeTokens[cfg.ID] = key
 			}
 		}
 	})
@@ -625,10 +694,11 @@ func TestManifests(t *testing.T) {
 			pw := fmt.Sprintf("%s (pod %s)", who, pod)
 			args := expand(t, pw, c.Args, c, pod, m)
 			flags := flagArgs(t, pw, args, flagsOf["cloud-sync"])
-			if !requireFlags(t, pw, flags, "config", "id", "data", "http", "http-advertise", "raft", "raft-advertise", "bootstrap-node", "join", "api-token", "shutdown-grace") {
+			if !requireFlags(t, pw, flags, "config", "id", "data", "http", "http-advertise", "raft", "raft-advertise", "bootstrap-node", "join", "api-token-file", "edge-tokens-file", "shutdown-grace") {
 				return
 			}
-			cfg, err := cloud.Parse(repoConfig(args), io.Discard)
+			withFiles, keyOf := secretFiles(t, pw, spec, c, m, args)
+			cfg, err := cloud.Parse(repoConfig(withFiles), io.Discard)
 			if err != nil {
 				t.Fatalf("%s: cloud-sync refuses its command line: %v", pw, err)
 			}
@@ -661,8 +731,11 @@ func TestManifests(t *testing.T) {
 					t.Errorf("%s: joins %v, want the other members' stable URLs %v", pw, cfg.Join, want)
 				}
 			}
+			if key, ok := keyOf[flags["api-token-file"][0]]; !ok || cfg.APIToken != fakeSecret(key) {
+				t.Errorf("%s: -api-token-file must be a file of a mounted Secret (read %q)", pw, cfg.APIToken)
+			}
 			for id, key := range edgeTokens {
-				if cfg.EdgeTokens[id] != "secret-"+key {
+				if cfg.EdgeTokens[id] != fakeSecret(key) {
 					t.Errorf("%s: edge %s must be accepted with the Secret key %s its Deployment sends", pw, id, key)
 				}
 			}
@@ -735,6 +808,68 @@ func TestManifests(t *testing.T) {
 			t.Error("no Service for consumers")
 		}
 	})
+}
+
+// TestSecurityCredentialsOutOfArgv: issue 11, item 5 ("credentials from
+// files or the environment, so they stay out of argv") and the Low finding
+// "pprof's cmdline shows tokens passed as flags": the manifests passed every
+// token as a flag (-api-token=$(OUTPOST_API_TOKEN)), where ps,
+// /proc/<pid>/cmdline and pprof's cmdline show it. Now no container takes a
+// credential flag or a Secret in its environment; each token is a file of a
+// Secret volume that other users cannot read, named by a -…-file flag.
+func TestSecurityCredentialsOutOfArgv(t *testing.T) {
+	m := load(t)
+	type pod struct {
+		who   string
+		spec  corev1.PodSpec
+		files []string // the -…-file flags its binary needs
+	}
+	var pods []pod
+	for _, d := range m.deployments {
+		pods = append(pods, pod{"Deployment/" + d.Name, d.Spec.Template.Spec, []string{"cloud-token-file"}})
+	}
+	for _, s := range m.statefulSets {
+		pods = append(pods, pod{"StatefulSet/" + s.Name, s.Spec.Template.Spec, []string{"api-token-file", "edge-tokens-file"}})
+	}
+	if len(pods) == 0 {
+		t.Fatal("no pods")
+	}
+	inArgv := []string{"api-token", "cloud-token", "edge-token", "wechat-secret"}
+	for _, p := range pods {
+		for _, c := range p.spec.Containers {
+			who := p.who + "/" + c.Name
+			for _, e := range c.Env {
+				if e.ValueFrom != nil && e.ValueFrom.SecretKeyRef != nil {
+					t.Errorf("%s: env %s comes from Secret %s: mount it as a file instead", who, e.Name, e.ValueFrom.SecretKeyRef.Name)
+				}
+			}
+			given := map[string][]string{}
+			for _, a := range append(slices.Clone(c.Command), c.Args...) {
+				name, val, _ := strings.Cut(strings.TrimLeft(a, "-"), "=")
+				if slices.Contains(inArgv, name) {
+					t.Errorf("%s: %q passes a credential on the command line", who, a)
+				}
+				given[name] = append(given[name], val)
+			}
+			for _, f := range p.files {
+				if len(given[f]) == 0 {
+					t.Errorf("%s: -%s is required (the credential as a file)", who, f)
+				}
+				for _, path := range given[f] {
+					vm, ok := mountFor(c, path)
+					v := volume(p.spec, vm.Name)
+					switch {
+					case !ok || v == nil || v.Secret == nil:
+						t.Errorf("%s: -%s=%s is not on a Secret volume", who, f, path)
+					case v.Secret.DefaultMode == nil || *v.Secret.DefaultMode&0o007 != 0:
+						t.Errorf("%s: Secret volume %s: set defaultMode without access for others (e.g. 0440), not the default 0644", who, vm.Name)
+					case p.spec.SecurityContext == nil || p.spec.SecurityContext.FSGroup == nil:
+						t.Errorf("%s: a 0440 Secret volume needs the pod's fsGroup to be readable by the non-root user", who)
+					}
+				}
+			}
+		}
+	}
 }
 
 func matches(sel, podLabels map[string]string) bool {

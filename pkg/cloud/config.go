@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -21,26 +22,39 @@ import (
 
 // Config is a node's configuration. YAML keys are the snake_case names.
 type Config struct {
-	ID            string            `yaml:"id"`
-	Raft          string            `yaml:"raft"`
-	RaftAdvertise string            `yaml:"raft_advertise"`
-	HTTP          string            `yaml:"http"`
-	HTTPAdvertise string            `yaml:"http_advertise"`
-	Data          string            `yaml:"data"`
-	Bootstrap     bool              `yaml:"bootstrap"`
-	BootstrapNode string            `yaml:"bootstrap_node"` // see -bootstrap-node
-	Join          []string          `yaml:"join"`
-	EdgeTokens    map[string]string `yaml:"edge_tokens"`
-	APIToken      string            `yaml:"api_token"`
-	Admins        []string          `yaml:"admins"`
-	DevLogin      bool              `yaml:"dev_login"`
+	ID            string   `yaml:"id"`
+	Raft          string   `yaml:"raft"`
+	RaftAdvertise string   `yaml:"raft_advertise"`
+	HTTP          string   `yaml:"http"`
+	HTTPAdvertise string   `yaml:"http_advertise"`
+	Data          string   `yaml:"data"`
+	Bootstrap     bool     `yaml:"bootstrap"`
+	BootstrapNode string   `yaml:"bootstrap_node"` // see -bootstrap-node
+	Join          []string `yaml:"join"`
+	// Development marks a development configuration (configs/dev/): it
+	// may hold placeholder and short tokens, and every convenience in force
+	// is announced at start-up. Outside it those are refused.
+	Development bool              `yaml:"development"`
+	EdgeTokens  map[string]string `yaml:"edge_tokens"`
+	// EdgeTokensFile adds the tokens of a file (EDGE=TOKEN lines or a YAML
+	// map) or of a directory of files named by edge id (a mounted Secret).
+	EdgeTokensFile string   `yaml:"edge_tokens_file"`
+	APIToken       string   `yaml:"api_token"`
+	APITokenFile   string   `yaml:"api_token_file"`
+	Admins         []string `yaml:"admins"`
+	DevLogin       bool     `yaml:"dev_login"`
+	// AuthFailureLimit throttles failed bearer-token checks: failures per
+	// second per client address (burst twice that) before requests from
+	// it get 429; 0 disables.
+	AuthFailureLimit float64 `yaml:"auth_failure_limit"`
 	// WeChat code2session credentials for users' logins (edges forward
 	// theirs here); empty AppID disables WeChat login.
-	WeChatAppID   string        `yaml:"wechat_appid"`
-	WeChatSecret  string        `yaml:"wechat_secret"`
-	WeChatAPIBase string        `yaml:"wechat_api_base"`
-	AccessTTL     time.Duration `yaml:"access_ttl"`
-	RefreshTTL    time.Duration `yaml:"refresh_ttl"`
+	WeChatAppID      string        `yaml:"wechat_appid"`
+	WeChatSecret     string        `yaml:"wechat_secret"`
+	WeChatSecretFile string        `yaml:"wechat_secret_file"`
+	WeChatAPIBase    string        `yaml:"wechat_api_base"`
+	AccessTTL        time.Duration `yaml:"access_ttl"`
+	RefreshTTL       time.Duration `yaml:"refresh_ttl"`
 
 	MaxClockDrift  time.Duration `yaml:"max_clock_drift"`
 	HeartbeatFresh time.Duration `yaml:"heartbeat_fresh"`
@@ -82,6 +96,9 @@ type Config struct {
 	// CheckConfig (-check-config) asks main to validate and print the
 	// effective configuration instead of running.
 	CheckConfig bool `yaml:"-"`
+
+	// fileNotices are the warnings reading credential files raised.
+	fileNotices []config.Notice
 }
 
 // Defaults are the built-in settings. The raft settings are
@@ -99,8 +116,17 @@ func Defaults() Config {
 		GroupCommitWait: r.GroupCommitWait, MaxPendingBytes: r.MaxPendingBytes,
 		LogLevel: "info", RaftLogLevel: r.RaftLogLevel, ShutdownGrace: 10 * time.Second,
 		GCPercent: 400, MemoryLimitMB: 128,
+		AuthFailureLimit: 10,
 	}
 }
+
+// Credentials come from these environment variables when no flag gives
+// them (they win over the config file), so they need not be in argv.
+const (
+	EnvAPIToken     = "OUTPOST_API_TOKEN"
+	EnvEdgeTokens   = "OUTPOST_EDGE_TOKENS" // EDGE=TOKEN pairs, comma or newline separated
+	EnvWeChatSecret = "OUTPOST_WECHAT_SECRET"
+)
 
 // ErrUsage marks a command-line or configuration mistake; main prints it
 // and exits 2.
@@ -109,7 +135,9 @@ var ErrUsage = errors.New("usage")
 // Parse builds the configuration from args (without the program name):
 // defaults, then the -config file, then the flags given. It returns
 // flag.ErrHelp after printing help for -h.
-func Parse(args []string, out io.Writer) (Config, error) {
+func Parse(args []string, out io.Writer) (Config, error) { return parse(args, out, os.Getenv) }
+
+func parse(args []string, out io.Writer, getenv func(string) string) (Config, error) {
 	fs := flag.NewFlagSet("cloud-sync", flag.ContinueOnError)
 	fs.SetOutput(out)
 	var (
@@ -124,7 +152,12 @@ func Parse(args []string, out io.Writer) (Config, error) {
 		join       = fs.String("join", "", "join the cluster through any member's HTTP `URL`s (comma-separated); retried until it succeeds")
 		bootNode   = fs.String("bootstrap-node", "", "`id` of the node that bootstraps a new cluster; other nodes -join (one command line for every replica)")
 		grace      = fs.Duration("shutdown-grace", 0, "on SIGTERM/SIGINT, time allowed to drain HTTP and close raft and the state before exiting non-zero (default 10s)")
-		apiToken   = fs.String("api-token", "", "service `token` for the consumer API (/api/v1) and cluster changes")
+		apiToken   = fs.String("api-token", "", "service `token` for the consumer API (/api/v1) and cluster changes (visible in ps: prefer -api-token-file or $"+EnvAPIToken+")")
+		apiFile    = fs.String("api-token-file", "", "read the service token from this `file`")
+		edgeFile   = fs.String("edge-tokens-file", "", "read edge tokens from this `path`: EDGE=TOKEN lines, a YAML map, or a directory of files named by edge id")
+		wxFile     = fs.String("wechat-secret-file", "", "read the WeChat secret from this `file`")
+		devMode    = fs.Bool("development", false, "development configuration: allow placeholder and short tokens, announce every development convenience (never in production)")
+		authLimit  = fs.Float64("auth-failure-limit", 0, "failed bearer-token checks per second per client address (burst twice that) before 429; 0 disables (default 10)")
 		admins     = fs.String("admin", "", "`openids` (comma-separated) that hold the admin role (used by the identity layer)")
 		devLogin   = fs.Bool("dev-login", false, "enable dev login (dev:<openid>) — development only (used by the identity layer)")
 		wxAppID    = fs.String("wechat-appid", "", "WeChat mini-program `appid` for code2session logins")
@@ -148,7 +181,7 @@ func Parse(args []string, out io.Writer) (Config, error) {
 		check      = fs.Bool("check-config", false, "validate the configuration (file and flags), print it with secrets masked, and exit: 0 if valid, 2 if not")
 	)
 	edgeTokens := map[string]string{}
-	fs.Func("edge-token", "`EDGE=TOKEN` credential of one edge (repeatable)", func(v string) error {
+	fs.Func("edge-token", "`EDGE=TOKEN` credential of one edge (repeatable; visible in ps: prefer -edge-tokens-file)", func(v string) error {
 		e, t, ok := strings.Cut(v, "=")
 		if !ok || !wire.ValidName(e) || t == "" {
 			return fmt.Errorf("want EDGE=TOKEN with EDGE matching [A-Za-z0-9._-]{1,64}")
@@ -258,8 +291,115 @@ func Parse(args []string, out io.Writer) (Config, error) {
 	if len(raftDial) > 0 {
 		cfg.RaftDial = raftDial
 	}
+	if set["development"] {
+		cfg.Development = *devMode
+	}
+	if set["auth-failure-limit"] {
+		cfg.AuthFailureLimit = *authLimit
+	}
+	var errs config.Errors
+	if set["edge-tokens-file"] {
+		cfg.EdgeTokensFile = *edgeFile
+	}
+	cfg.resolveEdgeTokens(len(edgeTokens) > 0, set["edge-tokens-file"], getenv, &errs)
+	if set["api-token-file"] {
+		cfg.APITokenFile = *apiFile
+	}
+	if set["wechat-secret-file"] {
+		cfg.WeChatSecretFile = *wxFile
+	}
+	for _, c := range []config.Credential{
+		{Key: "api_token", FlagName: "api-token", Env: EnvAPIToken, Value: &cfg.APIToken, File: &cfg.APITokenFile,
+			FlagValue: set["api-token"], FlagFile: set["api-token-file"]},
+		{Key: "wechat_secret", FlagName: "wechat-secret", Env: EnvWeChatSecret, Value: &cfg.WeChatSecret, File: &cfg.WeChatSecretFile,
+			FlagValue: set["wechat-secret"], FlagFile: set["wechat-secret-file"]},
+	} {
+		c.Resolve(getenv, &errs, &cfg.fileNotices)
+	}
 	cfg.CheckConfig = *check
-	return cfg, cfg.Validate()
+	return cfg, cfg.validate(errs)
+}
+
+// resolveEdgeTokens settles the edge tokens, highest source first: flags
+// (-edge-token and -edge-tokens-file together, replacing the config
+// file's), then $OUTPOST_EDGE_TOKENS, then the config file (edge_tokens and
+// edge_tokens_file together). One edge listed twice at a level is an error.
+func (c *Config) resolveEdgeTokens(flagTokens, flagFile bool, getenv func(string) string, errs *config.Errors) {
+	if !flagTokens && !flagFile {
+		if env := getenv(EnvEdgeTokens); env != "" {
+			m, err := config.ParseTokenMap(env)
+			if err != nil {
+				errs.Add("edge_tokens", "$%s: %v", EnvEdgeTokens, err)
+				return
+			}
+			c.EdgeTokens, c.EdgeTokensFile = m, ""
+			return
+		}
+	}
+	if flagTokens && !flagFile {
+		c.EdgeTokensFile = "" // -edge-token replaces the config file's tokens, its file's too
+	}
+	if c.EdgeTokensFile == "" {
+		return
+	}
+	m, notes, err := config.ReadTokenMap("edge_tokens_file", c.EdgeTokensFile)
+	if err != nil {
+		errs.Add("edge_tokens_file", "%v", err)
+		return
+	}
+	c.fileNotices = append(c.fileNotices, notes...)
+	if !flagTokens && flagFile {
+		c.EdgeTokens = nil // the flag replaces the config file's tokens
+	}
+	if c.EdgeTokens == nil {
+		c.EdgeTokens = map[string]string{}
+	}
+	for e, t := range m {
+		if _, dup := c.EdgeTokens[e]; dup {
+			errs.Add("edge_tokens_file", "edge %q also has a token in edge_tokens (or -edge-token): give it one", e)
+			continue
+		}
+		c.EdgeTokens[e] = t
+	}
+}
+
+// Notices are the start-up warnings of this configuration: in development,
+// every convenience in force (dev login, admins, placeholder and short
+// tokens); always, dev login and credential files others can read.
+func (c Config) Notices() []config.Notice {
+	var n []config.Notice
+	if c.Development {
+		n = append(n, config.Notice{Key: "development", Msg: "development configuration: placeholder and short tokens are accepted and development conveniences are on; never deploy it"})
+	}
+	if c.DevLogin {
+		n = append(n, config.Notice{Key: "dev_login", Msg: `dev login is on: anyone can log in as anyone with the code "dev:<openid>"`})
+	}
+	switch {
+	case len(c.Admins) > 0 && c.DevLogin:
+		n = append(n, config.Notice{Key: "admins", Msg: fmt.Sprintf("%v hold the admin role and dev login is on: anyone can log in as an admin", c.Admins)})
+	case len(c.Admins) > 0 && c.Development:
+		n = append(n, config.Notice{Key: "admins", Msg: fmt.Sprintf("%v hold the admin role whatever the synced roles say", c.Admins)})
+	}
+	if c.Development {
+		var ignored config.Errors
+		c.checkCredentials(true, &ignored, &n)
+	}
+	return append(n, c.fileNotices...)
+}
+
+// checkCredentials refuses (or, in development, notes) placeholder secrets
+// and tokens under config.MinTokenLen.
+func (c *Config) checkCredentials(development bool, errs *config.Errors, notes *[]config.Notice) {
+	config.CheckToken("api_token", c.APIToken, development, errs, notes)
+	edges := make([]string, 0, len(c.EdgeTokens))
+	for e := range c.EdgeTokens {
+		edges = append(edges, e)
+	}
+	slices.Sort(edges)
+	for _, e := range edges {
+		config.CheckToken("edge_tokens."+e, c.EdgeTokens[e], development, errs, notes)
+	}
+	config.CheckSecret("wechat_secret", c.WeChatSecret, development, errs, notes)
 }
 
 func splitList(s string) []string { return config.SplitList(s) }
@@ -284,8 +424,10 @@ func (c Config) Masked() Config {
 // Validate checks the configuration and fills derived addresses. It
 // reports every problem, each named by its key, as config.Errors (which
 // matches ErrUsage too).
-func (c *Config) Validate() error {
-	var errs config.Errors
+func (c *Config) Validate() error { return c.validate(nil) }
+
+// validate is Validate over problems already found (reading credentials).
+func (c *Config) validate(errs config.Errors) error {
 	switch {
 	case c.ID == "":
 		errs.Add("id", "is required (-id)")
@@ -377,6 +519,12 @@ func (c *Config) Validate() error {
 		if !wire.ValidName(e) {
 			errs.Add("edge_tokens", "edge id %q must match [A-Za-z0-9._-]{1,64}", e)
 		}
+	}
+	if c.AuthFailureLimit < 0 {
+		errs.Add("auth_failure_limit", "%g must be ≥ 0 (0 disables the throttle)", c.AuthFailureLimit)
+	}
+	if !c.Development {
+		c.checkCredentials(false, &errs, new([]config.Notice))
 	}
 	if len(errs) == 0 {
 		return nil

@@ -101,7 +101,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 	svc := service.New(scfg, rn, state, clock, log, reg)
 	// Static tokens first (edges and the API token), then users' access
 	// tokens signed with the deployment key.
-	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID}, svc, auth.Chain{static, svc}, static.HasAPIToken(), log, reg)
+	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, AuthFailureLimit: cfg.AuthFailureLimit}, svc, auth.Chain{static, svc}, static.HasAPIToken(), log, reg)
 	if err != nil {
 		_ = rn.Shutdown()
 		_ = state.Close()

@@ -1,7 +1,10 @@
 // Package config is what the two daemons' configurations share: strict
 // YAML loading (an unknown key is an error, not a silent default), problems
-// collected with the key each is about, and printing the effective
-// configuration with its secrets masked (-check-config). Each daemon owns
+// collected with the key each is about, printing the effective
+// configuration with its secrets masked (-check-config), and credentials:
+// read from files or the environment (so they stay out of argv), and
+// refused when they are placeholders or too short outside a development
+// configuration (secrets.go). Each daemon owns
 // its own Config, defaults and validation (pkg/edge, pkg/cloud); this
 // package imports nothing of either, so neither drags in the other's parts.
 package config

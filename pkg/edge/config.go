@@ -24,6 +24,11 @@ import (
 // file, then command-line flags, each overriding the one before. YAML keys
 // are the snake_case names; configs/edge.yaml documents every key.
 type Config struct {
+	// Development marks a development configuration (configs/dev/): it
+	// may hold a placeholder or short cloud token, and every convenience in
+	// force is announced at start-up. Outside it those are refused.
+	Development bool `yaml:"development"`
+
 	ID        string   `yaml:"id"`
 	DataDir   string   `yaml:"data"`
 	HTTP      string   `yaml:"http"`
@@ -67,6 +72,9 @@ type Config struct {
 	// CheckConfig (-check-config) asks main to validate and print the
 	// effective configuration instead of running.
 	CheckConfig bool `yaml:"-"`
+
+	// fileNotices are the warnings reading credential files raised.
+	fileNotices []config.Notice
 }
 
 // MQTT configures the embedded broker or the external one.
@@ -93,6 +101,9 @@ type MQTT struct {
 type Cloud struct {
 	URLs  []string `yaml:"urls"`
 	Token string   `yaml:"token"`
+	// TokenFile holds the token instead (keeps it out of the config file
+	// and argv; a mounted Secret).
+	TokenFile string `yaml:"token_file"`
 	// MaxClockDrift: remote HLC stamps further ahead than this are rejected
 	// (default 5m).
 	MaxClockDrift time.Duration `yaml:"max_clock_drift"`
@@ -142,10 +153,18 @@ type Policy struct {
 
 // WeChat holds the mini-program credentials for code2session.
 type WeChat struct {
-	AppID   string `yaml:"appid"`
-	Secret  string `yaml:"secret"`
-	APIBase string `yaml:"api_base"`
+	AppID      string `yaml:"appid"`
+	Secret     string `yaml:"secret"`
+	SecretFile string `yaml:"secret_file"`
+	APIBase    string `yaml:"api_base"`
 }
+
+// Credentials come from these environment variables when no flag gives
+// them (they win over the config file), so they need not be in argv.
+const (
+	EnvCloudToken   = "OUTPOST_CLOUD_TOKEN"
+	EnvWeChatSecret = "OUTPOST_WECHAT_SECRET"
+)
 
 // DefaultConfig is the configuration with nothing set. What a component
 // owns comes from that component's defaults (ingest.DefaultConfig,
@@ -201,7 +220,9 @@ var ErrHelp = flag.ErrHelp
 // writing straight into the configuration, so only flags actually given
 // override the file. Validation problems come back together, as
 // config.Errors.
-func Parse(args []string, stderr io.Writer) (Config, error) {
+func Parse(args []string, stderr io.Writer) (Config, error) { return parse(args, stderr, os.Getenv) }
+
+func parse(args []string, stderr io.Writer, getenv func(string) string) (Config, error) {
 	cfg := DefaultConfig()
 	var path string
 	scratch := cfg
@@ -222,7 +243,17 @@ func Parse(args []string, stderr io.Writer) (Config, error) {
 	if fs.NArg() > 0 {
 		return cfg, fmt.Errorf("unexpected arguments: %v", fs.Args())
 	}
-	return cfg, cfg.Validate()
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var errs config.Errors
+	for _, c := range []config.Credential{
+		{Key: "cloud.token", FlagName: "cloud-token", Env: EnvCloudToken, Value: &cfg.Cloud.Token, File: &cfg.Cloud.TokenFile,
+			FlagValue: set["cloud-token"], FlagFile: set["cloud-token-file"]},
+		{Key: "wechat.secret", FlagName: "wechat-secret", Env: EnvWeChatSecret, Value: &cfg.WeChat.Secret, File: &cfg.WeChat.SecretFile},
+	} {
+		c.Resolve(getenv, &errs, &cfg.fileNotices)
+	}
+	return cfg, cfg.validate(errs)
 }
 
 // edgeFlags defines the edge's flags bound to cfg, with cfg's values as
@@ -240,7 +271,9 @@ func edgeFlags(cfg *Config, path *string, out io.Writer) *flag.FlagSet {
 	fs.DurationVar(&cfg.MQTT.ConnectTimeout, "mqtt-connect-timeout", cfg.MQTT.ConnectTimeout, "embedded broker: time a connection has to send CONNECT")
 	fs.IntVar(&cfg.MQTT.MaxConnections, "mqtt-max-connections", cfg.MQTT.MaxConnections, "embedded broker: cap on open connections")
 	fs.Func("cloud", "cloud-sync URL(s), comma separated", func(v string) error { cfg.Cloud.URLs = config.SplitList(v); return nil })
-	fs.StringVar(&cfg.Cloud.Token, "cloud-token", cfg.Cloud.Token, "this edge's credential at cloud-sync")
+	fs.StringVar(&cfg.Cloud.Token, "cloud-token", cfg.Cloud.Token, "this edge's credential at cloud-sync (visible in ps: prefer -cloud-token-file or $"+EnvCloudToken+")")
+	fs.StringVar(&cfg.Cloud.TokenFile, "cloud-token-file", cfg.Cloud.TokenFile, "read this edge's credential at cloud-sync from this file")
+	fs.BoolVar(&cfg.Development, "development", cfg.Development, "development configuration: allow a placeholder or short cloud token, announce every development convenience (never in production)")
 	fs.StringVar(&cfg.Region, "region", cfg.Region, "region this edge serves")
 	fs.StringVar(&cfg.Location, "location", cfg.Location, "edge location as LAT,LNG in degrees")
 	fs.StringVar(&cfg.Advertise, "advertise", cfg.Advertise, "URL at which phones reach this edge's API")
@@ -284,8 +317,10 @@ func ParseLocation(s string) (lat, lng float64, ok bool, err error) {
 
 // Validate reports everything wrong with c, each problem named by its key,
 // as config.Errors.
-func (c *Config) Validate() error {
-	var errs config.Errors
+func (c *Config) Validate() error { return c.validate(nil) }
+
+// validate is Validate over problems already found (reading credentials).
+func (c *Config) validate(errs config.Errors) error {
 	if !ident.DeviceID(c.ID) {
 		errs.Add("id", "%q must match [A-Za-z0-9._-]{1,64}", c.ID)
 	}
@@ -333,7 +368,7 @@ func (c *Config) Validate() error {
 			errs.Add("mqtt.devices."+dev, "the password must be a bcrypt hash (generate one with: edge hash-password)")
 		}
 	}
-	if len(c.Cloud.URLs) > 0 && c.Cloud.Token == "" {
+	if len(c.Cloud.URLs) > 0 && c.Cloud.Token == "" && c.Cloud.TokenFile == "" { // a failed token_file is reported already
 		errs.Add("cloud.token", "empty while cloud.urls are set: the cloud token is this edge's credential at cloud-sync")
 	}
 	for _, u := range c.Cloud.URLs {
@@ -388,6 +423,9 @@ func (c *Config) Validate() error {
 	default:
 		errs.Add("log_level", "log level %q must be debug, info, warn or error", c.LogLevel)
 	}
+	if !c.Development {
+		c.checkCredentials(false, &errs, new([]config.Notice))
+	}
 	if c.UnsafeAckBeforeCommit && !c.UnsafeNoSync {
 		c.UnsafeNoSync = true
 	}
@@ -403,4 +441,40 @@ func (c Config) Masked() Config {
 	c.MQTT.Devices = config.MaskValues(c.MQTT.Devices)
 	c.WeChat.Secret = config.MaskString(c.WeChat.Secret)
 	return c
+}
+
+// checkCredentials refuses (or, in development, notes) placeholder secrets
+// and a cloud token under config.MinTokenLen.
+func (c *Config) checkCredentials(development bool, errs *config.Errors, notes *[]config.Notice) {
+	config.CheckToken("cloud.token", c.Cloud.Token, development, errs, notes)
+	config.CheckSecret("mqtt.password", c.MQTT.Password, development, errs, notes)
+	config.CheckSecret("wechat.secret", c.WeChat.Secret, development, errs, notes)
+}
+
+// Notices are the start-up warnings of this configuration: in development,
+// every convenience in force (dev login, admins, the open broker,
+// placeholder and short tokens); always, dev login and credential files
+// others can read.
+func (c Config) Notices() []config.Notice {
+	var n []config.Notice
+	if c.Development {
+		n = append(n, config.Notice{Key: "development", Msg: "development configuration: a placeholder or short cloud token is accepted and development conveniences are on; never deploy it"})
+	}
+	if c.DevLogin {
+		n = append(n, config.Notice{Key: "dev_login", Msg: `dev login is on: anyone can log in as anyone with the code "dev:<openid>"`})
+	}
+	switch {
+	case len(c.Admins) > 0 && c.DevLogin:
+		n = append(n, config.Notice{Key: "admins", Msg: fmt.Sprintf("%v hold the admin role and dev login is on: anyone can log in as an admin", c.Admins)})
+	case len(c.Admins) > 0 && c.Development:
+		n = append(n, config.Notice{Key: "admins", Msg: fmt.Sprintf("%v hold the admin role whatever the synced roles say", c.Admins)})
+	}
+	if c.Development {
+		if c.MQTT.Broker == "" && len(c.MQTT.Devices) == 0 {
+			n = append(n, config.Notice{Key: "mqtt.devices", Msg: "the embedded broker is open: any client may connect and publish"})
+		}
+		var ignored config.Errors
+		c.checkCredentials(true, &ignored, &n)
+	}
+	return append(n, c.fileNotices...)
 }

@@ -23,7 +23,7 @@ func writeConfig(t *testing.T, body string) string {
 }
 
 func TestParsePrecedence(t *testing.T) {
-	file := writeConfig(t, "id: from-file\nregion: north\nhttp: \":9000\"\ncloud:\n  urls: [\"http://c1\"]\n  token: t\ningest:\n  linger: 2ms\n")
+	file := writeConfig(t, "id: from-file\nregion: north\nhttp: \":9000\"\ncloud:\n  urls: [\"http://c1\"]\n  token: t-0123456789abcdef0123456789abcdef\ningest:\n  linger: 2ms\n")
 	tests := []struct {
 		name  string
 		args  []string
@@ -103,17 +103,20 @@ func TestParseErrors(t *testing.T) {
 	}
 }
 
-// TestShippedConfigLoads keeps configs/edge.yaml in step with the struct.
+// TestShippedConfigLoads keeps the production example and the development
+// config in step with the struct.
 func TestShippedConfigLoads(t *testing.T) {
-	if _, err := Parse([]string{"-config", "../../configs/edge.yaml"}, io.Discard); err != nil {
-		t.Fatalf("configs/edge.yaml: %v", err)
+	for _, f := range []string{"../../configs/edge.yaml", "../../configs/dev/edge.yaml"} {
+		if _, err := Parse([]string{"-config", f}, io.Discard); err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
 	}
 }
 
-// TestShippedConfigIsTheDefaults: configs/edge.yaml shows the built-in
-// defaults ("what is left out takes the built-in default shown here"), so
-// apart from the development settings it deliberately sets, loading it
-// changes nothing. A default changed in a component but not in the file (or
+// TestShippedConfigIsTheDefaults: configs/edge.yaml (the production
+// example) shows the built-in defaults ("what is left out takes the
+// built-in default shown here"), so apart from its id, loading it changes
+// nothing: no dev login, no admins. A default changed in a component but not in the file (or
 // the other way round) fails here.
 func TestShippedConfigIsTheDefaults(t *testing.T) {
 	got := DefaultConfig()
@@ -121,8 +124,7 @@ func TestShippedConfigIsTheDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := DefaultConfig()
-	want.ID, want.Location, want.Advertise = "edge-dev", "31.2304,121.4737", "http://127.0.0.1:8080"
-	want.Admins, want.DevLogin, want.MQTT.AllowAnonymous = []string{"admin"}, true, true
+	want.ID, want.Admins = "edge-1", []string{}
 	want.MQTT.Devices, want.Cloud.URLs = map[string]string{}, []string{}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("configs/edge.yaml differs from the defaults:\n file %+v\n code %+v", got, want)

@@ -161,7 +161,8 @@ func freeAddr(t *testing.T) string {
 
 func startCloud(t *testing.T) *daemon {
 	t.Helper()
-	const apiToken, edgeToken = "api-secret", "edge-secret"
+	// Tokens of 32+ characters: cloud-sync refuses shorter ones.
+	const apiToken, edgeToken = "api-secret-0123456789abcdef0123456789", "edge-secret-0123456789abcdef012345678"
 	cfg, err := cloud.Parse([]string{"-id", "n1", "-bootstrap", "-data", t.TempDir(),
 		"-raft", freeAddr(t), "-http", freeAddr(t), "-api-token", apiToken, "-edge-token", "e1=" + edgeToken,
 		"-dev-login", "-admin", "root",
@@ -292,7 +293,7 @@ func TestEdgeAndCloudAPIsAgree(t *testing.T) {
 		if err := json.Unmarshal(login.env.Data, &pair); err != nil || login.status != 200 || pair.AccessToken == "" {
 			t.Fatalf("cloud login: %d %s", login.status, login.env.Message)
 		}
-		sync := &daemon{name: "cloud sync", base: cloudAPI.base, token: "edge-secret", client: cloudAPI.client}
+		sync := &daemon{name: "cloud sync", base: cloudAPI.base, token: "edge-secret-0123456789abcdef012345678", client: cloudAPI.client}
 		stamp := hlc.New(time.Now().UnixMilli(), 0).String()
 		body := `{"edge":"e1","changes":[{"kind":"meta","device":"d9","meta":{"owners":["o1"],"tags":["floor=3","wing="],"stamp":"` + stamp +
 			`"},"actor":"root","proof":"` + pair.AccessToken + `"}]}`

@@ -28,11 +28,11 @@ import (
 )
 
 const (
-	cloudAPIToken = "e2e-api-token-0123"
+	cloudAPIToken = "e2e-api-token-0123456789abcdef0123456789"
 	cloudEdges    = 8 // edges e0..e7 get tokens
 )
 
-func cloudEdgeToken(edge string) string { return "tok-" + edge + "-secret" }
+func cloudEdgeToken(edge string) string { return "tok-" + edge + "-secret-0123456789abcdef0123456789" }
 
 // binaries holds the daemons built for this test binary, by package path.
 var binaries struct {

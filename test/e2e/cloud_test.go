@@ -581,8 +581,8 @@ func TestCloudCommandLine(t *testing.T) {
 			}
 		})
 	}
-	// The shipped config runs as-is and shuts down cleanly on SIGTERM.
-	cfg := filepath.Join("..", "..", "configs", "cloud-sync.yaml")
+	// The development config runs as-is and shuts down cleanly on SIGTERM.
+	cfg := filepath.Join("..", "..", "configs", "dev", "cloud-sync.yaml")
 	cmd := exec.Command(bin, "-config", cfg, "-data", filepath.Join(dir, "cfg"), "-raft", cloudFreePort(t), "-http", cloudFreePort(t))
 	log := &cloudNode{ID: "cfg"} // a locked log buffer
 	cmd.Stderr = log

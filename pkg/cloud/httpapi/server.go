@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"slices"
 	"strconv"
@@ -32,6 +33,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/outpost-edge/outpost/pkg/authlimit"
 	"github.com/outpost-edge/outpost/pkg/cloud/auth"
 	"github.com/outpost-edge/outpost/pkg/cloud/service"
 	"github.com/outpost-edge/outpost/pkg/httpenv"
@@ -54,6 +56,10 @@ type Config struct {
 	// RequestTimeout bounds one forwarded request's wait for the leader's
 	// answer, less a 2s margin (default 10s: the service's proposal bound).
 	RequestTimeout time.Duration
+	// AuthFailureLimit throttles failed bearer-token checks per client
+	// address (package authlimit): failures per second, burst twice that;
+	// past it the address gets 429 with Retry-After. 0 disables.
+	AuthFailureLimit float64
 }
 
 // Server serves one node's HTTP API.
@@ -67,6 +73,7 @@ type Server struct {
 	client  *http.Client
 	zdec    *zstd.Decoder
 	m       *httpMetrics
+	limiter *authlimit.Limiter // nil: auth failures are not throttled
 }
 
 // New builds the server over the application layer; authn decides who is
@@ -90,7 +97,8 @@ func New(cfg Config, svc Service, authn auth.Authenticator, clusterNeedsToken bo
 		client: &http.Client{Transport: &http.Transport{
 			MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second, DisableCompression: true,
 		}},
-		m: newHTTPMetrics(reg),
+		m:       newHTTPMetrics(reg),
+		limiter: authlimit.New(authlimit.Config{Rate: cfg.AuthFailureLimit}),
 	}
 	s.app = fiber.New(fiber.Config{
 		DisableStartupMessage: true,
@@ -205,13 +213,25 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 
 // --- authentication -------------------------------------------------------
 
+// principal authenticates the bearer token. An address that keeps
+// presenting unknown tokens is throttled (429) before its token is checked,
+// so guessing runs at Config.AuthFailureLimit per second per address.
 func (s *Server) principal(c *fiber.Ctx) (auth.Principal, error) {
 	tok := auth.BearerToken(c.Get(fiber.HeaderAuthorization))
 	if tok == "" {
+		s.m.authFailures.WithLabelValues("missing").Inc()
 		return auth.Principal{}, apiError(fiber.StatusUnauthorized, "missing Authorization: Bearer <token> header")
+	}
+	addr := c.IP()
+	if wait, ok := s.limiter.Allow(addr); !ok {
+		s.m.authFailures.WithLabelValues("throttled").Inc()
+		return auth.Principal{}, &httpError{status: fiber.StatusTooManyRequests,
+			msg: "too many failed authentications from this address; retry later", retryAfter: int(math.Ceil(wait.Seconds()))}
 	}
 	p, err := s.authn.Authenticate(c.UserContext(), tok)
 	if errors.Is(err, auth.ErrUnauthenticated) {
+		s.limiter.Fail(addr)
+		s.m.authFailures.WithLabelValues("unknown").Inc()
 		return p, apiError(fiber.StatusUnauthorized, "unknown token")
 	}
 	return p, err
@@ -474,14 +494,18 @@ func invalid(err error) error {
 }
 
 type httpMetrics struct {
-	forwarded *prometheus.CounterVec
+	forwarded    *prometheus.CounterVec
+	authFailures *prometheus.CounterVec
 }
 
 func newHTTPMetrics(reg prometheus.Registerer) *httpMetrics {
 	m := &httpMetrics{
 		forwarded: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_forwarded_total",
 			Help: "Requests this node forwarded to the leader, by outcome."}, []string{"outcome"}),
+		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_auth_failures_total",
+			Help: "Failed bearer-token checks, by reason: missing (no token), unknown (no authenticator accepted it), throttled (refused unchecked: the address failed too often)."},
+			[]string{"reason"}),
 	}
-	reg.MustRegister(m.forwarded)
+	reg.MustRegister(m.forwarded, m.authFailures)
 	return m
 }
