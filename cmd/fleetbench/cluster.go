@@ -18,10 +18,10 @@ import (
 	"github.com/outpost-edge/outpost/internal/benchproc"
 )
 
-const apiToken = "fleetbench-api-token"
+const apiToken = "fleetbench-api-token-0123456789abcdef"
 
 // edgeToken is edge's sync credential: one per edge, as in a deployment.
-func edgeToken(edge string) string { return "fleetbench-token-" + edge }
+func edgeToken(edge string) string { return "fleetbench-sync-token-0123456789abcdef-" + edge }
 
 // node is one cloud-sync process.
 type node struct {
