@@ -58,6 +58,23 @@ type Config struct {
 	MaxPendingBytes    int64             `yaml:"max_pending_bytes"`
 	RaftDial           map[string]string `yaml:"raft_dial"`
 
+	// MetricsToken is a bearer token that reads /metrics and nothing else
+	// (Prometheus' authorization.credentials); the API token and a cluster
+	// certificate read it too.
+	MetricsToken string `yaml:"metrics_token"`
+	// ClusterCA, ClusterCert and ClusterKey are PEM files: the cluster's
+	// CA and this node's certificate and key. They secure raft and
+	// node-to-node HTTP with mutual TLS; without them the raft address
+	// must be loopback (development).
+	ClusterCA   string `yaml:"cluster_ca"`
+	ClusterCert string `yaml:"cluster_cert"`
+	ClusterKey  string `yaml:"cluster_key"`
+	// TLSCert and TLSKey (PEM) serve the HTTP port over TLS. With cluster
+	// TLS the port is https either way (presenting the cluster
+	// certificate when these are unset).
+	TLSCert string `yaml:"tls_cert"`
+	TLSKey  string `yaml:"tls_key"`
+
 	// Pprof is the opt-in admin address (pprof and the runtime log level);
 	// empty disables it.
 	Pprof        string `yaml:"pprof"`
@@ -121,6 +138,12 @@ func Parse(args []string, out io.Writer) (Config, error) {
 		bootNode   = fs.String("bootstrap-node", "", "`id` of the node that bootstraps a new cluster; other nodes -join (one command line for every replica)")
 		grace      = fs.Duration("shutdown-grace", 0, "on SIGTERM/SIGINT, time allowed to drain HTTP and close raft and the state before exiting non-zero (default 10s)")
 		apiToken   = fs.String("api-token", "", "service `token` for the consumer API (/api/v1) and cluster changes")
+		metricsTok = fs.String("metrics-token", "", "bearer `token` that may read /metrics (the API token and cluster certificates may too)")
+		clusterCA  = fs.String("cluster-ca", "", "PEM `file`: the cluster CA; with -cluster-cert and -cluster-key, raft and node-to-node HTTP use mutual TLS")
+		clusterCrt = fs.String("cluster-cert", "", "PEM `file`: this node's cluster certificate (signed by -cluster-ca)")
+		clusterKey = fs.String("cluster-key", "", "PEM `file`: the key of -cluster-cert")
+		tlsCert    = fs.String("tls-cert", "", "PEM `file`: certificate the HTTP port serves TLS with (with -tls-key)")
+		tlsKey     = fs.String("tls-key", "", "PEM `file`: the key of -tls-cert")
 		admins     = fs.String("admin", "", "`openids` (comma-separated) that hold the admin role (used by the identity layer)")
 		devLogin   = fs.Bool("dev-login", false, "enable dev login (dev:<openid>) — development only (used by the identity layer)")
 		wxAppID    = fs.String("wechat-appid", "", "WeChat mini-program `appid` for code2session logins")
@@ -200,6 +223,12 @@ func Parse(args []string, out io.Writer) (Config, error) {
 	str("http-advertise", &cfg.HTTPAdvertise, *httpAdv)
 	str("data", &cfg.Data, *data)
 	str("api-token", &cfg.APIToken, *apiToken)
+	str("metrics-token", &cfg.MetricsToken, *metricsTok)
+	str("cluster-ca", &cfg.ClusterCA, *clusterCA)
+	str("cluster-cert", &cfg.ClusterCert, *clusterCrt)
+	str("cluster-key", &cfg.ClusterKey, *clusterKey)
+	str("tls-cert", &cfg.TLSCert, *tlsCert)
+	str("tls-key", &cfg.TLSKey, *tlsKey)
 	str("log-level", &cfg.LogLevel, *logLevel)
 	if set["bootstrap"] {
 		cfg.Bootstrap = *bootstrap
@@ -266,11 +295,12 @@ func loadFile(path string, cfg *Config) error {
 	return nil
 }
 
-// Masked is c with its secrets (edge tokens, the API token, the WeChat
-// secret) replaced by config.Mask, for printing.
+// Masked is c with its secrets (edge tokens, the API and metrics tokens,
+// the WeChat secret) replaced by config.Mask, for printing.
 func (c Config) Masked() Config {
 	c.EdgeTokens = config.MaskValues(c.EdgeTokens)
 	c.APIToken = config.MaskString(c.APIToken)
+	c.MetricsToken = config.MaskString(c.MetricsToken)
 	c.WeChatSecret = config.MaskString(c.WeChatSecret)
 	return c
 }
@@ -308,10 +338,14 @@ func (c *Config) Validate() error {
 		errs.Add("join", "-bootstrap and -join are mutually exclusive: bootstrap the first node, join the others")
 	}
 	for _, u := range c.Join {
-		if !strings.HasPrefix(u, "http://") && !strings.HasPrefix(u, "https://") {
+		switch {
+		case !strings.HasPrefix(u, "http://") && !strings.HasPrefix(u, "https://"):
 			errs.Add("join", "%q must be an http(s) URL of a cluster member", u)
+		case c.HTTPTLS() && !strings.HasPrefix(u, "https://"):
+			errs.Add("join", "%q must be https://: with cluster TLS or -tls-cert every member's HTTP port is https", u)
 		}
 	}
+	c.validateTLS(&errs)
 	for _, a := range []struct {
 		key            string
 		listen, advert *string
@@ -326,6 +360,17 @@ func (c *Config) Validate() error {
 			continue
 		}
 		*a.advert = adv
+	}
+	if !c.ClusterTLS() {
+		// Without cluster TLS anyone who reaches the raft port is a
+		// member: keep it where only this machine can.
+		for _, a := range []struct{ key, addr string }{{"raft", c.Raft}, {"raft_advertise", c.RaftAdvertise}} {
+			if a.addr != "" && !loopback(a.addr) {
+				errs.Add(a.key, "%q is not a loopback address: without -cluster-ca, -cluster-cert and -cluster-key the raft "+
+					"transport is unauthenticated and may listen on loopback only (127.0.0.0/8, ::1, localhost); "+
+					"configure cluster TLS (`cloud-sync certs` makes development certificates)", a.addr)
+			}
+		}
 	}
 	if c.Pprof != "" {
 		if err := config.CheckHostPort(c.Pprof); err != nil {
@@ -375,11 +420,57 @@ func (c *Config) Validate() error {
 	return usageErrors{errs}
 }
 
+// ClusterTLS reports whether the cluster's mutual TLS is configured.
+func (c *Config) ClusterTLS() bool {
+	return c.ClusterCA != "" || c.ClusterCert != "" || c.ClusterKey != ""
+}
+
+// HTTPTLS reports whether the HTTP port serves TLS: with -tls-cert, or
+// with cluster TLS (node-to-node HTTP needs it).
+func (c *Config) HTTPTLS() bool { return c.TLSCert != "" || c.TLSKey != "" || c.ClusterTLS() }
+
+// validateTLS checks that the TLS files come in complete sets. Reading
+// them is Start's (a bad file is a usage error there too): the
+// configuration is validated where the files may not exist, e.g. against
+// the paths a manifest mounts them at.
+func (c *Config) validateTLS(errs *config.Errors) {
+	if c.ClusterTLS() {
+		for _, f := range []struct{ key, v string }{{"cluster_ca", c.ClusterCA}, {"cluster_cert", c.ClusterCert}, {"cluster_key", c.ClusterKey}} {
+			if f.v == "" {
+				errs.Add(f.key, "is required with the other -cluster-* files: set -cluster-ca, -cluster-cert and -cluster-key together")
+			}
+		}
+	}
+	switch {
+	case c.TLSCert != "" && c.TLSKey == "":
+		errs.Add("tls_key", "is required with -tls-cert")
+	case c.TLSCert == "" && c.TLSKey != "":
+		errs.Add("tls_cert", "is required with -tls-key")
+	}
+	if c.MetricsToken != "" && len(c.MetricsToken) < 8 {
+		errs.Add("metrics_token", "is shorter than 8 characters")
+	}
+}
+
 // usageErrors is config.Errors that also matches ErrUsage, the cloud's
 // marker for a mistake main reports with exit 2.
 type usageErrors struct{ config.Errors }
 
 func (e usageErrors) Is(target error) bool { return target == ErrUsage || e.Errors.Is(target) }
+
+// loopback reports whether host:port's host is a loopback address or
+// "localhost" (names are not resolved: a name could point anywhere).
+func loopback(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return false
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
 
 // advertise derives the address peers use from a listen address: the
 // listen address itself when its host is concrete, else the hostname.

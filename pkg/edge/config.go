@@ -83,6 +83,9 @@ type MQTT struct {
 type Cloud struct {
 	URLs  []string `yaml:"urls"`
 	Token string   `yaml:"token"`
+	// CA is a PEM bundle to trust for https:// cloud URLs (a private CA);
+	// empty: the system's roots.
+	CA string `yaml:"ca"`
 	// MaxClockDrift: remote HLC stamps further ahead than this are rejected
 	// (default 5m).
 	MaxClockDrift time.Duration `yaml:"max_clock_drift"`
@@ -228,6 +231,7 @@ func edgeFlags(cfg *Config, path *string, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&cfg.MQTT.Broker, "mqtt-broker", cfg.MQTT.Broker, "external MQTT broker URL (tcp://host:port); disables the embedded broker")
 	fs.Func("cloud", "cloud-sync URL(s), comma separated", func(v string) error { cfg.Cloud.URLs = config.SplitList(v); return nil })
 	fs.StringVar(&cfg.Cloud.Token, "cloud-token", cfg.Cloud.Token, "this edge's credential at cloud-sync")
+	fs.StringVar(&cfg.Cloud.CA, "cloud-ca", cfg.Cloud.CA, "PEM `file`: CA bundle to trust for https:// cloud URLs (default: the system's roots)")
 	fs.StringVar(&cfg.Region, "region", cfg.Region, "region this edge serves")
 	fs.StringVar(&cfg.Location, "location", cfg.Location, "edge location as LAT,LNG in degrees")
 	fs.StringVar(&cfg.Advertise, "advertise", cfg.Advertise, "URL at which phones reach this edge's API")
