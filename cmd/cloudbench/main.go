@@ -7,6 +7,10 @@
 // Every pusher is its own edge (sequence numbers are per edge, so one edge's
 // pushes are serial by design) and talks to the leader first, falling back
 // to the other nodes like a real edge.
+//
+// -tls runs with everything on: the nodes use cluster mutual TLS and serve
+// https with a public certificate, and the pushers speak https, all from a
+// development CA made in the run's temp dir.
 package main
 
 import (

@@ -1,6 +1,8 @@
 package raftnode
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"io"
 	"net"
@@ -15,11 +17,15 @@ import (
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
-// clusterCreds makes a dev CA in a temp dir and loads the named member's
-// cluster credential.
-func clusterCreds(t *testing.T, names ...string) map[string]*certs.Cluster {
+// clusterCreds makes a dev CA in a temp dir and loads the named members'
+// cluster credentials, and the CA as a pool.
+func clusterCreds(t *testing.T, names ...string) (map[string]*certs.Cluster, *x509.CertPool) {
 	t.Helper()
 	set, err := devcerts.Write(t.TempDir(), devcerts.Options{Names: names})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool, err := certs.LoadPool(set.CA)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -32,13 +38,13 @@ func clusterCreds(t *testing.T, names ...string) map[string]*certs.Cluster {
 		}
 		out[n] = c
 	}
-	return out
+	return out, pool
 }
 
-// tlsTransport is a raft transport that dials with cred's certificate.
-func tlsTransport(t *testing.T, cred *certs.Cluster) *raft.NetworkTransport {
+// tlsTransport is a raft transport that dials with client.
+func tlsTransport(t *testing.T, cred *certs.Cluster, client *tls.Config) *raft.NetworkTransport {
 	t.Helper()
-	s, err := newTLSStream("127.0.0.1:0", nil, cred.ServerConfig(), cred.ClientConfig())
+	s, err := newTLSStream("127.0.0.1:0", nil, cred.ServerConfig(), client)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,7 +60,7 @@ func tlsTransport(t *testing.T, cred *certs.Cluster) *raft.NetworkTransport {
 // cluster CA (none, or another CA's) fails the handshake: the term does not
 // move and nothing is applied. A member's certificate still gets through.
 func TestSecurityRaftTransport(t *testing.T) {
-	creds := clusterCreds(t, "n1", "n2")
+	creds, pool := clusterCreds(t, "n1", "n2")
 	n, f, _ := startNode(t, Config{TLS: creds["n1"]})
 	target := raft.ServerAddress(n.cfg.RaftAdvertise)
 	term, applied := n.raft.CurrentTerm(), f.AppliedIndex()
@@ -83,13 +89,19 @@ func TestSecurityRaftTransport(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = plain.Close() })
-	other := clusterCreds(t, "n1")["n1"] // same name, another CA
+	others, _ := clusterCreds(t, "n1") // same name, another CA
+	// The stranger trusts the cluster's CA, so it is the server that must
+	// refuse its certificate.
+	stranger := others["n1"].ClientConfig()
+	stranger.RootCAs = pool
+	noCert := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13}
 	attackers := []struct {
 		name string
 		tr   *raft.NetworkTransport
 	}{
 		{"plain TCP (raft.NewTCPTransport)", plain},
-		{"TLS with another CA's certificate", tlsTransport(t, other)},
+		{"TLS with another CA's certificate", tlsTransport(t, others["n1"], stranger)},
+		{"TLS without a certificate", tlsTransport(t, others["n1"], noCert)},
 	}
 	for _, a := range attackers {
 		t.Run(a.name, func(t *testing.T) {
@@ -123,7 +135,7 @@ func TestSecurityRaftTransport(t *testing.T) {
 	// The control: a member's certificate is answered (the attack above
 	// failed for its credential, not for its shape).
 	var vr raft.RequestVoteResponse
-	if err := tlsTransport(t, creds["n2"]).RequestVote("n1", target, voteReq(), &vr); err != nil {
+	if err := tlsTransport(t, creds["n2"], creds["n2"].ClientConfig()).RequestVote("n1", target, voteReq(), &vr); err != nil {
 		t.Fatalf("a member's RequestVote failed: %v", err)
 	}
 }
@@ -131,7 +143,7 @@ func TestSecurityRaftTransport(t *testing.T) {
 // TestTLSStreamHandshakeFailsFast: a client that speaks plain bytes where a
 // ClientHello belongs is answered with an alert and dropped.
 func TestTLSStreamHandshakeFailsFast(t *testing.T) {
-	creds := clusterCreds(t, "n1")
+	creds, _ := clusterCreds(t, "n1")
 	s, err := newTLSStream("127.0.0.1:0", nil, creds["n1"].ServerConfig(), creds["n1"].ClientConfig())
 	if err != nil {
 		t.Fatal(err)
