@@ -86,7 +86,8 @@ func run() int {
 		adminAddr = admin.Addr()
 	}
 	log.Info("cloud-sync listening", "http", cfg.HTTP, "raft", cfg.Raft, "http_advertise", cfg.HTTPAdvertise,
-		"raft_advertise", cfg.RaftAdvertise, "data", cfg.Data, "mode", mode, "admin", adminAddr)
+		"raft_advertise", cfg.RaftAdvertise, "data", cfg.Data, "mode", mode, "admin", adminAddr,
+		"cluster_tls", cfg.ClusterTLS(), "https", cfg.HTTPTLS())
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
