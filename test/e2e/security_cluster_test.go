@@ -97,7 +97,7 @@ func TestSecurityClusterMutualTLS(t *testing.T) {
 	for _, n := range c.Nodes {
 		var resp raft.RequestVoteResponse
 		err := plain.RequestVote(raft.ServerID(n.ID), raft.ServerAddress(n.Raft), &raft.RequestVoteRequest{
-			RPCHeader: raft.RPCHeader{ID: []byte("mallory"), Addr: []byte("127.0.0.1:1")},
+			RPCHeader: raft.RPCHeader{ProtocolVersion: raft.ProtocolVersionMax, ID: []byte("mallory"), Addr: []byte("127.0.0.1:1")},
 			Term:      st.Term + 1000, LastLogIndex: 1 << 40, LastLogTerm: st.Term + 1000,
 		}, &resp)
 		if err == nil {

@@ -41,6 +41,24 @@ func clusterCreds(t *testing.T, names ...string) (map[string]*certs.Cluster, *x5
 	return out, pool
 }
 
+// settledApplied waits until f's applied index has not moved for 300ms
+// and returns it.
+func settledApplied(t *testing.T, f *fsm.FSM) uint64 {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	last, since := f.AppliedIndex(), time.Now()
+	for time.Since(since) < 300*time.Millisecond {
+		if time.Now().After(deadline) {
+			t.Fatal("applied index did not settle within 10s")
+		}
+		time.Sleep(20 * time.Millisecond)
+		if a := f.AppliedIndex(); a != last {
+			last, since = a, time.Now()
+		}
+	}
+	return last
+}
+
 // tlsTransport is a raft transport that dials with client.
 func tlsTransport(t *testing.T, cred *certs.Cluster, client *tls.Config) *raft.NetworkTransport {
 	t.Helper()
@@ -63,7 +81,10 @@ func TestSecurityRaftTransport(t *testing.T) {
 	creds, pool := clusterCreds(t, "n1", "n2")
 	n, f, _ := startNode(t, Config{TLS: creds["n1"]})
 	target := raft.ServerAddress(n.cfg.RaftAdvertise)
-	term, applied := n.raft.CurrentTerm(), f.AppliedIndex()
+	// The new leader writes a few entries of its own (e.g. the signing
+	// key): the baseline is taken once they are applied.
+	applied := settledApplied(t, f)
+	term := n.raft.CurrentTerm()
 
 	evil, err := fsm.EncodeCommand(&fsm.Command{Type: fsm.CmdUserPut, AtMs: 1,
 		User: &wire.User{OpenID: "mallory", Roles: []string{"admin"}}})
@@ -72,7 +93,7 @@ func TestSecurityRaftTransport(t *testing.T) {
 	}
 	appendReq := func() *raft.AppendEntriesRequest {
 		return &raft.AppendEntriesRequest{
-			RPCHeader: raft.RPCHeader{ID: []byte("mallory"), Addr: []byte("127.0.0.1:1")},
+			RPCHeader: raft.RPCHeader{ProtocolVersion: raft.ProtocolVersionMax, ID: []byte("mallory"), Addr: []byte("127.0.0.1:1")},
 			Term:      term + 1000, PrevLogEntry: n.raft.LastIndex(), PrevLogTerm: term,
 			Entries: []*raft.Log{{Index: n.raft.LastIndex() + 1, Term: term + 1000, Type: raft.LogCommand,
 				Data: fsm.EncodeEntry([][]byte{evil})}},
@@ -80,7 +101,7 @@ func TestSecurityRaftTransport(t *testing.T) {
 		}
 	}
 	voteReq := func() *raft.RequestVoteRequest {
-		return &raft.RequestVoteRequest{RPCHeader: raft.RPCHeader{ID: []byte("mallory"), Addr: []byte("127.0.0.1:1")},
+		return &raft.RequestVoteRequest{RPCHeader: raft.RPCHeader{ProtocolVersion: raft.ProtocolVersionMax, ID: []byte("mallory"), Addr: []byte("127.0.0.1:1")},
 			Term: term + 2000, LastLogIndex: 1 << 40, LastLogTerm: term + 2000}
 	}
 
