@@ -205,9 +205,10 @@ func TestSecurityRaftOffLoopbackNeedsClusterTLS(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			args := append([]string{"-id", "a", "-data", dir, "-bootstrap", "-http", cloudFreePort(t)}, tc.args...)
-			out, err := exec.Command(bin, args...).CombinedOutput()
+			// Bounded: a node that accepted the address would run on.
+			out, err := runWithin(exec.Command(bin, args...), 10*time.Second)
 			var ee *exec.ExitError
-			if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), tc.msg) {
+			if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(out, tc.msg) {
 				t.Fatalf("exit %v, output:\n%s\nwant exit 2 mentioning %q", err, out, tc.msg)
 			}
 		})
