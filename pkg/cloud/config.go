@@ -186,7 +186,8 @@ func Parse(args []string, out io.Writer) (Config, error) {
 	fs.Usage = func() {
 		fmt.Fprintf(out, "Usage: cloud-sync [-config FILE] -id NODE -raft ADDR -http ADDR -data DIR (-bootstrap | -join URL) [flags]\n\n"+
 			"cloud-sync is Outpost's raft-replicated cloud: edges sync to it, consumers read merged data from it.\n"+
-			"Flags override the config file, which overrides built-in defaults.\n\nFlags:\n")
+			"Flags override the config file, which overrides built-in defaults.\n"+
+			"`cloud-sync certs -h` makes development certificates for the -cluster-* and -tls-* flags.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
