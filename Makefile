@@ -74,8 +74,9 @@ test-cloud:
 
 # One JSON line: committed readings/s for batches of 1, 100 and 5000 pushed
 # into a 3-process cluster, leader RSS, and failover time.
+# CLOUDBENCH_ARGS=-tls runs with cluster mutual TLS and https pushers.
 bench-cloud: build-cloud
-	$(GO) run ./cmd/cloudbench -bin $(BIN)/cloud-sync
+	$(GO) run ./cmd/cloudbench -bin $(BIN)/cloud-sync $(CLOUDBENCH_ARGS)
 
 # One JSON line: a simulated fleet (1,000 edges in one process, each with its
 # own credential, on the syncer's cadence) against a 3-process cluster. Idle
@@ -123,7 +124,8 @@ demo:
 # One JSON line: a 1,000,000-reading backlog built on an offline edge, then
 # the seconds until a 3-node cloud committed all of it, readings/s, live-sync
 # latency (publish → committed in the cloud) p50/p99, peak RSS of edge and
-# cloud. Pass SYNCBENCH_ARGS=-readings=100000 for a quick run.
+# cloud. Pass SYNCBENCH_ARGS=-readings=100000 for a quick run, -tls for
+# cluster mutual TLS and edge→cloud https.
 bench-sync:
 	$(GO) build -o $(BIN)/edge ./cmd/edge
 	$(GO) build -o $(BIN)/cloud-sync ./cmd/cloud-sync

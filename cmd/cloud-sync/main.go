@@ -5,7 +5,8 @@
 // main only wires: flags and config → build the node → run until SIGINT or
 // SIGTERM → ordered shutdown within the grace period (stop accepting HTTP and
 // drain in-flight requests, close raft and its log, close the state).
-// -check-config validates and prints the configuration instead.
+// -check-config validates and prints the configuration instead;
+// `cloud-sync certs` makes development certificates (see runCerts).
 package main
 
 import (
@@ -28,6 +29,9 @@ import (
 func main() { os.Exit(run()) }
 
 func run() int {
+	if len(os.Args) > 1 && os.Args[1] == "certs" {
+		return runCerts(os.Args[2:], os.Stdout, os.Stderr)
+	}
 	cfg, err := cloud.Parse(os.Args[1:], os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
@@ -73,7 +77,10 @@ func run() int {
 	}
 	node, err := cloud.Start(cfg, log)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "cloud-sync: %v\n", err)
+		fmt.Fprintf(os.Stderr, "cloud-sync: %s\n", strings.TrimPrefix(err.Error(), cloud.ErrUsage.Error()+": "))
+		if errors.Is(err, cloud.ErrUsage) {
+			return 2 // e.g. an unreadable certificate
+		}
 		return 1
 	}
 	mode := "bootstrap"
@@ -87,7 +94,8 @@ func run() int {
 		adminAddr = admin.Addr()
 	}
 	log.Info("cloud-sync listening", "http", cfg.HTTP, "raft", cfg.Raft, "http_advertise", cfg.HTTPAdvertise,
-		"raft_advertise", cfg.RaftAdvertise, "data", cfg.Data, "mode", mode, "admin", adminAddr)
+		"raft_advertise", cfg.RaftAdvertise, "data", cfg.Data, "mode", mode, "admin", adminAddr,
+		"cluster_tls", cfg.ClusterTLS(), "https", cfg.HTTPTLS())
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()

@@ -7,10 +7,15 @@
 // Every pusher is its own edge (sequence numbers are per edge, so one edge's
 // pushes are serial by design) and talks to the leader first, falling back
 // to the other nodes like a real edge.
+//
+// -tls runs with everything on: the nodes use cluster mutual TLS and serve
+// https with a public certificate, and the pushers speak https, all from a
+// development CA made in the run's temp dir.
 package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -31,6 +36,8 @@ import (
 	"time"
 
 	"github.com/outpost-edge/outpost/internal/benchproc"
+	"github.com/outpost-edge/outpost/internal/devcerts"
+	"github.com/outpost-edge/outpost/pkg/certs"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -46,6 +53,16 @@ var loadgen string
 // pushers1 is the number of single-reading pushers, from -pushers.
 var pushers1 = 64
 
+// With -tls: the nodes run cluster mutual TLS and serve https with a
+// public certificate from a development CA made in the run's temp dir;
+// clientTLS trusts that CA, and hc (status and metrics) uses it.
+var (
+	tlsOn     bool
+	certSet   *devcerts.Set
+	clientTLS *tls.Config
+	hc        = http.DefaultClient
+)
+
 func edgeToken(e string) string { return "bench-token-0123456789abcdef0123456789-" + e }
 
 type node struct {
@@ -55,7 +72,12 @@ type node struct {
 	done                 chan struct{}
 }
 
-func (n *node) url() string { return "http://" + n.http }
+func (n *node) url() string {
+	if tlsOn {
+		return "https://" + n.http
+	}
+	return "http://" + n.http
+}
 
 type phase struct {
 	Batch        int     `json:"batch"`
@@ -91,6 +113,7 @@ func main() {
 	profile := flag.String("profile", "", "directory: write the leader's and a follower's CPU profiles of each phase there")
 	failoverOn := flag.Bool("failover", true, "measure failover after the phases")
 	flag.IntVar(&pushers1, "pushers", 64, "concurrent pushers of the single-reading phase")
+	flag.BoolVar(&tlsOn, "tls", false, "run with everything on: cluster mutual TLS and https to the nodes (development certificates in the temp dir)")
 	flag.StringVar(&loadgen, "loadgen", "raw", "pushers' HTTP client: raw (lean HTTP/1.1, the default) or client (pkg/cloud/client, as an edge pushes)")
 	flag.Parse()
 	if loadgen != "raw" && loadgen != "client" {
@@ -116,6 +139,11 @@ func run(bin string, dur time.Duration, only, profDir string, doFailover bool) e
 		return err
 	}
 	defer os.RemoveAll(dir)
+	if tlsOn {
+		if err := makeCerts(filepath.Join(dir, "certs")); err != nil {
+			return err
+		}
+	}
 	var nodes []*node
 	defer func() {
 		for _, n := range nodes {
@@ -180,6 +208,22 @@ func run(bin string, dur time.Duration, only, profDir string, doFailover bool) e
 	return nil
 }
 
+// makeCerts writes the -tls run's development CA, one cluster certificate
+// per node and the public "server" certificate.
+func makeCerts(dir string) error {
+	set, err := devcerts.Write(dir, devcerts.Options{Names: []string{"b0", "b1", "b2", "server"}})
+	if err != nil {
+		return err
+	}
+	pool, err := certs.LoadPool(set.CA)
+	if err != nil {
+		return err
+	}
+	certSet, clientTLS = set, &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	hc = &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: clientTLS}}
+	return nil
+}
+
 func start(bin string, n *node, join string) error {
 	args := []string{"-id", n.id, "-raft", n.raft, "-http", n.http, "-data", n.data, "-api-token", apiToken, "-log-level", "warn"}
 	if join == "" {
@@ -193,6 +237,10 @@ func start(bin string, n *node, join string) error {
 	}
 	if n.admin != "" {
 		args = append(args, "-pprof", n.admin)
+	}
+	if tlsOn {
+		args = append(args, certSet.ClusterArgs(n.id)...)
+		args = append(args, certSet.TLSArgs("server")...)
 	}
 	args = append(args, nodeArgs...)
 	log.Printf("node %s http %s", n.id, n.url())
@@ -217,7 +265,12 @@ func getStatus(n *node) (status, error) {
 	var env struct {
 		Data status `json:"data"`
 	}
-	resp, err := http.Get(n.url() + "/cluster/v1/status")
+	req, err := http.NewRequest(http.MethodGet, n.url()+"/cluster/v1/status", nil)
+	if err != nil {
+		return env.Data, err
+	}
+	req.Header.Set("Authorization", "Bearer "+apiToken)
+	resp, err := hc.Do(req)
 	if err != nil {
 		return env.Data, err
 	}
@@ -283,7 +336,7 @@ func newPusher(urls []string, leaderAddr, token string) (pusher, error) {
 	if loadgen == "raw" {
 		return newRawPusher(leaderAddr, token)
 	}
-	cl, err := client.New(urls, token)
+	cl, err := client.New(urls, token, client.WithTLSConfig(clientTLS))
 	return clientPusher{cl}, err
 }
 
@@ -401,7 +454,7 @@ func runPhase(nodes []*node, lead *node, size, pushers, edgeBase int, dur time.D
 // entryCommands reads the leader's count of group-committed entries and the
 // sum of the commands in them.
 func entryCommands(lead *node) (entries, commands float64) {
-	m, err := benchproc.Scrape(http.DefaultClient, lead.url()+"/metrics")
+	m, err := benchproc.ScrapeAuth(hc, lead.url()+"/metrics", apiToken)
 	if err != nil {
 		return 0, 0
 	}
@@ -505,7 +558,7 @@ func failover(nodes []*node, edgeBase int) (float64, error) {
 	for p := 0; p < 4; p++ {
 		edge := fmt.Sprintf("e%d", edgeBase+p)
 		// Each prober knows every node, the leader first, as an edge would.
-		cl, err := client.New(append([]string{lead.url()}, survivors...), edgeToken(edge))
+		cl, err := client.New(append([]string{lead.url()}, survivors...), edgeToken(edge), client.WithTLSConfig(clientTLS))
 		if err != nil {
 			return 0, err
 		}

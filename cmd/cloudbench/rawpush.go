@@ -44,9 +44,15 @@ func newRawPusher(addr, token string) (*rawPusher, error) {
 		ReadTimeout:              30 * time.Second,
 		WriteTimeout:             30 * time.Second,
 		NoDefaultUserAgentHeader: true,
+		IsTLS:                    tlsOn,
+		TLSConfig:                clientTLS,
 	}}
+	scheme := "http://"
+	if tlsOn {
+		scheme = "https://"
+	}
 	p.req.Header.SetMethod(fasthttp.MethodPost)
-	p.req.SetRequestURI("http://" + addr + wire.PathPush)
+	p.req.SetRequestURI(scheme + addr + wire.PathPush)
 	p.req.Header.Set("Authorization", "Bearer "+token)
 	p.req.Header.SetContentType("application/json")
 	return p, nil

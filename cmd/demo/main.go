@@ -2,9 +2,12 @@
 // cloud-sync cluster, two edges in different regions (east: Shanghai,
 // west: Chengdu) joined to it, and a device simulator publishing to both.
 // Every process runs the development configuration (configs/dev/, with its
-// conveniences announced in its log); flags set the topology.
-// It prints the URLs and curl commands to try, and on Ctrl-C stops
-// everything in order (simulator, edges, cloud) with SIGTERM.
+// conveniences announced in its log); flags set the topology. The cluster
+// runs with mutual TLS and serves https, and the edges reach it with
+// -cloud-ca, from a development CA the demo makes in its directory
+// (internal/devcerts, as `cloud-sync certs` does). It prints the URLs and
+// curl commands to try, and on Ctrl-C stops everything in order
+// (simulator, edges, cloud) with SIGTERM.
 //
 //	go run ./cmd/demo            (or: make demo)
 //
@@ -17,6 +20,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -36,6 +40,9 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/outpost-edge/outpost/internal/devcerts"
+	"github.com/outpost-edge/outpost/pkg/certs"
 )
 
 const (
@@ -111,6 +118,15 @@ func run(ctx context.Context, o options, log *slog.Logger) (err error) {
 	if err != nil {
 		return err
 	}
+	pki, err := devcerts.Write(filepath.Join(dir, "certs"), devcerts.Options{Names: []string{"n1", "n2", "n3"}})
+	if err != nil {
+		return err
+	}
+	pool, err := certs.LoadPool(pki.CA)
+	if err != nil {
+		return err
+	}
+	hc.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}
 	var procs []*proc
 	// Stop in reverse start order: edges flush to a cloud that is still up.
 	defer func() {
@@ -145,6 +161,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (err error) {
 		httpAddr := ports(id + "-http")
 		args := []string{"-config", filepath.Join(root, "configs", "dev", "cloud-sync.yaml"), "-id", id, "-http", httpAddr, "-raft", ports(id + "-raft"), "-data", filepath.Join(dir, "cloud-"+id),
 			"-api-token", apiToken, "-dev-login", "-admin", admin, "-log-level", "info"}
+		args = append(args, pki.ClusterArgs(id)...)
 		for _, e := range edges {
 			args = append(args, "-edge-token", e.id+"="+edgeToken(e.id))
 		}
@@ -156,7 +173,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (err error) {
 		if _, err := start("cloud-sync", "cloud-sync-"+id, args...); err != nil {
 			return err
 		}
-		cloudURLs = append(cloudURLs, "http://"+httpAddr)
+		cloudURLs = append(cloudURLs, "https://"+httpAddr)
 		if err := waitOK(ctx, procs[len(procs)-1], cloudURLs[i-1]+"/readyz", 30*time.Second); err != nil {
 			return err
 		}
@@ -169,7 +186,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (err error) {
 		p, err := start("edge", e.id, "-config", filepath.Join(root, "configs", "dev", "edge.yaml"), "-id", e.id, "-region", e.region, "-location", e.location,
 			"-http", e.http, "-mqtt-listen", e.mqtt, "-advertise", "http://"+e.http,
 			"-data", filepath.Join(dir, e.id), "-policies", filepath.Join(root, "policies"),
-			"-cloud", strings.Join(cloudURLs, ","), "-cloud-token", edgeToken(e.id),
+			"-cloud", strings.Join(cloudURLs, ","), "-cloud-token", edgeToken(e.id), "-cloud-ca", pki.CA,
 			"-dev-login", "-admin", admin, "-log-level", "info")
 		if err != nil {
 			return err
@@ -195,7 +212,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (err error) {
 		}
 	}
 
-	printIntro(dir, cloudURLs, edges, procs, o.interval)
+	printIntro(dir, pki.CA, cloudURLs, edges, procs, o.interval)
 	if o.check {
 		if err := check(ctx, cloudURLs, edges); err != nil {
 			return fmt.Errorf("check: %w", err)
@@ -340,7 +357,7 @@ func waitMembers(ctx context.Context, url string, n int, d time.Duration) error 
 		var st struct {
 			Nodes []json.RawMessage `json:"nodes"`
 		}
-		if err := getJSON(ctx, url+"/cluster/v1/status", "", &st); err == nil && len(st.Nodes) >= n {
+		if err := getJSON(ctx, url+"/cluster/v1/status", apiToken, &st); err == nil && len(st.Nodes) >= n {
 			return nil
 		}
 		if time.Now().After(deadline) {
@@ -402,12 +419,12 @@ func simulate(ctx context.Context, broker, device string, interval time.Duration
 	}
 }
 
-func printIntro(dir string, cloud []string, edges []*edge, procs []*proc, interval time.Duration) {
+func printIntro(dir, ca string, cloud []string, edges []*edge, procs []*proc, interval time.Duration) {
 	e, w := edges[0], edges[1]
 	fmt.Printf(`
 Outpost demo is running (data and logs in %s).
 
-  cloud-sync   %s   (3-node raft; consumer token: %s)
+  cloud-sync   %s   (3-node raft, mutual TLS; consumer token: %s; CA %s)
   edge east    http://%s   mqtt://%s   Shanghai %s
   edge west    http://%s   mqtt://%s   Chengdu  %s
   devices      %s -> east, %s -> west, one reading each per %s
@@ -430,12 +447,12 @@ Try these (paste into another terminal):
       -d '{"state":{"mode":"eco","setpoint":21.5}}' http://%s/api/v1/devices/%s/desired
 
   # 5. The cloud's merged changes from both edges (NDJSON; follow X-Outpost-Next-Cursor to resume)
-  curl -s -H 'Authorization: Bearer %s' '%s/api/v1/export?limit=5'
+  curl -s --cacert %s -H 'Authorization: Bearer %s' '%s/api/v1/export?limit=5'
 
-`, dir, strings.Join(cloud, " "), apiToken,
+`, dir, strings.Join(cloud, " "), apiToken, ca,
 		e.http, e.mqtt, e.location, w.http, w.mqtt, w.location,
 		strings.Join(e.devices, ", "), strings.Join(w.devices, ", "), interval, dir,
-		e.http, e.http, e.http, e.devices[0], e.http, e.devices[0], apiToken, cloud[0])
+		e.http, e.http, e.http, e.devices[0], e.http, e.devices[0], ca, apiToken, cloud[0])
 }
 
 // check runs the printed requests and verifies what a newcomer should see.

@@ -6,13 +6,15 @@
 // reading, the readings per second that makes, the live-sync latency
 // (publish → committed in the cloud) p50 and p99 of single readings
 // published afterwards, and the peak RSS of the edge and of the largest
-// cloud node. It prints one JSON line.
+// cloud node. It prints one JSON line. -tls runs with cluster mutual TLS and
+// edge→cloud https (-cloud-ca), from a development CA in the temp dir.
 package main
 
 import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -33,13 +35,24 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/outpost-edge/outpost/internal/benchproc"
+	"github.com/outpost-edge/outpost/internal/devcerts"
 	"github.com/outpost-edge/outpost/internal/tcpproxy"
+	"github.com/outpost-edge/outpost/pkg/certs"
 )
 
 const (
 	apiToken  = "syncbench-api-token-0123456789abcdef0123456789"
 	edgeID    = "bench-edge"
 	edgeToken = "syncbench-edge-token-0123456789abcdef0123456789"
+)
+
+// With -tls everything is on: the cloud nodes run cluster mutual TLS and
+// serve https, and the edge reaches them over https with -cloud-ca, all
+// from a development CA made in the run's temp dir. cloudHC (status,
+// export) trusts it; cloudScheme is the nodes' URL scheme.
+var (
+	cloudHC     = http.DefaultClient
+	cloudScheme = "http://"
 )
 
 type result struct {
@@ -62,11 +75,12 @@ func main() {
 		live     = flag.Int("live", 300, "single readings published after convergence for the live-latency sample")
 		binDir   = flag.String("bin", "", "directory with prebuilt edge and cloud-sync binaries (default: build into a temp dir)")
 		keep     = flag.Bool("keep", false, "keep the data directories")
+		tlsOn    = flag.Bool("tls", false, "run with everything on: cluster mutual TLS and edge→cloud https (-cloud-ca), development certificates in the temp dir")
 	)
 	flag.Parse()
 	log.SetFlags(log.Ltime | log.Lmicroseconds)
 	log.SetOutput(os.Stderr)
-	res, err := run(*readings, *devices, *per, *live, *binDir, *keep)
+	res, err := run(*readings, *devices, *per, *live, *binDir, *keep, *tlsOn)
 	if err != nil {
 		log.Fatalf("syncbench: %v", err)
 	}
@@ -74,7 +88,7 @@ func main() {
 	fmt.Println(string(b))
 }
 
-func run(readings, devices, per, live int, binDir string, keep bool) (*result, error) {
+func run(readings, devices, per, live int, binDir string, keep, tlsOn bool) (*result, error) {
 	tmp, err := os.MkdirTemp("", "syncbench-")
 	if err != nil {
 		return nil, err
@@ -91,6 +105,18 @@ func run(readings, devices, per, live int, binDir string, keep bool) (*result, e
 				return nil, fmt.Errorf("build %s: %w", p, err)
 			}
 		}
+	}
+	var set *devcerts.Set
+	if tlsOn {
+		if set, err = devcerts.Write(filepath.Join(tmp, "certs"), devcerts.Options{Names: []string{"n0", "n1", "n2", "server"}}); err != nil {
+			return nil, err
+		}
+		pool, err := certs.LoadPool(set.CA)
+		if err != nil {
+			return nil, err
+		}
+		cloudHC = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}}
+		cloudScheme = "https://"
 	}
 	var procs []*exec.Cmd
 	defer func() {
@@ -110,7 +136,11 @@ func run(readings, devices, per, live int, binDir string, keep bool) (*result, e
 		if i == 0 {
 			args = append(args, "-bootstrap")
 		} else {
-			args = append(args, "-join", "http://"+nodes[0])
+			args = append(args, "-join", cloudScheme+nodes[0])
+		}
+		if set != nil {
+			args = append(args, set.ClusterArgs(fmt.Sprintf("n%d", i))...)
+			args = append(args, set.TLSArgs("server")...)
 		}
 		cmd := exec.Command(filepath.Join(binDir, "cloud-sync"), args...)
 		cmd.Stderr = os.Stderr
@@ -119,7 +149,7 @@ func run(readings, devices, per, live int, binDir string, keep bool) (*result, e
 		}
 		procs = append(procs, cmd)
 		nodes = append(nodes, httpAddr)
-		if err := benchproc.WaitHTTP(context.Background(), "http://"+httpAddr+"/readyz", 20*time.Second); err != nil {
+		if err := benchproc.WaitHTTPClient(context.Background(), cloudHC, cloudScheme+httpAddr+"/readyz", 20*time.Second); err != nil {
 			return nil, fmt.Errorf("cloud node %d: %w", i, err)
 		}
 	}
@@ -138,12 +168,16 @@ func run(readings, devices, per, live int, binDir string, keep bool) (*result, e
 		defer p.Close()
 		p.Cut(true)
 		proxies = append(proxies, p)
-		urls = append(urls, "http://"+p.Addr())
+		urls = append(urls, cloudScheme+p.Addr())
 	}
 	edgeHTTP, mqttAddr := benchproc.FreeAddr(), benchproc.FreeAddr()
-	edge := exec.Command(filepath.Join(binDir, "edge"), "-id", edgeID, "-data", filepath.Join(tmp, "edge"),
+	edgeArgs := []string{"-id", edgeID, "-data", filepath.Join(tmp, "edge"),
 		"-http", edgeHTTP, "-mqtt-listen", mqttAddr, "-cloud", strings.Join(urls, ","), "-cloud-token", edgeToken,
-		"-cloud-backoff-max", "500ms", "-log-level", "warn")
+		"-cloud-backoff-max", "500ms", "-log-level", "warn"}
+	if set != nil {
+		edgeArgs = append(edgeArgs, "-cloud-ca", set.CA)
+	}
+	edge := exec.Command(filepath.Join(binDir, "edge"), edgeArgs...)
 	edge.Stderr = os.Stderr
 	if err := edge.Start(); err != nil {
 		return nil, err
@@ -351,9 +385,9 @@ func liveLatency(addr string, nodes []string, n int) ([]float64, error) {
 // reading id, and returns the cursor to resume from.
 func exportTail(node, cursor string, fn func(id string)) (string, error) {
 	for {
-		req, _ := http.NewRequest(http.MethodGet, "http://"+node+"/api/v1/export?limit=10000&since="+cursor, nil)
+		req, _ := http.NewRequest(http.MethodGet, cloudScheme+node+"/api/v1/export?limit=10000&since="+cursor, nil)
 		req.Header.Set("Authorization", "Bearer "+apiToken)
-		resp, err := http.DefaultClient.Do(req)
+		resp, err := cloudHC.Do(req)
 		if err != nil {
 			return cursor, err
 		}
@@ -399,7 +433,7 @@ func getJSON(url, token string, out any) error {
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := cloudHC.Do(req)
 	if err != nil {
 		return err
 	}
@@ -421,7 +455,7 @@ func ackedSeq(node string) (uint64, bool) {
 			AckedSeq uint64 `json:"acked_seq"`
 		} `json:"items"`
 	}
-	if err := getJSON("http://"+node+"/api/v1/edges?consistency=strong", apiToken, &page); err != nil {
+	if err := getJSON(cloudScheme+node+"/api/v1/edges?consistency=strong", apiToken, &page); err != nil {
 		return 0, false
 	}
 	for _, e := range page.Items {
@@ -474,7 +508,7 @@ func leaderHTTP(nodes []string) (string, error) {
 			HTTPAddr string `json:"http_addr"`
 		} `json:"nodes"`
 	}
-	if err := getJSON("http://"+nodes[0]+"/cluster/v1/status", apiToken, &st); err != nil {
+	if err := getJSON(cloudScheme+nodes[0]+"/cluster/v1/status", apiToken, &st); err != nil {
 		return "", err
 	}
 	for _, n := range st.Nodes {
@@ -492,7 +526,7 @@ func waitMembers(nodes []string, n int, d time.Duration) error {
 			Leader string            `json:"leader"`
 			Nodes  []json.RawMessage `json:"nodes"`
 		}
-		if err := getJSON("http://"+nodes[0]+"/cluster/v1/status", apiToken, &st); err == nil && st.Leader != "" && len(st.Nodes) == n {
+		if err := getJSON(cloudScheme+nodes[0]+"/cluster/v1/status", apiToken, &st); err == nil && st.Leader != "" && len(st.Nodes) == n {
 			return nil
 		}
 		time.Sleep(50 * time.Millisecond)

@@ -480,6 +480,31 @@ func checkPod(t *testing.T, who string, spec corev1.PodSpec, c corev1.Container,
 	}
 }
 
+// checkSecretFile holds for the certificates and keys a daemon reads:
+// path is a file of a mounted Secret volume (created per deployment, so
+// the test cannot see its keys; it checks the file name is one the volume
+// provides).
+func checkSecretFile(t *testing.T, who, flag string, spec corev1.PodSpec, c corev1.Container, path string) {
+	t.Helper()
+	vm, ok := mountFor(c, path)
+	if !ok {
+		t.Errorf("%s: -%s=%s is not on a mounted volume", who, flag, path)
+		return
+	}
+	v := volume(spec, vm.Name)
+	if v == nil || v.Secret == nil {
+		t.Errorf("%s: -%s=%s must come from a Secret volume", who, flag, path)
+		return
+	}
+	rel := strings.TrimPrefix(path, strings.TrimSuffix(vm.MountPath, "/")+"/")
+	if len(v.Secret.Items) > 0 && !slices.ContainsFunc(v.Secret.Items, func(k corev1.KeyToPath) bool { return k.Path == rel }) {
+		t.Errorf("%s: -%s=%s: Secret %s's items do not provide %s", who, flag, path, v.Secret.SecretName, rel)
+	}
+	if !vm.ReadOnly {
+		t.Errorf("%s: the volume of -%s must be mounted read-only", who, flag)
+	}
+}
+
 // requireFlags fails unless every name is given.
 func requireFlags(t *testing.T, who string, flags map[string][]string, names ...string) bool {
 	t.Helper()
@@ -606,6 +631,12 @@ func TestManifests(t *testing.T) {
 				continue
 			}
 			checkPod(t, who, spec, c, flags, m)
+			if strings.HasPrefix(cfg.Cloud.URLs[0], "https://") {
+				if !requireFlags(t, who, flags, "cloud-ca") {
+					continue
+				}
+				checkSecretFile(t, who, "cloud-ca", spec, c, cfg.Cloud.CA)
+			}
 
 			// KubeEdge edge nodes only, with the matching toleration.
 			if _, ok := spec.NodeSelector["node-role.kubernetes.io/edge"]; !ok {
@@ -704,6 +735,22 @@ func TestManifests(t *testing.T) {
 			}
 			if ord == 0 {
 				checkPod(t, who, spec, c, flags, m)
+				// Off loopback, raft runs over mutual TLS (Parse refuses
+				// it otherwise); its files come from a Secret, and the
+				// HTTP port is then https, probes included.
+				for flag, path := range map[string]string{"cluster-ca": cfg.ClusterCA, "cluster-cert": cfg.ClusterCert,
+					"cluster-key": cfg.ClusterKey, "tls-cert": cfg.TLSCert, "tls-key": cfg.TLSKey} {
+					if path != "" {
+						checkSecretFile(t, who, flag, spec, c, path)
+					}
+				}
+				if cfg.HTTPTLS() {
+					for _, p := range []*corev1.Probe{c.StartupProbe, c.LivenessProbe, c.ReadinessProbe} {
+						if p != nil && p.HTTPGet != nil && p.HTTPGet.Scheme != corev1.URISchemeHTTPS {
+							t.Errorf("%s: the HTTP port serves TLS: probe %s needs scheme HTTPS", who, p.HTTPGet.Path)
+						}
+					}
+				}
 			}
 			if cfg.ID != pod {
 				t.Errorf("%s: id %s, want the pod name", pw, cfg.ID)
@@ -724,7 +771,11 @@ func TestManifests(t *testing.T) {
 				var want []string
 				for o := 0; o < replicas; o++ {
 					if o != ord {
-						want = append(want, "http://"+stable(fmt.Sprintf("%s-%d", s.Name, o), httpPort))
+						scheme := "http://"
+						if cfg.HTTPTLS() {
+							scheme = "https://"
+						}
+						want = append(want, scheme+stable(fmt.Sprintf("%s-%d", s.Name, o), httpPort))
 					}
 				}
 				if !slices.Equal(cfg.Join, want) {

@@ -34,9 +34,14 @@ func FreeAddr() string {
 
 // WaitHTTP polls url until it answers 200 OK, ctx ends, or d passes.
 func WaitHTTP(ctx context.Context, url string, d time.Duration) error {
+	return WaitHTTPClient(ctx, http.DefaultClient, url, d)
+}
+
+// WaitHTTPClient is WaitHTTP with hc (an https URL with a private CA).
+func WaitHTTPClient(ctx context.Context, hc *http.Client, url string, d time.Duration) error {
 	deadline := time.Now().Add(d)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
-		if resp, err := http.Get(url); err == nil {
+		if resp, err := hc.Get(url); err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
 				return nil
@@ -122,8 +127,19 @@ type Metrics struct {
 }
 
 // Scrape fetches and parses the /metrics page at url with hc.
-func Scrape(hc *http.Client, url string) (Metrics, error) {
-	resp, err := hc.Get(url)
+func Scrape(hc *http.Client, url string) (Metrics, error) { return ScrapeAuth(hc, url, "") }
+
+// ScrapeAuth is Scrape with a bearer token (cloud-sync's /metrics needs
+// its metrics or API token); "" sends none.
+func ScrapeAuth(hc *http.Client, url, token string) (Metrics, error) {
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		return Metrics{}, err
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := hc.Do(req)
 	if err != nil {
 		return Metrics{}, err
 	}

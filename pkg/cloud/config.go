@@ -76,6 +76,25 @@ type Config struct {
 	MaxPendingBytes    int64             `yaml:"max_pending_bytes"`
 	RaftDial           map[string]string `yaml:"raft_dial"`
 
+	// MetricsToken is a bearer token that reads /metrics and nothing else
+	// (Prometheus' authorization.credentials); the API token and a cluster
+	// certificate read it too.
+	MetricsToken string `yaml:"metrics_token"`
+	// MetricsTokenFile holds the metrics token instead (a mounted Secret).
+	MetricsTokenFile string `yaml:"metrics_token_file"`
+	// ClusterCA, ClusterCert and ClusterKey are PEM files: the cluster's
+	// CA and this node's certificate and key. They secure raft and
+	// node-to-node HTTP with mutual TLS; without them the raft address
+	// must be loopback (development).
+	ClusterCA   string `yaml:"cluster_ca"`
+	ClusterCert string `yaml:"cluster_cert"`
+	ClusterKey  string `yaml:"cluster_key"`
+	// TLSCert and TLSKey (PEM) serve the HTTP port over TLS. With cluster
+	// TLS the port is https either way (presenting the cluster
+	// certificate when these are unset).
+	TLSCert string `yaml:"tls_cert"`
+	TLSKey  string `yaml:"tls_key"`
+
 	// Pprof is the opt-in admin address (pprof and the runtime log level);
 	// empty disables it.
 	Pprof        string `yaml:"pprof"`
@@ -126,6 +145,7 @@ const (
 	EnvAPIToken     = "OUTPOST_API_TOKEN"
 	EnvEdgeTokens   = "OUTPOST_EDGE_TOKENS" // EDGE=TOKEN pairs, comma or newline separated
 	EnvWeChatSecret = "OUTPOST_WECHAT_SECRET"
+	EnvMetricsToken = "OUTPOST_METRICS_TOKEN"
 )
 
 // ErrUsage marks a command-line or configuration mistake; main prints it
@@ -158,6 +178,13 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 		wxFile     = fs.String("wechat-secret-file", "", "read the WeChat secret from this `file`")
 		devMode    = fs.Bool("development", false, "development configuration: allow placeholder and short tokens, announce every development convenience (never in production)")
 		authLimit  = fs.Float64("auth-failure-limit", 0, "failed bearer-token checks per second per client address (burst twice that) before 429; 0 disables (default 10)")
+		metricsTok = fs.String("metrics-token", "", "bearer `token` that may read /metrics (the API token and cluster certificates may too; visible in ps: prefer -metrics-token-file or $"+EnvMetricsToken+")")
+		metricsFil = fs.String("metrics-token-file", "", "read the metrics token from this `file`")
+		clusterCA  = fs.String("cluster-ca", "", "PEM `file`: the cluster CA; with -cluster-cert and -cluster-key, raft and node-to-node HTTP use mutual TLS")
+		clusterCrt = fs.String("cluster-cert", "", "PEM `file`: this node's cluster certificate (signed by -cluster-ca)")
+		clusterKey = fs.String("cluster-key", "", "PEM `file`: the key of -cluster-cert")
+		tlsCert    = fs.String("tls-cert", "", "PEM `file`: certificate the HTTP port serves TLS with (with -tls-key)")
+		tlsKey     = fs.String("tls-key", "", "PEM `file`: the key of -tls-cert")
 		admins     = fs.String("admin", "", "`openids` (comma-separated) that hold the admin role (used by the identity layer)")
 		devLogin   = fs.Bool("dev-login", false, "enable dev login (dev:<openid>) — development only (used by the identity layer)")
 		wxAppID    = fs.String("wechat-appid", "", "WeChat mini-program `appid` for code2session logins")
@@ -201,7 +228,8 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 	fs.Usage = func() {
 		fmt.Fprintf(out, "Usage: cloud-sync [-config FILE] -id NODE -raft ADDR -http ADDR -data DIR (-bootstrap | -join URL) [flags]\n\n"+
 			"cloud-sync is Outpost's raft-replicated cloud: edges sync to it, consumers read merged data from it.\n"+
-			"Flags override the config file, which overrides built-in defaults.\n\nFlags:\n")
+			"Flags override the config file, which overrides built-in defaults.\n"+
+			"`cloud-sync certs -h` makes development certificates for the -cluster-* and -tls-* flags.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -238,6 +266,12 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 	str("http-advertise", &cfg.HTTPAdvertise, *httpAdv)
 	str("data", &cfg.Data, *data)
 	str("api-token", &cfg.APIToken, *apiToken)
+	str("metrics-token", &cfg.MetricsToken, *metricsTok)
+	str("cluster-ca", &cfg.ClusterCA, *clusterCA)
+	str("cluster-cert", &cfg.ClusterCert, *clusterCrt)
+	str("cluster-key", &cfg.ClusterKey, *clusterKey)
+	str("tls-cert", &cfg.TLSCert, *tlsCert)
+	str("tls-key", &cfg.TLSKey, *tlsKey)
 	str("log-level", &cfg.LogLevel, *logLevel)
 	if set["bootstrap"] {
 		cfg.Bootstrap = *bootstrap
@@ -308,11 +342,16 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 	if set["wechat-secret-file"] {
 		cfg.WeChatSecretFile = *wxFile
 	}
+	if set["metrics-token-file"] {
+		cfg.MetricsTokenFile = *metricsFil
+	}
 	for _, c := range []config.Credential{
 		{Key: "api_token", FlagName: "api-token", Env: EnvAPIToken, Value: &cfg.APIToken, File: &cfg.APITokenFile,
 			FlagValue: set["api-token"], FlagFile: set["api-token-file"]},
 		{Key: "wechat_secret", FlagName: "wechat-secret", Env: EnvWeChatSecret, Value: &cfg.WeChatSecret, File: &cfg.WeChatSecretFile,
 			FlagValue: set["wechat-secret"], FlagFile: set["wechat-secret-file"]},
+		{Key: "metrics_token", FlagName: "metrics-token", Env: EnvMetricsToken, Value: &cfg.MetricsToken, File: &cfg.MetricsTokenFile,
+			FlagValue: set["metrics-token"], FlagFile: set["metrics-token-file"]},
 	} {
 		c.Resolve(getenv, &errs, &cfg.fileNotices)
 	}
@@ -400,6 +439,9 @@ func (c *Config) checkCredentials(development bool, errs *config.Errors, notes *
 		config.CheckToken("edge_tokens."+e, c.EdgeTokens[e], development, errs, notes)
 	}
 	config.CheckSecret("wechat_secret", c.WeChatSecret, development, errs, notes)
+	if c.MetricsToken != "" {
+		config.CheckToken("metrics_token", c.MetricsToken, development, errs, notes)
+	}
 }
 
 func splitList(s string) []string { return config.SplitList(s) }
@@ -412,11 +454,12 @@ func loadFile(path string, cfg *Config) error {
 	return nil
 }
 
-// Masked is c with its secrets (edge tokens, the API token, the WeChat
-// secret) replaced by config.Mask, for printing.
+// Masked is c with its secrets (edge tokens, the API and metrics tokens,
+// the WeChat secret) replaced by config.Mask, for printing.
 func (c Config) Masked() Config {
 	c.EdgeTokens = config.MaskValues(c.EdgeTokens)
 	c.APIToken = config.MaskString(c.APIToken)
+	c.MetricsToken = config.MaskString(c.MetricsToken)
 	c.WeChatSecret = config.MaskString(c.WeChatSecret)
 	return c
 }
@@ -456,10 +499,14 @@ func (c *Config) validate(errs config.Errors) error {
 		errs.Add("join", "-bootstrap and -join are mutually exclusive: bootstrap the first node, join the others")
 	}
 	for _, u := range c.Join {
-		if !strings.HasPrefix(u, "http://") && !strings.HasPrefix(u, "https://") {
+		switch {
+		case !strings.HasPrefix(u, "http://") && !strings.HasPrefix(u, "https://"):
 			errs.Add("join", "%q must be an http(s) URL of a cluster member", u)
+		case c.HTTPTLS() && !strings.HasPrefix(u, "https://"):
+			errs.Add("join", "%q must be https://: with cluster TLS or -tls-cert every member's HTTP port is https", u)
 		}
 	}
+	c.validateTLS(&errs)
 	for _, a := range []struct {
 		key            string
 		listen, advert *string
@@ -474,6 +521,17 @@ func (c *Config) validate(errs config.Errors) error {
 			continue
 		}
 		*a.advert = adv
+	}
+	if !c.ClusterTLS() {
+		// Without cluster TLS anyone who reaches the raft port is a
+		// member: keep it where only this machine can.
+		for _, a := range []struct{ key, addr string }{{"raft", c.Raft}, {"raft_advertise", c.RaftAdvertise}} {
+			if a.addr != "" && !loopback(a.addr) {
+				errs.Add(a.key, "%q is not a loopback address: without -cluster-ca, -cluster-cert and -cluster-key the raft "+
+					"transport is unauthenticated and may listen on loopback only (127.0.0.0/8, ::1, localhost); "+
+					"configure cluster TLS (`cloud-sync certs` makes development certificates)", a.addr)
+			}
+		}
 	}
 	if c.Pprof != "" {
 		if err := config.CheckHostPort(c.Pprof); err != nil {
@@ -532,11 +590,54 @@ func (c *Config) validate(errs config.Errors) error {
 	return usageErrors{errs}
 }
 
+// ClusterTLS reports whether the cluster's mutual TLS is configured.
+func (c *Config) ClusterTLS() bool {
+	return c.ClusterCA != "" || c.ClusterCert != "" || c.ClusterKey != ""
+}
+
+// HTTPTLS reports whether the HTTP port serves TLS: with -tls-cert, or
+// with cluster TLS (node-to-node HTTP needs it).
+func (c *Config) HTTPTLS() bool { return c.TLSCert != "" || c.TLSKey != "" || c.ClusterTLS() }
+
+// validateTLS checks that the TLS files come in complete sets. Reading
+// them is Start's (a bad file is a usage error there too): the
+// configuration is validated where the files may not exist, e.g. against
+// the paths a manifest mounts them at.
+func (c *Config) validateTLS(errs *config.Errors) {
+	if c.ClusterTLS() {
+		for _, f := range []struct{ key, v string }{{"cluster_ca", c.ClusterCA}, {"cluster_cert", c.ClusterCert}, {"cluster_key", c.ClusterKey}} {
+			if f.v == "" {
+				errs.Add(f.key, "is required with the other -cluster-* files: set -cluster-ca, -cluster-cert and -cluster-key together")
+			}
+		}
+	}
+	switch {
+	case c.TLSCert != "" && c.TLSKey == "":
+		errs.Add("tls_key", "is required with -tls-cert")
+	case c.TLSCert == "" && c.TLSKey != "":
+		errs.Add("tls_cert", "is required with -tls-key")
+	}
+}
+
 // usageErrors is config.Errors that also matches ErrUsage, the cloud's
 // marker for a mistake main reports with exit 2.
 type usageErrors struct{ config.Errors }
 
 func (e usageErrors) Is(target error) bool { return target == ErrUsage || e.Errors.Is(target) }
+
+// loopback reports whether host:port's host is a loopback address or
+// "localhost" (names are not resolved: a name could point anywhere).
+func loopback(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return false
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
 
 // advertise derives the address peers use from a listen address: the
 // listen address itself when its host is concrete, else the hostname.

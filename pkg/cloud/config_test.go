@@ -32,3 +32,51 @@ func TestShippedConfigIsTheDefaults(t *testing.T) {
 			got.TrailingLogs, r.SnapshotInterval, r.SnapshotThreshold, r.TrailingLogs)
 	}
 }
+
+// TestSecurityRaftAddressNeedsClusterTLS: without the -cluster-* files the
+// raft transport is unauthenticated (finding 1), so Validate allows it on
+// loopback only; the files come as a complete set, and with them (or with
+// -tls-cert) joins are https.
+func TestSecurityRaftAddressNeedsClusterTLS(t *testing.T) {
+	files := func(c *Config) { c.ClusterCA, c.ClusterCert, c.ClusterKey = "ca.pem", "n.pem", "n-key.pem" }
+	for _, tc := range []struct {
+		name string
+		set  func(*Config)
+		keys []string // keys of the problems Validate must report; none: valid
+	}{
+		{"loopback IPv4", func(c *Config) { c.Raft = "127.0.0.2:7000" }, nil},
+		{"loopback IPv6", func(c *Config) { c.Raft = "[::1]:7000" }, nil},
+		{"localhost", func(c *Config) { c.Raft = "localhost:7000" }, nil},
+		{"routable", func(c *Config) { c.Raft = "10.0.0.5:7000" }, []string{"raft", "raft_advertise"}},
+		{"every interface", func(c *Config) { c.Raft, c.RaftAdvertise = "0.0.0.0:7000", "127.0.0.1:7000" }, []string{"raft"}},
+		{"empty host", func(c *Config) { c.Raft, c.RaftAdvertise = ":7000", "127.0.0.1:7000" }, []string{"raft"}},
+		{"advertised name", func(c *Config) { c.RaftAdvertise = "cloud-0.example:7000" }, []string{"raft_advertise"}},
+		{"routable with cluster TLS", func(c *Config) { c.Raft = "0.0.0.0:7000"; c.RaftAdvertise = "cloud-0.example:7000"; files(c) }, nil},
+		{"partial cluster files", func(c *Config) { c.ClusterCA = "ca.pem" }, []string{"cluster_cert", "cluster_key"}},
+		{"tls key without cert", func(c *Config) { c.TLSKey = "k.pem" }, []string{"tls_cert"}},
+		{"http join with cluster TLS", func(c *Config) { files(c); c.Join = []string{"http://a:8090"} }, []string{"join"}},
+		{"https join with cluster TLS", func(c *Config) { files(c); c.Join = []string{"https://a:8090"} }, nil},
+		{"http join with public TLS", func(c *Config) { c.TLSCert, c.TLSKey = "c.pem", "k.pem"; c.Join = []string{"http://a:8090"} }, []string{"join"}},
+		{"short metrics token", func(c *Config) { c.MetricsToken = "short" }, []string{"metrics_token"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Defaults()
+			c.ID, c.Data = "n1", t.TempDir()
+			tc.set(&c)
+			err := c.Validate()
+			var got []string
+			if err != nil {
+				ue, ok := err.(usageErrors)
+				if !ok {
+					t.Fatalf("Validate: %v is not a usage error", err)
+				}
+				for _, p := range ue.Errors {
+					got = append(got, p.Key)
+				}
+			}
+			if !reflect.DeepEqual(got, tc.keys) {
+				t.Fatalf("problems at %v (%v), want at %v", got, err, tc.keys)
+			}
+		})
+	}
+}

@@ -3,6 +3,7 @@ package cloud
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -18,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/outpost-edge/outpost/pkg/backoff"
+	"github.com/outpost-edge/outpost/pkg/certs"
 	"github.com/outpost-edge/outpost/pkg/cloud/auth"
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/httpapi"
@@ -37,17 +39,31 @@ type Node struct {
 	svc  *service.Service
 	http *httpapi.Server
 	ln   net.Listener
+	// peerTLS is how this node calls members' HTTP ports (join); nil:
+	// plain HTTP.
+	peerTLS *tls.Config
 }
 
 // Start binds the node's ports and starts raft; it returns an error (and
 // holds nothing open) on a bad data dir or a busy port.
 func Start(cfg Config, log *slog.Logger) (*Node, error) {
+	sec, err := loadTransportSecurity(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if sec.cluster == nil {
+		log.Warn("cluster TLS is off: raft and node-to-node HTTP are unauthenticated (development mode; the raft address must be loopback)",
+			"raft", cfg.Raft, "enable", "-cluster-ca, -cluster-cert and -cluster-key")
+	}
 	if err := os.MkdirAll(cfg.Data, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir %s: %w", cfg.Data, err)
 	}
 	ln, err := net.Listen("tcp", cfg.HTTP)
 	if err != nil {
 		return nil, fmt.Errorf("http listen on %s: %w", cfg.HTTP, err)
+	}
+	if sec.http != nil {
+		ln = tls.NewListener(ln, sec.http)
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -67,7 +83,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		LeaderLeaseTimeout: cfg.LeaderLeaseTimeout, CommitTimeout: cfg.CommitTimeout,
 		SnapshotInterval: cfg.SnapshotInterval, SnapshotThreshold: cfg.SnapshotThreshold, TrailingLogs: cfg.TrailingLogs,
 		MaxEntryBytes: cfg.MaxEntryBytes, MaxInflightEntries: cfg.MaxInflightEntries, GroupCommitWait: cfg.GroupCommitWait, MaxPendingBytes: cfg.MaxPendingBytes,
-		DialOverrides: cfg.RaftDial, RaftLogLevel: cfg.RaftLogLevel,
+		DialOverrides: cfg.RaftDial, RaftLogLevel: cfg.RaftLogLevel, TLS: sec.cluster,
 	}, state, clock, log, reg)
 	if err != nil {
 		_ = state.Close()
@@ -82,7 +98,11 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		return nil, fmt.Errorf("%w: %v", ErrUsage, err)
 	}
 	if !static.HasAPIToken() {
-		log.Warn("no -api-token: the consumer API refuses every request and cluster changes are unauthenticated")
+		msg := "no -api-token: the consumer API refuses every request"
+		if sec.cluster == nil {
+			msg += ", and so do membership changes (no cluster credential is configured)"
+		}
+		log.Warn(msg)
 	}
 	scfg := service.Config{HeartbeatFresh: cfg.HeartbeatFresh, DevLogin: cfg.DevLogin, Admins: cfg.Admins,
 		AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL, MaxOffline: cfg.MaxOffline}
@@ -101,14 +121,58 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 	svc := service.New(scfg, rn, state, clock, log, reg)
 	// Static tokens first (edges and the API token), then users' access
 	// tokens signed with the deployment key.
-	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, AuthFailureLimit: cfg.AuthFailureLimit}, svc, auth.Chain{static, svc}, static.HasAPIToken(), log, reg)
+	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, AuthFailureLimit: cfg.AuthFailureLimit, PeerTLS: sec.peer,
+		HasAPIToken: static.HasAPIToken(), ClusterTLS: sec.cluster != nil, MetricsToken: cfg.MetricsToken},
+		svc, auth.Chain{static, svc}, log, reg)
 	if err != nil {
 		_ = rn.Shutdown()
 		_ = state.Close()
 		_ = ln.Close()
 		return nil, err
 	}
-	return &Node{cfg: cfg, log: log, fsm: state, raft: rn, svc: svc, http: srv, ln: ln}, nil
+	return &Node{cfg: cfg, log: log, fsm: state, raft: rn, svc: svc, http: srv, ln: ln, peerTLS: sec.peer}, nil
+}
+
+// transportSecurity is the TLS a node runs with, loaded from its files.
+type transportSecurity struct {
+	cluster *certs.Cluster // nil: no cluster TLS (loopback development)
+	http    *tls.Config    // the HTTP port's; nil: plain HTTP
+	peer    *tls.Config    // calling other nodes' HTTP ports; nil: plain HTTP
+}
+
+// loadTransportSecurity reads the -cluster-* and -tls-* files. The HTTP
+// port serves TLS when either is set: members reach each other's HTTP
+// ports with their cluster certificates (see package certs).
+func loadTransportSecurity(cfg Config) (transportSecurity, error) {
+	var sec transportSecurity
+	var public *tls.Certificate
+	if cfg.TLSCert != "" {
+		c, err := certs.LoadKeyPair(cfg.TLSCert, cfg.TLSKey)
+		if err != nil {
+			return sec, fmt.Errorf("%w: tls_cert: %v", ErrUsage, err)
+		}
+		public = &c
+	}
+	if cfg.ClusterTLS() {
+		cl, err := certs.LoadCluster(cfg.ClusterCA, cfg.ClusterCert, cfg.ClusterKey)
+		if err != nil {
+			return sec, fmt.Errorf("%w: %v", ErrUsage, err)
+		}
+		sec.cluster, sec.peer = cl, cl.ClientConfig()
+	}
+	if public == nil && sec.cluster == nil {
+		return sec, nil
+	}
+	var err error
+	if sec.http, err = certs.HTTPServerConfig(public, sec.cluster); err != nil {
+		return sec, fmt.Errorf("%w: %v", ErrUsage, err)
+	}
+	if sec.peer == nil {
+		if sec.peer, err = certs.PeerConfig(*public); err != nil {
+			return sec, fmt.Errorf("%w: %v", ErrUsage, err)
+		}
+	}
+	return sec, nil
 }
 
 // Run serves until ctx ends or serving fails.
@@ -159,7 +223,7 @@ func (n *Node) Shutdown(timeout time.Duration) error {
 // bad token) is fatal because retrying cannot fix it.
 func (n *Node) joinLoop(ctx context.Context) error {
 	body, _ := json.Marshal(httpapi.JoinRequest{ID: n.cfg.ID, RaftAddr: n.cfg.RaftAdvertise, HTTPAddr: n.cfg.HTTPAdvertise})
-	hc := &http.Client{Timeout: 15 * time.Second}
+	hc := &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{TLSClientConfig: n.peerTLS}}
 	defer hc.CloseIdleConnections()
 	bo := backoff.Backoff{Base: 100 * time.Millisecond, Max: 5 * time.Second}
 	for i := 0; ; i++ {

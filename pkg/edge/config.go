@@ -104,6 +104,9 @@ type Cloud struct {
 	// TokenFile holds the token instead (keeps it out of the config file
 	// and argv; a mounted Secret).
 	TokenFile string `yaml:"token_file"`
+	// CA is a PEM bundle to trust for https:// cloud URLs (a private CA);
+	// empty: the system's roots.
+	CA string `yaml:"ca"`
 	// MaxClockDrift: remote HLC stamps further ahead than this are rejected
 	// (default 5m).
 	MaxClockDrift time.Duration `yaml:"max_clock_drift"`
@@ -274,6 +277,7 @@ func edgeFlags(cfg *Config, path *string, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&cfg.Cloud.Token, "cloud-token", cfg.Cloud.Token, "this edge's credential at cloud-sync (visible in ps: prefer -cloud-token-file or $"+EnvCloudToken+")")
 	fs.StringVar(&cfg.Cloud.TokenFile, "cloud-token-file", cfg.Cloud.TokenFile, "read this edge's credential at cloud-sync from this file")
 	fs.BoolVar(&cfg.Development, "development", cfg.Development, "development configuration: allow a placeholder or short cloud token, announce every development convenience (never in production)")
+	fs.StringVar(&cfg.Cloud.CA, "cloud-ca", cfg.Cloud.CA, "PEM `file`: CA bundle to trust for https:// cloud URLs (default: the system's roots)")
 	fs.StringVar(&cfg.Region, "region", cfg.Region, "region this edge serves")
 	fs.StringVar(&cfg.Location, "location", cfg.Location, "edge location as LAT,LNG in degrees")
 	fs.StringVar(&cfg.Advertise, "advertise", cfg.Advertise, "URL at which phones reach this edge's API")

@@ -15,6 +15,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/api"
 	"github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/auth/federation"
+	"github.com/outpost-edge/outpost/pkg/certs"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
 	"github.com/outpost-edge/outpost/pkg/policy"
 	"github.com/outpost-edge/outpost/pkg/store"
@@ -83,7 +84,11 @@ func localModules(dir string) ([]policy.Module, error) {
 // a cloud.
 func newSyncer(cfg Config, now func() time.Time, st *store.Store, tokens *auth.Service, local api.Login, downlink api.Downlink,
 	policies syncer.Policies, builtin []policy.Module, dataChanged func(), reg prometheus.Registerer, log *slog.Logger) (*syncer.Syncer, *federation.Identity, error) {
-	cl, err := client.New(cfg.Cloud.URLs, cfg.Cloud.Token, client.WithRounds(2))
+	tc, err := certs.ClientConfig(cfg.Cloud.CA)
+	if err != nil {
+		return nil, nil, fmt.Errorf("cloud.ca: %w", err)
+	}
+	cl, err := client.New(cfg.Cloud.URLs, cfg.Cloud.Token, client.WithRounds(2), client.WithTLSConfig(tc))
 	if err != nil {
 		return nil, nil, fmt.Errorf("cloud: %w", err)
 	}

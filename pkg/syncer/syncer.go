@@ -301,6 +301,11 @@ func (s *Syncer) failed(op string, err error, bo *backoff.Backoff) time.Duration
 	s.m.connected.Set(0)
 	s.m.retries.WithLabelValues(op, "error").Inc()
 	d := bo.Next()
+	if errors.Is(err, client.ErrUntrustedCertificate) {
+		// Not a passing outage: say so where an operator looks.
+		s.log.Error("cloud refused: its TLS certificate is not trusted; working offline", "op", op, "err", err, "wait", d)
+		return d
+	}
 	s.log.Debug("sync exchange failed; backing off", "op", op, "err", err, "wait", d)
 	return d
 }

@@ -7,6 +7,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -23,7 +24,9 @@ import (
 	"time"
 
 	"github.com/outpost-edge/outpost/internal/benchproc"
+	"github.com/outpost-edge/outpost/internal/devcerts"
 	"github.com/outpost-edge/outpost/internal/tcpproxy"
+	"github.com/outpost-edge/outpost/pkg/certs"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
 )
 
@@ -110,9 +113,16 @@ type cloudNode struct {
 	running  bool
 	bootstr  bool
 	joinURLs []string
+	https    bool // the cluster runs with TLS (cloudWithTLS)
+	noToken  bool // started without -api-token
 }
 
-func (n *cloudNode) URL() string { return "http://" + n.HTTP }
+func (n *cloudNode) URL() string {
+	if n.https {
+		return "https://" + n.HTTP
+	}
+	return "http://" + n.HTTP
+}
 
 func (n *cloudNode) Write(p []byte) (int, error) {
 	n.logMu.Lock()
@@ -133,6 +143,12 @@ type cloudCluster struct {
 	extra   []string
 	proxies map[[2]int]*cloudProxy // [from,to] → proxy carrying from's raft traffic to to
 	hc      *http.Client
+	// certs, with cloudWithTLS, is the cluster's development PKI: every
+	// node runs cluster mutual TLS and serves its HTTP port over https
+	// with its certificate; clientTLS trusts the CA.
+	certs      *devcerts.Set
+	clientTLS  *tls.Config
+	spareCerts []string
 }
 
 type cloudClusterOpt func(*cloudCluster)
@@ -140,6 +156,13 @@ type cloudClusterOpt func(*cloudCluster)
 // cloudWithArgs adds flags to every node.
 func cloudWithArgs(a ...string) cloudClusterOpt {
 	return func(c *cloudCluster) { c.extra = append(c.extra, a...) }
+}
+
+// cloudWithTLS runs the cluster with mutual TLS (-cluster-*) from a
+// development CA made in the test's temp dir; the HTTP ports are https.
+// spare names get certificates too, for nodes a test adds later.
+func cloudWithTLS(spare ...string) cloudClusterOpt {
+	return func(c *cloudCluster) { c.certs, c.spareCerts = &devcerts.Set{}, spare }
 }
 
 // cloudWithProxies routes every raft link i→j through its own TCP proxy, so a
@@ -161,7 +184,24 @@ func startCloudCluster(t *testing.T, n int, opts ...cloudClusterOpt) *cloudClust
 	for i := 0; i < n; i++ {
 		c.Nodes = append(c.Nodes, &cloudNode{
 			ID: fmt.Sprintf("n%d", i), Raft: cloudFreePort(t), HTTP: cloudFreePort(t), Data: filepath.Join(base, fmt.Sprintf("n%d", i)),
+			https: c.certs != nil,
 		})
+	}
+	if c.certs != nil {
+		var ids []string
+		for _, nd := range c.Nodes {
+			ids = append(ids, nd.ID)
+		}
+		set, err := devcerts.Write(filepath.Join(base, "certs"), devcerts.Options{Names: append(ids, c.spareCerts...)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pool, err := certs.LoadPool(set.CA)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.certs, c.clientTLS = set, &tls.Config{RootCAs: pool}
+		c.hc.Transport = &http.Transport{TLSClientConfig: c.clientTLS}
 	}
 	if c.proxies != nil {
 		for i := range c.Nodes {
@@ -213,7 +253,10 @@ func (c *cloudCluster) startOnce(i int) bool {
 	n.logMu.Lock()
 	n.log.Reset()
 	n.logMu.Unlock()
-	args := []string{"-id", n.ID, "-raft", n.Raft, "-http", n.HTTP, "-data", n.Data, "-api-token", cloudAPIToken}
+	args := []string{"-id", n.ID, "-raft", n.Raft, "-http", n.HTTP, "-data", n.Data}
+	if !n.noToken {
+		args = append(args, "-api-token", cloudAPIToken)
+	}
 	if n.bootstr {
 		args = append(args, "-bootstrap")
 	}
@@ -230,6 +273,9 @@ func (c *cloudCluster) startOnce(i int) bool {
 				args = append(args, "-raft-dial", c.Nodes[j].ID+"="+c.proxies[[2]int{i, j}].Addr())
 			}
 		}
+	}
+	if c.certs != nil {
+		args = append(args, c.certs.ClusterArgs(n.ID)...)
 	}
 	args = append(args, c.extra...)
 	cmd := exec.Command(c.bin, args...)
@@ -485,7 +531,7 @@ func (c *cloudCluster) edgeClient(edge string, nodes ...*cloudNode) *client.Clie
 	for _, n := range nodes {
 		urls = append(urls, n.URL())
 	}
-	cl, err := client.New(urls, cloudEdgeToken(edge))
+	cl, err := client.New(urls, cloudEdgeToken(edge), client.WithTLSConfig(c.clientTLS))
 	if err != nil {
 		c.t.Fatal(err)
 	}
@@ -544,7 +590,7 @@ type cloudExportRecord struct {
 // labelled reads one labelled sample (full series name) from a node's
 // /metrics.
 func (c *cloudCluster) labelled(n *cloudNode, series string) (float64, bool) {
-	m, err := benchproc.Scrape(c.hc, n.URL()+"/metrics")
+	m, err := benchproc.ScrapeAuth(c.hc, n.URL()+"/metrics", cloudAPIToken)
 	if err != nil {
 		return 0, false
 	}

@@ -9,10 +9,17 @@ import (
 	"time"
 )
 
-// scrape reads a /metrics page.
-func scrape(t *testing.T, url string) string {
+// scrape reads a /metrics page, with a bearer token unless it is "".
+func scrape(t *testing.T, url, token string) string {
 	t.Helper()
-	resp, err := http.Get(url)
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatalf("scrape %s: %v", url, err)
 	}
@@ -73,7 +80,7 @@ func TestMetricsEdge(t *testing.T) {
 		t.Fatalf("bob reading someone else's device: %v, want 403", err)
 	}
 
-	page := scrape(t, "http://"+e.HTTP+"/metrics")
+	page := scrape(t, "http://"+e.HTTP+"/metrics", "")
 	checkMetrics(t, "edge", page, []string{
 		`outpost_build_info\{daemon="edge",`,
 		`outpost_http_requests_total\{method="GET",route="/api/v1/devices/:id",status="403"\} 1`,
@@ -127,7 +134,7 @@ func TestMetricsCloud(t *testing.T) {
 	if code, _, _ := c.apiTok(n, http.MethodGet, "/api/v1/devices/m1", nil, "wrong-token"); code != http.StatusUnauthorized {
 		t.Fatalf("bad token: %d, want 401", code)
 	}
-	page := scrape(t, n.URL()+"/metrics")
+	page := scrape(t, n.URL()+"/metrics", cloudAPIToken)
 	checkMetrics(t, "cloud-sync", page, []string{
 		`outpost_build_info\{daemon="cloud-sync",`,
 		`outpost_raft_state 2`,

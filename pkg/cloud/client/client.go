@@ -10,6 +10,7 @@ package client
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -57,10 +58,23 @@ type Client struct {
 	enc       *zstd.Encoder
 	preferred atomic.Int32
 	compress  bool
+	// defaultTransport is the transport New made (WithTLSConfig's target).
+	defaultTransport *http.Transport
 }
 
 // Option configures a Client.
 type Option func(*Client)
+
+// WithTLSConfig sets the default HTTP client's TLS settings for https://
+// URLs (e.g. a private CA's roots, certs.ClientConfig). Ignored with
+// WithHTTPClient.
+func WithTLSConfig(tc *tls.Config) Option {
+	return func(c *Client) {
+		if t, ok := c.hc.Transport.(*http.Transport); ok && t == c.defaultTransport {
+			t.TLSClientConfig = tc
+		}
+	}
+}
 
 // WithHTTPClient replaces the default HTTP client.
 func WithHTTPClient(hc *http.Client) Option { return func(c *Client) { c.hc = hc } }
@@ -73,6 +87,11 @@ func WithRounds(n int) Option { return func(c *Client) { c.rounds = n } }
 
 // ErrUnreachable: no cloud node answered within the configured rounds.
 var ErrUnreachable = errors.New("client: no cloud node reachable")
+
+// ErrUntrustedCertificate: a cloud node's TLS certificate did not verify
+// (unknown CA, wrong name, expired). Retrying cannot fix that; the
+// operator must (an edge's -cloud-ca). The call fails at once.
+var ErrUntrustedCertificate = errors.New("client: the cloud's TLS certificate is not trusted")
 
 // WithoutCompression sends bodies uncompressed.
 func WithoutCompression() Option { return func(c *Client) { c.compress = false } }
@@ -92,11 +111,10 @@ func New(baseURLs []string, token string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("client: zstd: %w", err)
 	}
+	tr := &http.Transport{MaxIdleConnsPerHost: 128, IdleConnTimeout: 90 * time.Second, DisableCompression: true}
 	c := &Client{
 		urls: append([]string(nil), baseURLs...), token: token, enc: enc, compress: true,
-		hc: &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
-			MaxIdleConnsPerHost: 128, IdleConnTimeout: 90 * time.Second, DisableCompression: true,
-		}},
+		hc: &http.Client{Timeout: 30 * time.Second, Transport: tr}, defaultTransport: tr,
 	}
 	for i := range c.urls {
 		c.urls[i] = strings.TrimRight(c.urls[i], "/")
@@ -217,6 +235,10 @@ func (c *Client) once(ctx context.Context, method, u string, body []byte, out an
 	if err != nil {
 		if ctx.Err() != nil {
 			return fmt.Errorf("client: %w", ctx.Err())
+		}
+		var cv *tls.CertificateVerificationError
+		if errors.As(err, &cv) {
+			return fmt.Errorf("%w: %s: %v (trust its CA bundle with -cloud-ca / cloud.ca)", ErrUntrustedCertificate, u, cv.Err)
 		}
 		return &retryable{err: err}
 	}

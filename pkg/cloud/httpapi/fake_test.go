@@ -7,6 +7,7 @@ import (
 
 	uauth "github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
+	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/cloud/service"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -57,7 +58,8 @@ func (f *fakeService) Barrier(context.Context) error { f.called("Barrier", ""); 
 func (f *fakeService) AppliedIndex() uint64          { return 42 }
 func (f *fakeService) Status(context.Context) (service.Status, error) {
 	f.called("Status", "")
-	return service.Status{ID: "n1", Leader: "n1"}, f.err
+	return service.Status{ID: "n1", Leader: "n1", Nodes: []raftnode.NodeStatus{
+		{ID: "n1", RaftAddr: "10.0.0.7:7000", HTTPAddr: "10.0.0.7:8090", Suffrage: "voter", State: "leader"}}}, f.err
 }
 func (f *fakeService) Join(context.Context, string, string, string) error {
 	f.called("Join", "")

@@ -13,6 +13,9 @@ package httpapi
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -34,6 +37,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/outpost-edge/outpost/pkg/authlimit"
+	"github.com/outpost-edge/outpost/pkg/certs"
 	"github.com/outpost-edge/outpost/pkg/cloud/auth"
 	"github.com/outpost-edge/outpost/pkg/cloud/service"
 	"github.com/outpost-edge/outpost/pkg/httpenv"
@@ -60,6 +64,15 @@ type Config struct {
 	// address (package authlimit): failures per second, burst twice that;
 	// past it the address gets 429 with Retry-After. 0 disables.
 	AuthFailureLimit float64
+	// PeerTLS, when set, is how this node calls the others' HTTP ports
+	// (https): with cluster TLS, the cluster client settings
+	// (certs.Cluster.ClientConfig), so the leader sees a member.
+	PeerTLS *tls.Config
+	// HasAPIToken and ClusterTLS say which cluster credentials this node
+	// accepts, for the messages of refused cluster calls.
+	HasAPIToken, ClusterTLS bool
+	// MetricsToken, when set, is a bearer token that reads /metrics.
+	MetricsToken string
 }
 
 // Server serves one node's HTTP API.
@@ -68,7 +81,8 @@ type Server struct {
 	log     *slog.Logger
 	svc     Service
 	authn   auth.Authenticator
-	cluster bool // cluster endpoints require the API token
+	metrics *[32]byte // digest of cfg.MetricsToken; nil: none
+	scheme  string    // of other nodes' HTTP ports: "https" with PeerTLS
 	app     *fiber.App
 	client  *http.Client
 	zdec    *zstd.Decoder
@@ -79,8 +93,7 @@ type Server struct {
 // New builds the server over the application layer; authn decides who is
 // calling (the composition root chains the static tokens and the service's
 // user tokens). Listen serves it.
-func New(cfg Config, svc Service, authn auth.Authenticator, clusterNeedsToken bool,
-	log *slog.Logger, reg *prometheus.Registry) (*Server, error) {
+func New(cfg Config, svc Service, authn auth.Authenticator, log *slog.Logger, reg *prometheus.Registry) (*Server, error) {
 	if cfg.ForwardTimeout == 0 {
 		cfg.ForwardTimeout = 5 * time.Second
 	}
@@ -92,13 +105,21 @@ func New(cfg Config, svc Service, authn auth.Authenticator, clusterNeedsToken bo
 		return nil, err
 	}
 	s := &Server{
-		cfg: cfg, log: log, svc: svc, authn: authn, cluster: clusterNeedsToken,
+		cfg: cfg, log: log, svc: svc, authn: authn, scheme: "http",
 		zdec: zdec,
 		client: &http.Client{Transport: &http.Transport{
 			MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second, DisableCompression: true,
+			TLSClientConfig: cfg.PeerTLS,
 		}},
 		m:       newHTTPMetrics(reg),
 		limiter: authlimit.New(authlimit.Config{Rate: cfg.AuthFailureLimit}),
+	}
+	if cfg.PeerTLS != nil {
+		s.scheme = "https"
+	}
+	if cfg.MetricsToken != "" {
+		h := sha256.Sum256([]byte(cfg.MetricsToken))
+		s.metrics = &h
 	}
 	s.app = fiber.New(fiber.Config{
 		DisableStartupMessage: true,
@@ -133,13 +154,15 @@ func (s *Server) routes(reg *prometheus.Registry) {
 	a.Use(obs.NewHTTPMetrics(reg).Middleware)
 	a.Get("/healthz", func(c *fiber.Ctx) error { return ok(c, fiber.Map{"status": "alive"}) })
 	a.Get("/readyz", s.ready)
-	a.Get("/metrics", adaptor.HTTPHandler(promhttp.HandlerFor(reg, promhttp.HandlerOpts{})))
+	a.Get("/metrics", s.requireMetrics, adaptor.HTTPHandler(promhttp.HandlerFor(reg, promhttp.HandlerOpts{})))
 
-	cl := a.Group("/cluster/v1")
+	// Membership, snapshots and the status (raft addresses) are the
+	// cluster's: a member's certificate or the service token.
+	cl := a.Group("/cluster/v1", s.requireCluster)
 	cl.Get("/status", s.status)
-	cl.Post("/join", s.requireCluster, s.join)
-	cl.Delete("/nodes/:id", s.requireCluster, s.remove)
-	cl.Post("/snapshot", s.requireCluster, s.snapshot)
+	cl.Post("/join", s.join)
+	cl.Delete("/nodes/:id", s.remove)
+	cl.Post("/snapshot", s.snapshot)
 
 	sy := a.Group("/sync/v1", s.requireEdge)
 	sy.Post("/push", s.push)
@@ -265,11 +288,65 @@ func (s *Server) requireService(c *fiber.Ctx) error {
 	return c.Next()
 }
 
+// clusterPeer reports whether the request came over a connection whose
+// handshake verified a cluster member's certificate.
+func clusterPeer(c *fiber.Ctx) bool { return certs.IsClusterPeer(c.Context().TLSConnectionState()) }
+
+// requireCluster admits cluster members (by certificate) and the service
+// token, in every mode: a node without either configured refuses cluster
+// changes rather than run them for anyone. User tokens do not count, not
+// even an admin's: membership is the cluster operator's, not the
+// application's. A follower forwards a cluster call to the leader only
+// after this check passed on the follower.
 func (s *Server) requireCluster(c *fiber.Ctx) error {
-	if !s.cluster {
+	if clusterPeer(c) {
 		return c.Next()
 	}
-	return s.requireService(c)
+	if !s.cfg.HasAPIToken && !s.cfg.ClusterTLS {
+		return apiError(fiber.StatusForbidden, "this node accepts no cluster credential: start cloud-sync with -api-token "+
+			"(and send it as a Bearer token) or with -cluster-ca, -cluster-cert and -cluster-key")
+	}
+	p, err := s.principal(c)
+	if err != nil {
+		var he *httpError
+		if errors.As(err, &he) && he.status == fiber.StatusUnauthorized {
+			he.msg = "the cluster API needs the API token (Authorization: Bearer, -api-token) or a cluster certificate: " + he.msg
+		}
+		return err
+	}
+	if p.Kind != auth.KindService {
+		return apiError(fiber.StatusForbidden, "the cluster API takes the API token (-api-token) or a cluster certificate")
+	}
+	return c.Next()
+}
+
+// requireMetrics admits the metrics token, the service token and cluster
+// members: the page names routes, edges' activity and raft's state.
+func (s *Server) requireMetrics(c *fiber.Ctx) error {
+	if clusterPeer(c) {
+		return c.Next()
+	}
+	tok := auth.BearerToken(c.Get(fiber.HeaderAuthorization))
+	if tok != "" && s.metrics != nil {
+		h := sha256.Sum256([]byte(tok))
+		if subtle.ConstantTimeCompare(h[:], s.metrics[:]) == 1 {
+			return c.Next()
+		}
+	}
+	const need = "/metrics needs a credential: the metrics token (-metrics-token), the API token or a cluster certificate"
+	if tok == "" {
+		return apiError(fiber.StatusUnauthorized, need)
+	}
+	p, err := s.authn.Authenticate(c.UserContext(), tok)
+	switch {
+	case errors.Is(err, auth.ErrUnauthenticated):
+		return apiError(fiber.StatusUnauthorized, need+" (unknown token)")
+	case err != nil:
+		return err
+	case p.Kind != auth.KindService:
+		return apiError(fiber.StatusForbidden, need)
+	}
+	return c.Next()
 }
 
 // --- leader routing -------------------------------------------------------
@@ -313,7 +390,7 @@ func (s *Server) onLeader(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
 func (s *Server) proxy(c *fiber.Ctx, addr string) (done bool, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.RequestTimeout+2*time.Second)
 	defer cancel()
-	url := "http://" + addr + string(c.Request().URI().RequestURI())
+	url := s.scheme + "://" + addr + string(c.Request().URI().RequestURI())
 	req, err := http.NewRequestWithContext(ctx, c.Method(), url, bytes.NewReader(c.Request().Body()))
 	if err != nil {
 		return true, err

@@ -55,7 +55,8 @@ func newServer(t *testing.T, f *fakeService, cfg Config) *Server {
 	if cfg.NodeID == "" {
 		cfg.NodeID = "n1"
 	}
-	s, err := New(cfg, f, auth.Chain{static, users{}}, true, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry())
+	cfg.HasAPIToken = true
+	s, err := New(cfg, f, auth.Chain{static, users{}}, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -351,7 +352,9 @@ func TestAuthHeaders(t *testing.T) {
 		{"edge token on the sync API", "GET", "/sync/v1/pull", "Bearer " + edgeToken, 200, ""},
 		{"cluster change without a token", "POST", "/cluster/v1/snapshot", "", 401, ""},
 		{"cluster change with the API token", "POST", "/cluster/v1/snapshot", "Bearer " + apiToken, 200, ""},
-		{"status is open", "GET", "/cluster/v1/status", "", 200, ""},
+		{"status needs a credential", "GET", "/cluster/v1/status", "", 401, ""},
+		{"status with the API token", "GET", "/cluster/v1/status", "Bearer " + apiToken, 200, ""},
+		{"status refuses an admin user", "GET", "/cluster/v1/status", "Bearer " + adminJWT, 403, ""},
 		{"login is open", "POST", "/api/v1/auth/login", "", 200, ""},
 	}
 	for _, tc := range cases {

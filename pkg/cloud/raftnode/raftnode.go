@@ -1,7 +1,8 @@
 // Package raftnode runs one member of the cloud's raft cluster: it wires
-// hashicorp/raft (TCP transport, raft-boltdb log and stable stores, file
-// snapshots) to the state machine, group-commits concurrent proposals into
-// single log entries, applies admission control, and manages membership.
+// hashicorp/raft (TCP transport, over mutual TLS when configured;
+// raft-boltdb log and stable stores; file snapshots) to the state machine,
+// group-commits concurrent proposals into single log entries, applies
+// admission control, and manages membership.
 //
 // Timeouts are tuned for a LAN (see Config defaults): a follower notices a
 // dead leader within 300–600 ms and an election takes a few round trips, so
@@ -26,6 +27,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/outpost-edge/outpost/pkg/certs"
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/hlc"
 )
@@ -95,6 +97,10 @@ type Config struct {
 	DialOverrides map[string]string
 	// RaftLogLevel is hashicorp/raft's log level (default "warn").
 	RaftLogLevel string
+	// TLS, when set, is the cluster's mutual TLS: the transport accepts
+	// only peers with a certificate from the cluster CA and dials with this
+	// node's. nil is plain TCP (the daemon allows that on loopback only).
+	TLS *certs.Cluster
 }
 
 // DefaultConfig is the one source of a node's defaults (the cloud daemon's
@@ -258,7 +264,7 @@ func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometh
 	if len(cfg.DialOverrides) > 0 {
 		tc.ServerAddressProvider = &dialer{overrides: cfg.DialOverrides, self: cfg.ID, selfAddr: cfg.RaftAdvertise, fsm: f}
 	}
-	transport, err := raft.NewTCPTransportWithConfig(cfg.RaftBind, adv, tc)
+	transport, err := newTransport(cfg, adv, tc)
 	if err != nil {
 		_ = logStore.Close()
 		return nil, fmt.Errorf("raft listen on %s: %w", cfg.RaftBind, err)
@@ -311,6 +317,20 @@ func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometh
 	r.RegisterObserver(n.observer)
 	n.metrics = newMetrics(n, reg)
 	return n, nil
+}
+
+// newTransport is raft's TCP transport, over mutual TLS when cfg.TLS is
+// set.
+func newTransport(cfg Config, adv net.Addr, tc *raft.NetworkTransportConfig) (*raft.NetworkTransport, error) {
+	if cfg.TLS == nil {
+		return raft.NewTCPTransportWithConfig(cfg.RaftBind, adv, tc)
+	}
+	stream, err := newTLSStream(cfg.RaftBind, adv, cfg.TLS.ServerConfig(), cfg.TLS.ClientConfig())
+	if err != nil {
+		return nil, err
+	}
+	tc.Stream = stream
+	return raft.NewNetworkTransportWithConfig(tc), nil
 }
 
 // openLogStore opens the raft log and stable store: bbolt, fsynced on every
