@@ -252,7 +252,7 @@ type raftSample struct {
 }
 
 func (c *cluster) raftStats(n *node) (raftSample, error) {
-	m, err := benchproc.Scrape(c.hc, n.url()+"/metrics") // c.hc's timeout bounds it
+	m, err := benchproc.ScrapeAuth(c.hc, n.url()+"/metrics", apiToken) // c.hc's timeout bounds it
 	if err != nil {
 		return raftSample{}, err
 	}

@@ -220,6 +220,11 @@ func (m *manifests) secretKeys(name string) []string {
 	return keys
 }
 
+// hasSecret reports whether the kustomization defines the Secret.
+func (m *manifests) hasSecret(name string) bool {
+	return slices.ContainsFunc(m.secrets, func(s *corev1.Secret) bool { return s.Name == name })
+}
+
 func (m *manifests) secretKey(name, key string) bool {
 	for _, s := range m.secrets {
 		if s.Name == name {
@@ -532,7 +537,9 @@ func secretFiles(t *testing.T, who string, spec corev1.PodSpec, c corev1.Contain
 	out := slices.Clone(args)
 	for _, vm := range c.VolumeMounts {
 		v := volume(spec, vm.Name)
-		if v == nil || v.Secret == nil {
+		if v == nil || v.Secret == nil || !m.hasSecret(v.Secret.SecretName) {
+			// The TLS Secrets are made per deployment, outside the
+			// kustomization; checkSecretFile checks their mounts.
 			continue
 		}
 		dir := t.TempDir()

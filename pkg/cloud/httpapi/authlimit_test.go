@@ -31,7 +31,7 @@ func TestSecurityAuthFailureThrottle(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	// 1 failure/s (burst 2) rather than the default 10: the refill then
 	// cannot blur the test's timing.
-	s, err := New(Config{NodeID: "n1", AuthFailureLimit: 1}, &fakeService{}, auth.Chain{static, users{}}, true,
+	s, err := New(Config{NodeID: "n1", AuthFailureLimit: 1, HasAPIToken: true}, &fakeService{}, auth.Chain{static, users{}},
 		slog.New(slog.NewTextHandler(io.Discard, nil)), reg)
 	if err != nil {
 		t.Fatal(err)
