@@ -99,8 +99,8 @@ func verifyChain(b *bolt.Bucket, edge string, first, last uint64, digests []wire
 func chainBefore(b *bolt.Bucket, edge string, first, hi uint64) (uint64, wire.Digest, bool) {
 	var d wire.Digest
 	c := b.Cursor()
-	k, v := c.Seek(chainKey(edge, hi+1))
-	if k == nil {
+	var k, v []byte
+	if k, _ = c.Seek(chainKey(edge, hi+1)); k == nil {
 		k, v = c.Last()
 	} else {
 		k, v = c.Prev()
