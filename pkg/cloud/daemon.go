@@ -101,7 +101,8 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 	svc := service.New(scfg, rn, state, clock, log, reg)
 	// Static tokens first (edges and the API token), then users' access
 	// tokens signed with the deployment key.
-	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID}, svc, auth.Chain{static, svc}, static.HasAPIToken(), log, reg)
+	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID,
+		TrustedProxies: cfg.TrustedProxies, MaxConns: cfg.MaxConns, MaxConnsPerIP: cfg.MaxConnsPerIP}, svc, auth.Chain{static, svc}, static.HasAPIToken(), log, reg)
 	if err != nil {
 		_ = rn.Shutdown()
 		_ = state.Close()
@@ -118,7 +119,7 @@ func (n *Node) Run(ctx context.Context) error {
 	errc := make(chan error, 3)
 	raftDone := make(chan struct{})
 	go func() { defer close(raftDone); n.raft.Run(ctx) }()
-	go func() { errc <- n.http.App().Listener(n.ln) }()
+	go func() { errc <- n.http.Serve(n.ln) }()
 	maintDone := make(chan struct{})
 	go func() { defer close(maintDone); n.svc.RunMaintenance(ctx, 0) }()
 	joinDone := make(chan struct{})

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"slices"
 	"strconv"
@@ -31,10 +32,12 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/valyala/fasthttp"
 
 	"github.com/outpost-edge/outpost/pkg/cloud/auth"
 	"github.com/outpost-edge/outpost/pkg/cloud/service"
 	"github.com/outpost-edge/outpost/pkg/httpenv"
+	"github.com/outpost-edge/outpost/pkg/httpguard"
 	"github.com/outpost-edge/outpost/pkg/obs"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -54,7 +57,44 @@ type Config struct {
 	// RequestTimeout bounds one forwarded request's wait for the leader's
 	// answer, less a 2s margin (default 10s: the service's proposal bound).
 	RequestTimeout time.Duration
+	// TrustedProxies (IPs or CIDRs) are the peers whose X-Forwarded-For
+	// names the client (pkg/httpguard); empty: the peer is the client.
+	TrustedProxies []string
+	// MaxConns and MaxConnsPerIP cap the open connections, in total and
+	// from one address (trusted proxies exempt). Defaults 16384 and 1024.
+	MaxConns      int
+	MaxConnsPerIP int
 }
+
+func (c *Config) defaults() {
+	if c.ForwardTimeout == 0 {
+		c.ForwardTimeout = 5 * time.Second
+	}
+	if c.RequestTimeout == 0 {
+		c.RequestTimeout = 10 * time.Second
+	}
+	if c.MaxConns <= 0 {
+		c.MaxConns = 16384
+	}
+	if c.MaxConnsPerIP <= 0 {
+		c.MaxConnsPerIP = 1024
+	}
+}
+
+// DefaultConfig is the HTTP layer's defaults, for configurations that
+// build on them (pkg/cloud).
+func DefaultConfig() Config {
+	var c Config
+	c.defaults()
+	return c
+}
+
+// Body limits by route, applied from the header before any of the body is
+// read (bodyLimit).
+const (
+	// maxPolicyBytes bounds a Rego module, compressed or not.
+	maxPolicyBytes = 256 << 10
+)
 
 // Server serves one node's HTTP API.
 type Server struct {
@@ -64,6 +104,7 @@ type Server struct {
 	authn   auth.Authenticator
 	cluster bool // cluster endpoints require the API token
 	app     *fiber.App
+	guard   *httpguard.Guard
 	client  *http.Client
 	zdec    *zstd.Decoder
 	m       *httpMetrics
@@ -74,12 +115,7 @@ type Server struct {
 // user tokens). Listen serves it.
 func New(cfg Config, svc Service, authn auth.Authenticator, clusterNeedsToken bool,
 	log *slog.Logger, reg *prometheus.Registry) (*Server, error) {
-	if cfg.ForwardTimeout == 0 {
-		cfg.ForwardTimeout = 5 * time.Second
-	}
-	if cfg.RequestTimeout == 0 {
-		cfg.RequestTimeout = 10 * time.Second
-	}
+	cfg.defaults()
 	zdec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(wire.MaxBodyBytes))
 	if err != nil {
 		return nil, fmt.Errorf("zstd decoder: %w", err)
@@ -92,23 +128,66 @@ func New(cfg Config, svc Service, authn auth.Authenticator, clusterNeedsToken bo
 		}},
 		m: newHTTPMetrics(reg),
 	}
-	s.app = fiber.New(fiber.Config{
+	if s.guard, err = httpguard.New(httpguard.Config{
+		BodyLimit: s.bodyLimit, TrustedProxies: cfg.TrustedProxies,
+		MaxConns: cfg.MaxConns, MaxConnsPerIP: cfg.MaxConnsPerIP,
+		Registerer: reg, Logger: log,
+	}); err != nil {
+		zdec.Close()
+		return nil, fmt.Errorf("httpapi: %w", err)
+	}
+	s.app = s.guard.App(fiber.Config{
 		DisableStartupMessage: true,
-		BodyLimit:             wire.MaxBodyBytes,
-		ReadTimeout:           30 * time.Second,
-		WriteTimeout:          30 * time.Second,
-		IdleTimeout:           120 * time.Second,
-		ErrorHandler:          s.errorHandler,
+		// The largest body of any route; bodyLimit decides per request.
+		BodyLimit:    wire.MaxBodyBytes,
+		ReadTimeout:  30 * time.Second,
+		WriteTimeout: 30 * time.Second,
+		IdleTimeout:  120 * time.Second,
+		ErrorHandler: s.errorHandler,
 	})
 	s.routes(reg)
 	return s, nil
 }
 
-// Listen serves on ln's address until Shutdown.
-func (s *Server) Listen(addr string) error { return s.app.Listen(addr) }
+// Serve accepts connections on ln (the raw TCP listener) until Shutdown.
+// Accept errors (a full descriptor table) are retried, never returned, and
+// connections beyond the caps are refused (pkg/httpguard).
+func (s *Server) Serve(ln net.Listener) error {
+	return s.app.Listener(s.guard.Listener(ln))
+}
 
-// App exposes the Fiber app (for Listener-based serving in main).
+// App exposes the Fiber app, for tests that call app.Test.
 func (s *Server) App() *fiber.App { return s.app }
+
+// bodyLimit is each request's body limit, decided from its header before
+// any of the body is read (pkg/httpguard). Only an edge's pushes carry big
+// batches, so only a request to those routes that bears an edge's token may
+// send up to wire.MaxBodyBytes; everything else, authenticated or not,
+// is small.
+func (s *Server) bodyLimit(_, path []byte, h *fasthttp.RequestHeader) int {
+	switch {
+	case httpguard.Route(path, "/sync/v1/push"), httpguard.Route(path, "/sync/v1/state"):
+		if s.edgeToken(h.Peek(fiber.HeaderAuthorization)) {
+			return wire.MaxBodyBytes
+		}
+	case httpguard.Route(path, "/api/v1/auth/login"), httpguard.Route(path, "/api/v1/auth/refresh"):
+		return wire.MaxAuthRequestBytes
+	case httpguard.RoutePrefix(path, "/api/v1/policies/"):
+		return maxPolicyBytes
+	}
+	return wire.MaxRequestBytes
+}
+
+// edgeToken reports whether the Authorization header bears an edge's
+// token. requireEdge authenticates the request again once it is routed.
+func (s *Server) edgeToken(authz []byte) bool {
+	tok := auth.BearerToken(string(authz))
+	if tok == "" {
+		return false
+	}
+	p, err := s.authn.Authenticate(context.Background(), tok)
+	return err == nil && p.Kind == auth.KindEdge
+}
 
 // Shutdown stops accepting requests and waits for in-flight ones.
 func (s *Server) Shutdown(ctx context.Context) error {

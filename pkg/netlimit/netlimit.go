@@ -1,0 +1,218 @@
+// Package netlimit wraps a net.Listener so that a daemon survives a full
+// file-descriptor table and holds a bounded number of connections.
+//
+// A failed Accept (EMFILE, ENFILE, ECONNABORTED, …) is retried with a
+// backoff from 5 ms doubling to 1 s, as net/http's Server does, instead of
+// being returned to the server, which would stop serving; the first failure
+// of a burst is logged and every failure is reported to Config.AcceptError.
+// Only closing the listener ends Accept.
+//
+// Connections beyond Config.MaxConns in total, or Config.MaxConnsPerIP from
+// one address, are accepted and closed at once (after Config.Refuse has had
+// a chance to say why), rather than left queued in the kernel as
+// golang.org/x/net/netutil.LimitListener does: a client over the cap learns
+// so immediately, and the connections being served are unaffected.
+//
+// Wrap the raw TCP listener; TLS, if any, goes outside (tls.NewListener
+// over a netlimit.Listener), so that servers still see a *tls.Conn.
+package netlimit
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+)
+
+// Reasons a connection is refused, passed to Config.Refuse.
+var (
+	ErrTooManyConns      = errors.New("connection limit reached")
+	ErrTooManyConnsPerIP = errors.New("connection limit for this address reached")
+)
+
+// Config configures a Listener. The zero value retries accept errors and
+// caps nothing.
+type Config struct {
+	// MaxConns caps the connections open at once; 0 is no cap.
+	MaxConns int
+	// MaxConnsPerIP caps the connections open at once from one remote
+	// address; 0 is no cap.
+	MaxConnsPerIP int
+	// Exempt reports addresses not held to MaxConnsPerIP (a trusted proxy
+	// carries many clients' connections). They still count to MaxConns.
+	Exempt func(netip.Addr) bool
+	// Refuse is called with a connection over a cap and the reason
+	// (ErrTooManyConns or ErrTooManyConnsPerIP), before the listener closes
+	// it, so that the protocol can answer (a 503). It runs on the accept
+	// path: it must not block (set a short write deadline).
+	Refuse func(c net.Conn, reason error)
+	// AcceptError is called with every failed Accept that is retried (for
+	// a metric).
+	AcceptError func(err error)
+	// Name identifies the listener in log lines ("http").
+	Name   string
+	Logger *slog.Logger
+}
+
+// Backoff bounds between failed accepts, as net/http's Server.
+const (
+	minBackoff = 5 * time.Millisecond
+	maxBackoff = time.Second
+)
+
+// Listener is a net.Listener with accept-error backoff and connection caps.
+// Accept is called from one goroutine (the server's accept loop); Close and
+// the connections' Close from any.
+type Listener struct {
+	net.Listener
+	cfg Config
+	log *slog.Logger
+
+	closeOnce sync.Once
+	closed    chan struct{}
+
+	mu    sync.Mutex // guards open and perIP
+	open  int
+	perIP map[netip.Addr]int
+}
+
+// New wraps ln.
+func New(ln net.Listener, cfg Config) *Listener {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if cfg.Name == "" {
+		cfg.Name = ln.Addr().String()
+	}
+	return &Listener{Listener: ln, cfg: cfg, log: log, closed: make(chan struct{}), perIP: map[netip.Addr]int{}}
+}
+
+// Accept waits for the next connection within the caps. It returns an error
+// only once the listener is closed.
+func (l *Listener) Accept() (net.Conn, error) {
+	var delay time.Duration
+	failures := 0
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || l.isClosed() {
+				return nil, err
+			}
+			failures++
+			if l.cfg.AcceptError != nil {
+				l.cfg.AcceptError(err)
+			}
+			if failures == 1 {
+				// Once per burst: a full descriptor table fails every
+				// accept until a connection closes.
+				l.log.Warn("accept failed; retrying with backoff", "listener", l.cfg.Name, "err", err)
+			}
+			if delay = 2 * delay; delay == 0 {
+				delay = minBackoff
+			}
+			delay = min(delay, maxBackoff)
+			t := time.NewTimer(delay)
+			select {
+			case <-t.C:
+			case <-l.closed:
+				t.Stop()
+				return nil, net.ErrClosed
+			}
+			continue
+		}
+		if failures > 0 {
+			l.log.Info("accepting again", "listener", l.cfg.Name, "failed_accepts", failures)
+			failures, delay = 0, 0
+		}
+		ip, reason := l.admit(c)
+		if reason != nil {
+			if l.cfg.Refuse != nil {
+				l.cfg.Refuse(c, reason)
+			}
+			_ = c.Close()
+			continue
+		}
+		return &conn{Conn: c, l: l, ip: ip}, nil
+	}
+}
+
+// Close closes the listener; a pending Accept returns net.ErrClosed.
+// Accepted connections stay open.
+func (l *Listener) Close() error {
+	l.closeOnce.Do(func() { close(l.closed) })
+	return l.Listener.Close()
+}
+
+// Open is the number of accepted connections not yet closed.
+func (l *Listener) Open() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.open
+}
+
+func (l *Listener) isClosed() bool {
+	select {
+	case <-l.closed:
+		return true
+	default:
+		return false
+	}
+}
+
+// admit counts c in, or says which cap it is over. ip is c's remote
+// address when it is held to the per-address cap, else invalid.
+func (l *Listener) admit(c net.Conn) (netip.Addr, error) {
+	var ip netip.Addr
+	if l.cfg.MaxConnsPerIP > 0 {
+		if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+			ip = ta.AddrPort().Addr().Unmap()
+			if l.cfg.Exempt != nil && l.cfg.Exempt(ip) {
+				ip = netip.Addr{}
+			}
+		}
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.cfg.MaxConns > 0 && l.open >= l.cfg.MaxConns {
+		return netip.Addr{}, ErrTooManyConns
+	}
+	if ip.IsValid() {
+		if l.perIP[ip] >= l.cfg.MaxConnsPerIP {
+			return netip.Addr{}, ErrTooManyConnsPerIP
+		}
+		l.perIP[ip]++
+	}
+	l.open++
+	return ip, nil
+}
+
+func (l *Listener) release(ip netip.Addr) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.open--
+	if ip.IsValid() {
+		if n := l.perIP[ip] - 1; n > 0 {
+			l.perIP[ip] = n
+		} else {
+			delete(l.perIP, ip)
+		}
+	}
+}
+
+// conn gives its slot back when closed (once, however often Close is
+// called).
+type conn struct {
+	net.Conn
+	l    *Listener
+	ip   netip.Addr
+	once sync.Once
+}
+
+func (c *conn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { c.l.release(c.ip) })
+	return err
+}
