@@ -359,11 +359,11 @@ func (c *Config) Validate() error {
 	if _, err := httpguard.ParseTrustedProxies(c.TrustedProxies); err != nil {
 		errs.Add("trusted_proxies", "%v", err)
 	}
-	if c.MaxConns < 1 {
-		errs.Add("max_conns", "%d must be at least 1", c.MaxConns)
-	}
-	if c.MaxConnsPerIP < 1 || c.MaxConnsPerIP > c.MaxConns {
-		errs.Add("max_conns_per_ip", "%d must be 1..max_conns (%d)", c.MaxConnsPerIP, c.MaxConns)
+	switch {
+	case c.MaxConns < 0 || c.MaxConnsPerIP < 0:
+		errs.Add("max_conns", "max_conns (%d) and max_conns_per_ip (%d) must be ≥ 0 (0: the default)", c.MaxConns, c.MaxConnsPerIP)
+	case c.MaxConns > 0 && c.MaxConnsPerIP > c.MaxConns:
+		errs.Add("max_conns_per_ip", "%d must not exceed max_conns (%d)", c.MaxConnsPerIP, c.MaxConns)
 	}
 	if c.BootstrapNode != "" && len(c.Join) > 1 {
 		c.Join = withoutSelf(c.Join, c.HTTPAdvertise)

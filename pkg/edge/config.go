@@ -376,11 +376,11 @@ func (c *Config) Validate() error {
 	if _, err := httpguard.ParseTrustedProxies(c.API.TrustedProxies); err != nil {
 		errs.Add("api.trusted_proxies", "%v", err)
 	}
-	if c.API.MaxConns < 1 {
-		errs.Add("api.max_conns", "%d must be at least 1", c.API.MaxConns)
-	}
-	if c.API.MaxConnsPerIP < 1 || c.API.MaxConnsPerIP > c.API.MaxConns {
-		errs.Add("api.max_conns_per_ip", "%d must be 1..api.max_conns (%d)", c.API.MaxConnsPerIP, c.API.MaxConns)
+	switch {
+	case c.API.MaxConns < 0 || c.API.MaxConnsPerIP < 0:
+		errs.Add("api.max_conns", "max_conns (%d) and max_conns_per_ip (%d) must be ≥ 0 (0: the default)", c.API.MaxConns, c.API.MaxConnsPerIP)
+	case c.API.MaxConns > 0 && c.API.MaxConnsPerIP > c.API.MaxConns:
+		errs.Add("api.max_conns_per_ip", "%d must not exceed api.max_conns (%d)", c.API.MaxConnsPerIP, c.API.MaxConns)
 	}
 	if c.ShutdownGrace <= 0 {
 		errs.Add("shutdown_grace", "%s must be positive", c.ShutdownGrace)

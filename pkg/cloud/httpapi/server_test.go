@@ -279,7 +279,9 @@ func TestBodyLimits(t *testing.T) {
 		{"trailing data", "/sync/v1/push", append(append([]byte{}, pushBody...), "{}"...), nil, 400,
 			"malformed JSON body: trailing data after the object"},
 		{"unknown field", "/sync/v1/push", []byte(`{"edge":"e1","bogus":1}`), nil, 400, ""},
-		{"policy over 256 KiB", "/api/v1/policies/a.rego", bytes.Repeat([]byte("#"), 256<<10+1), nil, 413, "policy larger than 256 KiB"},
+		// Refused on its length, before it is read.
+		{"policy over 256 KiB", "/api/v1/policies/a.rego", bytes.Repeat([]byte("#"), 256<<10+1), nil, 413, wire.BodyTooLarge(256 << 10).Error()},
+		{"gzip policy beyond 256 KiB once inflated", "/api/v1/policies/a.rego", gz(256<<10 + 1), []string{"Content-Encoding", "gzip"}, 413, "policy larger than 256 KiB"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -1,0 +1,182 @@
+package netlimit
+
+import (
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// failingListener fails its first n accepts with EMFILE, as accept(2) does
+// with a full descriptor table, then accepts from the real listener.
+type failingListener struct {
+	net.Listener
+	n atomic.Int32
+}
+
+func (f *failingListener) Accept() (net.Conn, error) {
+	if f.n.Add(-1) >= 0 {
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: f.Addr(), Err: os.NewSyscallError("accept4", syscall.EMFILE)}
+	}
+	return f.Listener.Accept()
+}
+
+func listen(t *testing.T) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+// TestSecurityAcceptErrorsBackOff: Finding 6: accept() failing with EMFILE
+// stopped the daemons. Accept retries with backoff, reports every failure
+// and returns the next connection once accept works again.
+func TestSecurityAcceptErrorsBackOff(t *testing.T) {
+	inner := &failingListener{Listener: listen(t)}
+	inner.n.Store(5)
+	var failures atomic.Int32
+	l := New(inner, Config{Logger: quiet, AcceptError: func(err error) {
+		if !errors.Is(err, syscall.EMFILE) {
+			t.Errorf("AcceptError(%v), want EMFILE", err)
+		}
+		failures.Add(1)
+	}})
+	go func() {
+		if c, err := net.Dial("tcp", l.Addr().String()); err == nil {
+			defer c.Close()
+			time.Sleep(time.Second)
+		}
+	}()
+	start := time.Now()
+	c, err := l.Accept()
+	if err != nil {
+		t.Fatalf("Accept returned %v; want the connection after the failures", err)
+	}
+	c.Close()
+	if n := failures.Load(); n != 5 {
+		t.Fatalf("%d failures reported, want 5", n)
+	}
+	// 5+10+20+40+80 ms of backoff: the loop waited rather than spun.
+	if d := time.Since(start); d < 150*time.Millisecond {
+		t.Fatalf("5 failed accepts took %s: no backoff", d)
+	}
+
+	// Closing the listener ends a backoff at once.
+	inner.n.Store(1 << 30)
+	done := make(chan error, 1)
+	go func() { _, err := l.Accept(); done <- err }()
+	time.Sleep(50 * time.Millisecond)
+	l.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("Accept after Close: %v, want net.ErrClosed", err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("Accept kept retrying after Close")
+	}
+}
+
+// TestSecurityConnCaps: Finding 6: there was no connection cap. Over
+// MaxConns or MaxConnsPerIP a connection is refused (Refuse, then closed),
+// an exempt address is held only to MaxConns, and closing a connection
+// frees its slot.
+func TestSecurityConnCaps(t *testing.T) {
+	cases := []struct {
+		name         string
+		total, perIP int
+		exempt       bool
+		accepted     int
+		reason       error
+	}{
+		{"total", 3, 0, false, 3, ErrTooManyConns},
+		{"per address", 0, 2, false, 2, ErrTooManyConnsPerIP},
+		{"per address, exempt", 4, 2, true, 4, ErrTooManyConns},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var mu sync.Mutex
+			var refused []error
+			cfg := Config{MaxConns: tc.total, MaxConnsPerIP: tc.perIP, Logger: quiet,
+				Refuse: func(c net.Conn, reason error) {
+					mu.Lock()
+					refused = append(refused, reason)
+					mu.Unlock()
+					_, _ = c.Write([]byte("refused"))
+				}}
+			if tc.exempt {
+				cfg.Exempt = func(a netip.Addr) bool { return a == netip.MustParseAddr("127.0.0.1") }
+			}
+			l := New(listen(t), cfg)
+			accepted := make(chan net.Conn, 16)
+			go func() {
+				for {
+					c, err := l.Accept()
+					if err != nil {
+						return
+					}
+					accepted <- c
+				}
+			}()
+			dial := func() net.Conn {
+				c, err := net.Dial("tcp", l.Addr().String())
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { c.Close() })
+				return c
+			}
+			var served []net.Conn
+			for range tc.accepted {
+				dial()
+				select {
+				case c := <-accepted:
+					served = append(served, c)
+				case <-time.After(5 * time.Second):
+					t.Fatalf("connection %d within the cap not accepted", len(served)+1)
+				}
+			}
+			over := dial()
+			_ = over.SetReadDeadline(time.Now().Add(5 * time.Second))
+			b, _ := io.ReadAll(over)
+			if string(b) != "refused" {
+				t.Fatalf("connection over the cap read %q, want the refusal and EOF", b)
+			}
+			mu.Lock()
+			got := append([]error(nil), refused...)
+			mu.Unlock()
+			if len(got) != 1 || got[0] != tc.reason {
+				t.Fatalf("refused %v, want [%v]", got, tc.reason)
+			}
+			if n := l.Open(); n != tc.accepted {
+				t.Fatalf("Open() = %d, want %d", n, tc.accepted)
+			}
+			// Closing twice frees one slot, not two.
+			served[0].Close()
+			served[0].Close()
+			if n := l.Open(); n != tc.accepted-1 {
+				t.Fatalf("Open() after a close = %d, want %d", n, tc.accepted-1)
+			}
+			dial()
+			select {
+			case c := <-accepted:
+				c.Close()
+			case <-time.After(5 * time.Second):
+				t.Fatal("a freed slot was not reused")
+			}
+			l.Close()
+		})
+	}
+}
