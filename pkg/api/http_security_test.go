@@ -68,7 +68,7 @@ func TestSecurityHTTPSmuggling(t *testing.T) {
 	cases := []struct{ name, raw string }{
 		{"CL and TE", login + fmt.Sprintf("Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 5+len(hidden)) + hidden},
 		{"TE and CL", login + "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n" + hidden},
-		{"duplicate CL", login + fmt.Sprintf("Content-Length: 0\r\nContent-Length: %d\r\n\r\n", len(hidden)) + hidden},
+		{"duplicate CL", login + fmt.Sprintf("Content-Length: %d\r\nContent-Length: 0\r\n\r\n", len(hidden)) + hidden},
 		{"duplicate CL, equal", login + "Content-Length: 0\r\nContent-Length: 0\r\n\r\n" + hidden},
 	}
 	for _, tc := range cases {

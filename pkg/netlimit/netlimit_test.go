@@ -1,6 +1,7 @@
 package netlimit
 
 import (
+	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -47,7 +48,8 @@ func TestSecurityAcceptErrorsBackOff(t *testing.T) {
 	inner := &failingListener{Listener: listen(t)}
 	inner.n.Store(5)
 	var failures atomic.Int32
-	l := New(inner, Config{Logger: quiet, AcceptError: func(err error) {
+	logs := &records{}
+	l := New(inner, Config{Logger: slog.New(logs), AcceptError: func(err error) {
 		if !errors.Is(err, syscall.EMFILE) {
 			t.Errorf("AcceptError(%v), want EMFILE", err)
 		}
@@ -67,6 +69,10 @@ func TestSecurityAcceptErrorsBackOff(t *testing.T) {
 	c.Close()
 	if n := failures.Load(); n != 5 {
 		t.Fatalf("%d failures reported, want 5", n)
+	}
+	// Logged once for the burst, once when it ends.
+	if got := logs.messages(); len(got) != 2 || got[0] != "accept failed; retrying with backoff" || got[1] != "accepting again" {
+		t.Fatalf("logged %q; want one line per burst and one at its end", got)
 	}
 	// 5+10+20+40+80 ms of backoff: the loop waited rather than spun.
 	if d := time.Since(start); d < 150*time.Millisecond {
@@ -179,4 +185,26 @@ func TestSecurityConnCaps(t *testing.T) {
 			l.Close()
 		})
 	}
+}
+
+// records is a slog.Handler keeping the messages logged.
+type records struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func (r *records) Enabled(context.Context, slog.Level) bool { return true }
+func (r *records) Handle(_ context.Context, rec slog.Record) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.msgs = append(r.msgs, rec.Message)
+	return nil
+}
+func (r *records) WithAttrs([]slog.Attr) slog.Handler { return r }
+func (r *records) WithGroup(string) slog.Handler      { return r }
+
+func (r *records) messages() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.msgs...)
 }

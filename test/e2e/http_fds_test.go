@@ -116,7 +116,9 @@ func survivesFullFDTable(t *testing.T, bin, httpAddr string, args ...string) {
 		c.Close()
 	}
 	waitUp("after the flood")
-	if n := strings.Count(log.String(), "accept failed; retrying with backoff"); n > 3 {
+	// Once per burst (pkg/netlimit's test counts exactly): a few bursts
+	// while the flood drains, not a line per failed accept.
+	if n := strings.Count(log.String(), "accept failed; retrying with backoff"); n > 10 {
 		t.Errorf("the accept failure was logged %d times; want once per burst", n)
 	}
 
