@@ -222,6 +222,15 @@ func (g *Guard) headerReceived(h *fasthttp.RequestHeader) fasthttp.RequestConfig
 }
 
 func (g *Guard) limit(h *fasthttp.RequestHeader) int {
+	path := h.RequestURI()
+	if i := bytes.IndexAny(path, "?#"); i >= 0 {
+		path = path[:i]
+	}
+	// The common path needs no normalising; the rest is normalised as
+	// fasthttp does for routing, so "/x/../sync/v1/%70ush" is a push too.
+	if len(path) > 0 && path[0] == '/' && bytes.IndexAny(path, "%.\\") < 0 && !bytes.Contains(path, []byte("//")) {
+		return g.cfg.BodyLimit(h.Method(), path, h)
+	}
 	u := fasthttp.AcquireURI()
 	defer fasthttp.ReleaseURI(u)
 	if err := u.Parse(nil, h.RequestURI()); err != nil {

@@ -238,6 +238,8 @@ func TestBodyLimitBeforeReading(t *testing.T) {
 		{"other route", "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\nConnection: close\r\n\r\n0123456789abcdefg", 200},
 		{"other route over", "POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 1025\r\n\r\n", 413},
 		{"path not normalised", "POST /x/../SMALL/ HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n", 413},
+		{"path encoded", "POST /%73mall?q=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n", 413},
+		{"absolute form", "POST http://x/small HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n", 413},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
