@@ -44,6 +44,10 @@ func rawAll(t *testing.T, addr, raw string) []*response {
 			return out
 		}
 		r := &response{status: hr.StatusCode, header: hr.Header}
+		if hr.Close {
+			// ReadResponse consumes the header into hr.Close.
+			r.header.Set("Connection", "close")
+		}
 		r.body, _ = io.ReadAll(hr.Body)
 		hr.Body.Close()
 		checkEnvelope(t, req{method: "RAW", path: raw}, r)
