@@ -53,7 +53,11 @@ func survivesFullFDTable(t *testing.T, bin, httpAddr string, args ...string) {
 	go func() { exited <- cmd.Wait() }()
 	t.Cleanup(func() {
 		_ = cmd.Process.Kill()
-		<-exited
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			t.Errorf("the daemon (pid %d) did not exit when killed", cmd.Process.Pid)
+		}
 		if t.Failed() {
 			t.Logf("daemon output:\n%s", edgeTail(log.String(), 100))
 		}
