@@ -947,13 +947,20 @@ func TestUnknownRouteAndMethod(t *testing.T) {
 
 func TestBodyLimit(t *testing.T) {
 	e := newEnv(t) // 8 KiB
-	big := `{"code":"dev:` + strings.Repeat("a", 9<<10) + `"}`
-	r := e.expect(req{method: "POST", path: loginPath, body: big}, 413)
+	// Login and refresh, read before anyone is authenticated, take at most
+	// wire.MaxAuthRequestBytes.
+	big := `{"code":"dev:` + strings.Repeat("a", 5<<10) + `"}`
+	for _, path := range []string{loginPath, refreshPath} {
+		r := e.expect(req{method: "POST", path: path, body: big}, 413)
+		if !strings.Contains(r.env.Message, "at most 4096 bytes") {
+			t.Fatalf("%s: message %q", path, r.env.Message)
+		}
+	}
+	over := `{"state":{"a":"` + strings.Repeat("x", 8<<10) + `"}}`
+	r := e.expect(req{method: "PUT", path: "/api/v1/devices/dev-a/desired", token: e.token("root"), body: over}, 413)
 	if !strings.Contains(r.env.Message, "at most 8192 bytes") {
 		t.Fatalf("message %q", r.env.Message)
 	}
-	over := `{"state":{"a":"` + strings.Repeat("x", 8<<10) + `"}}`
-	e.expect(req{method: "PUT", path: "/api/v1/devices/dev-a/desired", token: e.token("root"), body: over}, 413)
 	// The server still answers afterwards.
 	e.expect(req{path: "/healthz"}, 200)
 }

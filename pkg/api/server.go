@@ -20,9 +20,11 @@ import (
 	"github.com/gofiber/fiber/v2/middleware/recover"
 	"github.com/gofiber/fiber/v2/middleware/requestid"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/valyala/fasthttp"
 	"github.com/valyala/fasthttp/fasthttpadaptor"
 
 	"github.com/outpost-edge/outpost/pkg/httpenv"
+	"github.com/outpost-edge/outpost/pkg/httpguard"
 	"github.com/outpost-edge/outpost/pkg/obs"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -38,11 +40,21 @@ type Config struct {
 	// DevLogin answers login codes "dev:<openid>" locally. Development only.
 	DevLogin bool
 
+	// BodyLimit bounds request bodies (login and refresh: the smaller of
+	// it and wire.MaxAuthRequestBytes), checked before the body is read.
 	BodyLimit    int           // bytes; default 64 KiB
 	ReadTimeout  time.Duration // default 10 s
 	WriteTimeout time.Duration // default 10 s
 	IdleTimeout  time.Duration // default 60 s
 	MaxPage      int           // largest page size; default 1000
+
+	// TrustedProxies (IPs or CIDRs) are the peers whose X-Forwarded-For
+	// names the client (pkg/httpguard); empty: the peer is the client.
+	TrustedProxies []string
+	// MaxConns and MaxConnsPerIP cap the open connections, in total and
+	// from one address (trusted proxies exempt). Defaults 4096 and 512.
+	MaxConns      int
+	MaxConnsPerIP int
 
 	// Rate limits in requests per second with a burst of twice that; 0
 	// disables. PerIP guards login and refresh too; PerUser applies after
@@ -88,6 +100,12 @@ func (c *Config) defaults() {
 	if c.MaxPage <= 0 {
 		c.MaxPage = 1000
 	}
+	if c.MaxConns <= 0 {
+		c.MaxConns = 4096
+	}
+	if c.MaxConnsPerIP <= 0 {
+		c.MaxConnsPerIP = 512
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -108,11 +126,12 @@ type Location = wire.Location
 
 // Server is the HTTP API.
 type Server struct {
-	cfg  Config
-	deps Deps
-	app  *fiber.App
-	log  *slog.Logger
-	m    *obs.HTTPMetrics
+	cfg   Config
+	deps  Deps
+	app   *fiber.App
+	guard *httpguard.Guard
+	log   *slog.Logger
+	m     *obs.HTTPMetrics
 
 	ipLimit, userLimit *limiter
 
@@ -135,7 +154,16 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	s.userLimit = newLimiter(cfg.RateLimitPerUser)
 	s.verified = newTokenCache(cfg.VerifyCacheTTL, 10000, cfg.Now)
 	s.users = newUserCache(cfg.UserCacheTTL, 10000, cfg.Now)
-	s.app = fiber.New(fiber.Config{
+	guard, err := httpguard.New(httpguard.Config{
+		BodyLimit: s.bodyLimit, TrustedProxies: cfg.TrustedProxies,
+		MaxConns: cfg.MaxConns, MaxConnsPerIP: cfg.MaxConnsPerIP,
+		Registerer: deps.Registerer, Logger: cfg.Logger,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("api: %w", err)
+	}
+	s.guard = guard
+	s.app = guard.App(fiber.Config{
 		AppName:               "outpost-edge",
 		DisableStartupMessage: true,
 		BodyLimit:             cfg.BodyLimit,
@@ -152,7 +180,9 @@ func New(cfg Config, deps Deps) (*Server, error) {
 // App exposes the Fiber app, for tests that call app.Test.
 func (s *Server) App() *fiber.App { return s.app }
 
-// Serve accepts connections on ln until Shutdown.
+// Serve accepts connections on ln until Shutdown. Accept errors (a full
+// descriptor table) are retried, never returned, and connections beyond
+// the caps are refused (pkg/httpguard).
 func (s *Server) Serve(ln net.Listener) error {
 	s.lnMu.Lock()
 	if s.shut {
@@ -160,6 +190,7 @@ func (s *Server) Serve(ln net.Listener) error {
 		ln.Close()
 		return nil
 	}
+	ln = s.guard.Listener(ln)
 	s.ln = ln
 	s.lnMu.Unlock()
 	if err := s.app.Listener(ln); err != nil {
@@ -207,6 +238,16 @@ func (s *Server) Run(ctx context.Context) {
 			s.userLimit.sweep(5 * time.Minute)
 		}
 	}
+}
+
+// bodyLimit is each request's body limit, decided from its header
+// (pkg/httpguard): login and refresh are read before anyone is
+// authenticated and take only a code or a token.
+func (s *Server) bodyLimit(_, path []byte, _ *fasthttp.RequestHeader) int {
+	if httpguard.Route(path, "/api/v1/auth/login") || httpguard.Route(path, "/api/v1/auth/refresh") {
+		return min(wire.MaxAuthRequestBytes, s.cfg.BodyLimit)
+	}
+	return s.cfg.BodyLimit
 }
 
 func (s *Server) routes() {

@@ -211,26 +211,22 @@ func (b *Broker) Start() error {
 		allow = netlimit.IsLoopback
 		b.log.Warn("embedded MQTT broker accepts loopback clients only: no device credentials (mqtt.devices) are configured and mqtt.allow_anonymous is off", "listen", ln.Addr().String())
 	}
-	var lastLog time.Time
-	var logMu sync.Mutex
 	gate := make(chan struct{})
 	defer close(gate) // after the sweep; also on failure, so Serve cannot block forever
 	tcp := &tcpListener{
 		id: "tcp", gate: gate, connectTimeout: b.cfg.ConnectTimeout, maxConnect: b.cfg.MaxConnectBytes, log: b.log,
-		ln: netlimit.Wrap(ln, netlimit.Config{
+		ln: netlimit.New(ln, netlimit.Config{
+			Name:     "mqtt",
+			Logger:   b.log,
 			MaxConns: b.cfg.MaxConnections,
 			Allow:    allow,
-			OnAcceptError: func(err error) {
-				b.met.acceptErrors.Inc()
-				logMu.Lock()
-				defer logMu.Unlock()
-				if time.Since(lastLog) > 10*time.Second { // once per burst, not per retry
-					lastLog = time.Now()
-					b.log.Error("mqtt accept failed; backing off (new connections wait or are refused)", "err", err)
+			AcceptError: func(error) { b.met.acceptErrors.Inc() }, // netlimit logs once per burst
+			Refuse: func(_ net.Conn, reason error) {
+				label := "connection_cap"
+				if errors.Is(reason, netlimit.ErrRefusedRemote) {
+					label = "remote"
 				}
-			},
-			OnRefuse: func(remote net.Addr, reason string) {
-				b.met.refused.WithLabelValues(reason).Inc()
+				b.met.refused.WithLabelValues(label).Inc()
 			},
 		}),
 	}

@@ -15,8 +15,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/outpost-edge/outpost/pkg/cloud/httpapi"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/config"
+	"github.com/outpost-edge/outpost/pkg/httpguard"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
@@ -94,6 +96,13 @@ type Config struct {
 	// certificate when these are unset).
 	TLSCert string `yaml:"tls_cert"`
 	TLSKey  string `yaml:"tls_key"`
+	// TrustedProxies are the IPs or CIDRs of the proxies (TLS terminators,
+	// load balancers) whose X-Forwarded-For names the client; empty: the
+	// peer is the client. MaxConns and MaxConnsPerIP cap the HTTP port's
+	// open connections, in total and per address (trusted proxies exempt).
+	TrustedProxies []string `yaml:"trusted_proxies"`
+	MaxConns       int      `yaml:"max_conns"`
+	MaxConnsPerIP  int      `yaml:"max_conns_per_ip"`
 
 	// Pprof is the opt-in admin address (pprof and the runtime log level);
 	// empty disables it.
@@ -121,10 +130,12 @@ type Config struct {
 }
 
 // Defaults are the built-in settings. The raft settings are
-// raftnode.DefaultConfig's: that is their one source.
+// raftnode.DefaultConfig's and the HTTP caps httpapi.DefaultConfig's: those
+// are their one source.
 func Defaults() Config {
-	r := raftnode.DefaultConfig()
+	r, h := raftnode.DefaultConfig(), httpapi.DefaultConfig()
 	return Config{
+		MaxConns: h.MaxConns, MaxConnsPerIP: h.MaxConnsPerIP,
 		Raft: "127.0.0.1:7000", HTTP: "127.0.0.1:8090", Data: "./data/cloud",
 		MaxClockDrift: 5 * time.Minute, HeartbeatFresh: 90 * time.Second, MaxOffline: 30 * 24 * time.Hour,
 		AccessTTL: time.Hour, RefreshTTL: 30 * 24 * time.Hour,
@@ -204,6 +215,9 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 		trailing   = fs.Uint64("trailing-logs", 0, "log entries kept after a snapshot for slow followers (default 1024)")
 		maxPending = fs.Int64("max-pending-bytes", 0, "admission control: proposals queued beyond this many bytes get 429 (default 32 MiB)")
 		logLevel   = fs.String("log-level", "", "log level: debug, info, warn, error (default info)")
+		proxies    = fs.String("trusted-proxies", "", "`IPs or CIDRs` (comma-separated) of proxies whose X-Forwarded-For names the client")
+		maxConns   = fs.Int("max-conns", 0, "cap on open HTTP connections (default 16384)")
+		maxPerIP   = fs.Int("max-conns-per-ip", 0, "cap on open HTTP connections from one address, trusted proxies exempt (default 1024)")
 		pprofAddr  = fs.String("pprof", "", "admin `address` for pprof and the runtime log level, e.g. 127.0.0.1:6061 (off by default; unauthenticated)")
 		check      = fs.Bool("check-config", false, "validate the configuration (file and flags), print it with secrets masked, and exit: 0 if valid, 2 if not")
 	)
@@ -289,6 +303,15 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 		cfg.Admins = splitList(*admins)
 	}
 	str("pprof", &cfg.Pprof, *pprofAddr)
+	if set["trusted-proxies"] {
+		cfg.TrustedProxies = splitList(*proxies)
+	}
+	if set["max-conns"] {
+		cfg.MaxConns = *maxConns
+	}
+	if set["max-conns-per-ip"] {
+		cfg.MaxConnsPerIP = *maxPerIP
+	}
 	str("bootstrap-node", &cfg.BootstrapNode, *bootNode)
 	dur("shutdown-grace", &cfg.ShutdownGrace, *grace)
 	if set["dev-login"] {
@@ -537,6 +560,15 @@ func (c *Config) validate(errs config.Errors) error {
 		if err := config.CheckHostPort(c.Pprof); err != nil {
 			errs.Add("pprof", "%v", err)
 		}
+	}
+	if _, err := httpguard.ParseTrustedProxies(c.TrustedProxies); err != nil {
+		errs.Add("trusted_proxies", "%v", err)
+	}
+	switch {
+	case c.MaxConns < 0 || c.MaxConnsPerIP < 0:
+		errs.Add("max_conns", "max_conns (%d) and max_conns_per_ip (%d) must be ≥ 0 (0: the default)", c.MaxConns, c.MaxConnsPerIP)
+	case c.MaxConns > 0 && c.MaxConnsPerIP > c.MaxConns:
+		errs.Add("max_conns_per_ip", "%d must not exceed max_conns (%d)", c.MaxConnsPerIP, c.MaxConns)
 	}
 	if c.BootstrapNode != "" && len(c.Join) > 1 {
 		c.Join = withoutSelf(c.Join, c.HTTPAdvertise)

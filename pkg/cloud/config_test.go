@@ -1,7 +1,10 @@
 package cloud
 
 import (
+	"errors"
+	"io"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
@@ -78,5 +81,30 @@ func TestSecurityRaftAddressNeedsClusterTLS(t *testing.T) {
 				t.Fatalf("problems at %v (%v), want at %v", got, err, tc.keys)
 			}
 		})
+	}
+}
+
+// TestHTTPHardeningKeys: the HTTP port's trusted proxies and connection
+// caps come from flags over the file, and bad values are refused by key.
+func TestHTTPHardeningKeys(t *testing.T) {
+	cfg, err := Parse([]string{"-id", "n1", "-trusted-proxies", "10.0.0.0/8, 127.0.0.1", "-max-conns", "100", "-max-conns-per-ip", "10"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(cfg.TrustedProxies, []string{"10.0.0.0/8", "127.0.0.1"}) || cfg.MaxConns != 100 || cfg.MaxConnsPerIP != 10 {
+		t.Fatalf("parsed %q %d %d", cfg.TrustedProxies, cfg.MaxConns, cfg.MaxConnsPerIP)
+	}
+	for _, tc := range []struct {
+		args []string
+		key  string
+	}{
+		{[]string{"-trusted-proxies", "lb.local"}, "trusted_proxies"},
+		{[]string{"-max-conns", "10", "-max-conns-per-ip", "11"}, "max_conns_per_ip"},
+		{[]string{"-max-conns-per-ip", "-1"}, "max_conns"},
+	} {
+		_, err := Parse(append([]string{"-id", "n1"}, tc.args...), io.Discard)
+		if err == nil || !errors.Is(err, ErrUsage) || !strings.Contains(err.Error(), tc.key+":") {
+			t.Errorf("%q: %v; want a usage error under %s", tc.args, err, tc.key)
+		}
 	}
 }

@@ -62,9 +62,6 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("http listen on %s: %w", cfg.HTTP, err)
 	}
-	if sec.http != nil {
-		ln = tls.NewListener(ln, sec.http)
-	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	obs.RegisterBuildInfo(reg, "cloud-sync")
@@ -122,7 +119,8 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 	// Static tokens first (edges and the API token), then users' access
 	// tokens signed with the deployment key.
 	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, AuthFailureLimit: cfg.AuthFailureLimit, PeerTLS: sec.peer,
-		HasAPIToken: static.HasAPIToken(), ClusterTLS: sec.cluster != nil, MetricsToken: cfg.MetricsToken},
+		HasAPIToken: static.HasAPIToken(), ClusterTLS: sec.cluster != nil, MetricsToken: cfg.MetricsToken,
+		TrustedProxies: cfg.TrustedProxies, MaxConns: cfg.MaxConns, MaxConnsPerIP: cfg.MaxConnsPerIP, TLS: sec.http},
 		svc, auth.Chain{static, svc}, log, reg)
 	if err != nil {
 		_ = rn.Shutdown()
@@ -182,7 +180,7 @@ func (n *Node) Run(ctx context.Context) error {
 	errc := make(chan error, 3)
 	raftDone := make(chan struct{})
 	go func() { defer close(raftDone); n.raft.Run(ctx) }()
-	go func() { errc <- n.http.App().Listener(n.ln) }()
+	go func() { errc <- n.http.Serve(n.ln) }()
 	maintDone := make(chan struct{})
 	go func() { defer close(maintDone); n.svc.RunMaintenance(ctx, 0) }()
 	joinDone := make(chan struct{})

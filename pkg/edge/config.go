@@ -13,6 +13,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/broker"
 	"github.com/outpost-edge/outpost/pkg/config"
+	"github.com/outpost-edge/outpost/pkg/httpguard"
 	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/ingest"
 	"github.com/outpost-edge/outpost/pkg/store"
@@ -146,7 +147,14 @@ type API struct {
 	BodyLimitKB      int     `yaml:"body_limit_kb"`
 	RateLimitPerIP   float64 `yaml:"rate_limit_per_ip"`
 	RateLimitPerUser float64 `yaml:"rate_limit_per_user"`
-	BypassPolicy     bool    `yaml:"-"`
+	// TrustedProxies are the IPs or CIDRs of the proxies (TLS terminators)
+	// whose X-Forwarded-For names the client; empty: the peer is the
+	// client. MaxConns and MaxConnsPerIP cap open connections, in total
+	// and per address (trusted proxies exempt).
+	TrustedProxies []string `yaml:"trusted_proxies"`
+	MaxConns       int      `yaml:"max_conns"`
+	MaxConnsPerIP  int      `yaml:"max_conns_per_ip"`
+	BypassPolicy   bool     `yaml:"-"`
 }
 
 // Policy locates the Rego policies.
@@ -175,7 +183,7 @@ const (
 // Default*), so each default has one source; the rest are the daemon's own
 // choices (the API's rate limits, off in pkg/api, are on at the edge).
 func DefaultConfig() Config {
-	in, st, sy, br := ingest.DefaultConfig(), store.DefaultOptions(), syncer.DefaultConfig(), broker.DefaultConfig()
+	in, st, sy, br, ad := ingest.DefaultConfig(), store.DefaultOptions(), syncer.DefaultConfig(), broker.DefaultConfig(), api.DefaultConfig()
 	return Config{
 		ID:            hostnameOr("edge-1"),
 		DataDir:       "./data",
@@ -196,8 +204,9 @@ func DefaultConfig() Config {
 			MaxBatch: in.MaxBatch, Linger: in.Linger, QuotaMB: in.QuotaBytes >> 20, MinFreeMB: 256,
 			Retention: 30 * 24 * time.Hour, MaxDeadLetters: st.MaxDeadLetters,
 		},
-		Auth:   Auth{AccessTTL: auth.DefaultAccessTTL, RefreshTTL: auth.DefaultRefreshTTL, KeyRotation: auth.DefaultKeyRotation},
-		API:    API{BodyLimitKB: api.DefaultConfig().BodyLimit >> 10, RateLimitPerIP: 200, RateLimitPerUser: 100},
+		Auth: Auth{AccessTTL: auth.DefaultAccessTTL, RefreshTTL: auth.DefaultRefreshTTL, KeyRotation: auth.DefaultKeyRotation},
+		API: API{BodyLimitKB: ad.BodyLimit >> 10, RateLimitPerIP: 200, RateLimitPerUser: 100,
+			MaxConns: ad.MaxConns, MaxConnsPerIP: ad.MaxConnsPerIP},
 		Policy: Policy{Dir: "./policies"},
 		WeChat: WeChat{APIBase: "https://api.weixin.qq.com"},
 	}
@@ -293,6 +302,12 @@ func edgeFlags(cfg *Config, path *string, out io.Writer) *flag.FlagSet {
 	fs.IntVar(&cfg.UnsafeCrashAfterPush, "unsafe-crash-after-push", 0, "TESTING ONLY: kill -9 the edge after N pushes the cloud acknowledged, before recording the ack")
 	fs.DurationVar(&cfg.UnsafeClockOffset, "unsafe-clock-offset", 0, "TESTING ONLY: shift this edge's HLC wall clock by this much (simulates a skewed clock)")
 	fs.BoolVar(&cfg.UnsafeAckBeforeCommit, "unsafe-ack-before-commit", false, "TESTING ONLY: acknowledge messages before they are durable (proves crash tests detect loss)")
+	fs.Func("api-trusted-proxies", "IPs or CIDRs (comma separated) of proxies whose X-Forwarded-For names the client", func(v string) error {
+		cfg.API.TrustedProxies = config.SplitList(v)
+		return nil
+	})
+	fs.IntVar(&cfg.API.MaxConns, "api-max-conns", cfg.API.MaxConns, "cap on open HTTP connections")
+	fs.IntVar(&cfg.API.MaxConnsPerIP, "api-max-conns-per-ip", cfg.API.MaxConnsPerIP, "cap on open HTTP connections from one address (trusted proxies exempt)")
 	fs.BoolVar(&cfg.API.BypassPolicy, "unsafe-bypass-policy", false, "BENCHMARK ONLY: skip policy checks")
 	fs.BoolVar(&cfg.CheckConfig, "check-config", false, "validate the configuration (file and flags), print it with secrets masked, and exit: 0 if valid, 2 if not")
 	fs.Usage = func() {
@@ -418,6 +433,15 @@ func (c *Config) validate(errs config.Errors) error {
 	}
 	if c.API.RateLimitPerIP < 0 || c.API.RateLimitPerUser < 0 {
 		errs.Add("api", "rate_limit_per_ip (%g) and rate_limit_per_user (%g) must be ≥ 0 (0 disables)", c.API.RateLimitPerIP, c.API.RateLimitPerUser)
+	}
+	if _, err := httpguard.ParseTrustedProxies(c.API.TrustedProxies); err != nil {
+		errs.Add("api.trusted_proxies", "%v", err)
+	}
+	switch {
+	case c.API.MaxConns < 0 || c.API.MaxConnsPerIP < 0:
+		errs.Add("api.max_conns", "max_conns (%d) and max_conns_per_ip (%d) must be ≥ 0 (0: the default)", c.API.MaxConns, c.API.MaxConnsPerIP)
+	case c.API.MaxConns > 0 && c.API.MaxConnsPerIP > c.API.MaxConns:
+		errs.Add("api.max_conns_per_ip", "%d must not exceed api.max_conns (%d)", c.API.MaxConnsPerIP, c.API.MaxConns)
 	}
 	if c.ShutdownGrace <= 0 {
 		errs.Add("shutdown_grace", "%s must be positive", c.ShutdownGrace)

@@ -83,6 +83,9 @@ func TestParseErrors(t *testing.T) {
 		{"unknown flag", []string{"-nope"}, "not defined"},
 		{"stray argument", []string{"-id", "e1", "extra"}, "unexpected arguments"},
 		{"bad log level", []string{"-id", "e1", "-log-level", "loud"}, "log level"},
+		{"trusted proxy not an address", []string{"-id", "e1", "-api-trusted-proxies", "10.0.0.0/8,proxy.local"}, "api.trusted_proxies"},
+		{"per-IP cap over the total", []string{"-id", "e1", "-api-max-conns", "10", "-api-max-conns-per-ip", "11"}, "api.max_conns_per_ip"},
+		{"negative cap", []string{"-id", "e1", "-api-max-conns", "-1"}, "api.max_conns"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -221,6 +221,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		EdgeID: cfg.ID, Region: cfg.Region, Location: loc, Advertise: cfg.Advertise,
 		Admins: cfg.Admins, DevLogin: cfg.DevLogin, BodyLimit: cfg.API.BodyLimitKB << 10,
 		RateLimitPerIP: cfg.API.RateLimitPerIP, RateLimitPerUser: cfg.API.RateLimitPerUser,
+		TrustedProxies: cfg.API.TrustedProxies, MaxConns: cfg.API.MaxConns, MaxConnsPerIP: cfg.API.MaxConnsPerIP,
 		BypassPolicy: cfg.API.BypassPolicy, Logger: log.With("component", "api"),
 	}, api.Deps{
 		Store: e.st, Tokens: apiTokens, Login: login, Policy: e.engine, Downlink: downlink,

@@ -1,93 +1,129 @@
-// Package netlimit wraps a net.Listener so that a daemon survives what the
-// network and the kernel throw at its accept loop: accept errors (EMFILE,
-// ENFILE, ECONNABORTED, ENOBUFS) are counted and retried with a capped
-// backoff instead of ending the loop, the number of open connections is
-// capped, and connections may be refused by remote address before a byte
-// is read. A full file-descriptor table then makes the daemon refuse
-// connections (the kernel keeps them in the backlog or resets them), not
-// exit.
+// Package netlimit wraps a net.Listener so that a daemon survives a full
+// file-descriptor table and holds a bounded number of connections.
 //
-// The standard library's http.Server backs off on temporary errors only,
-// and mochi's TCP listener returns on the first error, which stopped the
-// edge's broker for good (issue 11, finding 6).
+// A failed Accept (EMFILE, ENFILE, ECONNABORTED, …) is retried with a
+// backoff from 5 ms doubling to 1 s, as net/http's Server does, instead of
+// being returned to the server, which would stop serving; the first failure
+// of a burst is logged and every failure is reported to Config.AcceptError.
+// Only closing the listener ends Accept.
+//
+// Connections beyond Config.MaxConns in total, or Config.MaxConnsPerIP from
+// one address, are accepted and closed at once (after Config.Refuse has had
+// a chance to say why), rather than left queued in the kernel as
+// golang.org/x/net/netutil.LimitListener does: a client over the cap learns
+// so immediately, and the connections being served are unaffected.
+//
+// Config.Allow refuses connections by remote address before a byte is read
+// (the embedded broker's loopback-only mode uses IsLoopback). The edge's
+// HTTP API, cloud-sync's and the embedded MQTT broker all listen through
+// this package.
+//
+// Wrap the raw TCP listener; TLS, if any, goes outside (tls.NewListener
+// over a netlimit.Listener), so that servers still see a *tls.Conn.
 package netlimit
 
 import (
 	"errors"
+	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
-	"sync/atomic"
 	"time"
 )
 
-// Reasons a connection was refused, as passed to Config.OnRefuse.
-const (
-	RefusedCap    = "connection_cap" // MaxConns connections were already open
-	RefusedRemote = "remote"         // Config.Allow refused the remote address
+// Reasons a connection is refused, passed to Config.Refuse.
+var (
+	ErrTooManyConns      = errors.New("connection limit reached")
+	ErrTooManyConnsPerIP = errors.New("connection limit for this address reached")
+	ErrRefusedRemote     = errors.New("remote address not allowed")
 )
 
-// Config configures a Listener. The zero value only retries accept errors.
+// Config configures a Listener. The zero value retries accept errors and
+// caps nothing.
 type Config struct {
-	// MaxConns caps the connections accepted and not yet closed; the
-	// connection over the cap is closed at once. 0 means no cap.
+	// MaxConns caps the connections open at once; 0 is no cap.
 	MaxConns int
+	// MaxConnsPerIP caps the connections open at once from one remote
+	// address; 0 is no cap.
+	MaxConnsPerIP int
 	// Allow, when set, is asked about each connection's remote address; a
-	// connection it refuses is closed before anything is read from it.
+	// connection it refuses (ErrRefusedRemote) is closed unread.
 	Allow func(remote net.Addr) bool
-	// OnAcceptError is called for every accept error the listener retries
-	// (for a metric and a log line). It must not block.
-	OnAcceptError func(err error)
-	// OnRefuse is called for every connection closed unread, with
-	// RefusedCap or RefusedRemote. It must not block.
-	OnRefuse func(remote net.Addr, reason string)
-	// MinBackoff and MaxBackoff bound the wait after consecutive accept
-	// errors; it doubles from MinBackoff (default 5ms) up to MaxBackoff
-	// (default 1s), as net/http does, and resets after a success.
-	MinBackoff, MaxBackoff time.Duration
+	// Exempt reports addresses not held to MaxConnsPerIP (a trusted proxy
+	// carries many clients' connections). They still count to MaxConns.
+	Exempt func(netip.Addr) bool
+	// Refuse is called with a connection over a cap or refused by Allow and
+	// the reason (ErrTooManyConns, ErrTooManyConnsPerIP, ErrRefusedRemote), before the listener closes
+	// it, so that the protocol can answer (a 503). It runs on the accept
+	// path: it must not block (set a short write deadline).
+	Refuse func(c net.Conn, reason error)
+	// AcceptError is called with every failed Accept that is retried (for
+	// a metric).
+	AcceptError func(err error)
+	// Name identifies the listener in log lines ("http").
+	Name   string
+	Logger *slog.Logger
 }
 
-// Listener is a net.Listener with the behaviour Config describes. Its
-// Accept returns an error only once the listener is closed.
+// Backoff bounds between failed accepts, as net/http's Server.
+const (
+	minBackoff = 5 * time.Millisecond
+	maxBackoff = time.Second
+)
+
+// Listener is a net.Listener with accept-error backoff and connection caps.
+// Accept is called from one goroutine (the server's accept loop); Close and
+// the connections' Close from any.
 type Listener struct {
 	net.Listener
-	cfg    Config
-	open   atomic.Int64
-	closed chan struct{}
-	once   sync.Once
+	cfg Config
+	log *slog.Logger
+
+	closeOnce sync.Once
+	closed    chan struct{}
+
+	mu    sync.Mutex // guards open and perIP
+	open  int
+	perIP map[netip.Addr]int
 }
 
-// Wrap returns ln with cfg's limits. Closing the Listener closes ln.
-func Wrap(ln net.Listener, cfg Config) *Listener {
-	if cfg.MinBackoff <= 0 {
-		cfg.MinBackoff = 5 * time.Millisecond
+// New wraps ln.
+func New(ln net.Listener, cfg Config) *Listener {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
 	}
-	if cfg.MaxBackoff < cfg.MinBackoff {
-		cfg.MaxBackoff = max(time.Second, cfg.MinBackoff)
+	if cfg.Name == "" {
+		cfg.Name = ln.Addr().String()
 	}
-	return &Listener{Listener: ln, cfg: cfg, closed: make(chan struct{})}
+	return &Listener{Listener: ln, cfg: cfg, log: log, closed: make(chan struct{}), perIP: map[netip.Addr]int{}}
 }
 
-// Accept waits for and returns the next connection within the limits. It
-// retries every accept error but the listener's own closing, which it
-// returns (net.ErrClosed).
+// Accept waits for the next connection within the caps. It returns an error
+// only once the listener is closed.
 func (l *Listener) Accept() (net.Conn, error) {
-	var wait time.Duration
+	var delay time.Duration
+	failures := 0
 	for {
 		c, err := l.Listener.Accept()
 		if err != nil {
-			select {
-			case <-l.closed:
-				return nil, net.ErrClosed
-			default:
-			}
-			if errors.Is(err, net.ErrClosed) {
+			if errors.Is(err, net.ErrClosed) || l.isClosed() {
 				return nil, err
 			}
-			if l.cfg.OnAcceptError != nil {
-				l.cfg.OnAcceptError(err)
+			failures++
+			if l.cfg.AcceptError != nil {
+				l.cfg.AcceptError(err)
 			}
-			wait = min(max(2*wait, l.cfg.MinBackoff), l.cfg.MaxBackoff)
-			t := time.NewTimer(wait)
+			if failures == 1 {
+				// Once per burst: a full descriptor table fails every
+				// accept until a connection closes.
+				l.log.Warn("accept failed; retrying with backoff", "listener", l.cfg.Name, "err", err)
+			}
+			if delay = 2 * delay; delay == 0 {
+				delay = minBackoff
+			}
+			delay = min(delay, maxBackoff)
+			t := time.NewTimer(delay)
 			select {
 			case <-t.C:
 			case <-l.closed:
@@ -96,52 +132,106 @@ func (l *Listener) Accept() (net.Conn, error) {
 			}
 			continue
 		}
-		wait = 0
-		if l.cfg.Allow != nil && !l.cfg.Allow(c.RemoteAddr()) {
-			l.refuse(c, RefusedRemote)
+		if failures > 0 {
+			l.log.Info("accepting again", "listener", l.cfg.Name, "failed_accepts", failures)
+			failures, delay = 0, 0
+		}
+		ip, reason := l.admit(c)
+		if reason != nil {
+			if l.cfg.Refuse != nil {
+				l.cfg.Refuse(c, reason)
+			}
+			// No lingering: the peer gets a reset at once and the
+			// descriptor is free again.
+			if tc, ok := c.(*net.TCPConn); ok {
+				_ = tc.SetLinger(0)
+			}
+			_ = c.Close()
 			continue
 		}
-		if n := l.open.Add(1); l.cfg.MaxConns > 0 && n > int64(l.cfg.MaxConns) {
-			l.open.Add(-1)
-			l.refuse(c, RefusedCap)
-			continue
-		}
-		return &conn{Conn: c, l: l}, nil
+		return &conn{Conn: c, l: l, ip: ip}, nil
 	}
 }
 
-func (l *Listener) refuse(c net.Conn, reason string) {
-	if l.cfg.OnRefuse != nil {
-		l.cfg.OnRefuse(c.RemoteAddr(), reason)
-	}
-	// No lingering: the peer gets a reset at once and the descriptor is
-	// free again.
-	if tc, ok := c.(*net.TCPConn); ok {
-		_ = tc.SetLinger(0)
-	}
-	_ = c.Close()
-}
-
-// Close stops Accept and closes the wrapped listener; open connections
-// stay open.
+// Close closes the listener; a pending Accept returns net.ErrClosed.
+// Accepted connections stay open.
 func (l *Listener) Close() error {
-	l.once.Do(func() { close(l.closed) })
+	l.closeOnce.Do(func() { close(l.closed) })
 	return l.Listener.Close()
 }
 
 // Open is the number of accepted connections not yet closed.
-func (l *Listener) Open() int { return int(l.open.Load()) }
+func (l *Listener) Open() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.open
+}
 
-// conn gives its slot back on its first Close.
+func (l *Listener) isClosed() bool {
+	select {
+	case <-l.closed:
+		return true
+	default:
+		return false
+	}
+}
+
+// admit counts c in, or says which cap it is over. ip is c's remote
+// address when it is held to the per-address cap, else invalid.
+func (l *Listener) admit(c net.Conn) (netip.Addr, error) {
+	if l.cfg.Allow != nil && !l.cfg.Allow(c.RemoteAddr()) {
+		return netip.Addr{}, ErrRefusedRemote
+	}
+	var ip netip.Addr
+	if l.cfg.MaxConnsPerIP > 0 {
+		if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+			ip = ta.AddrPort().Addr().Unmap()
+			if l.cfg.Exempt != nil && l.cfg.Exempt(ip) {
+				ip = netip.Addr{}
+			}
+		}
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.cfg.MaxConns > 0 && l.open >= l.cfg.MaxConns {
+		return netip.Addr{}, ErrTooManyConns
+	}
+	if ip.IsValid() {
+		if l.perIP[ip] >= l.cfg.MaxConnsPerIP {
+			return netip.Addr{}, ErrTooManyConnsPerIP
+		}
+		l.perIP[ip]++
+	}
+	l.open++
+	return ip, nil
+}
+
+func (l *Listener) release(ip netip.Addr) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.open--
+	if ip.IsValid() {
+		if n := l.perIP[ip] - 1; n > 0 {
+			l.perIP[ip] = n
+		} else {
+			delete(l.perIP, ip)
+		}
+	}
+}
+
+// conn gives its slot back when closed (once, however often Close is
+// called).
 type conn struct {
 	net.Conn
 	l    *Listener
+	ip   netip.Addr
 	once sync.Once
 }
 
 func (c *conn) Close() error {
-	c.once.Do(func() { c.l.open.Add(-1) })
-	return c.Conn.Close()
+	err := c.Conn.Close()
+	c.once.Do(func() { c.l.release(c.ip) })
+	return err
 }
 
 // Unwrap returns the accepted connection, e.g. for its *net.TCPConn.

@@ -1,9 +1,13 @@
 package netlimit
 
 import (
+	"context"
 	"errors"
-	"fmt"
+	"io"
+	"log/slog"
 	"net"
+	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -11,22 +15,17 @@ import (
 	"time"
 )
 
-// flaky is a listener whose first n Accepts fail with err.
-type flaky struct {
+// failingListener fails its first n accepts with EMFILE, as accept(2) does
+// with a full descriptor table, then accepts from the real listener.
+type failingListener struct {
 	net.Listener
-	mu  sync.Mutex
-	n   int
-	err error
+	n atomic.Int32
 }
 
-func (f *flaky) Accept() (net.Conn, error) {
-	f.mu.Lock()
-	if f.n > 0 {
-		f.n--
-		f.mu.Unlock()
-		return nil, f.err
+func (f *failingListener) Accept() (net.Conn, error) {
+	if f.n.Add(-1) >= 0 {
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: f.Addr(), Err: os.NewSyscallError("accept4", syscall.EMFILE)}
 	}
-	f.mu.Unlock()
 	return f.Listener.Accept()
 }
 
@@ -40,121 +39,178 @@ func listen(t *testing.T) net.Listener {
 	return ln
 }
 
-func dial(t *testing.T, addr string) net.Conn {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 
-// TestSecurityAcceptErrorsBackOff: accept errors such as EMFILE are
-// counted and retried; Accept returns the next good connection.
-// Finding 6: EMFILE on accept ended the accept loop and the daemon.
+// TestSecurityAcceptErrorsBackOff: Finding 6: accept() failing with EMFILE
+// stopped the daemons. Accept retries with backoff, reports every failure
+// and returns the next connection once accept works again.
 func TestSecurityAcceptErrorsBackOff(t *testing.T) {
-	for _, errno := range []error{syscall.EMFILE, syscall.ENFILE, syscall.ECONNABORTED, errors.New("some permanent-looking error")} {
-		inner := listen(t)
-		var counted atomic.Int32
-		l := Wrap(&flaky{Listener: inner, n: 5, err: &net.OpError{Op: "accept", Net: "tcp", Err: errno}},
-			Config{OnAcceptError: func(error) { counted.Add(1) }, MinBackoff: time.Millisecond, MaxBackoff: 4 * time.Millisecond})
-		dial(t, inner.Addr().String())
-		c, err := l.Accept()
-		if err != nil {
-			t.Fatalf("%v: Accept = %v, want the connection after the errors", errno, err)
+	inner := &failingListener{Listener: listen(t)}
+	inner.n.Store(5)
+	var failures atomic.Int32
+	logs := &records{}
+	l := New(inner, Config{Logger: slog.New(logs), AcceptError: func(err error) {
+		if !errors.Is(err, syscall.EMFILE) {
+			t.Errorf("AcceptError(%v), want EMFILE", err)
 		}
-		c.Close()
-		if counted.Load() != 5 {
-			t.Fatalf("%v: %d accept errors counted, want 5", errno, counted.Load())
+		failures.Add(1)
+	}})
+	go func() {
+		if c, err := net.Dial("tcp", l.Addr().String()); err == nil {
+			defer c.Close()
+			time.Sleep(time.Second)
 		}
+	}()
+	start := time.Now()
+	c, err := l.Accept()
+	if err != nil {
+		t.Fatalf("Accept returned %v; want the connection after the failures", err)
 	}
-}
+	c.Close()
+	if n := failures.Load(); n != 5 {
+		t.Fatalf("%d failures reported, want 5", n)
+	}
+	// Logged once for the burst, once when it ends.
+	if got := logs.messages(); len(got) != 2 || got[0] != "accept failed; retrying with backoff" || got[1] != "accepting again" {
+		t.Fatalf("logged %q; want one line per burst and one at its end", got)
+	}
+	// 5+10+20+40+80 ms of backoff: the loop waited rather than spun.
+	if d := time.Since(start); d < 150*time.Millisecond {
+		t.Fatalf("5 failed accepts took %s: no backoff", d)
+	}
 
-// TestCloseStopsAccept: Close ends an Accept that is backing off, with
-// net.ErrClosed.
-func TestCloseStopsAccept(t *testing.T) {
-	l := Wrap(&flaky{Listener: listen(t), n: 1 << 30, err: syscall.EMFILE}, Config{MinBackoff: 50 * time.Millisecond})
+	// Closing the listener ends a backoff at once.
+	inner.n.Store(1 << 30)
 	done := make(chan error, 1)
 	go func() { _, err := l.Accept(); done <- err }()
-	time.Sleep(20 * time.Millisecond) // let it back off: there is no state to poll
+	time.Sleep(50 * time.Millisecond)
 	l.Close()
 	select {
 	case err := <-done:
 		if !errors.Is(err, net.ErrClosed) {
-			t.Fatalf("Accept after Close = %v", err)
+			t.Fatalf("Accept after Close: %v, want net.ErrClosed", err)
 		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Accept did not return after Close")
+	case <-time.After(2 * time.Second):
+		t.Fatal("Accept kept retrying after Close")
 	}
 }
 
-// TestSecurityConnCap: the connection over MaxConns is closed unread and
-// reported; closing an accepted one frees its slot.
-// Finding 6: there was no connection cap.
-func TestSecurityConnCap(t *testing.T) {
-	inner := listen(t)
-	var refused atomic.Int32
-	l := Wrap(inner, Config{MaxConns: 2, OnRefuse: func(_ net.Addr, reason string) {
-		if reason == RefusedCap {
-			refused.Add(1)
-		}
-	}})
-	accepted := make(chan net.Conn, 4)
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
+// TestSecurityConnCaps: Finding 6: there was no connection cap. Over
+// MaxConns or MaxConnsPerIP a connection is refused (Refuse, then closed),
+// an exempt address is held only to MaxConns, and closing a connection
+// frees its slot.
+func TestSecurityConnCaps(t *testing.T) {
+	cases := []struct {
+		name         string
+		total, perIP int
+		exempt       bool
+		accepted     int
+		reason       error
+	}{
+		{"total", 3, 0, false, 3, ErrTooManyConns},
+		{"per address", 0, 2, false, 2, ErrTooManyConnsPerIP},
+		{"per address, exempt", 4, 2, true, 4, ErrTooManyConns},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var mu sync.Mutex
+			var refused []error
+			cfg := Config{MaxConns: tc.total, MaxConnsPerIP: tc.perIP, Logger: quiet,
+				Refuse: func(c net.Conn, reason error) {
+					mu.Lock()
+					refused = append(refused, reason)
+					mu.Unlock()
+					_, _ = c.Write([]byte("refused"))
+				}}
+			if tc.exempt {
+				cfg.Exempt = func(a netip.Addr) bool { return a == netip.MustParseAddr("127.0.0.1") }
 			}
-			accepted <- c
-		}
-	}()
-	t.Cleanup(func() { l.Close() })
-	var got []net.Conn
-	for range 2 {
-		dial(t, inner.Addr().String())
-		got = append(got, <-accepted)
-	}
-	if err := refusedConn(inner.Addr().String()); err != nil {
-		t.Fatalf("connection over the cap: %v", err)
-	}
-	if refused.Load() != 1 || l.Open() != 2 {
-		t.Fatalf("refused %d, open %d; want 1, 2", refused.Load(), l.Open())
-	}
-	got[0].Close()
-	got[0].Close() // a second Close does not free a second slot
-	if l.Open() != 1 {
-		t.Fatalf("open after Close = %d, want 1", l.Open())
-	}
-	dial(t, inner.Addr().String())
-	select {
-	case <-accepted:
-	case <-time.After(5 * time.Second):
-		t.Fatal("a freed slot was not reused")
+			l := New(listen(t), cfg)
+			accepted := make(chan net.Conn, 16)
+			go func() {
+				for {
+					c, err := l.Accept()
+					if err != nil {
+						return
+					}
+					accepted <- c
+				}
+			}()
+			dial := func() net.Conn {
+				c, err := net.Dial("tcp", l.Addr().String())
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { c.Close() })
+				return c
+			}
+			var served []net.Conn
+			for range tc.accepted {
+				dial()
+				select {
+				case c := <-accepted:
+					served = append(served, c)
+				case <-time.After(5 * time.Second):
+					t.Fatalf("connection %d within the cap not accepted", len(served)+1)
+				}
+			}
+			over := dial()
+			_ = over.SetReadDeadline(time.Now().Add(5 * time.Second))
+			b, _ := io.ReadAll(over)
+			if string(b) != "refused" {
+				t.Fatalf("connection over the cap read %q, want the refusal and EOF", b)
+			}
+			mu.Lock()
+			got := append([]error(nil), refused...)
+			mu.Unlock()
+			if len(got) != 1 || got[0] != tc.reason {
+				t.Fatalf("refused %v, want [%v]", got, tc.reason)
+			}
+			if n := l.Open(); n != tc.accepted {
+				t.Fatalf("Open() = %d, want %d", n, tc.accepted)
+			}
+			// Closing twice frees one slot, not two.
+			served[0].Close()
+			served[0].Close()
+			if n := l.Open(); n != tc.accepted-1 {
+				t.Fatalf("Open() after a close = %d, want %d", n, tc.accepted-1)
+			}
+			dial()
+			select {
+			case c := <-accepted:
+				c.Close()
+			case <-time.After(5 * time.Second):
+				t.Fatal("a freed slot was not reused")
+			}
+			l.Close()
+		})
 	}
 }
 
-// refusedConn dials addr and expects the connection closed unread: the
-// reset may already fail the dial.
-func refusedConn(addr string) error {
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		return nil
-	}
-	defer c.Close()
-	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := c.Read(make([]byte, 1)); err == nil || isTimeout(err) {
-		return fmt.Errorf("read = %v, want the connection closed", err)
-	}
+// records is a slog.Handler keeping the messages logged.
+type records struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func (r *records) Enabled(context.Context, slog.Level) bool { return true }
+func (r *records) Handle(_ context.Context, rec slog.Record) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.msgs = append(r.msgs, rec.Message)
 	return nil
 }
+func (r *records) WithAttrs([]slog.Attr) slog.Handler { return r }
+func (r *records) WithGroup(string) slog.Handler      { return r }
 
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
+func (r *records) messages() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.msgs...)
 }
 
+// TestAllowAndIsLoopback: Allow refuses by remote address before anything
+// is read (the embedded broker's loopback-only mode), reported to Refuse.
 func TestAllowAndIsLoopback(t *testing.T) {
 	for _, tt := range []struct {
 		addr net.Addr
@@ -172,14 +228,25 @@ func TestAllowAndIsLoopback(t *testing.T) {
 		}
 	}
 	inner := listen(t)
-	var refused atomic.Int32
-	l := Wrap(inner, Config{Allow: func(net.Addr) bool { return false }, OnRefuse: func(net.Addr, string) { refused.Add(1) }})
+	refused := make(chan error, 1)
+	l := New(inner, Config{Logger: quiet, Allow: func(net.Addr) bool { return false },
+		Refuse: func(_ net.Conn, reason error) { refused <- reason }})
 	t.Cleanup(func() { l.Close() })
 	go func() { _, _ = l.Accept() }()
-	if err := refusedConn(inner.Addr().String()); err != nil {
-		t.Fatalf("refused connection: %v", err)
+	// The reset may already come with the dial.
+	if c, err := net.Dial("tcp", inner.Addr().String()); err == nil {
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err == nil {
+			t.Fatal("a refused connection was served")
+		}
 	}
-	if refused.Load() != 1 {
-		t.Fatalf("refused = %d", refused.Load())
+	select {
+	case r := <-refused:
+		if !errors.Is(r, ErrRefusedRemote) {
+			t.Fatalf("reason %v, want ErrRefusedRemote", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Refuse was not called")
 	}
 }

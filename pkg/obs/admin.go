@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"os"
 	"strings"
 	"time"
 )
@@ -16,7 +17,9 @@ import (
 // Admin is the opt-in admin listener: net/http/pprof under /debug/pprof/
 // and the runtime log level at /debug/log-level (GET shows it, PUT with a
 // body of debug, info, warn or error changes it). It has no
-// authentication: bind it to loopback or an admin network only.
+// authentication: bind it to loopback or an admin network only. Even so,
+// /debug/pprof/cmdline shows the program name only, never the arguments:
+// credentials may be passed as flags.
 type Admin struct {
 	ln  net.Listener
 	srv *http.Server
@@ -32,7 +35,7 @@ func ListenAdmin(addr string, level *slog.LevelVar, log *slog.Logger) (*Admin, e
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/cmdline", cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
@@ -57,6 +60,23 @@ func ListenAdmin(addr string, level *slog.LevelVar, log *slog.Logger) (*Admin, e
 		})
 	}
 	return &Admin{ln: ln, log: log, srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}}, nil
+}
+
+// cmdline is pprof.Cmdline with every argument after the program name
+// replaced by "<redacted>": a flag's value may be a credential, and which
+// arguments are values (a token may start with "-") is not known here.
+func cmdline(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	out := make([]string, len(os.Args))
+	for i, a := range os.Args {
+		if i == 0 {
+			out[i] = a
+		} else {
+			out[i] = "<redacted>"
+		}
+	}
+	fmt.Fprint(w, strings.Join(out, "\x00"))
 }
 
 // Addr is the bound address.

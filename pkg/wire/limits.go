@@ -29,6 +29,11 @@ const (
 	MaxRequestBytes = 64 << 10
 )
 
+// MaxAuthRequestBytes bounds the body of a login or refresh, at the edge
+// and at the cloud: read before anyone is authenticated, and a code or a
+// refresh token is far smaller.
+const MaxAuthRequestBytes = 4 << 10
+
 // ErrTooLarge marks a request or value over a size limit; HTTP answers 413.
 var ErrTooLarge = errors.New("too large")
 

@@ -514,7 +514,7 @@ func (s *Server) putPolicy(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	if len(body) > 256<<10 {
+	if len(body) > maxPolicyBytes {
 		return apiError(fiber.StatusRequestEntityTooLarge, "policy larger than 256 KiB")
 	}
 	p := wire.Policy{Name: name, Rego: string(body)}

@@ -22,6 +22,7 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"net"
 	"net/http"
 	"slices"
 	"strconv"
@@ -35,12 +36,14 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/valyala/fasthttp"
 
 	"github.com/outpost-edge/outpost/pkg/authlimit"
 	"github.com/outpost-edge/outpost/pkg/certs"
 	"github.com/outpost-edge/outpost/pkg/cloud/auth"
 	"github.com/outpost-edge/outpost/pkg/cloud/service"
 	"github.com/outpost-edge/outpost/pkg/httpenv"
+	"github.com/outpost-edge/outpost/pkg/httpguard"
 	"github.com/outpost-edge/outpost/pkg/obs"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -73,7 +76,48 @@ type Config struct {
 	HasAPIToken, ClusterTLS bool
 	// MetricsToken, when set, is a bearer token that reads /metrics.
 	MetricsToken string
+	// TrustedProxies (IPs or CIDRs) are the peers whose X-Forwarded-For
+	// names the client (pkg/httpguard); empty: the peer is the client.
+	TrustedProxies []string
+	// MaxConns and MaxConnsPerIP cap the open connections, in total and
+	// from one address (trusted proxies exempt). Defaults 16384 and 1024.
+	MaxConns      int
+	MaxConnsPerIP int
+	// TLS, when set, serves the port over TLS. Serve layers it over the
+	// connection caps, so handlers still see a *tls.Conn (cluster peers
+	// are told apart by their verified certificate).
+	TLS *tls.Config
 }
+
+func (c *Config) defaults() {
+	if c.ForwardTimeout == 0 {
+		c.ForwardTimeout = 5 * time.Second
+	}
+	if c.RequestTimeout == 0 {
+		c.RequestTimeout = 10 * time.Second
+	}
+	if c.MaxConns <= 0 {
+		c.MaxConns = 16384
+	}
+	if c.MaxConnsPerIP <= 0 {
+		c.MaxConnsPerIP = 1024
+	}
+}
+
+// DefaultConfig is the HTTP layer's defaults, for configurations that
+// build on them (pkg/cloud).
+func DefaultConfig() Config {
+	var c Config
+	c.defaults()
+	return c
+}
+
+// Body limits by route, applied from the header before any of the body is
+// read (bodyLimit).
+const (
+	// maxPolicyBytes bounds a Rego module, compressed or not.
+	maxPolicyBytes = 256 << 10
+)
 
 // Server serves one node's HTTP API.
 type Server struct {
@@ -84,6 +128,7 @@ type Server struct {
 	metrics *[32]byte // digest of cfg.MetricsToken; nil: none
 	scheme  string    // of other nodes' HTTP ports: "https" with PeerTLS
 	app     *fiber.App
+	guard   *httpguard.Guard
 	client  *http.Client
 	zdec    *zstd.Decoder
 	m       *httpMetrics
@@ -94,12 +139,7 @@ type Server struct {
 // calling (the composition root chains the static tokens and the service's
 // user tokens). Listen serves it.
 func New(cfg Config, svc Service, authn auth.Authenticator, log *slog.Logger, reg *prometheus.Registry) (*Server, error) {
-	if cfg.ForwardTimeout == 0 {
-		cfg.ForwardTimeout = 5 * time.Second
-	}
-	if cfg.RequestTimeout == 0 {
-		cfg.RequestTimeout = 10 * time.Second
-	}
+	cfg.defaults()
 	zdec, err := newZstdDecoder()
 	if err != nil {
 		return nil, err
@@ -121,23 +161,70 @@ func New(cfg Config, svc Service, authn auth.Authenticator, log *slog.Logger, re
 		h := sha256.Sum256([]byte(cfg.MetricsToken))
 		s.metrics = &h
 	}
-	s.app = fiber.New(fiber.Config{
+	if s.guard, err = httpguard.New(httpguard.Config{
+		BodyLimit: s.bodyLimit, TrustedProxies: cfg.TrustedProxies,
+		MaxConns: cfg.MaxConns, MaxConnsPerIP: cfg.MaxConnsPerIP,
+		Registerer: reg, Logger: log,
+	}); err != nil {
+		zdec.Close()
+		return nil, fmt.Errorf("httpapi: %w", err)
+	}
+	s.app = s.guard.App(fiber.Config{
 		DisableStartupMessage: true,
-		BodyLimit:             wire.MaxBodyBytes,
-		ReadTimeout:           30 * time.Second,
-		WriteTimeout:          30 * time.Second,
-		IdleTimeout:           120 * time.Second,
-		ErrorHandler:          s.errorHandler,
+		// The largest body of any route; bodyLimit decides per request.
+		BodyLimit:    wire.MaxBodyBytes,
+		ReadTimeout:  30 * time.Second,
+		WriteTimeout: 30 * time.Second,
+		IdleTimeout:  120 * time.Second,
+		ErrorHandler: s.errorHandler,
 	})
 	s.routes(reg)
 	return s, nil
 }
 
-// Listen serves on ln's address until Shutdown.
-func (s *Server) Listen(addr string) error { return s.app.Listen(addr) }
+// Serve accepts connections on ln (the raw TCP listener) until Shutdown.
+// Accept errors (a full descriptor table) are retried, never returned, and
+// connections beyond the caps are refused (pkg/httpguard).
+func (s *Server) Serve(ln net.Listener) error {
+	l := s.guard.Listener(ln)
+	if s.cfg.TLS != nil {
+		l = tls.NewListener(l, s.cfg.TLS)
+	}
+	return s.app.Listener(l)
+}
 
-// App exposes the Fiber app (for Listener-based serving in main).
+// App exposes the Fiber app, for tests that call app.Test.
 func (s *Server) App() *fiber.App { return s.app }
+
+// bodyLimit is each request's body limit, decided from its header before
+// any of the body is read (pkg/httpguard). Only an edge's pushes carry big
+// batches, so only a request to those routes that bears an edge's token may
+// send up to wire.MaxBodyBytes; everything else, authenticated or not,
+// is small.
+func (s *Server) bodyLimit(_, path []byte, h *fasthttp.RequestHeader) int {
+	switch {
+	case httpguard.Route(path, "/sync/v1/push"), httpguard.Route(path, "/sync/v1/state"):
+		if s.edgeToken(h.Peek(fiber.HeaderAuthorization)) {
+			return wire.MaxBodyBytes
+		}
+	case httpguard.Route(path, "/api/v1/auth/login"), httpguard.Route(path, "/api/v1/auth/refresh"):
+		return wire.MaxAuthRequestBytes
+	case httpguard.RoutePrefix(path, "/api/v1/policies/"):
+		return maxPolicyBytes
+	}
+	return wire.MaxRequestBytes
+}
+
+// edgeToken reports whether the Authorization header bears an edge's
+// token. requireEdge authenticates the request again once it is routed.
+func (s *Server) edgeToken(authz []byte) bool {
+	tok := auth.BearerToken(string(authz))
+	if tok == "" {
+		return false
+	}
+	p, err := s.authn.Authenticate(context.Background(), tok)
+	return err == nil && p.Kind == auth.KindEdge
+}
 
 // Shutdown stops accepting requests and waits for in-flight ones.
 func (s *Server) Shutdown(ctx context.Context) error {

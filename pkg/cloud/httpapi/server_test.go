@@ -280,7 +280,7 @@ func TestBodyLimits(t *testing.T) {
 		{"trailing data", "/sync/v1/push", append(append([]byte{}, pushBody...), "{}"...), nil, 400,
 			"malformed JSON body: trailing data after the object"},
 		{"unknown field", "/sync/v1/push", []byte(`{"edge":"e1","bogus":1}`), nil, 400, ""},
-		{"policy over 256 KiB", "/api/v1/policies/a.rego", bytes.Repeat([]byte("#"), 256<<10+1), nil, 413, "policy larger than 256 KiB"},
+		{"gzip policy beyond 256 KiB once inflated", "/api/v1/policies/a.rego", gz(256<<10 + 1), []string{"Content-Encoding", "gzip"}, 413, "policy larger than 256 KiB"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -320,6 +320,13 @@ func TestBodyLimits(t *testing.T) {
 	if err != nil || resp.StatusCode != 413 || env.Code != 413 || env.Message != wire.BodyTooLarge(wire.MaxBodyBytes).Error() {
 		t.Fatalf("over the raw limit: %d %+v (%v)", resp.StatusCode, env, err)
 	}
+	// A policy over 256 KiB is refused on its length, before it is read.
+	got := exchange(t, ln.Addr().String(), fmt.Sprintf("PUT /api/v1/policies/a.rego HTTP/1.1\r\nHost: x\r\n"+
+		"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n", apiToken, maxPolicyBytes+1))
+	if len(got) != 1 {
+		t.Fatalf("policy over 256 KiB: %+v", got)
+	}
+	got[0].wantError(t, 413, wire.BodyTooLarge(maxPolicyBytes).Error())
 
 	// A gzip body within the limit reaches the service.
 	f := &fakeService{}
