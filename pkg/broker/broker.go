@@ -216,10 +216,10 @@ func (b *Broker) Start() error {
 	tcp := &tcpListener{
 		id: "tcp", gate: gate, connectTimeout: b.cfg.ConnectTimeout, maxConnect: b.cfg.MaxConnectBytes, log: b.log,
 		ln: netlimit.New(ln, netlimit.Config{
-			Name:     "mqtt",
-			Logger:   b.log,
-			MaxConns: b.cfg.MaxConnections,
-			Allow:    allow,
+			Name:        "mqtt",
+			Logger:      b.log,
+			MaxConns:    b.cfg.MaxConnections,
+			Allow:       allow,
 			AcceptError: func(error) { b.met.acceptErrors.Inc() }, // netlimit logs once per burst
 			Refuse: func(_ net.Conn, reason error) {
 				label := "connection_cap"

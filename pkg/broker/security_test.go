@@ -412,7 +412,9 @@ func TestSecurityAcceptEMFILE(t *testing.T) {
 		}
 		flood = append(flood, c)
 	}
-	logged := func() bool { return strings.Contains(stderr.String(), "mqtt accept failed") }
+	logged := func() bool {
+		return strings.Contains(stderr.String(), "accept failed; retrying with backoff\" listener=mqtt")
+	}
 	for deadline := time.Now().Add(10 * time.Second); !logged() && time.Now().Before(deadline); {
 		time.Sleep(10 * time.Millisecond)
 	}

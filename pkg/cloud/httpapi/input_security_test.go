@@ -122,7 +122,13 @@ func TestSecurityCloudDesiredRefused(t *testing.T) {
 		}
 	}
 	big := []byte(`{"state":{"f":"` + strings.Repeat("x", 5<<20) + `"}}`)
-	call(t, s, "PUT", "/api/v1/devices/d1/desired", apiToken, big).wantError(t, 413, "")
+	// Plain, it is refused on its declared length before it is read
+	// (pkg/httpguard), which app.Test cannot show: a real listener.
+	sv := serveReal(t, f, Config{}, nil)
+	if as := exchange(t, sv.addr, fmt.Sprintf("PUT /api/v1/devices/d1/desired HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"+
+		"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n", apiToken, len(big))); len(as) == 0 || as[0].status != 413 || as[0].env.Code != 413 {
+		t.Fatalf("plain 5 MB desired value: %+v, want one 413", as)
+	}
 	call(t, s, "PUT", "/api/v1/devices/d1/desired", apiToken, zstdOf(t, big), "Content-Encoding", wire.EncodingZstd).wantError(t, 413, "")
 	call(t, s, "PUT", "/api/v1/devices/d1/desired", apiToken, gzipOf(big), "Content-Encoding", wire.EncodingGzip).wantError(t, 413, "")
 	if calls := f.Calls(); slices.Contains(calls, "PutDesired") {
