@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -26,18 +25,21 @@ const fdLimit = 256
 func TestEdgeSurvivesFullFDTable(t *testing.T) {
 	dir := t.TempDir()
 	httpAddr := edgeFreeAddr(t)
-	survivesFullFDTable(t, edgeBinary(t), httpAddr, "-id", "fd-e2e", "-data", filepath.Join(dir, "data"),
+	survivesFullFDTable(t, edgeBinary(t), httpAddr, "", "-id", "fd-e2e", "-data", filepath.Join(dir, "data"),
 		"-http", httpAddr, "-mqtt-listen", edgeFreeAddr(t), "-policies", filepath.Join(dir, "policies"))
 }
 
 // TestCloudSurvivesFullFDTable: Finding 6, for cloud-sync.
 func TestCloudSurvivesFullFDTable(t *testing.T) {
 	httpAddr := cloudFreePort(t)
-	survivesFullFDTable(t, buildCloudSync(t), httpAddr, "-id", "n1", "-bootstrap", "-data", t.TempDir(),
-		"-http", httpAddr, "-raft", cloudFreePort(t))
+	const token = "fd-e2e-api-token-0123456789abcdef" // cloud-sync's /metrics needs a credential
+	survivesFullFDTable(t, buildCloudSync(t), httpAddr, token, "-id", "n1", "-bootstrap", "-data", t.TempDir(),
+		"-http", httpAddr, "-raft", cloudFreePort(t), "-api-token", token)
 }
 
-func survivesFullFDTable(t *testing.T, bin, httpAddr string, args ...string) {
+// survivesFullFDTable runs bin with args under the low descriptor limit;
+// metricsToken is the bearer token its /metrics needs ("" for none).
+func survivesFullFDTable(t *testing.T, bin, httpAddr, metricsToken string, args ...string) {
 	t.Helper()
 	prlimit, err := exec.LookPath("prlimit")
 	if err != nil {
@@ -126,13 +128,8 @@ func survivesFullFDTable(t *testing.T, bin, httpAddr string, args ...string) {
 		t.Errorf("the accept failure was logged %d times; want once per burst", n)
 	}
 
-	resp, err := http.Get(base + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	page, _ := io.ReadAll(resp.Body)
-	m := regexp.MustCompile(`(?m)^outpost_http_accept_errors_total (\S+)$`).FindStringSubmatch(string(page))
+	page := scrape(t, base+"/metrics", metricsToken)
+	m := regexp.MustCompile(`(?m)^outpost_http_accept_errors_total (\S+)$`).FindStringSubmatch(page)
 	if m == nil {
 		t.Fatal("no outpost_http_accept_errors_total on /metrics")
 	}
