@@ -228,7 +228,7 @@ func (g *Guard) limit(h *fasthttp.RequestHeader) int {
 	}
 	// The common path needs no normalising; the rest is normalised as
 	// fasthttp does for routing, so "/x/../sync/v1/%70ush" is a push too.
-	if len(path) > 0 && path[0] == '/' && bytes.IndexAny(path, "%.\\") < 0 && !bytes.Contains(path, []byte("//")) {
+	if len(path) > 0 && path[0] == '/' && !bytes.ContainsAny(path, "%.\\") && !bytes.Contains(path, []byte("//")) {
 		return g.cfg.BodyLimit(h.Method(), path, h)
 	}
 	u := fasthttp.AcquireURI()
