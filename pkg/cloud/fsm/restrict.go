@@ -53,14 +53,20 @@ func putChain(b *bolt.Bucket, edge string, seq uint64, d wire.Digest) error {
 	if err := b.Put(chainKey(edge, seq), append([]byte(nil), d[:]...)); err != nil {
 		return err
 	}
+	// Every push of every edge comes here, so the window is trimmed
+	// without copying keys: count the edge's records, then delete the
+	// oldest through the cursor (normally exactly one).
 	prefix := append([]byte(edge), 0)
-	var keys [][]byte
 	c := b.Cursor()
+	n := 0
 	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
-		keys = append(keys, append([]byte(nil), k...))
+		n++
 	}
-	for i := 0; i+digestWindow < len(keys); i++ {
-		if err := b.Delete(keys[i]); err != nil {
+	for ; n > digestWindow; n-- {
+		if k, _ := c.Seek(prefix); k == nil || !bytes.HasPrefix(k, prefix) {
+			break
+		}
+		if err := c.Delete(); err != nil {
 			return err
 		}
 	}
