@@ -70,7 +70,7 @@ var (
 	bktRecent = []byte("readings_recent") // raft index(8) n(4) → staged reading
 	// The digest chain of each edge's sequenced stream at the end of its
 	// last digestWindow pushes (see push).
-	bktDigest = []byte("edge_digest") // edge 0 seq(8) → chain digest(16)
+	bktDigest = []byte("edge_digest") // edge → [seq(8) chain digest(16)] × up to digestWindow, oldest first
 
 	keyApplied = []byte("applied_index")
 	keyStamp   = []byte("max_stamp")

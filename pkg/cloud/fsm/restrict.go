@@ -1,7 +1,6 @@
 package fsm
 
 import (
-	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -23,13 +22,23 @@ import (
 
 // digestWindow is how many push ends per edge keep their chain digest: a
 // re-send may start after any of them. An edge re-sends at most the pushes
-// it had in flight, so a few would do.
-const digestWindow = 64
+// it had in flight (two), so a few would do.
+const digestWindow = 16
 
-func chainKey(edge string, seq uint64) []byte {
-	k := make([]byte, 0, len(edge)+9)
-	k = append(append(k, edge...), 0)
-	return binary.BigEndian.AppendUint64(k, seq)
+// An edge's chain records are one value under its id: up to digestWindow
+// entries of (push end sequence, big-endian; chain digest), oldest first.
+// One value, rewritten per push, costs one small Put on the hot path,
+// where a key per push end cost a Put, a Delete and a scan.
+const chainEntry = 8 + wire.DigestSize
+
+// chainEntries yields the records of v (a value as putChain writes it).
+func chainEntries(v []byte, yield func(seq uint64, d []byte) bool) {
+	for len(v) >= chainEntry {
+		if !yield(binary.BigEndian.Uint64(v), v[8:chainEntry]) {
+			return
+		}
+		v = v[chainEntry:]
+	}
 }
 
 // chainAt is the chain digest of edge's stream through seq; the zero digest
@@ -39,38 +48,29 @@ func chainAt(b *bolt.Bucket, edge string, seq uint64) (wire.Digest, bool) {
 	if seq == 0 {
 		return d, true
 	}
-	v := b.Get(chainKey(edge, seq))
-	if len(v) != wire.DigestSize {
-		return d, false
-	}
-	copy(d[:], v)
-	return d, true
+	found := false
+	chainEntries(b.Get([]byte(edge)), func(s uint64, v []byte) bool {
+		if s == seq {
+			copy(d[:], v)
+			found = true
+		}
+		return !found
+	})
+	return d, found
 }
 
 // putChain records the chain digest at the end of a push and forgets the
 // oldest beyond the window.
 func putChain(b *bolt.Bucket, edge string, seq uint64, d wire.Digest) error {
-	if err := b.Put(chainKey(edge, seq), append([]byte(nil), d[:]...)); err != nil {
-		return err
+	old := b.Get([]byte(edge))
+	if n := len(old) / chainEntry; n >= digestWindow {
+		old = old[(n-digestWindow+1)*chainEntry:]
 	}
-	// Every push of every edge comes here, so the window is trimmed
-	// without copying keys: count the edge's records, then delete the
-	// oldest through the cursor (normally exactly one).
-	prefix := append([]byte(edge), 0)
-	c := b.Cursor()
-	n := 0
-	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
-		n++
-	}
-	for ; n > digestWindow; n-- {
-		if k, _ := c.Seek(prefix); k == nil || !bytes.HasPrefix(k, prefix) {
-			break
-		}
-		if err := c.Delete(); err != nil {
-			return err
-		}
-	}
-	return nil
+	v := make([]byte, 0, len(old)+chainEntry)
+	v = append(v, old...) // bbolt's value is only valid in this transaction until the Put
+	v = binary.BigEndian.AppendUint64(v, seq)
+	v = append(v, d[:]...)
+	return b.Put([]byte(edge), v)
 }
 
 // verifyChain checks that digests (of changes first, first+1, …) repeat
@@ -104,30 +104,19 @@ func verifyChain(b *bolt.Bucket, edge string, first, last uint64, digests []wire
 // digest.
 func chainBefore(b *bolt.Bucket, edge string, first, hi uint64) (uint64, wire.Digest, bool) {
 	var d wire.Digest
-	c := b.Cursor()
-	var k, v []byte
-	if k, _ = c.Seek(chainKey(edge, hi+1)); k == nil {
-		k, v = c.Last()
-	} else {
-		k, v = c.Prev()
-	}
-	prefix := append([]byte(edge), 0)
-	if k == nil || !bytes.HasPrefix(k, prefix) || len(k) != len(prefix)+8 || len(v) != wire.DigestSize {
-		return 0, d, false
-	}
-	seq := binary.BigEndian.Uint64(k[len(prefix):])
-	if seq < first || seq > hi {
-		return 0, d, false
-	}
-	copy(d[:], v)
-	return seq, d, true
+	var end uint64
+	ok := false
+	chainEntries(b.Get([]byte(edge)), func(s uint64, v []byte) bool {
+		if s >= first && s <= hi {
+			end, ok = s, true
+			copy(d[:], v)
+		}
+		return true
+	})
+	return end, d, ok
 }
 
-func hasChain(b *bolt.Bucket, edge string) bool {
-	prefix := append([]byte(edge), 0)
-	k, _ := b.Cursor().Seek(prefix)
-	return k != nil && bytes.HasPrefix(k, prefix)
-}
+func hasChain(b *bolt.Bucket, edge string) bool { return b.Get([]byte(edge)) != nil }
 
 // CheckResend verifies, without proposing, that a push entirely at or
 // below edge's acknowledged sequence repeats what was applied: nil for an
