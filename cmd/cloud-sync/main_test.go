@@ -7,36 +7,16 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
+
+	"github.com/outpost-edge/outpost/internal/daemontest"
 )
 
-var built struct {
-	once sync.Once
-	path string
-	err  error
-}
+var bin = &daemontest.Binary{Name: "cloud-sync"}
 
 // binary builds this command once per test run: the tests run the real
 // binary, flags, exit codes and all.
-func binary(t *testing.T) string {
-	t.Helper()
-	built.once.Do(func() {
-		dir, err := os.MkdirTemp("", "outpost-cloud-bin-")
-		if err != nil {
-			built.err = err
-			return
-		}
-		built.path = filepath.Join(dir, "cloud-sync")
-		if out, err := exec.Command("go", "build", "-o", built.path, ".").CombinedOutput(); err != nil {
-			built.err = errors.New(string(out))
-		}
-	})
-	if built.err != nil {
-		t.Fatalf("go build: %v", built.err)
-	}
-	return built.path
-}
+func binary(t *testing.T) string { return bin.Path(t) }
 
 // TestCheckConfig: -check-config exits 0 on the development configuration and
 // prints it with every secret masked (the shipped file's development tokens

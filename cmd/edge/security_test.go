@@ -2,118 +2,25 @@ package main
 
 import (
 	"bytes"
-	"errors"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
-	"time"
+
+	"github.com/outpost-edge/outpost/internal/daemontest"
 )
 
 const realToken = "4e7a9c1f3b5d8e0a2c4f6b8d0e1a3c5f"
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-// lockedBuffer is a daemon's stderr, read while it runs.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func exitCode(t *testing.T, cmd *exec.Cmd) (int, string) {
-	t.Helper()
-	out := &lockedBuffer{}
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	var err error
-	select {
-	case err = <-exited:
-	case <-time.After(15 * time.Second):
-		// It started instead of refusing its configuration.
-		_ = cmd.Process.Kill()
-		<-exited
-		t.Fatalf("still running after 15s (it accepted its configuration):\n%s", out)
-	}
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		return ee.ExitCode(), out.String()
-	} else if err != nil {
-		t.Fatal(err)
-	}
-	return 0, out.String()
-}
-
-// startUntil starts cmd, waits for line in its log, and returns the log and
-// a stop function that SIGTERMs it and wants exit 0.
-func startUntil(t *testing.T, cmd *exec.Cmd, line string) (*lockedBuffer, func()) {
-	t.Helper()
-	log := &lockedBuffer{}
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	deadline := time.Now().Add(20 * time.Second)
-	for !strings.Contains(log.String(), line) {
-		select {
-		case err := <-exited:
-			t.Fatalf("exited before %q: %v\n%s", line, err, log)
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			_ = cmd.Process.Kill()
-			t.Fatalf("no %q within 20s:\n%s", line, log)
-		}
-	}
-	return log, func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case err := <-exited:
-			if err != nil {
-				t.Fatalf("exit after SIGTERM: %v\n%s", err, log)
-			}
-		case <-time.After(15 * time.Second):
-			_ = cmd.Process.Kill()
-			t.Fatal("no exit within 15s of SIGTERM")
-		}
-	}
-}
-
-func warnLine(log, key string) bool {
-	re := regexp.MustCompile(`(?m)^.*level=WARN .*key=` + regexp.QuoteMeta(key) + `(\s|$)`)
-	return re.MatchString(log)
-}
+// The real-binary helpers are the shared test kit's.
+var (
+	freeAddr   = daemontest.FreeAddr
+	exitCode   = daemontest.ExitCode
+	startUntil = daemontest.StartUntil
+	warnLine   = daemontest.WarnLine
+)
 
 // TestSecurityShippedConfigs: finding 10, "the shipped configs work as
 // credentials and nothing warns": configs/edge.yaml turned on dev login
