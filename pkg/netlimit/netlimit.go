@@ -8,8 +8,8 @@
 // Only closing the listener ends Accept.
 //
 // Connections beyond Config.MaxConns in total, or Config.MaxConnsPerIP from
-// one address, are accepted and closed at once (after Config.Refuse has had
-// a chance to say why), rather than left queued in the kernel as
+// one address, are accepted, answered by Config.Refuse and closed at once
+// (gracefully, so that the answer is read), rather than left queued in the kernel as
 // golang.org/x/net/netutil.LimitListener does: a client over the cap learns
 // so immediately, and the connections being served are unaffected.
 //
@@ -24,6 +24,7 @@ package netlimit
 
 import (
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -82,9 +83,10 @@ type Listener struct {
 	closeOnce sync.Once
 	closed    chan struct{}
 
-	mu    sync.Mutex // guards open and perIP
-	open  int
-	perIP map[netip.Addr]int
+	mu       sync.Mutex // guards open, perIP and refusing
+	open     int
+	perIP    map[netip.Addr]int
+	refusing map[*net.TCPConn]struct{} // refused, lingering until the peer has read why
 }
 
 // New wraps ln.
@@ -96,7 +98,8 @@ func New(ln net.Listener, cfg Config) *Listener {
 	if cfg.Name == "" {
 		cfg.Name = ln.Addr().String()
 	}
-	return &Listener{Listener: ln, cfg: cfg, log: log, closed: make(chan struct{}), perIP: map[netip.Addr]int{}}
+	return &Listener{Listener: ln, cfg: cfg, log: log, closed: make(chan struct{}),
+		perIP: map[netip.Addr]int{}, refusing: map[*net.TCPConn]struct{}{}}
 }
 
 // Accept waits for the next connection within the caps. It returns an error
@@ -141,22 +144,73 @@ func (l *Listener) Accept() (net.Conn, error) {
 			if l.cfg.Refuse != nil {
 				l.cfg.Refuse(c, reason)
 			}
-			// No lingering: the peer gets a reset at once and the
-			// descriptor is free again.
-			if tc, ok := c.(*net.TCPConn); ok {
-				_ = tc.SetLinger(0)
-			}
-			_ = c.Close()
+			l.refuse(c, reason)
 			continue
 		}
 		return &conn{Conn: c, l: l, ip: ip}, nil
 	}
 }
 
+// Refused connections over a cap are closed gracefully so that the peer
+// reads the answer Config.Refuse wrote: our side is shut for writing and
+// what the peer sent is drained (up to refuseDrain bytes, for at most
+// refuseLinger) before the close. Closing with the peer's request unread
+// would reset the connection, and a reset may reach the client before it
+// reads the answer, or even before its connect returns. At most
+// maxRefusing are lingering at once; beyond that, and for a remote
+// address Config.Allow refused, the connection is reset at once.
+const (
+	maxRefusing  = 32
+	refuseLinger = 500 * time.Millisecond
+	refuseDrain  = 64 << 10
+)
+
+func (l *Listener) refuse(c net.Conn, reason error) {
+	tc, ok := c.(*net.TCPConn)
+	if ok && !errors.Is(reason, ErrRefusedRemote) && l.startRefusing(tc) {
+		go l.linger(tc)
+		return
+	}
+	if ok {
+		_ = tc.SetLinger(0)
+	}
+	_ = c.Close()
+}
+
+func (l *Listener) startRefusing(c *net.TCPConn) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.refusing) >= maxRefusing || l.isClosed() {
+		return false
+	}
+	l.refusing[c] = struct{}{}
+	return true
+}
+
+// linger closes a refused connection after its peer has read the answer,
+// closed, or had refuseLinger. Listener.Close ends it early.
+func (l *Listener) linger(c *net.TCPConn) {
+	defer func() {
+		l.mu.Lock()
+		delete(l.refusing, c)
+		l.mu.Unlock()
+	}()
+	_ = c.CloseWrite()
+	_ = c.SetReadDeadline(time.Now().Add(refuseLinger))
+	_, _ = io.Copy(io.Discard, io.LimitReader(c, refuseDrain))
+	_ = c.SetLinger(0)
+	_ = c.Close()
+}
+
 // Close closes the listener; a pending Accept returns net.ErrClosed.
 // Accepted connections stay open.
 func (l *Listener) Close() error {
 	l.closeOnce.Do(func() { close(l.closed) })
+	l.mu.Lock()
+	for c := range l.refusing {
+		_ = c.SetReadDeadline(time.Now()) // ends its linger
+	}
+	l.mu.Unlock()
 	return l.Listener.Close()
 }
 

@@ -250,3 +250,58 @@ func TestAllowAndIsLoopback(t *testing.T) {
 		t.Fatal("Refuse was not called")
 	}
 }
+
+// TestRefusalIsRead: a client over the cap that has already sent its
+// request reads the answer Refuse wrote, every time. Closing at once with
+// the request unread reset the connection, and the reset could beat the
+// answer, or even the client's connect (the flake CI once hit in
+// pkg/api's TestSecurityHTTPConnCap).
+func TestRefusalIsRead(t *testing.T) {
+	inner := listen(t)
+	l := New(inner, Config{MaxConns: 1, Logger: quiet,
+		Refuse: func(c net.Conn, _ error) {
+			_ = c.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
+			_, _ = io.WriteString(c, "busy\n")
+		}})
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // held: the one slot stays taken
+		}
+	}()
+	held, err := net.Dial("tcp", inner.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	waitOpen(t, l, 1)
+	const tries = 200
+	for i := range tries {
+		c, err := net.Dial("tcp", inner.Addr().String())
+		if err != nil {
+			t.Fatalf("try %d: dial: %v", i, err)
+		}
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		_, _ = io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+		got, err := io.ReadAll(c)
+		c.Close()
+		if string(got) != "busy\n" {
+			t.Fatalf("try %d of %d: read %q (%v), want the refusal", i, tries, got, err)
+		}
+	}
+}
+
+func waitOpen(t *testing.T, l *Listener, n int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for l.Open() != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections open, want %d", l.Open(), n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
