@@ -135,3 +135,5 @@ func DistanceKm(a, b Location) float64 {
 		math.Cos(a.Lat*rad)*math.Cos(b.Lat*rad)*math.Sin(dLng/2)*math.Sin(dLng/2)
 	return 2 * earthKm * math.Asin(math.Min(1, math.Sqrt(h)))
 }
+
+func sortEdges(dir []Edge) { sort.Slice(dir, func(i, j int) bool { return dir[i].ID < dir[j].ID }) }

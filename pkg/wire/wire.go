@@ -37,8 +37,18 @@
 //     state, so its later arrival in the sequenced push is a no-op. Only
 //     readings need the sequence for exactly-once.
 //   - A pull page also carries the deployment's current public signing keys,
-//     policies and edge directory (small, whole sets, not deltas), so an edge
-//     can verify tokens, authorise and find neighbours while offline.
+//     policies and edge directory, so an edge can verify tokens, authorise
+//     and find neighbours while offline. An edge that says which versions
+//     of those sets it holds (QueryHave, sets.go) gets a set only when its
+//     version moved, and the directory as a delta; an older edge that says
+//     nothing gets them whole in every page.
+//   - Pulls long-poll: an edge may ask the cloud to hold an empty pull
+//     (QueryWait) until something is there for it or the wait ends, so a
+//     cloud-side write reaches it at once without polling.
+//   - Liveness is soft state: heartbeats are kept in the memory of the
+//     cloud leader and never written to the replicated log unless a
+//     durable fact (region, location, advertise URL) changed; a pull the
+//     leader holds counts as liveness too.
 //
 // It also holds the one encoding of the desired-state downlink an edge
 // publishes to its devices over MQTT (downlink.go), which the API and the
@@ -301,9 +311,17 @@ type PullPage struct {
 	// Policies is every policy module the cloud distributes; nil means the
 	// cloud distributes none (edges keep their local policies).
 	Policies []Policy `json:"policies,omitempty"`
-	// Edges is the current edge directory.
-	Edges        []Edge `json:"edges,omitempty"`
-	ServerTimeMs int64  `json:"server_time_ms"`
+	// Edges is the current edge directory, whole: for an edge that sent
+	// no set versions (QueryHave).
+	Edges []Edge `json:"edges,omitempty"`
+	// Versions is the cloud's version of each set, in a page for an edge
+	// that sent the versions it holds. Keys and Policies are then in the
+	// page only when their version differs from the edge's (Policies nil
+	// then means the cloud distributes none), and the directory comes as
+	// Directory instead of Edges, only when its version differs.
+	Versions     *SetVersions    `json:"versions,omitempty"`
+	Directory    *DirectoryDelta `json:"directory,omitempty"`
+	ServerTimeMs int64           `json:"server_time_ms"`
 }
 
 // Location is a WGS-84 position in degrees.

@@ -71,6 +71,11 @@ var (
 	// The digest chain of each edge's sequenced stream at the end of its
 	// last digestWindow pushes (see push).
 	bktDigest = []byte("edge_digest") // edge → [seq(8) chain digest(16)] × up to digestWindow, oldest first
+	// The downlink by target, so a pull reads only its edge's entries and
+	// the broadcasts (see downlink.go), and each edge's acknowledged pull
+	// position, up to which its entries are deleted.
+	bktDownIdx = []byte("downlink_target") // target 0 raft index(8) sub(4) → nil
+	bktPulled  = []byte("edge_pulled")     // edge → raft index(8) sub(4) at ms(8)
 
 	keyApplied = []byte("applied_index")
 	keyStamp   = []byte("max_stamp")
@@ -78,7 +83,7 @@ var (
 )
 
 var allBuckets = [][]byte{bktMeta, bktReadings, bktReadID, bktDevices, bktEdges, bktSeq, bktLog, bktDown, bktNodes, bktUsers, bktPolicies,
-	bktSessions, bktSessUser, bktSessExp, bktRevoked, bktRecent, bktSeen, bktDigest}
+	bktSessions, bktSessUser, bktSessExp, bktRevoked, bktRecent, bktSeen, bktDigest, bktDownIdx, bktPulled}
 
 // Device is a device's merged record.
 type Device struct {
@@ -110,6 +115,9 @@ type downRecord struct {
 	Target string      `json:"target"` // edge id, or "*" for every edge
 	Origin string      `json:"origin"` // edge that caused it, "" for the cloud
 	Change wire.Change `json:"change"`
+	// AtMs is the leader's time of the command that queued it (0 in
+	// entries written before it was recorded).
+	AtMs int64 `json:"at_ms,omitempty"`
 }
 
 // Result is the outcome of one command.
@@ -157,6 +165,16 @@ type FSM struct {
 	// the only writer of device records, so the cache is never stale; a
 	// restore empties it.
 	devices map[string]*Device
+
+	// pulls wakes held pulls when something for them commits (downlink.go).
+	pulls pullHub
+	// edgesIndex and setsIndex are the last applied index that wrote an
+	// edge's directory record, and the policies or the signing key: what
+	// the service's caches of those compare against. In memory only (the
+	// applied index at open), so they may move without a change, never
+	// the other way round.
+	edgesIndex atomic.Uint64
+	setsIndex  atomic.Uint64
 }
 
 // maxCachedDevices bounds the device cache; past it the cache starts over.
@@ -182,7 +200,7 @@ func boltOptions() *bolt.Options {
 // Open opens (creating if needed) the state file at path.
 func Open(path string, log *slog.Logger, hooks Hooks) (*FSM, error) {
 	f := &FSM{path: path, log: log, hooks: hooks, waitCh: make(chan struct{}),
-		stage: stageIndex{max: defaultStageMax, flushAt: defaultStageFlushAt}}
+		stage: stageIndex{max: defaultStageMax, flushAt: defaultStageFlushAt}, pulls: newPullHub()}
 	db, err := openDB(path)
 	if errors.Is(err, berrors.ErrInvalid) || errors.Is(err, berrors.ErrChecksum) || errors.Is(err, berrors.ErrVersionMismatch) {
 		// Rebuildable from the snapshot and log: keep the bad file for
@@ -226,10 +244,15 @@ func openDB(path string) (*bolt.DB, error) {
 }
 
 func (f *FSM) loadMeta() error {
+	if err := f.db.Update(indexDownlink); err != nil {
+		return fmt.Errorf("index downlink: %w", err)
+	}
 	return f.db.View(func(tx *bolt.Tx) error {
 		m := tx.Bucket(bktMeta)
 		f.applied.Store(getU64(m.Get(keyApplied)))
 		f.maxStamp.Store(getU64(m.Get(keyStamp)))
+		f.edgesIndex.Store(f.applied.Load())
+		f.setsIndex.Store(f.applied.Load())
 		f.devices = map[string]*Device{}
 		return f.stage.load(tx.Bucket(bktRecent))
 	})
@@ -332,6 +355,13 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	}
 	f.applied.Store(last)
 	f.maxStamp.Store(uint64(a.maxStamp))
+	if a.edgesChanged {
+		f.edgesIndex.Store(last)
+	}
+	if a.setsChanged {
+		f.setsIndex.Store(last)
+	}
+	f.pulls.wake(a.targets, a.broadcast || a.edgesChanged || a.setsChanged)
 	if f.hooks.OnReadings != nil && (a.added > 0 || a.dups > 0) {
 		f.hooks.OnReadings(a.added, a.dups)
 	}
@@ -344,7 +374,7 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 
 type bkts struct {
 	meta, readings, readID, devices, edges, seq, log, down, nodes, users, policies *bolt.Bucket
-	sessions, sessUser, sessExp, revoked, recent, seen, digest                     *bolt.Bucket
+	sessions, sessUser, sessExp, revoked, recent, seen, digest, downIdx, pulled    *bolt.Bucket
 }
 
 func buckets(tx *bolt.Tx) bkts {
@@ -355,7 +385,7 @@ func buckets(tx *bolt.Tx) bkts {
 		policies: tx.Bucket(bktPolicies),
 		sessions: tx.Bucket(bktSessions), sessUser: tx.Bucket(bktSessUser), sessExp: tx.Bucket(bktSessExp),
 		revoked: tx.Bucket(bktRevoked), recent: tx.Bucket(bktRecent), seen: tx.Bucket(bktSeen),
-		digest: tx.Bucket(bktDigest),
+		digest: tx.Bucket(bktDigest), downIdx: tx.Bucket(bktDownIdx), pulled: tx.Bucket(bktPulled),
 	}
 }
 
@@ -374,6 +404,17 @@ type applier struct {
 	dups      int
 	conflicts int
 	stage     *stageIndex
+
+	// What held pulls wait for (downlink.go): the targets of new downlink
+	// entries, a broadcast among them, and changes to the sets a pull
+	// carries.
+	targets      map[string]bool
+	broadcast    bool
+	edgesChanged bool
+	setsChanged  bool
+
+	// per command
+	atMs int64
 
 	// per entry
 	index    uint64
@@ -416,6 +457,7 @@ func (a *applier) entry(index uint64, data []byte) ([]Result, error) {
 // command applies one command; a returned error aborts the transaction (a
 // storage failure), while refusals travel in Result.Err.
 func (a *applier) command(d *decodedCmd) (Result, error) {
+	a.atMs = d.AtMs
 	switch d.Type {
 	case CmdPush:
 		return a.push(d)
@@ -439,6 +481,7 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 		h := d.Cmd.Heartbeat
 		rec := edgeRecord{ID: h.Edge, Region: h.Region, Location: h.Location, Advertise: h.Advertise,
 			Backlog: h.Backlog, LastHeartbeatMs: d.AtMs, OldestUnsynced: h.OldestUnsyncedMs}
+		a.edgesChanged = true
 		return Result{AckedSeq: getU64(a.bk.seq.Get([]byte(h.Edge)))}, putJSON(a.bk.edges, h.Edge, rec)
 	case CmdNodeUpsert:
 		return Result{Applied: 1}, putJSON(a.bk.nodes, d.Cmd.Node.ID, d.Cmd.Node)
@@ -458,6 +501,7 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 		return Result{Applied: n}, nil
 	case CmdPolicyPut:
 		p := d.Cmd.Policy
+		a.setsChanged = true
 		if p.Rego == "" {
 			return Result{Applied: 1}, a.bk.policies.Delete([]byte(p.Name))
 		}
@@ -468,6 +512,7 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 		if a.bk.meta.Get(keySignKey) != nil {
 			return Result{}, nil
 		}
+		a.setsChanged = true
 		return Result{Applied: 1}, putJSON(a.bk.meta, string(keySignKey), d.Cmd.Key)
 	case CmdSessionCreate:
 		return a.sessionCreate(d.Cmd.Session)
@@ -477,6 +522,8 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 		return a.sessionRevokeUser(d.Cmd.Session)
 	case CmdSessionPurge:
 		return a.sessionPurge(d.Cmd.Session)
+	case CmdPullAcks:
+		return a.pullAcks(d.Cmd.PullAcks)
 	}
 	return Result{Err: fmt.Errorf("%w: command type %d", ErrCorrupt, d.Type)}, nil
 }
@@ -866,16 +913,6 @@ func (a *applier) logChange(origin string, atMs int64, c *rawChange) error {
 	a.logBuf, err = appendRawChange(a.logBuf, c)
 	a.logN++
 	return err
-}
-
-func (a *applier) downlink(target, origin string, c wire.Change) error {
-	k := binary.BigEndian.AppendUint32(u64(a.index), a.downSub)
-	a.downSub++
-	v, err := json.Marshal(downRecord{Target: target, Origin: origin, Change: c})
-	if err != nil {
-		return err
-	}
-	return a.bk.down.Put(k, v)
 }
 
 func putJSON(b *bolt.Bucket, key string, v any) error {

@@ -214,44 +214,6 @@ func (f *FSM) GetUser(openid string) (*wire.User, error) {
 	return &u, err
 }
 
-// Pull returns the cloud-side changes addressed to edge after cursor.
-func (f *FSM) Pull(edge, cursor string, limit int) (wire.PullPage, error) {
-	page := wire.PullPage{Changes: []wire.Change{}, NextCursor: cursor}
-	var seek []byte
-	if cursor != "" {
-		k, err := base64.RawURLEncoding.DecodeString(cursor)
-		if err != nil || len(k) != 12 {
-			return page, fmt.Errorf("%w: pull cursor %q", ErrBadCursor, cursor)
-		}
-		seek = k
-	}
-	err := f.view(func(tx *bolt.Tx) error {
-		c := tx.Bucket(bktDown).Cursor()
-		var k, v []byte
-		if seek == nil {
-			k, v = c.First()
-		} else if k, v = c.Seek(seek); k != nil && bytes.Equal(k, seek) {
-			k, v = c.Next()
-		}
-		for ; k != nil; k, v = c.Next() {
-			if len(page.Changes) == limit {
-				page.More = true
-				break
-			}
-			page.NextCursor = base64.RawURLEncoding.EncodeToString(k)
-			var r downRecord
-			if err := json.Unmarshal(v, &r); err != nil {
-				return err
-			}
-			if (r.Target == edge || r.Target == "*") && r.Origin != edge {
-				page.Changes = append(page.Changes, r.Change)
-			}
-		}
-		return nil
-	})
-	return page, err
-}
-
 // ExportRecord is one merged change in the export stream.
 type ExportRecord struct {
 	Cursor   string         `json:"cursor"`
