@@ -60,6 +60,9 @@ type Config struct {
 
 	MaxClockDrift  time.Duration `yaml:"max_clock_drift"`
 	HeartbeatFresh time.Duration `yaml:"heartbeat_fresh"`
+	// PullHold is the longest an edge's empty pull is held (long-poll)
+	// before it is answered empty.
+	PullHold time.Duration `yaml:"pull_hold"`
 	// MaxOffline is the longest an edge may hold a user's change before
 	// syncing it and still have it accepted on the user's original proof
 	// (edge restriction); match the edges' cloud.max_offline.
@@ -137,7 +140,7 @@ func Defaults() Config {
 	return Config{
 		MaxConns: h.MaxConns, MaxConnsPerIP: h.MaxConnsPerIP,
 		Raft: "127.0.0.1:7000", HTTP: "127.0.0.1:8090", Data: "./data/cloud",
-		MaxClockDrift: 5 * time.Minute, HeartbeatFresh: 90 * time.Second, MaxOffline: 30 * 24 * time.Hour,
+		MaxClockDrift: 5 * time.Minute, HeartbeatFresh: 90 * time.Second, PullHold: wire.MaxPullWait, MaxOffline: 30 * 24 * time.Hour,
 		AccessTTL: time.Hour, RefreshTTL: 30 * 24 * time.Hour,
 		HeartbeatTimeout: r.HeartbeatTimeout, ElectionTimeout: r.ElectionTimeout,
 		LeaderLeaseTimeout: r.LeaderLeaseTimeout, CommitTimeout: r.CommitTimeout,
@@ -206,6 +209,7 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 		drift      = fs.Duration("max-clock-drift", 0, "reject HLC stamps further ahead of this node's clock than this (default 5m)")
 		maxOffline = fs.Duration("max-offline", 0, "accept an edge's user changes on their original proof for at most this long after they were made (default 720h)")
 		fresh      = fs.Duration("heartbeat-fresh", 0, "an edge is healthy if its last heartbeat is younger than this (default 90s)")
+		pullHold   = fs.Duration("pull-hold", 0, "longest an edge's empty pull is held before it is answered (long-poll; default 25s)")
 		hbTimeout  = fs.Duration("heartbeat-timeout", 0, "raft heartbeat timeout: a follower starts an election after 1-2x this without contact (default 300ms)")
 		elTimeout  = fs.Duration("election-timeout", 0, "raft election timeout (default 300ms)")
 		lease      = fs.Duration("leader-lease-timeout", 0, "a leader that cannot reach a quorum for this long steps down (default 250ms)")
@@ -325,6 +329,7 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 	dur("max-clock-drift", &cfg.MaxClockDrift, *drift)
 	dur("max-offline", &cfg.MaxOffline, *maxOffline)
 	dur("heartbeat-fresh", &cfg.HeartbeatFresh, *fresh)
+	dur("pull-hold", &cfg.PullHold, *pullHold)
 	dur("heartbeat-timeout", &cfg.HeartbeatTimeout, *hbTimeout)
 	dur("election-timeout", &cfg.ElectionTimeout, *elTimeout)
 	dur("leader-lease-timeout", &cfg.LeaderLeaseTimeout, *lease)
@@ -581,6 +586,9 @@ func (c *Config) validate(errs config.Errors) error {
 	}
 	if c.HeartbeatFresh <= 0 {
 		errs.Add("heartbeat_fresh", "%s must be positive", c.HeartbeatFresh)
+	}
+	if c.PullHold <= 0 {
+		errs.Add("pull_hold", "%s must be positive", c.PullHold)
 	}
 	if c.MaxOffline <= 0 {
 		errs.Add("max_offline", "%s must be positive", c.MaxOffline)

@@ -101,7 +101,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		}
 		log.Warn(msg)
 	}
-	scfg := service.Config{HeartbeatFresh: cfg.HeartbeatFresh, DevLogin: cfg.DevLogin, Admins: cfg.Admins,
+	scfg := service.Config{HeartbeatFresh: cfg.HeartbeatFresh, PullHold: cfg.PullHold, DevLogin: cfg.DevLogin, Admins: cfg.Admins,
 		AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL, MaxOffline: cfg.MaxOffline}
 	if cfg.WeChatAppID != "" {
 		// Set only when configured: a nil *wechat.Client in the interface
@@ -118,7 +118,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 	svc := service.New(scfg, rn, state, clock, log, reg)
 	// Static tokens first (edges and the API token), then users' access
 	// tokens signed with the deployment key.
-	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, AuthFailureLimit: cfg.AuthFailureLimit, PeerTLS: sec.peer,
+	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, PullHold: cfg.PullHold, AuthFailureLimit: cfg.AuthFailureLimit, PeerTLS: sec.peer,
 		HasAPIToken: static.HasAPIToken(), ClusterTLS: sec.cluster != nil, MetricsToken: cfg.MetricsToken,
 		TrustedProxies: cfg.TrustedProxies, MaxConns: cfg.MaxConns, MaxConnsPerIP: cfg.MaxConnsPerIP, TLS: sec.http},
 		svc, auth.Chain{static, svc}, log, reg)
@@ -183,6 +183,8 @@ func (n *Node) Run(ctx context.Context) error {
 	go func() { errc <- n.http.Serve(n.ln) }()
 	maintDone := make(chan struct{})
 	go func() { defer close(maintDone); n.svc.RunMaintenance(ctx, 0) }()
+	liveDone := make(chan struct{})
+	go func() { defer close(liveDone); n.svc.RunLiveness(ctx) }()
 	joinDone := make(chan struct{})
 	go func() {
 		defer close(joinDone)
@@ -200,6 +202,7 @@ func (n *Node) Run(ctx context.Context) error {
 	cancel()
 	<-joinDone
 	<-maintDone
+	<-liveDone
 	<-raftDone
 	return err
 }

@@ -348,3 +348,24 @@ func (f *FSM) SigningKey() (*SigningKey, error) {
 	}
 	return &k, nil
 }
+
+// Edge is one edge's directory record, with the sequence the cloud has
+// committed for it. ErrNotFound: the edge never sent a heartbeat.
+func (f *FSM) Edge(id string) (wire.Edge, error) {
+	var out wire.Edge
+	err := f.view(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bktEdges).Get([]byte(id))
+		if v == nil {
+			return fmt.Errorf("edge %q: %w", id, ErrNotFound)
+		}
+		var r edgeRecord
+		if err := json.Unmarshal(v, &r); err != nil {
+			return err
+		}
+		out = wire.Edge{ID: r.ID, Region: r.Region, Location: r.Location, Advertise: r.Advertise,
+			Backlog: r.Backlog, LastHeartbeatMs: r.LastHeartbeatMs, AckedSeq: getU64(tx.Bucket(bktSeq).Get([]byte(id))),
+			OldestUnsynced: r.OldestUnsynced}
+		return nil
+	})
+	return out, err
+}

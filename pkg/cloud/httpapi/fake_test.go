@@ -87,7 +87,7 @@ func (f *fakeService) State(_ context.Context, edge string, _ *wire.StateBatch) 
 	f.called("State", edge)
 	return service.StateOutcome{}, f.err
 }
-func (f *fakeService) Pull(_ context.Context, edge, _ string, _ int) (wire.PullPage, error) {
+func (f *fakeService) Pull(_ context.Context, edge string, _ service.PullRequest) (wire.PullPage, error) {
 	f.called("Pull", edge)
 	return wire.PullPage{}, f.err
 }

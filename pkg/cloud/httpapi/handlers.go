@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"time"
 
 	"github.com/gofiber/fiber/v2"
 
@@ -155,8 +156,26 @@ func (s *Server) pull(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	return s.read(c, func(c *fiber.Ctx) error {
-		page, err := s.svc.Pull(c.UserContext(), edge, c.Query("cursor"), limit)
+	req := service.PullRequest{Cursor: c.Query(wire.QueryCursor), Limit: limit}
+	if c.Request().URI().QueryArgs().Has(wire.QueryHave) {
+		have, err := wire.ParseSetVersions(c.Query(wire.QueryHave))
+		if err != nil {
+			return ruleErr(err)
+		}
+		req.Have = &have
+	}
+	if w := c.Query(wire.QueryWait); w != "" {
+		ms, err := strconv.ParseInt(w, 10, 64)
+		if err != nil || ms < 0 {
+			return apiError(fiber.StatusBadRequest, wire.QueryWait+" must be a number of milliseconds")
+		}
+		req.Wait = time.Duration(min(ms, int64(time.Hour/time.Millisecond))) * time.Millisecond
+	}
+	// The leader serves pulls: it keeps the soft state the directory is
+	// built from and the pull positions, and is first to see a commit. A
+	// held pull ends when the server shuts down.
+	return s.onLeaderHeld(c, min(req.Wait, s.cfg.PullHold), func(c *fiber.Ctx) error {
+		page, err := s.svc.Pull(s.base, edge, req)
 		if errors.Is(err, service.ErrBadCursor) {
 			return apiError(fiber.StatusBadRequest, "cursor is not one this API issued; start from an empty cursor")
 		}
@@ -337,8 +356,10 @@ func device(c *fiber.Ctx) func(*fsm.Device, error) error {
 	}
 }
 
+// edges and nearest run on the leader, which keeps the soft state (health,
+// backlog, lag) of the directory.
 func (s *Server) edges(c *fiber.Ctx) error {
-	return s.read(c, func(c *fiber.Ctx) error {
+	return s.onLeader(c, func(c *fiber.Ctx) error {
 		edges, err := s.svc.Edges(c.UserContext())
 		if err != nil {
 			return err
@@ -356,7 +377,7 @@ func (s *Server) nearest(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	return s.read(c, func(c *fiber.Ctx) error {
+	return s.onLeader(c, func(c *fiber.Ctx) error {
 		all, err := s.svc.Edges(c.UserContext())
 		if err != nil {
 			return err

@@ -83,6 +83,11 @@ type Config struct {
 	// from one address (trusted proxies exempt). Defaults 16384 and 1024.
 	MaxConns      int
 	MaxConnsPerIP int
+	// PullHold is the longest the service holds an empty pull (the
+	// service's Config.PullHold, default wire.MaxPullWait): the server's
+	// read and write timeouts and a follower's wait for a forwarded pull
+	// allow for it.
+	PullHold time.Duration
 	// TLS, when set, serves the port over TLS. Serve layers it over the
 	// connection caps, so handlers still see a *tls.Conn (cluster peers
 	// are told apart by their verified certificate).
@@ -95,6 +100,9 @@ func (c *Config) defaults() {
 	}
 	if c.RequestTimeout == 0 {
 		c.RequestTimeout = 10 * time.Second
+	}
+	if c.PullHold <= 0 {
+		c.PullHold = wire.MaxPullWait
 	}
 	if c.MaxConns <= 0 {
 		c.MaxConns = 16384
@@ -133,6 +141,10 @@ type Server struct {
 	zdec    *zstd.Decoder
 	m       *httpMetrics
 	limiter *authlimit.Limiter // nil: auth failures are not throttled
+	// base ends when Shutdown starts: held pulls and forwarded requests
+	// return at once instead of delaying it.
+	base     context.Context
+	stopBase context.CancelFunc
 }
 
 // New builds the server over the application layer; authn decides who is
@@ -154,6 +166,7 @@ func New(cfg Config, svc Service, authn auth.Authenticator, log *slog.Logger, re
 		m:       newHTTPMetrics(reg),
 		limiter: authlimit.New(authlimit.Config{Rate: cfg.AuthFailureLimit}),
 	}
+	s.base, s.stopBase = context.WithCancel(context.Background())
 	if cfg.PeerTLS != nil {
 		s.scheme = "https"
 	}
@@ -169,13 +182,16 @@ func New(cfg Config, svc Service, authn auth.Authenticator, log *slog.Logger, re
 		zdec.Close()
 		return nil, fmt.Errorf("httpapi: %w", err)
 	}
+	// A held pull answers up to PullHold after its request was read (and
+	// a forwarded one after the leader's hold): the timeouts allow for it.
+	timeout := max(30*time.Second, cfg.PullHold+cfg.RequestTimeout+5*time.Second)
 	s.app = s.guard.App(fiber.Config{
 		DisableStartupMessage: true,
 		// The largest body of any route; bodyLimit decides per request.
 		BodyLimit:    wire.MaxBodyBytes,
-		ReadTimeout:  30 * time.Second,
-		WriteTimeout: 30 * time.Second,
-		IdleTimeout:  120 * time.Second,
+		ReadTimeout:  timeout,
+		WriteTimeout: timeout,
+		IdleTimeout:  max(120*time.Second, 2*timeout),
 		ErrorHandler: s.errorHandler,
 	})
 	s.routes(reg)
@@ -228,6 +244,7 @@ func (s *Server) edgeToken(authz []byte) bool {
 
 // Shutdown stops accepting requests and waits for in-flight ones.
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.stopBase()
 	err := s.app.ShutdownWithContext(ctx)
 	s.zdec.Close()
 	s.client.CloseIdleConnections()
@@ -442,6 +459,12 @@ func (s *Server) requireMetrics(c *fiber.Ctx) error {
 // to the leader and relays the answer, retrying across leader changes until
 // ForwardTimeout.
 func (s *Server) onLeader(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
+	return s.onLeaderHeld(c, 0, local)
+}
+
+// onLeaderHeld is onLeader for a request the leader may hold for up to
+// hold before it answers (a long-polling pull).
+func (s *Server) onLeaderHeld(c *fiber.Ctx, hold time.Duration, local func(c *fiber.Ctx) error) error {
 	deadline := time.Now().Add(s.cfg.ForwardTimeout)
 	forwarded := c.Get(hdrForwarded) != ""
 	for {
@@ -455,10 +478,13 @@ func (s *Server) onLeader(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
 			return &httpError{status: fiber.StatusServiceUnavailable, msg: "this node is not the leader",
 				retryAfter: 1, headers: map[string]string{hdrRetry: "1"}}
 		} else if id, addr, known := s.svc.Leader(); known && id != s.cfg.NodeID {
-			done, err := s.proxy(c, addr)
+			done, err := s.proxy(c, addr, hold)
 			if done {
 				return err
 			}
+		}
+		if s.base.Err() != nil {
+			return &httpError{status: fiber.StatusServiceUnavailable, msg: "this node is shutting down", retryAfter: 1}
 		}
 		if time.Now().After(deadline) {
 			return &httpError{status: fiber.StatusServiceUnavailable,
@@ -474,8 +500,8 @@ func (s *Server) onLeader(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
 
 // proxy relays c to the node at addr. done is false when the leader could
 // not be reached or answered that it is no longer leader.
-func (s *Server) proxy(c *fiber.Ctx, addr string) (done bool, err error) {
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.RequestTimeout+2*time.Second)
+func (s *Server) proxy(c *fiber.Ctx, addr string, hold time.Duration) (done bool, err error) {
+	ctx, cancel := context.WithTimeout(s.base, s.cfg.RequestTimeout+2*time.Second+hold)
 	defer cancel()
 	url := s.scheme + "://" + addr + string(c.Request().URI().RequestURI())
 	req, err := http.NewRequestWithContext(ctx, c.Method(), url, bytes.NewReader(c.Request().Body()))

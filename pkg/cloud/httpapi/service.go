@@ -38,7 +38,7 @@ type Sync interface {
 	Admit() error
 	Push(ctx context.Context, edge string, b *wire.PushBatch) (service.PushOutcome, error)
 	State(ctx context.Context, edge string, b *wire.StateBatch) (service.StateOutcome, error)
-	Pull(ctx context.Context, edge, cursor string, limit int) (wire.PullPage, error)
+	Pull(ctx context.Context, edge string, req service.PullRequest) (wire.PullPage, error)
 	Heartbeat(ctx context.Context, edge string, h *wire.Heartbeat) (wire.HeartbeatResult, error)
 }
 

@@ -61,14 +61,25 @@ func (s *Service) proposeDevice(ctx context.Context, cmd *fsm.Command) (*fsm.Dev
 	return res.Device, nil
 }
 
-// Edges is the edge directory: every edge with its health (a heartbeat
-// within HeartbeatFresh) and sync lag.
+// Edges is the edge directory: every edge with its health (a heartbeat or
+// pull within HeartbeatFresh), backlog and sync lag from the leader's soft
+// state (liveness.go). Run on the leader: ErrNotLeader elsewhere.
 func (s *Service) Edges(context.Context) ([]wire.Edge, error) {
+	if !s.raft.IsLeader() {
+		return nil, ErrNotLeader
+	}
+	s.live.lead(true, s.cfg.Now().UnixMilli())
 	edges, err := s.state.Edges()
 	if err != nil {
 		return nil, err
 	}
-	wire.MarkHealth(edges, s.cfg.Now().UnixMilli(), s.cfg.HeartbeatFresh)
+	now := s.cfg.Now().UnixMilli()
+	l := s.live
+	l.mu.Lock()
+	for i := range edges {
+		edges[i] = l.served(edges[i], now, s.cfg.HeartbeatFresh)
+	}
+	l.mu.Unlock()
 	if edges == nil {
 		edges = []wire.Edge{}
 	}

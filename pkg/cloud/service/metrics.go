@@ -9,6 +9,9 @@ type metrics struct {
 	backlog   *prometheus.GaugeVec
 	refused   *prometheus.CounterVec
 	conflicts *prometheus.CounterVec
+	// Liveness and pulls (liveness.go).
+	durableBeats prometheus.Counter
+	heldPulls    prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -26,6 +29,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		conflicts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_seq_conflicts_total",
 			Help: "Pushes refused for re-sending applied sequence numbers with other content, by edge."}, []string{"edge"}),
 	}
-	reg.MustRegister(m.throttled, m.pushes, m.stamps, m.backlog, m.refused, m.conflicts)
+	m.durableBeats = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_cloud_heartbeats_durable_total",
+		Help: "Heartbeats that changed an edge's durable facts (region, location, advertise URL) and so went through raft; the others stay in the leader's memory."})
+	m.heldPulls = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outpost_cloud_pulls_held",
+		Help: "Edge pulls the leader is holding until something changes for them (long-poll)."})
+	reg.MustRegister(m.throttled, m.pushes, m.stamps, m.backlog, m.refused, m.conflicts, m.durableBeats, m.heldPulls)
 	return m
 }

@@ -69,7 +69,7 @@ func edgeSigned(t *testing.T, openid string) string {
 // pulled is every change queued for edge.
 func (n *node) pulled(t *testing.T, edge string) []wire.Change {
 	t.Helper()
-	p, err := n.svc.Pull(context.Background(), edge, "", 1000)
+	p, err := n.svc.Pull(context.Background(), edge, PullRequest{Limit: 1000})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -64,7 +64,16 @@ type Queries interface {
 	Readings(q fsm.ReadingsQuery) ([]fsm.StoredReading, string, error)
 	Edges() ([]wire.Edge, error)
 	Policies() ([]wire.Policy, error)
+	Edge(id string) (wire.Edge, error)
 	Pull(edge, cursor string, limit int) (wire.PullPage, error)
+	// PullWatch is closed when something a pull of edge carries commits.
+	PullWatch(edge string) <-chan struct{}
+	// PullPosition is the pull position recorded for edge ("" if none).
+	PullPosition(edge string) string
+	// EdgesIndex and SetsIndex grow when directory records, and policies
+	// or the signing key, may have changed.
+	EdgesIndex() uint64
+	SetsIndex() uint64
 	// CheckResend verifies that a push at or below the edge's acknowledged
 	// sequence repeats what was applied (fsm.ErrSeqConflict if not).
 	CheckResend(edge string, first uint64, digests []wire.Digest) error
@@ -97,9 +106,18 @@ type Status = raftnode.Status
 
 // Config configures the service. Zero values take the defaults noted.
 type Config struct {
-	// HeartbeatFresh is how recent an edge's heartbeat must be for the
-	// directory to call it healthy (default 90s).
+	// HeartbeatFresh is how recent an edge's heartbeat (or pull) must be
+	// for the directory to call it healthy (default 90s).
 	HeartbeatFresh time.Duration
+	// PullHold is the longest an empty pull is held (default 25s; the edge
+	// asks for at most wire.MaxPullWait).
+	PullHold time.Duration
+	// PullAckInterval is how often the leader records the pull positions
+	// it observed, in one raft entry and only when one moved (default 5s).
+	PullAckInterval time.Duration
+	// LivenessInterval is how often the directory's health is recomputed
+	// and held pulls are woken for directory changes (default 1s).
+	LivenessInterval time.Duration
 	// RequestTimeout bounds one proposal (default 10s).
 	RequestTimeout time.Duration
 	// WeChat exchanges login codes; nil: no WeChat login configured.
@@ -137,6 +155,11 @@ type Service struct {
 	m      *metrics
 	// policyMu serialises PutPolicy's check and proposal.
 	policyMu sync.Mutex
+	// live is the soft state of edges and the directory (liveness.go).
+	live *liveness
+	// setsMu guards pullSets, the cached policies and keys pulls carry.
+	setsMu   sync.Mutex
+	pullSets *pullSets
 }
 
 // New builds the service over a raft node and its state machine. clock is
@@ -148,6 +171,15 @@ func New(cfg Config, r Raft, st State, clock *hlc.Clock, log *slog.Logger, reg p
 	if cfg.RequestTimeout == 0 {
 		cfg.RequestTimeout = 10 * time.Second
 	}
+	if cfg.PullHold == 0 {
+		cfg.PullHold = wire.MaxPullWait
+	}
+	if cfg.PullAckInterval == 0 {
+		cfg.PullAckInterval = 5 * time.Second
+	}
+	if cfg.LivenessInterval == 0 {
+		cfg.LivenessInterval = time.Second
+	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -155,7 +187,7 @@ func New(cfg Config, r Raft, st State, clock *hlc.Clock, log *slog.Logger, reg p
 		cfg.MaxOffline = 30 * 24 * time.Hour
 	}
 	return &Service{cfg: cfg, log: log, raft: r, state: st, clock: clock,
-		stamps: StampPolicy{Clock: clock}, gate: newSeqGate(), m: newMetrics(reg)}
+		stamps: StampPolicy{Clock: clock}, gate: newSeqGate(), m: newMetrics(reg), live: newLiveness()}
 }
 
 // Sentinel errors callers branch on. Errors from the layers below keep their

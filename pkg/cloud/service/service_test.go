@@ -446,14 +446,14 @@ func TestConsumerReadsAndWrites(t *testing.T) {
 		t.Fatal("an edge silent for longer than HeartbeatFresh is healthy")
 	}
 	n.offset.Store(0)
-	page, err := n.svc.Pull(ctx, "e1", "", 100)
+	page, err := n.svc.Pull(ctx, "e1", PullRequest{Limit: 100})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(page.Keys) == 0 || len(page.Edges) != 1 || len(page.Policies) != 1 || page.ServerTimeMs == 0 {
 		t.Fatalf("pull page: keys %s, %d edges, %d policies", page.Keys, len(page.Edges), len(page.Policies))
 	}
-	if _, err := n.svc.Pull(ctx, "e1", "not-a-cursor", 100); !errors.Is(err, ErrBadCursor) {
+	if _, err := n.svc.Pull(ctx, "e1", PullRequest{Cursor: "not-a-cursor", Limit: 100}); !errors.Is(err, ErrBadCursor) {
 		t.Fatalf("pull with a bad cursor: err = %v, want ErrBadCursor", err)
 	}
 

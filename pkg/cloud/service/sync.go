@@ -2,8 +2,12 @@ package service
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/wire"
@@ -151,34 +155,163 @@ func (s *Service) State(ctx context.Context, edge string, b *wire.StateBatch) (S
 		Refused: n, RefusedReasons: reasons}, Stamps: rep}, nil
 }
 
-// Pull is one page of changes for edge after cursor, with the current
-// policies, directory and deployment keys riding along. Errors:
-// ErrBadCursor.
-func (s *Service) Pull(ctx context.Context, edge, cursor string, limit int) (wire.PullPage, error) {
-	page, err := s.state.Pull(edge, cursor, limit)
-	if err != nil {
-		return wire.PullPage{}, kind(err)
-	}
-	// The whole current sets ride along: they are small, and an edge that
-	// missed any number of changes gets the latest in one page.
-	if page.Policies, err = s.state.Policies(); err != nil {
-		return wire.PullPage{}, err
-	}
-	if page.Edges, err = s.Edges(ctx); err != nil {
-		return wire.PullPage{}, err
-	}
-	if jwks, err := s.KeySet(); err == nil {
-		page.Keys = jwks
-	} else if !errors.Is(err, ErrNotFound) {
-		return wire.PullPage{}, err
-	}
-	page.ServerTimeMs = s.cfg.Now().UnixMilli()
-	return page, nil
+// PullRequest is one pull of an edge.
+type PullRequest struct {
+	Cursor string
+	Limit  int
+	// Have is the set versions the edge holds; nil for an edge that sent
+	// none, which gets every set whole and is never held.
+	Have *wire.SetVersions
+	// Wait is how long the edge lets an empty pull be held (capped at
+	// Config.PullHold).
+	Wait time.Duration
 }
 
-// Heartbeat records an edge's liveness and backlog; an empty h.Edge means
+// Pull is one page of changes for edge after the request's cursor, with the
+// sets that moved riding along. An empty page is held until something for
+// the edge commits, the directory or a set moves, the wait ends, leadership
+// moves or ctx ends (then the page is returned as it is, empty: the edge
+// pulls again). Run on the leader, which keeps the soft state the directory
+// is built from and the pull positions. A pull counts as the edge's
+// liveness. Errors: ErrNotLeader, ErrBadCursor.
+func (s *Service) Pull(ctx context.Context, edge string, req PullRequest) (wire.PullPage, error) {
+	if !s.raft.IsLeader() {
+		return wire.PullPage{}, ErrNotLeader
+	}
+	now := s.cfg.Now()
+	s.live.lead(true, now.UnixMilli())
+	s.touch(edge, now.UnixMilli())
+	s.live.observe(edge, req.Cursor, func() string { return s.state.PullPosition(edge) })
+	wait := min(req.Wait, s.cfg.PullHold)
+	if req.Have == nil {
+		wait = 0
+	}
+	var timeout <-chan time.Time
+	if wait > 0 {
+		t := time.NewTimer(wait)
+		defer t.Stop()
+		timeout = t.C
+	}
+	for {
+		changed := s.state.PullWatch(edge)
+		moved := s.live.watch()
+		page, news, err := s.pullOnce(edge, req)
+		if err != nil || news || wait <= 0 {
+			return page, err
+		}
+		if !s.hold(ctx, changed, moved, timeout) {
+			return page, nil
+		}
+	}
+}
+
+// hold waits for a held pull's next look; false: return the page as it is.
+func (s *Service) hold(ctx context.Context, changed, moved <-chan struct{}, timeout <-chan time.Time) bool {
+	s.m.heldPulls.Inc()
+	defer s.m.heldPulls.Dec()
+	select {
+	case <-changed:
+		return true
+	case <-moved:
+		return s.raft.IsLeader()
+	case <-timeout:
+	case <-ctx.Done():
+	}
+	return false
+}
+
+// pullOnce builds one page; news says it carries something for the edge.
+func (s *Service) pullOnce(edge string, req PullRequest) (wire.PullPage, bool, error) {
+	page, err := s.state.Pull(edge, req.Cursor, req.Limit)
+	if err != nil {
+		return wire.PullPage{}, false, kind(err)
+	}
+	news := len(page.Changes) > 0 || page.More
+	now := s.cfg.Now().UnixMilli()
+	if err := s.refreshDirectory(now); err != nil {
+		return wire.PullPage{}, false, err
+	}
+	sets, err := s.sets()
+	if err != nil {
+		return wire.PullPage{}, false, err
+	}
+	page.ServerTimeMs = now
+	if req.Have == nil {
+		// An edge that does not version its sets gets them whole.
+		page.Policies, page.Keys, page.Edges = sets.policies, sets.keys, s.live.all()
+		return page, news, nil
+	}
+	v := wire.SetVersions{Policies: sets.policiesVer, Keys: sets.keysVer}
+	if v.Policies != req.Have.Policies {
+		page.Policies, news = sets.policies, true
+	}
+	if v.Keys != req.Have.Keys {
+		page.Keys, news = sets.keys, true
+	}
+	page.Directory, v.Directory = s.live.delta(req.Have.Directory)
+	news = news || page.Directory != nil
+	page.Versions = &v
+	return page, news, nil
+}
+
+// pullSets is the policies and keys as pulls carry them, with versions.
+type pullSets struct {
+	at          uint64 // the state's SetsIndex they were read at
+	policies    []wire.Policy
+	policiesVer string
+	keys        json.RawMessage
+	keysVer     string
+}
+
+// sets returns the current policies and keys, read again only after the
+// state changed either.
+func (s *Service) sets() (*pullSets, error) {
+	at := s.state.SetsIndex()
+	s.setsMu.Lock()
+	defer s.setsMu.Unlock()
+	if s.pullSets != nil && s.pullSets.at == at {
+		return s.pullSets, nil
+	}
+	ps := &pullSets{at: at}
+	var err error
+	if ps.policies, err = s.state.Policies(); err != nil {
+		return nil, err
+	}
+	if len(ps.policies) > 0 {
+		h := sha256.New()
+		for _, p := range ps.policies {
+			fmt.Fprintf(h, "%s\x00%d\x00%s", p.Name, len(p.Rego), p.Rego)
+		}
+		ps.policiesVer = hex.EncodeToString(h.Sum(nil)[:12])
+	}
+	if jwks, err := s.KeySet(); err == nil {
+		ps.keys = jwks
+		sum := sha256.Sum256(jwks)
+		ps.keysVer = hex.EncodeToString(sum[:12])
+	} else if !errors.Is(err, ErrNotFound) {
+		return nil, err
+	}
+	s.pullSets = ps
+	return ps, nil
+}
+
+// touch records that edge is alive, without news of its backlog.
+func (s *Service) touch(edge string, nowMs int64) {
+	l := s.live
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	st := l.soft[edge]
+	st.atMs = max(st.atMs, nowMs)
+	l.soft[edge] = st
+	l.update(edge, nowMs, s.cfg.HeartbeatFresh)
+}
+
+// Heartbeat records an edge's liveness and backlog in the leader's memory;
+// only a change of its durable facts (region, location, advertise URL), or
+// its first heartbeat, is proposed through raft. An empty h.Edge means
 // edge. It also makes sure the deployment has a signing key, so that every
-// edge trusts it (from its next pull) before the first phone logs in.
+// edge trusts it (from its next pull) before the first phone logs in. Run
+// on the leader: ErrNotLeader elsewhere.
 func (s *Service) Heartbeat(ctx context.Context, edge string, h *wire.Heartbeat) (wire.HeartbeatResult, error) {
 	if h.Edge == "" {
 		h.Edge = edge
@@ -189,14 +322,44 @@ func (s *Service) Heartbeat(ctx context.Context, edge string, h *wire.Heartbeat)
 	if h.Edge != edge {
 		return wire.HeartbeatResult{}, fmt.Errorf("%w: edge %q sent a heartbeat as %q", ErrWrongEdge, edge, h.Edge)
 	}
+	if !s.raft.IsLeader() {
+		return wire.HeartbeatResult{}, ErrNotLeader
+	}
+	s.live.lead(true, s.cfg.Now().UnixMilli())
 	if err := s.ensureSigningKey(ctx); err != nil {
 		return wire.HeartbeatResult{}, err
 	}
 	now := s.cfg.Now()
-	res, err := s.propose(ctx, &fsm.Command{Type: fsm.CmdHeartbeat, Heartbeat: h})
-	if err != nil {
+	acked := s.state.EdgeSeq(edge)
+	rec, err := s.state.Edge(edge)
+	if err != nil && !errors.Is(err, fsm.ErrNotFound) {
 		return wire.HeartbeatResult{}, err
 	}
+	if err != nil || !sameDurable(&rec, h) {
+		res, err := s.propose(ctx, &fsm.Command{Type: fsm.CmdHeartbeat, Heartbeat: h})
+		if err != nil {
+			return wire.HeartbeatResult{}, err
+		}
+		acked = res.AckedSeq
+		s.m.durableBeats.Inc()
+		if rerr := s.refreshDirectory(now.UnixMilli()); rerr != nil {
+			s.log.Warn("edge directory refresh failed", "err", rerr)
+		}
+	}
+	l := s.live
+	l.mu.Lock()
+	l.soft[edge] = softState{atMs: now.UnixMilli(), backlog: h.Backlog, oldestMs: h.OldestUnsyncedMs, beat: true}
+	l.update(edge, now.UnixMilli(), s.cfg.HeartbeatFresh)
+	l.mu.Unlock()
 	s.m.backlog.WithLabelValues(edge).Set(float64(h.Backlog))
-	return wire.HeartbeatResult{AckedSeq: res.AckedSeq, ServerTimeMs: now.UnixMilli()}, nil
+	return wire.HeartbeatResult{AckedSeq: acked, ServerTimeMs: now.UnixMilli()}, nil
+}
+
+// sameDurable reports whether a heartbeat repeats the durable facts of the
+// edge's record.
+func sameDurable(rec *wire.Edge, h *wire.Heartbeat) bool {
+	if rec.Region != h.Region || rec.Advertise != h.Advertise || (rec.Location == nil) != (h.Location == nil) {
+		return false
+	}
+	return rec.Location == nil || *rec.Location == *h.Location
 }

@@ -1,0 +1,422 @@
+package service
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
+	"github.com/outpost-edge/outpost/pkg/wire"
+)
+
+// Liveness and the edge directory, off raft.
+//
+// Heartbeats are soft state, kept in the leader's memory (followers forward
+// them, and pulls, which also count as liveness, to the leader); only the
+// durable facts of an edge (region, location, advertise URL) go through
+// raft, and only when they change. The directory an edge pulls and the
+// consumer API serves is the durable records overlaid with that soft state:
+// health (a heartbeat or pull within HeartbeatFresh), backlog and lag.
+//
+// The directory's version is the leader's: an epoch drawn when this node
+// became leader and a sequence. An entry's version moves when what edges
+// see of it changes materially (a durable fact, health, or the magnitude
+// class of its backlog or lag; a fresh heartbeat that changes none of those
+// does not), so a delta carries only the entries that changed. Held pulls
+// are woken for directory changes at most once per sweep (a second), so a
+// fleet whose backlogs move wakes each pull at most that often.
+//
+// After a failover the new leader has no soft state: for HeartbeatFresh it
+// treats every edge it has not heard from as healthy (health unknown, the
+// benefit of the doubt, as the old leader most likely saw it), with the
+// backlog and lag of its durable record. Edges heartbeat and pull well
+// within that window, so by its end every live edge has soft state again;
+// its epoch is new, so every edge gets the whole directory once.
+
+// softState is what the last heartbeat (or pull) of an edge said.
+type softState struct {
+	atMs     int64
+	backlog  uint64
+	oldestMs int64
+	beat     bool // a heartbeat, not only a pull, was seen: backlog is known
+}
+
+type dirEntry struct {
+	edge wire.Edge
+	fp   string
+	ver  uint64
+}
+
+type liveness struct {
+	mu          sync.Mutex
+	leading     bool
+	leaderSince int64 // ms
+	epoch       string
+	seq         uint64
+	woke        uint64 // seq at the last wake
+	wakeCh      chan struct{}
+	soft        map[string]softState
+	durable     map[string]wire.Edge
+	durableAt   uint64 // the state's EdgesIndex the durable records were read at
+	loaded      bool
+	entries     map[string]*dirEntry
+	removed     map[string]uint64
+	// observed pull positions, and the ones recorded in raft (or found
+	// there), by edge.
+	observed map[string]string
+	recorded map[string]string
+}
+
+func newLiveness() *liveness {
+	return &liveness{wakeCh: make(chan struct{}), soft: map[string]softState{}, entries: map[string]*dirEntry{},
+		removed: map[string]uint64{}, observed: map[string]string{}, recorded: map[string]string{}}
+}
+
+// lead starts or ends this node's term as the directory's keeper: a new
+// term forgets soft state (heard while a follower, it is stale) and draws a
+// new epoch. Returns whether leadership changed.
+func (l *liveness) lead(leading bool, nowMs int64) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if leading == l.leading {
+		return false
+	}
+	l.leading = leading
+	if leading {
+		var b [6]byte
+		_, _ = rand.Read(b[:])
+		l.epoch = base64.RawURLEncoding.EncodeToString(b[:])
+		l.leaderSince = nowMs
+		l.seq, l.woke = 0, 0
+		l.soft = map[string]softState{}
+		l.entries = map[string]*dirEntry{}
+		l.removed = map[string]uint64{}
+		l.observed = map[string]string{}
+		l.recorded = map[string]string{}
+		l.loaded = false
+	}
+	// Held pulls return: on a follower they should find the new leader.
+	close(l.wakeCh)
+	l.wakeCh = make(chan struct{})
+	return true
+}
+
+// watch returns a channel closed when the directory's version next moves
+// (coalesced by sweep) or leadership changes.
+func (l *liveness) watch() <-chan struct{} {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.wakeCh
+}
+
+// served is the entry edges see for a durable record, with the soft state
+// laid over it. Call with mu held.
+func (l *liveness) served(d wire.Edge, nowMs int64, fresh time.Duration) wire.Edge {
+	e := d
+	if s, ok := l.soft[d.ID]; ok {
+		e.LastHeartbeatMs = max(e.LastHeartbeatMs, s.atMs)
+		if s.beat {
+			e.Backlog, e.OldestUnsynced = s.backlog, s.oldestMs
+		}
+		e.Healthy = s.atMs >= nowMs-fresh.Milliseconds()
+	} else {
+		e.Healthy = l.leading && nowMs < l.leaderSince+fresh.Milliseconds()
+	}
+	e.LagMs = 0
+	if e.OldestUnsynced > 0 {
+		e.LagMs = max(e.LastHeartbeatMs-e.OldestUnsynced, 0)
+	}
+	return e
+}
+
+// fingerprint is what of an entry counts as a directory change: the
+// durable facts, health, and the magnitude of backlog and lag.
+func fingerprint(e *wire.Edge) string {
+	var b strings.Builder
+	b.WriteString(e.Region)
+	b.WriteByte(0)
+	b.WriteString(e.Advertise)
+	b.WriteByte(0)
+	if e.Location != nil {
+		fmt.Fprintf(&b, "%v,%v", e.Location.Lat, e.Location.Lng)
+	}
+	fmt.Fprintf(&b, "\x00%t\x00%d\x00%d", e.Healthy, backlogClass(e.Backlog), lagClass(e.LagMs))
+	return b.String()
+}
+
+// backlogClass: 0, under 1,000, under 100,000, more.
+func backlogClass(n uint64) int {
+	switch {
+	case n == 0:
+		return 0
+	case n < 1000:
+		return 1
+	case n < 100000:
+		return 2
+	}
+	return 3
+}
+
+// lagClass: in sync, under 10 s, under 5 min, more.
+func lagClass(ms int64) int {
+	switch {
+	case ms <= 0:
+		return 0
+	case ms < 10_000:
+		return 1
+	case ms < 300_000:
+		return 2
+	}
+	return 3
+}
+
+// update recomputes one entry; mu held.
+func (l *liveness) update(id string, nowMs int64, fresh time.Duration) {
+	d, ok := l.durable[id]
+	if !ok {
+		return
+	}
+	e := l.served(d, nowMs, fresh)
+	fp := fingerprint(&e)
+	cur := l.entries[id]
+	switch {
+	case cur == nil:
+		l.seq++
+		l.entries[id] = &dirEntry{edge: e, fp: fp, ver: l.seq}
+		delete(l.removed, id)
+	case cur.fp != fp:
+		l.seq++
+		cur.edge, cur.fp, cur.ver = e, fp, l.seq
+	default:
+		cur.edge = e // the newest values ride along with the next change
+	}
+}
+
+// version is the directory's current version; mu held.
+func (l *liveness) version() string { return l.epoch + "." + strconv.FormatUint(l.seq, 10) }
+
+// delta is the directory change since have (the whole directory when have
+// is not of this epoch), with the current version. Call after refresh.
+func (l *liveness) delta(have string) (*wire.DirectoryDelta, string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	ver := l.version()
+	if have == ver {
+		return nil, ver
+	}
+	d := &wire.DirectoryDelta{}
+	var since uint64
+	ep, n, ok := strings.Cut(have, ".")
+	if s, err := strconv.ParseUint(n, 10, 64); ok && err == nil && ep == l.epoch && s <= l.seq {
+		since = s
+	} else {
+		d.Full = true
+	}
+	for _, e := range l.entries {
+		if d.Full || e.ver > since {
+			d.Edges = append(d.Edges, e.edge)
+		}
+	}
+	if !d.Full {
+		for id, v := range l.removed {
+			if v > since {
+				d.Removed = append(d.Removed, id)
+			}
+		}
+		slices.Sort(d.Removed)
+	}
+	wire.SortEdges(d.Edges)
+	return d, ver
+}
+
+// all is the whole directory as last refreshed.
+func (l *liveness) all() []wire.Edge {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make([]wire.Edge, 0, len(l.entries))
+	for _, e := range l.entries {
+		out = append(out, e.edge)
+	}
+	wire.SortEdges(out)
+	return out
+}
+
+// observe records the position an edge pulled from; reports whether it is
+// news to the leader's record.
+func (l *liveness) observe(edge, cursor string, recorded func() string) {
+	if cursor == "" {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.observed[edge] == cursor {
+		return
+	}
+	if _, ok := l.recorded[edge]; !ok {
+		l.mu.Unlock()
+		r := recorded()
+		l.mu.Lock()
+		l.recorded[edge] = r
+	}
+	if !cursorAfter(cursor, l.observed[edge]) {
+		return
+	}
+	l.observed[edge] = cursor
+}
+
+// pendingAcks are the observed positions not yet recorded in raft.
+func (l *liveness) pendingAcks() map[string]string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out map[string]string
+	for e, c := range l.observed {
+		if cursorAfter(c, l.recorded[e]) {
+			if out == nil {
+				out = map[string]string{}
+			}
+			out[e] = c
+		}
+	}
+	return out
+}
+
+func (l *liveness) acked(acks map[string]string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for e, c := range acks {
+		if cursorAfter(c, l.recorded[e]) {
+			l.recorded[e] = c
+		}
+	}
+}
+
+// cursorAfter reports whether pull cursor a is past b ("" is the start).
+// Cursors encode big-endian positions of one length, so their decoded
+// bytes compare in order; an undecodable one is never after.
+func cursorAfter(a, b string) bool {
+	ka, err := base64.RawURLEncoding.DecodeString(a)
+	if err != nil || len(ka) == 0 {
+		return false
+	}
+	if b == "" {
+		return true
+	}
+	kb, err := base64.RawURLEncoding.DecodeString(b)
+	if err != nil {
+		return true
+	}
+	return bytes.Compare(ka, kb) > 0
+}
+
+// refreshDirectory re-reads the durable records if the state changed any
+// since the last read, and recomputes every entry (health flips with
+// time). Leader only.
+func (s *Service) refreshDirectory(nowMs int64) error {
+	l := s.live
+	idx := s.state.EdgesIndex()
+	l.mu.Lock()
+	stale := !l.loaded || idx != l.durableAt
+	l.mu.Unlock()
+	var recs []wire.Edge
+	if stale {
+		var err error
+		if recs, err = s.state.Edges(); err != nil {
+			return err
+		}
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if stale {
+		l.durable = make(map[string]wire.Edge, len(recs))
+		for _, r := range recs {
+			l.durable[r.ID] = r
+		}
+		l.durableAt, l.loaded = idx, true
+		for id := range l.entries {
+			if _, ok := l.durable[id]; !ok {
+				delete(l.entries, id)
+				l.seq++
+				l.removed[id] = l.seq
+			}
+		}
+	}
+	for id := range l.durable {
+		l.update(id, nowMs, s.cfg.HeartbeatFresh)
+	}
+	return nil
+}
+
+// sweep is the liveness loop's tick: follow leadership, refresh the
+// directory, and wake held pulls if its version moved.
+func (s *Service) sweep() {
+	now := s.cfg.Now().UnixMilli()
+	leading := s.raft.IsLeader()
+	s.live.lead(leading, now)
+	if !leading {
+		return
+	}
+	if err := s.refreshDirectory(now); err != nil {
+		s.log.Warn("edge directory refresh failed", "err", err)
+		return
+	}
+	l := s.live
+	l.mu.Lock()
+	if l.seq != l.woke {
+		l.woke = l.seq
+		close(l.wakeCh)
+		l.wakeCh = make(chan struct{})
+	}
+	l.mu.Unlock()
+}
+
+// flushPullAcks records the pull positions the leader observed since the
+// last flush, in one command.
+func (s *Service) flushPullAcks(ctx context.Context) {
+	if !s.raft.IsLeader() {
+		return
+	}
+	acks := s.live.pendingAcks()
+	if len(acks) == 0 {
+		return
+	}
+	res, err := s.propose(ctx, &fsm.Command{Type: fsm.CmdPullAcks,
+		PullAcks: &fsm.PullAcks{Edges: acks, MaxOfflineMs: s.cfg.MaxOffline.Milliseconds()}})
+	if err != nil {
+		if ctx.Err() == nil {
+			s.log.Warn("recording pull positions failed; retrying next round", "err", err)
+		}
+		return
+	}
+	s.live.acked(acks)
+	if res.Applied > 0 {
+		s.log.Debug("deleted pulled downlink entries", "entries", res.Applied)
+	}
+}
+
+// RunLiveness keeps the directory (health flips with time, leadership
+// changes) and records edges' pull positions every PullAckInterval while
+// this node leads, until ctx ends.
+func (s *Service) RunLiveness(ctx context.Context) {
+	t := time.NewTicker(s.cfg.LivenessInterval)
+	defer t.Stop()
+	var lastAck time.Time
+	for {
+		s.sweep()
+		if time.Since(lastAck) >= s.cfg.PullAckInterval {
+			s.flushPullAcks(ctx)
+			lastAck = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
