@@ -67,6 +67,7 @@ const (
 	keyDirectory  = "directory"
 	keyKeys       = "jwks"
 	keyPolicies   = "policies_digest"
+	keyVersions   = "set_versions" // wire.SetVersions JSON: what the sets kept here are at
 )
 
 // Config configures a Syncer.
@@ -87,8 +88,17 @@ type Config struct {
 	// Idle is how often an idle syncer looks for new outbox entries
 	// (default 20ms): the floor of live-sync latency.
 	Idle time.Duration
-	// PullInterval (default 1s) and HeartbeatInterval (default 5s).
-	PullInterval      time.Duration
+	// PullWait is how long the cloud may hold a pull with nothing for
+	// this edge (long-poll, default wire.MaxPullWait): a cloud-side change
+	// arrives as soon as it commits, and an idle edge pulls once per wait.
+	// PullInterval (default 1s) is the pause after an empty pull that came
+	// back well before PullWait: a cloud that does not hold pulls (an
+	// older release) is polled at that rate, as before.
+	PullWait     time.Duration
+	PullInterval time.Duration
+	// HeartbeatInterval (default 5s) is the least time between heartbeats;
+	// they go before a pull, so a held pull spaces them out to PullWait.
+	// The cloud counts pulls as liveness too.
 	HeartbeatInterval time.Duration
 	// BackoffBase and BackoffMax bound the full-jitter backoff (defaults
 	// 100ms and 30s).
@@ -125,6 +135,9 @@ func (c *Config) defaults() {
 	}
 	if c.Idle <= 0 {
 		c.Idle = 20 * time.Millisecond
+	}
+	if c.PullWait <= 0 {
+		c.PullWait = wire.MaxPullWait
 	}
 	if c.PullInterval <= 0 {
 		c.PullInterval = time.Second
@@ -200,6 +213,8 @@ type Syncer struct {
 	dirMu sync.RWMutex
 	dir   []wire.Edge
 
+	have wire.SetVersions // versions of the sets kept here; owned by the pull loop
+
 	revs *Revocations
 
 	wake chan struct{}
@@ -226,6 +241,13 @@ func New(cfg Config, deps Deps) (*Syncer, error) {
 		var ms int64
 		if err := json.Unmarshal(v, &ms); err == nil {
 			s.lastSync.Store(ms)
+		}
+	}
+	if v, err := deps.Store.SyncValue(keyVersions); err != nil {
+		return nil, err
+	} else if len(v) > 0 {
+		if err := json.Unmarshal(v, &s.have); err != nil {
+			s.have = wire.SetVersions{} // pull every set whole again
 		}
 	}
 	if v, err := deps.Store.SyncValue(keyDirectory); err != nil {
@@ -677,19 +699,26 @@ func (s *Syncer) pullLoop(ctx context.Context) {
 				lastBeat = time.Now()
 			}
 		}
+		start := time.Now()
+		held := false
 		if err == nil {
-			err = s.pull(ctx)
+			held, err = s.pull(ctx)
 		}
-		wait := s.cfg.PullInterval
-		if err != nil {
+		var wait time.Duration
+		switch {
+		case err != nil:
 			if ctx.Err() != nil {
 				return
 			}
 			wait = s.failed("pull", err, &bo)
-		} else {
+		case !held && time.Since(start) < s.cfg.PullWait/2:
+			// Nothing came and the cloud did not hold the pull: poll.
+			bo.Reset()
+			wait = s.cfg.PullInterval
+		default:
 			bo.Reset()
 		}
-		if !sleep(ctx, wait) {
+		if wait > 0 && !sleep(ctx, wait) {
 			return
 		}
 	}
@@ -697,11 +726,13 @@ func (s *Syncer) pullLoop(ctx context.Context) {
 
 // pull fetches every page of cloud-side changes after the stored cursor,
 // applies them and stores the new cursor (after applying: a crash in
-// between re-applies a page, which the merge makes harmless).
-func (s *Syncer) pull(ctx context.Context) error {
+// between re-applies a page, which the merge makes harmless). The first
+// page is a long-poll (PullWait); held reports that a page brought
+// something, or that the cloud held the pull.
+func (s *Syncer) pull(ctx context.Context) (held bool, err error) {
 	raw, err := s.deps.Store.SyncValue(keyPullCursor)
 	if err != nil {
-		return err
+		return false, err
 	}
 	cursor := string(raw)
 	// The last successful pull as recorded with the cursor, not the
@@ -709,7 +740,7 @@ func (s *Syncer) pull(ctx context.Context) error {
 	// just refreshed that one, which would hide how long the edge was away.
 	lastRaw, err := s.deps.Store.SyncValue(keyLastSync)
 	if err != nil {
-		return err
+		return false, err
 	}
 	var last int64
 	if len(lastRaw) > 0 {
@@ -720,38 +751,44 @@ func (s *Syncer) pull(ctx context.Context) error {
 		// old cursor could miss deletions, so re-pull everything.
 		s.log.Warn("edge was offline longer than the maximum offline window; full resync", "last_pull", time.UnixMilli(last), "max_offline", s.cfg.MaxOffline)
 		s.m.resyncs.Inc()
-		cursor = ""
+		cursor, s.have = "", wire.SetVersions{}
 	}
+	wait := s.cfg.PullWait
 	for page := 0; page < 1000; page++ {
-		p, err := s.deps.Client.Pull(ctx, cursor, 1000)
+		sent := time.Now()
+		p, err := s.deps.Client.PullSets(ctx, cursor, 1000, s.have, wait)
 		var apiErr *client.APIError
 		if errors.As(err, &apiErr) && apiErr.Status == 400 && cursor != "" {
 			s.log.Warn("cloud refused the pull cursor; full resync", "err", err)
 			s.m.resyncs.Inc()
-			cursor = ""
+			cursor, s.have = "", wire.SetVersions{}
 			continue
 		}
 		if err != nil {
-			return err
+			return held, err
 		}
+		if len(p.Changes) > 0 || p.Directory != nil || time.Since(sent) >= wait/2 {
+			held = true
+		}
+		wait = 0 // only an empty first page is worth holding
 		if err := s.apply(p.Changes); err != nil {
-			return err
+			return held, err
 		}
 		if err := s.applySets(ctx, p); err != nil {
-			return err
+			return held, err
 		}
 		now := time.Now().UnixMilli()
 		lastJSON, _ := json.Marshal(now)
 		if err := s.deps.Store.SetSyncValues(map[string][]byte{keyPullCursor: []byte(p.NextCursor), keyLastSync: lastJSON}); err != nil {
-			return err
+			return held, err
 		}
 		s.succeeded()
 		cursor = p.NextCursor
 		if !p.More {
-			return nil
+			return held, nil
 		}
 	}
-	return nil
+	return held, nil
 }
 
 // apply merges pulled changes and sends changed desired state downstream.
@@ -833,11 +870,16 @@ func (s *Syncer) publishDesired(d *store.Device) {
 	}
 }
 
-// applySets installs the whole sets a pull page carries: keys, policies,
-// directory. Each is cached on disk before it takes effect.
+// applySets installs the sets a pull page carries: keys, policies,
+// directory, whole (a cloud that does not version them) or those whose
+// version moved, the directory as a delta. Each is cached on disk, with
+// the sets' versions, before it takes effect.
 func (s *Syncer) applySets(ctx context.Context, p *wire.PullPage) error {
 	kv := map[string][]byte{}
-	if len(p.Keys) > 0 && s.deps.Keys != nil {
+	v := p.Versions
+	keysIn := v == nil || v.Keys != s.have.Keys
+	policiesIn := v == nil || v.Policies != s.have.Policies
+	if keysIn && len(p.Keys) > 0 && s.deps.Keys != nil {
 		old, _ := s.deps.Store.SyncValue(keyKeys)
 		if string(old) != string(p.Keys) {
 			var set auth.JWKS
@@ -852,7 +894,7 @@ func (s *Syncer) applySets(ctx context.Context, p *wire.PullPage) error {
 			s.log.Info("installed the deployment's public keys", "keys", len(set.Keys))
 		}
 	}
-	if s.deps.Policies != nil {
+	if policiesIn && s.deps.Policies != nil {
 		// The cloud's set replaces the edge's whole policy; an empty set
 		// (the cloud distributes none, or deleted the last) means the
 		// built-in policies, never the last set the cloud sent.
@@ -880,20 +922,39 @@ func (s *Syncer) applySets(ctx context.Context, p *wire.PullPage) error {
 			kv[keyPolicies] = []byte(digest)
 		}
 	}
-	if p.Edges != nil {
-		b, err := json.Marshal(p.Edges)
+	dir := p.Edges
+	if v != nil && p.Directory != nil {
+		s.dirMu.RLock()
+		dir = p.Directory.Apply(s.dir)
+		s.dirMu.RUnlock()
+	}
+	if dir != nil {
+		b, err := json.Marshal(dir)
 		if err != nil {
 			return err
 		}
 		kv[keyDirectory] = b
 		s.dirMu.Lock()
-		s.dir = p.Edges
+		s.dir = dir
 		s.dirMu.Unlock()
+	}
+	if v != nil && *v != s.have {
+		b, err := json.Marshal(v)
+		if err != nil {
+			return err
+		}
+		kv[keyVersions] = b
 	}
 	if len(kv) == 0 {
 		return nil
 	}
-	return s.deps.Store.SetSyncValues(kv)
+	if err := s.deps.Store.SetSyncValues(kv); err != nil {
+		return err
+	}
+	if v != nil {
+		s.have = *v
+	}
+	return nil
 }
 
 // installPolicies installs modules; with none (no built-in set was given)

@@ -147,6 +147,31 @@ func (c *Client) Pull(ctx context.Context, cursor string, limit int) (*wire.Pull
 	return &page, c.do(ctx, http.MethodGet, wire.PathPull+"?"+q.Encode(), nil, &page)
 }
 
+// PullSets fetches cloud-side changes after cursor as an edge that keeps
+// versioned sets: have is the versions it holds, and the page carries only
+// the sets that moved (the directory as a delta; see wire.PullPage). With
+// wait > 0 the cloud may hold an empty pull that long (long-poll); the
+// request's timeout is extended by wait.
+func (c *Client) PullSets(ctx context.Context, cursor string, limit int, have wire.SetVersions, wait time.Duration) (*wire.PullPage, error) {
+	q := url.Values{}
+	q.Set(wire.QueryCursor, cursor)
+	if limit > 0 {
+		q.Set(wire.QueryLimit, strconv.Itoa(limit))
+	}
+	q.Set(wire.QueryHave, have.Encode())
+	hc := c.hc
+	if wait > 0 {
+		q.Set(wire.QueryWait, strconv.FormatInt(wait.Milliseconds(), 10))
+		if c.hc.Timeout > 0 {
+			long := *c.hc
+			long.Timeout += wait
+			hc = &long
+		}
+	}
+	var page wire.PullPage
+	return &page, c.doWith(ctx, hc, http.MethodGet, wire.PathPull+"?"+q.Encode(), nil, &page)
+}
+
 // State sends state changes ahead of the sequenced stream (idempotent).
 func (c *Client) State(ctx context.Context, b *wire.StateBatch) (*wire.StateResult, error) {
 	var res wire.StateResult
@@ -171,6 +196,10 @@ func (c *Client) Heartbeat(ctx context.Context, h *wire.Heartbeat) (*wire.Heartb
 // a transport error or 503, with jittered backoff between full rounds, until
 // ctx ends.
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	return c.doWith(ctx, c.hc, method, path, in, out)
+}
+
+func (c *Client) doWith(ctx context.Context, hc *http.Client, method, path string, in, out any) error {
 	var body []byte
 	if in != nil {
 		j, err := json.Marshal(in)
@@ -186,7 +215,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	var last error
 	for attempt := 0; ; attempt++ {
 		i := int(c.preferred.Load()) % len(c.urls)
-		err := c.once(ctx, method, c.urls[i]+path, body, out)
+		err := c.once(ctx, hc, method, c.urls[i]+path, body, out)
 		var retry *retryable
 		if !errors.As(err, &retry) {
 			return err
@@ -215,7 +244,7 @@ type retryable struct{ err error }
 
 func (r *retryable) Error() string { return r.err.Error() }
 
-func (c *Client) once(ctx context.Context, method, u string, body []byte, out any) error {
+func (c *Client) once(ctx context.Context, hc *http.Client, method, u string, body []byte, out any) error {
 	var rd io.Reader
 	if body != nil {
 		rd = bytes.NewReader(body)
@@ -231,7 +260,7 @@ func (c *Client) once(ctx context.Context, method, u string, body []byte, out an
 			req.Header.Set("Content-Encoding", wire.EncodingZstd)
 		}
 	}
-	resp, err := c.hc.Do(req)
+	resp, err := hc.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
 			return fmt.Errorf("client: %w", ctx.Err())
