@@ -262,7 +262,8 @@ func (a *applier) pullAcks(p *PullAcks) (Result, error) {
 // trimBroadcasts deletes the broadcasts every edge's position passed, and
 // those older than the maximum offline window, except session revocations
 // that have not expired. An edge with a directory record but no position
-// holds back the first rule (it may still need everything); one whose
+// (or a pushed sequence) but no position holds back the first rule (it may
+// still need everything); one whose
 // position is older than the window does not (it re-pulls from the start).
 func (a *applier) trimBroadcasts(maxOfflineMs int64, budget int) (int, error) {
 	var low []byte
@@ -282,13 +283,15 @@ func (a *applier) trimBroadcasts(maxOfflineMs int64, budget int) (int, error) {
 	}); err != nil {
 		return 0, err
 	}
-	if err := a.bk.edges.ForEach(func(k, _ []byte) error {
-		if a.bk.pulled.Get(k) == nil {
-			consider(make([]byte, posLen))
+	for _, known := range []*bolt.Bucket{a.bk.edges, a.bk.seq} {
+		if err := known.ForEach(func(k, _ []byte) error {
+			if a.bk.pulled.Get(k) == nil {
+				consider(make([]byte, posLen))
+			}
+			return nil
+		}); err != nil {
+			return 0, err
 		}
-		return nil
-	}); err != nil {
-		return 0, err
 	}
 	return a.trimTarget("*", func(k []byte, r *downRecord) bool {
 		if r.Change.Kind == wire.KindSessions && r.Change.Sessions != nil && r.Change.Sessions.UntilMs > a.atMs {

@@ -359,7 +359,7 @@ func device(c *fiber.Ctx) func(*fsm.Device, error) error {
 // edges and nearest run on the leader, which keeps the soft state (health,
 // backlog, lag) of the directory.
 func (s *Server) edges(c *fiber.Ctx) error {
-	return s.onLeader(c, func(c *fiber.Ctx) error {
+	return s.leaderRead(c, func(c *fiber.Ctx) error {
 		edges, err := s.svc.Edges(c.UserContext())
 		if err != nil {
 			return err
@@ -377,7 +377,7 @@ func (s *Server) nearest(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	return s.onLeader(c, func(c *fiber.Ctx) error {
+	return s.leaderRead(c, func(c *fiber.Ctx) error {
 		all, err := s.svc.Edges(c.UserContext())
 		if err != nil {
 			return err

@@ -554,6 +554,24 @@ func (s *Server) read(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
 	return apiError(fiber.StatusBadRequest, "consistency must be strong or local")
 }
 
+// leaderRead serves a read of the leader's soft state (the directory) on
+// the leader, forwarding it from a follower; consistency=strong also
+// confirms leadership first.
+func (s *Server) leaderRead(c *fiber.Ctx, local func(c *fiber.Ctx) error) error {
+	switch cons := c.Query("consistency"); cons {
+	case "", "local", "weak", "strong":
+		return s.onLeader(c, func(c *fiber.Ctx) error {
+			if cons == "strong" {
+				if err := s.svc.Barrier(c.UserContext()); err != nil {
+					return err
+				}
+			}
+			return local(c)
+		})
+	}
+	return apiError(fiber.StatusBadRequest, "consistency must be strong or local")
+}
+
 // --- bodies ---------------------------------------------------------------
 
 // body returns the request body decompressed per Content-Encoding, capped
