@@ -24,6 +24,7 @@ type fakeService struct {
 	admit  func() error
 	push   func(edge string, b *wire.PushBatch) (service.PushOutcome, error)
 	export func(emit func(*fsm.ExportRecord) error) (string, error)
+	pull   func(ctx context.Context, edge string, req service.PullRequest) (wire.PullPage, error)
 
 	mu       sync.Mutex
 	calls    []string
@@ -87,8 +88,11 @@ func (f *fakeService) State(_ context.Context, edge string, _ *wire.StateBatch) 
 	f.called("State", edge)
 	return service.StateOutcome{}, f.err
 }
-func (f *fakeService) Pull(_ context.Context, edge string, _ service.PullRequest) (wire.PullPage, error) {
+func (f *fakeService) Pull(ctx context.Context, edge string, req service.PullRequest) (wire.PullPage, error) {
 	f.called("Pull", edge)
+	if f.pull != nil {
+		return f.pull(ctx, edge, req)
+	}
 	return wire.PullPage{}, f.err
 }
 func (f *fakeService) Heartbeat(_ context.Context, edge string, _ *wire.Heartbeat) (wire.HeartbeatResult, error) {

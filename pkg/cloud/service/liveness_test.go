@@ -1,0 +1,272 @@
+package service
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/outpost-edge/outpost/pkg/wire"
+)
+
+// Heartbeats are soft state: only the first and one that changes a durable
+// fact reach raft; the directory still shows each one's backlog.
+func TestHeartbeatsStayOffRaft(t *testing.T) {
+	n := startService(t, Config{})
+	ctx := context.Background()
+	hb := func(h wire.Heartbeat) {
+		t.Helper()
+		if _, err := n.svc.Heartbeat(ctx, "e1", &h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	loc := &wire.Location{Lat: 31.2, Lng: 121.5}
+	hb(wire.Heartbeat{Region: "north", Location: loc, Advertise: "http://e1:8080"})
+	before := n.fsm.AppliedIndex()
+	for i := 0; i < 20; i++ {
+		hb(wire.Heartbeat{Region: "north", Location: &wire.Location{Lat: 31.2, Lng: 121.5}, Advertise: "http://e1:8080", Backlog: uint64(i)})
+	}
+	if after := n.fsm.AppliedIndex(); after != before {
+		t.Fatalf("20 heartbeats without a durable change moved the applied index from %d to %d", before, after)
+	}
+	edges, err := n.svc.Edges(ctx)
+	if err != nil || len(edges) != 1 || edges[0].Backlog != 19 || !edges[0].Healthy || edges[0].Region != "north" {
+		t.Fatalf("directory: %+v %v", edges, err)
+	}
+	// A durable change goes through raft, once.
+	hb(wire.Heartbeat{Region: "south", Location: loc, Advertise: "http://e1:8080"})
+	if n.fsm.AppliedIndex() == before {
+		t.Fatal("a region change did not reach raft")
+	}
+	if rec, err := n.fsm.Edge("e1"); err != nil || rec.Region != "south" {
+		t.Fatalf("durable record: %+v %v", rec, err)
+	}
+}
+
+// The directory's version moves for a health flip and for a durable change,
+// not for a heartbeat that changes neither; a delta carries only what moved,
+// and a version of another epoch gets the whole directory.
+func TestDirectoryDeltas(t *testing.T) {
+	n := startService(t, Config{HeartbeatFresh: time.Minute})
+	ctx := context.Background()
+	for _, e := range []string{"e1", "e2", "e3"} {
+		if _, err := n.svc.Heartbeat(ctx, e, &wire.Heartbeat{Region: "r", Backlog: 2}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pull := func(edge string, have wire.SetVersions) wire.PullPage {
+		t.Helper()
+		p, err := n.svc.Pull(ctx, edge, PullRequest{Limit: 100, Have: &have})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	first := pull("e1", wire.SetVersions{})
+	if first.Directory == nil || !first.Directory.Full || len(first.Directory.Edges) != 3 || first.Versions == nil {
+		t.Fatalf("first pull: %+v", first.Directory)
+	}
+	have := *first.Versions
+	// Fresh heartbeats that change nothing material (a backlog within its
+	// class): no delta.
+	for _, e := range []string{"e1", "e2", "e3"} {
+		if _, err := n.svc.Heartbeat(ctx, e, &wire.Heartbeat{Region: "r", Backlog: 5}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if p := pull("e1", have); p.Directory != nil || p.Keys != nil || p.Policies != nil || p.Versions.Directory != have.Directory {
+		t.Fatalf("pull after fresh heartbeats carried sets: dir %+v keys %s policies %+v", p.Directory, p.Keys, p.Policies)
+	}
+	// e2 and e3 fall silent past HeartbeatFresh while e1 keeps beating:
+	// a health flip each.
+	n.offset.Store((2 * time.Minute).Milliseconds())
+	if _, err := n.svc.Heartbeat(ctx, "e1", &wire.Heartbeat{Region: "r", Backlog: 2}); err != nil {
+		t.Fatal(err)
+	}
+	p := pull("e1", have)
+	if p.Directory == nil || p.Directory.Full || len(p.Directory.Edges) != 2 {
+		t.Fatalf("delta after two health flips: %+v", p.Directory)
+	}
+	for _, e := range p.Directory.Edges {
+		if e.Healthy || e.ID == "e1" {
+			t.Fatalf("delta entry %+v: want e2 and e3, unhealthy", e)
+		}
+	}
+	// A durable change of one edge: a delta of one.
+	have = *p.Versions
+	if _, err := n.svc.Heartbeat(ctx, "e1", &wire.Heartbeat{Region: "moved", Backlog: 2}); err != nil {
+		t.Fatal(err)
+	}
+	p = pull("e1", have)
+	if p.Directory == nil || len(p.Directory.Edges) != 1 || p.Directory.Edges[0].Region != "moved" {
+		t.Fatalf("delta after a region change: %+v", p.Directory)
+	}
+	got := p.Directory.Apply(first.Directory.Edges)
+	if len(got) != 3 || got[0].Region != "moved" {
+		t.Fatalf("applied delta: %+v", got)
+	}
+	// Another epoch's version: the whole directory.
+	if p := pull("e1", wire.SetVersions{Directory: "other.5"}); p.Directory == nil || !p.Directory.Full || len(p.Directory.Edges) != 3 {
+		t.Fatalf("pull with a foreign version: %+v", p.Directory)
+	}
+	// An edge that sends no versions gets every set whole.
+	legacy, err := n.svc.Pull(ctx, "e1", PullRequest{Limit: 100})
+	if err != nil || len(legacy.Edges) != 3 || legacy.Versions != nil || legacy.Directory != nil || len(legacy.Keys) == 0 {
+		t.Fatalf("legacy pull: %+v %v", legacy, err)
+	}
+}
+
+// A held pull returns as soon as a desired write for its edge commits, and
+// empty at the end of its wait otherwise; a write for another edge does not
+// end it.
+func TestHeldPullReturnsOnWrite(t *testing.T) {
+	n := startService(t, Config{PullHold: 400 * time.Millisecond})
+	ctx := context.Background()
+	if _, err := n.svc.Heartbeat(ctx, "e1", &wire.Heartbeat{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range []string{"e1", "e2"} {
+		if _, err := n.svc.Push(ctx, e, &wire.PushBatch{Edge: e, FirstSeq: 1, Changes: []wire.Change{{Kind: wire.KindReadings,
+			Device: "dev-" + e, Readings: []wire.Reading{{TS: 1, Metrics: map[string]float64{"t": 1}}}}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p, err := n.svc.Pull(ctx, "e1", PullRequest{Limit: 100, Have: &wire.SetVersions{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	have, cursor := *p.Versions, p.NextCursor
+
+	// Nothing for e1 (a write for e2 meanwhile): empty, after the hold.
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		_, _ = n.svc.PutDesired(ctx, "dev-e2", map[string]json.RawMessage{"x": json.RawMessage(`1`)})
+	}()
+	start := time.Now()
+	p, err = n.svc.Pull(ctx, "e1", PullRequest{Cursor: cursor, Limit: 100, Have: &have, Wait: time.Minute})
+	if err != nil || len(p.Changes) != 0 || p.Directory != nil {
+		t.Fatalf("idle held pull: %+v %v", p, err)
+	}
+	if d := time.Since(start); d < 350*time.Millisecond || d > 10*time.Second {
+		t.Fatalf("idle held pull returned after %s, want the 400ms hold", d)
+	}
+
+	// A write for e1 while held: answered before the hold ends.
+	n2 := startService(t, Config{PullHold: 20 * time.Second})
+	if _, err := n2.svc.Heartbeat(ctx, "e1", &wire.Heartbeat{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n2.svc.Push(ctx, "e1", &wire.PushBatch{Edge: "e1", FirstSeq: 1, Changes: []wire.Change{{Kind: wire.KindReadings,
+		Device: "dev-e1", Readings: []wire.Reading{{TS: 1, Metrics: map[string]float64{"t": 1}}}}}}); err != nil {
+		t.Fatal(err)
+	}
+	p, err = n2.svc.Pull(ctx, "e1", PullRequest{Limit: 100, Have: &wire.SetVersions{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	have, cursor = *p.Versions, p.NextCursor
+	type result struct {
+		p   wire.PullPage
+		err error
+		d   time.Duration
+	}
+	done := make(chan result, 1)
+	go func() {
+		start := time.Now()
+		p, err := n2.svc.Pull(ctx, "e1", PullRequest{Cursor: cursor, Limit: 100, Have: &have, Wait: 20 * time.Second})
+		done <- result{p, err, time.Since(start)}
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for gauge(t, n2, "outpost_cloud_pulls_held") < 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the pull was not held")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if _, err := n2.svc.PutDesired(ctx, "dev-e1", map[string]json.RawMessage{"fan": json.RawMessage(`"on"`)}); err != nil {
+		t.Fatal(err)
+	}
+	r := <-done
+	if r.err != nil || len(r.p.Changes) != 1 || string(r.p.Changes[0].Doc["fan"].Value) != `"on"` {
+		t.Fatalf("held pull after the write: %+v %v", r.p, r.err)
+	}
+	if r.d > 10*time.Second {
+		t.Fatalf("held pull answered after %s, want at the write", r.d)
+	}
+}
+
+// A held pull returns at once when its context ends (server shutdown).
+func TestHeldPullEndsWithContext(t *testing.T) {
+	n := startService(t, Config{PullHold: time.Minute})
+	if _, err := n.svc.Heartbeat(context.Background(), "e1", &wire.Heartbeat{}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := n.svc.Pull(context.Background(), "e1", PullRequest{Limit: 100, Have: &wire.SetVersions{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(100*time.Millisecond, cancel)
+	start := time.Now()
+	if _, err := n.svc.Pull(ctx, "e1", PullRequest{Cursor: p.NextCursor, Limit: 100, Have: p.Versions, Wait: time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("a held pull outlived its context by %s", d)
+	}
+}
+
+// The leader records observed pull positions in one command, only when one
+// moved, and that deletes the acknowledged entries.
+func TestPullPositionsRecorded(t *testing.T) {
+	n := startService(t, Config{})
+	ctx := context.Background()
+	if _, err := n.svc.Push(ctx, "e1", &wire.PushBatch{Edge: "e1", FirstSeq: 1, Changes: []wire.Change{{Kind: wire.KindReadings,
+		Device: "dev-e1", Readings: []wire.Reading{{TS: 1, Metrics: map[string]float64{"t": 1}}}}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.PutDesired(ctx, "dev-e1", map[string]json.RawMessage{"fan": json.RawMessage(`"on"`)}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := n.svc.Pull(ctx, "e1", PullRequest{Limit: 100})
+	if err != nil || len(p.Changes) != 1 {
+		t.Fatalf("pull: %+v %v", p, err)
+	}
+	before := n.fsm.AppliedIndex()
+	n.svc.flushPullAcks(ctx)
+	if n.fsm.AppliedIndex() != before {
+		t.Fatal("a flush with no new position made a raft entry")
+	}
+	// The next pull, from the cursor, acknowledges the entry.
+	if _, err := n.svc.Pull(ctx, "e1", PullRequest{Cursor: p.NextCursor, Limit: 100}); err != nil {
+		t.Fatal(err)
+	}
+	n.svc.flushPullAcks(ctx)
+	if n.fsm.PullPosition("e1") != p.NextCursor || n.fsm.DownlinkLen() != 0 {
+		t.Fatalf("position %q, %d entries left", n.fsm.PullPosition("e1"), n.fsm.DownlinkLen())
+	}
+	idx := n.fsm.AppliedIndex()
+	n.svc.flushPullAcks(ctx)
+	if _, err := n.svc.Pull(ctx, "e1", PullRequest{Cursor: p.NextCursor, Limit: 100}); err != nil {
+		t.Fatal(err)
+	}
+	n.svc.flushPullAcks(ctx)
+	if n.fsm.AppliedIndex() != idx {
+		t.Fatal("re-pulling from a recorded position made a raft entry")
+	}
+}
+
+// gauge reads an unlabelled gauge from the node's registry (0 if absent).
+func gauge(t *testing.T, n *node, name string) float64 {
+	t.Helper()
+	mfs, err := n.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) > 0 {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	return 0
+}
