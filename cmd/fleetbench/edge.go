@@ -28,7 +28,10 @@ import (
 // (pkg/cloud/client, built as pkg/edge builds it), the wire shapes, and the
 // syncer's cadence and rules, with its defaults read from
 // syncer.DefaultConfig: heartbeat when HeartbeatInterval has passed, then
-// pull every page, then sleep PullInterval; resume from the cloud's
+// pull every page, the first a long-poll of PullWait with the set versions
+// the edge holds (so an idle pull is held by the cloud and answered small),
+// pausing PullInterval only after an empty pull the cloud did not hold;
+// resume from the cloud's
 // acknowledged sequence (a heartbeat) before pushing and after any failure
 // or gap; up to InFlight pushes in flight, acknowledged in order; an idle
 // outbox looked at every Idle; full-jitter backoff, and a 429's Retry-After
@@ -55,7 +58,8 @@ type simEdge struct {
 
 	pending atomic.Bool // head > acked, read by the idle push loop without the lock
 	ready   atomic.Bool // a heartbeat and a pull succeeded since start
-	cursor  string      // pull cursor; owned by the pull loop
+	cursor  string           // pull cursor; owned by the pull loop
+	have    wire.SetVersions // set versions held; owned by the pull loop
 }
 
 type entry struct {
@@ -349,42 +353,59 @@ func (e *simEdge) pullLoop(ctx context.Context) {
 				lastBeat = time.Now()
 			}
 		}
+		start := time.Now()
+		held := false
 		if err == nil {
-			err = e.pull(ctx)
+			held, err = e.pull(ctx)
 		}
-		wait := e.cfg.PullInterval
-		if err != nil {
+		var wait time.Duration
+		switch {
+		case err != nil:
 			if ctx.Err() != nil {
 				return
 			}
 			wait = e.failed(ctx, err, &bo)
-		} else {
+		case !held && time.Since(start) < e.cfg.PullWait/2:
+			bo.Reset()
+			e.ready.Store(true)
+			wait = e.cfg.PullInterval
+		default:
 			bo.Reset()
 			e.ready.Store(true)
 		}
-		if !sleep(ctx, wait) {
+		if wait > 0 && !sleep(ctx, wait) {
 			return
 		}
 	}
 }
 
-// pull fetches every page after the cursor, as the syncer does; what the
-// pages carry is dropped (a real edge stores it).
-func (e *simEdge) pull(ctx context.Context) error {
+// pull fetches every page after the cursor, as the syncer does, keeping
+// the set versions the pages report; what the pages carry is dropped (a
+// real edge stores it).
+func (e *simEdge) pull(ctx context.Context) (held bool, err error) {
+	wait := e.cfg.PullWait
 	for page := 0; page < 1000; page++ {
-		p, err := e.cl.Pull(ctx, e.cursor, 1000)
+		sent := time.Now()
+		p, err := e.cl.PullSets(ctx, e.cursor, 1000, e.have, wait)
 		var apiErr *client.APIError
 		if errors.As(err, &apiErr) && apiErr.Status == 400 && e.cursor != "" {
-			e.cursor = ""
+			e.cursor, e.have = "", wire.SetVersions{}
 			continue
 		}
 		if err != nil {
-			return err
+			return held, err
 		}
+		if len(p.Changes) > 0 || p.Directory != nil || time.Since(sent) >= wait/2 {
+			held = true
+		}
+		wait = 0
 		e.cursor = p.NextCursor
+		if p.Versions != nil {
+			e.have = *p.Versions
+		}
 		if !p.More {
-			return nil
+			return held, nil
 		}
 	}
-	return nil
+	return held, nil
 }

@@ -43,6 +43,7 @@ type params struct {
 	CPUs     int     `json:"cpus"`
 	// The syncer's cadence the edges follow (syncer.DefaultConfig).
 	PullIntervalMs      int64 `json:"pull_interval_ms"`
+	PullWaitMs          int64 `json:"pull_wait_ms"` // the long-poll the edges ask for
 	HeartbeatIntervalMs int64 `json:"heartbeat_interval_ms"`
 	PushIdleMs          int64 `json:"push_idle_ms"`
 	InFlight            int   `json:"in_flight"`
@@ -141,7 +142,7 @@ func run(ctx context.Context, o options) (*report, error) {
 	cfg := syncer.DefaultConfig()
 	rep := &report{Params: params{Edges: o.edges, Nodes: o.nodes, IdleS: o.idle.Seconds(), Backlog: o.backlog, Rate: o.rate,
 		SteadyS: o.steady.Seconds(), TimeoutS: o.timeout.Seconds(), CPUs: runtime.NumCPU(),
-		PullIntervalMs: cfg.PullInterval.Milliseconds(), HeartbeatIntervalMs: cfg.HeartbeatInterval.Milliseconds(),
+		PullIntervalMs: cfg.PullInterval.Milliseconds(), PullWaitMs: cfg.PullWait.Milliseconds(), HeartbeatIntervalMs: cfg.HeartbeatInterval.Milliseconds(),
 		PushIdleMs: cfg.Idle.Milliseconds(), InFlight: cfg.InFlight, BatchReadings: cfg.BatchReadings}}
 
 	dir, err := os.MkdirTemp("", "fleetbench-")

@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
-	"fmt"
 	"slices"
 	"strconv"
 	"strings"
@@ -139,16 +138,19 @@ func (l *liveness) served(d wire.Edge, nowMs int64, fresh time.Duration) wire.Ed
 // fingerprint is what of an entry counts as a directory change: the
 // durable facts, health, and the magnitude of backlog and lag.
 func fingerprint(e *wire.Edge) string {
-	var b strings.Builder
-	b.WriteString(e.Region)
-	b.WriteByte(0)
-	b.WriteString(e.Advertise)
-	b.WriteByte(0)
+	b := make([]byte, 0, len(e.Region)+len(e.Advertise)+48)
+	b = append(append(b, e.Region...), 0)
+	b = append(append(b, e.Advertise...), 0)
 	if e.Location != nil {
-		fmt.Fprintf(&b, "%v,%v", e.Location.Lat, e.Location.Lng)
+		b = strconv.AppendFloat(b, e.Location.Lat, 'g', -1, 64)
+		b = append(b, ',')
+		b = strconv.AppendFloat(b, e.Location.Lng, 'g', -1, 64)
 	}
-	fmt.Fprintf(&b, "\x00%t\x00%d\x00%d", e.Healthy, backlogClass(e.Backlog), lagClass(e.LagMs))
-	return b.String()
+	b = append(b, 0, byte('0'+backlogClass(e.Backlog)), byte('0'+lagClass(e.LagMs)))
+	if e.Healthy {
+		b = append(b, 'h')
+	}
+	return string(b)
 }
 
 // backlogClass: 0, under 1,000, under 100,000, more.
@@ -316,9 +318,9 @@ func cursorAfter(a, b string) bool {
 }
 
 // refreshDirectory re-reads the durable records if the state changed any
-// since the last read, and recomputes every entry (health flips with
-// time). Leader only.
-func (s *Service) refreshDirectory(nowMs int64) error {
+// since the last read, and then, or with all, recomputes every entry
+// (health flips with time: the sweep passes all). Leader only.
+func (s *Service) refreshDirectory(nowMs int64, all bool) error {
 	l := s.live
 	idx := s.state.EdgesIndex()
 	l.mu.Lock()
@@ -347,8 +349,10 @@ func (s *Service) refreshDirectory(nowMs int64) error {
 			}
 		}
 	}
-	for id := range l.durable {
-		l.update(id, nowMs, s.cfg.HeartbeatFresh)
+	if stale || all {
+		for id := range l.durable {
+			l.update(id, nowMs, s.cfg.HeartbeatFresh)
+		}
 	}
 	return nil
 }
@@ -362,7 +366,7 @@ func (s *Service) sweep() {
 	if !leading {
 		return
 	}
-	if err := s.refreshDirectory(now); err != nil {
+	if err := s.refreshDirectory(now, true); err != nil {
 		s.log.Warn("edge directory refresh failed", "err", err)
 		return
 	}

@@ -78,11 +78,12 @@ func TestDirectoryDeltas(t *testing.T) {
 		t.Fatalf("pull after fresh heartbeats carried sets: dir %+v keys %s policies %+v", p.Directory, p.Keys, p.Policies)
 	}
 	// e2 and e3 fall silent past HeartbeatFresh while e1 keeps beating:
-	// a health flip each.
+	// a health flip each, which the liveness loop's sweep finds.
 	n.offset.Store((2 * time.Minute).Milliseconds())
 	if _, err := n.svc.Heartbeat(ctx, "e1", &wire.Heartbeat{Region: "r", Backlog: 2}); err != nil {
 		t.Fatal(err)
 	}
+	n.svc.sweep()
 	p := pull("e1", have)
 	if p.Directory == nil || p.Directory.Full || len(p.Directory.Edges) != 2 {
 		t.Fatalf("delta after two health flips: %+v", p.Directory)

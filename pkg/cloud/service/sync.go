@@ -228,7 +228,7 @@ func (s *Service) pullOnce(edge string, req PullRequest) (wire.PullPage, bool, e
 	}
 	news := len(page.Changes) > 0 || page.More
 	now := s.cfg.Now().UnixMilli()
-	if err := s.refreshDirectory(now); err != nil {
+	if err := s.refreshDirectory(now, false); err != nil {
 		return wire.PullPage{}, false, err
 	}
 	sets, err := s.sets()
@@ -342,7 +342,7 @@ func (s *Service) Heartbeat(ctx context.Context, edge string, h *wire.Heartbeat)
 		}
 		acked = res.AckedSeq
 		s.m.durableBeats.Inc()
-		if rerr := s.refreshDirectory(now.UnixMilli()); rerr != nil {
+		if rerr := s.refreshDirectory(now.UnixMilli(), false); rerr != nil {
 			s.log.Warn("edge directory refresh failed", "err", rerr)
 		}
 	}
