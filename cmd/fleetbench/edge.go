@@ -56,8 +56,8 @@ type simEdge struct {
 	lagSince  time.Time       // zero: lags not recorded
 	lags      []time.Duration // made → acknowledged, of readings made since lagSince
 
-	pending atomic.Bool // head > acked, read by the idle push loop without the lock
-	ready   atomic.Bool // a heartbeat and a pull succeeded since start
+	pending atomic.Bool      // head > acked, read by the idle push loop without the lock
+	ready   atomic.Bool      // a heartbeat and a pull succeeded since start
 	cursor  string           // pull cursor; owned by the pull loop
 	have    wire.SetVersions // set versions held; owned by the pull loop
 }

@@ -140,6 +140,9 @@ func run(ctx context.Context, o options) (*report, error) {
 		o.logf = func(string, ...any) {}
 	}
 	cfg := syncer.DefaultConfig()
+	if o.pullWait > 0 {
+		cfg.PullWait = o.pullWait
+	}
 	rep := &report{Params: params{Edges: o.edges, Nodes: o.nodes, IdleS: o.idle.Seconds(), Backlog: o.backlog, Rate: o.rate,
 		SteadyS: o.steady.Seconds(), TimeoutS: o.timeout.Seconds(), CPUs: runtime.NumCPU(),
 		PullIntervalMs: cfg.PullInterval.Milliseconds(), PullWaitMs: cfg.PullWait.Milliseconds(), HeartbeatIntervalMs: cfg.HeartbeatInterval.Milliseconds(),

@@ -46,6 +46,7 @@ type options struct {
 	steady   time.Duration
 	stormMax time.Duration
 	timeout  time.Duration
+	pullWait time.Duration // 0: the syncer's default
 	nodeArgs []string
 	nodeLog  io.Writer // the nodes' stdout and stderr
 	logf     func(format string, args ...any)
@@ -62,6 +63,7 @@ func main() {
 	flag.DurationVar(&o.steady, "steady", 20*time.Second, "measured window of the steady phase")
 	flag.DurationVar(&o.stormMax, "storm-max", 2*time.Minute, "give up on the storm draining after this")
 	flag.DurationVar(&o.timeout, "timeout", 5*time.Minute, "bound of the whole run")
+	flag.DurationVar(&o.pullWait, "pull-wait", 0, "long-poll the edges ask for (default the syncer's, 25s; the idle window should span several)")
 	extra := flag.String("node-args", "", "extra flags for every node, space-separated (e.g. \"-max-pending-bytes 8388608\")")
 	flag.Parse()
 	o.nodeArgs = strings.Fields(*extra)

@@ -43,8 +43,9 @@ func cloudSync(t *testing.T) string {
 
 // TestFleet runs the simulator against a real one-node cloud-sync with five
 // edges and short phases, and checks that the JSON line's figures are what
-// five edges on the syncer's cadence must produce: every edge pulled about
-// once a second and the pulls carried the directory, every backlog was
+// five edges on the syncer's cadence must produce: every edge long-polled
+// (a 500ms wait here) and its idle pulls were small and carried no sets,
+// no raft entry came from liveness, every backlog was
 // drained, every steady reading acknowledged, lags ordered and bounded.
 func TestFleet(t *testing.T) {
 	if _, err := os.Stat("/proc/self/stat"); err != nil {
@@ -52,7 +53,7 @@ func TestFleet(t *testing.T) {
 	}
 	bin := cloudSync(t)
 	logs := &lockedBuffer{}
-	o := options{bin: bin, nodes: 1, edges: 5, idle: 2 * time.Second, backlog: 300, rate: 5,
+	o := options{bin: bin, nodes: 1, edges: 5, idle: 2 * time.Second, pullWait: 500 * time.Millisecond, backlog: 300, rate: 5,
 		steady: 2 * time.Second, stormMax: 20 * time.Second, timeout: 60 * time.Second, nodeLog: logs, logf: t.Logf}
 	if err := o.check(); err != nil {
 		t.Fatal(err)
@@ -115,14 +116,19 @@ func TestFleet(t *testing.T) {
 	}
 
 	id := rep.Idle
-	// The syncer pulls every second: in a 2s window each edge pulls 2 or 3
-	// times (a hot loop or a dead one fails this).
-	if id.Pulls < int64(o.edges) || id.Pulls > int64(o.edges)*4 {
+	// Each edge's pull is held its 500ms wait: in a 2s window it pulls
+	// about 4 times (a hot loop, a pull not held, or a dead one fails this).
+	if id.Pulls < int64(o.edges)*2 || id.Pulls > int64(o.edges)*6 {
 		t.Errorf("idle: %d pulls by %d edges in %.1fs", id.Pulls, o.edges, id.Seconds)
 	}
-	// Today a pull carries at least the directory of five edges.
-	if id.BytesPerPull < 5*80 || id.BytesPerPull > 64<<10 {
+	// An idle pull carries no set (the edges hold the current versions):
+	// issue 12's bound of 1 KB, and less than five directory entries.
+	if id.BytesPerPull <= 0 || id.BytesPerPull > 1024 || id.BytesPerPull >= 5*80 {
 		t.Errorf("idle: %v bytes per pull", id.BytesPerPull)
+	}
+	// Liveness makes no raft entries.
+	if *id.RaftEntriesPerS != 0 {
+		t.Errorf("idle: %v raft entries/s", *id.RaftEntriesPerS)
 	}
 	if id.ClusterCPUPct < 0 || id.CPUPerEdgePct < 0 || *id.RaftEntriesPerS < 0 || id.Failures != 0 {
 		t.Errorf("idle: %+v", *id)
