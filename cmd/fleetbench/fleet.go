@@ -264,9 +264,11 @@ func (f *fleet) idlePhase(ctx context.Context) (*idleReport, error) {
 	}
 	connected := time.Since(t0)
 	f.o.logf("idle: %d edges connected in %s; measuring %s", len(f.edges), connected.Round(time.Millisecond), f.o.idle)
-	// One more pull interval: every edge in its cadence, the push loops'
-	// first heartbeats done.
-	if !sleep(ctx, f.cfg.PullInterval+500*time.Millisecond) {
+	// Settle: the push loops' first heartbeats done, and the directory
+	// changes of the last edges to connect (the cloud wakes held pulls for
+	// those at most once a second) delivered, so the window sees held
+	// pulls only.
+	if !sleep(ctx, f.cfg.PullInterval+1500*time.Millisecond) {
 		return nil, ctx.Err()
 	}
 	s0, err := f.begin(ctx)

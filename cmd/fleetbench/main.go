@@ -8,7 +8,10 @@
 //
 //   - idle: every edge connected with nothing to say (heartbeats and pulls
 //     only) for a window: cluster CPU, in all and per edge; bytes per pull;
-//     raft entries per second;
+//     raft entries per second. Pulls are long-polls the cloud holds for
+//     -pull-wait (the syncer's 25s by default), so a window shorter than
+//     that sees under one pull per edge; bytes per pull is over the pulls
+//     that ended in the window;
 //   - storm: every edge goes away, makes a backlog, and comes back at the
 //     same instant: time until every edge's backlog is acknowledged, each
 //     edge's lag (its return → its last acknowledgement) at p50, p99 and max,
