@@ -383,8 +383,10 @@ func (h *pullHub) wake(targets map[string]bool, all bool) {
 }
 
 // PullWatch returns a channel closed when something a pull of edge carries
-// next commits: a downlink entry for it or for every edge, a directory
-// record, a policy or the signing key. Take it before reading, then wait.
+// next commits: a downlink entry for it or for every edge, a policy or the
+// signing key (or a snapshot is restored). Directory records do not close
+// it: the service coalesces directory changes. Take it before reading,
+// then wait.
 func (f *FSM) PullWatch(edge string) <-chan struct{} { return f.pulls.watch(edge) }
 
 // EdgesIndex is the last applied index that may have changed an edge's

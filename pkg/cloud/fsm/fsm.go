@@ -361,7 +361,10 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	if a.setsChanged {
 		f.setsIndex.Store(last)
 	}
-	f.pulls.wake(a.targets, a.broadcast || a.edgesChanged || a.setsChanged)
+	// A directory record does not wake held pulls: the service's liveness
+	// sweep coalesces directory changes (a fleet registering would wake
+	// every pull once per edge).
+	f.pulls.wake(a.targets, a.broadcast || a.setsChanged)
 	if f.hooks.OnReadings != nil && (a.added > 0 || a.dups > 0) {
 		f.hooks.OnReadings(a.added, a.dups)
 	}
@@ -997,6 +1000,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	if f.hooks.OnRestore != nil {
 		f.hooks.OnRestore()
 	}
+	f.pulls.wake(nil, true) // anything may have changed
 	f.notify()
 	return nil
 }
