@@ -395,7 +395,7 @@ func (e *simEdge) pull(ctx context.Context) (held bool, err error) {
 		if err != nil {
 			return held, err
 		}
-		if len(p.Changes) > 0 || p.Directory != nil || time.Since(sent) >= wait/2 {
+		if len(p.Changes) > 0 || p.Versions != nil && *p.Versions != e.have || time.Since(sent) >= wait/2 {
 			held = true
 		}
 		wait = 0

@@ -767,7 +767,7 @@ func (s *Syncer) pull(ctx context.Context) (held bool, err error) {
 		if err != nil {
 			return held, err
 		}
-		if len(p.Changes) > 0 || p.Directory != nil || time.Since(sent) >= wait/2 {
+		if len(p.Changes) > 0 || p.Versions != nil && *p.Versions != s.have || time.Since(sent) >= wait/2 {
 			held = true
 		}
 		wait = 0 // only an empty first page is worth holding
