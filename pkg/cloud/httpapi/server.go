@@ -141,7 +141,7 @@ type Server struct {
 	zdec    *zstd.Decoder
 	m       *httpMetrics
 	limiter *authlimit.Limiter // nil: auth failures are not throttled
-	// base ends when Shutdown starts: held pulls and forwarded requests
+	// base ends when Shutdown starts: held pulls (and their forwarding)
 	// return at once instead of delaying it.
 	base     context.Context
 	stopBase context.CancelFunc
@@ -483,7 +483,10 @@ func (s *Server) onLeaderHeld(c *fiber.Ctx, hold time.Duration, local func(c *fi
 				return err
 			}
 		}
-		if s.base.Err() != nil {
+		if hold > 0 && s.base.Err() != nil {
+			// A held pull forwarded from here ends with the shutdown; the
+			// edge pulls again from another node. Other requests in flight
+			// are forwarded to the end (they are drained, not cut).
 			return &httpError{status: fiber.StatusServiceUnavailable, msg: "this node is shutting down", retryAfter: 1}
 		}
 		if time.Now().After(deadline) {
@@ -501,7 +504,11 @@ func (s *Server) onLeaderHeld(c *fiber.Ctx, hold time.Duration, local func(c *fi
 // proxy relays c to the node at addr. done is false when the leader could
 // not be reached or answered that it is no longer leader.
 func (s *Server) proxy(c *fiber.Ctx, addr string, hold time.Duration) (done bool, err error) {
-	ctx, cancel := context.WithTimeout(s.base, s.cfg.RequestTimeout+2*time.Second+hold)
+	parent := context.Background()
+	if hold > 0 {
+		parent = s.base // a held pull ends with the shutdown
+	}
+	ctx, cancel := context.WithTimeout(parent, s.cfg.RequestTimeout+2*time.Second+hold)
 	defer cancel()
 	url := s.scheme + "://" + addr + string(c.Request().URI().RequestURI())
 	req, err := http.NewRequestWithContext(ctx, c.Method(), url, bytes.NewReader(c.Request().Body()))
