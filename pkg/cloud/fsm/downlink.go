@@ -148,7 +148,9 @@ func (it *targetIter) next() {
 
 // Pull returns the cloud-side changes addressed to edge after cursor, at
 // most limit of them. A pull from the start ("") begins with every user's
-// current record: the broadcasts that carried them may be gone.
+// current record (the broadcasts that carried them may be gone), and its
+// last page's cursor is the applied index, so the next pull does not
+// start over.
 func (f *FSM) Pull(edge, cursor string, limit int) (wire.PullPage, error) {
 	page := wire.PullPage{Changes: []wire.Change{}, NextCursor: cursor}
 	after, err := decodePullCursor(cursor)
@@ -196,9 +198,24 @@ func (f *FSM) Pull(edge, cursor string, limit int) (wire.PullPage, error) {
 				page.Changes = append(page.Changes, r.Change)
 			}
 		}
+		if cursor == "" && !page.More {
+			// The snapshot of users stands for everything up to the
+			// applied index: the next pull starts after it, whether or not
+			// any entry was for this edge, so the snapshot is not sent
+			// again.
+			at := binary.BigEndian.AppendUint32(u64(getU64(tx.Bucket(bktMeta).Get(keyApplied))), ^uint32(0))
+			if page.NextCursor == "" || bytes.Compare(at, mustDecode(page.NextCursor)) > 0 {
+				page.NextCursor = base64.RawURLEncoding.EncodeToString(at)
+			}
+		}
 		return nil
 	})
 	return page, err
+}
+
+func mustDecode(cursor string) []byte {
+	k, _ := base64.RawURLEncoding.DecodeString(cursor)
+	return k
 }
 
 // PullPosition is the pull position edge acknowledged in the replicated

@@ -58,7 +58,8 @@ func TestPullReadsOnlyItsEdgesEntries(t *testing.T) {
 	if fmt.Sprint(kinds) != fmt.Sprint(want) {
 		t.Fatalf("e1 pulled %v, want %v", kinds, want)
 	}
-	// Paging: limit counts scanned entries; the cursor resumes.
+	// Paging: limit counts scanned entries; the cursor resumes, and after
+	// a pull from the start it is never "" (the users are not sent again).
 	p1, _ := f.Pull("e1", page.NextCursor, 10)
 	if len(p1.Changes) != 0 || p1.More || p1.NextCursor != page.NextCursor {
 		t.Fatalf("pull after the last entry: %+v", p1)
@@ -70,6 +71,15 @@ func TestPullReadsOnlyItsEdgesEntries(t *testing.T) {
 	rest, _ := f.Pull("e2", first.NextCursor, 100)
 	if rest.More || len(rest.Changes) != 31 { // 30 desired, the user broadcast
 		t.Fatalf("e2 rest: %d changes, more %v", len(rest.Changes), rest.More)
+	}
+	// An edge nothing was ever queued for: its first pull carries the
+	// users and a cursor, its next nothing.
+	p3, _ := f.Pull("e3", "", 100)
+	if len(p3.Changes) != 2 || p3.NextCursor == "" { // alice's record, then the alice broadcast
+		t.Fatalf("e3's first pull: %d changes, cursor %q", len(p3.Changes), p3.NextCursor)
+	}
+	if p4, _ := f.Pull("e3", p3.NextCursor, 100); len(p4.Changes) != 0 || p4.NextCursor != p3.NextCursor {
+		t.Fatalf("e3's second pull: %+v", p4)
 	}
 }
 
