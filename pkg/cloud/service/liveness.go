@@ -317,14 +317,18 @@ func cursorAfter(a, b string) bool {
 	return bytes.Compare(ka, kb) > 0
 }
 
-// refreshDirectory re-reads the durable records if the state changed any
-// since the last read, and then, or with all, recomputes every entry
-// (health flips with time: the sweep passes all). Leader only.
-func (s *Service) refreshDirectory(nowMs int64, all bool) error {
+// refreshDirectory reads the durable records when this leader has none
+// yet, and with sweep also when the state changed any since the last read;
+// then (or with sweep) it recomputes every entry (health flips with time).
+// Between sweeps, Heartbeat keeps the records it writes current itself, so
+// a fleet registering costs one read of the records a second, not one per
+// edge. Leader only.
+func (s *Service) refreshDirectory(nowMs int64, sweep bool) error {
 	l := s.live
+	all := sweep
 	idx := s.state.EdgesIndex()
 	l.mu.Lock()
-	stale := !l.loaded || idx != l.durableAt
+	stale := !l.loaded || sweep && idx != l.durableAt
 	l.mu.Unlock()
 	var recs []wire.Edge
 	if stale {

@@ -342,12 +342,17 @@ func (s *Service) Heartbeat(ctx context.Context, edge string, h *wire.Heartbeat)
 		}
 		acked = res.AckedSeq
 		s.m.durableBeats.Inc()
-		if rerr := s.refreshDirectory(now.UnixMilli(), false); rerr != nil {
-			s.log.Warn("edge directory refresh failed", "err", rerr)
-		}
+		rec = wire.Edge{ID: edge, Region: h.Region, Location: h.Location, Advertise: h.Advertise, Backlog: h.Backlog,
+			LastHeartbeatMs: now.UnixMilli(), AckedSeq: acked, OldestUnsynced: h.OldestUnsyncedMs}
 	}
 	l := s.live
 	l.mu.Lock()
+	if l.loaded {
+		// The record as committed, so the entry is current now; the sweep
+		// re-reads all records (at most once a second) since the state's
+		// EdgesIndex moved.
+		l.durable[edge] = rec
+	}
 	l.soft[edge] = softState{atMs: now.UnixMilli(), backlog: h.Backlog, oldestMs: h.OldestUnsyncedMs, beat: true}
 	l.update(edge, now.UnixMilli(), s.cfg.HeartbeatFresh)
 	l.mu.Unlock()
