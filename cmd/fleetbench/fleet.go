@@ -264,11 +264,13 @@ func (f *fleet) idlePhase(ctx context.Context) (*idleReport, error) {
 	}
 	connected := time.Since(t0)
 	f.o.logf("idle: %d edges connected in %s; measuring %s", len(f.edges), connected.Round(time.Millisecond), f.o.idle)
-	// Settle: the push loops' first heartbeats done, and the directory
+	// Settle: the push loops' first heartbeats done, the directory
 	// changes of the last edges to connect (the cloud wakes held pulls for
-	// those at most once a second) delivered, so the window sees held
-	// pulls only.
-	if !sleep(ctx, f.cfg.PullInterval+1500*time.Millisecond) {
+	// those at most once a second) delivered, and the edges' first pull
+	// positions recorded (the leader does that in one raft entry every 5 s,
+	// only when a position moved, which an idle edge's does not), so the
+	// window sees the idle fleet only.
+	if !sleep(ctx, f.cfg.PullInterval+6500*time.Millisecond) {
 		return nil, ctx.Err()
 	}
 	s0, err := f.begin(ctx)
