@@ -101,3 +101,31 @@ func TestPullSendsVersionsAndAppliesDeltas(t *testing.T) {
 		t.Fatalf("directory after a restart: %+v", dir)
 	}
 }
+
+// Against a cloud that does not version sets or hold pulls (an older
+// release), the directory comes whole and an empty pull counts as not held,
+// so the pull loop pauses PullInterval instead of spinning.
+func TestPullFromAnOlderCloud(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		page := wire.PullPage{Changes: []wire.Change{}, Edges: []wire.Edge{{ID: "x"}}}
+		raw, _ := json.Marshal(page)
+		_ = json.NewEncoder(w).Encode(wire.Envelope[json.RawMessage]{Code: 200, Message: "ok", Data: raw})
+	}))
+	t.Cleanup(srv.Close)
+	cl, err := client.New([]string{srv.URL}, "tok", client.WithRounds(1), client.WithoutCompression())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cl.Close)
+	s, err := New(Config{EdgeID: "e1", PullWait: 20 * time.Second}, Deps{Store: openStore(t), Client: cl})
+	if err != nil {
+		t.Fatal(err)
+	}
+	held, err := s.pull(t.Context())
+	if err != nil || held {
+		t.Fatalf("pull from an older cloud: held %v, err %v", held, err)
+	}
+	if dir, _ := s.Edges(t.Context()); len(dir) != 1 || dir[0].ID != "x" || s.have != (wire.SetVersions{}) {
+		t.Fatalf("directory %+v, versions %+v", dir, s.have)
+	}
+}

@@ -3,8 +3,12 @@ package service
 import (
 	"context"
 	"encoding/json"
+	"io"
+	"log/slog"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -271,3 +275,35 @@ func gauge(t *testing.T, n *node, name string) float64 {
 	}
 	return 0
 }
+
+// A new leader has no soft state: it counts the edges it has not heard from
+// as healthy for HeartbeatFresh (health unknown), then as what their
+// heartbeats say.
+func TestNewLeaderHealthUnknown(t *testing.T) {
+	n := startService(t, Config{HeartbeatFresh: time.Minute})
+	ctx := context.Background()
+	for _, e := range []string{"e1", "e2"} {
+		if _, err := n.svc.Heartbeat(ctx, e, &wire.Heartbeat{Region: "r", Backlog: 4}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Another service over the same replica: what a node that just became
+	// leader has (the replicated records, no soft state).
+	now := func() time.Time { return time.Now().Add(time.Duration(n.offset.Load()) * time.Millisecond) }
+	fresh := New(Config{HeartbeatFresh: time.Minute, Now: now}, n.raft, n.fsm, n.clock, discardLogger(), prometheus.NewRegistry())
+	edges, err := fresh.Edges(ctx)
+	if err != nil || len(edges) != 2 || !edges[0].Healthy || !edges[1].Healthy || edges[0].Backlog != 4 {
+		t.Fatalf("new leader's directory: %+v %v", edges, err)
+	}
+	// e1 heartbeats to the new leader; e2 stays silent past the window.
+	n.offset.Store((2 * time.Minute).Milliseconds())
+	if _, err := fresh.Heartbeat(ctx, "e1", &wire.Heartbeat{Region: "r"}); err != nil {
+		t.Fatal(err)
+	}
+	edges, _ = fresh.Edges(ctx)
+	if !edges[0].Healthy || edges[0].Backlog != 0 || edges[1].Healthy {
+		t.Fatalf("after the window: %+v", edges)
+	}
+}
+
+func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
