@@ -159,7 +159,7 @@ func run(ctx context.Context, o options) (*report, error) {
 		ids[i] = fmt.Sprintf("fleet-%0*d", width, i)
 	}
 	f := &fleet{o: o, cfg: cfg, m: &meter{}, rss: &sampler{},
-		c: &cluster{bin: o.bin, args: o.nodeArgs, log: o.nodeLog, hc: &http.Client{Timeout: 20 * time.Second}}}
+		c: &cluster{bin: o.bin, args: nodeArgs(o), log: o.nodeLog, hc: &http.Client{Timeout: 20 * time.Second}}}
 	defer f.c.stop() // runs before the data directory is removed
 	finish := func(err error) (*report, error) {
 		f.halt()
@@ -567,4 +567,15 @@ func sig(f float64) float64 {
 	}
 	p := math.Pow(10, 2-math.Floor(math.Log10(math.Abs(f))))
 	return math.Round(f*p) / p
+}
+
+// nodeArgs are the flags every node gets: the per-address connection cap
+// raised for the fleet (every simulated edge, and every node forwarding to
+// the leader, connects from 127.0.0.1, where a real fleet comes from as
+// many addresses as edges: each edge holds a connection for its long-poll,
+// and a follower one to the leader for each held pull it forwards), then
+// -node-args, which may override it.
+func nodeArgs(o options) []string {
+	perIP := max(1024, 4*o.edges+256)
+	return append([]string{"-max-conns", strconv.Itoa(max(16384, perIP)), "-max-conns-per-ip", strconv.Itoa(perIP)}, o.nodeArgs...)
 }
