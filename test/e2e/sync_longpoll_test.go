@@ -10,17 +10,16 @@ import (
 )
 
 // A desired-state write in the cloud reaches the device through a
-// long-polling edge within a couple of seconds: the edge talks only to a
-// follower, which forwards its held pull to the leader, and the leader
-// answers the held pull as soon as the write commits. The leader's
-// held-pulls gauge shows the edge is long-polling, not polling. Stopping the
-// leader is not delayed by the held pull (it is answered at once), and the
-// edge's next held pull, on the new leader, brings the next write.
+// long-polling edge within a couple of seconds, both when the edge's pull is
+// held by a follower (on its own replica, then forwarded to the leader) and
+// when the leader holds it; the nodes' held-pulls gauges show the edge is
+// long-polling, not polling. Stopping a node is not delayed by the pull it
+// holds: the edge moves on to the next node.
 func TestSyncLongPollDesiredReachesDevice(t *testing.T) {
 	c := startCloudCluster(t, 3)
 	leader := c.mustLeader(10 * time.Second)
 	follower := c.follower()
-	link := &syncLink{proxies: []*cloudProxy{startCloudProxy(t, c.Nodes[follower].HTTP)}}
+	link := &syncLink{proxies: []*cloudProxy{startCloudProxy(t, c.Nodes[follower].HTTP), startCloudProxy(t, c.Nodes[leader].HTTP)}}
 	e := startSyncEdge(t, "e1", link)
 	dev := "lp-1"
 	mq := edgeConnect(t, e.MQTT, dev)
@@ -44,36 +43,41 @@ func TestSyncLongPollDesiredReachesDevice(t *testing.T) {
 	}); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
 		t.Fatalf("subscribe: %v", tk.Error())
 	}
-	cloudWaitFor(t, 30*time.Second, "the edge's pull is held by the leader", func() bool {
-		v, ok := c.metric(c.Nodes[leader], "outpost_cloud_pulls_held")
-		return ok && v >= 1
-	})
-
-	body := map[string]json.RawMessage{"state": json.RawMessage(`{"fan":"on"}`)}
-	start := time.Now()
-	if code, env, err := c.api(c.Nodes[leader], http.MethodPut, "/api/v1/devices/"+dev+"/desired", body); err != nil || code != 200 {
-		t.Fatalf("cloud desired write: %d %s %v", code, env.Message, err)
+	held := func(i int, who string) {
+		t.Helper()
+		cloudWaitFor(t, 30*time.Second, "the edge's pull held by the "+who, func() bool {
+			v, ok := c.metric(c.Nodes[i], "outpost_cloud_pulls_held")
+			return ok && v >= 1
+		})
 	}
-	waitDesired(t, got, "on", start, 3*time.Second)
-
-	// SIGTERM the leader while it holds the edge's pull: it exits at once,
-	// not after the 25s hold.
-	cloudWaitFor(t, 30*time.Second, "the edge's pull is held again", func() bool {
-		v, ok := c.metric(c.Nodes[leader], "outpost_cloud_pulls_held")
-		return ok && v >= 1
-	})
-	stopped := time.Now()
-	c.stop(leader)
-	if d := time.Since(stopped); d > 10*time.Second {
-		t.Fatalf("the leader took %s to stop with a held pull", d)
+	write := func(val string) time.Time {
+		t.Helper()
+		body := map[string]json.RawMessage{"state": json.RawMessage(`{"fan":"` + val + `"}`)}
+		start := time.Now()
+		if code, env, err := c.api(c.Nodes[leader], http.MethodPut, "/api/v1/devices/"+dev+"/desired", body); err != nil || code != 200 {
+			t.Fatalf("cloud desired write: %d %s %v", code, env.Message, err)
+		}
+		return start
 	}
-	next := c.mustLeader(20 * time.Second)
-	body = map[string]json.RawMessage{"state": json.RawMessage(`{"fan":"off"}`)}
-	cloudWaitFor(t, 20*time.Second, "a desired write on the new leader", func() bool {
-		code, _, err := c.api(c.Nodes[next], http.MethodPut, "/api/v1/devices/"+dev+"/desired", body)
-		return err == nil && code == 200
-	})
-	waitDesired(t, got, "off", time.Now(), 15*time.Second)
+	stop := func(i int, who string) {
+		t.Helper()
+		start := time.Now()
+		c.stop(i)
+		if d := time.Since(start); d > 10*time.Second {
+			t.Fatalf("the %s took %s to stop while holding a pull", who, d)
+		}
+	}
+
+	// Held by the follower the edge talks to.
+	held(follower, "follower")
+	waitDesired(t, got, "on", write("on"), 3*time.Second)
+	// The follower stops at once; the edge moves on to the leader, which
+	// holds its pull.
+	held(follower, "follower")
+	stop(follower, "follower")
+	held(leader, "leader")
+	waitDesired(t, got, "off", write("off"), 3*time.Second)
+	stop(leader, "leader")
 }
 
 // waitDesired waits for the device's downlink to carry fan=want, and fails

@@ -95,6 +95,10 @@ func (f *fakeService) Pull(ctx context.Context, edge string, req service.PullReq
 	}
 	return wire.PullPage{}, f.err
 }
+func (f *fakeService) AwaitPull(ctx context.Context, edge string, _ service.PullRequest) bool {
+	f.called("AwaitPull", edge)
+	return true
+}
 func (f *fakeService) Heartbeat(_ context.Context, edge string, _ *wire.Heartbeat) (wire.HeartbeatResult, error) {
 	f.called("Heartbeat", edge)
 	return wire.HeartbeatResult{}, f.err

@@ -172,9 +172,25 @@ func (s *Server) pull(c *fiber.Ctx) error {
 		req.Wait = time.Duration(min(ms, int64(time.Hour/time.Millisecond))) * time.Millisecond
 	}
 	// The leader serves pulls: it keeps the soft state the directory is
-	// built from and the pull positions, and is first to see a commit. A
-	// held pull ends when the server shuts down.
-	return s.onLeaderHeld(c, min(req.Wait, s.cfg.PullHold), func(c *fiber.Ctx) error {
+	// built from and the pull positions. A follower holds an empty pull
+	// itself, on its replica, and forwards it once there is something or
+	// the wait ended, asking the leader to hold it only briefly (its own
+	// replica may be a moment ahead of the leader's) or not at all: a held
+	// pull so never holds a connection between nodes. A held pull ends
+	// when the server shuts down.
+	hold := min(req.Wait, s.cfg.PullHold)
+	if hold > 0 && req.Have != nil && !s.svc.IsLeader() && c.Get(hdrForwarded) == "" {
+		next := time.Duration(0)
+		if s.svc.AwaitPull(s.base, edge, req) {
+			next = min(hold, time.Second)
+		}
+		if s.base.Err() != nil {
+			return &httpError{status: fiber.StatusServiceUnavailable, msg: "this node is shutting down", retryAfter: 1}
+		}
+		req.Wait, hold = next, next
+		c.Request().URI().QueryArgs().Set(wire.QueryWait, strconv.FormatInt(next.Milliseconds(), 10))
+	}
+	return s.onLeaderHeld(c, hold, func(c *fiber.Ctx) error {
 		page, err := s.svc.Pull(s.base, edge, req)
 		if errors.Is(err, service.ErrBadCursor) {
 			return apiError(fiber.StatusBadRequest, "cursor is not one this API issued; start from an empty cursor")

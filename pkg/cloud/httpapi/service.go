@@ -39,6 +39,9 @@ type Sync interface {
 	Push(ctx context.Context, edge string, b *wire.PushBatch) (service.PushOutcome, error)
 	State(ctx context.Context, edge string, b *wire.StateBatch) (service.StateOutcome, error)
 	Pull(ctx context.Context, edge string, req service.PullRequest) (wire.PullPage, error)
+	// AwaitPull holds a pull on a follower until its replica has something
+	// for the edge (true) or the wait ends (false).
+	AwaitPull(ctx context.Context, edge string, req service.PullRequest) bool
 	Heartbeat(ctx context.Context, edge string, h *wire.Heartbeat) (wire.HeartbeatResult, error)
 }
 

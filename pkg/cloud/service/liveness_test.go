@@ -307,3 +307,62 @@ func TestNewLeaderHealthUnknown(t *testing.T) {
 }
 
 func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// A follower's part of a held pull: it waits on its own replica, and
+// returns at a write for the edge (true) or at the end of the wait (false).
+func TestAwaitPull(t *testing.T) {
+	n := startService(t, Config{PullHold: 300 * time.Millisecond})
+	ctx := context.Background()
+	if _, err := n.svc.Push(ctx, "e1", &wire.PushBatch{Edge: "e1", FirstSeq: 1, Changes: []wire.Change{{Kind: wire.KindReadings,
+		Device: "dev-e1", Readings: []wire.Reading{{TS: 1, Metrics: map[string]float64{"t": 1}}}}}}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := n.svc.Pull(ctx, "e1", PullRequest{Limit: 100, Have: &wire.SetVersions{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := PullRequest{Cursor: p.NextCursor, Limit: 100, Have: p.Versions, Wait: time.Minute}
+	start := time.Now()
+	if n.svc.AwaitPull(ctx, "e1", req) {
+		t.Fatal("AwaitPull found news where there is none")
+	}
+	if d := time.Since(start); d < 250*time.Millisecond {
+		t.Fatalf("AwaitPull returned after %s, want the 300ms hold", d)
+	}
+	// Stale versions: news at once.
+	if !n.svc.AwaitPull(ctx, "e1", PullRequest{Cursor: p.NextCursor, Limit: 100, Have: &wire.SetVersions{Keys: "old"}, Wait: time.Minute}) {
+		t.Fatal("AwaitPull did not see the key set move")
+	}
+	// A write for the edge while waiting.
+	n2 := startService(t, Config{PullHold: 20 * time.Second})
+	if _, err := n2.svc.Push(ctx, "e1", &wire.PushBatch{Edge: "e1", FirstSeq: 1, Changes: []wire.Change{{Kind: wire.KindReadings,
+		Device: "dev-e1", Readings: []wire.Reading{{TS: 1, Metrics: map[string]float64{"t": 1}}}}}}); err != nil {
+		t.Fatal(err)
+	}
+	p, err = n2.svc.Pull(ctx, "e1", PullRequest{Limit: 100, Have: &wire.SetVersions{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan bool, 1)
+	go func() {
+		done <- n2.svc.AwaitPull(ctx, "e1", PullRequest{Cursor: p.NextCursor, Limit: 100, Have: p.Versions, Wait: 20 * time.Second})
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for gauge(t, n2, "outpost_cloud_pulls_held") < 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the pull was not held")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if _, err := n2.svc.PutDesired(ctx, "dev-e1", map[string]json.RawMessage{"fan": json.RawMessage(`"on"`)}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case news := <-done:
+		if !news {
+			t.Fatal("AwaitPull ended without news at a write for the edge")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("AwaitPull did not return at a write for the edge")
+	}
+}

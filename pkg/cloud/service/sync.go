@@ -212,12 +212,45 @@ func (s *Service) hold(ctx context.Context, changed, moved <-chan struct{}, time
 	select {
 	case <-changed:
 		return true
-	case <-moved:
+	case <-moved: // nil on a follower's hold: never
 		return s.raft.IsLeader()
 	case <-timeout:
 	case <-ctx.Done():
 	}
 	return false
+}
+
+// AwaitPull is the part of a held pull a follower does itself, so that it
+// holds no connection to the leader while nothing is there: it returns
+// (true) once its own replica has something for the edge after the cursor,
+// or a policy or key set other than the edge holds, or (false) when the
+// wait (capped at PullHold) or ctx ends. Either way the caller then
+// forwards the pull to the leader, which builds the page (the directory is
+// the leader's) and counts the edge alive; after a false return it asks
+// the leader not to hold it again. Directory changes therefore reach an
+// edge that pulls through a follower at the end of its wait, changes for
+// it at once.
+func (s *Service) AwaitPull(ctx context.Context, edge string, req PullRequest) bool {
+	wait := min(req.Wait, s.cfg.PullHold)
+	if req.Have == nil || wait <= 0 {
+		return true
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	for {
+		changed := s.state.PullWatch(edge)
+		page, err := s.state.Pull(edge, req.Cursor, 1)
+		if err != nil || len(page.Changes) > 0 || page.More {
+			return true // the leader answers errors too
+		}
+		sets, err := s.sets()
+		if err != nil || sets.policiesVer != req.Have.Policies || sets.keysVer != req.Have.Keys {
+			return true
+		}
+		if !s.hold(ctx, changed, nil, t.C) {
+			return false
+		}
+	}
 }
 
 // pullOnce builds one page; news says it carries something for the edge.
