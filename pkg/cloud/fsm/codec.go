@@ -34,7 +34,7 @@ const (
 	CmdSessionPurge      CmdType = 14
 	// CmdPullAcks records the pull positions edges acknowledged, which
 	// deletes the downlink entries behind them (downlink.go).
-	CmdPullAcks CmdType = 15
+	CmdPullAcks CmdType = 17
 )
 
 // SigningKey is the deployment's token signing key, generated once by a
