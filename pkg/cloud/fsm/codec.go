@@ -32,6 +32,9 @@ const (
 	CmdSessionRotate     CmdType = 12
 	CmdSessionRevokeUser CmdType = 13
 	CmdSessionPurge      CmdType = 14
+	// Bounded state: readings retention, log compaction, tombstone purge
+	// (compact.go).
+	CmdCompact CmdType = 15
 )
 
 // SigningKey is the deployment's token signing key, generated once by a
@@ -68,6 +71,7 @@ type Command struct {
 	Policy    *wire.Policy     // CmdPolicyPut
 	Key       *SigningKey      // CmdSigningKey
 	Session   *SessionCmd      // CmdSession*
+	Compact   *CompactCmd      // CmdCompact
 	// Refusals marks changes of a push or state batch that the leader
 	// refused under edge restriction (see restrict.go); they are applied as
 	// corrections, not as the edge sent them.
@@ -131,6 +135,8 @@ func EncodeCommand(c *Command) ([]byte, error) {
 		return appendJSON(b, c.Key)
 	case CmdSessionCreate, CmdSessionRotate, CmdSessionRevokeUser, CmdSessionPurge:
 		return appendJSON(b, c.Session)
+	case CmdCompact:
+		return appendJSON(b, c.Compact)
 	}
 	return nil, fmt.Errorf("fsm: unknown command type %d", c.Type)
 }
@@ -252,6 +258,9 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 	case CmdSessionCreate, CmdSessionRotate, CmdSessionRevokeUser, CmdSessionPurge:
 		d.Cmd.Session = &SessionCmd{}
 		r.json(d.Cmd.Session)
+	case CmdCompact:
+		d.Cmd.Compact = &CompactCmd{}
+		r.json(d.Cmd.Compact)
 	default:
 		return nil, fmt.Errorf("%w: unknown command type %d", ErrCorrupt, d.Type)
 	}

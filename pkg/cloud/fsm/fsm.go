@@ -78,7 +78,7 @@ var (
 )
 
 var allBuckets = [][]byte{bktMeta, bktReadings, bktReadID, bktDevices, bktEdges, bktSeq, bktLog, bktDown, bktNodes, bktUsers, bktPolicies,
-	bktSessions, bktSessUser, bktSessExp, bktRevoked, bktRecent, bktSeen, bktDigest}
+	bktSessions, bktSessUser, bktSessExp, bktRevoked, bktRecent, bktSeen, bktDigest, bktLogMarks}
 
 // Device is a device's merged record.
 type Device struct {
@@ -121,6 +121,9 @@ type Result struct {
 	Duplicates int
 	Index      uint64
 	Device     *Device // for desired and meta writes: the record after the write
+	// Next is where a chunked compaction resumes (CompactCmd.After); empty
+	// when the pass is done.
+	Next string
 }
 
 // Hooks lets the owner observe the state machine without this package
@@ -344,7 +347,7 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 
 type bkts struct {
 	meta, readings, readID, devices, edges, seq, log, down, nodes, users, policies *bolt.Bucket
-	sessions, sessUser, sessExp, revoked, recent, seen, digest                     *bolt.Bucket
+	sessions, sessUser, sessExp, revoked, recent, seen, digest, logMarks           *bolt.Bucket
 }
 
 func buckets(tx *bolt.Tx) bkts {
@@ -355,7 +358,7 @@ func buckets(tx *bolt.Tx) bkts {
 		policies: tx.Bucket(bktPolicies),
 		sessions: tx.Bucket(bktSessions), sessUser: tx.Bucket(bktSessUser), sessExp: tx.Bucket(bktSessExp),
 		revoked: tx.Bucket(bktRevoked), recent: tx.Bucket(bktRecent), seen: tx.Bucket(bktSeen),
-		digest: tx.Bucket(bktDigest),
+		digest: tx.Bucket(bktDigest), logMarks: tx.Bucket(bktLogMarks),
 	}
 }
 
@@ -477,6 +480,8 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 		return a.sessionRevokeUser(d.Cmd.Session)
 	case CmdSessionPurge:
 		return a.sessionPurge(d.Cmd.Session)
+	case CmdCompact:
+		return a.compact(d.AtMs, d.Cmd.Compact)
 	}
 	return Result{Err: fmt.Errorf("%w: command type %d", ErrCorrupt, d.Type)}, nil
 }
@@ -905,21 +910,125 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fsm: snapshot: %w", err)
 	}
-	return &snapshot{tx: tx}, nil
+	return &snapshot{tx: tx, tmp: f.path + ".snapshot"}, nil
 }
 
 type snapshot struct {
 	once sync.Once
 	tx   *bolt.Tx
+	tmp  string // where the compacted copy is built
 }
 
+// Persist writes a compacted copy of the state: every bucket walked into a
+// fresh file, pages filled, then streamed. A copy of the live file (tx.WriteTo)
+// would carry its free pages, so a snapshot taken after retention deleted
+// most of the state would be as large as the state ever was; the compacted
+// copy is proportional to what is kept. The read transaction ends as soon as
+// the copy is built, which also lets bbolt reuse the pages it pinned.
 func (s *snapshot) Persist(sink raft.SnapshotSink) error {
 	defer s.Release()
-	if _, err := s.tx.WriteTo(sink); err != nil {
+	err := s.persist(sink)
+	if err != nil {
 		_ = sink.Cancel()
 		return fmt.Errorf("fsm: write snapshot: %w", err)
 	}
 	return sink.Close()
+}
+
+func (s *snapshot) persist(w io.Writer) error {
+	_ = os.Remove(s.tmp)
+	defer os.Remove(s.tmp)
+	dst, err := bolt.Open(s.tmp, 0o600, &bolt.Options{NoSync: true, NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
+	if err != nil {
+		return err
+	}
+	if err := compactInto(dst, s.tx); err != nil {
+		_ = dst.Close()
+		return err
+	}
+	s.Release()
+	if err := dst.Close(); err != nil {
+		return err
+	}
+	in, err := os.Open(s.tmp)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	_, err = io.Copy(w, in)
+	return err
+}
+
+// compactBatch bounds the bytes copied per destination transaction: bbolt
+// holds a transaction's dirty pages in memory until it commits.
+const compactBatch = 16 << 20
+
+// compactInto copies every bucket of src (nested ones too) into dst, in key
+// order with full pages.
+func compactInto(dst *bolt.DB, src *bolt.Tx) error {
+	tx, err := dst.Begin(true)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = tx.Rollback() }()
+	size := 0
+	var path [][]byte
+	// bucketAt reopens the destination bucket at path in the current
+	// transaction (a commit ends the old handles).
+	bucketAt := func() *bolt.Bucket {
+		b := tx.Bucket(path[0])
+		for _, p := range path[1:] {
+			b = b.Bucket(p)
+		}
+		b.FillPercent = 1
+		return b
+	}
+	var walk func(srcB *bolt.Bucket) error
+	walk = func(srcB *bolt.Bucket) error {
+		b := bucketAt()
+		c := srcB.Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			if size >= compactBatch {
+				if err := tx.Commit(); err != nil {
+					return err
+				}
+				if tx, err = dst.Begin(true); err != nil {
+					return err
+				}
+				size = 0
+				b = bucketAt()
+			}
+			if v == nil { // a nested bucket
+				if _, err := b.CreateBucket(k); err != nil {
+					return err
+				}
+				path = append(path, k)
+				err := walk(srcB.Bucket(k))
+				path = path[:len(path)-1]
+				if err != nil {
+					return err
+				}
+				b = bucketAt() // the nested walk may have committed
+				continue
+			}
+			if err := b.Put(k, v); err != nil {
+				return err
+			}
+			size += len(k) + len(v)
+		}
+		return nil
+	}
+	err = src.ForEach(func(name []byte, b *bolt.Bucket) error {
+		if _, err := tx.CreateBucket(name); err != nil {
+			return err
+		}
+		path = append(path[:0], name)
+		return walk(b)
+	})
+	if err != nil {
+		return err
+	}
+	return tx.Commit()
 }
 
 func (s *snapshot) Release() { s.once.Do(func() { _ = s.tx.Rollback() }) }

@@ -297,6 +297,9 @@ func (f *FSM) Export(cursor string, limit int, emit func(*ExportRecord) error) (
 	next := cursor
 	n := 0
 	err = f.view(func(tx *bolt.Tx) error {
+		if err := checkExportCursor(tx, cursor, idx, sub); err != nil {
+			return err
+		}
 		c := tx.Bucket(bktLog).Cursor()
 		for k, v := c.Seek(u64(idx)); k != nil && n < limit; k, v = c.Next() {
 			index := getU64(k)
