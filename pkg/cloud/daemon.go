@@ -35,6 +35,7 @@ type Node struct {
 	cfg  Config
 	log  *slog.Logger
 	fsm  *fsm.FSM
+	bkm  *bucketMetrics
 	raft *raftnode.Node
 	svc  *service.Service
 	http *httpapi.Server
@@ -66,6 +67,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	obs.RegisterBuildInfo(reg, "cloud-sync")
 	fm := newFSMMetrics(reg)
+	bkm := newBucketMetrics(reg)
 	state, err := fsm.Open(filepath.Join(cfg.Data, "state.db"), log, fm.Hooks())
 	if err != nil {
 		_ = ln.Close()
@@ -102,7 +104,8 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		log.Warn(msg)
 	}
 	scfg := service.Config{HeartbeatFresh: cfg.HeartbeatFresh, DevLogin: cfg.DevLogin, Admins: cfg.Admins,
-		AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL, MaxOffline: cfg.MaxOffline}
+		AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL, MaxOffline: cfg.MaxOffline,
+		Retention: cfg.Retention, LogRetention: cfg.LogRetention}
 	if cfg.WeChatAppID != "" {
 		// Set only when configured: a nil *wechat.Client in the interface
 		// would read as configured.
@@ -128,7 +131,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		_ = ln.Close()
 		return nil, err
 	}
-	return &Node{cfg: cfg, log: log, fsm: state, raft: rn, svc: svc, http: srv, ln: ln, peerTLS: sec.peer}, nil
+	return &Node{cfg: cfg, log: log, fsm: state, bkm: bkm, raft: rn, svc: svc, http: srv, ln: ln, peerTLS: sec.peer}, nil
 }
 
 // transportSecurity is the TLS a node runs with, loaded from its files.
@@ -183,6 +186,10 @@ func (n *Node) Run(ctx context.Context) error {
 	go func() { errc <- n.http.Serve(n.ln) }()
 	maintDone := make(chan struct{})
 	go func() { defer close(maintDone); n.svc.RunMaintenance(ctx, 0) }()
+	retainDone := make(chan struct{})
+	go func() { defer close(retainDone); n.svc.RunRetention(ctx) }()
+	statsDone := make(chan struct{})
+	go func() { defer close(statsDone); n.bkm.run(ctx, n.fsm, bucketStatsEvery, n.log) }()
 	joinDone := make(chan struct{})
 	go func() {
 		defer close(joinDone)
@@ -200,6 +207,8 @@ func (n *Node) Run(ctx context.Context) error {
 	cancel()
 	<-joinDone
 	<-maintDone
+	<-retainDone
+	<-statsDone
 	<-raftDone
 	return err
 }

@@ -9,6 +9,7 @@ type metrics struct {
 	backlog   *prometheus.GaugeVec
 	refused   *prometheus.CounterVec
 	conflicts *prometheus.CounterVec
+	compacted *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -25,7 +26,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Changes from edges refused under edge restriction, by edge and reason."}, []string{"edge", "reason"}),
 		conflicts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_seq_conflicts_total",
 			Help: "Pushes refused for re-sending applied sequence numbers with other content, by edge."}, []string{"edge"}),
+		compacted: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_compacted_total",
+			Help: "Records this node deleted as leader by retention: readings, log entries and tombstones."}, []string{"what"}),
 	}
-	reg.MustRegister(m.throttled, m.pushes, m.stamps, m.backlog, m.refused, m.conflicts)
+	reg.MustRegister(m.throttled, m.pushes, m.stamps, m.backlog, m.refused, m.conflicts, m.compacted)
 	return m
 }

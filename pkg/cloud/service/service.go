@@ -117,6 +117,15 @@ type Config struct {
 	// accepted on its original proof (default 30 days, the edges' default
 	// max_offline).
 	MaxOffline time.Duration
+	// Retention is how long readings are kept, by reading time (default
+	// 720h). LogRetention is how long export-log entries are kept once
+	// every sink in Sinks took them (default 168h). Tombstones are kept
+	// for MaxOffline. See RunRetention.
+	Retention    time.Duration
+	LogRetention time.Duration
+	// Sinks names the configured export sinks: the log keeps what any of
+	// them has not taken (its cursor in the sink_cursor bucket).
+	Sinks []string
 	// Proofs and Authorizer override the deployment key and the
 	// distributed policies in edge restriction (tests); nil: those.
 	Proofs     ProofVerifier
@@ -154,6 +163,12 @@ func New(cfg Config, r Raft, st State, clock *hlc.Clock, log *slog.Logger, reg p
 	if cfg.MaxOffline == 0 {
 		cfg.MaxOffline = 30 * 24 * time.Hour
 	}
+	if cfg.Retention == 0 {
+		cfg.Retention = 30 * 24 * time.Hour
+	}
+	if cfg.LogRetention == 0 {
+		cfg.LogRetention = 7 * 24 * time.Hour
+	}
 	return &Service{cfg: cfg, log: log, raft: r, state: st, clock: clock,
 		stamps: StampPolicy{Clock: clock}, gate: newSeqGate(), m: newMetrics(reg)}
 }
@@ -173,6 +188,10 @@ var (
 	ErrNotFound = errors.New("not found")
 	// ErrBadCursor: a pull, readings or export cursor this API did not issue.
 	ErrBadCursor = errors.New("bad cursor")
+	// ErrCompacted: an export cursor before the oldest change still kept
+	// (retention deleted what follows it); the error chain holds an
+	// *fsm.CompactedError naming the earliest available cursor.
+	ErrCompacted = errors.New("export cursor compacted")
 	// ErrWrongEdge: a batch names an edge other than the caller's.
 	ErrWrongEdge = errors.New("batch belongs to another edge")
 	// ErrSeqGap: a push starts beyond the next sequence the cloud expects;
@@ -233,6 +252,8 @@ func kind(err error) error {
 		k = ErrNotFound
 	case errors.Is(err, fsm.ErrBadCursor):
 		k = ErrBadCursor
+	case errors.Is(err, fsm.ErrCompacted):
+		k = ErrCompacted
 	default:
 		return err
 	}
