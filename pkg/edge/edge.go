@@ -147,7 +147,11 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		return nil, fmt.Errorf("load policies from %s: %w", policyDir, err)
 	}
 
-	e.writer = ingest.NewWriter(e.st, ingest.NewDecoder(ingest.DefaultLimits), ingest.Config{
+	limits := ingest.DefaultLimits
+	// A reading older than retention would be acknowledged and then deleted
+	// by the next retention pass: refuse it at ingest (a dead letter).
+	limits.MaxAge = cfg.Ingest.Retention
+	e.writer = ingest.NewWriter(e.st, ingest.NewDecoder(limits), ingest.Config{
 		MaxBatch: cfg.Ingest.MaxBatch, Linger: cfg.Ingest.Linger,
 		QuotaBytes: cfg.Ingest.QuotaMB << 20, MinFreeBytes: cfg.Ingest.MinFreeMB << 20,
 		FreeBytes:             func() (int64, error) { return freeBytes(cfg.DataDir) },
