@@ -78,6 +78,14 @@ test-cloud:
 bench-cloud: build-cloud
 	$(GO) run ./cmd/cloudbench -bin $(BIN)/cloud-sync $(CLOUDBENCH_ARGS)
 
+# Not part of make test: 10 minutes of constant pushes into a 3-process
+# cluster with a 1-minute retention, printing each node's disk use and
+# snapshot size every 10 s (one JSON line each) and a summary; disk and
+# snapshots must stay flat. SOAK_ARGS=-duration=60s for a quick look.
+.PHONY: soak
+soak: build-cloud
+	$(GO) run ./cmd/cloudsoak -bin $(BIN)/cloud-sync $(SOAK_ARGS)
+
 # One JSON line: a simulated fleet (1,000 edges in one process, each with its
 # own credential, on the syncer's cadence) against a 3-process cluster. Idle
 # (cluster CPU per edge, bytes per pull, raft entries/s), a reconnect storm

@@ -942,21 +942,18 @@ func (s *snapshot) persist(w io.Writer) error {
 	if err != nil {
 		return err
 	}
+	defer dst.Close()
 	if err := compactInto(dst, s.tx); err != nil {
-		_ = dst.Close()
 		return err
 	}
 	s.Release()
-	if err := dst.Close(); err != nil {
+	// WriteTo stops at the copy's high-water mark: bbolt grows a file
+	// ahead of its data (doubling, then 16 MiB at a time), and that tail
+	// is not state.
+	return dst.View(func(tx *bolt.Tx) error {
+		_, err := tx.WriteTo(w)
 		return err
-	}
-	in, err := os.Open(s.tmp)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	_, err = io.Copy(w, in)
-	return err
+	})
 }
 
 // compactBatch bounds the bytes copied per destination transaction: bbolt
