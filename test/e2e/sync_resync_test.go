@@ -169,6 +169,10 @@ func TestSyncRefusedPullCursorFullResync(t *testing.T) {
 	})
 	cloudPut("/api/v1/devices/d1/desired", map[string]any{"state": map[string]any{"a": 1}})
 	cloudWaitFor(t, 20*time.Second, "a at the edge", func() bool { return len(edgeDesired()) == 1 })
+	// The edge stores its cursor after applying a page: once a later write
+	// arrived, the pull that brought a has stored its cursor.
+	cloudPut("/api/v1/devices/d1/desired", map[string]any{"state": map[string]any{"z": 0}})
+	cloudWaitFor(t, 20*time.Second, "z at the edge", func() bool { return len(edgeDesired()) == 2 })
 
 	// The edge stops; its stored cursor becomes one the cloud never issued.
 	e.kill9()
