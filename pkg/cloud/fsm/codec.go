@@ -68,6 +68,7 @@ type Command struct {
 	Policy    *wire.Policy     // CmdPolicyPut
 	Key       *SigningKey      // CmdSigningKey
 	Session   *SessionCmd      // CmdSession*
+	Sink      *SinkCursorCmd   // CmdSinkCursor
 	// Refusals marks changes of a push or state batch that the leader
 	// refused under edge restriction (see restrict.go); they are applied as
 	// corrections, not as the edge sent them.
@@ -131,6 +132,8 @@ func EncodeCommand(c *Command) ([]byte, error) {
 		return appendJSON(b, c.Key)
 	case CmdSessionCreate, CmdSessionRotate, CmdSessionRevokeUser, CmdSessionPurge:
 		return appendJSON(b, c.Session)
+	case CmdSinkCursor:
+		return appendJSON(b, c.Sink)
 	}
 	return nil, fmt.Errorf("fsm: unknown command type %d", c.Type)
 }
@@ -252,6 +255,9 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 	case CmdSessionCreate, CmdSessionRotate, CmdSessionRevokeUser, CmdSessionPurge:
 		d.Cmd.Session = &SessionCmd{}
 		r.json(d.Cmd.Session)
+	case CmdSinkCursor:
+		d.Cmd.Sink = &SinkCursorCmd{}
+		r.json(d.Cmd.Sink)
 	default:
 		return nil, fmt.Errorf("%w: unknown command type %d", ErrCorrupt, d.Type)
 	}

@@ -477,6 +477,8 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 		return a.sessionRevokeUser(d.Cmd.Session)
 	case CmdSessionPurge:
 		return a.sessionPurge(d.Cmd.Session)
+	case CmdSinkCursor:
+		return a.sinkCursor(d.Cmd.Sink)
 	}
 	return Result{Err: fmt.Errorf("%w: command type %d", ErrCorrupt, d.Type)}, nil
 }
