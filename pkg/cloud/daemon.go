@@ -25,6 +25,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/cloud/httpapi"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/cloud/service"
+	"github.com/outpost-edge/outpost/pkg/cloud/sinks"
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/obs"
 	"github.com/outpost-edge/outpost/pkg/wechat"
@@ -38,7 +39,9 @@ type Node struct {
 	raft *raftnode.Node
 	svc  *service.Service
 	http *httpapi.Server
-	ln   net.Listener
+	// sinks publishes the export log while this node leads.
+	sinks *sinks.Manager
+	ln    net.Listener
 	// peerTLS is how this node calls members' HTTP ports (join); nil:
 	// plain HTTP.
 	peerTLS *tls.Config
@@ -116,11 +119,13 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		scfg.WeChat = wc
 	}
 	svc := service.New(scfg, rn, state, clock, log, reg)
+	exp := sinks.New(cfg.Export, rn, state, log, reg, nil)
 	// Static tokens first (edges and the API token), then users' access
 	// tokens signed with the deployment key.
 	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, AuthFailureLimit: cfg.AuthFailureLimit, PeerTLS: sec.peer,
 		HasAPIToken: static.HasAPIToken(), ClusterTLS: sec.cluster != nil, MetricsToken: cfg.MetricsToken,
-		TrustedProxies: cfg.TrustedProxies, MaxConns: cfg.MaxConns, MaxConnsPerIP: cfg.MaxConnsPerIP, TLS: sec.http},
+		TrustedProxies: cfg.TrustedProxies, MaxConns: cfg.MaxConns, MaxConnsPerIP: cfg.MaxConnsPerIP, TLS: sec.http,
+		Sinks: exp},
 		svc, auth.Chain{static, svc}, log, reg)
 	if err != nil {
 		_ = rn.Shutdown()
@@ -128,7 +133,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		_ = ln.Close()
 		return nil, err
 	}
-	return &Node{cfg: cfg, log: log, fsm: state, raft: rn, svc: svc, http: srv, ln: ln, peerTLS: sec.peer}, nil
+	return &Node{cfg: cfg, log: log, fsm: state, raft: rn, svc: svc, http: srv, sinks: exp, ln: ln, peerTLS: sec.peer}, nil
 }
 
 // transportSecurity is the TLS a node runs with, loaded from its files.
@@ -183,6 +188,8 @@ func (n *Node) Run(ctx context.Context) error {
 	go func() { errc <- n.http.Serve(n.ln) }()
 	maintDone := make(chan struct{})
 	go func() { defer close(maintDone); n.svc.RunMaintenance(ctx, 0) }()
+	sinksDone := make(chan struct{})
+	go func() { defer close(sinksDone); n.sinks.Run(ctx) }()
 	joinDone := make(chan struct{})
 	go func() {
 		defer close(joinDone)
@@ -200,6 +207,7 @@ func (n *Node) Run(ctx context.Context) error {
 	cancel()
 	<-joinDone
 	<-maintDone
+	<-sinksDone
 	<-raftDone
 	return err
 }
