@@ -1,174 +1,26 @@
 package sinks
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"net"
-	"os"
-	"os/exec"
 	"slices"
-	"strconv"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/outpost-edge/outpost/internal/natstest"
 )
-
-// findNATSServer returns the nats-server binary, skipping the test when it
-// is missing, or failing it in CI (CI=true), where .ci/run installs it.
-func findNATSServer(t testing.TB) string {
-	t.Helper()
-	for _, p := range []string{os.Getenv("NATS_SERVER"), "/usr/sbin/nats-server", "/usr/bin/nats-server"} {
-		if p != "" {
-			if _, err := os.Stat(p); err == nil {
-				return p
-			}
-		}
-	}
-	if p, err := exec.LookPath("nats-server"); err == nil {
-		return p
-	}
-	const msg = "nats-server not found (looked at $NATS_SERVER, /usr/sbin/nats-server and $PATH): " +
-		"the JetStream sink test did NOT run; install it with `apt-get install nats-server`"
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg)
-	}
-	t.Skip("SKIPPED: " + msg)
-	return ""
-}
-
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-// natsServer is a real `nats-server -js` on a loopback port with its store
-// in a temp dir; Stop and Start keep both, as a restarted server would.
-type natsServer struct {
-	t    testing.TB
-	bin  string
-	port int
-	dir  string
-	cmd  *exec.Cmd
-	out  *syncBuffer
-}
-
-// startNATS starts a JetStream server for the test; it is stopped at
-// cleanup.
-func startNATS(t testing.TB) *natsServer {
-	t.Helper()
-	s := &natsServer{t: t, bin: findNATSServer(t), port: freePort(t), dir: t.TempDir()}
-	s.start()
-	t.Cleanup(s.stop)
-	return s
-}
-
-func (s *natsServer) url() string { return "nats://127.0.0.1:" + strconv.Itoa(s.port) }
-
-func (s *natsServer) start() {
-	s.t.Helper()
-	s.out = &syncBuffer{}
-	s.cmd = exec.Command(s.bin, "-js", "-a", "127.0.0.1", "-p", strconv.Itoa(s.port), "-sd", s.dir)
-	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
-	if err := s.cmd.Start(); err != nil {
-		s.t.Fatal(err)
-	}
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		nc, err := nats.Connect(s.url(), nats.NoReconnect())
-		if err == nil {
-			js, _ := jetstream.New(nc)
-			_, err = js.AccountInfo(context.Background())
-			nc.Close()
-			if err == nil {
-				return
-			}
-		}
-		if time.Now().After(deadline) {
-			s.t.Fatalf("nats-server not ready within 20s: %v\n%s", err, s.out.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-func (s *natsServer) stop() {
-	if s.cmd == nil {
-		return
-	}
-	_ = s.cmd.Process.Kill()
-	_ = s.cmd.Wait()
-	s.cmd = nil
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
-// streamMessages reads every message of a stream, in stream order, as
-// Messages keyed by their Nats-Msg-Id.
-func streamMessages(t testing.TB, url, stream string) []Message {
-	t.Helper()
-	nc, err := nats.Connect(url, nats.NoReconnect())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	st, err := js.Stream(ctx, stream)
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := st.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []Message
-	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
-		m, err := st.GetMsg(ctx, seq)
-		if err != nil {
-			t.Fatalf("get %d: %v", seq, err)
-		}
-		out = append(out, Message{Key: m.Header.Get(jetstream.MsgIDHeader), Value: m.Data})
-	}
-	return out
-}
 
 // TestJetStreamSink: against a real nats-server the sink creates its
 // stream, delivers every record in order keyed by Nats-Msg-Id, keeps
 // retrying while the server is down (the error and lag show), and catches
 // up after it returns, without a gap.
 func TestJetStreamSink(t *testing.T) {
-	srv := startNATS(t)
+	srv := natstest.Start(t)
 	c := startCluster(t)
-	cfg := Config{Name: "js", Type: TypeNATS, URL: srv.url(), Subject: "outpost.export", Stream: "OUTPOST"}
+	cfg := Config{Name: "js", Type: TypeNATS, URL: srv.URL(), Subject: "outpost.export", Stream: "OUTPOST"}
 	m := runManager(t, c, Options{Sinks: []Config{cfg}, CursorInterval: 20 * time.Millisecond, RetryMax: 100 * time.Millisecond, Batch: 16}, nil, nil)
 	for i := range 40 {
 		c.push(t, fmt.Sprintf("d%d", i%4))
@@ -177,9 +29,9 @@ func TestJetStreamSink(t *testing.T) {
 		sts, _ := m.Status()
 		return sts[0].Published >= 40 && sts[0].LagRecords == 0
 	})
-	checkDelivery(t, c.state, streamMessages(t, srv.url(), "OUTPOST"))
+	checkDelivery(t, c.state, streamMessages(srv, "OUTPOST"))
 
-	srv.stop()
+	srv.Stop()
 	for i := range 20 {
 		c.push(t, fmt.Sprintf("d%d", i%4))
 	}
@@ -187,12 +39,12 @@ func TestJetStreamSink(t *testing.T) {
 		sts, _ := m.Status()
 		return sts[0].Failures >= 2 && sts[0].LastError != "" && sts[0].LagRecords > 0
 	})
-	srv.start()
+	srv.Start()
 	waitFor(t, "catch-up after the server returned", func() bool {
 		sts, _ := m.Status()
 		return sts[0].LagRecords == 0 && sts[0].Published >= 60
 	})
-	got := streamMessages(t, srv.url(), "OUTPOST")
+	got := streamMessages(srv, "OUTPOST")
 	if len(got) != 60 {
 		t.Fatalf("stream holds %d messages, want 60 (JetStream drops re-sent ids)", len(got))
 	}
@@ -220,6 +72,15 @@ func TestKafkaSink(t *testing.T) {
 	})
 	got := consumeKafka(t, kc.ListenAddrs(), "outpost-export", 60)
 	checkKafka(t, c, got)
+}
+
+// streamMessages reads a stream as Messages keyed by their Nats-Msg-Id.
+func streamMessages(srv *natstest.Server, stream string) []Message {
+	var out []Message
+	for _, m := range srv.Stream(stream) {
+		out = append(out, Message{Key: m.ID, Value: m.Data})
+	}
+	return out
 }
 
 type kafkaMsg struct {
