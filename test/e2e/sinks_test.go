@@ -264,6 +264,12 @@ func TestSinksLeaderKillNoGap(t *testing.T) {
 		}
 		return true
 	})
+	checkMetrics(t, "cloud-sync", scrape(t, c.Nodes[newLead].URL()+"/metrics", cloudAPIToken), []string{
+		`outpost_cloud_sink_active\{sink="js"\} 1`,
+		`outpost_cloud_sink_lag_records\{sink="kafka"\} 0`,
+		`outpost_cloud_sink_published_total\{sink="js"\} [1-9]`,
+		`outpost_cloud_sink_cursor\{sink="kafka"\} [1-9]`,
+	})
 	if node, items, err := c.sinks(c.Nodes[follower], "?consistency=local"); err != nil || node != c.Nodes[follower].ID || items["js"].Active {
 		t.Fatalf("local sinks view on the follower: node %s %+v %v", node, items, err)
 	}
