@@ -22,6 +22,7 @@ package sinks
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -257,7 +258,7 @@ func (m *Manager) publish(ctx context.Context, s *sink) {
 	}()
 	for ctx.Err() == nil {
 		applied := m.state.AppliedIndex()
-		msgs, next, err := m.read(pos)
+		msgs, next, full, err := m.read(pos)
 		if err != nil {
 			s.fail(m.now(), err)
 			log.Error("export sink: reading the export log failed", "err", err)
@@ -297,7 +298,7 @@ func (m *Manager) publish(ctx context.Context, s *sink) {
 		// and when the read reached the end of the log, everything applied
 		// before it.
 		taken := s.takenIndex()
-		if len(msgs) < m.opts.Batch {
+		if !full {
 			taken = max(taken, applied)
 		} else if idx, _, err := fsm.ParseExportCursor(next); err == nil && idx > 0 {
 			taken = max(taken, idx-1)
@@ -316,7 +317,7 @@ func (m *Manager) publish(ctx context.Context, s *sink) {
 			}
 			lastProp = m.now()
 		}
-		if len(msgs) < m.opts.Batch {
+		if !full {
 			// Caught up: wait for the next entry, or for the moment the
 			// cursor is due.
 			w, cancel := context.WithTimeout(ctx, m.opts.CursorInterval)
@@ -326,24 +327,39 @@ func (m *Manager) publish(ctx context.Context, s *sink) {
 	}
 }
 
-// read returns up to a batch of records after pos and the cursor of the
-// last one (pos when there are none).
-func (m *Manager) read(pos string) ([]Message, string, error) {
-	var msgs []Message
-	var encErr error
-	next, err := m.state.Export(pos, m.opts.Batch, func(r *fsm.ExportRecord) error {
+// maxBatchBytes bounds the JSON one batch holds (at least one record is
+// read, whatever its size): a batch of large readings records stays
+// within a few MiB of memory.
+const maxBatchBytes = 4 << 20
+
+// errBatchFull stops an export read at maxBatchBytes.
+var errBatchFull = errors.New("batch full")
+
+// read returns up to a batch of records after pos, the cursor of the last
+// one (pos when there are none), and whether the batch is full: false
+// means the read reached the end of the log.
+func (m *Manager) read(pos string) (msgs []Message, next string, full bool, err error) {
+	size := 0
+	_, err = m.state.Export(pos, m.opts.Batch, func(r *fsm.ExportRecord) error {
 		v, err := json.Marshal(r)
 		if err != nil {
-			encErr = err
 			return err
 		}
 		msgs = append(msgs, Message{Key: r.Cursor, Device: r.Device, Value: v})
+		if size += len(v); size >= maxBatchBytes {
+			return errBatchFull
+		}
 		return nil
 	})
-	if err == nil {
-		err = encErr
+	full = len(msgs) == m.opts.Batch || errors.Is(err, errBatchFull)
+	if errors.Is(err, errBatchFull) {
+		err = nil
 	}
-	return msgs, next, err
+	next = pos
+	if len(msgs) > 0 {
+		next = msgs[len(msgs)-1].Key
+	}
+	return msgs, next, full, err
 }
 
 func (s *sink) begin(cursor uint64, pos string) {
