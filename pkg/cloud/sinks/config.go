@@ -52,6 +52,9 @@ type Options struct {
 	Batch int `yaml:"batch"`
 }
 
+// maxBatch bounds Options.Batch: the records one publisher has in flight.
+const maxBatch = 10000
+
 // DefaultOptions are the built-in settings: the one source of the sinks'
 // defaults.
 func DefaultOptions() Options {
@@ -88,8 +91,8 @@ func (o Options) Validate(key string, errs *config.Errors) {
 	if o.RetryMax < 0 {
 		errs.Add(key+".retry_max", "%s must be positive (0: the default, 30s)", o.RetryMax)
 	}
-	if o.Batch < 0 || o.Batch > 10000 {
-		errs.Add(key+".batch", "%d must be between 1 and 10000 (0: the default, 512)", o.Batch)
+	if o.Batch < 0 || o.Batch > maxBatch {
+		errs.Add(key+".batch", "%d must be between 1 and %d (0: the default, 512)", o.Batch, maxBatch)
 	}
 	seen := map[string]int{}
 	for i, s := range o.Sinks {

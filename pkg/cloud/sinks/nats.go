@@ -29,7 +29,9 @@ func dialNATS(ctx context.Context, c Config, log *slog.Logger) (Publisher, error
 	if err != nil {
 		return nil, fmt.Errorf("nats sink %s: connect: %w", c.Name, err)
 	}
-	js, err := jetstream.New(nc, jetstream.WithPublishAsyncTimeout(natsAckTimeout))
+	// A whole batch is in flight at once: let it (the default cap is 4000).
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncTimeout(natsAckTimeout),
+		jetstream.WithPublishAsyncMaxPending(maxBatch))
 	if err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("nats sink %s: %w", c.Name, err)
