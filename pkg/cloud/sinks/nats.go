@@ -18,6 +18,7 @@ type natsPublisher struct {
 	nc      *nats.Conn
 	js      jetstream.JetStream
 	subject string
+	stream  string
 }
 
 // natsAckTimeout bounds the wait for one message's acknowledgement.
@@ -51,7 +52,7 @@ func dialNATS(ctx context.Context, c Config, log *slog.Logger) (Publisher, error
 		nc.Close()
 		return nil, fmt.Errorf("nats sink %s: stream %s: %w", c.Name, name, err)
 	}
-	return &natsPublisher{nc: nc, js: js, subject: c.Subject}, nil
+	return &natsPublisher{nc: nc, js: js, subject: c.Subject, stream: name}, nil
 }
 
 // Publish sends every message before waiting for any acknowledgement
@@ -61,7 +62,8 @@ func (p *natsPublisher) Publish(ctx context.Context, msgs []Message) error {
 	for _, m := range msgs {
 		msg := nats.NewMsg(p.subject)
 		msg.Data = m.Value
-		f, err := p.js.PublishMsgAsync(msg, jetstream.WithMsgID(m.Key))
+		// Expecting the stream refuses a subject another stream captures.
+		f, err := p.js.PublishMsgAsync(msg, jetstream.WithMsgID(m.Key), jetstream.WithExpectStream(p.stream))
 		if err != nil {
 			return fmt.Errorf("publish %s: %w", m.Key, err)
 		}
