@@ -322,3 +322,59 @@ func consumeTopic(t *testing.T, brokers []string, topic string, n int) []sinkMsg
 		}
 	}
 }
+
+// TestSinksStopWhenLeadershipIsLost: a leader cut off from its peers stops
+// its publishers (its local view says inactive) while the majority's new
+// leader takes the sink over; healed, every record is in the stream.
+func TestSinksStopWhenLeadershipIsLost(t *testing.T) {
+	ns := natstest.Start(t)
+	file := filepath.Join(t.TempDir(), "cloud-sync.yaml")
+	cfg := fmt.Sprintf("export:\n  cursor_interval: 100ms\n  retry_max: 300ms\n  sinks:\n"+
+		"    - {name: js, type: nats, url: %q, subject: outpost.export}\n", ns.URL())
+	if err := os.WriteFile(file, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := startCloudCluster(t, 3, cloudWithProxies(), cloudWithArgs("-config", file))
+	lead := c.mustLeader(10 * time.Second)
+	ctx := cloudCtx(t, 60*time.Second)
+	if _, err := cloudPushUntilAcked(ctx, c.edgeClient("e1"), cloudReadingsBatch("e1", 1, 2, 2)); err != nil {
+		t.Fatal(err)
+	}
+	active := func(i int) bool {
+		_, items, err := c.sinks(c.Nodes[i], "?consistency=local")
+		return err == nil && items["js"].Active
+	}
+	cloudWaitFor(t, 20*time.Second, "the leader publishing", func() bool { return active(lead) })
+	c.isolate(lead, true)
+	cloudWaitFor(t, 20*time.Second, "the cut-off leader's publisher to stop", func() bool { return !active(lead) })
+	var others []*cloudNode
+	for i, n := range c.Nodes {
+		if i != lead {
+			others = append(others, n)
+		}
+	}
+	if _, err := cloudPushUntilAcked(ctx, c.edgeClient("e1", others...), cloudReadingsBatch("e1", 3, 2, 2)); err != nil {
+		t.Fatalf("majority side: %v", err)
+	}
+	cloudWaitFor(t, 20*time.Second, "the new leader publishing, caught up", func() bool {
+		for i := range c.Nodes {
+			if i == lead {
+				continue
+			}
+			if _, items, err := c.sinks(c.Nodes[i], "?consistency=local"); err == nil && items["js"].Active && items["js"].LagRecords == 0 {
+				return true
+			}
+		}
+		return false
+	})
+	c.isolate(lead, false)
+	want := c.exportLines(others[0])
+	var got []sinkMsg
+	for _, m := range ns.Stream("js") {
+		got = append(got, sinkMsg{key: m.ID, value: m.Data})
+	}
+	checkSinkDelivery(t, "jetstream", want, got)
+	if len(want) != 4 {
+		t.Fatalf("%d export records, want 4", len(want))
+	}
+}
