@@ -22,10 +22,13 @@ const CmdSinkCursor CmdType = 15
 var bktSinkCursor = []byte("sink_cursor")
 
 // SinkCursorCmd is CmdSinkCursor's payload: Sink has taken every export
-// record of the entries at or below Index.
+// record of the entries at or below Index; or, with Remove, the sink is
+// gone from the configuration and its cursor (which holds log retention
+// back) is dropped.
 type SinkCursorCmd struct {
-	Sink  string `json:"sink"`
-	Index uint64 `json:"index"`
+	Sink   string `json:"sink"`
+	Index  uint64 `json:"index"`
+	Remove bool   `json:"remove,omitempty"`
 }
 
 // maxSinkName bounds a sink name (a bbolt key); config validation allows
@@ -44,6 +47,12 @@ func (a *applier) sinkCursor(c *SinkCursorCmd) (Result, error) {
 	b, err := a.tx.CreateBucketIfNotExists(bktSinkCursor)
 	if err != nil {
 		return Result{}, err
+	}
+	if c.Remove {
+		if b.Get([]byte(c.Sink)) == nil {
+			return Result{}, nil
+		}
+		return Result{Applied: 1}, b.Delete([]byte(c.Sink))
 	}
 	if v := b.Get([]byte(c.Sink)); v != nil && getU64(v) >= c.Index {
 		return Result{}, nil

@@ -48,6 +48,16 @@ func TestSinkCursorOnlyMovesForward(t *testing.T) {
 	if _, ok, _ := f.SinkCursor("nope"); ok {
 		t.Fatal("an unknown sink has a cursor")
 	}
+	rm := &Command{Type: CmdSinkCursor, Sink: &SinkCursorCmd{Sink: "kafka", Remove: true}}
+	if res := apply(t, f, 11, rm)[0]; res.Applied != 1 {
+		t.Fatalf("remove: %+v", res)
+	}
+	if res := apply(t, f, 12, rm)[0]; res.Applied != 0 || res.Err != nil {
+		t.Fatalf("remove again: %+v", res)
+	}
+	if all, _ := f.SinkCursors(); len(all) != 1 || all["js"] != 12 {
+		t.Fatalf("after remove: %v", all)
+	}
 	err = f.view(func(tx *bolt.Tx) error {
 		v := tx.Bucket([]byte("sink_cursor")).Get([]byte("js"))
 		if len(v) != 8 || binary.BigEndian.Uint64(v) != 12 {

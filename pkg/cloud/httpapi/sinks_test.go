@@ -1,8 +1,10 @@
 package httpapi
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -10,11 +12,13 @@ import (
 )
 
 type fakeSinks struct {
-	items []sinks.Status
-	err   error
+	items  []sinks.Status
+	err    error
+	forget error
 }
 
-func (f fakeSinks) Status() ([]sinks.Status, error) { return f.items, f.err }
+func (f fakeSinks) Status() ([]sinks.Status, error)          { return f.items, f.err }
+func (f fakeSinks) Forget(_ context.Context, _ string) error { return f.forget }
 
 // TestSinksRoute: GET /api/v1/sinks needs the service token, answers the
 // envelope with this node's id and each sink's status (an empty list when
@@ -64,6 +68,32 @@ func TestSinksRoute(t *testing.T) {
 			want, _ := json.Marshal(tc.want)
 			if b.Node != "n1" || string(got) != string(want) {
 				t.Fatalf("node %s items %s, want %s", b.Node, got, want)
+			}
+		})
+	}
+}
+
+// TestForgetSinkRoute: DELETE /api/v1/sinks/{name} maps the manager's
+// answers: removed, 404 for no such cursor, 409 for a configured sink, 503
+// with Retry-After for an unknown outcome.
+func TestForgetSinkRoute(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		cfg    Config
+		token  string
+		status int
+	}{
+		{"removed", Config{Sinks: fakeSinks{}}, apiToken, 200},
+		{"needs the service token", Config{Sinks: fakeSinks{}}, edgeToken, 403},
+		{"no such cursor", Config{Sinks: fakeSinks{forget: fmt.Errorf("%w: x", sinks.ErrUnknownSink)}}, apiToken, 404},
+		{"no sinks at all", Config{}, apiToken, 404},
+		{"configured", Config{Sinks: fakeSinks{forget: sinks.ErrSinkConfigured}}, apiToken, 409},
+		{"outcome unknown", Config{Sinks: fakeSinks{forget: errors.New("leadership lost")}}, apiToken, 503},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := call(t, newServer(t, &fakeService{}, tc.cfg), "DELETE", "/api/v1/sinks/old", tc.token, nil)
+			if a.status != tc.status {
+				t.Fatalf("%d %s, want %d", a.status, a.raw, tc.status)
 			}
 		})
 	}

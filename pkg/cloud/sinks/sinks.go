@@ -25,6 +25,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -78,6 +80,7 @@ type State interface {
 	WaitApplied(done <-chan struct{}, index uint64) bool
 	Export(cursor string, limit int, emit func(*fsm.ExportRecord) error) (string, error)
 	SinkCursor(sink string) (index uint64, ok bool, err error)
+	SinkCursors() (map[string]uint64, error)
 	ExportBehind(index uint64, maxEntries int) (entries, records int, complete bool, err error)
 }
 
@@ -89,9 +92,13 @@ const leaderPoll = 100 * time.Millisecond
 
 // Status is one sink as GET /api/v1/sinks shows it.
 type Status struct {
-	Name   string `json:"name"`
-	Type   string `json:"type"`
-	Target string `json:"target"`
+	Name string `json:"name"`
+	// Configured is false for a cursor left by a sink no longer in the
+	// configuration: it still holds log retention back until it is
+	// removed (DELETE /api/v1/sinks/{name}).
+	Configured bool   `json:"configured"`
+	Type       string `json:"type,omitempty"`
+	Target     string `json:"target,omitempty"`
 	// Cursor is the replicated position: every record of the entries at or
 	// below this raft index has been taken.
 	Cursor uint64 `json:"cursor"`
@@ -153,7 +160,7 @@ func New(opts Options, raft Log, state State, log *slog.Logger, reg prometheus.R
 	for _, c := range opts.Sinks {
 		m.sinks = append(m.sinks, &sink{cfg: c})
 	}
-	if reg != nil && len(m.sinks) > 0 {
+	if reg != nil {
 		reg.MustRegister(collector{m})
 	}
 	return m
@@ -397,18 +404,21 @@ func (s *sink) fail(now time.Time, err error) {
 	s.lastErr, s.lastErrAt = err.Error(), now.UnixMilli()
 }
 
-// Status reports every configured sink as this node sees it: on the
+// Status reports every configured sink as this node sees it (on the
 // leader with its publishers' positions and errors, elsewhere the
-// replicated cursor and the lag from it.
+// replicated cursor and the lag from it), then the cursors of sinks no
+// longer configured, by name.
 func (m *Manager) Status() ([]Status, error) {
-	out := make([]Status, 0, len(m.sinks))
+	cursors, err := m.state.SinkCursors()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Status, 0, len(cursors)+len(m.sinks))
 	for _, s := range m.sinks {
-		cursor, _, err := m.state.SinkCursor(s.cfg.Name)
-		if err != nil {
-			return nil, err
-		}
+		cursor := cursors[s.cfg.Name]
+		delete(cursors, s.cfg.Name)
 		s.mu.Lock()
-		st := Status{Name: s.cfg.Name, Type: s.cfg.Type, Target: s.cfg.Target(), Cursor: cursor,
+		st := Status{Name: s.cfg.Name, Configured: true, Type: s.cfg.Type, Target: s.cfg.Target(), Cursor: cursor,
 			Active: s.active, Published: s.published, Failures: s.failures,
 			LastError: s.lastErr, LastErrorAt: s.lastErrAt, LastSuccessAt: s.lastOKAt}
 		from := cursor
@@ -422,7 +432,51 @@ func (m *Manager) Status() ([]Status, error) {
 		}
 		out = append(out, st)
 	}
+	for _, name := range slices.Sorted(maps.Keys(cursors)) {
+		st := Status{Name: name, Cursor: cursors[name]}
+		if st.LagEntries, st.LagRecords, st.LagExact, err = m.lag(st.Cursor, ""); err != nil {
+			return nil, err
+		}
+		out = append(out, st)
+	}
 	return out, nil
+}
+
+// Errors of Forget.
+var (
+	// ErrUnknownSink: no cursor of that name is recorded.
+	ErrUnknownSink = errors.New("no such sink cursor")
+	// ErrSinkConfigured: the sink is in this node's configuration; its
+	// publisher would only record it again.
+	ErrSinkConfigured = errors.New("sink is configured")
+	// ErrNotLeader: only the leader proposes; run Forget there.
+	ErrNotLeader = errors.New("not the raft leader")
+)
+
+// Forget drops the replicated cursor of a sink that is no longer
+// configured, so that it stops holding log retention back. Run it on the
+// leader.
+func (m *Manager) Forget(ctx context.Context, name string) error {
+	for _, s := range m.sinks {
+		if s.cfg.Name == name {
+			return fmt.Errorf("%w: %s (remove it from export.sinks on every node first)", ErrSinkConfigured, name)
+		}
+	}
+	if !m.raft.IsLeader() {
+		return ErrNotLeader
+	}
+	if _, ok, err := m.state.SinkCursor(name); err != nil {
+		return err
+	} else if !ok {
+		return fmt.Errorf("%w: %q", ErrUnknownSink, name)
+	}
+	_, err := m.raft.Propose(ctx, &fsm.Command{Type: fsm.CmdSinkCursor, AtMs: m.now().UnixMilli(),
+		Sink: &fsm.SinkCursorCmd{Sink: name, Remove: true}})
+	if err != nil {
+		return fmt.Errorf("forget sink %s: %w", name, err)
+	}
+	m.log.Info("export sink: cursor removed", "sink", name)
+	return nil
 }
 
 // lag counts the export log after index, less the records of the entry

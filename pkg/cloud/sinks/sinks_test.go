@@ -389,3 +389,40 @@ func TestTargetHidesPasswords(t *testing.T) {
 		t.Fatalf("password shown: %s", got)
 	}
 }
+
+// TestForgetRemovedSink: the cursor of a sink no longer configured is
+// listed as such (it holds log retention back) until Forget drops it; a
+// configured sink or an unknown name is refused.
+func TestForgetRemovedSink(t *testing.T) {
+	c := startCluster(t)
+	old := &memSink{}
+	ctx, cancel := context.WithCancel(context.Background())
+	m := New(Options{Sinks: []Config{{Name: "old", Type: TypeNATS}}, CursorInterval: time.Millisecond}, c.raft, c.state, discard(), nil, old.dial)
+	done := make(chan struct{})
+	go func() { defer close(done); m.Run(ctx) }()
+	last := c.push(t, "d1")
+	waitFor(t, "old's cursor", func() bool { return cursorOf(t, c, "old") >= last })
+	cancel()
+	<-done
+
+	m = runManager(t, c, Options{Sinks: []Config{{Name: "new", Type: TypeNATS}}}, (&memSink{}).dial, nil)
+	waitFor(t, "new registered", func() bool { _, ok, _ := c.state.SinkCursor("new"); return ok })
+	sts, err := m.Status()
+	if err != nil || len(sts) != 2 || sts[0].Name != "new" || !sts[0].Configured || sts[1].Name != "old" || sts[1].Configured || sts[1].Cursor < last {
+		t.Fatalf("status %+v %v", sts, err)
+	}
+	for name, want := range map[string]error{"new": ErrSinkConfigured, "nope": ErrUnknownSink} {
+		if err := m.Forget(context.Background(), name); !errors.Is(err, want) {
+			t.Fatalf("forget %s: %v, want %v", name, err, want)
+		}
+	}
+	if err := m.Forget(context.Background(), "old"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, _ := c.state.SinkCursor("old"); ok {
+		t.Fatal("old's cursor survived Forget")
+	}
+	if sts, _ := m.Status(); len(sts) != 1 {
+		t.Fatalf("status after forget %+v", sts)
+	}
+}
