@@ -208,12 +208,14 @@ func (s Config) StreamName() string {
 	return s.Name
 }
 
-// redact hides the password of every URL in a comma-separated list.
+// redact masks the password of every URL in a comma-separated list.
 func redact(list string) string {
 	parts := strings.Split(list, ",")
 	for i, u := range parts {
 		if p, err := url.Parse(strings.TrimSpace(u)); err == nil && p.User != nil {
-			parts[i] = p.Redacted()
+			// Redacted writes "xxxxx" for the password (and would escape
+			// the mask's asterisks).
+			parts[i] = strings.Replace(p.Redacted(), ":xxxxx@", ":"+config.Mask+"@", 1)
 		}
 	}
 	return strings.Join(parts, ",")
