@@ -2,7 +2,7 @@ GO       ?= go
 BIN      := bin
 PKGS     := ./...
 # Tests run with the race detector; CI sets CI=true so tests that need a
-# missing binary (mosquitto) fail instead of skipping.
+# missing binary (mosquitto, nats-server) fail instead of skipping.
 TESTFLAGS ?= -race -count=1 -timeout 20m
 # staticcheck 2026.2.2; run through `go run` so nothing is installed. Bump it
 # with the Go version (each release supports the two newest Go releases).

@@ -17,6 +17,7 @@ import (
 
 	"github.com/outpost-edge/outpost/pkg/cloud/httpapi"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
+	"github.com/outpost-edge/outpost/pkg/cloud/sinks"
 	"github.com/outpost-edge/outpost/pkg/config"
 	"github.com/outpost-edge/outpost/pkg/httpguard"
 	"github.com/outpost-edge/outpost/pkg/wire"
@@ -130,6 +131,11 @@ type Config struct {
 	GCPercent     int   `yaml:"gc_percent"`
 	MemoryLimitMB int64 `yaml:"memory_limit_mb"`
 
+	// Export streams every merged change to NATS JetStream and Kafka
+	// (package sinks): the leader publishes, each sink's position is
+	// replicated.
+	Export sinks.Options `yaml:"export"`
+
 	// CheckConfig (-check-config) asks main to validate and print the
 	// effective configuration instead of running.
 	CheckConfig bool `yaml:"-"`
@@ -157,6 +163,7 @@ func Defaults() Config {
 		LogLevel: "info", RaftLogLevel: r.RaftLogLevel, ShutdownGrace: 10 * time.Second,
 		GCPercent: 400, MemoryLimitMB: 128,
 		AuthFailureLimit: 10,
+		Export:           sinks.DefaultOptions(),
 	}
 }
 
@@ -498,6 +505,13 @@ func (c Config) Masked() Config {
 	c.APIToken = config.MaskString(c.APIToken)
 	c.MetricsToken = config.MaskString(c.MetricsToken)
 	c.WeChatSecret = config.MaskString(c.WeChatSecret)
+	if c.Export.Sinks != nil {
+		masked := make([]sinks.Config, len(c.Export.Sinks))
+		for i, s := range c.Export.Sinks {
+			masked[i] = s.Masked()
+		}
+		c.Export.Sinks = masked
+	}
 	return c
 }
 
@@ -633,6 +647,7 @@ func (c *Config) validate(errs config.Errors) error {
 	if c.AuthFailureLimit < 0 {
 		errs.Add("auth_failure_limit", "%g must be ≥ 0 (0 disables the throttle)", c.AuthFailureLimit)
 	}
+	c.Export.Validate("export", &errs)
 	if !c.Development {
 		c.checkCredentials(false, &errs, new([]config.Notice))
 	}

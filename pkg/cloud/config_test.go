@@ -15,6 +15,7 @@ import (
 
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
+	"github.com/outpost-edge/outpost/pkg/cloud/sinks"
 	"github.com/outpost-edge/outpost/pkg/config"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -33,6 +34,7 @@ func TestShippedConfigIsTheDefaults(t *testing.T) {
 	want := Defaults()
 	want.ID, want.Bootstrap, want.Join, want.Admins, want.RaftDial = "node1", true, []string{}, []string{}, map[string]string{}
 	want.EdgeTokens = map[string]string{}
+	want.Export.Sinks = []sinks.Config{}
 	want.EdgeTokensFile, want.APITokenFile = "/etc/outpost/secrets/edge-tokens", "/etc/outpost/secrets/api-token"
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("configs/cloud-sync.yaml differs from the defaults:\n file %+v\n code %+v", got, want)

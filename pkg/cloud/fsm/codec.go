@@ -72,6 +72,7 @@ type Command struct {
 	Key       *SigningKey      // CmdSigningKey
 	Session   *SessionCmd      // CmdSession*
 	Compact   *CompactCmd      // CmdCompact
+	Sink      *SinkCursorCmd   // CmdSinkCursor
 	// Refusals marks changes of a push or state batch that the leader
 	// refused under edge restriction (see restrict.go); they are applied as
 	// corrections, not as the edge sent them.
@@ -137,6 +138,8 @@ func EncodeCommand(c *Command) ([]byte, error) {
 		return appendJSON(b, c.Session)
 	case CmdCompact:
 		return appendJSON(b, c.Compact)
+	case CmdSinkCursor:
+		return appendJSON(b, c.Sink)
 	}
 	return nil, fmt.Errorf("fsm: unknown command type %d", c.Type)
 }
@@ -261,6 +264,9 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 	case CmdCompact:
 		d.Cmd.Compact = &CompactCmd{}
 		r.json(d.Cmd.Compact)
+	case CmdSinkCursor:
+		d.Cmd.Sink = &SinkCursorCmd{}
+		r.json(d.Cmd.Sink)
 	default:
 		return nil, fmt.Errorf("%w: unknown command type %d", ErrCorrupt, d.Type)
 	}

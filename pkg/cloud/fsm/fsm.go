@@ -482,6 +482,8 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 		return a.sessionPurge(d.Cmd.Session)
 	case CmdCompact:
 		return a.compact(d.AtMs, d.Cmd.Compact)
+	case CmdSinkCursor:
+		return a.sinkCursor(d.Cmd.Sink)
 	}
 	return Result{Err: fmt.Errorf("%w: command type %d", ErrCorrupt, d.Type)}, nil
 }
