@@ -19,7 +19,6 @@ import (
 // CmdSinkCursor records how far a sink has taken the export log.
 const CmdSinkCursor CmdType = 16
 
-
 // SinkCursorCmd is CmdSinkCursor's payload: Sink has taken every export
 // record of the entries at or below Index; or, with Remove, the sink is
 // gone from the configuration and its cursor (which holds log retention
