@@ -175,6 +175,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	e.onAbort(func() { e.stopWriter(); <-e.writerDone })
 
 	var downlink api.Downlink
+	var presence api.Presence // nil with an external broker: online from last_seen
 	e.stopSub = func() {}
 	if cfg.MQTT.Broker == "" {
 		bc := broker.DefaultConfig()
@@ -191,7 +192,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		if err := e.brk.Start(); err != nil {
 			return nil, err
 		}
-		downlink, e.mqttAddr = e.brk, e.brk.Addr()
+		downlink, presence, e.mqttAddr = e.brk, e.brk, e.brk.Addr()
 	} else {
 		clientID := cfg.MQTT.ClientID
 		if clientID == "" {
@@ -225,7 +226,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		BypassPolicy: cfg.API.BypassPolicy, Logger: log.With("component", "api"),
 	}, api.Deps{
 		Store: e.st, Tokens: apiTokens, Login: login, Policy: e.engine, Downlink: downlink,
-		Sync: syncStatus, Directory: directory,
+		Sync: syncStatus, Directory: directory, Presence: presence,
 		Ready: func() string {
 			if writer.Backpressure() {
 				return "disk quota reached: ingest is applying backpressure"
