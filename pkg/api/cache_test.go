@@ -375,3 +375,34 @@ func TestOnlineFromLastSeen(t *testing.T) {
 		e.clock.reset()
 	}
 }
+
+// TestRefreshReuseGraceHTTP: over HTTP, a refresh retried within the grace
+// answers the identical pair, whose tokens work; the same retry after the
+// grace is a reuse: 401, the session revoked, its access tokens refused.
+func TestRefreshReuseGraceHTTP(t *testing.T) {
+	e := newEnv(t)
+	p0 := e.login("alice")
+	refresh := func(tok string, want int) *response {
+		t.Helper()
+		return e.expect(req{method: http.MethodPost, path: "/api/v1/auth/refresh", body: map[string]string{"refresh_token": tok}}, want)
+	}
+	first := refresh(p0.RefreshToken, 200)
+	retry := refresh(p0.RefreshToken, 200)
+	if !bytes.Equal(first.env.Data, retry.env.Data) {
+		t.Fatalf("retry within the grace got another pair:\n%s\n%s", retry.env.Data, first.env.Data)
+	}
+	var p1 struct {
+		AccessToken  string `json:"access_token"`
+		RefreshToken string `json:"refresh_token"`
+	}
+	retry.data(t, &p1)
+	e.expect(req{path: "/api/v1/edge", token: p1.AccessToken}, 200)
+
+	e.clock.set(t, 31*time.Second) // past the default grace of 30 s
+	r := refresh(p0.RefreshToken, 401)
+	if !strings.Contains(r.env.Message, "already used") {
+		t.Fatalf("reuse after the grace: %q", r.env.Message)
+	}
+	e.expect(req{path: "/api/v1/edge", token: p1.AccessToken}, 401)
+	refresh(p1.RefreshToken, 401)
+}
