@@ -140,6 +140,11 @@ type Auth struct {
 	// KeyRotation is how long a signing key signs before it is replaced
 	// (old keys verify until their tokens expire); negative disables.
 	KeyRotation time.Duration `yaml:"key_rotation"`
+	// RefreshReuseGrace is how long a retry of a refresh with the same
+	// token gets the same new pair (a lost answer) rather than revoking
+	// the session; negative disables. Local sessions only: a joined edge's
+	// cloud sessions follow the cloud's setting.
+	RefreshReuseGrace time.Duration `yaml:"refresh_reuse_grace"`
 }
 
 // API hardens the HTTP server.
@@ -204,7 +209,7 @@ func DefaultConfig() Config {
 			MaxBatch: in.MaxBatch, Linger: in.Linger, QuotaMB: in.QuotaBytes >> 20, MinFreeMB: 256,
 			Retention: 30 * 24 * time.Hour, MaxDeadLetters: st.MaxDeadLetters,
 		},
-		Auth: Auth{AccessTTL: auth.DefaultAccessTTL, RefreshTTL: auth.DefaultRefreshTTL, KeyRotation: auth.DefaultKeyRotation},
+		Auth: Auth{AccessTTL: auth.DefaultAccessTTL, RefreshTTL: auth.DefaultRefreshTTL, KeyRotation: auth.DefaultKeyRotation, RefreshReuseGrace: auth.DefaultRefreshReuseGrace},
 		API: API{BodyLimitKB: ad.BodyLimit >> 10, RateLimitPerIP: 200, RateLimitPerUser: 100,
 			MaxConns: ad.MaxConns, MaxConnsPerIP: ad.MaxConnsPerIP},
 		Policy: Policy{Dir: "./policies"},

@@ -121,7 +121,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	}
 	if e.tokens, err = auth.NewService(keys, e.st.DB(), auth.Config{
 		Issuer: cfg.ID, AccessTTL: cfg.Auth.AccessTTL, RefreshTTL: cfg.Auth.RefreshTTL,
-		KeyRotation: cfg.Auth.KeyRotation, Logger: log,
+		KeyRotation: cfg.Auth.KeyRotation, RefreshReuseGrace: cfg.Auth.RefreshReuseGrace, Logger: log,
 	}); err != nil {
 		return nil, fmt.Errorf("auth: %w", err)
 	}
