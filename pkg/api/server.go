@@ -278,6 +278,7 @@ func (s *Server) routes() {
 	v1 := app.Group("/api/v1", s.limitIP)
 	v1.Post("/auth/login", s.login)
 	v1.Post("/auth/refresh", s.refresh)
+	v1.Get("/openapi.json", s.openapi)
 
 	authed := v1.Group("", s.authenticate, s.limitUser)
 	authed.Get("/devices", s.listDevices)

@@ -223,7 +223,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		Admins: cfg.Admins, DevLogin: cfg.DevLogin, BodyLimit: cfg.API.BodyLimitKB << 10,
 		RateLimitPerIP: cfg.API.RateLimitPerIP, RateLimitPerUser: cfg.API.RateLimitPerUser,
 		TrustedProxies: cfg.API.TrustedProxies, MaxConns: cfg.API.MaxConns, MaxConnsPerIP: cfg.API.MaxConnsPerIP,
-		BypassPolicy: cfg.API.BypassPolicy, Logger: log.With("component", "api"),
+		OnlineWindow: cfg.API.OnlineWindow, BypassPolicy: cfg.API.BypassPolicy, Logger: log.With("component", "api"),
 	}, api.Deps{
 		Store: e.st, Tokens: apiTokens, Login: login, Policy: e.engine, Downlink: downlink,
 		Sync: syncStatus, Directory: directory, Presence: presence,
