@@ -102,7 +102,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		log.Warn(msg)
 	}
 	scfg := service.Config{HeartbeatFresh: cfg.HeartbeatFresh, DevLogin: cfg.DevLogin, Admins: cfg.Admins,
-		AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL, MaxOffline: cfg.MaxOffline}
+		AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL, RefreshReuseGrace: cfg.RefreshReuseGrace, MaxOffline: cfg.MaxOffline}
 	if cfg.WeChatAppID != "" {
 		// Set only when configured: a nil *wechat.Client in the interface
 		// would read as configured.
