@@ -15,7 +15,8 @@
 // downlink anyone else changed. Before a client has authenticated the
 // broker reads at most MaxConnectBytes, waits at most ConnectTimeout, and
 // throttles failed logins; connections are capped and accept errors never
-// stop it.
+// stop it. Online reports which devices hold a connection (presence.go),
+// for the API's "online".
 package broker
 
 import (

@@ -111,3 +111,43 @@ func TestPresence(t *testing.T) {
 		t.Fatal("the inline client counted as a device")
 	}
 }
+
+// TestPresenceWithCredentials: with device credentials a device is its
+// username (its client id may carry a ":suffix"); a service user is no
+// device, and a refused login makes nobody online.
+func TestPresenceWithCredentials(t *testing.T) {
+	b := startBroker(t, Config{
+		Credentials:  map[string]string{"d1": hash(t, "pw1")},
+		ServiceUsers: map[string]string{"svc": hash(t, "svc")},
+	}, nil)
+	connect := func(id, user, pw string) (paho.Client, error) {
+		c := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + b.Addr()).SetClientID(id).
+			SetUsername(user).SetPassword(pw).SetAutoReconnect(false).SetConnectTimeout(5 * time.Second))
+		tok := c.Connect()
+		if !tok.WaitTimeout(10 * time.Second) {
+			t.Fatalf("connect %s: no answer", id)
+		}
+		return c, tok.Error()
+	}
+	if _, err := connect("d1", "d1", "wrong"); err == nil {
+		t.Fatal("a wrong password connected")
+	}
+	if b.Online("d1") {
+		t.Fatal("a refused login made d1 online")
+	}
+	svc, err := connect("monitor", "svc", "svc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { svc.Disconnect(50) })
+	d1, err := connect("d1:phone", "d1", "pw1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitOnline(t, b, "d1", true)
+	if b.Online("svc") || b.Online("monitor") {
+		t.Fatal("a service user counted as a device")
+	}
+	d1.Disconnect(50)
+	waitOnline(t, b, "d1", false)
+}
