@@ -236,10 +236,11 @@ func (s *Service) Refresh(ctx context.Context, token string) (uauth.Pair, error)
 
 // retriedRefresh answers a refresh the state machine found to be a retry
 // within the reuse grace: the pair its rotation issued, signed again from
-// the session's record (the same inputs sign the same tokens). Should the
-// reissued successor not be the session's current token (the deployment
-// key changed in between), the retry is refused as the reuse it would
-// otherwise have been, without revoking: the client logs in again.
+// the session's record at the rotation's time (the same inputs and key sign
+// the same tokens). Should the session have rotated again between the
+// apply and this read, the reissued successor is not its current token
+// and the retry is refused as a reuse (without revoking here: the rotation
+// that won decides).
 func (s *Service) retriedRefresh(ctx context.Context, is *uauth.Issuer, token, family string) (uauth.Pair, error) {
 	st, err := s.state.Session(family)
 	if err != nil {
