@@ -58,6 +58,9 @@ type Config struct {
 	WeChatAPIBase    string        `yaml:"wechat_api_base"`
 	AccessTTL        time.Duration `yaml:"access_ttl"`
 	RefreshTTL       time.Duration `yaml:"refresh_ttl"`
+	// RefreshReuseGrace: a refresh retried with the same token this soon
+	// gets the same pair (default 30s; negative: every reuse revokes).
+	RefreshReuseGrace time.Duration `yaml:"refresh_reuse_grace"`
 
 	MaxClockDrift  time.Duration `yaml:"max_clock_drift"`
 	HeartbeatFresh time.Duration `yaml:"heartbeat_fresh"`

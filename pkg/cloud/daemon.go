@@ -107,7 +107,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		log.Warn(msg)
 	}
 	scfg := service.Config{HeartbeatFresh: cfg.HeartbeatFresh, DevLogin: cfg.DevLogin, Admins: cfg.Admins,
-		AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL, MaxOffline: cfg.MaxOffline,
+		AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL, RefreshReuseGrace: cfg.RefreshReuseGrace, MaxOffline: cfg.MaxOffline,
 		Retention: cfg.Retention, LogRetention: cfg.LogRetention}
 	for _, sk := range cfg.Export.Sinks {
 		// The export log keeps what any configured sink has not taken.

@@ -121,7 +121,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	}
 	if e.tokens, err = auth.NewService(keys, e.st.DB(), auth.Config{
 		Issuer: cfg.ID, AccessTTL: cfg.Auth.AccessTTL, RefreshTTL: cfg.Auth.RefreshTTL,
-		KeyRotation: cfg.Auth.KeyRotation, Logger: log,
+		KeyRotation: cfg.Auth.KeyRotation, RefreshReuseGrace: cfg.Auth.RefreshReuseGrace, Logger: log,
 	}); err != nil {
 		return nil, fmt.Errorf("auth: %w", err)
 	}
@@ -179,6 +179,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	e.onAbort(func() { e.stopWriter(); <-e.writerDone })
 
 	var downlink api.Downlink
+	var presence api.Presence // nil with an external broker: online from last_seen
 	e.stopSub = func() {}
 	if cfg.MQTT.Broker == "" {
 		bc := broker.DefaultConfig()
@@ -195,7 +196,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		if err := e.brk.Start(); err != nil {
 			return nil, err
 		}
-		downlink, e.mqttAddr = e.brk, e.brk.Addr()
+		downlink, presence, e.mqttAddr = e.brk, e.brk, e.brk.Addr()
 	} else {
 		clientID := cfg.MQTT.ClientID
 		if clientID == "" {
@@ -226,10 +227,10 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		Admins: cfg.Admins, DevLogin: cfg.DevLogin, BodyLimit: cfg.API.BodyLimitKB << 10,
 		RateLimitPerIP: cfg.API.RateLimitPerIP, RateLimitPerUser: cfg.API.RateLimitPerUser,
 		TrustedProxies: cfg.API.TrustedProxies, MaxConns: cfg.API.MaxConns, MaxConnsPerIP: cfg.API.MaxConnsPerIP,
-		BypassPolicy: cfg.API.BypassPolicy, Logger: log.With("component", "api"),
+		OnlineWindow: cfg.API.OnlineWindow, BypassPolicy: cfg.API.BypassPolicy, Logger: log.With("component", "api"),
 	}, api.Deps{
 		Store: e.st, Tokens: apiTokens, Login: login, Policy: e.engine, Downlink: downlink,
-		Sync: syncStatus, Directory: directory,
+		Sync: syncStatus, Directory: directory, Presence: presence,
 		Ready: func() string {
 			if writer.Backpressure() {
 				return "disk quota reached: ingest is applying backpressure"

@@ -111,6 +111,10 @@ type Config struct {
 	// Token lifetimes of users' sessions (the auth package's defaults).
 	AccessTTL  time.Duration
 	RefreshTTL time.Duration
+	// RefreshReuseGrace: a refresh retried with the same token this soon
+	// gets the same pair (sessions.go); default
+	// auth.DefaultRefreshReuseGrace, negative disables.
+	RefreshReuseGrace time.Duration
 	// Now is the wall clock (default time.Now).
 	Now func() time.Time
 	// MaxOffline bounds how old a change an edge syncs may be and still be
