@@ -98,6 +98,15 @@ bench-fleet: build-cloud
 # --- end cloud-sync ---
 
 # --- operations: container images, KubeEdge manifests, demo ---
+# The expression-language comparison behind pkg/rules (expr vs CEL), in its
+# own module so that CEL never becomes a dependency; and the rule engine's
+# cost per reading with 100 rules.
+.PHONY: bench-exprlang bench-rules
+bench-exprlang:
+	cd bench/exprlang && $(GO) test -run '^$$' -bench . -benchmem -count 5
+bench-rules:
+	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./pkg/rules
+
 .PHONY: image image-edge image-cloud-sync docker-check test-deploy demo
 DOCKER       ?= docker
 IMAGE_PREFIX ?= outpost/
