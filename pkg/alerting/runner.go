@@ -43,6 +43,9 @@ type Store interface {
 	Device(id string) (*store.Device, error)
 	SetDesiredBy(id string, patch map[string]json.RawMessage, by store.Actor) (*store.Device, error)
 	MergeAlert(a rules.Alert) (rules.Alert, error)
+	LocalRules() ([]rules.Rule, error)
+	PutLocalRule(r rules.Rule) error
+	DeleteLocalRule(name string) error
 }
 
 // Downlink publishes to devices and subscribers.
@@ -67,6 +70,9 @@ type Config struct {
 	// Now is the wall clock rules time `for` by; Stamp issues HLC stamps.
 	Now   func() time.Time
 	Stamp func() hlc.Timestamp
+	// Cloud is the cloud's rule set as last cached, put in force with the
+	// edge-local rules when Run starts (SetCloud replaces it).
+	Cloud []rules.Rule
 	// Batch is how many outbox entries one evaluation pass reads.
 	Batch      int
 	Logger     *slog.Logger
@@ -90,6 +96,7 @@ type Runner struct {
 
 	// Owned by Run.
 	swapped bool // a rule set was put in force: until then nothing is evaluated, or skipped
+	src     sources
 	seq     uint64
 	devices map[string]rules.Device
 	metrics map[string]float64
@@ -141,10 +148,9 @@ func (r *Runner) do(ctx context.Context, f func(*rules.Engine)) error {
 	}
 }
 
-// Swap puts set in force; the states it ends are saved before it returns.
-// Nothing is evaluated before the first Swap (the edge's start-up rule set,
-// possibly empty), so that a backlog waits for the rules rather than
-// being passed over.
+// Swap puts set in force as it is, whatever the sources say (for tests
+// and tools; the edge uses PutLocal, DeleteLocal and SetCloud). The states
+// it ends are saved before it returns.
 func (r *Runner) Swap(ctx context.Context, set rules.Set) error {
 	var err error
 	if derr := r.do(ctx, func(e *rules.Engine) {
@@ -155,7 +161,6 @@ func (r *Runner) Swap(ctx context.Context, set rules.Set) error {
 	}); derr != nil {
 		return derr
 	}
-	r.Notify() // what waited for the first set
 	return err
 }
 
@@ -206,6 +211,20 @@ func (r *Runner) Run(ctx context.Context) error {
 	}
 	r.seq = seq
 	e := rules.NewEngine(saved, r.cfg.Stamp)
+	local, err := r.cfg.Store.LocalRules()
+	if err != nil {
+		return fmt.Errorf("alerting: load rules: %w", err)
+	}
+	// The rules in force from the start (possibly none): what was
+	// committed while the edge was down is evaluated against them.
+	if err := r.install(e, sources{local: local, cloud: r.cfg.Cloud}); err != nil {
+		// Stored rules compiled when they were accepted; keep running
+		// without them rather than not at all.
+		r.log.Error("stored rules do not compile; running without them", "err", err)
+		if err := r.install(e, sources{}); err != nil {
+			return fmt.Errorf("alerting: %w", err)
+		}
+	}
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	r.Notify() // catch up with what was committed while stopped

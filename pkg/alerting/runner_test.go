@@ -3,6 +3,7 @@ package alerting
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -84,8 +85,10 @@ func (f *fixture) start(set rules.Set) {
 	}
 	f.stop = stop
 	f.t.Cleanup(stop)
-	if err := f.r.Swap(ctx, set); err != nil {
-		f.t.Fatal(err)
+	if set != nil {
+		if err := f.r.Swap(ctx, set); err != nil {
+			f.t.Fatal(err)
+		}
 	}
 }
 
@@ -185,7 +188,11 @@ func TestCatchUpFromStore(t *testing.T) {
 	if err := f.st.AckOutbox(f.st.Counts().OutboxHead); err != nil {
 		t.Fatal(err)
 	}
-	f.start(set(t, rules.Rule{Name: "hot", When: "temp > 30", Clear: "temp < 28"}))
+	// The rules in force when the runner starts are the stored ones.
+	if err := f.st.PutLocalRule(rules.Rule{Name: "hot", When: "temp > 30", Clear: "temp < 28"}); err != nil {
+		t.Fatal(err)
+	}
+	f.start(nil)
 	waitFor(t, "the alert from the backlog", func() bool { return len(f.alerts(store.AlertsQuery{})) == 1 })
 	waitFor(t, "the runner at the head", func() bool {
 		seq, _, _ := f.st.RuleStates()
@@ -201,7 +208,10 @@ func TestCatchUpFromStore(t *testing.T) {
 func TestRestartMidFor(t *testing.T) {
 	f := newFixture(t)
 	rule := rules.Rule{Name: "warm", When: "temp > -5", For: rules.Duration(10 * time.Minute)}
-	f.start(set(t, rule))
+	if err := f.st.PutLocalRule(rule); err != nil {
+		t.Fatal(err)
+	}
+	f.start(nil)
 	f.ingest("freezer", -2)
 	waitFor(t, "the pending state saved", func() bool {
 		_, states, _ := f.st.RuleStates()
@@ -211,7 +221,7 @@ func TestRestartMidFor(t *testing.T) {
 	f.st.Close()
 	f.open()
 	f.now.Add(int64(11 * time.Minute / time.Millisecond))
-	f.start(set(t, rule))
+	f.start(nil)
 	f.r.Notify()
 	waitFor(t, "the alert after the restart", func() bool { return len(f.alerts(store.AlertsQuery{})) == 1 })
 	if a := f.alerts(store.AlertsQuery{})[0]; a.Value != -2 {
@@ -242,4 +252,45 @@ func TestAck(t *testing.T) {
 	if _, err := f.r.Ack(context.Background(), "d3~nope~1", "alice"); err != ErrNotFound {
 		t.Fatalf("Ack of a missing alert: %v", err)
 	}
+}
+
+// TestLocalRules: PutLocal refuses a rule that does not compile and keeps
+// the set; a stored rule is in force after a restart; DeleteLocal removes
+// it; a cloud rule shadows a local one of the same name and a local PUT of
+// that name is refused.
+func TestLocalRules(t *testing.T) {
+	f := newFixture(t)
+	f.start(nil)
+	ctx := context.Background()
+	if _, err := f.r.PutLocal(ctx, rules.Rule{Name: "bad", When: "temp >"}); !errors.Is(err, rules.ErrInvalid) {
+		t.Fatalf("PutLocal of a bad rule: %v", err)
+	}
+	info, err := f.r.PutLocal(ctx, rules.Rule{Name: "hot", When: "temp > 30"})
+	if err != nil || info.Source != SourceLocal || info.Version == "" {
+		t.Fatalf("PutLocal: %+v %v", info, err)
+	}
+	f.halt()
+	f.start(nil)
+	list, err := f.r.List(ctx)
+	if err != nil || len(list) != 1 || list[0].Name != "hot" || list[0].Source != SourceLocal {
+		t.Fatalf("after a restart: %+v %v", list, err)
+	}
+	if err := f.r.SetCloud(ctx, []rules.Rule{{Name: "hot", When: "temp > 40"}, {Name: "cold", When: "temp < 0"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.r.SetCloud(ctx, []rules.Rule{{Name: "broken", When: "("}}); !errors.Is(err, rules.ErrInvalid) {
+		t.Fatalf("a bad cloud set: %v", err)
+	}
+	list, _ = f.r.List(ctx)
+	if len(list) != 2 || list[1].Name != "hot" || list[1].Source != SourceCloud || list[1].When != "temp > 40" {
+		t.Fatalf("with the cloud set: %+v", list)
+	}
+	if _, err := f.r.PutLocal(ctx, rules.Rule{Name: "hot", When: "temp > 1"}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("PutLocal over a cloud rule: %v", err)
+	}
+	if err := f.r.DeleteLocal(ctx, "nope"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("DeleteLocal of a missing rule: %v", err)
+	}
+	f.ingest("d", 45)
+	waitFor(t, "the cloud rule's alert", func() bool { return len(f.alerts(store.AlertsQuery{})) == 1 })
 }
