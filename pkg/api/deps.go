@@ -99,6 +99,8 @@ type Deps struct {
 	Sync       SyncStatus
 	Directory  Directory
 	Presence   Presence
+	Rules      Rules
+	Alerts     Alerts
 	Ready      func() string // "" when ready, else why not
 	Registerer prometheus.Registerer
 	Gatherer   prometheus.Gatherer

@@ -291,6 +291,11 @@ func (s *Server) routes() {
 	authed.Put("/users/:openid", s.putUser)
 	authed.Get("/edge", s.edge)
 	authed.Get("/edges/nearest", s.nearest)
+	authed.Get("/rules", s.listRules)
+	authed.Put("/rules/:name", s.putRule)
+	authed.Delete("/rules/:name", s.deleteRule)
+	authed.Get("/alerts", s.listAlerts)
+	authed.Post("/alerts/:id/ack", s.ackAlert)
 
 	app.Use(func(c *fiber.Ctx) error {
 		return fail(c, fiber.StatusNotFound, "no such endpoint: "+c.Method()+" "+c.Path())

@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"golang.org/x/sys/unix"
 
+	"github.com/outpost-edge/outpost/pkg/alerting"
 	"github.com/outpost-edge/outpost/pkg/api"
 	"github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/auth/federation"
@@ -59,6 +60,7 @@ type Edge struct {
 	stopWriter context.CancelFunc
 	writerDone chan struct{}
 	stopSub    context.CancelFunc
+	alerts     *alerting.Runner
 	stopBg     context.CancelFunc // background loops: they end with Run's ctx, or in Shutdown
 	wg         sync.WaitGroup
 	errc       chan error // a part that failed while serving
@@ -109,6 +111,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	if e.st, err = store.Open(filepath.Join(cfg.DataDir, "edge.db"), store.Options{
 		EdgeID: cfg.ID, Region: cfg.Region, Clock: clock,
 		MaxDeadLetters: cfg.Ingest.MaxDeadLetters, NoSync: cfg.UnsafeNoSync,
+		HoldOutboxForRules: true, // the rule runner reads what it has not evaluated from the outbox
 	}); err != nil {
 		return nil, err
 	}
@@ -151,8 +154,13 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	// A reading older than retention would be acknowledged and then deleted
 	// by the next retention pass: refuse it at ingest (a dead letter).
 	limits.MaxAge = cfg.Ingest.Retention
+	// Rules run on what the writer committed, after it acknowledged it;
+	// they publish through the broker, which is made after the writer.
+	var publish lateDownlink
+	e.alerts = alerting.New(alerting.Config{Store: e.st, Downlink: &publish, Now: now, Stamp: clock.Now,
+		Logger: log.With("component", "rules"), Registerer: reg})
 	e.writer = ingest.NewWriter(e.st, ingest.NewDecoder(limits), ingest.Config{
-		MaxBatch: cfg.Ingest.MaxBatch, Linger: cfg.Ingest.Linger,
+		MaxBatch: cfg.Ingest.MaxBatch, Linger: cfg.Ingest.Linger, Committed: e.alerts.Notify,
 		QuotaBytes: cfg.Ingest.QuotaMB << 20, MinFreeBytes: cfg.Ingest.MinFreeMB << 20,
 		FreeBytes:             func() (int64, error) { return freeBytes(cfg.DataDir) },
 		UnsafeAckBeforeCommit: cfg.UnsafeAckBeforeCommit,
@@ -209,6 +217,8 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		downlink, e.mqttAddr = e.sub, cfg.MQTT.Broker
 	}
 
+	publish.set(downlink)
+
 	// A joined edge syncs with the cloud and logs users in through it.
 	var apiTokens api.Tokens = e.tokens
 	var syncStatus api.SyncStatus
@@ -230,7 +240,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		OnlineWindow: cfg.API.OnlineWindow, BypassPolicy: cfg.API.BypassPolicy, Logger: log.With("component", "api"),
 	}, api.Deps{
 		Store: e.st, Tokens: apiTokens, Login: login, Policy: e.engine, Downlink: downlink,
-		Sync: syncStatus, Directory: directory, Presence: presence,
+		Sync: syncStatus, Directory: directory, Rules: e.alerts, Alerts: e.st, Presence: presence,
 		Ready: func() string {
 			if writer.Backpressure() {
 				return "disk quota reached: ingest is applying backpressure"
@@ -283,6 +293,13 @@ func (e *Edge) Run(ctx context.Context) error {
 	go func() { defer e.wg.Done(); _ = e.engine.Run(bg) }()
 	go func() { defer e.wg.Done(); _ = e.tokens.Run(bg) }()
 	go func() { defer e.wg.Done(); retain(bg, e.st, cfg, log) }()
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		if err := e.alerts.Run(bg); err != nil {
+			e.errc <- err
+		}
+	}()
 	if e.sy != nil {
 		e.wg.Add(1)
 		go func() { defer e.wg.Done(); _ = e.sy.Run(bg) }()

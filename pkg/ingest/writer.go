@@ -58,6 +58,11 @@ type Config struct {
 	// FreeBytes reports free space on the data filesystem; nil disables the
 	// free-space check.
 	FreeBytes func() (int64, error)
+	// Committed, when set, is called on the writer's goroutine after each
+	// commit that stored items, once their messages are acknowledged. It
+	// must not block: the edge's rule runner only takes a signal and reads
+	// what was committed from the store (pkg/alerting).
+	Committed func()
 	// UnsafeAckBeforeCommit reports messages done before they are written.
 	// It exists only so the crash test can prove it detects loss.
 	UnsafeAckBeforeCommit bool
@@ -372,6 +377,9 @@ func (w *Writer) commit(batch []*pending) {
 		}
 		w.m.ackLatency.Observe(now.Sub(p.start).Seconds())
 		p.done(nil)
+	}
+	if w.cfg.Committed != nil && len(items) > 0 {
+		w.cfg.Committed() // after the acks: it never delays one
 	}
 }
 
