@@ -181,9 +181,7 @@ func (r *Runner) Ack(ctx context.Context, id, by string) (rules.Alert, error) {
 		now := r.cfg.Now().UnixMilli()
 		if ev, ok := e.Ack(id, by, now); ok {
 			out = *ev.Alert
-			if err = r.save([]rules.Event{ev}); err == nil {
-				r.publish(out)
-			}
+			err = r.save([]rules.Event{ev}) // publishes it
 			return
 		}
 		device, rule, _, ok := rules.ParseAlertID(id)
