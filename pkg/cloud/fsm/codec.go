@@ -73,6 +73,7 @@ type Command struct {
 	Session   *SessionCmd      // CmdSession*
 	Compact   *CompactCmd      // CmdCompact
 	Sink      *SinkCursorCmd   // CmdSinkCursor
+	Rule      *RuleCmd         // CmdRulePut
 	// Refusals marks changes of a push or state batch that the leader
 	// refused under edge restriction (see restrict.go); they are applied as
 	// corrections, not as the edge sent them.
@@ -140,6 +141,8 @@ func EncodeCommand(c *Command) ([]byte, error) {
 		return appendJSON(b, c.Compact)
 	case CmdSinkCursor:
 		return appendJSON(b, c.Sink)
+	case CmdRulePut:
+		return appendJSON(b, c.Rule)
 	}
 	return nil, fmt.Errorf("fsm: unknown command type %d", c.Type)
 }
@@ -267,6 +270,9 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 	case CmdSinkCursor:
 		d.Cmd.Sink = &SinkCursorCmd{}
 		r.json(d.Cmd.Sink)
+	case CmdRulePut:
+		d.Cmd.Rule = &RuleCmd{}
+		r.json(d.Cmd.Rule)
 	default:
 		return nil, fmt.Errorf("%w: unknown command type %d", ErrCorrupt, d.Type)
 	}

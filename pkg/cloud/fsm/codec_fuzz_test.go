@@ -54,6 +54,7 @@ func seedEntries(t testing.TB) map[string][]byte {
 		"session-rev":   {Type: CmdSessionRevokeUser, AtMs: 9002, Session: &SessionCmd{OpenID: "u1", BeforeMs: 9002, UntilMs: 99999}},
 		"session-purge": {Type: CmdSessionPurge, AtMs: 9003, Session: &SessionCmd{}},
 		"sink-cursor":   {Type: CmdSinkCursor, AtMs: 9100, Sink: &SinkCursorCmd{Sink: "js", Index: 42}},
+		"rule-put":      {Type: CmdRulePut, AtMs: 9200, Rule: &RuleCmd{Name: "hot", Region: "eu", Rule: json.RawMessage(`{"name":"hot","when":"temp > 30"}`)}},
 	}
 	out := make(map[string][]byte, len(cmds)+1)
 	var all [][]byte

@@ -484,6 +484,8 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 		return a.compact(d.AtMs, d.Cmd.Compact)
 	case CmdSinkCursor:
 		return a.sinkCursor(d.Cmd.Sink)
+	case CmdRulePut:
+		return a.rulePut(a.index, d.Cmd.Rule)
 	}
 	return Result{Err: fmt.Errorf("%w: command type %d", ErrCorrupt, d.Type)}, nil
 }

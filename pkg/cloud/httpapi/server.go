@@ -277,6 +277,9 @@ func (s *Server) routes(reg *prometheus.Registry) {
 	api.Delete("/users/:openid/sessions", s.revokeSessions)
 	api.Get("/policies", s.listPolicies)
 	api.Put("/policies/:name", s.putPolicy)
+	api.Get("/rules", s.listRules)
+	api.Put("/rules/:name", s.putRule)
+	api.Delete("/rules/:name", s.deleteRule)
 
 	a.Use(func(c *fiber.Ctx) error {
 		return apiError(fiber.StatusNotFound, fmt.Sprintf("no route for %s %s", c.Method(), c.Path()))

@@ -70,6 +70,7 @@ type Service interface {
 	Sync
 	Sessions
 	Consumer
+	Rules
 }
 
 var _ Service = (*service.Service)(nil)

@@ -64,6 +64,7 @@ type Queries interface {
 	Readings(q fsm.ReadingsQuery) ([]fsm.StoredReading, string, error)
 	Edges() ([]wire.Edge, error)
 	Policies() ([]wire.Policy, error)
+	Rules() ([]fsm.RuleRecord, error)
 	Pull(edge, cursor string, limit int) (wire.PullPage, error)
 	// CheckResend verifies that a push at or below the edge's acknowledged
 	// sequence repeats what was applied (fsm.ErrSeqConflict if not).
