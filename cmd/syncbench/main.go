@@ -248,6 +248,7 @@ func run(readings, devices, per, live int, binDir string, keep, tlsOn bool, prof
 	if n := m["outpost_sync_push_duration_seconds_count"]; n > 0 {
 		log.Printf("%v pushes, mean %.1f ms each, %.0f readings per push", n, 1000*m["outpost_sync_push_duration_seconds_sum"]/n, m["outpost_sync_batch_readings_sum"]/n)
 	}
+	logLeader(nodes[lead])
 	res.ReadingsPerS = float64(int64(float64(readings) / res.ConvergeS))
 	log.Printf("converged in %.2fs", res.ConvergeS)
 
@@ -509,9 +510,37 @@ func waitBacklog(edgeHTTP string, readings int, d time.Duration) (uint64, error)
 	return 0, fmt.Errorf("edge did not store %d readings within %s", readings, d)
 }
 
-func metrics(url string) map[string]float64 {
+// logLeader logs where the leader's time per push went: the whole request,
+// and proposal to applied result in raft.
+func logLeader(node string) {
+	m := metricsAuth(cloudHC, cloudScheme+node+"/metrics", apiToken)
+	var reqSum, reqN float64
+	for k, v := range m {
+		if strings.HasPrefix(k, "outpost_http_request_duration_seconds_") && strings.Contains(k, "push") {
+			switch {
+			case strings.HasPrefix(k, "outpost_http_request_duration_seconds_sum"):
+				reqSum += v
+			case strings.HasPrefix(k, "outpost_http_request_duration_seconds_count"):
+				reqN += v
+			}
+		}
+	}
+	if reqN > 0 {
+		log.Printf("leader: %v push requests, mean %.1f ms; raft proposal to result mean %.1f ms over %v proposals, %.1f commands per entry",
+			reqN, 1000*reqSum/reqN, 1000*m["outpost_raft_apply_duration_seconds_sum"]/m["outpost_raft_apply_duration_seconds_count"],
+			m["outpost_raft_apply_duration_seconds_count"], m["outpost_raft_entry_commands_sum"]/m["outpost_raft_entry_commands_count"])
+	}
+}
+
+func metrics(url string) map[string]float64 { return metricsAuth(http.DefaultClient, url, "") }
+
+func metricsAuth(hc *http.Client, url, token string) map[string]float64 {
 	out := map[string]float64{}
-	resp, err := http.Get(url)
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := hc.Do(req)
 	if err != nil {
 		return out
 	}
