@@ -56,7 +56,8 @@ func BenchmarkApplySinglePushes(b *testing.B) {
 				Kind: wire.KindReadings, Device: fmt.Sprintf("%s-dev", edge),
 				Readings: []wire.Reading{{TS: int64(1000 + seqs[e]), ID: fmt.Sprintf("m%d", seqs[e]), Metrics: map[string]float64{"temp": 21.5}}},
 			}}}
-			cmds = append(cmds, &Command{Type: CmdPush, AtMs: 1, Push: p})
+			// With the change digests, as the service proposes every push.
+			cmds = append(cmds, &Command{Type: CmdPush, AtMs: 1, Push: p, Digests: []wire.Digest{p.Changes[0].Digest()}})
 		}
 		res := apply(&testing.T{}, f, index, cmds...)
 		if len(res) != len(seqs) || res[0].Err != nil {

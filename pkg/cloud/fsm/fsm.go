@@ -55,7 +55,7 @@ var (
 	bktDevices  = []byte("devices")         // device → Device JSON
 	bktSeen     = []byte("device_seen")     // device → last seen ms(8), newer than the record's
 	bktEdges    = []byte("edges")           // edge → edgeRecord JSON
-	bktSeq      = []byte("edge_seq")        // edge → acked seq (8)
+	bktSeq      = []byte("edge_seq")        // edge → acked seq (8), then its digest chain (restrict.go)
 	bktLog      = []byte("log")             // raft index(8) → merged changes
 	bktDown     = []byte("downlink")        // raft index(8) sub(4) → downRecord JSON
 	bktNodes    = []byte("nodes")           // node id → Node JSON
@@ -70,7 +70,7 @@ var (
 	bktRecent = []byte("readings_recent") // raft index(8) n(4) → staged reading
 	// The digest chain of each edge's sequenced stream at the end of its
 	// last digestWindow pushes (see push).
-	bktDigest = []byte("edge_digest") // edge → [seq(8) chain digest(16)] × up to digestWindow, oldest first
+	bktDigest = []byte("edge_digest") // edge → [seq(8) chain digest(16)] × up to digestWindow, oldest first: the old layout, now in edge_seq (restrict.go)
 
 	keyApplied = []byte("applied_index")
 	keyStamp   = []byte("max_stamp")
@@ -487,7 +487,8 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 
 func (a *applier) push(d *decodedCmd) (Result, error) {
 	key := []byte(d.Edge)
-	last := getU64(a.bk.seq.Get(key))
+	rec := readSeq(a.bk.seq, a.bk.digest, key)
+	last := rec.last
 	if d.FirstSeq > last+1 {
 		return Result{Err: fmt.Errorf("%w: expected sequence %d, got %d", ErrSeqGap, last+1, d.FirstSeq),
 			Expected: last + 1, AckedSeq: last}, nil
@@ -495,12 +496,25 @@ func (a *applier) push(d *decodedCmd) (Result, error) {
 	skip := last + 1 - d.FirstSeq // changes this edge already delivered
 	if skip > 0 && d.Digests != nil {
 		// A re-send is a duplicate only if it is what was applied.
-		if err := verifyChain(a.bk.digest, d.Edge, d.FirstSeq, last, d.Digests); err != nil {
+		if err := verifyChain(rec, d.Edge, d.FirstSeq, d.Digests); err != nil {
 			return Result{Err: err, AckedSeq: last}, nil
 		}
 	}
 	if skip >= uint64(len(d.Changes)) {
 		return Result{AckedSeq: last}, nil
+	}
+	var head *wire.Digest
+	if d.Digests != nil {
+		// Computed before the changes apply: rec.chain is bbolt's memory,
+		// valid only until the transaction's next write.
+		h, _ := chainAt(rec.chain, last)
+		for i := skip; i < uint64(len(d.Changes)); i++ {
+			h = wire.ChainDigest(h, d.Digests[i])
+		}
+		head = &h
+		rec.chain = append([]byte(nil), rec.chain...)
+	} else if rec.chain != nil {
+		rec.chain = append([]byte(nil), rec.chain...)
 	}
 	before := a.dups
 	for i := skip; i < uint64(len(d.Changes)); i++ {
@@ -509,17 +523,8 @@ func (a *applier) push(d *decodedCmd) (Result, error) {
 		}
 	}
 	newLast := d.FirstSeq + uint64(len(d.Changes)) - 1
-	if err := a.bk.seq.Put(key, u64(newLast)); err != nil {
+	if err := putSeq(a.bk.seq, a.bk.digest, key, rec, newLast, head); err != nil {
 		return Result{}, err
-	}
-	if d.Digests != nil {
-		head, _ := chainAt(a.bk.digest, d.Edge, last)
-		for i := skip; i < uint64(len(d.Changes)); i++ {
-			head = wire.ChainDigest(head, d.Digests[i])
-		}
-		if err := putChain(a.bk.digest, d.Edge, newLast, head); err != nil {
-			return Result{}, err
-		}
 	}
 	return Result{AckedSeq: newLast, Applied: len(d.Changes) - int(skip), Duplicates: a.dups - before}, nil
 }
@@ -927,11 +932,13 @@ func putJSON(b *bolt.Bucket, key string, v any) error {
 
 func u64(v uint64) []byte { return binary.BigEndian.AppendUint64(make([]byte, 0, 12), v) }
 
+// getU64 reads a big-endian uint64 value, or the first 8 bytes of a
+// longer one (an edge_seq record carries its chain after the sequence).
 func getU64(b []byte) uint64 {
-	if len(b) != 8 {
+	if len(b) < 8 {
 		return 0
 	}
-	return binary.BigEndian.Uint64(b)
+	return binary.BigEndian.Uint64(b[:8])
 }
 
 // Snapshot captures the state as of the last applied entry. raft calls it on
