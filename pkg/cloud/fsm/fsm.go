@@ -19,6 +19,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -784,31 +785,37 @@ const maxDeviceKey = 1024
 func validDeviceKey(id string) bool { return id != "" && len(id) <= maxDeviceKey }
 
 func idKey(origin, device, id string) []byte {
-	k := make([]byte, 0, len(origin)+len(device)+len(id)+2)
+	return appendIDKey(make([]byte, 0, len(origin)+len(device)+len(id)+2), origin, device, id)
+}
+
+func appendIDKey(k []byte, origin, device, id string) []byte {
 	return append(append(append(append(append(k, origin...), 0), device...), 0), id...)
 }
 
 // putReadings queues a change's readings for insertion under their device
 // (a.bulk, put at the end of the transaction), marking duplicates in dup.
 func (a *applier) putReadings(origin string, dev *Device, c *rawChange, dup []bool) error {
+	b := &a.bulk
+	b.reserve(len(c.Readings))
 	for i := range c.Readings {
 		r := &c.Readings[i]
-		// bbolt keeps key slices until commit: each key gets its own.
-		key := readingKey(make([]byte, 0, len(dev.ID)+len(origin)+len(r.ID)+11), dev.ID, r.TS, origin, r.ID)
+		// bbolt keeps key slices until commit: each key gets its own
+		// (arena) memory.
+		key := readingKey(b.alloc(len(dev.ID)+len(origin)+len(r.ID)+11), dev.ID, r.TS, origin, r.ID)
 		if r.ID != "" {
-			id := idKey(origin, dev.ID, r.ID)
-			if a.bulk.hasID(id) || a.stage.hasID(id) || a.bk.readID.Get(id) != nil {
+			id := appendIDKey(b.alloc(len(origin)+len(dev.ID)+len(r.ID)+2), origin, dev.ID, r.ID)
+			if b.hasID(id) || a.stage.hasID(id) || a.bk.readID.Get(id) != nil {
 				dup[i] = true
 				continue
 			}
-			a.bulk.add(key, id, r.Metrics, r.TS)
+			b.add(key, id, r.Metrics, r.TS)
 			continue
 		}
-		if a.bulk.hasKey(key) || a.stage.hasKey(key) || a.bk.readings.Get(key) != nil {
+		if b.hasKey(key) || a.stage.hasKey(key) || a.bk.readings.Get(key) != nil {
 			dup[i] = true
 			continue
 		}
-		a.bulk.add(key, nil, r.Metrics, r.TS)
+		b.add(key, nil, r.Metrics, r.TS)
 	}
 	return nil
 }
@@ -828,6 +835,32 @@ type bulkPuts struct {
 	ids  map[string]struct{} // id keys queued
 	rs   []bulkReading
 	nIDs int
+
+	// arena holds the queued keys and id values: one allocation per
+	// arenaChunk instead of three per reading. bbolt keeps key and value
+	// slices until commit, and each chunk lives as long as one does.
+	arena []byte
+}
+
+const arenaChunk = 64 << 10
+
+// alloc returns an empty slice with room for n bytes in the arena.
+func (b *bulkPuts) alloc(n int) []byte {
+	if cap(b.arena)-len(b.arena) < n {
+		b.arena = make([]byte, 0, max(arenaChunk, n))
+	}
+	s := b.arena[len(b.arena) : len(b.arena) : len(b.arena)+n]
+	b.arena = b.arena[:len(b.arena)+n]
+	return s
+}
+
+// reserve makes room for n more readings, so that a transaction's queue
+// grows once per change instead of by repeated doubling.
+func (b *bulkPuts) reserve(n int) {
+	if b.keys == nil {
+		b.keys, b.ids = make(map[string]struct{}, n), make(map[string]struct{}, n)
+	}
+	b.rs = slices.Grow(b.rs, n)
 }
 
 type bulkReading struct {
@@ -839,9 +872,6 @@ func (b *bulkPuts) hasKey(key []byte) bool { _, ok := b.keys[string(key)]; retur
 func (b *bulkPuts) hasID(id []byte) bool   { _, ok := b.ids[string(id)]; return ok }
 
 func (b *bulkPuts) add(key, id, metrics []byte, ts int64) {
-	if b.keys == nil {
-		b.keys, b.ids = map[string]struct{}{}, map[string]struct{}{}
-	}
 	b.keys[string(key)] = struct{}{}
 	if id != nil {
 		b.ids[string(id)] = struct{}{}
@@ -873,7 +903,7 @@ func (a *applier) flushBulk() error {
 	}
 	sort.Slice(ids, func(i, j int) bool { return bytes.Compare(ids[i].id, ids[j].id) < 0 })
 	for _, r := range ids {
-		if err := a.bk.readID.Put(r.id, u64(uint64(r.ts))); err != nil {
+		if err := a.bk.readID.Put(r.id, binary.BigEndian.AppendUint64(b.alloc(8), uint64(r.ts))); err != nil {
 			return err
 		}
 	}
