@@ -804,14 +804,14 @@ func (a *applier) putReadings(origin string, dev *Device, c *rawChange, dup []bo
 		key := readingKey(b.alloc(len(dev.ID)+len(origin)+len(r.ID)+11), dev.ID, r.TS, origin, r.ID)
 		if r.ID != "" {
 			id := appendIDKey(b.alloc(len(origin)+len(dev.ID)+len(r.ID)+2), origin, dev.ID, r.ID)
-			if b.hasID(id) || a.stage.hasID(id) || a.bk.readID.Get(id) != nil {
+			if b.hasID(id) || a.stage.hasID(id) || b.stored(&b.idCur, a.bk.readID, id) {
 				dup[i] = true
 				continue
 			}
 			b.add(key, id, r.Metrics, r.TS)
 			continue
 		}
-		if b.hasKey(key) || a.stage.hasKey(key) || a.bk.readings.Get(key) != nil {
+		if b.hasKey(key) || a.stage.hasKey(key) || b.stored(&b.keyCur, a.bk.readings, key) {
 			dup[i] = true
 			continue
 		}
@@ -836,6 +836,10 @@ type bulkPuts struct {
 	rs   []bulkReading
 	nIDs int
 
+	// Cursors for the dedup lookups: Bucket.Get builds a cursor (and its
+	// stack) per call; a cursor's Seek reuses its stack.
+	idCur, keyCur *bolt.Cursor
+
 	// arena holds the queued keys and id values: one allocation per
 	// arenaChunk instead of three per reading. bbolt keeps key and value
 	// slices until commit, and each chunk lives as long as one does.
@@ -858,9 +862,20 @@ func (b *bulkPuts) alloc(n int) []byte {
 // grows once per change instead of by repeated doubling.
 func (b *bulkPuts) reserve(n int) {
 	if b.keys == nil {
-		b.keys, b.ids = make(map[string]struct{}, n), make(map[string]struct{}, n)
+		b.keys, b.ids = map[string]struct{}{}, make(map[string]struct{}, n)
 	}
 	b.rs = slices.Grow(b.rs, n)
+}
+
+// stored reports whether bucket bk holds key, through the cursor *c
+// (opened on first use). Seek re-searches from the root, so the cursor
+// stays valid across the transaction's Puts.
+func (b *bulkPuts) stored(c **bolt.Cursor, bk *bolt.Bucket, key []byte) bool {
+	if *c == nil {
+		*c = bk.Cursor()
+	}
+	k, _ := (*c).Seek(key)
+	return k != nil && bytes.Equal(k, key)
 }
 
 type bulkReading struct {
@@ -872,8 +887,11 @@ func (b *bulkPuts) hasKey(key []byte) bool { _, ok := b.keys[string(key)]; retur
 func (b *bulkPuts) hasID(id []byte) bool   { _, ok := b.ids[string(id)]; return ok }
 
 func (b *bulkPuts) add(key, id, metrics []byte, ts int64) {
-	b.keys[string(key)] = struct{}{}
-	if id != nil {
+	if id == nil {
+		// Only readings without an id are deduplicated by key: a key
+		// with an id cannot equal one without (ids are not empty).
+		b.keys[string(key)] = struct{}{}
+	} else {
 		b.ids[string(id)] = struct{}{}
 		b.nIDs++
 	}
