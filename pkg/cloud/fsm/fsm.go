@@ -158,6 +158,13 @@ type FSM struct {
 	// the only writer of device records, so the cache is never stale; a
 	// restore empties it.
 	devices map[string]*Device
+	// seqs caches each edge's committed sequence (edge → uint64), which
+	// the push path reads for every push: a bbolt read transaction cost
+	// more than the lookup it made. Written after each apply commit (only
+	// a.push writes edge_seq, through putSeq), read and emptied under mu,
+	// so a reader sees the committed value or an older one, which the
+	// push path treats as "not yet committed" and leaves to Apply.
+	seqs sync.Map
 }
 
 // maxCachedDevices bounds the device cache; past it the cache starts over.
@@ -334,6 +341,9 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 		// from the other replicas.
 		panic(fmt.Sprintf("fsm: apply at index %d: %v", last, err))
 	}
+	for edge, seq := range a.seqs {
+		f.seqs.Store(edge, seq)
+	}
 	f.applied.Store(last)
 	f.maxStamp.Store(uint64(a.maxStamp))
 	if f.hooks.OnReadings != nil && (a.added > 0 || a.dups > 0) {
@@ -379,6 +389,7 @@ type applier struct {
 	conflicts int
 	stage     *stageIndex
 	bulk      bulkPuts
+	seqs      map[string]uint64 // edges' sequences this transaction moved
 
 	// per entry
 	index    uint64
@@ -527,6 +538,10 @@ func (a *applier) push(d *decodedCmd) (Result, error) {
 	if err := putSeq(a.bk.seq, a.bk.digest, key, rec, newLast, head); err != nil {
 		return Result{}, err
 	}
+	if a.seqs == nil {
+		a.seqs = map[string]uint64{}
+	}
+	a.seqs[d.Edge] = newLast
 	return Result{AckedSeq: newLast, Applied: len(d.Changes) - int(skip), Duplicates: a.dups - before}, nil
 }
 
@@ -1036,6 +1051,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.seqs.Clear()
 	if err := f.db.Close(); err != nil {
 		return fmt.Errorf("fsm: restore: close old state: %w", err)
 	}
