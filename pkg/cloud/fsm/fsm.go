@@ -515,27 +515,25 @@ func (a *applier) push(d *decodedCmd) (Result, error) {
 	if skip >= uint64(len(d.Changes)) {
 		return Result{AckedSeq: last}, nil
 	}
+	// The record is built before the changes apply: rec.chain is bbolt's
+	// memory, valid only until the transaction's next write.
+	newLast := d.FirstSeq + uint64(len(d.Changes)) - 1
 	var head *wire.Digest
 	if d.Digests != nil {
-		// Computed before the changes apply: rec.chain is bbolt's memory,
-		// valid only until the transaction's next write.
 		h, _ := chainAt(rec.chain, last)
 		for i := skip; i < uint64(len(d.Changes)); i++ {
 			h = wire.ChainDigest(h, d.Digests[i])
 		}
 		head = &h
-		rec.chain = append([]byte(nil), rec.chain...)
-	} else if rec.chain != nil {
-		rec.chain = append([]byte(nil), rec.chain...)
 	}
+	v := seqValue(rec, newLast, head)
 	before := a.dups
 	for i := skip; i < uint64(len(d.Changes)); i++ {
 		if err := a.change(d.Edge, d.AtMs, &d.Changes[i]); err != nil {
 			return Result{}, err
 		}
 	}
-	newLast := d.FirstSeq + uint64(len(d.Changes)) - 1
-	if err := putSeq(a.bk.seq, a.bk.digest, key, rec, newLast, head); err != nil {
+	if err := putSeq(a.bk.seq, a.bk.digest, key, rec, v); err != nil {
 		return Result{}, err
 	}
 	if a.seqs == nil {

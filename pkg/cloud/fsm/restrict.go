@@ -56,22 +56,28 @@ func readSeq(seq, digest *bolt.Bucket, edge []byte) seqRecord {
 	return r
 }
 
-// putSeq writes edge's record after a push that ended at last: r's chain,
+// seqValue is edge's record after a push that ended at last: r's chain,
 // plus (when head is set) head as the chain digest at last, the oldest
-// forgotten beyond the window. A chain read from edge_digest moves into the
-// record.
-func putSeq(seq, digest *bolt.Bucket, edge []byte, r seqRecord, last uint64, head *wire.Digest) error {
+// forgotten beyond the window. It copies what it keeps of r.chain, so it
+// may be built before the push's changes apply and put after (putSeq).
+func seqValue(r seqRecord, last uint64, head *wire.Digest) []byte {
 	old := r.chain
 	if n := len(old) / chainEntry; head != nil && n >= digestWindow {
 		old = old[(n-digestWindow+1)*chainEntry:]
 	}
 	v := make([]byte, 0, 8+len(old)+chainEntry)
 	v = binary.BigEndian.AppendUint64(v, last)
-	v = append(v, old...) // bbolt's value is only valid in this transaction until the Put
+	v = append(v, old...)
 	if head != nil {
 		v = binary.BigEndian.AppendUint64(v, last)
 		v = append(v, head[:]...)
 	}
+	return v
+}
+
+// putSeq stores edge's record v; a chain read from edge_digest (r.legacy)
+// has moved into it.
+func putSeq(seq, digest *bolt.Bucket, edge []byte, r seqRecord, v []byte) error {
 	if err := seq.Put(edge, v); err != nil {
 		return err
 	}

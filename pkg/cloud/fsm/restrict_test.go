@@ -21,7 +21,7 @@ func signed(edge string, first uint64, tss ...int64) *Command {
 	return &Command{Type: CmdPush, AtMs: 1000, Push: p, Digests: sums}
 }
 
-func seqValue(t *testing.T, f *FSM, edge string) (seq, digest []byte) {
+func storedSeq(t *testing.T, f *FSM, edge string) (seq, digest []byte) {
 	t.Helper()
 	_ = f.db.View(func(tx *bolt.Tx) error {
 		seq = append([]byte(nil), tx.Bucket(bktSeq).Get([]byte(edge))...)
@@ -47,7 +47,7 @@ func TestSeqChainInRecord(t *testing.T) {
 	if r := step(signed("e1", 4, 4, 5)); r.Err != nil || r.AckedSeq != 5 {
 		t.Fatalf("push 4..5: %+v", r)
 	}
-	seq, digest := seqValue(t, f, "e1")
+	seq, digest := storedSeq(t, f, "e1")
 	if len(seq) != 8+2*chainEntry || len(digest) != 0 || getU64(seq) != 5 {
 		t.Fatalf("edge_seq value %d bytes (seq %d), edge_digest %d bytes; want the sequence and two chain entries in edge_seq", len(seq), getU64(seq), len(digest))
 	}
@@ -84,7 +84,7 @@ func TestSeqChainInRecord(t *testing.T) {
 			t.Fatalf("push %d: %+v", 7+i, r)
 		}
 	}
-	if seq, _ := seqValue(t, f, "e1"); len(seq) != 8+digestWindow*chainEntry {
+	if seq, _ := storedSeq(t, f, "e1"); len(seq) != 8+digestWindow*chainEntry {
 		t.Fatalf("edge_seq value %d bytes after %d pushes, want the window of %d", len(seq), 2*digestWindow, digestWindow)
 	}
 }
@@ -129,7 +129,7 @@ func TestSeqChainOldLayout(t *testing.T) {
 	if r := apply(t, f, 6, signed("e1", 3, 3)); r[0].Err != nil || r[0].AckedSeq != 3 {
 		t.Fatalf("push 3: %+v", r[0])
 	}
-	seq, digest := seqValue(t, f, "e1")
+	seq, digest := storedSeq(t, f, "e1")
 	if len(seq) != 8+2*chainEntry || len(digest) != 0 {
 		t.Fatalf("after a push: edge_seq %d bytes, edge_digest %d bytes; want the chain moved", len(seq), len(digest))
 	}
