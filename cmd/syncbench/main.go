@@ -245,6 +245,11 @@ func run(readings, devices, per, live int, binDir string, keep, tlsOn bool, prof
 	res.EdgeCPUS, res.LeaderCPUS, res.FollowerCPUS = round(cpu1[0]-cpu0[0]), round(cpu1[1]-cpu0[1]), round(cpu1[2]-cpu0[2])
 	waitProf()
 	m := metrics("http://" + edgeHTTP + "/metrics")
+	for k, v := range m {
+		if strings.HasPrefix(k, "outpost_sync_retries_total") && v > 0 {
+			log.Printf("edge: %s %v", k, v)
+		}
+	}
 	if n := m["outpost_sync_push_duration_seconds_count"]; n > 0 {
 		log.Printf("%v pushes, mean %.1f ms each, %.0f readings per push", n, 1000*m["outpost_sync_push_duration_seconds_sum"]/n, m["outpost_sync_batch_readings_sum"]/n)
 	}
