@@ -165,6 +165,9 @@ type FSM struct {
 	// so a reader sees the committed value or an older one, which the
 	// push path treats as "not yet committed" and leaves to Apply.
 	seqs sync.Map
+	// bulkMax bounds the large changes' readings queued in a transaction
+	// (defaultBulkFlushAt; tests lower it).
+	bulkMax int
 }
 
 // maxCachedDevices bounds the device cache; past it the cache starts over.
@@ -190,7 +193,7 @@ func boltOptions() *bolt.Options {
 // Open opens (creating if needed) the state file at path.
 func Open(path string, log *slog.Logger, hooks Hooks) (*FSM, error) {
 	f := &FSM{path: path, log: log, hooks: hooks, waitCh: make(chan struct{}),
-		stage: stageIndex{max: defaultStageMax, flushAt: defaultStageFlushAt}}
+		stage: stageIndex{max: defaultStageMax, flushAt: defaultStageFlushAt}, bulkMax: defaultBulkFlushAt}
 	db, err := openDB(path)
 	if errors.Is(err, berrors.ErrInvalid) || errors.Is(err, berrors.ErrChecksum) || errors.Is(err, berrors.ErrVersionMismatch) {
 		// Rebuildable from the snapshot and log: keep the bad file for
@@ -295,7 +298,7 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	if len(f.devices) > maxCachedDevices {
 		f.devices = map[string]*Device{}
 	}
-	a := applier{devices: f.devices, dirty: map[string]bool{}, maxStamp: hlc.Timestamp(f.maxStamp.Load()), stage: &f.stage}
+	a := applier{devices: f.devices, dirty: map[string]bool{}, maxStamp: hlc.Timestamp(f.maxStamp.Load()), stage: &f.stage, bulkMax: f.bulkMax}
 	err := f.db.Update(func(tx *bolt.Tx) error {
 		a.tx = tx
 		a.bk = buckets(tx)
@@ -390,6 +393,7 @@ type applier struct {
 	stage     *stageIndex
 	bulk      bulkPuts
 	seqs      map[string]uint64 // edges' sequences this transaction moved
+	bulkMax   int
 
 	// per entry
 	index    uint64
@@ -830,8 +834,17 @@ func (a *applier) putReadings(origin string, dev *Device, c *rawChange, dup []bo
 		}
 		b.add(key, nil, r.Metrics, r.TS)
 	}
+	if len(b.rs) >= a.bulkMax {
+		// A transaction of many large entries (a follower catching up, a
+		// replay) puts in runs, which bounds the queue's memory; dedup
+		// then finds the earlier runs in the buckets.
+		return a.flushBulk()
+	}
 	return nil
 }
+
+// defaultBulkFlushAt bounds the readings queued in one transaction.
+const defaultBulkFlushAt = 1 << 17
 
 // bulkPuts gathers the readings of a transaction's large changes, to be put
 // in key order when the transaction's entries are applied. bbolt splits

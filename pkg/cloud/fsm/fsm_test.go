@@ -193,7 +193,14 @@ func (m *memSink) Close() error  { return nil }
 // transaction, and between its large and staged changes, are found before
 // anything is in the bucket.
 func TestBulkReadingsDedupAcrossChanges(t *testing.T) {
+	for _, bulkMax := range []int{defaultBulkFlushAt, 4} { // 4: put in runs within the transaction
+		t.Run(fmt.Sprintf("queue of %d", bulkMax), func(t *testing.T) { testBulkDedup(t, bulkMax) })
+	}
+}
+
+func testBulkDedup(t *testing.T, bulkMax int) {
 	f := open(t)
+	f.bulkMax = bulkMax
 	ids := func(from, to int) []wire.Reading {
 		var out []wire.Reading
 		for i := from; i < to; i++ {
