@@ -113,6 +113,11 @@ func (a *applier) compact(atMs int64, c *CompactCmd) (Result, error) {
 // compactReadings deletes, device by device from after, the readings older
 // than cutoff. Work is one unit per deletion and per device visited.
 func (a *applier) compactReadings(cutoff int64, after string, limit int) (Result, error) {
+	// Readings queued by earlier pushes of this transaction (bulk puts) are
+	// judged like the rest: put them first.
+	if err := a.flushBulk(); err != nil {
+		return Result{}, err
+	}
 	if a.stage.n > 0 {
 		if err := a.flushStage(); err != nil {
 			return Result{}, err

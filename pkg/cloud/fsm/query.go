@@ -157,6 +157,12 @@ func (m *mergedReadings) pick() ([]byte, []byte) {
 
 // EdgeSeq is the highest sequence committed for an edge.
 func (f *FSM) EdgeSeq(edge string) uint64 {
+	f.mu.RLock()
+	v, ok := f.seqs.Load(edge)
+	f.mu.RUnlock()
+	if ok {
+		return v.(uint64)
+	}
 	var s uint64
 	_ = f.view(func(tx *bolt.Tx) error {
 		s = getU64(tx.Bucket(bktSeq).Get([]byte(edge)))
