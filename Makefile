@@ -2,7 +2,7 @@ GO       ?= go
 BIN      := bin
 PKGS     := ./...
 # Tests run with the race detector; CI sets CI=true so tests that need a
-# missing binary (mosquitto) fail instead of skipping.
+# missing binary (mosquitto, nats-server) fail instead of skipping.
 TESTFLAGS ?= -race -count=1 -timeout 20m
 # staticcheck 2026.2.2; run through `go run` so nothing is installed. Bump it
 # with the Go version (each release supports the two newest Go releases).
@@ -78,6 +78,14 @@ test-cloud:
 bench-cloud: build-cloud
 	$(GO) run ./cmd/cloudbench -bin $(BIN)/cloud-sync $(CLOUDBENCH_ARGS)
 
+# Not part of make test: 10 minutes of constant pushes into a 3-process
+# cluster with a 1-minute retention, printing each node's disk use and
+# snapshot size every 10 s (one JSON line each) and a summary; disk and
+# snapshots must stay flat. SOAK_ARGS=-duration=60s for a quick look.
+.PHONY: soak
+soak: build-cloud
+	$(GO) run ./cmd/cloudsoak -bin $(BIN)/cloud-sync $(SOAK_ARGS)
+
 # One JSON line: a simulated fleet (1,000 edges in one process, each with its
 # own credential, on the syncer's cadence) against a 3-process cluster. Idle
 # (cluster CPU per edge, bytes per pull, raft entries/s), a reconnect storm
@@ -90,6 +98,15 @@ bench-fleet: build-cloud
 # --- end cloud-sync ---
 
 # --- operations: container images, KubeEdge manifests, demo ---
+# The expression-language comparison behind pkg/rules (expr vs CEL), in its
+# own module so that CEL never becomes a dependency; and the rule engine's
+# cost per reading with 100 rules.
+.PHONY: bench-exprlang bench-rules
+bench-exprlang:
+	cd bench/exprlang && $(GO) test -run '^$$' -bench . -benchmem -count 5
+bench-rules:
+	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./pkg/rules
+
 .PHONY: image image-edge image-cloud-sync docker-check test-deploy demo
 DOCKER       ?= docker
 IMAGE_PREFIX ?= outpost/

@@ -19,12 +19,16 @@ actions := {
 	"device.write_meta": "device",
 	"user.write": "user",
 	"edge.read": "edge",
+	"alert.read": "device",
+	"alert.ack": "device",
+	"rule.write": "rule",
 }
 
 # role -> action -> scope. Scope says which resources of the action's kind
 # the role covers: "any", those in the user's "region"s, or those the user
 # "owner"s. "authenticated" is held implicitly by every signed-in user.
-# device.list is decided per device by the API, so it mirrors device.read.
+# device.list is decided per device by the API, so it mirrors device.read;
+# alert.read and alert.ack are decided on the alert's device.
 grants := {
 	"admin": {
 		"device.list": "any",
@@ -33,17 +37,23 @@ grants := {
 		"device.write_meta": "any",
 		"user.write": "any",
 		"edge.read": "any",
+		"alert.read": "any",
+		"alert.ack": "any",
+		"rule.write": "any",
 	},
 	"operator": {
 		"device.list": "region",
 		"device.read": "region",
 		"device.write_desired": "region",
 		"edge.read": "any",
+		"alert.read": "region",
+		"alert.ack": "region",
 	},
 	"viewer": {
 		"device.list": "owner",
 		"device.read": "owner",
 		"edge.read": "any",
+		"alert.read": "owner",
 	},
 	"authenticated": {"edge.read": "any"},
 }
@@ -51,6 +61,7 @@ grants := {
 admin_only := {
 	"device.write_meta": "only admins may change a device's owners, region or tags",
 	"user.write": "only admins may change user roles and regions",
+	"rule.write": "only admins may read and change rules",
 }
 
 default allow := false
@@ -125,6 +136,11 @@ operator_region_msg := sprintf("device %q has no region; an operator may act on 
 deny_reasons contains "viewer may only read devices; writing desired state needs the operator role for the device's region" if {
 	roles.viewer
 	input.action == "device.write_desired"
+}
+
+deny_reasons contains "viewer may only read alerts; acknowledging one needs the operator role for the device's region" if {
+	roles.viewer
+	input.action == "alert.ack"
 }
 
 deny_reasons contains "viewer may only read devices they own" if {

@@ -169,3 +169,37 @@ test_allow_reason_lists_roles if {
 	why(op_north, "device.read", device) == "allowed as operator"
 	why(admin, "edge.read", edge_res) == "allowed as admin, authenticated"
 }
+
+# --- rules and alerts ----------------------------------------------------------
+
+rule_res := {"kind": "rule", "id": "hot", "owners": [], "region": "", "tags": {}}
+
+test_rule_write_admin_only if {
+	allowed(admin, "rule.write", rule_res)
+	not allowed(op_north, "rule.write", rule_res)
+	why(op_north, "rule.write", rule_res) == "only admins may read and change rules"
+	not allowed(owner_viewer, "rule.write", rule_res)
+}
+
+test_alert_read_follows_device_read if {
+	allowed(admin, "alert.read", device)
+	allowed(op_north, "alert.read", device)
+	not allowed(op_south, "alert.read", device)
+	allowed(owner_viewer, "alert.read", device)
+	not allowed(other_viewer, "alert.read", device)
+	not allowed(no_role, "alert.read", device)
+}
+
+test_alert_ack_operator_in_region if {
+	allowed(admin, "alert.ack", device)
+	allowed(op_north, "alert.ack", device)
+	not allowed(op_south, "alert.ack", device)
+	contains(why(op_south, "alert.ack", device), "operator may only act on devices in their regions")
+	not allowed(owner_viewer, "alert.ack", device)
+	contains(why(owner_viewer, "alert.ack", device), "viewer may only read alerts")
+}
+
+test_rule_actions_kinds if {
+	not allowed(admin, "rule.write", device)
+	not allowed(admin, "alert.ack", rule_res)
+}

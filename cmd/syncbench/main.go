@@ -65,6 +65,11 @@ type result struct {
 	LiveSamples     int     `json:"live_samples"`
 	EdgeRSSMB       float64 `json:"edge_rss_mb"`
 	CloudRSSMB      float64 `json:"cloud_rss_mb"`
+	// CPU seconds each process used while the backlog drained: where the
+	// sync path spends its time.
+	EdgeCPUS     float64 `json:"edge_cpu_s"`
+	LeaderCPUS   float64 `json:"leader_cpu_s"`
+	FollowerCPUS float64 `json:"follower_cpu_s"`
 }
 
 func main() {
@@ -76,11 +81,13 @@ func main() {
 		binDir   = flag.String("bin", "", "directory with prebuilt edge and cloud-sync binaries (default: build into a temp dir)")
 		keep     = flag.Bool("keep", false, "keep the data directories")
 		tlsOn    = flag.Bool("tls", false, "run with everything on: cluster mutual TLS and edge→cloud https (-cloud-ca), development certificates in the temp dir")
+		profile  = flag.String("profile", "", "directory: write CPU profiles of the edge (edge.pprof) and the cloud leader (leader.pprof) covering the drain there")
+		profSecs = flag.Int("profile-seconds", 4, "length of the -profile profiles, from the moment the link heals")
 	)
 	flag.Parse()
 	log.SetFlags(log.Ltime | log.Lmicroseconds)
 	log.SetOutput(os.Stderr)
-	res, err := run(*readings, *devices, *per, *live, *binDir, *keep, *tlsOn)
+	res, err := run(*readings, *devices, *per, *live, *binDir, *keep, *tlsOn, *profile, *profSecs)
 	if err != nil {
 		log.Fatalf("syncbench: %v", err)
 	}
@@ -88,7 +95,7 @@ func main() {
 	fmt.Println(string(b))
 }
 
-func run(readings, devices, per, live int, binDir string, keep, tlsOn bool) (*result, error) {
+func run(readings, devices, per, live int, binDir string, keep, tlsOn bool, profDir string, profSecs int) (*result, error) {
 	tmp, err := os.MkdirTemp("", "syncbench-")
 	if err != nil {
 		return nil, err
@@ -127,7 +134,7 @@ func run(readings, devices, per, live int, binDir string, keep, tlsOn bool) (*re
 	}()
 
 	// The cloud: three nodes.
-	var nodes []string
+	var nodes, admins []string
 	for i := 0; i < 3; i++ {
 		httpAddr, raftAddr := benchproc.FreeAddr(), benchproc.FreeAddr()
 		args := []string{"-id", fmt.Sprintf("n%d", i), "-raft", raftAddr, "-http", httpAddr,
@@ -137,6 +144,10 @@ func run(readings, devices, per, live int, binDir string, keep, tlsOn bool) (*re
 			args = append(args, "-bootstrap")
 		} else {
 			args = append(args, "-join", cloudScheme+nodes[0])
+		}
+		if profDir != "" {
+			admins = append(admins, benchproc.FreeAddr())
+			args = append(args, "-pprof", admins[i])
 		}
 		if set != nil {
 			args = append(args, set.ClusterArgs(fmt.Sprintf("n%d", i))...)
@@ -177,6 +188,11 @@ func run(readings, devices, per, live int, binDir string, keep, tlsOn bool) (*re
 	if set != nil {
 		edgeArgs = append(edgeArgs, "-cloud-ca", set.CA)
 	}
+	edgeAdmin := ""
+	if profDir != "" {
+		edgeAdmin = benchproc.FreeAddr()
+		edgeArgs = append(edgeArgs, "-pprof", edgeAdmin)
+	}
 	edge := exec.Command(filepath.Join(binDir, "edge"), edgeArgs...)
 	edge.Stderr = os.Stderr
 	if err := edge.Start(); err != nil {
@@ -201,12 +217,27 @@ func run(readings, devices, per, live int, binDir string, keep, tlsOn bool) (*re
 
 	// Heal and time convergence: the leader's committed sequence for the
 	// edge reaching the edge's outbox head means every reading is committed.
+	lead, err := leaderIndex(nodes)
+	if err != nil {
+		return nil, err
+	}
+	follower := (lead + 1) % len(nodes)
+	cpu0 := cpuOf(edge, procs[lead], procs[follower])
+	waitProf := func() {}
+	if profDir != "" {
+		waitProf = profileAll(profDir, profSecs, map[string]string{"edge": edgeAdmin, "leader": admins[lead]})
+	}
 	t1 := time.Now()
 	for _, p := range proxies {
 		p.Cut(false)
 	}
+	var firstAck time.Duration // the first push's commit: the link's reconnect (backoff) is before it
 	for {
-		if acked, ok := ackedSeq(nodes[0]); ok && acked >= head {
+		acked, ok := ackedSeq(nodes[0])
+		if ok && acked > 0 && firstAck == 0 {
+			firstAck = time.Since(t1)
+		}
+		if ok && acked >= head {
 			break
 		}
 		if time.Since(t1) > 300*time.Second {
@@ -215,12 +246,21 @@ func run(readings, devices, per, live int, binDir string, keep, tlsOn bool) (*re
 		time.Sleep(10 * time.Millisecond)
 	}
 	res.ConvergeS = round3(time.Since(t1).Seconds())
+	cpu1 := cpuOf(edge, procs[lead], procs[follower])
+	res.EdgeCPUS, res.LeaderCPUS, res.FollowerCPUS = round(cpu1[0]-cpu0[0]), round(cpu1[1]-cpu0[1]), round(cpu1[2]-cpu0[2])
+	waitProf()
 	m := metrics("http://" + edgeHTTP + "/metrics")
+	for k, v := range m {
+		if strings.HasPrefix(k, "outpost_sync_retries_total") && v > 0 {
+			log.Printf("edge: %s %v", k, v)
+		}
+	}
 	if n := m["outpost_sync_push_duration_seconds_count"]; n > 0 {
 		log.Printf("%v pushes, mean %.1f ms each, %.0f readings per push", n, 1000*m["outpost_sync_push_duration_seconds_sum"]/n, m["outpost_sync_batch_readings_sum"]/n)
 	}
+	logLeader(nodes[lead])
 	res.ReadingsPerS = float64(int64(float64(readings) / res.ConvergeS))
-	log.Printf("converged in %.2fs", res.ConvergeS)
+	log.Printf("converged in %.2fs; the first push committed %.2fs after the heal (reconnect backoff and one push)", res.ConvergeS, firstAck.Seconds())
 
 	lat, err := liveLatency(mqttAddr, nodes, live)
 	if err != nil {
@@ -480,9 +520,37 @@ func waitBacklog(edgeHTTP string, readings int, d time.Duration) (uint64, error)
 	return 0, fmt.Errorf("edge did not store %d readings within %s", readings, d)
 }
 
-func metrics(url string) map[string]float64 {
+// logLeader logs where the leader's time per push went: the whole request,
+// and proposal to applied result in raft.
+func logLeader(node string) {
+	m := metricsAuth(cloudHC, cloudScheme+node+"/metrics", apiToken)
+	var reqSum, reqN float64
+	for k, v := range m {
+		if strings.HasPrefix(k, "outpost_http_request_duration_seconds_") && strings.Contains(k, "push") {
+			switch {
+			case strings.HasPrefix(k, "outpost_http_request_duration_seconds_sum"):
+				reqSum += v
+			case strings.HasPrefix(k, "outpost_http_request_duration_seconds_count"):
+				reqN += v
+			}
+		}
+	}
+	if reqN > 0 {
+		log.Printf("leader: %v push requests, mean %.1f ms; raft proposal to result mean %.1f ms over %v proposals, %.1f commands per entry",
+			reqN, 1000*reqSum/reqN, 1000*m["outpost_raft_apply_duration_seconds_sum"]/m["outpost_raft_apply_duration_seconds_count"],
+			m["outpost_raft_apply_duration_seconds_count"], m["outpost_raft_entry_commands_sum"]/m["outpost_raft_entry_commands_count"])
+	}
+}
+
+func metrics(url string) map[string]float64 { return metricsAuth(http.DefaultClient, url, "") }
+
+func metricsAuth(hc *http.Client, url, token string) map[string]float64 {
 	out := map[string]float64{}
-	resp, err := http.Get(url)
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := hc.Do(req)
 	if err != nil {
 		return out
 	}
@@ -498,6 +566,59 @@ func metrics(url string) map[string]float64 {
 		}
 	}
 	return out
+}
+
+// cpuOf is the CPU seconds each of procs has used so far.
+func cpuOf(procs ...*exec.Cmd) []float64 {
+	out := make([]float64, len(procs))
+	for i, p := range procs {
+		out[i], _ = benchproc.CPUSeconds(p.Process.Pid)
+	}
+	return out
+}
+
+// profileAll starts a CPU profile of secs seconds of each named admin
+// address, written to dir/<name>.pprof; the returned func waits for them.
+func profileAll(dir string, secs int, admins map[string]string) func() {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		log.Printf("profile: %v", err)
+		return func() {}
+	}
+	var wg sync.WaitGroup
+	for name, addr := range admins {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", addr, secs))
+			if err != nil {
+				log.Printf("profile %s: %v", name, err)
+				return
+			}
+			defer resp.Body.Close()
+			f, err := os.Create(filepath.Join(dir, name+".pprof"))
+			if err != nil {
+				log.Printf("profile %s: %v", name, err)
+				return
+			}
+			defer f.Close()
+			_, _ = io.Copy(f, resp.Body)
+		}()
+	}
+	return wg.Wait
+}
+
+// leaderIndex is the index in nodes of the raft leader.
+func leaderIndex(nodes []string) (int, error) {
+	lead, err := leaderHTTP(nodes)
+	if err != nil {
+		return 0, err
+	}
+	for i, n := range nodes {
+		if n == lead {
+			return i, nil
+		}
+	}
+	return 0, fmt.Errorf("leader %s is none of the nodes", lead)
 }
 
 func leaderHTTP(nodes []string) (string, error) {

@@ -81,6 +81,14 @@ type Directory interface {
 	Edges(ctx context.Context) ([]wire.Edge, error)
 }
 
+// Presence reports which devices hold an MQTT connection to the embedded
+// broker (pkg/broker: from its connect and disconnect events; a Will is
+// sent only on a disconnect). Nil in external-broker mode, where a device
+// counts as online if it was seen within Config.OnlineWindow.
+type Presence interface {
+	Online(device string) bool
+}
+
 // Deps are the parts the API is built on.
 type Deps struct {
 	Store      Store
@@ -90,6 +98,9 @@ type Deps struct {
 	Downlink   Downlink
 	Sync       SyncStatus
 	Directory  Directory
+	Presence   Presence
+	Rules      Rules
+	Alerts     Alerts
 	Ready      func() string // "" when ready, else why not
 	Registerer prometheus.Registerer
 	Gatherer   prometheus.Gatherer

@@ -36,17 +36,29 @@ type deviceView struct {
 	EdgeID         string                     `json:"edge_id"`
 	FirstSeen      int64                      `json:"first_seen"`
 	LastSeen       int64                      `json:"last_seen"`
+	Online         bool                       `json:"online"`
 	Region         string                     `json:"region"`
 	Tags           map[string]string          `json:"tags"`
 	Owners         []string                   `json:"owners"`
 	Reported       map[string]json.RawMessage `json:"reported"`
 	Desired        map[string]json.RawMessage `json:"desired"`
 	DesiredVersion string                     `json:"desired_version,omitempty"`
+	// Latest is the newest reading (null if none), with include=latest.
+	Latest json.RawMessage `json:"latest,omitempty"`
 }
 
-func viewOf(d *store.Device) deviceView {
+// online says whether a device is connected: to the embedded broker
+// (Presence), or, in external-broker mode, seen within OnlineWindow.
+func (s *Server) online(d *store.Device) bool {
+	if s.deps.Presence != nil {
+		return s.deps.Presence.Online(d.ID)
+	}
+	return d.LastSeen > 0 && s.cfg.Now().UnixMilli()-d.LastSeen <= s.cfg.OnlineWindow.Milliseconds()
+}
+
+func (s *Server) viewOf(d *store.Device) deviceView {
 	v := deviceView{
-		ID: d.ID, EdgeID: d.EdgeID, FirstSeen: d.FirstSeen, LastSeen: d.LastSeen,
+		ID: d.ID, EdgeID: d.EdgeID, FirstSeen: d.FirstSeen, LastSeen: d.LastSeen, Online: s.online(d),
 		Region: d.Meta.Region, Tags: d.Meta.Tags, Owners: d.Meta.Owners,
 		Reported: d.Reported.State(), Desired: d.Desired.State(),
 	}
@@ -108,6 +120,14 @@ func (s *Server) listDevices(c *fiber.Ctx) error {
 	if err != nil {
 		return fail(c, fiber.StatusBadRequest, err.Error())
 	}
+	var withLatest bool
+	switch inc := c.Query("include"); inc {
+	case "":
+	case "latest":
+		withLatest = true
+	default:
+		return fail(c, fiber.StatusBadRequest, fmt.Sprintf("include: %q is not one of: latest", truncate(inc)))
+	}
 	after := c.Query("cursor")
 	if after != "" && !ident.DeviceID(after) {
 		return fail(c, fiber.StatusBadRequest, "cursor: malformed; pass next_cursor from the previous page")
@@ -134,7 +154,7 @@ func (s *Server) listDevices(c *fiber.Ctx) error {
 			}
 			return true
 		}
-		page.Items = append(page.Items, viewOf(d))
+		page.Items = append(page.Items, s.viewOf(d))
 		return true
 	})
 	if err == nil {
@@ -143,6 +163,23 @@ func (s *Server) listDevices(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
+	if withLatest {
+		// One request for a list screen (wx.request allows 10 at once):
+		// the newest reading of each device on the page.
+		for i := range page.Items {
+			v := &page.Items[i]
+			r, err := s.deps.Store.Latest(v.ID)
+			switch {
+			case errors.Is(err, store.ErrNotFound):
+				v.Latest = json.RawMessage("null")
+			case err != nil:
+				return err
+			default:
+				v.Latest = appendReading(nil, r)
+			}
+		}
+	}
+	revalidate(c)
 	return ok(c, page)
 }
 
@@ -151,7 +188,8 @@ func (s *Server) getDevice(c *fiber.Ctx) error {
 	if d == nil {
 		return err
 	}
-	return ok(c, viewOf(d))
+	revalidate(c)
+	return ok(c, s.viewOf(d))
 }
 
 func (s *Server) readings(c *fiber.Ctx) error {
@@ -199,6 +237,12 @@ func (s *Server) readings(c *fiber.Ctx) error {
 	}
 	buf = append(buf, `],"next_cursor":`...)
 	buf = strconv.AppendQuote(buf, page.Next)
+	if q.To != 0 && q.To <= s.cfg.Now().UnixMilli() {
+		// A closed range: its page changes only if a late reading lands
+		// in it. An open one changes with every reading and is not worth
+		// an ETag.
+		revalidate(c)
+	}
 	return httpenv.SendOK(c, append(buf, '}'))
 }
 
@@ -253,6 +297,7 @@ func (s *Server) latest(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
+	revalidate(c)
 	return httpenv.SendOK(c, appendReading(httpenv.AppendOK(make([]byte, 0, 128)), r))
 }
 
@@ -298,6 +343,7 @@ func (s *Server) stats(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
+	revalidate(c)
 	return ok(c, fiber.Map{"metric": metric, "from": from, "to": to, "step": step, "buckets": buckets})
 }
 
@@ -342,7 +388,7 @@ func (s *Server) putDesired(c *fiber.Ctx) error {
 		return err
 	}
 	s.publishDesired(d)
-	return ok(c, viewOf(d))
+	return ok(c, s.viewOf(d))
 }
 
 // publishDesired sends the whole desired state as a retained downlink, so a
@@ -393,7 +439,7 @@ func (s *Server) putMeta(c *fiber.Ctx) error {
 	if s.deps.DataChanged != nil {
 		s.deps.DataChanged()
 	}
-	return ok(c, viewOf(d))
+	return ok(c, s.viewOf(d))
 }
 
 type userRequest struct {

@@ -88,18 +88,26 @@ func TestSecurityAccessTokenRefusedAfterRefreshReuse(t *testing.T) {
 	e.expect(req{path: "/api/v1/edge", token: p0.AccessToken}, 200) // now in the verified-token cache
 	r := e.expect(req{method: http.MethodPost, path: "/api/v1/auth/refresh", body: map[string]string{"refresh_token": p0.RefreshToken}}, 200)
 	var p1 struct {
-		AccessToken string `json:"access_token"`
+		AccessToken  string `json:"access_token"`
+		RefreshToken string `json:"refresh_token"`
 	}
 	r.data(t, &p1)
 	e.expect(req{path: "/api/v1/edge", token: p1.AccessToken}, 200)
+	var p2 struct {
+		AccessToken string `json:"access_token"`
+	}
+	r = e.expect(req{method: http.MethodPost, path: "/api/v1/auth/refresh", body: map[string]string{"refresh_token": p1.RefreshToken}}, 200)
+	r.data(t, &p2)
+	e.expect(req{path: "/api/v1/edge", token: p2.AccessToken}, 200)
 	other := e.login("alice") // another session of the same user
-	// The copied first refresh token is presented again: the session is
-	// revoked, and so are its access tokens, at once.
+	// The copied first refresh token is presented again (not a retry of
+	// the last refresh, so the reuse grace does not apply): the session
+	// is revoked, and so are its access tokens, at once.
 	r = e.expect(req{method: http.MethodPost, path: "/api/v1/auth/refresh", body: map[string]string{"refresh_token": p0.RefreshToken}}, 401)
 	if r.env.Message != wire.MsgRefreshReused {
 		t.Fatalf("reuse: %q", r.env.Message)
 	}
-	for name, tok := range map[string]string{"first": p0.AccessToken, "rotated": p1.AccessToken} {
+	for name, tok := range map[string]string{"first": p0.AccessToken, "rotated": p1.AccessToken, "newest": p2.AccessToken} {
 		if r := e.do(req{path: "/api/v1/edge", token: tok}); r.status != 401 {
 			t.Errorf("%s access token of the revoked session: %d, want 401", name, r.status)
 		}

@@ -74,6 +74,11 @@ type Config struct {
 	// negative disables the cache.
 	UserCacheTTL time.Duration
 
+	// OnlineWindow is how recently a device must have been seen to count
+	// as online when there is no Presence (an external broker, whose
+	// connections the edge cannot see). Default 5 min.
+	OnlineWindow time.Duration
+
 	// Now is the clock for cache expiry; default time.Now.
 	Now func() time.Time
 
@@ -117,6 +122,9 @@ func (c *Config) defaults() {
 	}
 	if c.Now == nil {
 		c.Now = time.Now
+	}
+	if c.OnlineWindow <= 0 {
+		c.OnlineWindow = 5 * time.Minute
 	}
 }
 
@@ -258,6 +266,9 @@ func (s *Server) routes() {
 	// Inside the access log, so a panic is logged and counted as the 500 it
 	// becomes rather than bypassing the request metrics.
 	app.Use(recover.New())
+	// Cache-Control, ETag and 304, gzip (cache.go): after the handler,
+	// before the access log measures the status.
+	app.Use(conditional)
 
 	app.Get("/healthz", s.healthz)
 	app.Get("/readyz", s.readyz)
@@ -267,6 +278,7 @@ func (s *Server) routes() {
 	v1 := app.Group("/api/v1", s.limitIP)
 	v1.Post("/auth/login", s.login)
 	v1.Post("/auth/refresh", s.refresh)
+	v1.Get("/openapi.json", s.openapi)
 
 	authed := v1.Group("", s.authenticate, s.limitUser)
 	authed.Get("/devices", s.listDevices)
@@ -279,6 +291,11 @@ func (s *Server) routes() {
 	authed.Put("/users/:openid", s.putUser)
 	authed.Get("/edge", s.edge)
 	authed.Get("/edges/nearest", s.nearest)
+	authed.Get("/rules", s.listRules)
+	authed.Put("/rules/:name", s.putRule)
+	authed.Delete("/rules/:name", s.deleteRule)
+	authed.Get("/alerts", s.listAlerts)
+	authed.Post("/alerts/:id/ack", s.ackAlert)
 
 	app.Use(func(c *fiber.Ctx) error {
 		return fail(c, fiber.StatusNotFound, "no such endpoint: "+c.Method()+" "+c.Path())
@@ -323,7 +340,7 @@ func (s *Server) securityHeaders(c *fiber.Ctx) error {
 	c.Set("X-Content-Type-Options", "nosniff")
 	c.Set("X-Frame-Options", "DENY")
 	c.Set("Referrer-Policy", "no-referrer")
-	c.Set("Cache-Control", "no-store")
+	c.Set("Cache-Control", cacheNoStore) // until conditional says otherwise
 	c.Set("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
 	c.Set("Strict-Transport-Security", "max-age=31536000")
 	return c.Next()

@@ -74,7 +74,12 @@ func newEnv(t *testing.T) *env {
 
 func newService(t *testing.T, k *Keyring, db *bolt.DB, clk *fakeClock) *Service {
 	t.Helper()
-	s, err := NewService(k, db, Config{Issuer: "edge-test", Now: clk.Now})
+	return newServiceCfg(t, k, db, Config{Issuer: "edge-test", Now: clk.Now})
+}
+
+func newServiceCfg(t *testing.T, k *Keyring, db *bolt.DB, cfg Config) *Service {
+	t.Helper()
+	s, err := NewService(k, db, cfg)
 	if err != nil {
 		t.Fatalf("NewService: %v", err)
 	}
@@ -431,6 +436,7 @@ func TestRefreshReuseRevokesFamily(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	e.clk.Advance(DefaultRefreshReuseGrace + time.Second) // a retry within it is not a reuse
 	if _, err := e.svc.Refresh(ctx, p1.RefreshToken); !errors.Is(err, ErrRefreshReused) {
 		t.Fatalf("reuse: err = %v, want ErrRefreshReused", err)
 	}
@@ -470,35 +476,54 @@ func TestRefreshSlidingExpiry(t *testing.T) {
 	}
 }
 
-func TestConcurrentRefreshExactlyOneWins(t *testing.T) {
-	e := newEnv(t)
-	p := issue(t, e.svc, "o")
-	const n = 16
-	var wg sync.WaitGroup
-	errs := make([]error, n)
-	start := make(chan struct{})
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			<-start
-			_, errs[i] = e.svc.Refresh(context.Background(), p.RefreshToken)
-		}()
-	}
-	close(start)
-	wg.Wait()
-	wins := 0
-	for _, err := range errs {
-		switch {
-		case err == nil:
-			wins++
-		case errors.Is(err, ErrRefreshReused), errors.Is(err, ErrRefreshRevoked):
-		default:
-			t.Fatalf("unexpected error: %v", err)
-		}
-	}
-	if wins != 1 {
-		t.Fatalf("%d concurrent refreshes won, want exactly 1", wins)
+// TestConcurrentRefreshRotatesOnce: of concurrent refreshes with one token
+// exactly one rotates it. With the reuse grace the others are retries and
+// get that same pair; without it they are reuses.
+func TestConcurrentRefreshRotatesOnce(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		grace time.Duration
+	}{{"grace", 0}, {"no grace", -1}} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			e.svc = newServiceCfg(t, openKeyring(t, filepath.Join(e.dir, "keys"), e.clk), e.db,
+				Config{Issuer: "edge-test", Now: e.clk.Now, RefreshReuseGrace: tc.grace})
+			p := issue(t, e.svc, "o")
+			const n = 16
+			var wg sync.WaitGroup
+			errs := make([]error, n)
+			pairs := make([]Pair, n)
+			start := make(chan struct{})
+			for i := range n {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					<-start
+					pairs[i], errs[i] = e.svc.Refresh(context.Background(), p.RefreshToken)
+				}()
+			}
+			close(start)
+			wg.Wait()
+			wins := map[Pair]int{}
+			for i, err := range errs {
+				switch {
+				case err == nil:
+					wins[pairs[i]]++
+				case errors.Is(err, ErrRefreshReused), errors.Is(err, ErrRefreshRevoked):
+				default:
+					t.Fatalf("unexpected error: %v", err)
+				}
+			}
+			want := map[bool]int{true: n, false: 1}[tc.grace >= 0]
+			if len(wins) != 1 {
+				t.Fatalf("%d distinct pairs handed out, want 1", len(wins))
+			}
+			for _, c := range wins {
+				if c != want {
+					t.Fatalf("%d of %d refreshes got the pair, want %d", c, n, want)
+				}
+			}
+		})
 	}
 }
 

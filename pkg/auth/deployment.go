@@ -3,6 +3,8 @@ package auth
 import (
 	"context"
 	"crypto/ed25519"
+	"crypto/sha256"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"time"
@@ -56,12 +58,13 @@ type Issuer struct {
 }
 
 // Session is what the replicated state keeps of a refresh-token family: its
-// newest token's id and expiry.
+// newest token's id, issue time and expiry.
 type Session struct {
-	Family  string
-	OpenID  string
-	TokenID string // jti of the newest refresh token
-	Expires time.Time
+	Family   string
+	OpenID   string
+	TokenID  string // jti of the newest refresh token
+	IssuedAt time.Time
+	Expires  time.Time
 }
 
 // NewIssuer builds an Issuer on keys.
@@ -83,23 +86,46 @@ func (i *Issuer) Issue(ctx context.Context, openid string) (Pair, Session, error
 }
 
 func (i *Issuer) issue(ctx context.Context, openid, family string) (Pair, Session, error) {
+	accessID, err := randomToken(16)
+	if err != nil {
+		return Pair{}, Session{}, err
+	}
+	refreshID, err := randomToken(16)
+	if err != nil {
+		return Pair{}, Session{}, err
+	}
+	return i.issueIDs(ctx, openid, family, accessID, refreshID, i.cfg.Now())
+}
+
+func (i *Issuer) issueIDs(ctx context.Context, openid, family, accessID, refreshID string, now time.Time) (Pair, Session, error) {
 	if err := ctx.Err(); err != nil {
 		return Pair{}, Session{}, err
 	}
 	if openid == "" {
 		return Pair{}, Session{}, errors.New("auth: issue: empty openid")
 	}
-	now := i.cfg.Now()
-	access, _, err := signAccessFamily(i.keys, i.cfg.Issuer, openid, family, now, i.cfg.AccessTTL)
+	access, _, err := signTokenID(i.keys, "", i.cfg.Issuer, openid, family, accessID, now, i.cfg.AccessTTL)
 	if err != nil {
 		return Pair{}, Session{}, err
 	}
-	refresh, rc, err := signToken(i.keys, refreshTyp, i.cfg.Issuer, openid, family, now, i.cfg.RefreshTTL)
+	refresh, rc, err := signTokenID(i.keys, refreshTyp, i.cfg.Issuer, openid, family, refreshID, now, i.cfg.RefreshTTL)
 	if err != nil {
 		return Pair{}, Session{}, err
 	}
 	return Pair{AccessToken: access, RefreshToken: refresh, ExpiresIn: int(i.cfg.AccessTTL / time.Second), OpenID: openid},
-		Session{Family: family, OpenID: openid, TokenID: rc.ID, Expires: rc.ExpiresAt}, nil
+		Session{Family: family, OpenID: openid, TokenID: rc.ID, IssuedAt: rc.IssuedAt, Expires: rc.ExpiresAt}, nil
+}
+
+// successorIDs are the token ids of the pair that succeeds the refresh
+// token with id presented: derived from it, not random, so that a retried
+// refresh can be signed again identically (Reissue) and the replicated
+// compare-and-set sees the same successor. An id is no secret (a token is
+// only as good as its signature), and each is a hash of a chain that
+// starts at a random login id.
+func successorIDs(presented string) (accessID, refreshID string) {
+	a := sha256.Sum256([]byte("outpost successor access id v1\x00" + presented))
+	r := sha256.Sum256([]byte("outpost successor refresh id v1\x00" + presented))
+	return base64.RawURLEncoding.EncodeToString(a[:16]), base64.RawURLEncoding.EncodeToString(r[:16])
 }
 
 // Refresh checks a signed refresh token and signs its successor in the same
@@ -116,8 +142,25 @@ func (i *Issuer) Refresh(ctx context.Context, token string) (pair Pair, presente
 	if presented.Family == "" || presented.ID == "" {
 		return Pair{}, Claims{}, Session{}, fmt.Errorf("%w: token has no session id (issued before sessions were tracked)", ErrRefreshNotFound)
 	}
-	pair, next, err = i.issue(ctx, presented.OpenID, presented.Family)
+	accessID, refreshID := successorIDs(presented.ID)
+	pair, next, err = i.issueIDs(ctx, presented.OpenID, presented.Family, accessID, refreshID, i.cfg.Now())
 	return pair, presented, next, err
+}
+
+// Reissue signs again the pair Refresh signed for token at time at (the
+// successor's IssuedAt): identical, as long as the signing key is the
+// same. The cloud answers a refresh retried within the reuse grace with
+// it. It checks the token as Refresh does, not whether it may be used.
+func (i *Issuer) Reissue(ctx context.Context, token string, at time.Time) (Pair, Session, error) {
+	presented, err := i.refresh.verify(token)
+	if err != nil {
+		return Pair{}, Session{}, refreshErr(err)
+	}
+	if presented.Family == "" || presented.ID == "" {
+		return Pair{}, Session{}, fmt.Errorf("%w: token has no session id", ErrRefreshNotFound)
+	}
+	accessID, refreshID := successorIDs(presented.ID)
+	return i.issueIDs(ctx, presented.OpenID, presented.Family, accessID, refreshID, at)
 }
 
 // Verify checks an access token.

@@ -2,6 +2,9 @@ package auth
 
 import (
 	"bytes"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
@@ -48,6 +51,13 @@ type familyRecord struct {
 	Current []byte    `json:"c"` // hash of the newest, unused token
 	Revoked bool      `json:"r,omitempty"`
 	Created time.Time `json:"t"`
+	// The last rotation, for the reuse grace: the hash of the token it
+	// consumed, when, and the pair it handed out sealed with a key only
+	// that token yields (sealPair), so a copy of the database opens
+	// nothing.
+	Prev      []byte    `json:"p,omitempty"`
+	RotatedAt time.Time `json:"ra,omitempty"`
+	Sealed    []byte    `json:"s,omitempty"`
 }
 
 // refreshStore keeps refresh tokens as SHA-256 hashes, so a copy of the
@@ -136,15 +146,21 @@ func (s *refreshStore) create(openid, token, family string, now, expires time.Ti
 	return nil
 }
 
-// rotate consumes old and, in the same transaction, stores next as its
-// successor. bbolt serialises read-write transactions, so of two concurrent
-// rotations of one token exactly one succeeds; the other sees it used. It
-// returns the session (family) either way; on reuse the family is revoked,
-// its access tokens to be refused until refuseUntil.
-func (s *refreshStore) rotate(old, next string, now, expires, refuseUntil time.Time) (openid, family string, err error) {
-	oldHash, nextHash := hashToken(old), hashToken(next)
+// rotate consumes old and, in the same transaction, stores the refresh
+// token of the pair issue signs as its successor. bbolt serialises
+// read-write transactions, so of two concurrent rotations of one token
+// exactly one rotates; the other sees it used. A used token is a reuse,
+// which revokes the family (its access tokens to be refused until
+// refuseUntil), unless it is the token the family's last rotation consumed
+// and that rotation is at most grace old (a client retrying a refresh whose
+// answer it lost): then the pair that rotation issued is returned again,
+// replayed true. It returns the session (family) in every case.
+func (s *refreshStore) rotate(old string, now, expires, refuseUntil time.Time, grace time.Duration,
+	issue func(openid, family string) (Pair, error)) (pair Pair, family string, replayed bool, err error) {
+	oldHash := hashToken(old)
 	var reused bool
 	err = s.db.Update(func(tx *bolt.Tx) error {
+		reused, replayed = false, false
 		tokens, fams := tx.Bucket(bucketRefresh), tx.Bucket(bucketFamilies)
 		var rec refreshRecord
 		if ok, err := getJSON(tokens, oldHash, &rec); err != nil {
@@ -163,6 +179,12 @@ func (s *refreshStore) rotate(old, next string, now, expires, refuseUntil time.T
 			return ErrRefreshRevoked
 		}
 		if rec.Used {
+			if withinGrace(fam, oldHash, now, grace) {
+				if p, err := openPair(old, fam.Sealed); err == nil {
+					pair, replayed = p, true
+					return nil
+				}
+			}
 			// Commit the revocation, then report the reuse.
 			reused = true
 			return revokeFamily(tx, rec.Family, refuseUntil)
@@ -170,27 +192,93 @@ func (s *refreshStore) rotate(old, next string, now, expires, refuseUntil time.T
 		if !now.Before(rec.Expires) {
 			return ErrRefreshExpired
 		}
+		p, err := issue(rec.OpenID, rec.Family)
+		if err != nil {
+			return err
+		}
+		sealed, err := sealPair(old, p)
+		if err != nil {
+			return err
+		}
 		rec.Used = true
 		if err := putJSON(tokens, oldHash, rec); err != nil {
 			return err
 		}
+		nextHash := hashToken(p.RefreshToken)
 		if err := putToken(tx, nextHash, refreshRecord{Family: rec.Family, OpenID: rec.OpenID, Expires: expires}); err != nil {
 			return err
 		}
-		fam.Current = nextHash
-		openid = rec.OpenID
+		fam.Current, fam.Prev, fam.RotatedAt, fam.Sealed = nextHash, oldHash, now, sealed
+		pair = p
 		return putJSON(fams, []byte(rec.Family), fam)
 	})
 	if reused && err == nil {
-		return "", family, ErrRefreshReused
+		return Pair{}, family, false, ErrRefreshReused
 	}
 	if err != nil {
 		if isRefreshSentinel(err) {
-			return "", family, err
+			return Pair{}, family, false, err
 		}
-		return "", "", fmt.Errorf("auth: rotate refresh token: %w", err)
+		return Pair{}, "", false, fmt.Errorf("auth: rotate refresh token: %w", err)
 	}
-	return openid, family, nil
+	return pair, family, replayed, nil
+}
+
+// withinGrace is the reuse grace: the presented (used) token is the one
+// the family's last rotation consumed, that rotation's successor is still
+// the family's current token (it has not been used in turn: a client that
+// used it has its answer), and it happened at most grace before now.
+func withinGrace(fam familyRecord, presented []byte, now time.Time, grace time.Duration) bool {
+	return grace > 0 && len(fam.Sealed) > 0 && bytes.Equal(fam.Prev, presented) &&
+		!now.Before(fam.RotatedAt) && now.Sub(fam.RotatedAt) <= grace
+}
+
+// sealPair encrypts the pair a rotation issued (AES-256-GCM) under a key
+// derived from the token it consumed, so that only a holder of that token
+// can have it again; the database keeps no token in the clear.
+func sealPair(consumed string, p Pair) ([]byte, error) {
+	aead, err := graceAEAD(consumed)
+	if err != nil {
+		return nil, err
+	}
+	plain, err := json.Marshal(p)
+	if err != nil {
+		return nil, err
+	}
+	nonce := make([]byte, aead.NonceSize())
+	if _, err := rand.Read(nonce); err != nil {
+		return nil, fmt.Errorf("auth: random: %w", err)
+	}
+	return aead.Seal(nonce, nonce, plain, nil), nil
+}
+
+func openPair(consumed string, sealed []byte) (Pair, error) {
+	aead, err := graceAEAD(consumed)
+	if err != nil {
+		return Pair{}, err
+	}
+	if len(sealed) < aead.NonceSize() {
+		return Pair{}, errors.New("auth: sealed pair too short")
+	}
+	plain, err := aead.Open(nil, sealed[:aead.NonceSize()], sealed[aead.NonceSize():], nil)
+	if err != nil {
+		return Pair{}, fmt.Errorf("auth: open sealed pair: %w", err)
+	}
+	var p Pair
+	if err := json.Unmarshal(plain, &p); err != nil {
+		return Pair{}, fmt.Errorf("auth: decode sealed pair: %w", err)
+	}
+	return p, nil
+}
+
+func graceAEAD(consumed string) (cipher.AEAD, error) {
+	// Domain-separated from hashToken (the lookup key stored beside it).
+	key := sha256.Sum256([]byte("outpost refresh reuse grace v1\x00" + consumed))
+	block, err := aes.NewCipher(key[:])
+	if err != nil {
+		return nil, err
+	}
+	return cipher.NewGCM(block)
 }
 
 func isRefreshSentinel(err error) bool {

@@ -22,6 +22,12 @@ const (
 	// DefaultKeyRotation is how long a signing key signs before Maintain
 	// rotates it.
 	DefaultKeyRotation = 30 * 24 * time.Hour
+	// DefaultRefreshReuseGrace is how long after a refresh a retry with
+	// the same (now used) refresh token gets the same new pair instead of
+	// revoking the session: long enough for a mini-program whose answer
+	// was lost (sent to the background, a dropped link) to retry, short
+	// enough that a copied token is still caught. The cloud uses it too.
+	DefaultRefreshReuseGrace = 30 * time.Second
 )
 
 // refreshTokenBytes is the refresh token's entropy: 256 bits.
@@ -45,7 +51,12 @@ type Config struct {
 	RefreshTTL time.Duration // default DefaultRefreshTTL; sliding, renewed on each refresh
 	// Leeway tolerates clock skew between the signer and this verifier when
 	// checking exp, nbf and iat. Default DefaultLeeway.
-	Leeway              time.Duration
+	Leeway time.Duration
+	// RefreshReuseGrace: a refresh token presented again within this time
+	// of its rotation, while its successor is unused, gets the same pair
+	// again (a retry); any other reuse revokes the session. Default
+	// DefaultRefreshReuseGrace; negative disables (every reuse revokes).
+	RefreshReuseGrace   time.Duration
 	MaintenanceInterval time.Duration // default DefaultMaintenanceInterval
 	// KeyRotation is the age at which Maintain replaces the signing key.
 	// The old key keeps verifying until its tokens expire, so rotation logs
@@ -102,6 +113,9 @@ func NewService(keys *Keyring, db *bolt.DB, cfg Config) (*Service, error) {
 	}
 	if cfg.KeyRotation == 0 {
 		cfg.KeyRotation = DefaultKeyRotation
+	}
+	if cfg.RefreshReuseGrace == 0 {
+		cfg.RefreshReuseGrace = DefaultRefreshReuseGrace
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -200,7 +214,9 @@ func (s *Service) Issue(ctx context.Context, openid string) (Pair, error) {
 }
 
 // Refresh exchanges a refresh token for a new pair. The presented token is
-// consumed; presenting it again revokes the session (ErrRefreshReused).
+// consumed; presenting it again revokes the session (ErrRefreshReused),
+// except within RefreshReuseGrace of the rotation while its successor is
+// unused: that retry gets the very same pair.
 // Errors: ErrRefreshNotFound, ErrRefreshExpired, ErrRefreshRevoked,
 // ErrRefreshReused, or a wrapped storage error.
 func (s *Service) Refresh(ctx context.Context, refreshToken string) (Pair, error) {
@@ -211,11 +227,18 @@ func (s *Service) Refresh(ctx context.Context, refreshToken string) (Pair, error
 		return Pair{}, ErrRefreshNotFound
 	}
 	now := s.cfg.Now()
-	next, err := randomToken(refreshTokenBytes)
-	if err != nil {
-		return Pair{}, err
+	issue := func(openid, family string) (Pair, error) {
+		next, err := randomToken(refreshTokenBytes)
+		if err != nil {
+			return Pair{}, err
+		}
+		access, _, err := signAccessFamily(s.keys, s.cfg.Issuer, openid, family, now, s.cfg.AccessTTL)
+		if err != nil {
+			return Pair{}, err
+		}
+		return s.pair(access, next, openid), nil
 	}
-	openid, family, err := s.refresh.rotate(refreshToken, next, now, now.Add(s.cfg.RefreshTTL), s.refuseUntil(now))
+	pair, family, replayed, err := s.refresh.rotate(refreshToken, now, now.Add(s.cfg.RefreshTTL), s.refuseUntil(now), s.cfg.RefreshReuseGrace, issue)
 	if err != nil {
 		if errors.Is(err, ErrRefreshReused) {
 			// Its access tokens are refused from this request on.
@@ -224,11 +247,10 @@ func (s *Service) Refresh(ctx context.Context, refreshToken string) (Pair, error
 		}
 		return Pair{}, err
 	}
-	access, _, err := signAccessFamily(s.keys, s.cfg.Issuer, openid, family, now, s.cfg.AccessTTL)
-	if err != nil {
-		return Pair{}, err
+	if replayed {
+		s.log.Info("refresh retried within the reuse grace; the same pair is returned")
 	}
-	return s.pair(access, next, openid), nil
+	return pair, nil
 }
 
 func (s *Service) pair(access, refresh, openid string) Pair {

@@ -51,11 +51,19 @@ func signAccessFamily(k *Keyring, issuer, openid, family string, now time.Time, 
 // access token when typ is "" (the JWT default typ), else one with that typ
 // header (refreshTyp).
 func signToken(k *Keyring, typ, issuer, openid, family string, now time.Time, ttl time.Duration) (string, Claims, error) {
-	kid, priv := k.signer()
 	jti, err := randomToken(16)
 	if err != nil {
 		return "", Claims{}, err
 	}
+	return signTokenID(k, typ, issuer, openid, family, jti, now, ttl)
+}
+
+// signTokenID is signToken with a given token id. Ed25519 signatures are
+// deterministic and the claims encode the same way every time, so the same
+// inputs (and signing key) sign the same token: what lets the cloud hand a
+// retried refresh the very pair it issued (Issuer.Reissue).
+func signTokenID(k *Keyring, typ, issuer, openid, family, jti string, now time.Time, ttl time.Duration) (string, Claims, error) {
+	kid, priv := k.signer()
 	// JWT times have second resolution; truncate so Claims matches the token.
 	now = now.Truncate(time.Second)
 	c := Claims{OpenID: openid, Issuer: issuer, ID: jti, Family: family, KeyID: kid, IssuedAt: now, ExpiresAt: now.Add(ttl)}

@@ -15,7 +15,8 @@
 // downlink anyone else changed. Before a client has authenticated the
 // broker reads at most MaxConnectBytes, waits at most ConnectTimeout, and
 // throttles failed logins; connections are capped and accept errors never
-// stop it.
+// stop it. Online reports which devices hold a connection (presence.go),
+// for the API's "online".
 package broker
 
 import (
@@ -114,6 +115,7 @@ type Broker struct {
 	acks   *acker
 	rest   *restorer // nil without Config.Downlinks
 	auth   *authHook
+	pres   *presence
 
 	closeOnce sync.Once
 	closeErr  error
@@ -163,6 +165,10 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 	b.auth = &authHook{creds: cfg.Credentials, service: cfg.ServiceUsers, gate: newLoginGate(cfg.Login), met: met, log: cfg.Logger}
 	if err := srv.AddHook(b.auth, nil); err != nil {
 		return fail(fmt.Errorf("broker auth hook: %w", err))
+	}
+	b.pres = newPresence(cfg.ServiceUsers)
+	if err := srv.AddHook(b.pres, nil); err != nil {
+		return fail(fmt.Errorf("broker presence hook: %w", err))
 	}
 	if cfg.StatePath != "" {
 		err := srv.AddHook(&persistHook{sanitize: b.auth.sanitizeWill}, &bolt.Options{

@@ -17,6 +17,7 @@ import (
 
 	"github.com/outpost-edge/outpost/pkg/cloud/httpapi"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
+	"github.com/outpost-edge/outpost/pkg/cloud/sinks"
 	"github.com/outpost-edge/outpost/pkg/config"
 	"github.com/outpost-edge/outpost/pkg/httpguard"
 	"github.com/outpost-edge/outpost/pkg/wire"
@@ -57,6 +58,9 @@ type Config struct {
 	WeChatAPIBase    string        `yaml:"wechat_api_base"`
 	AccessTTL        time.Duration `yaml:"access_ttl"`
 	RefreshTTL       time.Duration `yaml:"refresh_ttl"`
+	// RefreshReuseGrace: a refresh retried with the same token this soon
+	// gets the same pair (default 30s; negative: every reuse revokes).
+	RefreshReuseGrace time.Duration `yaml:"refresh_reuse_grace"`
 
 	MaxClockDrift  time.Duration `yaml:"max_clock_drift"`
 	HeartbeatFresh time.Duration `yaml:"heartbeat_fresh"`
@@ -67,6 +71,15 @@ type Config struct {
 	// syncing it and still have it accepted on the user's original proof
 	// (edge restriction); match the edges' cloud.max_offline.
 	MaxOffline time.Duration `yaml:"max_offline"`
+	// Retention is how long readings are kept, by reading time; older ones
+	// are deleted (device records stay). Any duration works, down to
+	// seconds (tests, soak runs).
+	Retention time.Duration `yaml:"retention"`
+	// LogRetention is how long the export log (GET /api/v1/export, the
+	// sinks' source) keeps a change once every configured sink has taken
+	// it. Pull-only export consumers must resume within it; one that falls
+	// further behind gets 410 Gone and the earliest cursor kept.
+	LogRetention time.Duration `yaml:"log_retention"`
 
 	HeartbeatTimeout   time.Duration     `yaml:"heartbeat_timeout"`
 	ElectionTimeout    time.Duration     `yaml:"election_timeout"`
@@ -124,6 +137,11 @@ type Config struct {
 	GCPercent     int   `yaml:"gc_percent"`
 	MemoryLimitMB int64 `yaml:"memory_limit_mb"`
 
+	// Export streams every merged change to NATS JetStream and Kafka
+	// (package sinks): the leader publishes, each sink's position is
+	// replicated.
+	Export sinks.Options `yaml:"export"`
+
 	// CheckConfig (-check-config) asks main to validate and print the
 	// effective configuration instead of running.
 	CheckConfig bool `yaml:"-"`
@@ -141,6 +159,7 @@ func Defaults() Config {
 		MaxConns: h.MaxConns, MaxConnsPerIP: h.MaxConnsPerIP,
 		Raft: "127.0.0.1:7000", HTTP: "127.0.0.1:8090", Data: "./data/cloud",
 		MaxClockDrift: 5 * time.Minute, HeartbeatFresh: 90 * time.Second, PullHold: wire.MaxPullWait, MaxOffline: 30 * 24 * time.Hour,
+		Retention: 30 * 24 * time.Hour, LogRetention: 7 * 24 * time.Hour,
 		AccessTTL: time.Hour, RefreshTTL: 30 * 24 * time.Hour,
 		HeartbeatTimeout: r.HeartbeatTimeout, ElectionTimeout: r.ElectionTimeout,
 		LeaderLeaseTimeout: r.LeaderLeaseTimeout, CommitTimeout: r.CommitTimeout,
@@ -150,6 +169,7 @@ func Defaults() Config {
 		LogLevel: "info", RaftLogLevel: r.RaftLogLevel, ShutdownGrace: 10 * time.Second,
 		GCPercent: 400, MemoryLimitMB: 128,
 		AuthFailureLimit: 10,
+		Export:           sinks.DefaultOptions(),
 	}
 }
 
@@ -175,55 +195,57 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 	fs := flag.NewFlagSet("cloud-sync", flag.ContinueOnError)
 	fs.SetOutput(out)
 	var (
-		cfgFile    = fs.String("config", "", "YAML config `file` (see configs/cloud-sync.yaml); flags override it")
-		id         = fs.String("id", "", "this node's unique `id` in the cluster (required)")
-		raftAddr   = fs.String("raft", "", "`host:port` the raft transport listens on (default 127.0.0.1:7000)")
-		raftAdv    = fs.String("raft-advertise", "", "`host:port` peers dial for raft (default: -raft; required if -raft's host is unspecified)")
-		httpAddr   = fs.String("http", "", "`host:port` the HTTP API listens on (default 127.0.0.1:8090)")
-		httpAdv    = fs.String("http-advertise", "", "`host:port` other nodes use to forward requests here (default: -http)")
-		data       = fs.String("data", "", "data `dir` for the raft log, snapshots and state (default ./data/cloud)")
-		bootstrap  = fs.Bool("bootstrap", false, "bootstrap a new cluster with this node as its only member (first start only; ignored once the data dir has state)")
-		join       = fs.String("join", "", "join the cluster through any member's HTTP `URL`s (comma-separated); retried until it succeeds")
-		bootNode   = fs.String("bootstrap-node", "", "`id` of the node that bootstraps a new cluster; other nodes -join (one command line for every replica)")
-		grace      = fs.Duration("shutdown-grace", 0, "on SIGTERM/SIGINT, time allowed to drain HTTP and close raft and the state before exiting non-zero (default 10s)")
-		apiToken   = fs.String("api-token", "", "service `token` for the consumer API (/api/v1) and cluster changes (visible in ps: prefer -api-token-file or $"+EnvAPIToken+")")
-		apiFile    = fs.String("api-token-file", "", "read the service token from this `file`")
-		edgeFile   = fs.String("edge-tokens-file", "", "read edge tokens from this `path`: EDGE=TOKEN lines, a YAML map, or a directory of files named by edge id")
-		wxFile     = fs.String("wechat-secret-file", "", "read the WeChat secret from this `file`")
-		devMode    = fs.Bool("development", false, "development configuration: allow placeholder and short tokens, announce every development convenience (never in production)")
-		authLimit  = fs.Float64("auth-failure-limit", 0, "failed bearer-token checks per second per client address (burst twice that) before 429; 0 disables (default 10)")
-		metricsTok = fs.String("metrics-token", "", "bearer `token` that may read /metrics (the API token and cluster certificates may too; visible in ps: prefer -metrics-token-file or $"+EnvMetricsToken+")")
-		metricsFil = fs.String("metrics-token-file", "", "read the metrics token from this `file`")
-		clusterCA  = fs.String("cluster-ca", "", "PEM `file`: the cluster CA; with -cluster-cert and -cluster-key, raft and node-to-node HTTP use mutual TLS")
-		clusterCrt = fs.String("cluster-cert", "", "PEM `file`: this node's cluster certificate (signed by -cluster-ca)")
-		clusterKey = fs.String("cluster-key", "", "PEM `file`: the key of -cluster-cert")
-		tlsCert    = fs.String("tls-cert", "", "PEM `file`: certificate the HTTP port serves TLS with (with -tls-key)")
-		tlsKey     = fs.String("tls-key", "", "PEM `file`: the key of -tls-cert")
-		admins     = fs.String("admin", "", "`openids` (comma-separated) that hold the admin role (used by the identity layer)")
-		devLogin   = fs.Bool("dev-login", false, "enable dev login (dev:<openid>) — development only (used by the identity layer)")
-		wxAppID    = fs.String("wechat-appid", "", "WeChat mini-program `appid` for code2session logins")
-		wxSecret   = fs.String("wechat-secret", "", "WeChat mini-program `secret`")
-		wxBase     = fs.String("wechat-api-base", "", "WeChat API base `URL` (default https://api.weixin.qq.com)")
-		accessTTL  = fs.Duration("access-ttl", 0, "lifetime of users' access tokens (default 1h: they verify offline at every edge)")
-		refreshTTL = fs.Duration("refresh-ttl", 0, "lifetime of users' signed refresh tokens (default 720h)")
-		drift      = fs.Duration("max-clock-drift", 0, "reject HLC stamps further ahead of this node's clock than this (default 5m)")
-		maxOffline = fs.Duration("max-offline", 0, "accept an edge's user changes on their original proof for at most this long after they were made (default 720h)")
-		fresh      = fs.Duration("heartbeat-fresh", 0, "an edge is healthy if its last heartbeat is younger than this (default 90s)")
-		pullHold   = fs.Duration("pull-hold", 0, "longest an edge's empty pull is held before it is answered (long-poll; default 25s)")
-		hbTimeout  = fs.Duration("heartbeat-timeout", 0, "raft heartbeat timeout: a follower starts an election after 1-2x this without contact (default 300ms)")
-		elTimeout  = fs.Duration("election-timeout", 0, "raft election timeout (default 300ms)")
-		lease      = fs.Duration("leader-lease-timeout", 0, "a leader that cannot reach a quorum for this long steps down (default 250ms)")
-		commit     = fs.Duration("commit-timeout", 0, "raft commit timeout: max delay before followers learn a commit when idle (default 20ms)")
-		snapInt    = fs.Duration("snapshot-interval", 0, "how often raft checks whether to snapshot (default 30s)")
-		snapThresh = fs.Uint64("snapshot-threshold", 0, "log entries since the last snapshot that trigger one (default 2048)")
-		trailing   = fs.Uint64("trailing-logs", 0, "log entries kept after a snapshot for slow followers (default 1024)")
-		maxPending = fs.Int64("max-pending-bytes", 0, "admission control: proposals queued beyond this many bytes get 429 (default 32 MiB)")
-		logLevel   = fs.String("log-level", "", "log level: debug, info, warn, error (default info)")
-		proxies    = fs.String("trusted-proxies", "", "`IPs or CIDRs` (comma-separated) of proxies whose X-Forwarded-For names the client")
-		maxConns   = fs.Int("max-conns", 0, "cap on open HTTP connections (default 16384)")
-		maxPerIP   = fs.Int("max-conns-per-ip", 0, "cap on open HTTP connections from one address, trusted proxies exempt (default 1024)")
-		pprofAddr  = fs.String("pprof", "", "admin `address` for pprof and the runtime log level, e.g. 127.0.0.1:6061 (off by default; unauthenticated)")
-		check      = fs.Bool("check-config", false, "validate the configuration (file and flags), print it with secrets masked, and exit: 0 if valid, 2 if not")
+		cfgFile      = fs.String("config", "", "YAML config `file` (see configs/cloud-sync.yaml); flags override it")
+		id           = fs.String("id", "", "this node's unique `id` in the cluster (required)")
+		raftAddr     = fs.String("raft", "", "`host:port` the raft transport listens on (default 127.0.0.1:7000)")
+		raftAdv      = fs.String("raft-advertise", "", "`host:port` peers dial for raft (default: -raft; required if -raft's host is unspecified)")
+		httpAddr     = fs.String("http", "", "`host:port` the HTTP API listens on (default 127.0.0.1:8090)")
+		httpAdv      = fs.String("http-advertise", "", "`host:port` other nodes use to forward requests here (default: -http)")
+		data         = fs.String("data", "", "data `dir` for the raft log, snapshots and state (default ./data/cloud)")
+		bootstrap    = fs.Bool("bootstrap", false, "bootstrap a new cluster with this node as its only member (first start only; ignored once the data dir has state)")
+		join         = fs.String("join", "", "join the cluster through any member's HTTP `URL`s (comma-separated); retried until it succeeds")
+		bootNode     = fs.String("bootstrap-node", "", "`id` of the node that bootstraps a new cluster; other nodes -join (one command line for every replica)")
+		grace        = fs.Duration("shutdown-grace", 0, "on SIGTERM/SIGINT, time allowed to drain HTTP and close raft and the state before exiting non-zero (default 10s)")
+		apiToken     = fs.String("api-token", "", "service `token` for the consumer API (/api/v1) and cluster changes (visible in ps: prefer -api-token-file or $"+EnvAPIToken+")")
+		apiFile      = fs.String("api-token-file", "", "read the service token from this `file`")
+		edgeFile     = fs.String("edge-tokens-file", "", "read edge tokens from this `path`: EDGE=TOKEN lines, a YAML map, or a directory of files named by edge id")
+		wxFile       = fs.String("wechat-secret-file", "", "read the WeChat secret from this `file`")
+		devMode      = fs.Bool("development", false, "development configuration: allow placeholder and short tokens, announce every development convenience (never in production)")
+		authLimit    = fs.Float64("auth-failure-limit", 0, "failed bearer-token checks per second per client address (burst twice that) before 429; 0 disables (default 10)")
+		metricsTok   = fs.String("metrics-token", "", "bearer `token` that may read /metrics (the API token and cluster certificates may too; visible in ps: prefer -metrics-token-file or $"+EnvMetricsToken+")")
+		metricsFil   = fs.String("metrics-token-file", "", "read the metrics token from this `file`")
+		clusterCA    = fs.String("cluster-ca", "", "PEM `file`: the cluster CA; with -cluster-cert and -cluster-key, raft and node-to-node HTTP use mutual TLS")
+		clusterCrt   = fs.String("cluster-cert", "", "PEM `file`: this node's cluster certificate (signed by -cluster-ca)")
+		clusterKey   = fs.String("cluster-key", "", "PEM `file`: the key of -cluster-cert")
+		tlsCert      = fs.String("tls-cert", "", "PEM `file`: certificate the HTTP port serves TLS with (with -tls-key)")
+		tlsKey       = fs.String("tls-key", "", "PEM `file`: the key of -tls-cert")
+		admins       = fs.String("admin", "", "`openids` (comma-separated) that hold the admin role (used by the identity layer)")
+		devLogin     = fs.Bool("dev-login", false, "enable dev login (dev:<openid>) — development only (used by the identity layer)")
+		wxAppID      = fs.String("wechat-appid", "", "WeChat mini-program `appid` for code2session logins")
+		wxSecret     = fs.String("wechat-secret", "", "WeChat mini-program `secret`")
+		wxBase       = fs.String("wechat-api-base", "", "WeChat API base `URL` (default https://api.weixin.qq.com)")
+		accessTTL    = fs.Duration("access-ttl", 0, "lifetime of users' access tokens (default 1h: they verify offline at every edge)")
+		refreshTTL   = fs.Duration("refresh-ttl", 0, "lifetime of users' signed refresh tokens (default 720h)")
+		drift        = fs.Duration("max-clock-drift", 0, "reject HLC stamps further ahead of this node's clock than this (default 5m)")
+		maxOffline   = fs.Duration("max-offline", 0, "accept an edge's user changes on their original proof for at most this long after they were made (default 720h)")
+		retention    = fs.Duration("retention", 0, "keep readings this long, by reading time (default 720h; down to seconds for tests)")
+		logRetention = fs.Duration("log-retention", 0, "keep export-log changes this long once every export sink took them (default 168h)")
+		fresh        = fs.Duration("heartbeat-fresh", 0, "an edge is healthy if its last heartbeat is younger than this (default 90s)")
+		pullHold     = fs.Duration("pull-hold", 0, "longest an edge's empty pull is held before it is answered (long-poll; default 25s)")
+		hbTimeout    = fs.Duration("heartbeat-timeout", 0, "raft heartbeat timeout: a follower starts an election after 1-2x this without contact (default 300ms)")
+		elTimeout    = fs.Duration("election-timeout", 0, "raft election timeout (default 300ms)")
+		lease        = fs.Duration("leader-lease-timeout", 0, "a leader that cannot reach a quorum for this long steps down (default 250ms)")
+		commit       = fs.Duration("commit-timeout", 0, "raft commit timeout: max delay before followers learn a commit when idle (default 20ms)")
+		snapInt      = fs.Duration("snapshot-interval", 0, "how often raft checks whether to snapshot (default 30s)")
+		snapThresh   = fs.Uint64("snapshot-threshold", 0, "log entries since the last snapshot that trigger one (default 2048)")
+		trailing     = fs.Uint64("trailing-logs", 0, "log entries kept after a snapshot for slow followers (default 1024)")
+		maxPending   = fs.Int64("max-pending-bytes", 0, "admission control: proposals queued beyond this many bytes get 429 (default 32 MiB)")
+		logLevel     = fs.String("log-level", "", "log level: debug, info, warn, error (default info)")
+		proxies      = fs.String("trusted-proxies", "", "`IPs or CIDRs` (comma-separated) of proxies whose X-Forwarded-For names the client")
+		maxConns     = fs.Int("max-conns", 0, "cap on open HTTP connections (default 16384)")
+		maxPerIP     = fs.Int("max-conns-per-ip", 0, "cap on open HTTP connections from one address, trusted proxies exempt (default 1024)")
+		pprofAddr    = fs.String("pprof", "", "admin `address` for pprof and the runtime log level, e.g. 127.0.0.1:6061 (off by default; unauthenticated)")
+		check        = fs.Bool("check-config", false, "validate the configuration (file and flags), print it with secrets masked, and exit: 0 if valid, 2 if not")
 	)
 	edgeTokens := map[string]string{}
 	fs.Func("edge-token", "`EDGE=TOKEN` credential of one edge (repeatable; visible in ps: prefer -edge-tokens-file)", func(v string) error {
@@ -328,6 +350,8 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 	dur("refresh-ttl", &cfg.RefreshTTL, *refreshTTL)
 	dur("max-clock-drift", &cfg.MaxClockDrift, *drift)
 	dur("max-offline", &cfg.MaxOffline, *maxOffline)
+	dur("retention", &cfg.Retention, *retention)
+	dur("log-retention", &cfg.LogRetention, *logRetention)
 	dur("heartbeat-fresh", &cfg.HeartbeatFresh, *fresh)
 	dur("pull-hold", &cfg.PullHold, *pullHold)
 	dur("heartbeat-timeout", &cfg.HeartbeatTimeout, *hbTimeout)
@@ -489,6 +513,13 @@ func (c Config) Masked() Config {
 	c.APIToken = config.MaskString(c.APIToken)
 	c.MetricsToken = config.MaskString(c.MetricsToken)
 	c.WeChatSecret = config.MaskString(c.WeChatSecret)
+	if c.Export.Sinks != nil {
+		masked := make([]sinks.Config, len(c.Export.Sinks))
+		for i, s := range c.Export.Sinks {
+			masked[i] = s.Masked()
+		}
+		c.Export.Sinks = masked
+	}
 	return c
 }
 
@@ -593,6 +624,12 @@ func (c *Config) validate(errs config.Errors) error {
 	if c.MaxOffline <= 0 {
 		errs.Add("max_offline", "%s must be positive", c.MaxOffline)
 	}
+	if c.Retention < time.Second {
+		errs.Add("retention", "%s must be at least 1s", c.Retention)
+	}
+	if c.LogRetention < time.Second {
+		errs.Add("log_retention", "%s must be at least 1s", c.LogRetention)
+	}
 	if c.MaxInflightEntries < 1 {
 		errs.Add("max_inflight_entries", "%d must be at least 1", c.MaxInflightEntries)
 	}
@@ -621,6 +658,7 @@ func (c *Config) validate(errs config.Errors) error {
 	if c.AuthFailureLimit < 0 {
 		errs.Add("auth_failure_limit", "%g must be ≥ 0 (0 disables the throttle)", c.AuthFailureLimit)
 	}
+	c.Export.Validate("export", &errs)
 	if !c.Development {
 		c.checkCredentials(false, &errs, new([]config.Notice))
 	}

@@ -3,12 +3,21 @@ package cloud
 import (
 	"errors"
 	"io"
+	"log/slog"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
+	"github.com/outpost-edge/outpost/pkg/cloud/sinks"
 	"github.com/outpost-edge/outpost/pkg/config"
+	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
 // TestShippedConfigIsTheDefaults: configs/cloud-sync.yaml (the production
@@ -25,6 +34,7 @@ func TestShippedConfigIsTheDefaults(t *testing.T) {
 	want := Defaults()
 	want.ID, want.Bootstrap, want.Join, want.Admins, want.RaftDial = "node1", true, []string{}, []string{}, map[string]string{}
 	want.EdgeTokens = map[string]string{}
+	want.Export.Sinks = []sinks.Config{}
 	want.EdgeTokensFile, want.APITokenFile = "/etc/outpost/secrets/edge-tokens", "/etc/outpost/secrets/api-token"
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("configs/cloud-sync.yaml differs from the defaults:\n file %+v\n code %+v", got, want)
@@ -107,4 +117,100 @@ func TestHTTPHardeningKeys(t *testing.T) {
 			t.Errorf("%q: %v; want a usage error under %s", tc.args, err, tc.key)
 		}
 	}
+}
+
+// TestRetentionKeys: retention and log_retention come from the file and the
+// flags, default to 720h and 168h, take durations down to a second and
+// refuse less.
+func TestRetentionKeys(t *testing.T) {
+	d := Defaults()
+	if d.Retention != 720*time.Hour || d.LogRetention != 168*time.Hour {
+		t.Fatalf("defaults %s %s, want 720h 168h", d.Retention, d.LogRetention)
+	}
+	for _, tc := range []struct {
+		retention, logRetention time.Duration
+		bad                     string
+	}{
+		{time.Second, 2 * time.Second, ""},
+		{500 * time.Millisecond, time.Hour, "retention"},
+		{time.Hour, 0, "log_retention"},
+	} {
+		c := Defaults()
+		c.ID, c.Bootstrap = "n1", true
+		c.Retention, c.LogRetention = tc.retention, tc.logRetention
+		err := c.Validate()
+		if tc.bad == "" && err != nil {
+			t.Fatalf("%s/%s refused: %v", tc.retention, tc.logRetention, err)
+		}
+		if tc.bad != "" && (err == nil || !strings.Contains(err.Error(), tc.bad)) {
+			t.Fatalf("%s/%s: err %v, want one naming %s", tc.retention, tc.logRetention, err, tc.bad)
+		}
+	}
+	c, err := Parse([]string{"-id", "n1", "-bootstrap", "-retention", "5s", "-log-retention", "3s"}, io.Discard)
+	if err != nil || c.Retention != 5*time.Second || c.LogRetention != 3*time.Second {
+		t.Fatalf("flags: %s %s %v", c.Retention, c.LogRetention, err)
+	}
+}
+
+// TestBucketMetrics: one refresh publishes every bucket's keys and bytes and
+// the state file's size, from a real state file.
+func TestBucketMetrics(t *testing.T) {
+	st, err := fsm.Open(filepath.Join(t.TempDir(), "state.db"), slog.New(slog.NewTextHandler(io.Discard, nil)), fsm.Hooks{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	cmd, err := fsm.EncodeCommand(&fsm.Command{Type: fsm.CmdPush, AtMs: 1, Push: &wire.PushBatch{Edge: "e1", FirstSeq: 1,
+		Changes: []wire.Change{{Kind: wire.KindReadings, Device: "d1", Readings: []wire.Reading{
+			{TS: 1, ID: "a", Metrics: map[string]float64{"v": 1}}, {TS: 2, ID: "b", Metrics: map[string]float64{"v": 2}}}}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Apply(&raft.Log{Index: 1, Type: raft.LogCommand, Data: fsm.EncodeEntry([][]byte{cmd})})
+	reg := prometheus.NewRegistry()
+	m := newBucketMetrics(reg)
+	if err := m.refresh(st); err != nil {
+		t.Fatal(err)
+	}
+	// Two readings, staged: small changes wait in readings_recent.
+	if got := gauge(t, reg, "outpost_cloud_bucket_keys", "readings_recent"); got != 2 {
+		t.Fatalf("readings_recent keys %v, want 2", got)
+	}
+	if got := gauge(t, reg, "outpost_cloud_bucket_keys", "devices"); got != 1 {
+		t.Fatalf("devices keys %v, want 1", got)
+	}
+	if got := gauge(t, reg, "outpost_cloud_bucket_bytes", "log"); got <= 0 {
+		t.Fatalf("log bytes %v, want some", got)
+	}
+	if got := gauge(t, reg, "outpost_cloud_state_file_bytes", ""); got < 4096 {
+		t.Fatalf("state file %v bytes", got)
+	}
+}
+
+// gauge reads a gauge from reg: the series whose bucket label is bucket
+// ("" for an unlabelled gauge).
+func gauge(t *testing.T, reg *prometheus.Registry, name, bucket string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			label := ""
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "bucket" {
+					label = l.GetValue()
+				}
+			}
+			if label == bucket {
+				return m.GetGauge().GetValue()
+			}
+		}
+	}
+	t.Fatalf("no %s{bucket=%q}", name, bucket)
+	return 0
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/cloud/httpapi"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/cloud/service"
+	"github.com/outpost-edge/outpost/pkg/cloud/sinks"
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/obs"
 	"github.com/outpost-edge/outpost/pkg/wechat"
@@ -35,10 +36,13 @@ type Node struct {
 	cfg  Config
 	log  *slog.Logger
 	fsm  *fsm.FSM
+	bkm  *bucketMetrics
 	raft *raftnode.Node
 	svc  *service.Service
 	http *httpapi.Server
-	ln   net.Listener
+	// sinks publishes the export log while this node leads.
+	sinks *sinks.Manager
+	ln    net.Listener
 	// peerTLS is how this node calls members' HTTP ports (join); nil:
 	// plain HTTP.
 	peerTLS *tls.Config
@@ -66,6 +70,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	obs.RegisterBuildInfo(reg, "cloud-sync")
 	fm := newFSMMetrics(reg)
+	bkm := newBucketMetrics(reg)
 	state, err := fsm.Open(filepath.Join(cfg.Data, "state.db"), log, fm.Hooks())
 	if err != nil {
 		_ = ln.Close()
@@ -102,7 +107,12 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		log.Warn(msg)
 	}
 	scfg := service.Config{HeartbeatFresh: cfg.HeartbeatFresh, PullHold: cfg.PullHold, DevLogin: cfg.DevLogin, Admins: cfg.Admins,
-		AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL, MaxOffline: cfg.MaxOffline}
+		AccessTTL: cfg.AccessTTL, RefreshTTL: cfg.RefreshTTL, RefreshReuseGrace: cfg.RefreshReuseGrace, MaxOffline: cfg.MaxOffline,
+		Retention: cfg.Retention, LogRetention: cfg.LogRetention}
+	for _, sk := range cfg.Export.Sinks {
+		// The export log keeps what any configured sink has not taken.
+		scfg.Sinks = append(scfg.Sinks, sk.Name)
+	}
 	if cfg.WeChatAppID != "" {
 		// Set only when configured: a nil *wechat.Client in the interface
 		// would read as configured.
@@ -116,11 +126,13 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		scfg.WeChat = wc
 	}
 	svc := service.New(scfg, rn, state, clock, log, reg)
+	exp := sinks.New(cfg.Export, rn, state, log, reg, nil)
 	// Static tokens first (edges and the API token), then users' access
 	// tokens signed with the deployment key.
 	srv, err := httpapi.New(httpapi.Config{NodeID: cfg.ID, PullHold: cfg.PullHold, AuthFailureLimit: cfg.AuthFailureLimit, PeerTLS: sec.peer,
 		HasAPIToken: static.HasAPIToken(), ClusterTLS: sec.cluster != nil, MetricsToken: cfg.MetricsToken,
-		TrustedProxies: cfg.TrustedProxies, MaxConns: cfg.MaxConns, MaxConnsPerIP: cfg.MaxConnsPerIP, TLS: sec.http},
+		TrustedProxies: cfg.TrustedProxies, MaxConns: cfg.MaxConns, MaxConnsPerIP: cfg.MaxConnsPerIP, TLS: sec.http,
+		Sinks: exp},
 		svc, auth.Chain{static, svc}, log, reg)
 	if err != nil {
 		_ = rn.Shutdown()
@@ -128,7 +140,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		_ = ln.Close()
 		return nil, err
 	}
-	return &Node{cfg: cfg, log: log, fsm: state, raft: rn, svc: svc, http: srv, ln: ln, peerTLS: sec.peer}, nil
+	return &Node{cfg: cfg, log: log, fsm: state, bkm: bkm, raft: rn, svc: svc, http: srv, sinks: exp, ln: ln, peerTLS: sec.peer}, nil
 }
 
 // transportSecurity is the TLS a node runs with, loaded from its files.
@@ -185,6 +197,12 @@ func (n *Node) Run(ctx context.Context) error {
 	go func() { defer close(maintDone); n.svc.RunMaintenance(ctx, 0) }()
 	liveDone := make(chan struct{})
 	go func() { defer close(liveDone); n.svc.RunLiveness(ctx) }()
+	retainDone := make(chan struct{})
+	go func() { defer close(retainDone); n.svc.RunRetention(ctx) }()
+	statsDone := make(chan struct{})
+	go func() { defer close(statsDone); n.bkm.run(ctx, n.fsm, bucketStatsEvery, n.log) }()
+	sinksDone := make(chan struct{})
+	go func() { defer close(sinksDone); n.sinks.Run(ctx) }()
 	joinDone := make(chan struct{})
 	go func() {
 		defer close(joinDone)
@@ -203,6 +221,9 @@ func (n *Node) Run(ctx context.Context) error {
 	<-joinDone
 	<-maintDone
 	<-liveDone
+	<-retainDone
+	<-statsDone
+	<-sinksDone
 	<-raftDone
 	return err
 }

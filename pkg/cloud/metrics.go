@@ -1,6 +1,10 @@
 package cloud
 
 import (
+	"context"
+	"log/slog"
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
@@ -37,5 +41,59 @@ func (m *fsmMetrics) Hooks() fsm.Hooks {
 			m.readings.WithLabelValues("duplicate").Add(float64(dups))
 		},
 		OnConflicts: func(n int) { m.conflicts.Add(float64(n)) },
+	}
+}
+
+// bucketMetrics are the state's sizes per bucket. Measuring walks every
+// page of the state, so they are refreshed on a ticker (bucketStatsEvery),
+// not per scrape.
+type bucketMetrics struct {
+	keys, bytes *prometheus.GaugeVec
+	file        prometheus.Gauge
+}
+
+// bucketStatsEvery is how often the bucket gauges are refreshed.
+const bucketStatsEvery = 30 * time.Second
+
+func newBucketMetrics(reg prometheus.Registerer) *bucketMetrics {
+	m := &bucketMetrics{
+		keys: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "outpost_cloud_bucket_keys",
+			Help: "Keys in each bucket of this node's state (refreshed every 30s)."}, []string{"bucket"}),
+		bytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "outpost_cloud_bucket_bytes",
+			Help: "Bytes the pages of each bucket of this node's state use (refreshed every 30s)."}, []string{"bucket"}),
+		file: prometheus.NewGauge(prometheus.GaugeOpts{Name: "outpost_cloud_state_file_bytes",
+			Help: "Size of this node's state file, free pages included (refreshed every 30s)."}),
+	}
+	reg.MustRegister(m.keys, m.bytes, m.file)
+	return m
+}
+
+// refresh measures st once.
+func (m *bucketMetrics) refresh(st *fsm.FSM) error {
+	stats, size, err := st.BucketStats()
+	if err != nil {
+		return err
+	}
+	for _, s := range stats {
+		m.keys.WithLabelValues(s.Name).Set(float64(s.Keys))
+		m.bytes.WithLabelValues(s.Name).Set(float64(s.Bytes))
+	}
+	m.file.Set(float64(size))
+	return nil
+}
+
+// run refreshes the gauges now and every interval until ctx ends.
+func (m *bucketMetrics) run(ctx context.Context, st *fsm.FSM, interval time.Duration, log *slog.Logger) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		if err := m.refresh(st); err != nil && ctx.Err() == nil {
+			log.Warn("measuring state buckets failed", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
 	}
 }

@@ -140,6 +140,11 @@ type Auth struct {
 	// KeyRotation is how long a signing key signs before it is replaced
 	// (old keys verify until their tokens expire); negative disables.
 	KeyRotation time.Duration `yaml:"key_rotation"`
+	// RefreshReuseGrace is how long a retry of a refresh with the same
+	// token gets the same new pair (a lost answer) rather than revoking
+	// the session; negative disables. Local sessions only: a joined edge's
+	// cloud sessions follow the cloud's setting.
+	RefreshReuseGrace time.Duration `yaml:"refresh_reuse_grace"`
 }
 
 // API hardens the HTTP server.
@@ -154,7 +159,10 @@ type API struct {
 	TrustedProxies []string `yaml:"trusted_proxies"`
 	MaxConns       int      `yaml:"max_conns"`
 	MaxConnsPerIP  int      `yaml:"max_conns_per_ip"`
-	BypassPolicy   bool     `yaml:"-"`
+	// OnlineWindow: with an external broker (whose connections the edge
+	// cannot see) a device is "online" if seen this recently.
+	OnlineWindow time.Duration `yaml:"online_window"`
+	BypassPolicy bool          `yaml:"-"`
 }
 
 // Policy locates the Rego policies.
@@ -204,9 +212,9 @@ func DefaultConfig() Config {
 			MaxBatch: in.MaxBatch, Linger: in.Linger, QuotaMB: in.QuotaBytes >> 20, MinFreeMB: 256,
 			Retention: 30 * 24 * time.Hour, MaxDeadLetters: st.MaxDeadLetters,
 		},
-		Auth: Auth{AccessTTL: auth.DefaultAccessTTL, RefreshTTL: auth.DefaultRefreshTTL, KeyRotation: auth.DefaultKeyRotation},
+		Auth: Auth{AccessTTL: auth.DefaultAccessTTL, RefreshTTL: auth.DefaultRefreshTTL, KeyRotation: auth.DefaultKeyRotation, RefreshReuseGrace: auth.DefaultRefreshReuseGrace},
 		API: API{BodyLimitKB: ad.BodyLimit >> 10, RateLimitPerIP: 200, RateLimitPerUser: 100,
-			MaxConns: ad.MaxConns, MaxConnsPerIP: ad.MaxConnsPerIP},
+			MaxConns: ad.MaxConns, MaxConnsPerIP: ad.MaxConnsPerIP, OnlineWindow: ad.OnlineWindow},
 		Policy: Policy{Dir: "./policies"},
 		WeChat: WeChat{APIBase: "https://api.weixin.qq.com"},
 	}
@@ -436,6 +444,9 @@ func (c *Config) validate(errs config.Errors) error {
 	}
 	if _, err := httpguard.ParseTrustedProxies(c.API.TrustedProxies); err != nil {
 		errs.Add("api.trusted_proxies", "%v", err)
+	}
+	if c.API.OnlineWindow < 0 {
+		errs.Add("api.online_window", "%s must be ≥ 0 (0: the default)", c.API.OnlineWindow)
 	}
 	switch {
 	case c.API.MaxConns < 0 || c.API.MaxConnsPerIP < 0:

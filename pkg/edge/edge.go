@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"golang.org/x/sys/unix"
 
+	"github.com/outpost-edge/outpost/pkg/alerting"
 	"github.com/outpost-edge/outpost/pkg/api"
 	"github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/auth/federation"
@@ -59,6 +60,7 @@ type Edge struct {
 	stopWriter context.CancelFunc
 	writerDone chan struct{}
 	stopSub    context.CancelFunc
+	alerts     *alerting.Runner
 	stopBg     context.CancelFunc // background loops: they end with Run's ctx, or in Shutdown
 	wg         sync.WaitGroup
 	errc       chan error // a part that failed while serving
@@ -109,6 +111,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	if e.st, err = store.Open(filepath.Join(cfg.DataDir, "edge.db"), store.Options{
 		EdgeID: cfg.ID, Region: cfg.Region, Clock: clock,
 		MaxDeadLetters: cfg.Ingest.MaxDeadLetters, NoSync: cfg.UnsafeNoSync,
+		HoldOutboxForRules: true, // the rule runner reads what it has not evaluated from the outbox
 	}); err != nil {
 		return nil, err
 	}
@@ -121,7 +124,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	}
 	if e.tokens, err = auth.NewService(keys, e.st.DB(), auth.Config{
 		Issuer: cfg.ID, AccessTTL: cfg.Auth.AccessTTL, RefreshTTL: cfg.Auth.RefreshTTL,
-		KeyRotation: cfg.Auth.KeyRotation, Logger: log,
+		KeyRotation: cfg.Auth.KeyRotation, RefreshReuseGrace: cfg.Auth.RefreshReuseGrace, Logger: log,
 	}); err != nil {
 		return nil, fmt.Errorf("auth: %w", err)
 	}
@@ -147,8 +150,17 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		return nil, fmt.Errorf("load policies from %s: %w", policyDir, err)
 	}
 
-	e.writer = ingest.NewWriter(e.st, ingest.NewDecoder(ingest.DefaultLimits), ingest.Config{
-		MaxBatch: cfg.Ingest.MaxBatch, Linger: cfg.Ingest.Linger,
+	limits := ingest.DefaultLimits
+	// A reading older than retention would be acknowledged and then deleted
+	// by the next retention pass: refuse it at ingest (a dead letter).
+	limits.MaxAge = cfg.Ingest.Retention
+	// Rules run on what the writer committed, after it acknowledged it;
+	// they publish through the broker, which is made after the writer.
+	var publish lateDownlink
+	e.alerts = alerting.New(alerting.Config{Store: e.st, Downlink: &publish, Now: now, Stamp: clock.Now,
+		Logger: log.With("component", "rules"), Registerer: reg})
+	e.writer = ingest.NewWriter(e.st, ingest.NewDecoder(limits), ingest.Config{
+		MaxBatch: cfg.Ingest.MaxBatch, Linger: cfg.Ingest.Linger, Committed: e.alerts.Notify,
 		QuotaBytes: cfg.Ingest.QuotaMB << 20, MinFreeBytes: cfg.Ingest.MinFreeMB << 20,
 		FreeBytes:             func() (int64, error) { return freeBytes(cfg.DataDir) },
 		UnsafeAckBeforeCommit: cfg.UnsafeAckBeforeCommit,
@@ -175,6 +187,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	e.onAbort(func() { e.stopWriter(); <-e.writerDone })
 
 	var downlink api.Downlink
+	var presence api.Presence // nil with an external broker: online from last_seen
 	e.stopSub = func() {}
 	if cfg.MQTT.Broker == "" {
 		bc := broker.DefaultConfig()
@@ -191,7 +204,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		if err := e.brk.Start(); err != nil {
 			return nil, err
 		}
-		downlink, e.mqttAddr = e.brk, e.brk.Addr()
+		downlink, presence, e.mqttAddr = e.brk, e.brk, e.brk.Addr()
 	} else {
 		clientID := cfg.MQTT.ClientID
 		if clientID == "" {
@@ -203,6 +216,8 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		}, e.writer)
 		downlink, e.mqttAddr = e.sub, cfg.MQTT.Broker
 	}
+
+	publish.set(downlink)
 
 	// A joined edge syncs with the cloud and logs users in through it.
 	var apiTokens api.Tokens = e.tokens
@@ -222,10 +237,10 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		Admins: cfg.Admins, DevLogin: cfg.DevLogin, BodyLimit: cfg.API.BodyLimitKB << 10,
 		RateLimitPerIP: cfg.API.RateLimitPerIP, RateLimitPerUser: cfg.API.RateLimitPerUser,
 		TrustedProxies: cfg.API.TrustedProxies, MaxConns: cfg.API.MaxConns, MaxConnsPerIP: cfg.API.MaxConnsPerIP,
-		BypassPolicy: cfg.API.BypassPolicy, Logger: log.With("component", "api"),
+		OnlineWindow: cfg.API.OnlineWindow, BypassPolicy: cfg.API.BypassPolicy, Logger: log.With("component", "api"),
 	}, api.Deps{
 		Store: e.st, Tokens: apiTokens, Login: login, Policy: e.engine, Downlink: downlink,
-		Sync: syncStatus, Directory: directory,
+		Sync: syncStatus, Directory: directory, Rules: e.alerts, Alerts: e.st, Presence: presence,
 		Ready: func() string {
 			if writer.Backpressure() {
 				return "disk quota reached: ingest is applying backpressure"
@@ -278,6 +293,13 @@ func (e *Edge) Run(ctx context.Context) error {
 	go func() { defer e.wg.Done(); _ = e.engine.Run(bg) }()
 	go func() { defer e.wg.Done(); _ = e.tokens.Run(bg) }()
 	go func() { defer e.wg.Done(); retain(bg, e.st, cfg, log) }()
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		if err := e.alerts.Run(bg); err != nil {
+			e.errc <- err
+		}
+	}()
 	if e.sy != nil {
 		e.wg.Add(1)
 		go func() { defer e.wg.Done(); _ = e.sy.Run(bg) }()

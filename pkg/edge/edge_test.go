@@ -2,6 +2,7 @@ package edge
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -67,7 +68,8 @@ func TestStartRunShutdown(t *testing.T) {
 	if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		t.Fatalf("connect: %v", tok.Error())
 	}
-	tok := c.Publish("sensors/d1/telemetry", 1, false, `{"ts": 1732170000123, "metrics": {"temp": 21.5}}`)
+	// A current ts: one older than ingest.retention (720h) is a dead letter.
+	tok := c.Publish("sensors/d1/telemetry", 1, false, fmt.Sprintf(`{"ts": %d, "metrics": {"temp": 21.5}}`, time.Now().UnixMilli()))
 	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		t.Fatalf("publish not acknowledged: %v", tok.Error())
 	}

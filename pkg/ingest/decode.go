@@ -19,6 +19,12 @@ import (
 // dead-letter log with the reason instead of being retried.
 var ErrInvalid = errors.New("invalid message")
 
+// ErrTooOld marks a reading older than the edge keeps readings (its
+// retention): storing and acknowledging it would only have the next
+// retention pass delete it without a word. Such a message is invalid too
+// (a dead letter), and counted apart.
+var ErrTooOld = errors.New("reading older than the edge's retention")
+
 func invalid(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, args...))
 }
@@ -30,6 +36,9 @@ type Limits struct {
 	MaxMetrics  int           // metrics in one reading
 	MaxFields   int           // fields in one state message
 	MaxFuture   time.Duration // how far ahead of receive time a ts may be
+	// MaxAge is how far behind receive time a reading's ts may be: the
+	// edge's retention (0: no limit).
+	MaxAge time.Duration
 }
 
 // DefaultLimits are generous for sensors and small enough that one message
@@ -189,6 +198,9 @@ func (d *Decoder) reading(v *fastjson.Value, now time.Time) (store.Reading, erro
 	ts, err := d.ts(tsv, now)
 	if err != nil {
 		return r, err
+	}
+	if d.limits.MaxAge > 0 && ts < now.Add(-d.limits.MaxAge).UnixMilli() {
+		return r, fmt.Errorf("%w: %w: ts %d is more than %s (ingest.retention) behind the edge clock", ErrInvalid, ErrTooOld, ts, d.limits.MaxAge)
 	}
 	r.TS = ts
 	r.ReceiveTS = tsv == nil || tsv.Type() == fastjson.TypeNull

@@ -58,6 +58,11 @@ type Config struct {
 	// FreeBytes reports free space on the data filesystem; nil disables the
 	// free-space check.
 	FreeBytes func() (int64, error)
+	// Committed, when set, is called on the writer's goroutine after each
+	// commit that stored items, once their messages are acknowledged. It
+	// must not block: the edge's rule runner only takes a signal and reads
+	// what was committed from the store (pkg/alerting).
+	Committed func()
 	// UnsafeAckBeforeCommit reports messages done before they are written.
 	// It exists only so the crash test can prove it detects loss.
 	UnsafeAckBeforeCommit bool
@@ -93,6 +98,7 @@ type pending struct {
 	payload []byte
 	item    store.Item
 	dead    *store.DeadLetter
+	tooOld  bool // dead for a reading older than retention (ErrTooOld)
 	done    func(error)
 	start   time.Time
 }
@@ -115,6 +121,8 @@ type writerMetrics struct {
 	messages *prometheus.CounterVec
 	// The messages children, resolved once rather than per message.
 	stored, duplicate, deadLetter prometheus.Counter
+	// tooOld counts the dead letters of readings older than retention.
+	tooOld prometheus.Counter
 
 	readings     prometheus.Counter
 	batchSize    prometheus.Histogram
@@ -134,6 +142,10 @@ func NewWriter(st Store, dec *Decoder, cfg Config, reg prometheus.Registerer, lo
 		}, []string{"result"}),
 		readings: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "outpost_ingest_readings_total", Help: "Readings newly stored.",
+		}),
+		tooOld: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_ingest_too_old_total",
+			Help: "Messages dead-lettered because a reading was older than the edge's retention (also in messages_total{result=\"dead_letter\"}).",
 		}),
 		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "outpost_ingest_batch_messages", Help: "Messages per group commit.",
@@ -158,7 +170,7 @@ func NewWriter(st Store, dec *Decoder, cfg Config, reg prometheus.Registerer, lo
 	w.m.duplicate = w.m.messages.WithLabelValues("duplicate")
 	w.m.deadLetter = w.m.messages.WithLabelValues("dead_letter")
 	if reg != nil {
-		reg.MustRegister(w.m.messages, w.m.readings, w.m.batchSize, w.m.commit, w.m.ackLatency, w.m.backpressure, w.m.commitErrors,
+		reg.MustRegister(w.m.messages, w.m.readings, w.m.tooOld, w.m.batchSize, w.m.commit, w.m.ackLatency, w.m.backpressure, w.m.commitErrors,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "outpost_ingest_queue_depth", Help: "Messages decoded and waiting for the writer.",
 			}, func() float64 { return float64(len(w.in)) }))
@@ -183,6 +195,7 @@ func (w *Writer) Submit(ctx context.Context, m *Message) error {
 	item, err := w.dec.Decode(m.Topic, m.Payload, p.start)
 	if err != nil {
 		p.dead = &store.DeadLetter{At: p.start.UnixMilli(), Topic: m.Topic, Reason: err.Error(), Payload: m.Payload}
+		p.tooOld = errors.Is(err, ErrTooOld)
 	} else {
 		p.item = item
 	}
@@ -351,6 +364,9 @@ func (w *Writer) commit(batch []*pending) {
 		switch {
 		case p.dead != nil:
 			w.m.deadLetter.Inc()
+			if p.tooOld {
+				w.m.tooOld.Inc()
+			}
 		case results[i].Stored == 0 && results[i].Duplicates > 0:
 			w.m.duplicate.Inc()
 			i++
@@ -361,6 +377,9 @@ func (w *Writer) commit(batch []*pending) {
 		}
 		w.m.ackLatency.Observe(now.Sub(p.start).Seconds())
 		p.done(nil)
+	}
+	if w.cfg.Committed != nil && len(items) > 0 {
+		w.cfg.Committed() // after the acks: it never delays one
 	}
 }
 

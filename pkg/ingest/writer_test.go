@@ -500,3 +500,63 @@ func TestWriterPoisonMessageIsolated(t *testing.T) {
 		t.Fatalf("dead letters %+v, %v", dls, err)
 	}
 }
+
+// TestWriterRefusesReadingsOlderThanRetention: a reading the next retention
+// pass would delete is not stored and acknowledged as if kept: it is a dead
+// letter naming why, acknowledged (it can never be stored), and counted.
+// A message with one such reading among fresh ones is refused whole, as
+// every other invalid reading refuses its message.
+func TestWriterRefusesReadingsOlderThanRetention(t *testing.T) {
+	hs := newHookStore(t)
+	rec := newDoneRec()
+	reg := prometheus.NewRegistry()
+	limits := DefaultLimits
+	limits.MaxAge = time.Hour
+	w := NewWriter(hs, NewDecoder(limits), Config{}, reg, discardLogger())
+	startWriter(t, w)
+	now := time.Now()
+	old, fresh := now.Add(-2*time.Hour).UnixMilli(), now.Add(-30*time.Minute).UnixMilli()
+	msgs := []struct{ name, payload string }{
+		{"fresh", fmt.Sprintf(`{"ts":%d,"metrics":{"t":1}}`, fresh)},
+		{"old", fmt.Sprintf(`{"ts":%d,"metrics":{"t":2}}`, old)},
+		{"old in an array", fmt.Sprintf(`[{"ts":%d,"metrics":{"t":3}},{"ts":%d,"metrics":{"t":4}}]`, fresh+1, old)},
+		{"no ts is receive time", `{"metrics":{"t":5}}`},
+	}
+	for _, m := range msgs {
+		msg := rec.msg(m.name, "sensors/dev/telemetry", m.payload)
+		msg.Received = now
+		submit(t, w, msg)
+	}
+	rec.wait(t, len(msgs))
+	for _, m := range msgs {
+		rec.check(t, m.name, false)
+	}
+	dls, err := hs.DeadLetters(0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(dls) != 2 {
+		t.Fatalf("%d dead letters, want 2: %+v", len(dls), dls)
+	}
+	for _, dl := range dls {
+		if !strings.Contains(dl.Reason, "older than the edge's retention") || !strings.Contains(dl.Reason, "1h0m0s (ingest.retention)") {
+			t.Fatalf("dead letter reason %q does not say the reading is older than retention", dl.Reason)
+		}
+	}
+	if c := hs.Counts(); c.Readings != 2 {
+		t.Fatalf("%d readings stored, want the 2 within retention", c.Readings)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tooOld float64 = -1
+	for _, mf := range mfs {
+		if mf.GetName() == "outpost_ingest_too_old_total" {
+			tooOld = mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	if tooOld != 2 {
+		t.Fatalf("outpost_ingest_too_old_total = %v, want 2", tooOld)
+	}
+}

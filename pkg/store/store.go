@@ -66,6 +66,11 @@ type Options struct {
 	Clock *hlc.Clock
 	// MaxDeadLetters bounds the dead-letter log; the oldest are dropped first.
 	MaxDeadLetters int
+	// HoldOutboxForRules keeps outbox entries until the rule runner has
+	// evaluated them (its position is SaveRuleEvents' seq), not only until
+	// the cloud has acknowledged them: the runner catches up from the
+	// outbox after a restart or when it falls behind.
+	HoldOutboxForRules bool
 	// NoSync disables fsync. Only for tests that prove the durability tests
 	// can detect loss; never in production.
 	NoSync bool
@@ -117,7 +122,8 @@ func Open(path string, opts Options) (*Store, error) {
 	}
 	s := &Store{db: db, path: path, opts: opts, clock: opts.Clock}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketReadings, bucketIDs, bucketMinute, bucketHour, bucketOutbox, bucketDead, bucketUsers, bucketStateIdx, bucketSync} {
+		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketReadings, bucketIDs, bucketMinute, bucketHour, bucketOutbox, bucketDead, bucketUsers, bucketStateIdx, bucketSync,
+			bucketRules, bucketRuleState, bucketAlerts, bucketAlertIdx} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -536,7 +542,9 @@ func (s *Store) Outbox(after uint64, max, maxBytes int) ([]Change, error) {
 func (s *Store) OldestUnsynced() (hlc.Timestamp, error) {
 	var ts hlc.Timestamp
 	err := s.db.View(func(tx *bolt.Tx) error {
-		k, v := tx.Bucket(bucketOutbox).Cursor().First()
+		// Entries up to the ack may still be there for the rule runner.
+		acked := getU64(tx.Bucket(bucketMeta).Get(keyOutboxAcked))
+		k, v := tx.Bucket(bucketOutbox).Cursor().Seek(u64(acked + 1))
 		if k == nil {
 			return nil
 		}
@@ -550,56 +558,64 @@ func (s *Store) OldestUnsynced() (hlc.Timestamp, error) {
 }
 
 // AckOutbox records that the cloud durably holds every change up to seq and
-// deletes them. Acks never move backwards.
+// deletes them (with Options.HoldOutboxForRules, only those the rule runner
+// has evaluated too; the rest go when it has: SaveRuleEvents). Acks never
+// move backwards.
 func (s *Store) AckOutbox(seq uint64) error {
 	if seq > s.outboxHead.Load() {
 		return fmt.Errorf("ack outbox: sequence %d beyond head %d", seq, s.outboxHead.Load())
 	}
-	const chunk = 10000 // keep each transaction short so ingest is not starved
 	for {
 		done := true
 		err := s.db.Update(func(tx *bolt.Tx) error {
 			m := tx.Bucket(bucketMeta)
-			acked := getU64(m.Get(keyOutboxAcked))
-			if seq <= acked {
-				return nil
-			}
-			c := tx.Bucket(bucketOutbox).Cursor()
-			n := 0
-			var last uint64 = acked
-			for k, _ := c.First(); k != nil && binary.BigEndian.Uint64(k) <= seq; k, _ = c.First() {
-				if n == chunk {
-					done = false
-					break
-				}
-				last = binary.BigEndian.Uint64(k)
-				if err := c.Delete(); err != nil {
-					return err
-				}
-				n++
-			}
-			if done {
-				last = seq
-			}
-			ic := tx.Bucket(bucketStateIdx).Cursor()
-			for k, _ := ic.First(); k != nil && binary.BigEndian.Uint64(k) <= last; k, _ = ic.First() {
-				if err := ic.Delete(); err != nil {
+			if seq > getU64(m.Get(keyOutboxAcked)) {
+				if err := m.Put(keyOutboxAcked, u64(seq)); err != nil {
 					return err
 				}
 			}
-			if err := m.Put(keyOutboxAcked, u64(last)); err != nil {
-				return err
-			}
-			s.outboxAck.Store(last) // safe: a failed commit only delays retention
-			return nil
+			var err error
+			done, err = s.trimOutbox(tx)
+			return err
 		})
 		if err != nil {
 			return fmt.Errorf("ack outbox to %d: %w", seq, err)
 		}
+		s.outboxAck.Store(max(s.outboxAck.Load(), seq)) // safe: a failed commit only delays retention
 		if done {
 			return nil
 		}
 	}
+}
+
+// trimOutbox deletes, in one chunk, the outbox entries nothing needs any
+// more: those the cloud acknowledged and, when the rule runner holds the
+// outbox, it has evaluated. done is false when more remain to delete.
+func (s *Store) trimOutbox(tx *bolt.Tx) (done bool, err error) {
+	const chunk = 10000 // keep each transaction short so ingest is not starved
+	m := tx.Bucket(bucketMeta)
+	bound := getU64(m.Get(keyOutboxAcked))
+	if s.opts.HoldOutboxForRules {
+		bound = min(bound, getU64(m.Get(keyRulesSeq)))
+	}
+	c := tx.Bucket(bucketOutbox).Cursor()
+	n := 0
+	for k, _ := c.First(); k != nil && binary.BigEndian.Uint64(k) <= bound; k, _ = c.First() {
+		if n == chunk {
+			return false, nil
+		}
+		if err := c.Delete(); err != nil {
+			return false, err
+		}
+		n++
+	}
+	ic := tx.Bucket(bucketStateIdx).Cursor()
+	for k, _ := ic.First(); k != nil && binary.BigEndian.Uint64(k) <= bound; k, _ = ic.First() {
+		if err := ic.Delete(); err != nil {
+			return false, err
+		}
+	}
+	return true, nil
 }
 
 // ---- dead letters ----

@@ -82,8 +82,10 @@ type Config struct {
 	// push (default 4 MiB).
 	BatchReadings int
 	BatchBytes    int
-	// InFlight is how many pushes may be outstanding at once (default 2):
-	// the next batch is read and encoded while the previous one commits.
+	// InFlight is how many pushes may be outstanding at once (default 4):
+	// the stages of a push (read and encode here; decode, raft
+	// replication and apply in the cloud) overlap across pushes. With two,
+	// a draining edge left half of the cluster idle.
 	InFlight int
 	// Idle is how often an idle syncer looks for new outbox entries
 	// (default 20ms): the floor of live-sync latency.
@@ -128,7 +130,7 @@ func (c *Config) defaults() {
 		c.BatchReadings = 20000
 	}
 	if c.InFlight <= 0 {
-		c.InFlight = 2
+		c.InFlight = 4
 	}
 	if c.BatchBytes <= 0 {
 		c.BatchBytes = 4 << 20

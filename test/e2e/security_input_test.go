@@ -112,13 +112,23 @@ func TestSecuritySessionRevokedEverywhere(t *testing.T) {
 	if code := atCloud(p1.AccessToken); code == 401 {
 		t.Fatal("the cloud refuses a live session")
 	}
-	// The copied first refresh token comes back.
+	// A retry of that refresh (its answer lost) within the reuse grace
+	// gets the identical pair, from the cloud, and revokes nothing.
+	if code, msg, again := call(a, "/api/v1/auth/refresh", map[string]string{"refresh_token": p0.RefreshToken}); code != 200 || again != p1 {
+		t.Fatalf("retried refresh: %d %q, same pair %v", code, msg, again == p1)
+	}
+	code, msg, p2 := call(a, "/api/v1/auth/refresh", map[string]string{"refresh_token": p1.RefreshToken})
+	if code != 200 {
+		t.Fatalf("second refresh: %d %s", code, msg)
+	}
+	// The copied first refresh token comes back after its successor was
+	// used: a reuse, not a retry.
 	if code, msg, _ := call(a, "/api/v1/auth/refresh", map[string]string{"refresh_token": p0.RefreshToken}); code != 401 || msg != reused {
 		t.Fatalf("reused refresh token: %d %q", code, msg)
 	}
 	// No waiting: edge A and the cloud refuse the session's access tokens
 	// from the next request on.
-	for name, tok := range map[string]string{"first": p0.AccessToken, "rotated": p1.AccessToken} {
+	for name, tok := range map[string]string{"first": p0.AccessToken, "rotated": p1.AccessToken, "newest": p2.AccessToken} {
 		if code := get(a, tok); code != 401 {
 			t.Errorf("edge A right after the reuse, %s access token: %d, want 401", name, code)
 		}
@@ -138,6 +148,12 @@ func TestSecuritySessionRevokedEverywhere(t *testing.T) {
 	code, msg, l1 := call(a, "/api/v1/auth/refresh", map[string]string{"refresh_token": l0.RefreshToken})
 	if code != 200 || get(a, l1.AccessToken) != 200 {
 		t.Fatalf("local refresh: %d %s", code, msg)
+	}
+	if code, msg, again := call(a, "/api/v1/auth/refresh", map[string]string{"refresh_token": l0.RefreshToken}); code != 200 || again != l1 {
+		t.Fatalf("retried local refresh: %d %q, same pair %v", code, msg, again == l1)
+	}
+	if code, msg, _ = call(a, "/api/v1/auth/refresh", map[string]string{"refresh_token": l1.RefreshToken}); code != 200 {
+		t.Fatalf("second local refresh: %d %s", code, msg)
 	}
 	if code, msg, _ := call(a, "/api/v1/auth/refresh", map[string]string{"refresh_token": l0.RefreshToken}); code != 401 || msg != reused {
 		t.Fatalf("reused local refresh token: %d %q", code, msg)

@@ -6,8 +6,11 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/outpost-edge/outpost/pkg/store"
 )
 
 // resyncDevice is the part of a device both an edge and a cloud node show.
@@ -132,4 +135,80 @@ func TestSyncFullResyncAfterMaxOffline(t *testing.T) {
 		d, err := cloudDevice()
 		return err == nil && sameDesired(d.Desired, want.Desired)
 	})
+}
+
+// An edge whose stored pull cursor the cloud refuses (400: not one it
+// issued, as after the cloud's state was rebuilt) re-pulls everything from
+// an empty cursor (full resync) instead of stalling, ends with the cloud's
+// state, including what the cloud wrote while the edge was away, and then
+// follows deltas from the new cursor it stored.
+func TestSyncRefusedPullCursorFullResync(t *testing.T) {
+	c := startCloudCluster(t, 1, cloudWithUsers())
+	n := c.Nodes[0]
+	link := newSyncLink(t, c)
+	e := startSyncEdge(t, "e3", link)
+	admin := e.login()
+	cloudPut := func(path string, body any) {
+		t.Helper()
+		if code, env, err := c.api(n, http.MethodPut, path, body); err != nil || code != 200 {
+			t.Fatalf("PUT %s at the cloud: %d %s %v", path, code, env.Message, err)
+		}
+	}
+	edgeDesired := func() map[string]json.RawMessage {
+		var d resyncDevice
+		if err := e.api(http.MethodGet, "/api/v1/devices/d1", admin, nil, &d); err != nil {
+			return nil
+		}
+		return d.Desired
+	}
+
+	bulkPublish(t, e, "d1", 0, 1, 1)
+	cloudWaitFor(t, 20*time.Second, "d1 homed at e3 in the cloud", func() bool {
+		d, err := c.deviceState(n, "d1")
+		return err == nil && d.EdgeID == "e3"
+	})
+	cloudPut("/api/v1/devices/d1/desired", map[string]any{"state": map[string]any{"a": 1}})
+	cloudWaitFor(t, 20*time.Second, "a at the edge", func() bool { return len(edgeDesired()) == 1 })
+	// The edge stores its cursor after applying a page: once a later write
+	// arrived, the pull that brought a has stored its cursor.
+	cloudPut("/api/v1/devices/d1/desired", map[string]any{"state": map[string]any{"z": 0}})
+	cloudWaitFor(t, 20*time.Second, "z at the edge", func() bool { return len(edgeDesired()) == 2 })
+
+	// The edge stops; its stored cursor becomes one the cloud never issued.
+	e.kill9()
+	st, err := store.Open(filepath.Join(e.dataDir, "edge.db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cur, err := st.SyncValue("pull_cursor"); err != nil || len(cur) == 0 {
+		t.Fatalf("the edge stored no pull cursor (%q, %v): the test would not exercise a refused one", cur, err)
+	}
+	if err := st.SetSyncValues(map[string][]byte{"pull_cursor": []byte("not-a-cursor-the-cloud-issued")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	cloudPut("/api/v1/devices/d1/desired", map[string]any{"state": map[string]any{"b": 2}})
+
+	e.start()
+	admin = e.login()
+	cloudWaitFor(t, 20*time.Second, "a and b at the edge after the resync", func() bool {
+		d := edgeDesired()
+		return jsonEqual(d["a"], []byte("1")) && jsonEqual(d["b"], []byte("2"))
+	})
+	if v, ok := e.metric("outpost_sync_full_resyncs_total"); !ok || v < 1 {
+		t.Fatalf("outpost_sync_full_resyncs_total = %v (%v), want >= 1", v, ok)
+	}
+	if !strings.Contains(e.log.String(), "cloud refused the pull cursor; full resync") {
+		t.Fatal("the edge did not log the refused cursor")
+	}
+	// The new cursor is one the cloud accepts: the next write arrives as a
+	// delta, without another resync.
+	resyncs, _ := e.metric("outpost_sync_full_resyncs_total")
+	cloudPut("/api/v1/devices/d1/desired", map[string]any{"state": map[string]any{"c": 3}})
+	cloudWaitFor(t, 20*time.Second, "c at the edge", func() bool { return jsonEqual(edgeDesired()["c"], []byte("3")) })
+	if v, _ := e.metric("outpost_sync_full_resyncs_total"); v != resyncs {
+		t.Fatalf("full resyncs went from %v to %v after the cursor was replaced", resyncs, v)
+	}
 }

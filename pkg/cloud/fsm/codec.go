@@ -35,6 +35,9 @@ const (
 	// CmdPullAcks records the pull positions edges acknowledged, which
 	// deletes the downlink entries behind them (downlink.go).
 	CmdPullAcks CmdType = 17
+	// Bounded state: readings retention, log compaction, tombstone purge
+	// (compact.go).
+	CmdCompact CmdType = 15
 )
 
 // SigningKey is the deployment's token signing key, generated once by a
@@ -72,6 +75,9 @@ type Command struct {
 	Key       *SigningKey      // CmdSigningKey
 	Session   *SessionCmd      // CmdSession*
 	PullAcks  *PullAcks        // CmdPullAcks
+	Compact   *CompactCmd      // CmdCompact
+	Sink      *SinkCursorCmd   // CmdSinkCursor
+	Rule      *RuleCmd         // CmdRulePut
 	// Refusals marks changes of a push or state batch that the leader
 	// refused under edge restriction (see restrict.go); they are applied as
 	// corrections, not as the edge sent them.
@@ -137,6 +143,12 @@ func EncodeCommand(c *Command) ([]byte, error) {
 		return appendJSON(b, c.Session)
 	case CmdPullAcks:
 		return appendJSON(b, c.PullAcks)
+	case CmdCompact:
+		return appendJSON(b, c.Compact)
+	case CmdSinkCursor:
+		return appendJSON(b, c.Sink)
+	case CmdRulePut:
+		return appendJSON(b, c.Rule)
 	}
 	return nil, fmt.Errorf("fsm: unknown command type %d", c.Type)
 }
@@ -261,6 +273,15 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 	case CmdPullAcks:
 		d.Cmd.PullAcks = &PullAcks{}
 		r.json(d.Cmd.PullAcks)
+	case CmdCompact:
+		d.Cmd.Compact = &CompactCmd{}
+		r.json(d.Cmd.Compact)
+	case CmdSinkCursor:
+		d.Cmd.Sink = &SinkCursorCmd{}
+		r.json(d.Cmd.Sink)
+	case CmdRulePut:
+		d.Cmd.Rule = &RuleCmd{}
+		r.json(d.Cmd.Rule)
 	default:
 		return nil, fmt.Errorf("%w: unknown command type %d", ErrCorrupt, d.Type)
 	}

@@ -53,6 +53,8 @@ func seedEntries(t testing.TB) map[string][]byte {
 		"session-rot":   {Type: CmdSessionRotate, AtMs: 9001, Session: &SessionCmd{Family: "f1", From: "t1", To: "t2", ExpMs: 99999}},
 		"session-rev":   {Type: CmdSessionRevokeUser, AtMs: 9002, Session: &SessionCmd{OpenID: "u1", BeforeMs: 9002, UntilMs: 99999}},
 		"session-purge": {Type: CmdSessionPurge, AtMs: 9003, Session: &SessionCmd{}},
+		"sink-cursor":   {Type: CmdSinkCursor, AtMs: 9100, Sink: &SinkCursorCmd{Sink: "js", Index: 42}},
+		"rule-put":      {Type: CmdRulePut, AtMs: 9200, Rule: &RuleCmd{Name: "hot", Region: "eu", Rule: json.RawMessage(`{"name":"hot","when":"temp > 30"}`)}},
 	}
 	out := make(map[string][]byte, len(cmds)+1)
 	var all [][]byte

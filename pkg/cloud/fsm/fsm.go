@@ -19,6 +19,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -55,7 +56,7 @@ var (
 	bktDevices  = []byte("devices")         // device → Device JSON
 	bktSeen     = []byte("device_seen")     // device → last seen ms(8), newer than the record's
 	bktEdges    = []byte("edges")           // edge → edgeRecord JSON
-	bktSeq      = []byte("edge_seq")        // edge → acked seq (8)
+	bktSeq      = []byte("edge_seq")        // edge → acked seq (8), then its digest chain (restrict.go)
 	bktLog      = []byte("log")             // raft index(8) → merged changes
 	bktDown     = []byte("downlink")        // raft index(8) sub(4) → downRecord JSON
 	bktNodes    = []byte("nodes")           // node id → Node JSON
@@ -70,7 +71,7 @@ var (
 	bktRecent = []byte("readings_recent") // raft index(8) n(4) → staged reading
 	// The digest chain of each edge's sequenced stream at the end of its
 	// last digestWindow pushes (see push).
-	bktDigest = []byte("edge_digest") // edge → [seq(8) chain digest(16)] × up to digestWindow, oldest first
+	bktDigest = []byte("edge_digest") // edge → [seq(8) chain digest(16)] × up to digestWindow, oldest first: the old layout, now in edge_seq (restrict.go)
 	// The downlink by target, so a pull reads only its edge's entries and
 	// the broadcasts (see downlink.go), and each edge's acknowledged pull
 	// position, up to which its entries are deleted.
@@ -83,7 +84,7 @@ var (
 )
 
 var allBuckets = [][]byte{bktMeta, bktReadings, bktReadID, bktDevices, bktEdges, bktSeq, bktLog, bktDown, bktNodes, bktUsers, bktPolicies,
-	bktSessions, bktSessUser, bktSessExp, bktRevoked, bktRecent, bktSeen, bktDigest, bktDownIdx, bktPulled}
+	bktSessions, bktSessUser, bktSessExp, bktRevoked, bktRecent, bktSeen, bktDigest, bktLogMarks, bktDownIdx, bktPulled}
 
 // Device is a device's merged record.
 type Device struct {
@@ -129,6 +130,9 @@ type Result struct {
 	Duplicates int
 	Index      uint64
 	Device     *Device // for desired and meta writes: the record after the write
+	// Next is where a chunked compaction resumes (CompactCmd.After); empty
+	// when the pass is done.
+	Next string
 }
 
 // Hooks lets the owner observe the state machine without this package
@@ -175,6 +179,16 @@ type FSM struct {
 	// the other way round.
 	edgesIndex atomic.Uint64
 	setsIndex  atomic.Uint64
+	// seqs caches each edge's committed sequence (edge → uint64), which
+	// the push path reads for every push: a bbolt read transaction cost
+	// more than the lookup it made. Written after each apply commit (only
+	// a.push writes edge_seq, through putSeq), read and emptied under mu,
+	// so a reader sees the committed value or an older one, which the
+	// push path treats as "not yet committed" and leaves to Apply.
+	seqs sync.Map
+	// bulkMax bounds the large changes' readings queued in a transaction
+	// (defaultBulkFlushAt; tests lower it).
+	bulkMax int
 }
 
 // maxCachedDevices bounds the device cache; past it the cache starts over.
@@ -200,7 +214,7 @@ func boltOptions() *bolt.Options {
 // Open opens (creating if needed) the state file at path.
 func Open(path string, log *slog.Logger, hooks Hooks) (*FSM, error) {
 	f := &FSM{path: path, log: log, hooks: hooks, waitCh: make(chan struct{}),
-		stage: stageIndex{max: defaultStageMax, flushAt: defaultStageFlushAt}, pulls: newPullHub()}
+		stage: stageIndex{max: defaultStageMax, flushAt: defaultStageFlushAt}, bulkMax: defaultBulkFlushAt, pulls: newPullHub()}
 	db, err := openDB(path)
 	if errors.Is(err, berrors.ErrInvalid) || errors.Is(err, berrors.ErrChecksum) || errors.Is(err, berrors.ErrVersionMismatch) {
 		// Rebuildable from the snapshot and log: keep the bad file for
@@ -310,7 +324,7 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	if len(f.devices) > maxCachedDevices {
 		f.devices = map[string]*Device{}
 	}
-	a := applier{devices: f.devices, dirty: map[string]bool{}, maxStamp: hlc.Timestamp(f.maxStamp.Load()), stage: &f.stage}
+	a := applier{devices: f.devices, dirty: map[string]bool{}, maxStamp: hlc.Timestamp(f.maxStamp.Load()), stage: &f.stage, bulkMax: f.bulkMax}
 	err := f.db.Update(func(tx *bolt.Tx) error {
 		a.tx = tx
 		a.bk = buckets(tx)
@@ -334,6 +348,9 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 		if last == applied {
 			return nil
 		}
+		if err := a.flushBulk(); err != nil {
+			return err
+		}
 		if err := a.flushDevices(); err != nil {
 			return err
 		}
@@ -352,6 +369,9 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 		// The state can no longer follow the log; continuing would diverge
 		// from the other replicas.
 		panic(fmt.Sprintf("fsm: apply at index %d: %v", last, err))
+	}
+	for edge, seq := range a.seqs {
+		f.seqs.Store(edge, seq)
 	}
 	f.applied.Store(last)
 	f.maxStamp.Store(uint64(a.maxStamp))
@@ -376,8 +396,8 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 }
 
 type bkts struct {
-	meta, readings, readID, devices, edges, seq, log, down, nodes, users, policies *bolt.Bucket
-	sessions, sessUser, sessExp, revoked, recent, seen, digest, downIdx, pulled    *bolt.Bucket
+	meta, readings, readID, devices, edges, seq, log, down, nodes, users, policies        *bolt.Bucket
+	sessions, sessUser, sessExp, revoked, recent, seen, digest, logMarks, downIdx, pulled *bolt.Bucket
 }
 
 func buckets(tx *bolt.Tx) bkts {
@@ -388,7 +408,7 @@ func buckets(tx *bolt.Tx) bkts {
 		policies: tx.Bucket(bktPolicies),
 		sessions: tx.Bucket(bktSessions), sessUser: tx.Bucket(bktSessUser), sessExp: tx.Bucket(bktSessExp),
 		revoked: tx.Bucket(bktRevoked), recent: tx.Bucket(bktRecent), seen: tx.Bucket(bktSeen),
-		digest: tx.Bucket(bktDigest), downIdx: tx.Bucket(bktDownIdx), pulled: tx.Bucket(bktPulled),
+		digest: tx.Bucket(bktDigest), logMarks: tx.Bucket(bktLogMarks), downIdx: tx.Bucket(bktDownIdx), pulled: tx.Bucket(bktPulled),
 	}
 }
 
@@ -407,6 +427,9 @@ type applier struct {
 	dups      int
 	conflicts int
 	stage     *stageIndex
+	bulk      bulkPuts
+	seqs      map[string]uint64 // edges' sequences this transaction moved
+	bulkMax   int
 
 	// What held pulls wait for (downlink.go): the targets of new downlink
 	// entries, a broadcast among them, and changes to the sets a pull
@@ -527,13 +550,20 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 		return a.sessionPurge(d.Cmd.Session)
 	case CmdPullAcks:
 		return a.pullAcks(d.Cmd.PullAcks)
+	case CmdCompact:
+		return a.compact(d.AtMs, d.Cmd.Compact)
+	case CmdSinkCursor:
+		return a.sinkCursor(d.Cmd.Sink)
+	case CmdRulePut:
+		return a.rulePut(a.index, d.Cmd.Rule)
 	}
 	return Result{Err: fmt.Errorf("%w: command type %d", ErrCorrupt, d.Type)}, nil
 }
 
 func (a *applier) push(d *decodedCmd) (Result, error) {
 	key := []byte(d.Edge)
-	last := getU64(a.bk.seq.Get(key))
+	rec := readSeq(a.bk.seq, a.bk.digest, key)
+	last := rec.last
 	if d.FirstSeq > last+1 {
 		return Result{Err: fmt.Errorf("%w: expected sequence %d, got %d", ErrSeqGap, last+1, d.FirstSeq),
 			Expected: last + 1, AckedSeq: last}, nil
@@ -541,32 +571,38 @@ func (a *applier) push(d *decodedCmd) (Result, error) {
 	skip := last + 1 - d.FirstSeq // changes this edge already delivered
 	if skip > 0 && d.Digests != nil {
 		// A re-send is a duplicate only if it is what was applied.
-		if err := verifyChain(a.bk.digest, d.Edge, d.FirstSeq, last, d.Digests); err != nil {
+		if err := verifyChain(rec, d.Edge, d.FirstSeq, d.Digests); err != nil {
 			return Result{Err: err, AckedSeq: last}, nil
 		}
 	}
 	if skip >= uint64(len(d.Changes)) {
 		return Result{AckedSeq: last}, nil
 	}
+	// The record is built before the changes apply: rec.chain is bbolt's
+	// memory, valid only until the transaction's next write.
+	newLast := d.FirstSeq + uint64(len(d.Changes)) - 1
+	var head *wire.Digest
+	if d.Digests != nil {
+		h, _ := chainAt(rec.chain, last)
+		for i := skip; i < uint64(len(d.Changes)); i++ {
+			h = wire.ChainDigest(h, d.Digests[i])
+		}
+		head = &h
+	}
+	v := seqValue(rec, newLast, head)
 	before := a.dups
 	for i := skip; i < uint64(len(d.Changes)); i++ {
 		if err := a.change(d.Edge, d.AtMs, &d.Changes[i]); err != nil {
 			return Result{}, err
 		}
 	}
-	newLast := d.FirstSeq + uint64(len(d.Changes)) - 1
-	if err := a.bk.seq.Put(key, u64(newLast)); err != nil {
+	if err := putSeq(a.bk.seq, a.bk.digest, key, rec, v); err != nil {
 		return Result{}, err
 	}
-	if d.Digests != nil {
-		head, _ := chainAt(a.bk.digest, d.Edge, last)
-		for i := skip; i < uint64(len(d.Changes)); i++ {
-			head = wire.ChainDigest(head, d.Digests[i])
-		}
-		if err := putChain(a.bk.digest, d.Edge, newLast, head); err != nil {
-			return Result{}, err
-		}
+	if a.seqs == nil {
+		a.seqs = map[string]uint64{}
 	}
+	a.seqs[d.Edge] = newLast
 	return Result{AckedSeq: newLast, Applied: len(d.Changes) - int(skip), Duplicates: a.dups - before}, nil
 }
 
@@ -786,11 +822,8 @@ func (a *applier) countLost(doc, in shadow.Doc, changed int) {
 // each. Staged readings move in bulk later (flushStage); reads and dedup
 // see both places.
 //
-// Larger changes go straight in, keys in sorted order: bbolt splits nodes
-// only at commit, so a large batch inserted in arbitrary key order memmoves
-// ever-growing nodes (quadratic); sorted, each insert lands after the
-// previous one. The order is a pure function of the command, so every
-// replica does the same.
+// Larger changes go straight in at the end of the transaction, all of its
+// readings in key order (bulkPuts).
 func (a *applier) readings(origin string, dev *Device, c *rawChange) error {
 	n := len(c.Readings)
 	dup := make([]bool, n)
@@ -828,62 +861,156 @@ const maxDeviceKey = 1024
 func validDeviceKey(id string) bool { return id != "" && len(id) <= maxDeviceKey }
 
 func idKey(origin, device, id string) []byte {
-	k := make([]byte, 0, len(origin)+len(device)+len(id)+2)
+	return appendIDKey(make([]byte, 0, len(origin)+len(device)+len(id)+2), origin, device, id)
+}
+
+func appendIDKey(k []byte, origin, device, id string) []byte {
 	return append(append(append(append(append(k, origin...), 0), device...), 0), id...)
 }
 
-// putReadings inserts a change's readings under their device, marking
-// duplicates in dup.
+// putReadings queues a change's readings for insertion under their device
+// (a.bulk, put at the end of the transaction), marking duplicates in dup.
 func (a *applier) putReadings(origin string, dev *Device, c *rawChange, dup []bool) error {
-	type cand struct {
-		i   int
-		key []byte
-	}
-	n := len(c.Readings)
-	ids := make([]cand, 0, n)
-	for i, r := range c.Readings {
+	b := &a.bulk
+	b.reserve(len(c.Readings))
+	for i := range c.Readings {
+		r := &c.Readings[i]
+		// bbolt keeps key slices until commit: each key gets its own
+		// (arena) memory.
+		key := readingKey(b.alloc(len(dev.ID)+len(origin)+len(r.ID)+11), dev.ID, r.TS, origin, r.ID)
 		if r.ID != "" {
-			// bbolt keeps key slices until commit: each key gets its own.
-			ids = append(ids, cand{i, idKey(origin, dev.ID, r.ID)})
-		}
-	}
-	sort.Slice(ids, func(x, y int) bool {
-		if c := bytes.Compare(ids[x].key, ids[y].key); c != 0 {
-			return c < 0
-		}
-		return ids[x].i < ids[y].i
-	})
-	for _, id := range ids {
-		if a.bk.readID.Get(id.key) != nil || a.stage.hasID(id.key) {
-			dup[id.i] = true
+			id := appendIDKey(b.alloc(len(origin)+len(dev.ID)+len(r.ID)+2), origin, dev.ID, r.ID)
+			if b.hasID(id) || a.stage.hasID(id) || b.stored(&b.idCur, a.bk.readID, id) {
+				dup[i] = true
+				continue
+			}
+			b.add(key, id, r.Metrics, r.TS)
 			continue
 		}
-		if err := a.bk.readID.Put(id.key, u64(uint64(c.Readings[id.i].TS))); err != nil {
+		if b.hasKey(key) || a.stage.hasKey(key) || b.stored(&b.keyCur, a.bk.readings, key) {
+			dup[i] = true
+			continue
+		}
+		b.add(key, nil, r.Metrics, r.TS)
+	}
+	if len(b.rs) >= a.bulkMax {
+		// A transaction of many large entries (a follower catching up, a
+		// replay) puts in runs, which bounds the queue's memory; dedup
+		// then finds the earlier runs in the buckets.
+		return a.flushBulk()
+	}
+	return nil
+}
+
+// defaultBulkFlushAt bounds the readings queued in one transaction.
+const defaultBulkFlushAt = 1 << 17
+
+// bulkPuts gathers the readings of a transaction's large changes, to be put
+// in key order when the transaction's entries are applied. bbolt splits
+// nodes only at commit, so keys inserted out of order memmove ever-growing
+// nodes (quadratic in the readings a transaction adds): a push of 40
+// changes of 8 devices, each change sorted on its own, spent half its
+// apply time in memmove, because every device's later changes and every
+// later id (ids sort as strings: "d-500" after "d-1000") land before keys
+// already inserted in the same node. Sorted across the whole transaction,
+// each insert lands after the previous one. The order is a pure function of
+// the entries, so every replica does the same.
+type bulkPuts struct {
+	keys map[string]struct{} // reading keys queued
+	ids  map[string]struct{} // id keys queued
+	rs   []bulkReading
+	nIDs int
+
+	// Cursors for the dedup lookups: Bucket.Get builds a cursor (and its
+	// stack) per call; a cursor's Seek reuses its stack.
+	idCur, keyCur *bolt.Cursor
+
+	// arena holds the queued keys and id values: one allocation per
+	// arenaChunk instead of three per reading. bbolt keeps key and value
+	// slices until commit, and each chunk lives as long as one does.
+	arena []byte
+}
+
+const arenaChunk = 64 << 10
+
+// alloc returns an empty slice with room for n bytes in the arena.
+func (b *bulkPuts) alloc(n int) []byte {
+	if cap(b.arena)-len(b.arena) < n {
+		b.arena = make([]byte, 0, max(arenaChunk, n))
+	}
+	s := b.arena[len(b.arena) : len(b.arena) : len(b.arena)+n]
+	b.arena = b.arena[:len(b.arena)+n]
+	return s
+}
+
+// reserve makes room for n more readings, so that a transaction's queue
+// grows once per change instead of by repeated doubling.
+func (b *bulkPuts) reserve(n int) {
+	if b.keys == nil {
+		b.keys, b.ids = map[string]struct{}{}, make(map[string]struct{}, n)
+	}
+	b.rs = slices.Grow(b.rs, n)
+}
+
+// stored reports whether bucket bk holds key, through the cursor *c
+// (opened on first use). Seek re-searches from the root, so the cursor
+// stays valid across the transaction's Puts.
+func (b *bulkPuts) stored(c **bolt.Cursor, bk *bolt.Bucket, key []byte) bool {
+	if *c == nil {
+		*c = bk.Cursor()
+	}
+	k, _ := (*c).Seek(key)
+	return k != nil && bytes.Equal(k, key)
+}
+
+type bulkReading struct {
+	key, id, metrics []byte
+	ts               int64
+}
+
+func (b *bulkPuts) hasKey(key []byte) bool { _, ok := b.keys[string(key)]; return ok }
+func (b *bulkPuts) hasID(id []byte) bool   { _, ok := b.ids[string(id)]; return ok }
+
+func (b *bulkPuts) add(key, id, metrics []byte, ts int64) {
+	if id == nil {
+		// Only readings without an id are deduplicated by key: a key
+		// with an id cannot equal one without (ids are not empty).
+		b.keys[string(key)] = struct{}{}
+	} else {
+		b.ids[string(id)] = struct{}{}
+		b.nIDs++
+	}
+	b.rs = append(b.rs, bulkReading{key: key, id: id, metrics: metrics, ts: ts})
+}
+
+// flushBulk puts the queued readings and their ids, each bucket in key
+// order, and empties the queue. It runs before anything else in the
+// transaction reads or moves readings (flushStage, commit).
+func (a *applier) flushBulk() error {
+	b := &a.bulk
+	if len(b.rs) == 0 {
+		return nil
+	}
+	rs := b.rs
+	sort.Slice(rs, func(i, j int) bool { return bytes.Compare(rs[i].key, rs[j].key) < 0 })
+	for i := range rs {
+		if err := a.bk.readings.Put(rs[i].key, rs[i].metrics); err != nil {
 			return err
 		}
 	}
-	keys := make([]cand, 0, n)
-	for i, r := range c.Readings {
-		if !dup[i] {
-			keys = append(keys, cand{i, readingKey(make([]byte, 0, len(dev.ID)+len(origin)+len(r.ID)+11), dev.ID, r.TS, origin, r.ID)})
+	ids := make([]*bulkReading, 0, b.nIDs)
+	for i := range rs {
+		if rs[i].id != nil {
+			ids = append(ids, &rs[i])
 		}
 	}
-	sort.Slice(keys, func(x, y int) bool {
-		if c := bytes.Compare(keys[x].key, keys[y].key); c != 0 {
-			return c < 0
-		}
-		return keys[x].i < keys[y].i
-	})
-	for _, k := range keys {
-		r := &c.Readings[k.i]
-		if r.ID == "" && (a.stage.hasKey(k.key) || a.bk.readings.Get(k.key) != nil) {
-			dup[k.i] = true
-			continue
-		}
-		if err := a.bk.readings.Put(k.key, r.Metrics); err != nil {
+	sort.Slice(ids, func(i, j int) bool { return bytes.Compare(ids[i].id, ids[j].id) < 0 })
+	for _, r := range ids {
+		if err := a.bk.readID.Put(r.id, binary.BigEndian.AppendUint64(b.alloc(8), uint64(r.ts))); err != nil {
 			return err
 		}
 	}
+	*b = bulkPuts{}
 	return nil
 }
 
@@ -928,11 +1055,13 @@ func putJSON(b *bolt.Bucket, key string, v any) error {
 
 func u64(v uint64) []byte { return binary.BigEndian.AppendUint64(make([]byte, 0, 12), v) }
 
+// getU64 reads a big-endian uint64 value, or the first 8 bytes of a
+// longer one (an edge_seq record carries its chain after the sequence).
 func getU64(b []byte) uint64 {
-	if len(b) != 8 {
+	if len(b) < 8 {
 		return 0
 	}
-	return binary.BigEndian.Uint64(b)
+	return binary.BigEndian.Uint64(b[:8])
 }
 
 // Snapshot captures the state as of the last applied entry. raft calls it on
@@ -945,21 +1074,122 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fsm: snapshot: %w", err)
 	}
-	return &snapshot{tx: tx}, nil
+	return &snapshot{tx: tx, tmp: f.path + ".snapshot"}, nil
 }
 
 type snapshot struct {
 	once sync.Once
 	tx   *bolt.Tx
+	tmp  string // where the compacted copy is built
 }
 
+// Persist writes a compacted copy of the state: every bucket walked into a
+// fresh file, pages filled, then streamed. A copy of the live file (tx.WriteTo)
+// would carry its free pages, so a snapshot taken after retention deleted
+// most of the state would be as large as the state ever was; the compacted
+// copy is proportional to what is kept. The read transaction ends as soon as
+// the copy is built, which also lets bbolt reuse the pages it pinned.
 func (s *snapshot) Persist(sink raft.SnapshotSink) error {
 	defer s.Release()
-	if _, err := s.tx.WriteTo(sink); err != nil {
+	err := s.persist(sink)
+	if err != nil {
 		_ = sink.Cancel()
 		return fmt.Errorf("fsm: write snapshot: %w", err)
 	}
 	return sink.Close()
+}
+
+func (s *snapshot) persist(w io.Writer) error {
+	_ = os.Remove(s.tmp)
+	defer os.Remove(s.tmp)
+	dst, err := bolt.Open(s.tmp, 0o600, &bolt.Options{NoSync: true, NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
+	if err != nil {
+		return err
+	}
+	defer dst.Close()
+	if err := compactInto(dst, s.tx); err != nil {
+		return err
+	}
+	s.Release()
+	// WriteTo stops at the copy's high-water mark: bbolt grows a file
+	// ahead of its data (doubling, then 16 MiB at a time), and that tail
+	// is not state.
+	return dst.View(func(tx *bolt.Tx) error {
+		_, err := tx.WriteTo(w)
+		return err
+	})
+}
+
+// compactBatch bounds the bytes copied per destination transaction: bbolt
+// holds a transaction's dirty pages in memory until it commits.
+const compactBatch = 16 << 20
+
+// compactInto copies every bucket of src (nested ones too) into dst, in key
+// order with full pages.
+func compactInto(dst *bolt.DB, src *bolt.Tx) error {
+	tx, err := dst.Begin(true)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = tx.Rollback() }()
+	size := 0
+	var path [][]byte
+	// bucketAt reopens the destination bucket at path in the current
+	// transaction (a commit ends the old handles).
+	bucketAt := func() *bolt.Bucket {
+		b := tx.Bucket(path[0])
+		for _, p := range path[1:] {
+			b = b.Bucket(p)
+		}
+		b.FillPercent = 1
+		return b
+	}
+	var walk func(srcB *bolt.Bucket) error
+	walk = func(srcB *bolt.Bucket) error {
+		b := bucketAt()
+		c := srcB.Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			if size >= compactBatch {
+				if err := tx.Commit(); err != nil {
+					return err
+				}
+				if tx, err = dst.Begin(true); err != nil {
+					return err
+				}
+				size = 0
+				b = bucketAt()
+			}
+			if v == nil { // a nested bucket
+				if _, err := b.CreateBucket(k); err != nil {
+					return err
+				}
+				path = append(path, k)
+				err := walk(srcB.Bucket(k))
+				path = path[:len(path)-1]
+				if err != nil {
+					return err
+				}
+				b = bucketAt() // the nested walk may have committed
+				continue
+			}
+			if err := b.Put(k, v); err != nil {
+				return err
+			}
+			size += len(k) + len(v)
+		}
+		return nil
+	}
+	err = src.ForEach(func(name []byte, b *bolt.Bucket) error {
+		if _, err := tx.CreateBucket(name); err != nil {
+			return err
+		}
+		path = append(path[:0], name)
+		return walk(b)
+	})
+	if err != nil {
+		return err
+	}
+	return tx.Commit()
 }
 
 func (s *snapshot) Release() { s.once.Do(func() { _ = s.tx.Rollback() }) }
@@ -982,6 +1212,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.seqs.Clear()
 	if err := f.db.Close(); err != nil {
 		return fmt.Errorf("fsm: restore: close old state: %w", err)
 	}

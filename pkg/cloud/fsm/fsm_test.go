@@ -3,6 +3,7 @@ package fsm
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"path/filepath"
@@ -186,3 +187,60 @@ type memSink struct{ bytes.Buffer }
 func (m *memSink) ID() string    { return "mem" }
 func (m *memSink) Cancel() error { return nil }
 func (m *memSink) Close() error  { return nil }
+
+// TestBulkReadingsDedupAcrossChanges: a transaction's large changes are put
+// at its end in key order (bulkPuts), so duplicates between changes of one
+// transaction, and between its large and staged changes, are found before
+// anything is in the bucket.
+func TestBulkReadingsDedupAcrossChanges(t *testing.T) {
+	for _, bulkMax := range []int{defaultBulkFlushAt, 4} { // 4: put in runs within the transaction
+		t.Run(fmt.Sprintf("queue of %d", bulkMax), func(t *testing.T) { testBulkDedup(t, bulkMax) })
+	}
+}
+
+func testBulkDedup(t *testing.T, bulkMax int) {
+	f := open(t)
+	f.bulkMax = bulkMax
+	ids := func(from, to int) []wire.Reading {
+		var out []wire.Reading
+		for i := from; i < to; i++ {
+			out = append(out, rd(int64(i), fmt.Sprintf("x%d", i)))
+		}
+		return out
+	}
+	plain := func(from, to int) []wire.Reading {
+		var out []wire.Reading
+		for i := from; i < to; i++ {
+			out = append(out, rd(int64(i), ""))
+		}
+		return out
+	}
+	ch := func(rs []wire.Reading) wire.Change {
+		return wire.Change{Kind: wire.KindReadings, Device: "d1", Readings: rs}
+	}
+	p := &Command{Type: CmdPush, AtMs: 1000, Push: &wire.PushBatch{Edge: "e1", FirstSeq: 1, Changes: []wire.Change{
+		ch(ids(0, 10)), ch(ids(5, 15)), // five ids again
+		ch(plain(100, 110)), ch(plain(105, 115)), // five timestamps again
+		ch([]wire.Reading{rd(14, "x14"), rd(114, "")}), // staged (small): both again
+	}}}
+	res := apply(t, f, 1, p)
+	if len(res) != 1 || res[0].Err != nil || res[0].Duplicates != 12 {
+		t.Fatalf("first entry: %+v, want 12 duplicates", res)
+	}
+	// The next entry repeats all of it: every reading is now stored.
+	p2 := &Command{Type: CmdPush, AtMs: 1000, Push: &wire.PushBatch{Edge: "e1", FirstSeq: 6, Changes: []wire.Change{
+		ch(append(ids(0, 15), plain(100, 115)...)),
+	}}}
+	if res := apply(t, f, 2, p2); len(res) != 1 || res[0].Err != nil || res[0].Duplicates != 30 {
+		t.Fatalf("second entry: %+v, want 30 duplicates", res)
+	}
+	items, _, err := f.Readings(ReadingsQuery{Device: "d1", Limit: 100})
+	if err != nil || len(items) != 30 {
+		t.Fatalf("stored %d readings, want 30 (%v)", len(items), err)
+	}
+	for i := 1; i < len(items); i++ {
+		if items[i].TS < items[i-1].TS {
+			t.Fatalf("readings out of order at %d: %+v", i, items)
+		}
+	}
+}

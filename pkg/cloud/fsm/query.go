@@ -157,6 +157,12 @@ func (m *mergedReadings) pick() ([]byte, []byte) {
 
 // EdgeSeq is the highest sequence committed for an edge.
 func (f *FSM) EdgeSeq(edge string) uint64 {
+	f.mu.RLock()
+	v, ok := f.seqs.Load(edge)
+	f.mu.RUnlock()
+	if ok {
+		return v.(uint64)
+	}
 	var s uint64
 	_ = f.view(func(tx *bolt.Tx) error {
 		s = getU64(tx.Bucket(bktSeq).Get([]byte(edge)))
@@ -259,6 +265,9 @@ func (f *FSM) Export(cursor string, limit int, emit func(*ExportRecord) error) (
 	next := cursor
 	n := 0
 	err = f.view(func(tx *bolt.Tx) error {
+		if err := checkExportCursor(tx, cursor, idx, sub); err != nil {
+			return err
+		}
 		c := tx.Bucket(bktLog).Cursor()
 		for k, v := c.Seek(u64(idx)); k != nil && n < limit; k, v = c.Next() {
 			index := getU64(k)

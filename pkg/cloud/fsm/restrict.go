@@ -22,34 +22,90 @@ import (
 
 // digestWindow is how many push ends per edge keep their chain digest: a
 // re-send may start after any of them. An edge re-sends at most the pushes
-// it had in flight (two), so a few would do.
+// it had in flight (four), so a few would do.
 const digestWindow = 16
 
-// An edge's chain records are one value under its id: up to digestWindow
+// An edge's sequence record (its edge_seq value) is its highest committed
+// sequence (8 bytes, big-endian) followed by its chain: up to digestWindow
 // entries of (push end sequence, big-endian; chain digest), oldest first.
-// One value, rewritten per push, costs one small Put on the hot path,
-// where a key per push end cost a Put, a Delete and a scan.
+// Every push rewrites the record anyway, so the chain costs no Put of its
+// own. A record written before the chain moved there is the sequence
+// alone, with the chain (if any) under the edge in edge_digest; the next
+// push moves it (seqRecord, putSeq).
 const chainEntry = 8 + wire.DigestSize
 
-// chainEntries yields the records of v (a value as putChain writes it).
-func chainEntries(v []byte, yield func(seq uint64, d []byte) bool) {
-	for len(v) >= chainEntry {
-		if !yield(binary.BigEndian.Uint64(v), v[8:chainEntry]) {
+// seqRecord is edge's committed sequence and chain records, read from
+// edge_seq or, for a record of the old layout, from edge_digest. The chain
+// aliases bbolt's memory: valid in this transaction until its next write.
+type seqRecord struct {
+	last   uint64
+	chain  []byte
+	legacy bool // chain is edge_digest's
+}
+
+func readSeq(seq, digest *bolt.Bucket, edge []byte) seqRecord {
+	v := seq.Get(edge)
+	r := seqRecord{last: getU64(v)}
+	if len(v) > 8 {
+		r.chain = v[8:]
+	} else if digest != nil {
+		if r.chain = digest.Get(edge); r.chain != nil {
+			r.legacy = true
+		}
+	}
+	return r
+}
+
+// seqValue is edge's record after a push that ended at last: r's chain,
+// plus (when head is set) head as the chain digest at last, the oldest
+// forgotten beyond the window. It copies what it keeps of r.chain, so it
+// may be built before the push's changes apply and put after (putSeq).
+func seqValue(r seqRecord, last uint64, head *wire.Digest) []byte {
+	old := r.chain
+	if n := len(old) / chainEntry; head != nil && n >= digestWindow {
+		old = old[(n-digestWindow+1)*chainEntry:]
+	}
+	v := make([]byte, 0, 8+len(old)+chainEntry)
+	v = binary.BigEndian.AppendUint64(v, last)
+	v = append(v, old...)
+	if head != nil {
+		v = binary.BigEndian.AppendUint64(v, last)
+		v = append(v, head[:]...)
+	}
+	return v
+}
+
+// putSeq stores edge's record v; a chain read from edge_digest (r.legacy)
+// has moved into it.
+func putSeq(seq, digest *bolt.Bucket, edge []byte, r seqRecord, v []byte) error {
+	if err := seq.Put(edge, v); err != nil {
+		return err
+	}
+	if r.legacy {
+		return digest.Delete(edge)
+	}
+	return nil
+}
+
+// chainEntries yields the records of chain (as putSeq writes it).
+func chainEntries(chain []byte, yield func(seq uint64, d []byte) bool) {
+	for len(chain) >= chainEntry {
+		if !yield(binary.BigEndian.Uint64(chain), chain[8:chainEntry]) {
 			return
 		}
-		v = v[chainEntry:]
+		chain = chain[chainEntry:]
 	}
 }
 
-// chainAt is the chain digest of edge's stream through seq; the zero digest
+// chainAt is the chain digest of the stream through seq; the zero digest
 // (and true) for seq 0, false if no push ended at seq within the window.
-func chainAt(b *bolt.Bucket, edge string, seq uint64) (wire.Digest, bool) {
+func chainAt(chain []byte, seq uint64) (wire.Digest, bool) {
 	var d wire.Digest
 	if seq == 0 {
 		return d, true
 	}
 	found := false
-	chainEntries(b.Get([]byte(edge)), func(s uint64, v []byte) bool {
+	chainEntries(chain, func(s uint64, v []byte) bool {
 		if s == seq {
 			copy(d[:], v)
 			found = true
@@ -59,29 +115,15 @@ func chainAt(b *bolt.Bucket, edge string, seq uint64) (wire.Digest, bool) {
 	return d, found
 }
 
-// putChain records the chain digest at the end of a push and forgets the
-// oldest beyond the window.
-func putChain(b *bolt.Bucket, edge string, seq uint64, d wire.Digest) error {
-	old := b.Get([]byte(edge))
-	if n := len(old) / chainEntry; n >= digestWindow {
-		old = old[(n-digestWindow+1)*chainEntry:]
-	}
-	v := make([]byte, 0, len(old)+chainEntry)
-	v = append(v, old...) // bbolt's value is only valid in this transaction until the Put
-	v = binary.BigEndian.AppendUint64(v, seq)
-	v = append(v, d[:]...)
-	return b.Put([]byte(edge), v)
-}
-
 // verifyChain checks that digests (of changes first, first+1, …) repeat
-// what edge's stream applied through last: the chain from the push end
+// what edge's stream applied through r.last: the chain from the push end
 // before first, over the re-sent changes, must reach the recorded value at
 // the last push end they cover.
-func verifyChain(b *bolt.Bucket, edge string, first, last uint64, digests []wire.Digest) error {
-	hi := min(last, first+uint64(len(digests))-1)
-	h, ok := chainAt(b, edge, first-1)
-	end, want, ok2 := chainBefore(b, edge, first, hi)
-	if (!ok || !ok2) && !hasChain(b, edge) {
+func verifyChain(r seqRecord, edge string, first uint64, digests []wire.Digest) error {
+	hi := min(r.last, first+uint64(len(digests))-1)
+	h, ok := chainAt(r.chain, first-1)
+	end, want, ok2 := chainBefore(r.chain, first, hi)
+	if (!ok || !ok2) && len(r.chain) == 0 {
 		// The edge's pushes all predate sequence records (an upgraded
 		// cluster): there is nothing to compare with.
 		return nil
@@ -102,11 +144,11 @@ func verifyChain(b *bolt.Bucket, edge string, first, last uint64, digests []wire
 
 // chainBefore is the newest recorded push end in [first, hi] and its chain
 // digest.
-func chainBefore(b *bolt.Bucket, edge string, first, hi uint64) (uint64, wire.Digest, bool) {
+func chainBefore(chain []byte, first, hi uint64) (uint64, wire.Digest, bool) {
 	var d wire.Digest
 	var end uint64
 	ok := false
-	chainEntries(b.Get([]byte(edge)), func(s uint64, v []byte) bool {
+	chainEntries(chain, func(s uint64, v []byte) bool {
 		if s >= first && s <= hi {
 			end, ok = s, true
 			copy(d[:], v)
@@ -116,15 +158,12 @@ func chainBefore(b *bolt.Bucket, edge string, first, hi uint64) (uint64, wire.Di
 	return end, d, ok
 }
 
-func hasChain(b *bolt.Bucket, edge string) bool { return b.Get([]byte(edge)) != nil }
-
 // CheckResend verifies, without proposing, that a push entirely at or
 // below edge's acknowledged sequence repeats what was applied: nil for an
 // idempotent duplicate, ErrSeqConflict otherwise.
 func (f *FSM) CheckResend(edge string, first uint64, digests []wire.Digest) error {
 	return f.view(func(tx *bolt.Tx) error {
-		last := getU64(tx.Bucket(bktSeq).Get([]byte(edge)))
-		return verifyChain(tx.Bucket(bktDigest), edge, first, last, digests)
+		return verifyChain(readSeq(tx.Bucket(bktSeq), tx.Bucket(bktDigest), []byte(edge)), edge, first, digests)
 	})
 }
 

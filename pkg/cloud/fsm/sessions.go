@@ -21,7 +21,13 @@ import (
 //   - a refresh is a compare-and-set (CmdSessionRotate): if the family's
 //     current token is the presented one it becomes the new one; otherwise
 //     the presented token was used before — copied — and the family is
-//     revoked (reuse detection, as in the standalone edge's local store);
+//     revoked (reuse detection, as in the standalone edge's local store),
+//     unless it is a retry within the reuse grace the leader stamps into
+//     the command: the token the last rotation consumed, presented again
+//     with the same successor (successor ids derive from the presented
+//     token) at most GraceMs after it, while that successor is still
+//     current. Then nothing changes and the answer is ErrSessionRetried:
+//     the caller hands out the pair that rotation issued again;
 //   - an admin ends every session of a user (CmdSessionRevokeUser), which
 //     also records a per-user "issued before" watermark;
 //   - the leader periodically proposes CmdSessionPurge with a cutoff it
@@ -41,6 +47,10 @@ var (
 	// ErrSessionReused: the presented token was already rotated; the family
 	// is revoked now.
 	ErrSessionReused = errors.New("refresh token reused; session revoked")
+	// ErrSessionRetried: the presented token's rotation is being retried
+	// within the reuse grace; the session is unchanged, and its current
+	// token is the successor that rotation issued at RotatedMs.
+	ErrSessionRetried = errors.New("refresh retried within the reuse grace")
 )
 
 // SessionCmd is the payload of the session commands. Times are the
@@ -57,6 +67,11 @@ type SessionCmd struct {
 	// is kept until UntilMs (when no token issued before it can be alive).
 	BeforeMs int64 `json:"before_ms,omitempty"`
 	UntilMs  int64 `json:"until_ms,omitempty"`
+	// Rotate: when the leader rotates (the successor's issue time), and
+	// the reuse grace (0: none). Both optional: an older leader's command
+	// has neither, and its reuses revoke.
+	NowMs   int64 `json:"now_ms,omitempty"`
+	GraceMs int64 `json:"grace_ms,omitempty"`
 	// Purge: remove records that expired at or before CutoffMs, at most
 	// Limit of them.
 	CutoffMs int64 `json:"cutoff_ms,omitempty"`
@@ -69,6 +84,9 @@ type SessionState struct {
 	Current string `json:"current"` // id of the refresh token that may be used next
 	Revoked bool   `json:"revoked,omitempty"`
 	ExpMs   int64  `json:"exp_ms"`
+	// The last rotation: the token it consumed and when (NowMs).
+	Prev      string `json:"prev,omitempty"`
+	RotatedMs int64  `json:"rotated_ms,omitempty"`
 }
 
 // watermark is a user's "sessions revoked before" record.
@@ -132,6 +150,9 @@ func (a *applier) sessionRotate(c *SessionCmd) (Result, error) {
 		return Result{Err: ErrSessionUnknown}, nil
 	case s.Revoked:
 		return Result{Err: ErrSessionRevoked}, nil
+	case s.Current != c.From && c.GraceMs > 0 && s.Prev == c.From && s.Current == c.To &&
+		c.NowMs >= s.RotatedMs && c.NowMs-s.RotatedMs <= c.GraceMs:
+		return Result{Err: ErrSessionRetried}, nil
 	case s.Current != c.From:
 		// The presented token was rotated before: someone holds a copy.
 		// Revoke the family, which ends the legitimate holder's session
@@ -147,7 +168,7 @@ func (a *applier) sessionRotate(c *SessionCmd) (Result, error) {
 	if err := a.bk.sessExp.Delete(expKey(s.ExpMs, expFamily, c.Family)); err != nil {
 		return Result{}, err
 	}
-	s.Current, s.ExpMs = c.To, c.ExpMs
+	s.Current, s.ExpMs, s.Prev, s.RotatedMs = c.To, c.ExpMs, c.From, c.NowMs
 	if err := putJSON(a.bk.sessions, c.Family, s); err != nil {
 		return Result{}, err
 	}

@@ -141,3 +141,50 @@ func TestConflictsCounted(t *testing.T) {
 		}
 	}
 }
+
+// TestSessionRotateGrace: a rotation presented again with the same
+// successor within the grace stamped into the command is a retry
+// (ErrSessionRetried, nothing changes); outside it, with another successor,
+// of an older token, or from a command without a grace (an older leader's),
+// it is a reuse that revokes.
+func TestSessionRotateGrace(t *testing.T) {
+	rot := func(from, to string, now, grace int64) *Command {
+		return sess(CmdSessionRotate, SessionCmd{Family: "f", OpenID: "o", From: from, To: to, ExpMs: 1e6, NowMs: now, GraceMs: grace})
+	}
+	cases := []struct {
+		name  string
+		retry *Command
+		want  error
+	}{
+		{"same successor within the grace", rot("j1", "j2", 1500, 1000), ErrSessionRetried},
+		{"at the end of the grace", rot("j1", "j2", 2000, 1000), ErrSessionRetried},
+		{"after the grace", rot("j1", "j2", 2001, 1000), ErrSessionReused},
+		{"another successor", rot("j1", "jX", 1500, 1000), ErrSessionReused},
+		{"no grace in the command", rot("j1", "j2", 1500, 0), ErrSessionReused},
+		{"clock behind the rotation", rot("j1", "j2", 999, 1000), ErrSessionReused},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f := open(t)
+			for i, c := range []*Command{
+				sess(CmdSessionCreate, SessionCmd{Family: "f", OpenID: "o", To: "j1", ExpMs: 1e6}),
+				rot("j1", "j2", 1000, 1000),
+			} {
+				if res := apply(t, f, uint64(i+1), c)[0]; res.Err != nil {
+					t.Fatal(res.Err)
+				}
+			}
+			res := apply(t, f, 3, tc.retry)[0]
+			if !errors.Is(res.Err, tc.want) {
+				t.Fatalf("retry: %v, want %v", res.Err, tc.want)
+			}
+			s, err := f.Session("f")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.Revoked != (tc.want == ErrSessionReused) || s.Current != "j2" || s.Prev != "j1" || s.RotatedMs != 1000 {
+				t.Fatalf("session after the retry: %+v", s)
+			}
+		})
+	}
+}

@@ -107,9 +107,9 @@ func (a *applier) stageReadings(origin string, dev *Device, c *rawChange, dup []
 		var id []byte
 		if r.ID != "" {
 			id = idKey(origin, dev.ID, r.ID)
-			dup[i] = a.stage.hasID(id) || a.bk.readID.Get(id) != nil
+			dup[i] = a.stage.hasID(id) || a.bulk.hasID(id) || a.bk.readID.Get(id) != nil
 		} else {
-			dup[i] = a.stage.hasKey(key) || a.bk.readings.Get(key) != nil
+			dup[i] = a.stage.hasKey(key) || a.bulk.hasKey(key) || a.bk.readings.Get(key) != nil
 		}
 		if dup[i] {
 			continue

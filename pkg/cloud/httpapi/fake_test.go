@@ -9,6 +9,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/cloud/service"
+	"github.com/outpost-edge/outpost/pkg/rules"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
@@ -156,5 +157,18 @@ func (f *fakeService) Policies(context.Context) ([]wire.Policy, error) {
 }
 func (f *fakeService) PutPolicy(context.Context, wire.Policy) error {
 	f.called("PutPolicy", "")
+	return f.err
+}
+
+func (f *fakeService) Rules(context.Context) ([]service.CloudRule, error) {
+	f.called("Rules", "")
+	return []service.CloudRule{}, f.err
+}
+func (f *fakeService) PutRule(_ context.Context, r rules.Rule, region string) (service.CloudRule, error) {
+	f.called("PutRule", "")
+	return service.CloudRule{Rule: r, Region: region}, f.err
+}
+func (f *fakeService) DeleteRule(context.Context, string) error {
+	f.called("DeleteRule", "")
 	return f.err
 }

@@ -18,7 +18,12 @@ import (
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
-const hdrNextCursor = "X-Outpost-Next-Cursor"
+const (
+	hdrNextCursor = "X-Outpost-Next-Cursor"
+	// hdrEarliestCursor names, with a 410 from export, the earliest cursor
+	// whose changes are still kept.
+	hdrEarliestCursor = "X-Outpost-Earliest-Cursor"
+)
 
 // --- health and cluster ---------------------------------------------------
 
@@ -421,6 +426,12 @@ func (s *Server) export(c *fiber.Ctx) error {
 		})
 		if errors.Is(err, service.ErrBadCursor) {
 			return apiError(fiber.StatusBadRequest, fmt.Sprintf("since %q is not an export cursor (INDEX or INDEX.N from a previous export)", since))
+		}
+		if ce := (*fsm.CompactedError)(nil); errors.As(err, &ce) {
+			// Retention deleted changes after since: skipping them silently
+			// would lose data for the consumer.
+			c.Set(hdrEarliestCursor, ce.Earliest)
+			return apiError(fiber.StatusGone, fmt.Sprintf("since %q: the changes after it were compacted away by retention (log_retention); the earliest available cursor is %q", since, ce.Earliest))
 		}
 		if err != nil && !errors.Is(err, errExportFull) {
 			return err

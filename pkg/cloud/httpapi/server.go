@@ -92,6 +92,9 @@ type Config struct {
 	// connection caps, so handlers still see a *tls.Conn (cluster peers
 	// are told apart by their verified certificate).
 	TLS *tls.Config
+	// Sinks reports and manages the export sinks (/api/v1/sinks); nil:
+	// none.
+	Sinks Sinks
 }
 
 func (c *Config) defaults() {
@@ -284,11 +287,16 @@ func (s *Server) routes(reg *prometheus.Registry) {
 	api.Get("/edges", s.edges)
 	api.Get("/edges/nearest", s.nearest)
 	api.Get("/export", s.export)
+	api.Get("/sinks", s.sinks)
+	api.Delete("/sinks/:name", s.forgetSink)
 	api.Get("/users/:openid", s.getUser)
 	api.Put("/users/:openid", s.putUser)
 	api.Delete("/users/:openid/sessions", s.revokeSessions)
 	api.Get("/policies", s.listPolicies)
 	api.Put("/policies/:name", s.putPolicy)
+	api.Get("/rules", s.listRules)
+	api.Put("/rules/:name", s.putRule)
+	api.Delete("/rules/:name", s.deleteRule)
 
 	a.Use(func(c *fiber.Ctx) error {
 		return apiError(fiber.StatusNotFound, fmt.Sprintf("no route for %s %s", c.Method(), c.Path()))

@@ -73,6 +73,7 @@ type Service interface {
 	Sync
 	Sessions
 	Consumer
+	Rules
 }
 
 var _ Service = (*service.Service)(nil)

@@ -88,7 +88,8 @@ func (s *Service) Edges(context.Context) ([]wire.Edge, error) {
 
 // Export streams up to limit records after the since cursor to emit and
 // returns the cursor to resume from; an error from emit stops the page
-// (the cursor still resumes after what was emitted). Errors: ErrBadCursor.
+// (the cursor still resumes after what was emitted). Errors: ErrBadCursor,
+// ErrCompacted.
 func (s *Service) Export(_ context.Context, since string, limit int, emit func(*fsm.ExportRecord) error) (string, error) {
 	if _, _, err := fsm.ParseExportCursor(since); err != nil {
 		return "", &kindError{kind: ErrBadCursor, err: err}

@@ -12,6 +12,7 @@ type metrics struct {
 	// Liveness and pulls (liveness.go).
 	durableBeats prometheus.Counter
 	heldPulls    prometheus.Gauge
+	compacted    *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -28,11 +29,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Changes from edges refused under edge restriction, by edge and reason."}, []string{"edge", "reason"}),
 		conflicts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_seq_conflicts_total",
 			Help: "Pushes refused for re-sending applied sequence numbers with other content, by edge."}, []string{"edge"}),
+		compacted: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_compacted_total",
+			Help: "Records this node deleted as leader by retention: readings, log entries and tombstones."}, []string{"what"}),
 	}
 	m.durableBeats = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_cloud_heartbeats_durable_total",
 		Help: "Heartbeats that changed an edge's durable facts (region, location, advertise URL) and so went through raft; the others stay in the leader's memory."})
 	m.heldPulls = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outpost_cloud_pulls_held",
 		Help: "Edge pulls the leader is holding until something changes for them (long-poll)."})
-	reg.MustRegister(m.throttled, m.pushes, m.stamps, m.backlog, m.refused, m.conflicts, m.durableBeats, m.heldPulls)
+	reg.MustRegister(m.throttled, m.pushes, m.stamps, m.backlog, m.refused, m.conflicts, m.durableBeats, m.heldPulls, m.compacted)
 	return m
 }

@@ -65,6 +65,7 @@ type Queries interface {
 	Edges() ([]wire.Edge, error)
 	Policies() ([]wire.Policy, error)
 	Edge(id string) (wire.Edge, error)
+	Rules() ([]fsm.RuleRecord, error)
 	Pull(edge, cursor string, limit int) (wire.PullPage, error)
 	// PullWatch is closed when something a pull of edge carries commits.
 	PullWatch(edge string) <-chan struct{}
@@ -129,12 +130,25 @@ type Config struct {
 	// Token lifetimes of users' sessions (the auth package's defaults).
 	AccessTTL  time.Duration
 	RefreshTTL time.Duration
+	// RefreshReuseGrace: a refresh retried with the same token this soon
+	// gets the same pair (sessions.go); default
+	// auth.DefaultRefreshReuseGrace, negative disables.
+	RefreshReuseGrace time.Duration
 	// Now is the wall clock (default time.Now).
 	Now func() time.Time
 	// MaxOffline bounds how old a change an edge syncs may be and still be
 	// accepted on its original proof (default 30 days, the edges' default
 	// max_offline).
 	MaxOffline time.Duration
+	// Retention is how long readings are kept, by reading time (default
+	// 720h). LogRetention is how long export-log entries are kept once
+	// every sink in Sinks took them (default 168h). Tombstones are kept
+	// for MaxOffline. See RunRetention.
+	Retention    time.Duration
+	LogRetention time.Duration
+	// Sinks names the configured export sinks: the log keeps what any of
+	// them has not taken (its cursor in the sink_cursor bucket).
+	Sinks []string
 	// Proofs and Authorizer override the deployment key and the
 	// distributed policies in edge restriction (tests); nil: those.
 	Proofs     ProofVerifier
@@ -186,6 +200,12 @@ func New(cfg Config, r Raft, st State, clock *hlc.Clock, log *slog.Logger, reg p
 	if cfg.MaxOffline == 0 {
 		cfg.MaxOffline = 30 * 24 * time.Hour
 	}
+	if cfg.Retention == 0 {
+		cfg.Retention = 30 * 24 * time.Hour
+	}
+	if cfg.LogRetention == 0 {
+		cfg.LogRetention = 7 * 24 * time.Hour
+	}
 	return &Service{cfg: cfg, log: log, raft: r, state: st, clock: clock,
 		stamps: StampPolicy{Clock: clock}, gate: newSeqGate(), m: newMetrics(reg), live: newLiveness()}
 }
@@ -205,6 +225,10 @@ var (
 	ErrNotFound = errors.New("not found")
 	// ErrBadCursor: a pull, readings or export cursor this API did not issue.
 	ErrBadCursor = errors.New("bad cursor")
+	// ErrCompacted: an export cursor before the oldest change still kept
+	// (retention deleted what follows it); the error chain holds an
+	// *fsm.CompactedError naming the earliest available cursor.
+	ErrCompacted = errors.New("export cursor compacted")
 	// ErrWrongEdge: a batch names an edge other than the caller's.
 	ErrWrongEdge = errors.New("batch belongs to another edge")
 	// ErrSeqGap: a push starts beyond the next sequence the cloud expects;
@@ -265,6 +289,8 @@ func kind(err error) error {
 		k = ErrNotFound
 	case errors.Is(err, fsm.ErrBadCursor):
 		k = ErrBadCursor
+	case errors.Is(err, fsm.ErrCompacted):
+		k = ErrCompacted
 	default:
 		return err
 	}

@@ -483,6 +483,7 @@ func TestKind(t *testing.T) {
 		{fmt.Errorf("%w: %q", raftnode.ErrNoSuchNode, "n9"), ErrNoSuchNode},
 		{fsm.ErrNotFound, ErrNotFound},
 		{fsm.ErrBadCursor, ErrBadCursor},
+		{&fsm.CompactedError{Cursor: "1.0", Earliest: "7"}, ErrCompacted},
 	}
 	for _, tc := range cases {
 		got := kind(tc.in)

@@ -208,12 +208,19 @@ func (s *Service) Refresh(ctx context.Context, token string) (uauth.Pair, error)
 	case err != nil:
 		return uauth.Pair{}, err
 	}
+	grace := s.cfg.RefreshReuseGrace
+	if grace == 0 {
+		grace = uauth.DefaultRefreshReuseGrace
+	}
 	res, err := s.propose(ctx, &fsm.Command{Type: fsm.CmdSessionRotate, Session: &fsm.SessionCmd{
-		Family: presented.Family, OpenID: presented.OpenID, From: presented.ID, To: next.TokenID, ExpMs: next.Expires.UnixMilli()}})
+		Family: presented.Family, OpenID: presented.OpenID, From: presented.ID, To: next.TokenID, ExpMs: next.Expires.UnixMilli(),
+		NowMs: next.IssuedAt.UnixMilli(), GraceMs: max(grace, 0).Milliseconds()}})
 	if err != nil {
 		return uauth.Pair{}, err
 	}
 	switch {
+	case errors.Is(res.Err, fsm.ErrSessionRetried):
+		return s.retriedRefresh(ctx, is, token, presented.Family)
 	case errors.Is(res.Err, fsm.ErrSessionReused):
 		s.log.Warn("refresh token reused; session revoked", "openid", presented.OpenID, "family", presented.Family)
 		return uauth.Pair{}, &kindError{kind: ErrRefreshReused, err: res.Err}
@@ -224,6 +231,29 @@ func (s *Service) Refresh(ctx context.Context, token string) (uauth.Pair, error)
 	case res.Err != nil:
 		return uauth.Pair{}, res.Err
 	}
+	return pair, nil
+}
+
+// retriedRefresh answers a refresh the state machine found to be a retry
+// within the reuse grace: the pair its rotation issued, signed again from
+// the session's record at the rotation's time (the same inputs and key sign
+// the same tokens). Should the session have rotated again between the
+// apply and this read, the reissued successor is not its current token
+// and the retry is refused as a reuse (without revoking here: the rotation
+// that won decides).
+func (s *Service) retriedRefresh(ctx context.Context, is *uauth.Issuer, token, family string) (uauth.Pair, error) {
+	st, err := s.state.Session(family)
+	if err != nil {
+		return uauth.Pair{}, fmt.Errorf("retried refresh: %w", kind(err))
+	}
+	pair, next, err := is.Reissue(ctx, token, time.UnixMilli(st.RotatedMs))
+	if err != nil {
+		return uauth.Pair{}, err
+	}
+	if next.TokenID != st.Current {
+		return uauth.Pair{}, &kindError{kind: ErrRefreshReused, err: errors.New("retried refresh does not match the session's current token")}
+	}
+	s.log.Info("refresh retried within the reuse grace; the same pair is returned", "openid", st.OpenID)
 	return pair, nil
 }
 

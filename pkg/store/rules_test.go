@@ -1,0 +1,129 @@
+package store
+
+import (
+	"testing"
+
+	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/rules"
+)
+
+func alertEvent(kind rules.EventKind, rule, dev, state string, started int64) rules.Event {
+	a := &rules.Alert{ID: rules.AlertID(rule, dev, started), Rule: rule, Device: dev, State: state,
+		StartedAt: started, Stamp: hlc.New(started, 0)}
+	return rules.Event{Kind: kind, State: rules.State{Key: rules.Key{Rule: rule, Device: dev}, Version: "v", Alert: a}, Alert: a}
+}
+
+// TestRuleStatesAndAlerts: what SaveRuleEvents writes is what RuleStates,
+// Alert and Alerts read back, after a reopen; an ended state is deleted;
+// the alert index follows state changes.
+func TestRuleStatesAndAlerts(t *testing.T) {
+	s := openTestStore(t, "", Options{})
+	pending := rules.Event{Kind: rules.Pending, State: rules.State{Key: rules.Key{Rule: "cold", Device: "b"}, Version: "v", PendingSince: 7, Value: -2}}
+	evs := []rules.Event{
+		alertEvent(rules.Fired, "hot", "a", rules.StateActive, 1),
+		alertEvent(rules.Fired, "hot", "b", rules.StateActive, 2),
+		alertEvent(rules.Fired, "loud", "a", rules.StateActive, 3),
+		pending,
+	}
+	if err := s.SaveRuleEvents(5, evs); err != nil {
+		t.Fatal(err)
+	}
+	cleared := alertEvent(rules.Cleared, "loud", "a", rules.StateCleared, 3)
+	if err := s.SaveRuleEvents(4, []rules.Event{cleared}); err != nil { // an older position: kept at 5
+		t.Fatal(err)
+	}
+	s = reopen(t, s)
+	seq, states, err := s.RuleStates()
+	if err != nil || seq != 5 {
+		t.Fatalf("RuleStates: seq %d, %v", seq, err)
+	}
+	if len(states) != 3 || states[0].Rule != "cold" || states[0].PendingSince != 7 || states[0].Value != -2 {
+		t.Fatalf("states %+v: want cold/b pending, hot/a, hot/b (loud/a ended)", states)
+	}
+	for _, tc := range []struct {
+		q    AlertsQuery
+		want []string
+	}{
+		{AlertsQuery{Limit: 10}, []string{"a~hot~1", "a~loud~3", "b~hot~2"}},
+		{AlertsQuery{Device: "a", Limit: 10}, []string{"a~hot~1", "a~loud~3"}},
+		{AlertsQuery{State: rules.StateActive, Limit: 10}, []string{"a~hot~1", "b~hot~2"}},
+		{AlertsQuery{State: rules.StateCleared, Device: "a", Limit: 10}, []string{"a~loud~3"}},
+		{AlertsQuery{State: rules.StateActive, Device: "b", Limit: 10}, []string{"b~hot~2"}},
+		{AlertsQuery{Limit: 1, After: "a~hot~1"}, []string{"a~loud~3"}},
+		{AlertsQuery{State: rules.StateActive, Limit: 10, After: "a~hot~1"}, []string{"b~hot~2"}},
+		{AlertsQuery{Device: "c", Limit: 10}, nil},
+		{AlertsQuery{Device: "a", State: rules.StateAcknowledged, Limit: 10}, nil},
+	} {
+		got, err := s.Alerts(tc.q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []string
+		for _, a := range got {
+			ids = append(ids, a.ID)
+		}
+		if len(ids) != len(tc.want) || (len(ids) > 0 && join(ids) != join(tc.want)) {
+			t.Errorf("Alerts(%+v) = %v, want %v", tc.q, ids, tc.want)
+		}
+	}
+	// An ack merged into a stored alert moves its index entry.
+	a, err := s.MergeAlert(rules.Alert{ID: "a~hot~1", AckedAt: 9, AckedBy: "alice", AckStamp: hlc.New(9, 0)})
+	if err != nil || a.State != rules.StateAcknowledged {
+		t.Fatalf("MergeAlert: %+v %v", a, err)
+	}
+	if got, _ := s.Alerts(AlertsQuery{State: rules.StateActive, Limit: 10}); len(got) != 1 || got[0].ID != "b~hot~2" {
+		t.Fatalf("active after the ack: %+v", got)
+	}
+	if _, err := s.MergeAlert(rules.Alert{ID: "z~x~1"}); err != ErrNotFound {
+		t.Fatalf("MergeAlert of a missing alert: %v", err)
+	}
+}
+
+func join(s []string) string {
+	out := ""
+	for _, x := range s {
+		out += x + ","
+	}
+	return out
+}
+
+// TestOutboxHeldForRules: with HoldOutboxForRules an acknowledged entry
+// stays until the rule runner has passed it (so a runner that fell behind
+// catches up from the outbox), the lag the edge reports ignores it, and
+// without the option nothing changes.
+func TestOutboxHeldForRules(t *testing.T) {
+	for _, hold := range []bool{true, false} {
+		s := openTestStore(t, "", Options{HoldOutboxForRules: hold})
+		for i := range 3 {
+			mustIngest(t, s, item("d", reading(t0+int64(i), "", "t", 1.0)))
+		}
+		if err := s.AckOutbox(3); err != nil {
+			t.Fatal(err)
+		}
+		left, err := s.Outbox(0, 10, 1<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := map[bool]int{true: 3, false: 0}[hold]; len(left) != want {
+			t.Fatalf("hold=%v: %d entries left after the ack, want %d", hold, len(left), want)
+		}
+		if ts, _ := s.OldestUnsynced(); ts != 0 {
+			t.Fatalf("hold=%v: oldest unsynced %v after everything was acked", hold, ts)
+		}
+		if err := s.SaveRuleEvents(2, nil); err != nil {
+			t.Fatal(err)
+		}
+		left, _ = s.Outbox(0, 10, 1<<20)
+		if want := map[bool]int{true: 1, false: 0}[hold]; len(left) != want {
+			t.Fatalf("hold=%v: %d entries left after the runner passed 2, want %d", hold, len(left), want)
+		}
+		// The runner ahead of the cloud: the ack decides.
+		mustIngest(t, s, item("d", reading(t0+10, "", "t", 1.0)))
+		if err := s.SaveRuleEvents(4, nil); err != nil {
+			t.Fatal(err)
+		}
+		if left, _ = s.Outbox(0, 10, 1<<20); len(left) != 1 || left[0].Seq != 4 {
+			t.Fatalf("hold=%v: the unsynced entry must stay: %+v", hold, left)
+		}
+	}
+}
