@@ -274,10 +274,10 @@ class Client {
         if (closed) return
         closed = true
         set.delete(cb)
-        if (set.size) return
+        if (set.size || this.mqtt !== mq) return // client.close() already ended it
         this.liveSubs.delete(id)
         if (!this.liveSubs.size) {
-          this.mqtt.close()
+          mq.close()
           this.mqtt = null
         } else {
           mq.unsubscribe(liveTopics(id)).catch(() => {})

@@ -32,7 +32,10 @@ function needTools (t) {
 
 const built = new Map()
 // binary builds cmd/<name> once per process (go's cache makes reruns quick).
+// OUTPOST_EDGE_BIN / OUTPOST_CLOUD_SYNC_BIN name prebuilt binaries instead.
 function binary (name) {
+  const pre = process.env['OUTPOST_' + name.toUpperCase().replace(/-/g, '_') + '_BIN']
+  if (pre) return pre
   if (built.has(name)) return built.get(name)
   fs.mkdirSync(BIN, { recursive: true })
   const out = path.join(BIN, name + '-' + process.pid)

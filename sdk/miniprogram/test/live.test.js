@@ -45,7 +45,9 @@ test('live feed survives an access token expiring mid-subscription', { timeout: 
   // The token (2 s, plus the edge's verification leeway) runs out: the edge
   // closes the connection; the client refreshes and reconnects.
   const firstConnects = client.mqtt.connects
+  const expiresAt = client.tokens.expires_at
   await waitFor('reconnection after the token expired', () => client.mqtt.connects > firstConnects && live.connected, 60000, 100)
+  assert.ok(Date.now() >= expiresAt - 1000, 'the connection lasted until the token expired')
   assert.ok(client.refreshes >= 1, 'the reconnection used a refreshed token')
   got.length = 0
   await waitFor('telemetry after reconnection', async () => { await send(); return got.some((x) => x.kind === 'telemetry') }, 10000, 200)
