@@ -61,6 +61,7 @@ test('example mini-program: device list and device page with a live chart', { ti
   await page.toggleFan()
   assert.strictEqual(page.data.desired.fan, 'on')
   assert.strictEqual(page.data.error, '')
+  assert.strictEqual((await app.client.device('ex-1')).desired.fan, 'on', 'the switch wrote desired state at the edge')
 
   if (await hasMQTTEndpoint(edge.url)) {
     await waitFor('live feed connected', () => app.client.mqtt && app.client.mqtt.connected, 10000)
