@@ -24,9 +24,10 @@ class OutpostError extends Error {
 // concurrent wx.request calls and fails the 11th).
 class Semaphore {
   constructor (n) { this.n = n; this.active = 0; this.waiting = [] }
-  acquire () {
+  // acquire waits for a slot; urgent (the token refresh) goes to the front.
+  acquire (urgent) {
     if (this.active < this.n) { this.active++; return Promise.resolve() }
-    return new Promise((resolve) => this.waiting.push(resolve))
+    return new Promise((resolve) => urgent ? this.waiting.unshift(resolve) : this.waiting.push(resolve))
   }
   release () {
     const next = this.waiting.shift()
@@ -91,26 +92,39 @@ class Client {
 
   _markDown (u) { this.down.set(u, Date.now() + this.downMs) }
 
-  async _send (req) {
-    await this.queue.acquire()
+  // _send holds a queue slot for one platform request. An authenticated
+  // request takes the access token only once it has its slot, after any
+  // refresh already on the wire (which holds a slot of its own, so waiting
+  // for it cannot deadlock): requests queued behind a 401 go out with the
+  // new token instead of collecting 401s of their own.
+  async _send (req, auth, urgent) {
+    await this.queue.acquire(urgent)
     try {
+      if (urgent) this.refreshOnWire = this.refreshing
+      if (auth) {
+        if (this.refreshOnWire) await this.refreshOnWire.catch(() => {})
+        auth.used = this._accessToken()
+        req = Object.assign({}, req, { headers: Object.assign({}, req.headers, { Authorization: 'Bearer ' + auth.used }) })
+      }
       return await this.platform.request(Object.assign({ timeoutMs: this.timeoutMs }, req))
     } finally {
+      if (urgent) this.refreshOnWire = null
       this.queue.release()
     }
   }
 
   // _failover sends one request to the first target that answers below 500.
-  async _failover (method, path, { query, body, token, only } = {}) {
+  // auth (an object) asks for the access token, which _send records in
+  // auth.used; urgent marks the refresh.
+  async _failover (method, path, { query, body, auth, urgent, only } = {}) {
     const qs = encodeQuery(query)
     const headers = { Accept: 'application/json' }
     if (body !== undefined) headers['Content-Type'] = 'application/json'
-    if (token) headers.Authorization = 'Bearer ' + token
     let last = null
     for (const base of this._order(only)) {
       let res
       try {
-        res = await this._send({ method, url: base + path + qs, headers, body })
+        res = await this._send({ method, url: base + path + qs, headers, body }, auth, urgent)
       } catch (err) {
         if (!err.network) throw err
         this._markDown(base)
@@ -137,11 +151,12 @@ class Client {
   // _call is an authenticated API call: on 401 it refreshes (once for all
   // callers holding the same token) and retries once.
   async _call (method, path, opts = {}) {
+    this._accessToken() // not logged in: fail before queueing
     for (let attempt = 0; ; attempt++) {
-      const token = this._accessToken()
-      const res = await this._failover(method, path, Object.assign({}, opts, { token }))
+      const auth = {}
+      const res = await this._failover(method, path, Object.assign({}, opts, { auth }))
       if (res.status === 401 && attempt === 0 && this.tokens && this.tokens.refresh_token) {
-        await this._refresh(token)
+        await this._refresh(auth.used)
         continue
       }
       return this._unwrap(res)
@@ -171,7 +186,7 @@ class Client {
     if (!rt) return Promise.reject(new OutpostError(401, 'not logged in: call client.login() first', { status: 401 }))
     this.refreshes++
     this.refreshing = (async () => {
-      const res = await this._failover('POST', '/api/v1/auth/refresh', { body: { refresh_token: rt } })
+      const res = await this._failover('POST', '/api/v1/auth/refresh', { body: { refresh_token: rt }, urgent: true })
       try {
         this._setTokens(this._unwrap(res))
       } catch (err) {

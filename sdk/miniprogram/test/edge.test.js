@@ -104,6 +104,10 @@ test('REST API, errors, queue, single-flight refresh and offline cache against a
   assert.ok(c.maxInFlight <= 10, `at most 10 requests in flight, saw ${c.maxInFlight}`)
   assert.strictEqual(c.maxInFlight, 10, 'the queue is used to its limit')
   assert.notStrictEqual(client.tokens.access_token, good)
+  // Only requests already sent when the 401 came back meet it: those still
+  // queued wait for the refresh and go out once, with the new token.
+  const sent = (c.paths['/api/v1/devices/sdk-1'] || 0) + (c.paths['/api/v1/devices/sdk-2'] || 0)
+  assert.ok(sent >= 40 + 10 && sent <= 40 + 12, `40 calls, 10 of them sent twice (one wave of 401s), sent ${sent}: ${JSON.stringify(c.paths)}`)
 
   // A refresh token that no longer works: the caller learns it must log in.
   client.tokens = Object.assign({}, client.tokens, { access_token: 'x', refresh_token: 'not-a-refresh-token' })
