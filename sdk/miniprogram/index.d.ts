@@ -118,6 +118,8 @@ export declare class Client {
   readonly openid: string | null
   /** The base URL that answered last. */
   readonly current: string | null
+  /** The base URL the live feed last connected to. */
+  readonly liveBase: string | null
   /** Refreshes sent so far (for diagnostics and tests). */
   readonly refreshes: number
   /** Nearest edges, configured edges, then the cloud. */

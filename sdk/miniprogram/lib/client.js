@@ -321,6 +321,7 @@ class Client {
       },
       open: () => {
         const base = this._liveTarget()
+        this.liveBase = base
         const sock = this.platform.connectSocket({ url: base.replace(/^http/, 'ws') + '/mqtt', protocols: ['mqtt'] })
         let opened = false
         sock.onOpen(() => { opened = true })
