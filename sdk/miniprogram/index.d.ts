@@ -46,6 +46,8 @@ export interface ClientOptions {
   downMs?: number
   /** MQTT keepalive of the live feed in seconds, default 30. */
   keepalive?: number
+  /** Responses kept in memory for ETag revalidation, default 100. */
+  maxEtags?: number
   /** Prefix of the storage keys (tokens and cache), default "outpost:". */
   storagePrefix?: string
 }

@@ -65,6 +65,10 @@ class Client {
     this.mqtt = null
     this.liveSubs = new Map() // device -> Set of callbacks
     this.tokens = this._load('tokens') || null
+    // ETags are per session: the same URL may answer differently for
+    // another user (policy-filtered), so login and logout forget them.
+    this.etags = new Map()
+    this.maxEtags = opts.maxEtags || 100
   }
 
   // --- storage ---
@@ -122,9 +126,13 @@ class Client {
     if (body !== undefined) headers['Content-Type'] = 'application/json'
     let last = null
     for (const base of this._order(only)) {
+      const url = base + path + qs
+      // Revalidate what this session read before: a 304 reuses the body.
+      const hit = method === 'GET' && auth ? this.etags.get(url) : null
+      const h = hit ? Object.assign({ 'If-None-Match': hit.etag }, headers) : headers
       let res
       try {
-        res = await this._send({ method, url: base + path + qs, headers, body }, auth, urgent)
+        res = await this._send({ method, url, headers: h, body }, auth, urgent)
       } catch (err) {
         if (!err.network) throw err
         this._markDown(base)
@@ -134,10 +142,19 @@ class Client {
       if (res.status >= 500) { this._markDown(base); last = res; continue }
       this.down.delete(base)
       this.current = base
+      if (hit && res.status === 304) return { status: 200, headers: res.headers, data: JSON.parse(JSON.stringify(hit.data)), notModified: true }
+      if (method === 'GET' && auth && res.status === 200 && res.headers && res.headers.etag) this._etag(url, res)
       return res
     }
     if (last && last.status) return last
     throw new OutpostError(-1, (last && last.message) || 'network error: no target reachable', { network: true })
+  }
+
+  // _etag remembers a revalidatable answer (at most maxEtags, oldest out).
+  _etag (url, res) {
+    this.etags.delete(url)
+    this.etags.set(url, { etag: res.headers.etag, data: res.data })
+    if (this.etags.size > this.maxEtags) this.etags.delete(this.etags.keys().next().value)
   }
 
   _unwrap (res) {
@@ -205,6 +222,7 @@ class Client {
     const c = code || await this.platform.login()
     const res = await this._failover('POST', '/api/v1/auth/login', { body: { code: c } })
     const pair = this._unwrap(res)
+    this.etags.clear()
     this._setTokens(pair)
     if (this.cloud && this.location && !this.configuredEdges.length) {
       await this.nearest(this.location).catch(() => {})
@@ -213,6 +231,7 @@ class Client {
   }
 
   logout () {
+    this.etags.clear()
     this.tokens = null
     this._save('tokens', null)
   }

@@ -10,14 +10,18 @@ const { needTools, startEdge, waitFor } = require('./harness')
 
 // counting wraps a platform to count requests per path and the most in flight.
 function counting (platform) {
-  const c = { paths: {}, inFlight: 0, maxInFlight: 0 }
+  const c = { paths: {}, inFlight: 0, maxInFlight: 0, statuses: [] }
   c.platform = Object.assign({}, platform, {
     async request (req) {
       const p = new URL(req.url).pathname
       c.paths[p] = (c.paths[p] || 0) + 1
       c.inFlight++
       c.maxInFlight = Math.max(c.maxInFlight, c.inFlight)
-      try { return await platform.request(req) } finally { c.inFlight-- }
+      try {
+        const res = await platform.request(req)
+        c.statuses.push(res.status)
+        return res
+      } finally { c.inFlight-- }
     }
   })
   return c
@@ -57,6 +61,10 @@ test('REST API, errors, queue, single-flight refresh and offline cache against a
 
   const dev = await client.device('sdk-1')
   assert.strictEqual(dev.id, 'sdk-1')
+  // Asked again, unchanged: the edge answers 304 and the body is reused.
+  c.statuses = []
+  assert.deepStrictEqual(await client.device('sdk-1'), dev)
+  assert.deepStrictEqual(c.statuses, [304])
   const latest = await waitFor('latest is the 5th reading', async () => {
     const l = await client.latest('sdk-1')
     return l.metrics && l.metrics.temp === 24 && l
