@@ -138,7 +138,7 @@ export declare class Client {
   alerts (q?: { state?: 'active' | 'acknowledged' | 'cleared', device?: string, limit?: number, cursor?: string }): Promise<Page<Alert>>
   ack (alertId: string): Promise<Alert>
   /** Subscribes over the shared MQTT-over-WebSocket connection to the current edge's /mqtt. */
-  live (id: string, cb: (msg: LiveMessage) => void): Live
+  live (id: string, cb: (msg: LiveMessage) => void, opts?: { onError? (err: OutpostError): void }): Live
   /** Closes the live connection. */
   close (): void
 }
@@ -168,6 +168,7 @@ export declare class MqttClient {
     onConnect? (): void
     onDisconnect? (err: Error): void
     onRefused? (rc: number, err: Error): unknown
+    onSuback? (topics: string[], codes: number[]): void
   })
   readonly connected: boolean
   readonly connects: number

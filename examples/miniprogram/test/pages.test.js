@@ -78,4 +78,12 @@ test('example mini-program: device list and device page with a live chart', { ti
   }
   page.onUnload()
   assert.strictEqual(app.client.mqtt, null, 'leaving the page closes the live connection')
+
+  // Offline: the list page shows the last list seen, marked stale.
+  await edge.kill()
+  const offline = rt.open('pages/devices/devices')
+  await offline.loaded
+  assert.strictEqual(offline.data.stale, true)
+  assert.strictEqual(offline.data.error, '')
+  assert.ok(offline.data.items.some((d) => d.id === 'ex-1'))
 })

@@ -295,11 +295,14 @@ class Client {
   // --- live feed ---
   // live subscribes to a device's telemetry, state, desired state and alerts
   // over one shared MQTT-over-WebSocket connection (WeChat allows 5 sockets).
-  live (id, cb) {
+  // onError (optional) hears of a subscription the edge refused (SUBACK
+  // 0x80: the user may not read the device), as an OutpostError 403.
+  live (id, cb, { onError } = {}) {
     let set = this.liveSubs.get(id)
     const first = !set
     if (!set) { set = new Set(); this.liveSubs.set(id, set) }
-    set.add(cb)
+    const entry = { cb, onError }
+    set.add(entry)
     const mq = this._live()
     if (first) mq.subscribe(liveTopics(id), 1).catch(() => {})
     let closed = false
@@ -307,7 +310,7 @@ class Client {
       close: () => {
         if (closed) return
         closed = true
-        set.delete(cb)
+        set.delete(entry)
         if (set.size || this.mqtt !== mq) return // client.close() already ended it
         this.liveSubs.delete(id)
         if (!this.liveSubs.size) {
@@ -349,7 +352,15 @@ class Client {
       },
       // Refused as not authorised: the token may have just expired.
       onRefused: (rc) => (rc === 4 || rc === 5) ? this._refresh(used) : null,
-      onMessage: (m) => this._dispatch(m)
+      onMessage: (m) => this._dispatch(m),
+      onSuback: (topics, codes) => {
+        topics.forEach((topic, i) => {
+          if (codes[i] !== 0x80) return
+          const set = this.liveSubs.get(topic.split('/')[1])
+          const err = new OutpostError(403, `live: the edge refused the subscription to ${topic} (no read access, or not a live topic)`, { status: 403 })
+          for (const e of set || []) if (e.onError) e.onError(err)
+        })
+      }
     }).connect()
     return this.mqtt
   }
@@ -365,8 +376,8 @@ class Client {
     try { data = JSON.parse(text) } catch (_) { /* deliver the text */ }
     const set = this.liveSubs.get(device)
     if (!set) return
-    for (const cb of [...set]) {
-      try { cb({ device, kind, topic: m.topic, data, retain: m.retain }) } catch (_) { /* a callback's bug is its own */ }
+    for (const e of [...set]) {
+      try { e.cb({ device, kind, topic: m.topic, data, retain: m.retain }) } catch (_) { /* a callback's bug is its own */ }
     }
   }
 

@@ -138,6 +138,7 @@ const CONNACK_REASONS = {
 //     so a refreshed token is used on reconnection
 //   clientId, keepalive (s, default 30), backoff {min, max} ms
 //   onMessage({topic, payload, qos, retain}), onConnect(), onDisconnect(err),
+//   onSuback(topics, codes) after every SUBSCRIBE (resubscriptions too),
 //   onRefused(rc) (CONNACK failure; may return a promise awaited before retry)
 class MqttClient {
   constructor (options) {
@@ -290,6 +291,7 @@ class MqttClient {
     const id = this._id()
     const p = this._await(id)
     this._send(encode.subscribe(id, filters))
+    if (this.o.onSuback) p.then((codes) => this.o.onSuback(filters.map((f) => f.topic), codes), () => {})
     return p
   }
 

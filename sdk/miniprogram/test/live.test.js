@@ -52,3 +52,31 @@ test('live feed survives an access token expiring mid-subscription', { timeout: 
   got.length = 0
   await waitFor('telemetry after reconnection', async () => { await send(); return got.some((x) => x.kind === 'telemetry') }, 10000, 200)
 })
+
+test('live feed: a device the user may not read is refused', { timeout: 60000 }, async (t) => {
+  if (!needTools(t)) return
+  const edge = await startEdge(t)
+  if (!await hasMQTTEndpoint(edge.url)) {
+    const why = 'the edge has no MQTT-over-WebSocket endpoint at GET /mqtt (issue 13 item 1): live-feed test skipped'
+    console.error('SKIP: ' + why)
+    return t.skip(why)
+  }
+  const pub = new MqttClient({ clientId: 'dev-r', open: () => connectTCP({ host: '127.0.0.1', port: edge.mqttPort }) }).connect()
+  t.after(() => pub.close())
+  await waitFor('device connected', () => pub.connected, 10000)
+  await pub.publish('sensors/sdk-r/telemetry', JSON.stringify({ ts: Date.now(), metrics: { temp: 1 } }), { qos: 1 })
+
+  // bob has no role and owns nothing: the edge refuses his subscriptions.
+  const client = createClient({ edges: [edge.url], platform: nodePlatform({ loginCode: 'dev:bob' }) })
+  t.after(() => client.close())
+  await client.login()
+  const errors = []
+  const got = []
+  const live = client.live('sdk-r', (m) => got.push(m), { onError: (err) => errors.push(err) })
+  t.after(() => live.close())
+  await waitFor('subscription refused', () => errors.length > 0, 10000)
+  assert.strictEqual(errors[0].code, 403)
+  assert.match(errors[0].message, /sensors\/sdk-r\/telemetry|alerts\/sdk-r|devices\/sdk-r/)
+  await pub.publish('sensors/sdk-r/telemetry', JSON.stringify({ ts: Date.now(), metrics: { temp: 2 } }), { qos: 1 })
+  assert.strictEqual(got.length, 0, 'nothing delivered')
+})
