@@ -62,7 +62,7 @@ test('MQTT over WebSocket against Mosquitto', async (t) => {
 
   const got = []
   const sub = client({
-    keepalive: 1,
+    keepalive: 2,
     open: () => connectWebSocket(`ws://127.0.0.1:${ports.ws}/mqtt`, { protocols: ['mqtt'] }),
     credentials: async () => ({ username: 'phone', password: 'secret' }),
     onMessage: (m) => got.push({ topic: m.topic, qos: m.qos, text: Buffer.from(m.payload).toString() })
@@ -79,10 +79,10 @@ test('MQTT over WebSocket against Mosquitto', async (t) => {
   await waitFor('two messages', () => got.length >= 2, 5000)
   assert.deepStrictEqual(got.map((m) => [m.topic, m.qos]), [['sensors/d1/telemetry', 1], ['alerts/d1', 0]])
 
-  // Keepalive 1 s: Mosquitto drops a silent client after 1.5 s. Still the
-  // same session (no reconnection) after 3 s proves PINGREQ is sent.
+  // Keepalive 2 s: Mosquitto drops a silent client after 3 s. Still the
+  // same session (no reconnection) after 4.5 s proves PINGREQ is sent.
   const before = sub.connects
-  await new Promise((resolve) => setTimeout(resolve, 3000))
+  await new Promise((resolve) => setTimeout(resolve, 4500))
   assert.strictEqual(sub.connects, before, 'no reconnection while idle: keepalive works')
   assert.ok(sub.connected)
 
