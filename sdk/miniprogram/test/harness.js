@@ -8,6 +8,7 @@ const fs = require('node:fs')
 const os = require('node:os')
 const path = require('node:path')
 const net = require('node:net')
+const crypto = require('node:crypto')
 
 const REPO = path.resolve(__dirname, '..', '..', '..')
 const CI = process.env.CI === 'true'
@@ -30,19 +31,42 @@ function needTools (t) {
   return false
 }
 
-const built = new Map()
-// binary builds cmd/<name> once per process (go's cache makes reruns quick).
+// newestSource is the latest modification time of the Go sources.
+function newestSource (dir = REPO) {
+  let newest = 0
+  for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+    if (e.name === '.git' || e.name === 'node_modules' || e.name === 'testdata') continue
+    const p = path.join(dir, e.name)
+    if (e.isDirectory()) newest = Math.max(newest, newestSource(p))
+    else if (/\.go$|^go\.(mod|sum)$/.test(e.name)) newest = Math.max(newest, fs.statSync(p).mtimeMs)
+  }
+  return newest
+}
+
+// binary builds cmd/<name> of this checkout into a temporary directory
+// shared by every test file and run, and builds it again when a Go source
+// is newer than the binary (git checkout and editors touch what they
+// change). Binaries unused for 2 hours (other checkouts) are removed.
 // OUTPOST_EDGE_BIN / OUTPOST_CLOUD_SYNC_BIN name prebuilt binaries instead.
 function binary (name) {
   const pre = process.env['OUTPOST_' + name.toUpperCase().replace(/-/g, '_') + '_BIN']
   if (pre) return pre
-  if (built.has(name)) return built.get(name)
   fs.mkdirSync(BIN, { recursive: true })
-  const out = path.join(BIN, name + '-' + process.pid)
-  const r = spawnSync('go', ['build', '-o', out, './cmd/' + name], { cwd: REPO, encoding: 'utf8', timeout: 300000 })
+  for (const f of fs.readdirSync(BIN)) {
+    const p = path.join(BIN, f)
+    try { if (Date.now() - fs.statSync(p).mtimeMs > 2 * 3600 * 1000) fs.unlinkSync(p) } catch (_) {}
+  }
+  const out = path.join(BIN, `${name}-${crypto.createHash('sha256').update(REPO).digest('hex').slice(0, 12)}`)
+  try {
+    if (fs.statSync(out).mtimeMs > newestSource()) {
+      fs.utimesSync(out, new Date(), new Date()) // in use: keep it
+      return out
+    }
+  } catch (_) { /* not built yet */ }
+  const tmp = `${out}.${process.pid}.tmp`
+  const r = spawnSync('go', ['build', '-o', tmp, './cmd/' + name], { cwd: REPO, encoding: 'utf8', timeout: 300000 })
   if (r.status !== 0) throw new Error(`go build ./cmd/${name}: ${r.stderr || r.error}`)
-  process.on('exit', () => { try { fs.unlinkSync(out) } catch (_) {} })
-  built.set(name, out)
+  fs.renameSync(tmp, out)
   return out
 }
 
