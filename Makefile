@@ -10,7 +10,7 @@ STATICCHECK_VERSION := v0.8.2
 # Per fuzz target: `make fuzz` for a developer, `make fuzz-smoke` in CI.
 FUZZTIME ?= 60s
 
-.PHONY: all build run test bench bench-ingest bench-api lint fuzz fuzz-smoke clean
+.PHONY: all build run test test-sdk bench bench-ingest bench-api lint fuzz fuzz-smoke clean
 
 all: build
 
@@ -25,6 +25,15 @@ run: build
 test:
 	$(GO) vet $(PKGS)
 	$(GO) test $(TESTFLAGS) $(PKGS)
+	@$(MAKE) --no-print-directory test-sdk
+
+# The mini-program SDK and the example mini-program (node --test, against
+# real edge and cloud-sync binaries the tests build). Without npm: skipped
+# with a message, or a failure under CI=true.
+test-sdk:
+	@if command -v npm >/dev/null 2>&1; then cd sdk/miniprogram && npm test; \
+	elif [ "$$CI" = true ]; then echo "npm is missing: the sdk/miniprogram tests need Node.js >= 18 (CI=true: failing)"; exit 1; \
+	else echo "SKIP: sdk/miniprogram tests: Node.js >= 18 and npm are not installed"; fi
 
 # gofmt, go vet and staticcheck (configured by staticcheck.conf files).
 lint:
