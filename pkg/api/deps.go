@@ -91,14 +91,17 @@ type Presence interface {
 
 // Deps are the parts the API is built on.
 type Deps struct {
-	Store      Store
-	Tokens     Tokens
-	Login      Login
-	Policy     Authorizer
-	Downlink   Downlink
-	Sync       SyncStatus
-	Directory  Directory
-	Presence   Presence
+	Store     Store
+	Tokens    Tokens
+	Login     Login
+	Policy    Authorizer
+	Downlink  Downlink
+	Sync      SyncStatus
+	Directory Directory
+	Presence  Presence
+	// Live serves phones' MQTT sessions at /mqtt (pkg/broker); nil: /mqtt
+	// answers 404.
+	Live       Live
 	Ready      func() string // "" when ready, else why not
 	Registerer prometheus.Registerer
 	Gatherer   prometheus.Gatherer

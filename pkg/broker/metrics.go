@@ -11,6 +11,7 @@ type metrics struct {
 	refused      *prometheus.CounterVec
 	loginFails   *prometheus.CounterVec
 	restored     prometheus.Counter
+	fanDropped   prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -31,9 +32,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "outpost_mqtt_downlinks_restored_total",
 			Help: "Retained desired-state downlinks the edge republished because the broker held something else.",
 		}),
+		fanDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_mqtt_fanout_dropped_total",
+			Help: "Stored messages not routed to subscribers (dashboards, phones) because the fan-out queue was full; they are in the store.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.acceptErrors, m.refused, m.loginFails, m.restored)
+		reg.MustRegister(m.acceptErrors, m.refused, m.loginFails, m.restored, m.fanDropped)
 	}
 	return m
 }
