@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fasthttp/websocket"
@@ -90,6 +91,7 @@ type wsConn struct {
 	ws       *websocket.Conn
 	r        io.Reader // the message being read, or nil
 	wmu      sync.Mutex
+	closed   atomic.Bool
 }
 
 func (c *wsConn) Read(p []byte) (int, error) {
@@ -125,15 +127,43 @@ func (c *wsConn) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// Deadlines: the WebSocket keeps its write deadline in a field its writes
+// read, so setting it takes the write lock. Once closed, deadlines stay in
+// the past.
+
 func (c *wsConn) SetDeadline(t time.Time) error {
-	if err := c.ws.SetReadDeadline(t); err != nil {
+	if err := c.SetReadDeadline(t); err != nil {
 		return err
+	}
+	return c.SetWriteDeadline(t)
+}
+
+func (c *wsConn) SetReadDeadline(t time.Time) error {
+	if c.closed.Load() {
+		return net.ErrClosed
+	}
+	return c.ws.SetReadDeadline(t)
+}
+
+func (c *wsConn) SetWriteDeadline(t time.Time) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.closed.Load() {
+		return net.ErrClosed
 	}
 	return c.ws.SetWriteDeadline(t)
 }
-func (c *wsConn) SetReadDeadline(t time.Time) error  { return c.ws.SetReadDeadline(t) }
-func (c *wsConn) SetWriteDeadline(t time.Time) error { return c.ws.SetWriteDeadline(t) }
-func (c *wsConn) Close() error                       { return c.ws.Close() }
+
+// Close ends the connection. fasthttp closes a hijacked connection only
+// when the handler returns (its Close is a no-op), so Close puts both
+// deadlines in the past: the session's blocked read fails, ServePhone
+// returns, and with it the handler.
+func (c *wsConn) Close() error {
+	if c.closed.Swap(true) {
+		return nil
+	}
+	return c.Conn.SetDeadline(time.Unix(1, 0))
+}
 
 // PhoneSession is a phone's verified access token, as the broker asks about
 // it (broker.PhoneSession).
