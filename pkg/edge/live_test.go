@@ -254,3 +254,42 @@ func TestLivePhoneTokenExpiry(t *testing.T) {
 		t.Fatal("an expired token connected")
 	}
 }
+
+// TestLivePhoneSessionRevoked: a phone's connection closes when its session
+// is revoked (here by the reuse of a rotated refresh token) at the next
+// recheck, and the revoked token cannot connect again.
+func TestLivePhoneSessionRevoked(t *testing.T) {
+	e := liveEdge(t, func(c *Config) { c.Auth.RefreshReuseGrace = -1 })
+	resp, err := http.Post("http://"+e.HTTPAddr()+"/api/v1/auth/login", "application/json", bytes.NewReader([]byte(`{"code":"dev:root"}`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var env struct {
+		Data struct {
+			AccessToken  string `json:"access_token"`
+			RefreshToken string `json:"refresh_token"`
+		} `json:"data"`
+	}
+	err = json.NewDecoder(resp.Body).Decode(&env)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := mustPhone(t, e, "p1", env.Data.AccessToken)
+	body := map[string]string{"refresh_token": env.Data.RefreshToken}
+	if st := call(t, e, "POST", "/api/v1/auth/refresh", "", body); st != 200 {
+		t.Fatalf("refresh: %d", st)
+	}
+	if st := call(t, e, "POST", "/api/v1/auth/refresh", "", body); st != 401 {
+		t.Fatalf("reused refresh: %d, want 401 (session revoked)", st)
+	}
+	e.brk.RecheckPhones() // the periodic recheck, now
+	select {
+	case <-p.lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the phone of a revoked session is still connected")
+	}
+	if _, err := dialPhone(e, "p2", env.Data.AccessToken); err == nil {
+		t.Fatal("a revoked session's token connected")
+	}
+}
