@@ -99,7 +99,7 @@ func (h *phoneHook) ID() string { return "outpost-phone" }
 
 func (h *phoneHook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPacketRead:
+	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPacketRead, mqtt.OnSubscribe:
 		return true
 	}
 	return false
@@ -173,6 +173,17 @@ func (h *phoneHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Pa
 		return pk, packets.ErrRejectPacket // ends the connection
 	}
 	return pk, nil
+}
+
+// OnSubscribe grants phones at most QoS 1: the live feed is a view, and
+// QoS 2's extra round trip buys a phone nothing.
+func (h *phoneHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if isPhone(cl) {
+		for i := range pk.Filters {
+			pk.Filters[i].Qos = min(pk.Filters[i].Qos, 1)
+		}
+	}
+	return pk
 }
 
 func (h *phoneHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
