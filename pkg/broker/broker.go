@@ -183,7 +183,7 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 		return fail(fmt.Errorf("broker auth hook: %w", err))
 	}
 	if cfg.Phones != nil {
-		b.phones = &phoneHook{srv: srv, auth: cfg.Phones, log: cfg.Logger, ctx: ctx, sessions: map[*mqtt.Client]*phoneSess{}}
+		b.phones = &phoneHook{srv: srv, auth: cfg.Phones, met: met, log: cfg.Logger, ctx: ctx, sessions: map[*mqtt.Client]*phoneSess{}}
 		if err := srv.AddHook(b.phones, nil); err != nil {
 			return fail(fmt.Errorf("broker phone hook: %w", err))
 		}

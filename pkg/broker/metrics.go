@@ -12,6 +12,8 @@ type metrics struct {
 	loginFails   *prometheus.CounterVec
 	restored     prometheus.Counter
 	fanDropped   prometheus.Counter
+	phones       prometheus.Gauge
+	phoneEnds    *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -36,9 +38,17 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "outpost_mqtt_fanout_dropped_total",
 			Help: "Stored messages not routed to subscribers (dashboards, phones) because the fan-out queue was full; they are in the store.",
 		}),
+		phones: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outpost_mqtt_phone_sessions",
+			Help: "Phone MQTT sessions over WebSocket (/mqtt) open now.",
+		}),
+		phoneEnds: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_mqtt_phone_ends_total",
+			Help: "Phone sessions closed or subscriptions dropped by the edge, by reason (expired, revoked, published, access_lost).",
+		}, []string{"reason"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.acceptErrors, m.refused, m.loginFails, m.restored, m.fanDropped)
+		reg.MustRegister(m.acceptErrors, m.refused, m.loginFails, m.restored, m.fanDropped, m.phones, m.phoneEnds)
 	}
 	return m
 }

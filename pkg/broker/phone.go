@@ -80,6 +80,7 @@ type phoneHook struct {
 	mqtt.HookBase
 	srv  *mqtt.Server
 	auth PhoneAuth
+	met  *metrics
 	log  *slog.Logger
 	ctx  context.Context
 
@@ -93,6 +94,7 @@ type phoneSess struct {
 	timer *time.Timer
 	mu    sync.Mutex
 	read  map[string]bool // device → may read, until the next recheck
+	gen   uint64          // bumped by each recheck: a decision begun before one is not cached
 }
 
 func (h *phoneHook) ID() string { return "outpost-phone" }
@@ -142,6 +144,7 @@ func (h *phoneHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	if ps == nil {
 		return
 	}
+	h.met.phones.Inc()
 	ps.mu.Lock()
 	ps.timer = time.AfterFunc(time.Until(ps.s.ExpiresAt()), func() { h.end(cl, errTokenExpired) })
 	ps.mu.Unlock()
@@ -159,6 +162,7 @@ func (h *phoneHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
 		ps.mu.Lock()
 		if ps.timer != nil {
 			ps.timer.Stop()
+			h.met.phones.Dec()
 		}
 		ps.mu.Unlock()
 	}
@@ -169,6 +173,7 @@ func (h *phoneHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
 func (h *phoneHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if isPhone(cl) && pk.FixedHeader.Type == packets.Publish {
 		h.log.Debug("phone published; disconnecting", "client", cl.ID, "topic", pk.TopicName)
+		h.met.phoneEnds.WithLabelValues("published").Inc()
 		_ = h.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
 		return pk, packets.ErrRejectPacket // ends the connection
 	}
@@ -208,6 +213,7 @@ func (h *phoneHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 func (h *phoneHook) mayRead(ps *phoneSess, dev string) bool {
 	ps.mu.Lock()
 	ok, hit := ps.read[dev]
+	gen := ps.gen
 	ps.mu.Unlock()
 	if hit {
 		return ok
@@ -218,7 +224,9 @@ func (h *phoneHook) mayRead(ps *phoneSess, dev string) bool {
 		return false
 	}
 	ps.mu.Lock()
-	ps.read[dev] = ok
+	if ps.gen == gen {
+		ps.read[dev] = ok
+	}
 	ps.mu.Unlock()
 	return ok
 }
@@ -226,6 +234,11 @@ func (h *phoneHook) mayRead(ps *phoneSess, dev string) bool {
 // end disconnects a phone (MQTT 5: DISCONNECT "not authorized").
 func (h *phoneHook) end(cl *mqtt.Client, why error) {
 	h.log.Debug("closing phone session", "client", cl.ID, "reason", why)
+	label := "expired"
+	if errors.Is(why, errSessionRevoked) {
+		label = "revoked"
+	}
+	h.met.phoneEnds.WithLabelValues(label).Inc()
 	_ = h.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
 	cl.Stop(why)
 }
@@ -251,6 +264,7 @@ func (h *phoneHook) recheck() {
 		}
 		ps.mu.Lock()
 		ps.read = map[string]bool{}
+		ps.gen++
 		ps.mu.Unlock()
 		for filter := range cl.State.Subscriptions.GetAll() {
 			if dev := phoneTopic(filter); dev != "" && h.mayRead(ps, dev) {
@@ -258,6 +272,7 @@ func (h *phoneHook) recheck() {
 			}
 			cl.State.Subscriptions.Delete(filter)
 			if h.srv.Topics.Unsubscribe(filter, cl.ID) {
+				h.met.phoneEnds.WithLabelValues("access_lost").Inc()
 				h.log.Info("phone lost access; unsubscribed", "openid", ps.s.OpenID(), "filter", filter)
 			}
 		}
