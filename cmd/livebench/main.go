@@ -23,6 +23,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"sync"
@@ -38,6 +39,7 @@ import (
 type options struct {
 	devices, phones, inflight int
 	duration                  time.Duration
+	cpuProfile                string
 }
 
 func main() {
@@ -46,6 +48,7 @@ func main() {
 	flag.IntVar(&o.phones, "phones", 1000, "phone WebSocket sessions, each subscribed to one device")
 	flag.IntVar(&o.inflight, "inflight", 8, "QoS 1 publishes each device keeps in flight")
 	flag.DurationVar(&o.duration, "duration", 10*time.Second, "measured duration of each run (without and with phones)")
+	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the run with phones to this file")
 	flag.Parse()
 	if err := run(o); err != nil {
 		fmt.Fprintf(os.Stderr, "livebench: %v\n", err)
@@ -123,7 +126,18 @@ func run(o options) error {
 	runtime.GC()
 	rss1 := benchproc.StatusMB(os.Getpid())["VmRSS"]
 	lat.reset()
+	if o.cpuProfile != "" {
+		f, err := os.Create(o.cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+	}
 	with := publish(devs, o, start)
+	pprof.StopCPUProfile()
 	p50, p99, n := lat.quantiles()
 	out := map[string]any{
 		"devices": o.devices, "phones": o.phones, "duration_s": o.duration.Seconds(),

@@ -20,7 +20,9 @@ import (
 // replaces the topic's retained message (an empty one clears it), as MQTT
 // says. It is routed once it is durable, so a subscriber never sees a
 // message the edge could lose; every message the writer finished with
-// nil (stored, a duplicate of a stored one, or dead-lettered) is routed.
+// nil (stored, a duplicate of a stored one, or dead-lettered) is routed,
+// unless routing falls behind: then only each topic's latest non-retained
+// message is (see run), and the store has every one.
 type fanout struct {
 	srv *mqtt.Server
 	q   chan fanMsg
@@ -48,18 +50,63 @@ func (f *fanout) forward(topic string, payload []byte, qos byte, retain bool) {
 	}
 }
 
-// run routes queued messages until ctx ends.
+// run routes queued messages until ctx ends. It takes everything queued
+// at once; when that is more than one message (routing is behind), a
+// topic's non-retained messages but its last are skipped: subscribers get
+// the latest reading instead of a growing backlog, and routing costs at
+// most one pass per topic per round however fast devices publish.
+// Retained messages are always routed, in order, so the retained message
+// ends as MQTT says.
 func (f *fanout) run(ctx context.Context) {
+	batch := make([]fanMsg, 0, 256)
+	last := map[string]int{}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case m := <-f.q:
+			batch = append(batch[:0], m)
+		}
+	drain:
+		for len(batch) < cap(f.q) {
+			select {
+			case m := <-f.q:
+				batch = append(batch, m)
+			default:
+				break drain
+			}
+		}
+		n := len(batch)
+		kept := conflate(batch, last)
+		f.met.fanConflated.Add(float64(n - len(kept)))
+		for _, m := range kept {
 			if err := f.srv.Publish(m.topic, m.payload, m.retain, m.qos); err != nil {
 				f.log.Debug("fan-out publish failed", "topic", m.topic, "err", err)
 			}
 		}
+		clear(batch[:n]) // drop payload references
 	}
+}
+
+// conflate keeps, in order, every retained message and each topic's last
+// non-retained one, in place; last is scratch space.
+func conflate(batch []fanMsg, last map[string]int) []fanMsg {
+	if len(batch) < 2 {
+		return batch
+	}
+	clear(last)
+	for i, m := range batch {
+		if !m.retain {
+			last[m.topic] = i
+		}
+	}
+	kept := batch[:0]
+	for i, m := range batch {
+		if m.retain || last[m.topic] == i {
+			kept = append(kept, m)
+		}
+	}
+	return kept
 }
 
 // Forward routes a message the edge stored to the broker's subscribers, at

@@ -12,6 +12,7 @@ type metrics struct {
 	loginFails   *prometheus.CounterVec
 	restored     prometheus.Counter
 	fanDropped   prometheus.Counter
+	fanConflated prometheus.Counter
 	phones       prometheus.Gauge
 	phoneEnds    *prometheus.CounterVec
 }
@@ -38,6 +39,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "outpost_mqtt_fanout_dropped_total",
 			Help: "Stored messages not routed to subscribers (dashboards, phones) because the fan-out queue was full; they are in the store.",
 		}),
+		fanConflated: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_mqtt_fanout_conflated_total",
+			Help: "Stored messages not routed to subscribers because a newer message of the same topic was waiting (routing behind); they are in the store.",
+		}),
 		phones: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "outpost_mqtt_phone_sessions",
 			Help: "Phone MQTT sessions over WebSocket (/mqtt) open now.",
@@ -48,7 +53,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}, []string{"reason"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.acceptErrors, m.refused, m.loginFails, m.restored, m.fanDropped, m.phones, m.phoneEnds)
+		reg.MustRegister(m.acceptErrors, m.refused, m.loginFails, m.restored, m.fanDropped, m.fanConflated, m.phones, m.phoneEnds)
 	}
 	return m
 }
