@@ -21,8 +21,8 @@ import (
 // says. It is routed once it is durable, so a subscriber never sees a
 // message the edge could lose; every message the writer finished with
 // nil (stored, a duplicate of a stored one, or dead-lettered) is routed,
-// unless routing falls behind: then only each topic's latest non-retained
-// message is (see run), and the store has every one.
+// unless routing falls behind: then only each topic's latest messages are
+// (see run), and the store has every one.
 type fanout struct {
 	srv *mqtt.Server
 	q   chan fanMsg
@@ -51,15 +51,15 @@ func (f *fanout) forward(topic string, payload []byte, qos byte, retain bool) {
 }
 
 // run routes queued messages until ctx ends. It takes everything queued
-// at once; when that is more than one message (routing is behind), a
-// topic's non-retained messages but its last are skipped: subscribers get
-// the latest reading instead of a growing backlog, and routing costs at
-// most one pass per topic per round however fast devices publish.
-// Retained messages are always routed, in order, so the retained message
-// ends as MQTT says.
+// at once; when that is more than one message (routing is behind), only
+// each topic's last retained and last non-retained message are routed:
+// subscribers get the latest reading instead of a growing backlog, the
+// topic's retained message ends as it would have, and routing (with the
+// state file's write of each retained message) costs at most two passes
+// per topic per round however fast devices publish.
 func (f *fanout) run(ctx context.Context) {
 	batch := make([]fanMsg, 0, 256)
-	last := map[string]int{}
+	last := map[fanKey]int{}
 	for {
 		select {
 		case <-ctx.Done():
@@ -88,25 +88,29 @@ func (f *fanout) run(ctx context.Context) {
 	}
 }
 
-// conflate keeps, in order, every retained message and each topic's last
-// non-retained one, in place; last is scratch space.
-func conflate(batch []fanMsg, last map[string]int) []fanMsg {
+// conflate keeps, in order, each topic's last retained and last
+// non-retained message, in place (the retained message a topic ends with
+// is the one it would have ended with); last is scratch space.
+func conflate(batch []fanMsg, last map[fanKey]int) []fanMsg {
 	if len(batch) < 2 {
 		return batch
 	}
 	clear(last)
 	for i, m := range batch {
-		if !m.retain {
-			last[m.topic] = i
-		}
+		last[fanKey{m.topic, m.retain}] = i
 	}
 	kept := batch[:0]
 	for i, m := range batch {
-		if m.retain || last[m.topic] == i {
+		if last[fanKey{m.topic, m.retain}] == i {
 			kept = append(kept, m)
 		}
 	}
 	return kept
+}
+
+type fanKey struct {
+	topic  string
+	retain bool
 }
 
 // Forward routes a message the edge stored to the broker's subscribers, at

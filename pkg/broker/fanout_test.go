@@ -73,8 +73,8 @@ func TestSensorFanoutQoSAndRetain(t *testing.T) {
 	}
 }
 
-// TestConflate: when routing is behind, each topic's latest non-retained
-// message is kept, every retained one too, in publish order.
+// TestConflate: when routing is behind, each topic's latest retained and
+// latest non-retained message are kept, in publish order.
 func TestConflate(t *testing.T) {
 	m := func(topic string, n int, retain bool) fanMsg {
 		return fanMsg{topic: topic, payload: []byte(fmt.Sprint(n)), retain: retain}
@@ -86,11 +86,13 @@ func TestConflate(t *testing.T) {
 		{"one", []fanMsg{m("a", 1, false)}, []fanMsg{m("a", 1, false)}},
 		{"latest per topic", []fanMsg{m("a", 1, false), m("b", 2, false), m("a", 3, false)},
 			[]fanMsg{m("b", 2, false), m("a", 3, false)}},
-		{"retained kept", []fanMsg{m("a", 1, true), m("a", 2, false), m("a", 3, false), m("a", 4, true)},
-			[]fanMsg{m("a", 1, true), m("a", 3, false), m("a", 4, true)}},
+		{"retained", []fanMsg{m("a", 1, true), m("a", 2, false), m("a", 3, false), m("a", 4, true), m("b", 5, true)},
+			[]fanMsg{m("a", 3, false), m("a", 4, true), m("b", 5, true)}},
+		{"retained then live", []fanMsg{m("a", 1, true), m("a", 2, false)},
+			[]fanMsg{m("a", 1, true), m("a", 2, false)}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got := conflate(append([]fanMsg(nil), tc.batch...), map[string]int{})
+			got := conflate(append([]fanMsg(nil), tc.batch...), map[fanKey]int{})
 			if fmt.Sprint(got) != fmt.Sprint(tc.out) {
 				t.Fatalf("conflate = %v, want %v", got, tc.out)
 			}
