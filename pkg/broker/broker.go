@@ -17,6 +17,12 @@
 // throttles failed logins; connections are capped and accept errors never
 // stop it. Online reports which devices hold a connection (presence.go),
 // for the API's "online".
+//
+// Stored sensors/ messages are routed on to subscribers after the commit,
+// off the acknowledgement path (fanout.go). Phones hold MQTT sessions over
+// WebSocket through ServePhone, authenticated by access token and confined
+// by policy to the devices they may read (phone.go); with an external
+// broker the edge runs a Broker with no TCP listener for them only.
 package broker
 
 import (
