@@ -249,6 +249,15 @@ func (h *phoneHook) recheck() {
 	h.mu.Lock()
 	all := make(map[*mqtt.Client]*phoneSess, len(h.sessions))
 	for cl, ps := range h.sessions {
+		ps.mu.Lock() // lock order: h.mu, then ps.mu
+		unestablished := ps.timer == nil
+		ps.mu.Unlock()
+		if cl.Closed() && unestablished {
+			// Authenticated, then lost before the session was
+			// established (mochi calls no OnDisconnect then).
+			delete(h.sessions, cl)
+			continue
+		}
 		all[cl] = ps
 	}
 	h.mu.Unlock()
