@@ -50,6 +50,11 @@ bench-ingest:
 bench-api:
 	$(GO) run ./cmd/apibench
 
+# The live feed (issue 13): 1,000 phone WebSocket sessions, 100 devices.
+.PHONY: bench-live
+bench-live:
+	$(GO) run ./cmd/livebench
+
 # Every fuzz target (found with `go test -list`, so new ones join by
 # themselves), one after another for FUZZTIME each. A failing input is
 # written to the package's testdata/fuzz/<Target>/ (commit it with the fix);

@@ -91,16 +91,19 @@ type Presence interface {
 
 // Deps are the parts the API is built on.
 type Deps struct {
-	Store      Store
-	Tokens     Tokens
-	Login      Login
-	Policy     Authorizer
-	Downlink   Downlink
-	Sync       SyncStatus
-	Directory  Directory
-	Presence   Presence
-	Rules      Rules
-	Alerts     Alerts
+	Store     Store
+	Tokens    Tokens
+	Login     Login
+	Policy    Authorizer
+	Downlink  Downlink
+	Sync      SyncStatus
+	Directory Directory
+	Presence  Presence
+	Rules     Rules
+	Alerts    Alerts
+	// Live serves phones' MQTT sessions at /mqtt (pkg/broker); nil: /mqtt
+	// answers 404.
+	Live       Live
 	Ready      func() string // "" when ready, else why not
 	Registerer prometheus.Registerer
 	Gatherer   prometheus.Gatherer

@@ -275,6 +275,9 @@ func (s *Server) routes() {
 	metrics := fasthttpadaptor.NewFastHTTPHandler(promhttp.HandlerFor(s.deps.Gatherer, promhttp.HandlerOpts{}))
 	app.Get("/metrics", func(c *fiber.Ctx) error { metrics(c.Context()); return nil })
 
+	// MQTT over WebSocket (live.go); the token is checked in CONNECT.
+	app.Get("/mqtt", s.limitIP, s.mqttWS)
+
 	v1 := app.Group("/api/v1", s.limitIP)
 	v1.Post("/auth/login", s.login)
 	v1.Post("/auth/refresh", s.refresh)

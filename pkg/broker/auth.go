@@ -253,6 +253,9 @@ func remoteIP(remote string) string {
 }
 
 func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	if isPhone(cl) {
+		return false // phoneHook decides
+	}
 	user := string(pk.Connect.Username)
 	if !h.open() {
 		if reason := h.authenticate(cl, user, pk.Connect.Password); reason != "" {
@@ -337,6 +340,9 @@ func (h *authHook) mayPublish(user, topic string) bool {
 func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	if cl.Net.Inline {
 		return true
+	}
+	if isPhone(cl) {
+		return false // phoneHook decides
 	}
 	user := string(cl.Properties.Username)
 	if write {

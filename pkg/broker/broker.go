@@ -17,6 +17,12 @@
 // throttles failed logins; connections are capped and accept errors never
 // stop it. Online reports which devices hold a connection (presence.go),
 // for the API's "online".
+//
+// Stored sensors/ messages are routed on to subscribers after the commit,
+// off the acknowledgement path (fanout.go). Phones hold MQTT sessions over
+// WebSocket through ServePhone, authenticated by access token and confined
+// by policy to the devices they may read (phone.go); with an external
+// broker the edge runs a Broker with no TCP listener for them only.
 package broker
 
 import (
@@ -50,7 +56,7 @@ type Submitter interface {
 // Config configures the embedded broker. DefaultConfig holds the defaults;
 // New fills zero limits from it.
 type Config struct {
-	Listen string // TCP address, e.g. ":1883"
+	Listen string // TCP address, e.g. ":1883"; "" serves phones only (external-broker mode)
 	// StatePath is the bbolt file for sessions, subscriptions, retained and
 	// in-flight messages.
 	StatePath string
@@ -79,10 +85,15 @@ type Config struct {
 	// restores retained downlinks that differ from it (at start, and when
 	// anyone but the edge changes one).
 	Downlinks Downlinks
-	// ForwardSensors routes stored sensor messages on to other subscribers
-	// of sensors/ topics (at QoS 0). Off by default: it costs a routing
-	// pass per message and the edge itself does not need it.
-	ForwardSensors bool
+	// Phones, when set, lets phones hold MQTT sessions over WebSocket
+	// (ServePhone, phone.go); PhoneRecheck is how often their sessions and
+	// cached subscription decisions are re-evaluated besides
+	// RecheckPhones.
+	Phones       PhoneAuth
+	PhoneRecheck time.Duration
+	// FanoutQueue bounds the stored messages waiting to be routed to
+	// subscribers (fanout.go); beyond it they are dropped and counted.
+	FanoutQueue int
 	// Registerer receives the broker's metrics; nil keeps them unregistered.
 	Registerer prometheus.Registerer
 	Logger     *slog.Logger
@@ -99,23 +110,28 @@ func DefaultConfig() Config {
 		MaxConnectBytes: 8 << 10,
 		MaxPacketBytes:  ingest.DefaultLimits.MaxPayload + 16<<10,
 		Login:           DefaultLoginLimits(),
+		PhoneRecheck:    10 * time.Second,
+		FanoutQueue:     1 << 14,
 	}
 }
 
 // Broker is the embedded MQTT broker.
 type Broker struct {
-	cfg    Config
-	srv    *mqtt.Server
-	log    *slog.Logger
-	met    *metrics
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	addr   string
-	acks   *acker
-	rest   *restorer // nil without Config.Downlinks
-	auth   *authHook
-	pres   *presence
+	cfg     Config
+	srv     *mqtt.Server
+	log     *slog.Logger
+	met     *metrics
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	addr    string
+	acks    *acker
+	rest    *restorer // nil without Config.Downlinks
+	auth    *authHook
+	pres    *presence
+	fan     *fanout
+	phones  *phoneHook // nil without Config.Phones
+	recheck chan struct{}
 
 	closeOnce sync.Once
 	closeErr  error
@@ -139,6 +155,12 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 	}
 	if cfg.MaxPacketBytes <= 0 {
 		cfg.MaxPacketBytes = def.MaxPacketBytes
+	}
+	if cfg.PhoneRecheck <= 0 {
+		cfg.PhoneRecheck = def.PhoneRecheck
+	}
+	if cfg.FanoutQueue <= 0 {
+		cfg.FanoutQueue = def.FanoutQueue
 	}
 	srv := mqtt.New(&mqtt.Options{
 		InlineClient: true, // for downlinks published by the edge itself
@@ -166,6 +188,18 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 	if err := srv.AddHook(b.auth, nil); err != nil {
 		return fail(fmt.Errorf("broker auth hook: %w", err))
 	}
+	if cfg.Phones != nil {
+		b.phones = &phoneHook{srv: srv, auth: cfg.Phones, met: met, log: cfg.Logger, ctx: ctx, sessions: map[*mqtt.Client]*phoneSess{}}
+		if err := srv.AddHook(b.phones, nil); err != nil {
+			return fail(fmt.Errorf("broker phone hook: %w", err))
+		}
+		b.recheck = make(chan struct{}, 1)
+		b.wg.Add(1)
+		go func() { defer b.wg.Done(); b.phones.run(ctx, cfg.PhoneRecheck, b.recheck) }()
+	}
+	b.fan = newFanout(srv, cfg.FanoutQueue, met, cfg.Logger)
+	b.wg.Add(1)
+	go func() { defer b.wg.Done(); b.fan.run(ctx) }()
 	b.pres = newPresence(cfg.ServiceUsers)
 	if err := srv.AddHook(b.pres, nil); err != nil {
 		return fail(fmt.Errorf("broker presence hook: %w", err))
@@ -189,7 +223,7 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 		b.acks = newAcker(cfg.Logger)
 		b.wg.Add(1)
 		go func() { defer b.wg.Done(); b.acks.run(ctx) }()
-		if err := srv.AddHook(&ingestHook{ctx: ctx, sub: sub, log: cfg.Logger, srv: srv, acks: b.acks, fwd: cfg.ForwardSensors}, nil); err != nil {
+		if err := srv.AddHook(&ingestHook{ctx: ctx, sub: sub, log: cfg.Logger, srv: srv, acks: b.acks, fan: b.fan}, nil); err != nil {
 			return fail(fmt.Errorf("broker ingest hook: %w", err))
 		}
 	}
@@ -200,6 +234,17 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 // Retained downlinks are checked against Config.Downlinks before the first
 // connection is accepted.
 func (b *Broker) Start() error {
+	if b.phones != nil {
+		if err := b.srv.AddListener(&phoneListenerStub{done: make(chan struct{})}); err != nil {
+			return fmt.Errorf("mqtt phone listener: %w", err)
+		}
+	}
+	if b.cfg.Listen == "" {
+		if err := b.srv.Serve(); err != nil {
+			return fmt.Errorf("mqtt serve: %w", err)
+		}
+		return nil
+	}
 	ln, err := net.Listen("tcp", b.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("mqtt listen %s: %w", b.cfg.Listen, err)
@@ -302,8 +347,35 @@ func inflightID(client string, packetID uint16) string {
 	return client + ":" + strconv.Itoa(int(packetID))
 }
 
+// Phone sessions end with their connection (phone.go): nothing of them is
+// persisted.
+
+func (h *persistHook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	if !isPhone(cl) {
+		h.Hook.OnSessionEstablished(cl, pk)
+	}
+}
+
+func (h *persistHook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	if !isPhone(cl) {
+		h.Hook.OnDisconnect(cl, err, expire)
+	}
+}
+
+func (h *persistHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
+	if !isPhone(cl) {
+		h.Hook.OnSubscribed(cl, pk, codes)
+	}
+}
+
+func (h *persistHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
+	if !isPhone(cl) {
+		h.Hook.OnUnsubscribed(cl, pk)
+	}
+}
+
 func (h *persistHook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, resends int) {
-	if pk.FixedHeader.Type != packets.Publish {
+	if pk.FixedHeader.Type != packets.Publish || isPhone(cl) {
 		return
 	}
 	h.mu.Lock()
@@ -385,7 +457,10 @@ func (h *persistHook) StoredInflightMessages() ([]storage.Message, error) {
 // takes the PUBACK away from mochi (which would send it before returning
 // from processPublish) and sends it itself once the message is durable, so a
 // device can keep many publishes in flight and one group commit covers many
-// messages of each device. QoS 2 keeps mochi's flow and blocks until durable.
+// messages of each device. QoS 2 keeps mochi's flow and blocks until durable,
+// and mochi routes it; QoS 0 and 1 messages, which mochi no longer sees
+// after the hook rejects them, are routed by the fan-out once stored, at
+// their QoS and with their retain flag (fanout.go).
 type ingestHook struct {
 	mqtt.HookBase
 	ctx  context.Context
@@ -393,7 +468,7 @@ type ingestHook struct {
 	log  *slog.Logger
 	srv  *mqtt.Server
 	acks *acker
-	fwd  bool
+	fan  *fanout
 }
 
 func (h *ingestHook) ID() string { return "outpost-ingest" }
@@ -404,12 +479,12 @@ func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 	if cl.Net.Inline || !strings.HasPrefix(pk.TopicName, "sensors/") {
 		return pk, nil
 	}
-	topic, payload := pk.TopicName, bytes.Clone(pk.Payload)
+	topic, payload, retain := pk.TopicName, bytes.Clone(pk.Payload), pk.FixedHeader.Retain
 	switch pk.FixedHeader.Qos {
 	case 0:
 		m := &ingest.Message{Topic: topic, Payload: payload, Done: func(err error) {
 			if err == nil {
-				h.forward(topic, payload)
+				h.fan.forward(topic, payload, 0, retain)
 			}
 		}}
 		if err := h.sub.Submit(h.ctx, m); err != nil {
@@ -424,7 +499,7 @@ func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 				return
 			}
 			h.acks.ack(cl, pid)
-			h.forward(topic, payload)
+			h.fan.forward(topic, payload, 1, retain)
 		}}
 		if err := h.sub.Submit(h.ctx, m); err != nil {
 			return pk, h.refuse(cl, err)
@@ -446,14 +521,6 @@ func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 		return pk, nil
 	case <-h.ctx.Done():
 		return pk, h.refuse(cl, h.ctx.Err())
-	}
-}
-
-// forward routes a stored sensor message to other subscribers (dashboards,
-// bridges) at QoS 0; the durable copy is in the store.
-func (h *ingestHook) forward(topic string, payload []byte) {
-	if h.fwd {
-		_ = h.srv.Publish(topic, payload, false, 0)
 	}
 }
 

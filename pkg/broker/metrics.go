@@ -11,6 +11,10 @@ type metrics struct {
 	refused      *prometheus.CounterVec
 	loginFails   *prometheus.CounterVec
 	restored     prometheus.Counter
+	fanDropped   prometheus.Counter
+	fanConflated prometheus.Counter
+	phones       prometheus.Gauge
+	phoneEnds    *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -31,9 +35,25 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "outpost_mqtt_downlinks_restored_total",
 			Help: "Retained desired-state downlinks the edge republished because the broker held something else.",
 		}),
+		fanDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_mqtt_fanout_dropped_total",
+			Help: "Stored messages not routed to subscribers (dashboards, phones) because the fan-out queue was full; they are in the store.",
+		}),
+		fanConflated: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_mqtt_fanout_conflated_total",
+			Help: "Stored messages not routed to subscribers because a newer message of the same topic was waiting (routing behind); they are in the store.",
+		}),
+		phones: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outpost_mqtt_phone_sessions",
+			Help: "Phone MQTT sessions over WebSocket (/mqtt) open now.",
+		}),
+		phoneEnds: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_mqtt_phone_ends_total",
+			Help: "Phone sessions closed or subscriptions dropped by the edge, by reason (expired, revoked, published, access_lost).",
+		}, []string{"reason"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.acceptErrors, m.refused, m.loginFails, m.restored)
+		reg.MustRegister(m.acceptErrors, m.refused, m.loginFails, m.restored, m.fanDropped, m.fanConflated, m.phones, m.phoneEnds)
 	}
 	return m
 }

@@ -40,7 +40,7 @@ func (p *presence) Provides(b byte) bool {
 // holds authenticated clients to). "" for the edge's own inline client and
 // service users.
 func (p *presence) device(cl *mqtt.Client) string {
-	if cl.Net.Inline {
+	if cl.Net.Inline || isPhone(cl) {
 		return ""
 	}
 	if user := string(cl.Properties.Username); user != "" {

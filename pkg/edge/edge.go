@@ -51,7 +51,7 @@ type Edge struct {
 	tokens   *auth.Service
 	engine   *policy.Engine
 	writer   *ingest.Writer
-	brk      *broker.Broker     // embedded broker, or nil
+	brk      *broker.Broker     // embedded broker; with an external one, the broker of phones only
 	sub      *ingest.Subscriber // external broker, or nil
 	sy       *syncer.Syncer     // nil when standalone
 	srv      *api.Server
@@ -188,9 +188,11 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 
 	var downlink api.Downlink
 	var presence api.Presence // nil with an external broker: online from last_seen
+	phones := &phoneAuth{}    // its API is set below, before HTTP serves
 	e.stopSub = func() {}
 	if cfg.MQTT.Broker == "" {
 		bc := broker.DefaultConfig()
+		bc.Phones = phones
 		bc.Listen, bc.StatePath = cfg.MQTT.Listen, filepath.Join(cfg.DataDir, "broker.db")
 		bc.Credentials, bc.AllowAnonymous = cfg.MQTT.Devices, cfg.MQTT.AllowAnonymous
 		bc.ConnectTimeout, bc.MaxConnections = cfg.MQTT.ConnectTimeout, cfg.MQTT.MaxConnections
@@ -210,11 +212,27 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		if clientID == "" {
 			clientID = "outpost-" + cfg.ID
 		}
+		// Phones still connect to the edge (/mqtt): to an embedded broker
+		// that serves them only, fed with what the edge committed and
+		// with its own downlinks and alerts.
+		pc := broker.DefaultConfig()
+		pc.Listen, pc.Phones, pc.Registerer, pc.Logger = "", phones, reg, log
+		if e.brk, err = broker.New(pc, nil); err != nil {
+			return nil, err
+		}
+		e.onAbort(func() { _ = e.brk.Close() })
+		if err := e.brk.Start(); err != nil {
+			return nil, err
+		}
 		e.sub = ingest.NewSubscriber(ingest.SubscriberConfig{
 			BrokerURL: cfg.MQTT.Broker, ClientID: clientID, Username: cfg.MQTT.Username, Password: cfg.MQTT.Password,
-			Downlinks: downlinks{e.st}, Logger: log.With("component", "mqtt"),
+			Downlinks: downlinks{e.st}, Committed: e.brk.Forward, Logger: log.With("component", "mqtt"),
 		}, e.writer)
-		downlink, e.mqttAddr = e.sub, cfg.MQTT.Broker
+		downlink, e.mqttAddr = teeDownlink{e.sub, e.brk}, cfg.MQTT.Broker
+	}
+	dataChanged := func() {
+		e.engine.InvalidateData()
+		e.brk.RecheckPhones()
 	}
 
 	publish.set(downlink)
@@ -225,7 +243,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	var directory api.Directory
 	if joined {
 		var id *federation.Identity
-		if e.sy, id, err = newSyncer(cfg, now, e.st, e.tokens, login, downlink, e.engine, builtin, e.engine.InvalidateData, reg, log); err != nil {
+		if e.sy, id, err = newSyncer(cfg, now, e.st, e.tokens, login, downlink, e.engine, builtin, dataChanged, reg, log); err != nil {
 			return nil, err
 		}
 		apiTokens, login, syncStatus, directory = id, id, e.sy, e.sy
@@ -247,10 +265,12 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 			}
 			return ""
 		},
-		Registerer: reg, Gatherer: reg, DataChanged: e.engine.InvalidateData,
+		Live:       e.brk,
+		Registerer: reg, Gatherer: reg, DataChanged: dataChanged,
 	}); err != nil {
 		return nil, err
 	}
+	phones.srv = e.srv
 
 	if cfg.Pprof != "" {
 		if e.admin, err = obs.ListenAdmin(cfg.Pprof, level, log); err != nil {

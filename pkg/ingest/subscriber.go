@@ -30,6 +30,11 @@ type SubscriberConfig struct {
 	// control), and republishes every downlink after each (re)connect,
 	// which covers a broker restarted without its retained messages.
 	Downlinks Downlinks
+	// Committed, when set, is called with each message once the writer
+	// finished with it and it was acknowledged to the broker (the edge
+	// feeds its phones' fan-out from it). It runs on the writer's
+	// goroutine, so it must not block.
+	Committed func(topic string, payload []byte, qos byte, retain bool)
 	Logger    *slog.Logger
 }
 
@@ -212,6 +217,9 @@ func (s *Subscriber) handle(ctx context.Context, m paho.Message) {
 		Done: func(err error) {
 			if err == nil {
 				m.Ack()
+				if s.cfg.Committed != nil {
+					s.cfg.Committed(m.Topic(), m.Payload(), m.Qos(), m.Retained())
+				}
 			}
 		},
 	})

@@ -1,0 +1,354 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// Phones (README "Live feed", docs/security.md) are MQTT clients that reach
+// the broker over WebSocket on the HTTP port (pkg/api serves /mqtt and hands
+// the byte stream to ServePhone). They authenticate with an access token as
+// the password, may subscribe at QoS 0 or 1 to exactly
+// sensors/{device}/telemetry, sensors/{device}/state,
+// devices/{device}/desired and alerts/{device} for the devices the policy
+// lets them read, and publish nothing. Decisions are cached per session and
+// re-evaluated on RecheckPhones and every PhoneRecheck; a subscription the
+// user lost is dropped, and the session is closed when its token expires or
+// its session is revoked.
+
+// PhoneAuth verifies phones' tokens; pkg/api implements it with the same
+// verification and policy as HTTP.
+type PhoneAuth interface {
+	// Authenticate verifies an access token and returns its session.
+	Authenticate(token string) (PhoneSession, error)
+}
+
+// PhoneSession is one verified access token.
+type PhoneSession interface {
+	OpenID() string
+	ExpiresAt() time.Time
+	// Revoked reports whether the token's session was revoked since.
+	Revoked() bool
+	// MayRead decides action device.read on device by policy, with the
+	// user's current roles.
+	MayRead(ctx context.Context, device string) (bool, error)
+}
+
+// phoneListener is the mochi listener id of phone connections; it is how
+// every hook tells a phone from a device.
+const phoneListener = "ws-phone"
+
+// errTokenExpired and errSessionRevoked end a phone's connection.
+var (
+	errTokenExpired   = errors.New("mqtt: access token expired")
+	errSessionRevoked = errors.New("mqtt: session revoked")
+)
+
+func isPhone(cl *mqtt.Client) bool { return cl.Net.Listener == phoneListener }
+
+// phoneTopic returns the device a phone may ask for with filter, or "" if
+// the filter is not one of the four per-device topics (wildcards included).
+func phoneTopic(filter string) string {
+	if strings.ContainsAny(filter, "+#") {
+		return ""
+	}
+	parts := strings.Split(filter, "/")
+	switch {
+	case len(parts) == 3 && parts[0] == "sensors" && (parts[2] == "telemetry" || parts[2] == "state"):
+	case len(parts) == 3 && parts[0] == "devices" && parts[2] == "desired":
+	case len(parts) == 2 && parts[0] == "alerts":
+	default:
+		return ""
+	}
+	return parts[1]
+}
+
+// phoneHook authenticates phones and is their ACL. Every method returns
+// false for clients that are not phones, so the device hook decides those
+// (mochi allows a connect or an ACL check if any hook allows it).
+type phoneHook struct {
+	mqtt.HookBase
+	srv  *mqtt.Server
+	auth PhoneAuth
+	met  *metrics
+	log  *slog.Logger
+	ctx  context.Context
+
+	mu       sync.Mutex
+	sessions map[*mqtt.Client]*phoneSess
+}
+
+// phoneSess is one phone's verified token and its cached decisions.
+type phoneSess struct {
+	s     PhoneSession
+	timer *time.Timer
+	mu    sync.Mutex
+	read  map[string]bool // device → may read, until the next recheck
+	gen   uint64          // bumped by each recheck: a decision begun before one is not cached
+}
+
+func (h *phoneHook) ID() string { return "outpost-phone" }
+
+func (h *phoneHook) Provides(b byte) bool {
+	switch b {
+	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPacketRead, mqtt.OnSubscribe:
+		return true
+	}
+	return false
+}
+
+func (h *phoneHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	if !isPhone(cl) || h.auth == nil {
+		return false
+	}
+	s, err := h.auth.Authenticate(string(pk.Connect.Password))
+	if err != nil {
+		h.log.Debug("phone refused", "remote", cl.Net.Remote, "err", err)
+		return false
+	}
+	if pk.Connect.WillFlag {
+		return false // a Will is a publish, and phones publish nothing
+	}
+	// Phone sessions live as long as the connection, under ids no device
+	// can take (device client ids are [A-Za-z0-9._-] with an optional
+	// ':' suffix): a phone can neither take over a device's session nor
+	// leave state behind.
+	cl.ID = "$phone/" + s.OpenID() + "/" + cl.ID
+	cl.Properties.Clean = true
+	cl.Properties.Props.SessionExpiryInterval = 0
+	cl.Properties.Props.SessionExpiryIntervalFlag = false
+	ps := &phoneSess{s: s, read: map[string]bool{}}
+	h.mu.Lock()
+	h.sessions[cl] = ps
+	h.mu.Unlock()
+	return true
+}
+
+func (h *phoneHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+	if !isPhone(cl) {
+		return
+	}
+	h.mu.Lock()
+	ps := h.sessions[cl]
+	h.mu.Unlock()
+	if ps == nil {
+		return
+	}
+	h.met.phones.Inc()
+	ps.mu.Lock()
+	ps.timer = time.AfterFunc(time.Until(ps.s.ExpiresAt()), func() { h.end(cl, errTokenExpired) })
+	ps.mu.Unlock()
+}
+
+func (h *phoneHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
+	if !isPhone(cl) {
+		return
+	}
+	h.mu.Lock()
+	ps := h.sessions[cl]
+	delete(h.sessions, cl)
+	h.mu.Unlock()
+	if ps != nil {
+		ps.mu.Lock()
+		if ps.timer != nil {
+			ps.timer.Stop()
+			h.met.phones.Dec()
+		}
+		ps.mu.Unlock()
+	}
+}
+
+// OnPacketRead ends a phone that publishes: phones write through the HTTP
+// API, whose policy decides each write.
+func (h *phoneHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if isPhone(cl) && pk.FixedHeader.Type == packets.Publish {
+		h.log.Debug("phone published; disconnecting", "client", cl.ID, "topic", pk.TopicName)
+		h.met.phoneEnds.WithLabelValues("published").Inc()
+		_ = h.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
+		return pk, packets.ErrRejectPacket // ends the connection
+	}
+	return pk, nil
+}
+
+// OnSubscribe grants phones at most QoS 1: the live feed is a view, and
+// QoS 2's extra round trip buys a phone nothing.
+func (h *phoneHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if isPhone(cl) {
+		for i := range pk.Filters {
+			pk.Filters[i].Qos = min(pk.Filters[i].Qos, 1)
+		}
+	}
+	return pk
+}
+
+func (h *phoneHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if !isPhone(cl) || write {
+		return false
+	}
+	h.mu.Lock()
+	ps := h.sessions[cl]
+	h.mu.Unlock()
+	if ps == nil {
+		return false
+	}
+	dev := phoneTopic(topic)
+	if dev == "" {
+		return false
+	}
+	return h.mayRead(ps, dev)
+}
+
+// mayRead answers from the session's cache, asking the policy on a miss;
+// an error is a denial.
+func (h *phoneHook) mayRead(ps *phoneSess, dev string) bool {
+	ps.mu.Lock()
+	ok, hit := ps.read[dev]
+	gen := ps.gen
+	ps.mu.Unlock()
+	if hit {
+		return ok
+	}
+	ok, err := ps.s.MayRead(h.ctx, dev)
+	if err != nil {
+		h.log.Warn("phone subscription decision failed; denied", "openid", ps.s.OpenID(), "device", dev, "err", err)
+		return false
+	}
+	ps.mu.Lock()
+	if ps.gen == gen {
+		ps.read[dev] = ok
+	}
+	ps.mu.Unlock()
+	return ok
+}
+
+// end disconnects a phone (MQTT 5: DISCONNECT "not authorized").
+func (h *phoneHook) end(cl *mqtt.Client, why error) {
+	h.log.Debug("closing phone session", "client", cl.ID, "reason", why)
+	label := "expired"
+	if errors.Is(why, errSessionRevoked) {
+		label = "revoked"
+	}
+	h.met.phoneEnds.WithLabelValues(label).Inc()
+	_ = h.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
+	cl.Stop(why)
+}
+
+// recheck drops every cached decision, closes sessions whose token expired
+// or was revoked, and unsubscribes filters their users may no longer read.
+func (h *phoneHook) recheck() {
+	h.mu.Lock()
+	all := make(map[*mqtt.Client]*phoneSess, len(h.sessions))
+	for cl, ps := range h.sessions {
+		ps.mu.Lock() // lock order: h.mu, then ps.mu
+		unestablished := ps.timer == nil
+		ps.mu.Unlock()
+		if cl.Closed() && unestablished {
+			// Authenticated, then lost before the session was
+			// established (mochi calls no OnDisconnect then).
+			delete(h.sessions, cl)
+			continue
+		}
+		all[cl] = ps
+	}
+	h.mu.Unlock()
+	now := time.Now()
+	for cl, ps := range all {
+		if ps.s.Revoked() {
+			h.end(cl, errSessionRevoked)
+			continue
+		}
+		if !now.Before(ps.s.ExpiresAt()) {
+			h.end(cl, errTokenExpired)
+			continue
+		}
+		ps.mu.Lock()
+		ps.read = map[string]bool{}
+		ps.gen++
+		ps.mu.Unlock()
+		for filter := range cl.State.Subscriptions.GetAll() {
+			if dev := phoneTopic(filter); dev != "" && h.mayRead(ps, dev) {
+				continue
+			}
+			cl.State.Subscriptions.Delete(filter)
+			if h.srv.Topics.Unsubscribe(filter, cl.ID) {
+				h.met.phoneEnds.WithLabelValues("access_lost").Inc()
+				h.log.Info("phone lost access; unsubscribed", "openid", ps.s.OpenID(), "filter", filter)
+			}
+		}
+	}
+}
+
+// run rechecks every interval and on every signal until ctx ends.
+func (h *phoneHook) run(ctx context.Context, every time.Duration, signal <-chan struct{}) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-signal:
+		}
+		h.recheck()
+	}
+}
+
+// phoneListenerStub registers phoneListener with mochi, so that Close
+// disconnects phones as it does devices; connections arrive through
+// ServePhone, not an accept loop.
+type phoneListenerStub struct {
+	done      chan struct{}
+	closeOnce sync.Once
+}
+
+func (l *phoneListenerStub) ID() string                  { return phoneListener }
+func (l *phoneListenerStub) Address() string             { return "/mqtt" }
+func (l *phoneListenerStub) Protocol() string            { return "ws" }
+func (l *phoneListenerStub) Init(*slog.Logger) error     { return nil }
+func (l *phoneListenerStub) Serve(listeners.EstablishFn) { <-l.done }
+func (l *phoneListenerStub) Close(closeClients listeners.CloseFn) {
+	l.closeOnce.Do(func() {
+		close(l.done)
+		closeClients(phoneListener)
+	})
+}
+
+// ErrNoPhones: the broker was built without Config.Phones.
+var ErrNoPhones = errors.New("broker: phone sessions are not enabled")
+
+// ServePhone runs one phone's MQTT session over c, the byte stream of a
+// WebSocket (pkg/api's /mqtt), until it ends. The first packet must be a
+// CONNECT of at most MaxConnectBytes, within ConnectTimeout.
+func (b *Broker) ServePhone(c net.Conn) error {
+	if b.phones == nil {
+		_ = c.Close()
+		return ErrNoPhones
+	}
+	_ = c.SetDeadline(time.Now().Add(b.cfg.ConnectTimeout))
+	if err := b.srv.EstablishConnection(phoneListener, &guardConn{Conn: c, max: b.cfg.MaxConnectBytes}); err != nil {
+		return fmt.Errorf("phone session: %w", err)
+	}
+	return nil
+}
+
+// RecheckPhones re-evaluates every phone's subscriptions and session soon
+// (roles, ownership or policies changed); it never blocks.
+func (b *Broker) RecheckPhones() {
+	if b.phones == nil {
+		return
+	}
+	select {
+	case b.recheck <- struct{}{}:
+	default: // one is already pending
+	}
+}

@@ -1,0 +1,155 @@
+package broker
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// fakePhones admits the tokens it holds.
+type fakePhones struct{ sessions map[string]*fakeSession }
+
+func (f *fakePhones) Authenticate(token string) (PhoneSession, error) {
+	if s, ok := f.sessions[token]; ok {
+		return s, nil
+	}
+	return nil, errors.New("bad token")
+}
+
+type fakeSession struct {
+	openid  string
+	exp     time.Time
+	revoked atomic.Bool
+	mu      sync.Mutex
+	read    map[string]bool
+}
+
+func (s *fakeSession) OpenID() string       { return s.openid }
+func (s *fakeSession) ExpiresAt() time.Time { return s.exp }
+func (s *fakeSession) Revoked() bool        { return s.revoked.Load() }
+func (s *fakeSession) MayRead(_ context.Context, dev string) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.read[dev], nil
+}
+
+// phoneV5 opens an MQTT 5 phone session through ServePhone over a pipe and
+// returns the client end after CONNACK, with the CONNACK reason code.
+func phoneV5(t *testing.T, b *Broker, token string) (*v5conn, byte) {
+	t.Helper()
+	cli, srv := net.Pipe()
+	go func() { _ = b.ServePhone(srv) }()
+	t.Cleanup(func() { cli.Close() })
+	_ = cli.SetDeadline(time.Now().Add(20 * time.Second))
+	c := &v5conn{Conn: cli, r: bufio.NewReader(cli)}
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 5,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30,
+			ClientIdentifier: "app", UsernameFlag: true, Username: []byte("x"), PasswordFlag: true, Password: []byte(token)}}
+	var buf bytes.Buffer
+	if err := pk.ConnectEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _, _ = cli.Write(buf.Bytes()) }()
+	typ, body := c.read(t)
+	if typ != packets.Connack || len(body) < 2 {
+		t.Fatalf("CONNACK = type %d body %x", typ, body)
+	}
+	return c, body[1]
+}
+
+func (c *v5conn) subscribe(t *testing.T, id uint16, filters map[string]byte) map[string]byte {
+	t.Helper()
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, ProtocolVersion: 5, PacketID: id}
+	var order []string
+	for f, q := range filters {
+		pk.Filters = append(pk.Filters, packets.Subscription{Filter: f, Qos: q})
+		order = append(order, f)
+	}
+	var buf bytes.Buffer
+	if err := pk.SubscribeEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _, _ = c.Write(buf.Bytes()) }()
+	typ, body := c.read(t)
+	if typ != packets.Suback || len(body) < 3+len(order) {
+		t.Fatalf("expected SUBACK, got type %d body %x", typ, body)
+	}
+	codes := body[3:] // packet id, empty properties
+	out := map[string]byte{}
+	for i, f := range order {
+		out[f] = codes[i]
+	}
+	return out
+}
+
+// TestPhoneSessionsV5: MQTT 5 phones through ServePhone: a bad token gets
+// CONNACK 0x86; SUBACK grants the four per-device topics of a readable
+// device at QoS ≤ 1 and refuses (0x87) other devices, other topics and
+// wildcards; a publish gets DISCONNECT 0x87; a stored message reaches the
+// phone; revocation and expiry end the session with DISCONNECT 0x87.
+func TestPhoneSessionsV5(t *testing.T) {
+	ok := &fakeSession{openid: "u1", exp: time.Now().Add(time.Hour), read: map[string]bool{"d1": true}}
+	short := &fakeSession{openid: "u2", exp: time.Now().Add(1500 * time.Millisecond), read: map[string]bool{}}
+	pub := &fakeSession{openid: "u3", exp: time.Now().Add(time.Hour), read: map[string]bool{}}
+	rev := &fakeSession{openid: "u4", exp: time.Now().Add(time.Hour), read: map[string]bool{}}
+	b := startBroker(t, Config{Phones: &fakePhones{sessions: map[string]*fakeSession{"ok": ok, "short": short, "pub": pub, "rev": rev}}}, nil)
+
+	if _, code := phoneV5(t, b, "nope"); code != packets.ErrBadUsernameOrPassword.Code {
+		t.Fatalf("bad token: CONNACK %#x, want 0x86", code)
+	}
+	c, code := phoneV5(t, b, "ok")
+	if code != 0 {
+		t.Fatalf("good token: CONNACK %#x", code)
+	}
+	got := c.subscribe(t, 1, map[string]byte{
+		"sensors/d1/telemetry": 2, "sensors/d1/state": 0, "devices/d1/desired": 1, "alerts/d1": 1,
+		"sensors/d2/telemetry": 1, "sensors/+/telemetry": 0, "#": 0, "devices/d1/other": 0, "alerts/d1/x": 0,
+	})
+	want := map[string]byte{
+		"sensors/d1/telemetry": 1, "sensors/d1/state": 0, "devices/d1/desired": 1, "alerts/d1": 1,
+		"sensors/d2/telemetry": 0x87, "sensors/+/telemetry": 0x87, "#": 0x87, "devices/d1/other": 0x87, "alerts/d1/x": 0x87,
+	}
+	for f, w := range want {
+		if got[f] != w {
+			t.Errorf("SUBACK %s = %#x, want %#x", f, got[f], w)
+		}
+	}
+	b.Forward("sensors/d1/telemetry", []byte(`{"metrics":{"t":1}}`), 0, false)
+	if typ, body := c.read(t); typ != packets.Publish || !bytes.Contains(body, []byte("sensors/d1/telemetry")) {
+		t.Fatalf("expected the forwarded PUBLISH, got type %d %x", typ, body)
+	}
+
+	for _, tc := range []struct {
+		name, token string
+		end         func(*v5conn)
+	}{
+		{"publish", "pub", func(c *v5conn) {
+			pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish}, ProtocolVersion: 5, TopicName: "sensors/d1/telemetry", Payload: []byte("{}")}
+			var buf bytes.Buffer
+			_ = pk.PublishEncode(&buf)
+			go func() { _, _ = c.Write(buf.Bytes()) }()
+		}},
+		{"revoked", "rev", func(*v5conn) { rev.revoked.Store(true); b.RecheckPhones() }},
+		{"expired", "short", func(*v5conn) {}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, code := phoneV5(t, b, tc.token)
+			if code != 0 {
+				t.Fatalf("CONNACK %#x", code)
+			}
+			tc.end(c)
+			typ, body := c.read(t)
+			if typ != packets.Disconnect || len(body) < 1 || body[0] != packets.ErrNotAuthorized.Code {
+				t.Fatalf("expected DISCONNECT 0x87, got type %d %x", typ, body)
+			}
+		})
+	}
+}
