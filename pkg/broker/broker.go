@@ -20,7 +20,6 @@
 package broker
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -404,7 +403,9 @@ func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 	if cl.Net.Inline || !strings.HasPrefix(pk.TopicName, "sensors/") {
 		return pk, nil
 	}
-	topic, payload := pk.TopicName, bytes.Clone(pk.Payload)
+	// No copy of the payload: mochi decodes every packet from a buffer of
+	// its own (Client.ReadPacket) and never writes to it afterwards.
+	topic, payload := pk.TopicName, pk.Payload
 	switch pk.FixedHeader.Qos {
 	case 0:
 		m := &ingest.Message{Topic: topic, Payload: payload, Done: func(err error) {

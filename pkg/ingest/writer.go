@@ -353,25 +353,41 @@ func (w *Writer) commit(batch []*pending) {
 		w.poison(batch[0], err)
 		return
 	}
-	now := time.Now()
+	// The counters take one addition per batch, before any message is
+	// reported done, so a caller that saw its message done sees it counted.
+	var stored, duplicate, deadLetter, tooOld, readings int
 	i := 0
 	for _, p := range batch {
 		switch {
 		case p.dead != nil:
-			w.m.deadLetter.Inc()
+			deadLetter++
 			if p.tooOld {
-				w.m.tooOld.Inc()
+				tooOld++
 			}
 		case results[i].Stored == 0 && results[i].Duplicates > 0:
-			w.m.duplicate.Inc()
+			duplicate++
 			i++
 		default:
-			w.m.stored.Inc()
-			w.m.readings.Add(float64(results[i].Stored))
+			stored++
+			readings += results[i].Stored
 			i++
 		}
+	}
+	addCount(w.m.stored, stored)
+	addCount(w.m.duplicate, duplicate)
+	addCount(w.m.deadLetter, deadLetter)
+	addCount(w.m.tooOld, tooOld)
+	addCount(w.m.readings, readings)
+	now := time.Now()
+	for _, p := range batch {
 		w.m.ackLatency.Observe(now.Sub(p.start).Seconds())
 		p.done(nil)
+	}
+}
+
+func addCount(c prometheus.Counter, n int) {
+	if n > 0 {
+		c.Add(float64(n))
 	}
 }
 
