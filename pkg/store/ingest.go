@@ -41,6 +41,9 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		head = getU64(tx.Bucket(bucketMeta).Get(keyOutboxHead))
 		written = nil
+		// Outbox keys only ever grow: full pages halve the pages a commit
+		// writes for it (bbolt's default splits leave them half empty).
+		tx.Bucket(bucketOutbox).FillPercent = 1
 		w := batchWriter{
 			s: s, tx: tx,
 			readings: tx.Bucket(bucketReadings), ids: tx.Bucket(bucketIDs),
