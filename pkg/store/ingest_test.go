@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"hash/fnv"
+	"math"
 	"testing"
 )
 
@@ -14,7 +15,7 @@ func TestReadingKeyMatchesHashFNV(t *testing.T) {
 		{TS: t0, ID: "msg-1"},
 		{TS: t0, ID: "ü ☃ long id with spaces"},
 		{TS: t0 + 5, Metrics: []Metric{{"temp", 21.5}, {"hum", 40}}},
-		{TS: t0, Metrics: []Metric{{"x", -0.0}}},
+		{TS: t0, Metrics: []Metric{{"x", math.Copysign(0, -1)}}},
 	} {
 		enc := appendMetrics(nil, r.Metrics)
 		h := fnv.New64a()
