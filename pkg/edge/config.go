@@ -46,6 +46,11 @@ type Config struct {
 	// SetMemoryLimit): above it the collector runs more often. 0 leaves the
 	// runtime default; the GOMEMLIMIT environment variable wins over both.
 	MemoryLimitMB int64 `yaml:"memory_limit_mb"`
+	// GCPercent sets the collector's target (runtime/debug.SetGCPercent,
+	// what GOGC sets): 0 leaves the runtime default (100); the GOGC
+	// environment variable wins over both. Most of the ingest path's
+	// garbage is bbolt's per-page copies in each group commit.
+	GCPercent int `yaml:"gc_percent"`
 	// ShutdownGrace bounds a graceful stop (SIGTERM/SIGINT): HTTP drain,
 	// MQTT batches, syncer flush and closing the stores. Past it the process
 	// exits non-zero.
@@ -364,6 +369,9 @@ func (c *Config) validate(errs config.Errors) error {
 	}
 	if c.MemoryLimitMB < 0 {
 		errs.Add("memory_limit_mb", "%d must be ≥ 0 (0: no soft limit)", c.MemoryLimitMB)
+	}
+	if c.GCPercent < 0 {
+		errs.Add("gc_percent", "%d must be ≥ 0 (0: the runtime default)", c.GCPercent)
 	}
 	switch {
 	case c.MQTT.Broker == "" && c.MQTT.Listen == "":
