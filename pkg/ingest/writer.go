@@ -65,8 +65,15 @@ type Config struct {
 
 // DefaultConfig is the one source of the writer's defaults; the edge's
 // configuration builds on it. QueueSize is left 0: it follows MaxBatch.
+//
+// A commit costs bbolt about the same pages for one message of a device as
+// for several (BenchmarkIngestCPU), and devices whose messages wait on the
+// commit in progress send their next ones only after it: without a wait,
+// batches alternate between halves of what is in flight. A millisecond of
+// Linger lets a batch gather both halves, for a quarter less CPU per
+// message under load (BenchmarkWriter), at a millisecond of latency.
 func DefaultConfig() Config {
-	return Config{MaxBatch: 1000, MaxBatchReadings: 20000, QuotaCheck: time.Second}
+	return Config{MaxBatch: 1000, MaxBatchReadings: 20000, Linger: time.Millisecond, QuotaCheck: time.Second}
 }
 
 // defaults fills what c leaves zero from DefaultConfig.
