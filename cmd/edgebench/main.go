@@ -1,9 +1,11 @@
 // Command edgebench measures the edge's durable MQTT ingest against a bare
-// broker in the same run: 100 simulated devices publish QoS 1 to each, and
-// it prints one JSON line with throughput, the ratio to the baseline,
-// publish-to-ack latency, loss and duplicates (checked through the API), and
-// the edge's peak RSS. It also measures batched payloads, a 1000-reading
-// page and stats over 1M readings.
+// broker in the same run: 100 simulated devices publish QoS 1 to each, in
+// rounds that alternate between the two (so that load from elsewhere on the
+// machine weighs on both alike), and it prints one JSON line with
+// throughput, the ratio to the baseline, the CPU each broker process spent
+// per message, publish-to-ack latency, loss and duplicates (checked through
+// the API), and the edge's peak RSS. It also measures batched payloads, a
+// 1000-reading page and stats over 1M readings.
 package main
 
 import (
@@ -40,6 +42,7 @@ type options struct {
 	devices  int
 	window   int
 	duration time.Duration
+	rounds   int
 	batched  time.Duration
 	bigN     int
 	verbose  bool
@@ -54,7 +57,8 @@ func main() {
 	flag.StringVar(&o.edgeBin, "edge", "", "edge binary (default: build ./cmd/edge)")
 	flag.IntVar(&o.devices, "devices", 100, "simulated devices (one MQTT connection each)")
 	flag.IntVar(&o.window, "window", 4, "QoS 1 publishes in flight per device")
-	flag.DurationVar(&o.duration, "duration", 10*time.Second, "duration of each single-reading run")
+	flag.DurationVar(&o.duration, "duration", 10*time.Second, "duration of the single-reading load on each broker, over all rounds")
+	flag.IntVar(&o.rounds, "rounds", 4, "alternations of the single-reading load between the bare broker and the edge")
 	flag.DurationVar(&o.batched, "batched", 5*time.Second, "duration of the batched (100 readings per message) run; 0 skips")
 	flag.IntVar(&o.bigN, "big", 1_000_000, "readings of one device for the stats benchmark; 0 skips")
 	flag.BoolVar(&o.verbose, "v", false, "log progress to stderr")
@@ -87,11 +91,16 @@ type result struct {
 	RSSAnonMB        float64 `json:"rss_anon_mb"`
 	RSSFileMB        float64 `json:"rss_file_mb"`
 	BaselineP99ms    float64 `json:"baseline_p99_ms"`
-	BatchedReadingsS float64 `json:"batched_readings_per_s,omitempty"`
-	BatchedP99ms     float64 `json:"batched_p99_ms,omitempty"`
-	Page1000ms       float64 `json:"page_1000_ms,omitempty"`
-	Stats1Mms        float64 `json:"stats_1m_ms,omitempty"`
-	StatsReadings    int     `json:"stats_readings,omitempty"`
+	// CPU of the broker process per acknowledged message, in µs: less
+	// sensitive to other load on the machine than the rates.
+	CPUusPerMsg         float64   `json:"cpu_us_per_msg"`
+	BaselineCPUusPerMsg float64   `json:"baseline_cpu_us_per_msg"`
+	RoundRatios         []float64 `json:"round_ratios,omitempty"`
+	BatchedReadingsS    float64   `json:"batched_readings_per_s,omitempty"`
+	BatchedP99ms        float64   `json:"batched_p99_ms,omitempty"`
+	Page1000ms          float64   `json:"page_1000_ms,omitempty"`
+	Stats1Mms           float64   `json:"stats_1m_ms,omitempty"`
+	StatsReadings       int       `json:"stats_readings,omitempty"`
 }
 
 func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
@@ -132,15 +141,6 @@ func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
 	if err != nil {
 		return res, err
 	}
-	log.Info("baseline run")
-	base, err := publishLoad(ctx, bareAddr, "base", o, 1)
-	sub.Disconnect(100)
-	if err != nil {
-		return res, fmt.Errorf("baseline: %w", err)
-	}
-	bare.Process.Kill()
-	res.BaselineMsgsPerS = base.rate
-	res.BaselineP99ms = base.p99
 
 	// The edge under test, as a real process with its own data directory.
 	httpAddr, mqttAddr := benchproc.FreeAddr(), benchproc.FreeAddr()
@@ -166,13 +166,56 @@ func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
 	}
 	mem := newMemSampler(edge.Process.Pid)
 	defer mem.stop()
-	log.Info("edge run")
-	er, err := publishLoad(ctx, mqttAddr, "dev", o, 1)
-	if err != nil {
-		return res, fmt.Errorf("edge: %w", err)
+
+	// Rounds alternate ABBA (base, edge, edge, base, ...) so that drift in
+	// the machine's other load cancels out; each side's figures are over
+	// all its rounds.
+	rounds := max(o.rounds, 1)
+	ro := o
+	ro.duration = o.duration / time.Duration(rounds)
+	var base, er loadResult
+	var baseCPU, edgeCPU float64
+	for r := 0; r < rounds; r++ {
+		var b, e loadResult
+		for k, side := range []string{"base", "edge"} {
+			if r%2 == 1 {
+				side = []string{"edge", "base"}[k]
+			}
+			log.Info("single-reading run", "round", r, "broker", side)
+			addr, prefix, pid := bareAddr, "base", bare.Process.Pid
+			if side == "edge" {
+				addr, prefix, pid = mqttAddr, "dev", edge.Process.Pid
+			}
+			cpu0, _ := benchproc.CPUSeconds(pid)
+			lr, err := publishLoad(ctx, addr, prefix, strconv.Itoa(r), ro, 1)
+			if err != nil {
+				return res, fmt.Errorf("%s round %d: %w", side, r, err)
+			}
+			cpu1, _ := benchproc.CPUSeconds(pid)
+			if side == "edge" {
+				e, edgeCPU = lr, edgeCPU+cpu1-cpu0
+			} else {
+				b, baseCPU = lr, baseCPU+cpu1-cpu0
+			}
+		}
+		if b.rate > 0 {
+			res.RoundRatios = append(res.RoundRatios, round(e.rate/b.rate, 3))
+		}
+		base.merge(b)
+		er.merge(e)
 	}
+	base.finish()
+	er.finish()
+	res.BaselineMsgsPerS = base.rate
+	res.BaselineP99ms = base.p99
 	res.MsgsPerS, res.P50ms, res.P99ms = er.rate, er.p50, er.p99
 	res.Ratio = round(er.rate/base.rate, 3)
+	if base.messages > 0 && er.messages > 0 {
+		res.BaselineCPUusPerMsg = round(baseCPU*1e6/float64(base.messages), 2)
+		res.CPUusPerMsg = round(edgeCPU*1e6/float64(er.messages), 2)
+	}
+	sub.Disconnect(100)
+	bare.Process.Kill()
 
 	api := &apiClient{base: "http://" + httpAddr}
 	if err := api.login(); err != nil {
@@ -188,7 +231,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
 		bo := o
 		bo.duration = o.batched
 		bo.window = 4
-		br, err := publishLoad(ctx, mqttAddr, "batch", bo, 100)
+		br, err := publishLoad(ctx, mqttAddr, "batch", "", bo, 100)
 		if err != nil {
 			return res, fmt.Errorf("batched: %w", err)
 		}
@@ -229,12 +272,41 @@ type loadResult struct {
 	p50, p99 float64
 	acked    map[string][]string // device -> acked message ids
 	messages int
+	elapsed  time.Duration
+	lat      []time.Duration
+}
+
+// merge adds the messages of another run to r; finish computes the figures
+// over all of them.
+func (r *loadResult) merge(o loadResult) {
+	if r.acked == nil {
+		r.acked = map[string][]string{}
+	}
+	for dev, ids := range o.acked {
+		r.acked[dev] = append(r.acked[dev], ids...)
+	}
+	r.messages += o.messages
+	r.elapsed += o.elapsed
+	r.lat = append(r.lat, o.lat...)
+}
+
+func (r *loadResult) finish() {
+	if r.elapsed > 0 {
+		r.rate = round(float64(r.messages)/r.elapsed.Seconds(), 0)
+	}
+	lat := r.lat
+	sort.Slice(lat, func(a, b int) bool { return lat[a] < lat[b] })
+	if len(lat) > 0 {
+		r.p50 = ms(lat[len(lat)/2])
+		r.p99 = ms(lat[len(lat)*99/100])
+	}
 }
 
 // publishLoad runs o.devices publishers, each with up to o.window QoS 1
 // messages in flight, for o.duration, and reports acknowledged messages per
-// second and publish-to-ack latency.
-func publishLoad(ctx context.Context, addr, prefix string, o options, perMsg int) (loadResult, error) {
+// second and publish-to-ack latency. run tells message ids of repeated
+// runs on the same devices apart.
+func publishLoad(ctx context.Context, addr, prefix, run string, o options, perMsg int) (loadResult, error) {
 	res := loadResult{acked: map[string][]string{}}
 	type pubState struct {
 		pub   *rawPublisher
@@ -265,7 +337,7 @@ func publishLoad(ctx context.Context, addr, prefix string, o options, perMsg int
 			topic := "sensors/" + fmt.Sprintf("%s-%d", prefix, i) + "/telemetry"
 			ts := time.Now().UnixMilli() - 3_600_000
 			for n := 0; time.Now().Before(deadline) && ctx.Err() == nil; n++ {
-				id := prefix + strconv.Itoa(i) + "-" + strconv.Itoa(n)
+				id := prefix + strconv.Itoa(i) + "-" + run + "-" + strconv.Itoa(n)
 				if err := st.pub.publish(topic, id, message(id, ts, n, perMsg)); err != nil {
 					errs <- err
 					return
@@ -289,13 +361,8 @@ func publishLoad(ctx context.Context, addr, prefix string, o options, perMsg int
 		lat = append(lat, st.lat...)
 		res.acked[fmt.Sprintf("%s-%d", prefix, i)] = st.acked
 	}
-	res.messages = len(lat)
-	res.rate = round(float64(len(lat))/elapsed.Seconds(), 0)
-	sort.Slice(lat, func(a, b int) bool { return lat[a] < lat[b] })
-	if len(lat) > 0 {
-		res.p50 = ms(lat[len(lat)/2])
-		res.p99 = ms(lat[len(lat)*99/100])
-	}
+	res.messages, res.elapsed, res.lat = len(lat), elapsed, lat
+	res.finish()
 	return res, nil
 }
 

@@ -26,7 +26,6 @@
 package broker
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -479,7 +478,10 @@ func (h *ingestHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 	if cl.Net.Inline || !strings.HasPrefix(pk.TopicName, "sensors/") {
 		return pk, nil
 	}
-	topic, payload, retain := pk.TopicName, bytes.Clone(pk.Payload), pk.FixedHeader.Retain
+	// No copy of the payload: mochi decodes every packet from a buffer of
+	// its own (Client.ReadPacket) and never writes to it afterwards, so the
+	// writer and the fan-out may keep it.
+	topic, payload, retain := pk.TopicName, pk.Payload, pk.FixedHeader.Retain
 	switch pk.FixedHeader.Qos {
 	case 0:
 		m := &ingest.Message{Topic: topic, Payload: payload, Done: func(err error) {

@@ -86,6 +86,7 @@ func TestParseErrors(t *testing.T) {
 		{"trusted proxy not an address", []string{"-id", "e1", "-api-trusted-proxies", "10.0.0.0/8,proxy.local"}, "api.trusted_proxies"},
 		{"per-IP cap over the total", []string{"-id", "e1", "-api-max-conns", "10", "-api-max-conns-per-ip", "11"}, "api.max_conns_per_ip"},
 		{"negative cap", []string{"-id", "e1", "-api-max-conns", "-1"}, "api.max_conns"},
+		{"negative gc_percent", []string{"-id", "e1", "-config", writeConfig(t, "gc_percent: -5\n")}, "gc_percent"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

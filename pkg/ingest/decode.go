@@ -112,19 +112,42 @@ func NewDecoder(limits Limits) *Decoder {
 // ambiguous and rejected rather than guessed at.
 func dupKey(obj *fastjson.Object) string {
 	dup := ""
-	seen := make(map[string]struct{}, obj.Len())
+	if obj.Len() > len([smallObject][]byte{}) {
+		seen := make(map[string]struct{}, obj.Len())
+		obj.Visit(func(k []byte, _ *fastjson.Value) {
+			if dup != "" {
+				return
+			}
+			if _, ok := seen[string(k)]; ok {
+				dup = string(k)
+				return
+			}
+			seen[string(k)] = struct{}{}
+		})
+		return dup
+	}
+	// A reading has a handful of keys: comparing each with those before
+	// it costs less than a map.
+	var keys [smallObject][]byte
+	n := 0
 	obj.Visit(func(k []byte, _ *fastjson.Value) {
 		if dup != "" {
 			return
 		}
-		if _, ok := seen[string(k)]; ok {
-			dup = string(k)
-			return
+		for _, s := range keys[:n] {
+			if string(s) == string(k) {
+				dup = string(k)
+				return
+			}
 		}
-		seen[string(k)] = struct{}{}
+		keys[n] = k
+		n++
 	})
 	return dup
 }
+
+// smallObject is the most keys dupKey compares pairwise.
+const smallObject = 16
 
 // Decode validates one message received at now.
 func (d *Decoder) Decode(topic string, payload []byte, now time.Time) (store.Item, error) {

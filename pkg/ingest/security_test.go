@@ -114,3 +114,17 @@ func BenchmarkDecodeState(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkDecodeBench is the payload edgebench publishes: an id, a device
+// timestamp and two metrics.
+func BenchmarkDecodeBench(b *testing.B) {
+	dec := NewDecoder(DefaultLimits)
+	p := []byte(`{"ts":1732170000123,"id":"dev12-34567","metrics":{"temp":21.5,"hum":44}}`)
+	b.SetBytes(int64(len(p)))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := dec.Decode("sensors/dev-12/telemetry", p, testNow); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

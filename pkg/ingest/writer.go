@@ -70,8 +70,16 @@ type Config struct {
 
 // DefaultConfig is the one source of the writer's defaults; the edge's
 // configuration builds on it. QueueSize is left 0: it follows MaxBatch.
+//
+// A commit costs bbolt about the same pages for one message of a device as
+// for several (BenchmarkIngestCPU), and devices whose messages wait on the
+// commit in progress send their next ones only after it: without a wait,
+// batches alternate between halves of what is in flight. A millisecond of
+// Linger lets a batch gather both halves, for less CPU per message under
+// load (BenchmarkWriter: 6-25 % on a busy two-core machine), at a
+// millisecond of latency.
 func DefaultConfig() Config {
-	return Config{MaxBatch: 1000, MaxBatchReadings: 20000, QuotaCheck: time.Second}
+	return Config{MaxBatch: 1000, MaxBatchReadings: 20000, Linger: time.Millisecond, QuotaCheck: time.Second}
 }
 
 // defaults fills what c leaves zero from DefaultConfig.
@@ -358,28 +366,44 @@ func (w *Writer) commit(batch []*pending) {
 		w.poison(batch[0], err)
 		return
 	}
-	now := time.Now()
+	// The counters take one addition per batch, before any message is
+	// reported done, so a caller that saw its message done sees it counted.
+	var stored, duplicate, deadLetter, tooOld, readings int
 	i := 0
 	for _, p := range batch {
 		switch {
 		case p.dead != nil:
-			w.m.deadLetter.Inc()
+			deadLetter++
 			if p.tooOld {
-				w.m.tooOld.Inc()
+				tooOld++
 			}
 		case results[i].Stored == 0 && results[i].Duplicates > 0:
-			w.m.duplicate.Inc()
+			duplicate++
 			i++
 		default:
-			w.m.stored.Inc()
-			w.m.readings.Add(float64(results[i].Stored))
+			stored++
+			readings += results[i].Stored
 			i++
 		}
+	}
+	addCount(w.m.stored, stored)
+	addCount(w.m.duplicate, duplicate)
+	addCount(w.m.deadLetter, deadLetter)
+	addCount(w.m.tooOld, tooOld)
+	addCount(w.m.readings, readings)
+	now := time.Now()
+	for _, p := range batch {
 		w.m.ackLatency.Observe(now.Sub(p.start).Seconds())
 		p.done(nil)
 	}
 	if w.cfg.Committed != nil && len(items) > 0 {
 		w.cfg.Committed() // after the acks: it never delays one
+	}
+}
+
+func addCount(c prometheus.Counter, n int) {
+	if n > 0 {
+		c.Add(float64(n))
 	}
 }
 

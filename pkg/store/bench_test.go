@@ -65,3 +65,47 @@ func BenchmarkReadingsPage(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkIngestCPU is the CPU of one group commit of the shapes edgebench
+// produces (100 devices, 1 or 4 messages of each per commit, one reading of
+// two metrics per message, device timestamps and ids), without the fsync:
+// what encoding, key building, rollups, the device registry and bbolt's
+// page writes cost. bbolt rewrites about the same pages whether a device
+// has 1 or 4 messages in the commit, so the two show the fixed and the
+// per-message part.
+func BenchmarkIngestCPU(b *testing.B) {
+	for _, perDevice := range []int{1, 4} {
+		b.Run(fmt.Sprintf("devices=100/messages=%d", perDevice), func(b *testing.B) { benchIngestCPU(b, 100, perDevice) })
+	}
+}
+
+func benchIngestCPU(b *testing.B, devices, perDevice int) {
+	st, err := Open(filepath.Join(b.TempDir(), "e.db"), Options{NoSync: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
+	names := make([]string, devices)
+	for d := range names {
+		names[d] = "dev-" + strconv.Itoa(d)
+	}
+	ts := int64(1732170000000)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		items := make([]Item, 0, devices*perDevice)
+		for d := range names {
+			for k := 0; k < perDevice; k++ {
+				items = append(items, Item{Device: names[d], ReceivedAt: ts, Readings: []Reading{{
+					TS: ts + int64(k), ID: "m" + strconv.Itoa(i) + "." + strconv.Itoa(k),
+					Metrics: []Metric{{"temp", 20.5 + float64(k)}, {"hum", 40}},
+				}}})
+			}
+		}
+		ts += int64(perDevice)
+		if _, err := st.Ingest(items, nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.N*devices*perDevice)/b.Elapsed().Seconds(), "readings/s")
+}

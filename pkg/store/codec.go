@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"math"
 )
 
@@ -34,16 +33,29 @@ var errCorrupt = errors.New("store: corrupt record")
 func readingKey(r *Reading, encodedMetrics []byte) [16]byte {
 	var k [16]byte
 	binary.BigEndian.PutUint64(k[:8], uint64(r.TS))
-	h := fnv.New64a()
+	var h uint64
 	if r.ID != "" {
-		h.Write([]byte{'i'})
-		h.Write([]byte(r.ID))
+		h = fnv64a(fnv64a(fnvOffset64, "i"), r.ID)
 	} else {
-		h.Write([]byte{'m'})
-		h.Write(encodedMetrics)
+		h = fnv64a(fnv64a(fnvOffset64, "m"), encodedMetrics)
 	}
-	binary.BigEndian.PutUint64(k[8:], h.Sum64())
+	binary.BigEndian.PutUint64(k[8:], h)
 	return k
+}
+
+// FNV-1a, 64 bit, as hash/fnv computes it (keys on disk depend on it being
+// the same), without hash/fnv's allocations on the ingest path.
+const (
+	fnvOffset64 = 14695981039346656037
+	fnvPrime64  = 1099511628211
+)
+
+func fnv64a[T string | []byte](h uint64, b T) uint64 {
+	for i := 0; i < len(b); i++ {
+		h ^= uint64(b[i])
+		h *= fnvPrime64
+	}
+	return h
 }
 
 func keyTS(k []byte) int64 { return int64(binary.BigEndian.Uint64(k[:8])) }
@@ -146,13 +158,14 @@ func (a *agg) merge(b agg) {
 	a.Sum += b.Sum
 }
 
-func (a agg) encode() []byte {
-	b := make([]byte, 32)
-	binary.BigEndian.PutUint64(b[0:], a.Count)
-	binary.BigEndian.PutUint64(b[8:], math.Float64bits(a.Min))
-	binary.BigEndian.PutUint64(b[16:], math.Float64bits(a.Max))
-	binary.BigEndian.PutUint64(b[24:], math.Float64bits(a.Sum))
-	return b
+func (a agg) encode() []byte { return a.append(make([]byte, 0, 32)) }
+
+// append appends the 32-byte encoding of a to dst.
+func (a agg) append(dst []byte) []byte {
+	dst = binary.BigEndian.AppendUint64(dst, a.Count)
+	dst = binary.BigEndian.AppendUint64(dst, math.Float64bits(a.Min))
+	dst = binary.BigEndian.AppendUint64(dst, math.Float64bits(a.Max))
+	return binary.BigEndian.AppendUint64(dst, math.Float64bits(a.Sum))
 }
 
 func decodeAgg(b []byte) (agg, error) {
@@ -170,10 +183,13 @@ func decodeAgg(b []byte) (agg, error) {
 // rollupKey orders cells by metric, then period start, so that one metric's
 // range is one contiguous scan.
 func rollupKey(metric string, periodStart int64) []byte {
-	k := make([]byte, 0, len(metric)+9)
-	k = append(k, metric...)
-	k = append(k, 0)
-	return binary.BigEndian.AppendUint64(k, uint64(periodStart))
+	return appendRollupKey(make([]byte, 0, len(metric)+9), metric, periodStart)
+}
+
+func appendRollupKey(dst []byte, metric string, periodStart int64) []byte {
+	dst = append(dst, metric...)
+	dst = append(dst, 0)
+	return binary.BigEndian.AppendUint64(dst, uint64(periodStart))
 }
 
 func u64(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }

@@ -1,8 +1,10 @@
 package store
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
+	"sync"
 
 	bolt "go.etcd.io/bbolt"
 
@@ -35,13 +37,18 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 	results := make([]ItemResult, len(items))
 	var newReadings, newDevices, deadCount uint64
 	head := s.outboxHead.Load()
+	var written []cachedDevice
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		head = getU64(tx.Bucket(bucketMeta).Get(keyOutboxHead))
+		written = nil
+		// Outbox keys only ever grow: full pages halve the pages a commit
+		// writes for it (bbolt's default splits leave them half empty).
+		tx.Bucket(bucketOutbox).FillPercent = 1
 		w := batchWriter{
 			s: s, tx: tx,
 			readings: tx.Bucket(bucketReadings), ids: tx.Bucket(bucketIDs),
-			rbs: map[string]*bolt.Bucket{}, ibs: map[string]*bolt.Bucket{},
-			devices: map[string]*Device{}, rollups: map[rollupCell]*agg{},
+			rbs: map[string]*bolt.Bucket{}, ibs: map[string]*bolt.Bucket{}, rcs: map[string]*bolt.Cursor{},
+			devices: map[string]*Device{}, shared: map[string]bool{}, rollups: map[rollupCell]*agg{},
 		}
 		for i := range items {
 			r, err := w.item(&items[i], &head)
@@ -51,10 +58,15 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 			results[i] = r
 			newReadings += uint64(r.Stored)
 		}
-		for _, d := range w.devices {
-			if err := putDevice(tx, d); err != nil {
+		for id, d := range w.devices {
+			raw, err := json.Marshal(d)
+			if err != nil {
+				return fmt.Errorf("encode device %s: %w", id, err)
+			}
+			if err := tx.Bucket(bucketDevices).Put([]byte(id), raw); err != nil {
 				return err
 			}
+			written = append(written, cachedDevice{raw: raw, d: d})
 		}
 		newDevices = w.newDevices
 		if err := w.flushRollups(); err != nil {
@@ -69,6 +81,7 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ingest batch of %d: %w", len(items), err)
 	}
+	s.devCache.update(written)
 	storeMax(&s.outboxHead, head)
 	s.readings.Add(newReadings)
 	s.devices.Add(newDevices)
@@ -84,17 +97,39 @@ type rollupCell struct {
 // batchWriter carries per-transaction caches so that a batch touching the
 // same device many times opens its buckets and decodes its record once.
 type batchWriter struct {
-	s          *Store
-	tx         *bolt.Tx
-	readings   *bolt.Bucket
-	ids        *bolt.Bucket
-	rbs, ibs   map[string]*bolt.Bucket
-	devices    map[string]*Device
+	s        *Store
+	tx       *bolt.Tx
+	readings *bolt.Bucket
+	ids      *bolt.Bucket
+	rbs, ibs map[string]*bolt.Bucket
+	// rcs holds a cursor per readings bucket for the dedupe lookups: a
+	// Seek reuses the cursor's stack where each Get allocates a new one.
+	rcs     map[string]*bolt.Cursor
+	devices map[string]*Device
+	// shared marks devices whose maps are the device cache's: they are
+	// cloned before a state merge changes them.
+	shared     map[string]bool
 	rollups    map[rollupCell]*agg
 	newDevices uint64
 	scratch    []byte
 	val        []byte
+	slab       []byte    // backs the values put in this transaction (see keep)
 	fresh      []Reading // the item's new readings; encoded into the outbox entry, then reused
+}
+
+// slabSize is the chunk keep allocates: about a page of readings.
+const slabSize = 32 << 10
+
+// keep copies b into memory that stays untouched until the transaction
+// ends: bbolt copies keys but keeps references to values until commit.
+// Values share a few large chunks instead of one allocation each.
+func (w *batchWriter) keep(b []byte) []byte {
+	if len(w.slab)+len(b) > cap(w.slab) {
+		w.slab = make([]byte, 0, max(slabSize, len(b)))
+	}
+	n := len(w.slab)
+	w.slab = append(w.slab, b...)
+	return w.slab[n:len(w.slab):len(w.slab)]
 }
 
 func (w *batchWriter) bucket(parent *bolt.Bucket, cache map[string]*bolt.Bucket, dev string) (*bolt.Bucket, error) {
@@ -114,12 +149,23 @@ func (w *batchWriter) device(id string, now int64) (*Device, error) {
 	if d, ok := w.devices[id]; ok {
 		return d, nil
 	}
-	d, err := getDevice(w.tx, id)
-	if err == ErrNotFound {
+	raw := w.tx.Bucket(bucketDevices).Get([]byte(id))
+	var d *Device
+	switch {
+	case raw == nil:
 		d = w.s.newDevice(id, now)
 		w.newDevices++
-	} else if err != nil {
-		return nil, err
+	default:
+		if c := w.s.devCache.get(id, raw); c != nil {
+			cp := *c
+			d = &cp
+			w.shared[id] = true
+			break
+		}
+		d = new(Device)
+		if err := json.Unmarshal(raw, d); err != nil {
+			return nil, fmt.Errorf("decode device %s: %w", id, err)
+		}
 	}
 	w.devices[id] = d
 	return d, nil
@@ -140,6 +186,10 @@ func (w *batchWriter) item(it *Item, head *uint64) (ItemResult, error) {
 		}
 	}
 	if len(it.State) > 0 {
+		if w.shared[it.Device] {
+			d.Reported = d.Reported.Clone()
+			delete(w.shared, it.Device)
+		}
 		delta := shadow.Patch(it.State, w.s.clock.Now())
 		if changed := d.Reported.Merge(delta); len(changed) > 0 {
 			res.StateChanged = true
@@ -158,6 +208,11 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 	if err != nil {
 		return res, err
 	}
+	rc := w.rcs[it.Device]
+	if rc == nil {
+		rc = rb.Cursor()
+		w.rcs[it.Device] = rc
+	}
 	seq := *head + 1 // the outbox entry these readings will travel in
 	fresh := w.fresh[:0]
 	for i := range it.Readings {
@@ -174,19 +229,18 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 				continue
 			}
 		}
-		if rb.Get(key[:]) != nil {
+		// The cursor seeks from the bucket's root each time, so the puts
+		// since its last use do not matter.
+		if k, _ := rc.Seek(key[:]); bytes.Equal(k, key[:]) {
 			res.Duplicates++
 			continue
 		}
 		w.val = encodeReadingValue(w.val[:0], seq, r.ID, w.scratch)
-		// bbolt keeps references to keys and values until commit; one
-		// copy of the key serves both puts, as neither is modified.
-		k := append([]byte(nil), key[:]...)
-		if err := rb.Put(k, append([]byte(nil), w.val...)); err != nil {
+		if err := rb.Put(key[:], w.keep(w.val)); err != nil {
 			return res, err
 		}
 		if ib != nil {
-			if err := ib.Put([]byte(r.ID), k); err != nil {
+			if err := ib.Put([]byte(r.ID), w.keep(key[:])); err != nil {
 				return res, err
 			}
 		}
@@ -219,9 +273,10 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 // flushRollups folds the batch's per-minute cells into the minute and hour
 // rollups with one read-modify-write per distinct cell.
 func (w *batchWriter) flushRollups() error {
-	hours := map[rollupCell]*agg{}
+	hours := make(map[rollupCell]*agg, len(w.rollups))
+	minutes := map[string]*bolt.Bucket{}
 	for cell, a := range w.rollups {
-		if err := mergeCell(w.tx.Bucket(bucketMinute), cell.device, rollupKey(cell.metric, cell.minute), *a); err != nil {
+		if err := w.mergeCell(w.tx.Bucket(bucketMinute), minutes, cell, *a); err != nil {
 			return err
 		}
 		hc := rollupCell{cell.device, cell.metric, cell.minute - cell.minute%hourMs}
@@ -232,20 +287,28 @@ func (w *batchWriter) flushRollups() error {
 		}
 		h.merge(*a)
 	}
+	hourBuckets := map[string]*bolt.Bucket{}
 	for cell, a := range hours {
-		if err := mergeCell(w.tx.Bucket(bucketHour), cell.device, rollupKey(cell.metric, cell.minute), *a); err != nil {
+		if err := w.mergeCell(w.tx.Bucket(bucketHour), hourBuckets, cell, *a); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func mergeCell(parent *bolt.Bucket, device string, key []byte, a agg) error {
-	b, err := parent.CreateBucketIfNotExists([]byte(device))
-	if err != nil {
-		return err
+// mergeCell adds a to the stored cell. The key is built in scratch: bbolt
+// copies keys on Put.
+func (w *batchWriter) mergeCell(parent *bolt.Bucket, cache map[string]*bolt.Bucket, cell rollupCell, a agg) error {
+	b := cache[cell.device]
+	if b == nil {
+		var err error
+		if b, err = parent.CreateBucketIfNotExists([]byte(cell.device)); err != nil {
+			return err
+		}
+		cache[cell.device] = b
 	}
-	if old := b.Get(key); old != nil {
+	w.scratch = appendRollupKey(w.scratch[:0], cell.metric, cell.minute)
+	if old := b.Get(w.scratch); old != nil {
 		o, err := decodeAgg(old)
 		if err != nil {
 			return err
@@ -253,5 +316,48 @@ func mergeCell(parent *bolt.Bucket, device string, key []byte, a agg) error {
 		o.merge(a)
 		a = o
 	}
-	return b.Put(key, a.encode())
+	w.val = a.append(w.val[:0])
+	return b.Put(w.scratch, w.keep(w.val))
+}
+
+// deviceCache keeps the decoded records of devices the writer touched, each
+// with the bytes it was decoded from: a batch's device whose stored record
+// is still those bytes needs no JSON decoding. Anything else that writes a
+// device record changes its bytes, which is all the invalidation it needs.
+// Cached devices are never changed: users copy them first.
+type deviceCache struct {
+	mu sync.Mutex
+	m  map[string]cachedDevice
+}
+
+type cachedDevice struct {
+	raw []byte
+	d   *Device
+}
+
+// maxCachedDevices bounds the cache; past it, it starts over.
+const maxCachedDevices = 4096
+
+func (c *deviceCache) get(id string, raw []byte) *Device {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if e, ok := c.m[id]; ok && bytes.Equal(e.raw, raw) {
+		return e.d
+	}
+	return nil
+}
+
+// update records what a committed transaction wrote.
+func (c *deviceCache) update(written []cachedDevice) {
+	if len(written) == 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil || len(c.m)+len(written) > maxCachedDevices {
+		c.m = make(map[string]cachedDevice, len(written))
+	}
+	for _, e := range written {
+		c.m[e.d.ID] = e
+	}
 }

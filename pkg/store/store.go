@@ -91,6 +91,9 @@ type Store struct {
 	deadCount  atomic.Uint64
 	outboxHead atomic.Uint64
 	outboxAck  atomic.Uint64
+
+	// devCache spares Ingest decoding the records of devices it wrote last.
+	devCache deviceCache
 }
 
 // DefaultOptions is the one source of the store's defaults; the edge's
