@@ -15,12 +15,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -47,6 +49,7 @@ type options struct {
 	bigN     int
 	verbose  bool
 	pprof    string
+	rules    int
 }
 
 func main() {
@@ -63,6 +66,7 @@ func main() {
 	flag.IntVar(&o.bigN, "big", 1_000_000, "readings of one device for the stats benchmark; 0 skips")
 	flag.BoolVar(&o.verbose, "v", false, "log progress to stderr")
 	flag.StringVar(&o.pprof, "edge-pprof", "", "pass -pprof ADDR to the edge, to profile it during the run")
+	flag.IntVar(&o.rules, "rules", 100, "rules (one per device) in force on the edge in a third side of each round; 0 skips")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	if o.verbose {
@@ -96,6 +100,18 @@ type result struct {
 	CPUusPerMsg         float64   `json:"cpu_us_per_msg"`
 	BaselineCPUusPerMsg float64   `json:"baseline_cpu_us_per_msg"`
 	RoundRatios         []float64 `json:"round_ratios,omitempty"`
+	// The edge with o.rules rules in force, in the same rounds: its rate
+	// and ratio to the bare broker, its CPU per message, the rule engine's
+	// share of it per reading, and the delay from a reading's commit to the
+	// alert it caused (from the edge's histogram).
+	RulesMsgsPerS       float64   `json:"rules_msgs_per_s,omitempty"`
+	RulesRatio          float64   `json:"rules_ratio,omitempty"`
+	RulesCPUusPerMsg    float64   `json:"rules_cpu_us_per_msg,omitempty"`
+	RuleCPUusPerReading float64   `json:"rule_cpu_us_per_reading,omitempty"`
+	RulesRoundRatios    []float64 `json:"rules_round_ratios,omitempty"`
+	Alerts              int       `json:"alert_transitions,omitempty"`
+	AlertP50ms          float64   `json:"alert_delay_p50_ms,omitempty"`
+	AlertP99ms          float64   `json:"alert_delay_p99_ms,omitempty"`
 	BatchedReadingsS    float64   `json:"batched_readings_per_s,omitempty"`
 	BatchedP99ms        float64   `json:"batched_p99_ms,omitempty"`
 	Page1000ms          float64   `json:"page_1000_ms,omitempty"`
@@ -167,45 +183,91 @@ func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
 	mem := newMemSampler(edge.Process.Pid)
 	defer mem.stop()
 
-	// Rounds alternate ABBA (base, edge, edge, base, ...) so that drift in
-	// the machine's other load cancels out; each side's figures are over
-	// all its rounds.
+	api := &apiClient{base: "http://" + httpAddr}
+	if err := api.login(); err != nil {
+		return res, err
+	}
+
+	// Rounds alternate the sides (base, edge, rules; then the reverse) so
+	// that drift in the machine's other load cancels out; each side's
+	// figures are over all its rounds. The rules side is the same edge with
+	// o.rules rules put in force before it and deleted after it.
 	rounds := max(o.rounds, 1)
 	ro := o
 	ro.duration = o.duration / time.Duration(rounds)
-	var base, er loadResult
-	var baseCPU, edgeCPU float64
+	sides := []string{"base", "edge"}
+	if o.rules > 0 {
+		sides = append(sides, "rules")
+	}
+	var base, er, rr loadResult
+	var baseCPU, edgeCPU, rulesCPU float64
 	for r := 0; r < rounds; r++ {
-		var b, e loadResult
-		for k, side := range []string{"base", "edge"} {
-			if r%2 == 1 {
-				side = []string{"edge", "base"}[k]
-			}
+		var b, e, w loadResult
+		order := append([]string(nil), sides...)
+		if r%2 == 1 {
+			slices.Reverse(order)
+		}
+		for _, side := range order {
 			log.Info("single-reading run", "round", r, "broker", side)
 			addr, prefix, pid := bareAddr, "base", bare.Process.Pid
-			if side == "edge" {
+			if side != "base" {
 				addr, prefix, pid = mqttAddr, "dev", edge.Process.Pid
 			}
+			if side == "rules" {
+				if err := api.putRules(o.rules, "dev"); err != nil {
+					return res, err
+				}
+			}
 			cpu0, _ := benchproc.CPUSeconds(pid)
-			lr, err := publishLoad(ctx, addr, prefix, strconv.Itoa(r), ro, 1)
+			lr, err := publishLoad(ctx, addr, prefix, side+strconv.Itoa(r), ro, 1)
 			if err != nil {
 				return res, fmt.Errorf("%s round %d: %w", side, r, err)
 			}
+			if side != "base" {
+				// Work the load left behind (the rule engine runs after
+				// the ack) belongs to this side.
+				if err := api.waitRulesIdle(ctx, 30*time.Second); err != nil {
+					return res, err
+				}
+			}
 			cpu1, _ := benchproc.CPUSeconds(pid)
-			if side == "edge" {
+			switch side {
+			case "edge":
 				e, edgeCPU = lr, edgeCPU+cpu1-cpu0
-			} else {
+			case "rules":
+				w, rulesCPU = lr, rulesCPU+cpu1-cpu0
+				if err := api.deleteRules(o.rules); err != nil {
+					return res, err
+				}
+			default:
 				b, baseCPU = lr, baseCPU+cpu1-cpu0
 			}
 		}
 		if b.rate > 0 {
 			res.RoundRatios = append(res.RoundRatios, round(e.rate/b.rate, 3))
+			if o.rules > 0 {
+				res.RulesRoundRatios = append(res.RulesRoundRatios, round(w.rate/b.rate, 3))
+			}
 		}
 		base.merge(b)
 		er.merge(e)
+		rr.merge(w)
 	}
 	base.finish()
 	er.finish()
+	rr.finish()
+	if o.rules > 0 && rr.messages > 0 && base.rate > 0 {
+		res.RulesMsgsPerS, res.RulesRatio = rr.rate, round(rr.rate/base.rate, 3)
+		res.RulesCPUusPerMsg = round(rulesCPU*1e6/float64(rr.messages), 2)
+		if er.messages > 0 {
+			res.RuleCPUusPerReading = round(res.RulesCPUusPerMsg-edgeCPU*1e6/float64(er.messages), 2)
+		}
+		if res.Alerts, res.AlertP50ms, res.AlertP99ms, err = api.alertDelay(); err != nil {
+			return res, err
+		}
+		// Its readings are verified with the edge side's.
+		er.merge(rr)
+	}
 	res.BaselineMsgsPerS = base.rate
 	res.BaselineP99ms = base.p99
 	res.MsgsPerS, res.P50ms, res.P99ms = er.rate, er.p50, er.p99
@@ -217,10 +279,6 @@ func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
 	sub.Disconnect(100)
 	bare.Process.Kill()
 
-	api := &apiClient{base: "http://" + httpAddr}
-	if err := api.login(); err != nil {
-		return res, err
-	}
 	log.Info("checking loss and duplicates")
 	res.Lost, res.Dupes, err = verify(api, er)
 	if err != nil {
@@ -662,4 +720,89 @@ func newMemSampler(pid int) *memSampler {
 func (m *memSampler) stop() (anon, file float64) {
 	m.once.Do(func() { close(m.done); m.wg.Wait() })
 	return round(m.anon, 1), round(m.file, 1)
+}
+
+// ---- rules ----
+
+// putRules puts n rules, rule i selecting device prefix-i: it fires when
+// temp passes 29 (one reading in ten of the load) and clears under 21, so
+// each device raises and clears an alert every ten messages.
+func (a *apiClient) putRules(n int, prefix string) error {
+	for i := range n {
+		body := fmt.Sprintf(`{"when":"temp > 29","clear":"temp < 21","devices":{"ids":["%s-%d"]}}`, prefix, i)
+		if err := a.do(http.MethodPut, fmt.Sprintf("/api/v1/rules/bench-%d", i), body); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (a *apiClient) deleteRules(n int) error {
+	for i := range n {
+		if err := a.do(http.MethodDelete, fmt.Sprintf("/api/v1/rules/bench-%d", i), ""); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (a *apiClient) do(method, path, body string) error {
+	req, _ := http.NewRequest(method, a.base+path, strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+a.token)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := a.hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, b)
+	}
+	return nil
+}
+
+// waitRulesIdle waits until the rule runner has evaluated everything
+// committed.
+func (a *apiClient) waitRulesIdle(ctx context.Context, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for {
+		m, err := benchproc.Scrape(&a.hc, a.base+"/metrics")
+		if err != nil {
+			return err
+		}
+		if v, ok := m.Value("outpost_rules_lag_changes"); ok && v == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("rule runner still behind after %v", d)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// alertDelay reads the commit-to-alert histogram: how many transitions,
+// and the bucket bounds the median and the 99th percentile fall in.
+func (a *apiClient) alertDelay() (n int, p50, p99 float64, err error) {
+	m, err := benchproc.Scrape(&a.hc, a.base+"/metrics")
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	total, _ := m.Value("outpost_rules_alert_delay_seconds_count")
+	if total == 0 {
+		return 0, 0, 0, nil
+	}
+	var bounds []float64
+	for b := 0.0005; len(bounds) < 16; b *= 2 {
+		bounds = append(bounds, b)
+	}
+	quantile := func(q float64) float64 {
+		for _, b := range bounds {
+			if v, _ := m.Value(fmt.Sprintf(`outpost_rules_alert_delay_seconds_bucket{le="%s"}`, strconv.FormatFloat(b, 'g', -1, 64))); v >= q*total {
+				return round(b*1000, 2)
+			}
+		}
+		return math.Inf(1)
+	}
+	return int(total), quantile(0.5), quantile(0.99), nil
 }

@@ -5,6 +5,7 @@ import "github.com/prometheus/client_golang/prometheus"
 type metrics struct {
 	evaluated, errors, fired, cleared, actions, actionErrors prometheus.Counter
 	lag, rules                                               prometheus.Gauge
+	delay                                                    prometheus.Histogram
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -21,9 +22,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		lag: prometheus.NewGauge(prometheus.GaugeOpts{Name: "outpost_rules_lag_changes",
 			Help: "Outbox changes committed but not yet evaluated by the rule engine."}),
 		rules: prometheus.NewGauge(prometheus.GaugeOpts{Name: "outpost_rules", Help: "Rules in force."}),
+		delay: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "outpost_rules_alert_delay_seconds",
+			Help:    "From a reading's commit (its outbox stamp) to the alert transition it caused being saved and published.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.evaluated, m.errors, m.fired, m.cleared, m.actions, m.actionErrors, m.lag, m.rules)
+		reg.MustRegister(m.evaluated, m.errors, m.fired, m.cleared, m.actions, m.actionErrors, m.lag, m.rules, m.delay)
 	}
 	return m
 }

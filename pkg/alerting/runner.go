@@ -285,6 +285,7 @@ func (r *Runner) catchUp(ctx context.Context, e *rules.Engine) error {
 			return r.cfg.Store.SaveRuleEvents(head, nil)
 		}
 		var evs []rules.Event
+		var causes []int64 // commit time (ms) of the reading behind each alert transition
 		clear(r.devices)
 		now := r.cfg.Now()
 		for i := range changes {
@@ -306,6 +307,11 @@ func (r *Runner) catchUp(ctx context.Context, e *rules.Engine) error {
 				}
 				out, errs := e.Evaluate(now, d, r.metrics)
 				r.m.evaluated.Inc()
+				for _, ev := range out {
+					if ev.Alert != nil {
+						causes = append(causes, c.Stamp.WallMs())
+					}
+				}
 				for _, err := range errs {
 					r.m.errors.Inc()
 					r.log.Debug("rule evaluation error", "err", err)
@@ -319,6 +325,10 @@ func (r *Runner) catchUp(ctx context.Context, e *rules.Engine) error {
 			return err
 		}
 		r.seq = last
+		done := r.cfg.Now().UnixMilli()
+		for _, ms := range causes {
+			r.m.delay.Observe(float64(max(done-ms, 0)) / 1000)
+		}
 	}
 	return nil
 }

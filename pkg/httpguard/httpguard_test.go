@@ -169,8 +169,13 @@ func TestSecurityFraming(t *testing.T) {
 			}
 		})
 	}
-	if n := value(ta.guard.reqsRefused.WithLabelValues("framing")); n != float64(len(cases)) {
-		t.Errorf("outpost_http_requests_refused_total{reason=framing} = %v, want %d", n, len(cases))
+	// fasthttp (since 1.52) refuses some of these itself, before the guard's
+	// header hook sees them: those count as malformed. Every one is counted
+	// once, either way.
+	framing, malformed := value(ta.guard.reqsRefused.WithLabelValues("framing")), value(ta.guard.reqsRefused.WithLabelValues("malformed"))
+	if framing+malformed != float64(len(cases)) || framing == 0 {
+		t.Errorf("outpost_http_requests_refused_total{reason=framing} = %v and {reason=malformed} = %v, want %d in all, framing among them",
+			framing, malformed, len(cases))
 	}
 
 	// Well-framed requests, pipelined, all run: the harness sees a hidden
