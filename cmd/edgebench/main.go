@@ -265,8 +265,6 @@ func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
 		if res.Alerts, res.AlertP50ms, res.AlertP99ms, err = api.alertDelay(); err != nil {
 			return res, err
 		}
-		// Its readings are verified with the edge side's.
-		er.merge(rr)
 	}
 	res.BaselineMsgsPerS = base.rate
 	res.BaselineP99ms = base.p99
@@ -280,7 +278,10 @@ func run(ctx context.Context, o options, log *slog.Logger) (result, error) {
 	bare.Process.Kill()
 
 	log.Info("checking loss and duplicates")
-	res.Lost, res.Dupes, err = verify(api, er)
+	all := loadResult{}
+	all.merge(er)
+	all.merge(rr) // the rules side's readings are the edge's too
+	res.Lost, res.Dupes, err = verify(api, all)
 	if err != nil {
 		return res, err
 	}
@@ -725,11 +726,12 @@ func (m *memSampler) stop() (anon, file float64) {
 // ---- rules ----
 
 // putRules puts n rules, rule i selecting device prefix-i: it fires when
-// temp passes 29 (one reading in ten of the load) and clears under 21, so
-// each device raises and clears an alert every ten messages.
+// temp passes 29 with hum over 45 (the load's temp cycles through 10
+// values and hum through 7: one message in 70) and clears under 21, so
+// each device raises and clears an alert about every 70 messages.
 func (a *apiClient) putRules(n int, prefix string) error {
 	for i := range n {
-		body := fmt.Sprintf(`{"when":"temp > 29","clear":"temp < 21","devices":{"ids":["%s-%d"]}}`, prefix, i)
+		body := fmt.Sprintf(`{"when":"temp > 29 && hum > 45","clear":"temp < 21","devices":{"ids":["%s-%d"]}}`, prefix, i)
 		if err := a.do(http.MethodPut, fmt.Sprintf("/api/v1/rules/bench-%d", i), body); err != nil {
 			return err
 		}

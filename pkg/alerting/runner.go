@@ -97,10 +97,25 @@ type Runner struct {
 	// Owned by Run.
 	swapped bool // a rule set was put in force: until then nothing is evaluated, or skipped
 	src     sources
-	seq     uint64
+	seq     uint64    // evaluated up to here
+	saved   uint64    // the position last saved
+	savedAt time.Time // when
+	// devices caches what rules see of each device. Every change to a
+	// device's meta or reported state is an outbox entry, which the runner
+	// reads in order, so it drops the entry there and the cache is exact.
 	devices map[string]rules.Device
 	metrics map[string]float64
 }
+
+// Bounds of the runner's lazy work: the device cache is emptied past
+// maxCachedDevices, and a position that moved without any event is saved
+// at most every positionEvery (a crash re-evaluates at most that much,
+// which raises nothing twice: the states it would change were saved with
+// every event).
+const (
+	maxCachedDevices = 1 << 16
+	positionEvery    = time.Second
+)
 
 // New returns a runner; Run starts it.
 func New(cfg Config) *Runner {
@@ -207,8 +222,9 @@ func (r *Runner) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("alerting: load rule states: %w", err)
 	}
-	r.seq = seq
+	r.seq, r.saved = seq, seq
 	e := rules.NewEngine(saved, r.cfg.Stamp)
+	defer r.savePosition()
 	local, err := r.cfg.Store.LocalRules()
 	if err != nil {
 		return fmt.Errorf("alerting: load rules: %w", err)
@@ -268,10 +284,8 @@ func (r *Runner) catchUp(ctx context.Context, e *rules.Engine) error {
 		}
 		if len(e.Rules()) == 0 {
 			// Nothing to evaluate: move past what is there.
-			if err := r.cfg.Store.SaveRuleEvents(head, nil); err != nil {
-				return err
-			}
 			r.seq = head
+			r.maybeSavePosition()
 			continue
 		}
 		changes, err := r.cfg.Store.Outbox(r.seq, r.cfg.Batch, 8<<20)
@@ -282,17 +296,20 @@ func (r *Runner) catchUp(ctx context.Context, e *rules.Engine) error {
 			// Entries the store no longer holds (it did not hold the outbox
 			// for the runner): nothing left to evaluate up to head.
 			r.seq = head
-			return r.cfg.Store.SaveRuleEvents(head, nil)
+			r.maybeSavePosition()
+			return nil
 		}
 		var evs []rules.Event
 		var causes []int64 // commit time (ms) of the reading behind each alert transition
-		clear(r.devices)
+		if len(r.devices) > maxCachedDevices {
+			clear(r.devices)
+		}
 		now := r.cfg.Now()
 		for i := range changes {
 			c := &changes[i]
 			if c.Kind != store.ChangeReadings {
-				if c.Kind == store.ChangeReported {
-					delete(r.devices, c.Device) // its reported state changed
+				if c.Kind == store.ChangeReported || c.Kind == store.ChangeMeta {
+					delete(r.devices, c.Device) // what rules see of it changed
 				}
 				continue
 			}
@@ -321,10 +338,13 @@ func (r *Runner) catchUp(ctx context.Context, e *rules.Engine) error {
 		}
 		r.act(evs)
 		last := changes[len(changes)-1].Seq
-		if err := r.save1(last, evs); err != nil {
-			return err
+		if len(evs) > 0 {
+			if err := r.save1(last, evs); err != nil {
+				return err
+			}
 		}
 		r.seq = last
+		r.maybeSavePosition()
 		done := r.cfg.Now().UnixMilli()
 		for _, ms := range causes {
 			r.m.delay.Observe(float64(max(done-ms, 0)) / 1000)
@@ -358,15 +378,36 @@ func (r *Runner) device(id string) (rules.Device, error) {
 	return d, nil
 }
 
-func (r *Runner) save(evs []rules.Event) error { return r.save1(r.seq, evs) }
-
-func (r *Runner) save1(seq uint64, evs []rules.Event) error {
-	if len(evs) == 0 && seq == r.seq {
+func (r *Runner) save(evs []rules.Event) error {
+	if len(evs) == 0 {
 		return nil
 	}
+	return r.save1(r.seq, evs)
+}
+
+// maybeSavePosition saves a position that moved without events, at most
+// every positionEvery.
+func (r *Runner) maybeSavePosition() {
+	if r.seq != r.saved && r.cfg.Now().Sub(r.savedAt) >= positionEvery {
+		r.savePosition()
+	}
+}
+
+func (r *Runner) savePosition() {
+	if r.seq == r.saved {
+		return
+	}
+	if err := r.save1(r.seq, nil); err != nil {
+		r.log.Warn("save rule runner position", "err", err)
+	}
+}
+
+// save1 saves evs with the position seq, then publishes the alerts.
+func (r *Runner) save1(seq uint64, evs []rules.Event) error {
 	if err := r.cfg.Store.SaveRuleEvents(seq, evs); err != nil {
 		return err
 	}
+	r.saved, r.savedAt = max(r.saved, seq), r.cfg.Now()
 	for _, ev := range evs {
 		if ev.Alert != nil {
 			r.publish(*ev.Alert)

@@ -103,12 +103,17 @@ type Event struct {
 // Engine evaluates a rule set. It is not safe for concurrent use: one
 // goroutine owns it.
 type Engine struct {
-	set     Set
-	byName  map[string]*Compiled
-	states  map[Key]*State
-	stamp   func() hlc.Timestamp
-	machine vm.VM
-	env     *env
+	set    Set
+	byName map[string]*Compiled
+	// byDevice holds the rules that name devices by id, under each id;
+	// anyDevice the others. A reading is matched against its device's
+	// list and anyDevice only (both in name order), not the whole set.
+	byDevice  map[string][]*Compiled
+	anyDevice []*Compiled
+	states    map[Key]*State
+	stamp     func() hlc.Timestamp
+	machine   vm.VM
+	env       *env
 }
 
 // NewEngine returns an engine with no rules that resumes from saved
@@ -132,8 +137,18 @@ func (e *Engine) Rules() Set { return e.set }
 func (e *Engine) Swap(now time.Time, set Set) []Event {
 	e.set = set
 	e.byName = make(map[string]*Compiled, len(set))
+	e.byDevice, e.anyDevice = map[string][]*Compiled{}, nil
 	for _, c := range set {
 		e.byName[c.Name] = c
+		if len(c.Devices.IDs) == 0 {
+			e.anyDevice = append(e.anyDevice, c)
+			continue
+		}
+		for _, id := range c.Devices.IDs {
+			if l := e.byDevice[id]; len(l) == 0 || l[len(l)-1] != c { // an id listed twice
+				e.byDevice[id] = append(l, c)
+			}
+		}
 	}
 	var evs []Event
 	for _, k := range e.sortedKeys() {
@@ -171,63 +186,71 @@ func (e *Engine) Evaluate(now time.Time, d Device, metrics map[string]float64) (
 	var errs []error
 	var env map[string]any
 	ms := now.UnixMilli()
-	for _, c := range e.set {
-		if !c.Devices.Matches(d) || !hasAll(metrics, c.needs) {
-			continue
-		}
-		if env == nil {
-			env = e.env.fill(d, metrics)
-		}
-		k := Key{Rule: c.Name, Device: d.ID}
-		s := e.states[k]
-		if s != nil && s.Alert != nil {
-			// Open: only the clear condition matters.
-			var cleared bool
-			var err error
-			if c.clear != nil {
-				cleared, err = eval(&e.machine, c.clear, env)
-			} else {
-				var held bool
-				held, err = eval(&e.machine, c.when, env)
-				cleared = !held
-			}
-			if err != nil {
-				errs = append(errs, fmt.Errorf("rule %s, device %s: clear: %w", c.Name, d.ID, err))
-				continue
-			}
-			if cleared {
-				delete(e.states, k)
-				evs = append(evs, e.clear(c, s, ms))
-			}
-			continue
-		}
-		held, err := eval(&e.machine, c.when, env)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("rule %s, device %s: when: %w", c.Name, d.ID, err))
-			continue
-		}
-		switch {
-		case !held && s != nil:
-			delete(e.states, k)
-			s.PendingSince = 0
-			evs = append(evs, Event{Kind: Reset, Rule: c, State: *s})
-		case !held:
-		case s == nil && c.For > 0:
-			s = &State{Key: k, Version: c.Version, PendingSince: ms, Value: metrics[c.first]}
-			e.states[k] = s
-			evs = append(evs, Event{Kind: Pending, Rule: c, State: *s})
-		case s == nil:
-			s = &State{Key: k, Version: c.Version}
-			e.states[k] = s
-			evs = append(evs, e.fire(c, s, ms, metrics[c.first]))
-		default: // pending, still holding
-			s.Value = metrics[c.first]
-			if ms-s.PendingSince >= time.Duration(c.For).Milliseconds() {
-				evs = append(evs, e.fire(c, s, ms, s.Value))
-			}
+	for _, list := range [2][]*Compiled{e.byDevice[d.ID], e.anyDevice} {
+		for _, c := range list {
+			evs, errs, env = e.evaluate(c, ms, d, metrics, env, evs, errs)
 		}
 	}
 	return evs, errs
+}
+
+// evaluate runs rule c on one reading, appending what happened to evs and
+// errs; env is built on first use and returned for the next rule.
+func (e *Engine) evaluate(c *Compiled, ms int64, d Device, metrics map[string]float64, env map[string]any,
+	evs []Event, errs []error) ([]Event, []error, map[string]any) {
+	if !c.Devices.Matches(d) || !hasAll(metrics, c.needs) {
+		return evs, errs, env
+	}
+	if env == nil {
+		env = e.env.fill(d, metrics)
+	}
+	k := Key{Rule: c.Name, Device: d.ID}
+	s := e.states[k]
+	if s != nil && s.Alert != nil {
+		// Open: only the clear condition matters.
+		var cleared bool
+		var err error
+		if c.clear != nil {
+			cleared, err = eval(&e.machine, c.clear, env)
+		} else {
+			var held bool
+			held, err = eval(&e.machine, c.when, env)
+			cleared = !held
+		}
+		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("rule %s, device %s: clear: %w", c.Name, d.ID, err))
+		case cleared:
+			delete(e.states, k)
+			evs = append(evs, e.clear(c, s, ms))
+		}
+		return evs, errs, env
+	}
+	held, err := eval(&e.machine, c.when, env)
+	if err != nil {
+		return evs, append(errs, fmt.Errorf("rule %s, device %s: when: %w", c.Name, d.ID, err)), env
+	}
+	switch {
+	case !held && s != nil:
+		delete(e.states, k)
+		s.PendingSince = 0
+		evs = append(evs, Event{Kind: Reset, Rule: c, State: *s})
+	case !held:
+	case s == nil && c.For > 0:
+		s = &State{Key: k, Version: c.Version, PendingSince: ms, Value: metrics[c.first]}
+		e.states[k] = s
+		evs = append(evs, Event{Kind: Pending, Rule: c, State: *s})
+	case s == nil:
+		s = &State{Key: k, Version: c.Version}
+		e.states[k] = s
+		evs = append(evs, e.fire(c, s, ms, metrics[c.first]))
+	default: // pending, still holding
+		s.Value = metrics[c.first]
+		if ms-s.PendingSince >= time.Duration(c.For).Milliseconds() {
+			evs = append(evs, e.fire(c, s, ms, s.Value))
+		}
+	}
+	return evs, errs, env
 }
 
 // Tick fires every pending state whose for has elapsed by now, so that a

@@ -404,3 +404,17 @@ func TestAlertID(t *testing.T) {
 		}
 	}
 }
+
+// TestRulesByDevice: a rule naming devices runs for exactly those (each
+// once, even if named twice), beside rules for every device.
+func TestRulesByDevice(t *testing.T) {
+	some := mustCompile(t, Rule{Name: "some", When: "temp > 1", Devices: Selector{IDs: []string{"a", "b", "b"}}})
+	all := mustCompile(t, Rule{Name: "all", When: "temp > 1"})
+	e := newTestEngine(t, some, all)
+	for dev, want := range map[string]int{"a": 2, "b": 2, "c": 1} {
+		evs, _ := e.Evaluate(time.UnixMilli(1), Device{ID: dev}, map[string]float64{"temp": 2})
+		if len(evs) != want {
+			t.Errorf("device %s: %v, want %d alerts", dev, kinds(evs), want)
+		}
+	}
+}
