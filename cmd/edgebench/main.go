@@ -790,7 +790,7 @@ func (a *apiClient) alertDelay() (n int, p50, p99 float64, err error) {
 	if err != nil {
 		return 0, 0, 0, err
 	}
-	total, _ := m.Value("outpost_rules_alert_delay_seconds_count")
+	total, _ := m.Value("outpost_rules_alert_delay_duration_seconds_count")
 	if total == 0 {
 		return 0, 0, 0, nil
 	}
@@ -800,7 +800,7 @@ func (a *apiClient) alertDelay() (n int, p50, p99 float64, err error) {
 	}
 	quantile := func(q float64) float64 {
 		for _, b := range bounds {
-			if v, _ := m.Value(fmt.Sprintf(`outpost_rules_alert_delay_seconds_bucket{le="%s"}`, strconv.FormatFloat(b, 'g', -1, 64))); v >= q*total {
+			if v, _ := m.Value(fmt.Sprintf(`outpost_rules_alert_delay_duration_seconds_bucket{le="%s"}`, strconv.FormatFloat(b, 'g', -1, 64))); v >= q*total {
 				return round(b*1000, 2)
 			}
 		}

@@ -21,6 +21,7 @@ import (
 // body when the test sends SIGTERM.
 type slowRequest struct {
 	conn net.Conn
+	br   *bufio.Reader
 	rest string
 }
 
@@ -32,6 +33,21 @@ func startSlowRequest(t *testing.T, addr, method, path, token, body string) *slo
 		t.Fatalf("slow request: dial %s: %v", addr, err)
 	}
 	t.Cleanup(func() { c.Close() })
+	// A request answered first proves the server accepted the connection:
+	// one still in the kernel's backlog when the listener closes is reset,
+	// which is not the drain under test (it happened on a loaded machine).
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := fmt.Fprintf(c, "GET /healthz HTTP/1.1\r\nHost: %s\r\n\r\n", addr); err != nil {
+		t.Fatalf("slow request: healthz: %v", err)
+	}
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("slow request: healthz: %v", err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	_ = c.SetDeadline(time.Time{})
 	half := len(body) / 2
 	head := fmt.Sprintf("%s %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n", method, path, addr, len(body))
 	if token != "" {
@@ -40,7 +56,7 @@ func startSlowRequest(t *testing.T, addr, method, path, token, body string) *slo
 	if _, err := io.WriteString(c, head+"\r\n"+body[:half]); err != nil {
 		t.Fatalf("slow request: send first half: %v", err)
 	}
-	return &slowRequest{conn: c, rest: body[half:]}
+	return &slowRequest{conn: c, br: br, rest: body[half:]}
 }
 
 // finish sends the rest of the body and reads the response. A request the
@@ -50,7 +66,7 @@ func (r *slowRequest) finish() (*http.Response, string, error) {
 	if _, err := io.WriteString(r.conn, r.rest); err != nil {
 		return nil, "", fmt.Errorf("send second half: %w", err)
 	}
-	resp, err := http.ReadResponse(bufio.NewReader(r.conn), nil)
+	resp, err := http.ReadResponse(r.br, nil)
 	if err != nil {
 		return nil, "", fmt.Errorf("read response: %w", err)
 	}

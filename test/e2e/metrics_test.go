@@ -42,7 +42,7 @@ func checkMetrics(t *testing.T, daemon, page string, want []string) {
 			t.Errorf("%s /metrics: nothing matches %s", daemon, w)
 		}
 	}
-	scheme := regexp.MustCompile(`^outpost_(http|policy|ingest|store|sync|raft|cloud|broker|mqtt|auth|build)_[a-z0-9_]+$`)
+	scheme := regexp.MustCompile(`^outpost_(http|policy|ingest|store|sync|raft|cloud|broker|mqtt|auth|build|rules)_[a-z0-9_]+$`)
 	for _, m := range metricFamily.FindAllStringSubmatch(page, -1) {
 		name := m[1]
 		switch {
