@@ -314,6 +314,11 @@ type PullPage struct {
 	// Edges is the current edge directory, whole: for an edge that sent
 	// no set versions (QueryHave).
 	Edges []Edge `json:"edges,omitempty"`
+	// Rules is the rules the cloud distributes to the edge (its region's
+	// and every region's), each a rule's JSON (pkg/rules.Rule), by name;
+	// only in a versioned page (Versions) whose Versions.Rules differs from
+	// the edge's, where nil means the cloud distributes none to it.
+	Rules []json.RawMessage `json:"rules,omitempty"`
 	// Versions is the cloud's version of each set, in a page for an edge
 	// that sent the versions it holds. Keys and Policies are then in the
 	// page only when their version differs from the edge's (Policies nil
