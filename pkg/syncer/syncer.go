@@ -56,6 +56,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/backoff"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
 	"github.com/outpost-edge/outpost/pkg/policy"
+	"github.com/outpost-edge/outpost/pkg/rules"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -68,6 +69,7 @@ const (
 	keyKeys       = "jwks"
 	keyPolicies   = "policies_digest"
 	keyVersions   = "set_versions" // wire.SetVersions JSON: what the sets kept here are at
+	keyRules      = "cloud_rules"  // JSON []rules.Rule: the last good set the cloud distributed
 )
 
 // Config configures a Syncer.
@@ -176,6 +178,26 @@ type Policies interface {
 	Install(ctx context.Context, modules []policy.Module) error
 }
 
+// Rules puts the cloud's rule set in force (*alerting.Runner): the whole set
+// or, when it does not compile (rules.ErrInvalid), nothing.
+type Rules interface {
+	SetCloud(ctx context.Context, rs []rules.Rule) error
+}
+
+// CachedRules is the cloud's rule set as the syncer last cached it (the
+// last good one), for the edge to put in force at start, before any pull.
+func CachedRules(st *store.Store) ([]rules.Rule, error) {
+	v, err := st.SyncValue(keyRules)
+	if err != nil || len(v) == 0 {
+		return nil, err
+	}
+	var rs []rules.Rule
+	if err := json.Unmarshal(v, &rs); err != nil {
+		return nil, fmt.Errorf("cached cloud rules: %w", err)
+	}
+	return rs, nil
+}
+
 // Deps are the syncer's collaborators.
 type Deps struct {
 	Store  *store.Store
@@ -190,6 +212,9 @@ type Deps struct {
 	// BuiltinPolicies is what Policies gets when the cloud's set becomes
 	// empty: the edge's own (built-in or local) policy modules.
 	BuiltinPolicies []policy.Module
+	// Rules receives the rules the cloud distributes to this edge; nil
+	// ignores them.
+	Rules Rules
 	// DataChanged is called after roles or device meta changed (policy
 	// decision caches depend on them).
 	DataChanged func()
@@ -924,6 +949,12 @@ func (s *Syncer) applySets(ctx context.Context, p *wire.PullPage) error {
 			kv[keyPolicies] = []byte(digest)
 		}
 	}
+	// Only a cloud that versions its sets distributes rules.
+	if v != nil && v.Rules != s.have.Rules && s.deps.Rules != nil {
+		if err := s.applyRules(ctx, p.Rules, kv); err != nil {
+			return err
+		}
+	}
 	dir := p.Edges
 	if v != nil && p.Directory != nil {
 		s.dirMu.RLock()
@@ -956,6 +987,41 @@ func (s *Syncer) applySets(ctx context.Context, p *wire.PullPage) error {
 	if v != nil {
 		s.have = *v
 	}
+	return nil
+}
+
+// applyRules puts the cloud's rule set in force and, when it was, caches it
+// (into kv) as the set the edge starts with. A set that does not decode or
+// compile is refused whole: the last good set stays in force and cached,
+// and the version is still recorded, so the same set is not retried until
+// the cloud sends another.
+func (s *Syncer) applyRules(ctx context.Context, raw []json.RawMessage, kv map[string][]byte) error {
+	rs := make([]rules.Rule, 0, len(raw))
+	var err error
+	for _, b := range raw {
+		var r rules.Rule
+		if err = json.Unmarshal(b, &r); err != nil {
+			err = fmt.Errorf("%w: %v", rules.ErrInvalid, err)
+			break
+		}
+		rs = append(rs, r)
+	}
+	if err == nil {
+		err = s.deps.Rules.SetCloud(ctx, rs)
+	}
+	switch {
+	case errors.Is(err, rules.ErrInvalid):
+		s.log.Error("the cloud's rules do not compile; the last good set stays in force", "rules", len(raw), "err", err)
+		return nil
+	case err != nil:
+		return fmt.Errorf("cloud rules: %w", err)
+	}
+	b, err := json.Marshal(rs)
+	if err != nil {
+		return err
+	}
+	kv[keyRules] = b
+	s.log.Info("installed the cloud's rules", "rules", len(rs))
 	return nil
 }
 
