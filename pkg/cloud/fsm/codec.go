@@ -78,6 +78,7 @@ type Command struct {
 	Compact   *CompactCmd      // CmdCompact
 	Sink      *SinkCursorCmd   // CmdSinkCursor
 	Rule      *RuleCmd         // CmdRulePut
+	Alerts    *AlertsCmd       // CmdAlerts
 	// Refusals marks changes of a push or state batch that the leader
 	// refused under edge restriction (see restrict.go); they are applied as
 	// corrections, not as the edge sent them.
@@ -149,6 +150,8 @@ func EncodeCommand(c *Command) ([]byte, error) {
 		return appendJSON(b, c.Sink)
 	case CmdRulePut:
 		return appendJSON(b, c.Rule)
+	case CmdAlerts:
+		return appendJSON(b, c.Alerts)
 	}
 	return nil, fmt.Errorf("fsm: unknown command type %d", c.Type)
 }
@@ -282,6 +285,9 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 	case CmdRulePut:
 		d.Cmd.Rule = &RuleCmd{}
 		r.json(d.Cmd.Rule)
+	case CmdAlerts:
+		d.Cmd.Alerts = &AlertsCmd{}
+		r.json(d.Cmd.Alerts)
 	default:
 		return nil, fmt.Errorf("%w: unknown command type %d", ErrCorrupt, d.Type)
 	}

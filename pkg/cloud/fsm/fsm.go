@@ -556,6 +556,8 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 		return a.sinkCursor(d.Cmd.Sink)
 	case CmdRulePut:
 		return a.rulePut(a.index, d.Cmd.Rule)
+	case CmdAlerts:
+		return a.alerts(d.Cmd.Alerts)
 	}
 	return Result{Err: fmt.Errorf("%w: command type %d", ErrCorrupt, d.Type)}, nil
 }
