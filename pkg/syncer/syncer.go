@@ -178,10 +178,13 @@ type Policies interface {
 	Install(ctx context.Context, modules []policy.Module) error
 }
 
-// Rules puts the cloud's rule set in force (*alerting.Runner): the whole set
-// or, when it does not compile (rules.ErrInvalid), nothing.
+// Rules is the edge's rule runner (*alerting.Runner): SetCloud puts the
+// cloud's rule set in force (the whole set or, when it does not compile,
+// rules.ErrInvalid and nothing); MergeRemote applies a pulled alert.
 type Rules interface {
 	SetCloud(ctx context.Context, rs []rules.Rule) error
+	// MergeRemote folds an alert changed at the cloud into the edge's.
+	MergeRemote(ctx context.Context, a rules.Alert) (rules.Alert, error)
 }
 
 // CachedRules is the cloud's rule set as the syncer last cached it (the
@@ -372,6 +375,7 @@ func (s *Syncer) succeeded() {
 func (s *Syncer) pushLoop(ctx context.Context) {
 	bo := backoff.Backoff{Base: s.cfg.BackoffBase, Max: s.cfg.BackoffMax}
 	synced := false // the cursor was confirmed with the cloud since the last failure
+	alerts := alertPusher{bo: backoff.Backoff{Base: s.cfg.BackoffBase, Max: s.cfg.BackoffMax}}
 	idle := time.NewTicker(s.cfg.Idle)
 	defer idle.Stop()
 	for ctx.Err() == nil {
@@ -415,11 +419,79 @@ func (s *Syncer) pushLoop(ctx context.Context) {
 		if n > 0 {
 			continue // more may be waiting: drain without pausing
 		}
+		s.pushAlerts(ctx, &alerts)
 		select {
 		case <-ctx.Done():
 			return
 		case <-idle.C:
 		case <-s.wake:
+		}
+	}
+}
+
+// alertPusher is the push loop's state for the alert outbox: alerts have
+// their own backoff, so a cloud that refuses them (an older release
+// answers 404) never slows the sequenced stream.
+type alertPusher struct {
+	bo      backoff.Backoff
+	next    time.Time // no attempt before
+	refused bool      // the last attempt was refused: logged once
+}
+
+// alertBatch bounds one alert push.
+const alertBatch = 500
+
+// pushAlerts sends the alert outbox (the latest value of each alert that
+// changed since the cloud last took it), when the stream is idle.
+func (s *Syncer) pushAlerts(ctx context.Context, p *alertPusher) {
+	if time.Now().Before(p.next) {
+		return
+	}
+	for ctx.Err() == nil {
+		pending, err := s.deps.Store.PendingAlerts(alertBatch)
+		if err != nil {
+			s.log.Error("read the alert outbox", "err", err)
+			p.next = time.Now().Add(p.bo.Next())
+			return
+		}
+		if len(pending) == 0 {
+			return
+		}
+		b := &wire.AlertBatch{Edge: s.cfg.EdgeID, Alerts: make([]json.RawMessage, 0, len(pending))}
+		for i := range pending {
+			raw, err := json.Marshal(&pending[i])
+			if err != nil {
+				s.log.Error("encode alert", "err", err)
+				return
+			}
+			b.Alerts = append(b.Alerts, raw)
+		}
+		_, err = s.deps.Client.Alerts(ctx, b)
+		var apiErr *client.APIError
+		switch {
+		case errors.As(err, &apiErr) && (apiErr.Status == 404 || apiErr.Status == 400):
+			// An older cloud (no such route) or one that refuses these
+			// alerts: they stay queued and are offered again later.
+			if !p.refused {
+				s.log.Warn("the cloud does not take this edge's alerts; they stay queued at the edge", "alerts", len(pending), "err", err)
+			}
+			p.refused = true
+			p.next = time.Now().Add(s.cfg.BackoffMax)
+			s.m.retries.WithLabelValues("alerts", "refused").Inc()
+			return
+		case err != nil:
+			p.next = time.Now().Add(p.bo.Next())
+			s.m.retries.WithLabelValues("alerts", "error").Inc()
+			return
+		}
+		p.bo.Reset()
+		p.refused = false
+		if err := s.deps.Store.AlertsSent(pending); err != nil {
+			s.log.Error("record alerts sent", "err", err)
+			return
+		}
+		if len(pending) < alertBatch {
+			return
 		}
 	}
 }
@@ -798,6 +870,7 @@ func (s *Syncer) pull(ctx context.Context) (held bool, err error) {
 			held = true
 		}
 		wait = 0 // only an empty first page is worth holding
+		s.applyAlerts(ctx, p.Changes)
 		if err := s.apply(p.Changes); err != nil {
 			return held, err
 		}
@@ -816,6 +889,29 @@ func (s *Syncer) pull(ctx context.Context) (held bool, err error) {
 		}
 	}
 	return held, nil
+}
+
+// applyAlerts merges the alerts the cloud changed (acks made there) into
+// the edge's through the rule runner. One that cannot be merged (the edge
+// no longer has it, or it does not decode) is logged and skipped: the
+// pull must not stall on it, and the alert's own copy stays.
+func (s *Syncer) applyAlerts(ctx context.Context, changes []wire.Change) {
+	for i := range changes {
+		c := &changes[i]
+		if c.Kind != wire.KindAlert || s.deps.Rules == nil {
+			continue
+		}
+		var a rules.Alert
+		if err := json.Unmarshal(c.Alert, &a); err != nil {
+			s.log.Warn("pulled alert does not decode; skipped", "device", c.Device, "err", err)
+			continue
+		}
+		if _, err := s.deps.Rules.MergeRemote(ctx, a); err != nil {
+			s.log.Warn("pulled alert not merged", "alert", a.ID, "err", err)
+			continue
+		}
+		s.m.pulled.WithLabelValues(wire.KindAlert).Inc()
+	}
 }
 
 // apply merges pulled changes and sends changed desired state downstream.

@@ -66,6 +66,8 @@ type Queries interface {
 	Policies() ([]wire.Policy, error)
 	Edge(id string) (wire.Edge, error)
 	Rules() ([]fsm.RuleRecord, error)
+	Alerts(q fsm.AlertsQuery) ([]fsm.AlertRecord, error)
+	Alert(id string) (fsm.AlertRecord, error)
 	Pull(edge, cursor string, limit int) (wire.PullPage, error)
 	// PullWatch is closed when something a pull of edge carries commits.
 	PullWatch(edge string) <-chan struct{}
