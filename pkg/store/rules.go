@@ -212,7 +212,6 @@ func (s *Store) AlertsSent(sent []rules.Alert) error {
 	})
 }
 
-
 // MergeAlert folds a copy of an alert that is not open in the engine (an
 // ack of a cleared alert, a copy from the cloud) into the stored one.
 // ErrNotFound if the edge has no such alert.
