@@ -15,7 +15,8 @@ import (
 // the alert at the edge and the rule's set_desired action reaches the
 // device over MQTT; once the link returns the alert reaches the cloud's
 // GET /api/v1/alerts with its edge; an ack at the cloud converges at the
-// edge (acknowledged, by the cloud's acker).
+// edge (acknowledged, by the cloud's acker). The rule's desired write,
+// made with the cloud's authority, is kept at the cloud.
 func TestSyncRulesAndAlerts(t *testing.T) {
 	c := startCloudCluster(t, 1)
 	rule := map[string]any{"when": "temp > 30", "clear": "temp < 28", "message": "too warm",
@@ -78,6 +79,12 @@ func TestSyncRulesAndAlerts(t *testing.T) {
 			return false
 		}
 		return page.Items[0].ID == id && page.Items[0].Edge == "e5"
+	})
+	// The distributed rule's set_desired carries the cloud's authority: the
+	// cloud keeps it (an unproven write would be corrected back).
+	cloudWaitFor(t, 20*time.Second, "the rule's desired write at the cloud", func() bool {
+		d, err := c.deviceState(c.Nodes[0], dev)
+		return err == nil && string(d.Desired["fan"]) == `"max"`
 	})
 	if code, env, err := c.api(c.Nodes[0], http.MethodPost, "/api/v1/alerts/"+id+"/ack", map[string]string{"by": "o-ops"}); err != nil || code != 200 {
 		t.Fatalf("ack at the cloud: %d %s %v", code, env.Message, err)
