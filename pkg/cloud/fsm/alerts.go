@@ -68,6 +68,9 @@ func (a *applier) alerts(c *AlertsCmd) (Result, error) {
 			}
 			rec = AlertRecord{Alert: in, Edge: c.Edge}
 			rec.Merge(in) // derives the state from the stamps, as every later merge will
+			if err := a.enqueueNotify(&rec); err != nil {
+				return Result{}, err
+			}
 		}
 		if err := putJSON(b, in.ID, rec); err != nil {
 			return Result{}, err

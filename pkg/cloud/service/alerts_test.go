@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/hlc"
@@ -114,5 +116,92 @@ func TestAlertsAcrossEdges(t *testing.T) {
 	rs, err := n.svc.Alerts(ctx, fsm.AlertsQuery{Device: "d1", Limit: 10})
 	if err != nil || len(rs) != 1 || rs[0].State != rules.StateCleared || rs[0].AckedBy != "ops" {
 		t.Fatalf("after the edge's clear: %+v %v", rs, err)
+	}
+}
+
+// countingNotifier fails each owner's first attempt, then counts sends.
+type countingNotifier struct {
+	mu       sync.Mutex
+	failed   map[string]bool
+	sent     map[string]int
+	refusing string
+}
+
+func (c *countingNotifier) Notify(_ context.Context, openid string, n fsm.Notification) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if openid == c.refusing {
+		return ErrNotifyRefused
+	}
+	key := n.Alert.ID + "/" + openid
+	if !c.failed[key] {
+		c.failed[key] = true
+		return errors.New("busy")
+	}
+	c.sent[key]++
+	return nil
+}
+
+// TestNotifyExactlyOnce: an alert from a distributed rule with a notify
+// action, arriving for the first time, queues one notification for each
+// owner of its device; the leader's notifier retries a failed send and
+// sends each owner exactly once (re-sent copies and later transitions of
+// the alert queue nothing more); a refused owner is not retried; an alert
+// of a rule without notify queues nothing.
+func TestNotifyExactlyOnce(t *testing.T) {
+	nt := &countingNotifier{failed: map[string]bool{}, sent: map[string]int{}, refusing: "o-gone"}
+	n := startService(t, Config{Notifier: nt})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if _, err := n.svc.PutMeta(ctx, "d1", wire.Meta{Owners: []string{"o-1", "o-2", "o-gone"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.PutRule(ctx, rules.Rule{Name: "hot", When: "temp > 30", Actions: []rules.Action{{Notify: true}}}, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.PutRule(ctx, rules.Rule{Name: "quiet", When: "temp > 30"}, ""); err != nil {
+		t.Fatal(err)
+	}
+	a := rules.Alert{ID: rules.AlertID("hot", "d1", 10), Rule: "hot", Device: "d1", State: rules.StateActive, StartedAt: 10, Stamp: hlc.New(10, 0)}
+	q := rules.Alert{ID: rules.AlertID("quiet", "d1", 10), Rule: "quiet", Device: "d1", State: rules.StateActive, StartedAt: 10, Stamp: hlc.New(10, 0)}
+	for range 2 { // a re-send
+		if _, err := n.svc.PushAlerts(ctx, "e1", &wire.AlertBatch{Alerts: []json.RawMessage{alertJSON(t, a), alertJSON(t, q)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if qs, err := n.fsm.Notifications(10); err != nil || len(qs) != 1 || len(qs[0].Owners) != 3 {
+		t.Fatalf("queue: %+v %v", qs, err)
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); n.svc.RunNotify(ctx, 20*time.Millisecond) }()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		qs, err := n.fsm.Notifications(10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(qs) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("queue not emptied: %+v", qs)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// A later transition of the same alert queues nothing.
+	cl := a
+	cl.ClearedAt, cl.ClearStamp = 20, hlc.New(20, 0)
+	if _, err := n.svc.PushAlerts(ctx, "e1", &wire.AlertBatch{Alerts: []json.RawMessage{alertJSON(t, cl)}}); err != nil {
+		t.Fatal(err)
+	}
+	if qs, _ := n.fsm.Notifications(10); len(qs) != 0 {
+		t.Fatalf("a later transition queued %+v", qs)
+	}
+	cancel()
+	<-done
+	nt.mu.Lock()
+	defer nt.mu.Unlock()
+	if len(nt.sent) != 2 || nt.sent[a.ID+"/o-1"] != 1 || nt.sent[a.ID+"/o-2"] != 1 {
+		t.Fatalf("sent %v, want o-1 and o-2 once each", nt.sent)
 	}
 }
