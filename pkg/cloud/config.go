@@ -52,16 +52,16 @@ type Config struct {
 	AuthFailureLimit float64 `yaml:"auth_failure_limit"`
 	// WeChat code2session credentials for users' logins (edges forward
 	// theirs here); empty AppID disables WeChat login.
-	WeChatAppID      string        `yaml:"wechat_appid"`
-	WeChatSecret     string        `yaml:"wechat_secret"`
-	WeChatSecretFile string        `yaml:"wechat_secret_file"`
-	WeChatAPIBase    string        `yaml:"wechat_api_base"`
+	WeChatAppID      string `yaml:"wechat_appid"`
+	WeChatSecret     string `yaml:"wechat_secret"`
+	WeChatSecretFile string `yaml:"wechat_secret_file"`
+	WeChatAPIBase    string `yaml:"wechat_api_base"`
 	// WeChatSubscribeTemplate is the subscribe-message template alert
 	// notifications are sent with (rules with a notify action); empty:
 	// none are sent. It needs the WeChat credentials above.
-	WeChatSubscribeTemplate string `yaml:"wechat_subscribe_template"`
-	AccessTTL        time.Duration `yaml:"access_ttl"`
-	RefreshTTL       time.Duration `yaml:"refresh_ttl"`
+	WeChatSubscribeTemplate string        `yaml:"wechat_subscribe_template"`
+	AccessTTL               time.Duration `yaml:"access_ttl"`
+	RefreshTTL              time.Duration `yaml:"refresh_ttl"`
 	// RefreshReuseGrace: a refresh retried with the same token this soon
 	// gets the same pair (default 30s; negative: every reuse revokes).
 	RefreshReuseGrace time.Duration `yaml:"refresh_reuse_grace"`
