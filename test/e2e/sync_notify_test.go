@@ -18,7 +18,6 @@ type wechatNotifyFake struct {
 	tokens int
 	busy   bool
 	sent   map[string]int
-	bodies []string
 }
 
 func startWeChatNotifyFake(t *testing.T) (*wechatNotifyFake, string) {
