@@ -75,6 +75,14 @@ func (a *applier) enqueueNotify(rec *AlertRecord) error {
 	if !slices.ContainsFunc(r.Actions, func(x rules.Action) bool { return x.Notify }) {
 		return nil
 	}
+	if rr.Region != "" {
+		// Only the edges of the rule's region run it; an alert of that
+		// name from elsewhere is an edge-local rule's.
+		var er edgeRecord
+		if v := a.bk.edges.Get([]byte(rec.Edge)); v == nil || json.Unmarshal(v, &er) != nil || er.Region != rr.Region {
+			return nil
+		}
+	}
 	owners, err := a.owners(rec.Device)
 	if err != nil || len(owners) == 0 {
 		return err
