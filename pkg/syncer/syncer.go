@@ -438,8 +438,8 @@ type alertPusher struct {
 	refused bool      // the last attempt was refused: logged once
 }
 
-// alertBatch bounds one alert push.
-const alertBatch = 500
+// alertBatch bounds one alert push (about 300 bytes an alert).
+const alertBatch = 200
 
 // pushAlerts sends the alert outbox (the latest value of each alert that
 // changed since the cloud last took it), when the stream is idle.

@@ -222,7 +222,7 @@ func (s *Server) App() *fiber.App { return s.app }
 // is small.
 func (s *Server) bodyLimit(_, path []byte, h *fasthttp.RequestHeader) int {
 	switch {
-	case httpguard.Route(path, "/sync/v1/push"), httpguard.Route(path, "/sync/v1/state"):
+	case httpguard.Route(path, "/sync/v1/push"), httpguard.Route(path, "/sync/v1/state"), httpguard.Route(path, "/sync/v1/alerts"):
 		if s.edgeToken(h.Peek(fiber.HeaderAuthorization)) {
 			return wire.MaxBodyBytes
 		}
