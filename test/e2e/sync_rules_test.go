@@ -16,7 +16,8 @@ import (
 // device over MQTT; once the link returns the alert reaches the cloud's
 // GET /api/v1/alerts with its edge; an ack at the cloud converges at the
 // edge (acknowledged, by the cloud's acker). The rule's desired write,
-// made with the cloud's authority, is kept at the cloud.
+// made with the cloud's authority, is kept at the cloud. An edge restarted
+// offline runs the cloud's rule from its cache.
 func TestSyncRulesAndAlerts(t *testing.T) {
 	c := startCloudCluster(t, 1)
 	rule := map[string]any{"when": "temp > 30", "clear": "temp < 28", "message": "too warm",
@@ -94,4 +95,14 @@ func TestSyncRulesAndAlerts(t *testing.T) {
 		err := e.api(http.MethodGet, "/api/v1/alerts?device="+dev, tok, nil, &page)
 		return err == nil && len(page.Items) == 1 && page.Items[0].State == "acknowledged" && page.Items[0].AckedBy == "o-ops"
 	})
+
+	// Restarted with the cloud unreachable, the edge runs the cloud's rule
+	// it cached.
+	link.cut(true)
+	e.kill9()
+	e.start()
+	var page struct{ Items []ruleInfo }
+	if err := e.api(http.MethodGet, "/api/v1/rules", e.login(), nil, &page); err != nil || len(page.Items) != 1 || page.Items[0].Source != "cloud" {
+		t.Fatalf("rules after an offline restart %+v: %v", page.Items, err)
+	}
 }
