@@ -310,6 +310,10 @@ const MaxBatchAlerts = 1000
 // AlertResult is the data of an alert push: how many alerts changed.
 type AlertResult struct {
 	Applied int `json:"applied"`
+	// RejectedStamps counts transition stamps further ahead of the cloud's
+	// clock than the maximum drift: kept with the oldest stamp, so they
+	// lose to every real transition.
+	RejectedStamps int `json:"rejected_stamps,omitempty"`
 }
 
 // StateBatch is the body of POST /sync/v1/state: state changes sent ahead of

@@ -7,6 +7,7 @@ import (
 	"fmt"
 
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
+	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/rules"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -30,6 +31,7 @@ func (s *Service) PushAlerts(ctx context.Context, edge string, b *wire.AlertBatc
 		return wire.AlertResult{}, nil
 	}
 	cmd := &fsm.AlertsCmd{Edge: edge, Alerts: make([]rules.Alert, 0, len(b.Alerts))}
+	rejected := 0
 	for i, raw := range b.Alerts {
 		var a rules.Alert
 		if err := json.Unmarshal(raw, &a); err != nil {
@@ -38,6 +40,11 @@ func (s *Service) PushAlerts(ctx context.Context, edge string, b *wire.AlertBatc
 		if err := fsm.CheckAlert(&a); err != nil {
 			return wire.AlertResult{}, err
 		}
+		n, err := s.screenAlert(&a)
+		if err != nil {
+			return wire.AlertResult{}, err
+		}
+		rejected += n
 		cmd.Alerts = append(cmd.Alerts, a)
 	}
 	res, err := s.propose(ctx, &fsm.Command{Type: fsm.CmdAlerts, Alerts: cmd})
@@ -47,7 +54,32 @@ func (s *Service) PushAlerts(ctx context.Context, edge string, b *wire.AlertBatc
 	if res.Err != nil {
 		return wire.AlertResult{}, res.Err
 	}
-	return wire.AlertResult{Applied: res.Applied}, nil
+	return wire.AlertResult{Applied: res.Applied, RejectedStamps: rejected}, nil
+}
+
+// screenAlert applies the stamp policy to an alert's transitions: each
+// stamp is folded into the clock (so an ack made at the cloud afterwards
+// is stamped after it), and one further ahead than the maximum drift is
+// demoted to the oldest stamp: the transition is kept but loses to every
+// real one, so one bad clock cannot pin an alert's acker for good.
+func (s *Service) screenAlert(a *rules.Alert) (int, error) {
+	n := 0
+	for _, st := range []*hlc.Timestamp{&a.Stamp, &a.AckStamp, &a.ClearStamp} {
+		if st.IsZero() {
+			continue
+		}
+		if _, err := s.clock.Update(*st); err != nil {
+			if !errors.Is(err, hlc.ErrDrift) {
+				return 0, err
+			}
+			*st = demoted
+			n++
+		}
+	}
+	if n > 0 {
+		s.log.Warn("alert stamps beyond the maximum clock drift were demoted", "alert", a.ID, "stamps", n)
+	}
+	return n, nil
 }
 
 // Alerts lists alerts across edges (fsm.AlertsQuery).

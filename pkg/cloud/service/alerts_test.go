@@ -205,3 +205,23 @@ func TestNotifyExactlyOnce(t *testing.T) {
 		t.Fatalf("sent %v, want o-1 and o-2 once each", nt.sent)
 	}
 }
+
+// TestAlertStampsScreened: an ack stamped far ahead of the cloud's clock
+// (a bad edge clock) is kept with the oldest stamp and counted, so an ack
+// made at the cloud afterwards still wins.
+func TestAlertStampsScreened(t *testing.T) {
+	n := startService(t, Config{})
+	ctx := context.Background()
+	now := n.clock.Now()
+	a := rules.Alert{ID: rules.AlertID("hot", "d1", 10), Rule: "hot", Device: "d1", State: rules.StateActive, StartedAt: 10, Stamp: now}
+	ahead := a
+	ahead.AckedAt, ahead.AckedBy, ahead.AckStamp = 20, "skewed", hlc.New(now.WallMs()+int64(24*time.Hour/time.Millisecond), 0)
+	res, err := n.svc.PushAlerts(ctx, "e1", &wire.AlertBatch{Alerts: []json.RawMessage{alertJSON(t, ahead)}})
+	if err != nil || res.RejectedStamps != 1 {
+		t.Fatalf("push with a stamp a day ahead: %+v %v", res, err)
+	}
+	acked, err := n.svc.AckAlert(ctx, a.ID, "ops")
+	if err != nil || acked.AckedBy != "ops" || acked.State != rules.StateAcknowledged {
+		t.Fatalf("the cloud's ack after a skewed one: %+v %v", acked, err)
+	}
+}
