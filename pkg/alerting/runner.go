@@ -43,6 +43,7 @@ type Store interface {
 	Device(id string) (*store.Device, error)
 	SetDesiredBy(id string, patch map[string]json.RawMessage, by store.Actor) (*store.Device, error)
 	MergeAlert(a rules.Alert) (rules.Alert, error)
+	Alert(id string) (rules.Alert, error)
 	LocalRules() ([]rules.Rule, error)
 	PutLocalRule(r rules.Rule) error
 	DeleteLocalRule(name string) error
@@ -207,6 +208,33 @@ func (r *Runner) Ack(ctx context.Context, id, by string) (rules.Alert, error) {
 		out, err = r.cfg.Store.MergeAlert(rules.Alert{ID: id, Rule: rule, Device: device,
 			AckedAt: now, AckedBy: by, AckStamp: r.cfg.Stamp()})
 		if err == nil {
+			r.publish(out)
+		}
+	}); derr != nil {
+		return rules.Alert{}, derr
+	}
+	return out, err
+}
+
+// MergeRemote folds a copy of an alert changed elsewhere (an ack made at
+// the cloud, pulled by the syncer) into the edge's: through the engine when
+// the alert is open there, into the store when it is not. A copy that
+// changes nothing is not stored or published again. ErrNotFound if the
+// edge has no such alert.
+func (r *Runner) MergeRemote(ctx context.Context, a rules.Alert) (rules.Alert, error) {
+	var out rules.Alert
+	var err error
+	if derr := r.do(ctx, func(e *rules.Engine) {
+		if ev, ok := e.Merge(a); ok {
+			out = *ev.Alert
+			err = r.save([]rules.Event{ev}) // publishes it
+			return
+		}
+		var before rules.Alert
+		if before, err = r.cfg.Store.Alert(a.ID); err != nil {
+			return
+		}
+		if out, err = r.cfg.Store.MergeAlert(a); err == nil && out != before {
 			r.publish(out)
 		}
 	}); derr != nil {

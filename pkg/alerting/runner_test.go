@@ -294,3 +294,42 @@ func TestLocalRules(t *testing.T) {
 	f.ingest("d", 45)
 	waitFor(t, "the cloud rule's alert", func() bool { return len(f.alerts(store.AlertsQuery{})) == 1 })
 }
+
+// TestMergeRemote: an ack made at the cloud, merged into an open alert,
+// acknowledges it at the edge (stored, published once, queued for the
+// cloud); merging it again changes and publishes nothing; the clear that
+// follows keeps the cloud's acker; a copy merged into a cleared alert goes
+// to the store; an unknown alert is ErrNotFound.
+func TestMergeRemote(t *testing.T) {
+	f := newFixture(t)
+	f.start(set(t, rules.Rule{Name: "hot", When: "temp > 30"}))
+	f.ingest("d4", 31)
+	waitFor(t, "an alert", func() bool { return len(f.alerts(store.AlertsQuery{})) == 1 })
+	id := f.alerts(store.AlertsQuery{})[0].ID
+	ack := rules.Alert{ID: id, Rule: "hot", Device: "d4", AckedAt: 5, AckedBy: "bob", AckStamp: hlc.New(5, 1)}
+	a, err := f.r.MergeRemote(context.Background(), ack)
+	if err != nil || a.State != rules.StateAcknowledged || a.AckedBy != "bob" {
+		t.Fatalf("MergeRemote: %+v %v", a, err)
+	}
+	n := len(f.pub.on(AlertTopic("d4")))
+	if _, err := f.r.MergeRemote(context.Background(), ack); err != nil {
+		t.Fatal(err)
+	}
+	if got := len(f.pub.on(AlertTopic("d4"))); got != n {
+		t.Fatalf("a merge that changed nothing was published: %d messages, had %d", got, n)
+	}
+	if p, err := f.st.PendingAlerts(10); err != nil || len(p) != 1 || p[0].AckedBy != "bob" {
+		t.Fatalf("alert outbox after the merge: %+v %v", p, err)
+	}
+	f.ingest("d4", 20)
+	waitFor(t, "the alert cleared", func() bool { return len(f.alerts(store.AlertsQuery{State: rules.StateCleared})) == 1 })
+	// A later ack from elsewhere, after the clear: stored, state stays cleared.
+	late := ack
+	late.AckedBy, late.AckStamp = "carol", hlc.New(f.now.Load()+10, 0)
+	if a, err := f.r.MergeRemote(context.Background(), late); err != nil || a.State != rules.StateCleared || a.AckedBy != "carol" {
+		t.Fatalf("a merge into a cleared alert: %+v %v", a, err)
+	}
+	if _, err := f.r.MergeRemote(context.Background(), rules.Alert{ID: "d4~nope~1", Rule: "nope", Device: "d4"}); err != ErrNotFound {
+		t.Fatalf("MergeRemote of a missing alert: %v", err)
+	}
+}

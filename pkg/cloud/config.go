@@ -52,12 +52,16 @@ type Config struct {
 	AuthFailureLimit float64 `yaml:"auth_failure_limit"`
 	// WeChat code2session credentials for users' logins (edges forward
 	// theirs here); empty AppID disables WeChat login.
-	WeChatAppID      string        `yaml:"wechat_appid"`
-	WeChatSecret     string        `yaml:"wechat_secret"`
-	WeChatSecretFile string        `yaml:"wechat_secret_file"`
-	WeChatAPIBase    string        `yaml:"wechat_api_base"`
-	AccessTTL        time.Duration `yaml:"access_ttl"`
-	RefreshTTL       time.Duration `yaml:"refresh_ttl"`
+	WeChatAppID      string `yaml:"wechat_appid"`
+	WeChatSecret     string `yaml:"wechat_secret"`
+	WeChatSecretFile string `yaml:"wechat_secret_file"`
+	WeChatAPIBase    string `yaml:"wechat_api_base"`
+	// WeChatSubscribeTemplate is the subscribe-message template alert
+	// notifications are sent with (rules with a notify action); empty:
+	// none are sent. It needs the WeChat credentials above.
+	WeChatSubscribeTemplate string        `yaml:"wechat_subscribe_template"`
+	AccessTTL               time.Duration `yaml:"access_ttl"`
+	RefreshTTL              time.Duration `yaml:"refresh_ttl"`
 	// RefreshReuseGrace: a refresh retried with the same token this soon
 	// gets the same pair (default 30s; negative: every reuse revokes).
 	RefreshReuseGrace time.Duration `yaml:"refresh_reuse_grace"`
@@ -224,6 +228,7 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 		wxAppID      = fs.String("wechat-appid", "", "WeChat mini-program `appid` for code2session logins")
 		wxSecret     = fs.String("wechat-secret", "", "WeChat mini-program `secret`")
 		wxBase       = fs.String("wechat-api-base", "", "WeChat API base `URL` (default https://api.weixin.qq.com)")
+		wxTemplate   = fs.String("wechat-subscribe-template", "", "WeChat subscribe-message template `id` for alert notifications")
 		accessTTL    = fs.Duration("access-ttl", 0, "lifetime of users' access tokens (default 1h: they verify offline at every edge)")
 		refreshTTL   = fs.Duration("refresh-ttl", 0, "lifetime of users' signed refresh tokens (default 720h)")
 		drift        = fs.Duration("max-clock-drift", 0, "reject HLC stamps further ahead of this node's clock than this (default 5m)")
@@ -346,6 +351,7 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 	str("wechat-appid", &cfg.WeChatAppID, *wxAppID)
 	str("wechat-secret", &cfg.WeChatSecret, *wxSecret)
 	str("wechat-api-base", &cfg.WeChatAPIBase, *wxBase)
+	str("wechat-subscribe-template", &cfg.WeChatSubscribeTemplate, *wxTemplate)
 	dur("access-ttl", &cfg.AccessTTL, *accessTTL)
 	dur("refresh-ttl", &cfg.RefreshTTL, *refreshTTL)
 	dur("max-clock-drift", &cfg.MaxClockDrift, *drift)

@@ -124,6 +124,11 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 			return nil, fmt.Errorf("%w: wechat: %v", ErrUsage, err)
 		}
 		scfg.WeChat = wc
+		if cfg.WeChatSubscribeTemplate != "" {
+			scfg.Notifier = wechatNotifier{c: wc, template: cfg.WeChatSubscribeTemplate}
+		}
+	} else if cfg.WeChatSubscribeTemplate != "" {
+		log.Warn("wechat_subscribe_template is set without wechat_appid: alert notifications stay queued")
 	}
 	svc := service.New(scfg, rn, state, clock, log, reg)
 	exp := sinks.New(cfg.Export, rn, state, log, reg, nil)
@@ -199,6 +204,8 @@ func (n *Node) Run(ctx context.Context) error {
 	go func() { defer close(liveDone); n.svc.RunLiveness(ctx) }()
 	retainDone := make(chan struct{})
 	go func() { defer close(retainDone); n.svc.RunRetention(ctx) }()
+	notifyDone := make(chan struct{})
+	go func() { defer close(notifyDone); n.svc.RunNotify(ctx, 0) }()
 	statsDone := make(chan struct{})
 	go func() { defer close(statsDone); n.bkm.run(ctx, n.fsm, bucketStatsEvery, n.log) }()
 	sinksDone := make(chan struct{})
@@ -222,6 +229,7 @@ func (n *Node) Run(ctx context.Context) error {
 	<-maintDone
 	<-liveDone
 	<-retainDone
+	<-notifyDone
 	<-statsDone
 	<-sinksDone
 	<-raftDone

@@ -32,6 +32,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/ingest"
 	"github.com/outpost-edge/outpost/pkg/obs"
 	"github.com/outpost-edge/outpost/pkg/policy"
+	"github.com/outpost-edge/outpost/pkg/rules"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/syncer"
 	"github.com/outpost-edge/outpost/pkg/wechat"
@@ -160,7 +161,13 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	// Rules run on what the writer committed, after it acknowledged it;
 	// they publish through the broker, which is made after the writer.
 	var publish lateDownlink
-	e.alerts = alerting.New(alerting.Config{Store: e.st, Downlink: &publish, Now: now, Stamp: clock.Now,
+	var cloudRules []rules.Rule // what the cloud last distributed, in force before the first pull
+	if joined {
+		if cloudRules, err = syncer.CachedRules(e.st); err != nil {
+			log.Warn("the cached cloud rules are unreadable; waiting for the cloud's", "err", err)
+		}
+	}
+	e.alerts = alerting.New(alerting.Config{Store: e.st, Downlink: &publish, Now: now, Stamp: clock.Now, Cloud: cloudRules,
 		Logger: log.With("component", "rules"), Registerer: reg})
 	e.writer = ingest.NewWriter(e.st, ingest.NewDecoder(limits), ingest.Config{
 		MaxBatch: cfg.Ingest.MaxBatch, Linger: cfg.Ingest.Linger, Committed: e.alerts.Notify,
@@ -246,7 +253,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 	var directory api.Directory
 	if joined {
 		var id *federation.Identity
-		if e.sy, id, err = newSyncer(cfg, now, e.st, e.tokens, login, downlink, e.engine, builtin, dataChanged, reg, log); err != nil {
+		if e.sy, id, err = newSyncer(cfg, now, e.st, e.tokens, login, downlink, e.engine, builtin, e.alerts, dataChanged, reg, log); err != nil {
 			return nil, err
 		}
 		apiTokens, login, syncStatus, directory = id, id, e.sy, e.sy

@@ -83,7 +83,7 @@ func localModules(dir string) ([]policy.Module, error) {
 // newSyncer builds the syncer and the identity service of an edge joined to
 // a cloud.
 func newSyncer(cfg Config, now func() time.Time, st *store.Store, tokens *auth.Service, local api.Login, downlink api.Downlink,
-	policies syncer.Policies, builtin []policy.Module, dataChanged func(), reg prometheus.Registerer, log *slog.Logger) (*syncer.Syncer, *federation.Identity, error) {
+	policies syncer.Policies, builtin []policy.Module, cloudRules syncer.Rules, dataChanged func(), reg prometheus.Registerer, log *slog.Logger) (*syncer.Syncer, *federation.Identity, error) {
 	tc, err := certs.ClientConfig(cfg.Cloud.CA)
 	if err != nil {
 		return nil, nil, fmt.Errorf("cloud.ca: %w", err)
@@ -102,7 +102,7 @@ func newSyncer(cfg Config, now func() time.Time, st *store.Store, tokens *auth.S
 		AfterAck: crashAfterAcks(cfg.UnsafeCrashAfterPush, log), Now: now,
 		Logger: log.With("component", "sync"), Registerer: reg,
 	}, syncer.Deps{Store: st, Client: cl, Keys: tokens.Keys(), Downlink: downlink, Policies: policies,
-		BuiltinPolicies: builtin, DataChanged: dataChanged})
+		BuiltinPolicies: builtin, Rules: cloudRules, DataChanged: dataChanged})
 	if err != nil {
 		return nil, nil, err
 	}

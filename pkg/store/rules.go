@@ -21,6 +21,7 @@ var (
 	bucketRuleState = []byte("rule_state")  // rule 0 device → rules.State JSON
 	bucketAlerts    = []byte("alerts")      // alert id → rules.Alert JSON
 	bucketAlertIdx  = []byte("alert_index") // state 0 id → nil (ids begin "device~")
+	bucketAlertOut  = []byte("alert_out")   // alert id → rules.Alert JSON: the alert outbox
 
 	keyRulesSeq = []byte("rules_seq")
 )
@@ -156,7 +157,59 @@ func putAlert(tx *bolt.Tx, a *rules.Alert) error {
 	if err := b.Put([]byte(a.ID), v); err != nil {
 		return err
 	}
+	if err := tx.Bucket(bucketAlertOut).Put([]byte(a.ID), v); err != nil {
+		return err
+	}
 	return tx.Bucket(bucketAlertIdx).Put(alertIdxKey(a.State, a.ID), nil)
+}
+
+// The alert outbox. Every stored transition of an alert (firing, ack,
+// clear, a merged copy) puts the alert's whole new value in alert_out, in
+// the transaction that stored it, until the cloud has taken it. It needs
+// no sequence: an alert's copies merge as a semilattice (rules.Alert.Merge),
+// so only its latest value need travel, in any order, any number of times,
+// and a transition made while the cloud is away replaces the one before.
+// It is kept apart from the sequenced outbox so a cloud that does not take
+// alerts (an older release) leaves them queued instead of blocking the
+// stream of readings behind them.
+
+// PendingAlerts returns up to max alerts waiting for the cloud, by id.
+func (s *Store) PendingAlerts(max int) ([]rules.Alert, error) {
+	var out []rules.Alert
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketAlertOut).Cursor()
+		for k, v := c.First(); k != nil && len(out) < max; k, v = c.Next() {
+			var a rules.Alert
+			if err := json.Unmarshal(v, &a); err != nil {
+				return fmt.Errorf("decode pending alert %s: %w", k, err)
+			}
+			out = append(out, a)
+		}
+		return nil
+	})
+	return out, err
+}
+
+// AlertsSent removes from the alert outbox the alerts the cloud took,
+// unless a later transition replaced one meanwhile (it is sent next).
+func (s *Store) AlertsSent(sent []rules.Alert) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketAlertOut)
+		for i := range sent {
+			v := b.Get([]byte(sent[i].ID))
+			if v == nil {
+				continue
+			}
+			var cur rules.Alert
+			if err := json.Unmarshal(v, &cur); err != nil || cur != sent[i] {
+				continue
+			}
+			if err := b.Delete([]byte(sent[i].ID)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }
 
 // MergeAlert folds a copy of an alert that is not open in the engine (an

@@ -127,3 +127,38 @@ func TestOutboxHeldForRules(t *testing.T) {
 		}
 	}
 }
+
+// TestAlertOutbox: every stored transition queues the alert's latest value
+// (one entry per alert, survives a reopen); AlertsSent removes what the
+// cloud took, but not an entry a later transition replaced meanwhile.
+func TestAlertOutbox(t *testing.T) {
+	s := openTestStore(t, "", Options{})
+	if err := s.SaveRuleEvents(1, []rules.Event{
+		alertEvent(rules.Fired, "hot", "a", rules.StateActive, 1),
+		alertEvent(rules.Fired, "hot", "b", rules.StateActive, 2),
+	}); err != nil {
+		t.Fatal(err)
+	}
+	s = reopen(t, s)
+	sent, err := s.PendingAlerts(10)
+	if err != nil || len(sent) != 2 || sent[0].ID != "a~hot~1" || sent[1].State != rules.StateActive {
+		t.Fatalf("pending after firing: %+v %v", sent, err)
+	}
+	// While they travel, a~hot~1 is acknowledged.
+	if _, err := s.MergeAlert(rules.Alert{ID: "a~hot~1", AckedAt: 9, AckedBy: "alice", AckStamp: hlc.New(9, 0)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.AlertsSent(sent); err != nil {
+		t.Fatal(err)
+	}
+	left, err := s.PendingAlerts(10)
+	if err != nil || len(left) != 1 || left[0].ID != "a~hot~1" || left[0].State != rules.StateAcknowledged || left[0].AckedBy != "alice" {
+		t.Fatalf("pending after the first send: %+v %v", left, err)
+	}
+	if err := s.AlertsSent(left); err != nil {
+		t.Fatal(err)
+	}
+	if left, err := s.PendingAlerts(10); err != nil || len(left) != 0 {
+		t.Fatalf("pending after the second send: %+v %v", left, err)
+	}
+}

@@ -126,7 +126,7 @@ func Open(path string, opts Options) (*Store, error) {
 	s := &Store{db: db, path: path, opts: opts, clock: opts.Clock}
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketReadings, bucketIDs, bucketMinute, bucketHour, bucketOutbox, bucketDead, bucketUsers, bucketStateIdx, bucketSync,
-			bucketRules, bucketRuleState, bucketAlerts, bucketAlertIdx} {
+			bucketRules, bucketRuleState, bucketAlerts, bucketAlertIdx, bucketAlertOut} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}

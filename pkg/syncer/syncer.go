@@ -56,6 +56,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/backoff"
 	"github.com/outpost-edge/outpost/pkg/cloud/client"
 	"github.com/outpost-edge/outpost/pkg/policy"
+	"github.com/outpost-edge/outpost/pkg/rules"
 	"github.com/outpost-edge/outpost/pkg/store"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -68,6 +69,7 @@ const (
 	keyKeys       = "jwks"
 	keyPolicies   = "policies_digest"
 	keyVersions   = "set_versions" // wire.SetVersions JSON: what the sets kept here are at
+	keyRules      = "cloud_rules"  // JSON []rules.Rule: the last good set the cloud distributed
 )
 
 // Config configures a Syncer.
@@ -176,6 +178,29 @@ type Policies interface {
 	Install(ctx context.Context, modules []policy.Module) error
 }
 
+// Rules is the edge's rule runner (*alerting.Runner): SetCloud puts the
+// cloud's rule set in force (the whole set or, when it does not compile,
+// rules.ErrInvalid and nothing); MergeRemote applies a pulled alert.
+type Rules interface {
+	SetCloud(ctx context.Context, rs []rules.Rule) error
+	// MergeRemote folds an alert changed at the cloud into the edge's.
+	MergeRemote(ctx context.Context, a rules.Alert) (rules.Alert, error)
+}
+
+// CachedRules is the cloud's rule set as the syncer last cached it (the
+// last good one), for the edge to put in force at start, before any pull.
+func CachedRules(st *store.Store) ([]rules.Rule, error) {
+	v, err := st.SyncValue(keyRules)
+	if err != nil || len(v) == 0 {
+		return nil, err
+	}
+	var rs []rules.Rule
+	if err := json.Unmarshal(v, &rs); err != nil {
+		return nil, fmt.Errorf("cached cloud rules: %w", err)
+	}
+	return rs, nil
+}
+
 // Deps are the syncer's collaborators.
 type Deps struct {
 	Store  *store.Store
@@ -190,6 +215,9 @@ type Deps struct {
 	// BuiltinPolicies is what Policies gets when the cloud's set becomes
 	// empty: the edge's own (built-in or local) policy modules.
 	BuiltinPolicies []policy.Module
+	// Rules receives the rules the cloud distributes to this edge; nil
+	// ignores them.
+	Rules Rules
 	// DataChanged is called after roles or device meta changed (policy
 	// decision caches depend on them).
 	DataChanged func()
@@ -347,6 +375,7 @@ func (s *Syncer) succeeded() {
 func (s *Syncer) pushLoop(ctx context.Context) {
 	bo := backoff.Backoff{Base: s.cfg.BackoffBase, Max: s.cfg.BackoffMax}
 	synced := false // the cursor was confirmed with the cloud since the last failure
+	alerts := alertPusher{bo: backoff.Backoff{Base: s.cfg.BackoffBase, Max: s.cfg.BackoffMax}}
 	idle := time.NewTicker(s.cfg.Idle)
 	defer idle.Stop()
 	for ctx.Err() == nil {
@@ -390,11 +419,79 @@ func (s *Syncer) pushLoop(ctx context.Context) {
 		if n > 0 {
 			continue // more may be waiting: drain without pausing
 		}
+		s.pushAlerts(ctx, &alerts)
 		select {
 		case <-ctx.Done():
 			return
 		case <-idle.C:
 		case <-s.wake:
+		}
+	}
+}
+
+// alertPusher is the push loop's state for the alert outbox: alerts have
+// their own backoff, so a cloud that refuses them (an older release
+// answers 404) never slows the sequenced stream.
+type alertPusher struct {
+	bo      backoff.Backoff
+	next    time.Time // no attempt before
+	refused bool      // the last attempt was refused: logged once
+}
+
+// alertBatch bounds one alert push (about 300 bytes an alert).
+const alertBatch = 200
+
+// pushAlerts sends the alert outbox (the latest value of each alert that
+// changed since the cloud last took it), when the stream is idle.
+func (s *Syncer) pushAlerts(ctx context.Context, p *alertPusher) {
+	if time.Now().Before(p.next) {
+		return
+	}
+	for ctx.Err() == nil {
+		pending, err := s.deps.Store.PendingAlerts(alertBatch)
+		if err != nil {
+			s.log.Error("read the alert outbox", "err", err)
+			p.next = time.Now().Add(p.bo.Next())
+			return
+		}
+		if len(pending) == 0 {
+			return
+		}
+		b := &wire.AlertBatch{Edge: s.cfg.EdgeID, Alerts: make([]json.RawMessage, 0, len(pending))}
+		for i := range pending {
+			raw, err := json.Marshal(&pending[i])
+			if err != nil {
+				s.log.Error("encode alert", "err", err)
+				return
+			}
+			b.Alerts = append(b.Alerts, raw)
+		}
+		_, err = s.deps.Client.Alerts(ctx, b)
+		var apiErr *client.APIError
+		switch {
+		case errors.As(err, &apiErr) && (apiErr.Status == 404 || apiErr.Status == 400):
+			// An older cloud (no such route) or one that refuses these
+			// alerts: they stay queued and are offered again later.
+			if !p.refused {
+				s.log.Warn("the cloud does not take this edge's alerts; they stay queued at the edge", "alerts", len(pending), "err", err)
+			}
+			p.refused = true
+			p.next = time.Now().Add(s.cfg.BackoffMax)
+			s.m.retries.WithLabelValues("alerts", "refused").Inc()
+			return
+		case err != nil:
+			p.next = time.Now().Add(p.bo.Next())
+			s.m.retries.WithLabelValues("alerts", "error").Inc()
+			return
+		}
+		p.bo.Reset()
+		p.refused = false
+		if err := s.deps.Store.AlertsSent(pending); err != nil {
+			s.log.Error("record alerts sent", "err", err)
+			return
+		}
+		if len(pending) < alertBatch {
+			return
 		}
 	}
 }
@@ -773,6 +870,7 @@ func (s *Syncer) pull(ctx context.Context) (held bool, err error) {
 			held = true
 		}
 		wait = 0 // only an empty first page is worth holding
+		s.applyAlerts(ctx, p.Changes)
 		if err := s.apply(p.Changes); err != nil {
 			return held, err
 		}
@@ -791,6 +889,29 @@ func (s *Syncer) pull(ctx context.Context) (held bool, err error) {
 		}
 	}
 	return held, nil
+}
+
+// applyAlerts merges the alerts the cloud changed (acks made there) into
+// the edge's through the rule runner. One that cannot be merged (the edge
+// no longer has it, or it does not decode) is logged and skipped: the
+// pull must not stall on it, and the alert's own copy stays.
+func (s *Syncer) applyAlerts(ctx context.Context, changes []wire.Change) {
+	for i := range changes {
+		c := &changes[i]
+		if c.Kind != wire.KindAlert || s.deps.Rules == nil {
+			continue
+		}
+		var a rules.Alert
+		if err := json.Unmarshal(c.Alert, &a); err != nil {
+			s.log.Warn("pulled alert does not decode; skipped", "device", c.Device, "err", err)
+			continue
+		}
+		if _, err := s.deps.Rules.MergeRemote(ctx, a); err != nil {
+			s.log.Warn("pulled alert not merged", "alert", a.ID, "err", err)
+			continue
+		}
+		s.m.pulled.WithLabelValues(wire.KindAlert).Inc()
+	}
 }
 
 // apply merges pulled changes and sends changed desired state downstream.
@@ -924,6 +1045,12 @@ func (s *Syncer) applySets(ctx context.Context, p *wire.PullPage) error {
 			kv[keyPolicies] = []byte(digest)
 		}
 	}
+	// Only a cloud that versions its sets distributes rules.
+	if v != nil && v.Rules != s.have.Rules && s.deps.Rules != nil {
+		if err := s.applyRules(ctx, p.Rules, kv); err != nil {
+			return err
+		}
+	}
 	dir := p.Edges
 	if v != nil && p.Directory != nil {
 		s.dirMu.RLock()
@@ -956,6 +1083,41 @@ func (s *Syncer) applySets(ctx context.Context, p *wire.PullPage) error {
 	if v != nil {
 		s.have = *v
 	}
+	return nil
+}
+
+// applyRules puts the cloud's rule set in force and, when it was, caches it
+// (into kv) as the set the edge starts with. A set that does not decode or
+// compile is refused whole: the last good set stays in force and cached,
+// and the version is still recorded, so the same set is not retried until
+// the cloud sends another.
+func (s *Syncer) applyRules(ctx context.Context, raw []json.RawMessage, kv map[string][]byte) error {
+	rs := make([]rules.Rule, 0, len(raw))
+	var err error
+	for _, b := range raw {
+		var r rules.Rule
+		if err = json.Unmarshal(b, &r); err != nil {
+			err = fmt.Errorf("%w: %v", rules.ErrInvalid, err)
+			break
+		}
+		rs = append(rs, r)
+	}
+	if err == nil {
+		err = s.deps.Rules.SetCloud(ctx, rs)
+	}
+	switch {
+	case errors.Is(err, rules.ErrInvalid):
+		s.log.Error("the cloud's rules do not compile; the last good set stays in force", "rules", len(raw), "err", err)
+		return nil
+	case err != nil:
+		return fmt.Errorf("cloud rules: %w", err)
+	}
+	b, err := json.Marshal(rs)
+	if err != nil {
+		return err
+	}
+	kv[keyRules] = b
+	s.log.Info("installed the cloud's rules", "rules", len(rs))
 	return nil
 }
 

@@ -1,6 +1,7 @@
-// Package wechat is a client for the WeChat mini-program login API
-// (code2session). It turns the one-time code a phone obtains from wx.login
-// into the user's openid. The session key WeChat returns alongside is a
+// Package wechat is a client for the WeChat mini-program API: the login
+// API (code2session), which turns the one-time code a phone obtains from
+// wx.login into the user's openid, and the server API's access token and
+// subscribe messages (subscribe.go). The session key WeChat returns alongside is a
 // secret shared with the phone and is kept out of every serialised form.
 package wechat
 
@@ -14,6 +15,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -45,13 +47,18 @@ type Config struct {
 	HTTPClient *http.Client  // default: a fresh client (no shared global state)
 }
 
-// Client calls code2session. It is safe for concurrent use.
+// Client calls code2session and the server API. It is safe for concurrent
+// use.
 type Client struct {
 	base    string
 	appID   string
 	secret  string
 	timeout time.Duration
 	hc      *http.Client
+
+	tokMu      sync.Mutex // serialises fetching the access token
+	token      string
+	tokenUntil time.Time
 }
 
 // Session is the result of a successful code2session call.

@@ -8,8 +8,8 @@ import (
 // Versioned sets and long-polling pulls.
 //
 // The sets an edge keeps beside the change stream (the deployment's keys,
-// the policies, the edge directory; distributed rules will be one more) each
-// have an opaque version. An edge that sends the versions it holds (the
+// the policies, the edge directory, the rules the cloud distributes to the
+// edge's region) each have an opaque version. An edge that sends the versions it holds (the
 // QueryHave parameter) gets a set in a pull page only when its version
 // moved, and the directory as a delta; an edge that sends none (an older
 // edge) gets every set whole in every page, as before.
@@ -44,6 +44,10 @@ type SetVersions struct {
 	Directory string `json:"directory,omitempty"`
 	Policies  string `json:"policies,omitempty"`
 	Keys      string `json:"keys,omitempty"`
+	// Rules is the version of the rules the cloud distributes to this edge
+	// (those of its region and those of every region): it differs between
+	// edges of different regions.
+	Rules string `json:"rules,omitempty"`
 }
 
 // Set names in the QueryHave encoding.
@@ -51,9 +55,10 @@ const (
 	setDirectory = "dir"
 	setPolicies  = "policies"
 	setKeys      = "keys"
+	setRules     = "rules"
 )
 
-// Encode is the QueryHave form: "dir:V,policies:V,keys:V", empty versions
+// Encode is the QueryHave form: "dir:V,policies:V,keys:V,rules:V", empty versions
 // left out.
 func (v SetVersions) Encode() string {
 	var b strings.Builder
@@ -71,6 +76,7 @@ func (v SetVersions) Encode() string {
 	add(setDirectory, v.Directory)
 	add(setPolicies, v.Policies)
 	add(setKeys, v.Keys)
+	add(setRules, v.Rules)
 	return b.String()
 }
 
@@ -97,6 +103,8 @@ func ParseSetVersions(s string) (SetVersions, error) {
 			v.Policies = ver
 		case setKeys:
 			v.Keys = ver
+		case setRules:
+			v.Rules = ver
 		}
 	}
 	return v, nil

@@ -12,7 +12,7 @@ func TestSetVersionsRoundTrip(t *testing.T) {
 		enc  string
 	}{
 		{"none", SetVersions{}, ""},
-		{"all", SetVersions{Directory: "Ab-_.3", Policies: "9f0e", Keys: "k1"}, "dir:Ab-_.3,policies:9f0e,keys:k1"},
+		{"all", SetVersions{Directory: "Ab-_.3", Policies: "9f0e", Keys: "k1", Rules: "r2"}, "dir:Ab-_.3,policies:9f0e,keys:k1,rules:r2"},
 		{"some", SetVersions{Keys: "k1"}, "keys:k1"},
 	}
 	for _, tt := range tests {
@@ -27,7 +27,7 @@ func TestSetVersionsRoundTrip(t *testing.T) {
 		})
 	}
 	// A set this side does not know (a newer edge's) is ignored.
-	if v, err := ParseSetVersions("rules:7,keys:k"); err != nil || v != (SetVersions{Keys: "k"}) {
+	if v, err := ParseSetVersions("alarms:7,keys:k"); err != nil || v != (SetVersions{Keys: "k"}) {
 		t.Fatalf("unknown set: %+v %v", v, err)
 	}
 	for _, bad := range []string{"dir", "dir:a b", "keys:" + string(make([]byte, 65)), "dir:a,keys"} {

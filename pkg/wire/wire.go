@@ -45,6 +45,12 @@
 //   - Pulls long-poll: an edge may ask the cloud to hold an empty pull
 //     (QueryWait) until something is there for it or the wait ends, so a
 //     cloud-side write reaches it at once without polling.
+//   - Alerts an edge's rules raised, and their acks and clears, go to
+//     POST /sync/v1/alerts (AlertBatch), unsequenced: copies of an alert
+//     merge as a semilattice. An ack made at the cloud comes back to the
+//     edge that raised the alert as a KindAlert change in its pull.
+//     Distributed rules are a versioned set in the pull, chosen by the
+//     edge's region.
 //   - Liveness is soft state: heartbeats are kept in the memory of the
 //     cloud leader and never written to the replicated log unless a
 //     durable fact (region, location, advertise URL) changed; a pull the
@@ -80,6 +86,8 @@ const (
 	PathPull      = "/sync/v1/pull"
 	PathHeartbeat = "/sync/v1/heartbeat"
 	PathState     = "/sync/v1/state"
+	// PathAlerts takes the alerts an edge raised or changed (AlertBatch).
+	PathAlerts = "/sync/v1/alerts"
 	// PathLogin is the cloud's user login (code2session), which a joined
 	// edge forwards logins to; PathRefresh likewise for refresh tokens.
 	PathLogin   = "/api/v1/auth/login"
@@ -131,6 +139,9 @@ const (
 	// that an edge refusing refresh tokens offline knows which sessions the
 	// cloud ended.
 	KindSessions = "sessions"
+	// KindAlert carries an alert changed at the cloud (an ack) to the edge
+	// that raised it (cloud → edge only; edges send alerts on PathAlerts).
+	KindAlert = "alert"
 )
 
 // Reading is one telemetry sample as it travels on the wire: Unix
@@ -219,6 +230,8 @@ type Change struct {
 	Meta     *Meta      `json:"meta,omitempty"`
 	User     *User      `json:"user,omitempty"`
 	Sessions *Sessions  `json:"sessions,omitempty"`
+	// Alert is a KindAlert change's alert, a pkg/rules Alert's JSON.
+	Alert json.RawMessage `json:"alert,omitempty"`
 	// Actor is the openid of the user who made a desired, meta or user
 	// change at the edge, and Proof the access token that user presented
 	// there. The cloud accepts those kinds from an edge only with a proof
@@ -279,6 +292,30 @@ type PushResult struct {
 	RefusedReasons map[string]int `json:"refused_reasons,omitempty"`
 }
 
+// AlertBatch is the body of POST /sync/v1/alerts: the latest value of
+// alerts the edge raised or changed, each a pkg/rules Alert's JSON. Alerts
+// travel beside the sequenced stream, not in it: an alert's copies merge
+// as a semilattice (rules.Alert.Merge), so a re-send, a reordering or a
+// skipped intermediate value changes nothing, and a cloud that does not
+// know the path (an older release, 404) leaves them queued at the edge
+// without holding up its readings.
+type AlertBatch struct {
+	Edge   string            `json:"edge"`
+	Alerts []json.RawMessage `json:"alerts"`
+}
+
+// MaxBatchAlerts bounds an AlertBatch.
+const MaxBatchAlerts = 1000
+
+// AlertResult is the data of an alert push: how many alerts changed.
+type AlertResult struct {
+	Applied int `json:"applied"`
+	// RejectedStamps counts transition stamps further ahead of the cloud's
+	// clock than the maximum drift: kept with the oldest stamp, so they
+	// lose to every real transition.
+	RejectedStamps int `json:"rejected_stamps,omitempty"`
+}
+
 // StateBatch is the body of POST /sync/v1/state: state changes sent ahead of
 // the sequenced stream. Applying them is idempotent.
 type StateBatch struct {
@@ -314,6 +351,11 @@ type PullPage struct {
 	// Edges is the current edge directory, whole: for an edge that sent
 	// no set versions (QueryHave).
 	Edges []Edge `json:"edges,omitempty"`
+	// Rules is the rules the cloud distributes to the edge (its region's
+	// and every region's), each a rule's JSON (pkg/rules.Rule), by name;
+	// only in a versioned page (Versions) whose Versions.Rules differs from
+	// the edge's, where nil means the cloud distributes none to it.
+	Rules []json.RawMessage `json:"rules,omitempty"`
 	// Versions is the cloud's version of each set, in a page for an edge
 	// that sent the versions it holds. Keys and Policies are then in the
 	// page only when their version differs from the edge's (Policies nil

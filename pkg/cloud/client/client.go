@@ -178,6 +178,13 @@ func (c *Client) State(ctx context.Context, b *wire.StateBatch) (*wire.StateResu
 	return &res, c.do(ctx, http.MethodPost, wire.PathState, b, &res)
 }
 
+// Alerts sends the latest value of alerts the edge raised or changed
+// (idempotent: the cloud merges them).
+func (c *Client) Alerts(ctx context.Context, b *wire.AlertBatch) (*wire.AlertResult, error) {
+	var res wire.AlertResult
+	return &res, c.do(ctx, http.MethodPost, wire.PathAlerts, b, &res)
+}
+
 // Call sends any request with this client's failover, retries and
 // credentials (used for login and refresh forwarding, which authenticate
 // with the edge token too).

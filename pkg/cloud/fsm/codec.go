@@ -78,6 +78,8 @@ type Command struct {
 	Compact   *CompactCmd      // CmdCompact
 	Sink      *SinkCursorCmd   // CmdSinkCursor
 	Rule      *RuleCmd         // CmdRulePut
+	Alerts    *AlertsCmd       // CmdAlerts
+	Notify    *NotifyDoneCmd   // CmdNotifyDone
 	// Refusals marks changes of a push or state batch that the leader
 	// refused under edge restriction (see restrict.go); they are applied as
 	// corrections, not as the edge sent them.
@@ -149,6 +151,10 @@ func EncodeCommand(c *Command) ([]byte, error) {
 		return appendJSON(b, c.Sink)
 	case CmdRulePut:
 		return appendJSON(b, c.Rule)
+	case CmdAlerts:
+		return appendJSON(b, c.Alerts)
+	case CmdNotifyDone:
+		return appendJSON(b, c.Notify)
 	}
 	return nil, fmt.Errorf("fsm: unknown command type %d", c.Type)
 }
@@ -282,6 +288,12 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 	case CmdRulePut:
 		d.Cmd.Rule = &RuleCmd{}
 		r.json(d.Cmd.Rule)
+	case CmdAlerts:
+		d.Cmd.Alerts = &AlertsCmd{}
+		r.json(d.Cmd.Alerts)
+	case CmdNotifyDone:
+		d.Cmd.Notify = &NotifyDoneCmd{}
+		r.json(d.Cmd.Notify)
 	default:
 		return nil, fmt.Errorf("%w: unknown command type %d", ErrCorrupt, d.Type)
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/hashicorp/raft"
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/rules"
 	"github.com/outpost-edge/outpost/pkg/shadow"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -54,6 +55,8 @@ func seedEntries(t testing.TB) map[string][]byte {
 		"session-rev":   {Type: CmdSessionRevokeUser, AtMs: 9002, Session: &SessionCmd{OpenID: "u1", BeforeMs: 9002, UntilMs: 99999}},
 		"session-purge": {Type: CmdSessionPurge, AtMs: 9003, Session: &SessionCmd{}},
 		"sink-cursor":   {Type: CmdSinkCursor, AtMs: 9100, Sink: &SinkCursorCmd{Sink: "js", Index: 42}},
+		"alerts":        {Type: CmdAlerts, AtMs: 9300, Alerts: &AlertsCmd{Edge: "e1", Alerts: []rules.Alert{{ID: "d1~hot~5", Rule: "hot", Device: "d1", State: rules.StateActive, StartedAt: 5, Stamp: hlc.New(5, 0)}}}},
+		"notify-done":   {Type: CmdNotifyDone, AtMs: 9400, Notify: &NotifyDoneCmd{ID: "d1~hot~5", Owner: "o-1"}},
 		"rule-put":      {Type: CmdRulePut, AtMs: 9200, Rule: &RuleCmd{Name: "hot", Region: "eu", Rule: json.RawMessage(`{"name":"hot","when":"temp > 30"}`)}},
 	}
 	out := make(map[string][]byte, len(cmds)+1)

@@ -556,6 +556,10 @@ func (a *applier) command(d *decodedCmd) (Result, error) {
 		return a.sinkCursor(d.Cmd.Sink)
 	case CmdRulePut:
 		return a.rulePut(a.index, d.Cmd.Rule)
+	case CmdAlerts:
+		return a.alerts(d.Cmd.Alerts)
+	case CmdNotifyDone:
+		return a.notifyDone(d.Cmd.Notify)
 	}
 	return Result{Err: fmt.Errorf("%w: command type %d", ErrCorrupt, d.Type)}, nil
 }

@@ -45,6 +45,8 @@ func (a *applier) rulePut(index uint64, c *RuleCmd) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
+	// Rules are a set pulls carry: SetsIndex moves and held pulls wake.
+	a.setsChanged = true
 	if len(c.Rule) == 0 {
 		if b.Get([]byte(c.Name)) == nil {
 			return Result{}, nil

@@ -172,3 +172,16 @@ func (f *fakeService) DeleteRule(context.Context, string) error {
 	f.called("DeleteRule", "")
 	return f.err
 }
+
+func (f *fakeService) PushAlerts(_ context.Context, _ string, b *wire.AlertBatch) (wire.AlertResult, error) {
+	f.called("PushAlerts", "")
+	return wire.AlertResult{Applied: len(b.Alerts)}, f.err
+}
+func (f *fakeService) Alerts(context.Context, fsm.AlertsQuery) ([]fsm.AlertRecord, error) {
+	f.called("Alerts", "")
+	return []fsm.AlertRecord{}, f.err
+}
+func (f *fakeService) AckAlert(_ context.Context, id, _ string) (fsm.AlertRecord, error) {
+	f.called("AckAlert", id)
+	return fsm.AlertRecord{}, f.err
+}

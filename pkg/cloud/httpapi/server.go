@@ -222,7 +222,7 @@ func (s *Server) App() *fiber.App { return s.app }
 // is small.
 func (s *Server) bodyLimit(_, path []byte, h *fasthttp.RequestHeader) int {
 	switch {
-	case httpguard.Route(path, "/sync/v1/push"), httpguard.Route(path, "/sync/v1/state"):
+	case httpguard.Route(path, "/sync/v1/push"), httpguard.Route(path, "/sync/v1/state"), httpguard.Route(path, "/sync/v1/alerts"):
 		if s.edgeToken(h.Peek(fiber.HeaderAuthorization)) {
 			return wire.MaxBodyBytes
 		}
@@ -276,6 +276,7 @@ func (s *Server) routes(reg *prometheus.Registry) {
 	sy.Get("/pull", s.pull)
 	sy.Post("/heartbeat", s.heartbeat)
 	sy.Post("/state", s.state)
+	sy.Post("/alerts", s.pushAlerts)
 
 	a.Post("/api/v1/auth/login", s.login)
 	a.Post("/api/v1/auth/refresh", s.refreshToken)
@@ -297,6 +298,8 @@ func (s *Server) routes(reg *prometheus.Registry) {
 	api.Get("/rules", s.listRules)
 	api.Put("/rules/:name", s.putRule)
 	api.Delete("/rules/:name", s.deleteRule)
+	api.Get("/alerts", s.listAlerts)
+	api.Post("/alerts/:id/ack", s.ackAlert)
 
 	a.Use(func(c *fiber.Ctx) error {
 		return apiError(fiber.StatusNotFound, fmt.Sprintf("no route for %s %s", c.Method(), c.Path()))

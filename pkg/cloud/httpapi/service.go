@@ -74,6 +74,7 @@ type Service interface {
 	Sessions
 	Consumer
 	Rules
+	Alerts
 }
 
 var _ Service = (*service.Service)(nil)

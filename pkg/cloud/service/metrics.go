@@ -13,6 +13,8 @@ type metrics struct {
 	durableBeats prometheus.Counter
 	heldPulls    prometheus.Gauge
 	compacted    *prometheus.CounterVec
+	// Alert notifications (notify.go).
+	notifications *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -31,11 +33,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Pushes refused for re-sending applied sequence numbers with other content, by edge."}, []string{"edge"}),
 		compacted: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_compacted_total",
 			Help: "Records this node deleted as leader by retention: readings, log entries and tombstones."}, []string{"what"}),
+		notifications: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outpost_cloud_notifications_total",
+			Help: "Alert notifications (WeChat subscribe messages) this node sent as leader, by result: sent, failed (retried), refused (final)."}, []string{"result"}),
 	}
 	m.durableBeats = prometheus.NewCounter(prometheus.CounterOpts{Name: "outpost_cloud_heartbeats_durable_total",
 		Help: "Heartbeats that changed an edge's durable facts (region, location, advertise URL) and so went through raft; the others stay in the leader's memory."})
 	m.heldPulls = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outpost_cloud_pulls_held",
 		Help: "Edge pulls the leader is holding until something changes for them (long-poll)."})
-	reg.MustRegister(m.throttled, m.pushes, m.stamps, m.backlog, m.refused, m.conflicts, m.durableBeats, m.heldPulls, m.compacted)
+	reg.MustRegister(m.throttled, m.pushes, m.stamps, m.backlog, m.refused, m.conflicts, m.durableBeats, m.heldPulls, m.compacted, m.notifications)
 	return m
 }

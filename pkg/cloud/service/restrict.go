@@ -1,7 +1,9 @@
 package service
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -14,6 +16,8 @@ import (
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/policy"
+	"github.com/outpost-edge/outpost/pkg/rules"
+	"github.com/outpost-edge/outpost/pkg/shadow"
 	"github.com/outpost-edge/outpost/pkg/wire"
 	"github.com/outpost-edge/outpost/policies"
 )
@@ -50,7 +54,16 @@ const (
 	RefuseActorMismatch  = "actor_mismatch"
 	RefuseSessionRevoked = "session_revoked"
 	RefuseDenied         = "denied"
+	// A set_desired whose actor is a rule ("rule:<name>") that the cloud
+	// does not distribute to the edge, or that does not write those fields
+	// with those values for a device the rule selects.
+	RefuseRuleNotDistributed = "rule_not_distributed"
+	RefuseRuleMismatch       = "rule_action_mismatch"
 )
+
+// RuleActorPrefix marks a change a rule made at an edge: its actor is
+// "rule:" + the rule's name (alerting.ActorPrefix).
+const RuleActorPrefix = "rule:"
 
 // ProofVerifier checks a change's proof: an access token, as of the time
 // the change was made. *auth.Issuer satisfies it.
@@ -182,6 +195,9 @@ func (s *Service) admit(ctx context.Context, edge string, c *wire.Change, region
 	default:
 		return "" // readings and reported state: the edge's own observations
 	}
+	if c.Kind == wire.KindDesired && strings.HasPrefix(c.Actor, RuleActorPrefix) {
+		return s.admitRule(edge, c, regions)
+	}
 	if c.Proof == "" {
 		return RefuseNoProof
 	}
@@ -269,6 +285,74 @@ func (s *Service) admit(ctx context.Context, edge string, c *wire.Change, region
 		}
 	}
 	return ""
+}
+
+// admitRule decides a desired change made by a rule at the edge. A rule the
+// cloud distributes carries the cloud's authority, so the change needs no
+// user's proof; but only that rule's own action is accepted: the rule
+// must be one the cloud distributes to this edge's region, it must select
+// the device (as the cloud sees the device), and one of its set_desired
+// actions must write exactly the change's fields with the same values. An
+// edge-local rule has only the edge's authority: its set_desired stays at
+// the edge and is corrected back, like any unproven write.
+func (s *Service) admitRule(edge string, c *wire.Change, regions *edgeRegions) string {
+	name := strings.TrimPrefix(c.Actor, RuleActorPrefix)
+	recs, err := s.state.Rules()
+	if err != nil {
+		return RefuseRuleNotDistributed
+	}
+	var rec *fsm.RuleRecord
+	for i := range recs {
+		if recs[i].Name == name {
+			rec = &recs[i]
+		}
+	}
+	if rec == nil || (rec.Region != "" && rec.Region != regions.of(s, edge)) {
+		return RefuseRuleNotDistributed
+	}
+	var r rules.Rule
+	if err := json.Unmarshal(rec.Rule, &r); err != nil {
+		return RefuseRuleNotDistributed
+	}
+	dev := rules.Device{ID: c.Device}
+	if d, err := s.state.GetDevice(c.Device); err == nil {
+		dev.Region, dev.Tags = d.Region, d.Tags
+	}
+	if dev.Region == "" {
+		dev.Region = regions.of(s, edge) // a device an edge first saw is in its region
+	}
+	if !r.Devices.Matches(dev) {
+		return RefuseRuleMismatch
+	}
+	for _, a := range r.Actions {
+		if sameFields(a.SetDesired, c.Doc) {
+			return ""
+		}
+	}
+	return RefuseRuleMismatch
+}
+
+// sameFields reports whether doc sets exactly the fields of want, to the
+// same JSON values (compared compacted), and deletes none.
+func sameFields(want map[string]json.RawMessage, doc shadow.Doc) bool {
+	if len(want) == 0 || len(want) != len(doc) {
+		return false
+	}
+	for k, v := range want {
+		f, ok := doc[k]
+		if !ok || f.Deleted || !jsonEqual(v, f.Value) {
+			return false
+		}
+	}
+	return true
+}
+
+func jsonEqual(a, b json.RawMessage) bool {
+	var ca, cb bytes.Buffer
+	if json.Compact(&ca, a) != nil || json.Compact(&cb, b) != nil {
+		return false
+	}
+	return bytes.Equal(ca.Bytes(), cb.Bytes())
 }
 
 // edgeRegions is the directory's edge regions, read once per batch and only

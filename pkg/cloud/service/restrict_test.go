@@ -10,6 +10,7 @@ import (
 
 	uauth "github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/hlc"
+	"github.com/outpost-edge/outpost/pkg/rules"
 	"github.com/outpost-edge/outpost/pkg/shadow"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -305,5 +306,68 @@ func TestSecuritySequenceSquatting(t *testing.T) {
 	copy(ext.Changes, forged.Changes)
 	if out, err = n.svc.Push(ctx, "eA", ext); err != nil || out.AckedSeq != 4 || out.Applied != 1 {
 		t.Fatalf("re-send extended by one: %+v %v, want one applied", out.PushResult, err)
+	}
+}
+
+// TestRuleActorAuthority: a desired change whose actor is "rule:<name>"
+// carries the cloud's authority only as that distributed rule's own
+// action: the rule is distributed to the edge's region, selects the
+// device, and one of its set_desired actions writes exactly those fields
+// and values. A forged "rule:x" from an edge (no such distributed rule),
+// another region's edge, other values or extra fields, and a device the
+// rule does not select are refused and corrected back.
+func TestRuleActorAuthority(t *testing.T) {
+	n := restrictedCloud(t, Config{})
+	ctx := context.Background()
+	for edge, region := range map[string]string{"eA": "north", "eS": "south"} {
+		if _, err := n.svc.Heartbeat(ctx, edge, &wire.Heartbeat{Edge: edge, Region: region}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fan := rules.Rule{Name: "fan", When: "temp > 30", Actions: []rules.Action{{SetDesired: map[string]json.RawMessage{"fan": json.RawMessage(`"on"`)}}}}
+	other := rules.Rule{Name: "other", When: "temp > 30", Devices: rules.Selector{IDs: []string{"d2"}},
+		Actions: []rules.Action{{SetDesired: map[string]json.RawMessage{"fan": json.RawMessage(`"on"`)}}}}
+	for _, r := range []rules.Rule{fan, other} {
+		if _, err := n.svc.PutRule(ctx, r, "north"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	two := desired("fan", `"on"`, n.clock.Now())
+	two["lock"] = shadow.Field{Value: json.RawMessage(`"open"`), Stamp: n.clock.Now()}
+	tests := []struct {
+		name, edge, actor string
+		doc               shadow.Doc
+		want              string // refusal reason, "" accepted
+	}{
+		{"forged rule actor", "eA", "rule:x", desired("fan", `"on"`, n.clock.Now()), RefuseRuleNotDistributed},
+		{"another region's edge", "eS", "rule:fan", desired("fan", `"on"`, n.clock.Now()), RefuseRuleNotDistributed},
+		{"another value", "eA", "rule:fan", desired("fan", `"off"`, n.clock.Now()), RefuseRuleMismatch},
+		{"an extra field", "eA", "rule:fan", two, RefuseRuleMismatch},
+		{"a device the rule does not select", "eA", "rule:other", desired("fan", `"on"`, n.clock.Now()), RefuseRuleMismatch},
+		{"the rule's own action", "eA", "rule:fan", nil, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.doc == nil { // stamped after the corrections above, so it wins
+				tt.doc = desired("fan", ` "on" `, n.clock.Now())
+			}
+			so, err := n.svc.State(ctx, tt.edge, &wire.StateBatch{Changes: []wire.Change{{Kind: wire.KindDesired, Device: "d1", Doc: tt.doc, Actor: tt.actor}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.want == "" {
+				if so.Refused != 0 {
+					t.Fatalf("refused %+v", so.StateResult)
+				}
+				d, err := n.fsm.GetDevice("d1")
+				if err != nil || string(d.Desired["fan"].Value) != ` "on" ` && string(d.Desired["fan"].Value) != `"on"` {
+					t.Fatalf("desired at the cloud: %+v %v", d, err)
+				}
+				return
+			}
+			if so.Refused != 1 || so.RefusedReasons[tt.want] != 1 {
+				t.Fatalf("result %+v, want refused for %s", so.StateResult, tt.want)
+			}
+		})
 	}
 }

@@ -66,6 +66,9 @@ type Queries interface {
 	Policies() ([]wire.Policy, error)
 	Edge(id string) (wire.Edge, error)
 	Rules() ([]fsm.RuleRecord, error)
+	Alerts(q fsm.AlertsQuery) ([]fsm.AlertRecord, error)
+	Alert(id string) (fsm.AlertRecord, error)
+	Notifications(limit int) ([]fsm.Notification, error)
 	Pull(edge, cursor string, limit int) (wire.PullPage, error)
 	// PullWatch is closed when something a pull of edge carries commits.
 	PullWatch(edge string) <-chan struct{}
@@ -123,6 +126,9 @@ type Config struct {
 	RequestTimeout time.Duration
 	// WeChat exchanges login codes; nil: no WeChat login configured.
 	WeChat CodeExchanger
+	// Notifier sends alert notifications (RunNotify); nil: none are sent
+	// (they stay queued).
+	Notifier Notifier
 	// DevLogin accepts "dev:<openid>" codes (development only).
 	DevLogin bool
 	// Admins are openids that get the admin role.

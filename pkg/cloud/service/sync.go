@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
@@ -247,6 +248,9 @@ func (s *Service) AwaitPull(ctx context.Context, edge string, req PullRequest) b
 		if err != nil || sets.policiesVer != req.Have.Policies || sets.keysVer != req.Have.Keys {
 			return true
 		}
+		if _, ver := sets.rulesFor(s.edgeRegion(edge)); ver != req.Have.Rules {
+			return true
+		}
 		if !s.hold(ctx, changed, nil, t.C) {
 			return false
 		}
@@ -281,6 +285,10 @@ func (s *Service) pullOnce(edge string, req PullRequest) (wire.PullPage, bool, e
 	if v.Keys != req.Have.Keys {
 		page.Keys, news = sets.keys, true
 	}
+	var rs []json.RawMessage
+	if rs, v.Rules = sets.rulesFor(s.edgeRegion(edge)); v.Rules != req.Have.Rules {
+		page.Rules, news = rs, true
+	}
 	page.Directory, v.Directory = s.live.delta(req.Have.Directory)
 	news = news || page.Directory != nil
 	page.Versions = &v
@@ -294,6 +302,54 @@ type pullSets struct {
 	policiesVer string
 	keys        json.RawMessage
 	keysVer     string
+	rules       []fsm.RuleRecord
+
+	regionMu sync.Mutex
+	byRegion map[string]regionRules // rulesFor's memo
+}
+
+// regionRules is the rules an edge of one region pulls, with their version.
+type regionRules struct {
+	rules []json.RawMessage
+	ver   string
+}
+
+// rulesFor returns the rules distributed to the edges of region (those
+// limited to it and those of every region) and their version ("" when
+// there are none).
+func (ps *pullSets) rulesFor(region string) ([]json.RawMessage, string) {
+	ps.regionMu.Lock()
+	defer ps.regionMu.Unlock()
+	if rr, ok := ps.byRegion[region]; ok {
+		return rr.rules, rr.ver
+	}
+	var rr regionRules
+	h := sha256.New()
+	for _, r := range ps.rules { // by name
+		if r.Region != "" && r.Region != region {
+			continue
+		}
+		rr.rules = append(rr.rules, r.Rule)
+		fmt.Fprintf(h, "%s\x00%s\x00%d\x00%s", r.Name, r.Region, len(r.Rule), r.Rule)
+	}
+	if len(rr.rules) > 0 {
+		rr.ver = hex.EncodeToString(h.Sum(nil)[:12])
+	}
+	if ps.byRegion == nil {
+		ps.byRegion = map[string]regionRules{}
+	}
+	ps.byRegion[region] = rr
+	return rr.rules, rr.ver
+}
+
+// edgeRegion is the region of edge's directory record ("" before its first
+// heartbeat or when it has none): the region its rules are chosen by.
+func (s *Service) edgeRegion(edge string) string {
+	e, err := s.state.Edge(edge)
+	if err != nil {
+		return ""
+	}
+	return e.Region
 }
 
 // sets returns the current policies and keys, read again only after the
@@ -308,6 +364,9 @@ func (s *Service) sets() (*pullSets, error) {
 	ps := &pullSets{at: at}
 	var err error
 	if ps.policies, err = s.state.Policies(); err != nil {
+		return nil, err
+	}
+	if ps.rules, err = s.state.Rules(); err != nil {
 		return nil, err
 	}
 	if len(ps.policies) > 0 {
