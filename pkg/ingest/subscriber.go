@@ -10,6 +10,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -107,6 +108,7 @@ func (s *Subscriber) options() *paho.ClientOptions {
 		SetUsername(s.cfg.Username).
 		SetPassword(s.cfg.Password).
 		SetCleanSession(false).
+		SetStore(newDownlinkStore()).
 		SetAutoAckDisabled(true).
 		// Handlers run concurrently; acks go out in commit order, not
 		// arrival order, which MQTT permits for QoS 1.
@@ -239,4 +241,26 @@ func (s *Subscriber) Publish(topic string, payload []byte, retain bool, qos byte
 		return fmt.Errorf("publish %s: %w", topic, err)
 	}
 	return nil
+}
+
+// downlinkStore is the session store of the subscriber's client: paho's
+// memory store without the outbound publishes (keys "o."). paho's resume
+// after a (re)connect re-sends the outbound publishes it finds in the
+// store, while the OnConnect handler (which republishes every downlink,
+// below) is already publishing: resume then finds those new publishes too,
+// marks the packets being written as duplicates and claims their ids a
+// second time (a data race, and "close of closed channel" in paho). The
+// edge republishes its whole desired state on every connect anyway, so an
+// outbound publish needs no persisting; inbound state (QoS 1 messages
+// received, awaiting their PUBACK) is kept as before.
+type downlinkStore struct{ *paho.MemoryStore }
+
+func newDownlinkStore() downlinkStore { return downlinkStore{paho.NewMemoryStore()} }
+
+// Put keeps everything but outbound publishes.
+func (s downlinkStore) Put(key string, m packets.ControlPacket) {
+	if _, publish := m.(*packets.PublishPacket); publish && strings.HasPrefix(key, "o.") {
+		return
+	}
+	s.MemoryStore.Put(key, m)
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/outpost-edge/outpost/pkg/store"
 )
@@ -157,5 +158,30 @@ func TestSubscriberMosquitto(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("counts %+v, want at least %d readings", c, len(devs)*n2)
 		}
+	}
+}
+
+// TestDownlinkStoreKeepsNoOutboundPublish: the subscriber's session store
+// keeps no outbound publish (paho's resume would race the republish of
+// every downlink that follows a connect, see downlinkStore), and keeps
+// everything else.
+func TestDownlinkStoreKeepsNoOutboundPublish(t *testing.T) {
+	s := newDownlinkStore()
+	s.Open()
+	defer s.Close()
+	pub := packets.NewControlPacket(packets.Publish).(*packets.PublishPacket)
+	pub.MessageID = 7
+	s.Put("o.7", pub)
+	in := packets.NewControlPacket(packets.Publish).(*packets.PublishPacket)
+	in.MessageID = 8
+	s.Put("i.8", in)
+	rel := packets.NewControlPacket(packets.Pubrel).(*packets.PubrelPacket)
+	rel.MessageID = 9
+	s.Put("o.9", rel)
+	if s.Get("o.7") != nil {
+		t.Fatal("an outbound publish was kept")
+	}
+	if s.Get("i.8") == nil || s.Get("o.9") == nil {
+		t.Fatalf("kept %v: want the inbound publish and the pubrel", s.All())
 	}
 }
