@@ -5,18 +5,17 @@
 package natstest
 
 import (
-	"bytes"
 	"context"
-	"net"
 	"os"
 	"os/exec"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/outpost-edge/outpost/internal/daemontest"
 )
 
 // Binary returns the nats-server binary ($NATS_SERVER, /usr/sbin, $PATH),
@@ -50,13 +49,13 @@ type Server struct {
 	port int
 	dir  string
 	cmd  *exec.Cmd
-	out  *buffer
+	out  *daemontest.LockedBuffer
 }
 
 // Start starts a server for t and stops it at t's cleanup.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	s := &Server{t: t, bin: Binary(t), port: freePort(t), dir: t.TempDir()}
+	s := &Server{t: t, bin: Binary(t), port: daemontest.FreePort(t), dir: t.TempDir()}
 	s.Start()
 	t.Cleanup(s.Stop)
 	return s
@@ -68,7 +67,7 @@ func (s *Server) URL() string { return "nats://127.0.0.1:" + strconv.Itoa(s.port
 // Start (re)starts the server and waits until JetStream answers.
 func (s *Server) Start() {
 	s.t.Helper()
-	s.out = &buffer{}
+	s.out = &daemontest.LockedBuffer{}
 	s.cmd = exec.Command(s.bin, "-js", "-a", "127.0.0.1", "-p", strconv.Itoa(s.port), "-sd", s.dir)
 	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
 	if err := s.cmd.Start(); err != nil {
@@ -150,31 +149,4 @@ func (s *Server) Stream(stream string) []Msg {
 		out = append(out, Msg{ID: m.Header.Get(jetstream.MsgIDHeader), Data: m.Data})
 	}
 	return out
-}
-
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-type buffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *buffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *buffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }

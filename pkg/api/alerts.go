@@ -68,14 +68,9 @@ func (s *Server) putRule(c *fiber.Ctx) error {
 	if !s.rulesRunning(c) {
 		return nil
 	}
-	name := c.Params("name")
-	if !ident.Valid(name, 64) {
-		return fail(c, fiber.StatusBadRequest, "rule name must match [A-Za-z0-9._-]{1,64}")
-	}
-	res := ruleResource
-	res.ID = name
-	if err := s.authorize(c, actRuleWrite, res); err != nil {
-		return deny(c, err)
+	name, err := s.ruleAccess(c)
+	if name == "" {
+		return err
 	}
 	var r rules.Rule
 	if err := decodeBody(c, &r); err != nil {
@@ -97,18 +92,28 @@ func (s *Server) putRule(c *fiber.Ctx) error {
 	return ok(c, info)
 }
 
-func (s *Server) deleteRule(c *fiber.Ctx) error {
-	if !s.rulesRunning(c) {
-		return nil
-	}
+// ruleAccess is the path's rule name once it is valid and the caller may
+// write rules; "" with the answer already given otherwise.
+func (s *Server) ruleAccess(c *fiber.Ctx) (string, error) {
 	name := c.Params("name")
 	if !ident.Valid(name, 64) {
-		return fail(c, fiber.StatusBadRequest, "rule name must match [A-Za-z0-9._-]{1,64}")
+		return "", fail(c, fiber.StatusBadRequest, "rule name must match [A-Za-z0-9._-]{1,64}")
 	}
 	res := ruleResource
 	res.ID = name
 	if err := s.authorize(c, actRuleWrite, res); err != nil {
-		return deny(c, err)
+		return "", deny(c, err)
+	}
+	return name, nil
+}
+
+func (s *Server) deleteRule(c *fiber.Ctx) error {
+	if !s.rulesRunning(c) {
+		return nil
+	}
+	name, err := s.ruleAccess(c)
+	if name == "" {
+		return err
 	}
 	switch err := s.deps.Rules.DeleteLocal(c.UserContext(), name); {
 	case errors.Is(err, alerting.ErrNotFound):
@@ -185,16 +190,28 @@ func (s *Server) listAlerts(c *fiber.Ctx) error {
 	return ok(c, page)
 }
 
+// deviceResource is what the policy is asked about device id: its record,
+// or unknownDevice when there is none (so that a missing device is no
+// oracle, as in device).
+func (s *Server) deviceResource(id string) (policy.Resource, error) {
+	d, err := s.deps.Store.Device(id)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		return unknownDevice(id), nil
+	case err != nil:
+		return policy.Resource{}, err
+	}
+	return resourceOf(d), nil
+}
+
 // mayReadAlerts decides alert.read on a device; a denial is false, not an
 // error.
 func (s *Server) mayReadAlerts(c *fiber.Ctx, id string) (bool, error) {
-	res := unknownDevice(id)
-	if d, err := s.deps.Store.Device(id); err == nil {
-		res = resourceOf(d)
-	} else if !errors.Is(err, store.ErrNotFound) {
+	res, err := s.deviceResource(id)
+	if err != nil {
 		return false, err
 	}
-	err := s.authorize(c, actAlertRead, res)
+	err = s.authorize(c, actAlertRead, res)
 	var denied errDenied
 	if errors.As(err, &denied) {
 		return false, nil
@@ -211,10 +228,8 @@ func (s *Server) ackAlert(c *fiber.Ctx) error {
 	if !valid || !ident.DeviceID(device) {
 		return fail(c, fiber.StatusBadRequest, "alert id must be device~rule~started_ms as the alert lists it")
 	}
-	res := unknownDevice(device)
-	if d, err := s.deps.Store.Device(device); err == nil {
-		res = resourceOf(d)
-	} else if !errors.Is(err, store.ErrNotFound) {
+	res, err := s.deviceResource(device)
+	if err != nil {
 		return err
 	}
 	if err := s.authorize(c, actAlertAck, res); err != nil {

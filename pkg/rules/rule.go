@@ -28,7 +28,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"slices"
 	"time"
 
@@ -366,5 +365,5 @@ func (s Set) Names() map[string]string {
 	for _, c := range s {
 		m[c.Name] = c.Version
 	}
-	return maps.Clone(m)
+	return m
 }
