@@ -61,7 +61,7 @@ type Config struct {
 	HeartbeatTimeout   time.Duration // default 300ms
 	ElectionTimeout    time.Duration // default 300ms
 	LeaderLeaseTimeout time.Duration // default 250ms
-	CommitTimeout      time.Duration // default 20ms
+	CommitTimeout      time.Duration // default 50ms
 	SnapshotInterval   time.Duration // default 30s
 	SnapshotThreshold  uint64        // default 2048 entries
 	TrailingLogs       uint64        // default 1024 entries
@@ -91,6 +91,9 @@ type Config struct {
 	// MaxPendingBytes caps proposals queued or in flight before
 	// Overloaded reports true (default 32 MiB).
 	MaxPendingBytes int64
+	// LogCacheBytes bounds the newest log entries kept in memory for
+	// replication and apply (default 16 MiB; negative: none). See logCache.
+	LogCacheBytes int
 	// DialOverrides maps a peer's server id to the address this node dials
 	// instead of the one in the raft configuration (split-horizon networks,
 	// NAT, and the partition tests' per-link proxies).
@@ -104,7 +107,11 @@ type Config struct {
 }
 
 // DefaultConfig is the one source of a node's defaults (the cloud daemon's
-// configuration builds on it). Timeouts are tuned for a LAN. Snapshots are
+// configuration builds on it). Timeouts are tuned for a LAN: failover
+// well under a second. CommitTimeout is hashicorp/raft's own default: an
+// idle leader sends every follower an append that often to tell it the
+// commit index (at 20ms those appends were most of an idle cluster's CPU),
+// and only reads served by followers wait on it. Snapshots are
 // checked every 30s and taken after 2048 entries, keeping 1024 for slow
 // followers: entries are group commits of up to MaxEntryBytes, so 2048 of
 // them can already be gigabytes of log, and a follower further behind is
@@ -114,7 +121,7 @@ func DefaultConfig() Config {
 		HeartbeatTimeout:   300 * time.Millisecond,
 		ElectionTimeout:    300 * time.Millisecond,
 		LeaderLeaseTimeout: 250 * time.Millisecond,
-		CommitTimeout:      20 * time.Millisecond,
+		CommitTimeout:      50 * time.Millisecond,
 		SnapshotInterval:   30 * time.Second,
 		SnapshotThreshold:  2048,
 		TrailingLogs:       1024,
@@ -122,6 +129,7 @@ func DefaultConfig() Config {
 		MaxInflightEntries: 1,
 		GroupCommitWait:    4 * time.Millisecond,
 		MaxPendingBytes:    32 << 20,
+		LogCacheBytes:      16 << 20,
 		RaftLogLevel:       "warn",
 	}
 }
@@ -151,6 +159,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxPendingBytes == 0 {
 		c.MaxPendingBytes = d.MaxPendingBytes
+	}
+	if c.LogCacheBytes == 0 {
+		c.LogCacheBytes = d.LogCacheBytes
 	}
 	if c.MaxInflightEntries <= 0 {
 		c.MaxInflightEntries = d.MaxInflightEntries
@@ -285,10 +296,11 @@ func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometh
 		n.closeStores()
 		return nil, fmt.Errorf("inspect raft state: %w", err)
 	}
-	// No raft.LogCache: entries are group commits of up to MaxEntryBytes,
-	// and caching 512 of them held hundreds of MB on the leader under
-	// large pushes, which the soft memory limit turned into constant GC.
-	r, err := raft.NewRaft(rc, f, logStore, logStore, snaps, transport)
+	var logs raft.LogStore = logStore
+	if cfg.LogCacheBytes > 0 {
+		logs = newLogCache(logStore, cfg.LogCacheBytes)
+	}
+	r, err := raft.NewRaft(rc, f, logs, logStore, snaps, transport)
 	if err != nil {
 		n.closeStores()
 		return nil, fmt.Errorf("start raft: %w", err)
