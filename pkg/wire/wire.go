@@ -109,6 +109,12 @@ const (
 	// HeaderExpectedSeq carries, on a 409 push response, the sequence number
 	// the cloud expects next from this edge.
 	HeaderExpectedSeq = "X-Outpost-Expected-Seq"
+	// HeaderLeader is set by a follower on an answer it forwarded from the
+	// leader: the leader's base URL (scheme://host:port as the leader
+	// advertises it). A client whose node list holds that URL sends there
+	// next, sparing every later request the hop; a URL it does not hold
+	// (a load balancer in front of the nodes) it ignores.
+	HeaderLeader = "X-Outpost-Leader"
 	// HeaderRetryAfter is the standard Retry-After (seconds) sent with 429
 	// and 503.
 	HeaderRetryAfter = "Retry-After"

@@ -243,6 +243,21 @@ func (c *Client) doWith(ctx context.Context, hc *http.Client, method, path strin
 	}
 }
 
+// follow makes the leader a follower named (wire.HeaderLeader) the
+// preferred node, if it is one of the client's URLs.
+func (c *Client) follow(leader string) {
+	if leader == "" {
+		return
+	}
+	leader = strings.TrimRight(leader, "/")
+	for i, u := range c.urls {
+		if u == leader {
+			c.preferred.Store(int32(i))
+			return
+		}
+	}
+}
+
 // minCompress is the body size below which compressing costs more CPU
 // than the bytes it saves.
 const minCompress = 1024
@@ -268,6 +283,9 @@ func (c *Client) once(ctx context.Context, hc *http.Client, method, u string, bo
 		}
 	}
 	resp, err := hc.Do(req)
+	if err == nil {
+		c.follow(resp.Header.Get(wire.HeaderLeader))
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return fmt.Errorf("client: %w", ctx.Err())

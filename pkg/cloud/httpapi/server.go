@@ -553,6 +553,7 @@ func (s *Server) proxy(c *fiber.Ctx, addr string, hold time.Duration) (done bool
 			c.Set(h, v)
 		}
 	}
+	c.Set(wire.HeaderLeader, s.scheme+"://"+addr)
 	return true, c.Status(resp.StatusCode).Send(body)
 }
 

@@ -435,6 +435,9 @@ func TestFollowerForwards(t *testing.T) {
 	if a.header.Get(wire.HeaderExpectedSeq) != "5" {
 		t.Fatalf("the forwarded answer lost %s: %v", wire.HeaderExpectedSeq, a.header)
 	}
+	if got, want := a.header.Get(wire.HeaderLeader), "http://"+ln.Addr().String(); got != want {
+		t.Fatalf("forwarded answer names leader %q, want %q", got, want)
+	}
 	if len(followerSvc.Calls()) != 0 || !slices.Equal(leaderSvc.Calls(), []string{"Push"}) {
 		t.Fatalf("follower calls %v, leader calls %v: want the push on the leader only", followerSvc.Calls(), leaderSvc.Calls())
 	}
