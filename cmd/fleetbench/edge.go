@@ -252,6 +252,11 @@ func (e *simEdge) resume(ctx context.Context) error {
 }
 
 func (e *simEdge) heartbeat(ctx context.Context) (*wire.HeartbeatResult, error) {
+	return e.cl.Heartbeat(ctx, e.heartbeatBody())
+}
+
+// heartbeatBody is what the edge's heartbeat says now.
+func (e *simEdge) heartbeatBody() *wire.Heartbeat {
 	h := e.hb
 	e.mu.Lock()
 	h.Backlog = e.head - e.acked
@@ -259,7 +264,7 @@ func (e *simEdge) heartbeat(ctx context.Context) (*wire.HeartbeatResult, error) 
 		h.OldestUnsyncedMs = e.outbox[0].made.UnixMilli()
 	}
 	e.mu.Unlock()
-	return e.cl.Heartbeat(ctx, &h)
+	return &h
 }
 
 // batch is the next push after sequence after, cut as the syncer cuts it:
@@ -346,11 +351,12 @@ func (e *simEdge) pushWindow(ctx context.Context, window int) (int, error) {
 func (e *simEdge) pullLoop(ctx context.Context) {
 	bo := backoff.Backoff{Base: e.cfg.BackoffBase, Max: e.cfg.BackoffMax}
 	lastBeat := time.Time{}
+	var said wire.Heartbeat
 	for ctx.Err() == nil {
 		var err error
-		if time.Since(lastBeat) >= e.cfg.HeartbeatInterval {
-			if _, err = e.heartbeat(ctx); err == nil {
-				lastBeat = time.Now()
+		if h := e.heartbeatBody(); e.cfg.HeartbeatDue(time.Since(lastBeat), syncer.SameHeartbeat(h, &said)) {
+			if _, err = e.cl.Heartbeat(ctx, h); err == nil {
+				lastBeat, said = time.Now(), *h
 			}
 		}
 		start := time.Now()

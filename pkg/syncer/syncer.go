@@ -102,8 +102,12 @@ type Config struct {
 	PullInterval time.Duration
 	// HeartbeatInterval (default 5s) is the least time between heartbeats;
 	// they go before a pull, so a held pull spaces them out to PullWait.
-	// The cloud counts pulls as liveness too.
+	// The cloud counts pulls as liveness too, so a heartbeat that would say
+	// what the last one said waits for HeartbeatRefresh (default 60s, well
+	// within the cloud's heartbeat_fresh of 90s): an idle edge makes one
+	// request per PullWait, not two.
 	HeartbeatInterval time.Duration
+	HeartbeatRefresh  time.Duration
 	// BackoffBase and BackoffMax bound the full-jitter backoff (defaults
 	// 100ms and 30s).
 	BackoffBase time.Duration
@@ -148,6 +152,9 @@ func (c *Config) defaults() {
 	}
 	if c.HeartbeatInterval <= 0 {
 		c.HeartbeatInterval = 5 * time.Second
+	}
+	if c.HeartbeatRefresh <= 0 {
+		c.HeartbeatRefresh = time.Minute
 	}
 	if c.BackoffBase <= 0 {
 		c.BackoffBase = 100 * time.Millisecond
@@ -528,13 +535,36 @@ func (s *Syncer) resume(ctx context.Context) error {
 	return nil
 }
 
+// HeartbeatDue reports whether a heartbeat goes before the next pull, since
+// the last one and with same saying whether it would repeat the last one.
+// The fleet simulator (cmd/fleetbench) keeps the same cadence through it.
+func (c *Config) HeartbeatDue(since time.Duration, same bool) bool {
+	return since >= c.HeartbeatInterval && (!same || since >= c.HeartbeatRefresh)
+}
+
+// SameHeartbeat reports whether a and b say the same.
+func SameHeartbeat(a, b *wire.Heartbeat) bool {
+	la, lb := a.Location, b.Location
+	return a.Edge == b.Edge && a.Region == b.Region && a.Advertise == b.Advertise && a.Backlog == b.Backlog &&
+		a.OldestUnsyncedMs == b.OldestUnsyncedMs && (la == lb || la != nil && lb != nil && *la == *lb)
+}
+
 func (s *Syncer) heartbeat(ctx context.Context) (*wire.HeartbeatResult, error) {
+	return s.sendHeartbeat(ctx, s.heartbeatBody())
+}
+
+// heartbeatBody is what a heartbeat says now.
+func (s *Syncer) heartbeatBody() *wire.Heartbeat {
 	c := s.deps.Store.Counts()
 	h := &wire.Heartbeat{Edge: s.cfg.EdgeID, Region: s.cfg.Region, Location: s.cfg.Location,
 		Advertise: s.cfg.Advertise, Backlog: c.OutboxBacklog}
 	if ts, err := s.deps.Store.OldestUnsynced(); err == nil && !ts.IsZero() {
 		h.OldestUnsyncedMs = ts.WallMs()
 	}
+	return h
+}
+
+func (s *Syncer) sendHeartbeat(ctx context.Context, h *wire.Heartbeat) (*wire.HeartbeatResult, error) {
 	sent := s.cfg.Now()
 	res, err := s.deps.Client.Heartbeat(ctx, h)
 	if err != nil {
@@ -791,11 +821,12 @@ func fromWire(w *wire.Change) (store.Change, bool) {
 func (s *Syncer) pullLoop(ctx context.Context) {
 	bo := backoff.Backoff{Base: s.cfg.BackoffBase, Max: s.cfg.BackoffMax}
 	lastBeat := time.Time{}
+	var said wire.Heartbeat // what the last heartbeat sent
 	for ctx.Err() == nil {
 		var err error
-		if time.Since(lastBeat) >= s.cfg.HeartbeatInterval {
-			if _, err = s.heartbeat(ctx); err == nil {
-				lastBeat = time.Now()
+		if h := s.heartbeatBody(); s.cfg.HeartbeatDue(time.Since(lastBeat), SameHeartbeat(h, &said)) {
+			if _, err = s.sendHeartbeat(ctx, h); err == nil {
+				lastBeat, said = time.Now(), *h
 			}
 		}
 		start := time.Now()
