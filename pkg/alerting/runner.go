@@ -12,7 +12,9 @@
 // an acknowledged outbox entry until the runner has passed it
 // (store.Options.HoldOutboxForRules). The runner's position and the
 // engine's states are saved in the same transaction, so a crash resumes
-// exactly where the saved states were.
+// exactly where the saved states were. At the edge that transaction is
+// the ingest writer's next group commit (Config.Saver), so the rules cost
+// no transaction or fsync of their own.
 //
 // One goroutine (Run) owns the engine. Rule swaps and acks reach it
 // through a channel, so the engine needs no lock.
@@ -49,6 +51,21 @@ type Store interface {
 	DeleteLocalRule(name string) error
 }
 
+// Saver saves what the engine did with the runner's new position, as
+// store.SaveRuleEvents does, and returns once it is durable. The edge's is
+// the ingest writer (ingest.Writer.SaveRuleEvents), whose group commits
+// carry the saves.
+type Saver interface {
+	SaveRuleEvents(ctx context.Context, seq uint64, evs []rules.Event) error
+}
+
+// storeSaver saves in the store's own transactions.
+type storeSaver struct{ st Store }
+
+func (s storeSaver) SaveRuleEvents(_ context.Context, seq uint64, evs []rules.Event) error {
+	return s.st.SaveRuleEvents(seq, evs)
+}
+
 // Downlink publishes to devices and subscribers.
 type Downlink interface {
 	Publish(topic string, payload []byte, retain bool, qos byte) error
@@ -66,7 +83,10 @@ const ActorPrefix = "rule:"
 
 // Config configures a Runner.
 type Config struct {
-	Store    Store
+	Store Store
+	// Saver saves the engine's events and position; nil: the Store, a
+	// transaction per save.
+	Saver    Saver
 	Downlink Downlink // nil: alerts and desired writes are stored, not published
 	// Now is the wall clock rules time `for` by; Stamp issues HLC stamps.
 	Now   func() time.Time
@@ -125,6 +145,9 @@ func New(cfg Config) *Runner {
 	}
 	if cfg.Batch <= 0 {
 		cfg.Batch = 1000
+	}
+	if cfg.Saver == nil {
+		cfg.Saver = storeSaver{cfg.Store}
 	}
 	log := cfg.Logger
 	if log == nil {
@@ -430,9 +453,12 @@ func (r *Runner) savePosition() {
 	}
 }
 
-// save1 saves evs with the position seq, then publishes the alerts.
+// save1 saves evs with the position seq, then publishes the alerts. The
+// save is not bound to Run's context: the one Run makes as it returns
+// must land too (the writer answers every save it takes, and once stopped
+// leaves them to the store).
 func (r *Runner) save1(seq uint64, evs []rules.Event) error {
-	if err := r.cfg.Store.SaveRuleEvents(seq, evs); err != nil {
+	if err := r.cfg.Saver.SaveRuleEvents(context.Background(), seq, evs); err != nil {
 		return err
 	}
 	r.saved, r.savedAt = max(r.saved, seq), r.cfg.Now()

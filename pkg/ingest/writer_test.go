@@ -42,6 +42,9 @@ type hookStore struct {
 	failAll atomic.Bool
 	// poison makes Ingest fail whenever the batch holds this device.
 	poison string
+	// mixed counts the commits that carried both messages and rule saves;
+	// ownSaves the rule saves made in the store's own transaction.
+	mixed, ownSaves atomic.Int64
 }
 
 func newHookStore(t *testing.T) *hookStore {
@@ -50,8 +53,11 @@ func newHookStore(t *testing.T) *hookStore {
 	return h
 }
 
-func (h *hookStore) Ingest(items []store.Item, dead []store.DeadLetter) ([]store.ItemResult, error) {
+func (h *hookStore) Ingest(items []store.Item, dead []store.DeadLetter, saves ...store.RuleSave) ([]store.ItemResult, error) {
 	h.calls.Add(1)
+	if len(saves) > 0 && len(items)+len(dead) > 0 {
+		h.mixed.Add(1)
+	}
 	if h.before != nil {
 		if err := h.before(); err != nil {
 			return nil, err
@@ -65,7 +71,7 @@ func (h *hookStore) Ingest(items []store.Item, dead []store.DeadLetter) ([]store
 			return nil, errors.New("record too strange to store")
 		}
 	}
-	res, err := h.Store.Ingest(items, dead)
+	res, err := h.Store.Ingest(items, dead, saves...)
 	if h.after != nil {
 		h.after()
 	}
