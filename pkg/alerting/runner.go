@@ -325,83 +325,94 @@ func (r *Runner) tick(e *rules.Engine) {
 }
 
 // catchUp evaluates the outbox from the runner's position to its head, a
-// batch per transaction.
+// batch per pass.
 func (r *Runner) catchUp(ctx context.Context, e *rules.Engine) error {
 	for r.swapped && ctx.Err() == nil {
-		head := r.cfg.Store.Counts().OutboxHead
-		r.m.lag.Set(float64(head - min(head, r.seq)))
-		if r.seq >= head {
-			return nil
-		}
-		if len(e.Rules()) == 0 {
-			// Nothing to evaluate: move past what is there.
-			r.seq = head
-			r.maybeSavePosition()
-			continue
-		}
-		changes, err := r.cfg.Store.Outbox(r.seq, r.cfg.Batch, 8<<20)
-		if err != nil {
+		if more, err := r.pass(e); err != nil || !more {
 			return err
-		}
-		if len(changes) == 0 {
-			// Entries the store no longer holds (it did not hold the outbox
-			// for the runner): nothing left to evaluate up to head.
-			r.seq = head
-			r.maybeSavePosition()
-			return nil
-		}
-		var evs []rules.Event
-		var causes []int64 // commit time (ms) of the reading behind each alert transition
-		if len(r.devices) > maxCachedDevices {
-			clear(r.devices)
-		}
-		now := r.cfg.Now()
-		for i := range changes {
-			c := &changes[i]
-			if c.Kind != store.ChangeReadings {
-				if c.Kind == store.ChangeReported || c.Kind == store.ChangeMeta {
-					delete(r.devices, c.Device) // what rules see of it changed
-				}
-				continue
-			}
-			d, err := r.device(c.Device)
-			if err != nil {
-				return err
-			}
-			for _, rd := range c.Readings {
-				clear(r.metrics)
-				for _, m := range rd.Metrics {
-					r.metrics[m.Name] = m.Value
-				}
-				out, errs := e.Evaluate(now, d, r.metrics)
-				r.m.evaluated.Inc()
-				for _, ev := range out {
-					if ev.Alert != nil {
-						causes = append(causes, c.Stamp.WallMs())
-					}
-				}
-				for _, err := range errs {
-					r.m.errors.Inc()
-					r.log.Debug("rule evaluation error", "err", err)
-				}
-				evs = append(evs, out...)
-			}
-		}
-		r.act(evs)
-		last := changes[len(changes)-1].Seq
-		if len(evs) > 0 {
-			if err := r.save1(last, evs); err != nil {
-				return err
-			}
-		}
-		r.seq = last
-		r.maybeSavePosition()
-		done := r.cfg.Now().UnixMilli()
-		for _, ms := range causes {
-			r.m.delay.Observe(float64(max(done-ms, 0)) / 1000)
 		}
 	}
 	return nil
+}
+
+// pass evaluates one batch of the outbox from the runner's position; more
+// is false once it is at the head.
+func (r *Runner) pass(e *rules.Engine) (more bool, err error) {
+	head := r.cfg.Store.Counts().OutboxHead
+	r.m.lag.Set(float64(head - min(head, r.seq)))
+	if r.seq >= head {
+		return false, nil
+	}
+	if len(e.Rules()) == 0 {
+		// Nothing to evaluate: move past what is there.
+		r.seq = head
+		r.maybeSavePosition()
+		return true, nil
+	}
+	changes, err := r.cfg.Store.Outbox(r.seq, r.cfg.Batch, 8<<20)
+	if err != nil {
+		return false, err
+	}
+	if len(changes) == 0 {
+		// Entries the store no longer holds (it did not hold the outbox
+		// for the runner): nothing left to evaluate up to head.
+		r.seq = head
+		r.maybeSavePosition()
+		return false, nil
+	}
+	var evs []rules.Event
+	var causes []int64 // commit time (ms) of the reading behind each alert transition
+	if len(r.devices) > maxCachedDevices {
+		clear(r.devices)
+	}
+	now := r.cfg.Now()
+	evaluated := 0
+	for i := range changes {
+		c := &changes[i]
+		if c.Kind != store.ChangeReadings {
+			if c.Kind == store.ChangeReported || c.Kind == store.ChangeMeta {
+				delete(r.devices, c.Device) // what rules see of it changed
+			}
+			continue
+		}
+		d, err := r.device(c.Device)
+		if err != nil {
+			return false, err
+		}
+		for _, rd := range c.Readings {
+			clear(r.metrics)
+			for _, m := range rd.Metrics {
+				r.metrics[m.Name] = m.Value
+			}
+			out, errs := e.Evaluate(now, d, r.metrics)
+			evaluated++
+			for _, ev := range out {
+				if ev.Alert != nil {
+					causes = append(causes, c.Stamp.WallMs())
+				}
+			}
+			for _, err := range errs {
+				r.m.errors.Inc()
+				r.log.Debug("rule evaluation error", "err", err)
+			}
+			evs = append(evs, out...)
+		}
+	}
+	r.m.evaluated.Add(float64(evaluated))
+	r.act(evs)
+	last := changes[len(changes)-1].Seq
+	if len(evs) > 0 {
+		if err := r.save1(last, evs); err != nil {
+			return false, err
+		}
+	}
+	r.seq = last
+	r.maybeSavePosition()
+	done := r.cfg.Now().UnixMilli()
+	for _, ms := range causes {
+		r.m.delay.Observe(float64(max(done-ms, 0)) / 1000)
+	}
+	return true, nil
 }
 
 // device is what rules see of a device, cached for one pass.

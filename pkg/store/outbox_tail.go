@@ -23,14 +23,14 @@ import (
 // commit: every answer is one that bbolt gave at some moment.
 //
 // Readings are copied out of the transaction (the ingest batch reuses its
-// buffers) and shared by every reader: the slices Outbox returns must not
-// be changed. Other kinds, rare, are kept encoded and decoded per read, so
-// their documents and maps are the caller's own.
+// buffers) and shared by every reader: the changes Outbox returns, and
+// their Readings, must not be changed. Other kinds, rare, are kept encoded
+// and decoded per read, so their documents and maps are the caller's own.
 type outboxTail struct {
 	maxBytes, maxEntries int // maxBytes <= 0: disabled
 
 	mu      sync.Mutex
-	entries []tailEntry // entries[i].c.Seq == entries[0].c.Seq + i
+	entries tailBatch // entries.cs[i].Seq == entries.cs[0].Seq + i
 	bytes   int
 	trimmed uint64 // entries up to here were deleted from the bucket
 
@@ -42,23 +42,39 @@ type outboxTail struct {
 	log *tailLog
 }
 
-type tailEntry struct {
-	c    Change // Seq always; for readings the whole change
-	raw  []byte // other kinds: the encoding
+// tailBatch is entries in two parallel slices, so that a run of readings
+// entries is handed out as it is held, without a copy. Elements are never
+// written once appended: appends go past every range handed out, drops
+// only reslice, and compaction copies to a new array.
+type tailBatch struct {
+	cs   []Change // Seq and Kind always; for readings the whole change
+	info []tailInfo
+}
+
+type tailInfo struct {
+	raw  []byte // other kinds than readings: the encoding
 	size int    // the encoding's length, which Outbox's maxBytes counts
+}
+
+func (b *tailBatch) len() int { return len(b.cs) }
+
+func (b *tailBatch) append(c Change, i tailInfo) {
+	b.cs = append(b.cs, c)
+	b.info = append(b.info, i)
 }
 
 // tailLog is what one transaction appended, with slabs for the readings
 // and metrics it copied.
 type tailLog struct {
-	entries  []tailEntry
+	entries  tailBatch
 	readings []Reading
 	metrics  []Metric
 }
 
 // tailOverhead approximates what an entry costs beyond its encoding (the
-// Change, its Reading and slice headers), for the byte bound.
-const tailOverhead = 160
+// Change, its Reading and metrics, the strings they keep alive), for the
+// byte bound.
+const tailOverhead = 256
 
 // Default bounds: about a second of ingest at full rate.
 const (
@@ -82,15 +98,14 @@ func (t *outboxTail) record(tx *bolt.Tx, c *Change, v []byte) {
 		tx.OnCommit(func() { t.add(l.entries) })
 	}
 	l := t.log
-	e := tailEntry{c: Change{Seq: c.Seq, Kind: c.Kind}, size: len(v)}
+	info := tailInfo{size: len(v)}
 	if c.Kind != ChangeReadings {
-		e.raw = append([]byte(nil), v...)
-		l.entries = append(l.entries, e)
+		info.raw = append([]byte(nil), v...)
+		l.entries.append(Change{Seq: c.Seq, Kind: c.Kind}, info)
 		return
 	}
 	// Copy as decodeChange would decode: ReceiveTS is not encoded, and a
 	// reading without metrics decodes with nil Metrics.
-	e.c.Device, e.c.Stamp, e.c.By = c.Device, c.Stamp, c.By
 	n := len(c.Readings)
 	if len(l.readings)+n > cap(l.readings) {
 		l.readings = make([]Reading, 0, max(n, 256))
@@ -109,36 +124,38 @@ func (t *outboxTail) record(tx *bolt.Tx, c *Change, v []byte) {
 		}
 		l.readings = append(l.readings, Reading{TS: r.TS, ID: r.ID, Metrics: ms})
 	}
-	e.c.Readings = l.readings[start:len(l.readings):len(l.readings)]
-	l.entries = append(l.entries, e)
+	l.entries.append(Change{Seq: c.Seq, Kind: c.Kind, Device: c.Device, Stamp: c.Stamp, By: c.By,
+		Readings: l.readings[start:len(l.readings):len(l.readings)]}, info)
 }
 
 // add appends what a committed transaction wrote (its commit handler).
-func (t *outboxTail) add(es []tailEntry) {
+func (t *outboxTail) add(es tailBatch) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for len(es) > 0 && es[0].c.Seq <= t.trimmed {
-		es = es[1:]
+	skip := 0
+	for skip < es.len() && es.cs[skip].Seq <= t.trimmed {
+		skip++
 	}
-	if len(es) == 0 {
+	if skip == es.len() {
 		return
 	}
-	if n := len(t.entries); n > 0 {
-		hi := t.entries[n-1].c.Seq
+	first := es.cs[skip].Seq
+	if n := t.entries.len(); n > 0 {
+		hi := t.entries.cs[n-1].Seq
 		switch {
-		case es[0].c.Seq <= hi:
+		case first <= hi:
 			return // a transaction older than the tail: already superseded
-		case es[0].c.Seq != hi+1:
+		case first != hi+1:
 			t.reset() // a later transaction's fill came first: start over
 		}
 	}
-	for _, e := range es {
-		t.entries = append(t.entries, e)
-		t.bytes += e.size + tailOverhead
+	for i := skip; i < es.len(); i++ {
+		t.entries.append(es.cs[i], es.info[i])
+		t.bytes += es.info[i].size + tailOverhead
 	}
 	drop := 0
-	for drop < len(t.entries) && (t.bytes > t.maxBytes || len(t.entries)-drop > t.maxEntries) {
-		t.bytes -= t.entries[drop].size + tailOverhead
+	for drop < t.entries.len() && (t.bytes > t.maxBytes || t.entries.len()-drop > t.maxEntries) {
+		t.bytes -= t.entries.info[drop].size + tailOverhead
 		drop++
 	}
 	t.dropFront(drop)
@@ -154,65 +171,72 @@ func (t *outboxTail) trim(seq uint64) {
 	defer t.mu.Unlock()
 	t.trimmed = max(t.trimmed, seq)
 	drop := 0
-	for drop < len(t.entries) && t.entries[drop].c.Seq <= seq {
-		t.bytes -= t.entries[drop].size + tailOverhead
+	for drop < t.entries.len() && t.entries.cs[drop].Seq <= seq {
+		t.bytes -= t.entries.info[drop].size + tailOverhead
 		drop++
 	}
 	t.dropFront(drop)
 }
 
-// dropFront removes the first n entries. The backing array is copied once
-// half of it is dead, so dropped entries do not pin memory for long.
+// dropFront removes the first n entries. The arrays are copied once half
+// of them is dead, so dropped entries do not pin memory for long.
 func (t *outboxTail) dropFront(n int) {
 	if n == 0 {
 		return
 	}
-	if n == len(t.entries) {
+	if n == t.entries.len() {
 		t.reset()
 		return
 	}
-	t.entries = t.entries[n:]
-	if len(t.entries) < cap(t.entries)/2 {
-		t.entries = append(make([]tailEntry, 0, 2*len(t.entries)), t.entries...)
+	e := &t.entries
+	e.cs, e.info = e.cs[n:], e.info[n:]
+	if len(e.cs) < cap(e.cs)/2 {
+		e.cs = append(make([]Change, 0, 2*len(e.cs)), e.cs...)
+		e.info = append(make([]tailInfo, 0, 2*len(e.info)), e.info...)
 	}
 }
 
 func (t *outboxTail) reset() {
-	t.entries, t.bytes = nil, 0
+	t.entries, t.bytes = tailBatch{}, 0
 }
 
 // read serves Outbox(after, max, maxBytes) when the tail holds the entry
-// after after; ok is false when bbolt must answer.
+// after after; ok is false when bbolt must answer. A run of readings
+// entries is the tail's own memory; any other kind makes it a copy.
 func (t *outboxTail) read(after uint64, max, maxBytes int) (out []Change, ok bool, err error) {
 	if t.maxBytes <= 0 || max <= 0 {
 		return nil, false, nil
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if len(t.entries) == 0 {
+	if t.entries.len() == 0 {
 		return nil, false, nil
 	}
-	lo, hi := t.entries[0].c.Seq, t.entries[len(t.entries)-1].c.Seq
+	lo, hi := t.entries.cs[0].Seq, t.entries.cs[t.entries.len()-1].Seq
 	if after+1 < lo || after+1 > hi {
 		return nil, false, nil
 	}
-	es := t.entries[after+1-lo:]
-	n, size := 0, 0
-	for n < len(es) && n < max {
-		if n > 0 && size+es[n].size > maxBytes {
+	i0 := int(after + 1 - lo)
+	cs, info := t.entries.cs[i0:], t.entries.info[i0:]
+	n, size, raw := 0, 0, false
+	for n < len(cs) && n < max {
+		if n > 0 && size+info[n].size > maxBytes {
 			break
 		}
-		size += es[n].size
+		size += info[n].size
+		raw = raw || info[n].raw != nil
 		n++
+	}
+	if !raw {
+		return cs[:n:n], true, nil
 	}
 	out = make([]Change, n)
 	for i := range out {
-		e := &es[i]
-		if e.raw == nil {
-			out[i] = e.c
+		if info[i].raw == nil {
+			out[i] = cs[i]
 			continue
 		}
-		if out[i], err = decodeChange(e.c.Seq, e.raw); err != nil {
+		if out[i], err = decodeChange(cs[i].Seq, info[i].raw); err != nil {
 			return nil, true, err
 		}
 	}
@@ -223,8 +247,8 @@ func (t *outboxTail) read(after uint64, max, maxBytes int) (out []Change, ok boo
 func (t *outboxTail) hi() uint64 {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if len(t.entries) == 0 {
+	if t.entries.len() == 0 {
 		return 0
 	}
-	return t.entries[len(t.entries)-1].c.Seq
+	return t.entries.cs[t.entries.len()-1].Seq
 }

@@ -44,7 +44,7 @@ func (p *tailPair) both(what string, op func(s *Store) error) error {
 	return e1
 }
 
-func (p *tailPair) compare(after uint64, max, maxBytes int) {
+func (p *tailPair) compare(after uint64, max, maxBytes int) []Change {
 	p.t.Helper()
 	got, err1 := p.tail.Outbox(after, max, maxBytes)
 	want, err2 := p.ref.Outbox(after, max, maxBytes)
@@ -54,19 +54,38 @@ func (p *tailPair) compare(after uint64, max, maxBytes int) {
 	if !reflect.DeepEqual(got, want) {
 		p.t.Fatalf("Outbox(%d, %d, %d) with the tail:\n%+v\nfrom bbolt:\n%+v", after, max, maxBytes, got, want)
 	}
+	return got
+}
+
+// deepCopy copies changes down to their metrics.
+func deepCopy(cs []Change) []Change {
+	out := append([]Change(nil), cs...)
+	for i := range out {
+		rs := append([]Reading(nil), out[i].Readings...)
+		for j := range rs {
+			rs[j].Metrics = append([]Metric(nil), rs[j].Metrics...)
+		}
+		if out[i].Readings != nil {
+			out[i].Readings = rs
+		}
+	}
+	return out
 }
 
 // TestOutboxTailMatchesBbolt: over random interleavings of ingest (with
 // and without rule saves), other outbox writes, acks, rule saves and
 // failed transactions, a store reading its outbox tail from memory
 // answers every Outbox call exactly as one reading bbolt does, including
-// with a tail small enough to evict and a tail that a trim empties.
+// with a tail small enough to evict and a tail that a trim empties; and
+// what it handed out (shared memory) never changes afterwards.
 func TestOutboxTailMatchesBbolt(t *testing.T) {
 	for _, tailBytes := range []int{2 << 10, 64 << 10, defaultOutboxTailBytes} {
 		t.Run(fmt.Sprint(tailBytes), func(t *testing.T) {
 			p := newTailPair(t, tailBytes)
 			rng := rand.New(rand.NewPCG(uint64(tailBytes), 7))
 			served := 0
+			type handed struct{ got, copy []Change }
+			var kept []handed
 			for step := 0; step < 300; step++ {
 				head := p.tail.Counts().OutboxHead
 				switch op := rng.IntN(20); {
@@ -117,7 +136,14 @@ func TestOutboxTailMatchesBbolt(t *testing.T) {
 					if _, ok, _ := p.tail.tail.read(after, max, maxBytes); ok {
 						served++
 					}
-					p.compare(after, max, maxBytes)
+					if got := p.compare(after, max, maxBytes); step%10 == 0 {
+						kept = append(kept, handed{got, deepCopy(got)})
+					}
+				}
+			}
+			for _, h := range kept {
+				if !reflect.DeepEqual(h.got, h.copy) {
+					t.Fatalf("a result handed out changed later:\n%+v\nwas\n%+v", h.got, h.copy)
 				}
 			}
 			if served == 0 {
@@ -196,17 +222,17 @@ func TestOutboxTailCopiesReadings(t *testing.T) {
 // in either order; whatever the order, it never holds a gap or an entry
 // the bucket no longer has.
 func TestOutboxTailHandlerOrder(t *testing.T) {
-	es := func(lo, hi uint64) []tailEntry {
-		var out []tailEntry
+	es := func(lo, hi uint64) tailBatch {
+		var out tailBatch
 		for s := lo; s <= hi; s++ {
-			out = append(out, tailEntry{c: Change{Seq: s, Kind: ChangeReadings}, size: 10})
+			out.append(Change{Seq: s, Kind: ChangeReadings}, tailInfo{size: 10})
 		}
 		return out
 	}
 	seqs := func(tl *outboxTail) []uint64 {
 		var out []uint64
-		for _, e := range tl.entries {
-			out = append(out, e.c.Seq)
+		for _, c := range tl.entries.cs {
+			out = append(out, c.Seq)
 		}
 		return out
 	}

@@ -538,9 +538,9 @@ func storeMax(a *atomic.Uint64, v uint64) {
 // Outbox returns up to max changes after sequence after, stopping early once
 // maxBytes of encoded changes have been collected (at least one is returned).
 //
-// The newest entries are served from memory (Options.OutboxTailBytes), and
-// their Readings, with their Metrics, are shared by every caller: callers
-// must not change them.
+// The newest entries are served from memory (Options.OutboxTailBytes) and
+// shared by every caller: callers must not change the changes returned,
+// nor their Readings and Metrics.
 func (s *Store) Outbox(after uint64, max, maxBytes int) ([]Change, error) {
 	if out, ok, err := s.tail.read(after, max, maxBytes); ok {
 		if err != nil {
