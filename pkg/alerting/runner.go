@@ -380,10 +380,7 @@ func (r *Runner) pass(e *rules.Engine) (more bool, err error) {
 			return false, err
 		}
 		for _, rd := range c.Readings {
-			clear(r.metrics)
-			for _, m := range rd.Metrics {
-				r.metrics[m.Name] = m.Value
-			}
+			r.setMetrics(rd.Metrics)
 			out, errs := e.Evaluate(now, d, r.metrics)
 			evaluated++
 			for _, ev := range out {
@@ -413,6 +410,23 @@ func (r *Runner) pass(e *rules.Engine) (more bool, err error) {
 		r.m.delay.Observe(float64(max(done-ms, 0)) / 1000)
 	}
 	return true, nil
+}
+
+// setMetrics makes r.metrics hold exactly ms. A device sends the same
+// metrics reading after reading, so the map is overwritten in place and
+// cleared only when it holds a name ms lacks: names in a reading are
+// unique, so that is when it ends up larger than ms.
+func (r *Runner) setMetrics(ms []store.Metric) {
+	for _, m := range ms {
+		r.metrics[m.Name] = m.Value
+	}
+	if len(r.metrics) == len(ms) {
+		return
+	}
+	clear(r.metrics)
+	for _, m := range ms {
+		r.metrics[m.Name] = m.Value
+	}
 }
 
 // device is what rules see of a device, cached for one pass.

@@ -376,3 +376,38 @@ func TestPublishAfterSave(t *testing.T) {
 	close(g.gate)
 	waitFor(t, "the alert published", func() bool { return len(f.pub.on("alerts/d1")) == 1 })
 }
+
+// TestSetMetrics: the map rules see holds exactly the reading's metrics,
+// whatever the reading before it held.
+func TestSetMetrics(t *testing.T) {
+	m := func(kv ...any) []store.Metric {
+		var out []store.Metric
+		for i := 0; i < len(kv); i += 2 {
+			out = append(out, store.Metric{Name: kv[i].(string), Value: kv[i+1].(float64)})
+		}
+		return out
+	}
+	r := New(Config{})
+	for i, ms := range [][]store.Metric{
+		m("temp", 1.0, "hum", 2.0),
+		m("temp", 3.0, "hum", 4.0), // same names: overwritten in place
+		m("temp", 5.0),             // fewer
+		m("hum", 6.0),              // as many, another name
+		m("hum", 7.0, "co2", 8.0, "temp", 9.0),
+		m(),
+	} {
+		r.setMetrics(ms)
+		want := map[string]float64{}
+		for _, x := range ms {
+			want[x.Name] = x.Value
+		}
+		if len(r.metrics) != len(want) {
+			t.Fatalf("reading %d: metrics %v, want %v", i, r.metrics, want)
+		}
+		for k, v := range want {
+			if got, ok := r.metrics[k]; !ok || got != v {
+				t.Fatalf("reading %d: metrics %v, want %v", i, r.metrics, want)
+			}
+		}
+	}
+}

@@ -319,13 +319,8 @@ func (w *Writer) Run(ctx context.Context) error {
 		}
 		batch, saves = w.fill(ctx, batch, saves)
 		if time.Since(lastQuota) >= w.cfg.QuotaCheck || w.backpressure.Load() {
-			if len(saves) > 0 && w.overQuota() != "" {
-				// Saves add no readings and release outbox entries:
-				// they commit whatever the quota says.
-				w.commit(nil, saves)
-				saves = saves[:0]
-			}
-			if !w.waitQuota(ctx) {
+			var ok bool
+			if saves, ok = w.waitQuota(ctx, saves); !ok {
 				w.fail(batch, ErrStopped)
 				return w.drain(batch[:0])
 			}
@@ -380,8 +375,10 @@ func (w *Writer) fill(ctx context.Context, batch []*pending, saves []*ruleSave) 
 
 // waitQuota blocks while the store is over quota, returning false if ctx is
 // cancelled meanwhile. Nothing is deleted to make room: retention or an
-// operator must free space.
-func (w *Writer) waitQuota(ctx context.Context) bool {
+// operator must free space. Rule saves add no readings and release outbox
+// entries, so they commit whatever the quota says: those held (returned
+// emptied once committed) and those that come while it waits.
+func (w *Writer) waitQuota(ctx context.Context, held []*ruleSave) ([]*ruleSave, bool) {
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -391,7 +388,11 @@ func (w *Writer) waitQuota(ctx context.Context) bool {
 				w.log.Info("disk quota ok again, resuming ingest")
 				w.m.backpressure.Set(0)
 			}
-			return true
+			return held, true
+		}
+		if len(held) > 0 {
+			w.commit(nil, held)
+			held = held[:0]
 		}
 		if !w.backpressure.Swap(true) {
 			w.log.Warn("backpressure: not acknowledging device messages", "reason", reason)
@@ -399,7 +400,7 @@ func (w *Writer) waitQuota(ctx context.Context) bool {
 		}
 		select {
 		case <-ctx.Done():
-			return false
+			return held, false
 		case rs := <-w.saves:
 			w.commit(nil, []*ruleSave{rs})
 		case <-tick.C:

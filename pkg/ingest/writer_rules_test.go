@@ -125,17 +125,20 @@ func TestWriterLoneRuleSave(t *testing.T) {
 }
 
 // TestWriterRuleSaveOverQuota: over quota, messages wait but saves (which
-// release outbox entries) still commit.
+// release outbox entries) still commit: one the writer holds when it finds
+// the store over quota, and one that comes while it waits.
 func TestWriterRuleSaveOverQuota(t *testing.T) {
 	hs := newHookStore(t)
 	hs.usage.Store(1 << 30)
 	rec := newDoneRec()
 	w := NewWriter(hs, NewDecoder(DefaultLimits), Config{QuotaBytes: 1 << 20}, nil, discardLogger())
 	startWriter(t, w)
-	submit(t, w, rec.msg("a", "sensors/dev/telemetry", telemetry(1)))
-	waitFor(t, "backpressure", w.Backpressure)
 	waitSaved(t, saveAsync(w, 0, []rules.Event{firedEvent("x")}))
 	checkSaved(t, hs, 0, "x")
+	submit(t, w, rec.msg("a", "sensors/dev/telemetry", telemetry(1)))
+	waitFor(t, "backpressure", w.Backpressure)
+	waitSaved(t, saveAsync(w, 0, []rules.Event{{Kind: rules.Cleared, State: rules.State{Key: rules.Key{Rule: "hot", Device: "x"}}}, firedEvent("y")}))
+	checkSaved(t, hs, 0, "y")
 	if rec.count() != 0 {
 		t.Fatal("a message was acknowledged over quota")
 	}
