@@ -108,7 +108,7 @@ func (t *outboxTail) record(tx *bolt.Tx, c *Change, v []byte) {
 	// reading without metrics decodes with nil Metrics.
 	n := len(c.Readings)
 	if len(l.readings)+n > cap(l.readings) {
-		l.readings = make([]Reading, 0, max(n, 256))
+		l.readings = make([]Reading, 0, slabCap(n, cap(l.readings), 256))
 	}
 	start := len(l.readings)
 	for i := range c.Readings {
@@ -116,7 +116,7 @@ func (t *outboxTail) record(tx *bolt.Tx, c *Change, v []byte) {
 		var ms []Metric
 		if m := len(r.Metrics); m > 0 {
 			if len(l.metrics)+m > cap(l.metrics) {
-				l.metrics = make([]Metric, 0, max(m, 1024))
+				l.metrics = make([]Metric, 0, slabCap(m, cap(l.metrics), 1024))
 			}
 			k := len(l.metrics)
 			l.metrics = append(l.metrics, r.Metrics...)
@@ -126,6 +126,14 @@ func (t *outboxTail) record(tx *bolt.Tx, c *Change, v []byte) {
 	}
 	l.entries.append(Change{Seq: c.Seq, Kind: c.Kind, Device: c.Device, Stamp: c.Stamp, By: c.By,
 		Readings: l.readings[start:len(l.readings):len(l.readings)]}, info)
+}
+
+// slabCap sizes the next slab of a transaction's copies: what is needed
+// now, doubling with each slab up to limit. A transaction of one entry
+// (a quiet edge commits every message alone) then pins no more than it
+// holds, and a large one wastes at most about half of its last slab.
+func slabCap(need, last, limit int) int {
+	return max(need, min(2*last, limit))
 }
 
 // add appends what a committed transaction wrote (its commit handler).

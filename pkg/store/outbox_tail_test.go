@@ -258,3 +258,15 @@ func TestOutboxTailHandlerOrder(t *testing.T) {
 		})
 	}
 }
+
+// TestOutboxTailSlabs: a commit of one entry pins only what that entry
+// holds (a quiet edge commits every message alone, and the tail holds
+// 65,536 entries).
+func TestOutboxTailSlabs(t *testing.T) {
+	s := openTestStore(t, "", Options{NoSync: true})
+	mustIngest(t, s, item("a", reading(t0, "", "t", 1.0, "h", 2.0)))
+	l := s.tail.log // the last transaction's
+	if cap(l.readings) != 1 || cap(l.metrics) != 2 {
+		t.Fatalf("one reading of two metrics kept in slabs of %d readings and %d metrics", cap(l.readings), cap(l.metrics))
+	}
+}
