@@ -331,15 +331,11 @@ func (w *Writer) Run(ctx context.Context) error {
 }
 
 // fill gathers more queued messages and saves into batch and saves,
-// waiting up to Linger for messages; a save that came first is not kept
-// waiting.
+// waiting up to Linger for messages once it holds one: a save with no
+// message queued is not kept waiting, and one that finds messages queued
+// does not cut their batch short.
 func (w *Writer) fill(ctx context.Context, batch []*pending, saves []*ruleSave) ([]*pending, []*ruleSave) {
 	var timer <-chan time.Time
-	if w.cfg.Linger > 0 && len(batch) > 0 {
-		t := time.NewTimer(w.cfg.Linger)
-		defer t.Stop()
-		timer = t.C
-	}
 	readings := 0
 	for _, p := range batch {
 		readings += len(p.item.Readings)
@@ -354,6 +350,11 @@ func (w *Writer) fill(ctx context.Context, batch []*pending, saves []*ruleSave) 
 			saves = append(saves, rs)
 			continue
 		default:
+		}
+		if timer == nil && w.cfg.Linger > 0 && len(batch) > 0 {
+			t := time.NewTimer(w.cfg.Linger)
+			defer t.Stop()
+			timer = t.C
 		}
 		if timer == nil {
 			return batch, saves

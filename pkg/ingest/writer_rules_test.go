@@ -176,3 +176,55 @@ func TestWriterRuleSaveTrimsHeldOutbox(t *testing.T) {
 		t.Fatalf("%d commits and %d own saves, want 3 commits (a chunk each) and none", c, own)
 	}
 }
+
+// BenchmarkWriterRuleSaves is BenchmarkWriter's load with a stand-in for
+// the rule runner that, woken after every commit, saves an event and its
+// position at the head: through the writer (its commits carry the saves,
+// as at the edge) or in the store's own transaction (as before). The
+// store fsyncs, as at the edge: a save of its own is a commit of its own,
+// which holds bbolt's writer lock through its fsync.
+func BenchmarkWriterRuleSaves(b *testing.B) {
+	for _, via := range []string{"writer", "store"} {
+		b.Run(via, func(b *testing.B) { benchWriter(b, time.Millisecond, &benchRunner{viaWriter: via == "writer"}) })
+	}
+}
+
+type benchRunner struct {
+	viaWriter bool
+	wake      chan struct{}
+}
+
+func (r *benchRunner) notify() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (r *benchRunner) start(b *testing.B, st *store.Store, w *Writer) (stop func()) {
+	r.wake = make(chan struct{}, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for n := 0; ; n++ {
+			select {
+			case <-ctx.Done():
+				return
+			case <-r.wake:
+			}
+			seq := st.Counts().OutboxHead
+			evs := []rules.Event{firedEvent(fmt.Sprintf("dev-%d", n%100))}
+			var err error
+			if r.viaWriter {
+				err = w.SaveRuleEvents(ctx, seq, evs)
+			} else {
+				err = st.SaveRuleEvents(seq, evs)
+			}
+			if err != nil && ctx.Err() == nil {
+				b.Error(err)
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
+}
