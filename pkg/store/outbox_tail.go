@@ -158,6 +158,11 @@ func (t *outboxTail) add(es tailBatch) {
 		}
 	}
 	for i := skip; i < es.len(); i++ {
+		if n := t.entries.len(); n > 0 && es.cs[i].Seq != t.entries.cs[n-1].Seq+1 {
+			// An entry appended without appendOutbox would leave a hole the
+			// tail must not paper over.
+			t.reset()
+		}
 		t.entries.append(es.cs[i], es.info[i])
 		t.bytes += es.info[i].size + tailOverhead
 	}

@@ -246,6 +246,11 @@ func TestOutboxTailHandlerOrder(t *testing.T) {
 		{"trim before the fill it covers", func(tl *outboxTail) { tl.trim(4); tl.add(es(3, 6)) }, []uint64{5, 6}},
 		{"trim all", func(tl *outboxTail) { tl.add(es(1, 4)); tl.trim(9); tl.add(es(5, 6)) }, nil},
 		{"trim part", func(tl *outboxTail) { tl.add(es(1, 4)); tl.trim(2) }, []uint64{3, 4}},
+		{"hole inside a fill", func(tl *outboxTail) {
+			b := es(1, 2)
+			b.append(Change{Seq: 4}, tailInfo{size: 10})
+			tl.add(b)
+		}, []uint64{4}},
 		{"entry bound", func(tl *outboxTail) { tl.maxEntries = 3; tl.add(es(1, 5)) }, []uint64{3, 4, 5}},
 		{"byte bound", func(tl *outboxTail) { tl.maxBytes = 2 * (10 + tailOverhead); tl.add(es(1, 5)) }, []uint64{4, 5}},
 	} {
