@@ -12,7 +12,9 @@
 // an acknowledged outbox entry until the runner has passed it
 // (store.Options.HoldOutboxForRules). The runner's position and the
 // engine's states are saved in the same transaction, so a crash resumes
-// exactly where the saved states were.
+// exactly where the saved states were. At the edge that transaction is
+// the ingest writer's next group commit (Config.Saver), so the rules cost
+// no transaction or fsync of their own.
 //
 // One goroutine (Run) owns the engine. Rule swaps and acks reach it
 // through a channel, so the engine needs no lock.
@@ -49,6 +51,21 @@ type Store interface {
 	DeleteLocalRule(name string) error
 }
 
+// Saver saves what the engine did with the runner's new position, as
+// store.SaveRuleEvents does, and returns once it is durable. The edge's is
+// the ingest writer (ingest.Writer.SaveRuleEvents), whose group commits
+// carry the saves.
+type Saver interface {
+	SaveRuleEvents(ctx context.Context, seq uint64, evs []rules.Event) error
+}
+
+// storeSaver saves in the store's own transactions.
+type storeSaver struct{ st Store }
+
+func (s storeSaver) SaveRuleEvents(_ context.Context, seq uint64, evs []rules.Event) error {
+	return s.st.SaveRuleEvents(seq, evs)
+}
+
 // Downlink publishes to devices and subscribers.
 type Downlink interface {
 	Publish(topic string, payload []byte, retain bool, qos byte) error
@@ -66,7 +83,10 @@ const ActorPrefix = "rule:"
 
 // Config configures a Runner.
 type Config struct {
-	Store    Store
+	Store Store
+	// Saver saves the engine's events and position; nil: the Store, a
+	// transaction per save.
+	Saver    Saver
 	Downlink Downlink // nil: alerts and desired writes are stored, not published
 	// Now is the wall clock rules time `for` by; Stamp issues HLC stamps.
 	Now   func() time.Time
@@ -125,6 +145,9 @@ func New(cfg Config) *Runner {
 	}
 	if cfg.Batch <= 0 {
 		cfg.Batch = 1000
+	}
+	if cfg.Saver == nil {
+		cfg.Saver = storeSaver{cfg.Store}
 	}
 	log := cfg.Logger
 	if log == nil {
@@ -302,83 +325,108 @@ func (r *Runner) tick(e *rules.Engine) {
 }
 
 // catchUp evaluates the outbox from the runner's position to its head, a
-// batch per transaction.
+// batch per pass.
 func (r *Runner) catchUp(ctx context.Context, e *rules.Engine) error {
 	for r.swapped && ctx.Err() == nil {
-		head := r.cfg.Store.Counts().OutboxHead
-		r.m.lag.Set(float64(head - min(head, r.seq)))
-		if r.seq >= head {
-			return nil
-		}
-		if len(e.Rules()) == 0 {
-			// Nothing to evaluate: move past what is there.
-			r.seq = head
-			r.maybeSavePosition()
-			continue
-		}
-		changes, err := r.cfg.Store.Outbox(r.seq, r.cfg.Batch, 8<<20)
-		if err != nil {
+		if more, err := r.pass(e); err != nil || !more {
 			return err
-		}
-		if len(changes) == 0 {
-			// Entries the store no longer holds (it did not hold the outbox
-			// for the runner): nothing left to evaluate up to head.
-			r.seq = head
-			r.maybeSavePosition()
-			return nil
-		}
-		var evs []rules.Event
-		var causes []int64 // commit time (ms) of the reading behind each alert transition
-		if len(r.devices) > maxCachedDevices {
-			clear(r.devices)
-		}
-		now := r.cfg.Now()
-		for i := range changes {
-			c := &changes[i]
-			if c.Kind != store.ChangeReadings {
-				if c.Kind == store.ChangeReported || c.Kind == store.ChangeMeta {
-					delete(r.devices, c.Device) // what rules see of it changed
-				}
-				continue
-			}
-			d, err := r.device(c.Device)
-			if err != nil {
-				return err
-			}
-			for _, rd := range c.Readings {
-				clear(r.metrics)
-				for _, m := range rd.Metrics {
-					r.metrics[m.Name] = m.Value
-				}
-				out, errs := e.Evaluate(now, d, r.metrics)
-				r.m.evaluated.Inc()
-				for _, ev := range out {
-					if ev.Alert != nil {
-						causes = append(causes, c.Stamp.WallMs())
-					}
-				}
-				for _, err := range errs {
-					r.m.errors.Inc()
-					r.log.Debug("rule evaluation error", "err", err)
-				}
-				evs = append(evs, out...)
-			}
-		}
-		r.act(evs)
-		last := changes[len(changes)-1].Seq
-		if len(evs) > 0 {
-			if err := r.save1(last, evs); err != nil {
-				return err
-			}
-		}
-		r.seq = last
-		r.maybeSavePosition()
-		done := r.cfg.Now().UnixMilli()
-		for _, ms := range causes {
-			r.m.delay.Observe(float64(max(done-ms, 0)) / 1000)
 		}
 	}
 	return nil
+}
+
+// pass evaluates one batch of the outbox from the runner's position; more
+// is false once it is at the head.
+func (r *Runner) pass(e *rules.Engine) (more bool, err error) {
+	head := r.cfg.Store.Counts().OutboxHead
+	r.m.lag.Set(float64(head - min(head, r.seq)))
+	if r.seq >= head {
+		return false, nil
+	}
+	if len(e.Rules()) == 0 {
+		// Nothing to evaluate: move past what is there.
+		r.seq = head
+		r.maybeSavePosition()
+		return true, nil
+	}
+	changes, err := r.cfg.Store.Outbox(r.seq, r.cfg.Batch, 8<<20)
+	if err != nil {
+		return false, err
+	}
+	if len(changes) == 0 {
+		// Entries the store no longer holds (it did not hold the outbox
+		// for the runner): nothing left to evaluate up to head.
+		r.seq = head
+		r.maybeSavePosition()
+		return false, nil
+	}
+	var evs []rules.Event
+	var causes []int64 // commit time (ms) of the reading behind each alert transition
+	if len(r.devices) > maxCachedDevices {
+		clear(r.devices)
+	}
+	now := r.cfg.Now()
+	evaluated := 0
+	for i := range changes {
+		c := &changes[i]
+		if c.Kind != store.ChangeReadings {
+			if c.Kind == store.ChangeReported || c.Kind == store.ChangeMeta {
+				delete(r.devices, c.Device) // what rules see of it changed
+			}
+			continue
+		}
+		d, err := r.device(c.Device)
+		if err != nil {
+			return false, err
+		}
+		for _, rd := range c.Readings {
+			r.setMetrics(rd.Metrics)
+			out, errs := e.Evaluate(now, d, r.metrics)
+			evaluated++
+			for _, ev := range out {
+				if ev.Alert != nil {
+					causes = append(causes, c.Stamp.WallMs())
+				}
+			}
+			for _, err := range errs {
+				r.m.errors.Inc()
+				r.log.Debug("rule evaluation error", "err", err)
+			}
+			evs = append(evs, out...)
+		}
+	}
+	r.m.evaluated.Add(float64(evaluated))
+	r.act(evs)
+	last := changes[len(changes)-1].Seq
+	if len(evs) > 0 {
+		if err := r.save1(last, evs); err != nil {
+			return false, err
+		}
+	}
+	r.seq = last
+	r.maybeSavePosition()
+	done := r.cfg.Now().UnixMilli()
+	for _, ms := range causes {
+		r.m.delay.Observe(float64(max(done-ms, 0)) / 1000)
+	}
+	return true, nil
+}
+
+// setMetrics makes r.metrics hold exactly ms. A device sends the same
+// metrics reading after reading, so the map is overwritten in place and
+// cleared only when it holds a name ms lacks: names in a reading are
+// unique, so that is when it ends up larger than ms.
+func (r *Runner) setMetrics(ms []store.Metric) {
+	for _, m := range ms {
+		r.metrics[m.Name] = m.Value
+	}
+	if len(r.metrics) == len(ms) {
+		return
+	}
+	clear(r.metrics)
+	for _, m := range ms {
+		r.metrics[m.Name] = m.Value
+	}
 }
 
 // device is what rules see of a device, cached for one pass.
@@ -430,9 +478,12 @@ func (r *Runner) savePosition() {
 	}
 }
 
-// save1 saves evs with the position seq, then publishes the alerts.
+// save1 saves evs with the position seq, then publishes the alerts. The
+// save is not bound to Run's context: the one Run makes as it returns
+// must land too (the writer answers every save it takes, and once stopped
+// leaves them to the store).
 func (r *Runner) save1(seq uint64, evs []rules.Event) error {
-	if err := r.cfg.Store.SaveRuleEvents(seq, evs); err != nil {
+	if err := r.cfg.Saver.SaveRuleEvents(context.Background(), seq, evs); err != nil {
 		return err
 	}
 	r.saved, r.savedAt = max(r.saved, seq), r.cfg.Now()

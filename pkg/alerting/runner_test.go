@@ -46,6 +46,8 @@ type fixture struct {
 	pub  *published
 	r    *Runner
 	stop func()
+	// saver, when set, is the runner's Saver.
+	saver Saver
 }
 
 func newFixture(t *testing.T) *fixture {
@@ -70,7 +72,7 @@ func (f *fixture) clock() time.Time { return time.UnixMilli(f.now.Load()) }
 func (f *fixture) start(set rules.Set) {
 	f.t.Helper()
 	clk := hlc.NewClock(f.clock, 0)
-	f.r = New(Config{Store: f.st, Downlink: f.pub, Now: f.clock, Stamp: clk.Now})
+	f.r = New(Config{Store: f.st, Saver: f.saver, Downlink: f.pub, Now: f.clock, Stamp: clk.Now})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- f.r.Run(ctx) }()
@@ -331,5 +333,81 @@ func TestMergeRemote(t *testing.T) {
 	}
 	if _, err := f.r.MergeRemote(context.Background(), rules.Alert{ID: "d4~nope~1", Rule: "nope", Device: "d4"}); err != ErrNotFound {
 		t.Fatalf("MergeRemote of a missing alert: %v", err)
+	}
+}
+
+// gateSaver holds every save until it is let through.
+type gateSaver struct {
+	st      *store.Store
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+func (g *gateSaver) SaveRuleEvents(_ context.Context, seq uint64, evs []rules.Event) error {
+	if len(evs) > 0 {
+		g.entered <- struct{}{}
+		<-g.gate
+	}
+	return g.st.SaveRuleEvents(seq, evs)
+}
+
+// TestPublishAfterSave: the runner saves through its Saver (the edge's is
+// the ingest writer), and publishes an alert only once its save returned.
+func TestPublishAfterSave(t *testing.T) {
+	f := newFixture(t)
+	g := &gateSaver{st: f.st, entered: make(chan struct{}, 1), gate: make(chan struct{})}
+	f.saver = g
+	f.start(nil)
+	if err := f.r.Swap(context.Background(), set(t, rules.Rule{Name: "hot", When: "temp > 30"})); err != nil {
+		t.Fatal(err)
+	}
+	f.ingest("d1", 31)
+	select {
+	case <-g.entered:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the runner never saved through its Saver")
+	}
+	if got := f.pub.on("alerts/d1"); len(got) != 0 {
+		t.Fatalf("%d alerts published before their save returned", len(got))
+	}
+	if n := len(f.alerts(store.AlertsQuery{})); n != 0 {
+		t.Fatalf("%d alerts stored before the Saver saved them", n)
+	}
+	close(g.gate)
+	waitFor(t, "the alert published", func() bool { return len(f.pub.on("alerts/d1")) == 1 })
+}
+
+// TestSetMetrics: the map rules see holds exactly the reading's metrics,
+// whatever the reading before it held.
+func TestSetMetrics(t *testing.T) {
+	m := func(kv ...any) []store.Metric {
+		var out []store.Metric
+		for i := 0; i < len(kv); i += 2 {
+			out = append(out, store.Metric{Name: kv[i].(string), Value: kv[i+1].(float64)})
+		}
+		return out
+	}
+	r := New(Config{})
+	for i, ms := range [][]store.Metric{
+		m("temp", 1.0, "hum", 2.0),
+		m("temp", 3.0, "hum", 4.0), // same names: overwritten in place
+		m("temp", 5.0),             // fewer
+		m("hum", 6.0),              // as many, another name
+		m("hum", 7.0, "co2", 8.0, "temp", 9.0),
+		m(),
+	} {
+		r.setMetrics(ms)
+		want := map[string]float64{}
+		for _, x := range ms {
+			want[x.Name] = x.Value
+		}
+		if len(r.metrics) != len(want) {
+			t.Fatalf("reading %d: metrics %v, want %v", i, r.metrics, want)
+		}
+		for k, v := range want {
+			if got, ok := r.metrics[k]; !ok || got != v {
+				t.Fatalf("reading %d: metrics %v, want %v", i, r.metrics, want)
+			}
+		}
 	}
 }

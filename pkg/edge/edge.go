@@ -167,14 +167,16 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 			log.Warn("the cached cloud rules are unreadable; waiting for the cloud's", "err", err)
 		}
 	}
-	e.alerts = alerting.New(alerting.Config{Store: e.st, Downlink: &publish, Now: now, Stamp: clock.Now, Cloud: cloudRules,
-		Logger: log.With("component", "rules"), Registerer: reg})
+	// The runner's saves ride the writer's commits; the writer wakes the
+	// runner after each (the runner is made next, before either runs).
 	e.writer = ingest.NewWriter(e.st, ingest.NewDecoder(limits), ingest.Config{
-		MaxBatch: cfg.Ingest.MaxBatch, Linger: cfg.Ingest.Linger, Committed: e.alerts.Notify,
+		MaxBatch: cfg.Ingest.MaxBatch, Linger: cfg.Ingest.Linger, Committed: func() { e.alerts.Notify() },
 		QuotaBytes: cfg.Ingest.QuotaMB << 20, MinFreeBytes: cfg.Ingest.MinFreeMB << 20,
 		FreeBytes:             func() (int64, error) { return freeBytes(cfg.DataDir) },
 		UnsafeAckBeforeCommit: cfg.UnsafeAckBeforeCommit,
 	}, reg, log.With("component", "ingest"))
+	e.alerts = alerting.New(alerting.Config{Store: e.st, Saver: e.writer, Downlink: &publish, Now: now, Stamp: clock.Now, Cloud: cloudRules,
+		Logger: log.With("component", "rules"), Registerer: reg})
 
 	var login api.Login
 	if cfg.WeChat.AppID != "" {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/outpost-edge/outpost/pkg/rules"
 	"github.com/outpost-edge/outpost/pkg/store"
 )
 
@@ -25,7 +26,10 @@ var ErrStopped = errors.New("ingest: writer stopped")
 
 // Store is what the writer needs from storage.
 type Store interface {
-	Ingest(items []store.Item, dead []store.DeadLetter) ([]store.ItemResult, error)
+	Ingest(items []store.Item, dead []store.DeadLetter, saves ...store.RuleSave) ([]store.ItemResult, error)
+	// SaveRuleEvents saves on its own, once the writer has stopped.
+	SaveRuleEvents(seq uint64, evs []rules.Event) error
+	OutboxTrimPending() bool
 	Usage() (int64, error)
 }
 
@@ -118,7 +122,8 @@ type Writer struct {
 	cfg     Config
 	log     *slog.Logger
 	in      chan *pending
-	mu      sync.RWMutex // Submit holds it shared while sending; stop takes it to fence sends
+	saves   chan *ruleSave
+	mu      sync.RWMutex // Submit and SaveRuleEvents hold it shared while sending; stop takes it to fence sends
 	stopped chan struct{}
 
 	backpressure atomic.Bool
@@ -143,7 +148,8 @@ type writerMetrics struct {
 // NewWriter returns a writer; start it with Run.
 func NewWriter(st Store, dec *Decoder, cfg Config, reg prometheus.Registerer, log *slog.Logger) *Writer {
 	cfg.defaults()
-	w := &Writer{st: st, dec: dec, cfg: cfg, log: log, in: make(chan *pending, cfg.QueueSize), stopped: make(chan struct{})}
+	w := &Writer{st: st, dec: dec, cfg: cfg, log: log, in: make(chan *pending, cfg.QueueSize),
+		saves: make(chan *ruleSave, maxQueuedSaves), stopped: make(chan struct{})}
 	w.m = writerMetrics{
 		messages: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "outpost_ingest_messages_total", Help: "MQTT messages handled, by result (stored, duplicate, dead_letter).",
@@ -229,38 +235,107 @@ func (w *Writer) Submit(ctx context.Context, m *Message) error {
 	}
 }
 
+// ruleSave is a SaveRuleEvents call waiting for the commit that carries it.
+type ruleSave struct {
+	save store.RuleSave
+	done chan error // buffered: the writer never waits for the caller
+}
+
+// maxQueuedSaves is the saves a commit may gather; the rule runner makes
+// one at a time, so more only happen with several callers.
+const maxQueuedSaves = 64
+
+// SaveRuleEvents saves the rule runner's events and its outbox position
+// (store.SaveRuleEvents' arguments) in the next group commit, with the
+// messages queued for it, and returns once that commit is durable: the
+// runner's saves then take neither a transaction nor an fsync of their
+// own, nor contend with the writer for bbolt's writer lock. A save with
+// no message queued commits at once, on its own. Once the writer has
+// stopped, the save is the store's own transaction.
+//
+// When the commit deleted only a chunk of the outbox entries the save
+// released (store.OutboxTrimPending), it saves again until they are gone,
+// each pass riding a commit too.
+func (w *Writer) SaveRuleEvents(ctx context.Context, seq uint64, evs []rules.Event) error {
+	for {
+		queued, err := w.queueSave(ctx, store.RuleSave{Seq: seq, Events: evs})
+		if !queued {
+			if err != nil {
+				return err
+			}
+			return w.st.SaveRuleEvents(seq, evs) // stopped
+		}
+		if err != nil || !w.st.OutboxTrimPending() {
+			return err
+		}
+		evs = nil // saved: the next pass only deletes
+	}
+}
+
+// queueSave hands sv to Run and waits for its commit. queued is false when
+// it was not handed over: the writer stopped (err nil) or ctx ended.
+func (w *Writer) queueSave(ctx context.Context, sv store.RuleSave) (queued bool, err error) {
+	rs := &ruleSave{save: sv, done: make(chan error, 1)}
+	if !w.sendSave(ctx, rs) {
+		return false, ctx.Err()
+	}
+	// Run answers every save it took, drain included.
+	return true, <-rs.done
+}
+
+func (w *Writer) sendSave(ctx context.Context, rs *ruleSave) bool {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	select {
+	case <-w.stopped:
+		return false
+	default:
+	}
+	select {
+	case w.saves <- rs:
+		return true
+	case <-w.stopped:
+		return false
+	case <-ctx.Done():
+		return false
+	}
+}
+
 // Run commits batches until ctx is cancelled, then stops accepting, commits
 // what was already queued, and returns.
 func (w *Writer) Run(ctx context.Context) error {
 	batch := make([]*pending, 0, w.cfg.MaxBatch)
+	var saves []*ruleSave
 	lastQuota := time.Time{}
 	for {
+		batch, saves = batch[:0], saves[:0]
 		select {
 		case <-ctx.Done():
-			return w.drain(batch[:0])
+			return w.drain(batch)
 		case p := <-w.in:
-			batch = append(batch[:0], p)
+			batch = append(batch, p)
+		case rs := <-w.saves:
+			saves = append(saves, rs)
 		}
-		batch = w.fill(ctx, batch)
+		batch, saves = w.fill(ctx, batch, saves)
 		if time.Since(lastQuota) >= w.cfg.QuotaCheck || w.backpressure.Load() {
-			if !w.waitQuota(ctx) {
+			var ok bool
+			if saves, ok = w.waitQuota(ctx, saves); !ok {
 				w.fail(batch, ErrStopped)
 				return w.drain(batch[:0])
 			}
 			lastQuota = time.Now()
 		}
-		w.commit(batch)
+		w.commit(batch, saves)
 	}
 }
 
-// fill gathers more queued messages into batch, waiting up to Linger.
-func (w *Writer) fill(ctx context.Context, batch []*pending) []*pending {
+// fill gathers more queued messages and saves into batch and saves,
+// waiting up to Linger for messages once it holds one: a save with no
+// message queued is not kept waiting, and one that finds messages queued
+// does not cut their batch short.
+func (w *Writer) fill(ctx context.Context, batch []*pending, saves []*ruleSave) ([]*pending, []*ruleSave) {
 	var timer <-chan time.Time
-	if w.cfg.Linger > 0 {
-		t := time.NewTimer(w.cfg.Linger)
-		defer t.Stop()
-		timer = t.C
-	}
 	readings := 0
 	for _, p := range batch {
 		readings += len(p.item.Readings)
@@ -271,28 +346,40 @@ func (w *Writer) fill(ctx context.Context, batch []*pending) []*pending {
 			batch = append(batch, p)
 			readings += len(p.item.Readings)
 			continue
+		case rs := <-w.saves:
+			saves = append(saves, rs)
+			continue
 		default:
 		}
+		if timer == nil && w.cfg.Linger > 0 && len(batch) > 0 {
+			t := time.NewTimer(w.cfg.Linger)
+			defer t.Stop()
+			timer = t.C
+		}
 		if timer == nil {
-			return batch
+			return batch, saves
 		}
 		select {
 		case p := <-w.in:
 			batch = append(batch, p)
 			readings += len(p.item.Readings)
+		case rs := <-w.saves:
+			saves = append(saves, rs)
 		case <-timer:
-			return batch
+			return batch, saves
 		case <-ctx.Done():
-			return batch
+			return batch, saves
 		}
 	}
-	return batch
+	return batch, saves
 }
 
 // waitQuota blocks while the store is over quota, returning false if ctx is
 // cancelled meanwhile. Nothing is deleted to make room: retention or an
-// operator must free space.
-func (w *Writer) waitQuota(ctx context.Context) bool {
+// operator must free space. Rule saves add no readings and release outbox
+// entries, so they commit whatever the quota says: those held (returned
+// emptied once committed) and those that come while it waits.
+func (w *Writer) waitQuota(ctx context.Context, held []*ruleSave) ([]*ruleSave, bool) {
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -302,7 +389,11 @@ func (w *Writer) waitQuota(ctx context.Context) bool {
 				w.log.Info("disk quota ok again, resuming ingest")
 				w.m.backpressure.Set(0)
 			}
-			return true
+			return held, true
+		}
+		if len(held) > 0 {
+			w.commit(nil, held)
+			held = held[:0]
 		}
 		if !w.backpressure.Swap(true) {
 			w.log.Warn("backpressure: not acknowledging device messages", "reason", reason)
@@ -310,7 +401,9 @@ func (w *Writer) waitQuota(ctx context.Context) bool {
 		}
 		select {
 		case <-ctx.Done():
-			return false
+			return held, false
+		case rs := <-w.saves:
+			w.commit(nil, []*ruleSave{rs})
 		case <-tick.C:
 		}
 	}
@@ -338,7 +431,12 @@ func (w *Writer) overQuota() string {
 	return ""
 }
 
-func (w *Writer) commit(batch []*pending) {
+// commit writes batch and saves in one transaction, then reports each
+// message done and answers each save.
+func (w *Writer) commit(batch []*pending, saves []*ruleSave) {
+	if len(batch) == 0 && len(saves) == 0 {
+		return
+	}
 	items := make([]store.Item, 0, len(batch))
 	var dead []store.DeadLetter
 	for _, p := range batch {
@@ -348,18 +446,37 @@ func (w *Writer) commit(batch []*pending) {
 			items = append(items, p.item)
 		}
 	}
+	var svs []store.RuleSave
+	for _, rs := range saves {
+		svs = append(svs, rs.save)
+	}
 	t0 := time.Now()
-	results, err := w.st.Ingest(items, dead)
+	results, err := w.st.Ingest(items, dead, svs...)
 	w.m.commit.Observe(time.Since(t0).Seconds())
-	w.m.batchSize.Observe(float64(len(batch)))
+	if len(batch) > 0 {
+		w.m.batchSize.Observe(float64(len(batch)))
+	}
 	if err != nil {
 		w.m.commitErrors.Inc()
+		if len(saves) > 0 && len(batch) > 0 {
+			// Neither may fail the other: the saves alone, then the
+			// messages as if they had come alone.
+			w.commit(nil, saves)
+			w.commit(batch, nil)
+			return
+		}
+		if len(batch) == 0 {
+			for _, rs := range saves {
+				rs.done <- err
+			}
+			return
+		}
 		if len(batch) > 1 {
 			// One bad message must not fail its neighbours forever on every
 			// redelivery: retry one by one, and dead-letter what still fails.
 			w.log.Warn("group commit failed; retrying messages one by one", "messages", len(batch), "err", err)
 			for _, p := range batch {
-				w.commit([]*pending{p})
+				w.commit([]*pending{p}, nil)
 			}
 			return
 		}
@@ -395,6 +512,9 @@ func (w *Writer) commit(batch []*pending) {
 	for _, p := range batch {
 		w.m.ackLatency.Observe(now.Sub(p.start).Seconds())
 		p.done(nil)
+	}
+	for _, rs := range saves {
+		rs.done <- nil
 	}
 	if w.cfg.Committed != nil && len(items) > 0 {
 		w.cfg.Committed() // after the acks: it never delays one
@@ -433,28 +553,31 @@ func (w *Writer) fail(batch []*pending, err error) {
 // drain fences further submissions and commits what is queued.
 func (w *Writer) drain(batch []*pending) error {
 	close(w.stopped)
-	w.mu.Lock() // wait for in-flight Submits to either enqueue or give up
+	w.mu.Lock() // wait for in-flight Submits and saves to either enqueue or give up
 	defer w.mu.Unlock()
+	var saves []*ruleSave
 	for {
-		batch = batch[:0]
+		batch, saves = batch[:0], saves[:0]
+	gather:
 		for len(batch) < w.cfg.MaxBatch {
 			select {
 			case p := <-w.in:
 				batch = append(batch, p)
-				continue
+			case rs := <-w.saves:
+				saves = append(saves, rs)
 			default:
+				break gather
 			}
-			break
 		}
-		if len(batch) == 0 {
+		if len(batch) == 0 && len(saves) == 0 {
 			return nil
 		}
-		if w.Backpressure() {
+		if len(batch) > 0 && w.Backpressure() {
 			// Over quota at shutdown: nothing is written to make room, so
 			// these stay unacknowledged and are redelivered after restart.
 			w.fail(batch, ErrStopped)
-			continue
+			batch = batch[:0]
 		}
-		w.commit(batch)
+		w.commit(batch, saves)
 	}
 }

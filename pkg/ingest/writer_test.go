@@ -42,6 +42,9 @@ type hookStore struct {
 	failAll atomic.Bool
 	// poison makes Ingest fail whenever the batch holds this device.
 	poison string
+	// mixed counts the commits that carried both messages and rule saves;
+	// ownSaves the rule saves made in the store's own transaction.
+	mixed, ownSaves atomic.Int64
 }
 
 func newHookStore(t *testing.T) *hookStore {
@@ -50,8 +53,11 @@ func newHookStore(t *testing.T) *hookStore {
 	return h
 }
 
-func (h *hookStore) Ingest(items []store.Item, dead []store.DeadLetter) ([]store.ItemResult, error) {
+func (h *hookStore) Ingest(items []store.Item, dead []store.DeadLetter, saves ...store.RuleSave) ([]store.ItemResult, error) {
 	h.calls.Add(1)
+	if len(saves) > 0 && len(items)+len(dead) > 0 {
+		h.mixed.Add(1)
+	}
 	if h.before != nil {
 		if err := h.before(); err != nil {
 			return nil, err
@@ -65,7 +71,7 @@ func (h *hookStore) Ingest(items []store.Item, dead []store.DeadLetter) ([]store
 			return nil, errors.New("record too strange to store")
 		}
 	}
-	res, err := h.Store.Ingest(items, dead)
+	res, err := h.Store.Ingest(items, dead, saves...)
 	if h.after != nil {
 		h.after()
 	}
@@ -570,23 +576,33 @@ func TestWriterRefusesReadingsOlderThanRetention(t *testing.T) {
 // Linger the commits gather more messages.
 func BenchmarkWriter(b *testing.B) {
 	for _, linger := range []time.Duration{0, time.Millisecond} {
-		b.Run("linger="+linger.String(), func(b *testing.B) { benchWriter(b, linger) })
+		b.Run("linger="+linger.String(), func(b *testing.B) { benchWriter(b, linger, nil) })
 	}
 }
 
-func benchWriter(b *testing.B, linger time.Duration) {
-	st, err := store.Open(filepath.Join(b.TempDir(), "edge.db"), store.Options{NoSync: true})
+// benchWriter runs BenchmarkWriter's load; with rules, a stand-in for the
+// rule runner saves after every commit (benchRunner), on a store that
+// fsyncs.
+func benchWriter(b *testing.B, linger time.Duration, rules *benchRunner) {
+	st, err := store.Open(filepath.Join(b.TempDir(), "edge.db"), store.Options{NoSync: rules == nil, HoldOutboxForRules: rules != nil})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer st.Close()
 	cfg := DefaultConfig()
 	cfg.Linger = linger
+	if rules != nil {
+		cfg.Committed = rules.notify
+	}
 	w := NewWriter(st, NewDecoder(DefaultLimits), cfg, nil, discardLogger())
 	ctx, cancel := context.WithCancel(context.Background())
 	ran := make(chan error, 1)
 	go func() { ran <- w.Run(ctx) }()
 	defer func() { cancel(); <-ran }()
+	if rules != nil {
+		stop := rules.start(b, st, w)
+		defer stop()
+	}
 
 	const devices, window = 100, 4
 	var next atomic.Int64

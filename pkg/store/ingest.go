@@ -32,10 +32,13 @@ type ItemResult struct {
 // Ingest stores a batch of items and dead letters in one transaction, the
 // group commit: each new reading once (duplicates by message id, or by
 // timestamp and values, are skipped), rollups, the device registry, and one
-// outbox entry per change. When it returns nil the batch is durable.
-func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
+// outbox entry per change. The rule runner's saves ride the same commit
+// (each as SaveRuleEvents would save it, with one trim chunk:
+// OutboxTrimPending). When it returns nil the batch is durable.
+func (s *Store) Ingest(items []Item, dead []DeadLetter, saves ...RuleSave) ([]ItemResult, error) {
 	results := make([]ItemResult, len(items))
 	var newReadings, newDevices, deadCount uint64
+	trimmed := true
 	head := s.outboxHead.Load()
 	var written []cachedDevice
 	err := s.db.Update(func(tx *bolt.Tx) error {
@@ -76,10 +79,18 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 		if deadCount, err = s.putDeadLetters(tx, dead); err != nil {
 			return fmt.Errorf("dead letters: %w", err)
 		}
+		if len(saves) > 0 {
+			if trimmed, err = s.putRuleSaves(tx, saves); err != nil {
+				return fmt.Errorf("rule saves: %w", err)
+			}
+		}
 		return s.commitMeta(tx, head, newReadings, newDevices)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("ingest batch of %d: %w", len(items), err)
+	}
+	if len(saves) > 0 {
+		s.trimPending.Store(!trimmed)
 	}
 	s.devCache.update(written)
 	storeMax(&s.outboxHead, head)

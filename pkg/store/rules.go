@@ -86,37 +86,67 @@ func (s *Store) RuleStates() (uint64, []rules.State, error) {
 // event's state (deleted when it ended), each alert it carries, and the
 // runner's new outbox position seq (never moved backwards). Outbox entries
 // both the cloud and the runner are done with are deleted.
+//
+// The edge's runner saves through the ingest writer instead, whose commits
+// carry its saves (RuleSave); this is the save on its own.
 func (s *Store) SaveRuleEvents(seq uint64, evs []rules.Event) error {
 	for {
 		done := true
 		err := s.db.Update(func(tx *bolt.Tx) error {
-			for _, ev := range evs {
-				if err := putRuleEvent(tx, ev); err != nil {
-					return err
-				}
-			}
-			evs = nil // applied: a trim chunk that follows must not repeat them
-			m := tx.Bucket(bucketMeta)
-			if seq > getU64(m.Get(keyRulesSeq)) {
-				if err := m.Put(keyRulesSeq, u64(seq)); err != nil {
-					return err
-				}
-			}
-			if !s.opts.HoldOutboxForRules {
-				return nil
-			}
 			var err error
-			done, err = s.trimOutbox(tx)
+			done, err = s.putRuleSaves(tx, []RuleSave{{Seq: seq, Events: evs}})
+			evs = nil // applied: a trim chunk that follows must not repeat them
 			return err
 		})
 		if err != nil {
 			return fmt.Errorf("save rule events: %w", err)
 		}
 		if done {
+			s.trimPending.Store(false)
 			return nil
 		}
 	}
 }
+
+// RuleSave is one SaveRuleEvents call carried by an ingest commit
+// (Ingest's saves): the rule runner's events and its new position.
+type RuleSave struct {
+	Seq    uint64
+	Events []rules.Event
+}
+
+// putRuleSaves applies saves, in order, in tx and, when the outbox is held
+// for rules, deletes one chunk of what nothing needs any more; done is
+// false when more remains to delete.
+func (s *Store) putRuleSaves(tx *bolt.Tx, saves []RuleSave) (done bool, err error) {
+	m := tx.Bucket(bucketMeta)
+	seq := getU64(m.Get(keyRulesSeq))
+	moved := false
+	for _, sv := range saves {
+		for _, ev := range sv.Events {
+			if err := putRuleEvent(tx, ev); err != nil {
+				return false, err
+			}
+		}
+		if sv.Seq > seq {
+			seq, moved = sv.Seq, true
+		}
+	}
+	if moved {
+		if err := m.Put(keyRulesSeq, u64(seq)); err != nil {
+			return false, err
+		}
+	}
+	if !s.opts.HoldOutboxForRules {
+		return true, nil
+	}
+	return s.trimOutbox(tx)
+}
+
+// OutboxTrimPending reports that a commit carrying rule saves left outbox
+// entries to delete (it deletes one chunk): a caller that saves again,
+// even with nothing new, deletes the next. A hint, for the ingest writer.
+func (s *Store) OutboxTrimPending() bool { return s.trimPending.Load() }
 
 func putRuleEvent(tx *bolt.Tx, ev rules.Event) error {
 	sk := ruleStateKey(ev.State.Key)

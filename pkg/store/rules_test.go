@@ -1,6 +1,7 @@
 package store
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
@@ -160,5 +161,50 @@ func TestAlertOutbox(t *testing.T) {
 	}
 	if left, err := s.PendingAlerts(10); err != nil || len(left) != 0 {
 		t.Fatalf("pending after the second send: %+v %v", left, err)
+	}
+}
+
+// TestIngestCarriesRuleSaves: a rule save riding an ingest commit saves
+// what SaveRuleEvents saves (states, alerts, position; never backwards),
+// and deletes one trim chunk of the held outbox per commit, reporting
+// OutboxTrimPending until a commit finds nothing more to delete.
+func TestIngestCarriesRuleSaves(t *testing.T) {
+	s := openTestStore(t, "", Options{HoldOutboxForRules: true, NoSync: true})
+	const n = 10001 // one more than a trim chunk
+	items := make([]Item, n)
+	for i := range items {
+		items[i] = item(fmt.Sprintf("d%d", i%50), reading(t0+int64(i), "", "t", 1.0))
+	}
+	mustIngest(t, s, items...)
+	if err := s.AckOutbox(n); err != nil {
+		t.Fatal(err)
+	}
+	fired := alertEvent(rules.Fired, "hot", "d1", rules.StateActive, 1)
+	if _, err := s.Ingest([]Item{item("d1", reading(t0+n, "", "t", 2.0))}, nil,
+		RuleSave{Seq: 3, Events: []rules.Event{fired}}, RuleSave{Seq: n, Events: nil}, RuleSave{Seq: 5}); err != nil {
+		t.Fatal(err)
+	}
+	seq, states, err := s.RuleStates()
+	if err != nil || seq != n || len(states) != 1 || states[0].Rule != "hot" {
+		t.Fatalf("RuleStates after the commit: %d %+v %v", seq, states, err)
+	}
+	if a, err := s.Alert(fired.Alert.ID); err != nil || a.State != rules.StateActive {
+		t.Fatalf("the alert of the save: %+v %v", a, err)
+	}
+	if !s.OutboxTrimPending() {
+		t.Fatal("one chunk deleted of more: OutboxTrimPending must say so")
+	}
+	left, _ := s.Outbox(0, 10, 1<<20)
+	if len(left) == 0 || left[0].Seq != n {
+		t.Fatalf("after one chunk the outbox starts at %+v, want seq %d", left[:min(len(left), 1)], n)
+	}
+	if _, err := s.Ingest(nil, nil, RuleSave{Seq: n}); err != nil {
+		t.Fatal(err)
+	}
+	if s.OutboxTrimPending() {
+		t.Fatal("the second commit deleted the rest, yet a trim is pending")
+	}
+	if left, _ = s.Outbox(0, 10, 1<<20); len(left) != 1 || left[0].Seq != n+1 {
+		t.Fatalf("outbox after the trim: %+v, want only the unacked %d", left, n+1)
 	}
 }

@@ -71,6 +71,11 @@ type Options struct {
 	// the cloud has acknowledged them: the runner catches up from the
 	// outbox after a restart or when it falls behind.
 	HoldOutboxForRules bool
+	// OutboxTailBytes bounds the in-memory copy of the newest outbox
+	// entries that spares Outbox a transaction and a decode when its
+	// reader keeps up with the head (the rule runner, the syncer). Zero
+	// takes the default (4 MiB); negative disables it.
+	OutboxTailBytes int
 	// NoSync disables fsync. Only for tests that prove the durability tests
 	// can detect loss; never in production.
 	NoSync bool
@@ -94,12 +99,17 @@ type Store struct {
 
 	// devCache spares Ingest decoding the records of devices it wrote last.
 	devCache deviceCache
+	// tail serves Outbox reads near the head from memory.
+	tail *outboxTail
+	// trimPending is set when a commit carrying rule saves trimmed one
+	// chunk of the outbox and more remained (OutboxTrimPending).
+	trimPending atomic.Bool
 }
 
 // DefaultOptions is the one source of the store's defaults; the edge's
 // configuration builds on it.
 func DefaultOptions() Options {
-	return Options{MaxDeadLetters: 10000}
+	return Options{MaxDeadLetters: 10000, OutboxTailBytes: defaultOutboxTailBytes}
 }
 
 // Open opens or creates the store at path. Zero options take
@@ -110,6 +120,9 @@ func Open(path string, opts Options) (*Store, error) {
 	}
 	if opts.MaxDeadLetters <= 0 {
 		opts.MaxDeadLetters = DefaultOptions().MaxDeadLetters
+	}
+	if opts.OutboxTailBytes == 0 {
+		opts.OutboxTailBytes = DefaultOptions().OutboxTailBytes
 	}
 	db, err := bolt.Open(path, 0o600, &bolt.Options{
 		Timeout:         2 * time.Second, // another process holds the file
@@ -123,7 +136,7 @@ func Open(path string, opts Options) (*Store, error) {
 		}
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
-	s := &Store{db: db, path: path, opts: opts, clock: opts.Clock}
+	s := &Store{db: db, path: path, opts: opts, clock: opts.Clock, tail: newOutboxTail(opts.OutboxTailBytes)}
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketReadings, bucketIDs, bucketMinute, bucketHour, bucketOutbox, bucketDead, bucketUsers, bucketStateIdx, bucketSync,
 			bucketRules, bucketRuleState, bucketAlerts, bucketAlertIdx, bucketAlertOut} {
@@ -462,7 +475,8 @@ func decodeChange(seq uint64, b []byte) (Change, error) {
 }
 
 // appendOutbox assigns the next sequence to c and writes it. Callers hold the
-// write transaction, which serialises sequence allocation.
+// write transaction, which serialises sequence allocation. Once tx commits,
+// the entry is in the outbox tail too.
 func (s *Store) appendOutbox(tx *bolt.Tx, head *uint64, c *Change) error {
 	*head++
 	c.Seq = *head
@@ -477,7 +491,11 @@ func (s *Store) appendOutbox(tx *bolt.Tx, head *uint64, c *Change) error {
 			return err
 		}
 	}
-	return tx.Bucket(bucketOutbox).Put(u64(c.Seq), v)
+	if err := tx.Bucket(bucketOutbox).Put(u64(c.Seq), v); err != nil {
+		return err
+	}
+	s.tail.record(tx, c, v)
+	return nil
 }
 
 // commitMeta persists the counters changed by a write transaction. The
@@ -519,7 +537,17 @@ func storeMax(a *atomic.Uint64, v uint64) {
 
 // Outbox returns up to max changes after sequence after, stopping early once
 // maxBytes of encoded changes have been collected (at least one is returned).
+//
+// The newest entries are served from memory (Options.OutboxTailBytes) and
+// shared by every caller: callers must not change the changes returned,
+// nor their Readings and Metrics.
 func (s *Store) Outbox(after uint64, max, maxBytes int) ([]Change, error) {
+	if out, ok, err := s.tail.read(after, max, maxBytes); ok {
+		if err != nil {
+			return nil, fmt.Errorf("decode outbox entry: %w", err)
+		}
+		return out, nil
+	}
 	var out []Change
 	err := s.db.View(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketOutbox).Cursor()
@@ -586,6 +614,7 @@ func (s *Store) AckOutbox(seq uint64) error {
 		}
 		s.outboxAck.Store(max(s.outboxAck.Load(), seq)) // safe: a failed commit only delays retention
 		if done {
+			s.trimPending.Store(false)
 			return nil
 		}
 	}
@@ -603,10 +632,17 @@ func (s *Store) trimOutbox(tx *bolt.Tx) (done bool, err error) {
 	}
 	c := tx.Bucket(bucketOutbox).Cursor()
 	n := 0
+	var last uint64 // the last entry deleted
+	defer func() {
+		if last > 0 && err == nil {
+			tx.OnCommit(func() { s.tail.trim(last) })
+		}
+	}()
 	for k, _ := c.First(); k != nil && binary.BigEndian.Uint64(k) <= bound; k, _ = c.First() {
 		if n == chunk {
 			return false, nil
 		}
+		last = binary.BigEndian.Uint64(k)
 		if err := c.Delete(); err != nil {
 			return false, err
 		}
