@@ -92,6 +92,7 @@ func benchIngestCPU(b *testing.B, devices, perDevice int) {
 	ts := int64(1732170000000)
 	b.ReportAllocs()
 	b.ResetTimer()
+	writes0 := txWrites(st)
 	for i := 0; i < b.N; i++ {
 		items := make([]Item, 0, devices*perDevice)
 		for d := range names {
@@ -108,4 +109,13 @@ func benchIngestCPU(b *testing.B, devices, perDevice int) {
 		}
 	}
 	b.ReportMetric(float64(b.N*devices*perDevice)/b.Elapsed().Seconds(), "readings/s")
+	// One write per page or run of overflow pages: what the commit's pwrites
+	// and fdatasync cost grows with.
+	b.ReportMetric(float64(txWrites(st)-writes0)/float64(b.N), "pages/commit")
+}
+
+// txWrites is how many page writes the store's commits have made.
+func txWrites(st *Store) int64 {
+	ts := st.db.Stats().TxStats
+	return ts.GetWrite()
 }
