@@ -2,6 +2,7 @@ package store
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"sync"
@@ -46,9 +47,10 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 		tx.Bucket(bucketOutbox).FillPercent = 1
 		w := batchWriter{
 			s: s, tx: tx,
-			readings: tx.Bucket(bucketReadings), ids: tx.Bucket(bucketIDs),
+			readings: tx.Bucket(bucketReadings), ids: tx.Bucket(bucketIDs), seenB: tx.Bucket(bucketSeen),
 			rbs: map[string]*bolt.Bucket{}, ibs: map[string]*bolt.Bucket{}, rcs: map[string]*bolt.Cursor{},
-			devices: map[string]*Device{}, shared: map[string]bool{}, rollups: map[rollupCell]*agg{},
+			devices: map[string]*Device{}, dirty: map[string]bool{}, seen: map[string]int64{},
+			shared: map[string]bool{}, rollups: map[rollupCell]*agg{}, newest: map[string][16]byte{},
 		}
 		for i := range items {
 			r, err := w.item(&items[i], &head)
@@ -58,15 +60,8 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 			results[i] = r
 			newReadings += uint64(r.Stored)
 		}
-		for id, d := range w.devices {
-			raw, err := json.Marshal(d)
-			if err != nil {
-				return fmt.Errorf("encode device %s: %w", id, err)
-			}
-			if err := tx.Bucket(bucketDevices).Put([]byte(id), raw); err != nil {
-				return err
-			}
-			written = append(written, cachedDevice{raw: raw, d: d})
+		if err := w.flushDevices(&written); err != nil {
+			return err
 		}
 		newDevices = w.newDevices
 		if err := w.flushRollups(); err != nil {
@@ -76,6 +71,9 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 		if deadCount, err = s.putDeadLetters(tx, dead); err != nil {
 			return fmt.Errorf("dead letters: %w", err)
 		}
+		// Raised before the commit: if it fails, the bounds are only too
+		// high, which costs lookups, never a missed duplicate.
+		s.newest.raise(w.newest)
 		return s.commitMeta(tx, head, newReadings, newDevices)
 	})
 	if err != nil {
@@ -87,6 +85,32 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 	s.devices.Add(newDevices)
 	s.deadCount.Store(deadCount)
 	return results, nil
+}
+
+// flushDevices writes each touched device's last-seen record and the JSON
+// record of each device registered or changed in this batch. A batch of
+// readings alone writes only the small fixed-size records: the JSON record
+// and the pages it spans stay untouched.
+func (w *batchWriter) flushDevices(written *[]cachedDevice) error {
+	for id, at := range w.seen {
+		w.val = binary.BigEndian.AppendUint64(w.val[:0], uint64(at))
+		if err := w.seenB.Put([]byte(id), w.keep(w.val)); err != nil {
+			return fmt.Errorf("last seen of %s: %w", id, err)
+		}
+	}
+	for id := range w.dirty {
+		d := w.devices[id]
+		d.LastSeen = max(d.LastSeen, w.seen[id])
+		raw, err := json.Marshal(d)
+		if err != nil {
+			return fmt.Errorf("encode device %s: %w", id, err)
+		}
+		if err := w.tx.Bucket(bucketDevices).Put([]byte(id), raw); err != nil {
+			return err
+		}
+		*written = append(*written, cachedDevice{raw: raw, d: d})
+	}
+	return nil
 }
 
 type rollupCell struct {
@@ -104,8 +128,17 @@ type batchWriter struct {
 	rbs, ibs map[string]*bolt.Bucket
 	// rcs holds a cursor per readings bucket for the dedupe lookups: a
 	// Seek reuses the cursor's stack where each Get allocates a new one.
-	rcs     map[string]*bolt.Cursor
+	rcs map[string]*bolt.Cursor
+	// newest holds, per device whose readings this batch touched, a key
+	// no stored reading of the device exceeds (see newestKeys).
+	newest map[string][16]byte
+	seenB  *bolt.Bucket
+	// seen is the last-seen time of each device the batch touched;
+	// devices the decoded records the batch needed, dirty those whose
+	// JSON record it must write (registered, or state changed).
+	seen    map[string]int64
 	devices map[string]*Device
+	dirty   map[string]bool
 	// shared marks devices whose maps are the device cache's: they are
 	// cloned before a state merge changes them.
 	shared     map[string]bool
@@ -145,6 +178,8 @@ func (w *batchWriter) bucket(parent *bolt.Bucket, cache map[string]*bolt.Bucket,
 	return b, nil
 }
 
+// device returns the decoded record of a device, registering it if
+// unknown.
 func (w *batchWriter) device(id string, now int64) (*Device, error) {
 	if d, ok := w.devices[id]; ok {
 		return d, nil
@@ -155,6 +190,7 @@ func (w *batchWriter) device(id string, now int64) (*Device, error) {
 	case raw == nil:
 		d = w.s.newDevice(id, now)
 		w.newDevices++
+		w.dirty[id] = true
 	default:
 		if c := w.s.devCache.get(id, raw); c != nil {
 			cp := *c
@@ -171,21 +207,43 @@ func (w *batchWriter) device(id string, now int64) (*Device, error) {
 	return d, nil
 }
 
+// touch records that a device was seen at at, registering it if unknown.
+// A device with a last-seen record is registered; one without is new, or
+// was registered by an API write, the cloud or an edge that kept last_seen
+// only in the JSON record, which then still holds it.
+func (w *batchWriter) touch(id string, at int64) error {
+	if old, ok := w.seen[id]; ok {
+		w.seen[id] = max(old, at)
+		return nil
+	}
+	if v := w.seenB.Get([]byte(id)); v != nil {
+		w.seen[id] = max(int64(getU64(v)), at)
+		return nil
+	}
+	d, err := w.device(id, at)
+	if err != nil {
+		return err
+	}
+	w.seen[id] = max(d.LastSeen, at)
+	return nil
+}
+
 func (w *batchWriter) item(it *Item, head *uint64) (ItemResult, error) {
 	var res ItemResult
-	d, err := w.device(it.Device, it.ReceivedAt)
-	if err != nil {
+	if err := w.touch(it.Device, it.ReceivedAt); err != nil {
 		return res, err
 	}
-	if it.ReceivedAt > d.LastSeen {
-		d.LastSeen = it.ReceivedAt
-	}
 	if len(it.Readings) > 0 {
+		var err error
 		if res, err = w.readingsOf(it, head); err != nil {
 			return res, err
 		}
 	}
 	if len(it.State) > 0 {
+		d, err := w.device(it.Device, it.ReceivedAt)
+		if err != nil {
+			return res, err
+		}
 		if w.shared[it.Device] {
 			d.Reported = d.Reported.Clone()
 			delete(w.shared, it.Device)
@@ -193,6 +251,7 @@ func (w *batchWriter) item(it *Item, head *uint64) (ItemResult, error) {
 		delta := shadow.Patch(it.State, w.s.clock.Now())
 		if changed := d.Reported.Merge(delta); len(changed) > 0 {
 			res.StateChanged = true
+			w.dirty[it.Device] = true
 			c := Change{Kind: ChangeReported, Device: it.Device, Stamp: delta.Version(), Doc: delta}
 			if err := w.s.appendOutbox(w.tx, head, &c); err != nil {
 				return res, err
@@ -213,6 +272,15 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 		rc = rb.Cursor()
 		w.rcs[it.Device] = rc
 	}
+	newest, ok := w.newest[it.Device]
+	if !ok {
+		if newest, ok = w.s.newest.get(it.Device); !ok {
+			// First batch of the device since the store opened.
+			if k, _ := rc.Last(); k != nil {
+				copy(newest[:], k)
+			}
+		}
+	}
 	seq := *head + 1 // the outbox entry these readings will travel in
 	fresh := w.fresh[:0]
 	for i := range it.Readings {
@@ -229,11 +297,17 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 				continue
 			}
 		}
-		// The cursor seeks from the bucket's root each time, so the puts
-		// since its last use do not matter.
-		if k, _ := rc.Seek(key[:]); bytes.Equal(k, key[:]) {
-			res.Duplicates++
-			continue
+		// A key above every stored one cannot be a duplicate: devices send
+		// in time order, so most readings need no lookup. The cursor seeks
+		// from the bucket's root each time, so the puts since its last use
+		// do not matter.
+		if bytes.Compare(key[:], newest[:]) <= 0 {
+			if k, _ := rc.Seek(key[:]); bytes.Equal(k, key[:]) {
+				res.Duplicates++
+				continue
+			}
+		} else {
+			newest = key
 		}
 		w.val = encodeReadingValue(w.val[:0], seq, r.ID, w.scratch)
 		if err := rb.Put(key[:], w.keep(w.val)); err != nil {
@@ -257,6 +331,7 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 		fresh = append(fresh, *r)
 		res.Stored++
 	}
+	w.newest[it.Device] = newest
 	w.fresh = fresh // appendOutbox encodes it, so the next item may reuse it
 	if len(fresh) > 0 {
 		c := Change{Kind: ChangeReadings, Device: it.Device, Stamp: w.s.clock.Now(), Readings: fresh}
@@ -318,6 +393,39 @@ func (w *batchWriter) mergeCell(parent *bolt.Bucket, cache map[string]*bolt.Buck
 	}
 	w.val = a.append(w.val[:0])
 	return b.Put(w.scratch, w.keep(w.val))
+}
+
+// newestKeys keeps, per device, a reading key that no stored reading of the
+// device exceeds, so that Ingest looks up only readings that could be
+// redeliveries. Only Ingest adds readings (retention only deletes, which
+// keeps a bound true), and it raises the bounds inside its transaction:
+// a bound can be too high, never too low.
+type newestKeys struct {
+	mu sync.Mutex
+	m  map[string][16]byte
+}
+
+func (n *newestKeys) get(dev string) ([16]byte, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	k, ok := n.m[dev]
+	return k, ok
+}
+
+func (n *newestKeys) raise(keys map[string][16]byte) {
+	if len(keys) == 0 {
+		return
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.m == nil || len(n.m)+len(keys) > maxCachedDevices {
+		n.m = make(map[string][16]byte, len(keys))
+	}
+	for dev, k := range keys {
+		if old, ok := n.m[dev]; !ok || bytes.Compare(k[:], old[:]) > 0 {
+			n.m[dev] = k
+		}
+	}
 }
 
 // deviceCache keeps the decoded records of devices the writer touched, each
