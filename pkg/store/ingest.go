@@ -143,6 +143,7 @@ type batchWriter struct {
 	// cloned before a state merge changes them.
 	shared     map[string]bool
 	rollups    map[rollupCell]*agg
+	aggs       []agg // backs the cells of rollups and of the hours (see newAgg)
 	newDevices uint64
 	scratch    []byte
 	val        []byte
@@ -323,7 +324,7 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 			cell := rollupCell{it.Device, m.Name, minute}
 			a := w.rollups[cell]
 			if a == nil {
-				a = new(agg)
+				a = w.newAgg()
 				w.rollups[cell] = a
 			}
 			a.add(m.Value)
@@ -345,11 +346,20 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 	return res, nil
 }
 
+// newAgg returns a zero cell from a chunk: a batch has a few hundred.
+func (w *batchWriter) newAgg() *agg {
+	if len(w.aggs) == cap(w.aggs) {
+		w.aggs = make([]agg, 0, 256)
+	}
+	w.aggs = w.aggs[:len(w.aggs)+1]
+	return &w.aggs[len(w.aggs)-1]
+}
+
 // flushRollups folds the batch's per-minute cells into the minute and hour
 // rollups with one read-modify-write per distinct cell.
 func (w *batchWriter) flushRollups() error {
 	hours := make(map[rollupCell]*agg, len(w.rollups))
-	minutes := map[string]*bolt.Bucket{}
+	minutes := map[string]rollupBucket{}
 	for cell, a := range w.rollups {
 		if err := w.mergeCell(w.tx.Bucket(bucketMinute), minutes, cell, *a); err != nil {
 			return err
@@ -357,12 +367,12 @@ func (w *batchWriter) flushRollups() error {
 		hc := rollupCell{cell.device, cell.metric, cell.minute - cell.minute%hourMs}
 		h := hours[hc]
 		if h == nil {
-			h = new(agg)
+			h = w.newAgg()
 			hours[hc] = h
 		}
 		h.merge(*a)
 	}
-	hourBuckets := map[string]*bolt.Bucket{}
+	hourBuckets := make(map[string]rollupBucket, len(minutes))
 	for cell, a := range hours {
 		if err := w.mergeCell(w.tx.Bucket(bucketHour), hourBuckets, cell, *a); err != nil {
 			return err
@@ -371,19 +381,28 @@ func (w *batchWriter) flushRollups() error {
 	return nil
 }
 
+// rollupBucket is a device's rollup bucket with a cursor for the lookups: a
+// Seek reuses the cursor's stack where each Get allocates a new one.
+type rollupBucket struct {
+	b *bolt.Bucket
+	c *bolt.Cursor
+}
+
 // mergeCell adds a to the stored cell. The key is built in scratch: bbolt
 // copies keys on Put.
-func (w *batchWriter) mergeCell(parent *bolt.Bucket, cache map[string]*bolt.Bucket, cell rollupCell, a agg) error {
-	b := cache[cell.device]
-	if b == nil {
-		var err error
-		if b, err = parent.CreateBucketIfNotExists([]byte(cell.device)); err != nil {
+func (w *batchWriter) mergeCell(parent *bolt.Bucket, cache map[string]rollupBucket, cell rollupCell, a agg) error {
+	rb, ok := cache[cell.device]
+	if !ok {
+		b, err := parent.CreateBucketIfNotExists([]byte(cell.device))
+		if err != nil {
 			return err
 		}
-		cache[cell.device] = b
+		rb = rollupBucket{b, b.Cursor()}
+		cache[cell.device] = rb
 	}
 	w.scratch = appendRollupKey(w.scratch[:0], cell.metric, cell.minute)
-	if old := b.Get(w.scratch); old != nil {
+	// The cursor seeks from the bucket's root, so earlier puts do not matter.
+	if k, old := rb.c.Seek(w.scratch); bytes.Equal(k, w.scratch) {
 		o, err := decodeAgg(old)
 		if err != nil {
 			return err
@@ -392,7 +411,7 @@ func (w *batchWriter) mergeCell(parent *bolt.Bucket, cache map[string]*bolt.Buck
 		a = o
 	}
 	w.val = a.append(w.val[:0])
-	return b.Put(w.scratch, w.keep(w.val))
+	return rb.b.Put(w.scratch, w.keep(w.val))
 }
 
 // newestKeys keeps, per device, a reading key that no stored reading of the
