@@ -45,13 +45,7 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 		// Outbox keys only ever grow: full pages halve the pages a commit
 		// writes for it (bbolt's default splits leave them half empty).
 		tx.Bucket(bucketOutbox).FillPercent = 1
-		w := batchWriter{
-			s: s, tx: tx,
-			readings: tx.Bucket(bucketReadings), ids: tx.Bucket(bucketIDs), seenB: tx.Bucket(bucketSeen),
-			rbs: map[string]*bolt.Bucket{}, ibs: map[string]*bolt.Bucket{}, rcs: map[string]*bolt.Cursor{},
-			devices: map[string]*Device{}, dirty: map[string]bool{}, seen: map[string]int64{},
-			shared: map[string]bool{}, rollups: map[rollupCell]*agg{}, newest: map[string][16]byte{},
-		}
+		w := newBatchWriter(s, tx)
 		for i := range items {
 			r, err := w.item(&items[i], &head)
 			if err != nil {
@@ -73,7 +67,7 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 		}
 		// Raised before the commit: if it fails, the bounds are only too
 		// high, which costs lookups, never a missed duplicate.
-		s.newest.raise(w.newest)
+		s.newest.raise(w.order)
 		return s.commitMeta(tx, head, newReadings, newDevices)
 	})
 	if err != nil {
@@ -92,56 +86,38 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 // readings alone writes only the small fixed-size records: the JSON record
 // and the pages it spans stay untouched.
 func (w *batchWriter) flushDevices(written *[]cachedDevice) error {
-	for id, at := range w.seen {
-		w.val = binary.BigEndian.AppendUint64(w.val[:0], uint64(at))
-		if err := w.seenB.Put([]byte(id), w.keep(w.val)); err != nil {
-			return fmt.Errorf("last seen of %s: %w", id, err)
+	for _, db := range w.order {
+		w.val = binary.BigEndian.AppendUint64(w.val[:0], uint64(db.seen))
+		if err := w.seenB.Put([]byte(db.id), w.keep(w.val)); err != nil {
+			return fmt.Errorf("last seen of %s: %w", db.id, err)
 		}
-	}
-	for id := range w.dirty {
-		d := w.devices[id]
-		d.LastSeen = max(d.LastSeen, w.seen[id])
-		raw, err := json.Marshal(d)
+		if !db.dirty {
+			continue
+		}
+		db.d.LastSeen = max(db.d.LastSeen, db.seen)
+		raw, err := json.Marshal(db.d)
 		if err != nil {
-			return fmt.Errorf("encode device %s: %w", id, err)
+			return fmt.Errorf("encode device %s: %w", db.id, err)
 		}
-		if err := w.tx.Bucket(bucketDevices).Put([]byte(id), raw); err != nil {
+		if err := w.tx.Bucket(bucketDevices).Put([]byte(db.id), raw); err != nil {
 			return err
 		}
-		*written = append(*written, cachedDevice{raw: raw, d: d})
+		*written = append(*written, cachedDevice{raw: raw, d: db.d})
 	}
 	return nil
-}
-
-type rollupCell struct {
-	device, metric string
-	minute         int64
 }
 
 // batchWriter carries per-transaction caches so that a batch touching the
 // same device many times opens its buckets and decodes its record once.
 type batchWriter struct {
-	s        *Store
-	tx       *bolt.Tx
-	readings *bolt.Bucket
-	ids      *bolt.Bucket
-	rbs, ibs map[string]*bolt.Bucket
-	// rcs holds a cursor per readings bucket for the dedupe lookups: a
-	// Seek reuses the cursor's stack where each Get allocates a new one.
-	rcs map[string]*bolt.Cursor
-	// newest holds, per device whose readings this batch touched, a key
-	// no stored reading of the device exceeds (see newestKeys).
-	newest map[string][16]byte
-	seenB  *bolt.Bucket
-	// seen is the last-seen time of each device the batch touched;
-	// devices the decoded records the batch needed, dirty those whose
-	// JSON record it must write (registered, or state changed).
-	seen    map[string]int64
-	devices map[string]*Device
-	dirty   map[string]bool
-	// shared marks devices whose maps are the device cache's: they are
-	// cloned before a state merge changes them.
-	shared     map[string]bool
+	s                               *Store
+	tx                              *bolt.Tx
+	readings, ids, seenB, min, hour *bolt.Bucket
+
+	devs  map[string]*devBatch
+	order []*devBatch // in the order the batch first touched them
+	slots []devBatch  // backs devs (see touch)
+
 	rollups    map[rollupCell]*agg
 	aggs       []agg // backs the cells of rollups and of the hours (see newAgg)
 	newDevices uint64
@@ -149,6 +125,42 @@ type batchWriter struct {
 	val        []byte
 	slab       []byte    // backs the values put in this transaction (see keep)
 	fresh      []Reading // the item's new readings; encoded into the outbox entry, then reused
+}
+
+// devBatch is what one transaction knows of one device it touched: one map
+// lookup per item finds all of it.
+type devBatch struct {
+	id   string
+	seen int64 // last seen: the later of the stored time and the batch's
+	// rb and ib are the device's readings and ids buckets, opened on first
+	// use; rc is a cursor on rb for the dedupe lookups: a Seek reuses its
+	// stack where each Get allocates a new one.
+	rb, ib *bolt.Bucket
+	rc     *bolt.Cursor
+	// newest is a key no stored reading of the device exceeds (see
+	// newestKeys), known once rb is open.
+	newest [16]byte
+	// d is the decoded record, once the batch needed it; dirty when the
+	// batch must write it (registered, or state changed); shared while its
+	// maps are the device cache's, which a state merge must clone first.
+	d             *Device
+	dirty, shared bool
+	min, hour     rollupBucket
+}
+
+type rollupCell struct {
+	dev    *devBatch
+	metric string
+	minute int64
+}
+
+func newBatchWriter(s *Store, tx *bolt.Tx) *batchWriter {
+	return &batchWriter{
+		s: s, tx: tx,
+		readings: tx.Bucket(bucketReadings), ids: tx.Bucket(bucketIDs), seenB: tx.Bucket(bucketSeen),
+		min: tx.Bucket(bucketMinute), hour: tx.Bucket(bucketHour),
+		devs: map[string]*devBatch{}, rollups: map[rollupCell]*agg{},
+	}
 }
 
 // slabSize is the chunk keep allocates: about a page of readings.
@@ -166,93 +178,92 @@ func (w *batchWriter) keep(b []byte) []byte {
 	return w.slab[n:len(w.slab):len(w.slab)]
 }
 
-func (w *batchWriter) bucket(parent *bolt.Bucket, cache map[string]*bolt.Bucket, dev string) (*bolt.Bucket, error) {
-	if b, ok := cache[dev]; ok {
-		return b, nil
-	}
+// deviceBucket opens a device's bucket below parent, creating it if need be.
+func deviceBucket(parent *bolt.Bucket, dev string) (*bolt.Bucket, error) {
 	b, err := parent.CreateBucketIfNotExists([]byte(dev))
 	if err != nil {
 		return nil, err
 	}
 	b.FillPercent = 0.9 // keys arrive mostly in time order
-	cache[dev] = b
 	return b, nil
 }
 
-// device returns the decoded record of a device, registering it if
-// unknown.
-func (w *batchWriter) device(id string, now int64) (*Device, error) {
-	if d, ok := w.devices[id]; ok {
-		return d, nil
+// device decodes the record of a device, registering it if unknown.
+func (w *batchWriter) device(db *devBatch, now int64) error {
+	if db.d != nil {
+		return nil
 	}
-	raw := w.tx.Bucket(bucketDevices).Get([]byte(id))
-	var d *Device
+	raw := w.tx.Bucket(bucketDevices).Get([]byte(db.id))
 	switch {
 	case raw == nil:
-		d = w.s.newDevice(id, now)
+		db.d = w.s.newDevice(db.id, now)
 		w.newDevices++
-		w.dirty[id] = true
+		db.dirty = true
 	default:
-		if c := w.s.devCache.get(id, raw); c != nil {
+		if c := w.s.devCache.get(db.id, raw); c != nil {
 			cp := *c
-			d = &cp
-			w.shared[id] = true
+			db.d, db.shared = &cp, true
 			break
 		}
-		d = new(Device)
+		d := new(Device)
 		if err := json.Unmarshal(raw, d); err != nil {
-			return nil, fmt.Errorf("decode device %s: %w", id, err)
+			return fmt.Errorf("decode device %s: %w", db.id, err)
 		}
+		db.d = d
 	}
-	w.devices[id] = d
-	return d, nil
+	return nil
 }
 
 // touch records that a device was seen at at, registering it if unknown.
 // A device with a last-seen record is registered; one without is new, or
 // was registered by an API write, the cloud or an edge that kept last_seen
 // only in the JSON record, which then still holds it.
-func (w *batchWriter) touch(id string, at int64) error {
-	if old, ok := w.seen[id]; ok {
-		w.seen[id] = max(old, at)
-		return nil
+func (w *batchWriter) touch(id string, at int64) (*devBatch, error) {
+	if db, ok := w.devs[id]; ok {
+		db.seen = max(db.seen, at)
+		return db, nil
 	}
+	if len(w.slots) == cap(w.slots) {
+		w.slots = make([]devBatch, 0, 64) // never grown: devs points into it
+	}
+	w.slots = append(w.slots, devBatch{id: id})
+	db := &w.slots[len(w.slots)-1]
+	w.devs[id] = db
+	w.order = append(w.order, db)
 	if v := w.seenB.Get([]byte(id)); v != nil {
-		w.seen[id] = max(int64(getU64(v)), at)
-		return nil
+		db.seen = max(int64(getU64(v)), at)
+		return db, nil
 	}
-	d, err := w.device(id, at)
-	if err != nil {
-		return err
+	if err := w.device(db, at); err != nil {
+		return nil, err
 	}
-	w.seen[id] = max(d.LastSeen, at)
-	return nil
+	db.seen = max(db.d.LastSeen, at)
+	return db, nil
 }
 
 func (w *batchWriter) item(it *Item, head *uint64) (ItemResult, error) {
 	var res ItemResult
-	if err := w.touch(it.Device, it.ReceivedAt); err != nil {
+	db, err := w.touch(it.Device, it.ReceivedAt)
+	if err != nil {
 		return res, err
 	}
 	if len(it.Readings) > 0 {
-		var err error
-		if res, err = w.readingsOf(it, head); err != nil {
+		if res, err = w.readingsOf(db, it, head); err != nil {
 			return res, err
 		}
 	}
 	if len(it.State) > 0 {
-		d, err := w.device(it.Device, it.ReceivedAt)
-		if err != nil {
+		if err := w.device(db, it.ReceivedAt); err != nil {
 			return res, err
 		}
-		if w.shared[it.Device] {
-			d.Reported = d.Reported.Clone()
-			delete(w.shared, it.Device)
+		if db.shared {
+			db.d.Reported = db.d.Reported.Clone()
+			db.shared = false
 		}
 		delta := shadow.Patch(it.State, w.s.clock.Now())
-		if changed := d.Reported.Merge(delta); len(changed) > 0 {
+		if changed := db.d.Reported.Merge(delta); len(changed) > 0 {
 			res.StateChanged = true
-			w.dirty[it.Device] = true
+			db.dirty = true
 			c := Change{Kind: ChangeReported, Device: it.Device, Stamp: delta.Version(), Doc: delta}
 			if err := w.s.appendOutbox(w.tx, head, &c); err != nil {
 				return res, err
@@ -262,24 +273,28 @@ func (w *batchWriter) item(it *Item, head *uint64) (ItemResult, error) {
 	return res, nil
 }
 
-func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
-	var res ItemResult
-	rb, err := w.bucket(w.readings, w.rbs, it.Device)
+// openReadings opens the device's readings bucket and learns its bound.
+func (w *batchWriter) openReadings(db *devBatch) error {
+	rb, err := deviceBucket(w.readings, db.id)
 	if err != nil {
-		return res, err
+		return err
 	}
-	rc := w.rcs[it.Device]
-	if rc == nil {
-		rc = rb.Cursor()
-		w.rcs[it.Device] = rc
+	db.rb, db.rc = rb, rb.Cursor()
+	var ok bool
+	if db.newest, ok = w.s.newest.get(db.id); !ok {
+		// First batch of the device since the store opened.
+		if k, _ := db.rc.Last(); k != nil {
+			copy(db.newest[:], k)
+		}
 	}
-	newest, ok := w.newest[it.Device]
-	if !ok {
-		if newest, ok = w.s.newest.get(it.Device); !ok {
-			// First batch of the device since the store opened.
-			if k, _ := rc.Last(); k != nil {
-				copy(newest[:], k)
-			}
+	return nil
+}
+
+func (w *batchWriter) readingsOf(db *devBatch, it *Item, head *uint64) (ItemResult, error) {
+	var res ItemResult
+	if db.rb == nil {
+		if err := w.openReadings(db); err != nil {
+			return res, err
 		}
 	}
 	seq := *head + 1 // the outbox entry these readings will travel in
@@ -288,12 +303,15 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 		r := &it.Readings[i]
 		w.scratch = appendMetrics(w.scratch[:0], r.Metrics)
 		key := readingKey(r, w.scratch)
-		var ib *bolt.Bucket
-		if r.ID != "" && r.ReceiveTS {
-			if ib, err = w.bucket(w.ids, w.ibs, it.Device); err != nil {
-				return res, err
+		withID := r.ID != "" && r.ReceiveTS
+		if withID {
+			if db.ib == nil {
+				var err error
+				if db.ib, err = deviceBucket(w.ids, db.id); err != nil {
+					return res, err
+				}
 			}
-			if ib.Get([]byte(r.ID)) != nil {
+			if db.ib.Get([]byte(r.ID)) != nil {
 				res.Duplicates++
 				continue
 			}
@@ -302,26 +320,26 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 		// in time order, so most readings need no lookup. The cursor seeks
 		// from the bucket's root each time, so the puts since its last use
 		// do not matter.
-		if bytes.Compare(key[:], newest[:]) <= 0 {
-			if k, _ := rc.Seek(key[:]); bytes.Equal(k, key[:]) {
+		if bytes.Compare(key[:], db.newest[:]) <= 0 {
+			if k, _ := db.rc.Seek(key[:]); bytes.Equal(k, key[:]) {
 				res.Duplicates++
 				continue
 			}
 		} else {
-			newest = key
+			db.newest = key
 		}
 		w.val = encodeReadingValue(w.val[:0], seq, r.ID, w.scratch)
-		if err := rb.Put(key[:], w.keep(w.val)); err != nil {
+		if err := db.rb.Put(key[:], w.keep(w.val)); err != nil {
 			return res, err
 		}
-		if ib != nil {
-			if err := ib.Put([]byte(r.ID), w.keep(key[:])); err != nil {
+		if withID {
+			if err := db.ib.Put([]byte(r.ID), w.keep(key[:])); err != nil {
 				return res, err
 			}
 		}
 		minute := r.TS - r.TS%minuteMs
 		for _, m := range r.Metrics {
-			cell := rollupCell{it.Device, m.Name, minute}
+			cell := rollupCell{db, m.Name, minute}
 			a := w.rollups[cell]
 			if a == nil {
 				a = w.newAgg()
@@ -332,7 +350,6 @@ func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
 		fresh = append(fresh, *r)
 		res.Stored++
 	}
-	w.newest[it.Device] = newest
 	w.fresh = fresh // appendOutbox encodes it, so the next item may reuse it
 	if len(fresh) > 0 {
 		c := Change{Kind: ChangeReadings, Device: it.Device, Stamp: w.s.clock.Now(), Readings: fresh}
@@ -359,12 +376,11 @@ func (w *batchWriter) newAgg() *agg {
 // rollups with one read-modify-write per distinct cell.
 func (w *batchWriter) flushRollups() error {
 	hours := make(map[rollupCell]*agg, len(w.rollups))
-	minutes := map[string]rollupBucket{}
 	for cell, a := range w.rollups {
-		if err := w.mergeCell(w.tx.Bucket(bucketMinute), minutes, cell, *a); err != nil {
+		if err := w.mergeCell(w.min, &cell.dev.min, cell, *a); err != nil {
 			return err
 		}
-		hc := rollupCell{cell.device, cell.metric, cell.minute - cell.minute%hourMs}
+		hc := rollupCell{cell.dev, cell.metric, cell.minute - cell.minute%hourMs}
 		h := hours[hc]
 		if h == nil {
 			h = w.newAgg()
@@ -372,17 +388,17 @@ func (w *batchWriter) flushRollups() error {
 		}
 		h.merge(*a)
 	}
-	hourBuckets := make(map[string]rollupBucket, len(minutes))
 	for cell, a := range hours {
-		if err := w.mergeCell(w.tx.Bucket(bucketHour), hourBuckets, cell, *a); err != nil {
+		if err := w.mergeCell(w.hour, &cell.dev.hour, cell, *a); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// rollupBucket is a device's rollup bucket with a cursor for the lookups: a
-// Seek reuses the cursor's stack where each Get allocates a new one.
+// rollupBucket is a device's rollup bucket, opened on first use, with a
+// cursor for the lookups: a Seek reuses the cursor's stack where each Get
+// allocates a new one.
 type rollupBucket struct {
 	b *bolt.Bucket
 	c *bolt.Cursor
@@ -390,15 +406,13 @@ type rollupBucket struct {
 
 // mergeCell adds a to the stored cell. The key is built in scratch: bbolt
 // copies keys on Put.
-func (w *batchWriter) mergeCell(parent *bolt.Bucket, cache map[string]rollupBucket, cell rollupCell, a agg) error {
-	rb, ok := cache[cell.device]
-	if !ok {
-		b, err := parent.CreateBucketIfNotExists([]byte(cell.device))
+func (w *batchWriter) mergeCell(parent *bolt.Bucket, rb *rollupBucket, cell rollupCell, a agg) error {
+	if rb.b == nil {
+		b, err := parent.CreateBucketIfNotExists([]byte(cell.dev.id))
 		if err != nil {
 			return err
 		}
-		rb = rollupBucket{b, b.Cursor()}
-		cache[cell.device] = rb
+		*rb = rollupBucket{b, b.Cursor()}
 	}
 	w.scratch = appendRollupKey(w.scratch[:0], cell.metric, cell.minute)
 	// The cursor seeks from the bucket's root, so earlier puts do not matter.
@@ -431,18 +445,22 @@ func (n *newestKeys) get(dev string) ([16]byte, bool) {
 	return k, ok
 }
 
-func (n *newestKeys) raise(keys map[string][16]byte) {
-	if len(keys) == 0 {
+// raise records the bounds of the devices whose readings a batch touched.
+func (n *newestKeys) raise(devs []*devBatch) {
+	if len(devs) == 0 {
 		return
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if n.m == nil || len(n.m)+len(keys) > maxCachedDevices {
-		n.m = make(map[string][16]byte, len(keys))
+	if n.m == nil || len(n.m)+len(devs) > maxCachedDevices {
+		n.m = make(map[string][16]byte, len(devs))
 	}
-	for dev, k := range keys {
-		if old, ok := n.m[dev]; !ok || bytes.Compare(k[:], old[:]) > 0 {
-			n.m[dev] = k
+	for _, db := range devs {
+		if db.rb == nil {
+			continue
+		}
+		if old, ok := n.m[db.id]; !ok || bytes.Compare(db.newest[:], old[:]) > 0 {
+			n.m[db.id] = db.newest
 		}
 	}
 }
