@@ -110,9 +110,9 @@ func (w *batchWriter) flushDevices(written *[]cachedDevice) error {
 // batchWriter carries per-transaction caches so that a batch touching the
 // same device many times opens its buckets and decodes its record once.
 type batchWriter struct {
-	s                               *Store
-	tx                              *bolt.Tx
-	readings, ids, seenB, min, hour *bolt.Bucket
+	s                                          *Store
+	tx                                         *bolt.Tx
+	readings, ids, seenB, rollMinute, rollHour *bolt.Bucket
 
 	devs  map[string]*devBatch
 	order []*devBatch // in the order the batch first touched them
@@ -145,7 +145,8 @@ type devBatch struct {
 	// maps are the device cache's, which a state merge must clone first.
 	d             *Device
 	dirty, shared bool
-	min, hour     rollupBucket
+	rollMinute    rollupBucket // its buckets in rollup_1m and rollup_1h
+	rollHour      rollupBucket
 }
 
 type rollupCell struct {
@@ -158,7 +159,7 @@ func newBatchWriter(s *Store, tx *bolt.Tx) *batchWriter {
 	return &batchWriter{
 		s: s, tx: tx,
 		readings: tx.Bucket(bucketReadings), ids: tx.Bucket(bucketIDs), seenB: tx.Bucket(bucketSeen),
-		min: tx.Bucket(bucketMinute), hour: tx.Bucket(bucketHour),
+		rollMinute: tx.Bucket(bucketMinute), rollHour: tx.Bucket(bucketHour),
 		devs: map[string]*devBatch{}, rollups: map[rollupCell]*agg{},
 	}
 }
@@ -377,7 +378,7 @@ func (w *batchWriter) newAgg() *agg {
 func (w *batchWriter) flushRollups() error {
 	hours := make(map[rollupCell]*agg, len(w.rollups))
 	for cell, a := range w.rollups {
-		if err := w.mergeCell(w.min, &cell.dev.min, cell, *a); err != nil {
+		if err := w.mergeCell(w.rollMinute, &cell.dev.rollMinute, cell, *a); err != nil {
 			return err
 		}
 		hc := rollupCell{cell.dev, cell.metric, cell.minute - cell.minute%hourMs}
@@ -389,7 +390,7 @@ func (w *batchWriter) flushRollups() error {
 		h.merge(*a)
 	}
 	for cell, a := range hours {
-		if err := w.mergeCell(w.hour, &cell.dev.hour, cell, *a); err != nil {
+		if err := w.mergeCell(w.rollHour, &cell.dev.rollHour, cell, *a); err != nil {
 			return err
 		}
 	}
