@@ -32,8 +32,9 @@ type ItemResult struct {
 
 // Ingest stores a batch of items and dead letters in one transaction, the
 // group commit: each new reading once (duplicates by message id, or by
-// timestamp and values, are skipped), rollups, the device registry, and one
-// outbox entry per change. When it returns nil the batch is durable.
+// timestamp and values, are skipped), rollups, the device registry, and the
+// outbox entries: per device one of its new readings (see maxEntryReadings),
+// and one per state change. When it returns nil the batch is durable.
 func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 	results := make([]ItemResult, len(items))
 	var newReadings, newDevices, deadCount uint64
@@ -81,12 +82,16 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter) ([]ItemResult, error) {
 	return results, nil
 }
 
-// flushDevices writes each touched device's last-seen record and the JSON
-// record of each device registered or changed in this batch. A batch of
+// flushDevices writes each touched device's readings outbox entry,
+// last-seen record, and the JSON record of each device registered or
+// changed in this batch. A batch of
 // readings alone writes only the small fixed-size records: the JSON record
 // and the pages it spans stay untouched.
 func (w *batchWriter) flushDevices(written *[]cachedDevice) error {
 	for _, db := range w.order {
+		if err := w.closeEntry(db); err != nil {
+			return err
+		}
 		w.val = binary.BigEndian.AppendUint64(w.val[:0], uint64(db.seen))
 		if err := w.seenB.Put([]byte(db.id), w.keep(w.val)); err != nil {
 			return fmt.Errorf("last seen of %s: %w", db.id, err)
@@ -123,8 +128,7 @@ type batchWriter struct {
 	newDevices uint64
 	scratch    []byte
 	val        []byte
-	slab       []byte    // backs the values put in this transaction (see keep)
-	fresh      []Reading // the item's new readings; encoded into the outbox entry, then reused
+	slab       []byte // backs the values put in this transaction (see keep)
 }
 
 // devBatch is what one transaction knows of one device it touched: one map
@@ -147,6 +151,9 @@ type devBatch struct {
 	dirty, shared bool
 	rollMinute    rollupBucket // its buckets in rollup_1m and rollup_1h
 	rollHour      rollupBucket
+	// out is the readings outbox entry of the device's new readings in
+	// this batch, open while out.Seq is set (see openEntry).
+	out Change
 }
 
 type rollupCell struct {
@@ -298,8 +305,11 @@ func (w *batchWriter) readingsOf(db *devBatch, it *Item, head *uint64) (ItemResu
 			return res, err
 		}
 	}
-	seq := *head + 1 // the outbox entry these readings will travel in
-	fresh := w.fresh[:0]
+	if db.out.Seq != 0 && len(db.out.Readings)+len(it.Readings) > maxEntryReadings {
+		if err := w.closeEntry(db); err != nil {
+			return res, err
+		}
+	}
 	for i := range it.Readings {
 		r := &it.Readings[i]
 		w.scratch = appendMetrics(w.scratch[:0], r.Metrics)
@@ -329,7 +339,10 @@ func (w *batchWriter) readingsOf(db *devBatch, it *Item, head *uint64) (ItemResu
 		} else {
 			db.newest = key
 		}
-		w.val = encodeReadingValue(w.val[:0], seq, r.ID, w.scratch)
+		if db.out.Seq == 0 {
+			w.openEntry(db, head)
+		}
+		w.val = encodeReadingValue(w.val[:0], db.out.Seq, r.ID, w.scratch)
 		if err := db.rb.Put(key[:], w.keep(w.val)); err != nil {
 			return res, err
 		}
@@ -348,20 +361,40 @@ func (w *batchWriter) readingsOf(db *devBatch, it *Item, head *uint64) (ItemResu
 			}
 			a.add(m.Value)
 		}
-		fresh = append(fresh, *r)
+		db.out.Readings = append(db.out.Readings, *r)
 		res.Stored++
 	}
-	w.fresh = fresh // appendOutbox encodes it, so the next item may reuse it
-	if len(fresh) > 0 {
-		c := Change{Kind: ChangeReadings, Device: it.Device, Stamp: w.s.clock.Now(), Readings: fresh}
-		if err := w.s.appendOutbox(w.tx, head, &c); err != nil {
-			return res, err
-		}
-		if c.Seq != seq {
-			return res, fmt.Errorf("outbox sequence %d, expected %d", c.Seq, seq)
-		}
-	}
 	return res, nil
+}
+
+// maxEntryReadings bounds the readings one outbox entry gathers from the
+// items of a batch (an item with more travels alone, as before): the
+// syncer sends at least one entry per push, whatever its size.
+const maxEntryReadings = 1000
+
+// openEntry starts the device's readings entry of this batch, taking its
+// outbox sequence now: the readings put from here on carry it, and the
+// entries of later items (state changes, other devices) follow it.
+func (w *batchWriter) openEntry(db *devBatch, head *uint64) {
+	*head++
+	db.out = Change{Seq: *head, Kind: ChangeReadings, Device: db.id, Stamp: w.s.clock.Now(), Readings: db.out.Readings[:0]}
+}
+
+// closeEntry writes the device's open readings entry, as appendOutbox
+// writes an entry (readings entries are not in the state index).
+func (w *batchWriter) closeEntry(db *devBatch) error {
+	if db.out.Seq == 0 {
+		return nil
+	}
+	v, err := encodeChange(&db.out)
+	if err != nil {
+		return err
+	}
+	if err := w.tx.Bucket(bucketOutbox).Put(u64(db.out.Seq), v); err != nil {
+		return fmt.Errorf("outbox entry %d: %w", db.out.Seq, err)
+	}
+	db.out.Seq = 0 // encoded: the readings' memory may be reused
+	return nil
 }
 
 // newAgg returns a zero cell from a chunk: a batch has a few hundred.

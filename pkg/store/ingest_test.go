@@ -333,3 +333,66 @@ func TestIngestDedupeWithNewestBound(t *testing.T) {
 		t.Fatalf("%d readings stored, want 19", got)
 	}
 }
+
+// A batch writes one readings entry per device, holding the device's new
+// readings of all its items in order, with its sequence taken at the
+// device's first new reading; the readings stored carry that sequence
+// (retention deletes them once it is acknowledged). An entry gathers at
+// most maxEntryReadings from a batch.
+func TestIngestOneReadingsEntryPerDevice(t *testing.T) {
+	s := openTestStore(t, "", Options{NoSync: true})
+	res := mustIngest(t, s,
+		item("a", reading(t0, "a1", "t", 1.0)),
+		item("b", reading(t0, "b1", "t", 2.0)),
+		Item{Device: "a", ReceivedAt: t0, State: raw("fw", `"1"`)},
+		item("a", reading(t0+1, "a2", "t", 3.0), reading(t0, "a1", "t", 1.0)), // a1 again: a duplicate
+		item("b", reading(t0+1, "b2", "t", 4.0)),
+	)
+	if res[3] != (ItemResult{Stored: 1, Duplicates: 1}) {
+		t.Fatalf("item 3: %+v", res[3])
+	}
+	out, err := s.Outbox(0, 100, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, c := range out {
+		e := fmt.Sprintf("%d %s %s", c.Seq, c.Kind, c.Device)
+		for _, r := range c.Readings {
+			e += " " + r.ID
+		}
+		got = append(got, e)
+	}
+	want := []string{"1 readings a a1 a2", "2 readings b b1 b2", "3 reported a"}
+	if strings.Join(got, "; ") != strings.Join(want, "; ") {
+		t.Fatalf("outbox:\n got %q\nwant %q", got, want)
+	}
+	// Only a's readings travel in entry 1.
+	if err := s.AckOutbox(1); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := s.Prune(t.Context(), t0+60_000); err != nil || r.Deleted != 2 || r.Unsynced != 2 {
+		t.Fatalf("Prune after acking entry 1: %+v, %v; want 2 deleted (a's), 2 unsynced (b's)", r, err)
+	}
+
+	many := func(dev string, from, n int) Item {
+		it := Item{Device: dev, ReceivedAt: t0}
+		for i := from; i < from+n; i++ {
+			it.Readings = append(it.Readings, reading(t0+10_000+int64(i), "", "t", float64(i)))
+		}
+		return it
+	}
+	mustIngest(t, s, many("c", 0, 400), many("c", 400, 400), many("c", 800, 400), many("d", 0, maxEntryReadings+1))
+	out, err = s.Outbox(3, 100, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got = got[:0]
+	for _, c := range out {
+		got = append(got, fmt.Sprintf("%d %s %d", c.Seq, c.Device, len(c.Readings)))
+	}
+	want = []string{"4 c 800", "5 c 400", "6 d 1001"}
+	if strings.Join(got, "; ") != strings.Join(want, "; ") {
+		t.Fatalf("outbox of large items:\n got %q\nwant %q", got, want)
+	}
+}
