@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/valyala/fastjson"
@@ -83,6 +84,30 @@ func ValidDeviceID(id string) bool { return ident.DeviceID(id) }
 type Decoder struct {
 	limits Limits
 	pool   fastjson.ParserPool
+	names  names
+}
+
+// names interns metric names: devices send the same few names in every
+// message, and each would otherwise be a string of its own, allocated on
+// the submitting goroutine and kept until the commit. A slot holds the
+// last name that hashed to it; a miss allocates as without it.
+type names struct {
+	slots [512]atomic.Pointer[string]
+}
+
+func (n *names) intern(b []byte) string {
+	h := uint32(2166136261) // FNV-1a
+	for _, c := range b {
+		h ^= uint32(c)
+		h *= 16777619
+	}
+	slot := &n.slots[h%uint32(len(n.slots))]
+	if p := slot.Load(); p != nil && *p == string(b) {
+		return *p
+	}
+	s := string(b)
+	slot.Store(&s)
+	return s
 }
 
 // NewDecoder returns a decoder enforcing limits; zero fields take the
@@ -262,7 +287,7 @@ func (d *Decoder) reading(v *fastjson.Value, now time.Time) (store.Reading, erro
 		if err != nil {
 			return
 		}
-		name := string(k)
+		name := d.names.intern(k)
 		if !ident.Valid(name, 64) {
 			err = invalid("metric name %q must match [A-Za-z0-9._-]{1,64}", name)
 			return

@@ -5,10 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 	"unicode/utf8"
+	"unsafe"
 
 	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/store"
@@ -342,4 +345,45 @@ func FuzzDecode(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Metric names are interned: a name seen before is the same string, and
+// names that share a slot (more names than slots) still decode as sent,
+// from concurrent submitters.
+func TestDecodeInternsMetricNames(t *testing.T) {
+	dec := NewDecoder(DefaultLimits)
+	decode := func(names ...string) []store.Metric {
+		var b strings.Builder
+		b.WriteString(`{"ts":` + strconv.FormatInt(testNow.UnixMilli(), 10) + `,"metrics":{`)
+		for i, n := range names {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			b.WriteString(`"` + n + `":` + strconv.Itoa(i))
+		}
+		b.WriteString(`}}`)
+		it, err := dec.Decode("sensors/d1/telemetry", []byte(b.String()), testNow)
+		if err != nil {
+			t.Error(err)
+			return nil
+		}
+		return it.Readings[0].Metrics
+	}
+	a, b := decode("temp", "hum"), decode("temp", "hum")
+	if unsafe.StringData(a[0].Name) != unsafe.StringData(b[0].Name) || unsafe.StringData(a[1].Name) != unsafe.StringData(b[1].Name) {
+		t.Fatal("a repeated metric name was allocated again")
+	}
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Go(func() {
+			for i := range 3000 {
+				n := fmt.Sprintf("m%d", (i*7+g)%2000)
+				if ms := decode(n, "temp"); len(ms) != 2 || ms[0].Name != n || ms[1].Name != "temp" || ms[1].Value != 1 {
+					t.Errorf("decoded %+v for metrics %s, temp", ms, n)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
 }

@@ -2,6 +2,7 @@ package store
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"sync"
@@ -31,8 +32,9 @@ type ItemResult struct {
 
 // Ingest stores a batch of items and dead letters in one transaction, the
 // group commit: each new reading once (duplicates by message id, or by
-// timestamp and values, are skipped), rollups, the device registry, and one
-// outbox entry per change. The rule runner's saves ride the same commit
+// timestamp and values, are skipped), rollups, the device registry, and the
+// outbox entries: per device one of its new readings (see maxEntryReadings),
+// and one per state change. The rule runner's saves ride the same commit
 // (each as SaveRuleEvents would save it, with one trim chunk:
 // OutboxTrimPending). When it returns nil the batch is durable.
 func (s *Store) Ingest(items []Item, dead []DeadLetter, saves ...RuleSave) ([]ItemResult, error) {
@@ -47,12 +49,7 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter, saves ...RuleSave) ([]It
 		// Outbox keys only ever grow: full pages halve the pages a commit
 		// writes for it (bbolt's default splits leave them half empty).
 		tx.Bucket(bucketOutbox).FillPercent = 1
-		w := batchWriter{
-			s: s, tx: tx,
-			readings: tx.Bucket(bucketReadings), ids: tx.Bucket(bucketIDs),
-			rbs: map[string]*bolt.Bucket{}, ibs: map[string]*bolt.Bucket{}, rcs: map[string]*bolt.Cursor{},
-			devices: map[string]*Device{}, shared: map[string]bool{}, rollups: map[rollupCell]*agg{},
-		}
+		w := newBatchWriter(s, tx)
 		for i := range items {
 			r, err := w.item(&items[i], &head)
 			if err != nil {
@@ -61,15 +58,8 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter, saves ...RuleSave) ([]It
 			results[i] = r
 			newReadings += uint64(r.Stored)
 		}
-		for id, d := range w.devices {
-			raw, err := json.Marshal(d)
-			if err != nil {
-				return fmt.Errorf("encode device %s: %w", id, err)
-			}
-			if err := tx.Bucket(bucketDevices).Put([]byte(id), raw); err != nil {
-				return err
-			}
-			written = append(written, cachedDevice{raw: raw, d: d})
+		if err := w.flushDevices(&written); err != nil {
+			return err
 		}
 		newDevices = w.newDevices
 		if err := w.flushRollups(); err != nil {
@@ -84,6 +74,9 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter, saves ...RuleSave) ([]It
 				return fmt.Errorf("rule saves: %w", err)
 			}
 		}
+		// Raised before the commit: if it fails, the bounds are only too
+		// high, which costs lookups, never a missed duplicate.
+		s.newest.raise(w.order)
 		return s.commitMeta(tx, head, newReadings, newDevices)
 	})
 	if err != nil {
@@ -100,32 +93,93 @@ func (s *Store) Ingest(items []Item, dead []DeadLetter, saves ...RuleSave) ([]It
 	return results, nil
 }
 
-type rollupCell struct {
-	device, metric string
-	minute         int64
+// flushDevices writes each touched device's readings outbox entry,
+// last-seen record, and the JSON record of each device registered or
+// changed in this batch. A batch of
+// readings alone writes only the small fixed-size records: the JSON record
+// and the pages it spans stay untouched.
+func (w *batchWriter) flushDevices(written *[]cachedDevice) error {
+	for _, db := range w.order {
+		if err := w.closeEntry(db); err != nil {
+			return err
+		}
+		w.val = binary.BigEndian.AppendUint64(w.val[:0], uint64(db.seen))
+		if err := w.seenB.Put([]byte(db.id), w.keep(w.val)); err != nil {
+			return fmt.Errorf("last seen of %s: %w", db.id, err)
+		}
+		if !db.dirty {
+			continue
+		}
+		db.d.LastSeen = max(db.d.LastSeen, db.seen)
+		raw, err := json.Marshal(db.d)
+		if err != nil {
+			return fmt.Errorf("encode device %s: %w", db.id, err)
+		}
+		if err := w.tx.Bucket(bucketDevices).Put([]byte(db.id), raw); err != nil {
+			return err
+		}
+		*written = append(*written, cachedDevice{raw: raw, d: db.d})
+	}
+	return nil
 }
 
 // batchWriter carries per-transaction caches so that a batch touching the
 // same device many times opens its buckets and decodes its record once.
 type batchWriter struct {
-	s        *Store
-	tx       *bolt.Tx
-	readings *bolt.Bucket
-	ids      *bolt.Bucket
-	rbs, ibs map[string]*bolt.Bucket
-	// rcs holds a cursor per readings bucket for the dedupe lookups: a
-	// Seek reuses the cursor's stack where each Get allocates a new one.
-	rcs     map[string]*bolt.Cursor
-	devices map[string]*Device
-	// shared marks devices whose maps are the device cache's: they are
-	// cloned before a state merge changes them.
-	shared     map[string]bool
+	s                                          *Store
+	tx                                         *bolt.Tx
+	readings, ids, seenB, rollMinute, rollHour *bolt.Bucket
+
+	devs  map[string]*devBatch
+	order []*devBatch // in the order the batch first touched them
+	slots []devBatch  // backs devs (see touch)
+
 	rollups    map[rollupCell]*agg
+	aggs       []agg // backs the cells of rollups and of the hours (see newAgg)
 	newDevices uint64
 	scratch    []byte
 	val        []byte
-	slab       []byte    // backs the values put in this transaction (see keep)
-	fresh      []Reading // the item's new readings; encoded into the outbox entry, then reused
+	slab       []byte // backs the values put in this transaction (see keep)
+}
+
+// devBatch is what one transaction knows of one device it touched: one map
+// lookup per item finds all of it.
+type devBatch struct {
+	id   string
+	seen int64 // last seen: the later of the stored time and the batch's
+	// rb and ib are the device's readings and ids buckets, opened on first
+	// use; rc is a cursor on rb for the dedupe lookups: a Seek reuses its
+	// stack where each Get allocates a new one.
+	rb, ib *bolt.Bucket
+	rc     *bolt.Cursor
+	// newest is a key no stored reading of the device exceeds (see
+	// newestKeys), known once rb is open.
+	newest [16]byte
+	// d is the decoded record, once the batch needed it; dirty when the
+	// batch must write it (registered, or state changed); shared while its
+	// maps are the device cache's, which a state merge must clone first.
+	d             *Device
+	dirty, shared bool
+	rollMinute    rollupBucket // its buckets in rollup_1m and rollup_1h
+	rollHour      rollupBucket
+	// out is the readings outbox entry of the device's new readings in
+	// this batch, open while out.Seq is set (see openEntry).
+	out Change
+}
+
+type rollupCell struct {
+	dev    *devBatch
+	metric string
+	minute int64
+}
+
+func newBatchWriter(s *Store, tx *bolt.Tx) *batchWriter {
+	return &batchWriter{
+		s: s, tx: tx,
+		readings: tx.Bucket(bucketReadings), ids: tx.Bucket(bucketIDs), seenB: tx.Bucket(bucketSeen),
+		rollMinute: tx.Bucket(bucketMinute), rollHour: tx.Bucket(bucketHour),
+		devs: map[string]*devBatch{}, rollups: map[rollupCell]*agg{},
+	}
 }
 
 // slabSize is the chunk keep allocates: about a page of readings.
@@ -143,67 +197,92 @@ func (w *batchWriter) keep(b []byte) []byte {
 	return w.slab[n:len(w.slab):len(w.slab)]
 }
 
-func (w *batchWriter) bucket(parent *bolt.Bucket, cache map[string]*bolt.Bucket, dev string) (*bolt.Bucket, error) {
-	if b, ok := cache[dev]; ok {
-		return b, nil
-	}
+// deviceBucket opens a device's bucket below parent, creating it if need be.
+func deviceBucket(parent *bolt.Bucket, dev string) (*bolt.Bucket, error) {
 	b, err := parent.CreateBucketIfNotExists([]byte(dev))
 	if err != nil {
 		return nil, err
 	}
 	b.FillPercent = 0.9 // keys arrive mostly in time order
-	cache[dev] = b
 	return b, nil
 }
 
-func (w *batchWriter) device(id string, now int64) (*Device, error) {
-	if d, ok := w.devices[id]; ok {
-		return d, nil
+// device decodes the record of a device, registering it if unknown.
+func (w *batchWriter) device(db *devBatch, now int64) error {
+	if db.d != nil {
+		return nil
 	}
-	raw := w.tx.Bucket(bucketDevices).Get([]byte(id))
-	var d *Device
+	raw := w.tx.Bucket(bucketDevices).Get([]byte(db.id))
 	switch {
 	case raw == nil:
-		d = w.s.newDevice(id, now)
+		db.d = w.s.newDevice(db.id, now)
 		w.newDevices++
+		db.dirty = true
 	default:
-		if c := w.s.devCache.get(id, raw); c != nil {
+		if c := w.s.devCache.get(db.id, raw); c != nil {
 			cp := *c
-			d = &cp
-			w.shared[id] = true
+			db.d, db.shared = &cp, true
 			break
 		}
-		d = new(Device)
+		d := new(Device)
 		if err := json.Unmarshal(raw, d); err != nil {
-			return nil, fmt.Errorf("decode device %s: %w", id, err)
+			return fmt.Errorf("decode device %s: %w", db.id, err)
 		}
+		db.d = d
 	}
-	w.devices[id] = d
-	return d, nil
+	return nil
+}
+
+// touch records that a device was seen at at, registering it if unknown.
+// A device with a last-seen record is registered; one without is new, or
+// was registered by an API write, the cloud or an edge that kept last_seen
+// only in the JSON record, which then still holds it.
+func (w *batchWriter) touch(id string, at int64) (*devBatch, error) {
+	if db, ok := w.devs[id]; ok {
+		db.seen = max(db.seen, at)
+		return db, nil
+	}
+	if len(w.slots) == cap(w.slots) {
+		w.slots = make([]devBatch, 0, 64) // never grown: devs points into it
+	}
+	w.slots = append(w.slots, devBatch{id: id})
+	db := &w.slots[len(w.slots)-1]
+	w.devs[id] = db
+	w.order = append(w.order, db)
+	if v := w.seenB.Get([]byte(id)); v != nil {
+		db.seen = max(int64(getU64(v)), at)
+		return db, nil
+	}
+	if err := w.device(db, at); err != nil {
+		return nil, err
+	}
+	db.seen = max(db.d.LastSeen, at)
+	return db, nil
 }
 
 func (w *batchWriter) item(it *Item, head *uint64) (ItemResult, error) {
 	var res ItemResult
-	d, err := w.device(it.Device, it.ReceivedAt)
+	db, err := w.touch(it.Device, it.ReceivedAt)
 	if err != nil {
 		return res, err
 	}
-	if it.ReceivedAt > d.LastSeen {
-		d.LastSeen = it.ReceivedAt
-	}
 	if len(it.Readings) > 0 {
-		if res, err = w.readingsOf(it, head); err != nil {
+		if res, err = w.readingsOf(db, it, head); err != nil {
 			return res, err
 		}
 	}
 	if len(it.State) > 0 {
-		if w.shared[it.Device] {
-			d.Reported = d.Reported.Clone()
-			delete(w.shared, it.Device)
+		if err := w.device(db, it.ReceivedAt); err != nil {
+			return res, err
+		}
+		if db.shared {
+			db.d.Reported = db.d.Reported.Clone()
+			db.shared = false
 		}
 		delta := shadow.Patch(it.State, w.s.clock.Now())
-		if changed := d.Reported.Merge(delta); len(changed) > 0 {
+		if changed := db.d.Reported.Merge(delta); len(changed) > 0 {
 			res.StateChanged = true
+			db.dirty = true
 			c := Change{Kind: ChangeReported, Device: it.Device, Stamp: delta.Version(), Doc: delta}
 			if err := w.s.appendOutbox(w.tx, head, &c); err != nil {
 				return res, err
@@ -213,113 +292,177 @@ func (w *batchWriter) item(it *Item, head *uint64) (ItemResult, error) {
 	return res, nil
 }
 
-func (w *batchWriter) readingsOf(it *Item, head *uint64) (ItemResult, error) {
-	var res ItemResult
-	rb, err := w.bucket(w.readings, w.rbs, it.Device)
+// openReadings opens the device's readings bucket and learns its bound.
+func (w *batchWriter) openReadings(db *devBatch) error {
+	rb, err := deviceBucket(w.readings, db.id)
 	if err != nil {
-		return res, err
+		return err
 	}
-	rc := w.rcs[it.Device]
-	if rc == nil {
-		rc = rb.Cursor()
-		w.rcs[it.Device] = rc
+	db.rb, db.rc = rb, rb.Cursor()
+	var ok bool
+	if db.newest, ok = w.s.newest.get(db.id); !ok {
+		// First batch of the device since the store opened.
+		if k, _ := db.rc.Last(); k != nil {
+			copy(db.newest[:], k)
+		}
 	}
-	seq := *head + 1 // the outbox entry these readings will travel in
-	fresh := w.fresh[:0]
+	return nil
+}
+
+func (w *batchWriter) readingsOf(db *devBatch, it *Item, head *uint64) (ItemResult, error) {
+	var res ItemResult
+	if db.rb == nil {
+		if err := w.openReadings(db); err != nil {
+			return res, err
+		}
+	}
+	if db.out.Seq != 0 && len(db.out.Readings)+len(it.Readings) > maxEntryReadings {
+		if err := w.closeEntry(db); err != nil {
+			return res, err
+		}
+	}
 	for i := range it.Readings {
 		r := &it.Readings[i]
 		w.scratch = appendMetrics(w.scratch[:0], r.Metrics)
 		key := readingKey(r, w.scratch)
-		var ib *bolt.Bucket
-		if r.ID != "" && r.ReceiveTS {
-			if ib, err = w.bucket(w.ids, w.ibs, it.Device); err != nil {
-				return res, err
+		withID := r.ID != "" && r.ReceiveTS
+		if withID {
+			if db.ib == nil {
+				var err error
+				if db.ib, err = deviceBucket(w.ids, db.id); err != nil {
+					return res, err
+				}
 			}
-			if ib.Get([]byte(r.ID)) != nil {
+			if db.ib.Get([]byte(r.ID)) != nil {
 				res.Duplicates++
 				continue
 			}
 		}
-		// The cursor seeks from the bucket's root each time, so the puts
-		// since its last use do not matter.
-		if k, _ := rc.Seek(key[:]); bytes.Equal(k, key[:]) {
-			res.Duplicates++
-			continue
+		// A key above every stored one cannot be a duplicate: devices send
+		// in time order, so most readings need no lookup. The cursor seeks
+		// from the bucket's root each time, so the puts since its last use
+		// do not matter.
+		if bytes.Compare(key[:], db.newest[:]) <= 0 {
+			if k, _ := db.rc.Seek(key[:]); bytes.Equal(k, key[:]) {
+				res.Duplicates++
+				continue
+			}
+		} else {
+			db.newest = key
 		}
-		w.val = encodeReadingValue(w.val[:0], seq, r.ID, w.scratch)
-		if err := rb.Put(key[:], w.keep(w.val)); err != nil {
+		if db.out.Seq == 0 {
+			w.openEntry(db, head)
+		}
+		w.val = encodeReadingValue(w.val[:0], db.out.Seq, r.ID, w.scratch)
+		if err := db.rb.Put(key[:], w.keep(w.val)); err != nil {
 			return res, err
 		}
-		if ib != nil {
-			if err := ib.Put([]byte(r.ID), w.keep(key[:])); err != nil {
+		if withID {
+			if err := db.ib.Put([]byte(r.ID), w.keep(key[:])); err != nil {
 				return res, err
 			}
 		}
 		minute := r.TS - r.TS%minuteMs
 		for _, m := range r.Metrics {
-			cell := rollupCell{it.Device, m.Name, minute}
+			cell := rollupCell{db, m.Name, minute}
 			a := w.rollups[cell]
 			if a == nil {
-				a = new(agg)
+				a = w.newAgg()
 				w.rollups[cell] = a
 			}
 			a.add(m.Value)
 		}
-		fresh = append(fresh, *r)
+		db.out.Readings = append(db.out.Readings, *r)
 		res.Stored++
 	}
-	w.fresh = fresh // appendOutbox encodes it, so the next item may reuse it
-	if len(fresh) > 0 {
-		c := Change{Kind: ChangeReadings, Device: it.Device, Stamp: w.s.clock.Now(), Readings: fresh}
-		if err := w.s.appendOutbox(w.tx, head, &c); err != nil {
-			return res, err
-		}
-		if c.Seq != seq {
-			return res, fmt.Errorf("outbox sequence %d, expected %d", c.Seq, seq)
-		}
-	}
 	return res, nil
+}
+
+// maxEntryReadings bounds the readings one outbox entry gathers from the
+// items of a batch (an item with more travels alone, as before): the
+// syncer sends at least one entry per push, whatever its size.
+const maxEntryReadings = 1000
+
+// openEntry starts the device's readings entry of this batch, taking its
+// outbox sequence now: the readings put from here on carry it, and the
+// entries of later items (state changes, other devices) follow it.
+func (w *batchWriter) openEntry(db *devBatch, head *uint64) {
+	*head++
+	db.out = Change{Seq: *head, Kind: ChangeReadings, Device: db.id, Stamp: w.s.clock.Now(), Readings: db.out.Readings[:0]}
+}
+
+// closeEntry writes the device's open readings entry, as appendOutbox
+// writes an entry (readings entries are not in the state index).
+func (w *batchWriter) closeEntry(db *devBatch) error {
+	if db.out.Seq == 0 {
+		return nil
+	}
+	v, err := encodeChange(&db.out)
+	if err != nil {
+		return err
+	}
+	if err := w.tx.Bucket(bucketOutbox).Put(u64(db.out.Seq), v); err != nil {
+		return fmt.Errorf("outbox entry %d: %w", db.out.Seq, err)
+	}
+	w.s.tail.record(w.tx, &db.out, v) // it copies the readings
+	db.out.Seq = 0                    // encoded: the readings' memory may be reused
+	return nil
+}
+
+// newAgg returns a zero cell from a chunk: a batch has a few hundred.
+func (w *batchWriter) newAgg() *agg {
+	if len(w.aggs) == cap(w.aggs) {
+		w.aggs = make([]agg, 0, 256)
+	}
+	w.aggs = w.aggs[:len(w.aggs)+1]
+	return &w.aggs[len(w.aggs)-1]
 }
 
 // flushRollups folds the batch's per-minute cells into the minute and hour
 // rollups with one read-modify-write per distinct cell.
 func (w *batchWriter) flushRollups() error {
 	hours := make(map[rollupCell]*agg, len(w.rollups))
-	minutes := map[string]*bolt.Bucket{}
 	for cell, a := range w.rollups {
-		if err := w.mergeCell(w.tx.Bucket(bucketMinute), minutes, cell, *a); err != nil {
+		if err := w.mergeCell(w.rollMinute, &cell.dev.rollMinute, cell, *a); err != nil {
 			return err
 		}
-		hc := rollupCell{cell.device, cell.metric, cell.minute - cell.minute%hourMs}
+		hc := rollupCell{cell.dev, cell.metric, cell.minute - cell.minute%hourMs}
 		h := hours[hc]
 		if h == nil {
-			h = new(agg)
+			h = w.newAgg()
 			hours[hc] = h
 		}
 		h.merge(*a)
 	}
-	hourBuckets := map[string]*bolt.Bucket{}
 	for cell, a := range hours {
-		if err := w.mergeCell(w.tx.Bucket(bucketHour), hourBuckets, cell, *a); err != nil {
+		if err := w.mergeCell(w.rollHour, &cell.dev.rollHour, cell, *a); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
+// rollupBucket is a device's rollup bucket, opened on first use, with a
+// cursor for the lookups: a Seek reuses the cursor's stack where each Get
+// allocates a new one.
+type rollupBucket struct {
+	b *bolt.Bucket
+	c *bolt.Cursor
+}
+
 // mergeCell adds a to the stored cell. The key is built in scratch: bbolt
 // copies keys on Put.
-func (w *batchWriter) mergeCell(parent *bolt.Bucket, cache map[string]*bolt.Bucket, cell rollupCell, a agg) error {
-	b := cache[cell.device]
-	if b == nil {
-		var err error
-		if b, err = parent.CreateBucketIfNotExists([]byte(cell.device)); err != nil {
+func (w *batchWriter) mergeCell(parent *bolt.Bucket, rb *rollupBucket, cell rollupCell, a agg) error {
+	if rb.b == nil {
+		b, err := parent.CreateBucketIfNotExists([]byte(cell.dev.id))
+		if err != nil {
 			return err
 		}
-		cache[cell.device] = b
+		*rb = rollupBucket{b, b.Cursor()}
 	}
 	w.scratch = appendRollupKey(w.scratch[:0], cell.metric, cell.minute)
-	if old := b.Get(w.scratch); old != nil {
+	// The cursor seeks from the bucket's root, so earlier puts do not matter.
+	if k, old := rb.c.Seek(w.scratch); bytes.Equal(k, w.scratch) {
 		o, err := decodeAgg(old)
 		if err != nil {
 			return err
@@ -328,7 +471,44 @@ func (w *batchWriter) mergeCell(parent *bolt.Bucket, cache map[string]*bolt.Buck
 		a = o
 	}
 	w.val = a.append(w.val[:0])
-	return b.Put(w.scratch, w.keep(w.val))
+	return rb.b.Put(w.scratch, w.keep(w.val))
+}
+
+// newestKeys keeps, per device, a reading key that no stored reading of the
+// device exceeds, so that Ingest looks up only readings that could be
+// redeliveries. Only Ingest adds readings (retention only deletes, which
+// keeps a bound true), and it raises the bounds inside its transaction:
+// a bound can be too high, never too low.
+type newestKeys struct {
+	mu sync.Mutex
+	m  map[string][16]byte
+}
+
+func (n *newestKeys) get(dev string) ([16]byte, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	k, ok := n.m[dev]
+	return k, ok
+}
+
+// raise records the bounds of the devices whose readings a batch touched.
+func (n *newestKeys) raise(devs []*devBatch) {
+	if len(devs) == 0 {
+		return
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.m == nil || len(n.m)+len(devs) > maxCachedDevices {
+		n.m = make(map[string][16]byte, len(devs))
+	}
+	for _, db := range devs {
+		if db.rb == nil {
+			continue
+		}
+		if old, ok := n.m[db.id]; !ok || bytes.Compare(db.newest[:], old[:]) > 0 {
+			n.m[db.id] = db.newest
+		}
+	}
 }
 
 // deviceCache keeps the decoded records of devices the writer touched, each

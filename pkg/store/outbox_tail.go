@@ -1,6 +1,8 @@
 package store
 
 import (
+	"cmp"
+	"slices"
 	"sync"
 
 	bolt "go.etcd.io/bbolt"
@@ -58,6 +60,25 @@ type tailInfo struct {
 
 func (b *tailBatch) len() int { return len(b.cs) }
 
+// sorted orders the batch by sequence: Ingest takes a device's readings
+// entry's sequence at its first reading and records the entry when it
+// closes it, after entries with later sequences.
+func (b tailBatch) sorted() tailBatch {
+	if slices.IsSortedFunc(b.cs, func(x, y Change) int { return cmp.Compare(x.Seq, y.Seq) }) {
+		return b
+	}
+	idx := make([]int, len(b.cs))
+	for i := range idx {
+		idx[i] = i
+	}
+	slices.SortFunc(idx, func(x, y int) int { return cmp.Compare(b.cs[x].Seq, b.cs[y].Seq) })
+	out := tailBatch{cs: make([]Change, len(idx)), info: make([]tailInfo, len(idx))}
+	for i, j := range idx {
+		out.cs[i], out.info[i] = b.cs[j], b.info[j]
+	}
+	return out
+}
+
 func (b *tailBatch) append(c Change, i tailInfo) {
 	b.cs = append(b.cs, c)
 	b.info = append(b.info, i)
@@ -95,7 +116,7 @@ func (t *outboxTail) record(tx *bolt.Tx, c *Change, v []byte) {
 	if t.tx != tx {
 		l := &tailLog{}
 		t.tx, t.log = tx, l
-		tx.OnCommit(func() { t.add(l.entries) })
+		tx.OnCommit(func() { t.add(l.entries.sorted()) })
 	}
 	l := t.log
 	info := tailInfo{size: len(v)}

@@ -275,3 +275,32 @@ func TestOutboxTailSlabs(t *testing.T) {
 		t.Fatalf("one reading of two metrics kept in slabs of %d readings and %d metrics", cap(l.readings), cap(l.metrics))
 	}
 }
+
+// TestOutboxTailOutOfOrderEntries: a batch writes a device's readings entry
+// when it closes it, after entries with later sequences (a state change
+// after the device's first reading); the tail still serves the batch, in
+// sequence order, as bbolt holds it.
+func TestOutboxTailOutOfOrderEntries(t *testing.T) {
+	s := openTestStore(t, "", Options{})
+	ref := openTestStore(t, "", Options{OutboxTailBytes: -1})
+	batch := []Item{
+		item("a", reading(t0, "", "t", 1.0)),
+		{Device: "b", ReceivedAt: t0, State: map[string]json.RawMessage{"fw": json.RawMessage(`"2"`)}},
+		item("a", reading(t0+1, "", "t", 2.0)),
+	}
+	for _, st := range []*Store{s, ref} {
+		mustIngest(t, st, batch...)
+	}
+	got, ok, err := s.tail.read(0, 10, 1<<20)
+	if err != nil || !ok {
+		t.Fatalf("the tail did not serve the batch: ok=%v err=%v", ok, err)
+	}
+	want, err := ref.Outbox(0, 10, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || len(want) != 2 || got[0].Seq != 1 || got[0].Kind != ChangeReadings || len(got[0].Readings) != 2 ||
+		got[1].Seq != 2 || got[1].Kind != want[1].Kind || got[1].Device != "b" {
+		t.Fatalf("tail served %+v, bbolt holds %+v", got, want)
+	}
+}

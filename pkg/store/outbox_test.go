@@ -190,12 +190,15 @@ func TestOutboxSequenceAndChanges(t *testing.T) {
 func TestAckOutboxLarge(t *testing.T) {
 	s := openTestStore(t, "", Options{NoSync: true})
 	const n = 10000 + 2345 // more than one ack chunk
-	items := make([]Item, 0, n)
+	// A batch writes one readings entry per device: batches of seven
+	// devices make seven entries each.
+	var items []Item
 	for i := 0; i < n; i++ {
 		items = append(items, item(fmt.Sprintf("d%d", i%7), reading(t0+int64(i), "", "t", float64(i))))
-	}
-	if _, err := s.Ingest(items, nil); err != nil {
-		t.Fatal(err)
+		if len(items) == 7 || i == n-1 {
+			mustIngest(t, s, items...)
+			items = items[:0]
+		}
 	}
 	if err := s.AckOutbox(n - 1); err != nil {
 		t.Fatal(err)

@@ -171,11 +171,15 @@ func TestAlertOutbox(t *testing.T) {
 func TestIngestCarriesRuleSaves(t *testing.T) {
 	s := openTestStore(t, "", Options{HoldOutboxForRules: true, NoSync: true})
 	const n = 10001 // one more than a trim chunk
-	items := make([]Item, n)
-	for i := range items {
-		items[i] = item(fmt.Sprintf("d%d", i%50), reading(t0+int64(i), "", "t", 1.0))
+	// A batch writes one readings entry per device: batches of 50
+	// devices, one entry each.
+	for i := 0; i < n; i += 50 {
+		var items []Item
+		for j := i; j < min(i+50, n); j++ {
+			items = append(items, item(fmt.Sprintf("d%d", j%50), reading(t0+int64(j), "", "t", 1.0)))
+		}
+		mustIngest(t, s, items...)
 	}
-	mustIngest(t, s, items...)
 	if err := s.AckOutbox(n); err != nil {
 		t.Fatal(err)
 	}

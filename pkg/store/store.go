@@ -32,8 +32,9 @@ var (
 var (
 	bucketMeta     = []byte("meta")
 	bucketDevices  = []byte("devices")
-	bucketReadings = []byte("readings") // nested: device -> ts|hash -> value
-	bucketIDs      = []byte("ids")      // nested: device -> message id -> reading key
+	bucketSeen     = []byte("device_seen") // device id -> last seen, Unix ms (8 bytes)
+	bucketReadings = []byte("readings")    // nested: device -> ts|hash -> value
+	bucketIDs      = []byte("ids")         // nested: device -> message id -> reading key
 	bucketMinute   = []byte("rollup_1m")
 	bucketHour     = []byte("rollup_1h")
 	bucketOutbox   = []byte("outbox")
@@ -104,6 +105,9 @@ type Store struct {
 	// trimPending is set when a commit carrying rule saves trimmed one
 	// chunk of the outbox and more remained (OutboxTrimPending).
 	trimPending atomic.Bool
+	// newest spares Ingest the dedupe lookup of readings newer than any
+	// stored.
+	newest newestKeys
 }
 
 // DefaultOptions is the one source of the store's defaults; the edge's
@@ -138,7 +142,7 @@ func Open(path string, opts Options) (*Store, error) {
 	}
 	s := &Store{db: db, path: path, opts: opts, clock: opts.Clock, tail: newOutboxTail(opts.OutboxTailBytes)}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketReadings, bucketIDs, bucketMinute, bucketHour, bucketOutbox, bucketDead, bucketUsers, bucketStateIdx, bucketSync,
+		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketSeen, bucketReadings, bucketIDs, bucketMinute, bucketHour, bucketOutbox, bucketDead, bucketUsers, bucketStateIdx, bucketSync,
 			bucketRules, bucketRuleState, bucketAlerts, bucketAlertIdx, bucketAlertOut} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
@@ -233,7 +237,10 @@ type DeviceMeta struct {
 	Stamp  hlc.Timestamp `json:"stamp"`
 }
 
-// Device is a registered device.
+// Device is a registered device. LastSeen is kept apart from the rest of
+// the record (bucket device_seen), as the one field every batch of
+// readings changes; records written before that hold it themselves, and
+// readers take the later of the two.
 type Device struct {
 	ID        string     `json:"id"`
 	EdgeID    string     `json:"edge_id"`
@@ -253,7 +260,14 @@ func getDevice(tx *bolt.Tx, id string) (*Device, error) {
 	if err := json.Unmarshal(v, &d); err != nil {
 		return nil, fmt.Errorf("decode device %s: %w", id, err)
 	}
+	d.LastSeen = lastSeen(tx, id, d.LastSeen)
 	return &d, nil
+}
+
+// lastSeen is the later of a device record's last_seen and its last-seen
+// record's.
+func lastSeen(tx *bolt.Tx, id string, inRecord int64) int64 {
+	return max(inRecord, int64(getU64(tx.Bucket(bucketSeen).Get([]byte(id)))))
 }
 
 func putDevice(tx *bolt.Tx, d *Device) error {
@@ -297,6 +311,7 @@ func (s *Store) Devices(after string, fn func(*Device) bool) error {
 			if err := json.Unmarshal(v, &d); err != nil {
 				return fmt.Errorf("decode device %s: %w", k, err)
 			}
+			d.LastSeen = lastSeen(tx, string(k), d.LastSeen)
 			if !fn(&d) {
 				return nil
 			}
