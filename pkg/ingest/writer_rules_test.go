@@ -156,12 +156,17 @@ func TestWriterRuleSaveTrimsHeldOutbox(t *testing.T) {
 	hs := &hookStore{Store: st}
 	hs.usage.Store(-1)
 	const n = 25000 // more than two trim chunks
-	items := make([]store.Item, n)
-	for i := range items {
-		items[i] = store.Item{Device: "d", ReceivedAt: 1, Readings: []store.Reading{{TS: int64(i + 1), Metrics: []store.Metric{{Name: "t", Value: 1}}}}}
-	}
-	if _, err := st.Ingest(items, nil); err != nil {
-		t.Fatal(err)
+	// A batch writes one readings entry per device: 25 batches of 1,000
+	// devices.
+	for b := 0; b < n/1000; b++ {
+		items := make([]store.Item, 1000)
+		for i := range items {
+			items[i] = store.Item{Device: fmt.Sprintf("d%d", i), ReceivedAt: 1,
+				Readings: []store.Reading{{TS: int64(b*1000 + i + 1), Metrics: []store.Metric{{Name: "t", Value: 1}}}}}
+		}
+		if _, err := st.Ingest(items, nil); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := st.AckOutbox(n); err != nil {
 		t.Fatal(err)
