@@ -40,8 +40,8 @@ import (
 
 type options struct {
 	devices, phones, inflight int
-	duration                  time.Duration
-	cpuProfile                string
+	duration, fanoutInterval  time.Duration
+	cpuProfile, memProfile    string
 }
 
 func main() {
@@ -50,7 +50,9 @@ func main() {
 	flag.IntVar(&o.phones, "phones", 1000, "phone WebSocket sessions, each subscribed to one device")
 	flag.IntVar(&o.inflight, "inflight", 8, "QoS 1 publishes each device keeps in flight")
 	flag.DurationVar(&o.duration, "duration", 10*time.Second, "measured duration of each run (without and with phones)")
+	flag.DurationVar(&o.fanoutInterval, "fanout-interval", 0, "the edge's mqtt.fanout_interval (0: its default)")
 	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the run with phones to this file")
+	flag.StringVar(&o.memProfile, "memprofile", "", "write a heap profile (allocations of the whole process, live heap after the run with phones) to this file")
 	flag.Parse()
 	if err := run(o); err != nil {
 		fmt.Fprintf(os.Stderr, "livebench: %v\n", err)
@@ -70,6 +72,9 @@ func run(o options) error {
 	cfg.DevLogin, cfg.Admins = true, []string{"root"}
 	cfg.API.RateLimitPerIP, cfg.API.MaxConns, cfg.API.MaxConnsPerIP = 0, o.phones+1000, o.phones+1000
 	cfg.MQTT.MaxConnections = o.devices + 100
+	if o.fanoutInterval > 0 {
+		cfg.MQTT.FanoutInterval = o.fanoutInterval
+	}
 	lv := new(slog.LevelVar)
 	lv.Set(slog.LevelError)
 	log := slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: lv}))
@@ -132,9 +137,14 @@ func run(o options) error {
 	}
 	with := publish(devs, o, start)
 	pprof.StopCPUProfile()
+	if o.memProfile != "" {
+		if err := writeHeap(o.memProfile); err != nil {
+			return err
+		}
+	}
 	p50, p99, n := lat.quantiles()
 	out := map[string]any{
-		"devices": o.devices, "phones": o.phones, "duration_s": o.duration.Seconds(),
+		"devices": o.devices, "phones": o.phones, "duration_s": o.duration.Seconds(), "fanout_interval_ms": cfg.MQTT.FanoutInterval.Milliseconds(),
 		"ingest_rps": round(without), "ingest_rps_with_phones": round(with), "ratio": round(with / without),
 		"phone_deliveries": n, "phone_p50_ms": round(p50), "phone_p99_ms": round(p99),
 		"rss_kb_per_phone": round((rss1 - rss0) * 1024 / float64(max(1, o.phones))),
@@ -142,6 +152,18 @@ func run(o options) error {
 	b, _ := json.Marshal(out)
 	fmt.Println(string(b))
 	return nil
+}
+
+// writeHeap writes the heap profile: pprof's -sample_index=alloc_space
+// shows what the whole process allocated, inuse_space what it holds.
+func writeHeap(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	runtime.GC()
+	return pprof.Lookup("heap").WriteTo(f, 0)
 }
 
 // publish has every device publish QoS 1 readings, o.inflight at a time,

@@ -93,6 +93,18 @@ type Config struct {
 	// FanoutQueue bounds the stored messages waiting to be routed to
 	// subscribers (fanout.go); beyond it they are dropped and counted.
 	FanoutQueue int
+	// FanoutInterval is the least time between two routing rounds while
+	// routing is behind (a round skipped older messages of a topic): then
+	// each subscriber gets each topic's latest message at most once per
+	// interval, and routing costs at most topics × subscribers deliveries
+	// per interval however fast devices publish (fanout.go).
+	FanoutInterval time.Duration
+	// MaxPendingWrites is each client's queue of packets waiting to be
+	// written (mochi's MaximumClientWritesPending); a packet routed to a
+	// client whose queue is full is dropped for it. mochi allocates the
+	// queue whole at connect: with its default of 8,192 that was 64 KiB
+	// per connection, phone or device.
+	MaxPendingWrites int
 	// Registerer receives the broker's metrics; nil keeps them unregistered.
 	Registerer prometheus.Registerer
 	Logger     *slog.Logger
@@ -111,6 +123,13 @@ func DefaultConfig() Config {
 		Login:           DefaultLoginLimits(),
 		PhoneRecheck:    10 * time.Second,
 		FanoutQueue:     1 << 14,
+		// 20 rounds a second: a live chart, and a bound on routing's CPU.
+		FanoutInterval: 50 * time.Millisecond,
+		// A fan-out round queues at most two messages per topic to a
+		// subscriber (and a phone reads at most four topics), so 1,024
+		// holds a full round for a dashboard of 512 publishing devices
+		// (8 KiB a connection).
+		MaxPendingWrites: 1024,
 	}
 }
 
@@ -161,6 +180,12 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 	if cfg.FanoutQueue <= 0 {
 		cfg.FanoutQueue = def.FanoutQueue
 	}
+	if cfg.FanoutInterval <= 0 {
+		cfg.FanoutInterval = def.FanoutInterval
+	}
+	if cfg.MaxPendingWrites <= 0 {
+		cfg.MaxPendingWrites = def.MaxPendingWrites
+	}
 	srv := mqtt.New(&mqtt.Options{
 		InlineClient: true, // for downlinks published by the edge itself
 		Logger:       cfg.Logger.With("component", "mqtt"),
@@ -170,6 +195,7 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 	// mochi allocates a packet's announced size before reading it; the cap
 	// is announced to MQTT 5 clients in CONNACK (finding 5).
 	srv.Options.Capabilities.MaximumPacketSize = uint32(cfg.MaxPacketBytes)
+	srv.Options.Capabilities.MaximumClientWritesPending = int32(cfg.MaxPendingWrites)
 	// Acks carry no properties of the packet they acknowledge: mochi would
 	// copy a publisher's user properties into its PUBACK, with the reason
 	// code 0x01 (granted QoS 1), invalid in a PUBACK; paho and mqtt.js v5
@@ -196,7 +222,7 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 		b.wg.Add(1)
 		go func() { defer b.wg.Done(); b.phones.run(ctx, cfg.PhoneRecheck, b.recheck) }()
 	}
-	b.fan = newFanout(srv, cfg.FanoutQueue, met, cfg.Logger)
+	b.fan = newFanout(srv, cfg.FanoutQueue, cfg.FanoutInterval, met, cfg.Logger)
 	b.wg.Add(1)
 	go func() { defer b.wg.Done(); b.fan.run(ctx) }()
 	b.pres = newPresence(cfg.ServiceUsers)

@@ -1,7 +1,9 @@
 package broker
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -97,5 +99,92 @@ func TestConflate(t *testing.T) {
 				t.Fatalf("conflate = %v, want %v", got, tc.out)
 			}
 		})
+	}
+}
+
+// recorder is the fan-out's publisher in tests: it hands over each routed
+// message's payload.
+type recorder chan string
+
+func (r recorder) Publish(_ string, payload []byte, _ bool, _ byte) error {
+	r <- string(payload)
+	return nil
+}
+
+// TestFanoutPacedWhileBehind: a round that had to conflate holds the next
+// one until the interval has passed since it began (nothing is routed
+// meanwhile, and what queued up is conflated to each topic's latest), and
+// a round that kept up never pauses the next. The pause is the test's, so
+// nothing here depends on timing.
+func TestFanoutPacedWhileBehind(t *testing.T) {
+	const every = time.Hour
+	out := make(recorder, 64)
+	f := newFanout(out, 64, every, newMetrics(nil), slog.New(slog.DiscardHandler))
+	paused, resume := make(chan time.Duration, 1), make(chan struct{})
+	f.pause = func(ctx context.Context, d time.Duration) bool {
+		paused <- d
+		select {
+		case <-resume:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	expect := func(want ...string) {
+		t.Helper()
+		for _, w := range want {
+			select {
+			case got := <-out:
+				if got != w {
+					t.Fatalf("routed %q, want %q", got, w)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%q not routed within 10s", w)
+			}
+		}
+	}
+	waitPause := func() {
+		t.Helper()
+		select {
+		case d := <-paused:
+			if d <= 0 || d > every {
+				t.Fatalf("paused %v, want (0, %v]", d, every)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the round after a conflated one did not pause")
+		}
+	}
+	// Queued before the fan-out runs, so the first round takes all three.
+	for _, m := range []string{"a1", "a2", "b1"} {
+		f.forward("sensors/"+m[:1]+"/telemetry", []byte(m), 0, false)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); f.run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	expect("a2", "b1") // behind: the round conflated
+
+	f.forward("sensors/c/telemetry", []byte("c1"), 0, false)
+	waitPause()
+	f.forward("sensors/c/telemetry", []byte("c2"), 0, false)
+	f.forward("sensors/d/telemetry", []byte("d1"), 0, false)
+	select {
+	case got := <-out:
+		t.Fatalf("routed %q during the pause", got)
+	default:
+	}
+	resume <- struct{}{}
+	expect("c2", "d1") // still behind: c conflated
+
+	f.forward("sensors/e/telemetry", []byte("e1"), 0, false)
+	waitPause()
+	resume <- struct{}{}
+	expect("e1") // kept up: the next round starts at once
+	f.forward("sensors/f/telemetry", []byte("f1"), 0, false)
+	expect("f1")
+	select {
+	case <-paused:
+		t.Fatal("paused after a round that kept up")
+	default:
 	}
 }

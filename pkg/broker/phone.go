@@ -59,18 +59,20 @@ func isPhone(cl *mqtt.Client) bool { return cl.Net.Listener == phoneListener }
 // phoneTopic returns the device a phone may ask for with filter, or "" if
 // the filter is not one of the four per-device topics (wildcards included).
 func phoneTopic(filter string) string {
+	// It runs for every message routed to a phone: no allocation.
 	if strings.ContainsAny(filter, "+#") {
 		return ""
 	}
-	parts := strings.Split(filter, "/")
+	kind, rest, _ := strings.Cut(filter, "/")
+	dev, leaf, nested := strings.Cut(rest, "/")
 	switch {
-	case len(parts) == 3 && parts[0] == "sensors" && (parts[2] == "telemetry" || parts[2] == "state"):
-	case len(parts) == 3 && parts[0] == "devices" && parts[2] == "desired":
-	case len(parts) == 2 && parts[0] == "alerts":
+	case kind == "sensors" && nested && (leaf == "telemetry" || leaf == "state"):
+	case kind == "devices" && nested && leaf == "desired":
+	case kind == "alerts" && !nested:
 	default:
 		return ""
 	}
-	return parts[1]
+	return dev
 }
 
 // phoneHook authenticates phones and is their ACL. Every method returns
@@ -84,7 +86,7 @@ type phoneHook struct {
 	log  *slog.Logger
 	ctx  context.Context
 
-	mu       sync.Mutex
+	mu       sync.RWMutex // read-locked for each message routed to a phone
 	sessions map[*mqtt.Client]*phoneSess
 }
 
@@ -138,9 +140,9 @@ func (h *phoneHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	if !isPhone(cl) {
 		return
 	}
-	h.mu.Lock()
+	h.mu.RLock()
 	ps := h.sessions[cl]
-	h.mu.Unlock()
+	h.mu.RUnlock()
 	if ps == nil {
 		return
 	}
@@ -195,9 +197,9 @@ func (h *phoneHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	if !isPhone(cl) || write {
 		return false
 	}
-	h.mu.Lock()
+	h.mu.RLock()
 	ps := h.sessions[cl]
-	h.mu.Unlock()
+	h.mu.RUnlock()
 	if ps == nil {
 		return false
 	}

@@ -153,3 +153,26 @@ func TestPhoneSessionsV5(t *testing.T) {
 		})
 	}
 }
+
+// TestPhoneTopic: exactly the four per-device topics name a device.
+func TestPhoneTopic(t *testing.T) {
+	for filter, want := range map[string]string{
+		"sensors/d1/telemetry":   "d1",
+		"sensors/d1/state":       "d1",
+		"devices/d1/desired":     "d1",
+		"alerts/d1":              "d1",
+		"sensors/d1/other":       "",
+		"sensors/d1/telemetry/x": "",
+		"sensors/telemetry":      "",
+		"devices/d1/state":       "",
+		"alerts/d1/x":            "",
+		"alerts":                 "",
+		"sensors/+/telemetry":    "",
+		"alerts/#":               "",
+		"other/d1/telemetry":     "",
+	} {
+		if got := phoneTopic(filter); got != want {
+			t.Errorf("phoneTopic(%q) = %q, want %q", filter, got, want)
+		}
+	}
+}
