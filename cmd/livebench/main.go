@@ -40,7 +40,7 @@ import (
 
 type options struct {
 	devices, phones, inflight int
-	duration, fanoutInterval  time.Duration
+	duration, liveInterval    time.Duration
 	cpuProfile, memProfile    string
 }
 
@@ -50,7 +50,7 @@ func main() {
 	flag.IntVar(&o.phones, "phones", 1000, "phone WebSocket sessions, each subscribed to one device")
 	flag.IntVar(&o.inflight, "inflight", 8, "QoS 1 publishes each device keeps in flight")
 	flag.DurationVar(&o.duration, "duration", 10*time.Second, "measured duration of each run (without and with phones)")
-	flag.DurationVar(&o.fanoutInterval, "fanout-interval", 0, "the edge's mqtt.fanout_interval (0: its default)")
+	flag.DurationVar(&o.liveInterval, "live-interval", 0, "the edge's mqtt.live_interval (0: its default)")
 	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the run with phones to this file")
 	flag.StringVar(&o.memProfile, "memprofile", "", "write a heap profile (allocations of the whole process, live heap after the run with phones) to this file")
 	flag.Parse()
@@ -72,8 +72,8 @@ func run(o options) error {
 	cfg.DevLogin, cfg.Admins = true, []string{"root"}
 	cfg.API.RateLimitPerIP, cfg.API.MaxConns, cfg.API.MaxConnsPerIP = 0, o.phones+1000, o.phones+1000
 	cfg.MQTT.MaxConnections = o.devices + 100
-	if o.fanoutInterval > 0 {
-		cfg.MQTT.FanoutInterval = o.fanoutInterval
+	if o.liveInterval > 0 {
+		cfg.MQTT.LiveInterval = o.liveInterval
 	}
 	lv := new(slog.LevelVar)
 	lv.Set(slog.LevelError)
@@ -144,7 +144,7 @@ func run(o options) error {
 	}
 	p50, p99, n := lat.quantiles()
 	out := map[string]any{
-		"devices": o.devices, "phones": o.phones, "duration_s": o.duration.Seconds(), "fanout_interval_ms": cfg.MQTT.FanoutInterval.Milliseconds(),
+		"devices": o.devices, "phones": o.phones, "duration_s": o.duration.Seconds(), "live_interval_ms": cfg.MQTT.LiveInterval.Milliseconds(),
 		"ingest_rps": round(without), "ingest_rps_with_phones": round(with), "ratio": round(with / without),
 		"phone_deliveries": n, "phone_p50_ms": round(p50), "phone_p99_ms": round(p99),
 		"rss_kb_per_phone": round((rss1 - rss0) * 1024 / float64(max(1, o.phones))),

@@ -22,7 +22,7 @@ const (
 )
 
 func edgeOnly(topic string) bool {
-	return strings.HasPrefix(topic, devicesPrefix) || strings.HasPrefix(topic, alertsPrefix)
+	return strings.HasPrefix(topic, devicesPrefix) || strings.HasPrefix(topic, alertsPrefix) || strings.HasPrefix(topic, livePrefix)
 }
 
 // LoginLimits bound the cost of failed logins (finding 9). Each remote IP
@@ -347,6 +347,9 @@ func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	user := string(cl.Properties.Username)
 	if write {
 		return h.mayPublish(user, topic)
+	}
+	if strings.HasPrefix(topic, livePrefix) {
+		return false // the phones' mirror of sensors/ (fanout.go); TCP clients subscribe to sensors/ itself
 	}
 	if h.open() || h.isService(user) {
 		return true

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -103,33 +104,76 @@ func TestConflate(t *testing.T) {
 }
 
 // recorder is the fan-out's publisher in tests: it hands over each routed
-// message's payload.
+// message as topic=payload.
 type recorder chan string
 
-func (r recorder) Publish(_ string, payload []byte, _ bool, _ byte) error {
-	r <- string(payload)
+func (r recorder) Publish(topic string, payload []byte, _ bool, _ byte) error {
+	r <- topic + "=" + string(payload)
 	return nil
 }
 
-// TestFanoutPacedWhileBehind: a round that had to conflate holds the next
-// one until the interval has passed since it began (nothing is routed
-// meanwhile, and what queued up is conflated to each topic's latest), and
-// a round that kept up never pauses the next. The pause is the test's, so
-// nothing here depends on timing.
-func TestFanoutPacedWhileBehind(t *testing.T) {
-	const every = time.Hour
-	out := make(recorder, 64)
-	f := newFanout(out, 64, every, newMetrics(nil), slog.New(slog.DiscardHandler))
-	paused, resume := make(chan time.Duration, 1), make(chan struct{})
-	f.pause = func(ctx context.Context, d time.Duration) bool {
-		paused <- d
-		select {
-		case <-resume:
-			return true
-		case <-ctx.Done():
-			return false
+// TestLiveFeedRate: a topic's first message goes to phones at once; those
+// within the interval after it are held, each replacing the last, and the
+// latest goes when the interval has passed; retained messages have their
+// own rate; an idle topic is forgotten.
+func TestLiveFeedRate(t *testing.T) {
+	const every = 100 * time.Millisecond
+	t0 := time.Unix(1000, 0)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	m := func(topic, body string, retain bool) fanMsg {
+		return fanMsg{topic: topic, payload: []byte(body), retain: retain}
+	}
+	l := newLiveFeed(every)
+	offer := func(ms int, msg fanMsg, wantHeld bool, wantUntil int) {
+		t.Helper()
+		until, held := l.offer(msg, at(ms))
+		if held != wantHeld || held && !until.Equal(at(wantUntil)) {
+			t.Fatalf("offer %s at %dms: held %v until %v, want held %v until %dms", msg.payload, ms, held, until.Sub(t0), wantHeld, wantUntil)
 		}
 	}
+	due := func(ms int, wantNext int, want ...string) {
+		t.Helper()
+		out, next := l.due(at(ms), nil)
+		var got []string
+		for _, m := range out {
+			got = append(got, string(m.payload))
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("due at %dms = %v, want %v", ms, got, want)
+		}
+		if wantNext < 0 && !next.IsZero() || wantNext >= 0 && !next.Equal(at(wantNext)) {
+			t.Fatalf("due at %dms: next %v, want %dms", ms, next.Sub(t0), wantNext)
+		}
+	}
+	offer(0, m("a", "a1", false), false, 0)
+	offer(10, m("a", "a2", false), true, 100)
+	offer(20, m("a", "a3", false), true, 100)
+	offer(25, m("a", "r1", true), false, 0) // retained: its own rate
+	offer(30, m("b", "b1", false), false, 0)
+	due(50, 100)
+	due(100, -1, "a3")
+	offer(150, m("a", "a4", false), true, 200)
+	due(210, -1, "a4")
+	if _, ok := l.topics[fanKey{topic: "b"}]; ok || len(l.topics) != 1 {
+		t.Fatalf("topics idle for an interval not forgotten: %v", l.topics)
+	}
+	offer(400, m("a", "a5", false), false, 0)
+}
+
+// TestFanoutLiveMirror: TCP subscribers get every stored message, in
+// order; the phones' mirror ($live/) gets a topic's first at once and
+// holds the rest within the interval (here an hour, so a held message
+// never goes out during the test); without phones only retained messages
+// are mirrored.
+func TestFanoutLiveMirror(t *testing.T) {
+	out := make(recorder, 64)
+	var phones atomic.Bool
+	phones.Store(true)
+	f := newFanout(out, 64, time.Hour, phones.Load, newMetrics(nil), slog.New(slog.DiscardHandler))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); f.run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
 	expect := func(want ...string) {
 		t.Helper()
 		for _, w := range want {
@@ -143,48 +187,19 @@ func TestFanoutPacedWhileBehind(t *testing.T) {
 			}
 		}
 	}
-	waitPause := func() {
-		t.Helper()
-		select {
-		case d := <-paused:
-			if d <= 0 || d > every {
-				t.Fatalf("paused %v, want (0, %v]", d, every)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatal("the round after a conflated one did not pause")
-		}
-	}
-	// Queued before the fan-out runs, so the first round takes all three.
-	for _, m := range []string{"a1", "a2", "b1"} {
-		f.forward("sensors/"+m[:1]+"/telemetry", []byte(m), 0, false)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); f.run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
-	expect("a2", "b1") // behind: the round conflated
-
-	f.forward("sensors/c/telemetry", []byte("c1"), 0, false)
-	waitPause()
-	f.forward("sensors/c/telemetry", []byte("c2"), 0, false)
-	f.forward("sensors/d/telemetry", []byte("d1"), 0, false)
+	f.forward("sensors/a/telemetry", []byte("1"), 1, false)
+	expect("sensors/a/telemetry=1", "$live/sensors/a/telemetry=1")
+	f.forward("sensors/a/telemetry", []byte("2"), 1, false)
+	expect("sensors/a/telemetry=2") // held for phones
+	f.forwardLive("sensors/b/telemetry", []byte("q2"), 2, false)
+	expect("$live/sensors/b/telemetry=q2") // mochi routed it to TCP
+	phones.Store(false)
+	f.forward("sensors/c/telemetry", []byte("3"), 0, false)
+	f.forward("sensors/c/state", []byte("s"), 1, true)
+	expect("sensors/c/telemetry=3", "sensors/c/state=s", "$live/sensors/c/state=s")
 	select {
 	case got := <-out:
-		t.Fatalf("routed %q during the pause", got)
-	default:
-	}
-	resume <- struct{}{}
-	expect("c2", "d1") // still behind: c conflated
-
-	f.forward("sensors/e/telemetry", []byte("e1"), 0, false)
-	waitPause()
-	resume <- struct{}{}
-	expect("e1") // kept up: the next round starts at once
-	f.forward("sensors/f/telemetry", []byte("f1"), 0, false)
-	expect("f1")
-	select {
-	case <-paused:
-		t.Fatal("paused after a round that kept up")
+		t.Fatalf("routed %q, want nothing more", got)
 	default:
 	}
 }

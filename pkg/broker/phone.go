@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -103,10 +104,65 @@ func (h *phoneHook) ID() string { return "outpost-phone" }
 
 func (h *phoneHook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPacketRead, mqtt.OnSubscribe:
+	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPacketRead,
+		mqtt.OnSubscribe, mqtt.OnUnsubscribe, mqtt.OnPacketEncode:
 		return true
 	}
 	return false
+}
+
+// any reports whether a phone is connected (the fan-out mirrors live
+// messages only then).
+func (h *phoneHook) any() bool {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return len(h.sessions) > 0
+}
+
+// liveFilter is the filter a phone's (un)subscription to filter is held
+// under: sensors/ topics, at the fan-out's rate, on the live mirror
+// (fanout.go). A filter already on the mirror moves further down, where
+// nothing is published and the ACL refuses it.
+func liveFilter(filter string) string {
+	if strings.HasPrefix(filter, "sensors/") || strings.HasPrefix(filter, livePrefix) {
+		return livePrefix + filter
+	}
+	return filter
+}
+
+// phoneACLTopic is the device a phone may read topic (a subscription as
+// liveFilter holds it, or a delivered message's topic) of, or "": phones
+// read sensors/ topics only on the live mirror.
+func phoneACLTopic(topic string) string {
+	if rest, ok := strings.CutPrefix(topic, livePrefix); ok {
+		if !strings.HasPrefix(rest, "sensors/") {
+			return ""
+		}
+		return phoneTopic(rest)
+	}
+	if strings.HasPrefix(topic, "sensors/") {
+		return ""
+	}
+	return phoneTopic(topic)
+}
+
+// OnPacketEncode gives phones their messages from the live mirror under
+// the topic they subscribed to.
+func (h *phoneHook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type == packets.Publish && isPhone(cl) {
+		pk.TopicName = strings.TrimPrefix(pk.TopicName, livePrefix)
+	}
+	return pk
+}
+
+// OnUnsubscribe unsubscribes phones from where OnSubscribe subscribed them.
+func (h *phoneHook) OnUnsubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if isPhone(cl) {
+		for i := range pk.Filters {
+			pk.Filters[i].Filter = liveFilter(pk.Filters[i].Filter)
+		}
+	}
+	return pk
 }
 
 func (h *phoneHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
@@ -182,12 +238,14 @@ func (h *phoneHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Pa
 	return pk, nil
 }
 
-// OnSubscribe grants phones at most QoS 1: the live feed is a view, and
-// QoS 2's extra round trip buys a phone nothing.
+// OnSubscribe grants phones at most QoS 1 (the live feed is a view, and
+// QoS 2's extra round trip buys a phone nothing) and subscribes them to
+// sensors/ topics on the live mirror (liveFilter).
 func (h *phoneHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
 	if isPhone(cl) {
 		for i := range pk.Filters {
 			pk.Filters[i].Qos = min(pk.Filters[i].Qos, 1)
+			pk.Filters[i].Filter = liveFilter(pk.Filters[i].Filter)
 		}
 	}
 	return pk
@@ -203,7 +261,7 @@ func (h *phoneHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	if ps == nil {
 		return false
 	}
-	dev := phoneTopic(topic)
+	dev := phoneACLTopic(topic)
 	if dev == "" {
 		return false
 	}
@@ -278,7 +336,7 @@ func (h *phoneHook) recheck() {
 		ps.gen++
 		ps.mu.Unlock()
 		for filter := range cl.State.Subscriptions.GetAll() {
-			if dev := phoneTopic(filter); dev != "" && h.mayRead(ps, dev) {
+			if dev := phoneACLTopic(filter); dev != "" && h.mayRead(ps, dev) {
 				continue
 			}
 			cl.State.Subscriptions.Delete(filter)
@@ -327,6 +385,29 @@ func (l *phoneListenerStub) Close(closeClients listeners.CloseFn) {
 
 // ErrNoPhones: the broker was built without Config.Phones.
 var ErrNoPhones = errors.New("broker: phone sessions are not enabled")
+
+// seedLive makes the live mirror's retained messages the broker's, as
+// the state file left them: each retained sensors/ message has its twin
+// (a state file of an older edge has none; a crash between the two
+// publishes leaves them apart), and a twin without one is cleared.
+func (b *Broker) seedLive() {
+	all := b.srv.Topics.Retained.GetAll()
+	for topic, pk := range all {
+		var err error
+		if twin, ok := strings.CutPrefix(topic, livePrefix); ok {
+			if _, ok := all[twin]; !ok {
+				err = b.srv.Publish(topic, nil, true, 0)
+			}
+		} else if strings.HasPrefix(topic, "sensors/") {
+			if m, ok := all[livePrefix+topic]; !ok || !bytes.Equal(m.Payload, pk.Payload) {
+				err = b.srv.Publish(livePrefix+topic, pk.Payload, true, pk.FixedHeader.Qos)
+			}
+		}
+		if err != nil {
+			b.log.Warn("live feed: mirroring a retained message failed", "topic", topic, "err", err)
+		}
+	}
+}
 
 // ServePhone runs one phone's MQTT session over c, the byte stream of a
 // WebSocket (pkg/api's /mqtt), until it ends. The first packet must be a
