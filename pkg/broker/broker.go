@@ -21,8 +21,10 @@
 // Stored sensors/ messages are routed on to subscribers after the commit,
 // off the acknowledgement path (fanout.go). Phones hold MQTT sessions over
 // WebSocket through ServePhone, authenticated by access token and confined
-// by policy to the devices they may read (phone.go); with an external
-// broker the edge runs a Broker with no TCP listener for them only.
+// by policy to the devices they may read (phone.go), and get sensors/
+// topics through a mirror the fan-out feeds at a rate of their own
+// (Config.LiveInterval); with an external broker the edge runs a Broker
+// with no TCP listener for them only.
 package broker
 
 import (

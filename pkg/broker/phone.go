@@ -22,7 +22,10 @@ import (
 // the password, may subscribe at QoS 0 or 1 to exactly
 // sensors/{device}/telemetry, sensors/{device}/state,
 // devices/{device}/desired and alerts/{device} for the devices the policy
-// lets them read, and publish nothing. Decisions are cached per session and
+// lets them read, and publish nothing. They get sensors/ topics from the
+// fan-out's live mirror (fanout.go), at most once per topic and
+// Config.LiveInterval: their subscriptions to them are held under
+// livePrefix, and each delivery's topic is given back. Decisions are cached per session and
 // re-evaluated on RecheckPhones and every PhoneRecheck; a subscription the
 // user lost is dropped, and the session is closed when its token expires or
 // its session is revoked.
