@@ -15,7 +15,8 @@ import (
 )
 
 // Topic namespaces only the edge itself publishes to, in every mode: the
-// desired-state downlink (devices/{id}/desired) and alerts (alerts/{id}).
+// desired-state downlink (devices/{id}/desired) and alerts (alerts/{id}),
+// and the phones' live mirror (livePrefix, fanout.go).
 const (
 	devicesPrefix = "devices/"
 	alertsPrefix  = "alerts/"

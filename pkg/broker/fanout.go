@@ -115,8 +115,12 @@ func (f *fanout) run(ctx context.Context) {
 			}
 			clear(due)
 			wake = nil
-			if !next.IsZero() {
-				timer.Reset(f.live.wait(next, f.now()))
+			switch now := f.now(); {
+			case !next.IsZero():
+				timer.Reset(f.live.wait(next, now))
+				wake = timer.C
+			case len(f.live.topics) > 0: // to forget them once idle
+				timer.Reset(f.live.every)
 				wake = timer.C
 			}
 			continue
@@ -145,9 +149,14 @@ func (f *fanout) run(ctx context.Context) {
 			if f.live == nil || !m.retain && !f.phonesOn() {
 				continue
 			}
-			if at, held := f.live.offer(m, now); !held {
+			at, held := f.live.offer(m, now)
+			if !held {
 				f.mirror(m)
-			} else if wake == nil {
+				// Not held, but remembered: a pass forgets it once idle, so
+				// that topics seen once do not pile up.
+				at = now.Add(f.live.every)
+			}
+			if wake == nil {
 				timer.Reset(f.live.wait(at, now))
 				wake = timer.C
 			}
