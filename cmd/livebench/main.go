@@ -7,7 +7,10 @@
 //	{"ingest_rps":…, "ingest_rps_with_phones":…, "ratio":…, "phone_p50_ms":…, "phone_p99_ms":…, "rss_kb_per_phone":…, …}
 //
 // Phones are minimal MQTT 3.1.1 clients over WebSocket (phone.go: one
-// goroutine and 2 KiB of buffers each), devices are paho clients.
+// goroutine and 2 KiB of read buffers each), devices are paho clients.
+// Phones get each topic at most once per the edge's mqtt.live_interval
+// (-live-interval), so phone_deliveries is at most phones × duration /
+// interval. -cpuprofile and -memprofile profile the run with phones.
 // Caveats: the load generator shares the process and the machine with the
 // edge, so rss_kb_per_phone includes each phone's small client as well as
 // the edge's session, and the clients' CPU is the edge's too; latency is
@@ -110,9 +113,10 @@ func run(o options) error {
 
 	runtime.GC()
 	rss0 := benchproc.StatusMB(os.Getpid())["VmRSS"]
+	var pool sync.Pool
 	for i := range o.phones {
 		dev := i % o.devices
-		p, err := dialPhone("ws://"+e.HTTPAddr()+"/mqtt", token, fmt.Sprintf("phone%d", i), fmt.Sprintf("sensors/dev%d/telemetry", dev), func(b []byte) {
+		p, err := dialPhone("ws://"+e.HTTPAddr()+"/mqtt", token, fmt.Sprintf("phone%d", i), fmt.Sprintf("sensors/dev%d/telemetry", dev), &pool, func(b []byte) {
 			if us, ok := sentAt(b); ok {
 				lat.add(time.Since(start) - time.Duration(us)*time.Microsecond)
 			}
