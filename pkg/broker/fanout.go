@@ -101,7 +101,17 @@ func (f *fanout) run(ctx context.Context) {
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	defer timer.Stop()
-	var wake <-chan time.Time // timer.C while something is held
+	var wake <-chan time.Time // timer.C while the live feed remembers a topic
+	var wakeAt time.Time      // when timer fires
+	// arm makes the timer fire by at (not sooner than liveFeed.wait allows).
+	arm := func(at, now time.Time) {
+		if wake != nil && !at.Before(wakeAt) {
+			return
+		}
+		d := f.live.wait(at, now)
+		timer.Reset(d) // Go ≥ 1.23: no stale tick after Reset
+		wake, wakeAt = timer.C, now.Add(d)
+	}
 	var due []fanMsg
 	for {
 		select {
@@ -117,11 +127,9 @@ func (f *fanout) run(ctx context.Context) {
 			wake = nil
 			switch now := f.now(); {
 			case !next.IsZero():
-				timer.Reset(f.live.wait(next, now))
-				wake = timer.C
+				arm(next, now)
 			case len(f.live.topics) > 0: // to forget them once idle
-				timer.Reset(f.live.every)
-				wake = timer.C
+				arm(now.Add(f.live.every), now)
 			}
 			continue
 		case m := <-f.q:
@@ -149,16 +157,15 @@ func (f *fanout) run(ctx context.Context) {
 			if f.live == nil || !m.retain && !f.phonesOn() {
 				continue
 			}
-			at, held := f.live.offer(m, now)
-			if !held {
+			if at, held := f.live.offer(m, now); held {
+				arm(at, now)
+			} else {
 				f.mirror(m)
-				// Not held, but remembered: a pass forgets it once idle, so
-				// that topics seen once do not pile up.
-				at = now.Add(f.live.every)
-			}
-			if wake == nil {
-				timer.Reset(f.live.wait(at, now))
-				wake = timer.C
+				// Not held, but remembered: a pass forgets it once idle,
+				// so that topics seen once do not pile up.
+				if wake == nil {
+					arm(now.Add(f.live.every), now)
+				}
 			}
 		}
 		clear(batch[:n]) // drop payload references
