@@ -168,6 +168,10 @@ func (f *fanout) run(ctx context.Context) {
 				}
 			}
 		}
+		if f.live != nil && f.live.skipped > 0 {
+			f.met.liveSkipped.Add(float64(f.live.skipped))
+			f.live.skipped = 0
+		}
 		clear(batch[:n]) // drop payload references
 	}
 }
@@ -229,8 +233,9 @@ const livePrefix = "$live/"
 // devices publish, and ends on the topic's last message. It is the fan-out
 // goroutine's.
 type liveFeed struct {
-	every  time.Duration
-	topics map[fanKey]*liveTopic
+	every   time.Duration
+	topics  map[fanKey]*liveTopic
+	skipped int // held messages replaced by a newer one, since the caller last took the count
 }
 
 type liveTopic struct {
@@ -255,6 +260,9 @@ func (l *liveFeed) offer(m fanMsg, now time.Time) (time.Time, bool) {
 	if !t.holding && now.Sub(t.sent) >= l.every {
 		t.sent = now
 		return time.Time{}, false
+	}
+	if t.holding {
+		l.skipped++
 	}
 	t.held, t.holding = m, true
 	return t.sent.Add(l.every), true

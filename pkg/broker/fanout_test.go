@@ -151,6 +151,9 @@ func TestLiveFeedRate(t *testing.T) {
 	offer(25, m("a", "r1", true), false, 0) // retained: its own rate
 	offer(30, m("b", "b1", false), false, 0)
 	due(50, 100)
+	if l.skipped != 1 {
+		t.Fatalf("skipped %d, want 1 (a2)", l.skipped)
+	}
 	due(100, -1, "a3")
 	offer(150, m("a", "a4", false), true, 200)
 	due(210, -1, "a4")
