@@ -7,7 +7,10 @@
 //	{"ingest_rps":…, "ingest_rps_with_phones":…, "ratio":…, "phone_p50_ms":…, "phone_p99_ms":…, "rss_kb_per_phone":…, …}
 //
 // Phones are minimal MQTT 3.1.1 clients over WebSocket (phone.go: one
-// goroutine and 2 KiB of buffers each), devices are paho clients.
+// goroutine and 2 KiB of read buffers each), devices are paho clients.
+// Phones get each topic at most once per the edge's mqtt.live_interval
+// (-live-interval), so phone_deliveries is at most phones × duration /
+// interval. -cpuprofile and -memprofile profile the run with phones.
 // Caveats: the load generator shares the process and the machine with the
 // edge, so rss_kb_per_phone includes each phone's small client as well as
 // the edge's session, and the clients' CPU is the edge's too; latency is
@@ -40,8 +43,8 @@ import (
 
 type options struct {
 	devices, phones, inflight int
-	duration                  time.Duration
-	cpuProfile                string
+	duration, liveInterval    time.Duration
+	cpuProfile, memProfile    string
 }
 
 func main() {
@@ -50,7 +53,9 @@ func main() {
 	flag.IntVar(&o.phones, "phones", 1000, "phone WebSocket sessions, each subscribed to one device")
 	flag.IntVar(&o.inflight, "inflight", 8, "QoS 1 publishes each device keeps in flight")
 	flag.DurationVar(&o.duration, "duration", 10*time.Second, "measured duration of each run (without and with phones)")
+	flag.DurationVar(&o.liveInterval, "live-interval", 0, "the edge's mqtt.live_interval (0: its default)")
 	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the run with phones to this file")
+	flag.StringVar(&o.memProfile, "memprofile", "", "write a heap profile (allocations of the whole process, live heap after the run with phones) to this file")
 	flag.Parse()
 	if err := run(o); err != nil {
 		fmt.Fprintf(os.Stderr, "livebench: %v\n", err)
@@ -70,6 +75,9 @@ func run(o options) error {
 	cfg.DevLogin, cfg.Admins = true, []string{"root"}
 	cfg.API.RateLimitPerIP, cfg.API.MaxConns, cfg.API.MaxConnsPerIP = 0, o.phones+1000, o.phones+1000
 	cfg.MQTT.MaxConnections = o.devices + 100
+	if o.liveInterval > 0 {
+		cfg.MQTT.LiveInterval = o.liveInterval
+	}
 	lv := new(slog.LevelVar)
 	lv.Set(slog.LevelError)
 	log := slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: lv}))
@@ -105,9 +113,10 @@ func run(o options) error {
 
 	runtime.GC()
 	rss0 := benchproc.StatusMB(os.Getpid())["VmRSS"]
+	var pool sync.Pool
 	for i := range o.phones {
 		dev := i % o.devices
-		p, err := dialPhone("ws://"+e.HTTPAddr()+"/mqtt", token, fmt.Sprintf("phone%d", i), fmt.Sprintf("sensors/dev%d/telemetry", dev), func(b []byte) {
+		p, err := dialPhone("ws://"+e.HTTPAddr()+"/mqtt", token, fmt.Sprintf("phone%d", i), fmt.Sprintf("sensors/dev%d/telemetry", dev), &pool, func(b []byte) {
 			if us, ok := sentAt(b); ok {
 				lat.add(time.Since(start) - time.Duration(us)*time.Microsecond)
 			}
@@ -132,9 +141,14 @@ func run(o options) error {
 	}
 	with := publish(devs, o, start)
 	pprof.StopCPUProfile()
+	if o.memProfile != "" {
+		if err := writeHeap(o.memProfile); err != nil {
+			return err
+		}
+	}
 	p50, p99, n := lat.quantiles()
 	out := map[string]any{
-		"devices": o.devices, "phones": o.phones, "duration_s": o.duration.Seconds(),
+		"devices": o.devices, "phones": o.phones, "duration_s": o.duration.Seconds(), "live_interval_ms": cfg.MQTT.LiveInterval.Milliseconds(),
 		"ingest_rps": round(without), "ingest_rps_with_phones": round(with), "ratio": round(with / without),
 		"phone_deliveries": n, "phone_p50_ms": round(p50), "phone_p99_ms": round(p99),
 		"rss_kb_per_phone": round((rss1 - rss0) * 1024 / float64(max(1, o.phones))),
@@ -142,6 +156,18 @@ func run(o options) error {
 	b, _ := json.Marshal(out)
 	fmt.Println(string(b))
 	return nil
+}
+
+// writeHeap writes the heap profile: pprof's -sample_index=alloc_space
+// shows what the whole process allocated, inuse_space what it holds.
+func writeHeap(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	runtime.GC()
+	return pprof.Lookup("heap").WriteTo(f, 0)
 }
 
 // publish has every device publish QoS 1 readings, o.inflight at a time,

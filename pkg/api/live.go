@@ -39,12 +39,19 @@ type Live interface {
 const maxWSMessage = 64 << 10
 
 // upgrader accepts /mqtt upgrades offering subprotocol "mqtt".
-func upgrader() *websocket.FastHTTPUpgrader {
+//
+// A session is mostly idle between deliveries, and an edge holds
+// thousands: its write buffer comes from a pool shared by every session
+// and is held only while a message is written, and its read buffer is
+// 1 KiB (what phones send is small; a larger message is read in several
+// fills). Each was 4 KiB per session.
+func upgrader(pool websocket.BufferPool) *websocket.FastHTTPUpgrader {
 	return &websocket.FastHTTPUpgrader{
 		Subprotocols:     []string{"mqtt"},
 		HandshakeTimeout: 10 * time.Second,
-		ReadBufferSize:   4 << 10,
+		ReadBufferSize:   1 << 10,
 		WriteBufferSize:  4 << 10,
+		WriteBufferPool:  pool,
 		// Phones authenticate in CONNECT with a bearer token, never with
 		// cookies, so a page of another origin gains nothing by opening
 		// the socket (no cross-site WebSocket hijacking); mini-programs
@@ -62,7 +69,7 @@ func (s *Server) mqttWS(c *fiber.Ctx) error {
 		return fail(c, fiber.StatusUpgradeRequired, "/mqtt is MQTT over WebSocket: connect with a WebSocket client, subprotocol \"mqtt\", password = access token")
 	}
 	live := s.deps.Live
-	err := upgrader().Upgrade(c.Context(), func(ws *websocket.Conn) {
+	err := upgrader(&s.wsWrite).Upgrade(c.Context(), func(ws *websocket.Conn) {
 		if ws.Subprotocol() != "mqtt" {
 			_ = ws.WriteControl(websocket.CloseMessage,
 				websocket.FormatCloseMessage(websocket.CloseProtocolError, `subprotocol "mqtt" required`), time.Now().Add(time.Second))

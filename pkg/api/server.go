@@ -148,6 +148,7 @@ type Server struct {
 	shut     bool
 	verified *tokenCache
 	users    *userCache
+	wsWrite  sync.Pool // /mqtt WebSockets' write buffers, held only while writing (live.go)
 }
 
 // New builds the API. Call Serve to accept connections.

@@ -15,14 +15,15 @@ import (
 )
 
 // Topic namespaces only the edge itself publishes to, in every mode: the
-// desired-state downlink (devices/{id}/desired) and alerts (alerts/{id}).
+// desired-state downlink (devices/{id}/desired) and alerts (alerts/{id}),
+// and the phones' live mirror (livePrefix, fanout.go).
 const (
 	devicesPrefix = "devices/"
 	alertsPrefix  = "alerts/"
 )
 
 func edgeOnly(topic string) bool {
-	return strings.HasPrefix(topic, devicesPrefix) || strings.HasPrefix(topic, alertsPrefix)
+	return strings.HasPrefix(topic, devicesPrefix) || strings.HasPrefix(topic, alertsPrefix) || strings.HasPrefix(topic, livePrefix)
 }
 
 // LoginLimits bound the cost of failed logins (finding 9). Each remote IP
@@ -347,6 +348,9 @@ func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	user := string(cl.Properties.Username)
 	if write {
 		return h.mayPublish(user, topic)
+	}
+	if strings.HasPrefix(topic, livePrefix) {
+		return false // the phones' mirror of sensors/ (fanout.go); TCP clients subscribe to sensors/ itself
 	}
 	if h.open() || h.isService(user) {
 		return true

@@ -1,7 +1,10 @@
 package broker
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -97,5 +100,109 @@ func TestConflate(t *testing.T) {
 				t.Fatalf("conflate = %v, want %v", got, tc.out)
 			}
 		})
+	}
+}
+
+// recorder is the fan-out's publisher in tests: it hands over each routed
+// message as topic=payload.
+type recorder chan string
+
+func (r recorder) Publish(topic string, payload []byte, _ bool, _ byte) error {
+	r <- topic + "=" + string(payload)
+	return nil
+}
+
+// TestLiveFeedRate: a topic's first message goes to phones at once; those
+// within the interval after it are held, each replacing the last, and the
+// latest goes when the interval has passed; retained messages have their
+// own rate; an idle topic is forgotten.
+func TestLiveFeedRate(t *testing.T) {
+	const every = 100 * time.Millisecond
+	t0 := time.Unix(1000, 0)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	m := func(topic, body string, retain bool) fanMsg {
+		return fanMsg{topic: topic, payload: []byte(body), retain: retain}
+	}
+	l := newLiveFeed(every)
+	offer := func(ms int, msg fanMsg, wantHeld bool, wantUntil int) {
+		t.Helper()
+		until, held := l.offer(msg, at(ms))
+		if held != wantHeld || held && !until.Equal(at(wantUntil)) {
+			t.Fatalf("offer %s at %dms: held %v until %v, want held %v until %dms", msg.payload, ms, held, until.Sub(t0), wantHeld, wantUntil)
+		}
+	}
+	due := func(ms int, wantNext int, want ...string) {
+		t.Helper()
+		out, next := l.due(at(ms), nil)
+		var got []string
+		for _, m := range out {
+			got = append(got, string(m.payload))
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("due at %dms = %v, want %v", ms, got, want)
+		}
+		if wantNext < 0 && !next.IsZero() || wantNext >= 0 && !next.Equal(at(wantNext)) {
+			t.Fatalf("due at %dms: next %v, want %dms", ms, next.Sub(t0), wantNext)
+		}
+	}
+	offer(0, m("a", "a1", false), false, 0)
+	offer(10, m("a", "a2", false), true, 100)
+	offer(20, m("a", "a3", false), true, 100)
+	offer(25, m("a", "r1", true), false, 0) // retained: its own rate
+	offer(30, m("b", "b1", false), false, 0)
+	due(50, 100)
+	if l.skipped != 1 {
+		t.Fatalf("skipped %d, want 1 (a2)", l.skipped)
+	}
+	due(100, -1, "a3")
+	offer(150, m("a", "a4", false), true, 200)
+	due(210, -1, "a4")
+	if _, ok := l.topics[fanKey{topic: "b"}]; ok || len(l.topics) != 1 {
+		t.Fatalf("topics idle for an interval not forgotten: %v", l.topics)
+	}
+	offer(400, m("a", "a5", false), false, 0)
+}
+
+// TestFanoutLiveMirror: TCP subscribers get every stored message, in
+// order; the phones' mirror ($live/) gets a topic's first at once and
+// holds the rest within the interval (here an hour, so a held message
+// never goes out during the test); without phones only retained messages
+// are mirrored.
+func TestFanoutLiveMirror(t *testing.T) {
+	out := make(recorder, 64)
+	var phones atomic.Bool
+	phones.Store(true)
+	f := newFanout(out, 64, time.Hour, phones.Load, newMetrics(nil), slog.New(slog.DiscardHandler))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); f.run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	expect := func(want ...string) {
+		t.Helper()
+		for _, w := range want {
+			select {
+			case got := <-out:
+				if got != w {
+					t.Fatalf("routed %q, want %q", got, w)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%q not routed within 10s", w)
+			}
+		}
+	}
+	f.forward("sensors/a/telemetry", []byte("1"), 1, false)
+	expect("sensors/a/telemetry=1", "$live/sensors/a/telemetry=1")
+	f.forward("sensors/a/telemetry", []byte("2"), 1, false)
+	expect("sensors/a/telemetry=2") // held for phones
+	f.forwardLive("sensors/b/telemetry", []byte("q2"), 2, false)
+	expect("$live/sensors/b/telemetry=q2") // mochi routed it to TCP
+	phones.Store(false)
+	f.forward("sensors/c/telemetry", []byte("3"), 0, false)
+	f.forward("sensors/c/state", []byte("s"), 1, true)
+	expect("sensors/c/telemetry=3", "sensors/c/state=s", "$live/sensors/c/state=s")
+	select {
+	case got := <-out:
+		t.Fatalf("routed %q, want nothing more", got)
+	default:
 	}
 }

@@ -13,6 +13,7 @@ type metrics struct {
 	restored     prometheus.Counter
 	fanDropped   prometheus.Counter
 	fanConflated prometheus.Counter
+	liveSkipped  prometheus.Counter
 	phones       prometheus.Gauge
 	phoneEnds    *prometheus.CounterVec
 }
@@ -43,6 +44,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "outpost_mqtt_fanout_conflated_total",
 			Help: "Stored messages not routed to subscribers because a newer message of the same topic was waiting (routing behind); they are in the store.",
 		}),
+		liveSkipped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "outpost_mqtt_live_skipped_total",
+			Help: "Stored messages not sent to phones because a newer message of the same topic came within the live interval (mqtt.live_interval); they are in the store.",
+		}),
 		phones: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "outpost_mqtt_phone_sessions",
 			Help: "Phone MQTT sessions over WebSocket (/mqtt) open now.",
@@ -53,7 +58,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}, []string{"reason"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.acceptErrors, m.refused, m.loginFails, m.restored, m.fanDropped, m.fanConflated, m.phones, m.phoneEnds)
+		reg.MustRegister(m.acceptErrors, m.refused, m.loginFails, m.restored, m.fanDropped, m.fanConflated, m.liveSkipped, m.phones, m.phoneEnds)
 	}
 	return m
 }

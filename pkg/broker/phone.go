@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -21,7 +22,10 @@ import (
 // the password, may subscribe at QoS 0 or 1 to exactly
 // sensors/{device}/telemetry, sensors/{device}/state,
 // devices/{device}/desired and alerts/{device} for the devices the policy
-// lets them read, and publish nothing. Decisions are cached per session and
+// lets them read, and publish nothing. They get sensors/ topics from the
+// fan-out's live mirror (fanout.go), at most once per topic and
+// Config.LiveInterval: their subscriptions to them are held under
+// livePrefix, and each delivery's topic is given back. Decisions are cached per session and
 // re-evaluated on RecheckPhones and every PhoneRecheck; a subscription the
 // user lost is dropped, and the session is closed when its token expires or
 // its session is revoked.
@@ -59,18 +63,20 @@ func isPhone(cl *mqtt.Client) bool { return cl.Net.Listener == phoneListener }
 // phoneTopic returns the device a phone may ask for with filter, or "" if
 // the filter is not one of the four per-device topics (wildcards included).
 func phoneTopic(filter string) string {
+	// It runs for every message routed to a phone: no allocation.
 	if strings.ContainsAny(filter, "+#") {
 		return ""
 	}
-	parts := strings.Split(filter, "/")
+	kind, rest, _ := strings.Cut(filter, "/")
+	dev, leaf, nested := strings.Cut(rest, "/")
 	switch {
-	case len(parts) == 3 && parts[0] == "sensors" && (parts[2] == "telemetry" || parts[2] == "state"):
-	case len(parts) == 3 && parts[0] == "devices" && parts[2] == "desired":
-	case len(parts) == 2 && parts[0] == "alerts":
+	case kind == "sensors" && nested && (leaf == "telemetry" || leaf == "state"):
+	case kind == "devices" && nested && leaf == "desired":
+	case kind == "alerts" && !nested:
 	default:
 		return ""
 	}
-	return parts[1]
+	return dev
 }
 
 // phoneHook authenticates phones and is their ACL. Every method returns
@@ -84,7 +90,7 @@ type phoneHook struct {
 	log  *slog.Logger
 	ctx  context.Context
 
-	mu       sync.Mutex
+	mu       sync.RWMutex // read-locked for each message routed to a phone
 	sessions map[*mqtt.Client]*phoneSess
 }
 
@@ -101,10 +107,65 @@ func (h *phoneHook) ID() string { return "outpost-phone" }
 
 func (h *phoneHook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPacketRead, mqtt.OnSubscribe:
+	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPacketRead,
+		mqtt.OnSubscribe, mqtt.OnUnsubscribe, mqtt.OnPacketEncode:
 		return true
 	}
 	return false
+}
+
+// any reports whether a phone is connected (the fan-out mirrors live
+// messages only then).
+func (h *phoneHook) any() bool {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return len(h.sessions) > 0
+}
+
+// liveFilter is the filter a phone's (un)subscription to filter is held
+// under: sensors/ topics, at the fan-out's rate, on the live mirror
+// (fanout.go). A filter already on the mirror moves further down, where
+// nothing is published and the ACL refuses it.
+func liveFilter(filter string) string {
+	if strings.HasPrefix(filter, "sensors/") || strings.HasPrefix(filter, livePrefix) {
+		return livePrefix + filter
+	}
+	return filter
+}
+
+// phoneACLTopic is the device a phone may read topic (a subscription as
+// liveFilter holds it, or a delivered message's topic) of, or "": phones
+// read sensors/ topics only on the live mirror.
+func phoneACLTopic(topic string) string {
+	if rest, ok := strings.CutPrefix(topic, livePrefix); ok {
+		if !strings.HasPrefix(rest, "sensors/") {
+			return ""
+		}
+		return phoneTopic(rest)
+	}
+	if strings.HasPrefix(topic, "sensors/") {
+		return ""
+	}
+	return phoneTopic(topic)
+}
+
+// OnPacketEncode gives phones their messages from the live mirror under
+// the topic they subscribed to.
+func (h *phoneHook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type == packets.Publish && isPhone(cl) {
+		pk.TopicName = strings.TrimPrefix(pk.TopicName, livePrefix)
+	}
+	return pk
+}
+
+// OnUnsubscribe unsubscribes phones from where OnSubscribe subscribed them.
+func (h *phoneHook) OnUnsubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if isPhone(cl) {
+		for i := range pk.Filters {
+			pk.Filters[i].Filter = liveFilter(pk.Filters[i].Filter)
+		}
+	}
+	return pk
 }
 
 func (h *phoneHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
@@ -138,9 +199,9 @@ func (h *phoneHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	if !isPhone(cl) {
 		return
 	}
-	h.mu.Lock()
+	h.mu.RLock()
 	ps := h.sessions[cl]
-	h.mu.Unlock()
+	h.mu.RUnlock()
 	if ps == nil {
 		return
 	}
@@ -180,12 +241,14 @@ func (h *phoneHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Pa
 	return pk, nil
 }
 
-// OnSubscribe grants phones at most QoS 1: the live feed is a view, and
-// QoS 2's extra round trip buys a phone nothing.
+// OnSubscribe grants phones at most QoS 1 (the live feed is a view, and
+// QoS 2's extra round trip buys a phone nothing) and subscribes them to
+// sensors/ topics on the live mirror (liveFilter).
 func (h *phoneHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
 	if isPhone(cl) {
 		for i := range pk.Filters {
 			pk.Filters[i].Qos = min(pk.Filters[i].Qos, 1)
+			pk.Filters[i].Filter = liveFilter(pk.Filters[i].Filter)
 		}
 	}
 	return pk
@@ -195,13 +258,13 @@ func (h *phoneHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	if !isPhone(cl) || write {
 		return false
 	}
-	h.mu.Lock()
+	h.mu.RLock()
 	ps := h.sessions[cl]
-	h.mu.Unlock()
+	h.mu.RUnlock()
 	if ps == nil {
 		return false
 	}
-	dev := phoneTopic(topic)
+	dev := phoneACLTopic(topic)
 	if dev == "" {
 		return false
 	}
@@ -276,7 +339,7 @@ func (h *phoneHook) recheck() {
 		ps.gen++
 		ps.mu.Unlock()
 		for filter := range cl.State.Subscriptions.GetAll() {
-			if dev := phoneTopic(filter); dev != "" && h.mayRead(ps, dev) {
+			if dev := phoneACLTopic(filter); dev != "" && h.mayRead(ps, dev) {
 				continue
 			}
 			cl.State.Subscriptions.Delete(filter)
@@ -325,6 +388,29 @@ func (l *phoneListenerStub) Close(closeClients listeners.CloseFn) {
 
 // ErrNoPhones: the broker was built without Config.Phones.
 var ErrNoPhones = errors.New("broker: phone sessions are not enabled")
+
+// seedLive makes the live mirror's retained messages the broker's, as
+// the state file left them: each retained sensors/ message has its twin
+// (a state file of an older edge has none; a crash between the two
+// publishes leaves them apart), and a twin without one is cleared.
+func (b *Broker) seedLive() {
+	all := b.srv.Topics.Retained.GetAll()
+	for topic, pk := range all {
+		var err error
+		if twin, ok := strings.CutPrefix(topic, livePrefix); ok {
+			if _, ok := all[twin]; !ok {
+				err = b.srv.Publish(topic, nil, true, 0)
+			}
+		} else if strings.HasPrefix(topic, "sensors/") {
+			if m, ok := all[livePrefix+topic]; !ok || !bytes.Equal(m.Payload, pk.Payload) {
+				err = b.srv.Publish(livePrefix+topic, pk.Payload, true, pk.FixedHeader.Qos)
+			}
+		}
+		if err != nil {
+			b.log.Warn("live feed: mirroring a retained message failed", "topic", topic, "err", err)
+		}
+	}
+}
 
 // ServePhone runs one phone's MQTT session over c, the byte stream of a
 // WebSocket (pkg/api's /mqtt), until it ends. The first packet must be a

@@ -100,6 +100,10 @@ type MQTT struct {
 	ConnectTimeout time.Duration `yaml:"connect_timeout"`
 	// MaxConnections caps the embedded broker's open connections.
 	MaxConnections int `yaml:"max_connections"`
+	// LiveInterval: phones at /mqtt get each sensors/ topic's messages at
+	// most this often, the latest of those in between
+	// (broker.Config.LiveInterval).
+	LiveInterval time.Duration `yaml:"live_interval"`
 }
 
 // Cloud configures the link to cloud-sync.
@@ -202,7 +206,7 @@ func DefaultConfig() Config {
 		HTTP:          ":8080",
 		Region:        "default",
 		LogLevel:      "info",
-		MQTT:          MQTT{Listen: br.Listen, ConnectTimeout: br.ConnectTimeout, MaxConnections: br.MaxConnections},
+		MQTT:          MQTT{Listen: br.Listen, ConnectTimeout: br.ConnectTimeout, MaxConnections: br.MaxConnections, LiveInterval: br.LiveInterval},
 		ShutdownGrace: 10 * time.Second,
 		// No soft heap limit unless asked: the right one depends on the
 		// device's memory, which the runtime cannot know (deployments pass
@@ -298,6 +302,7 @@ func edgeFlags(cfg *Config, path *string, out io.Writer) *flag.FlagSet {
 	fs.BoolVar(&cfg.MQTT.AllowAnonymous, "mqtt-allow-anonymous", cfg.MQTT.AllowAnonymous, "open the embedded broker without device credentials to every address (development; without it, loopback only)")
 	fs.DurationVar(&cfg.MQTT.ConnectTimeout, "mqtt-connect-timeout", cfg.MQTT.ConnectTimeout, "embedded broker: time a connection has to send CONNECT")
 	fs.IntVar(&cfg.MQTT.MaxConnections, "mqtt-max-connections", cfg.MQTT.MaxConnections, "embedded broker: cap on open connections")
+	fs.DurationVar(&cfg.MQTT.LiveInterval, "mqtt-live-interval", cfg.MQTT.LiveInterval, "phones at /mqtt get each sensors/ topic's messages at most this often, the latest of those in between")
 	fs.Func("cloud", "cloud-sync URL(s), comma separated", func(v string) error { cfg.Cloud.URLs = config.SplitList(v); return nil })
 	fs.StringVar(&cfg.Cloud.Token, "cloud-token", cfg.Cloud.Token, "this edge's credential at cloud-sync (visible in ps: prefer -cloud-token-file or $"+EnvCloudToken+")")
 	fs.StringVar(&cfg.Cloud.TokenFile, "cloud-token-file", cfg.Cloud.TokenFile, "read this edge's credential at cloud-sync from this file")
@@ -388,6 +393,9 @@ func (c *Config) validate(errs config.Errors) error {
 	}
 	if c.MQTT.ConnectTimeout <= 0 || c.MQTT.ConnectTimeout > 5*time.Minute {
 		errs.Add("mqtt.connect_timeout", "%s must be in (0, 5m]", c.MQTT.ConnectTimeout)
+	}
+	if c.MQTT.LiveInterval < time.Millisecond || c.MQTT.LiveInterval > 10*time.Second {
+		errs.Add("mqtt.live_interval", "%s must be in [1ms, 10s]", c.MQTT.LiveInterval)
 	}
 	if c.MQTT.MaxConnections < 1 {
 		errs.Add("mqtt.max_connections", "%d must be ≥ 1", c.MQTT.MaxConnections)

@@ -8,7 +8,7 @@ const assert = require('node:assert')
 const fs = require('node:fs')
 const path = require('node:path')
 const { spawnSync } = require('node:child_process')
-const { MqttClient, Parser, encode } = require('../lib/mqtt')
+const { MqttClient, Parser, encode, decodePublish, fromUtf8 } = require('../lib/mqtt')
 const { connectWebSocket, connectTCP } = require('../node')
 const { CI, freePort, tmpDir, waitFor, Proc } = require('./harness')
 
@@ -47,6 +47,22 @@ test('codec: remaining length across chunk boundaries', () => {
   assert.strictEqual(got.length, 1)
   assert.strictEqual(got[0].type, 3)
   assert.strictEqual(got[0].body.length, 2 + 3 + 2 + 300)
+})
+
+test('codec: several packets in one WebSocket message, in order', () => {
+  // The edge writes what a session has queued in one message (MQTT over
+  // WebSocket lets a message carry several packets, and one cut across
+  // two messages).
+  const a = encode.publish({ topic: 'sensors/d1/telemetry', payload: 'a', qos: 0 })
+  const b = encode.publish({ topic: 'sensors/d1/state', payload: 'b', qos: 1, id: 9 })
+  const c = encode.publish({ topic: 'alerts/d1', payload: 'c', qos: 0 })
+  const all = new Uint8Array(a.length + b.length + c.length)
+  all.set(a, 0); all.set(b, a.length); all.set(c, a.length + b.length)
+  const p = new Parser()
+  const cut = a.length + b.length + 3 // c's header and part of its body in the next message
+  const got = [...p.push(all.subarray(0, cut)), ...p.push(all.subarray(cut))]
+    .map((pk) => { const m = decodePublish(pk.flags, pk.body); return [m.topic, fromUtf8(m.payload), m.qos, m.id] })
+  assert.deepStrictEqual(got, [['sensors/d1/telemetry', 'a', 0, 0], ['sensors/d1/state', 'b', 1, 9], ['alerts/d1', 'c', 0, 0]])
 })
 
 test('MQTT over WebSocket against Mosquitto', async (t) => {
