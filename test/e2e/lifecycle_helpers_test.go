@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -56,7 +57,44 @@ func startSlowRequest(t *testing.T, addr, method, path, token, body string) *slo
 	if _, err := io.WriteString(c, head+"\r\n"+body[:half]); err != nil {
 		t.Fatalf("slow request: send first half: %v", err)
 	}
+	// Until the server has read those bytes, its connection still counts
+	// as idle (keep-alive, after the answer above), and a graceful
+	// shutdown closes idle connections: with the bytes unread, the close
+	// is a reset (fasthttp's closeIdleConns; CI hit it on a loaded machine).
+	waitDrained(t, c)
 	return &slowRequest{conn: c, br: br, rest: body[half:]}
+}
+
+// waitDrained waits until the server's end of c has nothing unread: the
+// receive queue of its socket in /proc/net/tcp is empty.
+func waitDrained(t *testing.T, c net.Conn) {
+	t.Helper()
+	server, client := hexAddr(c.RemoteAddr()), hexAddr(c.LocalAddr())
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		raw, err := os.ReadFile("/proc/net/tcp")
+		if err != nil {
+			t.Fatalf("slow request: %v", err)
+		}
+		for _, line := range strings.Split(string(raw), "\n") {
+			// sl local_address rem_address st tx_queue:rx_queue ...
+			f := strings.Fields(line)
+			if len(f) > 4 && f[1] == server && f[2] == client && strings.HasSuffix(f[4], ":00000000") {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("slow request: the server did not read the request's first half within 10s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// hexAddr is an IPv4 TCP address as /proc/net/tcp writes it.
+func hexAddr(a net.Addr) string {
+	ta := a.(*net.TCPAddr)
+	ip := ta.IP.To4()
+	return fmt.Sprintf("%02X%02X%02X%02X:%04X", ip[3], ip[2], ip[1], ip[0], ta.Port)
 }
 
 // finish sends the rest of the body and reads the response. A request the
