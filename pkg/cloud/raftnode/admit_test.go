@@ -145,8 +145,11 @@ func TestAdmitAtOnceWithRoom(t *testing.T) {
 	if v := counter(t, reg, "outpost_raft_admissions_total"); v != 0 {
 		t.Fatalf("%v writes waited or were refused with room in the queue", v)
 	}
-	// Fill the queue with one reservation the size of the limit.
-	_, hold, err := n.Admit(context.Background(), 1<<20)
+	// Fill the queue with one reservation past the limit (whatever ratio
+	// of command to body size was learnt, at least a tenth), which an
+	// empty queue takes.
+	waitFor(t, "an empty queue", func() bool { return n.PendingBytes() == 0 })
+	_, hold, err := n.Admit(context.Background(), 64<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,6 +175,7 @@ func TestAdmitAtOnceWithRoom(t *testing.T) {
 func TestAdmitServesWaitersInArrivalOrder(t *testing.T) {
 	n, _, _ := startNode(t, Config{MaxPendingBytes: 1, MaxQueueDelay: -1, AdmitWait: 30 * time.Second,
 		MaxWaitingBytes: 1 << 20})
+	waitFor(t, "an empty queue", func() bool { return n.PendingBytes() == 0 })
 	_, hold, err := n.Admit(context.Background(), 10) // the queue is full with this
 	if err != nil {
 		t.Fatal(err)
@@ -218,6 +222,7 @@ func TestAdmitServesWaitersInArrivalOrder(t *testing.T) {
 func TestAdmitRefusesWhatCannotWait(t *testing.T) {
 	n, _, _ := startNode(t, Config{MaxPendingBytes: 1, MaxQueueDelay: -1, AdmitWait: 300 * time.Millisecond,
 		MaxWaitingBytes: 100})
+	waitFor(t, "an empty queue", func() bool { return n.PendingBytes() == 0 })
 	_, hold, err := n.Admit(context.Background(), 10)
 	if err != nil {
 		t.Fatal(err)

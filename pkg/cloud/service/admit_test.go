@@ -66,6 +66,14 @@ func TestPushBurstIsAdmittedNotRefused(t *testing.T) {
 // counted as throttled.
 func TestAdmitRefusalSaysWhenToRetry(t *testing.T) {
 	n := startServiceRaft(t, Config{}, raftnode.Config{MaxPendingBytes: 1, MaxQueueDelay: -1, AdmitWait: -1})
+	// The new leader's own first entry may still be in the queue.
+	deadline := time.Now().Add(20 * time.Second)
+	for n.raft.PendingBytes() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the apply queue did not empty within 20s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	_, hold, err := n.svc.Admit(context.Background(), 100)
 	if err != nil {
 		t.Fatal(err)
