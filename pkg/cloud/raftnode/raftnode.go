@@ -707,7 +707,10 @@ func (n *Node) completeLoop() {
 		case <-n.stop:
 			return
 		}
-		err := it.f.Error()
+		err := n.await(it.f)
+		if err == errAwaitStopped {
+			return // the proposers see n.stop themselves
+		}
 		var results []fsm.Result
 		if err == nil {
 			results, _ = it.f.Response().([]fsm.Result)
@@ -733,6 +736,30 @@ func (n *Node) completeLoop() {
 		n.admitNext()
 	}
 }
+
+// await is f.Error(), or errAwaitStopped once the node stops first: raft never
+// answers a future whose entry it had committed and handed to the state
+// machine when it shut down, so waiting on Error alone could hold Shutdown
+// (which waits for the goroutines that call this) forever. On that path the
+// helper goroutine stays blocked; the node is gone by then.
+func (n *Node) await(f raft.Future) error {
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err := <-done:
+		return err
+	case <-n.stop:
+		select {
+		case err := <-done:
+			return err
+		default:
+			return errAwaitStopped
+		}
+	}
+}
+
+// errAwaitStopped: await gave up on a future because the node stopped.
+var errAwaitStopped = errors.New("raft node stopped before the future was answered")
 
 func mapApplyErr(err error) error {
 	switch {
@@ -795,7 +822,7 @@ func (n *Node) onLeader() {
 	}()
 	// The state may lag the log right after election; a barrier applies
 	// everything committed before reading it.
-	if err := n.raft.Barrier(5 * time.Second).Error(); err != nil {
+	if err := n.await(n.raft.Barrier(5 * time.Second)); err != nil {
 		return
 	}
 	n.clock.Restore(n.fsm.MaxStamp())
