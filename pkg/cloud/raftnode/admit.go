@@ -58,6 +58,9 @@ type admission struct {
 	queue    []*waiter
 	waiting  int64 // body bytes of queue
 	reserved int64 // reservations of queue
+	// promised is the end of the virtual queue of writes refused at once:
+	// when the last of them was told its turn would come (promise).
+	promised time.Time
 }
 
 type waiter struct {
@@ -116,16 +119,17 @@ func (n *Node) Admit(ctx context.Context, size int) (context.Context, func(), er
 		return n.reserved(ctx, sz, reserve)
 	}
 	if n.cfg.AdmitWait <= 0 || a.waiting+sz > n.cfg.MaxWaitingBytes {
-		wait := n.retryAfter(a.reserved + reserve)
+		wait := n.promise(reserve)
 		a.mu.Unlock()
 		n.metrics.admissions.WithLabelValues("refused").Inc()
 		return ctx, func() {}, &OverloadError{RetryAfter: wait, Reason: "the apply queue and its waiting room are full"}
 	}
 	if turn := n.turnIn(a.reserved + reserve); turn > n.cfg.AdmitWait {
 		// Waiting would only hold the body to refuse it later.
+		wait := n.promise(reserve)
 		a.mu.Unlock()
 		n.metrics.admissions.WithLabelValues("refused").Inc()
-		return ctx, func() {}, &OverloadError{RetryAfter: max(time.Second, turn-n.cfg.AdmitWait/2),
+		return ctx, func() {}, &OverloadError{RetryAfter: wait,
 			Reason: "the apply queue would not have room within the admission wait"}
 	}
 	w := &waiter{size: sz, reserve: reserve, ready: make(chan struct{})}
@@ -242,6 +246,30 @@ func (n *Node) turnIn(ahead int64) time.Duration {
 		return 0
 	}
 	return time.Duration(float64(over) / rate * float64(time.Second))
+}
+
+// promise is the Retry-After for a write of reserve bytes refused at once:
+// its turn in a virtual queue behind the writes waiting and those refused
+// before it (each told its own turn), less half the admission wait it may
+// then spend waiting. Refused writers so come back in the order they were
+// refused, spread over the time the queue needs for them, not all at once
+// to be refused again. At least a second, at most a minute. mu held.
+func (n *Node) promise(reserve int64) time.Duration {
+	rate := n.rate.bytesPerSec()
+	if rate <= 0 {
+		return time.Second
+	}
+	now := time.Now()
+	start := now.Add(n.turnIn(n.adm.reserved))
+	if n.adm.promised.After(start) {
+		start = n.adm.promised
+		if limit := now.Add(time.Minute); start.After(limit) {
+			start = limit // a stale promise (the rate fell) must not grow forever
+		}
+	}
+	turn := start.Add(time.Duration(float64(reserve) / rate * float64(time.Second)))
+	n.adm.promised = turn
+	return min(max(turn.Sub(now)-n.cfg.AdmitWait/2, time.Second), time.Minute)
 }
 
 // retryAfter is the Retry-After for a write refused with ahead bytes

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -289,4 +290,35 @@ func counter(t *testing.T, reg interface {
 		}
 	}
 	return sum
+}
+
+// TestRefusedWritersAreToldTheirOwnTurns: writes refused at once are told
+// to come back one after another, each when the queue should have drained
+// the ones refused before it (at the drain rate), not all after the same
+// delay to be refused again together.
+func TestRefusedWritersAreToldTheirOwnTurns(t *testing.T) {
+	n, _, _ := startNode(t, Config{MaxPendingBytes: 1, MaxQueueDelay: -1, AdmitWait: 200 * time.Millisecond,
+		MaxWaitingBytes: 1})
+	waitFor(t, "an empty queue", func() bool { return n.PendingBytes() == 0 })
+	_, hold, err := n.Admit(context.Background(), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold()
+	n.rate.bits.Store(math.Float64bits(1000))                                              // bytes a second
+	per := time.Duration(float64(100*initialExpansion*1.25) / 1000 * float64(time.Second)) // each write's turn
+	var last time.Duration
+	for i := range 5 {
+		_, _, err := n.Admit(context.Background(), 100)
+		var oe *OverloadError
+		if !errors.As(err, &oe) {
+			t.Fatalf("write %d: %v, want an *OverloadError", i, err)
+		}
+		if i > 0 {
+			if d := oe.RetryAfter - last; d < per-100*time.Millisecond || d > per+100*time.Millisecond {
+				t.Fatalf("write %d told %s, %s after the one before it; want its own turn, %s later", i, oe.RetryAfter, d, per)
+			}
+		}
+		last = oe.RetryAfter
+	}
 }
