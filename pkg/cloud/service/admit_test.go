@@ -100,3 +100,31 @@ func readingsBatch(edge string, first uint64, n int) *wire.PushBatch {
 	}
 	return b
 }
+
+// TestAdmitWaitCountsAgainstTheRequestTimeout: the wait for room is part
+// of the request's RequestTimeout, so a write is answered within it (a
+// follower forwarding it waits no longer than that for the leader).
+func TestAdmitWaitCountsAgainstTheRequestTimeout(t *testing.T) {
+	n := startServiceRaft(t, Config{RequestTimeout: 300 * time.Millisecond},
+		raftnode.Config{MaxPendingBytes: 1, MaxQueueDelay: -1, AdmitWait: 30 * time.Second, MaxWaitingBytes: 1 << 20})
+	deadline := time.Now().Add(20 * time.Second)
+	for n.raft.PendingBytes() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the apply queue did not empty within 20s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	_, hold, err := n.svc.Admit(context.Background(), 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold()
+	start := time.Now()
+	_, _, err = n.svc.Admit(context.Background(), 100)
+	if !errors.Is(err, ErrOverloaded) {
+		t.Fatalf("admit into a queue that makes no room: %v, want ErrOverloaded", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("refused after %s: the admission wait (30s) outlived the request timeout (300ms)", d)
+	}
+}

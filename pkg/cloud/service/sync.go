@@ -28,15 +28,21 @@ import (
 // many bodies are waiting already. Propose the write with the returned
 // context, which carries its room in the queue, and call release when the
 // request ends. Errors: ErrOverloaded, ErrNotLeader.
+//
+// The request's deadline (RequestTimeout) starts here, so that the wait for
+// room counts against it: a push a follower forwards is answered within the
+// follower's wait for the leader.
 func (s *Service) Admit(ctx context.Context, size int) (context.Context, func(), error) {
-	actx, release, err := s.raft.Admit(ctx, size)
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	actx, release, err := s.raft.Admit(rctx, size)
 	if err != nil {
+		cancel()
 		if errors.Is(err, raftnode.ErrOverloaded) {
 			s.m.throttled.Inc()
 		}
 		return ctx, func() {}, kind(err)
 	}
-	return actx, release, nil
+	return actx, func() { release(); cancel() }, nil
 }
 
 // PushOutcome is the result of a push: what the edge is told, and what the
