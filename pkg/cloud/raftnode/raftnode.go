@@ -480,10 +480,6 @@ func (n *Node) Leader() (id, httpAddr string, ok bool) {
 	return string(lid), nd.HTTPAddr, found && nd.HTTPAddr != ""
 }
 
-// Overloaded reports whether proposals queued or in flight reach the
-// queue's limit now (see Admit).
-func (n *Node) Overloaded() bool { return n.pending.Load() >= n.queueLimit() }
-
 // PendingBytes is the size of proposals queued or in flight.
 func (n *Node) PendingBytes() int64 { return n.pending.Load() }
 
