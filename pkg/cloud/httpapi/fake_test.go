@@ -75,7 +75,7 @@ func (f *fakeService) Snapshot(context.Context) (uint64, error) {
 	f.called("Snapshot", "")
 	return 42, f.err
 }
-func (f *fakeService) Admit(ctx context.Context, size int) (context.Context, func(), error) {
+func (f *fakeService) Admit(ctx context.Context, _ string, size int) (context.Context, func(), error) {
 	if f.admit != nil {
 		return f.admit(ctx, size)
 	}

@@ -167,7 +167,7 @@ func (s *Server) state(c *fiber.Ctx) error {
 // size, before the body is decompressed or decoded (Sync.Admit): a write
 // the queue has no room for is refused for the price of reading it.
 func (s *Server) admit(c *fiber.Ctx) (context.Context, func(), error) {
-	return s.svc.Admit(c.UserContext(), len(c.Request().Body()))
+	return s.svc.Admit(c.UserContext(), c.Locals("edge").(string), len(c.Request().Body()))
 }
 
 func (s *Server) pull(c *fiber.Ctx) error {

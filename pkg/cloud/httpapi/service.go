@@ -36,11 +36,11 @@ type Membership interface {
 // Sync is the edge-facing sync API's side of the service. Push and State
 // take ownership of their batch.
 type Sync interface {
-	// Admit admits a write of size body bytes into the apply queue before
-	// it is decoded, waiting a bounded time for room (ErrOverloaded when
-	// there is none); the write is proposed with the returned context, and
-	// release is called when the request ends.
-	Admit(ctx context.Context, size int) (_ context.Context, release func(), _ error)
+	// Admit admits edge's write of size body bytes into the apply queue
+	// before it is decoded, waiting a bounded time for room (ErrOverloaded
+	// when there is none); the write is proposed with the returned context,
+	// and release is called when the request ends.
+	Admit(ctx context.Context, edge string, size int) (_ context.Context, release func(), _ error)
 	Push(ctx context.Context, edge string, b *wire.PushBatch) (service.PushOutcome, error)
 	State(ctx context.Context, edge string, b *wire.StateBatch) (service.StateOutcome, error)
 	Pull(ctx context.Context, edge string, req service.PullRequest) (wire.PullPage, error)

@@ -59,8 +59,13 @@ type admission struct {
 	waiting  int64 // body bytes of queue
 	reserved int64 // reservations of queue
 	// promised is the end of the virtual queue of writes refused at once:
-	// when the last of them was told its turn would come (promise).
+	// when the last of them was told its turn would come (promise), and
+	// turns each writer's turn, so that a writer refused again before it
+	// (one that does not wait as told) keeps its place instead of pushing
+	// everyone's back.
 	promised time.Time
+	turns    map[string]time.Time
+	sweptAt  time.Time
 }
 
 type waiter struct {
@@ -98,13 +103,14 @@ func (n *Node) queueLimit() int64 {
 	return limit
 }
 
-// Admit admits a write of size body bytes into the apply queue, waiting for
+// Admit admits a write of size body bytes from writer (an edge; "" for
+// anyone else) into the apply queue, waiting for
 // room as described above. It returns the context to propose the write
 // with, which carries its reservation (ProposeOrdered turns it into the
 // command's own size), and a release func the caller must call when the
 // request ends (it is safe to call more than once, and after the proposal
 // took over). Errors: ErrNotLeader, an *OverloadError.
-func (n *Node) Admit(ctx context.Context, size int) (context.Context, func(), error) {
+func (n *Node) Admit(ctx context.Context, writer string, size int) (context.Context, func(), error) {
 	if !n.IsLeader() {
 		return ctx, func() {}, ErrNotLeader
 	}
@@ -119,14 +125,14 @@ func (n *Node) Admit(ctx context.Context, size int) (context.Context, func(), er
 		return n.reserved(ctx, sz, reserve)
 	}
 	if n.cfg.AdmitWait <= 0 || a.waiting+sz > n.cfg.MaxWaitingBytes {
-		wait := n.promise(reserve)
+		wait := n.promise(writer, reserve)
 		a.mu.Unlock()
 		n.metrics.admissions.WithLabelValues("refused").Inc()
 		return ctx, func() {}, &OverloadError{RetryAfter: wait, Reason: "the apply queue and its waiting room are full"}
 	}
 	if turn := n.turnIn(a.reserved + reserve); turn > n.cfg.AdmitWait {
 		// Waiting would only hold the body to refuse it later.
-		wait := n.promise(reserve)
+		wait := n.promise(writer, reserve)
 		a.mu.Unlock()
 		n.metrics.admissions.WithLabelValues("refused").Inc()
 		return ctx, func() {}, &OverloadError{RetryAfter: wait,
@@ -253,13 +259,26 @@ func (n *Node) turnIn(ahead int64) time.Duration {
 // before it (each told its own turn), less half the admission wait it may
 // then spend waiting. Refused writers so come back in the order they were
 // refused, spread over the time the queue needs for them, not all at once
-// to be refused again. At least a second, at most a minute. mu held.
-func (n *Node) promise(reserve int64) time.Duration {
+// to be refused again. A writer refused again before its turn keeps it. At
+// least a second, at most a minute. mu held.
+func (n *Node) promise(writer string, reserve int64) time.Duration {
 	rate := n.rate.bytesPerSec()
 	if rate <= 0 {
 		return time.Second
 	}
 	now := time.Now()
+	a := &n.adm
+	if t, ok := a.turns[writer]; ok && t.After(now) {
+		return min(max(t.Sub(now)-n.cfg.AdmitWait/2, time.Second), time.Minute)
+	}
+	if now.Sub(a.sweptAt) > time.Second { // forget the turns that came
+		for w, t := range a.turns {
+			if !t.After(now) {
+				delete(a.turns, w)
+			}
+		}
+		a.sweptAt = now
+	}
 	start := now.Add(n.turnIn(n.adm.reserved))
 	if n.adm.promised.After(start) {
 		start = n.adm.promised
@@ -269,6 +288,12 @@ func (n *Node) promise(reserve int64) time.Duration {
 	}
 	turn := start.Add(time.Duration(float64(reserve) / rate * float64(time.Second)))
 	n.adm.promised = turn
+	if writer != "" {
+		if a.turns == nil {
+			a.turns = map[string]time.Time{}
+		}
+		a.turns[writer] = turn
+	}
 	return min(max(turn.Sub(now)-n.cfg.AdmitWait/2, time.Second), time.Minute)
 }
 

@@ -82,7 +82,7 @@ func TestAdmitBurstLargerThanQueue(t *testing.T) {
 			defer wg.Done()
 			edge := fmt.Sprintf("e%02d", w)
 			for seq := uint64(1); seq <= each; seq++ {
-				ctx, release, err := n.Admit(context.Background(), int(sizeOf/4)) // a compressed body
+				ctx, release, err := n.Admit(context.Background(), edge, int(sizeOf/4)) // a compressed body
 				if err != nil {
 					errs <- fmt.Errorf("%s seq %d refused: %w", edge, seq, err)
 					return
@@ -131,7 +131,7 @@ func TestAdmitAtOnceWithRoom(t *testing.T) {
 	n, _, reg := startNode(t, Config{MaxPendingBytes: 1 << 20, MaxQueueDelay: -1, AdmitWait: -1})
 	for i := range 20 {
 		start := time.Now()
-		ctx, release, err := n.Admit(context.Background(), 1000)
+		ctx, release, err := n.Admit(context.Background(), "", 1000)
 		if err != nil {
 			t.Fatalf("admit %d with an empty queue: %v", i, err)
 		}
@@ -150,12 +150,12 @@ func TestAdmitAtOnceWithRoom(t *testing.T) {
 	// of command to body size was learnt, at least a tenth), which an
 	// empty queue takes.
 	waitFor(t, "an empty queue", func() bool { return n.PendingBytes() == 0 })
-	_, hold, err := n.Admit(context.Background(), 64<<20)
+	_, hold, err := n.Admit(context.Background(), "", 64<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	_, _, err = n.Admit(context.Background(), 1000)
+	_, _, err = n.Admit(context.Background(), "", 1000)
 	var oe *OverloadError
 	if !errors.As(err, &oe) || !errors.Is(err, ErrOverloaded) {
 		t.Fatalf("admit into a full queue with no waiting: %v, want an *OverloadError", err)
@@ -164,7 +164,7 @@ func TestAdmitAtOnceWithRoom(t *testing.T) {
 		t.Fatalf("refusal took %s, retry after %s: want at once, at least 1s", d, oe.RetryAfter)
 	}
 	hold()
-	if _, release, err := n.Admit(context.Background(), 1000); err != nil {
+	if _, release, err := n.Admit(context.Background(), "", 1000); err != nil {
 		t.Fatalf("admit after the queue emptied: %v", err)
 	} else {
 		release()
@@ -177,7 +177,7 @@ func TestAdmitServesWaitersInArrivalOrder(t *testing.T) {
 	n, _, _ := startNode(t, Config{MaxPendingBytes: 1, MaxQueueDelay: -1, AdmitWait: 30 * time.Second,
 		MaxWaitingBytes: 1 << 20})
 	waitFor(t, "an empty queue", func() bool { return n.PendingBytes() == 0 })
-	_, hold, err := n.Admit(context.Background(), 10) // the queue is full with this
+	_, hold, err := n.Admit(context.Background(), "", 10) // the queue is full with this
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -189,7 +189,7 @@ func TestAdmitServesWaitersInArrivalOrder(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, release, err := n.Admit(context.Background(), 10)
+			_, release, err := n.Admit(context.Background(), "", 10)
 			if err != nil {
 				t.Error(err)
 				return
@@ -224,16 +224,16 @@ func TestAdmitRefusesWhatCannotWait(t *testing.T) {
 	n, _, _ := startNode(t, Config{MaxPendingBytes: 1, MaxQueueDelay: -1, AdmitWait: 300 * time.Millisecond,
 		MaxWaitingBytes: 100})
 	waitFor(t, "an empty queue", func() bool { return n.PendingBytes() == 0 })
-	_, hold, err := n.Admit(context.Background(), 10)
+	_, hold, err := n.Admit(context.Background(), "", 10)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer hold()
-	if _, _, err := n.Admit(context.Background(), 101); !errors.Is(err, ErrOverloaded) {
+	if _, _, err := n.Admit(context.Background(), "", 101); !errors.Is(err, ErrOverloaded) {
 		t.Fatalf("a body larger than the waiting room: %v, want ErrOverloaded", err)
 	}
 	start := time.Now()
-	_, _, err = n.Admit(context.Background(), 50)
+	_, _, err = n.Admit(context.Background(), "", 50)
 	if !errors.Is(err, ErrOverloaded) {
 		t.Fatalf("a wait past AdmitWait: %v, want ErrOverloaded", err)
 	}
@@ -300,25 +300,37 @@ func TestRefusedWritersAreToldTheirOwnTurns(t *testing.T) {
 	n, _, _ := startNode(t, Config{MaxPendingBytes: 1, MaxQueueDelay: -1, AdmitWait: 200 * time.Millisecond,
 		MaxWaitingBytes: 1})
 	waitFor(t, "an empty queue", func() bool { return n.PendingBytes() == 0 })
-	_, hold, err := n.Admit(context.Background(), 10)
+	_, hold, err := n.Admit(context.Background(), "", 10)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer hold()
 	n.rate.bits.Store(math.Float64bits(1000))                                              // bytes a second
 	per := time.Duration(float64(100*initialExpansion*1.25) / 1000 * float64(time.Second)) // each write's turn
-	var last time.Duration
-	for i := range 5 {
-		_, _, err := n.Admit(context.Background(), 100)
+	refuse := func(writer string) time.Duration {
+		t.Helper()
+		_, _, err := n.Admit(context.Background(), writer, 100)
 		var oe *OverloadError
 		if !errors.As(err, &oe) {
-			t.Fatalf("write %d: %v, want an *OverloadError", i, err)
+			t.Fatalf("write of %s: %v, want an *OverloadError", writer, err)
 		}
+		return oe.RetryAfter
+	}
+	var last time.Duration
+	for i := range 5 {
+		after := refuse(fmt.Sprintf("w%d", i))
 		if i > 0 {
-			if d := oe.RetryAfter - last; d < per-100*time.Millisecond || d > per+100*time.Millisecond {
-				t.Fatalf("write %d told %s, %s after the one before it; want its own turn, %s later", i, oe.RetryAfter, d, per)
+			if d := after - last; d < per-100*time.Millisecond || d > per+100*time.Millisecond {
+				t.Fatalf("w%d told %s, %s after the one before it; want its own turn, %s later", i, after, d, per)
 			}
 		}
-		last = oe.RetryAfter
+		last = after
+	}
+	// A writer back before its turn keeps it, and pushes no one back.
+	if d := refuse("w1") - (last - 3*per); d < -100*time.Millisecond || d > 100*time.Millisecond {
+		t.Fatalf("w1 refused again was told a turn %s off its first", d)
+	}
+	if d := refuse("w5") - last; d < per-100*time.Millisecond || d > per+100*time.Millisecond {
+		t.Fatalf("the next writer's turn is %s after the last one's, want %s: a repeat moved the queue", d, per)
 	}
 }

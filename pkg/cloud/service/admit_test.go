@@ -29,7 +29,7 @@ func TestPushBurstIsAdmittedNotRefused(t *testing.T) {
 			defer wg.Done()
 			for p := range pushes {
 				b := readingsBatch(edge, uint64(p*each+1), each)
-				ctx, release, err := n.svc.Admit(context.Background(), 2000)
+				ctx, release, err := n.svc.Admit(context.Background(), edge, 2000)
 				if err != nil {
 					errs <- fmt.Errorf("%s push %d refused: %w", edge, p, err)
 					return
@@ -74,12 +74,12 @@ func TestAdmitRefusalSaysWhenToRetry(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	_, hold, err := n.svc.Admit(context.Background(), 100)
+	_, hold, err := n.svc.Admit(context.Background(), "e1", 100)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer hold()
-	_, _, err = n.svc.Admit(context.Background(), 100)
+	_, _, err = n.svc.Admit(context.Background(), "e1", 100)
 	var oe *OverloadedError
 	if !errors.Is(err, ErrOverloaded) || !errors.As(err, &oe) || oe.RetryAfter < time.Second {
 		t.Fatalf("admit into a full queue: %v, want an *OverloadedError with a Retry-After of 1s or more", err)
@@ -114,13 +114,13 @@ func TestAdmitWaitCountsAgainstTheRequestTimeout(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	_, hold, err := n.svc.Admit(context.Background(), 100)
+	_, hold, err := n.svc.Admit(context.Background(), "e1", 100)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer hold()
 	start := time.Now()
-	_, _, err = n.svc.Admit(context.Background(), 100)
+	_, _, err = n.svc.Admit(context.Background(), "e1", 100)
 	if !errors.Is(err, ErrOverloaded) {
 		t.Fatalf("admit into a queue that makes no room: %v, want ErrOverloaded", err)
 	}

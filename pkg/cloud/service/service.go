@@ -33,10 +33,11 @@ import (
 type Log interface {
 	IsLeader() bool
 	Leader() (id, httpAddr string, ok bool)
-	// Admit admits a write of size body bytes into the apply queue,
-	// waiting a bounded time for room; the returned context carries its
-	// reservation to Propose, and release ends it (raftnode.Admit).
-	Admit(ctx context.Context, size int) (context.Context, func(), error)
+	// Admit admits a write of size body bytes from writer (an edge) into
+	// the apply queue, waiting a bounded time for room; the returned
+	// context carries its reservation to Propose, and release ends it
+	// (raftnode.Admit).
+	Admit(ctx context.Context, writer string, size int) (context.Context, func(), error)
 	Propose(ctx context.Context, c *fsm.Command) (fsm.Result, error)
 	// ProposeOrdered calls onQueued once c has its place in the log order.
 	ProposeOrdered(ctx context.Context, c *fsm.Command, onQueued func()) (fsm.Result, error)

@@ -21,7 +21,7 @@ import (
 // sequence), stamps pass the stamp policy first, and the state batch and
 // heartbeat are applied ahead of the stream.
 
-// Admit admits a sync write whose body is size bytes into the apply queue
+// Admit admits edge's sync write whose body is size bytes into the apply queue
 // before the body is decoded: it waits, first come first served and for a
 // bounded time, for room in the queue, or refuses at once with an
 // *OverloadedError (ErrOverloaded) when the wait would be too long or too
@@ -32,9 +32,9 @@ import (
 // The request's deadline (RequestTimeout) starts here, so that the wait for
 // room counts against it: a push a follower forwards is answered within the
 // follower's wait for the leader.
-func (s *Service) Admit(ctx context.Context, size int) (context.Context, func(), error) {
+func (s *Service) Admit(ctx context.Context, edge string, size int) (context.Context, func(), error) {
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
-	actx, release, err := s.raft.Admit(rctx, size)
+	actx, release, err := s.raft.Admit(rctx, edge, size)
 	if err != nil {
 		cancel()
 		if errors.Is(err, raftnode.ErrOverloaded) {
