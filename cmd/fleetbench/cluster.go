@@ -26,6 +26,7 @@ func edgeToken(edge string) string { return "fleetbench-sync-token-0123456789abc
 // node is one cloud-sync process.
 type node struct {
 	id, raft, http, data string
+	admin                string // pprof address; "" unless the run profiles
 	cmd                  *exec.Cmd
 	done                 chan struct{} // closed when the process has exited
 }
@@ -45,6 +46,7 @@ func (n *node) alive() bool {
 type cluster struct {
 	bin   string
 	args  []string // extra flags for every node
+	pprof bool     // give every node its own -pprof address
 	log   io.Writer
 	nodes []*node
 	hc    *http.Client
@@ -86,6 +88,10 @@ func (c *cluster) start(ctx context.Context, dir string, n int, edges []string) 
 		c.nodes = append(c.nodes, nd)
 		args := []string{"-config", tokens, "-id", nd.id, "-raft", nd.raft, "-http", nd.http, "-data", nd.data,
 			"-api-token", apiToken, "-log-level", "warn"}
+		if c.pprof {
+			nd.admin = benchproc.FreeAddr()
+			args = append(args, "-pprof", nd.admin)
+		}
 		if i == 0 {
 			args = append(args, "-bootstrap")
 		} else {
@@ -107,6 +113,64 @@ func (c *cluster) start(ctx context.Context, dir string, n int, edges []string) 
 		}
 	}
 	return c.waitMembers(ctx, n, 30*time.Second)
+}
+
+// profile starts a CPU profile of d on every node that has a pprof
+// address, each written to dir/<id>.pprof; the returned func waits for
+// them (a profile that fails is logged and skipped: it must not fail the
+// run).
+func (c *cluster) profile(ctx context.Context, dir string, d time.Duration, logf func(string, ...any)) func() {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		logf("profile: %v", err)
+		return func() {}
+	}
+	secs := int(d.Seconds())
+	done := make(chan struct{})
+	left := 0
+	for _, n := range c.nodes {
+		if n.admin == "" {
+			continue
+		}
+		left++
+		go func() {
+			defer func() { done <- struct{}{} }()
+			if err := profileTo(ctx, n, secs, filepath.Join(dir, n.id+".pprof")); err != nil {
+				logf("profile %s: %v", n.id, err)
+			}
+		}()
+	}
+	return func() {
+		for ; left > 0; left-- {
+			<-done
+		}
+	}
+}
+
+func profileTo(ctx context.Context, n *node, secs int, path string) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Duration(secs+30)*time.Second)
+	defer cancel()
+	url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", n.admin, secs)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s", url, resp.Status)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // stop kills every node and waits (bounded) for each to exit.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -176,12 +175,12 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
-// failed is the syncer's: a 429's Retry-After plus up to a quarter of it
-// as jitter, else the next backoff.
+// failed is the syncer's: a 429's Retry-After plus the syncer's jitter
+// (syncer.ThrottleWait), else the next backoff.
 func (e *simEdge) failed(ctx context.Context, err error, bo *backoff.Backoff) time.Duration {
 	var th *client.ThrottledError
 	if errors.As(err, &th) {
-		return th.RetryAfter + time.Duration(rand.Int64N(int64(th.RetryAfter)/4+1))
+		return syncer.ThrottleWait(th.RetryAfter)
 	}
 	if ctx.Err() == nil {
 		e.m.fail(fmt.Errorf("edge %s: %w", e.id, err))

@@ -71,6 +71,10 @@ type load struct {
 	// not counted), and the first of them.
 	Failures     int64  `json:"failures"`
 	FirstFailure string `json:"first_failure,omitempty"`
+	// Refusals counts the cloud's answers other than 200 (and a gap's
+	// 409) by "operation status: message", and transport errors: what the
+	// 429s and 5xx were.
+	Refusals map[string]int64 `json:"refusals,omitempty"`
 	// The node measured (the leader at the window's start, unless there was
 	// none for 10s: then leader_rss is that node's) and the elections
 	// (raft term changes) it saw in the window.
@@ -159,7 +163,7 @@ func run(ctx context.Context, o options) (*report, error) {
 		ids[i] = fmt.Sprintf("fleet-%0*d", width, i)
 	}
 	f := &fleet{o: o, cfg: cfg, m: &meter{}, rss: &sampler{},
-		c: &cluster{bin: o.bin, args: nodeArgs(o), log: o.nodeLog, hc: &http.Client{Timeout: 20 * time.Second}}}
+		c: &cluster{bin: o.bin, args: nodeArgs(o), pprof: o.profile != "", log: o.nodeLog, hc: &http.Client{Timeout: 20 * time.Second}}}
 	defer f.c.stop() // runs before the data directory is removed
 	finish := func(err error) (*report, error) {
 		f.halt()
@@ -313,6 +317,11 @@ func (f *fleet) stormPhase(ctx context.Context) (*stormReport, error) {
 		return nil, err
 	}
 	t0 := time.Now()
+	profiled := func() {}
+	if f.o.profile != "" {
+		f.o.logf("storm: profiling every node for %s into %s (the leader is %s)", f.o.profileFor, f.o.profile, s0.node.id)
+		profiled = f.c.profile(ctx, f.o.profile, f.o.profileFor, f.o.logf)
+	}
 	f.start(ctx) // … and comes back at once
 	drainedCount := func() int {
 		k := 0
@@ -325,6 +334,7 @@ func (f *fleet) stormPhase(ctx context.Context) (*stormReport, error) {
 	}
 	complete := waitUntil(ctx, f.o.stormMax, func() bool { return drainedCount() == len(f.edges) })
 	s1 := f.end(s0)
+	profiled()
 	if ctx.Err() != nil {
 		return nil, fmt.Errorf("storm: %d of %d edges drained: %w", drainedCount(), len(f.edges), ctx.Err())
 	}
@@ -463,6 +473,9 @@ func (f *fleet) load(a, b snap) load {
 		Pulls: d.ok[opPull], Heartbeats: d.ok[opHeartbeat], Pushes: d.ok[opPush],
 		Throttled: d.throttled, Server5xx: d.server5xx, TransportErrors: d.transport, Failures: d.failures,
 		Node: a.node.id, NodeWasLeader: a.leader}
+	if len(d.refusals) > 0 {
+		l.Refusals = d.refusals
+	}
 	if a.raftOK && b.raftOK {
 		l.RaftEntriesPerS = ptr(sig((b.raft.applied - a.raft.applied) / secs))
 		l.RaftCommandsPerS = ptr(sig((b.raft.commands - a.raft.commands) / secs))

@@ -16,6 +16,7 @@
 //     same instant: time until every edge's backlog is acknowledged, each
 //     edge's lag (its return → its last acknowledgement) at p50, p99 and max,
 //     429s;
+//     With -profile, each node's CPU profile of the storm is written too;
 //   - steady: every edge makes a few readings a second for a window: lag
 //     from a reading made to it acknowledged, p50, p99 and max.
 //
@@ -50,9 +51,14 @@ type options struct {
 	stormMax time.Duration
 	timeout  time.Duration
 	pullWait time.Duration // 0: the syncer's default
-	nodeArgs []string
-	nodeLog  io.Writer // the nodes' stdout and stderr
-	logf     func(format string, args ...any)
+	// profile, when set, is a directory for each node's CPU profile of the
+	// storm's first profileFor (<node id>.pprof; the storm report names
+	// the leader).
+	profile    string
+	profileFor time.Duration
+	nodeArgs   []string
+	nodeLog    io.Writer // the nodes' stdout and stderr
+	logf       func(format string, args ...any)
 }
 
 func main() {
@@ -67,6 +73,8 @@ func main() {
 	flag.DurationVar(&o.stormMax, "storm-max", 2*time.Minute, "give up on the storm draining after this")
 	flag.DurationVar(&o.timeout, "timeout", 5*time.Minute, "bound of the whole run")
 	flag.DurationVar(&o.pullWait, "pull-wait", 0, "long-poll the edges ask for (default the syncer's, 25s; the idle window should span several)")
+	flag.StringVar(&o.profile, "profile", "", "directory: write each node's CPU profile of the storm (<id>.pprof) there; every node gets its own -pprof address")
+	flag.DurationVar(&o.profileFor, "profile-for", 30*time.Second, "how much of the storm, from its start, -profile covers")
 	extra := flag.String("node-args", "", "extra flags for every node, space-separated (e.g. \"-max-pending-bytes 8388608\")")
 	flag.Parse()
 	o.nodeArgs = strings.Fields(*extra)
@@ -97,6 +105,8 @@ func (o *options) check() error {
 		return fmt.Errorf("-backlog %d: want at least 1", o.backlog)
 	case o.rate <= 0 || o.rate > 1000:
 		return fmt.Errorf("-rate %v: want more than 0, at most 1000", o.rate)
+	case o.profile != "" && o.profileFor < time.Second:
+		return fmt.Errorf("-profile-for %s: want at least 1s", o.profileFor)
 	case o.idle <= 0 || o.steady <= 0 || o.stormMax <= 0 || o.timeout <= 0:
 		return fmt.Errorf("-idle, -steady, -storm-max and -timeout must be positive")
 	}

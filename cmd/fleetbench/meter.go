@@ -1,11 +1,14 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -48,11 +51,29 @@ type meter struct {
 	// client's own retries), 429s excepted.
 	failures atomic.Int64
 	firstErr atomic.Pointer[string] // the first failure since resetFirst
+
+	// refusals counts the answers other than 200 and a gap's 409 by
+	// operation, status and the envelope's message ("push 503: …"), and
+	// transport errors by operation: what the 429s and 5xx are.
+	refMu    sync.Mutex
+	refusals map[string]int64
 }
 
 type meterSnap struct {
 	responses, ok, bytes                      [numOps]int64
 	throttled, server5xx, transport, failures int64
+	refusals                                  map[string]int64
+}
+
+var opNames = [numOps]string{"pull", "heartbeat", "push", "other"}
+
+func (m *meter) refused(key string) {
+	m.refMu.Lock()
+	defer m.refMu.Unlock()
+	if m.refusals == nil {
+		m.refusals = map[string]int64{}
+	}
+	m.refusals[key]++
 }
 
 func (m *meter) snap() meterSnap {
@@ -61,6 +82,12 @@ func (m *meter) snap() meterSnap {
 		s.responses[i], s.ok[i], s.bytes[i] = m.responses[i].Load(), m.ok[i].Load(), m.bytes[i].Load()
 	}
 	s.throttled, s.server5xx, s.transport, s.failures = m.throttled.Load(), m.server5xx.Load(), m.transport.Load(), m.failures.Load()
+	m.refMu.Lock()
+	s.refusals = make(map[string]int64, len(m.refusals))
+	for k, v := range m.refusals {
+		s.refusals[k] = v
+	}
+	m.refMu.Unlock()
 	return s
 }
 
@@ -74,6 +101,13 @@ func (s meterSnap) sub(o meterSnap) meterSnap {
 	s.server5xx -= o.server5xx
 	s.transport -= o.transport
 	s.failures -= o.failures
+	d := map[string]int64{}
+	for k, v := range s.refusals {
+		if v -= o.refusals[k]; v > 0 {
+			d[k] = v
+		}
+	}
+	s.refusals = d
 	return s
 }
 
@@ -114,12 +148,15 @@ type metered struct {
 }
 
 func (t metered) RoundTrip(req *http.Request) (*http.Response, error) {
+	op := opOf(req.URL.Path)
 	resp, err := t.rt.RoundTrip(req)
 	if err != nil {
 		t.m.transport.Add(1)
+		if req.Context().Err() == nil {
+			t.m.refused(opNames[op] + " transport error")
+		}
 		return nil, err
 	}
-	op := opOf(req.URL.Path)
 	t.m.responses[op].Add(1)
 	switch {
 	case resp.StatusCode == http.StatusOK:
@@ -130,7 +167,28 @@ func (t metered) RoundTrip(req *http.Request) (*http.Response, error) {
 		t.m.server5xx.Add(1)
 	}
 	resp.Body = &countingBody{ReadCloser: resp.Body, n: &t.m.bytes[op]}
+	if resp.StatusCode != http.StatusOK && (resp.StatusCode != http.StatusConflict || resp.Header.Get(wire.HeaderExpectedSeq) == "") {
+		// Refusals are small: read this one to count it by its message,
+		// and hand the client the same bytes.
+		raw, rerr := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		resp.Body.Close()
+		var env wire.Envelope[json.RawMessage]
+		_ = json.Unmarshal(raw, &env)
+		t.m.refused(fmt.Sprintf("%s %d: %s", opNames[op], resp.StatusCode, env.Message))
+		resp.Body = io.NopCloser(io.MultiReader(bytes.NewReader(raw), errReader{rerr}))
+	}
 	return resp, nil
+}
+
+// errReader ends a replayed body with the error its read ended with (nil:
+// io.EOF).
+type errReader struct{ err error }
+
+func (r errReader) Read([]byte) (int, error) {
+	if r.err != nil {
+		return 0, r.err
+	}
+	return 0, io.EOF
 }
 
 // CloseIdleConnections lets client.Close reach the wrapped transport.

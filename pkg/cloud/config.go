@@ -244,7 +244,7 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 		snapInt      = fs.Duration("snapshot-interval", 0, "how often raft checks whether to snapshot (default 30s)")
 		snapThresh   = fs.Uint64("snapshot-threshold", 0, "log entries since the last snapshot that trigger one (default 2048)")
 		trailing     = fs.Uint64("trailing-logs", 0, "log entries kept after a snapshot for slow followers (default 1024)")
-		maxPending   = fs.Int64("max-pending-bytes", 0, "admission control: proposals queued beyond this many bytes get 429 (default 32 MiB)")
+		maxPending   = fs.Int64("max-pending-bytes", 0, "admission control: the most bytes of proposals queued or in flight, and of sync bodies waiting for room; a write that cannot wait gets 429 (default 32 MiB)")
 		logLevel     = fs.String("log-level", "", "log level: debug, info, warn, error (default info)")
 		proxies      = fs.String("trusted-proxies", "", "`IPs or CIDRs` (comma-separated) of proxies whose X-Forwarded-For names the client")
 		maxConns     = fs.Int("max-conns", 0, "cap on open HTTP connections (default 16384)")

@@ -352,9 +352,7 @@ func (s *Syncer) failed(op string, err error, bo *backoff.Backoff) time.Duration
 	var th *client.ThrottledError
 	if errors.As(err, &th) {
 		s.m.retries.WithLabelValues(op, "throttled").Inc()
-		// The cloud said when: obey it, plus jitter so throttled edges do
-		// not all return in the same instant.
-		return th.RetryAfter + time.Duration(rand.Int64N(int64(th.RetryAfter)/4+1))
+		return ThrottleWait(th.RetryAfter)
 	}
 	s.connected.Store(false)
 	s.m.connected.Set(0)
@@ -367,6 +365,16 @@ func (s *Syncer) failed(op string, err error, bo *backoff.Backoff) time.Duration
 	}
 	s.log.Debug("sync exchange failed; backing off", "op", op, "err", err, "wait", d)
 	return d
+}
+
+// ThrottleWait is how long an edge waits after a 429 whose Retry-After is
+// retryAfter: that, plus jitter of up to a quarter of it but at most a
+// second, so that edges told the same (whole) second do not all return in
+// the same instant. The cloud already spreads the edges it refuses, each
+// told its own turn; jitter proportional to long waits would only make the
+// edges told the latest turns come back later still.
+func ThrottleWait(retryAfter time.Duration) time.Duration {
+	return retryAfter + time.Duration(rand.Int64N(int64(min(retryAfter/4, time.Second))+1))
 }
 
 func (s *Syncer) succeeded() {

@@ -58,6 +58,14 @@ func TestThrottleObeysRetryAfter(t *testing.T) {
 	if !s.connected.Load() {
 		t.Fatal("a throttled exchange marked the link as down")
 	}
+	// A long Retry-After is the cloud's estimate of this edge's own turn
+	// (it spreads the edges it refuses): jitter of at most a second, not a
+	// quarter of it, so the edges told the latest turns are not later still.
+	for i := 0; i < 20; i++ {
+		if d := ThrottleWait(20 * time.Second); d < 20*time.Second || d > 21*time.Second {
+			t.Fatalf("throttled wait %s for Retry-After 20s, want 20s plus at most 1s of jitter", d)
+		}
+	}
 	// A plain failure backs off exponentially within the cap instead.
 	if d := s.failed("push", errors.New("connection refused"), bo); d > 200*time.Millisecond {
 		t.Fatalf("failure wait %s beyond the backoff cap", d)

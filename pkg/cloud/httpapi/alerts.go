@@ -27,14 +27,16 @@ type Alerts interface {
 func (s *Server) pushAlerts(c *fiber.Ctx) error {
 	edge := c.Locals("edge").(string)
 	return s.onLeader(c, func(c *fiber.Ctx) error {
-		if err := s.svc.Admit(); err != nil {
+		ctx, release, err := s.admit(c)
+		if err != nil {
 			return err
 		}
+		defer release()
 		var b wire.AlertBatch
 		if err := s.decode(c, &b); err != nil {
 			return err
 		}
-		res, err := s.svc.PushAlerts(c.UserContext(), edge, &b)
+		res, err := s.svc.PushAlerts(ctx, edge, &b)
 		switch {
 		case errors.Is(err, service.ErrWrongEdge):
 			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not push as %q", edge, b.Edge))

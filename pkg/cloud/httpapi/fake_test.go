@@ -22,10 +22,13 @@ type fakeService struct {
 	leaderAddr string
 	err        error
 
-	admit  func() error
-	push   func(edge string, b *wire.PushBatch) (service.PushOutcome, error)
-	export func(emit func(*fsm.ExportRecord) error) (string, error)
-	pull   func(ctx context.Context, edge string, req service.PullRequest) (wire.PullPage, error)
+	// admit decides admission by body size; the context it returns is
+	// what the write must be proposed with, release is recorded.
+	admit   func(ctx context.Context, size int) (context.Context, func(), error)
+	push    func(edge string, b *wire.PushBatch) (service.PushOutcome, error)
+	pushCtx func(ctx context.Context) // sees the context Push was called with
+	export  func(emit func(*fsm.ExportRecord) error) (string, error)
+	pull    func(ctx context.Context, edge string, req service.PullRequest) (wire.PullPage, error)
 
 	mu       sync.Mutex
 	calls    []string
@@ -72,14 +75,17 @@ func (f *fakeService) Snapshot(context.Context) (uint64, error) {
 	f.called("Snapshot", "")
 	return 42, f.err
 }
-func (f *fakeService) Admit() error {
+func (f *fakeService) Admit(ctx context.Context, _ string, size int) (context.Context, func(), error) {
 	if f.admit != nil {
-		return f.admit()
+		return f.admit(ctx, size)
 	}
-	return nil
+	return ctx, func() {}, nil
 }
-func (f *fakeService) Push(_ context.Context, edge string, b *wire.PushBatch) (service.PushOutcome, error) {
+func (f *fakeService) Push(ctx context.Context, edge string, b *wire.PushBatch) (service.PushOutcome, error) {
 	f.called("Push", edge)
+	if f.pushCtx != nil {
+		f.pushCtx(ctx)
+	}
 	if f.push != nil {
 		return f.push(edge, b)
 	}

@@ -2,6 +2,7 @@ package httpapi
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -106,26 +107,31 @@ func (s *Server) snapshot(c *fiber.Ctx) error {
 func (s *Server) push(c *fiber.Ctx) error {
 	edge := c.Locals("edge").(string)
 	return s.onLeader(c, func(c *fiber.Ctx) error {
-		if err := s.svc.Admit(); err != nil {
+		ctx, release, err := s.admit(c)
+		if err != nil {
 			return err
 		}
+		defer release()
 		var b wire.PushBatch
 		if err := s.decodeBatch(c, &b); err != nil {
 			return err
 		}
-		out, err := s.svc.Push(c.UserContext(), edge, &b)
+		// b is not used past Push, so its decoded changes are garbage once
+		// the service has queued them encoded.
+		first, as := b.FirstSeq, b.Edge
+		out, err := s.svc.Push(ctx, edge, &b)
 		var gap *service.SeqGapError
 		switch {
 		case errors.As(err, &gap):
 			return &httpError{status: fiber.StatusConflict,
-				msg:     fmt.Sprintf("sequence gap: the cloud expects sequence %d next from edge %q, batch starts at %d", gap.Expected, edge, b.FirstSeq),
+				msg:     fmt.Sprintf("sequence gap: the cloud expects sequence %d next from edge %q, batch starts at %d", gap.Expected, edge, first),
 				headers: map[string]string{wire.HeaderExpectedSeq: strconv.FormatUint(gap.Expected, 10)}}
 		case errors.Is(err, service.ErrSeqConflict):
 			// Not a gap (no expected-sequence header): rewinding cannot
 			// help, so the edge must not treat it as one.
 			return apiError(fiber.StatusUnprocessableEntity, err.Error())
 		case errors.Is(err, service.ErrWrongEdge):
-			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not push as %q", edge, b.Edge))
+			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not push as %q", edge, as))
 		case err != nil:
 			return err
 		}
@@ -137,14 +143,16 @@ func (s *Server) push(c *fiber.Ctx) error {
 func (s *Server) state(c *fiber.Ctx) error {
 	edge := c.Locals("edge").(string)
 	return s.onLeader(c, func(c *fiber.Ctx) error {
-		if err := s.svc.Admit(); err != nil {
+		ctx, release, err := s.admit(c)
+		if err != nil {
 			return err
 		}
+		defer release()
 		var b wire.StateBatch
 		if err := s.decodeBatch(c, &b); err != nil {
 			return err
 		}
-		out, err := s.svc.State(c.UserContext(), edge, &b)
+		out, err := s.svc.State(ctx, edge, &b)
 		switch {
 		case errors.Is(err, service.ErrWrongEdge):
 			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not push as %q", edge, b.Edge))
@@ -153,6 +161,13 @@ func (s *Server) state(c *fiber.Ctx) error {
 		}
 		return ok(c, out.StateResult)
 	})
+}
+
+// admit admits a sync write into the leader's apply queue by its body's
+// size, before the body is decompressed or decoded (Sync.Admit): a write
+// the queue has no room for is refused for the price of reading it.
+func (s *Server) admit(c *fiber.Ctx) (context.Context, func(), error) {
+	return s.svc.Admit(c.UserContext(), c.Locals("edge").(string), len(c.Request().Body()))
 }
 
 func (s *Server) pull(c *fiber.Ctx) error {

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -148,6 +149,8 @@ func TestServiceErrors(t *testing.T) {
 		{"invalid batch", push, fmt.Errorf("change 0 (seq 3): %w", (&wire.Change{Kind: "x", Device: "d"}).Validate()), 400,
 			`change 0 (seq 3): unknown change kind "x" (want readings, reported, desired, meta or user)`, nil},
 		{"overloaded", push, service.ErrOverloaded, 429, "", map[string]string{wire.HeaderRetryAfter: "1"}},
+		{"overloaded, with the queue's estimate", push, &service.OverloadedError{RetryAfter: 3200 * time.Millisecond}, 429, "",
+			map[string]string{wire.HeaderRetryAfter: "4"}},
 		{"unknown outcome", push, service.ErrUnknownOutcome, 503, "",
 			map[string]string{wire.HeaderRetryAfter: "1", hdrRetry: "1"}},
 		{"internal detail stays in the log", push, errors.New("disk on fire"), 500, "internal error; see the server log", nil},
@@ -464,5 +467,54 @@ func TestNotLeaderRetries(t *testing.T) {
 	s := newServer(t, f, Config{})
 	if a := call(t, s, "POST", "/sync/v1/push", edgeToken, pushBody); a.status != 200 || tries != 3 {
 		t.Fatalf("%d %s after %d tries, want 200 on the third", a.status, a.raw, tries)
+	}
+}
+
+type admittedKey struct{}
+
+// TestPushAdmissionBeforeDecoding: a push is admitted by its body's size
+// before the body is decompressed or decoded, so a refused one costs no
+// decoding (even a malformed body is answered 429, not 400); an admitted
+// one is pushed with the admission's context, and its admission is
+// released once the request is answered.
+func TestPushAdmissionBeforeDecoding(t *testing.T) {
+	var sizes []int
+	var mu sync.Mutex
+	released := 0
+	refuse := true
+	f := &fakeService{}
+	f.admit = func(ctx context.Context, size int) (context.Context, func(), error) {
+		mu.Lock()
+		defer mu.Unlock()
+		sizes = append(sizes, size)
+		if refuse {
+			return ctx, func() {}, &service.OverloadedError{RetryAfter: 2 * time.Second}
+		}
+		return context.WithValue(ctx, admittedKey{}, true), func() { mu.Lock(); released++; mu.Unlock() }, nil
+	}
+	var admitted bool
+	f.pushCtx = func(ctx context.Context) { admitted, _ = ctx.Value(admittedKey{}).(bool) }
+	s := newServer(t, f, Config{})
+
+	a := call(t, s, "POST", "/sync/v1/push", edgeToken, []byte(`{not json`))
+	a.wantError(t, 429, "")
+	if got := a.header.Get(wire.HeaderRetryAfter); got != "2" {
+		t.Fatalf("Retry-After %q, want the queue's estimate, 2", got)
+	}
+	if slices.Contains(f.Calls(), "Push") {
+		t.Fatal("a refused push reached the service's Push")
+	}
+
+	mu.Lock()
+	refuse = false
+	mu.Unlock()
+	call(t, s, "POST", "/sync/v1/push", edgeToken, pushBody)
+	mu.Lock()
+	defer mu.Unlock()
+	if !admitted || released != 1 {
+		t.Fatalf("admitted push: pushed with the admission's context %v, released %d times; want true, 1", admitted, released)
+	}
+	if len(sizes) != 2 || sizes[0] != len(`{not json`) || sizes[1] != len(pushBody) {
+		t.Fatalf("admission asked with sizes %v, want the bodies' sizes", sizes)
 	}
 }

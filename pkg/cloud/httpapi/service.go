@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"math"
 
 	"github.com/gofiber/fiber/v2"
 
@@ -35,7 +36,11 @@ type Membership interface {
 // Sync is the edge-facing sync API's side of the service. Push and State
 // take ownership of their batch.
 type Sync interface {
-	Admit() error
+	// Admit admits edge's write of size body bytes into the apply queue
+	// before it is decoded, waiting a bounded time for room (ErrOverloaded
+	// when there is none); the write is proposed with the returned context,
+	// and release is called when the request ends.
+	Admit(ctx context.Context, edge string, size int) (_ context.Context, release func(), _ error)
 	Push(ctx context.Context, edge string, b *wire.PushBatch) (service.PushOutcome, error)
 	State(ctx context.Context, edge string, b *wire.StateBatch) (service.StateOutcome, error)
 	Pull(ctx context.Context, edge string, req service.PullRequest) (wire.PullPage, error)
@@ -92,7 +97,13 @@ func serviceStatus(err error) *httpError {
 	case errors.Is(err, wire.ErrInvalid):
 		return invalid(err).(*httpError)
 	case errors.Is(err, service.ErrOverloaded):
-		return retry(fiber.StatusTooManyRequests, 1, "cloud is busy applying earlier writes; retry after the Retry-After delay")
+		// The queue's own estimate of when it has room, so that refused
+		// edges come back as it drains, not all after one second.
+		after := 1
+		if oe := (*service.OverloadedError)(nil); errors.As(err, &oe) {
+			after = max(1, int(math.Ceil(oe.RetryAfter.Seconds())))
+		}
+		return retry(fiber.StatusTooManyRequests, after, "cloud is busy applying earlier writes; retry after the Retry-After delay")
 	case errors.Is(err, service.ErrUnknownOutcome):
 		he := retry(fiber.StatusServiceUnavailable, 1,
 			"leadership changed before the write committed; it may or may not have applied — retry (writes are idempotent)")

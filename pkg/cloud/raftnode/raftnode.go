@@ -88,12 +88,23 @@ type Config struct {
 	// would miss the next entry and the writers split into groups that
 	// take turns, each entry half as full.
 	GroupCommitWait time.Duration
-	// MaxPendingBytes caps proposals queued or in flight before
-	// Overloaded reports true (default 32 MiB).
+	// MaxPendingBytes caps proposals queued or in flight (default 32
+	// MiB): Admit admits no write past it (see admit.go).
 	MaxPendingBytes int64
 	// LogCacheBytes bounds the newest log entries kept in memory for
 	// replication and apply (default 16 MiB; negative: none). See logCache.
 	LogCacheBytes int
+	// MaxQueueDelay bounds the apply queue by time as well: Admit keeps
+	// it at most this long at the rate it drains (default 2s, and never
+	// under four entries; negative: MaxPendingBytes only). A write's wait
+	// in the queue must stay well under the callers' request timeout, or
+	// its proposal expires there.
+	MaxQueueDelay time.Duration
+	// AdmitWait is the longest a write waits in Admit for room in the
+	// queue (default 5s; negative: refuse at once); MaxWaitingBytes caps
+	// the request bodies waiting (default MaxPendingBytes).
+	AdmitWait       time.Duration
+	MaxWaitingBytes int64
 	// DialOverrides maps a peer's server id to the address this node dials
 	// instead of the one in the raft configuration (split-horizon networks,
 	// NAT, and the partition tests' per-link proxies).
@@ -130,6 +141,8 @@ func DefaultConfig() Config {
 		GroupCommitWait:    4 * time.Millisecond,
 		MaxPendingBytes:    32 << 20,
 		LogCacheBytes:      16 << 20,
+		MaxQueueDelay:      2 * time.Second,
+		AdmitWait:          5 * time.Second,
 		RaftLogLevel:       "warn",
 	}
 }
@@ -148,6 +161,8 @@ func (c *Config) defaults() {
 	set(&c.CommitTimeout, d.CommitTimeout)
 	set(&c.SnapshotInterval, d.SnapshotInterval)
 	set(&c.GroupCommitWait, d.GroupCommitWait)
+	set(&c.MaxQueueDelay, d.MaxQueueDelay)
+	set(&c.AdmitWait, d.AdmitWait)
 	if c.SnapshotThreshold == 0 {
 		c.SnapshotThreshold = d.SnapshotThreshold
 	}
@@ -162,6 +177,9 @@ func (c *Config) defaults() {
 	}
 	if c.LogCacheBytes == 0 {
 		c.LogCacheBytes = d.LogCacheBytes
+	}
+	if c.MaxWaitingBytes == 0 {
+		c.MaxWaitingBytes = c.MaxPendingBytes
 	}
 	if c.MaxInflightEntries <= 0 {
 		c.MaxInflightEntries = d.MaxInflightEntries
@@ -190,6 +208,13 @@ type Node struct {
 	// wakes the batcher when that reaches bigEntry.
 	queued atomic.Int64
 	full   chan struct{}
+	// adm is the waiting room of Admit, rate the queue's drain rate and
+	// expand the running mean ratio of a command's size to its request
+	// body's: what Admit reserves for a write before it is decoded
+	// (admit.go).
+	adm    admission
+	rate   drainRate
+	expand atomic.Uint64 // float64 bits; 0: none seen
 
 	observer *raft.Observer
 	obsCh    chan raft.Observation
@@ -205,11 +230,21 @@ type proposal struct {
 	cmd   []byte
 	start time.Time
 	done  chan outcome
+	// state moves from queued to packed (the batcher put it in an entry)
+	// or to abandoned (its proposer's context ended first: never proposed,
+	// so its outcome is known).
+	state atomic.Int32
 	// writer identifies whoever proposes in sequence (an edge's pushes),
 	// "" for anything else; the group commit waits for the writers of the
 	// previous entry by it.
 	writer string
 }
+
+const (
+	propQueued int32 = iota
+	propPacked
+	propAbandoned
+)
 
 type outcome struct {
 	res fsm.Result
@@ -457,10 +492,6 @@ func (n *Node) Leader() (id, httpAddr string, ok bool) {
 	return string(lid), nd.HTTPAddr, found && nd.HTTPAddr != ""
 }
 
-// Overloaded reports whether proposals queued or in flight exceed the
-// admission limit; the sync API answers 429 instead of queueing more.
-func (n *Node) Overloaded() bool { return n.pending.Load() >= n.cfg.MaxPendingBytes }
-
 // PendingBytes is the size of proposals queued or in flight.
 func (n *Node) PendingBytes() int64 { return n.pending.Load() }
 
@@ -488,6 +519,7 @@ func (n *Node) ProposeOrdered(ctx context.Context, c *fsm.Command, onQueued func
 		p.writer = c.Push.Edge
 	}
 	n.pending.Add(int64(len(b)))
+	n.takeReservation(ctx, len(b)) // the command's own size counts now
 	select {
 	case n.proposals <- p:
 		if queued >= n.bigEntry() {
@@ -500,23 +532,35 @@ func (n *Node) ProposeOrdered(ctx context.Context, c *fsm.Command, onQueued func
 			onQueued()
 		}
 	case <-ctx.Done():
-		n.pending.Add(-int64(len(b)))
-		n.queued.Add(-int64(len(b)))
+		n.unqueue(len(b))
 		return fsm.Result{}, ctx.Err()
 	case <-n.stop:
-		n.pending.Add(-int64(len(b)))
-		n.queued.Add(-int64(len(b)))
+		n.unqueue(len(b))
 		return fsm.Result{}, ErrStopped
 	}
 	select {
 	case o := <-p.done:
 		return o.res, o.err
 	case <-ctx.Done():
+		if p.state.CompareAndSwap(propQueued, propAbandoned) {
+			// Still waiting in the queue: the batcher will skip it, so it
+			// is known not to apply.
+			n.unqueue(len(b))
+			return fsm.Result{}, &OverloadError{RetryAfter: n.retryAfter(int64(len(b))), cause: ctx.Err(),
+				Reason: "the request's deadline passed while the write waited in the apply queue; it was not applied"}
+		}
 		// The entry may still commit; idempotent callers retry safely.
 		return fsm.Result{}, fmt.Errorf("%w: %w", ErrUnknownOutcome, ctx.Err())
 	case <-n.stop:
 		return fsm.Result{}, ErrStopped
 	}
+}
+
+// unqueue takes back a proposal of size bytes that will not be packed.
+func (n *Node) unqueue(size int) {
+	n.pending.Add(-int64(size))
+	n.queued.Add(-int64(size))
+	n.admitNext()
 }
 
 // lingerSiblings is how many proposals the previous entry must have held
@@ -548,20 +592,25 @@ func (n *Node) batchLoop() {
 		if !ok {
 			return
 		}
-		props := []*proposal{first}
-		size := len(first.cmd)
+		var props []*proposal
+		size := pack(&props, 0, first)
 	drain:
 		for size < n.cfg.MaxEntryBytes {
 			select {
 			case p := <-n.proposals:
-				props = append(props, p)
-				size += len(p.cmd)
+				size = pack(&props, size, p)
 			default:
 				break drain
 			}
 		}
-		if n.cfg.GroupCommitWait > 0 && prev >= lingerSiblings {
+		if n.cfg.GroupCommitWait > 0 && prev >= lingerSiblings && len(props) > 0 {
 			props, size = n.gather(props, size, writers, linger)
+		}
+		if len(props) == 0 { // every one abandoned while it waited
+			if slot {
+				<-n.slots
+			}
+			continue
 		}
 		prev = len(props)
 		clear(writers)
@@ -573,7 +622,11 @@ func (n *Node) batchLoop() {
 			}
 		}
 		n.queued.Add(-int64(size))
-		f := n.raft.Apply(fsm.EncodeEntry(cmds), 0)
+		data := fsm.EncodeEntry(cmds)
+		for _, p := range props {
+			p.cmd = nil // the entry holds a copy: keep the queue's memory single
+		}
+		f := n.raft.Apply(data, 0)
 		n.metrics.entryCommands.Observe(float64(len(props)))
 		n.metrics.entryBytes.Observe(float64(size))
 		select {
@@ -582,6 +635,16 @@ func (n *Node) batchLoop() {
 			return
 		}
 	}
+}
+
+// pack adds p to props unless its proposer abandoned it, and returns the
+// entry's size with it.
+func pack(props *[]*proposal, size int, p *proposal) int {
+	if !p.state.CompareAndSwap(propQueued, propPacked) {
+		return size
+	}
+	*props = append(*props, p)
+	return size + len(p.cmd)
 }
 
 // bigEntry is the queued size past which an entry goes without waiting for
@@ -625,9 +688,9 @@ func (n *Node) gather(props []*proposal, size int, writers map[string]bool, t *t
 	for size < n.cfg.MaxEntryBytes && (missing > 0 || len(writers) == 0) {
 		select {
 		case p := <-n.proposals:
-			props = append(props, p)
-			size += len(p.cmd)
-			back(p)
+			if size = pack(&props, size, p); props[len(props)-1] == p {
+				back(p)
+			}
 			left := time.Until(deadline)
 			if left <= 0 {
 				return props, size
@@ -652,7 +715,10 @@ func (n *Node) completeLoop() {
 		case <-n.stop:
 			return
 		}
-		err := it.f.Error()
+		err := n.await(it.f)
+		if err == errAwaitStopped {
+			return // the proposers see n.stop themselves
+		}
 		var results []fsm.Result
 		if err == nil {
 			results, _ = it.f.Response().([]fsm.Result)
@@ -674,8 +740,34 @@ func (n *Node) completeLoop() {
 			<-n.slots
 		}
 		n.pending.Add(-it.bytes)
+		n.rate.observe(it.bytes, now)
+		n.admitNext()
 	}
 }
+
+// await is f.Error(), or errAwaitStopped once the node stops first: raft never
+// answers a future whose entry it had committed and handed to the state
+// machine when it shut down, so waiting on Error alone could hold Shutdown
+// (which waits for the goroutines that call this) forever. On that path the
+// helper goroutine stays blocked; the node is gone by then.
+func (n *Node) await(f raft.Future) error {
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err := <-done:
+		return err
+	case <-n.stop:
+		select {
+		case err := <-done:
+			return err
+		default:
+			return errAwaitStopped
+		}
+	}
+}
+
+// errAwaitStopped: await gave up on a future because the node stopped.
+var errAwaitStopped = errors.New("raft node stopped before the future was answered")
 
 func mapApplyErr(err error) error {
 	switch {
@@ -738,7 +830,7 @@ func (n *Node) onLeader() {
 	}()
 	// The state may lag the log right after election; a barrier applies
 	// everything committed before reading it.
-	if err := n.raft.Barrier(5 * time.Second).Error(); err != nil {
+	if err := n.await(n.raft.Barrier(5 * time.Second)); err != nil {
 		return
 	}
 	n.clock.Restore(n.fsm.MaxStamp())
@@ -916,6 +1008,8 @@ type metrics struct {
 	entryCommands prometheus.Histogram
 	entryBytes    prometheus.Histogram
 	leaderChanges prometheus.Counter
+	admissions    *prometheus.CounterVec
+	admitWait     prometheus.Histogram
 }
 
 func newMetrics(n *Node, reg prometheus.Registerer) *metrics {
@@ -931,11 +1025,18 @@ func newMetrics(n *Node, reg prometheus.Registerer) *metrics {
 			Buckets: prometheus.ExponentialBuckets(256, 4, 9)}),
 		leaderChanges: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "outpost_raft_leader_changes_total", Help: "Leader changes this node observed (including losing the leader)."}),
+		admissions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outpost_raft_admissions_total",
+			Help: "Writes that waited for room in the apply queue (waited), or were refused at once (refused) or after the admission wait (timed_out); writes admitted at once are not counted."},
+			[]string{"outcome"}),
+		admitWait: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "outpost_raft_admit_wait_seconds", Help: "How long admitted writes waited for room in the apply queue.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14)}),
 	}
 	if reg == nil {
 		return m
 	}
-	reg.MustRegister(m.applySeconds, m.entryCommands, m.entryBytes, m.leaderChanges,
+	reg.MustRegister(m.applySeconds, m.entryCommands, m.entryBytes, m.leaderChanges, m.admissions, m.admitWait,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_raft_state",
 			Help: "Raft state: 0 follower, 1 candidate, 2 leader, 3 shutdown."},
 			func() float64 { return float64(n.raft.State()) }),
@@ -954,6 +1055,12 @@ func newMetrics(n *Node, reg prometheus.Registerer) *metrics {
 			func() float64 { return float64(n.fsm.AppliedIndex()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_raft_pending_bytes", Help: "Proposals queued or in flight (admission control input)."},
 			func() float64 { return float64(n.pending.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_raft_queue_limit_bytes",
+			Help: "What the apply queue may hold now: MaxQueueDelay at the drain rate, within MaxPendingBytes."},
+			func() float64 { return float64(n.queueLimit()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outpost_raft_drain_bytes_per_second",
+			Help: "How fast the apply queue drains while busy (admission control input)."},
+			func() float64 { return n.rate.bytesPerSec() }),
 	)
 	return m
 }

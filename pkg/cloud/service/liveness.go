@@ -71,7 +71,18 @@ type liveness struct {
 	// there), by edge.
 	observed map[string]string
 	recorded map[string]string
+	// deltas memoises delta's answers for the version deltasAt: the
+	// edges woken by one directory change all hold the same version and
+	// pull the same delta, a scan and sort of the whole directory each.
+	// Values that moved without moving the version (not material, see
+	// update) are as of the memo's first answer, not of each pull.
+	deltas   map[string]*wire.DirectoryDelta
+	deltasAt string
 }
+
+// maxDeltaMemo bounds the memo: edges hold only a few versions at a time,
+// and a full delta is the whole directory.
+const maxDeltaMemo = 16
 
 func newLiveness() *liveness {
 	return &liveness{wakeCh: make(chan struct{}), soft: map[string]softState{}, entries: map[string]*dirEntry{},
@@ -213,6 +224,12 @@ func (l *liveness) delta(have string) (*wire.DirectoryDelta, string) {
 	if have == ver {
 		return nil, ver
 	}
+	if l.deltasAt != ver {
+		l.deltas, l.deltasAt = map[string]*wire.DirectoryDelta{}, ver
+	}
+	if d, ok := l.deltas[have]; ok {
+		return d, ver // shared: callers only encode it
+	}
 	d := &wire.DirectoryDelta{}
 	var since uint64
 	ep, n, ok := strings.Cut(have, ".")
@@ -235,6 +252,9 @@ func (l *liveness) delta(have string) (*wire.DirectoryDelta, string) {
 		slices.Sort(d.Removed)
 	}
 	wire.SortEdges(d.Edges)
+	if len(l.deltas) < maxDeltaMemo {
+		l.deltas[have] = d
+	}
 	return d, ver
 }
 

@@ -33,8 +33,11 @@ import (
 type Log interface {
 	IsLeader() bool
 	Leader() (id, httpAddr string, ok bool)
-	// Overloaded reports that the apply queue is full.
-	Overloaded() bool
+	// Admit admits a write of size body bytes from writer (an edge) into
+	// the apply queue, waiting a bounded time for room; the returned
+	// context carries its reservation to Propose, and release ends it
+	// (raftnode.Admit).
+	Admit(ctx context.Context, writer string, size int) (context.Context, func(), error)
 	Propose(ctx context.Context, c *fsm.Command) (fsm.Result, error)
 	// ProposeOrdered calls onQueued once c has its place in the log order.
 	ProposeOrdered(ctx context.Context, c *fsm.Command, onQueued func()) (fsm.Result, error)
@@ -221,7 +224,9 @@ func New(cfg Config, r Raft, st State, clock *hlc.Clock, log *slog.Logger, reg p
 var (
 	// ErrNotLeader: this node cannot write; run the call on the leader.
 	ErrNotLeader = errors.New("not the raft leader")
-	// ErrOverloaded: the apply queue is full; retry after a short delay.
+	// ErrOverloaded: the apply queue is full, or a write waited in it past
+	// its deadline (then it was not applied); retry after the delay an
+	// *OverloadedError gives.
 	ErrOverloaded = errors.New("apply queue full")
 	// ErrUnknownOutcome: leadership changed (or the proposal timed out)
 	// before the write committed; it may or may not apply. Writes are
@@ -266,6 +271,24 @@ func (e *SeqGapError) Error() string {
 // Is makes a *SeqGapError match ErrSeqGap.
 func (e *SeqGapError) Is(target error) bool { return target == ErrSeqGap }
 
+// OverloadedError is ErrOverloaded with when to retry: when the apply
+// queue is expected to have room.
+type OverloadedError struct {
+	RetryAfter time.Duration
+	err        error
+}
+
+func (e *OverloadedError) Error() string {
+	if e.err == nil {
+		return ErrOverloaded.Error()
+	}
+	return e.err.Error()
+}
+
+// Unwrap makes an *OverloadedError match ErrOverloaded and keeps the chain
+// below.
+func (e *OverloadedError) Unwrap() []error { return []error{ErrOverloaded, e.err} }
+
 // kindError gives an error from a lower layer the service's sentinel kind
 // while keeping its text (which may reach clients, as for join conflicts).
 type kindError struct{ kind, err error }
@@ -283,6 +306,10 @@ func kind(err error) error {
 	case errors.Is(err, raftnode.ErrNotLeader):
 		k = ErrNotLeader
 	case errors.Is(err, raftnode.ErrOverloaded):
+		var oe *raftnode.OverloadError
+		if errors.As(err, &oe) {
+			return &OverloadedError{RetryAfter: oe.RetryAfter, err: err}
+		}
 		k = ErrOverloaded
 	case errors.Is(err, raftnode.ErrUnknownOutcome), errors.Is(err, raftnode.ErrStopped),
 		errors.Is(err, context.DeadlineExceeded):

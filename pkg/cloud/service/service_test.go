@@ -39,6 +39,13 @@ type node struct {
 
 func startService(t *testing.T, cfg Config) *node {
 	t.Helper()
+	return startServiceRaft(t, cfg, raftnode.Config{})
+}
+
+// startServiceRaft is startService with the raft node's settings (its
+// identity, addresses and data directory are the test's).
+func startServiceRaft(t *testing.T, cfg Config, rc raftnode.Config) *node {
+	t.Helper()
 	dir := t.TempDir()
 	discard := slog.New(slog.NewTextHandler(io.Discard, nil))
 	f, err := fsm.Open(filepath.Join(dir, "state.db"), discard, fsm.Hooks{})
@@ -53,8 +60,9 @@ func startService(t *testing.T, cfg Config) *node {
 	_ = l.Close()
 	clock := hlc.NewClock(nil, maxDrift)
 	reg := prometheus.NewRegistry()
-	rn, err := raftnode.New(raftnode.Config{ID: "n1", RaftBind: addr, RaftAdvertise: addr, HTTPAdvertise: "127.0.0.1:1",
-		DataDir: dir, Bootstrap: true, RaftLogLevel: "error"}, f, clock, discard, reg)
+	rc.ID, rc.RaftBind, rc.RaftAdvertise, rc.HTTPAdvertise = "n1", addr, addr, "127.0.0.1:1"
+	rc.DataDir, rc.Bootstrap, rc.RaftLogLevel = dir, true, "error"
+	rn, err := raftnode.New(rc, f, clock, discard, reg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -476,6 +484,7 @@ func TestKind(t *testing.T) {
 	}{
 		{raftnode.ErrNotLeader, ErrNotLeader},
 		{raftnode.ErrOverloaded, ErrOverloaded},
+		{&raftnode.OverloadError{RetryAfter: 3 * time.Second, Reason: "queue full"}, ErrOverloaded},
 		{raftnode.ErrUnknownOutcome, ErrUnknownOutcome},
 		{raftnode.ErrStopped, ErrUnknownOutcome},
 		{context.DeadlineExceeded, ErrUnknownOutcome},

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
+	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
@@ -20,15 +21,28 @@ import (
 // sequence), stamps pass the stamp policy first, and the state batch and
 // heartbeat are applied ahead of the stream.
 
-// Admit refuses a sync write with ErrOverloaded while the apply queue is
-// full. Callers ask before reading the request body, so a busy cloud sheds
-// load cheaply.
-func (s *Service) Admit() error {
-	if s.raft.Overloaded() {
-		s.m.throttled.Inc()
-		return ErrOverloaded
+// Admit admits edge's sync write whose body is size bytes into the apply queue
+// before the body is decoded: it waits, first come first served and for a
+// bounded time, for room in the queue, or refuses at once with an
+// *OverloadedError (ErrOverloaded) when the wait would be too long or too
+// many bodies are waiting already. Propose the write with the returned
+// context, which carries its room in the queue, and call release when the
+// request ends. Errors: ErrOverloaded, ErrNotLeader.
+//
+// The request's deadline (RequestTimeout) starts here, so that the wait for
+// room counts against it: a push a follower forwards is answered within the
+// follower's wait for the leader.
+func (s *Service) Admit(ctx context.Context, edge string, size int) (context.Context, func(), error) {
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	actx, release, err := s.raft.Admit(rctx, edge, size)
+	if err != nil {
+		cancel()
+		if errors.Is(err, raftnode.ErrOverloaded) {
+			s.m.throttled.Inc()
+		}
+		return ctx, func() {}, kind(err)
 	}
-	return nil
+	return actx, func() { release(); cancel() }, nil
 }
 
 // PushOutcome is the result of a push: what the edge is told, and what the
@@ -72,15 +86,22 @@ func (s *Service) Push(ctx context.Context, edge string, b *wire.PushBatch) (Pus
 	s.gate.wait(ctx, edge, b.FirstSeq, acked)
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	defer cancel()
+	// b is not used past the proposal: once it is encoded in the queue,
+	// the decoded changes (several times its size) are garbage, not held
+	// for the whole commit.
+	first, last := b.FirstSeq, b.LastSeq()
 	res, err := s.raft.ProposeOrdered(ctx, &fsm.Command{Type: fsm.CmdPush, AtMs: s.cfg.Now().UnixMilli(), Push: b,
 		Refusals: r.refusals, Digests: sums},
-		func() { s.gate.queued(edge, b.LastSeq()) })
+		func() { s.gate.queued(edge, last) })
 	if err != nil {
+		if errors.Is(err, raftnode.ErrOverloaded) {
+			s.m.throttled.Inc()
+		}
 		return PushOutcome{}, kind(err)
 	}
 	if errors.Is(res.Err, fsm.ErrSeqGap) {
 		s.m.pushes.WithLabelValues(edge, "gap").Inc()
-		return PushOutcome{}, &SeqGapError{Edge: edge, First: b.FirstSeq, Expected: res.Expected}
+		return PushOutcome{}, &SeqGapError{Edge: edge, First: first, Expected: res.Expected}
 	}
 	if errors.Is(res.Err, fsm.ErrSeqConflict) {
 		return PushOutcome{}, s.seqConflict(edge, res.Err)
