@@ -66,14 +66,7 @@ func TestPushBurstIsAdmittedNotRefused(t *testing.T) {
 // counted as throttled.
 func TestAdmitRefusalSaysWhenToRetry(t *testing.T) {
 	n := startServiceRaft(t, Config{}, raftnode.Config{MaxPendingBytes: 1, MaxQueueDelay: -1, AdmitWait: -1})
-	// The new leader's own first entry may still be in the queue.
-	deadline := time.Now().Add(20 * time.Second)
-	for n.raft.PendingBytes() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("the apply queue did not empty within 20s")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	awaitEmptyQueue(t, n.raft)
 	_, hold, err := n.svc.Admit(context.Background(), "e1", 100)
 	if err != nil {
 		t.Fatal(err)
@@ -107,13 +100,7 @@ func readingsBatch(edge string, first uint64, n int) *wire.PushBatch {
 func TestAdmitWaitCountsAgainstTheRequestTimeout(t *testing.T) {
 	n := startServiceRaft(t, Config{RequestTimeout: 300 * time.Millisecond},
 		raftnode.Config{MaxPendingBytes: 1, MaxQueueDelay: -1, AdmitWait: 30 * time.Second, MaxWaitingBytes: 1 << 20})
-	deadline := time.Now().Add(20 * time.Second)
-	for n.raft.PendingBytes() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("the apply queue did not empty within 20s")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	awaitEmptyQueue(t, n.raft)
 	_, hold, err := n.svc.Admit(context.Background(), "e1", 100)
 	if err != nil {
 		t.Fatal(err)
@@ -126,5 +113,18 @@ func TestAdmitWaitCountsAgainstTheRequestTimeout(t *testing.T) {
 	}
 	if d := time.Since(start); d > 10*time.Second {
 		t.Fatalf("refused after %s: the admission wait (30s) outlived the request timeout (300ms)", d)
+	}
+}
+
+// awaitEmptyQueue waits until nothing is queued or in flight: a new
+// leader's own first entry may still be.
+func awaitEmptyQueue(t *testing.T, rn *raftnode.Node) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for rn.PendingBytes() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the apply queue did not empty within 20s")
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
