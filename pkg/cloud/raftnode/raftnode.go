@@ -1030,7 +1030,7 @@ func newMetrics(n *Node, reg prometheus.Registerer) *metrics {
 			Help: "Writes that waited for room in the apply queue (waited), or were refused at once (refused) or after the admission wait (timed_out); writes admitted at once are not counted."},
 			[]string{"outcome"}),
 		admitWait: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "outpost_raft_admit_wait_seconds", Help: "How long admitted writes waited for room in the apply queue.",
+			Name: "outpost_raft_admit_wait_duration_seconds", Help: "How long admitted writes waited for room in the apply queue.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14)}),
 	}
 	if reg == nil {
