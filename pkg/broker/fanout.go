@@ -103,14 +103,17 @@ func (f *fanout) run(ctx context.Context) {
 	defer timer.Stop()
 	var wake <-chan time.Time // timer.C while the live feed remembers a topic
 	var wakeAt time.Time      // when timer fires
-	// arm makes the timer fire by at (not sooner than liveFeed.wait allows).
+	// arm makes the timer fire by at (not sooner than liveFeed.wait
+	// allows). It only ever brings the timer forward: moving it back
+	// (wait's floor puts a due time just ahead a little later) would let
+	// a steady stream of batches postpone it for ever, and phones would
+	// get nothing but each topic's first message.
 	arm := func(at, now time.Time) {
-		if wake != nil && !at.Before(wakeAt) {
-			return
-		}
 		d := f.live.wait(at, now)
-		timer.Reset(d) // Go ≥ 1.23: no stale tick after Reset
-		wake, wakeAt = timer.C, now.Add(d)
+		if when := now.Add(d); wake == nil || when.Before(wakeAt) {
+			timer.Reset(d) // Go ≥ 1.23: no stale tick after Reset
+			wake, wakeAt = timer.C, when
+		}
 	}
 	var due []fanMsg
 	for {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -204,5 +205,55 @@ func TestFanoutLiveMirror(t *testing.T) {
 	case got := <-out:
 		t.Fatalf("routed %q, want nothing more", got)
 	default:
+	}
+}
+
+// countingPublisher counts publishes per topic.
+type countingPublisher struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (c *countingPublisher) Publish(topic string, _ []byte, _ bool, _ byte) error {
+	c.mu.Lock()
+	c.n[topic]++
+	c.mu.Unlock()
+	return nil
+}
+
+// TestLiveFeedUnderLoad: with topics out of step (their intervals end at
+// different times) and messages arriving all the time, every topic still
+// reaches phones about once per interval. The timer that sends held
+// messages was pushed back by each batch, and phones got each topic's
+// first message only.
+func TestLiveFeedUnderLoad(t *testing.T) {
+	const (
+		topics   = 20
+		interval = 40 * time.Millisecond
+		run      = time.Second
+	)
+	out := &countingPublisher{n: map[string]int{}}
+	f := newFanout(out, 4096, interval, func() bool { return true }, newMetrics(nil), slog.New(slog.DiscardHandler))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); f.run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	start := time.Now()
+	for i := 0; time.Since(start) < run; i++ {
+		// Topic k starts k milliseconds in, so their intervals are out of step.
+		for k := 0; k < topics && k <= i; k++ {
+			f.forward(fmt.Sprintf("sensors/d%d/telemetry", k), []byte("x"), 0, false)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	cancel()
+	<-done
+	out.mu.Lock()
+	defer out.mu.Unlock()
+	for k := 0; k < topics; k++ {
+		// About run/interval = 25 each; a loaded machine gets fewer.
+		if got := out.n[livePrefix+fmt.Sprintf("sensors/d%d/telemetry", k)]; got < 8 {
+			t.Errorf("topic %d reached phones %d times in %s at one per %s, want about %d", k, got, run, interval, run/interval)
+		}
 	}
 }
