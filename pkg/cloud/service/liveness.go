@@ -29,8 +29,12 @@ import (
 // see of it changes materially (a durable fact, health, or the magnitude
 // class of its backlog or lag; a fresh heartbeat that changes none of those
 // does not), so a delta carries only the entries that changed. Held pulls
-// are woken for directory changes at most once per sweep (a second), so a
-// fleet whose backlogs move wakes each pull at most that often.
+// are woken, at most once per sweep (a second), for a change of an entry's
+// durable facts or health, or an entry added or removed. A change of only
+// the backlog or lag class wakes no pull: held pulls end within PullHold
+// anyway and bring it then. Under a reconnect storm every edge's backlog
+// class moves, and waking every held pull each second for that made a
+// thousand pulls a second.
 //
 // After a failover the new leader has no soft state: for HeartbeatFresh it
 // treats every edge it has not heard from as healthy (health unknown, the
@@ -49,7 +53,8 @@ type softState struct {
 
 type dirEntry struct {
 	edge wire.Edge
-	fp   string
+	fp   string  // durable facts and health
+	load [2]byte // backlog and lag classes
 	ver  uint64
 }
 
@@ -60,6 +65,7 @@ type liveness struct {
 	epoch       string
 	seq         uint64
 	woke        uint64 // seq at the last wake
+	urgent      bool   // a change since the last wake that wakes held pulls (see above)
 	wakeCh      chan struct{}
 	soft        map[string]softState
 	durable     map[string]wire.Edge
@@ -104,7 +110,7 @@ func (l *liveness) lead(leading bool, nowMs int64) bool {
 		_, _ = rand.Read(b[:])
 		l.epoch = base64.RawURLEncoding.EncodeToString(b[:])
 		l.leaderSince = nowMs
-		l.seq, l.woke = 0, 0
+		l.seq, l.woke, l.urgent = 0, 0, false
 		l.soft = map[string]softState{}
 		l.entries = map[string]*dirEntry{}
 		l.removed = map[string]uint64{}
@@ -147,8 +153,8 @@ func (l *liveness) served(d wire.Edge, nowMs int64, fresh time.Duration) wire.Ed
 }
 
 // fingerprint is what of an entry counts as a directory change: the
-// durable facts, health, and the magnitude of backlog and lag.
-func fingerprint(e *wire.Edge) string {
+// durable facts and health, and (load) the magnitude of backlog and lag.
+func fingerprint(e *wire.Edge) (fp string, load [2]byte) {
 	b := make([]byte, 0, len(e.Region)+len(e.Advertise)+48)
 	b = append(append(b, e.Region...), 0)
 	b = append(append(b, e.Advertise...), 0)
@@ -157,11 +163,11 @@ func fingerprint(e *wire.Edge) string {
 		b = append(b, ',')
 		b = strconv.AppendFloat(b, e.Location.Lng, 'g', -1, 64)
 	}
-	b = append(b, 0, byte('0'+backlogClass(e.Backlog)), byte('0'+lagClass(e.LagMs)))
+	b = append(b, 0)
 	if e.Healthy {
 		b = append(b, 'h')
 	}
-	return string(b)
+	return string(b), [2]byte{byte(backlogClass(e.Backlog)), byte(lagClass(e.LagMs))}
 }
 
 // backlogClass: 0, under 1,000, under 100,000, more.
@@ -197,16 +203,18 @@ func (l *liveness) update(id string, nowMs int64, fresh time.Duration) {
 		return
 	}
 	e := l.served(d, nowMs, fresh)
-	fp := fingerprint(&e)
+	fp, load := fingerprint(&e)
 	cur := l.entries[id]
 	switch {
 	case cur == nil:
 		l.seq++
-		l.entries[id] = &dirEntry{edge: e, fp: fp, ver: l.seq}
+		l.urgent = true
+		l.entries[id] = &dirEntry{edge: e, fp: fp, load: load, ver: l.seq}
 		delete(l.removed, id)
-	case cur.fp != fp:
+	case cur.fp != fp || cur.load != load:
 		l.seq++
-		cur.edge, cur.fp, cur.ver = e, fp, l.seq
+		l.urgent = l.urgent || cur.fp != fp
+		cur.edge, cur.fp, cur.load, cur.ver = e, fp, load, l.seq
 	default:
 		cur.edge = e // the newest values ride along with the next change
 	}
@@ -369,6 +377,7 @@ func (s *Service) refreshDirectory(nowMs int64, sweep bool) error {
 			if _, ok := l.durable[id]; !ok {
 				delete(l.entries, id)
 				l.seq++
+				l.urgent = true
 				l.removed[id] = l.seq
 			}
 		}
@@ -396,8 +405,8 @@ func (s *Service) sweep() {
 	}
 	l := s.live
 	l.mu.Lock()
-	if l.seq != l.woke {
-		l.woke = l.seq
+	if l.seq != l.woke && l.urgent {
+		l.woke, l.urgent = l.seq, false
 		close(l.wakeCh)
 		l.wakeCh = make(chan struct{})
 	}

@@ -366,3 +366,57 @@ func TestAwaitPull(t *testing.T) {
 		t.Fatal("AwaitPull did not return at a write for the edge")
 	}
 }
+
+// A held pull is woken by a change of an edge's durable facts or health,
+// not by one of only its backlog class (a reconnect storm moves every
+// edge's): that change still moves the directory's version, and the
+// next pull brings it.
+func TestDirectoryWakesHeldPulls(t *testing.T) {
+	n := startService(t, Config{HeartbeatFresh: time.Minute})
+	ctx := context.Background()
+	beat := func(edge, region string, backlog uint64) {
+		t.Helper()
+		if _, err := n.svc.Heartbeat(ctx, edge, &wire.Heartbeat{Region: region, Backlog: backlog}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	woken := func(ch <-chan struct{}) bool {
+		select {
+		case <-ch:
+			return true
+		default:
+			return false
+		}
+	}
+	beat("e1", "r", 2)
+	beat("e2", "r", 2)
+	held := n.svc.live.watch()
+	n.svc.sweep()
+	if !woken(held) {
+		t.Fatal("new directory entries did not wake a held pull")
+	}
+	first, err := n.svc.Pull(ctx, "e1", PullRequest{Limit: 100, Have: &wire.SetVersions{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	held = n.svc.live.watch()
+	beat("e2", "r", 50_000) // another backlog class
+	n.svc.sweep()
+	if woken(held) {
+		t.Fatal("a backlog class change woke a held pull")
+	}
+	p, err := n.svc.Pull(ctx, "e1", PullRequest{Limit: 100, Have: first.Versions})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Directory == nil || len(p.Directory.Edges) != 1 || p.Directory.Edges[0].Backlog != 50_000 {
+		t.Fatalf("the next pull after a backlog class change: %+v", p.Directory)
+	}
+
+	beat("e2", "moved", 50_000)
+	n.svc.sweep()
+	if !woken(held) {
+		t.Fatal("a region change did not wake the held pull")
+	}
+}
