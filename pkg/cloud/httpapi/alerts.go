@@ -3,7 +3,6 @@ package httpapi
 import (
 	"context"
 	"errors"
-	"fmt"
 
 	"github.com/gofiber/fiber/v2"
 	"github.com/gofiber/fiber/v2/utils"
@@ -39,7 +38,7 @@ func (s *Server) pushAlerts(c *fiber.Ctx) error {
 		res, err := s.svc.PushAlerts(ctx, edge, &b)
 		switch {
 		case errors.Is(err, service.ErrWrongEdge):
-			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not push as %q", edge, b.Edge))
+			return wrongEdge(edge, "push", b.Edge)
 		case errors.Is(err, wire.ErrInvalid):
 			return apiError(fiber.StatusBadRequest, err.Error())
 		case err != nil:

@@ -131,7 +131,7 @@ func (s *Server) push(c *fiber.Ctx) error {
 			// help, so the edge must not treat it as one.
 			return apiError(fiber.StatusUnprocessableEntity, err.Error())
 		case errors.Is(err, service.ErrWrongEdge):
-			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not push as %q", edge, as))
+			return wrongEdge(edge, "push", as)
 		case err != nil:
 			return err
 		}
@@ -155,12 +155,18 @@ func (s *Server) state(c *fiber.Ctx) error {
 		out, err := s.svc.State(ctx, edge, &b)
 		switch {
 		case errors.Is(err, service.ErrWrongEdge):
-			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not push as %q", edge, b.Edge))
+			return wrongEdge(edge, "push", b.Edge)
 		case err != nil:
 			return err
 		}
 		return ok(c, out.StateResult)
 	})
+}
+
+// wrongEdge refuses a sync request whose body names another edge than the
+// token's.
+func wrongEdge(edge, act, as string) error {
+	return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not %s as %q", edge, act, as))
 }
 
 // admit admits a sync write into the leader's apply queue by its body's
@@ -232,7 +238,7 @@ func (s *Server) heartbeat(c *fiber.Ctx) error {
 		res, err := s.svc.Heartbeat(c.UserContext(), edge, &h)
 		switch {
 		case errors.Is(err, service.ErrWrongEdge):
-			return apiError(fiber.StatusForbidden, fmt.Sprintf("this token belongs to edge %q; it may not heartbeat as %q", edge, h.Edge))
+			return wrongEdge(edge, "heartbeat", h.Edge)
 		case err != nil:
 			return err
 		}
