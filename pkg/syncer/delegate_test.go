@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
-	"net/http/httptest"
 	"path/filepath"
 	"reflect"
 	"sync"
@@ -33,7 +32,7 @@ func openStore(t *testing.T) *store.Store {
 // ackingCloud acknowledges every push and state batch it receives.
 func ackingCloud(t *testing.T) *client.Client {
 	t.Helper()
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return fakeCloud(t, func(w http.ResponseWriter, r *http.Request) {
 		var data any
 		switch r.URL.Path {
 		case wire.PathPush:
@@ -51,16 +50,8 @@ func ackingCloud(t *testing.T) *client.Client {
 			http.NotFound(w, r)
 			return
 		}
-		raw, _ := json.Marshal(data)
-		_ = json.NewEncoder(w).Encode(wire.Envelope[json.RawMessage]{Code: 200, Message: "ok", Data: raw})
-	}))
-	t.Cleanup(srv.Close)
-	cl, err := client.New([]string{srv.URL}, "tok", client.WithRounds(1), client.WithoutCompression())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cl.Close)
-	return cl
+		answer(w, data)
+	})
 }
 
 // Config.AfterAck runs for each acknowledged push, with the cloud's

@@ -1,9 +1,7 @@
 package syncer
 
 import (
-	"encoding/json"
 	"net/http"
-	"net/http/httptest"
 	"sync"
 	"testing"
 	"time"
@@ -27,7 +25,7 @@ type pullSeen struct {
 
 func (p *pullScript) serve(t *testing.T) *client.Client {
 	t.Helper()
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return fakeCloud(t, func(w http.ResponseWriter, r *http.Request) {
 		var data any
 		switch r.URL.Path {
 		case wire.PathHeartbeat:
@@ -52,16 +50,8 @@ func (p *pullScript) serve(t *testing.T) *client.Client {
 			http.NotFound(w, r)
 			return
 		}
-		raw, _ := json.Marshal(data)
-		_ = json.NewEncoder(w).Encode(wire.Envelope[json.RawMessage]{Code: 200, Message: "ok", Data: raw})
-	}))
-	t.Cleanup(srv.Close)
-	cl, err := client.New([]string{srv.URL}, "tok", client.WithRounds(1), client.WithoutCompression())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cl.Close)
-	return cl
+		answer(w, data)
+	})
 }
 
 // The syncer long-polls with the versions it holds, applies a directory
@@ -106,17 +96,10 @@ func TestPullSendsVersionsAndAppliesDeltas(t *testing.T) {
 // release), the directory comes whole and an empty pull counts as not held,
 // so the pull loop pauses PullInterval instead of spinning.
 func TestPullFromAnOlderCloud(t *testing.T) {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	cl := fakeCloud(t, func(w http.ResponseWriter, r *http.Request) {
 		page := wire.PullPage{Changes: []wire.Change{}, Edges: []wire.Edge{{ID: "x"}}}
-		raw, _ := json.Marshal(page)
-		_ = json.NewEncoder(w).Encode(wire.Envelope[json.RawMessage]{Code: 200, Message: "ok", Data: raw})
-	}))
-	t.Cleanup(srv.Close)
-	cl, err := client.New([]string{srv.URL}, "tok", client.WithRounds(1), client.WithoutCompression())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cl.Close)
+		answer(w, page)
+	})
 	s, err := New(Config{EdgeID: "e1", PullWait: 20 * time.Second}, Deps{Store: openStore(t), Client: cl})
 	if err != nil {
 		t.Fatal(err)

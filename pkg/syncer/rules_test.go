@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
-	"net/http/httptest"
 	"slices"
 	"testing"
 
@@ -125,7 +124,7 @@ func (failing) MergeRemote(context.Context, rules.Alert) (rules.Alert, error) {
 // cloud does) and records them.
 func alertCloud(t *testing.T, gone bool, got chan<- wire.AlertBatch) *client.Client {
 	t.Helper()
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return fakeCloud(t, func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != wire.PathAlerts || gone {
 			w.WriteHeader(http.StatusNotFound)
 			_ = json.NewEncoder(w).Encode(wire.Envelope[any]{Code: 404, Message: "no route"})
@@ -137,16 +136,8 @@ func alertCloud(t *testing.T, gone bool, got chan<- wire.AlertBatch) *client.Cli
 			return
 		}
 		got <- b
-		raw, _ := json.Marshal(wire.AlertResult{Applied: len(b.Alerts)})
-		_ = json.NewEncoder(w).Encode(wire.Envelope[json.RawMessage]{Code: 200, Message: "ok", Data: raw})
-	}))
-	t.Cleanup(srv.Close)
-	cl, err := client.New([]string{srv.URL}, "tok", client.WithRounds(1), client.WithoutCompression())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cl.Close)
-	return cl
+		answer(w, wire.AlertResult{Applied: len(b.Alerts)})
+	})
 }
 
 // TestAlertsPushed: the alert outbox goes to the cloud and is emptied; a
