@@ -43,22 +43,15 @@ func (s *Service) RunNotify(ctx context.Context, every time.Duration) {
 		wait time.Duration
 	}
 	retries := map[string]*retry{} // alert id 0 owner
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if !s.raft.IsLeader() {
+	s.everyWhileLeader(ctx, every, func(leading bool) {
+		if !leading {
 			clear(retries)
-			continue
+			return
 		}
 		queued, err := s.state.Notifications(notifyBatch)
 		if err != nil {
 			s.log.Error("read the notification queue", "err", err)
-			continue
+			return
 		}
 		for _, n := range queued {
 			for _, owner := range n.Pending() {
@@ -97,5 +90,5 @@ func (s *Service) RunNotify(ctx context.Context, every time.Duration) {
 				}
 			}
 		}
-	}
+	})
 }

@@ -51,16 +51,9 @@ func (s *Service) RunRetention(ctx context.Context) {
 		p.next = now.Add(compactEvery(p.window))
 		tick = min(tick, compactEvery(p.window))
 	}
-	t := time.NewTicker(tick)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
+	s.everyWhileLeader(ctx, tick, func(leading bool) {
+		if !leading {
 			return
-		case <-t.C:
-		}
-		if !s.raft.IsLeader() {
-			continue
 		}
 		for _, p := range parts {
 			now := s.cfg.Now()
@@ -72,7 +65,7 @@ func (s *Service) RunRetention(ctx context.Context) {
 				s.log.Debug("compacted", "what", p.what, "records", n)
 			}
 		}
-	}
+	})
 }
 
 // compact runs one pass of a compaction, chunk after chunk, and returns how

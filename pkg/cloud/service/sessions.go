@@ -339,7 +339,21 @@ func (s *Service) RunMaintenance(ctx context.Context, interval time.Duration) {
 	if interval <= 0 {
 		interval = 10 * time.Minute
 	}
-	t := time.NewTicker(interval)
+	s.everyWhileLeader(ctx, interval, func(leading bool) {
+		if !leading {
+			return
+		}
+		if total := s.purgeSessions(ctx); total > 0 {
+			s.log.Info("purged expired sessions", "records", total)
+		}
+	})
+}
+
+// everyWhileLeader calls tick every interval, saying whether this node
+// leads, until ctx ends: the leader's periodic work (session purges,
+// retention, notifications) runs through it.
+func (s *Service) everyWhileLeader(ctx context.Context, every time.Duration, tick func(leading bool)) {
+	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
 		select {
@@ -347,12 +361,7 @@ func (s *Service) RunMaintenance(ctx context.Context, interval time.Duration) {
 			return
 		case <-t.C:
 		}
-		if !s.raft.IsLeader() {
-			continue
-		}
-		if total := s.purgeSessions(ctx); total > 0 {
-			s.log.Info("purged expired sessions", "records", total)
-		}
+		tick(s.raft.IsLeader())
 	}
 }
 
