@@ -370,9 +370,10 @@ func (s *Syncer) failed(op string, err error, bo *backoff.Backoff) time.Duration
 // ThrottleWait is how long an edge waits after a 429 whose Retry-After is
 // retryAfter: that, plus jitter of up to a quarter of it but at most a
 // second, so that edges told the same (whole) second do not all return in
-// the same instant. The cloud already spreads the edges it refuses, each
-// told its own turn; jitter proportional to long waits would only make the
-// edges told the latest turns come back later still.
+// the same instant. The cloud tells a write refused at once to come back
+// in a second (one that waited out the admission wait, when it expects
+// room), so the capped jitter spreads that second; jitter proportional to
+// long waits would only make those edges come back later still.
 func ThrottleWait(retryAfter time.Duration) time.Duration {
 	return retryAfter + time.Duration(rand.Int64N(int64(min(retryAfter/4, time.Second))+1))
 }

@@ -139,9 +139,9 @@ func (c *Client) Push(ctx context.Context, b *wire.PushBatch) (*wire.PushResult,
 // Pull fetches cloud-side changes after cursor ("" from the start).
 func (c *Client) Pull(ctx context.Context, cursor string, limit int) (*wire.PullPage, error) {
 	q := url.Values{}
-	q.Set("cursor", cursor)
+	q.Set(wire.QueryCursor, cursor)
 	if limit > 0 {
-		q.Set("limit", strconv.Itoa(limit))
+		q.Set(wire.QueryLimit, strconv.Itoa(limit))
 	}
 	var page wire.PullPage
 	return &page, c.do(ctx, http.MethodGet, wire.PathPull+"?"+q.Encode(), nil, &page)

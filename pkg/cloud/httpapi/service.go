@@ -97,8 +97,9 @@ func serviceStatus(err error) *httpError {
 	case errors.Is(err, wire.ErrInvalid):
 		return invalid(err).(*httpError)
 	case errors.Is(err, service.ErrOverloaded):
-		// The queue's own estimate of when it has room, so that refused
-		// edges come back as it drains, not all after one second.
+		// A refusal at once says 1 s; a write that waited out the
+		// admission wait, or expired in the queue, gets the queue's
+		// estimate of when it has room.
 		after := 1
 		if oe := (*service.OverloadedError)(nil); errors.As(err, &oe) {
 			after = max(1, int(math.Ceil(oe.RetryAfter.Seconds())))

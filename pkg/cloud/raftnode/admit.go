@@ -36,8 +36,8 @@ import (
 
 // OverloadError is ErrOverloaded with how long the caller should wait.
 type OverloadError struct {
-	// RetryAfter is when the queue is expected to have room for the caller
-	// (at least a second).
+	// RetryAfter is 1 s for a write refused at once; otherwise when the
+	// queue is expected to have room for the caller (at least a second).
 	RetryAfter time.Duration
 	Reason     string
 	cause      error

@@ -97,12 +97,12 @@ func newLiveness() *liveness {
 
 // lead starts or ends this node's term as the directory's keeper: a new
 // term forgets soft state (heard while a follower, it is stale) and draws a
-// new epoch. Returns whether leadership changed.
-func (l *liveness) lead(leading bool, nowMs int64) bool {
+// new epoch.
+func (l *liveness) lead(leading bool, nowMs int64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if leading == l.leading {
-		return false
+		return
 	}
 	l.leading = leading
 	if leading {
@@ -121,11 +121,11 @@ func (l *liveness) lead(leading bool, nowMs int64) bool {
 	// Held pulls return: on a follower they should find the new leader.
 	close(l.wakeCh)
 	l.wakeCh = make(chan struct{})
-	return true
 }
 
-// watch returns a channel closed when the directory's version next moves
-// (coalesced by sweep) or leadership changes.
+// watch returns a channel closed at the next sweep after a change that
+// wakes held pulls (durable facts, health, an entry added or removed; see
+// the package comment), or when leadership changes.
 func (l *liveness) watch() <-chan struct{} {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -278,8 +278,7 @@ func (l *liveness) all() []wire.Edge {
 	return out
 }
 
-// observe records the position an edge pulled from; reports whether it is
-// news to the leader's record.
+// observe records the position an edge pulled from.
 func (l *liveness) observe(edge, cursor string, recorded func() string) {
 	if cursor == "" {
 		return

@@ -297,14 +297,15 @@ func (s *Service) admit(ctx context.Context, edge string, c *wire.Change, region
 // the edge and is corrected back, like any unproven write.
 func (s *Service) admitRule(edge string, c *wire.Change, regions *edgeRegions) string {
 	name := strings.TrimPrefix(c.Actor, RuleActorPrefix)
-	recs, err := s.state.Rules()
+	ps, err := s.sets() // rules move SetsIndex: the cached set is current
 	if err != nil {
 		return RefuseRuleNotDistributed
 	}
 	var rec *fsm.RuleRecord
-	for i := range recs {
-		if recs[i].Name == name {
-			rec = &recs[i]
+	for i := range ps.rules {
+		if ps.rules[i].Name == name {
+			rec = &ps.rules[i]
+			break
 		}
 	}
 	if rec == nil || (rec.Region != "" && rec.Region != regions.of(s, edge)) {

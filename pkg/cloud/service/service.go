@@ -77,8 +77,8 @@ type Queries interface {
 	PullWatch(edge string) <-chan struct{}
 	// PullPosition is the pull position recorded for edge ("" if none).
 	PullPosition(edge string) string
-	// EdgesIndex and SetsIndex grow when directory records, and policies
-	// or the signing key, may have changed.
+	// EdgesIndex and SetsIndex grow when directory records, and policies,
+	// rules or the signing key, may have changed.
 	EdgesIndex() uint64
 	SetsIndex() uint64
 	// CheckResend verifies that a push at or below the edge's acknowledged
@@ -180,7 +180,7 @@ type Service struct {
 	policyMu sync.Mutex
 	// live is the soft state of edges and the directory (liveness.go).
 	live *liveness
-	// setsMu guards pullSets, the cached policies and keys pulls carry.
+	// setsMu guards pullSets, the cached policies, keys and rules pulls carry.
 	setsMu   sync.Mutex
 	pullSets *pullSets
 }

@@ -316,7 +316,7 @@ func (s *Service) pullOnce(edge string, req PullRequest) (wire.PullPage, bool, e
 	return page, news, nil
 }
 
-// pullSets is the policies and keys as pulls carry them, with versions.
+// pullSets is the policies, keys and rules as pulls carry them, with versions.
 type pullSets struct {
 	at          uint64 // the state's SetsIndex they were read at
 	policies    []wire.Policy
