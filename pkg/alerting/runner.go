@@ -429,7 +429,8 @@ func (r *Runner) setMetrics(ms []store.Metric) {
 	}
 }
 
-// device is what rules see of a device, cached for one pass.
+// device is what rules see of a device, cached until an outbox entry
+// changes it (see Runner.devices).
 func (r *Runner) device(id string) (rules.Device, error) {
 	if d, ok := r.devices[id]; ok {
 		return d, nil

@@ -8,8 +8,8 @@ import (
 )
 
 // lateDownlink is the broker (or the external broker's subscriber) for the
-// parts made before it: the rule runner is made before the ingest writer,
-// which the broker needs.
+// parts made before it: the rule runner is made before the broker, which
+// needs the ingest writer (and the writer wakes the runner).
 type lateDownlink struct{ d atomic.Pointer[api.Downlink] }
 
 func (l *lateDownlink) set(d api.Downlink) { l.d.Store(&d) }

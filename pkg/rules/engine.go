@@ -172,10 +172,13 @@ func (e *Engine) sortedKeys() []Key {
 	for k := range e.states {
 		keys = append(keys, k)
 	}
-	slices.SortFunc(keys, func(a, b Key) int {
-		return cmp.Or(cmp.Compare(a.Rule, b.Rule), cmp.Compare(a.Device, b.Device))
-	})
+	slices.SortFunc(keys, keyCmp)
 	return keys
+}
+
+// keyCmp orders keys by rule, then device.
+func keyCmp(a, b Key) int {
+	return cmp.Or(cmp.Compare(a.Rule, b.Rule), cmp.Compare(a.Device, b.Device))
 }
 
 // Evaluate runs every rule that selects d against one committed reading.
@@ -258,16 +261,19 @@ func (e *Engine) evaluate(c *Compiled, ms int64, d Device, metrics map[string]fl
 // reported -2 °C, then nothing) still raises its alert.
 func (e *Engine) Tick(now time.Time) []Event {
 	ms := now.UnixMilli()
+	// The runner ticks after every commit, and mostly nothing is due: only
+	// the due keys are collected and sorted.
+	var due []Key
+	for k, s := range e.states {
+		if c := e.byName[k.Rule]; c != nil && s.Alert == nil && ms-s.PendingSince >= time.Duration(c.For).Milliseconds() {
+			due = append(due, k)
+		}
+	}
+	slices.SortFunc(due, keyCmp)
 	var evs []Event
-	for _, k := range e.sortedKeys() {
+	for _, k := range due {
 		s := e.states[k]
-		c := e.byName[k.Rule]
-		if c == nil || s.Alert != nil {
-			continue
-		}
-		if ms-s.PendingSince >= time.Duration(c.For).Milliseconds() {
-			evs = append(evs, e.fire(c, s, ms, s.Value))
-		}
+		evs = append(evs, e.fire(e.byName[k.Rule], s, ms, s.Value))
 	}
 	return evs
 }

@@ -391,21 +391,16 @@ func (w *batchWriter) openEntry(db *devBatch, head *uint64) {
 	db.out = Change{Seq: *head, Kind: ChangeReadings, Device: db.id, Stamp: w.s.clock.Now(), Readings: db.out.Readings[:0]}
 }
 
-// closeEntry writes the device's open readings entry, as appendOutbox
-// writes an entry (readings entries are not in the state index).
+// closeEntry writes the device's open readings entry (its sequence was
+// taken by openEntry).
 func (w *batchWriter) closeEntry(db *devBatch) error {
 	if db.out.Seq == 0 {
 		return nil
 	}
-	v, err := encodeChange(&db.out)
-	if err != nil {
-		return err
-	}
-	if err := w.tx.Bucket(bucketOutbox).Put(u64(db.out.Seq), v); err != nil {
+	if err := w.s.putOutbox(w.tx, &db.out); err != nil {
 		return fmt.Errorf("outbox entry %d: %w", db.out.Seq, err)
 	}
-	w.s.tail.record(w.tx, &db.out, v) // it copies the readings
-	db.out.Seq = 0                    // encoded: the readings' memory may be reused
+	db.out.Seq = 0 // written, and the tail copied it: the readings' memory may be reused
 	return nil
 }
 

@@ -495,6 +495,12 @@ func decodeChange(seq uint64, b []byte) (Change, error) {
 func (s *Store) appendOutbox(tx *bolt.Tx, head *uint64, c *Change) error {
 	*head++
 	c.Seq = *head
+	return s.putOutbox(tx, c)
+}
+
+// putOutbox writes the outbox entry c, whose sequence is taken, and hands
+// it to the outbox tail.
+func (s *Store) putOutbox(tx *bolt.Tx, c *Change) error {
 	v, err := encodeChange(c)
 	if err != nil {
 		return err
