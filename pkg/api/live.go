@@ -17,7 +17,6 @@ import (
 	"github.com/outpost-edge/outpost/pkg/auth"
 	"github.com/outpost-edge/outpost/pkg/ident"
 	"github.com/outpost-edge/outpost/pkg/policy"
-	"github.com/outpost-edge/outpost/pkg/store"
 )
 
 // The live feed: MQTT over WebSocket at /mqtt (subprotocol "mqtt", MQTT
@@ -233,12 +232,8 @@ func (p *PhoneSession) MayRead(ctx context.Context, device string) (bool, error)
 	if u.Roles, u.Regions, err = s.loadUser(p.claims.OpenID); err != nil {
 		return false, err
 	}
-	res := unknownDevice(device)
-	d, err := s.deps.Store.Device(device)
-	switch {
-	case err == nil:
-		res = resourceOf(d)
-	case !errors.Is(err, store.ErrNotFound):
+	res, err := s.deviceResource(device)
+	if err != nil {
 		return false, fmt.Errorf("load device %s: %w", device, err)
 	}
 	dec, err := s.deps.Policy.Decide(ctx, policy.Input{User: u, Action: actRead, Resource: res})

@@ -496,7 +496,7 @@ func (h *persistHook) StoredInflightMessages() ([]storage.Message, error) {
 // from processPublish) and sends it itself once the message is durable, so a
 // device can keep many publishes in flight and one group commit covers many
 // messages of each device. QoS 2 keeps mochi's flow and blocks until durable,
-// and mochi routes it (to phones, the fan-out's live mirror); QoS 0 and 1 messages, which mochi no longer sees
+// and mochi routes it to TCP subscribers (phones get it through the fan-out's live mirror); QoS 0 and 1 messages, which mochi no longer sees
 // after the hook rejects them, are routed by the fan-out once stored, at
 // their QoS and with their retain flag (fanout.go).
 type ingestHook struct {

@@ -54,7 +54,8 @@ type fanMsg struct {
 	liveOnly bool
 }
 
-// newFanout: every > 0 with phonesOn enables the live mirror.
+// newFanout: a non-nil phonesOn enables the live mirror, at one message
+// per topic per every.
 func newFanout(srv publisher, size int, every time.Duration, phonesOn func() bool, met *metrics, log *slog.Logger) *fanout {
 	f := &fanout{srv: srv, q: make(chan fanMsg, size), met: met, log: log, now: time.Now}
 	if phonesOn != nil {
@@ -151,13 +152,14 @@ func (f *fanout) run(ctx context.Context) {
 		kept := conflate(batch, last)
 		f.met.fanConflated.Add(float64(n - len(kept)))
 		now := f.now()
+		mirrorLive := f.live != nil && f.phonesOn() // without a phone, only retained messages (for later ones)
 		for _, m := range kept {
 			if !m.liveOnly {
 				if err := f.srv.Publish(m.topic, m.payload, m.retain, m.qos); err != nil {
 					f.log.Debug("fan-out publish failed", "topic", m.topic, "err", err)
 				}
 			}
-			if f.live == nil || !m.retain && !f.phonesOn() {
+			if f.live == nil || !m.retain && !mirrorLive {
 				continue
 			}
 			if at, held := f.live.offer(m, now); held {

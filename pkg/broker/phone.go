@@ -169,7 +169,7 @@ func (h *phoneHook) OnUnsubscribe(cl *mqtt.Client, pk packets.Packet) packets.Pa
 }
 
 func (h *phoneHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
-	if !isPhone(cl) || h.auth == nil {
+	if !isPhone(cl) {
 		return false
 	}
 	s, err := h.auth.Authenticate(string(pk.Connect.Password))

@@ -43,6 +43,14 @@ function newestSource (dir = REPO) {
   return newest
 }
 
+// sourcesTime is newestSource of the checkout, walked once per test
+// process: the sources do not change while the tests run.
+let sourcesAt
+function sourcesTime () {
+  if (sourcesAt === undefined) sourcesAt = newestSource()
+  return sourcesAt
+}
+
 // binary builds cmd/<name> of this checkout into a temporary directory
 // shared by every test file and run, and builds it again when a Go source
 // is newer than the binary (git checkout and editors touch what they
@@ -58,7 +66,7 @@ function binary (name) {
   }
   const out = path.join(BIN, `${name}-${crypto.createHash('sha256').update(REPO).digest('hex').slice(0, 12)}`)
   try {
-    if (fs.statSync(out).mtimeMs > newestSource()) {
+    if (fs.statSync(out).mtimeMs > sourcesTime()) {
       fs.utimesSync(out, new Date(), new Date()) // in use: keep it
       return out
     }
