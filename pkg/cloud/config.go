@@ -240,7 +240,7 @@ func parse(args []string, out io.Writer, getenv func(string) string) (Config, er
 		hbTimeout    = fs.Duration("heartbeat-timeout", 0, "raft heartbeat timeout: a follower starts an election after 1-2x this without contact (default 300ms)")
 		elTimeout    = fs.Duration("election-timeout", 0, "raft election timeout (default 300ms)")
 		lease        = fs.Duration("leader-lease-timeout", 0, "a leader that cannot reach a quorum for this long steps down (default 250ms)")
-		commit       = fs.Duration("commit-timeout", 0, "raft commit timeout: max delay before followers learn a commit when idle (default 50ms)")
+		commit       = fs.Duration("commit-timeout", 0, "raft commit timeout: max delay before followers learn a commit when idle (default 250ms)")
 		snapInt      = fs.Duration("snapshot-interval", 0, "how often raft checks whether to snapshot (default 30s)")
 		snapThresh   = fs.Uint64("snapshot-threshold", 0, "log entries since the last snapshot that trigger one (default 2048)")
 		trailing     = fs.Uint64("trailing-logs", 0, "log entries kept after a snapshot for slow followers (default 1024)")

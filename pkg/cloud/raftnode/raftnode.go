@@ -61,7 +61,7 @@ type Config struct {
 	HeartbeatTimeout   time.Duration // default 300ms
 	ElectionTimeout    time.Duration // default 300ms
 	LeaderLeaseTimeout time.Duration // default 250ms
-	CommitTimeout      time.Duration // default 50ms
+	CommitTimeout      time.Duration // default 250ms
 	SnapshotInterval   time.Duration // default 30s
 	SnapshotThreshold  uint64        // default 2048 entries
 	TrailingLogs       uint64        // default 1024 entries
@@ -119,10 +119,13 @@ type Config struct {
 
 // DefaultConfig is the one source of a node's defaults (the cloud daemon's
 // configuration builds on it). Timeouts are tuned for a LAN: failover
-// well under a second. CommitTimeout is hashicorp/raft's own default: an
-// idle leader sends every follower an append that often to tell it the
-// commit index (at 20ms those appends were most of an idle cluster's CPU),
-// and only reads served by followers wait on it. Snapshots are
+// well under a second. CommitTimeout is how often (1-2x) an idle leader
+// sends every follower an append only to tell it the commit index: at
+// hashicorp/raft's 50ms those appends were a sixth of an idle leader's CPU,
+// and all that waits on them is a follower's view of the last write before
+// a pause (reads and edges' pulls are served by the leader; a pull a
+// follower holds learns of a write up to 2x CommitTimeout late). Writes
+// that keep coming carry the commit index anyway. Snapshots are
 // checked every 30s and taken after 2048 entries, keeping 1024 for slow
 // followers: entries are group commits of up to MaxEntryBytes, so 2048 of
 // them can already be gigabytes of log, and a follower further behind is
@@ -132,7 +135,7 @@ func DefaultConfig() Config {
 		HeartbeatTimeout:   300 * time.Millisecond,
 		ElectionTimeout:    300 * time.Millisecond,
 		LeaderLeaseTimeout: 250 * time.Millisecond,
-		CommitTimeout:      50 * time.Millisecond,
+		CommitTimeout:      250 * time.Millisecond,
 		SnapshotInterval:   30 * time.Second,
 		SnapshotThreshold:  2048,
 		TrailingLogs:       1024,

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -53,7 +54,7 @@ type softState struct {
 
 type dirEntry struct {
 	edge wire.Edge
-	fp   string  // durable facts and health
+	fp   entryFP // durable facts and health
 	load [2]byte // backlog and lag classes
 	ver  uint64
 }
@@ -154,20 +155,23 @@ func (l *liveness) served(d wire.Edge, nowMs int64, fresh time.Duration) wire.Ed
 
 // fingerprint is what of an entry counts as a directory change: the
 // durable facts and health, and (load) the magnitude of backlog and lag.
-func fingerprint(e *wire.Edge) (fp string, load [2]byte) {
-	b := make([]byte, 0, len(e.Region)+len(e.Advertise)+48)
-	b = append(append(b, e.Region...), 0)
-	b = append(append(b, e.Advertise...), 0)
+// It is comparable, so the sweep, which recomputes every entry each
+// second, compares without building anything.
+func fingerprint(e *wire.Edge) (fp entryFP, load [2]byte) {
+	fp = entryFP{region: e.Region, advertise: e.Advertise, healthy: e.Healthy}
 	if e.Location != nil {
-		b = strconv.AppendFloat(b, e.Location.Lat, 'g', -1, 64)
-		b = append(b, ',')
-		b = strconv.AppendFloat(b, e.Location.Lng, 'g', -1, 64)
+		// Bits, not floats: a NaN would otherwise differ from itself and
+		// count as a change at every sweep.
+		fp.located, fp.lat, fp.lng = true, math.Float64bits(e.Location.Lat), math.Float64bits(e.Location.Lng)
 	}
-	b = append(b, 0)
-	if e.Healthy {
-		b = append(b, 'h')
-	}
-	return string(b), [2]byte{byte(backlogClass(e.Backlog)), byte(lagClass(e.LagMs))}
+	return fp, [2]byte{byte(backlogClass(e.Backlog)), byte(lagClass(e.LagMs))}
+}
+
+type entryFP struct {
+	region, advertise string
+	located           bool
+	lat, lng          uint64
+	healthy           bool
 }
 
 // backlogClass: 0, under 1,000, under 100,000, more.

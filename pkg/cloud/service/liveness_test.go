@@ -110,6 +110,22 @@ func TestDirectoryDeltas(t *testing.T) {
 	if len(got) != 3 || got[0].Region != "moved" {
 		t.Fatalf("applied delta: %+v", got)
 	}
+	// A location is a durable fact: a new one is a delta, the same one
+	// again (heartbeats, sweeps) is not.
+	for i, loc := range []wire.Location{{Lat: 31.2, Lng: 121.5}, {Lat: 31.2, Lng: 121.5}, {Lat: 31.2, Lng: 121.6}} {
+		have = *p.Versions
+		if _, err := n.svc.Heartbeat(ctx, "e1", &wire.Heartbeat{Region: "moved", Backlog: 2, Location: &loc}); err != nil {
+			t.Fatal(err)
+		}
+		n.svc.sweep()
+		p = pull("e1", have)
+		if moved := i != 1; moved != (p.Directory != nil) {
+			t.Fatalf("location %d %+v: delta %+v, want one: %v", i, loc, p.Directory, moved)
+		}
+		if p.Directory != nil && (len(p.Directory.Edges) != 1 || *p.Directory.Edges[0].Location != loc) {
+			t.Fatalf("delta after location %+v: %+v", loc, p.Directory)
+		}
+	}
 	// Another epoch's version: the whole directory.
 	if p := pull("e1", wire.SetVersions{Directory: "other.5"}); p.Directory == nil || !p.Directory.Full || len(p.Directory.Edges) != 3 {
 		t.Fatalf("pull with a foreign version: %+v", p.Directory)
