@@ -281,6 +281,10 @@ func New(cfg Config, f *fsm.FSM, clock *hlc.Clock, log *slog.Logger, reg prometh
 	rc.SnapshotThreshold = cfg.SnapshotThreshold
 	rc.TrailingLogs = cfg.TrailingLogs
 	rc.MaxAppendEntries = 32 // entries are group commits of up to MaxEntryBytes
+	// raft's go-metrics telemetry goes to no sink here (the node exports its
+	// own Prometheus metrics); the legacy copies only cost a lookup per
+	// heartbeat.
+	rc.NoLegacyTelemetry = true
 	// The state lives in bbolt with its applied index, so there is nothing to
 	// restore on start; New restores explicitly only if the state file is
 	// behind the newest snapshot (e.g. lost after a power failure).
