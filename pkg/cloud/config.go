@@ -96,6 +96,8 @@ type Config struct {
 	MaxInflightEntries int               `yaml:"max_inflight_entries"`
 	GroupCommitWait    time.Duration     `yaml:"group_commit_wait"`
 	MaxPendingBytes    int64             `yaml:"max_pending_bytes"`
+	MaxQueueDelay      time.Duration     `yaml:"max_queue_delay"`
+	AdmitWait          time.Duration     `yaml:"admit_wait"`
 	RaftDial           map[string]string `yaml:"raft_dial"`
 
 	// MetricsToken is a bearer token that reads /metrics and nothing else
@@ -170,6 +172,7 @@ func Defaults() Config {
 		SnapshotInterval: r.SnapshotInterval, SnapshotThreshold: r.SnapshotThreshold, TrailingLogs: r.TrailingLogs,
 		MaxEntryBytes: r.MaxEntryBytes, MaxInflightEntries: r.MaxInflightEntries,
 		GroupCommitWait: r.GroupCommitWait, MaxPendingBytes: r.MaxPendingBytes,
+		MaxQueueDelay: r.MaxQueueDelay, AdmitWait: r.AdmitWait,
 		LogLevel: "info", RaftLogLevel: r.RaftLogLevel, ShutdownGrace: 10 * time.Second,
 		GCPercent: 400, MemoryLimitMB: 128,
 		AuthFailureLimit: 10,
@@ -647,6 +650,14 @@ func (c *Config) validate(errs config.Errors) error {
 	}
 	if c.MaxPendingBytes < 0 {
 		errs.Add("max_pending_bytes", "%d must be ≥ 0", c.MaxPendingBytes)
+	}
+	if c.MaxQueueDelay < 0 || c.MaxQueueDelay > time.Minute {
+		errs.Add("max_queue_delay", "%s must be between 0 (the default) and 1m", c.MaxQueueDelay)
+	}
+	if c.AdmitWait < 0 || c.AdmitWait > 9*time.Second {
+		// A sync request's deadline is 10 s: a longer wait in admission
+		// would leave it no time to commit.
+		errs.Add("admit_wait", "%s must be between 0 (the default) and 9s", c.AdmitWait)
 	}
 	if c.MemoryLimitMB < 0 {
 		errs.Add("memory_limit_mb", "%d must be ≥ 0 (0: no soft limit)", c.MemoryLimitMB)

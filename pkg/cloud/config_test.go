@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -213,4 +214,38 @@ func gauge(t *testing.T, reg *prometheus.Registry, name, bucket string) float64 
 	}
 	t.Fatalf("no %s{bucket=%q}", name, bucket)
 	return 0
+}
+
+// TestAdmissionKeys: max_queue_delay and admit_wait default to raftnode's,
+// come from the file, and are bounded (a wait past a sync request's 10 s
+// deadline would leave it no time to commit).
+func TestAdmissionKeys(t *testing.T) {
+	d, r := Defaults(), raftnode.DefaultConfig()
+	if d.MaxQueueDelay != r.MaxQueueDelay || d.AdmitWait != r.AdmitWait || d.MaxQueueDelay == 0 || d.AdmitWait == 0 {
+		t.Fatalf("defaults %s %s, raftnode's %s %s", d.MaxQueueDelay, d.AdmitWait, r.MaxQueueDelay, r.AdmitWait)
+	}
+	path := filepath.Join(t.TempDir(), "c.yaml")
+	if err := os.WriteFile(path, []byte("max_queue_delay: 3s\nadmit_wait: 1500ms\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Parse([]string{"-config", path, "-id", "n1", "-bootstrap"}, io.Discard)
+	if err != nil || c.MaxQueueDelay != 3*time.Second || c.AdmitWait != 1500*time.Millisecond {
+		t.Fatalf("from the file: %s %s %v", c.MaxQueueDelay, c.AdmitWait, err)
+	}
+	for _, tc := range []struct {
+		delay, wait time.Duration
+		bad         string
+	}{
+		{-time.Second, 0, "max_queue_delay"},
+		{2 * time.Minute, 0, "max_queue_delay"},
+		{0, 10 * time.Second, "admit_wait"},
+		{0, -time.Second, "admit_wait"},
+	} {
+		c := Defaults()
+		c.ID, c.Bootstrap = "n1", true
+		c.MaxQueueDelay, c.AdmitWait = tc.delay, tc.wait
+		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), tc.bad+":") {
+			t.Errorf("%s/%s: err %v, want one naming %s", tc.delay, tc.wait, err, tc.bad)
+		}
+	}
 }

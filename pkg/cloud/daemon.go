@@ -85,6 +85,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 		LeaderLeaseTimeout: cfg.LeaderLeaseTimeout, CommitTimeout: cfg.CommitTimeout,
 		SnapshotInterval: cfg.SnapshotInterval, SnapshotThreshold: cfg.SnapshotThreshold, TrailingLogs: cfg.TrailingLogs,
 		MaxEntryBytes: cfg.MaxEntryBytes, MaxInflightEntries: cfg.MaxInflightEntries, GroupCommitWait: cfg.GroupCommitWait, MaxPendingBytes: cfg.MaxPendingBytes,
+		MaxQueueDelay: cfg.MaxQueueDelay, AdmitWait: cfg.AdmitWait,
 		DialOverrides: cfg.RaftDial, RaftLogLevel: cfg.RaftLogLevel, TLS: sec.cluster,
 	}, state, clock, log, reg)
 	if err != nil {
