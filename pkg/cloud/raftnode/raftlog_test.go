@@ -52,6 +52,11 @@ func TestRaftLogsThroughSlog(t *testing.T) {
 		t.Fatal("not leader")
 	}
 
+	// IsLeader can turn true before raft's goroutine has logged the
+	// transition: wait for the line, then read everything.
+	waitFor(t, "raft's leader line in the slog output", func() bool {
+		return strings.Contains(out.String(), "entering leader state")
+	})
 	var raftLines, leaderLines int
 	sc := bufio.NewScanner(strings.NewReader(out.String()))
 	for sc.Scan() {
