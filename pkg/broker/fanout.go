@@ -307,8 +307,9 @@ func (l *liveFeed) offer(m fanMsg, now time.Time) (time.Time, bool) {
 // topic idle for an interval is forgotten.
 //
 // A pass sends at most 2/livePasses of the topics, those due longest
-// first; the rest are due at once, for the next pass (a livePasses-th of
-// an interval later, wait's floor). Topics whose devices publish all the
+// first, and any due for half an interval or more; the rest are due at
+// once, for the next pass (a livePasses-th of an interval later, wait's
+// floor). Topics whose devices publish all the
 // time are held all the time and fall due one interval after their last
 // send: without the cap, topics that once fell due together (the devices
 // that were publishing when the first phone came) would go out together
@@ -316,7 +317,8 @@ func (l *liveFeed) offer(m fanMsg, now time.Time) (time.Time, bool) {
 // burst of every phone's delivery that delays the last phones by the
 // burst and the ingest writer's commits and acks behind it. The cap
 // spreads them over the interval once, and each keeps its own time after.
-// A topic put off is sent a little late, with the latest message of it.
+// A topic put off is sent a little late (half an interval at most, or at
+// the first pass after), with the latest message of it.
 func (l *liveFeed) due(now time.Time, out []fanMsg) ([]fanMsg, time.Time) {
 	var next time.Time
 	ready := l.ready[:0]
@@ -335,8 +337,16 @@ func (l *liveFeed) due(now time.Time, out []fanMsg) ([]fanMsg, time.Time) {
 	}
 	if most := max(1, 2*len(l.topics)/livePasses); len(ready) > most {
 		slices.SortFunc(ready, func(a, b readyTopic) int { return a.at.Compare(b.at) })
-		clear(ready[most:])
-		ready, next = ready[:most], now
+		// Those put off for half an interval go now: when passes come
+		// late (a starved fan-out), the cap must not hold topics back.
+		late := now.Add(-l.every / 2)
+		for most < len(ready) && !ready[most].at.After(late) {
+			most++
+		}
+		if most < len(ready) {
+			clear(ready[most:])
+			ready, next = ready[:most], now
+		}
 	}
 	for _, r := range ready {
 		out = append(out, r.t.held)
