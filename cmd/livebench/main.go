@@ -11,6 +11,16 @@
 // Phones get each topic at most once per the edge's mqtt.live_interval
 // (-live-interval), so phone_deliveries is at most phones × duration /
 // interval. -cpuprofile and -memprofile profile the run with phones.
+//
+// Where the latency goes (stages.go): phone_stages splits each delivery
+// into the device's wait for room in its window (a reading's timestamp is
+// taken before it), its publish to its PUBACK (the durable commit is in
+// it), and the PUBACK to the phone's read (the live feed's hold, the
+// fan-out, the phone's write and read), with the stages' mean over the
+// slowest 1 %; publish_to_ack is every reading's, in both runs; edge_* are
+// the edge's histograms over each run (commit, ack, and a live message from
+// its commit to the mirror and to the phone's WebSocket), as bucket bounds.
+//
 // Caveats: the load generator shares the process and the machine with the
 // edge, so rss_kb_per_phone includes each phone's small client as well as
 // the edge's session, and the clients' CPU is the edge's too; latency is
