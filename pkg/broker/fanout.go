@@ -105,7 +105,8 @@ func (f *fanout) enqueue(m fanMsg) {
 //
 // Each routed message is offered to the live mirror too, which sends it
 // to phones at once or holds it until its topic's interval has passed; a
-// timer sends what is held.
+// timer sends what is held, with the next batch if one comes within a
+// livePasses-th of the interval (its messages are fresher).
 func (f *fanout) run(ctx context.Context) {
 	batch := make([]fanMsg, 0, 256)
 	last := map[fanKey]int{}
@@ -127,24 +128,45 @@ func (f *fanout) run(ctx context.Context) {
 		}
 	}
 	var due []fanMsg
+	// ripe: the timer found held messages due; they go with the next
+	// batch, whose messages are the freshest there will be (a pass at the
+	// timer sends what came with the last commit, up to a commit's time
+	// old), or when the timer fires again if no batch comes first.
+	ripe := false
+	pass := func() {
+		var next time.Time
+		at := f.now()
+		due, next = f.live.due(at, due[:0])
+		for _, m := range due {
+			f.mirror(m)
+		}
+		clear(due)
+		wake = nil
+		switch now := f.now(); {
+		case !next.IsZero():
+			arm(next, now)
+		case len(f.live.topics) > 0: // to forget them once idle
+			arm(now.Add(f.live.every), now)
+		default:
+			timer.Stop()
+		}
+		// Topics the pass put off (due says they are due at once) are
+		// ripe already: the next pass need not wait for the timer twice.
+		ripe = next.Equal(at)
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-wake:
-			var next time.Time
-			due, next = f.live.due(f.now(), due[:0])
-			for _, m := range due {
-				f.mirror(m)
+			if ripe {
+				pass()
+				continue
 			}
-			clear(due)
-			wake = nil
-			switch now := f.now(); {
-			case !next.IsZero():
-				arm(next, now)
-			case len(f.live.topics) > 0: // to forget them once idle
-				arm(now.Add(f.live.every), now)
-			}
+			// wait's floor: a batch's arm cannot bring it forward.
+			d := f.live.every / livePasses
+			timer.Reset(d)
+			ripe, wakeAt = true, f.now().Add(d)
 			continue
 		case m := <-f.q:
 			batch = append(batch[:0], m)
@@ -186,6 +208,9 @@ func (f *fanout) run(ctx context.Context) {
 		if f.live != nil && f.live.skipped > 0 {
 			f.met.liveSkipped.Add(float64(f.live.skipped))
 			f.live.skipped = 0
+		}
+		if ripe {
+			pass()
 		}
 		clear(batch[:n]) // drop payload references
 	}

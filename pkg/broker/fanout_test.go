@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -343,5 +344,52 @@ func TestLiveFeedSpreadsTopics(t *testing.T) {
 			}
 			t.Logf("%d passes in 10 intervals, at most %d topics each once spread", passes, biggest)
 		})
+	}
+}
+
+// TestLiveFeedSendsWithTheNextBatch: held messages that fall due go out
+// with the next batch of stored messages (the freshest there will be)
+// rather than when the timer finds them due, and without one, a
+// livePasses-th of the interval later.
+func TestLiveFeedSendsWithTheNextBatch(t *testing.T) {
+	const every = 2 * time.Second
+	out := make(recorder, 64)
+	f := newFanout(out, 64, every, func() bool { return true }, newMetrics(nil), slog.New(slog.DiscardHandler))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); f.run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	next := func(what string) string {
+		t.Helper()
+		for {
+			select {
+			case got := <-out:
+				if strings.HasPrefix(got, livePrefix) {
+					return got
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s: nothing mirrored within 10s", what)
+			}
+		}
+	}
+	const topic = "sensors/a/telemetry"
+	start := time.Now()
+	f.forward(topic, []byte("first"), 0, false)
+	if got := next("first"); got != livePrefix+topic+"=first" {
+		t.Fatalf("mirrored %q, want the first message at once", got)
+	}
+	f.forward(topic, []byte("held"), 0, false)
+	// Due an interval after the first went (after start); the timer finds
+	// it then, and a batch comes 10 ms later, well within the 100 ms the
+	// pass waits for one.
+	time.Sleep(time.Until(start.Add(every + 10*time.Millisecond)))
+	f.forward(topic, []byte("fresh"), 0, false)
+	if got := next("held"); got != livePrefix+topic+"=fresh" {
+		t.Fatalf("mirrored %q, want the batch that came after the topic fell due (fresh)", got)
+	}
+	// Without a batch, the held message goes a little after it is due.
+	f.forward(topic, []byte("alone"), 0, false)
+	if got := next("alone"); got != livePrefix+topic+"=alone" {
+		t.Fatalf("mirrored %q, want alone", got)
 	}
 }
