@@ -334,9 +334,8 @@ func (l *liveFeed) offer(m fanMsg, now time.Time) (time.Time, bool) {
 // A pass sends at most 2/livePasses of the topics, those due longest
 // first, and any due for half an interval or more; the rest are due at
 // once, for the next pass (a livePasses-th of an interval later, wait's
-// floor). Topics whose devices publish all the
-// time are held all the time and fall due one interval after their last
-// send: without the cap, topics that once fell due together (the devices
+// floor). Topics whose devices publish all the time are held all the time
+// and fall due one interval after their last send: without the cap, topics that once fell due together (the devices
 // that were publishing when the first phone came) would go out together
 // every interval after, and the phones' write loops with them, in one
 // burst of every phone's delivery that delays the last phones by the

@@ -161,10 +161,10 @@ func (h *phoneHook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.P
 	return pk
 }
 
-// OnUnsubscribe unsubscribes phones from where OnSubscribe subscribed them.
 // OnPacketSent observes a live message's latency from its commit to its
-// write to a phone's WebSocket. Retained messages a subscription brings
-// (retain flag set) are not live deliveries and are not observed.
+// write to a phone's WebSocket. A delivery with the retain flag set is not
+// observed: it is mostly a retained message a subscription brings, not a
+// live one (an MQTT 5 phone's retain-as-published deliveries go unseen too).
 func (h *phoneHook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
 	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Retain || !isPhone(cl) {
 		return
@@ -174,6 +174,7 @@ func (h *phoneHook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
 	}
 }
 
+// OnUnsubscribe unsubscribes phones from where OnSubscribe subscribed them.
 func (h *phoneHook) OnUnsubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
 	if isPhone(cl) {
 		for i := range pk.Filters {
