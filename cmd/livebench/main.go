@@ -11,6 +11,16 @@
 // Phones get each topic at most once per the edge's mqtt.live_interval
 // (-live-interval), so phone_deliveries is at most phones × duration /
 // interval. -cpuprofile and -memprofile profile the run with phones.
+//
+// Where the latency goes (stages.go): phone_stages splits each delivery
+// into the device's wait for room in its window (a reading's timestamp is
+// taken before it), its publish to its PUBACK (the durable commit is in
+// it), and the PUBACK to the phone's read (the live feed's hold, the
+// fan-out, the phone's write and read), with the stages' mean over the
+// slowest 1 %; publish_to_ack is every reading's, in both runs; edge_* are
+// the edge's histograms over each run (commit, ack, and a live message from
+// its commit to the mirror and to the phone's WebSocket), as bucket bounds.
+//
 // Caveats: the load generator shares the process and the machine with the
 // edge, so rss_kb_per_phone includes each phone's small client as well as
 // the edge's session, and the clients' CPU is the edge's too; latency is
@@ -31,6 +41,7 @@ import (
 	"runtime/pprof"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -99,6 +110,14 @@ func run(o options) error {
 
 	start := time.Now()
 	var lat latencies
+	var stages deliveries
+	rings := make([]ring, o.devices)
+	acks := new(hist)
+	edgeHists := []string{"outpost_ingest_commit_duration_seconds", "outpost_ingest_ack_duration_seconds", "outpost_mqtt_live_hold_duration_seconds", "outpost_mqtt_live_delivery_duration_seconds"}
+	m0, err := scrape(e.HTTPAddr(), token, edgeHists...)
+	if err != nil {
+		return err
+	}
 	devs := make([]paho.Client, o.devices)
 	for i := range devs {
 		c := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + e.MQTTAddr()).
@@ -109,7 +128,13 @@ func run(o options) error {
 		defer c.Disconnect(50)
 		devs[i] = c
 	}
-	without := publish(devs, o, start)
+	without := publish(devs, rings, acks, o, start)
+	acksWithout := acks.summary()
+	acks.reset()
+	m1, err := scrape(e.HTTPAddr(), token, edgeHists...)
+	if err != nil {
+		return err
+	}
 
 	runtime.GC()
 	rss0 := benchproc.StatusMB(os.Getpid())["VmRSS"]
@@ -117,8 +142,18 @@ func run(o options) error {
 	for i := range o.phones {
 		dev := i % o.devices
 		p, err := dialPhone("ws://"+e.HTTPAddr()+"/mqtt", token, fmt.Sprintf("phone%d", i), fmt.Sprintf("sensors/dev%d/telemetry", dev), &pool, func(b []byte) {
-			if us, ok := sentAt(b); ok {
-				lat.add(time.Since(start) - time.Duration(us)*time.Microsecond)
+			if us, n, ok := sentAt(b); ok {
+				now := time.Since(start)
+				lat.add(now - time.Duration(us)*time.Microsecond)
+				d := delivery{total: now.Microseconds() - us, ack: -1, afterAck: -1}
+				if re := rings[dev].at(n); re.t0.Load() == us {
+					sent, acked := re.sent.Load(), re.acked.Load()
+					d.wait = sent - us
+					if acked >= sent {
+						d.ack, d.afterAck = acked-sent, now.Microseconds()-acked
+					}
+				}
+				stages.add(d)
 			}
 		})
 		if err != nil {
@@ -129,6 +164,11 @@ func run(o options) error {
 	runtime.GC()
 	rss1 := benchproc.StatusMB(os.Getpid())["VmRSS"]
 	lat.reset()
+	stages.reset()
+	m2, err := scrape(e.HTTPAddr(), token, edgeHists...)
+	if err != nil {
+		return err
+	}
 	if o.cpuProfile != "" {
 		f, err := os.Create(o.cpuProfile)
 		if err != nil {
@@ -139,8 +179,12 @@ func run(o options) error {
 			return err
 		}
 	}
-	with := publish(devs, o, start)
+	with := publish(devs, rings, acks, o, start)
 	pprof.StopCPUProfile()
+	m3, err := scrape(e.HTTPAddr(), token, edgeHists...)
+	if err != nil {
+		return err
+	}
 	if o.memProfile != "" {
 		if err := writeHeap(o.memProfile); err != nil {
 			return err
@@ -151,11 +195,23 @@ func run(o options) error {
 		"devices": o.devices, "phones": o.phones, "duration_s": o.duration.Seconds(), "live_interval_ms": cfg.MQTT.LiveInterval.Milliseconds(),
 		"ingest_rps": round(without), "ingest_rps_with_phones": round(with), "ratio": round(with / without),
 		"phone_deliveries": n, "phone_p50_ms": round(p50), "phone_p99_ms": round(p99),
-		"rss_kb_per_phone": round((rss1 - rss0) * 1024 / float64(max(1, o.phones))),
+		"rss_kb_per_phone":    round((rss1 - rss0) * 1024 / float64(max(1, o.phones))),
+		"publish_to_ack":      map[string]any{"without_phones": acksWithout, "with_phones": acks.summary()},
+		"phone_stages":        stages.breakdown(),
+		"edge_without_phones": edgeStages(m0, m1, edgeHists), "edge_with_phones": edgeStages(m2, m3, edgeHists),
 	}
 	b, _ := json.Marshal(out)
 	fmt.Println(string(b))
 	return nil
+}
+
+// edgeStages: each edge histogram's quantiles over one run.
+func edgeStages(before, after map[string]map[float64]float64, names []string) map[string]any {
+	out := map[string]any{}
+	for _, n := range names {
+		out[strings.TrimPrefix(n, "outpost_")] = bucketQuantiles(before[n], after[n])
+	}
+	return out
 }
 
 // writeHeap writes the heap profile: pprof's -sample_index=alloc_space
@@ -171,8 +227,11 @@ func writeHeap(path string) error {
 }
 
 // publish has every device publish QoS 1 readings, o.inflight at a time,
-// for o.duration, and returns the acknowledged rate.
-func publish(devs []paho.Client, o options, start time.Time) float64 {
+// for o.duration, and returns the acknowledged rate. Each reading's body
+// is made before the device waits for room in its window (its "t" is the
+// phone latency's start); its publish call and its ack are noted in the
+// device's ring, and publish→ack in acks.
+func publish(devs []paho.Client, rings []ring, acks *hist, o options, start time.Time) float64 {
 	var acked atomic.Int64
 	stop := time.Now().Add(o.duration)
 	var wg sync.WaitGroup
@@ -181,37 +240,63 @@ func publish(devs []paho.Client, o options, start time.Time) float64 {
 		go func() {
 			defer wg.Done()
 			topic := fmt.Sprintf("sensors/dev%d/telemetry", i)
-			window := make(chan paho.Token, o.inflight)
+			type pending struct {
+				tok paho.Token
+				e   *ringEntry
+			}
+			room := make(chan struct{}, o.inflight) // a slot per publish in flight
+			window := make(chan pending, o.inflight)
+			done := make(chan struct{})
+			go func() { // the device's acks, in publish order
+				defer close(done)
+				for p := range window {
+					if p.tok.WaitTimeout(30*time.Second) && p.tok.Error() == nil {
+						now := time.Since(start).Microseconds()
+						p.e.acked.Store(now)
+						acks.add(time.Duration(now-p.e.sent.Load()) * time.Microsecond)
+						acked.Add(1)
+					}
+					<-room
+				}
+			}()
 			n := 0
 			for time.Now().Before(stop) {
 				n++
-				body := fmt.Sprintf(`{"ts": %d, "metrics": {"t": %d, "n": %d}}`, time.Now().UnixMilli(), time.Since(start).Microseconds(), n)
-				if len(window) == cap(window) {
-					if t := <-window; t.WaitTimeout(30*time.Second) && t.Error() == nil {
-						acked.Add(1)
-					}
-				}
-				window <- c.Publish(topic, 1, false, body)
+				t0 := time.Since(start).Microseconds()
+				body := fmt.Sprintf(`{"ts": %d, "metrics": {"t": %d, "n": %d}}`, time.Now().UnixMilli(), t0, n)
+				room <- struct{}{}
+				e := rings[i].at(n)
+				e.acked.Store(0)
+				e.t0.Store(t0)
+				e.sent.Store(time.Since(start).Microseconds())
+				window <- pending{c.Publish(topic, 1, false, body), e}
 			}
-			for len(window) > 0 {
-				if t := <-window; t.WaitTimeout(30*time.Second) && t.Error() == nil {
-					acked.Add(1)
-				}
-			}
+			close(window)
+			<-done
 		}()
 	}
 	wg.Wait()
 	return float64(acked.Load()) / o.duration.Seconds()
 }
 
-// sentAt extracts metric "t" (µs since start) from a reading.
-func sentAt(p []byte) (int64, bool) {
-	i := bytes.Index(p, []byte(`"t": `))
+// sentAt extracts metrics "t" (µs since start) and "n" (the device's
+// reading number) from a reading.
+func sentAt(p []byte) (t int64, n int, ok bool) {
+	t, ok = metric(p, `"t": `, ',')
+	if !ok {
+		return 0, 0, false
+	}
+	n64, ok := metric(p, `"n": `, '}')
+	return t, int(n64), ok
+}
+
+func metric(p []byte, key string, end byte) (int64, bool) {
+	i := bytes.Index(p, []byte(key))
 	if i < 0 {
 		return 0, false
 	}
-	p = p[i+5:]
-	j := bytes.IndexByte(p, ',')
+	p = p[i+len(key):]
+	j := bytes.IndexByte(p, end)
 	if j < 0 {
 		return 0, false
 	}

@@ -233,6 +233,9 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 		phonesOn = b.phones.any
 	}
 	b.fan = newFanout(srv, cfg.FanoutQueue, cfg.LiveInterval, phonesOn, met, cfg.Logger)
+	if b.phones != nil {
+		b.phones.stamps = b.fan.stamps
+	}
 	b.wg.Add(1)
 	go func() { defer b.wg.Done(); b.fan.run(ctx) }()
 	b.pres = newPresence(cfg.ServiceUsers)

@@ -3,6 +3,9 @@ package broker
 import (
 	"context"
 	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -33,9 +36,12 @@ type fanout struct {
 	// phonesOn reports whether any phone is connected: without one, only
 	// retained messages are mirrored (for phones that subscribe later).
 	phonesOn func() bool
-	met      *metrics
-	log      *slog.Logger
-	now      func() time.Time
+	// stamps: when each topic's message last mirrored was committed,
+	// for outpost_mqtt_live_delivery_duration_seconds (phone.go).
+	stamps *liveStamps
+	met    *metrics
+	log    *slog.Logger
+	now    func() time.Time
 }
 
 // publisher routes one message to the broker's subscribers (mochi's
@@ -52,28 +58,32 @@ type fanMsg struct {
 	// liveOnly: mochi routed it to TCP subscribers itself (QoS 2); only
 	// the live mirror is fed.
 	liveOnly bool
+	// at is when the writer finished with it (Unix ns): the start of its
+	// live delivery's latency.
+	at int64
 }
 
 // newFanout: a non-nil phonesOn enables the live mirror, at one message
 // per topic per every.
 func newFanout(srv publisher, size int, every time.Duration, phonesOn func() bool, met *metrics, log *slog.Logger) *fanout {
-	f := &fanout{srv: srv, q: make(chan fanMsg, size), met: met, log: log, now: time.Now}
+	f := &fanout{srv: srv, q: make(chan fanMsg, size), stamps: &liveStamps{}, met: met, log: log, now: time.Now}
 	if phonesOn != nil {
 		f.live, f.phonesOn = newLiveFeed(every), phonesOn
+		f.live.stamps = f.stamps
 	}
 	return f
 }
 
 // forward queues a stored message for routing; it never blocks.
 func (f *fanout) forward(topic string, payload []byte, qos byte, retain bool) {
-	f.enqueue(fanMsg{topic: topic, payload: payload, qos: qos, retain: retain})
+	f.enqueue(fanMsg{topic: topic, payload: payload, qos: qos, retain: retain, at: f.now().UnixNano()})
 }
 
 // forwardLive queues a stored message mochi has routed itself for the
 // phones' live mirror only; it never blocks.
 func (f *fanout) forwardLive(topic string, payload []byte, qos byte, retain bool) {
 	if f.live != nil {
-		f.enqueue(fanMsg{topic: topic, payload: payload, qos: qos, retain: retain, liveOnly: true})
+		f.enqueue(fanMsg{topic: topic, payload: payload, qos: qos, retain: retain, liveOnly: true, at: f.now().UnixNano()})
 	}
 }
 
@@ -95,7 +105,8 @@ func (f *fanout) enqueue(m fanMsg) {
 //
 // Each routed message is offered to the live mirror too, which sends it
 // to phones at once or holds it until its topic's interval has passed; a
-// timer sends what is held.
+// timer sends what is held, with the next batch if one comes within a
+// livePasses-th of the interval (its messages are fresher).
 func (f *fanout) run(ctx context.Context) {
 	batch := make([]fanMsg, 0, 256)
 	last := map[fanKey]int{}
@@ -117,24 +128,45 @@ func (f *fanout) run(ctx context.Context) {
 		}
 	}
 	var due []fanMsg
+	// ripe: the timer found held messages due; they go with the next
+	// batch, whose messages are the freshest there will be (a pass at the
+	// timer sends what came with the last commit, up to a commit's time
+	// old), or when the timer fires again if no batch comes first.
+	ripe := false
+	pass := func() {
+		var next time.Time
+		at := f.now()
+		due, next = f.live.due(at, due[:0])
+		for _, m := range due {
+			f.mirror(m)
+		}
+		clear(due)
+		wake = nil
+		switch now := f.now(); {
+		case !next.IsZero():
+			arm(next, now)
+		case len(f.live.topics) > 0: // to forget them once idle
+			arm(now.Add(f.live.every), now)
+		default:
+			timer.Stop()
+		}
+		// Topics the pass put off (due says they are due at once) are
+		// ripe already: the next pass need not wait for the timer twice.
+		ripe = next.Equal(at)
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-wake:
-			var next time.Time
-			due, next = f.live.due(f.now(), due[:0])
-			for _, m := range due {
-				f.mirror(m)
+			if ripe {
+				pass()
+				continue
 			}
-			clear(due)
-			wake = nil
-			switch now := f.now(); {
-			case !next.IsZero():
-				arm(next, now)
-			case len(f.live.topics) > 0: // to forget them once idle
-				arm(now.Add(f.live.every), now)
-			}
+			// wait's floor: a batch's arm cannot bring it forward.
+			d := f.live.every / livePasses
+			timer.Reset(d)
+			ripe, wakeAt = true, f.now().Add(d)
 			continue
 		case m := <-f.q:
 			batch = append(batch[:0], m)
@@ -177,12 +209,19 @@ func (f *fanout) run(ctx context.Context) {
 			f.met.liveSkipped.Add(float64(f.live.skipped))
 			f.live.skipped = 0
 		}
+		if ripe {
+			pass()
+		}
 		clear(batch[:n]) // drop payload references
 	}
 }
 
 // mirror publishes m on the live mirror of its topic, to phones.
 func (f *fanout) mirror(m fanMsg) {
+	if m.at != 0 {
+		f.met.liveHold.Observe(time.Duration(f.now().UnixNano() - m.at).Seconds())
+	}
+	f.stamps.note(m.topic, m.at)
 	if err := f.srv.Publish(livePrefix+m.topic, m.payload, m.retain, m.qos); err != nil {
 		f.log.Debug("live feed publish failed", "topic", m.topic, "err", err)
 	}
@@ -233,14 +272,18 @@ const livePrefix = "$live/"
 // liveFeed is the phones' rate: each topic's messages (retained and not
 // retained apart) are sent at most once per interval, the first at once
 // and the latest of those that came meanwhile when the interval has
-// passed, so a phone's view lags a topic by at most about one interval,
-// costs at most one delivery per topic and phone per interval however fast
-// devices publish, and ends on the topic's last message. It is the fan-out
+// passed, so a phone's view lags a topic by about one interval at most
+// (a little more when many topics fall due together: see due), costs at
+// most one delivery per topic and phone per interval however fast devices
+// publish, and ends on the topic's last message. It is the fan-out
 // goroutine's.
 type liveFeed struct {
 	every   time.Duration
 	topics  map[fanKey]*liveTopic
 	skipped int // held messages replaced by a newer one, since the caller last took the count
+	// stamps forgets a topic with it (the fan-out's; nil in tests).
+	stamps *liveStamps
+	ready  []readyTopic // due's scratch space
 }
 
 type liveTopic struct {
@@ -248,6 +291,17 @@ type liveTopic struct {
 	held    fanMsg    // the latest message since, when holding
 	holding bool
 }
+
+type readyTopic struct {
+	at time.Time
+	t  *liveTopic
+}
+
+// livePasses is how many passes of due an interval holds at most
+// (wait's floor), and each pass sends at most 2/livePasses of the topics:
+// topics that fall due together are spread over the interval instead of
+// going out at once, every interval after (see due).
+const livePasses = 20
 
 func newLiveFeed(every time.Duration) *liveFeed {
 	return &liveFeed{every: every, topics: map[fanKey]*liveTopic{}}
@@ -276,29 +330,103 @@ func (l *liveFeed) offer(m fanMsg, now time.Time) (time.Time, bool) {
 // due appends the held messages whose interval has passed to out and
 // returns it with the time the next one is due (zero if none is held). A
 // topic idle for an interval is forgotten.
+//
+// A pass sends at most 2/livePasses of the topics, those due longest
+// first, and any due for half an interval or more; the rest are due at
+// once, for the next pass (a livePasses-th of an interval later, wait's
+// floor). Topics whose devices publish all the time are held all the time
+// and fall due one interval after their last send: without the cap, topics that once fell due together (the devices
+// that were publishing when the first phone came) would go out together
+// every interval after, and the phones' write loops with them, in one
+// burst of every phone's delivery that delays the last phones by the
+// burst and the ingest writer's commits and acks behind it. The cap
+// spreads them over the interval once, and each keeps its own time after.
+// A topic put off is sent a little late (half an interval at most, or at
+// the first pass after), with the latest message of it.
 func (l *liveFeed) due(now time.Time, out []fanMsg) ([]fanMsg, time.Time) {
 	var next time.Time
+	ready := l.ready[:0]
 	for k, t := range l.topics {
 		switch at := t.sent.Add(l.every); {
 		case t.holding && !now.Before(at):
-			out = append(out, t.held)
-			t.held, t.holding, t.sent = fanMsg{}, false, now
+			ready = append(ready, readyTopic{at, t})
 		case t.holding:
 			if next.IsZero() || at.Before(next) {
 				next = at
 			}
 		case !now.Before(at):
 			delete(l.topics, k)
+			l.stamps.forget(k.topic)
 		}
 	}
+	if most := max(1, 2*len(l.topics)/livePasses); len(ready) > most {
+		slices.SortFunc(ready, func(a, b readyTopic) int { return a.at.Compare(b.at) })
+		// Those put off for half an interval go now: when passes come
+		// late (a starved fan-out), the cap must not hold topics back.
+		late := now.Add(-l.every / 2)
+		for most < len(ready) && !ready[most].at.After(late) {
+			most++
+		}
+		if most < len(ready) {
+			clear(ready[most:])
+			ready, next = ready[:most], now
+		}
+	}
+	for _, r := range ready {
+		out = append(out, r.t.held)
+		r.t.held, r.t.holding, r.t.sent = fanMsg{}, false, now
+	}
+	clear(ready)
+	l.ready = ready[:0]
 	return out, next
 }
 
-// wait is how long to sleep until next: not less than an eighth of the
-// interval, so that topics falling due one by one are sent in a few
+// wait is how long to sleep until next: not less than a livePasses-th of
+// the interval, so that topics falling due one by one are sent in a few
 // passes per interval rather than one pass each.
 func (l *liveFeed) wait(next, now time.Time) time.Duration {
-	return max(next.Sub(now), l.every/8)
+	return max(next.Sub(now), l.every/livePasses)
+}
+
+// liveStamps holds, per topic, when the message the live mirror last
+// published of it was committed: a phone's write of it (phoneHook's
+// OnPacketSent) observes outpost_mqtt_live_delivery_duration_seconds from
+// it. The fan-out writes it, phones' write loops read it. A topic is
+// mirrored at most once per interval and sent to phones well within one,
+// so the stamp is that of the message being written (a phone written to
+// later than an interval after may be observed against the next one).
+type liveStamps struct {
+	m sync.Map // topic → *atomic.Int64 (Unix ns)
+}
+
+func (s *liveStamps) note(topic string, at int64) {
+	if s == nil || at == 0 {
+		return
+	}
+	if v, ok := s.m.Load(topic); ok {
+		v.(*atomic.Int64).Store(at)
+		return
+	}
+	v := new(atomic.Int64)
+	v.Store(at)
+	s.m.Store(topic, v)
+}
+
+// at is the commit time of topic's last mirrored message, or 0.
+func (s *liveStamps) at(topic string) int64 {
+	if s == nil {
+		return 0
+	}
+	if v, ok := s.m.Load(topic); ok {
+		return v.(*atomic.Int64).Load()
+	}
+	return 0
+}
+
+func (s *liveStamps) forget(topic string) {
+	if s != nil {
+		s.m.Delete(topic)
+	}
 }
 
 // Forward routes a message the edge stored to the broker's subscribers, at

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -255,5 +256,140 @@ func TestLiveFeedUnderLoad(t *testing.T) {
 		if got := out.n[livePrefix+fmt.Sprintf("sensors/d%d/telemetry", k)]; got < 8 {
 			t.Errorf("topic %d reached phones %d times in %s at one per %s, want about %d", k, got, run, interval, run/interval)
 		}
+	}
+}
+
+// TestLiveFeedSpreadsTopics: topics that fall due together (every device
+// publishing all the time since the first phone came) are spread over the
+// interval: no pass sends more than 2/livePasses of them, those put off go
+// in the next passes, and once spread each keeps its own time, so that
+// phones' deliveries do not come in one burst every interval. Every topic
+// still reaches phones about once per interval, never twice within one,
+// and always with its latest message; when passes come late (a starved
+// fan-out), the cap does not hold topics back more than half an interval.
+func TestLiveFeedSpreadsTopics(t *testing.T) {
+	const (
+		every  = 100 * time.Millisecond
+		topics = 40
+		most   = 2 * topics / livePasses
+	)
+	for _, tc := range []struct {
+		name   string
+		starve time.Duration // passes come no sooner than this after the last
+	}{
+		{"on time", 0},
+		{"starved", 40 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t0 := time.Unix(1000, 0)
+			l := newLiveFeed(every)
+			topic := func(k int) string { return fmt.Sprintf("sensors/d%d/telemetry", k) }
+			sent := map[string][]time.Duration{}
+			last := map[string]string{}
+			offer := func(now time.Time, k int) {
+				m := fanMsg{topic: topic(k), payload: []byte(fmt.Sprint(now.Sub(t0)))}
+				last[m.topic] = string(m.payload)
+				if _, held := l.offer(m, now); !held {
+					sent[m.topic] = append(sent[m.topic], now.Sub(t0))
+				}
+			}
+			// The fan-out's timer: a pass when the next is due, not
+			// sooner than wait allows after the last one.
+			var wakeAt time.Time
+			arm := func(next, now time.Time) {
+				if !next.IsZero() {
+					wakeAt = now.Add(max(l.wait(next, now), tc.starve))
+				}
+			}
+			for k := range topics {
+				offer(t0, k)
+			}
+			arm(t0.Add(every), t0)
+			passes, biggest := 0, 0
+			for now := t0.Add(time.Millisecond); now.Before(t0.Add(10 * every)); now = now.Add(time.Millisecond) {
+				for k := range topics { // every device publishes every millisecond
+					offer(now, k)
+				}
+				if now.Before(wakeAt) {
+					continue
+				}
+				out, next := l.due(now, nil)
+				passes++
+				if tc.starve == 0 && len(out) > most {
+					t.Fatalf("pass at %v sent %d topics, want at most %d", now.Sub(t0), len(out), most)
+				}
+				if now.After(t0.Add(3*every)) && len(out) > biggest {
+					biggest = len(out)
+				}
+				for _, m := range out {
+					if string(m.payload) != last[m.topic] {
+						t.Fatalf("pass at %v sent %s %s, want its latest %s", now.Sub(t0), m.topic, m.payload, last[m.topic])
+					}
+					sent[m.topic] = append(sent[m.topic], now.Sub(t0))
+				}
+				arm(next, now)
+			}
+			for k := range topics {
+				s := sent[topic(k)]
+				for i := 1; i < len(s); i++ {
+					// Due one interval after the last send, put off by
+					// half an interval at most, then the next pass.
+					if gap := s[i] - s[i-1]; gap < every || gap > every+every/2+max(tc.starve, every/livePasses) {
+						t.Fatalf("%s sent at %v: a gap of %v", topic(k), s, gap)
+					}
+				}
+				if len(s) < 6 {
+					t.Fatalf("%s sent %d times in 10 intervals, want about 10", topic(k), len(s))
+				}
+			}
+			t.Logf("%d passes in 10 intervals, at most %d topics each once spread", passes, biggest)
+		})
+	}
+}
+
+// TestLiveFeedSendsWithTheNextBatch: held messages that fall due go out
+// with the next batch of stored messages (the freshest there will be)
+// rather than when the timer finds them due, and without one, a
+// livePasses-th of the interval later.
+func TestLiveFeedSendsWithTheNextBatch(t *testing.T) {
+	const every = 2 * time.Second
+	out := make(recorder, 64)
+	f := newFanout(out, 64, every, func() bool { return true }, newMetrics(nil), slog.New(slog.DiscardHandler))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); f.run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	next := func(what string) string {
+		t.Helper()
+		for {
+			select {
+			case got := <-out:
+				if strings.HasPrefix(got, livePrefix) {
+					return got
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s: nothing mirrored within 10s", what)
+			}
+		}
+	}
+	const topic = "sensors/a/telemetry"
+	start := time.Now()
+	f.forward(topic, []byte("first"), 0, false)
+	if got := next("first"); got != livePrefix+topic+"=first" {
+		t.Fatalf("mirrored %q, want the first message at once", got)
+	}
+	f.forward(topic, []byte("held"), 0, false)
+	// Due an interval after the first went (after start); the timer finds
+	// it then, and a batch comes 10 ms later, well within the 100 ms the
+	// pass waits for one.
+	time.Sleep(time.Until(start.Add(every + 10*time.Millisecond)))
+	f.forward(topic, []byte("fresh"), 0, false)
+	if got := next("held"); got != livePrefix+topic+"=fresh" {
+		t.Fatalf("mirrored %q, want the batch that came after the topic fell due (fresh)", got)
+	}
+	// Without a batch, the held message goes a little after it is due.
+	f.forward(topic, []byte("alone"), 0, false)
+	if got := next("alone"); got != livePrefix+topic+"=alone" {
+		t.Fatalf("mirrored %q, want alone", got)
 	}
 }

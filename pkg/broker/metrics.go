@@ -14,11 +14,16 @@ type metrics struct {
 	fanDropped   prometheus.Counter
 	fanConflated prometheus.Counter
 	liveSkipped  prometheus.Counter
+	liveHold     prometheus.Histogram
+	liveDelivery prometheus.Histogram
 	phones       prometheus.Gauge
 	phoneEnds    *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
+	// The live feed's latencies, resolved around its target (a
+	// publish-to-phone p99 of 50 ms) and up to a few intervals.
+	liveBuckets := []float64{.001, .002, .005, .01, .02, .03, .05, .075, .1, .15, .2, .3, .5, 1, 2}
 	m := &metrics{
 		acceptErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "outpost_mqtt_accept_errors_total",
@@ -48,6 +53,16 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "outpost_mqtt_live_skipped_total",
 			Help: "Stored messages not sent to phones because a newer message of the same topic came within the live interval (mqtt.live_interval); they are in the store.",
 		}),
+		liveHold: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "outpost_mqtt_live_hold_duration_seconds",
+			Help:    "From a message's commit to its publish on the live mirror, for phones: the fan-out's queue and the live feed's hold (up to mqtt.live_interval when the topic was sent less than an interval before).",
+			Buckets: liveBuckets,
+		}),
+		liveDelivery: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "outpost_mqtt_live_delivery_duration_seconds",
+			Help:    "From a message's commit to its write to a phone's WebSocket (/mqtt): the live feed's hold (up to mqtt.live_interval), the fan-out and the phone's write loop.",
+			Buckets: liveBuckets,
+		}),
 		phones: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "outpost_mqtt_phone_sessions",
 			Help: "Phone MQTT sessions over WebSocket (/mqtt) open now.",
@@ -58,7 +73,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}, []string{"reason"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.acceptErrors, m.refused, m.loginFails, m.restored, m.fanDropped, m.fanConflated, m.liveSkipped, m.phones, m.phoneEnds)
+		reg.MustRegister(m.acceptErrors, m.refused, m.loginFails, m.restored, m.fanDropped, m.fanConflated, m.liveSkipped, m.liveHold, m.liveDelivery, m.phones, m.phoneEnds)
 	}
 	return m
 }

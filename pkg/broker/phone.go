@@ -89,6 +89,9 @@ type phoneHook struct {
 	met  *metrics
 	log  *slog.Logger
 	ctx  context.Context
+	// stamps are the fan-out's commit times of live messages (set
+	// before the broker starts).
+	stamps *liveStamps
 
 	mu       sync.RWMutex // read-locked for each message routed to a phone
 	sessions map[*mqtt.Client]*phoneSess
@@ -108,7 +111,7 @@ func (h *phoneHook) ID() string { return "outpost-phone" }
 func (h *phoneHook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPacketRead,
-		mqtt.OnSubscribe, mqtt.OnUnsubscribe, mqtt.OnPacketEncode:
+		mqtt.OnSubscribe, mqtt.OnUnsubscribe, mqtt.OnPacketEncode, mqtt.OnPacketSent:
 		return true
 	}
 	return false
@@ -156,6 +159,19 @@ func (h *phoneHook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.P
 		pk.TopicName = strings.TrimPrefix(pk.TopicName, livePrefix)
 	}
 	return pk
+}
+
+// OnPacketSent observes a live message's latency from its commit to its
+// write to a phone's WebSocket. A delivery with the retain flag set is not
+// observed: it is mostly a retained message a subscription brings, not a
+// live one (an MQTT 5 phone's retain-as-published deliveries go unseen too).
+func (h *phoneHook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
+	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Retain || !isPhone(cl) {
+		return
+	}
+	if at := h.stamps.at(pk.TopicName); at != 0 {
+		h.met.liveDelivery.Observe(time.Duration(time.Now().UnixNano() - at).Seconds())
+	}
 }
 
 // OnUnsubscribe unsubscribes phones from where OnSubscribe subscribed them.

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // fakePhones admits the tokens it holds.
@@ -256,4 +257,59 @@ func TestPhoneLiveMirror(t *testing.T) {
 	if g := fmt.Sprint(dashGot); g != "[t1 t2 t3 s1 end]" && g != "[t1 t3 s1 end]" {
 		t.Fatalf("TCP subscriber to # got %v, want every message once and nothing of the mirror", dashGot)
 	}
+}
+
+// TestPhoneLiveLatencyMetrics: a live delivery to a phone is observed from
+// its commit (the fan-out's forward) to the live mirror's publish
+// (outpost_mqtt_live_hold_duration_seconds) and to its write to the phone
+// (outpost_mqtt_live_delivery_duration_seconds); a retained message a
+// later subscription brings is not a live delivery and is not observed.
+func TestPhoneLiveLatencyMetrics(t *testing.T) {
+	u := &fakeSession{openid: "u1", exp: time.Now().Add(time.Hour), read: map[string]bool{"d1": true}}
+	reg := prometheus.NewRegistry()
+	e := newEnv(t, Config{Phones: &fakePhones{sessions: map[string]*fakeSession{"ok": u}}, LiveInterval: time.Hour, Registerer: reg})
+	count := func(name string) uint64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == name {
+				return mf.GetMetric()[0].GetHistogram().GetSampleCount()
+			}
+		}
+		t.Fatalf("%s not registered", name)
+		return 0
+	}
+	waitCount := func(name string, want uint64) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); count(name) != want; {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s observed %d times, want %d", name, count(name), want)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	c, _ := phoneV5(t, e.b, "ok")
+	c.subscribe(t, 1, map[string]byte{"sensors/d1/telemetry": 0})
+	e.b.Forward("sensors/d1/state", []byte("s1"), 0, true) // retained, no phone on it yet
+	waitCount("outpost_mqtt_live_hold_duration_seconds", 1)
+	e.b.Forward("sensors/d1/telemetry", []byte("t1"), 0, false)
+	if topic, body := c.readPub(t); topic != "sensors/d1/telemetry" || body != "t1" {
+		t.Fatalf("phone got %s %q, want sensors/d1/telemetry t1", topic, body)
+	}
+	waitCount("outpost_mqtt_live_hold_duration_seconds", 2)
+	waitCount("outpost_mqtt_live_delivery_duration_seconds", 1)
+	c.subscribe(t, 2, map[string]byte{"sensors/d1/state": 0})
+	if topic, body := c.readPub(t); topic != "sensors/d1/state" || body != "s1" {
+		t.Fatalf("phone got %s %q, want the retained sensors/d1/state s1", topic, body)
+	}
+	// The retained message's write is done once the phone has read it;
+	// a live delivery after it is the only one observed next.
+	e.b.Forward("sensors/d1/state", []byte("s2"), 0, false)
+	if topic, body := c.readPub(t); topic != "sensors/d1/state" || body != "s2" {
+		t.Fatalf("phone got %s %q, want sensors/d1/state s2", topic, body)
+	}
+	waitCount("outpost_mqtt_live_delivery_duration_seconds", 2)
 }
