@@ -86,10 +86,7 @@ func TestStagedMatchesDirect(t *testing.T) {
 			modelAcked[p.Edge] = p.FirstSeq
 			dups := 0
 			for _, r := range p.Changes[0].Readings {
-				k := fmt.Sprintf("%s|%s|ts=%d", p.Edge, p.Changes[0].Device, r.TS)
-				if r.ID != "" {
-					k = fmt.Sprintf("%s|%s|id=%s", p.Edge, p.Changes[0].Device, r.ID)
-				}
+				k := fmt.Sprintf("%s|%s|ts=%d|id=%s", p.Edge, p.Changes[0].Device, r.TS, r.ID)
 				if modelSeen[k] {
 					dups++
 					continue
@@ -186,7 +183,8 @@ func allPages(t *testing.T, f *FSM, q ReadingsQuery) []StoredReading {
 }
 
 // TestStageFlushMovesEverything checks the flush itself: staged readings land
-// under their devices and in the id index, and the stage is left empty.
+// under their devices (and nothing in reading_id), and the stage is left
+// empty.
 func TestStageFlushMovesEverything(t *testing.T) {
 	f := open(t)
 	f.stage.flushAt = 3
@@ -199,11 +197,11 @@ func TestStageFlushMovesEverything(t *testing.T) {
 		t.Fatalf("before flush: recent=%d readings=%d staged=%d", count(bktRecent), count(bktReadings), f.stage.n)
 	}
 	apply(t, f, 2, push("e1", 2, rd(3, "")))
-	if count(bktRecent) != 0 || count(bktReadings) != 3 || count(bktReadID) != 1 || f.stage.n != 0 {
+	if count(bktRecent) != 0 || count(bktReadings) != 3 || count(bktReadID) != 0 || f.stage.n != 0 {
 		t.Fatalf("after flush: recent=%d readings=%d ids=%d staged=%d", count(bktRecent), count(bktReadings), count(bktReadID), f.stage.n)
 	}
 	// Dedup still holds once flushed.
-	if res := apply(t, f, 3, push("e1", 3, rd(9, "a"), rd(1, "a")))[0]; res.Duplicates != 2 {
+	if res := apply(t, f, 3, push("e1", 3, rd(1, "a"), rd(3, ""), rd(9, "a")))[0]; res.Duplicates != 2 || f.stage.n != 1 {
 		t.Fatalf("id dedup after flush: %+v", res)
 	}
 }
