@@ -468,7 +468,12 @@ func (a *applier) entry(index uint64, data []byte) ([]Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	a.index, a.logBuf, a.logN, a.downSub, a.stageSub = index, a.logBuf[:0], 0, 0, 0
+	// The entry's log value is built in place behind room for its count,
+	// and put as is: one allocation, about the entry's size.
+	if cap(a.logBuf) < len(data)+logHead {
+		a.logBuf = make([]byte, 0, logHead+len(data)+len(data)/8+64)
+	}
+	a.index, a.logBuf, a.logN, a.downSub, a.stageSub = index, a.logBuf[:logHead], 0, 0, 0
 	res := make([]Result, len(cmds))
 	for i, raw := range cmds {
 		d, err := decodeCommand(raw)
@@ -484,11 +489,15 @@ func (a *applier) entry(index uint64, data []byte) ([]Result, error) {
 		res[i] = r
 	}
 	if a.logN > 0 {
-		v := binary.AppendUvarint(make([]byte, 0, len(a.logBuf)+8), uint64(a.logN))
-		v = append(v, a.logBuf...)
+		var n [binary.MaxVarintLen64]byte
+		c := binary.PutUvarint(n[:], uint64(a.logN))
+		v := a.logBuf[logHead-c:]
+		copy(v, n[:c])
+		a.bk.log.FillPercent = 1 // keyed by raft index: appended in order
 		if err := a.bk.log.Put(u64(index), v); err != nil {
 			return nil, err
 		}
+		a.logBuf = nil // bbolt holds v until the commit
 	}
 	return res, nil
 }
@@ -607,6 +616,13 @@ func (a *applier) push(d *decodedCmd) (Result, error) {
 		head = &h
 	}
 	v := seqValue(rec, newLast, head)
+	bulk := 0
+	for i := skip; i < uint64(len(d.Changes)); i++ {
+		if n := len(d.Changes[i].Readings); n > a.stage.max {
+			bulk += n
+		}
+	}
+	a.bulk.reserve(bulk) // the queue grows once per push
 	before := a.dups
 	for i := skip; i < uint64(len(d.Changes)); i++ {
 		if err := a.change(d.Edge, d.AtMs, &d.Changes[i]); err != nil {
@@ -1099,6 +1115,9 @@ func splitReadingKey(k []byte) (device string, ts int64, edge, id string, ok boo
 	edge, id, ok = strings.Cut(string(k[i+9:]), "\x00")
 	return string(k[:i]), ts, edge, id, ok
 }
+
+// logHead is the room before an entry's log value for its change count.
+const logHead = binary.MaxVarintLen64
 
 func (a *applier) logChange(origin string, atMs int64, c *rawChange) error {
 	a.logBuf = appendString(a.logBuf, origin)

@@ -245,3 +245,78 @@ func TestRestoreDropsCachedDevices(t *testing.T) {
 		t.Fatalf("device after restore %+v %v", d, err)
 	}
 }
+
+// TestNewestBoundIsNeverStale: a reading above its device's newest stored
+// key skips the dedup lookup, so that bound must cover every reading stored
+// anywhere: staged readings after a reopen, a restored snapshot's readings
+// (the cached bound of the state it replaced is lower), and it may stay
+// above readings retention deleted. Each case re-sends readings that are
+// stored and must come back as duplicates.
+func TestNewestBoundIsNeverStale(t *testing.T) {
+	span := func(from, to int) []wire.Reading {
+		var out []wire.Reading
+		for i := from; i <= to; i++ {
+			out = append(out, rd(int64(i), fmt.Sprint("r", i)))
+		}
+		return out
+	}
+	discard := slog.New(slog.NewTextHandler(io.Discard, nil))
+	tests := []struct {
+		name string
+		// prepare applies entries up to index 9 and returns the state to
+		// re-send to.
+		prepare  func(t *testing.T) *FSM
+		resend   []wire.Reading
+		wantDups int
+	}{
+		{"staged readings after a reopen", func(t *testing.T) *FSM {
+			path := filepath.Join(t.TempDir(), "state.db")
+			f, err := Open(path, discard, Hooks{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			apply(t, f, 1, pushDevice("e1", 1, "d1", span(1, 20)...)) // bulk
+			apply(t, f, 2, pushDevice("e1", 2, "d1", span(21, 22)...)) // staged
+			if f.stage.n != 2 {
+				t.Fatalf("%d staged", f.stage.n)
+			}
+			if err := f.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if f, err = Open(path, discard, Hooks{}); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = f.Close() })
+			return f
+		}, span(15, 22), 8},
+		{"a restored snapshot's readings", func(t *testing.T) *FSM {
+			src, dst := open(t), open(t)
+			apply(t, src, 1, pushDevice("e1", 1, "d1", span(1, 20)...))
+			apply(t, src, 2, pushDevice("e1", 2, "d1", span(21, 22)...))
+			apply(t, dst, 1, pushDevice("e1", 1, "d1", span(1, 10)...)) // its bound: r10
+			restoreBytes(t, dst, snapshotBytes(t, src))
+			return dst
+		}, span(1, 22), 22},
+		{"retention deleted the older readings", func(t *testing.T) *FSM {
+			f := open(t)
+			apply(t, f, 1, pushDevice("e1", 1, "d1", span(1, 20)...))
+			compactAll(t, f, 2, CompactCmd{What: CompactReadings, CutoffMs: 15})
+			return f
+		}, span(10, 22), 6}, // r15..r20 kept; r10..r14 and r21, r22 stored (anew)
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := tc.prepare(t)
+			res := apply(t, f, 10, pushDevice("e1", f.EdgeSeq("e1")+1, "d1", tc.resend...))
+			if len(res) != 1 || res[0].Err != nil || res[0].Duplicates != tc.wantDups {
+				t.Fatalf("re-send: %+v, want %d duplicates", res, tc.wantDups)
+			}
+			got := allPages(t, f, ReadingsQuery{Device: "d1", Limit: 100})
+			for i := 1; i < len(got); i++ {
+				if got[i].TS == got[i-1].TS {
+					t.Fatalf("reading %d stored twice", got[i].TS)
+				}
+			}
+		})
+	}
+}
