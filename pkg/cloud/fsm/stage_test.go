@@ -275,7 +275,7 @@ func TestNewestBoundIsNeverStale(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			apply(t, f, 1, pushDevice("e1", 1, "d1", span(1, 20)...)) // bulk
+			apply(t, f, 1, pushDevice("e1", 1, "d1", span(1, 20)...))  // bulk
 			apply(t, f, 2, pushDevice("e1", 2, "d1", span(21, 22)...)) // staged
 			if f.stage.n != 2 {
 				t.Fatalf("%d staged", f.stage.n)
