@@ -20,9 +20,9 @@ import (
 // leader proposes the next chunk until Next comes back empty.
 //
 //   - CompactReadings deletes readings (and the reading_id entries an older
-//     version wrote for them) with a
-//     timestamp before the cutoff. It first moves the stage into readings,
-//     so staged readings are judged like the others. Device records stay.
+//     version wrote for them) with a timestamp before the cutoff. It first
+//     moves the stage into readings, so staged readings are judged like the
+//     others. Device records stay.
 //   - CompactLog deletes export-log entries that every named sink has taken
 //     (sink_cursor) and that are older than the cutoff, oldest first. Log
 //     entries carry no reliable time of their own, so every CompactLog

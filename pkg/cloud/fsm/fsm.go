@@ -52,7 +52,7 @@ var (
 var (
 	bktMeta     = []byte("meta")
 	bktReadings = []byte("readings")        // device 0 ts(8) edge 0 id → metrics
-	bktReadID   = []byte("reading_id")      // edge 0 device 0 id → ts(8)
+	bktReadID   = []byte("reading_id")      // edge 0 device 0 id → ts(8): an older version's; read by retention only
 	bktDevices  = []byte("devices")         // device → Device JSON
 	bktSeen     = []byte("device_seen")     // device → last seen ms(8), newer than the record's
 	bktEdges    = []byte("edges")           // edge → edgeRecord JSON
@@ -67,7 +67,7 @@ var (
 	bktSessExp  = []byte("session_expiry")  // be64(ms) kind(1) id → nil: what purge removes, oldest first
 	bktRevoked  = []byte("session_revoked") // openid → watermark JSON
 	// Readings of small changes wait here, in log order, until enough have
-	// gathered to move into readings and reading_id together (see stage.go).
+	// gathered to move into readings together (see stage.go).
 	bktRecent = []byte("readings_recent") // raft index(8) n(4) → staged reading
 	// The digest chain of each edge's sequenced stream at the end of its
 	// last digestWindow pushes (see push).
