@@ -110,6 +110,7 @@ func (a *applier) stageReadings(origin string, dev *Device, c *rawChange, dup []
 		}
 		k := binary.BigEndian.AppendUint32(u64(a.index), a.stageSub)
 		a.stageSub++
+		a.bk.recent.FillPercent = 1 // keyed by raft index: appended in order
 		if err := a.bk.recent.Put(k, encodeStaged(key, r.Metrics)); err != nil {
 			return err
 		}
