@@ -905,7 +905,10 @@ func validDeviceKey(id string) bool { return id != "" && len(id) <= maxDeviceKey
 // idKey is a reading_id key. Nothing new is written there (invariant 4);
 // retention deletes the entries an older version wrote.
 func idKey(origin, device, id string) []byte {
-	return append(append(append(append(append(make([]byte, 0, len(origin)+len(device)+len(id)+2), origin...), 0), device...), 0), id...)
+	k := make([]byte, 0, len(origin)+len(device)+len(id)+2)
+	k = append(append(k, origin...), 0)
+	k = append(append(k, device...), 0)
+	return append(k, id...)
 }
 
 // readingsFill is the fill of the pages the readings bucket splits. A
@@ -992,8 +995,8 @@ func (a *applier) putReadings(origin string, dev *Device, c *rawChange, dup []bo
 	b.reserve(len(c.Readings))
 	for i := range c.Readings {
 		r := &c.Readings[i]
-		// bbolt keeps key slices until commit: each key gets its own
-		// (arena) memory.
+		// The queue keeps each key until flushBulk (and a raised bound
+		// until the commit): each gets its own (arena) memory.
 		key := readingKey(b.alloc(len(dev.ID)+len(origin)+len(r.ID)+11), dev.ID, r.TS, origin, r.ID)
 		if dup[i] = a.stored(dev.ID, key); dup[i] {
 			b.arena = b.arena[:len(b.arena)-len(key)] // the last allocation: give it back
@@ -1031,8 +1034,8 @@ type bulkPuts struct {
 	keys map[string]struct{}
 
 	// arena holds the queued keys: one allocation per arenaChunk instead
-	// of one per reading. bbolt keeps key slices until commit, and each
-	// chunk lives as long as one does.
+	// of one per reading. bbolt copies a key it puts, but keeps the value
+	// slice until commit: the metrics are the raft entry's memory.
 	arena []byte
 }
 
