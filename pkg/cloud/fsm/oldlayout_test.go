@@ -13,7 +13,7 @@ import (
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
-// testdata/oldlayout/state.db was written by the version before readings
+// testdata/oldlayout/state.bbolt (a bbolt state file; *.db is ignored) was written by the version before readings
 // stopped getting reading_id entries (the parent of the commit that added
 // this test), applying oldLayoutLog with a stage that flushes at 6
 // readings: reading_id holds the ids of its bulk and flushed staged
@@ -72,7 +72,7 @@ func answersOf(t *testing.T, f *FSM) oldLayoutAnswers {
 // openOldLayout opens a copy of the fixture.
 func openOldLayout(t *testing.T) *FSM {
 	t.Helper()
-	src, err := os.ReadFile(filepath.Join("testdata", "oldlayout", "state.db"))
+	src, err := os.ReadFile(filepath.Join("testdata", "oldlayout", "state.bbolt"))
 	if err != nil {
 		t.Fatal(err)
 	}
