@@ -13,12 +13,12 @@ import (
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
-// testdata/oldlayout/state.bbolt (a bbolt state file; *.db is ignored) was written by the version before readings
-// stopped getting reading_id entries (the parent of the commit that added
-// this test), applying oldLayoutLog with a stage that flushes at 6
-// readings: reading_id holds the ids of its bulk and flushed staged
-// readings, and one id'd reading is still staged. answers.json holds what
-// that version answered (oldLayoutAnswers) from the same file.
+// testdata/oldlayout/state.bbolt (a state file; *.db is ignored) was
+// written by the last version that wrote reading_id entries (commit e50b34d),
+// applying oldLayoutLog with a stage that flushes at 6 readings, and copied
+// as a snapshot copies: reading_id holds the ids of its bulk and flushed
+// staged readings, and one id'd reading is still staged. answers.json holds
+// what that version answered (answersOf) from the same state.
 
 // oldLayoutLog is the log the fixture applied, one entry per element.
 func oldLayoutLog() [][]*Command {
