@@ -229,6 +229,7 @@ func decodeCommand(data []byte) (*decodedCmd, error) {
 	case CmdPush:
 		d.Edge = r.string()
 		d.FirstSeq = r.uvarint()
+		r.shareIDs(data)
 		if d.Changes, err = r.changes(len(data)); err != nil {
 			return nil, err
 		}
@@ -438,6 +439,25 @@ func appendJSON(b []byte, v any) ([]byte, error) {
 type reader struct {
 	b   []byte
 	err error
+
+	// src is a copy of the whole input, of which b is a suffix, when
+	// reading ids are substrings of it (shareIDs).
+	src string
+}
+
+// shareIDs makes the readings' ids that follow substrings of one copy of
+// data instead of a string each: a push's readings all have ids, and
+// nothing keeps them past the apply (keys and the log copy them).
+func (r *reader) shareIDs(data []byte) { r.src = string(data) }
+
+// id reads a reading's id.
+func (r *reader) id() string {
+	b := r.bytes()
+	if r.src == "" || r.err != nil {
+		return string(b)
+	}
+	end := len(r.src) - len(r.b)
+	return r.src[end-len(b) : end]
 }
 
 func (r *reader) fail() {
@@ -535,7 +555,7 @@ func (r *reader) change() rawChange {
 		}
 		c.Readings = make([]rawReading, 0, n)
 		for i := uint64(0); i < n && r.err == nil; i++ {
-			rd := rawReading{TS: r.varint(), ID: r.string(), Metrics: r.bytes()}
+			rd := rawReading{TS: r.varint(), ID: r.id(), Metrics: r.bytes()}
 			if r.err == nil && !validMetrics(rd.Metrics) {
 				// Stored as is, so check now: a query must be able to
 				// decode what Apply stored.

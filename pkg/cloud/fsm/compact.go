@@ -19,9 +19,10 @@ import (
 // next one resumes, so no raft entry holds the apply goroutine for long; the
 // leader proposes the next chunk until Next comes back empty.
 //
-//   - CompactReadings deletes readings (and their reading_id entries) with a
-//     timestamp before the cutoff. It first moves the stage into readings,
-//     so staged readings are judged like the others. Device records stay.
+//   - CompactReadings deletes readings (and the reading_id entries an older
+//     version wrote for them) with a timestamp before the cutoff. It first
+//     moves the stage into readings, so staged readings are judged like the
+//     others. Device records stay.
 //   - CompactLog deletes export-log entries that every named sink has taken
 //     (sink_cursor) and that are older than the cutoff, oldest first. Log
 //     entries carry no reliable time of their own, so every CompactLog
@@ -150,12 +151,15 @@ func (a *applier) compactReadings(cutoff int64, after string, limit int) (Result
 		del = append(del, bytes.Clone(k))
 		k, _ = c.Next()
 	}
+	// reading_id holds only what an older version wrote (invariant 4):
+	// once it is empty, there is nothing to look for.
+	ids, _ := a.bk.readID.Cursor().First()
 	for _, k := range del {
 		dev, _, edge, id, _ := splitReadingKey(k)
 		if err := a.bk.readings.Delete(k); err != nil {
 			return Result{}, err
 		}
-		if id != "" {
+		if id != "" && ids != nil {
 			if err := a.bk.readID.Delete(idKey(edge, dev, id)); err != nil {
 				return Result{}, err
 			}

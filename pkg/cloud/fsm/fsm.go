@@ -52,7 +52,7 @@ var (
 var (
 	bktMeta     = []byte("meta")
 	bktReadings = []byte("readings")        // device 0 ts(8) edge 0 id → metrics
-	bktReadID   = []byte("reading_id")      // edge 0 device 0 id → ts(8)
+	bktReadID   = []byte("reading_id")      // edge 0 device 0 id → ts(8): an older version's; read by retention only
 	bktDevices  = []byte("devices")         // device → Device JSON
 	bktSeen     = []byte("device_seen")     // device → last seen ms(8), newer than the record's
 	bktEdges    = []byte("edges")           // edge → edgeRecord JSON
@@ -67,7 +67,7 @@ var (
 	bktSessExp  = []byte("session_expiry")  // be64(ms) kind(1) id → nil: what purge removes, oldest first
 	bktRevoked  = []byte("session_revoked") // openid → watermark JSON
 	// Readings of small changes wait here, in log order, until enough have
-	// gathered to move into readings and reading_id together (see stage.go).
+	// gathered to move into readings together (see stage.go).
 	bktRecent = []byte("readings_recent") // raft index(8) n(4) → staged reading
 	// The digest chain of each edge's sequenced stream at the end of its
 	// last digestWindow pushes (see push).
@@ -169,6 +169,9 @@ type FSM struct {
 	// the only writer of device records, so the cache is never stale; a
 	// restore empties it.
 	devices map[string]*Device
+	// newest bounds each device's stored readings (newestKeys), so that a
+	// backlog's readings need no dedup lookup. Reset with devices.
+	newest newestKeys
 
 	// pulls wakes held pulls when something for them commits (downlink.go).
 	pulls pullHub
@@ -267,7 +270,7 @@ func (f *FSM) loadMeta() error {
 		f.maxStamp.Store(getU64(m.Get(keyStamp)))
 		f.edgesIndex.Store(f.applied.Load())
 		f.setsIndex.Store(f.applied.Load())
-		f.devices = map[string]*Device{}
+		f.devices, f.newest = map[string]*Device{}, newestKeys{}
 		return f.stage.load(tx.Bucket(bktRecent))
 	})
 }
@@ -324,7 +327,11 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	if len(f.devices) > maxCachedDevices {
 		f.devices = map[string]*Device{}
 	}
-	a := applier{devices: f.devices, dirty: map[string]bool{}, maxStamp: hlc.Timestamp(f.maxStamp.Load()), stage: &f.stage, bulkMax: f.bulkMax}
+	if len(f.newest) > maxCachedDevices {
+		f.newest = newestKeys{}
+	}
+	a := applier{devices: f.devices, newest: f.newest, raised: map[string][]byte{}, dirty: map[string]bool{},
+		maxStamp: hlc.Timestamp(f.maxStamp.Load()), stage: &f.stage, bulkMax: f.bulkMax}
 	err := f.db.Update(func(tx *bolt.Tx) error {
 		a.tx = tx
 		a.bk = buckets(tx)
@@ -372,6 +379,9 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	}
 	for edge, seq := range a.seqs {
 		f.seqs.Store(edge, seq)
+	}
+	for dev, k := range a.raised {
+		f.newest[dev] = bytes.Clone(k) // k is the transaction's memory
 	}
 	f.applied.Store(last)
 	f.maxStamp.Store(uint64(a.maxStamp))
@@ -428,6 +438,9 @@ type applier struct {
 	conflicts int
 	stage     *stageIndex
 	bulk      bulkPuts
+	newest    newestKeys        // the FSM's, filled as devices are asked for
+	raised    map[string][]byte // bounds this transaction raised (its keys)
+	readCur   *bolt.Cursor      // on readings, for dedup lookups
 	seqs      map[string]uint64 // edges' sequences this transaction moved
 	bulkMax   int
 
@@ -455,7 +468,12 @@ func (a *applier) entry(index uint64, data []byte) ([]Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	a.index, a.logBuf, a.logN, a.downSub, a.stageSub = index, a.logBuf[:0], 0, 0, 0
+	// The entry's log value is built in place behind room for its count,
+	// and put as is: one allocation, about the entry's size.
+	if cap(a.logBuf) < len(data)+logHead {
+		a.logBuf = make([]byte, 0, logHead+len(data)+len(data)/8+64)
+	}
+	a.index, a.logBuf, a.logN, a.downSub, a.stageSub = index, a.logBuf[:logHead], 0, 0, 0
 	res := make([]Result, len(cmds))
 	for i, raw := range cmds {
 		d, err := decodeCommand(raw)
@@ -471,11 +489,15 @@ func (a *applier) entry(index uint64, data []byte) ([]Result, error) {
 		res[i] = r
 	}
 	if a.logN > 0 {
-		v := binary.AppendUvarint(make([]byte, 0, len(a.logBuf)+8), uint64(a.logN))
-		v = append(v, a.logBuf...)
+		var n [binary.MaxVarintLen64]byte
+		c := binary.PutUvarint(n[:], uint64(a.logN))
+		v := a.logBuf[logHead-c:]
+		copy(v, n[:c])
+		a.bk.log.FillPercent = 1 // keyed by raft index: appended in order
 		if err := a.bk.log.Put(u64(index), v); err != nil {
 			return nil, err
 		}
+		a.logBuf = nil // bbolt holds v until the commit
 	}
 	return res, nil
 }
@@ -594,6 +616,13 @@ func (a *applier) push(d *decodedCmd) (Result, error) {
 		head = &h
 	}
 	v := seqValue(rec, newLast, head)
+	bulk := 0
+	for i := skip; i < uint64(len(d.Changes)); i++ {
+		if n := len(d.Changes[i].Readings); n > a.stage.max {
+			bulk += n
+		}
+	}
+	a.bulk.reserve(bulk) // the queue grows once per push
 	before := a.dups
 	for i := skip; i < uint64(len(d.Changes)); i++ {
 		if err := a.change(d.Edge, d.AtMs, &d.Changes[i]); err != nil {
@@ -816,8 +845,8 @@ func (a *applier) countLost(doc, in shadow.Doc, changed int) {
 }
 
 // readings stores the readings not already present and logs only those.
-// Dedup key: (edge, device, id) when the reading has an id, else
-// (edge, device, ts).
+// A reading is identified by its key, (edge, device, ts, id), where id is
+// empty for a reading without one (DESIGN.md, invariant 4).
 //
 // A small change (the typical live push: one reading) is staged in log order
 // instead of inserted under its device: inserting touches a leaf page per
@@ -840,15 +869,24 @@ func (a *applier) readings(origin string, dev *Device, c *rawChange) error {
 	if err != nil {
 		return err
 	}
-	fresh := c.Readings[:0:0]
-	for i, r := range c.Readings {
+	fresh, dups := c.Readings, 0
+	for i := range dup {
 		if dup[i] {
-			a.dups++
-			continue
+			dups++
 		}
-		fresh = append(fresh, r)
-		a.seen(dev, r.TS)
 	}
+	if dups > 0 {
+		fresh = make([]rawReading, 0, n-dups)
+		for i, r := range c.Readings {
+			if !dup[i] {
+				fresh = append(fresh, r)
+			}
+		}
+	}
+	for i := range fresh {
+		a.seen(dev, fresh[i].TS)
+	}
+	a.dups += dups
 	a.added += len(fresh)
 	if len(fresh) == 0 {
 		return nil
@@ -864,13 +902,91 @@ const maxDeviceKey = 1024
 // bbolt refuses aborts the whole apply transaction.
 func validDeviceKey(id string) bool { return id != "" && len(id) <= maxDeviceKey }
 
+// idKey is a reading_id key. Nothing new is written there (invariant 4);
+// retention deletes the entries an older version wrote.
 func idKey(origin, device, id string) []byte {
-	return appendIDKey(make([]byte, 0, len(origin)+len(device)+len(id)+2), origin, device, id)
+	k := make([]byte, 0, len(origin)+len(device)+len(id)+2)
+	k = append(append(k, origin...), 0)
+	k = append(append(k, device...), 0)
+	return append(k, id...)
 }
 
-func appendIDKey(k []byte, origin, device, id string) []byte {
-	return append(append(append(append(append(k, origin...), 0), device...), 0), id...)
+// readingsFill is the fill of the pages the readings bucket splits. A
+// device's readings arrive in time order, so its inserts land after its
+// newest key: bbolt's default (half-full pages on a split) would leave
+// every page of a backlog half empty, twice the pages to write and keep.
+// Full pages cost an insert into the middle of a device's range (a late
+// reading) one more split. Layout only: answers are the same either way.
+const readingsFill = 1.0
+
+// stored reports whether the reading of device with key is already in the
+// readings bucket, the stage or this transaction's queue. A reading above
+// the device's bound (newestKeys) cannot be, and costs no lookup; the bound
+// then rises to it, since the caller stores it.
+func (a *applier) stored(device string, key []byte) bool {
+	if bytes.Compare(key, a.bound(device)) > 0 {
+		a.raised[device] = key
+		return false
+	}
+	return a.stage.hasKey(key) || a.bulk.has(key) || a.inBucket(key)
 }
+
+// inBucket reports whether the readings bucket holds key. The cursor's
+// Seek re-searches from the root, so it stays valid across the
+// transaction's Puts, and reusing it spares Get's cursor per call.
+func (a *applier) inBucket(key []byte) bool {
+	if a.readCur == nil {
+		a.readCur = a.bk.readings.Cursor()
+	}
+	k, _ := a.readCur.Seek(key)
+	return bytes.Equal(k, key)
+}
+
+// bound returns a key that no stored, staged or queued reading of device
+// exceeds.
+func (a *applier) bound(device string) []byte {
+	if k, ok := a.raised[device]; ok {
+		return k
+	}
+	if k, ok := a.newest[device]; ok {
+		return k
+	}
+	// Not known since open: the device's last key in the bucket (its keys
+	// sort before device+0x01, ids holding no zero byte) or in the stage.
+	// Nothing of the device is queued yet: its first change in this
+	// transaction asks before it queues.
+	if a.readCur == nil {
+		a.readCur = a.bk.readings.Cursor()
+	}
+	prefix := append([]byte(device), 0)
+	k, _ := a.readCur.Seek(append([]byte(device), 1))
+	if k == nil {
+		k, _ = a.readCur.Last()
+	} else {
+		k, _ = a.readCur.Prev()
+	}
+	var bound []byte
+	if bytes.HasPrefix(k, prefix) {
+		bound = bytes.Clone(k)
+	}
+	if s, ok := a.stage.newest[device]; ok && s > string(bound) {
+		bound = []byte(s)
+	}
+	a.newest[device] = bound
+	return bound
+}
+
+// newestKeys maps a device to a key no stored reading of it exceeds: a
+// reading above it is not a duplicate by key, so a backlog, which a device
+// sends in time order, is stored without a lookup per reading (the edge's
+// store does the same). It is derived from the replicated readings (their
+// keys, wherever they live), so every replica skips the same lookups, and
+// only what may be stored above it matters: retention deletes readings
+// under it (then it is above every stored key, still a bound) and the stage
+// and queue moving readings into the bucket keep it. Apply is the only
+// writer of readings; a restore or open starts it empty, and it starts over
+// past maxCachedDevices, like the device cache.
+type newestKeys map[string][]byte
 
 // putReadings queues a change's readings for insertion under their device
 // (a.bulk, put at the end of the transaction), marking duplicates in dup.
@@ -879,28 +995,19 @@ func (a *applier) putReadings(origin string, dev *Device, c *rawChange, dup []bo
 	b.reserve(len(c.Readings))
 	for i := range c.Readings {
 		r := &c.Readings[i]
-		// bbolt keeps key slices until commit: each key gets its own
-		// (arena) memory.
+		// The queue keeps each key until flushBulk (and a raised bound
+		// until the commit): each gets its own (arena) memory.
 		key := readingKey(b.alloc(len(dev.ID)+len(origin)+len(r.ID)+11), dev.ID, r.TS, origin, r.ID)
-		if r.ID != "" {
-			id := appendIDKey(b.alloc(len(origin)+len(dev.ID)+len(r.ID)+2), origin, dev.ID, r.ID)
-			if b.hasID(id) || a.stage.hasID(id) || b.stored(&b.idCur, a.bk.readID, id) {
-				dup[i] = true
-				continue
-			}
-			b.add(key, id, r.Metrics, r.TS)
+		if dup[i] = a.stored(dev.ID, key); dup[i] {
+			b.arena = b.arena[:len(b.arena)-len(key)] // the last allocation: give it back
 			continue
 		}
-		if b.hasKey(key) || a.stage.hasKey(key) || b.stored(&b.keyCur, a.bk.readings, key) {
-			dup[i] = true
-			continue
-		}
-		b.add(key, nil, r.Metrics, r.TS)
+		b.add(key, r.Metrics)
 	}
 	if len(b.rs) >= a.bulkMax {
 		// A transaction of many large entries (a follower catching up, a
 		// replay) puts in runs, which bounds the queue's memory; dedup
-		// then finds the earlier runs in the buckets.
+		// then finds the earlier runs in the bucket.
 		return a.flushBulk()
 	}
 	return nil
@@ -920,18 +1027,15 @@ const defaultBulkFlushAt = 1 << 17
 // each insert lands after the previous one. The order is a pure function of
 // the entries, so every replica does the same.
 type bulkPuts struct {
-	keys map[string]struct{} // reading keys queued
-	ids  map[string]struct{} // id keys queued
-	rs   []bulkReading
-	nIDs int
+	rs []bulkReading
+	// keys indexes the queued keys, built on the first lookup that needs
+	// it: a reading above its device's bound needs none, so a backlog in
+	// time order never builds it.
+	keys map[string]struct{}
 
-	// Cursors for the dedup lookups: Bucket.Get builds a cursor (and its
-	// stack) per call; a cursor's Seek reuses its stack.
-	idCur, keyCur *bolt.Cursor
-
-	// arena holds the queued keys and id values: one allocation per
-	// arenaChunk instead of three per reading. bbolt keeps key and value
-	// slices until commit, and each chunk lives as long as one does.
+	// arena holds the queued keys: one allocation per arenaChunk instead
+	// of one per reading. bbolt copies a key it puts, but keeps the value
+	// slice until commit: the metrics are the raft entry's memory.
 	arena []byte
 }
 
@@ -949,68 +1053,43 @@ func (b *bulkPuts) alloc(n int) []byte {
 
 // reserve makes room for n more readings, so that a transaction's queue
 // grows once per change instead of by repeated doubling.
-func (b *bulkPuts) reserve(n int) {
-	if b.keys == nil {
-		b.keys, b.ids = map[string]struct{}{}, make(map[string]struct{}, n)
-	}
-	b.rs = slices.Grow(b.rs, n)
-}
-
-// stored reports whether bucket bk holds key, through the cursor *c
-// (opened on first use). Seek re-searches from the root, so the cursor
-// stays valid across the transaction's Puts.
-func (b *bulkPuts) stored(c **bolt.Cursor, bk *bolt.Bucket, key []byte) bool {
-	if *c == nil {
-		*c = bk.Cursor()
-	}
-	k, _ := (*c).Seek(key)
-	return k != nil && bytes.Equal(k, key)
-}
+func (b *bulkPuts) reserve(n int) { b.rs = slices.Grow(b.rs, n) }
 
 type bulkReading struct {
-	key, id, metrics []byte
-	ts               int64
+	key, metrics []byte
 }
 
-func (b *bulkPuts) hasKey(key []byte) bool { _, ok := b.keys[string(key)]; return ok }
-func (b *bulkPuts) hasID(id []byte) bool   { _, ok := b.ids[string(id)]; return ok }
-
-func (b *bulkPuts) add(key, id, metrics []byte, ts int64) {
-	if id == nil {
-		// Only readings without an id are deduplicated by key: a key
-		// with an id cannot equal one without (ids are not empty).
-		b.keys[string(key)] = struct{}{}
-	} else {
-		b.ids[string(id)] = struct{}{}
-		b.nIDs++
+func (b *bulkPuts) has(key []byte) bool {
+	if b.keys == nil {
+		b.keys = make(map[string]struct{}, len(b.rs))
+		for i := range b.rs {
+			b.keys[string(b.rs[i].key)] = struct{}{}
+		}
 	}
-	b.rs = append(b.rs, bulkReading{key: key, id: id, metrics: metrics, ts: ts})
+	_, ok := b.keys[string(key)]
+	return ok
 }
 
-// flushBulk puts the queued readings and their ids, each bucket in key
-// order, and empties the queue. It runs before anything else in the
-// transaction reads or moves readings (flushStage, commit).
+func (b *bulkPuts) add(key, metrics []byte) {
+	if b.keys != nil {
+		b.keys[string(key)] = struct{}{}
+	}
+	b.rs = append(b.rs, bulkReading{key: key, metrics: metrics})
+}
+
+// flushBulk puts the queued readings in key order and empties the queue.
+// It runs before anything else in the transaction reads or moves readings
+// (flushStage, commit).
 func (a *applier) flushBulk() error {
 	b := &a.bulk
 	if len(b.rs) == 0 {
 		return nil
 	}
 	rs := b.rs
-	sort.Slice(rs, func(i, j int) bool { return bytes.Compare(rs[i].key, rs[j].key) < 0 })
+	slices.SortFunc(rs, func(x, y bulkReading) int { return bytes.Compare(x.key, y.key) })
+	a.bk.readings.FillPercent = readingsFill
 	for i := range rs {
 		if err := a.bk.readings.Put(rs[i].key, rs[i].metrics); err != nil {
-			return err
-		}
-	}
-	ids := make([]*bulkReading, 0, b.nIDs)
-	for i := range rs {
-		if rs[i].id != nil {
-			ids = append(ids, &rs[i])
-		}
-	}
-	sort.Slice(ids, func(i, j int) bool { return bytes.Compare(ids[i].id, ids[j].id) < 0 })
-	for _, r := range ids {
-		if err := a.bk.readID.Put(r.id, binary.BigEndian.AppendUint64(b.alloc(8), uint64(r.ts))); err != nil {
 			return err
 		}
 	}
@@ -1039,6 +1118,9 @@ func splitReadingKey(k []byte) (device string, ts int64, edge, id string, ok boo
 	edge, id, ok = strings.Cut(string(k[i+9:]), "\x00")
 	return string(k[:i]), ts, edge, id, ok
 }
+
+// logHead is the room before an entry's log value for its change count.
+const logHead = binary.MaxVarintLen64
 
 func (a *applier) logChange(origin string, atMs int64, c *rawChange) error {
 	a.logBuf = appendString(a.logBuf, origin)

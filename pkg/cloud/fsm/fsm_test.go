@@ -63,7 +63,10 @@ func TestPushSequencesAndDedup(t *testing.T) {
 		{"first batch", push("e1", 1, rd(1, ""), rd(2, "a")), nil, 1, 1, 0},
 		{"resend is a no-op", push("e1", 1, rd(1, ""), rd(2, "a")), nil, 1, 0, 0},
 		{"gap refused", push("e1", 5, rd(9, "")), ErrSeqGap, 1, 0, 0},
-		{"same reading under a new seq is deduplicated", push("e1", 2, rd(1, ""), rd(3, "a")), nil, 2, 1, 2},
+		{"same readings under a new seq are deduplicated", push("e1", 2, rd(1, ""), rd(2, "a")), nil, 2, 1, 2},
+		// The key (edge, device, ts, id) identifies a reading: an id at
+		// another time is another reading, as the edge stores it.
+		{"an id at another ts is another reading", push("e1", 3, rd(3, "a"), rd(2, "a")), nil, 3, 1, 1},
 		{"other edge has its own sequence", push("e2", 1, rd(1, "")), nil, 1, 1, 0},
 	}
 	for i, tc := range tests {
@@ -75,14 +78,14 @@ func TestPushSequencesAndDedup(t *testing.T) {
 		})
 	}
 	items, _, err := f.Readings(ReadingsQuery{Device: "d1", Limit: 100})
-	if err != nil || len(items) != 3 { // ts1 from e1, ts2 id a from e1, ts1 from e2
+	if err != nil || len(items) != 4 { // ts1 from e1, ts2 and ts3 id a from e1, ts1 from e2
 		t.Fatalf("readings %+v %v", items, err)
 	}
 	// A replayed entry (index already applied) changes nothing.
 	if res := apply(t, f, 2, push("e1", 3, rd(50, ""))); res != nil {
 		t.Fatalf("replayed entry applied: %+v", res)
 	}
-	if f.EdgeSeq("e1") != 2 {
+	if f.EdgeSeq("e1") != 3 {
 		t.Fatalf("e1 seq %d", f.EdgeSeq("e1"))
 	}
 }

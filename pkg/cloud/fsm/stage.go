@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"slices"
 	"sort"
 
 	bolt "go.etcd.io/bbolt"
@@ -38,26 +39,28 @@ const (
 // from readings_recent on open and restore.
 type stageIndex struct {
 	keys map[string]struct{} // reading keys (device 0 ts edge 0 id)
-	ids  map[string]struct{} // id keys (edge 0 device 0 id) of readings with an id
-	n    int
+	// newest is each staged device's greatest staged key: with the
+	// bucket's last key of the device, the bound above which a reading
+	// needs no lookup (see newestKeys).
+	newest map[string]string
+	n      int
 
 	max, flushAt int // the limits above; tests lower them
 }
 
 func (s *stageIndex) reset() {
-	s.keys, s.ids, s.n = map[string]struct{}{}, map[string]struct{}{}, 0
+	s.keys, s.newest, s.n = map[string]struct{}{}, map[string]string{}, 0
 }
 
-func (s *stageIndex) add(key, id []byte) {
+func (s *stageIndex) add(device string, key []byte) {
 	s.keys[string(key)] = struct{}{}
-	if len(id) > 0 {
-		s.ids[string(id)] = struct{}{}
+	if cur, ok := s.newest[device]; !ok || string(key) > cur {
+		s.newest[device] = string(key)
 	}
 	s.n++
 }
 
 func (s *stageIndex) hasKey(key []byte) bool { _, ok := s.keys[string(key)]; return ok }
-func (s *stageIndex) hasID(id []byte) bool   { _, ok := s.ids[string(id)]; return ok }
 
 func (s *stageIndex) load(b *bolt.Bucket) error {
 	s.reset()
@@ -66,16 +69,17 @@ func (s *stageIndex) load(b *bolt.Bucket) error {
 		if err != nil {
 			return fmt.Errorf("staged reading %x: %w", k, err)
 		}
-		s.add(sr.key, sr.id)
+		s.add(sr.device, sr.key)
 		return nil
 	})
 }
 
 // stagedReading is one record of readings_recent: the reading's key in the
-// readings bucket and its stored metrics, plus its id key (empty without an
-// id), which is derived from the key rather than stored.
+// readings bucket and its stored metrics, plus its device, which is derived
+// from the key rather than stored.
 type stagedReading struct {
-	key, id, metrics []byte
+	key, metrics []byte
+	device       string
 }
 
 func encodeStaged(key, metrics []byte) []byte {
@@ -88,14 +92,11 @@ func encodeStaged(key, metrics []byte) []byte {
 func decodeStaged(v []byte) (stagedReading, error) {
 	r := reader{b: v}
 	sr := stagedReading{key: r.bytes()}
-	device, _, edge, id, ok := splitReadingKey(sr.key)
+	device, _, _, _, ok := splitReadingKey(sr.key)
 	if r.err != nil || !ok {
 		return sr, ErrCorrupt
 	}
-	if id != "" {
-		sr.id = idKey(edge, device, id)
-	}
-	sr.metrics = r.b
+	sr.device, sr.metrics = device, r.b
 	return sr, nil
 }
 
@@ -104,54 +105,42 @@ func decodeStaged(v []byte) (stagedReading, error) {
 func (a *applier) stageReadings(origin string, dev *Device, c *rawChange, dup []bool) error {
 	for i, r := range c.Readings {
 		key := readingKey(make([]byte, 0, len(dev.ID)+len(origin)+len(r.ID)+11), dev.ID, r.TS, origin, r.ID)
-		var id []byte
-		if r.ID != "" {
-			id = idKey(origin, dev.ID, r.ID)
-			dup[i] = a.stage.hasID(id) || a.bulk.hasID(id) || a.bk.readID.Get(id) != nil
-		} else {
-			dup[i] = a.stage.hasKey(key) || a.bulk.hasKey(key) || a.bk.readings.Get(key) != nil
-		}
-		if dup[i] {
+		if dup[i] = a.stored(dev.ID, key); dup[i] {
 			continue
 		}
 		k := binary.BigEndian.AppendUint32(u64(a.index), a.stageSub)
 		a.stageSub++
+		a.bk.recent.FillPercent = 1 // keyed by raft index: appended in order
 		if err := a.bk.recent.Put(k, encodeStaged(key, r.Metrics)); err != nil {
 			return err
 		}
-		a.stage.add(key, id)
+		a.stage.add(dev.ID, key)
 	}
 	return nil
 }
 
 // flushStage moves every staged reading under its device, in key order, and
-// empties the stage.
+// empties the stage. A staged reading with an id gets no reading_id entry:
+// its key identifies it (DESIGN.md, invariant 4).
 func (a *applier) flushStage() error {
-	rs, ids := make([]stagedReading, 0, a.stage.n), make([]stagedReading, 0, len(a.stage.ids))
+	rs := make([]stagedReading, 0, a.stage.n)
 	err := a.bk.recent.ForEach(func(_, v []byte) error {
-		sr, err := decodeStaged(v)
-		if err != nil {
-			return err
+		r := reader{b: v}
+		sr := stagedReading{key: r.bytes()}
+		if r.err != nil {
+			return ErrCorrupt
 		}
+		sr.metrics = r.b
 		rs = append(rs, sr)
-		if len(sr.id) > 0 {
-			ids = append(ids, sr)
-		}
 		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("flush staged readings: %w", err)
 	}
-	sort.Slice(rs, func(i, j int) bool { return bytes.Compare(rs[i].key, rs[j].key) < 0 })
-	sort.Slice(ids, func(i, j int) bool { return bytes.Compare(ids[i].id, ids[j].id) < 0 })
+	slices.SortFunc(rs, func(x, y stagedReading) int { return bytes.Compare(x.key, y.key) })
+	a.bk.readings.FillPercent = readingsFill
 	for _, sr := range rs {
 		if err := a.bk.readings.Put(sr.key, sr.metrics); err != nil {
-			return err
-		}
-	}
-	for _, sr := range ids {
-		_, ts, _, _, _ := splitReadingKey(sr.key)
-		if err := a.bk.readID.Put(sr.id, u64(uint64(ts))); err != nil {
 			return err
 		}
 	}

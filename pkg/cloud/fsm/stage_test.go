@@ -86,10 +86,7 @@ func TestStagedMatchesDirect(t *testing.T) {
 			modelAcked[p.Edge] = p.FirstSeq
 			dups := 0
 			for _, r := range p.Changes[0].Readings {
-				k := fmt.Sprintf("%s|%s|ts=%d", p.Edge, p.Changes[0].Device, r.TS)
-				if r.ID != "" {
-					k = fmt.Sprintf("%s|%s|id=%s", p.Edge, p.Changes[0].Device, r.ID)
-				}
+				k := fmt.Sprintf("%s|%s|ts=%d|id=%s", p.Edge, p.Changes[0].Device, r.TS, r.ID)
 				if modelSeen[k] {
 					dups++
 					continue
@@ -186,7 +183,8 @@ func allPages(t *testing.T, f *FSM, q ReadingsQuery) []StoredReading {
 }
 
 // TestStageFlushMovesEverything checks the flush itself: staged readings land
-// under their devices and in the id index, and the stage is left empty.
+// under their devices (and nothing in reading_id), and the stage is left
+// empty.
 func TestStageFlushMovesEverything(t *testing.T) {
 	f := open(t)
 	f.stage.flushAt = 3
@@ -199,11 +197,11 @@ func TestStageFlushMovesEverything(t *testing.T) {
 		t.Fatalf("before flush: recent=%d readings=%d staged=%d", count(bktRecent), count(bktReadings), f.stage.n)
 	}
 	apply(t, f, 2, push("e1", 2, rd(3, "")))
-	if count(bktRecent) != 0 || count(bktReadings) != 3 || count(bktReadID) != 1 || f.stage.n != 0 {
+	if count(bktRecent) != 0 || count(bktReadings) != 3 || count(bktReadID) != 0 || f.stage.n != 0 {
 		t.Fatalf("after flush: recent=%d readings=%d ids=%d staged=%d", count(bktRecent), count(bktReadings), count(bktReadID), f.stage.n)
 	}
 	// Dedup still holds once flushed.
-	if res := apply(t, f, 3, push("e1", 3, rd(9, "a"), rd(1, "a")))[0]; res.Duplicates != 2 {
+	if res := apply(t, f, 3, push("e1", 3, rd(1, "a"), rd(3, ""), rd(9, "a")))[0]; res.Duplicates != 2 || f.stage.n != 1 {
 		t.Fatalf("id dedup after flush: %+v", res)
 	}
 }
@@ -245,5 +243,80 @@ func TestRestoreDropsCachedDevices(t *testing.T) {
 	d, err := f.GetDevice("d1")
 	if err != nil || string(d.Desired["mode"].Value) != `"a"` || d.EdgeID != "e1" {
 		t.Fatalf("device after restore %+v %v", d, err)
+	}
+}
+
+// TestNewestBoundIsNeverStale: a reading above its device's newest stored
+// key skips the dedup lookup, so that bound must cover every reading stored
+// anywhere: staged readings after a reopen, a restored snapshot's readings
+// (the cached bound of the state it replaced is lower), and it may stay
+// above readings retention deleted. Each case re-sends readings that are
+// stored and must come back as duplicates.
+func TestNewestBoundIsNeverStale(t *testing.T) {
+	span := func(from, to int) []wire.Reading {
+		var out []wire.Reading
+		for i := from; i <= to; i++ {
+			out = append(out, rd(int64(i), fmt.Sprint("r", i)))
+		}
+		return out
+	}
+	discard := slog.New(slog.NewTextHandler(io.Discard, nil))
+	tests := []struct {
+		name string
+		// prepare applies entries up to index 9 and returns the state to
+		// re-send to.
+		prepare  func(t *testing.T) *FSM
+		resend   []wire.Reading
+		wantDups int
+	}{
+		{"staged readings after a reopen", func(t *testing.T) *FSM {
+			path := filepath.Join(t.TempDir(), "state.db")
+			f, err := Open(path, discard, Hooks{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			apply(t, f, 1, pushDevice("e1", 1, "d1", span(1, 20)...))  // bulk
+			apply(t, f, 2, pushDevice("e1", 2, "d1", span(21, 22)...)) // staged
+			if f.stage.n != 2 {
+				t.Fatalf("%d staged", f.stage.n)
+			}
+			if err := f.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if f, err = Open(path, discard, Hooks{}); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = f.Close() })
+			return f
+		}, span(15, 22), 8},
+		{"a restored snapshot's readings", func(t *testing.T) *FSM {
+			src, dst := open(t), open(t)
+			apply(t, src, 1, pushDevice("e1", 1, "d1", span(1, 20)...))
+			apply(t, src, 2, pushDevice("e1", 2, "d1", span(21, 22)...))
+			apply(t, dst, 1, pushDevice("e1", 1, "d1", span(1, 10)...)) // its bound: r10
+			restoreBytes(t, dst, snapshotBytes(t, src))
+			return dst
+		}, span(1, 22), 22},
+		{"retention deleted the older readings", func(t *testing.T) *FSM {
+			f := open(t)
+			apply(t, f, 1, pushDevice("e1", 1, "d1", span(1, 20)...))
+			compactAll(t, f, 2, CompactCmd{What: CompactReadings, CutoffMs: 15})
+			return f
+		}, span(10, 22), 6}, // r15..r20 kept; r10..r14 and r21, r22 stored (anew)
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := tc.prepare(t)
+			res := apply(t, f, 10, pushDevice("e1", f.EdgeSeq("e1")+1, "d1", tc.resend...))
+			if len(res) != 1 || res[0].Err != nil || res[0].Duplicates != tc.wantDups {
+				t.Fatalf("re-send: %+v, want %d duplicates", res, tc.wantDups)
+			}
+			got := allPages(t, f, ReadingsQuery{Device: "d1", Limit: 100})
+			for i := 1; i < len(got); i++ {
+				if got[i].TS == got[i-1].TS {
+					t.Fatalf("reading %d stored twice", got[i].TS)
+				}
+			}
+		})
 	}
 }
