@@ -23,6 +23,12 @@
 //     the edge its own value back through pull.
 //   - Bodies may be compressed (Content-Encoding: zstd or gzip); zstd is what
 //     the Go client sends.
+//   - A push is written and read by the push codec (push.go):
+//     AppendPushBatch writes the JSON encoding/json would, and
+//     DecodePushBatch reads the shape an edge sends into Reading.Sorted
+//     (metrics sorted by name), leaving anything else to a general
+//     decoder, so the bytes on the network and every answer to them are
+//     what they were.
 //   - Pull returns cloud-side changes for the edge (desired state written in
 //     the cloud, users and roles) after an opaque cursor, and the cursor to
 //     resume from. Re-pulling from an old cursor is always safe because every
