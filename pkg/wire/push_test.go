@@ -246,6 +246,18 @@ func TestDecodePushBatchTakesWhatEdgesSend(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// An older edge's body (json.Marshal of maps) takes the fast path
+		// as well.
+		var older wire.PushBatch
+		if !checkSameDecode(t, marshalled) || !wire.DecodePushBatch(marshalled, &older, goccyChange) {
+			t.Fatalf("batch %d: an older edge's body declined", i)
+		}
+		for j := range older.Changes {
+			one, _ := json.Marshal(asMaps(&wire.PushBatch{Changes: []wire.Change{b.Changes[j]}}))
+			if c := &older.Changes[j]; c.Kind == wire.KindReadings && !bytes.Contains(one, []byte(`\`)) && c.Readings[0].Sorted == nil {
+				t.Fatalf("batch %d change %d: an older edge's readings took the general path", i, j)
+			}
+		}
 		old, err := generalDecode(marshalled)
 		if err != nil {
 			t.Fatal(err)
