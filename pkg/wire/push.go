@@ -232,7 +232,7 @@ func appendJSONString(dst []byte, s string) []byte {
 	return append(dst, '"')
 }
 
-// DecodePushBatch decodes a push body into p, if it has the shape a Go
+// DecodePushBatch decodes a push body into p (zero), if it has the shape a Go
 // edge sends: an object of edge, first_seq and changes, each change either
 // a readings change (kind, device, readings of ts, id and metrics; actor
 // and proof) with plain keys, each key once, and no null, or any other
