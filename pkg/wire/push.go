@@ -232,23 +232,24 @@ func appendJSONString(dst []byte, s string) []byte {
 	return append(dst, '"')
 }
 
-// DecodePushBatch decodes a push body into p (zero), if it has the shape a Go
-// edge sends: an object of edge, first_seq and changes, each change either
-// a readings change (kind, device, readings of ts, id and metrics; actor
-// and proof) with plain keys, each key once, and no null, or any other
-// change, which is handed as its raw JSON to other (nil: none is taken).
-// Readings come with Sorted set and Metrics nil.
+// DecodePushBatch decodes a push body into p (zero) when it has the shape
+// edges send: an object of edge, first_seq and changes, readings changes
+// (kind, device, readings of ts, id and metrics; actor and proof) with
+// plain keys, each key once, no escape in a string and no null. Their
+// readings come with Sorted set and Metrics nil.
 //
-// It reports false, leaving p to be discarded, for anything else: another
-// key or a key twice, a metric name twice, an escape in a string, a number
-// an integer field does not take, more than MaxBatchChanges changes, more
-// than MaxReadingsTotal readings or MaxMetrics metrics, a change other
-// refused, a body that breaks the JSON rules (CheckJSON at
-// MaxSyncJSONDepth). The caller then decodes the body the general way,
-// which gives every refusal its message, and keeps every answer it gave
-// before this decoder existed (a metric name twice: the last value wins).
-// So what DecodePushBatch takes decodes the general way to the same batch,
-// and what it declines costs one partial pass more than it did.
+// A change it does not take (another kind, another key or a key twice, a
+// metric name twice, an escape, a null, a number an integer field refuses,
+// more than MaxMetrics metrics) is checked under the JSON rules and handed
+// as its raw JSON to other, which decodes it in place the general way. It
+// reports false, leaving p to be discarded, when other is nil or refuses
+// such a change, when the batch is not of that shape, holds more than
+// MaxBatchChanges changes or MaxReadingsTotal readings, or breaks the JSON
+// rules (CheckJSON at MaxSyncJSONDepth). The caller then decodes the whole
+// body the general way, which words every refusal. So every answer is the
+// one the general decoder gave before this one existed (a metric named
+// twice keeps its last value), and FuzzDecodePushBatch holds what it takes
+// to the general decoder's batch.
 func DecodePushBatch(body []byte, p *PushBatch, other func(raw []byte, c *Change) error) bool {
 	d := pushDecoder{b: body, other: other, names: make(map[string]string, 16)}
 	est := min(len(body)/48+1, MaxReadingsTotal)
