@@ -267,6 +267,7 @@ type pushDecoder struct {
 	names    map[string]string // interned device and metric names
 	readings []Reading
 	metrics  []Metric
+	last     []Metric // the metrics of the reading read last
 }
 
 // maxInterned bounds the interned names: a hostile batch of distinct
@@ -653,7 +654,16 @@ func (d *pushDecoder) metricObject() ([]Metric, bool) {
 		if !ok {
 			return nil, false
 		}
-		d.metrics = append(d.metrics, Metric{Name: d.intern(name), Value: v})
+		// Readings of a change mostly name the same metrics in the same
+		// order (edges write them sorted): the previous reading's name at
+		// this place spares the interning map's hash.
+		var nm string
+		if j := len(d.metrics) - start; j < len(d.last) && d.last[j].Name == string(name) {
+			nm = d.last[j].Name
+		} else {
+			nm = d.intern(name)
+		}
+		d.metrics = append(d.metrics, Metric{Name: nm, Value: v})
 		if d.next(',') {
 			continue
 		}
@@ -662,6 +672,7 @@ func (d *pushDecoder) metricObject() ([]Metric, bool) {
 		}
 		n := len(d.metrics)
 		ms, unique := SortMetrics(d.metrics[start:n:n])
+		d.last = ms
 		return ms, unique
 	}
 }
