@@ -480,7 +480,6 @@ func (d *pushDecoder) changes(p *PushBatch) bool {
 	if !d.next('[') || d.peek(']') {
 		return false
 	}
-	total := 0
 	for {
 		if len(p.Changes) == MaxBatchChanges {
 			return false
@@ -488,12 +487,7 @@ func (d *pushDecoder) changes(p *PushBatch) bool {
 		p.Changes = append(p.Changes, Change{})
 		c := &p.Changes[len(p.Changes)-1]
 		start, rs, ms := d.i, len(d.readings), len(d.metrics)
-		if d.readingsChange(c) {
-			total += len(c.Readings)
-			if total > MaxReadingsTotal {
-				return false
-			}
-		} else {
+		if !d.readingsChange(c) {
 			// Not the shape taken here: back to the change's start, check
 			// it under the JSON rules (it sits at depth 3 of the batch)
 			// and let other decode it.
@@ -578,7 +572,9 @@ func (d *pushDecoder) readingList() ([]Reading, bool) {
 	}
 	start := len(d.readings)
 	for {
-		if len(d.readings)-start >= MaxReadingsTotal {
+		// d.readings holds every reading the batch has taken: the bound
+		// holds before one more is buffered.
+		if len(d.readings) >= MaxReadingsTotal {
 			return nil, false
 		}
 		d.readings = append(d.readings, Reading{})

@@ -330,6 +330,50 @@ func TestDecodePushBatchDeclines(t *testing.T) {
 	}
 }
 
+// TestDecodePushBatchLimits: the fast path stops buffering at the limits
+// (the general decoder and Validate then refuse the batch as before).
+func TestDecodePushBatchLimits(t *testing.T) {
+	body := func(changes, readings, metrics int) []byte {
+		b := []byte(`{"edge":"e","first_seq":1,"changes":[`)
+		for c := range changes {
+			if c > 0 {
+				b = append(b, ',')
+			}
+			b = append(b, `{"kind":"readings","device":"d","readings":[`...)
+			for r := range readings {
+				if r > 0 {
+					b = append(b, ',')
+				}
+				b = append(b, `{"ts":1,"metrics":{`...)
+				for m := range metrics {
+					if m > 0 {
+						b = append(b, ',')
+					}
+					b = fmt.Appendf(b, `"m%03d":1`, m)
+				}
+				b = append(b, "}}"...)
+			}
+			b = append(b, "]}"...)
+		}
+		return append(b, "]}"...)
+	}
+	for _, tc := range []struct {
+		name                       string
+		changes, readings, metrics int
+		taken                      bool
+	}{
+		{"readings at the limit", 4, wire.MaxReadingsTotal / 4, 1, true},
+		{"one reading more", 4, wire.MaxReadingsTotal/4 + 1, 1, false},
+		{"metrics at the limit", 1, 1, wire.MaxMetrics, true},
+		{"one metric more", 1, 1, wire.MaxMetrics + 1, false},
+	} {
+		var b wire.PushBatch
+		if got := wire.DecodePushBatch(body(tc.changes, tc.readings, tc.metrics), &b, nil); got != tc.taken {
+			t.Errorf("%s: taken %v, want %v", tc.name, got, tc.taken)
+		}
+	}
+}
+
 // TestDecodePushBatchOtherChanges: changes of other kinds go through the
 // caller's decoder in place, between readings changes.
 func TestDecodePushBatchOtherChanges(t *testing.T) {
