@@ -171,6 +171,9 @@ func appendChangeJSON(dst []byte, c *Change, buf []Metric) ([]byte, []Metric, er
 // representation that reads back as f, in exponent form only below 1e-6
 // or from 1e21, with a one-digit exponent unpadded (1e-7, not 1e-07).
 func appendJSONFloat(dst []byte, f float64) []byte {
+	if b, ok := appendShortDecimal(dst, f); ok {
+		return b
+	}
 	abs := math.Abs(f)
 	format := byte('f')
 	if abs != 0 && (abs < 1e-6 || abs >= 1e21) {
@@ -184,6 +187,69 @@ func appendJSONFloat(dst []byte, f float64) []byte {
 		}
 	}
 	return dst
+}
+
+// pow10 are the exact powers of ten appendShortDecimal tries.
+var pow10 = [...]float64{1, 10, 100, 1000, 10000}
+
+// appendShortDecimal writes f the way strconv.AppendFloat(f, 'f', -1)
+// does, for the values telemetry mostly holds (21.5, 40, 1013.25): a
+// decimal of at most four fractional digits, of magnitude below 2^53. It
+// reports false for anything else, which strconv then formats.
+//
+// Why it is the same text: for the smallest k such that an integer m with
+// m / 10^k == f exists (m and 10^k exact doubles, so the division is
+// correctly rounded, as ParseFloat of the decimal is), the decimal
+// m·10^-k reads back as f and no decimal of fewer fractional digits (so
+// none of fewer significant digits) does: that is the shortest
+// representation strconv finds. It is the only one with k digits when
+// f's spacing (ulp) is below 10^-k, which is required, so strconv's tie
+// rule (the closest of several shortest) never comes into play. m is found
+// among the integers next to f·10^k, whose rounding error is far below one.
+func appendShortDecimal(dst []byte, f float64) ([]byte, bool) {
+	a := math.Abs(f)
+	if a >= 1<<40 || a < 1e-4 || a != a {
+		return dst, false
+	}
+	ulp := math.Nextafter(a, math.Inf(1)) - a
+	for k, p := range pow10 {
+		if ulp*p >= 0.25 {
+			return dst, false
+		}
+		x := a * p
+		m := math.Round(x)
+		var ok bool
+		for _, c := range [...]float64{m, m - 1, m + 1} {
+			if c > 0 && c/p == a {
+				if ok {
+					return dst, false // two candidates: leave it to strconv
+				}
+				m, ok = c, true
+			}
+		}
+		if !ok {
+			continue
+		}
+		u := uint64(m)
+		if k > 0 && u%10 == 0 {
+			return dst, false // not the fewest digits after all
+		}
+		if f < 0 {
+			dst = append(dst, '-')
+		}
+		if k == 0 {
+			return strconv.AppendUint(dst, u, 10), true
+		}
+		div := uint64(p)
+		dst = strconv.AppendUint(dst, u/div, 10)
+		dst = append(dst, '.')
+		frac := u % div
+		for d := div / 10; d > 0; d /= 10 {
+			dst = append(dst, byte('0'+frac/d%10))
+		}
+		return dst, true
+	}
+	return dst, false
 }
 
 const hexDigits = "0123456789abcdef"

@@ -518,14 +518,15 @@ func FuzzDecodePushBatch(f *testing.F) {
 }
 
 // benchBatch is a push as syncbench makes them: 5,000 readings of 100
-// devices, each with a ts, an id and two metrics.
+// devices, each with a ts, an id and two metrics of a sensor's
+// resolution (21.5, 40).
 func benchBatch() *wire.PushBatch {
 	b := &wire.PushBatch{Edge: "edge-1", FirstSeq: 1}
 	for d := range 100 {
 		c := wire.Change{Kind: wire.KindReadings, Device: fmt.Sprintf("dev-%03d", d)}
 		for i := range 50 {
 			c.Readings = append(c.Readings, wire.Reading{TS: 1764650000000 + int64(i), ID: fmt.Sprintf("m-%d-%d", d, i),
-				Sorted: []wire.Metric{{Name: "hum", Value: 40 + float64(i)/10}, {Name: "temp", Value: 21.5 + float64(d)/7}}})
+				Sorted: []wire.Metric{{Name: "hum", Value: float64(i % 100)}, {Name: "temp", Value: float64(i%40) + 0.5}}})
 		}
 		b.Changes = append(b.Changes, c)
 	}
