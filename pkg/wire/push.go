@@ -475,6 +475,9 @@ func (d *pushDecoder) float() (float64, bool) {
 	if d.i >= len(d.b) {
 		return 0, false
 	}
+	if f, ok := d.shortDecimal(); ok {
+		return f, true
+	}
 	s := jsonScanner{b: d.b, i: d.i, max: 1}
 	if c := d.b[d.i]; c != '-' && (c < '0' || c > '9') {
 		return 0, false
@@ -489,6 +492,54 @@ func (d *pushDecoder) float() (float64, bool) {
 		return 0, false
 	}
 	d.i = s.i
+	return f, true
+}
+
+// exactPow10 are the powers of ten a double holds exactly, up to 1e15.
+var exactPow10 = [...]float64{1, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15}
+
+// shortDecimal reads a number of at most 15 digits without an exponent
+// (21.5, -40, 1013.25), as strconv.ParseFloat would: its digits m and
+// 10^k (k fractional digits) are exact doubles, so m / 10^k is the
+// correctly rounded value, which is what ParseFloat returns. Anything
+// else is left to the general path (false, nothing consumed).
+func (d *pushDecoder) shortDecimal() (float64, bool) {
+	b, i := d.b, d.i
+	neg := i < len(b) && b[i] == '-'
+	if neg {
+		i++
+	}
+	start := i
+	var m uint64
+	for i < len(b) && b[i]-'0' <= 9 {
+		m = m*10 + uint64(b[i]-'0')
+		i++
+	}
+	n := i - start
+	if n == 0 || (n > 1 && b[start] == '0') {
+		return 0, false
+	}
+	k := 0
+	if i < len(b) && b[i] == '.' {
+		i++
+		fs := i
+		for i < len(b) && b[i]-'0' <= 9 {
+			m = m*10 + uint64(b[i]-'0')
+			i++
+		}
+		k = i - fs
+		if k == 0 {
+			return 0, false
+		}
+	}
+	if n+k > 15 || (i < len(b) && (b[i] == 'e' || b[i] == 'E')) {
+		return 0, false
+	}
+	f := float64(m) / exactPow10[k]
+	if neg {
+		f = -f
+	}
+	d.i = i
 	return f, true
 }
 

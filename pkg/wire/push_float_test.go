@@ -78,3 +78,61 @@ func FuzzJSONFloat(f *testing.F) {
 		}
 	})
 }
+
+// TestShortDecimalParse: the push decoder's short-decimal path reads what
+// strconv.ParseFloat reads, to the bit, and leaves alone what it must.
+func TestShortDecimalParse(t *testing.T) {
+	rng := rand.New(rand.NewPCG(13, 14))
+	check := func(s string) {
+		t.Helper()
+		d := pushDecoder{b: []byte(s)}
+		got, ok := d.shortDecimal()
+		if !ok {
+			return
+		}
+		want, err := strconv.ParseFloat(s[:d.i], 64)
+		if err != nil || math.Float64bits(got) != math.Float64bits(want) {
+			t.Fatalf("%q: %v (%x), ParseFloat %v (%x, %v)", s, got, math.Float64bits(got), want, math.Float64bits(want), err)
+		}
+	}
+	taken := 0
+	for range 200_000 {
+		n := 1 + rng.IntN(15)
+		k := rng.IntN(n)
+		digits := make([]byte, n)
+		for i := range digits {
+			digits[i] = byte('0' + rng.IntN(10))
+		}
+		if n-k > 1 && digits[0] == '0' {
+			digits[0] = '1'
+		}
+		s := string(digits[:n-k])
+		if k > 0 {
+			s += "." + string(digits[n-k:])
+		}
+		if rng.IntN(2) == 0 {
+			s = "-" + s
+		}
+		check(s)
+		d := pushDecoder{b: []byte(s)}
+		if _, ok := d.shortDecimal(); ok {
+			taken++
+		}
+	}
+	if taken < 100_000 {
+		t.Fatalf("only %d decimals took the path", taken)
+	}
+	for _, s := range []string{"0", "-0", "-0.0", "0.1", "0.3", "21.5", "999999999999999", "99999999999999.9", "0.000000000000001"} {
+		check(s)
+	}
+	for _, s := range []string{"01", "1.", "-", "1e5", "1.5E3", "9999999999999999", "0.0000000000000001", ".5"} {
+		d := pushDecoder{b: []byte(s)}
+		if _, ok := d.shortDecimal(); ok {
+			t.Errorf("%q taken", s)
+		}
+	}
+	d := pushDecoder{b: []byte("-0")}
+	if f, _ := d.shortDecimal(); !math.Signbit(f) {
+		t.Error("-0 lost its sign")
+	}
+}
