@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"sync/atomic"
 	"time"
@@ -419,6 +420,7 @@ func encodeChange(c *Change) ([]byte, error) {
 
 func decodeChange(seq uint64, b []byte) (Change, error) {
 	c := Change{Seq: seq}
+	var err error
 	if len(b) < 9 {
 		return c, errCorrupt
 	}
@@ -454,29 +456,8 @@ func decodeChange(seq uint64, b []byte) (Change, error) {
 			return c, errCorrupt
 		}
 		b = b[w:]
-		c.Readings = make([]Reading, 0, n)
-		for i := uint64(0); i < n; i++ {
-			var r Reading
-			ts, w := binary.Varint(b)
-			if w <= 0 {
-				return c, errCorrupt
-			}
-			r.TS = ts
-			b = b[w:]
-			il, w := binary.Uvarint(b)
-			if w <= 0 || uint64(len(b)-w) < il {
-				return c, errCorrupt
-			}
-			r.ID = string(b[w : w+int(il)])
-			b = b[w+int(il):]
-			var err error
-			r.Metrics, b, err = readMetrics(b, nil)
-			if err != nil {
-				return c, err
-			}
-			c.Readings = append(c.Readings, r)
-		}
-		return c, nil
+		c.Readings, err = decodeOutboxReadings(b, n)
+		return c, err
 	case ChangeReported, ChangeDesired:
 		return c, json.Unmarshal(b, &c.Doc)
 	case ChangeMeta:
@@ -487,6 +468,56 @@ func decodeChange(seq uint64, b []byte) (Change, error) {
 		return c, json.Unmarshal(b, c.User)
 	}
 	return c, fmt.Errorf("%w: unknown change kind %d", errCorrupt, c.Kind)
+}
+
+// decodeOutboxReadings reads the n readings of a readings entry, b the
+// rest of it. The syncer reads the whole backlog through here: the ids and
+// metric names are cut from one copy of b, and the metrics from one slab,
+// instead of allocating each (a reading cost three allocations).
+func decodeOutboxReadings(b []byte, n uint64) ([]Reading, error) {
+	rec := string(b) // b is bbolt's memory, valid only in its transaction
+	rs := make([]Reading, 0, n)
+	ms := make([]Metric, 0, 2*n)
+	p := 0
+	for i := uint64(0); i < n; i++ {
+		var r Reading
+		ts, w := binary.Varint(b[p:])
+		if w <= 0 {
+			return nil, errCorrupt
+		}
+		r.TS = ts
+		p += w
+		il, w := binary.Uvarint(b[p:])
+		if w <= 0 || uint64(len(b)-p-w) < il {
+			return nil, errCorrupt
+		}
+		p += w
+		r.ID = rec[p : p+int(il)]
+		p += int(il)
+		m, w := binary.Uvarint(b[p:])
+		if w <= 0 || m > uint64(len(b)-p) {
+			return nil, errCorrupt
+		}
+		p += w
+		at := len(ms)
+		for j := uint64(0); j < m; j++ {
+			l, w := binary.Uvarint(b[p:])
+			if w <= 0 || l > uint64(len(b)-p-w) || uint64(len(b)-p-w)-l < 8 {
+				return nil, errCorrupt
+			}
+			p += w
+			name := rec[p : p+int(l)]
+			p += int(l)
+			ms = append(ms, Metric{Name: name, Value: math.Float64frombits(binary.BigEndian.Uint64(b[p:]))})
+			p += 8
+		}
+		if m > 0 {
+			// Earlier readings keep their part of a slab append outgrew.
+			r.Metrics = ms[at:len(ms):len(ms)]
+		}
+		rs = append(rs, r)
+	}
+	return rs, nil
 }
 
 // appendOutbox assigns the next sequence to c and writes it. Callers hold the

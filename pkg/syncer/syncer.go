@@ -776,14 +776,33 @@ func toWire(c *store.Change) wire.Change {
 	w := wire.Change{Kind: c.Kind.String(), Device: c.Device, Actor: c.By.OpenID, Proof: c.By.Proof}
 	switch c.Kind {
 	case store.ChangeReadings:
+		// Metrics go sorted (wire.Reading.Sorted), cut from one slab per
+		// change: the push codec writes them without a map.
 		w.Readings = make([]wire.Reading, len(c.Readings))
+		n := 0
+		for i := range c.Readings {
+			n += len(c.Readings[i].Metrics)
+		}
+		slab := make([]wire.Metric, 0, n)
 		for i := range c.Readings {
 			r := &c.Readings[i]
-			m := make(map[string]float64, len(r.Metrics))
+			w.Readings[i] = wire.Reading{TS: r.TS, ID: r.ID}
+			at := len(slab)
 			for _, mv := range r.Metrics {
-				m[mv.Name] = mv.Value
+				slab = append(slab, wire.Metric{Name: mv.Name, Value: mv.Value})
 			}
-			w.Readings[i] = wire.Reading{TS: r.TS, ID: r.ID, Metrics: m}
+			ms, unique := wire.SortMetrics(slab[at:len(slab):len(slab)])
+			if !unique {
+				// The store keeps names unique; if one is there twice,
+				// the last value wins, as it did through a map.
+				m := make(map[string]float64, len(r.Metrics))
+				for _, mv := range r.Metrics {
+					m[mv.Name] = mv.Value
+				}
+				w.Readings[i].Metrics = m
+				continue
+			}
+			w.Readings[i].Sorted = ms
 		}
 	case store.ChangeReported, store.ChangeDesired:
 		// A value stored before the JSON rules existed travels as null:

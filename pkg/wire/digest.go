@@ -20,7 +20,7 @@ type Digest [DigestSize]byte
 // every field the edge sent (maps in key order), so equal changes have
 // equal digests whatever their JSON looked like.
 func (c *Change) Digest() Digest {
-	b := make([]byte, 0, 256)
+	b := make([]byte, 0, 256+48*len(c.Readings))
 	str := func(s string) {
 		b = binary.AppendUvarint(b, uint64(len(s)))
 		b = append(b, s...)
@@ -30,23 +30,22 @@ func (c *Change) Digest() Digest {
 	str(c.Actor)
 	str(c.Proof)
 	b = binary.AppendUvarint(b, uint64(len(c.Readings)))
-	var names []string
+	var buf []Metric
 	for i := range c.Readings {
 		r := &c.Readings[i]
 		b = binary.AppendVarint(b, r.TS)
 		str(r.ID)
-		names = names[:0]
-		for k := range r.Metrics {
-			names = append(names, k)
+		ms := r.SortedMetrics(buf)
+		if r.Metrics != nil {
+			buf = ms
 		}
-		sort.Strings(names)
-		b = binary.AppendUvarint(b, uint64(len(names)))
-		for _, k := range names {
-			str(k)
-			b = binary.LittleEndian.AppendUint64(b, math.Float64bits(r.Metrics[k]))
+		b = binary.AppendUvarint(b, uint64(len(ms)))
+		for _, m := range ms {
+			str(m.Name)
+			b = binary.LittleEndian.AppendUint64(b, math.Float64bits(m.Value))
 		}
 	}
-	names = names[:0]
+	var names []string
 	for k := range c.Doc {
 		names = append(names, k)
 	}

@@ -23,6 +23,12 @@
 //     the edge its own value back through pull.
 //   - Bodies may be compressed (Content-Encoding: zstd or gzip); zstd is what
 //     the Go client sends.
+//   - A push is written and read by the push codec (push.go):
+//     AppendPushBatch writes the JSON encoding/json would, and
+//     DecodePushBatch reads the shape an edge sends into Reading.Sorted
+//     (metrics sorted by name), leaving anything else to a general
+//     decoder, so the bytes on the network and every answer to them are
+//     what they were.
 //   - Pull returns cloud-side changes for the edge (desired state written in
 //     the cloud, users and roles) after an opaque cursor, and the cursor to
 //     resume from. Re-pulling from an old cursor is always safe because every
@@ -153,10 +159,16 @@ const (
 // Reading is one telemetry sample as it travels on the wire: Unix
 // milliseconds, an optional message id (the dedup key when present) and
 // numeric metrics.
+//
+// The metrics are in Metrics or in Sorted, never both. Sorted is the push
+// codec's form (push.go): sorted by name, no name twice, which Validate
+// checks. JSON marshalling knows only Metrics; a push is written with
+// AppendPushBatch, which knows both.
 type Reading struct {
 	TS      int64              `json:"ts"`
 	ID      string             `json:"id,omitempty"`
 	Metrics map[string]float64 `json:"metrics"`
+	Sorted  []Metric           `json:"-"`
 }
 
 // Meta is a device's placement and ownership, set by an admin. Stamp orders
@@ -533,19 +545,38 @@ func (r *Reading) Validate() error {
 	if len(r.ID) > 128 {
 		return invalid("id longer than 128 bytes")
 	}
-	if len(r.Metrics) == 0 {
+	if r.Metrics != nil && r.Sorted != nil {
+		return invalid("reading has metrics in both forms")
+	}
+	n := len(r.Metrics) + len(r.Sorted)
+	if n == 0 {
 		return invalid("metrics must not be empty")
 	}
-	if len(r.Metrics) > MaxMetrics {
-		return invalid("%d metrics, at most %d allowed", len(r.Metrics), MaxMetrics)
+	if n > MaxMetrics {
+		return invalid("%d metrics, at most %d allowed", n, MaxMetrics)
 	}
 	for k, v := range r.Metrics {
-		if k == "" || len(k) > 128 {
-			return invalid("metric name %q must be 1 to 128 bytes", k)
+		if err := validMetric(k, v); err != nil {
+			return err
 		}
-		if math.IsNaN(v) || math.IsInf(v, 0) {
-			return invalid("metric %q is not a finite number", k)
+	}
+	for i, m := range r.Sorted {
+		if err := validMetric(m.Name, m.Value); err != nil {
+			return err
 		}
+		if i > 0 && r.Sorted[i-1].Name >= m.Name {
+			return invalid("metrics not sorted by name, or metric %q twice", m.Name)
+		}
+	}
+	return nil
+}
+
+func validMetric(k string, v float64) error {
+	if k == "" || len(k) > 128 {
+		return invalid("metric name %q must be 1 to 128 bytes", k)
+	}
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return invalid("metric %q is not a finite number", k)
 	}
 	return nil
 }

@@ -113,7 +113,7 @@ func (s *Server) push(c *fiber.Ctx) error {
 		}
 		defer release()
 		var b wire.PushBatch
-		if err := s.decodeBatch(c, &b); err != nil {
+		if err := s.decodePush(c, &b); err != nil {
 			return err
 		}
 		// b is not used past Push, so its decoded changes are garbage once

@@ -159,8 +159,15 @@ func FuzzSyncBatchDecode(f *testing.F) {
 		var changes []wire.Change
 		if kind%2 == 0 {
 			var b wire.PushBatch
-			if s.decodeBatchBody(encoding, body, &b) != nil || b.Validate() != nil {
+			if s.decodePushBody(encoding, body, &b) != nil || b.Validate() != nil {
 				return
+			}
+			out, err := wire.AppendPushBatch(nil, &b)
+			if err != nil {
+				t.Fatalf("push accepted but does not encode: %v", err)
+			}
+			if err := wire.CheckJSON(out, wire.MaxSyncJSONDepth); err != nil {
+				t.Fatalf("push encodes against the rules (%v): %.200s", err, out)
 			}
 			changes = b.Changes
 		} else {
