@@ -30,10 +30,11 @@ type sources struct {
 	local, cloud []rules.Rule
 }
 
-// set compiles the union. Every rule was compiled when it was accepted, so
-// an error here is a bug or a library change; the caller keeps its set.
-func (s *sources) set() (rules.Set, error) {
-	return rules.CompileSet(append(slices.Clone(s.cloud), s.local...))
+// set compiles the union, reusing the rules of prev (the set in force)
+// that did not change. Every rule was compiled when it was accepted, so an
+// error here is a bug or a library change; the caller keeps its set.
+func (s *sources) set(prev rules.Set) (rules.Set, error) {
+	return prev.Recompile(append(slices.Clone(s.cloud), s.local...))
 }
 
 func (s *sources) source(name string) string {
@@ -126,7 +127,7 @@ func (r *Runner) SetCloud(ctx context.Context, rs []rules.Rule) error {
 
 // install compiles next and swaps it in.
 func (r *Runner) install(e *rules.Engine, next sources) error {
-	set, err := next.set()
+	set, err := next.set(e.Rules())
 	if err != nil {
 		return err
 	}
