@@ -152,6 +152,7 @@ type devBatch struct {
 	// Seek reuses its stack where each Get allocates a new one.
 	rb, ib *span
 	rc     *spanCursor
+	spans  devSpans // backs rb, ib and rc
 	// newest is a key no stored reading of the device exceeds (see
 	// newestKeys), known once rb is open.
 	newest [16]byte
@@ -290,8 +291,8 @@ func (w *batchWriter) item(it *Item, head *uint64) (ItemResult, error) {
 
 // openReadings opens the device's readings span and learns its bound.
 func (w *batchWriter) openReadings(db *devBatch) error {
-	db.rb = newSpan(w.readings, db.id)
-	db.rc = db.rb.Cursor()
+	db.rb = db.spans.open(db.id, w.readings, &db.spans.readings, &db.spans.readingsC)
+	db.rc = &db.spans.readingsC
 	var ok bool
 	if db.newest, ok = w.s.newest.get(db.id); !ok {
 		// First batch of the device since the store opened.
@@ -321,7 +322,7 @@ func (w *batchWriter) readingsOf(db *devBatch, it *Item, head *uint64) (ItemResu
 		withID := r.ID != "" && r.ReceiveTS
 		if withID {
 			if db.ib == nil {
-				db.ib = newSpan(w.ids, db.id)
+				db.ib = db.spans.open(db.id, w.ids, &db.spans.ids, nil)
 			}
 			if db.ib.Get([]byte(r.ID)) != nil {
 				res.Duplicates++
@@ -431,16 +432,17 @@ func (w *batchWriter) flushRollups() error {
 // with a cursor for the lookups: a Seek reuses the cursor's stack where
 // each Get allocates a new one.
 type rollupBucket struct {
-	b *span
-	c *spanCursor
+	open bool
+	b    span
+	c    spanCursor
 }
 
 // mergeCell adds a to the stored cell. The key is built in scratch: bbolt
 // copies keys on Put.
 func (w *batchWriter) mergeCell(parent *bolt.Bucket, rb *rollupBucket, cell rollupCell, a agg) error {
-	if rb.b == nil {
-		b := newSpan(parent, cell.dev.id)
-		*rb = rollupBucket{b, b.Cursor()}
+	if !rb.open {
+		cell.dev.spans.open(cell.dev.id, parent, &rb.b, &rb.c)
+		rb.open = true
 	}
 	w.scratch = appendRollupKey(w.scratch[:0], cell.metric, cell.minute)
 	// The cursor seeks from the bucket's root, so earlier puts do not matter.

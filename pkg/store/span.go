@@ -21,9 +21,12 @@ type span struct {
 }
 
 func newSpan(b *bolt.Bucket, dev string) *span {
-	p := make([]byte, 0, len(dev)+1+24)
-	p = append(append(p, dev...), 0)
-	return &span{b: b, prefix: p}
+	return &span{b: b, prefix: spanPrefix(dev)}
+}
+
+// spanPrefix is a device's prefix in the shared buckets.
+func spanPrefix(dev string) []byte {
+	return append(append(make([]byte, 0, len(dev)+1), dev...), 0)
 }
 
 func (s *span) full(k []byte) []byte {
@@ -40,6 +43,26 @@ func (s *span) Delete(k []byte) error { return s.b.Delete(s.full(k)) }
 // Cursor walks the span's keys, which it returns without the prefix.
 func (s *span) Cursor() *spanCursor {
 	return &spanCursor{c: s.b.Cursor(), prefix: s.prefix}
+}
+
+// devSpans holds a device's spans and cursors for one Ingest, so that the
+// batch allocates them with the device's devBatch, sharing one prefix.
+type devSpans struct {
+	prefix        []byte
+	readings, ids span
+	readingsC     spanCursor
+}
+
+// open points sp and, when c is not nil, c at the device's span of b.
+func (d *devSpans) open(dev string, b *bolt.Bucket, sp *span, c *spanCursor) *span {
+	if d.prefix == nil {
+		d.prefix = spanPrefix(dev)
+	}
+	*sp = span{b: b, prefix: d.prefix}
+	if c != nil {
+		*c = spanCursor{c: b.Cursor(), prefix: d.prefix}
+	}
+	return sp
 }
 
 type spanCursor struct {
