@@ -72,7 +72,7 @@ func (r *Runner) PutLocal(ctx context.Context, rule rules.Rule) (RuleInfo, error
 		next := sources{cloud: r.src.cloud, local: slices.DeleteFunc(slices.Clone(r.src.local),
 			func(x rules.Rule) bool { return x.Name == rule.Name })}
 		next.local = append(next.local, rule)
-		if err = r.install(e, next); err != nil {
+		if err = r.install(e, next, c); err != nil {
 			return
 		}
 		if err = r.cfg.Store.PutLocalRule(rule); err != nil {
@@ -125,9 +125,10 @@ func (r *Runner) SetCloud(ctx context.Context, rs []rules.Rule) error {
 	return err
 }
 
-// install compiles next and swaps it in.
-func (r *Runner) install(e *rules.Engine, next sources) error {
-	set, err := next.set(e.Rules())
+// install compiles next and swaps it in; fresh are rules the caller has
+// just compiled, which it need not compile again.
+func (r *Runner) install(e *rules.Engine, next sources, fresh ...*rules.Compiled) error {
+	set, err := next.set(append(slices.Clip(e.Rules()), fresh...))
 	if err != nil {
 		return err
 	}

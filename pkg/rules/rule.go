@@ -355,7 +355,8 @@ func CompileSet(rs []Rule) (Set, error) { return Set(nil).Recompile(rs) }
 // Recompile compiles rs as CompileSet does, reusing each compiled rule of s
 // whose definition is unchanged (same name and version): putting or
 // deleting one rule of a hundred through the API compiles one rule, not a
-// hundred. A compiled rule is never changed, so two sets may share it.
+// hundred. A compiled rule is never changed, so two sets may share it. Of
+// two rules of s with one name, the later is the one reused.
 func (s Set) Recompile(rs []Rule) (Set, error) {
 	prev := make(map[string]*Compiled, len(s))
 	for _, c := range s {
