@@ -124,7 +124,7 @@ func (w *batchWriter) flushDevices(written *[]cachedDevice) error {
 }
 
 // batchWriter carries per-transaction caches so that a batch touching the
-// same device many times opens its buckets and decodes its record once.
+// same device many times opens its spans and decodes its record once.
 type batchWriter struct {
 	s                                          *Store
 	tx                                         *bolt.Tx
@@ -161,7 +161,7 @@ type devBatch struct {
 	// maps are the device cache's, which a state merge must clone first.
 	d             *Device
 	dirty, shared bool
-	rollMinute    rollupBucket // its buckets in rollup_1m and rollup_1h
+	rollMinute    rollupBucket // its spans of the minute and hour rollups
 	rollHour      rollupBucket
 	// out is the readings outbox entry of the device's new readings in
 	// this batch, open while out.Seq is set (see openEntry).
