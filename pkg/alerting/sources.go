@@ -30,10 +30,11 @@ type sources struct {
 	local, cloud []rules.Rule
 }
 
-// set compiles the union. Every rule was compiled when it was accepted, so
-// an error here is a bug or a library change; the caller keeps its set.
-func (s *sources) set() (rules.Set, error) {
-	return rules.CompileSet(append(slices.Clone(s.cloud), s.local...))
+// set compiles the union, reusing the rules of prev (the set in force)
+// that did not change. Every rule was compiled when it was accepted, so an
+// error here is a bug or a library change; the caller keeps its set.
+func (s *sources) set(prev rules.Set) (rules.Set, error) {
+	return prev.Recompile(append(slices.Clone(s.cloud), s.local...))
 }
 
 func (s *sources) source(name string) string {
@@ -71,7 +72,7 @@ func (r *Runner) PutLocal(ctx context.Context, rule rules.Rule) (RuleInfo, error
 		next := sources{cloud: r.src.cloud, local: slices.DeleteFunc(slices.Clone(r.src.local),
 			func(x rules.Rule) bool { return x.Name == rule.Name })}
 		next.local = append(next.local, rule)
-		if err = r.install(e, next); err != nil {
+		if err = r.install(e, next, c); err != nil {
 			return
 		}
 		if err = r.cfg.Store.PutLocalRule(rule); err != nil {
@@ -124,9 +125,10 @@ func (r *Runner) SetCloud(ctx context.Context, rs []rules.Rule) error {
 	return err
 }
 
-// install compiles next and swaps it in.
-func (r *Runner) install(e *rules.Engine, next sources) error {
-	set, err := next.set()
+// install compiles next and swaps it in; fresh are rules the caller has
+// just compiled, which it need not compile again.
+func (r *Runner) install(e *rules.Engine, next sources, fresh ...*rules.Compiled) error {
+	set, err := next.set(append(slices.Clip(e.Rules()), fresh...))
 	if err != nil {
 		return err
 	}

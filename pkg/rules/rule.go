@@ -189,10 +189,19 @@ func Compile(r Rule) (*Compiled, error) {
 			}
 		}
 	}
-	canon, _ := json.Marshal(c.Rule) // maps marshal sorted: canonical
-	sum := sha256.Sum256(canon)
-	c.Version = hex.EncodeToString(sum[:8])
+	c.Version = versionOf(c.Rule)
 	return c, nil
+}
+
+// versionOf hashes a rule's canonical JSON (maps marshal sorted), its
+// severity defaulted as Compile defaults it.
+func versionOf(r Rule) string {
+	if r.Severity == "" {
+		r.Severity = SeverityWarning
+	}
+	canon, _ := json.Marshal(r)
+	sum := sha256.Sum256(canon)
+	return hex.EncodeToString(sum[:8])
 }
 
 func (s Selector) validate() error {
@@ -341,7 +350,18 @@ type Set []*Compiled
 
 // CompileSet compiles rules; one bad rule refuses the whole set, so a bad
 // rule never replaces a good set.
-func CompileSet(rs []Rule) (Set, error) {
+func CompileSet(rs []Rule) (Set, error) { return Set(nil).Recompile(rs) }
+
+// Recompile compiles rs as CompileSet does, reusing each compiled rule of s
+// whose definition is unchanged (same name and version): putting or
+// deleting one rule of a hundred through the API compiles one rule, not a
+// hundred. A compiled rule is never changed, so two sets may share it. Of
+// two rules of s with one name, the later is the one reused.
+func (s Set) Recompile(rs []Rule) (Set, error) {
+	prev := make(map[string]*Compiled, len(s))
+	for _, c := range s {
+		prev[c.Name] = c
+	}
 	seen := map[string]bool{}
 	out := make(Set, 0, len(rs))
 	for _, r := range rs {
@@ -349,6 +369,10 @@ func CompileSet(rs []Rule) (Set, error) {
 			return nil, invalid("rule %s appears twice", r.Name)
 		}
 		seen[r.Name] = true
+		if c := prev[r.Name]; c != nil && c.Version == versionOf(r) {
+			out = append(out, c)
+			continue
+		}
 		c, err := Compile(r)
 		if err != nil {
 			return nil, err

@@ -418,3 +418,61 @@ func TestRulesByDevice(t *testing.T) {
 		}
 	}
 }
+
+// TestRecompileReusesUnchanged: a set recompiled with one rule changed,
+// one added and one removed shares the compiled rules that did not change
+// (an API put of one rule of a hundred compiles one), compiles the rest,
+// and still refuses a bad rule or a duplicate name whole.
+func TestRecompileReusesUnchanged(t *testing.T) {
+	base := []Rule{
+		{Name: "a", When: "temp > 1"},
+		{Name: "b", When: "temp > 2", Severity: SeverityWarning},
+		{Name: "c", When: "temp > 3", Devices: Selector{IDs: []string{"d1"}}},
+	}
+	prev, err := CompileSet(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	byName := func(s Set) map[string]*Compiled {
+		m := map[string]*Compiled{}
+		for _, c := range s {
+			m[c.Name] = c
+		}
+		return m
+	}
+	next := []Rule{
+		{Name: "a", When: "temp > 1", Severity: SeverityWarning}, // the default spelt out: unchanged
+		{Name: "b", When: "temp > 20"},                           // changed
+		{Name: "d", When: "hum < 5"},                             // added; c removed
+	}
+	got, err := prev.Recompile(next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := CompileSet(next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, g := byName(prev), byName(got)
+	if len(got) != 3 || g["c"] != nil || g["a"] != p["a"] || g["b"] == p["b"] || g["d"] == nil {
+		t.Fatalf("recompiled %v from %v", g, p)
+	}
+	for i := range want {
+		if got[i].Name != want[i].Name || got[i].Version != want[i].Version {
+			t.Fatalf("rule %d: %s@%s, compiled afresh %s@%s", i, got[i].Name, got[i].Version, want[i].Name, want[i].Version)
+		}
+	}
+	e := NewEngine(nil, (&clock{}).stamp)
+	e.Swap(time.UnixMilli(0), got)
+	if evs, _ := e.Evaluate(time.UnixMilli(1), Device{ID: "x"}, map[string]float64{"temp": 10}); len(evs) != 1 || evs[0].Rule.Name != "a" {
+		t.Fatalf("temp 10 raised %v, want rule a only (b now needs 20)", evs)
+	}
+	for _, bad := range [][]Rule{
+		{{Name: "a", When: "temp > 1"}, {Name: "b", When: "temp >"}},
+		{{Name: "a", When: "temp > 1"}, {Name: "a", When: "temp > 1"}},
+	} {
+		if _, err := prev.Recompile(bad); !errors.Is(err, ErrInvalid) {
+			t.Fatalf("Recompile(%v) = %v, want ErrInvalid", bad, err)
+		}
+	}
+}

@@ -124,7 +124,7 @@ func (w *batchWriter) flushDevices(written *[]cachedDevice) error {
 }
 
 // batchWriter carries per-transaction caches so that a batch touching the
-// same device many times opens its buckets and decodes its record once.
+// same device many times opens its spans and decodes its record once.
 type batchWriter struct {
 	s                                          *Store
 	tx                                         *bolt.Tx
@@ -147,11 +147,12 @@ type batchWriter struct {
 type devBatch struct {
 	id   string
 	seen int64 // last seen: the later of the stored time and the batch's
-	// rb and ib are the device's readings and ids buckets, opened on first
-	// use; rc is a cursor on rb for the dedupe lookups: a Seek reuses its
-	// stack where each Get allocates a new one.
-	rb, ib *bolt.Bucket
-	rc     *bolt.Cursor
+	// rb and ib are the device's spans of the readings and ids buckets,
+	// opened on first use; rc is a cursor on rb for the dedupe lookups: a
+	// Seek reuses its stack where each Get allocates a new one.
+	rb, ib *span
+	rc     *spanCursor
+	spans  devSpans // backs rb, ib and rc
 	// newest is a key no stored reading of the device exceeds (see
 	// newestKeys), known once rb is open.
 	newest [16]byte
@@ -160,7 +161,7 @@ type devBatch struct {
 	// maps are the device cache's, which a state merge must clone first.
 	d             *Device
 	dirty, shared bool
-	rollMinute    rollupBucket // its buckets in rollup_1m and rollup_1h
+	rollMinute    rollupBucket // its spans of the minute and hour rollups
 	rollHour      rollupBucket
 	// out is the readings outbox entry of the device's new readings in
 	// this batch, open while out.Seq is set (see openEntry).
@@ -174,12 +175,18 @@ type rollupCell struct {
 }
 
 func newBatchWriter(s *Store, tx *bolt.Tx) *batchWriter {
-	return &batchWriter{
+	w := &batchWriter{
 		s: s, tx: tx,
 		readings: tx.Bucket(bucketReadings), ids: tx.Bucket(bucketIDs), seenB: tx.Bucket(bucketSeen),
 		rollMinute: tx.Bucket(bucketMinute), rollHour: tx.Bucket(bucketHour),
 		devs: map[string]*devBatch{}, rollups: map[rollupCell]*agg{},
 	}
+	// Each device's keys grow at the end of its span, so a page that
+	// splits is never added to again: fuller pages are fewer pages to write.
+	for _, b := range []*bolt.Bucket{w.readings, w.ids, w.rollMinute, w.rollHour} {
+		b.FillPercent = 0.9
+	}
+	return w
 }
 
 // slabSize is the chunk keep allocates: about a page of readings.
@@ -195,16 +202,6 @@ func (w *batchWriter) keep(b []byte) []byte {
 	n := len(w.slab)
 	w.slab = append(w.slab, b...)
 	return w.slab[n:len(w.slab):len(w.slab)]
-}
-
-// deviceBucket opens a device's bucket below parent, creating it if need be.
-func deviceBucket(parent *bolt.Bucket, dev string) (*bolt.Bucket, error) {
-	b, err := parent.CreateBucketIfNotExists([]byte(dev))
-	if err != nil {
-		return nil, err
-	}
-	b.FillPercent = 0.9 // keys arrive mostly in time order
-	return b, nil
 }
 
 // device decodes the record of a device, registering it if unknown.
@@ -292,13 +289,10 @@ func (w *batchWriter) item(it *Item, head *uint64) (ItemResult, error) {
 	return res, nil
 }
 
-// openReadings opens the device's readings bucket and learns its bound.
+// openReadings opens the device's readings span and learns its bound.
 func (w *batchWriter) openReadings(db *devBatch) error {
-	rb, err := deviceBucket(w.readings, db.id)
-	if err != nil {
-		return err
-	}
-	db.rb, db.rc = rb, rb.Cursor()
+	db.rb = db.spans.open(db.id, w.readings, &db.spans.readings, &db.spans.readingsC)
+	db.rc = &db.spans.readingsC
 	var ok bool
 	if db.newest, ok = w.s.newest.get(db.id); !ok {
 		// First batch of the device since the store opened.
@@ -328,10 +322,7 @@ func (w *batchWriter) readingsOf(db *devBatch, it *Item, head *uint64) (ItemResu
 		withID := r.ID != "" && r.ReceiveTS
 		if withID {
 			if db.ib == nil {
-				var err error
-				if db.ib, err = deviceBucket(w.ids, db.id); err != nil {
-					return res, err
-				}
+				db.ib = db.spans.open(db.id, w.ids, &db.spans.ids, nil)
 			}
 			if db.ib.Get([]byte(r.ID)) != nil {
 				res.Duplicates++
@@ -437,23 +428,21 @@ func (w *batchWriter) flushRollups() error {
 	return nil
 }
 
-// rollupBucket is a device's rollup bucket, opened on first use, with a
-// cursor for the lookups: a Seek reuses the cursor's stack where each Get
-// allocates a new one.
+// rollupBucket is a device's span of a rollup bucket, opened on first use,
+// with a cursor for the lookups: a Seek reuses the cursor's stack where
+// each Get allocates a new one.
 type rollupBucket struct {
-	b *bolt.Bucket
-	c *bolt.Cursor
+	open bool
+	b    span
+	c    spanCursor
 }
 
 // mergeCell adds a to the stored cell. The key is built in scratch: bbolt
 // copies keys on Put.
 func (w *batchWriter) mergeCell(parent *bolt.Bucket, rb *rollupBucket, cell rollupCell, a agg) error {
-	if rb.b == nil {
-		b, err := parent.CreateBucketIfNotExists([]byte(cell.dev.id))
-		if err != nil {
-			return err
-		}
-		*rb = rollupBucket{b, b.Cursor()}
+	if !rb.open {
+		cell.dev.spans.open(cell.dev.id, parent, &rb.b, &rb.c)
+		rb.open = true
 	}
 	w.scratch = appendRollupKey(w.scratch[:0], cell.metric, cell.minute)
 	// The cursor seeks from the bucket's root, so earlier puts do not matter.

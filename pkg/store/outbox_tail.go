@@ -114,7 +114,14 @@ func (t *outboxTail) record(tx *bolt.Tx, c *Change, v []byte) {
 		return
 	}
 	if t.tx != tx {
-		l := &tailLog{}
+		// Sized for as many entries as the last transaction had (up to
+		// 256, as the tail may keep the array): the writer's batches are
+		// much alike, and a slice grown to 100 entries copied them 7 times.
+		n := 0
+		if t.log != nil {
+			n = min(t.log.entries.len(), 256)
+		}
+		l := &tailLog{entries: tailBatch{cs: make([]Change, 0, n), info: make([]tailInfo, 0, n)}}
 		t.tx, t.log = tx, l
 		tx.OnCommit(func() { t.add(l.entries.sorted()) })
 	}

@@ -60,10 +60,7 @@ func (s *Store) Readings(device string, q ReadingsQuery) (ReadingsPage, error) {
 		if tx.Bucket(bucketDevices).Get([]byte(device)) == nil {
 			return ErrNotFound
 		}
-		b := tx.Bucket(bucketReadings).Bucket([]byte(device))
-		if b == nil {
-			return nil
-		}
+		b := newSpan(tx.Bucket(bucketReadings), device)
 		page.Items = make([]Reading, 0, min(q.Limit, 1024))
 		c := b.Cursor()
 		k, v := c.Seek(start)
@@ -112,11 +109,7 @@ func (s *Store) Latest(device string) (Reading, error) {
 		if tx.Bucket(bucketDevices).Get([]byte(device)) == nil {
 			return ErrNotFound
 		}
-		b := tx.Bucket(bucketReadings).Bucket([]byte(device))
-		if b == nil {
-			return ErrNotFound
-		}
-		k, v := b.Cursor().Last()
+		k, v := newSpan(tx.Bucket(bucketReadings), device).Cursor().Last()
 		if k == nil {
 			return ErrNotFound
 		}
@@ -168,9 +161,9 @@ func (s *Store) Stats(device, metric string, from, to, step int64) ([]StatsBucke
 			return ErrNotFound
 		}
 		q := statsQuery{
-			raw:    tx.Bucket(bucketReadings).Bucket([]byte(device)),
-			minute: tx.Bucket(bucketMinute).Bucket([]byte(device)),
-			hour:   tx.Bucket(bucketHour).Bucket([]byte(device)),
+			raw:    newSpan(tx.Bucket(bucketReadings), device),
+			minute: newSpan(tx.Bucket(bucketMinute), device),
+			hour:   newSpan(tx.Bucket(bucketHour), device),
 			metric: metric, add: add,
 		}
 		switch {
@@ -218,7 +211,7 @@ func ceilTo(v, unit int64) int64 {
 }
 
 type statsQuery struct {
-	raw, minute, hour *bolt.Bucket
+	raw, minute, hour *span
 	metric            string
 	add               func(ts int64, a agg)
 }
@@ -256,8 +249,8 @@ func (q statsQuery) minutes(from, end int64) error {
 	return q.scan(hi, end)
 }
 
-func (q statsQuery) rollup(b *bolt.Bucket, from, end int64) error {
-	if b == nil || from >= end {
+func (q statsQuery) rollup(b *span, from, end int64) error {
+	if from >= end {
 		return nil
 	}
 	prefix := rollupKey(q.metric, 0)[:len(q.metric)+1]
@@ -277,7 +270,7 @@ func (q statsQuery) rollup(b *bolt.Bucket, from, end int64) error {
 }
 
 func (q statsQuery) scan(from, end int64) error {
-	if q.raw == nil || from >= end {
+	if from >= end {
 		return nil
 	}
 	c := q.raw.Cursor()

@@ -23,10 +23,9 @@ func (s *Store) Prune(ctx context.Context, cutoff int64) (PruneResult, error) {
 	var res PruneResult
 	var devices []string
 	err := s.db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketReadings).ForEachBucket(func(k []byte) error {
-			devices = append(devices, string(k))
-			return nil
-		})
+		var err error
+		devices, err = spanDevices(tx.Bucket(bucketReadings))
+		return err
 	})
 	if err != nil {
 		return res, fmt.Errorf("prune: list devices: %w", err)
@@ -55,11 +54,8 @@ func (s *Store) pruneDevice(dev string, cutoff int64) (PruneResult, error) {
 		more := false
 		err := s.db.Update(func(tx *bolt.Tx) error {
 			acked := getU64(tx.Bucket(bucketMeta).Get(keyOutboxAcked))
-			rb := tx.Bucket(bucketReadings).Bucket([]byte(dev))
-			if rb == nil {
-				return nil
-			}
-			ib := tx.Bucket(bucketIDs).Bucket([]byte(dev))
+			rb := newSpan(tx.Bucket(bucketReadings), dev)
+			ib := newSpan(tx.Bucket(bucketIDs), dev)
 			c := rb.Cursor()
 			touched := map[int64]struct{}{} // minutes that lost readings
 			var k, v []byte
@@ -82,11 +78,9 @@ func (s *Store) pruneDevice(dev string, cutoff int64) (PruneResult, error) {
 					k, v = c.Next()
 					continue
 				}
-				if ib != nil {
-					if r, _, err := decodeReadingValue(k, v); err == nil && r.ID != "" {
-						if err := ib.Delete([]byte(r.ID)); err != nil {
-							return err
-						}
+				if r, _, err := decodeReadingValue(k, v); err == nil && r.ID != "" {
+					if err := ib.Delete([]byte(r.ID)); err != nil {
+						return err
 					}
 				}
 				ts := keyTS(k)
@@ -129,11 +123,11 @@ func (s *Store) pruneDevice(dev string, cutoff int64) (PruneResult, error) {
 // cells, so that rollups agree with the raw data after a deletion: a period
 // may keep unsynced readings, or lie across the cutoff.
 func recomputeRollups(tx *bolt.Tx, dev string, minutes map[int64]struct{}) error {
-	mb := tx.Bucket(bucketMinute).Bucket([]byte(dev))
-	if mb == nil || len(minutes) == 0 {
+	if len(minutes) == 0 {
 		return nil
 	}
-	rb := tx.Bucket(bucketReadings).Bucket([]byte(dev))
+	mb := newSpan(tx.Bucket(bucketMinute), dev)
+	rb := newSpan(tx.Bucket(bucketReadings), dev)
 	metrics, err := rollupMetrics(mb)
 	if err != nil {
 		return err
@@ -168,10 +162,7 @@ func recomputeRollups(tx *bolt.Tx, dev string, minutes map[int64]struct{}) error
 			}
 		}
 	}
-	hb := tx.Bucket(bucketHour).Bucket([]byte(dev))
-	if hb == nil {
-		return nil
-	}
+	hb := newSpan(tx.Bucket(bucketHour), dev)
 	for hour := range hours {
 		for _, name := range metrics {
 			key := rollupKey(name, hour)
@@ -201,7 +192,7 @@ func recomputeRollups(tx *bolt.Tx, dev string, minutes map[int64]struct{}) error
 
 // rollupMetrics lists the metric names that have cells in a rollup bucket.
 // Cells are keyed metric|0|start; it visits one key per metric.
-func rollupMetrics(b *bolt.Bucket) ([]string, error) {
+func rollupMetrics(b *span) ([]string, error) {
 	var names []string
 	c := b.Cursor()
 	for k, _ := c.First(); k != nil; {

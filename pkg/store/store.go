@@ -33,11 +33,11 @@ var (
 var (
 	bucketMeta     = []byte("meta")
 	bucketDevices  = []byte("devices")
-	bucketSeen     = []byte("device_seen") // device id -> last seen, Unix ms (8 bytes)
-	bucketReadings = []byte("readings")    // nested: device -> ts|hash -> value
-	bucketIDs      = []byte("ids")         // nested: device -> message id -> reading key
-	bucketMinute   = []byte("rollup_1m")
-	bucketHour     = []byte("rollup_1h")
+	bucketSeen     = []byte("device_seen")  // device id -> last seen, Unix ms (8 bytes)
+	bucketReadings = []byte("readings_v2")  // device 0 ts|hash -> value (see span)
+	bucketIDs      = []byte("ids_v2")       // device 0 message id -> reading key
+	bucketMinute   = []byte("rollup_1m_v2") // device 0 metric 0 start -> cell
+	bucketHour     = []byte("rollup_1h_v2")
 	bucketOutbox   = []byte("outbox")
 	bucketDead     = []byte("dead")
 	bucketUsers    = []byte("users")
@@ -139,6 +139,10 @@ func Open(path string, opts Options) (*Store, error) {
 		if errors.Is(err, berrors.ErrTimeout) {
 			return nil, fmt.Errorf("open store %s: locked by another process", path)
 		}
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	if err := migrateLayout(db, migrateChunk); err != nil {
+		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	s := &Store{db: db, path: path, opts: opts, clock: opts.Clock, tail: newOutboxTail(opts.OutboxTailBytes)}
