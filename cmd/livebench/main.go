@@ -39,7 +39,6 @@ import (
 	"os"
 	"runtime"
 	"runtime/pprof"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -109,7 +108,6 @@ func run(o options) error {
 	}
 
 	start := time.Now()
-	var lat latencies
 	var stages deliveries
 	rings := make([]ring, o.devices)
 	acks := new(hist)
@@ -144,7 +142,6 @@ func run(o options) error {
 		p, err := dialPhone("ws://"+e.HTTPAddr()+"/mqtt", token, fmt.Sprintf("phone%d", i), fmt.Sprintf("sensors/dev%d/telemetry", dev), &pool, func(b []byte) {
 			if us, n, ok := sentAt(b); ok {
 				now := time.Since(start)
-				lat.add(now - time.Duration(us)*time.Microsecond)
 				d := delivery{total: now.Microseconds() - us, ack: -1, afterAck: -1}
 				if re := rings[dev].at(n); re.t0.Load() == us {
 					sent, acked := re.sent.Load(), re.acked.Load()
@@ -163,7 +160,6 @@ func run(o options) error {
 	}
 	runtime.GC()
 	rss1 := benchproc.StatusMB(os.Getpid())["VmRSS"]
-	lat.reset()
 	stages.reset()
 	m2, err := scrape(e.HTTPAddr(), token, edgeHists...)
 	if err != nil {
@@ -190,7 +186,7 @@ func run(o options) error {
 			return err
 		}
 	}
-	p50, p99, n := lat.quantiles()
+	p50, p99, n := stages.totals()
 	out := map[string]any{
 		"devices": o.devices, "phones": o.phones, "duration_s": o.duration.Seconds(), "live_interval_ms": cfg.MQTT.LiveInterval.Milliseconds(),
 		"ingest_rps": round(without), "ingest_rps_with_phones": round(with), "ratio": round(with / without),
@@ -302,25 +298,6 @@ func metric(p []byte, key string, end byte) (int64, bool) {
 	}
 	v, err := strconv.ParseInt(string(p[:j]), 10, 64)
 	return v, err == nil
-}
-
-type latencies struct {
-	mu sync.Mutex
-	d  []time.Duration
-}
-
-func (l *latencies) add(d time.Duration) { l.mu.Lock(); l.d = append(l.d, d); l.mu.Unlock() }
-func (l *latencies) reset()              { l.mu.Lock(); l.d = l.d[:0]; l.mu.Unlock() }
-
-func (l *latencies) quantiles() (p50, p99 float64, n int) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if len(l.d) == 0 {
-		return 0, 0, 0
-	}
-	slices.Sort(l.d)
-	q := func(f float64) float64 { return float64(l.d[int(f*float64(len(l.d)-1))].Microseconds()) / 1000 }
-	return q(0.5), q(0.99), len(l.d)
 }
 
 func round(f float64) float64 { return float64(int64(f*100)) / 100 }

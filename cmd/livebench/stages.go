@@ -1,16 +1,14 @@
 package main
 
 import (
-	"bufio"
-	"fmt"
 	"math"
 	"net/http"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/outpost-edge/outpost/internal/benchproc"
 )
 
 // The stages of a phone delivery, from the device's side: a reading's
@@ -83,6 +81,25 @@ type deliveries struct {
 func (l *deliveries) add(d delivery) { l.mu.Lock(); l.d = append(l.d, d); l.mu.Unlock() }
 func (l *deliveries) reset()         { l.mu.Lock(); l.d = l.d[:0]; l.mu.Unlock() }
 
+// totals: the p50 and p99 (ms) of the deliveries' publish-to-phone
+// latency, and how many there were.
+func (l *deliveries) totals() (p50, p99 float64, n int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.d) == 0 {
+		return 0, 0, 0
+	}
+	v := make([]int64, len(l.d))
+	for i, d := range l.d {
+		v[i] = d.total
+	}
+	slices.Sort(v)
+	return msAt(v, 0.5), msAt(v, 0.99), len(v)
+}
+
+// msAt is the p quantile (ms) of v, sorted µs.
+func msAt(v []int64, p float64) float64 { return float64(v[int(p*float64(len(v)-1))]) / 1000 }
+
 // breakdown: each stage's p50 and p99 over all deliveries, and each
 // stage's mean over the slowest 1 % (what the tail is made of).
 func (l *deliveries) breakdown() map[string]any {
@@ -103,8 +120,7 @@ func (l *deliveries) breakdown() map[string]any {
 			return
 		}
 		slices.Sort(v)
-		at := func(p float64) float64 { return float64(v[int(p*float64(len(v)-1))]) / 1000 }
-		out[name] = map[string]any{"p50_ms": at(0.5), "p99_ms": at(0.99), "n": len(v)}
+		out[name] = map[string]any{"p50_ms": msAt(v, 0.5), "p99_ms": msAt(v, 0.99), "n": len(v)}
 	}
 	q("window_wait", func(d delivery) int64 { return d.wait })
 	q("publish_to_ack", func(d delivery) int64 { return d.ack })
@@ -135,41 +151,15 @@ func (l *deliveries) breakdown() map[string]any {
 // scrape reads the edge's /metrics histograms named in names: per name,
 // cumulative bucket counts by upper bound.
 func scrape(addr, token string, names ...string) (map[string]map[float64]float64, error) {
-	req, _ := http.NewRequest(http.MethodGet, "http://"+addr+"/metrics", nil)
-	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := http.DefaultClient.Do(req)
+	m, err := benchproc.ScrapeAuth(http.DefaultClient, "http://"+addr+"/metrics", token)
 	if err != nil {
 		return nil, err
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("/metrics: HTTP %d", resp.StatusCode)
-	}
 	out := map[string]map[float64]float64{}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		for _, n := range names {
-			rest, ok := strings.CutPrefix(line, n+`_bucket{le="`)
-			if !ok {
-				continue
-			}
-			le, val, ok := strings.Cut(rest, `"} `)
-			if !ok {
-				continue
-			}
-			b, err1 := strconv.ParseFloat(le, 64)
-			v, err2 := strconv.ParseFloat(val, 64)
-			if err1 == nil && err2 == nil {
-				if out[n] == nil {
-					out[n] = map[float64]float64{}
-				}
-				out[n][b] = v
-			}
-		}
+	for _, n := range names {
+		out[n] = m.Buckets(n)
 	}
-	return out, sc.Err()
+	return out, nil
 }
 
 // bucketQuantiles: p50 and p99 (ms, the bucket's upper bound) of the

@@ -161,6 +161,21 @@ func ScrapeAuth(hc *http.Client, url, token string) (Metrics, error) {
 	return m, nil
 }
 
+// Buckets is the histogram name's cumulative bucket counts by upper bound
+// (an unlabelled histogram; empty if the page has none).
+func (m Metrics) Buckets(name string) map[float64]float64 {
+	out := map[float64]float64{}
+	prefix := name + `_bucket{le="`
+	for s, v := range m.samples {
+		if le, ok := strings.CutPrefix(s, prefix); ok {
+			if b, err := strconv.ParseFloat(strings.TrimSuffix(le, `"}`), 64); err == nil {
+				out[b] = v
+			}
+		}
+	}
+	return out
+}
+
 // add records the series of one sample as the text format spells them:
 // summaries and histograms as their _sum, _count and quantile or bucket
 // series.

@@ -110,15 +110,15 @@ func (r *Runner) DeleteLocal(ctx context.Context, name string) error {
 // what it pulled). A set that does not compile is refused whole and the
 // last good one stays; a local rule named like a cloud rule yields to it.
 func (r *Runner) SetCloud(ctx context.Context, rs []rules.Rule) error {
-	if _, err := rules.CompileSet(rs); err != nil {
+	cs, err := rules.CompileSet(rs)
+	if err != nil {
 		return err
 	}
-	var err error
 	if derr := r.do(ctx, func(e *rules.Engine) {
 		next := sources{cloud: rs, local: slices.DeleteFunc(slices.Clone(r.src.local), func(x rules.Rule) bool {
 			return slices.ContainsFunc(rs, func(c rules.Rule) bool { return c.Name == x.Name })
 		})}
-		err = r.install(e, next)
+		err = r.install(e, next, cs...)
 	}); derr != nil {
 		return derr
 	}

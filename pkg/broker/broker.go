@@ -234,7 +234,7 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 	}
 	b.fan = newFanout(srv, cfg.FanoutQueue, cfg.LiveInterval, phonesOn, met, cfg.Logger)
 	if b.phones != nil {
-		b.phones.stamps = b.fan.stamps
+		b.phones.stamps = b.fan.live.stamps
 	}
 	b.wg.Add(1)
 	go func() { defer b.wg.Done(); b.fan.run(ctx) }()

@@ -36,12 +36,9 @@ type fanout struct {
 	// phonesOn reports whether any phone is connected: without one, only
 	// retained messages are mirrored (for phones that subscribe later).
 	phonesOn func() bool
-	// stamps: when each topic's message last mirrored was committed,
-	// for outpost_mqtt_live_delivery_duration_seconds (phone.go).
-	stamps *liveStamps
-	met    *metrics
-	log    *slog.Logger
-	now    func() time.Time
+	met      *metrics
+	log      *slog.Logger
+	now      func() time.Time
 }
 
 // publisher routes one message to the broker's subscribers (mochi's
@@ -66,10 +63,10 @@ type fanMsg struct {
 // newFanout: a non-nil phonesOn enables the live mirror, at one message
 // per topic per every.
 func newFanout(srv publisher, size int, every time.Duration, phonesOn func() bool, met *metrics, log *slog.Logger) *fanout {
-	f := &fanout{srv: srv, q: make(chan fanMsg, size), stamps: &liveStamps{}, met: met, log: log, now: time.Now}
+	f := &fanout{srv: srv, q: make(chan fanMsg, size), met: met, log: log, now: time.Now}
 	if phonesOn != nil {
 		f.live, f.phonesOn = newLiveFeed(every), phonesOn
-		f.live.stamps = f.stamps
+		f.live.stamps = &liveStamps{}
 	}
 	return f
 }
@@ -221,7 +218,7 @@ func (f *fanout) mirror(m fanMsg) {
 	if m.at != 0 {
 		f.met.liveHold.Observe(time.Duration(f.now().UnixNano() - m.at).Seconds())
 	}
-	f.stamps.note(m.topic, m.at)
+	f.live.stamps.note(m.topic, m.at)
 	if err := f.srv.Publish(livePrefix+m.topic, m.payload, m.retain, m.qos); err != nil {
 		f.log.Debug("live feed publish failed", "topic", m.topic, "err", err)
 	}
@@ -281,7 +278,9 @@ type liveFeed struct {
 	every   time.Duration
 	topics  map[fanKey]*liveTopic
 	skipped int // held messages replaced by a newer one, since the caller last took the count
-	// stamps forgets a topic with it (the fan-out's; nil in tests).
+	// stamps: when each topic's message last mirrored was committed, for
+	// outpost_mqtt_live_delivery_duration_seconds (phone.go); forgotten
+	// with the topic. nil in tests.
 	stamps *liveStamps
 	ready  []readyTopic // due's scratch space
 }

@@ -290,7 +290,7 @@ func (w *batchWriter) item(it *Item, head *uint64) (ItemResult, error) {
 }
 
 // openReadings opens the device's readings span and learns its bound.
-func (w *batchWriter) openReadings(db *devBatch) error {
+func (w *batchWriter) openReadings(db *devBatch) {
 	db.rb = db.spans.open(db.id, w.readings, &db.spans.readings, &db.spans.readingsC)
 	db.rc = &db.spans.readingsC
 	var ok bool
@@ -300,15 +300,12 @@ func (w *batchWriter) openReadings(db *devBatch) error {
 			copy(db.newest[:], k)
 		}
 	}
-	return nil
 }
 
 func (w *batchWriter) readingsOf(db *devBatch, it *Item, head *uint64) (ItemResult, error) {
 	var res ItemResult
 	if db.rb == nil {
-		if err := w.openReadings(db); err != nil {
-			return res, err
-		}
+		w.openReadings(db)
 	}
 	if db.out.Seq != 0 && len(db.out.Readings)+len(it.Readings) > maxEntryReadings {
 		if err := w.closeEntry(db); err != nil {
@@ -432,17 +429,15 @@ func (w *batchWriter) flushRollups() error {
 // with a cursor for the lookups: a Seek reuses the cursor's stack where
 // each Get allocates a new one.
 type rollupBucket struct {
-	open bool
-	b    span
-	c    spanCursor
+	b span // b.b is nil until opened
+	c spanCursor
 }
 
 // mergeCell adds a to the stored cell. The key is built in scratch: bbolt
 // copies keys on Put.
 func (w *batchWriter) mergeCell(parent *bolt.Bucket, rb *rollupBucket, cell rollupCell, a agg) error {
-	if !rb.open {
+	if rb.b.b == nil {
 		cell.dev.spans.open(cell.dev.id, parent, &rb.b, &rb.c)
-		rb.open = true
 	}
 	w.scratch = appendRollupKey(w.scratch[:0], cell.metric, cell.minute)
 	// The cursor seeks from the bucket's root, so earlier puts do not matter.

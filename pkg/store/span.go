@@ -138,7 +138,13 @@ const migrateChunk = 10000
 // the store, so a crash mid-way costs nothing: the next Open continues.
 func migrateLayout(db *bolt.DB, limit int) error {
 	for _, m := range [][2][]byte{{legacyReadings, bucketReadings}, {legacyIDs, bucketIDs}, {legacyMinute, bucketMinute}, {legacyHour, bucketHour}} {
-		for done := false; !done; {
+		// Look first: a write transaction commits (and syncs) even when
+		// it changes nothing, and a converted file has no legacy bucket.
+		var present bool
+		if err := db.View(func(tx *bolt.Tx) error { present = tx.Bucket(m[0]) != nil; return nil }); err != nil {
+			return err
+		}
+		for done := !present; !done; {
 			err := db.Update(func(tx *bolt.Tx) error {
 				var err error
 				done, err = migrateChunkOf(tx, m[0], m[1], limit)

@@ -35,10 +35,7 @@ func (c *Change) Digest() Digest {
 		r := &c.Readings[i]
 		b = binary.AppendVarint(b, r.TS)
 		str(r.ID)
-		ms := r.SortedMetrics(buf)
-		if r.Metrics != nil {
-			buf = ms
-		}
+		ms := r.SortedMetrics(&buf)
 		b = binary.AppendUvarint(b, uint64(len(ms)))
 		for _, m := range ms {
 			str(m.Name)

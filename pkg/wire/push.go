@@ -23,17 +23,19 @@ type Metric struct {
 }
 
 // SortedMetrics returns r's metrics sorted by name: r.Sorted as it is, or
-// Metrics' entries sorted into buf (reused; pass nil for a new slice).
-func (r *Reading) SortedMetrics(buf []Metric) []Metric {
+// Metrics' entries sorted into *buf, which it keeps for the next call (the
+// result is valid until then).
+func (r *Reading) SortedMetrics(buf *[]Metric) []Metric {
 	if r.Metrics == nil {
 		return r.Sorted
 	}
-	buf = buf[:0]
+	b := (*buf)[:0]
 	for k, v := range r.Metrics {
-		buf = append(buf, Metric{Name: k, Value: v})
+		b = append(b, Metric{Name: k, Value: v})
 	}
-	sortMetrics(buf)
-	return buf
+	sortMetrics(b)
+	*buf = b
+	return b
 }
 
 // sortMetrics sorts ms by name: an insertion sort, as a reading has a
@@ -137,10 +139,7 @@ func appendChangeJSON(dst []byte, c *Change, buf []Metric) ([]byte, []Metric, er
 			dst = append(dst, "null}"...)
 			continue
 		}
-		ms := r.SortedMetrics(buf)
-		if r.Metrics != nil {
-			buf = ms
-		}
+		ms := r.SortedMetrics(&buf)
 		dst = append(dst, '{')
 		for j, m := range ms {
 			if math.IsNaN(m.Value) || math.IsInf(m.Value, 0) {
@@ -189,9 +188,6 @@ func appendJSONFloat(dst []byte, f float64) []byte {
 	return dst
 }
 
-// pow10 are the exact powers of ten appendShortDecimal tries.
-var pow10 = [...]float64{1, 10, 100, 1000, 10000}
-
 // appendShortDecimal writes f the way strconv.AppendFloat(f, 'f', -1)
 // does, for the values telemetry mostly holds (21.5, 40, 1013.25): a
 // decimal of at most four fractional digits, of magnitude below 2^53. It
@@ -212,7 +208,7 @@ func appendShortDecimal(dst []byte, f float64) ([]byte, bool) {
 		return dst, false
 	}
 	ulp := math.Nextafter(a, math.Inf(1)) - a
-	for k, p := range pow10 {
+	for k, p := range exactPow10[:5] {
 		if ulp*p >= 0.25 {
 			return dst, false
 		}
@@ -306,11 +302,12 @@ func appendJSONString(dst []byte, s string) []byte {
 //
 // A change it does not take (another kind, another key or a key twice, a
 // metric name twice, an escape, a null, a number an integer field refuses,
-// more than MaxMetrics metrics) is checked under the JSON rules and handed
-// as its raw JSON to other, which decodes it in place the general way. It
-// reports false, leaving p to be discarded, when other is nil or refuses
-// such a change, when the batch is not of that shape, holds more than
-// MaxBatchChanges changes or MaxReadingsTotal readings, or breaks the JSON
+// more than MaxMetrics metrics, a reading past MaxReadingsTotal in the
+// batch) is checked under the JSON rules and handed as its raw JSON to
+// other, which decodes it in place the general way. It reports false,
+// leaving p to be discarded, when other is nil or refuses such a change,
+// when the batch is not of that shape, holds more than MaxBatchChanges
+// changes, or breaks the JSON
 // rules (CheckJSON at MaxSyncJSONDepth). The caller then decodes the whole
 // body the general way, which words every refusal. So every answer is the
 // one the general decoder gave before this one existed (a metric named
@@ -759,8 +756,8 @@ func (d *pushDecoder) metricObject() ([]Metric, bool) {
 		if len(d.metrics)-start >= MaxMetrics {
 			return nil, false
 		}
-		name, ok := d.raw()
-		if !ok || !d.next(':') {
+		name, ok := d.key()
+		if !ok {
 			return nil, false
 		}
 		v, ok := d.float()

@@ -377,10 +377,7 @@ func appendChange(b []byte, c *wire.Change) ([]byte, error) {
 		rd := &c.Readings[i]
 		b = binary.AppendVarint(b, rd.TS)
 		b = appendString(b, rd.ID)
-		ms := rd.SortedMetrics(buf)
-		if rd.Metrics != nil {
-			buf = ms
-		}
+		ms := rd.SortedMetrics(&buf)
 		b = appendMetrics(b, ms)
 	}
 	return b, nil

@@ -155,11 +155,13 @@ func (a *applier) compactReadings(cutoff int64, after string, limit int) (Result
 	// once it is empty, there is nothing to look for.
 	ids, _ := a.bk.readID.Cursor().First()
 	for _, k := range del {
-		dev, _, edge, id, _ := splitReadingKey(k)
 		if err := a.bk.readings.Delete(k); err != nil {
 			return Result{}, err
 		}
-		if id != "" && ids != nil {
+		if ids == nil {
+			continue
+		}
+		if dev, _, edge, id, _ := splitReadingKey(k); id != "" {
 			if err := a.bk.readID.Delete(idKey(edge, dev, id)); err != nil {
 				return Result{}, err
 			}

@@ -1021,9 +1021,8 @@ const defaultBulkFlushAt = 1 << 17
 // nodes only at commit, so keys inserted out of order memmove ever-growing
 // nodes (quadratic in the readings a transaction adds): a push of 40
 // changes of 8 devices, each change sorted on its own, spent half its
-// apply time in memmove, because every device's later changes and every
-// later id (ids sort as strings: "d-500" after "d-1000") land before keys
-// already inserted in the same node. Sorted across the whole transaction,
+// apply time in memmove, because every device's later changes land before
+// keys already inserted in the same node. Sorted across the whole transaction,
 // each insert lands after the previous one. The order is a pure function of
 // the entries, so every replica does the same.
 type bulkPuts struct {

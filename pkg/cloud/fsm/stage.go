@@ -90,19 +90,33 @@ func encodeStaged(key, metrics []byte) []byte {
 }
 
 func decodeStaged(v []byte) (stagedReading, error) {
-	r := reader{b: v}
-	sr := stagedReading{key: r.bytes()}
+	sr, err := splitStaged(v)
+	if err != nil {
+		return sr, err
+	}
 	device, _, _, _, ok := splitReadingKey(sr.key)
-	if r.err != nil || !ok {
+	if !ok {
 		return sr, ErrCorrupt
 	}
-	sr.device, sr.metrics = device, r.b
+	sr.device = device
+	return sr, nil
+}
+
+// splitStaged undoes encodeStaged: the readings key and the metrics.
+func splitStaged(v []byte) (stagedReading, error) {
+	r := reader{b: v}
+	sr := stagedReading{key: r.bytes()}
+	if r.err != nil {
+		return sr, ErrCorrupt
+	}
+	sr.metrics = r.b
 	return sr, nil
 }
 
 // stageReadings stages a small change's readings that are not already
 // stored (in either place), marking the others in dup.
 func (a *applier) stageReadings(origin string, dev *Device, c *rawChange, dup []bool) error {
+	a.bk.recent.FillPercent = 1 // keyed by raft index: appended in order
 	for i, r := range c.Readings {
 		key := readingKey(make([]byte, 0, len(dev.ID)+len(origin)+len(r.ID)+11), dev.ID, r.TS, origin, r.ID)
 		if dup[i] = a.stored(dev.ID, key); dup[i] {
@@ -110,7 +124,6 @@ func (a *applier) stageReadings(origin string, dev *Device, c *rawChange, dup []
 		}
 		k := binary.BigEndian.AppendUint32(u64(a.index), a.stageSub)
 		a.stageSub++
-		a.bk.recent.FillPercent = 1 // keyed by raft index: appended in order
 		if err := a.bk.recent.Put(k, encodeStaged(key, r.Metrics)); err != nil {
 			return err
 		}
@@ -125,14 +138,9 @@ func (a *applier) stageReadings(origin string, dev *Device, c *rawChange, dup []
 func (a *applier) flushStage() error {
 	rs := make([]stagedReading, 0, a.stage.n)
 	err := a.bk.recent.ForEach(func(_, v []byte) error {
-		r := reader{b: v}
-		sr := stagedReading{key: r.bytes()}
-		if r.err != nil {
-			return ErrCorrupt
-		}
-		sr.metrics = r.b
+		sr, err := splitStaged(v)
 		rs = append(rs, sr)
-		return nil
+		return err
 	})
 	if err != nil {
 		return fmt.Errorf("flush staged readings: %w", err)
@@ -159,15 +167,11 @@ func (a *applier) flushStage() error {
 func stagedFor(tx *bolt.Tx, prefix, seek []byte) ([]stagedReading, error) {
 	var out []stagedReading
 	err := tx.Bucket(bktRecent).ForEach(func(_, v []byte) error {
-		r := reader{b: v}
-		key := r.bytes()
-		if r.err != nil {
-			return ErrCorrupt
+		sr, err := splitStaged(v)
+		if err == nil && bytes.HasPrefix(sr.key, prefix) && bytes.Compare(sr.key, seek) >= 0 {
+			out = append(out, sr)
 		}
-		if bytes.HasPrefix(key, prefix) && bytes.Compare(key, seek) >= 0 {
-			out = append(out, stagedReading{key: key, metrics: r.b})
-		}
-		return nil
+		return err
 	})
 	sort.Slice(out, func(i, j int) bool { return bytes.Compare(out[i].key, out[j].key) < 0 })
 	return out, err
