@@ -34,6 +34,7 @@ type tcpListener struct {
 	maxConnect     int
 	log            *slog.Logger
 	closeOnce      sync.Once
+	closeClients   func(listener string) // Broker.closeListenerClients
 }
 
 func (l *tcpListener) ID() string       { return l.id }
@@ -62,10 +63,11 @@ func (l *tcpListener) Serve(establish listeners.EstablishFn) {
 	}
 }
 
-func (l *tcpListener) Close(closeClients listeners.CloseFn) {
+// Close ignores mochi's CloseFn for the broker's own (closeClients).
+func (l *tcpListener) Close(listeners.CloseFn) {
 	l.closeOnce.Do(func() {
 		_ = l.ln.Close()
-		closeClients(l.id)
+		l.closeClients(l.id)
 	})
 }
 

@@ -386,8 +386,9 @@ func (h *phoneHook) run(ctx context.Context, every time.Duration, signal <-chan 
 // disconnects phones as it does devices; connections arrive through
 // ServePhone, not an accept loop.
 type phoneListenerStub struct {
-	done      chan struct{}
-	closeOnce sync.Once
+	done         chan struct{}
+	closeOnce    sync.Once
+	closeClients func(listener string) // Broker.closeListenerClients
 }
 
 func (l *phoneListenerStub) ID() string                  { return phoneListener }
@@ -395,10 +396,12 @@ func (l *phoneListenerStub) Address() string             { return "/mqtt" }
 func (l *phoneListenerStub) Protocol() string            { return "ws" }
 func (l *phoneListenerStub) Init(*slog.Logger) error     { return nil }
 func (l *phoneListenerStub) Serve(listeners.EstablishFn) { <-l.done }
-func (l *phoneListenerStub) Close(closeClients listeners.CloseFn) {
+
+// Close ignores mochi's CloseFn for the broker's own (closeClients).
+func (l *phoneListenerStub) Close(listeners.CloseFn) {
 	l.closeOnce.Do(func() {
 		close(l.done)
-		closeClients(phoneListener)
+		l.closeClients(phoneListener)
 	})
 }
 
