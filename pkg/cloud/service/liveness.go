@@ -74,6 +74,14 @@ type liveness struct {
 	loaded      bool
 	entries     map[string]*dirEntry
 	removed     map[string]uint64
+	// flipAt is the earliest time (ms) an entry's health can change by
+	// time passing alone (a healthy edge falling silent past
+	// HeartbeatFresh, or the end of a new leader's benefit of the doubt);
+	// 0 is now. Everything else an entry shows changes with an event
+	// (heartbeat, pull, durable write) that updates it then, so the
+	// sweep recomputes the entries only from flipAt on: a thousand idle
+	// edges cost it nothing most seconds.
+	flipAt int64
 	// observed pull positions, and the ones recorded in raft (or found
 	// there), by edge.
 	observed map[string]string
@@ -118,6 +126,7 @@ func (l *liveness) lead(leading bool, nowMs int64) {
 		l.observed = map[string]string{}
 		l.recorded = map[string]string{}
 		l.loaded = false
+		l.flipAt = 0
 	}
 	// Held pulls return: on a follower they should find the new leader.
 	close(l.wakeCh)
@@ -207,6 +216,13 @@ func (l *liveness) update(id string, nowMs int64, fresh time.Duration) {
 		return
 	}
 	e := l.served(d, nowMs, fresh)
+	if e.Healthy {
+		flip := l.leaderSince + fresh.Milliseconds() // served: healthy while before it
+		if s, ok := l.soft[id]; ok {
+			flip = s.atMs + fresh.Milliseconds() + 1 // healthy up to and at atMs+fresh
+		}
+		l.flipAt = min(l.flipAt, flip)
+	}
 	fp, load := fingerprint(&e)
 	cur := l.entries[id]
 	switch {
@@ -385,7 +401,8 @@ func (s *Service) refreshDirectory(nowMs int64, sweep bool) error {
 			}
 		}
 	}
-	if stale || all {
+	if stale || all && nowMs >= l.flipAt {
+		l.flipAt = math.MaxInt64
 		for id := range l.durable {
 			l.update(id, nowMs, s.cfg.HeartbeatFresh)
 		}

@@ -436,3 +436,37 @@ func TestDirectoryWakesHeldPulls(t *testing.T) {
 		t.Fatal("a region change did not wake the held pull")
 	}
 }
+
+// The sweep recomputes entries only once some health can have changed by
+// time alone (liveness.flipAt): an edge that fell silent, came back with a
+// pull while no other edge was healthy (nothing due), and fell silent
+// again is still seen going unhealthy, and a sweep before anything is due
+// changes nothing.
+func TestHealthFlipsAgainAfterReturn(t *testing.T) {
+	n := startService(t, Config{HeartbeatFresh: time.Minute})
+	ctx := context.Background()
+	if _, err := n.svc.Heartbeat(ctx, "e1", &wire.Heartbeat{Region: "r"}); err != nil {
+		t.Fatal(err)
+	}
+	healthy := func(what string, want bool) {
+		t.Helper()
+		n.svc.sweep()
+		// The directory as edges pull it (Edges computes its own).
+		if edges := n.svc.live.all(); len(edges) != 1 || edges[0].Healthy != want {
+			t.Fatalf("%s: directory %+v, want healthy %v", what, edges, want)
+		}
+	}
+	healthy("fresh heartbeat", true)
+	n.offset.Store((30 * time.Second).Milliseconds())
+	healthy("30 s later", true)
+	n.offset.Store((2 * time.Minute).Milliseconds())
+	healthy("silent past heartbeat_fresh", false)
+	// Every edge unhealthy: nothing can flip by time alone until one is
+	// heard from again.
+	if _, err := n.svc.Pull(ctx, "e1", PullRequest{Limit: 10}); err != nil {
+		t.Fatal(err)
+	}
+	healthy("back with a pull", true)
+	n.offset.Store((4 * time.Minute).Milliseconds())
+	healthy("silent again", false)
+}
