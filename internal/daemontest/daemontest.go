@@ -1,7 +1,9 @@
 // Package daemontest is the test kit for tests that run a daemon's real
 // binary (cmd/edge, cmd/cloud-sync): build it once per test run, pick free
 // ports, run it to its exit code, start it until a log line, and read its
-// WARN announcements. Every helper takes the test and fails it itself.
+// WARN announcements; and Poll, the deadline-bounded wait for a condition
+// that every package's tests use instead of sleeps. Every helper takes the
+// test and fails it itself.
 package daemontest
 
 import (
@@ -48,6 +50,19 @@ func (b *Binary) Path(t *testing.T) string {
 		t.Fatalf("go build: %v", b.err)
 	}
 	return b.path
+}
+
+// Poll waits until cond holds, checking it every few milliseconds, and
+// fails the test if it still does not after d.
+func Poll(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // FreeAddr is a loopback host:port that was free a moment ago.

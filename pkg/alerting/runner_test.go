@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/outpost-edge/outpost/internal/daemontest"
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/rules"
 	"github.com/outpost-edge/outpost/pkg/store"
@@ -119,13 +120,7 @@ func (f *fixture) alerts(q store.AlertsQuery) []rules.Alert {
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	daemontest.Poll(t, 15*time.Second, what, cond)
 }
 
 func set(t *testing.T, rs ...rules.Rule) rules.Set {

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/outpost-edge/outpost/internal/daemontest"
 	"github.com/outpost-edge/outpost/pkg/alerting"
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/rules"
@@ -28,12 +29,7 @@ func withRules(t *testing.T) (envOpt, func() *alerting.Runner) {
 
 func waitUntil(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	for deadline := time.Now().Add(15 * time.Second); !cond(); {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	daemontest.Poll(t, 15*time.Second, what, cond)
 }
 
 // TestRulesAndAlertsAPI: an admin PUTs a rule (a bad one is 400 with the

@@ -16,6 +16,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/outpost-edge/outpost/internal/daemontest"
 	"github.com/outpost-edge/outpost/pkg/store"
 )
 
@@ -350,13 +351,7 @@ func TestWriterCommitFailure(t *testing.T) {
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	daemontest.Poll(t, 10*time.Second, what, cond)
 }
 
 func TestWriterQuotaBackpressure(t *testing.T) {

@@ -12,6 +12,7 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/outpost-edge/outpost/internal/daemontest"
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -28,13 +29,7 @@ func bigPushCmd(edge string, seq uint64, k int) *fsm.Command {
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("no %s within 20s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	daemontest.Poll(t, 20*time.Second, what, cond)
 }
 
 // TestAdmitBurstLargerThanQueue: a burst of concurrent writes several

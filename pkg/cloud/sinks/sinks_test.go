@@ -16,6 +16,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/outpost-edge/outpost/internal/daemontest"
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/config"
@@ -81,13 +82,7 @@ func (c *cluster) push(t *testing.T, dev string) uint64 {
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	daemontest.Poll(t, 20*time.Second, what, cond)
 }
 
 // memSink is a sink in memory that can be taken down.
