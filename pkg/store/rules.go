@@ -20,7 +20,7 @@ var (
 	bucketRules     = []byte("rules")       // name → rules.Rule JSON (edge-local rules)
 	bucketRuleState = []byte("rule_state")  // rule 0 device → rules.State JSON
 	bucketAlerts    = []byte("alerts")      // alert id → rules.Alert JSON
-	bucketAlertIdx  = []byte("alert_index") // state 0 id → nil (ids begin "device~")
+	bucketAlertIdx  = []byte("alert_index") // state 0 id → nil, open alerts only (ids begin "device~")
 	bucketAlertQ    = []byte("alert_queue") // 8-byte sequence → alert id: the alert outbox
 	legacyAlertOut  = []byte("alert_out")   // alert id → rules.Alert JSON: the alert outbox until this release (migrateAlertOut)
 
@@ -234,7 +234,7 @@ func putAlert(tx *bolt.Tx, a *rules.Alert) error {
 	b := tx.Bucket(bucketAlerts)
 	if old := b.Get([]byte(a.ID)); old != nil {
 		var prev rules.Alert
-		if err := json.Unmarshal(old, &prev); err == nil && prev.State != a.State {
+		if err := json.Unmarshal(old, &prev); err == nil && prev.State != a.State && indexed(prev.State) {
 			if err := tx.Bucket(bucketAlertIdx).Delete(alertIdxKey(prev.State, prev.ID)); err != nil {
 				return err
 			}
@@ -250,7 +250,57 @@ func putAlert(tx *bolt.Tx, a *rules.Alert) error {
 	if err := queueAlert(tx, a.ID); err != nil {
 		return err
 	}
+	if !indexed(a.State) {
+		return nil
+	}
 	return tx.Bucket(bucketAlertIdx).Put(alertIdxKey(a.State, a.ID), nil)
+}
+
+// indexed reports whether alert_index holds the alerts in state: the open
+// ones, at most one per rule and device. Cleared alerts are nearly all of
+// them: their query filters the alerts bucket, which skips no more than
+// the open ones, and a clear then writes no index page of its own (a
+// commit's clears each dirtied one, spread over the devices).
+func indexed(state string) bool {
+	return state == rules.StateActive || state == rules.StateAcknowledged
+}
+
+// dropClearedIndex deletes the index entries of cleared alerts that older
+// releases kept, in transactions of at most limit deletions. Nothing reads
+// them any more, so a crash part of the way costs nothing: the next Open
+// continues.
+func dropClearedIndex(db *bolt.DB, limit int) error {
+	prefix := alertIdxKey(rules.StateCleared, "")
+	for {
+		var keys [][]byte
+		if err := db.View(func(tx *bolt.Tx) error {
+			b := tx.Bucket(bucketAlertIdx)
+			if b == nil {
+				return nil
+			}
+			c := b.Cursor()
+			for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix) && len(keys) < limit; k, _ = c.Next() {
+				keys = append(keys, bytes.Clone(k))
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		if len(keys) == 0 {
+			return nil
+		}
+		if err := db.Update(func(tx *bolt.Tx) error {
+			b := tx.Bucket(bucketAlertIdx)
+			for _, k := range keys {
+				if err := b.Delete(k); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			return fmt.Errorf("drop the index of cleared alerts: %w", err)
+		}
+	}
 }
 
 // The alert outbox. Every stored transition of an alert (firing, ack,
@@ -447,14 +497,16 @@ type AlertsQuery struct {
 
 // Alerts lists alerts in id order (device, then rule, then start). Alert
 // ids begin with their device, so the alerts bucket is itself the index by
-// device, and alert_index (state, id) the index by state and device.
+// device, and alert_index (state, id) the index of open alerts by state
+// and device; other states filter the alerts bucket (see indexed).
 func (s *Store) Alerts(q AlertsQuery) ([]rules.Alert, error) {
 	out := []rules.Alert{}
+	useIdx := q.State != "" && indexed(q.State)
 	err := s.db.View(func(tx *bolt.Tx) error {
 		ab := tx.Bucket(bucketAlerts)
 		c := ab.Cursor()
 		var head []byte // what precedes the id in a key
-		if q.State != "" {
+		if useIdx {
 			head = alertIdxKey(q.State, "")
 			c = tx.Bucket(bucketAlertIdx).Cursor()
 		}
@@ -472,7 +524,7 @@ func (s *Store) Alerts(q AlertsQuery) ([]rules.Alert, error) {
 			if q.After != "" && string(id) <= q.After {
 				continue
 			}
-			if q.State != "" {
+			if useIdx {
 				if v = ab.Get(id); v == nil {
 					return errors.New("alert index names a missing alert")
 				}
@@ -480,6 +532,9 @@ func (s *Store) Alerts(q AlertsQuery) ([]rules.Alert, error) {
 			var a rules.Alert
 			if err := json.Unmarshal(v, &a); err != nil {
 				return fmt.Errorf("decode alert %s: %w", id, err)
+			}
+			if q.State != "" && a.State != q.State {
+				continue
 			}
 			out = append(out, a)
 		}

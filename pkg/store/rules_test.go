@@ -220,8 +220,8 @@ func TestIngestCarriesRuleSaves(t *testing.T) {
 
 // TestOlderRuleLayoutReads: a file of an older release, whose alert outbox
 // was alert_out (id → a copy of the alert) and whose rule states held a
-// copy of their open alert, opens with the same pending alerts and the
-// same states; alert_out is gone, and an ack stored afterwards (which
+// copy of their open alert, opens with the same pending alerts, states and
+// alerts by state; alert_out and the cleared alert's index entry are gone, and an ack stored afterwards (which
 // leaves the state's value as it was) is what the state reads back.
 func TestOlderRuleLayoutReads(t *testing.T) {
 	s := openTestStore(t, "", Options{})
@@ -246,6 +246,9 @@ func TestOlderRuleLayoutReads(t *testing.T) {
 			if err := out.Put([]byte(al.ID), v); err != nil {
 				return err
 			}
+			if err := tx.Bucket(bucketAlertIdx).Put(alertIdxKey(al.State, al.ID), nil); err != nil {
+				return err
+			}
 		}
 		v, _ := json.Marshal(a.State) // the older encoding: rules.State itself
 		return tx.Bucket(bucketRuleState).Put(ruleStateKey(a.State.Key), v)
@@ -258,6 +261,9 @@ func TestOlderRuleLayoutReads(t *testing.T) {
 		if tx.Bucket(legacyAlertOut) != nil {
 			t.Error("alert_out still there after Open")
 		}
+		if tx.Bucket(bucketAlertIdx).Get(alertIdxKey(rules.StateCleared, "b~hot~2")) != nil {
+			t.Error("the index entry of a cleared alert is still there after Open")
+		}
 		return nil
 	}); err != nil {
 		t.Fatal(err)
@@ -269,6 +275,11 @@ func TestOlderRuleLayoutReads(t *testing.T) {
 	_, states, err := s.RuleStates()
 	if err != nil || !reflect.DeepEqual(states, wantStates) {
 		t.Fatalf("rule states of the older file: %+v %v, want %+v", states, err, wantStates)
+	}
+	for state, want := range map[string]rules.Alert{rules.StateActive: wantPending[0], rules.StateCleared: wantPending[1]} {
+		if got, err := s.Alerts(AlertsQuery{State: state, Limit: 10}); err != nil || len(got) != 1 || got[0] != want {
+			t.Errorf("%s alerts of the older file: %+v %v, want %+v", state, got, err, want)
+		}
 	}
 	acked := *a.Alert
 	acked.Merge(rules.Alert{AckedAt: 4, AckedBy: "bob", AckStamp: hlc.New(4, 0)})
@@ -284,7 +295,8 @@ func TestOlderRuleLayoutReads(t *testing.T) {
 }
 
 // TestAlertQueue: a rule state names its open alert instead of holding a
-// copy; an alert that changed twice while the cloud was away is queued
+// copy; alert_index holds open alerts only, and the cleared query finds
+// them in the alerts bucket; an alert that changed twice while the cloud was away is queued
 // twice and pending once, with its latest value; AlertsSent of that value
 // empties the queue.
 func TestAlertQueue(t *testing.T) {
@@ -307,8 +319,17 @@ func TestAlertQueue(t *testing.T) {
 	if err := s.SaveRuleEvents(2, []rules.Event{{Kind: rules.Cleared, State: rules.State{Key: fired.State.Key}, Alert: &cleared}}); err != nil {
 		t.Fatal(err)
 	}
-	queued := 0
-	s.DB().View(func(tx *bolt.Tx) error { queued = tx.Bucket(bucketAlertQ).Stats().KeyN; return nil })
+	queued, idx := 0, 0
+	s.DB().View(func(tx *bolt.Tx) error {
+		queued, idx = tx.Bucket(bucketAlertQ).Stats().KeyN, tx.Bucket(bucketAlertIdx).Stats().KeyN
+		return nil
+	})
+	if idx != 0 {
+		t.Errorf("%d index entries after the clear: the index holds open alerts only", idx)
+	}
+	if got, err := s.Alerts(AlertsQuery{State: rules.StateCleared, Device: "a", Limit: 10}); err != nil || len(got) != 1 || got[0] != cleared {
+		t.Errorf("cleared alerts of a: %+v %v", got, err)
+	}
 	pending, err := s.PendingAlerts(10)
 	if err != nil || queued != 2 || len(pending) != 1 || pending[0] != cleared {
 		t.Fatalf("%d queued, pending %+v %v: want 2 queued, the cleared alert pending once", queued, pending, err)

@@ -146,6 +146,10 @@ func Open(path string, opts Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
+	if err := dropClearedIndex(db, migrateChunk); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
 	if err := migrateAlertOut(db); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
