@@ -232,12 +232,16 @@ func putRuleEvent(tx *bolt.Tx, ev rules.Event) error {
 // for the cloud.
 func putAlert(tx *bolt.Tx, a *rules.Alert) error {
 	b := tx.Bucket(bucketAlerts)
-	if old := b.Get([]byte(a.ID)); old != nil {
-		var prev rules.Alert
-		if err := json.Unmarshal(old, &prev); err == nil && prev.State != a.State && indexed(prev.State) {
-			if err := tx.Bucket(bucketAlertIdx).Delete(alertIdxKey(prev.State, prev.ID)); err != nil {
-				return err
-			}
+	// The entry of the state it left, whichever: deleting a key that is
+	// not there changes no page, and costs less than decoding the stored
+	// alert to learn its state.
+	idx := tx.Bucket(bucketAlertIdx)
+	for _, st := range [...]string{rules.StateActive, rules.StateAcknowledged} {
+		if st == a.State {
+			continue
+		}
+		if err := idx.Delete(alertIdxKey(st, a.ID)); err != nil {
+			return err
 		}
 	}
 	v, err := json.Marshal(a)
@@ -253,7 +257,7 @@ func putAlert(tx *bolt.Tx, a *rules.Alert) error {
 	if !indexed(a.State) {
 		return nil
 	}
-	return tx.Bucket(bucketAlertIdx).Put(alertIdxKey(a.State, a.ID), nil)
+	return idx.Put(alertIdxKey(a.State, a.ID), nil)
 }
 
 // indexed reports whether alert_index holds the alerts in state: the open
