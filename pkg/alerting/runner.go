@@ -437,7 +437,7 @@ func (r *Runner) device(id string) (rules.Device, error) {
 	}
 	sd, err := r.cfg.Store.Device(id)
 	if errors.Is(err, store.ErrNotFound) {
-		d := rules.Device{ID: id}
+		d := rules.Device{ID: id}.Prepared()
 		r.devices[id] = d
 		return d, nil
 	}
@@ -451,6 +451,7 @@ func (r *Runner) device(id string) (rules.Device, error) {
 			d.Reported[name] = v
 		}
 	}
+	d = d.Prepared()
 	r.devices[id] = d
 	return d, nil
 }

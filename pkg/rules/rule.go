@@ -28,6 +28,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"time"
 
@@ -303,6 +304,16 @@ type Device struct {
 	Region   string
 	Tags     map[string]string
 	Reported map[string]any
+	view     map[string]any // device.* as expressions see it (Prepared)
+}
+
+// Prepared returns d with what expressions see of it as device built
+// once, for a caller that evaluates many readings of the same device (the
+// rule runner caches its devices): evaluating d then builds nothing of it
+// per reading. Prepare a Device after setting its fields.
+func (d Device) Prepared() Device {
+	d.view = map[string]any{"id": d.ID, "tags": d.Tags, "reported": d.Reported}
+	return d
 }
 
 // env is the reused evaluation environment of one engine goroutine.
@@ -315,14 +326,34 @@ func newEnv() *env {
 	return &env{m: map[string]any{}, device: map[string]any{}}
 }
 
+// fill makes m hold exactly metrics by name, metrics and device. A device
+// sends the same metrics reading after reading, so m is overwritten in
+// place (a value equal to the one held is not boxed again) and cleared
+// only when it holds a name metrics lacks.
 func (e *env) fill(d Device, metrics map[string]float64) map[string]any {
-	clear(e.m)
+	n := 2 // metrics, device
 	for k, v := range metrics {
-		if !reserved[k] {
+		if reserved[k] {
+			continue
+		}
+		n++
+		if old, ok := e.m[k].(float64); !ok || math.Float64bits(old) != math.Float64bits(v) { // -0 is not 0
 			e.m[k] = v
 		}
 	}
+	if len(e.m) > n {
+		clear(e.m)
+		for k, v := range metrics {
+			if !reserved[k] {
+				e.m[k] = v
+			}
+		}
+	}
 	e.m["metrics"] = metrics
+	if d.view != nil {
+		e.m["device"] = d.view
+		return e.m
+	}
 	e.device["id"] = d.ID
 	e.device["tags"] = d.Tags
 	e.device["reported"] = d.Reported

@@ -3,6 +3,7 @@ package rules
 import (
 	"encoding/json"
 	"errors"
+	"math"
 	"strings"
 	"testing"
 	"time"
@@ -81,17 +82,19 @@ func TestExpressions(t *testing.T) {
 		{`device.reported.door == "open"`, map[string]float64{"x": 1}, true},
 		{`abs(temp) > 5`, map[string]float64{"temp": -6}, true},
 	} {
-		t.Run(tc.when, func(t *testing.T) {
-			c := mustCompile(t, Rule{Name: "r", When: tc.when})
-			e := newTestEngine(t, c)
-			evs, errs := e.Evaluate(time.UnixMilli(1000), dev, tc.metrics)
-			if len(errs) > 0 {
-				t.Fatal(errs)
-			}
-			if got := len(evs) == 1 && evs[0].Kind == Fired; got != tc.fires {
-				t.Fatalf("events %v, want fired=%v", kinds(evs), tc.fires)
-			}
-		})
+		for name, d := range map[string]Device{"device": dev, "prepared": dev.Prepared()} {
+			t.Run(name+"/"+tc.when, func(t *testing.T) {
+				c := mustCompile(t, Rule{Name: "r", When: tc.when})
+				e := newTestEngine(t, c)
+				evs, errs := e.Evaluate(time.UnixMilli(1000), d, tc.metrics)
+				if len(errs) > 0 {
+					t.Fatal(errs)
+				}
+				if got := len(evs) == 1 && evs[0].Kind == Fired; got != tc.fires {
+					t.Fatalf("events %v, want fired=%v", kinds(evs), tc.fires)
+				}
+			})
+		}
 	}
 }
 
@@ -473,6 +476,39 @@ func TestRecompileReusesUnchanged(t *testing.T) {
 	} {
 		if _, err := prev.Recompile(bad); !errors.Is(err, ErrInvalid) {
 			t.Fatalf("Recompile(%v) = %v, want ErrInvalid", bad, err)
+		}
+	}
+}
+
+// TestEnvFill: the environment an engine reuses from reading to reading
+// holds exactly the reading's metrics (a name of an earlier reading is
+// gone, a changed value is the new one, -0 stays -0) with metrics and
+// device, for a plain and a prepared device alike.
+func TestEnvFill(t *testing.T) {
+	plain := Device{ID: "d1", Tags: map[string]string{"site": "lab"}}
+	e := newEnv()
+	for i, tc := range []struct {
+		d       Device
+		metrics map[string]float64
+	}{
+		{plain, map[string]float64{"temp": 21, "hum": 40}},
+		{plain.Prepared(), map[string]float64{"temp": 22, "hum": 40}},
+		{plain, map[string]float64{"temp": 22}},
+		{plain.Prepared(), map[string]float64{"temp": math.Copysign(0, -1), "pres": 1013}},
+		{plain, map[string]float64{"temp": 0, "pres": 1013}},
+	} {
+		got := e.fill(tc.d, tc.metrics)
+		if len(got) != len(tc.metrics)+2 {
+			t.Fatalf("reading %d: env %v, want the %d metrics, metrics and device", i, got, len(tc.metrics))
+		}
+		for k, v := range tc.metrics {
+			if g, ok := got[k].(float64); !ok || math.Float64bits(g) != math.Float64bits(v) {
+				t.Errorf("reading %d: %s = %v, want %v", i, k, got[k], v)
+			}
+		}
+		dv, _ := got["device"].(map[string]any)
+		if dv["id"] != "d1" || dv["tags"].(map[string]string)["site"] != "lab" {
+			t.Errorf("reading %d: device %v", i, dv)
 		}
 	}
 }

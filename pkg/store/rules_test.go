@@ -1,8 +1,13 @@
 package store
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
+	"reflect"
 	"testing"
+
+	bolt "go.etcd.io/bbolt"
 
 	"github.com/outpost-edge/outpost/pkg/hlc"
 	"github.com/outpost-edge/outpost/pkg/rules"
@@ -210,5 +215,130 @@ func TestIngestCarriesRuleSaves(t *testing.T) {
 	}
 	if left, _ = s.Outbox(0, 10, 1<<20); len(left) != 1 || left[0].Seq != n+1 {
 		t.Fatalf("outbox after the trim: %+v, want only the unacked %d", left, n+1)
+	}
+}
+
+// TestOlderRuleLayoutReads: a file of an older release, whose alert outbox
+// was alert_out (id → a copy of the alert) and whose rule states held a
+// copy of their open alert, opens with the same pending alerts, states and
+// alerts by state; alert_out and the cleared alert's index entry are gone, and an ack stored afterwards (which
+// leaves the state's value as it was) is what the state reads back.
+func TestOlderRuleLayoutReads(t *testing.T) {
+	s := openTestStore(t, "", Options{})
+	a := alertEvent(rules.Fired, "hot", "a", rules.StateActive, 1)
+	b := alertEvent(rules.Fired, "hot", "b", rules.StateCleared, 2)
+	b.State.Alert.ClearedAt, b.State.Alert.ClearStamp = 3, hlc.New(3, 0)
+	wantStates := []rules.State{a.State}
+	wantPending := []rules.Alert{*a.Alert, *b.Alert}
+	err := s.DB().Update(func(tx *bolt.Tx) error {
+		if err := tx.DeleteBucket(bucketAlertQ); err != nil {
+			return err
+		}
+		out, err := tx.CreateBucket(legacyAlertOut)
+		if err != nil {
+			return err
+		}
+		for _, al := range wantPending {
+			v, _ := json.Marshal(al)
+			if err := tx.Bucket(bucketAlerts).Put([]byte(al.ID), v); err != nil {
+				return err
+			}
+			if err := out.Put([]byte(al.ID), v); err != nil {
+				return err
+			}
+			if err := tx.Bucket(bucketAlertIdx).Put(alertIdxKey(al.State, al.ID), nil); err != nil {
+				return err
+			}
+		}
+		v, _ := json.Marshal(a.State) // the older encoding: rules.State itself
+		return tx.Bucket(bucketRuleState).Put(ruleStateKey(a.State.Key), v)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s = reopen(t, s)
+	if err := s.DB().View(func(tx *bolt.Tx) error {
+		if tx.Bucket(legacyAlertOut) != nil {
+			t.Error("alert_out still there after Open")
+		}
+		if tx.Bucket(bucketAlertIdx).Get(alertIdxKey(rules.StateCleared, "b~hot~2")) != nil {
+			t.Error("the index entry of a cleared alert is still there after Open")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	pending, err := s.PendingAlerts(10)
+	if err != nil || !reflect.DeepEqual(pending, wantPending) {
+		t.Fatalf("pending alerts of the older file: %+v %v, want %+v", pending, err, wantPending)
+	}
+	_, states, err := s.RuleStates()
+	if err != nil || !reflect.DeepEqual(states, wantStates) {
+		t.Fatalf("rule states of the older file: %+v %v, want %+v", states, err, wantStates)
+	}
+	for state, want := range map[string]rules.Alert{rules.StateActive: wantPending[0], rules.StateCleared: wantPending[1]} {
+		if got, err := s.Alerts(AlertsQuery{State: state, Limit: 10}); err != nil || len(got) != 1 || got[0] != want {
+			t.Errorf("%s alerts of the older file: %+v %v, want %+v", state, got, err, want)
+		}
+	}
+	acked := *a.Alert
+	acked.Merge(rules.Alert{AckedAt: 4, AckedBy: "bob", AckStamp: hlc.New(4, 0)})
+	st := a.State
+	st.Alert = &acked
+	if err := s.SaveRuleEvents(1, []rules.Event{{Kind: rules.Changed, State: st, Alert: &acked}}); err != nil {
+		t.Fatal(err)
+	}
+	s = reopen(t, s)
+	if _, states, err := s.RuleStates(); err != nil || len(states) != 1 || *states[0].Alert != acked {
+		t.Fatalf("rule states after an ack: %+v %v, want the acked alert", states, err)
+	}
+}
+
+// TestAlertQueue: a rule state names its open alert instead of holding a
+// copy; alert_index holds open alerts only, and the cleared query finds
+// them in the alerts bucket; an alert that changed twice while the cloud was away is queued
+// twice and pending once, with its latest value; AlertsSent of that value
+// empties the queue.
+func TestAlertQueue(t *testing.T) {
+	s := openTestStore(t, "", Options{})
+	fired := alertEvent(rules.Fired, "hot", "a", rules.StateActive, 1)
+	if err := s.SaveRuleEvents(1, []rules.Event{fired}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DB().View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketRuleState).Get(ruleStateKey(fired.State.Key))
+		if !bytes.Contains(v, []byte(`"alert_id":"a~hot~1"`)) || bytes.Contains(v, []byte(`"alert":`)) {
+			t.Errorf("stored state %s: want the alert by id, not a copy", v)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	cleared := *fired.Alert
+	cleared.Merge(rules.Alert{ClearedAt: 5, ClearStamp: hlc.New(5, 0)})
+	if err := s.SaveRuleEvents(2, []rules.Event{{Kind: rules.Cleared, State: rules.State{Key: fired.State.Key}, Alert: &cleared}}); err != nil {
+		t.Fatal(err)
+	}
+	queued, idx := 0, 0
+	s.DB().View(func(tx *bolt.Tx) error {
+		queued, idx = tx.Bucket(bucketAlertQ).Stats().KeyN, tx.Bucket(bucketAlertIdx).Stats().KeyN
+		return nil
+	})
+	if idx != 0 {
+		t.Errorf("%d index entries after the clear: the index holds open alerts only", idx)
+	}
+	if got, err := s.Alerts(AlertsQuery{State: rules.StateCleared, Device: "a", Limit: 10}); err != nil || len(got) != 1 || got[0] != cleared {
+		t.Errorf("cleared alerts of a: %+v %v", got, err)
+	}
+	pending, err := s.PendingAlerts(10)
+	if err != nil || queued != 2 || len(pending) != 1 || pending[0] != cleared {
+		t.Fatalf("%d queued, pending %+v %v: want 2 queued, the cleared alert pending once", queued, pending, err)
+	}
+	if err := s.AlertsSent(pending); err != nil {
+		t.Fatal(err)
+	}
+	s.DB().View(func(tx *bolt.Tx) error { queued = tx.Bucket(bucketAlertQ).Stats().KeyN; return nil })
+	if pending, err := s.PendingAlerts(10); err != nil || len(pending) != 0 || queued != 0 {
+		t.Fatalf("after the send: %d queued, pending %+v %v", queued, pending, err)
 	}
 }

@@ -153,10 +153,18 @@ func Open(path string, opts Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
+	if err := dropClearedIndex(db, migrateChunk); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	if err := migrateAlertOut(db); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
 	s := &Store{db: db, path: path, opts: opts, clock: opts.Clock, tail: newOutboxTail(opts.OutboxTailBytes)}
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, b := range [][]byte{bucketMeta, bucketDevices, bucketSeen, bucketReadings, bucketIDs, bucketMinute, bucketHour, bucketOutbox, bucketDead, bucketUsers, bucketStateIdx, bucketSync,
-			bucketRules, bucketRuleState, bucketAlerts, bucketAlertIdx, bucketAlertOut} {
+			bucketRules, bucketRuleState, bucketAlerts, bucketAlertIdx, bucketAlertQ} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
