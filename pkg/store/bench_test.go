@@ -88,15 +88,7 @@ func BenchmarkIngestCPU(b *testing.B) {
 // benchIngestCPU commits b.N batches of perDevice readings of each device,
 // the clock stepping step ms per batch.
 func benchIngestCPU(b *testing.B, devices, perDevice int, step int64) {
-	st, err := Open(filepath.Join(b.TempDir(), "e.db"), Options{NoSync: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer st.Close()
-	names := make([]string, devices)
-	for d := range names {
-		names[d] = "dev-" + strconv.Itoa(d)
-	}
+	st, names := benchStore(b, devices, Options{NoSync: true})
 	ts := int64(1732170000000)
 	b.ReportAllocs()
 	b.ResetTimer()
@@ -126,4 +118,20 @@ func benchIngestCPU(b *testing.B, devices, perDevice int, step int64) {
 func txWrites(st *Store) int64 {
 	ts := st.db.Stats().TxStats
 	return ts.GetWrite()
+}
+
+// benchStore opens a store in b's temp dir, closed when b ends, and names
+// its devices dev-0 … dev-(devices-1).
+func benchStore(b *testing.B, devices int, opts Options) (*Store, []string) {
+	b.Helper()
+	st, err := Open(filepath.Join(b.TempDir(), "e.db"), opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { st.Close() })
+	names := make([]string, devices)
+	for d := range names {
+		names[d] = "dev-" + strconv.Itoa(d)
+	}
+	return st, names
 }

@@ -1,7 +1,6 @@
 package store
 
 import (
-	"path/filepath"
 	"strconv"
 	"testing"
 
@@ -17,15 +16,7 @@ import (
 // next to BenchmarkIngestCPU's devices=100/messages=1.
 func BenchmarkIngestRuleSaves(b *testing.B) {
 	const devices, transitions = 100, 10
-	st, err := Open(filepath.Join(b.TempDir(), "e.db"), Options{NoSync: true, HoldOutboxForRules: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer st.Close()
-	names := make([]string, devices)
-	for d := range names {
-		names[d] = "dev-" + strconv.Itoa(d)
-	}
+	st, names := benchStore(b, devices, Options{NoSync: true, HoldOutboxForRules: true})
 	open := make([]*rules.Alert, devices)
 	ts := int64(1732170000000)
 	next := 0

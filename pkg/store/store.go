@@ -149,17 +149,17 @@ func Open(path string, opts Options) (*Store, error) {
 		}
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
-	if err := migrateLayout(db, migrateChunk); err != nil {
-		db.Close()
-		return nil, fmt.Errorf("open store %s: %w", path, err)
-	}
-	if err := dropClearedIndex(db, migrateChunk); err != nil {
-		db.Close()
-		return nil, fmt.Errorf("open store %s: %w", path, err)
-	}
-	if err := migrateAlertOut(db); err != nil {
-		db.Close()
-		return nil, fmt.Errorf("open store %s: %w", path, err)
+	// Conversions of older releases' files, in order; each is a no-op on
+	// a converted file and resumable after a crash part of the way.
+	for _, migrate := range []func(*bolt.DB) error{
+		func(db *bolt.DB) error { return migrateLayout(db, migrateChunk) },
+		func(db *bolt.DB) error { return dropClearedIndex(db, migrateChunk) },
+		migrateAlertOut,
+	} {
+		if err := migrate(db); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("open store %s: %w", path, err)
+		}
 	}
 	s := &Store{db: db, path: path, opts: opts, clock: opts.Clock, tail: newOutboxTail(opts.OutboxTailBytes)}
 	err = db.Update(func(tx *bolt.Tx) error {
