@@ -32,8 +32,8 @@ import (
 // does not), so a delta carries only the entries that changed. Held pulls
 // are woken, at most once per sweep (a second), for a change of an entry's
 // durable facts or health, or an entry added or removed. A change of only
-// the backlog or lag class wakes no pull: held pulls end within PullHold
-// anyway and bring it then. Under a reconnect storm every edge's backlog
+// the backlog or lag class wakes no pull, nor ends one that comes after it
+// at once (delta): held pulls end within PullHold anyway and bring it then. Under a reconnect storm every edge's backlog
 // class moves, and waking every held pull each second for that made a
 // thousand pulls a second.
 //
@@ -67,6 +67,7 @@ type liveness struct {
 	seq         uint64
 	woke        uint64 // seq at the last wake
 	urgent      bool   // a change since the last wake that wakes held pulls (see above)
+	urgentSeq   uint64 // seq of the last such change: a pull whose version is older returns at once
 	wakeCh      chan struct{}
 	soft        map[string]softState
 	durable     map[string]wire.Edge
@@ -119,7 +120,7 @@ func (l *liveness) lead(leading bool, nowMs int64) {
 		_, _ = rand.Read(b[:])
 		l.epoch = base64.RawURLEncoding.EncodeToString(b[:])
 		l.leaderSince = nowMs
-		l.seq, l.woke, l.urgent = 0, 0, false
+		l.seq, l.woke, l.urgent, l.urgentSeq = 0, 0, false, 0
 		l.soft = map[string]softState{}
 		l.entries = map[string]*dirEntry{}
 		l.removed = map[string]uint64{}
@@ -228,12 +229,14 @@ func (l *liveness) update(id string, nowMs int64, fresh time.Duration) {
 	switch {
 	case cur == nil:
 		l.seq++
-		l.urgent = true
+		l.urgent, l.urgentSeq = true, l.seq
 		l.entries[id] = &dirEntry{edge: e, fp: fp, load: load, ver: l.seq}
 		delete(l.removed, id)
 	case cur.fp != fp || cur.load != load:
 		l.seq++
-		l.urgent = l.urgent || cur.fp != fp
+		if cur.fp != fp {
+			l.urgent, l.urgentSeq = true, l.seq
+		}
 		cur.edge, cur.fp, cur.load, cur.ver = e, fp, load, l.seq
 	default:
 		cur.edge = e // the newest values ride along with the next change
@@ -244,28 +247,37 @@ func (l *liveness) update(id string, nowMs int64, fresh time.Duration) {
 func (l *liveness) version() string { return l.epoch + "." + strconv.FormatUint(l.seq, 10) }
 
 // delta is the directory change since have (the whole directory when have
-// is not of this epoch), with the current version. Call after refresh.
-func (l *liveness) delta(have string) (*wire.DirectoryDelta, string) {
+// is not of this epoch), with the current version. urgent reports that the
+// change is one that wakes held pulls (a durable fact, health, an entry
+// added or removed, or a whole directory): a pull that brings only a
+// backlog or lag class change is held like an empty one and carries the
+// delta when it ends. Otherwise, under a reconnect storm, where some edge's
+// backlog class moves every moment, every pull would find the directory
+// moved since its last one and return at once, and edges would pull back
+// to back (ten to forty pulls each in a 1,000-edge storm, instead of two).
+// Call after refresh.
+func (l *liveness) delta(have string) (d *wire.DirectoryDelta, ver string, urgent bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	ver := l.version()
+	ver = l.version()
 	if have == ver {
-		return nil, ver
+		return nil, ver, false
 	}
+	var since uint64
+	ep, n, ok := strings.Cut(have, ".")
+	s, err := strconv.ParseUint(n, 10, 64)
+	known := ok && err == nil && ep == l.epoch && s <= l.seq
+	if known {
+		since = s
+	}
+	urgent = !known || since < l.urgentSeq
 	if l.deltasAt != ver {
 		l.deltas, l.deltasAt = map[string]*wire.DirectoryDelta{}, ver
 	}
 	if d, ok := l.deltas[have]; ok {
-		return d, ver // shared: callers only encode it
+		return d, ver, urgent // shared: callers only encode it
 	}
-	d := &wire.DirectoryDelta{}
-	var since uint64
-	ep, n, ok := strings.Cut(have, ".")
-	if s, err := strconv.ParseUint(n, 10, 64); ok && err == nil && ep == l.epoch && s <= l.seq {
-		since = s
-	} else {
-		d.Full = true
-	}
+	d = &wire.DirectoryDelta{Full: !known}
 	for _, e := range l.entries {
 		if d.Full || e.ver > since {
 			d.Edges = append(d.Edges, e.edge)
@@ -283,7 +295,7 @@ func (l *liveness) delta(have string) (*wire.DirectoryDelta, string) {
 	if len(l.deltas) < maxDeltaMemo {
 		l.deltas[have] = d
 	}
-	return d, ver
+	return d, ver, urgent
 }
 
 // all is the whole directory as last refreshed.
@@ -396,7 +408,7 @@ func (s *Service) refreshDirectory(nowMs int64, sweep bool) error {
 			if _, ok := l.durable[id]; !ok {
 				delete(l.entries, id)
 				l.seq++
-				l.urgent = true
+				l.urgent, l.urgentSeq = true, l.seq
 				l.removed[id] = l.seq
 			}
 		}

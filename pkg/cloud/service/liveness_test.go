@@ -437,6 +437,66 @@ func TestDirectoryWakesHeldPulls(t *testing.T) {
 	}
 }
 
+// A pull whose directory version is older only by backlog or lag class
+// changes is held like an empty one, and brings the delta when its wait
+// ends; one older than a durable change returns at once. Without the first,
+// edges under a reconnect storm (where some edge's backlog class moves
+// every moment) pulled back to back.
+func TestLoadOnlyDeltaIsHeld(t *testing.T) {
+	n := startService(t, Config{HeartbeatFresh: time.Minute})
+	ctx := context.Background()
+	beat := func(edge, region string, backlog uint64) {
+		t.Helper()
+		if _, err := n.svc.Heartbeat(ctx, edge, &wire.Heartbeat{Region: region, Backlog: backlog}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	beat("e1", "r", 2)
+	beat("e2", "r", 2)
+	n.svc.sweep()
+	first, err := n.svc.Pull(ctx, "e1", PullRequest{Limit: 100, Have: &wire.SetVersions{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pull := func(have *wire.SetVersions, wait time.Duration) (wire.PullPage, time.Duration) {
+		t.Helper()
+		start := time.Now()
+		p, err := n.svc.Pull(ctx, "e1", PullRequest{Limit: 100, Have: have, Wait: wait})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p, time.Since(start)
+	}
+
+	beat("e2", "r", 50_000) // another backlog class only
+	n.svc.sweep()
+	const wait = 300 * time.Millisecond
+	p, took := pull(first.Versions, wait)
+	if took < wait {
+		t.Fatalf("a pull older only by a backlog class change returned after %v, before its wait of %v", took, wait)
+	}
+	if p.Directory == nil || len(p.Directory.Edges) != 1 || p.Directory.Edges[0].Backlog != 50_000 || p.Versions.Directory == first.Versions.Directory {
+		t.Fatalf("the held pull's page did not carry the backlog delta: %+v", p.Directory)
+	}
+
+	beat("e2", "moved", 50_000) // a durable fact: at once, even before a sweep
+	p, took = pull(first.Versions, time.Minute)
+	if took > 30*time.Second || p.Directory == nil || p.Directory.Edges[0].Region != "moved" {
+		t.Fatalf("a pull older than a region change: %v, %+v", took, p.Directory)
+	}
+	// From the version that has the region change, the backlog class
+	// change before it is old news: held again.
+	beat("e2", "moved", 2)
+	n.svc.sweep()
+	if _, took = pull(p.Versions, wait); took < wait {
+		t.Fatalf("a pull older only by a later backlog class change returned after %v", took)
+	}
+	// Another epoch's version is always news: the whole directory, at once.
+	if p, took = pull(&wire.SetVersions{Directory: "other.5"}, time.Minute); took > 30*time.Second || p.Directory == nil || !p.Directory.Full {
+		t.Fatalf("a pull of another epoch: %v, %+v", took, p.Directory)
+	}
+}
+
 // The sweep recomputes entries only once some health can have changed by
 // time alone (liveness.flipAt): an edge that fell silent, came back with a
 // pull while no other edge was healthy (nothing due), and fell silent

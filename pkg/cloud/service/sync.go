@@ -310,8 +310,9 @@ func (s *Service) pullOnce(edge string, req PullRequest) (wire.PullPage, bool, e
 	if rs, v.Rules = sets.rulesFor(s.edgeRegion(edge)); v.Rules != req.Have.Rules {
 		page.Rules, news = rs, true
 	}
-	page.Directory, v.Directory = s.live.delta(req.Have.Directory)
-	news = news || page.Directory != nil
+	var urgent bool
+	page.Directory, v.Directory, urgent = s.live.delta(req.Have.Directory)
+	news = news || urgent
 	page.Versions = &v
 	return page, news, nil
 }
