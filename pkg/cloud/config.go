@@ -85,20 +85,23 @@ type Config struct {
 	// further behind gets 410 Gone and the earliest cursor kept.
 	LogRetention time.Duration `yaml:"log_retention"`
 
-	HeartbeatTimeout   time.Duration     `yaml:"heartbeat_timeout"`
-	ElectionTimeout    time.Duration     `yaml:"election_timeout"`
-	LeaderLeaseTimeout time.Duration     `yaml:"leader_lease_timeout"`
-	CommitTimeout      time.Duration     `yaml:"commit_timeout"`
-	SnapshotInterval   time.Duration     `yaml:"snapshot_interval"`
-	SnapshotThreshold  uint64            `yaml:"snapshot_threshold"`
-	TrailingLogs       uint64            `yaml:"trailing_logs"`
-	MaxEntryBytes      int               `yaml:"max_entry_bytes"`
-	MaxInflightEntries int               `yaml:"max_inflight_entries"`
-	GroupCommitWait    time.Duration     `yaml:"group_commit_wait"`
-	MaxPendingBytes    int64             `yaml:"max_pending_bytes"`
-	MaxQueueDelay      time.Duration     `yaml:"max_queue_delay"`
-	AdmitWait          time.Duration     `yaml:"admit_wait"`
-	RaftDial           map[string]string `yaml:"raft_dial"`
+	HeartbeatTimeout time.Duration `yaml:"heartbeat_timeout"`
+	// LeaderHeartbeatTimeout is the heartbeat timeout of the node that
+	// leads (raftnode.Config); 0 is twice HeartbeatTimeout.
+	LeaderHeartbeatTimeout time.Duration     `yaml:"leader_heartbeat_timeout"`
+	ElectionTimeout        time.Duration     `yaml:"election_timeout"`
+	LeaderLeaseTimeout     time.Duration     `yaml:"leader_lease_timeout"`
+	CommitTimeout          time.Duration     `yaml:"commit_timeout"`
+	SnapshotInterval       time.Duration     `yaml:"snapshot_interval"`
+	SnapshotThreshold      uint64            `yaml:"snapshot_threshold"`
+	TrailingLogs           uint64            `yaml:"trailing_logs"`
+	MaxEntryBytes          int               `yaml:"max_entry_bytes"`
+	MaxInflightEntries     int               `yaml:"max_inflight_entries"`
+	GroupCommitWait        time.Duration     `yaml:"group_commit_wait"`
+	MaxPendingBytes        int64             `yaml:"max_pending_bytes"`
+	MaxQueueDelay          time.Duration     `yaml:"max_queue_delay"`
+	AdmitWait              time.Duration     `yaml:"admit_wait"`
+	RaftDial               map[string]string `yaml:"raft_dial"`
 
 	// MetricsToken is a bearer token that reads /metrics and nothing else
 	// (Prometheus' authorization.credentials); the API token and a cluster
@@ -622,6 +625,11 @@ func (c *Config) validate(errs config.Errors) error {
 	}
 	if c.BootstrapNode != "" && len(c.Join) > 1 {
 		c.Join = withoutSelf(c.Join, c.HTTPAdvertise)
+	}
+	// The leader heartbeats every tenth to fifth of its timeout: at more
+	// than 2.5x a follower's, a follower could go half its wait unheard.
+	if c.LeaderHeartbeatTimeout != 0 && (c.LeaderHeartbeatTimeout < c.HeartbeatTimeout || 2*c.LeaderHeartbeatTimeout > 5*c.HeartbeatTimeout) {
+		errs.Add("leader_heartbeat_timeout", "%s must be 0 (twice heartbeat_timeout) or from heartbeat_timeout (%s) to 2.5 times it", c.LeaderHeartbeatTimeout, c.HeartbeatTimeout)
 	}
 	if c.LeaderLeaseTimeout > c.HeartbeatTimeout {
 		errs.Add("leader_lease_timeout", "%s must not exceed heartbeat_timeout (%s)", c.LeaderLeaseTimeout, c.HeartbeatTimeout)

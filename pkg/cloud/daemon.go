@@ -81,7 +81,7 @@ func Start(cfg Config, log *slog.Logger) (*Node, error) {
 	rn, err := raftnode.New(raftnode.Config{
 		ID: cfg.ID, RaftBind: cfg.Raft, RaftAdvertise: cfg.RaftAdvertise, HTTPAdvertise: cfg.HTTPAdvertise,
 		DataDir: cfg.Data, Bootstrap: cfg.Bootstrap,
-		HeartbeatTimeout: cfg.HeartbeatTimeout, ElectionTimeout: cfg.ElectionTimeout,
+		HeartbeatTimeout: cfg.HeartbeatTimeout, LeaderHeartbeatTimeout: cfg.LeaderHeartbeatTimeout, ElectionTimeout: cfg.ElectionTimeout,
 		LeaderLeaseTimeout: cfg.LeaderLeaseTimeout, CommitTimeout: cfg.CommitTimeout,
 		SnapshotInterval: cfg.SnapshotInterval, SnapshotThreshold: cfg.SnapshotThreshold, TrailingLogs: cfg.TrailingLogs,
 		MaxEntryBytes: cfg.MaxEntryBytes, MaxInflightEntries: cfg.MaxInflightEntries, GroupCommitWait: cfg.GroupCommitWait, MaxPendingBytes: cfg.MaxPendingBytes,

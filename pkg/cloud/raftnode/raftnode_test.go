@@ -70,6 +70,38 @@ func startNodeLogging(t *testing.T, cfg Config, discard *slog.Logger) (*Node, *f
 	return n, f, reg
 }
 
+// A node heartbeats with LeaderHeartbeatTimeout while it leads (half as
+// often as HeartbeatTimeout would have it) and keeps HeartbeatTimeout, the
+// wait before an election, as a follower.
+func TestLeaderHeartbeatTimeout(t *testing.T) {
+	n, _, _ := startNode(t, Config{HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond})
+	if n.cfg.LeaderHeartbeatTimeout != 600*time.Millisecond {
+		t.Fatalf("default LeaderHeartbeatTimeout %v, want twice HeartbeatTimeout", n.cfg.LeaderHeartbeatTimeout)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for rc := n.raft.ReloadableConfig(); rc.HeartbeatTimeout != 600*time.Millisecond || rc.ElectionTimeout != 600*time.Millisecond; rc = n.raft.ReloadableConfig() {
+		if time.Now().After(deadline) {
+			t.Fatalf("leader runs with heartbeat timeout %v, election timeout %v; want 600ms both", rc.HeartbeatTimeout, rc.ElectionTimeout)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for _, tc := range []struct {
+		leading      bool
+		hb, election time.Duration
+	}{
+		{true, 600 * time.Millisecond, 600 * time.Millisecond},
+		{false, 300 * time.Millisecond, 300 * time.Millisecond},
+	} {
+		rc := n.cfg.timeouts(n.raft.ReloadableConfig(), tc.leading)
+		if rc.HeartbeatTimeout != tc.hb || rc.ElectionTimeout != tc.election {
+			t.Errorf("leading %v: heartbeat %v, election %v; want %v, %v", tc.leading, rc.HeartbeatTimeout, rc.ElectionTimeout, tc.hb, tc.election)
+		}
+		if err := n.raft.ReloadConfig(rc); err != nil {
+			t.Errorf("leading %v: raft refuses %+v: %v", tc.leading, rc, err)
+		}
+	}
+}
+
 func pushCmd(edge string, seq uint64) *fsm.Command {
 	return &fsm.Command{Type: fsm.CmdPush, AtMs: 1, Push: &wire.PushBatch{Edge: edge, FirstSeq: seq,
 		Changes: []wire.Change{{Kind: wire.KindReadings, Device: edge + "-dev",
