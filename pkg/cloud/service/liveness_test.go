@@ -390,12 +390,7 @@ func TestAwaitPull(t *testing.T) {
 func TestDirectoryWakesHeldPulls(t *testing.T) {
 	n := startService(t, Config{HeartbeatFresh: time.Minute})
 	ctx := context.Background()
-	beat := func(edge, region string, backlog uint64) {
-		t.Helper()
-		if _, err := n.svc.Heartbeat(ctx, edge, &wire.Heartbeat{Region: region, Backlog: backlog}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	beat := func(edge, region string, backlog uint64) { t.Helper(); n.beat(t, edge, region, backlog) }
 	woken := func(ch <-chan struct{}) bool {
 		select {
 		case <-ch:
@@ -445,12 +440,7 @@ func TestDirectoryWakesHeldPulls(t *testing.T) {
 func TestLoadOnlyDeltaIsHeld(t *testing.T) {
 	n := startService(t, Config{HeartbeatFresh: time.Minute})
 	ctx := context.Background()
-	beat := func(edge, region string, backlog uint64) {
-		t.Helper()
-		if _, err := n.svc.Heartbeat(ctx, edge, &wire.Heartbeat{Region: region, Backlog: backlog}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	beat := func(edge, region string, backlog uint64) { t.Helper(); n.beat(t, edge, region, backlog) }
 	beat("e1", "r", 2)
 	beat("e2", "r", 2)
 	n.svc.sweep()
@@ -529,4 +519,12 @@ func TestHealthFlipsAgainAfterReturn(t *testing.T) {
 	healthy("back with a pull", true)
 	n.offset.Store((4 * time.Minute).Milliseconds())
 	healthy("silent again", false)
+}
+
+// beat sends a heartbeat of edge with region and backlog.
+func (n *node) beat(t *testing.T, edge, region string, backlog uint64) {
+	t.Helper()
+	if _, err := n.svc.Heartbeat(context.Background(), edge, &wire.Heartbeat{Region: region, Backlog: backlog}); err != nil {
+		t.Fatal(err)
+	}
 }
