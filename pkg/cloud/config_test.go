@@ -249,3 +249,27 @@ func TestAdmissionKeys(t *testing.T) {
 		}
 	}
 }
+
+// leader_heartbeat_timeout is 0 (twice heartbeat_timeout) or between
+// heartbeat_timeout and 2.5 times it: a leader heartbeating less often
+// could leave a follower unheard for half its wait.
+func TestLeaderHeartbeatTimeoutKey(t *testing.T) {
+	for _, tc := range []struct {
+		leader time.Duration
+		ok     bool
+	}{
+		{0, true},
+		{300 * time.Millisecond, true},
+		{750 * time.Millisecond, true},
+		{299 * time.Millisecond, false},
+		{751 * time.Millisecond, false},
+	} {
+		c := Defaults()
+		c.ID, c.Bootstrap = "n1", true
+		c.HeartbeatTimeout, c.LeaderHeartbeatTimeout = 300*time.Millisecond, tc.leader
+		err := c.Validate()
+		if tc.ok != (err == nil) || err != nil && !strings.Contains(err.Error(), "leader_heartbeat_timeout:") {
+			t.Errorf("leader_heartbeat_timeout %s: err %v, want ok %v", tc.leader, err, tc.ok)
+		}
+	}
+}

@@ -65,7 +65,7 @@ type Config struct {
 	// an election, and, a tenth to a fifth of it, the interval of the
 	// leader's heartbeats. Followers keep HeartbeatTimeout, so failover is
 	// as quick; the leader heartbeats half as often, and heartbeats were
-	// the largest part of an idle cluster's CPU (watchLeadership).
+	// the largest part of an idle cluster's CPU (watchLoop).
 	LeaderHeartbeatTimeout time.Duration
 	ElectionTimeout        time.Duration // default 300ms
 	LeaderLeaseTimeout     time.Duration // default 250ms
@@ -460,11 +460,10 @@ func (n *Node) closeStores() {
 
 // Run runs the proposer and the leadership watcher until ctx ends.
 func (n *Node) Run(ctx context.Context) {
-	n.wg.Add(4)
+	n.wg.Add(3)
 	go func() { defer n.wg.Done(); n.batchLoop() }()
 	go func() { defer n.wg.Done(); n.completeLoop() }()
 	go func() { defer n.wg.Done(); n.watchLoop() }()
-	go func() { defer n.wg.Done(); n.watchLeadership() }()
 	select {
 	case <-ctx.Done():
 	case <-n.stop:
@@ -801,12 +800,22 @@ func mapApplyErr(err error) error {
 }
 
 // watchLoop reacts to leadership changes and tracks which followers the
-// leader cannot reach, for the status endpoint.
+// leader cannot reach, for the status endpoint. It gives raft
+// LeaderHeartbeatTimeout while this node leads and HeartbeatTimeout
+// otherwise, from raft's leader channel: that always delivers the latest
+// transition, where observations drop when the observer is behind, and a
+// node that lost leadership must not keep the leader's longer timeout as
+// a follower.
 func (n *Node) watchLoop() {
 	for {
 		select {
 		case <-n.stop:
 			return
+		case leading := <-n.raft.LeaderCh():
+			rc := n.cfg.timeouts(n.raft.ReloadableConfig(), leading)
+			if err := n.raft.ReloadConfig(rc); err != nil {
+				n.log.Warn("setting the raft heartbeat timeout failed", "leading", leading, "heartbeat_timeout", rc.HeartbeatTimeout, "err", err)
+			}
 		case o := <-n.obsCh:
 			switch d := o.Data.(type) {
 			case raft.FailedHeartbeatObservation:
@@ -826,25 +835,6 @@ func (n *Node) watchLoop() {
 					n.wg.Add(1)
 					go func() { defer n.wg.Done(); n.onLeader() }()
 				}
-			}
-		}
-	}
-}
-
-// watchLeadership gives raft LeaderHeartbeatTimeout while this node leads
-// and HeartbeatTimeout otherwise. raft's leader channel always delivers
-// the latest transition, unlike observations, which drop when the
-// observer is behind: a node that lost leadership must not keep the
-// leader's longer timeout as a follower.
-func (n *Node) watchLeadership() {
-	for {
-		select {
-		case <-n.stop:
-			return
-		case leading := <-n.raft.LeaderCh():
-			rc := n.cfg.timeouts(n.raft.ReloadableConfig(), leading)
-			if err := n.raft.ReloadConfig(rc); err != nil {
-				n.log.Warn("setting the raft heartbeat timeout failed", "leading", leading, "heartbeat_timeout", rc.HeartbeatTimeout, "err", err)
 			}
 		}
 	}

@@ -33,9 +33,10 @@ import (
 // are woken, at most once per sweep (a second), for a change of an entry's
 // durable facts or health, or an entry added or removed. A change of only
 // the backlog or lag class wakes no pull, nor ends one that comes after it
-// at once (delta): held pulls end within PullHold anyway and bring it then. Under a reconnect storm every edge's backlog
-// class moves, and waking every held pull each second for that made a
-// thousand pulls a second.
+// at once (delta): held pulls end within PullHold anyway and bring it
+// then. Under a reconnect storm every edge's backlog class moves, and
+// waking every held pull each second for that made a thousand pulls a
+// second.
 //
 // After a failover the new leader has no soft state: for HeartbeatFresh it
 // treats every edge it has not heard from as healthy (health unknown, the
@@ -66,8 +67,7 @@ type liveness struct {
 	epoch       string
 	seq         uint64
 	woke        uint64 // seq at the last wake
-	urgent      bool   // a change since the last wake that wakes held pulls (see above)
-	urgentSeq   uint64 // seq of the last such change: a pull whose version is older returns at once
+	urgentSeq   uint64 // seq of the last change that wakes held pulls (see above): woken at a sweep while past woke; an older pull returns at once
 	wakeCh      chan struct{}
 	soft        map[string]softState
 	durable     map[string]wire.Edge
@@ -120,7 +120,7 @@ func (l *liveness) lead(leading bool, nowMs int64) {
 		_, _ = rand.Read(b[:])
 		l.epoch = base64.RawURLEncoding.EncodeToString(b[:])
 		l.leaderSince = nowMs
-		l.seq, l.woke, l.urgent, l.urgentSeq = 0, 0, false, 0
+		l.seq, l.woke, l.urgentSeq = 0, 0, 0
 		l.soft = map[string]softState{}
 		l.entries = map[string]*dirEntry{}
 		l.removed = map[string]uint64{}
@@ -229,13 +229,13 @@ func (l *liveness) update(id string, nowMs int64, fresh time.Duration) {
 	switch {
 	case cur == nil:
 		l.seq++
-		l.urgent, l.urgentSeq = true, l.seq
+		l.urgentSeq = l.seq
 		l.entries[id] = &dirEntry{edge: e, fp: fp, load: load, ver: l.seq}
 		delete(l.removed, id)
 	case cur.fp != fp || cur.load != load:
 		l.seq++
 		if cur.fp != fp {
-			l.urgent, l.urgentSeq = true, l.seq
+			l.urgentSeq = l.seq
 		}
 		cur.edge, cur.fp, cur.load, cur.ver = e, fp, load, l.seq
 	default:
@@ -408,7 +408,7 @@ func (s *Service) refreshDirectory(nowMs int64, sweep bool) error {
 			if _, ok := l.durable[id]; !ok {
 				delete(l.entries, id)
 				l.seq++
-				l.urgent, l.urgentSeq = true, l.seq
+				l.urgentSeq = l.seq
 				l.removed[id] = l.seq
 			}
 		}
@@ -437,8 +437,8 @@ func (s *Service) sweep() {
 	}
 	l := s.live
 	l.mu.Lock()
-	if l.seq != l.woke && l.urgent {
-		l.woke, l.urgent = l.seq, false
+	if l.urgentSeq > l.woke {
+		l.woke = l.seq
 		close(l.wakeCh)
 		l.wakeCh = make(chan struct{})
 	}
