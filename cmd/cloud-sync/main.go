@@ -75,6 +75,11 @@ func run() int {
 			return 1
 		}
 	}
+	// Signals are caught before anything starts: a SIGTERM that comes as
+	// soon as the node says it listens (a supervisor, a test) must stop it
+	// gracefully, not kill it the default way.
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
 	node, err := cloud.Start(cfg, log)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "cloud-sync: %s\n", strings.TrimPrefix(err.Error(), cloud.ErrUsage.Error()+": "))
@@ -97,8 +102,6 @@ func run() int {
 		"raft_advertise", cfg.RaftAdvertise, "data", cfg.Data, "mode", mode, "admin", adminAddr,
 		"cluster_tls", cfg.ClusterTLS(), "https", cfg.HTTPTLS())
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
 	adminCtx, stopAdmin := context.WithCancel(context.Background())
 	adminDone := make(chan struct{})
 	go func() {
