@@ -39,22 +39,20 @@ import (
 	"os"
 	"runtime"
 	"runtime/pprof"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
-
-	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/outpost-edge/outpost/internal/benchproc"
 	"github.com/outpost-edge/outpost/pkg/edge"
 )
 
 type options struct {
-	devices, phones, inflight int
-	duration, liveInterval    time.Duration
-	cpuProfile, memProfile    string
+	devices, phones, inflight, rounds int
+	duration, liveInterval            time.Duration
+	cpuProfile, memProfile            string
 }
 
 func main() {
@@ -62,9 +60,10 @@ func main() {
 	flag.IntVar(&o.devices, "devices", 100, "publishing devices")
 	flag.IntVar(&o.phones, "phones", 1000, "phone WebSocket sessions, each subscribed to one device")
 	flag.IntVar(&o.inflight, "inflight", 8, "QoS 1 publishes each device keeps in flight")
-	flag.DurationVar(&o.duration, "duration", 10*time.Second, "measured duration of each run (without and with phones)")
+	flag.IntVar(&o.rounds, "rounds", 3, "rounds of a run without phones and then one with them (the phones connect between the two and leave after)")
+	flag.DurationVar(&o.duration, "duration", 5*time.Second, "measured duration of each run")
 	flag.DurationVar(&o.liveInterval, "live-interval", 0, "the edge's mqtt.live_interval (0: its default)")
-	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the run with phones to this file")
+	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write CPU profiles of the first round's runs to this file name plus .without and .with")
 	flag.StringVar(&o.memProfile, "memprofile", "", "write a heap profile (allocations of the whole process, live heap after the run with phones) to this file")
 	flag.Parse()
 	if err := run(o); err != nil {
@@ -110,36 +109,118 @@ func run(o options) error {
 	start := time.Now()
 	var stages deliveries
 	rings := make([]ring, o.devices)
-	acks := new(hist)
+	acksWithout, acksWith := new(hist), new(hist)
 	edgeHists := []string{"outpost_ingest_commit_duration_seconds", "outpost_ingest_ack_duration_seconds", "outpost_mqtt_live_hold_duration_seconds", "outpost_mqtt_live_delivery_duration_seconds"}
-	m0, err := scrape(e.HTTPAddr(), token, edgeHists...)
-	if err != nil {
-		return err
-	}
-	devs := make([]paho.Client, o.devices)
+	devs := make([]*rawDevice, o.devices)
 	for i := range devs {
-		c := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + e.MQTTAddr()).
-			SetClientID(fmt.Sprintf("dev%d", i)).SetAutoReconnect(false).SetMaxResumePubInFlight(o.inflight))
-		if t := c.Connect(); !t.WaitTimeout(10*time.Second) || t.Error() != nil {
-			return fmt.Errorf("device %d connect: %v", i, t.Error())
+		d, err := dialDevice(e.MQTTAddr(), fmt.Sprintf("dev%d", i), o.inflight, start)
+		if err != nil {
+			return fmt.Errorf("device %d: %w", i, err)
 		}
-		defer c.Disconnect(50)
-		devs[i] = c
+		defer d.Close()
+		devs[i] = d
 	}
-	without := publish(devs, rings, acks, o, start)
-	acksWithout := acks.summary()
-	acks.reset()
-	m1, err := scrape(e.HTTPAddr(), token, edgeHists...)
-	if err != nil {
-		return err
-	}
+	// Rounds: each runs the devices without phones, then with them, and
+	// the ratio is of the rounds' totals. The machine's speed (fsync
+	// latency above all) drifts by ±10 % from one run to the next, more
+	// than the phones cost; pairing each run with phones with one just
+	// before it, several times, keeps that drift out of the ratio.
+	var without, with []float64
+	var rssPerPhone []float64
+	histWithout, histWith := map[string]map[float64]float64{}, map[string]map[float64]float64{}
+	for round := range o.rounds {
+		m0, err := scrape(e.HTTPAddr(), token, edgeHists...)
+		if err != nil {
+			return err
+		}
+		stopProfile, err := profile(o.cpuProfile, ".without", round == 0)
+		if err != nil {
+			return err
+		}
+		r, err := publish(devs, rings, acksWithout, o)
+		stopProfile()
+		if err != nil {
+			return err
+		}
+		without = append(without, r)
+		m1, err := scrape(e.HTTPAddr(), token, edgeHists...)
+		if err != nil {
+			return err
+		}
+		addDelta(histWithout, m0, m1)
 
-	runtime.GC()
-	rss0 := benchproc.StatusMB(os.Getpid())["VmRSS"]
+		runtime.GC()
+		rss0 := benchproc.StatusMB(os.Getpid())["VmRSS"]
+		phones, err := dialPhones(e.HTTPAddr(), token, o, rings, &stages, start)
+		if err != nil {
+			return err
+		}
+		runtime.GC()
+		rssPerPhone = append(rssPerPhone, (benchproc.StatusMB(os.Getpid())["VmRSS"]-rss0)*1024/float64(max(1, o.phones)))
+		m2, err := scrape(e.HTTPAddr(), token, edgeHists...)
+		if err != nil {
+			return err
+		}
+		if stopProfile, err = profile(o.cpuProfile, ".with", round == 0); err != nil {
+			return err
+		}
+		r, err = publish(devs, rings, acksWith, o)
+		stopProfile()
+		if err != nil {
+			return err
+		}
+		with = append(with, r)
+		m3, err := scrape(e.HTTPAddr(), token, edgeHists...)
+		if err != nil {
+			return err
+		}
+		addDelta(histWith, m2, m3)
+		for _, p := range phones {
+			p.Close()
+		}
+		// The next run without phones starts once the edge has let go
+		// of every one of them.
+		if err := waitPhones(ctx, e.HTTPAddr(), token, 0, 30*time.Second); err != nil {
+			return err
+		}
+	}
+	if o.memProfile != "" {
+		if err := writeHeap(o.memProfile); err != nil {
+			return err
+		}
+	}
+	p50, p99, n := stages.totals()
+	sumWithout, sumWith := sum(without), sum(with)
+	ratios := make([]float64, len(with))
+	for i := range with {
+		ratios[i] = round(with[i] / without[i])
+	}
+	out := map[string]any{
+		"devices": o.devices, "phones": o.phones, "rounds": o.rounds, "duration_s": o.duration.Seconds(), "live_interval_ms": cfg.MQTT.LiveInterval.Milliseconds(),
+		"ingest_rps": round(sumWithout / float64(len(without))), "ingest_rps_with_phones": round(sumWith / float64(len(with))),
+		"ratio": round(sumWith / sumWithout), "round_ratios": ratios,
+		"phone_deliveries": n, "phone_p50_ms": round(p50), "phone_p99_ms": round(p99),
+		"rss_kb_per_phone":    round(slices.Max(rssPerPhone)), // the first round's, mostly: later ones reuse the memory it left
+		"publish_to_ack":      map[string]any{"without_phones": acksWithout.summary(), "with_phones": acksWith.summary()},
+		"phone_stages":        stages.breakdown(),
+		"edge_without_phones": edgeStages(map[string]map[float64]float64{}, histWithout, edgeHists), "edge_with_phones": edgeStages(map[string]map[float64]float64{}, histWith, edgeHists),
+	}
+	b, err := json.Marshal(out)
+	if err != nil {
+		return fmt.Errorf("result: %w", err)
+	}
+	fmt.Println(string(b))
+	return nil
+}
+
+// dialPhones connects o.phones phones, phone i subscribed to device
+// i % o.devices, each delivery's stages noted in stages.
+func dialPhones(addr, token string, o options, rings []ring, stages *deliveries, start time.Time) ([]*rawPhone, error) {
 	var pool sync.Pool
+	phones := make([]*rawPhone, 0, o.phones)
 	for i := range o.phones {
 		dev := i % o.devices
-		p, err := dialPhone("ws://"+e.HTTPAddr()+"/mqtt", token, fmt.Sprintf("phone%d", i), fmt.Sprintf("sensors/dev%d/telemetry", dev), &pool, func(b []byte) {
+		p, err := dialPhone("ws://"+addr+"/mqtt", token, fmt.Sprintf("phone%d", i), fmt.Sprintf("sensors/dev%d/telemetry", dev), &pool, func(b []byte) {
 			if us, n, ok := sentAt(b); ok {
 				now := time.Since(start)
 				d := delivery{total: now.Microseconds() - us, ack: -1, afterAck: -1}
@@ -154,51 +235,55 @@ func run(o options) error {
 			}
 		})
 		if err != nil {
-			return fmt.Errorf("phone %d: %w", i, err)
+			for _, p := range phones {
+				p.Close()
+			}
+			return nil, fmt.Errorf("phone %d: %w", i, err)
 		}
-		defer p.Close()
+		phones = append(phones, p)
 	}
-	runtime.GC()
-	rss1 := benchproc.StatusMB(os.Getpid())["VmRSS"]
-	stages.reset()
-	m2, err := scrape(e.HTTPAddr(), token, edgeHists...)
-	if err != nil {
-		return err
-	}
-	if o.cpuProfile != "" {
-		f, err := os.Create(o.cpuProfile)
+	return phones, nil
+}
+
+// waitPhones polls the edge's outpost_mqtt_phone_sessions until it is n.
+func waitPhones(ctx context.Context, addr, token string, n float64, d time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	for {
+		m, err := benchproc.ScrapeAuth(http.DefaultClient, "http://"+addr+"/metrics", token)
 		if err != nil {
 			return err
 		}
-		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
+		if v, _ := m.Value("outpost_mqtt_phone_sessions"); v == n {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for %v phone sessions: %w", n, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	with := publish(devs, rings, acks, o, start)
-	pprof.StopCPUProfile()
-	m3, err := scrape(e.HTTPAddr(), token, edgeHists...)
-	if err != nil {
-		return err
-	}
-	if o.memProfile != "" {
-		if err := writeHeap(o.memProfile); err != nil {
-			return err
+}
+
+// addDelta adds each histogram's bucket counts between two scrapes to
+// total.
+func addDelta(total, before, after map[string]map[float64]float64) {
+	for name, buckets := range after {
+		if total[name] == nil {
+			total[name] = map[float64]float64{}
+		}
+		for le, c := range buckets {
+			total[name][le] += c - before[name][le]
 		}
 	}
-	p50, p99, n := stages.totals()
-	out := map[string]any{
-		"devices": o.devices, "phones": o.phones, "duration_s": o.duration.Seconds(), "live_interval_ms": cfg.MQTT.LiveInterval.Milliseconds(),
-		"ingest_rps": round(without), "ingest_rps_with_phones": round(with), "ratio": round(with / without),
-		"phone_deliveries": n, "phone_p50_ms": round(p50), "phone_p99_ms": round(p99),
-		"rss_kb_per_phone":    round((rss1 - rss0) * 1024 / float64(max(1, o.phones))),
-		"publish_to_ack":      map[string]any{"without_phones": acksWithout, "with_phones": acks.summary()},
-		"phone_stages":        stages.breakdown(),
-		"edge_without_phones": edgeStages(m0, m1, edgeHists), "edge_with_phones": edgeStages(m2, m3, edgeHists),
+}
+
+func sum(v []float64) float64 {
+	var s float64
+	for _, x := range v {
+		s += x
 	}
-	b, _ := json.Marshal(out)
-	fmt.Println(string(b))
-	return nil
+	return s
 }
 
 // edgeStages: each edge histogram's quantiles over one run.
@@ -208,6 +293,23 @@ func edgeStages(before, after map[string]map[float64]float64, names []string) ma
 		out[strings.TrimPrefix(n, "outpost_")] = bucketQuantiles(before[n], after[n])
 	}
 	return out
+}
+
+// profile starts a CPU profile into name+suffix if name is set and on
+// holds, and returns what stops it.
+func profile(name, suffix string, on bool) (func(), error) {
+	if name == "" || !on {
+		return func() {}, nil
+	}
+	f, err := os.Create(name + suffix)
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
 }
 
 // writeHeap writes the heap profile: pprof's -sample_index=alloc_space
@@ -226,53 +328,54 @@ func writeHeap(path string) error {
 // for o.duration, and returns the acknowledged rate. Each reading's body
 // is made before the device waits for room in its window (its "t" is the
 // phone latency's start); its publish call and its ack are noted in the
-// device's ring, and publish→ack in acks.
-func publish(devs []paho.Client, rings []ring, acks *hist, o options, start time.Time) float64 {
-	var acked atomic.Int64
+// device's ring, and publish→ack in acks. It returns once every reading
+// it published was acknowledged.
+func publish(devs []*rawDevice, rings []ring, acks *hist, o options) (float64, error) {
+	ph := &phase{acks: acks}
 	stop := time.Now().Add(o.duration)
 	var wg sync.WaitGroup
-	for i, c := range devs {
+	errs := make(chan error, len(devs))
+	for i, d := range devs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			topic := fmt.Sprintf("sensors/dev%d/telemetry", i)
-			type pending struct {
-				tok paho.Token
-				e   *ringEntry
-			}
-			room := make(chan struct{}, o.inflight) // a slot per publish in flight
-			window := make(chan pending, o.inflight)
-			done := make(chan struct{})
-			go func() { // the device's acks, in publish order
-				defer close(done)
-				for p := range window {
-					if p.tok.WaitTimeout(30*time.Second) && p.tok.Error() == nil {
-						now := time.Since(start).Microseconds()
-						p.e.acked.Store(now)
-						acks.add(time.Duration(now-p.e.sent.Load()) * time.Microsecond)
-						acked.Add(1)
-					}
-					<-room
-				}
-			}()
-			n := 0
+			var body []byte
 			for time.Now().Before(stop) {
-				n++
-				t0 := time.Since(start).Microseconds()
-				body := fmt.Sprintf(`{"ts": %d, "metrics": {"t": %d, "n": %d}}`, time.Now().UnixMilli(), t0, n)
-				room <- struct{}{}
-				e := rings[i].at(n)
+				d.n++
+				t0 := time.Since(d.start).Microseconds()
+				body = fmt.Appendf(body[:0], `{"ts": %d, "metrics": {"t": %d, "n": %d}}`, time.Now().UnixMilli(), t0, d.n)
+				d.room <- struct{}{}
+				e := rings[i].at(d.n)
 				e.acked.Store(0)
 				e.t0.Store(t0)
-				e.sent.Store(time.Since(start).Microseconds())
-				window <- pending{c.Publish(topic, 1, false, body), e}
+				e.sent.Store(time.Since(d.start).Microseconds())
+				if err := d.publish(topic, body, pend{e, ph}); err != nil {
+					errs <- fmt.Errorf("device %d: %w", i, err)
+					return
+				}
 			}
-			close(window)
-			<-done
+			// The window is empty once all of it is ours.
+			deadline := time.After(30 * time.Second)
+			for range cap(d.room) {
+				select {
+				case d.room <- struct{}{}:
+				case <-deadline:
+					errs <- fmt.Errorf("device %d: no PUBACK within 30 s", i)
+					return
+				}
+			}
+			for range cap(d.room) {
+				<-d.room
+			}
 		}()
 	}
 	wg.Wait()
-	return float64(acked.Load()) / o.duration.Seconds()
+	close(errs)
+	if err := <-errs; err != nil {
+		return 0, err
+	}
+	return float64(ph.acked.Load()) / o.duration.Seconds(), nil
 }
 
 // sentAt extracts metrics "t" (µs since start) and "n" (the device's

@@ -162,7 +162,7 @@ func scrape(addr, token string, names ...string) (map[string]map[float64]float64
 	return out, nil
 }
 
-// bucketQuantiles: p50 and p99 (ms, the bucket's upper bound) of the
+// bucketQuantiles: p50, p90 and p99 (ms, the bucket's upper bound) of the
 // observations between two scrapes of one histogram.
 func bucketQuantiles(before, after map[float64]float64) map[string]float64 {
 	var les []float64
@@ -180,10 +180,13 @@ func bucketQuantiles(before, after map[float64]float64) map[string]float64 {
 	q := func(p float64) float64 {
 		for _, le := range les {
 			if after[le]-before[le] >= p*total {
+				if math.IsInf(le, 1) {
+					break
+				}
 				return le * 1000
 			}
 		}
 		return -1 // beyond the last bucket
 	}
-	return map[string]float64{"n": total, "p50_le_ms": q(0.5), "p99_le_ms": q(0.99)}
+	return map[string]float64{"n": total, "p50_le_ms": q(0.5), "p90_le_ms": q(0.9), "p99_le_ms": q(0.99)}
 }
