@@ -53,6 +53,11 @@ type options struct {
 	devices, phones, inflight, rounds int
 	duration, liveInterval            time.Duration
 	cpuProfile, memProfile            string
+	// The load process's: the edge's addresses, an admin token and its
+	// process (set by the edge's process when it starts this one).
+	load                    bool
+	mqttAddr, httpAddr, tok string
+	edgePid                 int
 }
 
 func main() {
@@ -65,14 +70,32 @@ func main() {
 	flag.DurationVar(&o.liveInterval, "live-interval", 0, "the edge's mqtt.live_interval (0: its default)")
 	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write CPU profiles of the first round's runs to this file name plus .without and .with")
 	flag.StringVar(&o.memProfile, "memprofile", "", "write a heap profile (allocations of the whole process, live heap after the run with phones) to this file")
+	flag.BoolVar(&o.load, "load", false, "internal: be the load process (devices and phones) of an edge's process")
+	flag.StringVar(&o.mqttAddr, "load-mqtt", "", "internal: the edge's MQTT address")
+	flag.StringVar(&o.httpAddr, "load-http", "", "internal: the edge's HTTP address")
+	flag.StringVar(&o.tok, "load-token", "", "internal: an admin token of the edge")
+	flag.IntVar(&o.edgePid, "load-edge-pid", 0, "internal: the edge's process")
 	flag.Parse()
+	run := runEdge
+	if o.load {
+		run = runLoad
+	}
 	if err := run(o); err != nil {
 		fmt.Fprintf(os.Stderr, "livebench: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-func run(o options) error {
+// runEdge runs the edge and, as a child process, the load (runLoad) until
+// the load has printed its result: the devices and phones are another
+// process's, as they are in production, so that the edge's memory is its
+// own and its goroutines are scheduled among its own alone (in one
+// process, 1,000 phones' and 100 devices' goroutines kept the run queues
+// full and the edge's network reads waited for the runtime's 10 ms
+// poll). They still share the machine's cores. The load asks the edge's
+// process, over a pipe, to collect garbage before it reads the edge's
+// RSS and to profile.
+func runEdge(o options) error {
 	dir, err := os.MkdirTemp("", "livebench-")
 	if err != nil {
 		return err
@@ -105,7 +128,18 @@ func run(o options) error {
 	if err != nil {
 		return err
 	}
+	o.liveInterval = cfg.MQTT.LiveInterval
+	return runChild(o, e.MQTTAddr(), e.HTTPAddr(), token)
+}
 
+// runLoad is the load process: the devices, the phones and the rounds.
+func runLoad(o options) error {
+	ctx := context.Background()
+	ctl, err := dialControl()
+	if err != nil {
+		return err
+	}
+	token := o.tok
 	start := time.Now()
 	var stages deliveries
 	rings := make([]ring, o.devices)
@@ -113,7 +147,7 @@ func run(o options) error {
 	edgeHists := []string{"outpost_ingest_commit_duration_seconds", "outpost_ingest_ack_duration_seconds", "outpost_mqtt_live_hold_duration_seconds", "outpost_mqtt_live_delivery_duration_seconds"}
 	devs := make([]*rawDevice, o.devices)
 	for i := range devs {
-		d, err := dialDevice(e.MQTTAddr(), fmt.Sprintf("dev%d", i), o.inflight, start)
+		d, err := dialDevice(o.mqttAddr, fmt.Sprintf("dev%d", i), o.inflight, start)
 		if err != nil {
 			return fmt.Errorf("device %d: %w", i, err)
 		}
@@ -129,11 +163,11 @@ func run(o options) error {
 	var rssPerPhone []float64
 	histWithout, histWith := map[string]map[float64]float64{}, map[string]map[float64]float64{}
 	for round := range o.rounds {
-		m0, err := scrape(e.HTTPAddr(), token, edgeHists...)
+		m0, err := scrape(o.httpAddr, token, edgeHists...)
 		if err != nil {
 			return err
 		}
-		stopProfile, err := profile(o.cpuProfile, ".without", round == 0)
+		stopProfile, err := ctl.profile(o.cpuProfile, ".without", round == 0)
 		if err != nil {
 			return err
 		}
@@ -143,25 +177,30 @@ func run(o options) error {
 			return err
 		}
 		without = append(without, r)
-		m1, err := scrape(e.HTTPAddr(), token, edgeHists...)
+		m1, err := scrape(o.httpAddr, token, edgeHists...)
 		if err != nil {
 			return err
 		}
 		addDelta(histWithout, m0, m1)
 
-		runtime.GC()
-		rss0 := benchproc.StatusMB(os.Getpid())["VmRSS"]
-		phones, err := dialPhones(e.HTTPAddr(), token, o, rings, &stages, start)
+		rss0, err := ctl.rss(o.edgePid)
 		if err != nil {
 			return err
 		}
-		runtime.GC()
-		rssPerPhone = append(rssPerPhone, (benchproc.StatusMB(os.Getpid())["VmRSS"]-rss0)*1024/float64(max(1, o.phones)))
-		m2, err := scrape(e.HTTPAddr(), token, edgeHists...)
+		phones, err := dialPhones(o.httpAddr, token, o, rings, &stages, start)
 		if err != nil {
 			return err
 		}
-		if stopProfile, err = profile(o.cpuProfile, ".with", round == 0); err != nil {
+		rss1, err := ctl.rss(o.edgePid)
+		if err != nil {
+			return err
+		}
+		rssPerPhone = append(rssPerPhone, (rss1-rss0)*1024/float64(max(1, o.phones)))
+		m2, err := scrape(o.httpAddr, token, edgeHists...)
+		if err != nil {
+			return err
+		}
+		if stopProfile, err = ctl.profile(o.cpuProfile, ".with", round == 0); err != nil {
 			return err
 		}
 		r, err = publish(devs, rings, acksWith, o)
@@ -170,7 +209,7 @@ func run(o options) error {
 			return err
 		}
 		with = append(with, r)
-		m3, err := scrape(e.HTTPAddr(), token, edgeHists...)
+		m3, err := scrape(o.httpAddr, token, edgeHists...)
 		if err != nil {
 			return err
 		}
@@ -180,12 +219,12 @@ func run(o options) error {
 		}
 		// The next run without phones starts once the edge has let go
 		// of every one of them.
-		if err := waitPhones(ctx, e.HTTPAddr(), token, 0, 30*time.Second); err != nil {
+		if err := waitPhones(ctx, o.httpAddr, token, 0, 30*time.Second); err != nil {
 			return err
 		}
 	}
 	if o.memProfile != "" {
-		if err := writeHeap(o.memProfile); err != nil {
+		if err := ctl.do("heap " + o.memProfile); err != nil {
 			return err
 		}
 	}
@@ -196,7 +235,7 @@ func run(o options) error {
 		ratios[i] = round(with[i] / without[i])
 	}
 	out := map[string]any{
-		"devices": o.devices, "phones": o.phones, "rounds": o.rounds, "duration_s": o.duration.Seconds(), "live_interval_ms": cfg.MQTT.LiveInterval.Milliseconds(),
+		"devices": o.devices, "phones": o.phones, "rounds": o.rounds, "duration_s": o.duration.Seconds(), "live_interval_ms": o.liveInterval.Milliseconds(),
 		"ingest_rps": round(sumWithout / float64(len(without))), "ingest_rps_with_phones": round(sumWith / float64(len(with))),
 		"ratio": round(sumWith / sumWithout), "round_ratios": ratios,
 		"phone_deliveries": n, "phone_p50_ms": round(p50), "phone_p99_ms": round(p99),
@@ -293,23 +332,6 @@ func edgeStages(before, after map[string]map[float64]float64, names []string) ma
 		out[strings.TrimPrefix(n, "outpost_")] = bucketQuantiles(before[n], after[n])
 	}
 	return out
-}
-
-// profile starts a CPU profile into name+suffix if name is set and on
-// holds, and returns what stops it.
-func profile(name, suffix string, on bool) (func(), error) {
-	if name == "" || !on {
-		return func() {}, nil
-	}
-	f, err := os.Create(name + suffix)
-	if err != nil {
-		return nil, err
-	}
-	if err := pprof.StartCPUProfile(f); err != nil {
-		f.Close()
-		return nil, err
-	}
-	return func() { pprof.StopCPUProfile(); f.Close() }, nil
 }
 
 // writeHeap writes the heap profile: pprof's -sample_index=alloc_space
