@@ -37,6 +37,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 
 	"github.com/outpost-edge/outpost/internal/benchproc"
+	"github.com/outpost-edge/outpost/internal/rawmqtt"
 )
 
 type options struct {
@@ -368,17 +369,17 @@ func (r *loadResult) finish() {
 func publishLoad(ctx context.Context, addr, prefix, run string, o options, perMsg int) (loadResult, error) {
 	res := loadResult{acked: map[string][]string{}}
 	type pubState struct {
-		pub   *rawPublisher
+		pub   *rawmqtt.Publisher[string]
 		acked []string
 		lat   []time.Duration
 	}
 	states := make([]*pubState, o.devices)
 	for i := range states {
 		st := &pubState{}
-		pub, err := dialRaw(addr, fmt.Sprintf("%s-pub-%d", prefix, i), o.window, func(id string, d time.Duration) {
+		pub, err := rawmqtt.Dial(addr, rawmqtt.Options[string]{ClientID: fmt.Sprintf("%s-pub-%d", prefix, i), Window: o.window, OnAck: func(id string, d time.Duration) {
 			st.acked = append(st.acked, id)
 			st.lat = append(st.lat, d)
-		})
+		}})
 		if err != nil {
 			return res, fmt.Errorf("connect publisher %d: %w", i, err)
 		}
@@ -397,13 +398,13 @@ func publishLoad(ctx context.Context, addr, prefix, run string, o options, perMs
 			ts := time.Now().UnixMilli() - 3_600_000
 			for n := 0; time.Now().Before(deadline) && ctx.Err() == nil; n++ {
 				id := prefix + strconv.Itoa(i) + "-" + run + "-" + strconv.Itoa(n)
-				if err := st.pub.publish(topic, id, message(id, ts, n, perMsg)); err != nil {
+				if err := st.pub.Publish(topic, id, message(id, ts, n, perMsg)); err != nil {
 					errs <- err
 					return
 				}
 				ts += int64(perMsg)
 			}
-			if err := st.pub.drain(30 * time.Second); err != nil {
+			if err := st.pub.Drain(30 * time.Second); err != nil {
 				errs <- err
 			}
 		}()
@@ -416,7 +417,7 @@ func publishLoad(ctx context.Context, addr, prefix, run string, o options, perMs
 	}
 	var lat []time.Duration
 	for i, st := range states {
-		st.pub.close()
+		st.pub.Close()
 		lat = append(lat, st.lat...)
 		res.acked[fmt.Sprintf("%s-%d", prefix, i)] = st.acked
 	}

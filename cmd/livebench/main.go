@@ -43,9 +43,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/outpost-edge/outpost/internal/benchproc"
+	"github.com/outpost-edge/outpost/internal/rawmqtt"
 	"github.com/outpost-edge/outpost/pkg/edge"
 )
 
@@ -145,13 +147,13 @@ func runLoad(o options) error {
 	rings := make([]ring, o.devices)
 	acksWithout, acksWith := new(hist), new(hist)
 	edgeHists := []string{"outpost_ingest_commit_duration_seconds", "outpost_ingest_ack_duration_seconds", "outpost_mqtt_live_hold_duration_seconds", "outpost_mqtt_live_delivery_duration_seconds"}
-	devs := make([]*rawDevice, o.devices)
+	devs := make([]*device, o.devices)
 	for i := range devs {
 		d, err := dialDevice(o.mqttAddr, fmt.Sprintf("dev%d", i), o.inflight, start)
 		if err != nil {
 			return fmt.Errorf("device %d: %w", i, err)
 		}
-		defer d.Close()
+		defer d.pub.Close()
 		devs[i] = d
 	}
 	// Rounds: each runs the devices without phones, then with them, and
@@ -171,7 +173,7 @@ func runLoad(o options) error {
 		if err != nil {
 			return err
 		}
-		r, err := publish(devs, rings, acksWithout, o)
+		r, err := publish(devs, rings, acksWithout, o, start)
 		stopProfile()
 		if err != nil {
 			return err
@@ -203,7 +205,7 @@ func runLoad(o options) error {
 		if stopProfile, err = ctl.profile(o.cpuProfile, ".with", round == 0); err != nil {
 			return err
 		}
-		r, err = publish(devs, rings, acksWith, o)
+		r, err = publish(devs, rings, acksWith, o, start)
 		stopProfile()
 		if err != nil {
 			return err
@@ -346,13 +348,46 @@ func writeHeap(path string) error {
 	return pprof.Lookup("heap").WriteTo(f, 0)
 }
 
+// pend is a publish in flight: its reading's ring entry and the run it
+// counts in.
+type pend struct {
+	e  *ringEntry
+	ph *phase
+}
+
+// phase is one run's acks.
+type phase struct {
+	acks  *hist
+	acked atomic.Int64
+}
+
+// device is one publishing device and its readings' count.
+type device struct {
+	pub *rawmqtt.Publisher[pend]
+	n   int // the last reading's number (the publishing goroutine's)
+}
+
+func dialDevice(addr, id string, inflight int, start time.Time) (*device, error) {
+	pub, err := rawmqtt.Dial(addr, rawmqtt.Options[pend]{ClientID: id, Window: inflight,
+		OnSend: func(p pend) { p.e.sent.Store(time.Since(start).Microseconds()) },
+		OnAck: func(p pend, lat time.Duration) {
+			p.e.acked.Store(time.Since(start).Microseconds())
+			p.ph.acks.add(lat)
+			p.ph.acked.Add(1)
+		}})
+	if err != nil {
+		return nil, err
+	}
+	return &device{pub: pub}, nil
+}
+
 // publish has every device publish QoS 1 readings, o.inflight at a time,
 // for o.duration, and returns the acknowledged rate. Each reading's body
 // is made before the device waits for room in its window (its "t" is the
-// phone latency's start); its publish call and its ack are noted in the
-// device's ring, and publish→ack in acks. It returns once every reading
-// it published was acknowledged.
-func publish(devs []*rawDevice, rings []ring, acks *hist, o options) (float64, error) {
+// phone latency's start); its write and its ack are noted in the device's
+// ring, and write→ack in acks. It returns once every reading it published
+// was acknowledged.
+func publish(devs []*device, rings []ring, acks *hist, o options, start time.Time) (float64, error) {
 	ph := &phase{acks: acks}
 	stop := time.Now().Add(o.duration)
 	var wg sync.WaitGroup
@@ -365,30 +400,19 @@ func publish(devs []*rawDevice, rings []ring, acks *hist, o options) (float64, e
 			var body []byte
 			for time.Now().Before(stop) {
 				d.n++
-				t0 := time.Since(d.start).Microseconds()
+				t0 := time.Since(start).Microseconds()
 				body = fmt.Appendf(body[:0], `{"ts": %d, "metrics": {"t": %d, "n": %d}}`, time.Now().UnixMilli(), t0, d.n)
-				d.room <- struct{}{}
 				e := rings[i].at(d.n)
 				e.acked.Store(0)
+				e.sent.Store(0)
 				e.t0.Store(t0)
-				e.sent.Store(time.Since(d.start).Microseconds())
-				if err := d.publish(topic, body, pend{e, ph}); err != nil {
+				if err := d.pub.Publish(topic, pend{e, ph}, body); err != nil {
 					errs <- fmt.Errorf("device %d: %w", i, err)
 					return
 				}
 			}
-			// The window is empty once all of it is ours.
-			deadline := time.After(30 * time.Second)
-			for range cap(d.room) {
-				select {
-				case d.room <- struct{}{}:
-				case <-deadline:
-					errs <- fmt.Errorf("device %d: no PUBACK within 30 s", i)
-					return
-				}
-			}
-			for range cap(d.room) {
-				<-d.room
+			if err := d.pub.Drain(30 * time.Second); err != nil {
+				errs <- fmt.Errorf("device %d: %w", i, err)
 			}
 		}()
 	}

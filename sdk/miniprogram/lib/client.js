@@ -296,7 +296,11 @@ class Client {
   // live subscribes to a device's telemetry, state, desired state and alerts
   // over one shared MQTT-over-WebSocket connection (WeChat allows 5 sockets).
   // onError (optional) hears of a subscription the edge refused (SUBACK
-  // 0x80: the user may not read the device), as an OutpostError 403.
+  // 0x80: the user may not read the device), as an OutpostError 403. It
+  // subscribes at QoS 0: the edge keeps no phone session past its
+  // connection, so QoS 1 could redeliver nothing, and would cost a PUBACK
+  // from the phone (a socket write here, a read and an inflight entry on
+  // the edge) for every message.
   live (id, cb, { onError } = {}) {
     let set = this.liveSubs.get(id)
     const first = !set
@@ -304,7 +308,7 @@ class Client {
     const entry = { cb, onError }
     set.add(entry)
     const mq = this._live()
-    if (first) mq.subscribe(liveTopics(id), 1).catch(() => {})
+    if (first) mq.subscribe(liveTopics(id), 0).catch(() => {})
     let closed = false
     return {
       close: () => {

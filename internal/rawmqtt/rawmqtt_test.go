@@ -1,4 +1,4 @@
-package main
+package rawmqtt
 
 import (
 	"fmt"
@@ -12,13 +12,15 @@ import (
 	"github.com/mochi-mqtt/server/v2/hooks/auth"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/outpost-edge/outpost/internal/daemontest"
 )
 
-// The raw publisher speaks MQTT 3.1.1 to a real broker: it connects, every
+// The publisher speaks MQTT 3.1.1 to a real broker: it connects, every
 // QoS 1 message arrives with its topic and payload, and every PUBACK comes
-// back to onAck with the message's tag, through more messages than the
-// window holds (so packet ids are reused).
-func TestRawPublisherAgainstMochi(t *testing.T) {
+// back to OnAck with the message's tag, after OnSend saw it, through more
+// messages than the window holds (so packet ids are reused).
+func TestPublisherAgainstMochi(t *testing.T) {
 	srv := mqtt.New(&mqtt.Options{InlineClient: true, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err := srv.AddHook(new(auth.AllowHook), nil); err != nil {
 		t.Fatal(err)
@@ -43,37 +45,45 @@ func TestRawPublisherAgainstMochi(t *testing.T) {
 		t.Fatal(err)
 	}
 	acked := map[string]bool{}
-	p, err := dialRaw(tcp.Address(), "bench-pub", 8, func(tag string, d time.Duration) {
-		if d <= 0 {
-			t.Errorf("ack of %s after %s", tag, d)
-		}
-		acked[tag] = true // readLoop is the only caller
-	})
+	var sentMu sync.Mutex
+	sent := map[string]bool{}
+	p, err := Dial(tcp.Address(), Options[string]{ClientID: "bench-pub", Window: 8,
+		OnSend: func(tag string) {
+			sentMu.Lock()
+			sent[tag] = true
+			sentMu.Unlock()
+		},
+		OnAck: func(tag string, d time.Duration) {
+			if d <= 0 {
+				t.Errorf("ack of %s after %s", tag, d)
+			}
+			sentMu.Lock()
+			if !sent[tag] {
+				t.Errorf("ack of %s, never passed to OnSend", tag)
+			}
+			sentMu.Unlock()
+			acked[tag] = true // readLoop is the only caller
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i := range n {
-		if err := p.publish("sensors/d1/telemetry", fmt.Sprint("m", i), fmt.Appendf(nil, `{"n":%d}`, i)); err != nil {
+		if err := p.Publish("sensors/d1/telemetry", fmt.Sprint("m", i), fmt.Appendf(nil, `{"n":%d}`, i)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := p.drain(10 * time.Second); err != nil {
+	if err := p.Drain(10 * time.Second); err != nil {
 		t.Fatal(err)
 	}
-	p.close()
+	p.Close()
 	if len(acked) != n {
 		t.Fatalf("%d of %d messages acknowledged", len(acked), n)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	daemontest.Poll(t, 5*time.Second, "every message at the subscriber", func() bool {
 		mu.Lock()
-		k := len(got)
-		mu.Unlock()
-		if k == n || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		defer mu.Unlock()
+		return len(got) == n
+	})
 	mu.Lock()
 	defer mu.Unlock()
 	for i := range n {
