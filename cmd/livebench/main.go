@@ -1,30 +1,41 @@
 // Command livebench measures the live feed: an edge (in this process, as
 // cmd/edge builds it: store, writer, embedded broker, API) ingests from
-// -devices MQTT devices publishing QoS 1 as fast as it acknowledges, first
-// without phones, then with -phones MQTT-over-WebSocket sessions at /mqtt,
-// each subscribed to one device's telemetry. It prints one JSON line:
+// -devices MQTT devices publishing QoS 1 as fast as it acknowledges, in
+// -rounds rounds of a run without phones and then one with -phones
+// MQTT-over-WebSocket sessions at /mqtt, each subscribed to one device's
+// telemetry (the phones connect between the two runs and leave after). It
+// prints one JSON line:
 //
-//	{"ingest_rps":…, "ingest_rps_with_phones":…, "ratio":…, "phone_p50_ms":…, "phone_p99_ms":…, "rss_kb_per_phone":…, …}
+//	{"ingest_rps":…, "ingest_rps_with_phones":…, "ratio":…, "round_ratios":[…], "phone_p50_ms":…, "phone_p99_ms":…, "rss_kb_per_phone":…, …}
 //
-// Phones are minimal MQTT 3.1.1 clients over WebSocket (phone.go: one
-// goroutine and 2 KiB of read buffers each), devices are paho clients.
-// Phones get each topic at most once per the edge's mqtt.live_interval
-// (-live-interval), so phone_deliveries is at most phones × duration /
-// interval. -cpuprofile and -memprofile profile the run with phones.
+// ratio is of the rounds' totals: the machine's speed (its fsync latency
+// above all) drifts from minute to minute by more than the phones cost, and
+// pairing each run with phones with one just before it keeps most of that
+// drift out. rss_kb_per_phone is the edge process's RSS growth per phone
+// (after a collection) in the round where it grew most.
+//
+// The devices and phones run in a child process (livebench -load), as they
+// are another machine's in production: the edge's memory is its own, and
+// its goroutines are scheduled among themselves alone. Devices are
+// internal/rawmqtt publishers (one writer and one reader each), phones are
+// minimal MQTT 3.1.1 clients over WebSocket (phone.go: one goroutine and
+// 2 KiB of read buffers each). Both still share the machine's two cores
+// with the edge. Phones get each topic at most once per the edge's
+// mqtt.live_interval (-live-interval), so phone_deliveries is at most
+// phones × rounds × duration / interval. -cpuprofile profiles the edge's
+// process over the first round's runs (.without and .with), -memprofile
+// takes its heap after the last.
 //
 // Where the latency goes (stages.go): phone_stages splits each delivery
 // into the device's wait for room in its window (a reading's timestamp is
-// taken before it), its publish to its PUBACK (the durable commit is in
+// taken before it), its write to its PUBACK (the durable commit is in
 // it), and the PUBACK to the phone's read (the live feed's hold, the
 // fan-out, the phone's write and read), with the stages' mean over the
-// slowest 1 %; publish_to_ack is every reading's, in both runs; edge_* are
-// the edge's histograms over each run (commit, ack, and a live message from
-// its commit to the mirror and to the phone's WebSocket), as bucket bounds.
-//
-// Caveats: the load generator shares the process and the machine with the
-// edge, so rss_kb_per_phone includes each phone's small client as well as
-// the edge's session, and the clients' CPU is the edge's too; latency is
-// from the device's publish call to the phone's read, both here.
+// slowest 1 %; publish_to_ack is every reading's, in the runs without and
+// with phones; edge_* are the edge's histograms over those runs (commit,
+// ack, and a live message from its commit to the mirror and to the phone's
+// WebSocket), as bucket bounds. Latency is from the reading's making to the
+// phone's read, both in the load process.
 package main
 
 import (
