@@ -97,6 +97,7 @@ type wsConn struct {
 	ws       *websocket.Conn
 	r        io.Reader // the message being read, or nil
 	wmu      sync.Mutex
+	wdl      time.Time // the write deadline last set (SetWriteDeadline), guarded by wmu
 	closed   atomic.Bool
 }
 
@@ -133,6 +134,33 @@ func (c *wsConn) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// WriteLive writes p as one binary message for the broker's live feed
+// (broker.LiveConn): only if no other write is under way (false, nothing
+// written, if one is), and within timeout (or the session's own write
+// deadline, if sooner). An error may leave a message half written: the
+// broker closes the connection then.
+func (c *wsConn) WriteLive(p []byte, timeout time.Duration) (bool, error) {
+	if !c.wmu.TryLock() {
+		return false, nil
+	}
+	defer c.wmu.Unlock()
+	if c.closed.Load() {
+		return true, net.ErrClosed
+	}
+	dl := time.Now().Add(timeout)
+	if !c.wdl.IsZero() && c.wdl.Before(dl) {
+		dl = c.wdl
+	}
+	if err := c.ws.SetWriteDeadline(dl); err != nil {
+		return true, err
+	}
+	err := c.ws.WriteMessage(websocket.BinaryMessage, p)
+	if derr := c.ws.SetWriteDeadline(c.wdl); err == nil {
+		err = derr
+	}
+	return true, err
+}
+
 // Deadlines: the WebSocket keeps its write deadline in a field its writes
 // read, so setting it takes the write lock. Once closed, deadlines stay in
 // the past.
@@ -157,6 +185,7 @@ func (c *wsConn) SetWriteDeadline(t time.Time) error {
 	if c.closed.Load() {
 		return net.ErrClosed
 	}
+	c.wdl = t
 	return c.ws.SetWriteDeadline(t)
 }
 

@@ -235,6 +235,7 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 	b.fan = newFanout(srv, cfg.FanoutQueue, cfg.LiveInterval, phonesOn, met, cfg.Logger)
 	if b.phones != nil {
 		b.phones.stamps = b.fan.live.stamps
+		b.fan.direct = b.phones.writeLive
 	}
 	b.wg.Add(1)
 	go func() { defer b.wg.Done(); b.fan.run(ctx) }()

@@ -36,9 +36,12 @@ type fanout struct {
 	// phonesOn reports whether any phone is connected: without one, only
 	// retained messages are mirrored (for phones that subscribe later).
 	phonesOn func() bool
-	met      *metrics
-	log      *slog.Logger
-	now      func() time.Time
+	// direct, if set, writes a live message to its phones itself
+	// (phoneHook.writeLive) and reports whether it did.
+	direct func(topic string, payload []byte, qos byte, at int64) bool
+	met    *metrics
+	log    *slog.Logger
+	now    func() time.Time
 }
 
 // publisher routes one message to the broker's subscribers (mochi's
@@ -219,6 +222,9 @@ func (f *fanout) mirror(m fanMsg) {
 		f.met.liveHold.Observe(time.Duration(f.now().UnixNano() - m.at).Seconds())
 	}
 	f.live.stamps.note(m.topic, m.at)
+	if !m.retain && f.direct != nil && f.direct(m.topic, m.payload, m.qos, m.at) {
+		return
+	}
 	if err := f.srv.Publish(livePrefix+m.topic, m.payload, m.retain, m.qos); err != nil {
 		f.log.Debug("live feed publish failed", "topic", m.topic, "err", err)
 	}

@@ -95,6 +95,8 @@ type phoneHook struct {
 
 	mu       sync.RWMutex // read-locked for each message routed to a phone
 	sessions map[*mqtt.Client]*phoneSess
+
+	targets []liveTarget // writeLive's scratch space (the fan-out goroutine's)
 }
 
 // phoneSess is one phone's verified token and its cached decisions.
@@ -104,6 +106,7 @@ type phoneSess struct {
 	mu    sync.Mutex
 	read  map[string]bool // device → may read, until the next recheck
 	gen   uint64          // bumped by each recheck: a decision begun before one is not cached
+	phoneLive
 }
 
 func (h *phoneHook) ID() string { return "outpost-phone" }
@@ -204,7 +207,7 @@ func (h *phoneHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bo
 	cl.Properties.Clean = true
 	cl.Properties.Props.SessionExpiryInterval = 0
 	cl.Properties.Props.SessionExpiryIntervalFlag = false
-	ps := &phoneSess{s: s, read: map[string]bool{}}
+	ps := &phoneSess{s: s, read: map[string]bool{}, phoneLive: phoneLive{live: liveConnOf(cl)}}
 	h.mu.Lock()
 	h.sessions[cl] = ps
 	h.mu.Unlock()
@@ -433,7 +436,8 @@ func (b *Broker) seedLive() {
 
 // ServePhone runs one phone's MQTT session over c, the byte stream of a
 // WebSocket (pkg/api's /mqtt), until it ends. The first packet must be a
-// CONNECT of at most MaxConnectBytes, within ConnectTimeout.
+// CONNECT of at most MaxConnectBytes, within ConnectTimeout. If c is a
+// LiveConn, the fan-out writes live messages to it directly (livewrite.go).
 func (b *Broker) ServePhone(c net.Conn) error {
 	if b.phones == nil {
 		_ = c.Close()
