@@ -72,6 +72,21 @@ func liveConnOf(cl *mqtt.Client) LiveConn {
 	return lc
 }
 
+// hasIdentifier: the subscription has an MQTT 5 subscription identifier,
+// which its messages must carry (mochi keeps a 0 per filter for those
+// without).
+func hasIdentifier(sub packets.Subscription) bool {
+	if sub.Identifier > 0 {
+		return true
+	}
+	for _, id := range sub.Identifiers {
+		if id > 0 {
+			return true
+		}
+	}
+	return false
+}
+
 // writeLive writes a live message of topic (not retained, published at
 // qos) straight to its phones and reports whether it did; false leaves
 // it to mochi. at is the message's commit (Unix ns), for
@@ -91,7 +106,7 @@ func (h *phoneHook) writeLive(topic string, payload []byte, qos byte, at int64) 
 			continue // gone, or going
 		}
 		ps := h.sessions[cl]
-		if ps == nil || ps.live == nil || !isPhone(cl) || min(sub.Qos, qos) > 0 || sub.Identifier > 0 || len(sub.Identifiers) > 0 {
+		if ps == nil || ps.live == nil || !isPhone(cl) || min(sub.Qos, qos) > 0 || hasIdentifier(sub) {
 			h.mu.RUnlock()
 			return false
 		}

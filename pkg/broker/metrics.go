@@ -69,7 +69,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		phoneEnds: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "outpost_mqtt_phone_ends_total",
-			Help: "Phone sessions closed or subscriptions dropped by the edge, by reason (expired, revoked, published, access_lost).",
+			Help: "Phone sessions closed or subscriptions dropped by the edge, by reason (expired, revoked, published, slow: its socket did not take its live feed, access_lost).",
 		}, []string{"reason"}),
 	}
 	if reg != nil {
