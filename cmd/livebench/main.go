@@ -174,6 +174,7 @@ func runLoad(o options) error {
 	// before it, several times, keeps that drift out of the ratio.
 	var without, with []float64
 	var rssPerPhone []float64
+	var cpuWithout, cpuWith cpuUse
 	histWithout, histWith := map[string]map[float64]float64{}, map[string]map[float64]float64{}
 	for round := range o.rounds {
 		m0, err := scrape(o.httpAddr, token, edgeHists...)
@@ -184,7 +185,9 @@ func runLoad(o options) error {
 		if err != nil {
 			return err
 		}
+		c0 := cpuNow(o.edgePid)
 		r, err := publish(devs, rings, acksWithout, o, start)
+		cpuWithout.add(c0, cpuNow(o.edgePid))
 		stopProfile()
 		if err != nil {
 			return err
@@ -216,7 +219,9 @@ func runLoad(o options) error {
 		if stopProfile, err = ctl.profile(o.cpuProfile, ".with", round == 0); err != nil {
 			return err
 		}
+		c0 = cpuNow(o.edgePid)
 		r, err = publish(devs, rings, acksWith, o, start)
+		cpuWith.add(c0, cpuNow(o.edgePid))
 		stopProfile()
 		if err != nil {
 			return err
@@ -251,6 +256,7 @@ func runLoad(o options) error {
 		"devices": o.devices, "phones": o.phones, "rounds": o.rounds, "duration_s": o.duration.Seconds(), "live_interval_ms": o.liveInterval.Milliseconds(),
 		"ingest_rps": round(sumWithout / float64(len(without))), "ingest_rps_with_phones": round(sumWith / float64(len(with))),
 		"ratio": round(sumWith / sumWithout), "round_ratios": ratios,
+		"cpu_pct_of_core": map[string]any{"without_phones": cpuWithout.pct(o), "with_phones": cpuWith.pct(o)},
 		"phone_deliveries": n, "phone_p50_ms": round(p50), "phone_p99_ms": round(p99),
 		"rss_kb_per_phone":    round(slices.Max(rssPerPhone)), // the first round's, mostly: later ones reuse the memory it left
 		"publish_to_ack":      map[string]any{"without_phones": acksWithout.summary(), "with_phones": acksWith.summary()},
@@ -263,6 +269,27 @@ func runLoad(o options) error {
 	}
 	fmt.Println(string(b))
 	return nil
+}
+
+// cpuUse is the CPU seconds the edge's process and the load's spent in
+// some runs: with the load on the same cores, what the phones cost the
+// load process is CPU the edge does not get.
+type cpuUse struct{ edge, load float64 }
+
+// cpuNow: the edge's and the load's CPU seconds so far (0 where unknown).
+func cpuNow(edgePid int) cpuUse {
+	e, _ := benchproc.CPUSeconds(edgePid)
+	l, _ := benchproc.CPUSeconds(os.Getpid())
+	return cpuUse{e, l}
+}
+
+func (c *cpuUse) add(from, to cpuUse) { c.edge += to.edge - from.edge; c.load += to.load - from.load }
+
+// pct: each process's share of one core over the runs (rounds of
+// duration each).
+func (c cpuUse) pct(o options) map[string]float64 {
+	d := float64(o.rounds) * o.duration.Seconds() / 100
+	return map[string]float64{"edge": round(c.edge / d), "load": round(c.load / d)}
 }
 
 // dialPhones connects o.phones phones, phone i subscribed to device
