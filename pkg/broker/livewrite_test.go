@@ -273,3 +273,39 @@ func counterValue(t *testing.T, reg *prometheus.Registry, name, label string) fl
 	}
 	return 0
 }
+
+// TestPhoneReconnectGetsRetained: a phone that comes back under the same
+// client id, after closing its connection or while the old one is still
+// open (a half-open connection after a network change), gets the
+// retained messages of what it subscribes to again.
+func TestPhoneReconnectGetsRetained(t *testing.T) {
+	u := &fakeSession{openid: "u1", exp: time.Now().Add(time.Hour), read: map[string]bool{"d1": true}}
+	b := startBroker(t, Config{Phones: &fakePhones{sessions: map[string]*fakeSession{"ok": u}}, LiveInterval: time.Millisecond}, nil)
+	b.Forward("sensors/d1/state", []byte("s1"), 0, true)
+	for _, v := range []byte{4, 5} {
+		first, _ := livePhone(t, b, "ok", "app", v)
+		if got := first.subscribeV(t, v, 1, "sensors/d1/state", 0); got != 0 {
+			t.Fatalf("v%d: SUBACK %#x", v, got)
+		}
+		if topic, body, _ := first.readPubV(t, v); topic != "sensors/d1/state" || body != "s1" {
+			t.Fatalf("v%d: first connection got %s %q", v, topic, body)
+		}
+		// Still open: the second connection takes the session over.
+		second, _ := livePhone(t, b, "ok", "app", v)
+		if got := second.subscribeV(t, v, 1, "sensors/d1/state", 0); got != 0 {
+			t.Fatalf("v%d: SUBACK %#x", v, got)
+		}
+		if topic, body, _ := second.readPubV(t, v); topic != "sensors/d1/state" || body != "s1" {
+			t.Fatalf("v%d: taking over, got %s %q, want the retained s1", v, topic, body)
+		}
+		second.Close()
+		third, _ := livePhone(t, b, "ok", "app", v)
+		if got := third.subscribeV(t, v, 1, "sensors/d1/state", 0); got != 0 {
+			t.Fatalf("v%d: SUBACK %#x", v, got)
+		}
+		if topic, body, _ := third.readPubV(t, v); topic != "sensors/d1/state" || body != "s1" {
+			t.Fatalf("v%d: after a close, got %s %q, want the retained s1", v, topic, body)
+		}
+		third.Close()
+	}
+}
