@@ -256,7 +256,7 @@ func runLoad(o options) error {
 		"devices": o.devices, "phones": o.phones, "rounds": o.rounds, "duration_s": o.duration.Seconds(), "live_interval_ms": o.liveInterval.Milliseconds(),
 		"ingest_rps": round(sumWithout / float64(len(without))), "ingest_rps_with_phones": round(sumWith / float64(len(with))),
 		"ratio": round(sumWith / sumWithout), "round_ratios": ratios,
-		"cpu_pct_of_core": map[string]any{"without_phones": cpuWithout.pct(o), "with_phones": cpuWith.pct(o)},
+		"cpu_pct_of_core":  map[string]any{"without_phones": cpuWithout.pct(o), "with_phones": cpuWith.pct(o)},
 		"phone_deliveries": n, "phone_p50_ms": round(p50), "phone_p99_ms": round(p99),
 		"rss_kb_per_phone":    round(slices.Max(rssPerPhone)), // the first round's, mostly: later ones reuse the memory it left
 		"publish_to_ack":      map[string]any{"without_phones": acksWithout.summary(), "with_phones": acksWith.summary()},
