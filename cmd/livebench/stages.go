@@ -39,12 +39,6 @@ func (h *hist) add(d time.Duration) {
 	h.b[i].Add(1)
 }
 
-func (h *hist) reset() {
-	for i := range h.b {
-		h.b[i].Store(0)
-	}
-}
-
 // quantile in ms.
 func (h *hist) quantile(q float64) float64 {
 	var n int64
@@ -79,7 +73,6 @@ type deliveries struct {
 }
 
 func (l *deliveries) add(d delivery) { l.mu.Lock(); l.d = append(l.d, d); l.mu.Unlock() }
-func (l *deliveries) reset()         { l.mu.Lock(); l.d = l.d[:0]; l.mu.Unlock() }
 
 // totals: the p50 and p99 (ms) of the deliveries' publish-to-phone
 // latency, and how many there were.
