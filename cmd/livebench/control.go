@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"runtime"
 	"runtime/pprof"
+	"runtime/trace"
 	"strconv"
 	"strings"
 
@@ -58,8 +59,12 @@ func runChild(o options, mqttAddr, httpAddr, token string) error {
 
 // serveControl answers the load's requests until it closes its end.
 func serveControl(req *os.File, rep *os.File) error {
-	var prof *os.File
+	var prof, tf *os.File
 	defer func() {
+		if tf != nil {
+			trace.Stop()
+			tf.Close()
+		}
 		if prof != nil {
 			pprof.StopCPUProfile()
 			prof.Close()
@@ -87,6 +92,19 @@ func serveControl(req *os.File, rep *os.File) error {
 			}
 		case "heap":
 			err = writeHeap(arg)
+		case "trace":
+			if tf, err = os.Create(arg); err == nil {
+				if err = trace.Start(tf); err != nil {
+					tf.Close()
+					tf = nil
+				}
+			}
+		case "untrace":
+			if tf != nil {
+				trace.Stop()
+				err = tf.Close()
+				tf = nil
+			}
 		default:
 			err = fmt.Errorf("unknown request %q", verb)
 		}
@@ -137,14 +155,26 @@ func (c *control) rss(pid int) (float64, error) {
 	return benchproc.StatusMB(pid)["VmRSS"], nil
 }
 
-// profile profiles the edge's process into name+suffix if name is set
-// and on holds, and returns what stops it.
-func (c *control) profile(name, suffix string, on bool) (func(), error) {
-	if name == "" || !on {
-		return func() {}, nil
+// profile profiles (CPU) and traces the edge's process into
+// profName+suffix and traceName+suffix, those set, if on holds, and
+// returns what stops them.
+func (c *control) profile(profName, traceName, suffix string, on bool) (func(), error) {
+	var stops []string
+	if on && profName != "" {
+		if err := c.do("prof " + profName + suffix); err != nil {
+			return nil, err
+		}
+		stops = append(stops, "unprof")
 	}
-	if err := c.do("prof " + name + suffix); err != nil {
-		return nil, err
+	if on && traceName != "" {
+		if err := c.do("trace " + traceName + suffix); err != nil {
+			return nil, err
+		}
+		stops = append(stops, "untrace")
 	}
-	return func() { _ = c.do("unprof") }, nil
+	return func() {
+		for _, s := range stops {
+			_ = c.do(s)
+		}
+	}, nil
 }

@@ -65,7 +65,7 @@ import (
 type options struct {
 	devices, phones, inflight, rounds int
 	duration, liveInterval            time.Duration
-	cpuProfile, memProfile            string
+	cpuProfile, memProfile, trace     string
 	// The load process's: the edge's addresses, an admin token and its
 	// process (set by the edge's process when it starts this one).
 	load                    bool
@@ -82,6 +82,7 @@ func main() {
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "measured duration of each run")
 	flag.DurationVar(&o.liveInterval, "live-interval", 0, "the edge's mqtt.live_interval (0: its default)")
 	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write CPU profiles of the first round's runs to this file name plus .without and .with")
+	flag.StringVar(&o.trace, "trace", "", "write execution traces of the edge's process over the first round's runs to this file name plus .without and .with")
 	flag.StringVar(&o.memProfile, "memprofile", "", "write a heap profile (allocations of the whole process, live heap after the run with phones) to this file")
 	flag.BoolVar(&o.load, "load", false, "internal: be the load process (devices and phones) of an edge's process")
 	flag.StringVar(&o.mqttAddr, "load-mqtt", "", "internal: the edge's MQTT address")
@@ -181,7 +182,7 @@ func runLoad(o options) error {
 		if err != nil {
 			return err
 		}
-		stopProfile, err := ctl.profile(o.cpuProfile, ".without", round == 0)
+		stopProfile, err := ctl.profile(o.cpuProfile, o.trace, ".without", round == 0)
 		if err != nil {
 			return err
 		}
@@ -216,7 +217,7 @@ func runLoad(o options) error {
 		if err != nil {
 			return err
 		}
-		if stopProfile, err = ctl.profile(o.cpuProfile, ".with", round == 0); err != nil {
+		if stopProfile, err = ctl.profile(o.cpuProfile, o.trace, ".with", round == 0); err != nil {
 			return err
 		}
 		c0 = cpuNow(o.edgePid)
