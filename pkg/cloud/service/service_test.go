@@ -84,6 +84,23 @@ func startServiceRaft(t *testing.T, cfg Config, rc raftnode.Config) *node {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	// A new leader records its own addresses through raft in the
+	// background (raftnode's onLeader): wait for that entry, so that a
+	// test counting applied entries starts after it
+	// (TestHeartbeatsStayOffRaft saw it land among its heartbeats).
+	for {
+		nodes, err := f.Nodes()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if nodes[rc.ID].HTTPAddr == rc.HTTPAdvertise {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the leader did not record its own addresses within 10s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	offset := new(atomic.Int64)
 	if cfg.Now == nil {
 		cfg.Now = func() time.Time { return time.Now().Add(time.Duration(offset.Load()) * time.Millisecond) }
