@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"runtime"
@@ -59,17 +60,9 @@ func runChild(o options, mqttAddr, httpAddr, token string) error {
 
 // serveControl answers the load's requests until it closes its end.
 func serveControl(req *os.File, rep *os.File) error {
-	var prof, tf *os.File
-	defer func() {
-		if tf != nil {
-			trace.Stop()
-			tf.Close()
-		}
-		if prof != nil {
-			pprof.StopCPUProfile()
-			prof.Close()
-		}
-	}()
+	var prof, tr recording
+	defer prof.end()
+	defer tr.end()
 	sc := bufio.NewScanner(req)
 	for sc.Scan() {
 		verb, arg, _ := strings.Cut(sc.Text(), " ")
@@ -78,33 +71,15 @@ func serveControl(req *os.File, rep *os.File) error {
 		case "gc":
 			runtime.GC()
 		case "prof":
-			if prof, err = os.Create(arg); err == nil {
-				if err = pprof.StartCPUProfile(prof); err != nil {
-					prof.Close()
-					prof = nil
-				}
-			}
+			err = prof.begin(arg, pprof.StartCPUProfile, pprof.StopCPUProfile)
 		case "unprof":
-			if prof != nil {
-				pprof.StopCPUProfile()
-				err = prof.Close()
-				prof = nil
-			}
+			err = prof.end()
 		case "heap":
 			err = writeHeap(arg)
 		case "trace":
-			if tf, err = os.Create(arg); err == nil {
-				if err = trace.Start(tf); err != nil {
-					tf.Close()
-					tf = nil
-				}
-			}
+			err = tr.begin(arg, trace.Start, trace.Stop)
 		case "untrace":
-			if tf != nil {
-				trace.Stop()
-				err = tf.Close()
-				tf = nil
-			}
+			err = tr.end()
 		default:
 			err = fmt.Errorf("unknown request %q", verb)
 		}
@@ -117,6 +92,40 @@ func serveControl(req *os.File, rep *os.File) error {
 		}
 	}
 	return sc.Err()
+}
+
+// recording is a CPU profile or an execution trace being written to a
+// file.
+type recording struct {
+	f    *os.File
+	stop func()
+}
+
+func (r *recording) begin(path string, start func(io.Writer) error, stop func()) error {
+	if r.f != nil {
+		return fmt.Errorf("already writing %s", r.f.Name())
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := start(f); err != nil {
+		f.Close()
+		return err
+	}
+	r.f, r.stop = f, stop
+	return nil
+}
+
+// end stops the recording, if one runs, and closes its file.
+func (r *recording) end() error {
+	if r.f == nil {
+		return nil
+	}
+	r.stop()
+	err := r.f.Close()
+	r.f = nil
+	return err
 }
 
 // control is the load's end of the pipe.

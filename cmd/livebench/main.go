@@ -157,7 +157,6 @@ func runLoad(o options) error {
 	start := time.Now()
 	var stages deliveries
 	rings := make([]ring, o.devices)
-	acksWithout, acksWith := new(hist), new(hist)
 	edgeHists := []string{"outpost_ingest_commit_duration_seconds", "outpost_ingest_ack_duration_seconds", "outpost_mqtt_live_hold_duration_seconds", "outpost_mqtt_live_delivery_duration_seconds"}
 	devs := make([]*device, o.devices)
 	for i := range devs {
@@ -173,33 +172,39 @@ func runLoad(o options) error {
 	// latency above all) drifts by ±10 % from one run to the next, more
 	// than the phones cost; pairing each run with phones with one just
 	// before it, several times, keeps that drift out of the ratio.
-	var without, with []float64
-	var rssPerPhone []float64
-	var cpuWithout, cpuWith cpuUse
-	histWithout, histWith := map[string]map[float64]float64{}, map[string]map[float64]float64{}
-	for round := range o.rounds {
+	without := &series{suffix: ".without", acks: new(hist), hists: map[string]map[float64]float64{}}
+	with := &series{suffix: ".with", acks: new(hist), hists: map[string]map[float64]float64{}}
+	// measure runs the devices once for s: its rate, acks, CPU and the
+	// edge's histograms over the run; the first round's is profiled.
+	measure := func(s *series, round int) error {
 		m0, err := scrape(o.httpAddr, token, edgeHists...)
 		if err != nil {
 			return err
 		}
-		stopProfile, err := ctl.profile(o.cpuProfile, o.trace, ".without", round == 0)
+		stopProfile, err := ctl.profile(o.cpuProfile, o.trace, s.suffix, round == 0)
 		if err != nil {
 			return err
 		}
 		c0 := cpuNow(o.edgePid)
-		r, err := publish(devs, rings, acksWithout, o, start)
-		cpuWithout.add(c0, cpuNow(o.edgePid))
+		r, err := publish(devs, rings, s.acks, o, start)
+		s.cpu.add(c0, cpuNow(o.edgePid))
 		stopProfile()
 		if err != nil {
 			return err
 		}
-		without = append(without, r)
+		s.rates = append(s.rates, r)
 		m1, err := scrape(o.httpAddr, token, edgeHists...)
 		if err != nil {
 			return err
 		}
-		addDelta(histWithout, m0, m1)
-
+		addDelta(s.hists, m0, m1)
+		return nil
+	}
+	var rssPerPhone []float64
+	for round := range o.rounds {
+		if err := measure(without, round); err != nil {
+			return err
+		}
 		rss0, err := ctl.rss(o.edgePid)
 		if err != nil {
 			return err
@@ -213,26 +218,9 @@ func runLoad(o options) error {
 			return err
 		}
 		rssPerPhone = append(rssPerPhone, (rss1-rss0)*1024/float64(max(1, o.phones)))
-		m2, err := scrape(o.httpAddr, token, edgeHists...)
-		if err != nil {
+		if err := measure(with, round); err != nil {
 			return err
 		}
-		if stopProfile, err = ctl.profile(o.cpuProfile, o.trace, ".with", round == 0); err != nil {
-			return err
-		}
-		c0 = cpuNow(o.edgePid)
-		r, err = publish(devs, rings, acksWith, o, start)
-		cpuWith.add(c0, cpuNow(o.edgePid))
-		stopProfile()
-		if err != nil {
-			return err
-		}
-		with = append(with, r)
-		m3, err := scrape(o.httpAddr, token, edgeHists...)
-		if err != nil {
-			return err
-		}
-		addDelta(histWith, m2, m3)
 		for _, p := range phones {
 			p.Close()
 		}
@@ -248,21 +236,21 @@ func runLoad(o options) error {
 		}
 	}
 	p50, p99, n := stages.totals()
-	sumWithout, sumWith := sum(without), sum(with)
-	ratios := make([]float64, len(with))
-	for i := range with {
-		ratios[i] = round(with[i] / without[i])
+	sumWithout, sumWith := sum(without.rates), sum(with.rates)
+	ratios := make([]float64, len(with.rates))
+	for i := range with.rates {
+		ratios[i] = round(with.rates[i] / without.rates[i])
 	}
 	out := map[string]any{
 		"devices": o.devices, "phones": o.phones, "rounds": o.rounds, "duration_s": o.duration.Seconds(), "live_interval_ms": o.liveInterval.Milliseconds(),
-		"ingest_rps": round(sumWithout / float64(len(without))), "ingest_rps_with_phones": round(sumWith / float64(len(with))),
+		"ingest_rps": round(sumWithout / float64(len(without.rates))), "ingest_rps_with_phones": round(sumWith / float64(len(with.rates))),
 		"ratio": round(sumWith / sumWithout), "round_ratios": ratios,
-		"cpu_pct_of_core":  map[string]any{"without_phones": cpuWithout.pct(o), "with_phones": cpuWith.pct(o)},
+		"cpu_pct_of_core":  map[string]any{"without_phones": without.cpu.pct(o), "with_phones": with.cpu.pct(o)},
 		"phone_deliveries": n, "phone_p50_ms": round(p50), "phone_p99_ms": round(p99),
 		"rss_kb_per_phone":    round(slices.Max(rssPerPhone)), // the first round's, mostly: later ones reuse the memory it left
-		"publish_to_ack":      map[string]any{"without_phones": acksWithout.summary(), "with_phones": acksWith.summary()},
+		"publish_to_ack":      map[string]any{"without_phones": without.acks.summary(), "with_phones": with.acks.summary()},
 		"phone_stages":        stages.breakdown(),
-		"edge_without_phones": edgeStages(map[string]map[float64]float64{}, histWithout, edgeHists), "edge_with_phones": edgeStages(map[string]map[float64]float64{}, histWith, edgeHists),
+		"edge_without_phones": edgeStages(without.hists, edgeHists), "edge_with_phones": edgeStages(with.hists, edgeHists),
 	}
 	b, err := json.Marshal(out)
 	if err != nil {
@@ -270,6 +258,17 @@ func runLoad(o options) error {
 	}
 	fmt.Println(string(b))
 	return nil
+}
+
+// series is one kind of run (without phones, or with them) over the
+// rounds: each run's rate, and the acks, CPU and edge histogram counts of
+// them all.
+type series struct {
+	suffix string // of its profiles' files
+	rates  []float64
+	acks   *hist
+	cpu    cpuUse
+	hists  map[string]map[float64]float64 // name → bucket bound → count
 }
 
 // cpuUse is the CPU seconds the edge's process and the load's spent in
@@ -366,11 +365,12 @@ func sum(v []float64) float64 {
 	return s
 }
 
-// edgeStages: each edge histogram's quantiles over one run.
-func edgeStages(before, after map[string]map[float64]float64, names []string) map[string]any {
+// edgeStages: each edge histogram's quantiles over the counts of some
+// runs (addDelta's).
+func edgeStages(hists map[string]map[float64]float64, names []string) map[string]any {
 	out := map[string]any{}
 	for _, n := range names {
-		out[strings.TrimPrefix(n, "outpost_")] = bucketQuantiles(before[n], after[n])
+		out[strings.TrimPrefix(n, "outpost_")] = bucketQuantiles(hists[n])
 	}
 	return out
 }

@@ -155,24 +155,24 @@ func scrape(addr, token string, names ...string) (map[string]map[float64]float64
 	return out, nil
 }
 
-// bucketQuantiles: p50, p90 and p99 (ms, the bucket's upper bound) of the
-// observations between two scrapes of one histogram.
-func bucketQuantiles(before, after map[float64]float64) map[string]float64 {
+// bucketQuantiles: p50, p90 and p99 (ms, the bucket's upper bound) of a
+// histogram's cumulative bucket counts (of some runs: addDelta's).
+func bucketQuantiles(counts map[float64]float64) map[string]float64 {
 	var les []float64
-	for le := range after {
+	for le := range counts {
 		les = append(les, le)
 	}
 	slices.Sort(les)
 	if len(les) == 0 {
 		return nil
 	}
-	total := after[les[len(les)-1]] - before[les[len(les)-1]]
+	total := counts[les[len(les)-1]]
 	if total <= 0 {
 		return map[string]float64{"n": 0}
 	}
 	q := func(p float64) float64 {
 		for _, le := range les {
-			if after[le]-before[le] >= p*total {
+			if counts[le] >= p*total {
 				if math.IsInf(le, 1) {
 					break
 				}

@@ -1,9 +1,10 @@
 // Package daemontest is the test kit for tests that run a daemon's real
 // binary (cmd/edge, cmd/cloud-sync): build it once per test run, pick free
 // ports, run it to its exit code, start it until a log line, and read its
-// WARN announcements; and Poll, the deadline-bounded wait for a condition
-// that every package's tests use instead of sleeps. Every helper takes the
-// test and fails it itself.
+// WARN announcements; Poll, the deadline-bounded wait for a condition
+// that every package's tests use instead of sleeps; and Counter, a
+// Prometheus counter's value. Every helper takes the test and fails it
+// itself.
 package daemontest
 
 import (
@@ -20,6 +21,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Binary builds the command in the test's package directory once per test
@@ -178,4 +181,33 @@ func StartUntil(t *testing.T, cmd *exec.Cmd, line string) (*LockedBuffer, func()
 func WarnLine(log, key string) bool {
 	re := regexp.MustCompile(`(?m)^.*level=WARN .*key=` + regexp.QuoteMeta(key) + `(\s|$)`)
 	return re.MatchString(log)
+}
+
+// Counter reads counter name from g: the first series with the given
+// label pairs (name, value, …), or 0 when there is no such series yet.
+func Counter(t testing.TB, g prometheus.Gatherer, name string, labels ...string) float64 {
+	t.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	series:
+		for _, m := range mf.GetMetric() {
+			have := map[string]string{}
+			for _, l := range m.GetLabel() {
+				have[l.GetName()] = l.GetValue()
+			}
+			for i := 0; i+1 < len(labels); i += 2 {
+				if have[labels[i]] != labels[i+1] {
+					continue series
+				}
+			}
+			return m.GetCounter().GetValue()
+		}
+	}
+	return 0
 }

@@ -1,8 +1,6 @@
 package broker
 
 import (
-	"bufio"
-	"bytes"
 	"errors"
 	"net"
 	"os"
@@ -11,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/outpost-edge/outpost/internal/daemontest"
@@ -75,62 +72,11 @@ func livePhone(t *testing.T, b *Broker, token, id string, v byte) (*v5conn, *tes
 	}
 	lc := &testLiveConn{Conn: srv}
 	go func() { _ = b.ServePhone(lc) }()
-	t.Cleanup(func() { cli.Close() })
-	_ = cli.SetDeadline(time.Now().Add(20 * time.Second))
-	c := &v5conn{Conn: cli, r: bufio.NewReader(cli)}
-	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: v,
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30,
-			ClientIdentifier: id, UsernameFlag: true, Username: []byte("x"), PasswordFlag: true, Password: []byte(token)}}
-	var buf bytes.Buffer
-	if err := pk.ConnectEncode(&buf); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := cli.Write(buf.Bytes()); err != nil {
-		t.Fatal(err)
-	}
-	if typ, body := c.read(t); typ != packets.Connack || len(body) < 2 || body[1] != 0 {
-		t.Fatalf("CONNACK = type %d body %x", typ, body)
+	c, code := phoneConnect(t, cli, token, id, v)
+	if code != 0 {
+		t.Fatalf("CONNACK reason %#x", code)
 	}
 	return c, lc
-}
-
-// subscribeV subscribes a version-v phone to filter at qos and returns the
-// granted code.
-func (c *v5conn) subscribeV(t *testing.T, v byte, id uint16, filter string, qos byte) byte {
-	t.Helper()
-	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, ProtocolVersion: v, PacketID: id,
-		Filters: packets.Subscriptions{{Filter: filter, Qos: qos}}}
-	var buf bytes.Buffer
-	if err := pk.SubscribeEncode(&buf); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Write(buf.Bytes()); err != nil {
-		t.Fatal(err)
-	}
-	typ, body := c.read(t)
-	if typ != packets.Suback || len(body) < 3 {
-		t.Fatalf("expected SUBACK, got type %d %x", typ, body)
-	}
-	return body[len(body)-1]
-}
-
-// readPubV reads a PUBLISH of a version-v session: topic, payload, QoS.
-func (c *v5conn) readPubV(t *testing.T, v byte) (string, string, byte) {
-	t.Helper()
-	h, err := c.r.Peek(1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	qos := (h[0] >> 1) & 3
-	typ, body := c.read(t)
-	if typ != packets.Publish {
-		t.Fatalf("expected a PUBLISH, got type %d %x", typ, body)
-	}
-	pk := packets.Packet{ProtocolVersion: v, FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos}}
-	if err := pk.PublishDecode(body); err != nil {
-		t.Fatalf("PUBLISH %x: %v", body, err)
-	}
-	return pk.TopicName, string(pk.Payload), qos
 }
 
 // TestLiveDirectWrites: live messages to QoS 0 phones on a LiveConn go
@@ -152,7 +98,7 @@ func TestLiveDirectWrites(t *testing.T) {
 		f string
 		q byte
 	}{{p4, 4, "sensors/d1/telemetry", 0}, {p5, 5, "sensors/d1/telemetry", 0}, {p4, 4, "sensors/d2/telemetry", 0}, {q1, 4, "sensors/d2/telemetry", 1}} {
-		if got := s.c.subscribeV(t, s.v, 1, s.f, s.q); got != s.q {
+		if got := s.c.subscribeAs(t, s.v, 1, map[string]byte{s.f: s.q})[s.f]; got != s.q {
 			t.Fatalf("SUBACK %s = %#x, want %#x", s.f, got, s.q)
 		}
 	}
@@ -162,7 +108,7 @@ func TestLiveDirectWrites(t *testing.T) {
 		c *v5conn
 		v byte
 	}{{p4, 4}, {p5, 5}} {
-		if topic, body, qos := p.c.readPubV(t, p.v); topic != "sensors/d1/telemetry" || body != "direct" || qos != 0 {
+		if topic, body, qos := p.c.readPubAs(t, p.v); topic != "sensors/d1/telemetry" || body != "direct" || qos != 0 {
 			t.Fatalf("v%d phone got %s %q at QoS %d, want sensors/d1/telemetry \"direct\" at 0", p.v, topic, body, qos)
 		}
 	}
@@ -172,10 +118,10 @@ func TestLiveDirectWrites(t *testing.T) {
 
 	// d2 has a QoS 1 phone: mochi routes it, to both.
 	b.Forward("sensors/d2/telemetry", []byte("mochi"), 1, false)
-	if topic, body, qos := q1.readPubV(t, 4); topic != "sensors/d2/telemetry" || body != "mochi" || qos != 1 {
+	if topic, body, qos := q1.readPubAs(t, 4); topic != "sensors/d2/telemetry" || body != "mochi" || qos != 1 {
 		t.Fatalf("QoS 1 phone got %s %q at QoS %d", topic, body, qos)
 	}
-	if topic, body, _ := p4.readPubV(t, 4); topic != "sensors/d2/telemetry" || body != "mochi" {
+	if topic, body, _ := p4.readPubAs(t, 4); topic != "sensors/d2/telemetry" || body != "mochi" {
 		t.Fatalf("QoS 0 phone got %s %q", topic, body)
 	}
 	if c4.direct.Load() != 1 || cq.direct.Load() != 0 {
@@ -184,10 +130,10 @@ func TestLiveDirectWrites(t *testing.T) {
 
 	// Retained: through mochi, and kept.
 	b.Forward("sensors/d1/state", []byte("kept"), 0, true)
-	if got := p5.subscribeV(t, 5, 2, "sensors/d1/state", 0); got != 0 {
+	if got := p5.subscribeAs(t, 5, 2, map[string]byte{"sensors/d1/state": 0})["sensors/d1/state"]; got != 0 {
 		t.Fatalf("SUBACK state %#x", got)
 	}
-	if topic, body, _ := p5.readPubV(t, 5); topic != "sensors/d1/state" || body != "kept" {
+	if topic, body, _ := p5.readPubAs(t, 5); topic != "sensors/d1/state" || body != "kept" {
 		t.Fatalf("v5 phone got %s %q, want the retained state", topic, body)
 	}
 	if c5.direct.Load() != 1 {
@@ -209,14 +155,14 @@ func TestLiveDirectBusyAndSlow(t *testing.T) {
 	busy, cb := livePhone(t, b, "a", "busy", 4)
 	slow, cs := livePhone(t, b, "b", "slow", 4)
 	for _, c := range []*v5conn{busy, slow} {
-		if got := c.subscribeV(t, 4, 1, "sensors/d1/telemetry", 0); got != 0 {
+		if got := c.subscribeAs(t, 4, 1, map[string]byte{"sensors/d1/telemetry": 0})["sensors/d1/telemetry"]; got != 0 {
 			t.Fatalf("SUBACK %#x", got)
 		}
 	}
 	cb.busy.Store(1)
 	cs.fail.Store(true)
 	b.Forward("sensors/d1/telemetry", []byte("m1"), 0, false)
-	if topic, body, _ := busy.readPubV(t, 4); topic != "sensors/d1/telemetry" || body != "m1" {
+	if topic, body, _ := busy.readPubAs(t, 4); topic != "sensors/d1/telemetry" || body != "m1" {
 		t.Fatalf("busy phone got %s %q, want m1 from its flusher", topic, body)
 	}
 	if cb.direct.Load() != 0 {
@@ -227,7 +173,7 @@ func TestLiveDirectBusyAndSlow(t *testing.T) {
 		t.Fatalf("slow phone's connection still open after a failed live write")
 	}
 	daemontest.Poll(t, 5*time.Second, "the slow phone counted", func() bool {
-		return counterValue(t, reg, "outpost_mqtt_phone_ends_total", "slow") == 1
+		return daemontest.Counter(t, reg, "outpost_mqtt_phone_ends_total", "reason", "slow") == 1
 	})
 	daemontest.Poll(t, 5*time.Second, "the busy phone's flusher to end", func() bool {
 		b.phones.mu.RLock()
@@ -243,35 +189,12 @@ func TestLiveDirectBusyAndSlow(t *testing.T) {
 		return true
 	})
 	b.Forward("sensors/d1/telemetry", []byte("m2"), 0, false)
-	if topic, body, _ := busy.readPubV(t, 4); topic != "sensors/d1/telemetry" || body != "m2" {
+	if topic, body, _ := busy.readPubAs(t, 4); topic != "sensors/d1/telemetry" || body != "m2" {
 		t.Fatalf("busy phone got %s %q, want m2", topic, body)
 	}
 	if cb.direct.Load() != 1 {
 		t.Fatalf("direct writes %d after the flusher ended, want 1", cb.direct.Load())
 	}
-}
-
-// counterValue is the value of counter name with label value label in reg
-// (0 if absent).
-func counterValue(t *testing.T, reg *prometheus.Registry, name, label string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetValue() == label {
-					return m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return 0
 }
 
 // TestPhoneReconnectGetsRetained: a phone that comes back under the same
@@ -282,30 +205,22 @@ func TestPhoneReconnectGetsRetained(t *testing.T) {
 	u := &fakeSession{openid: "u1", exp: time.Now().Add(time.Hour), read: map[string]bool{"d1": true}}
 	b := startBroker(t, Config{Phones: &fakePhones{sessions: map[string]*fakeSession{"ok": u}}, LiveInterval: time.Millisecond}, nil)
 	b.Forward("sensors/d1/state", []byte("s1"), 0, true)
+	// connect subscribes a phone of version v to the retained state and
+	// checks it comes.
+	connect := func(v byte, when string) *v5conn {
+		t.Helper()
+		c, _ := livePhone(t, b, "ok", "app", v)
+		if got := c.subscribeAs(t, v, 1, map[string]byte{"sensors/d1/state": 0})["sensors/d1/state"]; got != 0 {
+			t.Fatalf("v%d: SUBACK %#x", v, got)
+		}
+		if topic, body, _ := c.readPubAs(t, v); topic != "sensors/d1/state" || body != "s1" {
+			t.Fatalf("v%d: %s, got %s %q, want the retained s1", v, when, topic, body)
+		}
+		return c
+	}
 	for _, v := range []byte{4, 5} {
-		first, _ := livePhone(t, b, "ok", "app", v)
-		if got := first.subscribeV(t, v, 1, "sensors/d1/state", 0); got != 0 {
-			t.Fatalf("v%d: SUBACK %#x", v, got)
-		}
-		if topic, body, _ := first.readPubV(t, v); topic != "sensors/d1/state" || body != "s1" {
-			t.Fatalf("v%d: first connection got %s %q", v, topic, body)
-		}
-		// Still open: the second connection takes the session over.
-		second, _ := livePhone(t, b, "ok", "app", v)
-		if got := second.subscribeV(t, v, 1, "sensors/d1/state", 0); got != 0 {
-			t.Fatalf("v%d: SUBACK %#x", v, got)
-		}
-		if topic, body, _ := second.readPubV(t, v); topic != "sensors/d1/state" || body != "s1" {
-			t.Fatalf("v%d: taking over, got %s %q, want the retained s1", v, topic, body)
-		}
-		second.Close()
-		third, _ := livePhone(t, b, "ok", "app", v)
-		if got := third.subscribeV(t, v, 1, "sensors/d1/state", 0); got != 0 {
-			t.Fatalf("v%d: SUBACK %#x", v, got)
-		}
-		if topic, body, _ := third.readPubV(t, v); topic != "sensors/d1/state" || body != "s1" {
-			t.Fatalf("v%d: after a close, got %s %q, want the retained s1", v, topic, body)
-		}
-		third.Close()
+		connect(v, "first connection")
+		connect(v, "taking over").Close() // the first is still open
+		connect(v, "after a close").Close()
 	}
 }

@@ -172,9 +172,7 @@ func (h *phoneHook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
 	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Retain || !isPhone(cl) {
 		return
 	}
-	if at := h.stamps.at(pk.TopicName); at != 0 {
-		h.met.liveDelivery.Observe(time.Duration(time.Now().UnixNano() - at).Seconds())
-	}
+	h.observeDelivery(h.stamps.at(pk.TopicName))
 }
 
 // OnUnsubscribe unsubscribes phones from where OnSubscribe subscribed them.

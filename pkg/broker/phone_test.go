@@ -49,17 +49,25 @@ func phoneV5(t *testing.T, b *Broker, token string) (*v5conn, byte) {
 	t.Helper()
 	cli, srv := net.Pipe()
 	go func() { _ = b.ServePhone(srv) }()
+	return phoneConnect(t, cli, token, "app", 5)
+}
+
+// phoneConnect sends a version-v CONNECT with token as the password on
+// cli, the client's end of a phone's connection, and returns the session
+// after CONNACK, with the CONNACK reason code.
+func phoneConnect(t *testing.T, cli net.Conn, token, id string, v byte) (*v5conn, byte) {
+	t.Helper()
 	t.Cleanup(func() { cli.Close() })
 	_ = cli.SetDeadline(time.Now().Add(20 * time.Second))
 	c := &v5conn{Conn: cli, r: bufio.NewReader(cli)}
-	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 5,
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: v,
 		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30,
-			ClientIdentifier: "app", UsernameFlag: true, Username: []byte("x"), PasswordFlag: true, Password: []byte(token)}}
+			ClientIdentifier: id, UsernameFlag: true, Username: []byte("x"), PasswordFlag: true, Password: []byte(token)}}
 	var buf bytes.Buffer
 	if err := pk.ConnectEncode(&buf); err != nil {
 		t.Fatal(err)
 	}
-	go func() { _, _ = cli.Write(buf.Bytes()) }()
+	go func() { _, _ = cli.Write(buf.Bytes()) }() // a pipe's write waits for the read
 	typ, body := c.read(t)
 	if typ != packets.Connack || len(body) < 2 {
 		t.Fatalf("CONNACK = type %d body %x", typ, body)
@@ -67,9 +75,17 @@ func phoneV5(t *testing.T, b *Broker, token string) (*v5conn, byte) {
 	return c, body[1]
 }
 
+// subscribe subscribes an MQTT 5 session to filters (filter → QoS) and
+// returns each filter's SUBACK code.
 func (c *v5conn) subscribe(t *testing.T, id uint16, filters map[string]byte) map[string]byte {
 	t.Helper()
-	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, ProtocolVersion: 5, PacketID: id}
+	return c.subscribeAs(t, 5, id, filters)
+}
+
+// subscribeAs is subscribe for a session of protocol version v.
+func (c *v5conn) subscribeAs(t *testing.T, v byte, id uint16, filters map[string]byte) map[string]byte {
+	t.Helper()
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, ProtocolVersion: v, PacketID: id}
 	var order []string
 	for f, q := range filters {
 		pk.Filters = append(pk.Filters, packets.Subscription{Filter: f, Qos: q})
@@ -80,11 +96,15 @@ func (c *v5conn) subscribe(t *testing.T, id uint16, filters map[string]byte) map
 		t.Fatal(err)
 	}
 	go func() { _, _ = c.Write(buf.Bytes()) }()
+	head := 2 // packet id
+	if v == 5 {
+		head++ // empty properties
+	}
 	typ, body := c.read(t)
-	if typ != packets.Suback || len(body) < 3+len(order) {
+	if typ != packets.Suback || len(body) < head+len(order) {
 		t.Fatalf("expected SUBACK, got type %d body %x", typ, body)
 	}
-	codes := body[3:] // packet id, empty properties
+	codes := body[head:]
 	out := map[string]byte{}
 	for i, f := range order {
 		out[f] = codes[i]
@@ -179,19 +199,30 @@ func TestPhoneTopic(t *testing.T) {
 	}
 }
 
-// readPub reads an MQTT 5 QoS 0 PUBLISH: its topic and payload.
+// readPub reads an MQTT 5 PUBLISH: its topic and payload.
 func (c *v5conn) readPub(t *testing.T) (string, string) {
 	t.Helper()
+	topic, body, _ := c.readPubAs(t, 5)
+	return topic, body
+}
+
+// readPubAs reads a PUBLISH of a version-v session: topic, payload, QoS.
+func (c *v5conn) readPubAs(t *testing.T, v byte) (string, string, byte) {
+	t.Helper()
+	h, err := c.r.Peek(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qos := (h[0] >> 1) & 3
 	typ, body := c.read(t)
-	if typ != packets.Publish || len(body) < 3 {
+	if typ != packets.Publish {
 		t.Fatalf("expected a PUBLISH, got type %d %x", typ, body)
 	}
-	n := int(body[0])<<8 | int(body[1])
-	if len(body) < 2+n+1 {
-		t.Fatalf("short PUBLISH %x", body)
+	pk := packets.Packet{ProtocolVersion: v, FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos}}
+	if err := pk.PublishDecode(body); err != nil {
+		t.Fatalf("PUBLISH %x: %v", body, err)
 	}
-	props := int(body[2+n]) // a one-byte length: the broker sends few properties
-	return string(body[2 : 2+n]), string(body[2+n+1+props:])
+	return pk.TopicName, string(pk.Payload), qos
 }
 
 // TestPhoneLiveMirror: phones get sensors/ topics through the live mirror

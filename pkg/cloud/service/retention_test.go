@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/outpost-edge/outpost/internal/daemontest"
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -63,7 +64,7 @@ func TestRetentionRunsOnTheLeader(t *testing.T) {
 	if _, err := n.fsm.GetDevice("dev"); err != nil {
 		t.Fatalf("the device record went with its readings: %v", err)
 	}
-	if got := counter(t, n.reg, "outpost_cloud_compacted_total", "what", fsm.CompactReadings); got != 1 {
+	if got := daemontest.Counter(t, n.reg, "outpost_cloud_compacted_total", "what", fsm.CompactReadings); got != 1 {
 		t.Fatalf("compacted readings counter %v, want 1", got)
 	}
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/outpost-edge/outpost/internal/daemontest"
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/hlc"
@@ -108,35 +109,6 @@ func startServiceRaft(t *testing.T, cfg Config, rc raftnode.Config) *node {
 	return &node{svc: New(cfg, rn, f, clock, discard, reg), fsm: f, raft: rn, clock: clock, reg: reg, raftAddr: addr, offset: offset}
 }
 
-// counter reads the counter name with the given label pairs from reg (0
-// when it has no such series yet).
-func counter(t *testing.T, reg *prometheus.Registry, name string, labels ...string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	series:
-		for _, m := range mf.GetMetric() {
-			have := map[string]string{}
-			for _, l := range m.GetLabel() {
-				have[l.GetName()] = l.GetValue()
-			}
-			for i := 0; i+1 < len(labels); i += 2 {
-				if have[labels[i]] != labels[i+1] {
-					continue series
-				}
-			}
-			return m.GetCounter().GetValue()
-		}
-	}
-	return 0
-}
-
 // batch is a push of n changes from first, each one reading of device dev.
 func batch(edge string, first uint64, n int) *wire.PushBatch {
 	b := &wire.PushBatch{Edge: edge, FirstSeq: first}
@@ -171,7 +143,7 @@ func TestPushSequencing(t *testing.T) {
 		{name: "another edge has its own sequence", b: batch("e2", 1, 1), acked: 1, applied: 1, pushesByLabel: "ok"},
 	}
 	for _, st := range steps {
-		before := counter(t, n.reg, "outpost_cloud_push_total", "edge", st.b.Edge, "result", st.pushesByLabel)
+		before := daemontest.Counter(t, n.reg, "outpost_cloud_push_total", "edge", st.b.Edge, "result", st.pushesByLabel)
 		out, err := n.svc.Push(ctx, st.b.Edge, st.b)
 		if st.wantErr != nil {
 			var gap *SeqGapError
@@ -189,7 +161,7 @@ func TestPushSequencing(t *testing.T) {
 				t.Fatalf("%s: result %+v, want acked %d applied %d", st.name, out.PushResult, st.acked, st.applied)
 			}
 		}
-		if got := counter(t, n.reg, "outpost_cloud_push_total", "edge", st.b.Edge, "result", st.pushesByLabel); got != before+1 {
+		if got := daemontest.Counter(t, n.reg, "outpost_cloud_push_total", "edge", st.b.Edge, "result", st.pushesByLabel); got != before+1 {
 			t.Fatalf("%s: outpost_cloud_push_total{result=%q} went %v → %v", st.name, st.pushesByLabel, before, got)
 		}
 	}
@@ -279,7 +251,7 @@ func TestPushStampDrift(t *testing.T) {
 	if field == nil || field.Field != "future" || meta == nil || meta.Field != "" {
 		t.Fatalf("drops %+v: want the reported field \"future\" and the meta record", out.Stamps.Drops)
 	}
-	if got := counter(t, n.reg, "outpost_cloud_rejected_stamps_total", "edge", "e1"); got != 2 {
+	if got := daemontest.Counter(t, n.reg, "outpost_cloud_rejected_stamps_total", "edge", "e1"); got != 2 {
 		t.Fatalf("outpost_cloud_rejected_stamps_total = %v, want 2", got)
 	}
 	// The clock did not adopt the future stamp.
