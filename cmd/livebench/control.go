@@ -50,12 +50,15 @@ func runChild(o options, mqttAddr, httpAddr, token string) error {
 	served := make(chan error, 1)
 	go func() { served <- serveControl(reqR, repW) }()
 	err = cmd.Wait()
+	// The load's exit closed its end of the requests: serveControl ends
+	// at that EOF (closing reqR before then made its read fail).
+	serr := <-served
 	reqR.Close()
 	repW.Close()
 	if err != nil {
 		return fmt.Errorf("load process: %w", err)
 	}
-	return <-served
+	return serr
 }
 
 // serveControl answers the load's requests until it closes its end.

@@ -52,6 +52,20 @@ func (c *testLiveConn) WriteLive(p []byte, timeout time.Duration) (bool, error) 
 	return true, err
 }
 
+// idle waits until no write holds the connection. A client reads a
+// packet before its writer's Write has returned and let go of the lock,
+// so a live write right after a SUBACK could find the connection busy.
+func (c *testLiveConn) idle(t *testing.T) {
+	t.Helper()
+	daemontest.Poll(t, 5*time.Second, "the phone's connection idle", func() bool {
+		if !c.mu.TryLock() {
+			return false
+		}
+		c.mu.Unlock()
+		return true
+	})
+}
+
 // livePhone connects a phone of protocol version v (4 or 5) over loopback
 // TCP with a testLiveConn as the broker's end, and returns the client end
 // after a successful CONNACK.
@@ -103,6 +117,9 @@ func TestLiveDirectWrites(t *testing.T) {
 		}
 	}
 
+	for _, c := range []*testLiveConn{c4, c5, cq} {
+		c.idle(t)
+	}
 	b.Forward("sensors/d1/telemetry", []byte("direct"), 1, false)
 	for _, p := range []struct {
 		c *v5conn
@@ -159,6 +176,8 @@ func TestLiveDirectBusyAndSlow(t *testing.T) {
 			t.Fatalf("SUBACK %#x", got)
 		}
 	}
+	cb.idle(t)
+	cs.idle(t)
 	cb.busy.Store(1)
 	cs.fail.Store(true)
 	b.Forward("sensors/d1/telemetry", []byte("m1"), 0, false)
