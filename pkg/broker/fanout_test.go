@@ -19,12 +19,19 @@ type got struct {
 	body   string
 }
 
+// subscribe subscribes c to filter at qos and returns what it receives.
+// It returns once the broker has sent the filter's retained messages:
+// mochi writes the SUBACK before it looks them up, so a retained message
+// published in between reaches the subscriber twice, live and retained
+// (README "MQTT contract"); the UNSUBACK of a second packet, which mochi
+// reads only after the SUBSCRIBE is done with, closes that window.
 func subscribe(t *testing.T, c *client, filter string, qos byte) <-chan got {
 	t.Helper()
 	ch := make(chan got, 16)
 	waitTok(t, c.Subscribe(filter, qos, func(_ paho.Client, m paho.Message) {
 		ch <- got{m.Qos(), m.Retained(), string(m.Payload())}
 	}), "subscribe "+filter)
+	waitTok(t, c.Unsubscribe("outpost/test/none"), "unsubscribe after subscribing to "+filter)
 	return ch
 }
 
