@@ -183,14 +183,20 @@ func WarnLine(log, key string) bool {
 	return re.MatchString(log)
 }
 
-// Counter reads counter name from g: the first series with the given
-// label pairs (name, value, …), or 0 when there is no such series yet.
-func Counter(t testing.TB, g prometheus.Gatherer, name string, labels ...string) float64 {
+// Metric reads name from g, a counter or a gauge: the sum of its series
+// that carry the given label pairs (name, value, …), as PromQL's
+// sum(name{…}) would, so that no labels sum every series. A metric with
+// no such series yet reads as 0: a vector's series appear on first use.
+func Metric(t testing.TB, g prometheus.Gatherer, name string, labels ...string) float64 {
 	t.Helper()
+	if len(labels)%2 != 0 {
+		t.Fatalf("Metric %s: labels %q are not name, value pairs", name, labels)
+	}
 	mfs, err := g.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
+	var sum float64
 	for _, mf := range mfs {
 		if mf.GetName() != name {
 			continue
@@ -206,8 +212,15 @@ func Counter(t testing.TB, g prometheus.Gatherer, name string, labels ...string)
 					continue series
 				}
 			}
-			return m.GetCounter().GetValue()
+			switch {
+			case m.Counter != nil:
+				sum += m.GetCounter().GetValue()
+			case m.Gauge != nil:
+				sum += m.GetGauge().GetValue()
+			default:
+				t.Fatalf("Metric %s: neither a counter nor a gauge", name)
+			}
 		}
 	}
-	return 0
+	return sum
 }

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/outpost-edge/outpost/internal/daemontest"
 )
 
 // rawAll writes raw on one connection and reads every response until the
@@ -170,42 +172,9 @@ func TestSecurityHTTPAcceptErrors(t *testing.T) {
 		t.Fatalf("Serve returned %v on failed accepts; want it serving", err)
 	default:
 	}
-	if got := metricValue(t, reg, "outpost_http_accept_errors_total"); got != 5 {
+	if got := daemontest.Metric(t, reg, "outpost_http_accept_errors_total"); got != 5 {
 		t.Fatalf("outpost_http_accept_errors_total = %v, want 5", got)
 	}
-}
-
-// metricValue reads the counter or gauge name whose labels include the
-// given name, value pairs.
-func metricValue(t *testing.T, g prometheus.Gatherer, name string, labels ...string) float64 {
-	t.Helper()
-	mfs, err := g.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	series:
-		for _, m := range mf.GetMetric() {
-			for i := 0; i+1 < len(labels); i += 2 {
-				found := false
-				for _, l := range m.GetLabel() {
-					found = found || l.GetName() == labels[i] && l.GetValue() == labels[i+1]
-				}
-				if !found {
-					continue series
-				}
-			}
-			if c := m.GetCounter(); c != nil {
-				return c.GetValue()
-			}
-			return m.GetGauge().GetValue()
-		}
-	}
-	t.Fatalf("no %s%v", name, labels)
-	return 0
 }
 
 // TestSecurityHTTPConnCap: Finding 6: there was no connection cap. Over
@@ -250,7 +219,7 @@ func TestSecurityHTTPConnCap(t *testing.T) {
 			if len(got) != 1 || got[0].status != tc.status {
 				t.Fatalf("connection over the cap: %v; want one %d", got, tc.status)
 			}
-			if v := metricValue(t, reg, "outpost_http_connections_refused_total", "reason", tc.reason); v != 1 {
+			if v := daemontest.Metric(t, reg, "outpost_http_connections_refused_total", "reason", tc.reason); v != 1 {
 				t.Fatalf("outpost_http_connections_refused_total{reason=%s} = %v, want 1", tc.reason, v)
 			}
 			// Closing one frees its slot.

@@ -192,7 +192,7 @@ func TestLiveDirectBusyAndSlow(t *testing.T) {
 		t.Fatalf("slow phone's connection still open after a failed live write")
 	}
 	daemontest.Poll(t, 5*time.Second, "the slow phone counted", func() bool {
-		return daemontest.Counter(t, reg, "outpost_mqtt_phone_ends_total", "reason", "slow") == 1
+		return daemontest.Metric(t, reg, "outpost_mqtt_phone_ends_total", "reason", "slow") == 1
 	})
 	daemontest.Poll(t, 5*time.Second, "the busy phone's flusher to end", func() bool {
 		b.phones.mu.RLock()

@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/outpost-edge/outpost/internal/daemontest"
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/cloud/raftnode"
 	"github.com/outpost-edge/outpost/pkg/cloud/sinks"
@@ -174,46 +175,18 @@ func TestBucketMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Two readings, staged: small changes wait in readings_recent.
-	if got := gauge(t, reg, "outpost_cloud_bucket_keys", "readings_recent"); got != 2 {
+	if got := daemontest.Metric(t, reg, "outpost_cloud_bucket_keys", "bucket", "readings_recent"); got != 2 {
 		t.Fatalf("readings_recent keys %v, want 2", got)
 	}
-	if got := gauge(t, reg, "outpost_cloud_bucket_keys", "devices"); got != 1 {
+	if got := daemontest.Metric(t, reg, "outpost_cloud_bucket_keys", "bucket", "devices"); got != 1 {
 		t.Fatalf("devices keys %v, want 1", got)
 	}
-	if got := gauge(t, reg, "outpost_cloud_bucket_bytes", "log"); got <= 0 {
+	if got := daemontest.Metric(t, reg, "outpost_cloud_bucket_bytes", "bucket", "log"); got <= 0 {
 		t.Fatalf("log bytes %v, want some", got)
 	}
-	if got := gauge(t, reg, "outpost_cloud_state_file_bytes", ""); got < 4096 {
+	if got := daemontest.Metric(t, reg, "outpost_cloud_state_file_bytes"); got < 4096 {
 		t.Fatalf("state file %v bytes", got)
 	}
-}
-
-// gauge reads a gauge from reg: the series whose bucket label is bucket
-// ("" for an unlabelled gauge).
-func gauge(t *testing.T, reg *prometheus.Registry, name, bucket string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			label := ""
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "bucket" {
-					label = l.GetValue()
-				}
-			}
-			if label == bucket {
-				return m.GetGauge().GetValue()
-			}
-		}
-	}
-	t.Fatalf("no %s{bucket=%q}", name, bucket)
-	return 0
 }
 
 // TestAdmissionKeys: max_queue_delay and admit_wait default to raftnode's,

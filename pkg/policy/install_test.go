@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/outpost-edge/outpost/internal/daemontest"
 )
 
 const regionalViewers = `package outpost.authz
@@ -74,7 +76,7 @@ func TestInstallReplacesModulesAndReloads(t *testing.T) {
 	if e.Version() == v1 {
 		t.Fatal("version unchanged after install")
 	}
-	if got := metricValue(t, reg, "outpost_policy_reloads_total", ""); got != 2 {
+	if got := daemontest.Metric(t, reg, "outpost_policy_reloads_total"); got != 2 {
 		t.Fatalf("reloads_total = %v, want 2 (load, install)", got)
 	}
 	want := []string{InstalledMarker, "README.txt", "authz.rego", "escape.rego", "regional_viewers.rego"}
@@ -122,7 +124,7 @@ func TestInstallRejectedKeepsLastGood(t *testing.T) {
 	if e.Version() != v1 || !decide(t, e, in).Allow {
 		t.Fatal("a rejected install changed the policy in force")
 	}
-	if got := metricValue(t, reg, "outpost_policy_reload_failures_total", ""); got != 1 {
+	if got := daemontest.Metric(t, reg, "outpost_policy_reload_failures_total"); got != 1 {
 		t.Fatalf("reload_failures_total = %v, want 1", got)
 	}
 	if b, _ := os.ReadFile(filepath.Join(dir, "authz.rego")); !strings.Contains(string(b), "allow if {") {
@@ -184,7 +186,7 @@ func TestInstallIsAtomicForThePoller(t *testing.T) {
 			t.Fatalf("install %d: reason %q, want %q", i, d.Reason, want)
 		}
 	}
-	if got := metricValue(t, reg, "outpost_policy_reload_failures_total", ""); got != 0 {
+	if got := daemontest.Metric(t, reg, "outpost_policy_reload_failures_total"); got != 0 {
 		t.Fatalf("the poller compiled %v half-installed sets", got)
 	}
 }

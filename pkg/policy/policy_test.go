@@ -242,7 +242,7 @@ allowed_by contains "regional viewer" if {
 	if e.Version() == v1 {
 		t.Fatal("version unchanged after reload")
 	}
-	if got := metricValue(t, reg, "outpost_policy_reloads_total", ""); got != 2 {
+	if got := daemontest.Metric(t, reg, "outpost_policy_reloads_total"); got != 2 {
 		t.Fatalf("reloads_total = %v, want 2", got)
 	}
 	// Test files next to the policy are never loaded.
@@ -258,7 +258,7 @@ func TestBrokenPolicyKeepsLastGood(t *testing.T) {
 	runEngine(t, e)
 	in := Input{User: opNorth, Action: "device.write_desired", Resource: device}
 	v1 := e.Version()
-	failures := func() float64 { return metricValue(t, reg, "outpost_policy_reload_failures_total", "") }
+	failures := func() float64 { return daemontest.Metric(t, reg, "outpost_policy_reload_failures_total") }
 
 	writeFile(t, filepath.Join(dir, "authz.rego"), "package outpost.authz\nallow if {\n")
 	eventually(t, "the failure to be counted", func() bool { return failures() == 1 })
@@ -293,7 +293,7 @@ func TestBrokenPolicyKeepsLastGood(t *testing.T) {
 func TestDecisionCache(t *testing.T) {
 	dir := policyCopy(t)
 	e, reg := newEngine(t, dir, nil)
-	hits := func() float64 { return metricValue(t, reg, "outpost_policy_cache_hits_total", "") }
+	hits := func() float64 { return daemontest.Metric(t, reg, "outpost_policy_cache_hits_total") }
 	in := Input{User: ownerViewer, Action: "device.read", Resource: device}
 
 	first := decide(t, e, in)
@@ -364,7 +364,7 @@ func TestMetricsRegistered(t *testing.T) {
 			t.Errorf("metric %s not registered", n)
 		}
 	}
-	if metricValue(t, reg, "outpost_policy_decisions_total", "allow") != 1 || metricValue(t, reg, "outpost_policy_decisions_total", "deny") != 1 {
+	if daemontest.Metric(t, reg, "outpost_policy_decisions_total", "result", "allow") != 1 || daemontest.Metric(t, reg, "outpost_policy_decisions_total", "result", "deny") != 1 {
 		t.Error("decisions not counted by result")
 	}
 	// A second engine on the same registry is a configuration error, reported.
@@ -378,33 +378,6 @@ func TestBypass(t *testing.T) {
 	if d := decide(t, e, Input{}); !d.Allow {
 		t.Fatal("bypass did not allow")
 	}
-}
-
-// metricValue reads a counter from reg; result selects the "result" label
-// when non-empty. Missing metrics read as 0.
-func metricValue(t testing.TB, reg *prometheus.Registry, name, result string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			match := result == ""
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "result" && l.GetValue() == result {
-					match = true
-				}
-			}
-			if match {
-				return m.GetCounter().GetValue()
-			}
-		}
-	}
-	return 0
 }
 
 func BenchmarkDecide(b *testing.B) {

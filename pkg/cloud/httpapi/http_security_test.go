@@ -23,6 +23,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/outpost-edge/outpost/internal/daemontest"
 	"github.com/outpost-edge/outpost/pkg/cloud/auth"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
@@ -384,7 +385,7 @@ func TestSecurityHTTPAcceptErrors(t *testing.T) {
 		t.Fatalf("Serve returned %v on failed accepts; want it serving", err)
 	default:
 	}
-	if v := counter(t, sv.reg, "outpost_http_accept_errors_total", ""); v != 5 {
+	if v := daemontest.Metric(t, sv.reg, "outpost_http_accept_errors_total"); v != 5 {
 		t.Fatalf("outpost_http_accept_errors_total = %v, want 5", v)
 	}
 }
@@ -409,34 +410,7 @@ func TestSecurityHTTPConnCap(t *testing.T) {
 	if len(got) != 1 || got[0].status != 429 || got[0].env.Code != 429 {
 		t.Fatalf("third connection from one address: %+v; want one 429", got)
 	}
-	if v := counter(t, sv.reg, "outpost_http_connections_refused_total", "max_conns_per_ip"); v != 1 {
+	if v := daemontest.Metric(t, sv.reg, "outpost_http_connections_refused_total", "reason", "max_conns_per_ip"); v != 1 {
 		t.Fatalf("outpost_http_connections_refused_total{reason=max_conns_per_ip} = %v, want 1", v)
 	}
-}
-
-// counter reads a counter, the series with reason=reason when reason is
-// not empty.
-func counter(t *testing.T, g prometheus.Gatherer, name, reason string) float64 {
-	t.Helper()
-	mfs, err := g.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			if reason == "" {
-				return m.GetCounter().GetValue()
-			}
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "reason" && l.GetValue() == reason {
-					return m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	t.Fatalf("no %s{reason=%q}", name, reason)
-	return 0
 }

@@ -10,8 +10,6 @@ import (
 	"testing"
 	"time"
 
-	dto "github.com/prometheus/client_model/go"
-
 	"github.com/outpost-edge/outpost/internal/daemontest"
 	"github.com/outpost-edge/outpost/pkg/cloud/fsm"
 	"github.com/outpost-edge/outpost/pkg/wire"
@@ -138,7 +136,7 @@ func TestAdmitAtOnceWithRoom(t *testing.T) {
 		}
 		release()
 	}
-	if v := counter(t, reg, "outpost_raft_admissions_total"); v != 0 {
+	if v := daemontest.Metric(t, reg, "outpost_raft_admissions_total"); v != 0 {
 		t.Fatalf("%v writes waited or were refused with room in the queue", v)
 	}
 	// Fill the queue with one reservation past the limit (whatever ratio
@@ -265,26 +263,6 @@ func TestProposalExpiredInQueueIsNotApplied(t *testing.T) {
 		t.Fatalf("the expired proposal applied (edge acked %d)", got)
 	}
 	waitFor(t, "an empty queue", func() bool { return n.PendingBytes() == 0 })
-}
-
-// counter sums a counter's series in reg (0 if it has none yet).
-func counter(t *testing.T, reg interface {
-	Gather() ([]*dto.MetricFamily, error)
-}, name string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := 0.0
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			for _, m := range mf.GetMetric() {
-				sum += m.GetCounter().GetValue()
-			}
-		}
-	}
-	return sum
 }
 
 // TestRefusedWritesComeBackSoon: writes refused at once are told to come

@@ -57,7 +57,7 @@ func TestPushBurstIsAdmittedNotRefused(t *testing.T) {
 			t.Fatalf("b%02d acked %d, want %d", e, got, pushes*each)
 		}
 	}
-	if v := daemontest.Counter(t, n.reg, "outpost_cloud_push_throttled_total"); v != 0 {
+	if v := daemontest.Metric(t, n.reg, "outpost_cloud_push_throttled_total"); v != 0 {
 		t.Fatalf("outpost_cloud_push_throttled_total = %v with a queue that makes room", v)
 	}
 }
@@ -78,7 +78,7 @@ func TestAdmitRefusalSaysWhenToRetry(t *testing.T) {
 	if !errors.Is(err, ErrOverloaded) || !errors.As(err, &oe) || oe.RetryAfter < time.Second {
 		t.Fatalf("admit into a full queue: %v, want an *OverloadedError with a Retry-After of 1s or more", err)
 	}
-	if v := daemontest.Counter(t, n.reg, "outpost_cloud_push_throttled_total"); v != 1 {
+	if v := daemontest.Metric(t, n.reg, "outpost_cloud_push_throttled_total"); v != 1 {
 		t.Fatalf("outpost_cloud_push_throttled_total = %v, want 1", v)
 	}
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/outpost-edge/outpost/internal/daemontest"
 	"github.com/outpost-edge/outpost/pkg/wire"
 )
 
@@ -198,7 +199,7 @@ func TestHeldPullReturnsOnWrite(t *testing.T) {
 		done <- result{p, err, time.Since(start)}
 	}()
 	deadline := time.Now().Add(10 * time.Second)
-	for gauge(t, n2, "outpost_cloud_pulls_held") < 1 {
+	for daemontest.Metric(t, n2.reg, "outpost_cloud_pulls_held") < 1 {
 		if time.Now().After(deadline) {
 			t.Fatal("the pull was not held")
 		}
@@ -277,21 +278,6 @@ func TestPullPositionsRecorded(t *testing.T) {
 	}
 }
 
-// gauge reads an unlabelled gauge from the node's registry (0 if absent).
-func gauge(t *testing.T, n *node, name string) float64 {
-	t.Helper()
-	mfs, err := n.reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name && len(mf.GetMetric()) > 0 {
-			return mf.GetMetric()[0].GetGauge().GetValue()
-		}
-	}
-	return 0
-}
-
 // A new leader has no soft state: it counts the edges it has not heard from
 // as healthy for HeartbeatFresh (health unknown), then as what their
 // heartbeats say.
@@ -364,7 +350,7 @@ func TestAwaitPull(t *testing.T) {
 		done <- n2.svc.AwaitPull(ctx, "e1", PullRequest{Cursor: p.NextCursor, Limit: 100, Have: p.Versions, Wait: 20 * time.Second})
 	}()
 	deadline := time.Now().Add(10 * time.Second)
-	for gauge(t, n2, "outpost_cloud_pulls_held") < 1 {
+	for daemontest.Metric(t, n2.reg, "outpost_cloud_pulls_held") < 1 {
 		if time.Now().After(deadline) {
 			t.Fatal("the pull was not held")
 		}

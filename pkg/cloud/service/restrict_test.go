@@ -119,7 +119,7 @@ func TestSecurityEdgeCannotGrantRoles(t *testing.T) {
 	if po.Refused != 1 || po.AckedSeq != 1 {
 		t.Fatalf("push result %+v, want the user change refused and its sequence consumed", po.PushResult)
 	}
-	if got := daemontest.Counter(t, n.reg, "outpost_cloud_changes_refused_total", "edge", "eB", "reason", RefuseUserChange); got != 2 {
+	if got := daemontest.Metric(t, n.reg, "outpost_cloud_changes_refused_total", "edge", "eB", "reason", RefuseUserChange); got != 2 {
 		t.Fatalf("outpost_cloud_changes_refused_total{eB,user_change} = %v, want 2", got)
 	}
 	// The edge that sent it is told the cloud's record (no roles), newer
@@ -195,7 +195,7 @@ func TestSecurityEdgeCannotWriteAnotherEdgesDevice(t *testing.T) {
 		if so := results[i]; so.Refused != 1 || so.RefusedReasons[tc.reason] != 1 {
 			t.Fatalf("%s: result %+v, want refused for %s", tc.name, so, tc.reason)
 		}
-		if got := daemontest.Counter(t, n.reg, "outpost_cloud_changes_refused_total", "edge", "eB", "reason", tc.reason); got < 1 {
+		if got := daemontest.Metric(t, n.reg, "outpost_cloud_changes_refused_total", "edge", "eB", "reason", tc.reason); got < 1 {
 			t.Fatalf("%s: not counted under %s", tc.name, tc.reason)
 		}
 	}
@@ -291,7 +291,7 @@ func TestSecuritySequenceSquatting(t *testing.T) {
 			t.Fatalf("real batch %d..%d: err = %v, want ErrSeqConflict", real.FirstSeq, real.LastSeq(), err)
 		}
 	}
-	if got := daemontest.Counter(t, n.reg, "outpost_cloud_seq_conflicts_total", "edge", "eA"); got != 2 {
+	if got := daemontest.Metric(t, n.reg, "outpost_cloud_seq_conflicts_total", "edge", "eA"); got != 2 {
 		t.Fatalf("outpost_cloud_seq_conflicts_total = %v, want 2", got)
 	}
 	if got := n.fsm.EdgeSeq("eA"); got != 3 {

@@ -64,7 +64,7 @@ func TestRetentionRunsOnTheLeader(t *testing.T) {
 	if _, err := n.fsm.GetDevice("dev"); err != nil {
 		t.Fatalf("the device record went with its readings: %v", err)
 	}
-	if got := daemontest.Counter(t, n.reg, "outpost_cloud_compacted_total", "what", fsm.CompactReadings); got != 1 {
+	if got := daemontest.Metric(t, n.reg, "outpost_cloud_compacted_total", "what", fsm.CompactReadings); got != 1 {
 		t.Fatalf("compacted readings counter %v, want 1", got)
 	}
 }

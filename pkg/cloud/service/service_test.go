@@ -143,7 +143,7 @@ func TestPushSequencing(t *testing.T) {
 		{name: "another edge has its own sequence", b: batch("e2", 1, 1), acked: 1, applied: 1, pushesByLabel: "ok"},
 	}
 	for _, st := range steps {
-		before := daemontest.Counter(t, n.reg, "outpost_cloud_push_total", "edge", st.b.Edge, "result", st.pushesByLabel)
+		before := daemontest.Metric(t, n.reg, "outpost_cloud_push_total", "edge", st.b.Edge, "result", st.pushesByLabel)
 		out, err := n.svc.Push(ctx, st.b.Edge, st.b)
 		if st.wantErr != nil {
 			var gap *SeqGapError
@@ -161,7 +161,7 @@ func TestPushSequencing(t *testing.T) {
 				t.Fatalf("%s: result %+v, want acked %d applied %d", st.name, out.PushResult, st.acked, st.applied)
 			}
 		}
-		if got := daemontest.Counter(t, n.reg, "outpost_cloud_push_total", "edge", st.b.Edge, "result", st.pushesByLabel); got != before+1 {
+		if got := daemontest.Metric(t, n.reg, "outpost_cloud_push_total", "edge", st.b.Edge, "result", st.pushesByLabel); got != before+1 {
 			t.Fatalf("%s: outpost_cloud_push_total{result=%q} went %v → %v", st.name, st.pushesByLabel, before, got)
 		}
 	}
@@ -251,7 +251,7 @@ func TestPushStampDrift(t *testing.T) {
 	if field == nil || field.Field != "future" || meta == nil || meta.Field != "" {
 		t.Fatalf("drops %+v: want the reported field \"future\" and the meta record", out.Stamps.Drops)
 	}
-	if got := daemontest.Counter(t, n.reg, "outpost_cloud_rejected_stamps_total", "edge", "e1"); got != 2 {
+	if got := daemontest.Metric(t, n.reg, "outpost_cloud_rejected_stamps_total", "edge", "e1"); got != 2 {
 		t.Fatalf("outpost_cloud_rejected_stamps_total = %v, want 2", got)
 	}
 	// The clock did not adopt the future stamp.
