@@ -109,6 +109,10 @@ type Config struct {
 	// Registerer receives the broker's metrics; nil keeps them unregistered.
 	Registerer prometheus.Registerer
 	Logger     *slog.Logger
+
+	// wrapFanout, in tests, wraps what the fan-out routes through (mochi),
+	// to stall it.
+	wrapFanout func(publisher) publisher
 }
 
 // DefaultConfig is the broker's limits with nothing configured. The packet
@@ -232,7 +236,11 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 	if b.phones != nil {
 		phonesOn = b.phones.any
 	}
-	b.fan = newFanout(srv, cfg.FanoutQueue, cfg.LiveInterval, phonesOn, met, cfg.Logger)
+	var route publisher = srv
+	if cfg.wrapFanout != nil {
+		route = cfg.wrapFanout(srv)
+	}
+	b.fan = newFanout(route, cfg.FanoutQueue, cfg.LiveInterval, phonesOn, met, cfg.Logger)
 	if b.phones != nil {
 		b.phones.stamps = b.fan.live.stamps
 		b.fan.direct = b.phones.writeLive

@@ -11,6 +11,9 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/outpost-edge/outpost/internal/daemontest"
 )
 
 type got struct {
@@ -398,5 +401,49 @@ func TestLiveFeedSendsWithTheNextBatch(t *testing.T) {
 	f.forward(topic, []byte("alone"), 0, false)
 	if got := next("alone"); got != livePrefix+topic+"=alone" {
 		t.Fatalf("mirrored %q, want alone", got)
+	}
+}
+
+// stalled is a fan-out publisher that blocks until release is closed,
+// saying on entered when it first blocks.
+type stalled struct {
+	entered chan struct{}
+	release chan struct{}
+	once    *sync.Once
+}
+
+func (s stalled) Publish(string, []byte, bool, byte) error {
+	s.once.Do(func() { close(s.entered) })
+	<-s.release
+	return nil
+}
+
+// TestFanoutNeverDelaysAcks: with routing stalled (here: its publisher
+// blocks; in production a slow state-file write or a CPU-starved
+// goroutine), devices' QoS 1 messages are still stored and acknowledged;
+// what the fan-out's queue cannot take is dropped and counted, not waited
+// for.
+func TestFanoutNeverDelaysAcks(t *testing.T) {
+	const queue, extra = 4, 20
+	s := stalled{entered: make(chan struct{}), release: make(chan struct{}), once: new(sync.Once)}
+	reg := prometheus.NewRegistry()
+	e := newEnv(t, Config{FanoutQueue: queue, Registerer: reg, wrapFanout: func(publisher) publisher { return s }})
+	t.Cleanup(func() { close(s.release) }) // before the broker's Close, which waits for the fan-out
+	dev := mustDial(t, e.b.Addr(), "d1", "", "")
+	msg := func(n int) string { return fmt.Sprintf(`{"ts": %d, "metrics": {"n": %d}}`, time.Now().UnixMilli(), n) }
+	waitTok(t, dev.Publish("sensors/d1/telemetry", 1, false, msg(0)), "publish 0")
+	select {
+	case <-s.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the fan-out did not route the first message within 10s")
+	}
+	for n := 1; n <= extra; n++ {
+		waitTok(t, dev.Publish("sensors/d1/telemetry", 1, false, msg(n)), fmt.Sprintf("publish %d with routing stalled", n))
+	}
+	if got, want := daemontest.Metric(t, reg, "outpost_mqtt_fanout_dropped_total"), float64(extra-queue); got != want {
+		t.Fatalf("fanout_dropped_total = %v, want %v (the queue holds %d)", got, want, queue)
+	}
+	if n := e.st.Counts().Readings; n != extra+1 {
+		t.Fatalf("stored %d readings, want %d", n, extra+1)
 	}
 }

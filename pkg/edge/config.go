@@ -73,6 +73,10 @@ type Config struct {
 	// pushes the cloud acknowledged, before the syncer records the ack
 	// (TESTING ONLY; installed as the syncer's AfterAck hook).
 	UnsafeCrashAfterPush int `yaml:"-"`
+	// phoneRecheck replaces the broker's periodic re-check of phones
+	// (0: its default): tests set it long, to show that a change is
+	// re-checked at once rather than at the next period.
+	phoneRecheck time.Duration
 
 	// CheckConfig (-check-config) asks main to validate and print the
 	// effective configuration instead of running.

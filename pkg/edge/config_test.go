@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -157,5 +158,38 @@ func TestValidateCollectsEveryProblem(t *testing.T) {
 	}
 	if !strings.HasPrefix(err.Error(), "config: 5 errors: id: ") {
 		t.Fatalf("message %q", err)
+	}
+}
+
+// TestShippedConfigDocumentsEveryKey: the README sends operators to
+// configs/edge.yaml for every key, so each yaml key of Config appears
+// there, set or as a commented example ("key:" at a line's start, after
+// any "#").
+func TestShippedConfigDocumentsEveryKey(t *testing.T) {
+	b, err := os.ReadFile("../../configs/edge.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var missing []string
+	var walk func(prefix string, typ reflect.Type)
+	walk = func(prefix string, typ reflect.Type) {
+		for i := range typ.NumField() {
+			f := typ.Field(i)
+			key, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+			if key == "" || key == "-" {
+				continue
+			}
+			re := regexp.MustCompile(`(?m)^[ \t]*(#[ \t]*)?` + regexp.QuoteMeta(key) + `:`)
+			if !re.Match(b) {
+				missing = append(missing, prefix+key)
+			}
+			if ft := f.Type; ft.Kind() == reflect.Struct && ft.PkgPath() == typ.PkgPath() {
+				walk(prefix+key+".", ft)
+			}
+		}
+	}
+	walk("", reflect.TypeFor[Config]())
+	if len(missing) > 0 {
+		t.Fatalf("configs/edge.yaml does not document %v", missing)
 	}
 }

@@ -150,7 +150,12 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 			return nil, err
 		}
 	}
-	if e.engine, err = policy.New(ctx, policy.Config{Dir: policyDir, Registerer: reg, Logger: log, Bypass: false}); err != nil {
+	// A new policy may take a phone's access away: its live subscriptions
+	// are re-checked at once. The broker is made below; the engine calls
+	// this only on a change after its first load, which comes from Run's
+	// poll or the syncer's install, both started after Start.
+	policyChanged := func() { e.brk.RecheckPhones() }
+	if e.engine, err = policy.New(ctx, policy.Config{Dir: policyDir, Registerer: reg, Logger: log, OnChange: policyChanged}); err != nil {
 		return nil, fmt.Errorf("load policies from %s: %w", policyDir, err)
 	}
 
@@ -209,6 +214,9 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		bc.Credentials, bc.AllowAnonymous = cfg.MQTT.Devices, cfg.MQTT.AllowAnonymous
 		bc.ConnectTimeout, bc.MaxConnections = cfg.MQTT.ConnectTimeout, cfg.MQTT.MaxConnections
 		bc.LiveInterval = cfg.MQTT.LiveInterval
+		if cfg.phoneRecheck > 0 {
+			bc.PhoneRecheck = cfg.phoneRecheck
+		}
 		bc.Downlinks, bc.Registerer, bc.Logger = downlinks{e.st}, reg, log
 		if e.brk, err = broker.New(bc, e.writer); err != nil {
 			return nil, err
@@ -231,6 +239,9 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		pc := broker.DefaultConfig()
 		pc.Listen, pc.Phones, pc.Registerer, pc.Logger = "", phones, reg, log
 		pc.LiveInterval = cfg.MQTT.LiveInterval
+		if cfg.phoneRecheck > 0 {
+			pc.PhoneRecheck = cfg.phoneRecheck
+		}
 		if e.brk, err = broker.New(pc, nil); err != nil {
 			return nil, err
 		}

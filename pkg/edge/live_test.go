@@ -6,11 +6,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/outpost-edge/outpost/internal/benchproc"
 )
 
 // liveEdge is a started, serving standalone edge with dev login and admin
@@ -218,22 +222,7 @@ func TestLivePhoneSessions(t *testing.T) {
 	for i := 2; i <= 3; i++ {
 		wait(t, dev.Publish("sensors/d1/telemetry", 1, false, reading(i)), "device publish")
 	}
-	for last := time.After(10 * time.Second); ; {
-		select {
-		case m := <-ctl:
-			if !strings.HasSuffix(m, `"n": 3}}`) {
-				continue
-			}
-		case <-last:
-			t.Fatal("control phone did not receive the latest reading within 10s")
-		}
-		break
-	}
-	select {
-	case m := <-msgs:
-		t.Fatalf("phone still received %q after losing access", m)
-	default:
-	}
+	controlOnly(t, ctl, msgs, 3, "losing access")
 
 	// Phones publish nothing: the connection is closed.
 	pub := mustPhone(t, e, "p3", root)
@@ -242,6 +231,98 @@ func TestLivePhoneSessions(t *testing.T) {
 	case <-pub.lost:
 	case <-time.After(10 * time.Second):
 		t.Fatal("a phone that published is still connected")
+	}
+}
+
+// TestLivePhonePolicyChange: a policy change that takes a user's access
+// away drops the user's live subscriptions at once (the engine's poll of
+// the policy directory, then a re-check of every phone), not at the next
+// periodic re-check, set here to an hour.
+func TestLivePhonePolicyChange(t *testing.T) {
+	dir := t.TempDir()
+	authz, err := os.ReadFile("../../policies/authz.rego")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "authz.rego")
+	if err := os.WriteFile(path, authz, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e := liveEdge(t, func(c *Config) { c.Policy.Dir, c.phoneRecheck = dir, time.Hour })
+	root := devLogin(t, e, "root")
+	if st := call(t, e, "PUT", "/api/v1/users/u1", root, map[string]any{"roles": []string{"viewer"}}); st != 200 {
+		t.Fatalf("put user: %d", st)
+	}
+	if st := call(t, e, "PUT", "/api/v1/devices/d1/meta", root, map[string]any{"owners": []string{"u1"}}); st != 200 {
+		t.Fatalf("put meta: %d", st)
+	}
+	msgs := make(chan string, 16)
+	p := mustPhone(t, e, "p1", devLogin(t, e, "u1"))
+	if c := subcodes(t, p, map[string]byte{"sensors/d1/telemetry": 1}, func(_ paho.Client, m paho.Message) { msgs <- string(m.Payload()) }); c["sensors/d1/telemetry"] != 1 {
+		t.Fatalf("SUBACK %#x, want 1 (u1 owns d1)", c["sensors/d1/telemetry"])
+	}
+	ctl := make(chan string, 16)
+	subcodes(t, mustPhone(t, e, "p2", root), map[string]byte{"sensors/d1/telemetry": 1}, func(_ paho.Client, m paho.Message) { ctl <- string(m.Payload()) })
+	dev := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + e.MQTTAddr()).SetClientID("d1").SetAutoReconnect(false))
+	wait(t, dev.Connect(), "device connect")
+	defer dev.Disconnect(50)
+	wait(t, dev.Publish("sensors/d1/telemetry", 1, false, reading(1)), "device publish")
+	for _, ch := range []chan string{msgs, ctl} {
+		select {
+		case <-ch:
+		case <-time.After(10 * time.Second):
+			t.Fatal("a phone received no reading within 10s")
+		}
+	}
+
+	// Viewers may no longer read the devices they own.
+	viewer := "\"viewer\": {\n\t\t\"device.list\": \"owner\",\n\t\t\"device.read\": \"owner\",\n"
+	if !bytes.Contains(authz, []byte(viewer)) {
+		t.Fatal("policies/authz.rego changed: update the viewer grants this test removes")
+	}
+	if err := os.WriteFile(path+".tmp", bytes.Replace(authz, []byte(viewer), []byte("\"viewer\": {\n"), 1), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(path+".tmp", path); err != nil {
+		t.Fatal(err)
+	}
+	lost := func() float64 {
+		m, err := benchproc.ScrapeAuth(http.DefaultClient, "http://"+e.HTTPAddr()+"/metrics", root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v, _ := m.Value(`outpost_mqtt_phone_ends_total{reason="access_lost"}`)
+		return v
+	}
+	for deadline := time.Now().Add(10 * time.Second); lost() < 1; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("u1's subscription not dropped within 10s of the policy change")
+		}
+	}
+	wait(t, dev.Publish("sensors/d1/telemetry", 1, false, reading(2)), "device publish")
+	controlOnly(t, ctl, msgs, 2, "the policy took its access away")
+}
+
+// controlOnly waits for the control phone's feed ctl to bring reading n
+// (the last published), then fails if the feed of a phone that lost
+// access (after what) received anything.
+func controlOnly(t *testing.T, ctl, lost <-chan string, n int, after string) {
+	t.Helper()
+	for last := time.After(10 * time.Second); ; {
+		select {
+		case m := <-ctl:
+			if !strings.HasSuffix(m, fmt.Sprintf(`"n": %d}}`, n)) {
+				continue
+			}
+		case <-last:
+			t.Fatalf("control phone did not receive reading %d within 10s", n)
+		}
+		break
+	}
+	select {
+	case m := <-lost:
+		t.Fatalf("phone still received %q after %s", m, after)
+	default:
 	}
 }
 

@@ -3,6 +3,7 @@ package policy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -188,5 +189,56 @@ func TestInstallIsAtomicForThePoller(t *testing.T) {
 	}
 	if got := daemontest.Metric(t, reg, "outpost_policy_reload_failures_total"); got != 0 {
 		t.Fatalf("the poller compiled %v half-installed sets", got)
+	}
+}
+
+// OnChange is called once for each new version that takes effect, by a
+// reload or an install, and never for the first load, a touched file, a
+// reinstalled set or a rejected one: it is what makes the edge re-check
+// its phones' live subscriptions when the policy changes.
+func TestOnChange(t *testing.T) {
+	dir := policyCopy(t)
+	var calls int // Reload and Install run on this goroutine
+	e, _ := newEngine(t, dir, func(c *Config) { c.OnChange = func() { calls++ } })
+	ctx := context.Background()
+	steps := []struct {
+		name string
+		do   func() error
+		want int
+	}{
+		{"first load", func() error { return nil }, 0},
+		{"touched, not changed", func() error {
+			now := time.Now().Add(time.Second)
+			if err := os.Chtimes(filepath.Join(dir, "authz.rego"), now, now); err != nil {
+				return err
+			}
+			_, err := e.Reload(ctx)
+			return err
+		}, 0},
+		{"a module added", func() error {
+			writeFile(t, filepath.Join(dir, "regional_viewers.rego"), regionalViewers)
+			_, err := e.Reload(ctx)
+			return err
+		}, 1},
+		{"installed", func() error {
+			return e.Install(ctx, []Module{{Name: "authz.rego", Source: "package outpost.authz\nallow := false\nreason := \"maintenance\"\n"}})
+		}, 2},
+		{"the same set again", func() error {
+			return e.Install(ctx, []Module{{Name: "authz.rego", Source: "package outpost.authz\nallow := false\nreason := \"maintenance\"\n"}})
+		}, 2},
+		{"rejected", func() error {
+			if err := e.Install(ctx, []Module{{Name: "authz.rego", Source: "package outpost.authz\nallow if {\n"}}); !errors.Is(err, ErrRejected) {
+				return fmt.Errorf("Install of a broken module: %v, want ErrRejected", err)
+			}
+			return nil
+		}, 2},
+	}
+	for _, s := range steps {
+		if err := s.do(); err != nil {
+			t.Fatalf("%s: %v", s.name, err)
+		}
+		if calls != s.want {
+			t.Fatalf("%s: OnChange called %d times in all, want %d", s.name, calls, s.want)
+		}
 	}
 }

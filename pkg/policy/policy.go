@@ -88,6 +88,13 @@ type Config struct {
 	// only to measure the API's cost without policy in benchmarks; never
 	// enable it in a deployment.
 	Bypass bool
+	// OnChange, if set, is called after a new policy version took effect
+	// (a reload or an Install, not the first load), on the reloading
+	// goroutine and under the reload lock: it must not block, nor reload
+	// or install itself. The
+	// edge uses it to re-check phones' live subscriptions at once instead
+	// of at their next periodic check.
+	OnChange func()
 }
 
 // compiled is one policy version with its own decision cache, so swapping
@@ -263,8 +270,11 @@ func (e *Engine) reloadLocked(ctx context.Context) (changed bool, err error) {
 	e.m.reloads.Inc()
 	if prev == nil {
 		e.log.Info("policy loaded", "dir", e.cfg.Dir, "version", short(version), "files", len(files))
-	} else {
-		e.log.Info("policy reloaded", "dir", e.cfg.Dir, "version", short(version), "previous", short(prev.version), "files", len(files))
+		return true, nil
+	}
+	e.log.Info("policy reloaded", "dir", e.cfg.Dir, "version", short(version), "previous", short(prev.version), "files", len(files))
+	if e.cfg.OnChange != nil {
+		e.cfg.OnChange()
 	}
 	return true, nil
 }

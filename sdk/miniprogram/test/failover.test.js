@@ -7,7 +7,7 @@ const test = require('node:test')
 const assert = require('node:assert')
 const { createClient, MqttClient } = require('..')
 const { nodePlatform, connectTCP } = require('../node')
-const { needTools, startEdge, startCloud, edgeToken, waitFor, api, hasMQTTEndpoint } = require('./harness')
+const { needTools, startEdge, startCloud, edgeToken, waitFor, api } = require('./harness')
 
 test('nearest edge, then failover to the next edge and the cloud when edges die', async (t) => {
   if (!needTools(t)) return
@@ -45,21 +45,13 @@ test('nearest edge, then failover to the next edge and the cloud when edges die'
   assert.strictEqual(d0.id, 'sdk-f')
   assert.strictEqual(client.current, e0.url, 'served by the nearest edge')
 
-  // With /mqtt on the edges (issue 13 item 1), the live feed follows too.
-  const withLive = await hasMQTTEndpoint(e0.url)
-  let live = null
-  if (withLive) {
-    live = client.live('sdk-f', () => {})
-    t.after(() => live.close())
-    await waitFor('live feed on e0', () => live.connected && client.liveBase === e0.url, 10000)
-  } else {
-    console.error('SKIP (part): the edge has no MQTT-over-WebSocket endpoint at GET /mqtt (issue 13 item 1): live-feed failover not exercised')
-  }
+  // The live feed follows the REST calls to the next edge.
+  const live = client.live('sdk-f', () => {})
+  t.after(() => live.close())
+  await waitFor('live feed on e0', () => live.connected && client.liveBase === e0.url, 10000)
 
   await e0.kill()
-  if (withLive) {
-    await waitFor('live feed moved to e1', () => live.connected && client.liveBase === e1.url, 20000)
-  }
+  await waitFor('live feed moved to e1', () => live.connected && client.liveBase === e1.url, 20000)
   const list = await client.devices({ limit: 10 })
   assert.ok(Array.isArray(list.items))
   assert.strictEqual(list.stale, undefined, 'a live answer, not the cache')

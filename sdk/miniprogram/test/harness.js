@@ -201,15 +201,4 @@ async function api (base, method, p, { token, body } = {}) {
   return { status: r.status, env }
 }
 
-// hasMQTTEndpoint says whether the edge upgrades /mqtt to WebSocket (issue
-// 13 item 1); until it does, the live-feed tests against an edge skip.
-function hasMQTTEndpoint (base) {
-  const { connectWebSocket } = require('../node')
-  return new Promise((resolve) => {
-    const ws = connectWebSocket(base.replace(/^http/, 'ws') + '/mqtt', { protocols: ['mqtt'], timeoutMs: 3000 })
-    ws.onOpen(() => { resolve(true); ws.close() })
-    ws.onClose(() => resolve(false))
-  })
-}
-
-module.exports = { REPO, CI, needTools, binary, freePort, tmpDir, waitFor, startEdge, startCloud, edgeToken, api, hasMQTTEndpoint, Proc }
+module.exports = { REPO, CI, needTools, binary, freePort, tmpDir, waitFor, startEdge, startCloud, edgeToken, api, Proc }

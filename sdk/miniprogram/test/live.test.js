@@ -7,17 +7,11 @@ const test = require('node:test')
 const assert = require('node:assert')
 const { createClient, MqttClient } = require('..')
 const { nodePlatform, connectTCP } = require('../node')
-const { needTools, startEdge, waitFor, hasMQTTEndpoint } = require('./harness')
+const { needTools, startEdge, waitFor } = require('./harness')
 
 test('live feed survives an access token expiring mid-subscription', { timeout: 90000 }, async (t) => {
   if (!needTools(t)) return
   const edge = await startEdge(t, { config: 'auth:\n  access_ttl: 2s\n' })
-  if (!await hasMQTTEndpoint(edge.url)) {
-    // Issue 13 item 1 (another branch) adds it; the lead enables this at merge.
-    const why = 'the edge has no MQTT-over-WebSocket endpoint at GET /mqtt (issue 13 item 1): live-feed test skipped'
-    console.error('SKIP: ' + why)
-    return t.skip(why)
-  }
   const client = createClient({ edges: [edge.url], platform: nodePlatform({ loginCode: 'dev:admin' }), keepalive: 5 })
   t.after(() => client.close())
   await client.login()
@@ -56,11 +50,6 @@ test('live feed survives an access token expiring mid-subscription', { timeout: 
 test('live feed: a device the user may not read is refused', { timeout: 60000 }, async (t) => {
   if (!needTools(t)) return
   const edge = await startEdge(t)
-  if (!await hasMQTTEndpoint(edge.url)) {
-    const why = 'the edge has no MQTT-over-WebSocket endpoint at GET /mqtt (issue 13 item 1): live-feed test skipped'
-    console.error('SKIP: ' + why)
-    return t.skip(why)
-  }
   const pub = new MqttClient({ clientId: 'dev-r', open: () => connectTCP({ host: '127.0.0.1', port: edge.mqttPort }) }).connect()
   t.after(() => pub.close())
   await waitFor('device connected', () => pub.connected, 10000)
