@@ -110,9 +110,9 @@ type Config struct {
 	Registerer prometheus.Registerer
 	Logger     *slog.Logger
 
-	// wrapFanout, in tests, wraps what the fan-out routes through (mochi),
-	// to stall it.
-	wrapFanout func(publisher) publisher
+	// fanoutVia, in tests, is what the fan-out routes through instead of
+	// mochi (to stall it).
+	fanoutVia publisher
 }
 
 // DefaultConfig is the broker's limits with nothing configured. The packet
@@ -237,8 +237,8 @@ func New(cfg Config, sub Submitter) (*Broker, error) {
 		phonesOn = b.phones.any
 	}
 	var route publisher = srv
-	if cfg.wrapFanout != nil {
-		route = cfg.wrapFanout(srv)
+	if cfg.fanoutVia != nil {
+		route = cfg.fanoutVia
 	}
 	b.fan = newFanout(route, cfg.FanoutQueue, cfg.LiveInterval, phonesOn, met, cfg.Logger)
 	if b.phones != nil {

@@ -407,12 +407,11 @@ func TestLiveFeedSendsWithTheNextBatch(t *testing.T) {
 // stalled is a fan-out publisher that blocks until release is closed,
 // saying on entered when it first blocks.
 type stalled struct {
-	entered chan struct{}
-	release chan struct{}
-	once    *sync.Once
+	entered, release chan struct{}
+	once             sync.Once
 }
 
-func (s stalled) Publish(string, []byte, bool, byte) error {
+func (s *stalled) Publish(string, []byte, bool, byte) error {
 	s.once.Do(func() { close(s.entered) })
 	<-s.release
 	return nil
@@ -425,9 +424,9 @@ func (s stalled) Publish(string, []byte, bool, byte) error {
 // for.
 func TestFanoutNeverDelaysAcks(t *testing.T) {
 	const queue, extra = 4, 20
-	s := stalled{entered: make(chan struct{}), release: make(chan struct{}), once: new(sync.Once)}
+	s := &stalled{entered: make(chan struct{}), release: make(chan struct{})}
 	reg := prometheus.NewRegistry()
-	e := newEnv(t, Config{FanoutQueue: queue, Registerer: reg, wrapFanout: func(publisher) publisher { return s }})
+	e := newEnv(t, Config{FanoutQueue: queue, Registerer: reg, fanoutVia: s})
 	t.Cleanup(func() { close(s.release) }) // before the broker's Close, which waits for the fan-out
 	dev := mustDial(t, e.b.Addr(), "d1", "", "")
 	msg := func(n int) string { return fmt.Sprintf(`{"ts": %d, "metrics": {"n": %d}}`, time.Now().UnixMilli(), n) }

@@ -213,10 +213,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		bc.Listen, bc.StatePath = cfg.MQTT.Listen, filepath.Join(cfg.DataDir, "broker.db")
 		bc.Credentials, bc.AllowAnonymous = cfg.MQTT.Devices, cfg.MQTT.AllowAnonymous
 		bc.ConnectTimeout, bc.MaxConnections = cfg.MQTT.ConnectTimeout, cfg.MQTT.MaxConnections
-		bc.LiveInterval = cfg.MQTT.LiveInterval
-		if cfg.phoneRecheck > 0 {
-			bc.PhoneRecheck = cfg.phoneRecheck
-		}
+		bc.LiveInterval, bc.PhoneRecheck = cfg.MQTT.LiveInterval, cfg.phoneRecheck
 		bc.Downlinks, bc.Registerer, bc.Logger = downlinks{e.st}, reg, log
 		if e.brk, err = broker.New(bc, e.writer); err != nil {
 			return nil, err
@@ -238,10 +235,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelV
 		// with its own downlinks and alerts.
 		pc := broker.DefaultConfig()
 		pc.Listen, pc.Phones, pc.Registerer, pc.Logger = "", phones, reg, log
-		pc.LiveInterval = cfg.MQTT.LiveInterval
-		if cfg.phoneRecheck > 0 {
-			pc.PhoneRecheck = cfg.phoneRecheck
-		}
+		pc.LiveInterval, pc.PhoneRecheck = cfg.MQTT.LiveInterval, cfg.phoneRecheck
 		if e.brk, err = broker.New(pc, nil); err != nil {
 			return nil, err
 		}

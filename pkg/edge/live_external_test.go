@@ -85,9 +85,7 @@ func TestLiveExternalBroker(t *testing.T) {
 		t.Fatalf("wildcard SUBACK %#x, want 0x80", c["sensors/#"])
 	}
 
-	dev := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID("d1").SetAutoReconnect(false))
-	wait(t, dev.Connect(), "device connect")
-	defer dev.Disconnect(50)
+	dev := dialDevice(t, addr, "d1")
 	// The edge's subscription to the external broker may still be
 	// settling: publish until the phone sees a reading.
 	deadline := time.Now().Add(20 * time.Second)

@@ -15,6 +15,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/outpost-edge/outpost/internal/benchproc"
+	"github.com/outpost-edge/outpost/internal/daemontest"
 )
 
 // liveEdge is a started, serving standalone edge with dev login and admin
@@ -121,6 +122,29 @@ func mustPhone(t *testing.T, e *Edge, id, token string) *phone {
 	return p
 }
 
+// viewerOwning makes user a viewer owning device (admin is an admin's
+// token) and returns the user's access token.
+func viewerOwning(t *testing.T, e *Edge, admin, user, device string) string {
+	t.Helper()
+	if st := call(t, e, "PUT", "/api/v1/users/"+user, admin, map[string]any{"roles": []string{"viewer"}}); st != 200 {
+		t.Fatalf("put user: %d", st)
+	}
+	if st := call(t, e, "PUT", "/api/v1/devices/"+device+"/meta", admin, map[string]any{"owners": []string{user}}); st != 200 {
+		t.Fatalf("put meta: %d", st)
+	}
+	return devLogin(t, e, user)
+}
+
+// dialDevice connects a device's MQTT client (no reconnection) to the
+// broker at addr until the test ends.
+func dialDevice(t *testing.T, addr, id string) paho.Client {
+	t.Helper()
+	dev := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID(id).SetAutoReconnect(false))
+	wait(t, dev.Connect(), "device connect")
+	t.Cleanup(func() { dev.Disconnect(50) })
+	return dev
+}
+
 func wait(t *testing.T, tok paho.Token, what string) {
 	t.Helper()
 	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
@@ -148,13 +172,7 @@ func reading(n int) string {
 func TestLivePhoneSessions(t *testing.T) {
 	e := liveEdge(t, nil)
 	root := devLogin(t, e, "root")
-	if st := call(t, e, "PUT", "/api/v1/users/u1", root, map[string]any{"roles": []string{"viewer"}}); st != 200 {
-		t.Fatalf("put user: %d", st)
-	}
-	if st := call(t, e, "PUT", "/api/v1/devices/d1/meta", root, map[string]any{"owners": []string{"u1"}}); st != 200 {
-		t.Fatalf("put meta: %d", st)
-	}
-	u1 := devLogin(t, e, "u1")
+	u1 := viewerOwning(t, e, root, "u1", "d1")
 
 	if _, err := dialPhone(e, "bad", "not-a-token"); err == nil {
 		t.Fatal("a phone with an invalid token connected")
@@ -190,9 +208,7 @@ func TestLivePhoneSessions(t *testing.T) {
 	admin := mustPhone(t, e, "p2", root)
 	subcodes(t, admin, map[string]byte{"sensors/d1/telemetry": 1}, func(_ paho.Client, m paho.Message) { ctl <- string(m.Payload()) })
 
-	dev := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + e.MQTTAddr()).SetClientID("d1").SetAutoReconnect(false))
-	wait(t, dev.Connect(), "device connect")
-	defer dev.Disconnect(50)
+	dev := dialDevice(t, e.MQTTAddr(), "d1")
 	r1 := reading(1)
 	wait(t, dev.Publish("sensors/d1/telemetry", 1, false, r1), "device publish")
 	select {
@@ -250,22 +266,14 @@ func TestLivePhonePolicyChange(t *testing.T) {
 	}
 	e := liveEdge(t, func(c *Config) { c.Policy.Dir, c.phoneRecheck = dir, time.Hour })
 	root := devLogin(t, e, "root")
-	if st := call(t, e, "PUT", "/api/v1/users/u1", root, map[string]any{"roles": []string{"viewer"}}); st != 200 {
-		t.Fatalf("put user: %d", st)
-	}
-	if st := call(t, e, "PUT", "/api/v1/devices/d1/meta", root, map[string]any{"owners": []string{"u1"}}); st != 200 {
-		t.Fatalf("put meta: %d", st)
-	}
 	msgs := make(chan string, 16)
-	p := mustPhone(t, e, "p1", devLogin(t, e, "u1"))
+	p := mustPhone(t, e, "p1", viewerOwning(t, e, root, "u1", "d1"))
 	if c := subcodes(t, p, map[string]byte{"sensors/d1/telemetry": 1}, func(_ paho.Client, m paho.Message) { msgs <- string(m.Payload()) }); c["sensors/d1/telemetry"] != 1 {
 		t.Fatalf("SUBACK %#x, want 1 (u1 owns d1)", c["sensors/d1/telemetry"])
 	}
 	ctl := make(chan string, 16)
 	subcodes(t, mustPhone(t, e, "p2", root), map[string]byte{"sensors/d1/telemetry": 1}, func(_ paho.Client, m paho.Message) { ctl <- string(m.Payload()) })
-	dev := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + e.MQTTAddr()).SetClientID("d1").SetAutoReconnect(false))
-	wait(t, dev.Connect(), "device connect")
-	defer dev.Disconnect(50)
+	dev := dialDevice(t, e.MQTTAddr(), "d1")
 	wait(t, dev.Publish("sensors/d1/telemetry", 1, false, reading(1)), "device publish")
 	for _, ch := range []chan string{msgs, ctl} {
 		select {
@@ -294,11 +302,7 @@ func TestLivePhonePolicyChange(t *testing.T) {
 		v, _ := m.Value(`outpost_mqtt_phone_ends_total{reason="access_lost"}`)
 		return v
 	}
-	for deadline := time.Now().Add(10 * time.Second); lost() < 1; time.Sleep(50 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("u1's subscription not dropped within 10s of the policy change")
-		}
-	}
+	daemontest.Poll(t, 10*time.Second, "u1's subscription dropped after the policy change", func() bool { return lost() >= 1 })
 	wait(t, dev.Publish("sensors/d1/telemetry", 1, false, reading(2)), "device publish")
 	controlOnly(t, ctl, msgs, 2, "the policy took its access away")
 }

@@ -14,6 +14,9 @@ import (
 	"github.com/outpost-edge/outpost/internal/daemontest"
 )
 
+// maintenance is a module that refuses everything, saying why.
+const maintenance = "package outpost.authz\nallow := false\nreason := \"maintenance\"\n"
+
 const regionalViewers = `package outpost.authz
 allowed_by contains "regional viewer" if {
 	roles.viewer
@@ -132,7 +135,7 @@ func TestInstallRejectedKeepsLastGood(t *testing.T) {
 		t.Fatalf("the distributed module was not written: %q", b)
 	}
 
-	if err := e.Install(context.Background(), []Module{{Name: "authz.rego", Source: "package outpost.authz\nallow := false\nreason := \"maintenance\"\n"}}); err != nil {
+	if err := e.Install(context.Background(), []Module{{Name: "authz.rego", Source: maintenance}}); err != nil {
 		t.Fatalf("Install of a fixed module: %v", err)
 	}
 	if d := decide(t, e, in); d.Allow || d.Reason != "maintenance" {
@@ -221,10 +224,10 @@ func TestOnChange(t *testing.T) {
 			return err
 		}, 1},
 		{"installed", func() error {
-			return e.Install(ctx, []Module{{Name: "authz.rego", Source: "package outpost.authz\nallow := false\nreason := \"maintenance\"\n"}})
+			return e.Install(ctx, []Module{{Name: "authz.rego", Source: maintenance}})
 		}, 2},
 		{"the same set again", func() error {
-			return e.Install(ctx, []Module{{Name: "authz.rego", Source: "package outpost.authz\nallow := false\nreason := \"maintenance\"\n"}})
+			return e.Install(ctx, []Module{{Name: "authz.rego", Source: maintenance}})
 		}, 2},
 		{"rejected", func() error {
 			if err := e.Install(ctx, []Module{{Name: "authz.rego", Source: "package outpost.authz\nallow if {\n"}}); !errors.Is(err, ErrRejected) {

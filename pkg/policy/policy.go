@@ -91,9 +91,8 @@ type Config struct {
 	// OnChange, if set, is called after a new policy version took effect
 	// (a reload or an Install, not the first load), on the reloading
 	// goroutine and under the reload lock: it must not block, nor reload
-	// or install itself. The
-	// edge uses it to re-check phones' live subscriptions at once instead
-	// of at their next periodic check.
+	// or install itself. The edge uses it to re-check phones' live
+	// subscriptions at once instead of at their next periodic check.
 	OnChange func()
 }
 
